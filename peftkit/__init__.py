@@ -1,0 +1,36 @@
+"""peftkit: fine-tune pretrained models with interchangeable strategies.
+
+Importing peftkit is cheap (no torch); the heavy parts load when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import PeftkitError
+from .registry import available as available_strategies
+from .registry import get_strategy, register_strategy
+from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults
+
+__all__ = [
+    "ParamGroup",
+    "PeftkitError",
+    "Strategy",
+    "TaskSpec",
+    "TrainingDefaults",
+    "available_strategies",
+    "get_strategy",
+    "load_adapter",
+    "predict_texts",
+    "register_strategy",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy: these import torch
+    if name in ("load_adapter", "predict_texts"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")

@@ -1,0 +1,159 @@
+"""Run configuration: command line -> YAML -> one typed ``RunConfig`` -> objects.
+
+Precedence is explicit: a flag given on the command line beats the same key in ``--config FILE``,
+which beats the strategy's own defaults (``Strategy.defaults``), which beat the defaults here.
+Unknown keys are errors, never ignored: a misspelt ``learning_rate`` silently ignored would train
+with the default and nobody would know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import PeftkitError
+from .typing_utils import coerce, parse_scalar
+
+DEFAULT_MODEL = "minilm"
+DEFAULT_DATASET = "rotten_tomatoes"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``None`` means "the strategy's default" where a strategy has one."""
+
+    strategy: str = "lora"
+    model: str = DEFAULT_MODEL
+    """Short name (minilm), hub id or local directory of a Hugging Face model."""
+    dataset: str = DEFAULT_DATASET
+    """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
+    or a directory saved by `datasets`."""
+    text_column: str | None = None
+    """Column with the input text (default: text, sentence, review, ... whichever exists)."""
+    label_column: str | None = None
+    """Column with the label, integers or strings (default: label, labels, ... whichever exists)."""
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_ratio: float | None = None
+    max_length: int = 64
+    """Tokens per example; longer texts are truncated (64 covers Rotten Tomatoes snippets)."""
+    max_train_samples: int | None = None
+    """Cap on the training split only (validation and test stay whole)."""
+    eval_batch_size: int = 128
+    grad_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    early_stopping_patience: int | None = None
+    """Stop after this many epochs without a better validation accuracy (default: never)."""
+    seed: int = 0
+    output_dir: str | None = None
+    overwrite: bool = False
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``PeftkitError`` for values no run could use."""
+        positive_ints = ("epochs", "batch_size", "max_length", "eval_batch_size", "grad_accumulation",
+                         "max_train_samples", "early_stopping_patience")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PeftkitError(f"{name} must be a positive integer, got {value}")
+        if self.lr is not None and not (self.lr > 0 and self.lr < 1e3):
+            raise PeftkitError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise PeftkitError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise PeftkitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm <= 0:
+            raise PeftkitError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.seed < 0:
+            raise PeftkitError(f"seed must be >= 0, got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+# keys that do not belong in a YAML file: where the run goes is a property of the invocation
+_CLI_ONLY = {"overwrite"}
+
+
+def _hints() -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(RunConfig)
+
+
+def coerce_run_value(key: str, value: Any) -> Any:
+    """Check one run setting against ``RunConfig``'s type for it."""
+    if key == "strategy_options":
+        if not isinstance(value, dict):
+            raise PeftkitError(f"strategy_options must be a mapping of option: value, got {value!r}")
+        return dict(value)
+    return coerce(value, _hints()[key], key)
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """Read a YAML run config into a dict of checked ``RunConfig`` values."""
+    if not os.path.exists(path):
+        raise PeftkitError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise PeftkitError(f"config path is a directory, expected a YAML file: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PeftkitError(f"YAML syntax error in {where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise PeftkitError(f"config file is not UTF-8 text: {path}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PeftkitError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS or key in _CLI_ONLY:
+            accepted = ", ".join(sorted(FIELDS - _CLI_ONLY))
+            raise PeftkitError(f"unknown key {raw_key!r} in {path}; accepted: {accepted}")
+        out[key] = coerce_run_value(key, value)
+    return out
+
+
+def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``["r=16", "alpha=32"]`` -> ``{"r": 16, "alpha": 32}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PeftkitError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_scalar(value)
+    return out
+
+
+def build_run_config(config_file: str | None, flags: dict[str, Any],
+                     set_options: dict[str, Any]) -> RunConfig:
+    """Merge defaults < YAML file < command-line flags (those not None) < ``--set`` options."""
+    values: dict[str, Any] = load_yaml_config(config_file) if config_file else {}
+    options = dict(values.pop("strategy_options", {}) or {})
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = value
+    options.update(set_options)
+    cfg = RunConfig(**values, strategy_options=options)
+    cfg.validate()
+    return cfg
+
+
+def default_output_dir(strategy: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{strategy}-{stamp}")

@@ -1,0 +1,62 @@
+"""Run directories that appear whole or not at all.
+
+A run is written into a hidden staging directory beside its destination and renamed into place
+only when it succeeded, so an interrupted or failed run leaves no half-written directory, and an
+existing run is never replaced unless ``--overwrite`` was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from .errors import PeftkitError
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse a destination that is a file, or an existing directory without ``overwrite``."""
+    if os.path.isfile(path) or (os.path.exists(path) and not os.path.isdir(path)):
+        raise PeftkitError(f"output directory {path!r} is a file; choose a directory path")
+    if os.path.isdir(path) and not overwrite and os.listdir(path):
+        raise PeftkitError(f"output directory {path!r} already exists; use --overwrite to replace it "
+                           "or choose another --output-dir")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise PeftkitError(f"cannot create output directory {path!r}: {probe!r} is not a writable directory")
+
+
+@contextlib.contextmanager
+def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
+    """Yield a staging directory; on success move it to ``path`` (replacing it if ``overwrite``)."""
+    check_output_dir(path, overwrite)
+    final = os.path.abspath(path)
+    parent = os.path.dirname(final)
+    created = []  # parent directories we make, removed again if the run fails
+    probe = parent
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for directory in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+    check_output_dir(path, overwrite)  # something may have appeared there while we ran
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+        os.rename(final, os.path.join(old, "run"))
+    os.rename(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Fine-tuning strategies, one file each. ``base.py`` holds the contract they implement."""

@@ -1,0 +1,124 @@
+"""Head-only: the pretrained backbone is frozen; only a new classification head trains.
+
+Because the backbone is frozen (and kept in eval mode, so dropout is off), it maps each example to
+the same features every epoch. We compute them once, the first time an example is seen, and train
+the head on the cached features: epochs after the first never run the backbone and take seconds.
+
+Pooling matters: sentence-embedding models such as all-MiniLM-L6-v2 were trained with mean pooling,
+and a head on their mean-pooled states beats one on the [CLS]/pooler output by a wide margin when
+the backbone cannot adapt. ``pooling`` offers mean (default), the model's own pooler (BERT's
+dense+tanh on [CLS]), the first token (cls) and the last non-padding token (decoders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..errors import PeftkitError
+from ..registry import register_strategy
+from .base import Strategy, TaskSpec, TrainingDefaults
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+
+@dataclass
+class HeadOnlyOptions:
+    pooling: Literal["mean", "pooler", "cls", "last"] = "mean"
+    """How token states become one vector: mean (sentence encoders), pooler (the model's own
+    pooler, e.g. BERT), cls (first token) or last (last non-padding token, for decoders)."""
+    dropout: float = 0.1
+    """Dropout on the pooled features before the linear head."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise PeftkitError(f"head_only option dropout must be in [0, 1), got {self.dropout}")
+
+
+def _pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    import torch
+
+    hidden = outputs.last_hidden_state
+    if pooling == "pooler":
+        return outputs.pooler_output
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    # last: position of the last real token, whether padding is on the right or the left
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def build_head_classifier(backbone: nn.Module, hidden_size: int, num_labels: int,
+                          pooling: str, dropout: float) -> nn.Module:
+    """A frozen backbone with a pooled linear head and a per-example feature cache."""
+    import torch
+    from torch import nn
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class PooledHeadClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone.requires_grad_(False)
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
+            # example key -> pooled features; not a buffer: it is never saved
+            self.feature_cache: dict[int, torch.Tensor] = {}
+            self.backbone_calls = 0  # how often the backbone ran (the cache is tested by it)
+
+        def train(self, mode: bool = True) -> PooledHeadClassifier:
+            super().train(mode)
+            self.backbone.eval()  # frozen features must be the same every epoch: no dropout
+            return self
+
+        @torch.no_grad()
+        def features(self, **inputs: torch.Tensor) -> torch.Tensor:
+            self.backbone_calls += 1
+            outputs = self.backbone(**inputs)
+            if pooling == "pooler" and getattr(outputs, "pooler_output", None) is None:
+                raise PeftkitError(
+                    f"head_only pooling 'pooler' needs a model with a pooler; model type "
+                    f"{getattr(self.backbone.config, 'model_type', '?')!r} has none (use mean, cls or last)"
+                )
+            return _pool(outputs, inputs["attention_mask"], pooling)
+
+        def forward(self, example_key: torch.Tensor | None = None, **inputs: torch.Tensor):
+            keys = example_key.tolist() if example_key is not None else None
+            if keys is not None and all(k in self.feature_cache for k in keys):
+                feats = torch.stack([self.feature_cache[k] for k in keys])
+            else:
+                feats = self.features(**inputs)
+                if keys is not None:
+                    self.feature_cache.update(zip(keys, feats))
+            return SequenceClassifierOutput(logits=self.head(feats))
+
+    return PooledHeadClassifier()
+
+
+@register_strategy
+class HeadOnly(Strategy):
+    name = "head_only"
+    aliases = ("head-only",)
+    description = "Head-only: frozen backbone, a linear head on pooled features (cached after epoch 1)."
+    Options = HeadOnlyOptions
+    # A linear head on fixed features is a convex problem: a large step and many (cheap) epochs.
+    defaults = TrainingDefaults(lr=3e-3, epochs=20, batch_size=32, weight_decay=0.0)
+
+    def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
+        opts: HeadOnlyOptions = self.options
+        hidden = getattr(model.config, "hidden_size", None)
+        if hidden is None:
+            raise PeftkitError(
+                f"strategy 'head_only' cannot handle model type {model.config.model_type!r}: "
+                "its config has no hidden_size"
+            )
+        return build_head_classifier(model.base_model, hidden, task.num_labels, opts.pooling, opts.dropout)
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # unlike the default, pass example_key on: it is what the feature cache is keyed by
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits

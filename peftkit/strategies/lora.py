@@ -1,0 +1,117 @@
+"""LoRA: low-rank updates to frozen weights (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+Each targeted linear layer ``W`` is frozen and learns ``W + (alpha / r) * B @ A`` with ``A`` (r x in)
+and ``B`` (out x r, initialised at zero, so training starts from the pretrained function). Only A, B
+and the new classification head train: a few hundred thousand parameters instead of millions.
+
+Implemented through peft (``LoraConfig`` / ``get_peft_model``), which also gives us rsLoRA and DoRA.
+Targets default to peft's table for the architecture; where peft has none, the linear layers inside
+attention blocks, found by structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import PeftkitError
+from ..registry import register_strategy
+from .base import Strategy, TaskSpec, TrainingDefaults
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+
+@dataclass
+class LoraOptions:
+    r: int = 8
+    """Rank of the update: capacity (and adapter size) grows linearly with it."""
+    alpha: float = 16
+    """Scale of the update is alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch input; 0.1 regularises small datasets."""
+    target_modules: list[str] | None = None
+    """Module names to adapt (e.g. [query, value]); default: peft's choice for the architecture."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023): helps at large r."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): magnitude and direction trained apart."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise PeftkitError(f"lora option r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            raise PeftkitError(f"lora option alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise PeftkitError(f"lora option dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise PeftkitError("lora option target_modules must name at least one module")
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules with parameters outside the pretrained backbone: the new task head.
+
+    Found by structure (``classifier`` for BERT, ``pre_classifier`` + ``classifier`` for
+    DistilBERT, ``score`` for GPT-2 and Llama), never by a list of names.
+    """
+    backbone = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+def attention_linear_names(model: nn.Module) -> list[str]:
+    """Names of linear layers inside attention blocks, for architectures peft has no table for."""
+    from torch import nn as tnn
+
+    names: set[str] = set()
+    for _, module in model.named_modules():
+        if "attention" in type(module).__name__.lower():
+            for child_name, child in module.named_children():
+                if isinstance(child, tnn.Linear) or type(child).__name__ == "Conv1D":
+                    names.add(child_name)
+    return sorted(names)
+
+
+@register_strategy
+class Lora(Strategy):
+    name = "lora"
+    description = "LoRA via peft: low-rank updates to frozen attention weights; the head trains too."
+    Options = LoraOptions
+    # LoRA's zero-initialised B needs a much larger step than a full fine-tune to move in one epoch.
+    defaults = TrainingDefaults(lr=1e-3, epochs=1, batch_size=32)
+
+    def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
+        from peft import LoraConfig, TaskType, get_peft_model
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
+
+        opts: LoraOptions = self.options
+        model_type = getattr(model.config, "model_type", "")
+        targets = opts.target_modules or TABLE.get(model_type) or attention_linear_names(model)
+        if not targets:
+            raise PeftkitError(
+                f"strategy 'lora' cannot handle model type {model_type!r}: no attention linear "
+                "layers found; name them with --set target_modules=[name,...]"
+            )
+        # GPT-2 style Conv1D layers store weights transposed; tell peft instead of letting it warn
+        conv1d = any(type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in targets
+                     for name, m in model.named_modules())
+        config = LoraConfig(
+            fan_in_fan_out=conv1d,
+            task_type=TaskType.SEQ_CLS,
+            r=opts.r,
+            lora_alpha=opts.alpha,
+            lora_dropout=opts.dropout,
+            target_modules=list(targets),
+            modules_to_save=head_module_names(model),
+            use_rslora=opts.use_rslora,
+            use_dora=opts.use_dora,
+        )
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:  # peft's message names the missing target modules
+            raise PeftkitError(
+                f"strategy 'lora' cannot adapt model type {model_type!r}: {str(exc).splitlines()[0]}"
+            ) from None

@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny models built from a config in milliseconds, a tiny tokenizer, small data.
+
+The hub is never reached: HF_HUB_OFFLINE makes any accidental hub access fail at once instead of
+waiting for a network that is not there.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PEFTKIT_DISABLE_PLUGINS", "1")  # tests of plugins turn them on themselves
+
+import pytest
+
+ARCHITECTURES = ("bert", "roberta", "gpt2", "llama")
+
+POSITIVE = ["good", "great", "wonderful", "moving", "brilliant", "fun", "charming", "superb"]
+NEGATIVE = ["bad", "dull", "awful", "boring", "tedious", "weak", "clumsy", "lifeless"]
+FILLER = ["the", "film", "movie", "plot", "story", "is", "was", "a", "and", "very", "quite", "acting"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Sentences whose label is given by which sentiment words they hold (learnable, not trivial)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 5) + rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + POSITIVE + NEGATIVE + FILLER)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]")
+
+
+def _config(arch: str, vocab_size: int, pad_id: int):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, pad_token_id=pad_id)
+    if arch == "bert":
+        return AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64, **common)
+    if arch == "roberta":
+        return AutoConfig.for_model("roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=70, **common)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
+    if arch == "llama":
+        return AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=2,
+                                    max_position_embeddings=64, **common)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(arch)`` -> a local model directory (random weights + tokenizer), cached."""
+    cache: dict[str, str] = {}
+
+    def build(arch: str = "bert") -> str:
+        if arch not in cache:
+            import torch
+            from transformers import AutoModel
+
+            torch.manual_seed(0)
+            tok = _build_tokenizer()
+            model = AutoModel.from_config(_config(arch, len(tok), tok.pad_token_id))
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            cache[arch] = str(path)
+        return cache[arch]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> str:
+    """A 200-row CSV with text and string labels (pos / neg)."""
+    import csv
+
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_rows(200))
+    return str(path)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``peftkit ARGS`` in-process; return (exit code, stdout, stderr)."""
+    from peftkit.cli import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call

@@ -1,0 +1,136 @@
+"""Data loading: file formats, label mapping, seeded splits, and the errors for bad data."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import pytest
+
+from conftest import make_rows
+from peftkit.data import load_labelled_data
+from peftkit.errors import PeftkitError
+
+
+def _write_csv(path, rows, fields=("text", "label")) -> str:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def test_csv_string_labels_and_seeded_80_10_10_split(tiny_csv) -> None:
+    data = load_labelled_data(tiny_csv, seed=3)
+    assert data.label_names == ["neg", "pos"]
+    sizes = data.split_info["sizes"]
+    assert sizes == {"train": 160, "validation": 20, "test": 20}
+    assert "80/10/10" in data.split_info["method"] and data.split_info["seed"] == 3
+    assert set(data.splits["train"]["label"]) == {0, 1}
+    # the same seed gives the same split; another seed another one
+    again = load_labelled_data(tiny_csv, seed=3)
+    other = load_labelled_data(tiny_csv, seed=4)
+    assert again.splits["test"]["text"] == data.splits["test"]["text"]
+    assert other.splits["test"]["text"] != data.splits["test"]["text"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet", "csv.gz", "dir"])
+def test_formats(fmt, tmp_path) -> None:
+    import datasets
+
+    rows = make_rows(60)
+    if fmt == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(rows))
+    elif fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif fmt == "parquet":
+        path = tmp_path / "d.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    elif fmt == "csv.gz":
+        path = tmp_path / "d.csv.gz"
+        plain = _write_csv(tmp_path / "plain.csv", rows)
+        path.write_bytes(gzip.compress(open(plain, "rb").read()))
+    else:
+        path = tmp_path / "saved"
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:40]),
+                              "validation": datasets.Dataset.from_list(rows[40:50]),
+                              "test": datasets.Dataset.from_list(rows[50:])}).save_to_disk(str(path))
+    data = load_labelled_data(str(path))
+    assert sum(data.split_info["sizes"].values()) == 60
+    assert data.label_names == ["neg", "pos"]
+    if fmt == "dir":
+        assert data.split_info["method"] == "splits given by the dataset"
+
+
+def test_integer_labels_and_custom_columns(tmp_path) -> None:
+    rows = [{"review": r["text"], "stars": 5 if r["label"] == "pos" else 1} for r in make_rows(50)]
+    path = _write_csv(tmp_path / "d.csv", rows, fields=("review", "stars"))
+    data = load_labelled_data(path, text_column="review", label_column="stars")
+    assert data.label_names == ["1", "5"]
+    assert set(data.splits["train"]["label"]) == {0, 1}
+
+
+def test_max_train_samples_caps_train_only(tiny_csv) -> None:
+    data = load_labelled_data(tiny_csv, max_train_samples=50)
+    assert data.split_info["sizes"] == {"train": 50, "validation": 20, "test": 20}
+
+
+def test_missing_validation_is_carved_from_train(tmp_path) -> None:
+    import datasets
+
+    rows = make_rows(100)
+    path = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:90]),
+                          "test": datasets.Dataset.from_list(rows[90:])}).save_to_disk(str(path))
+    data = load_labelled_data(str(path))
+    assert data.split_info["sizes"] == {"train": 80, "validation": 10, "test": 10}
+    assert "validation carved out of train" in data.split_info["method"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_file", r"data file not found: .*nothere.csv"),
+        ("missing_column", r"text column 'body' not found; columns: text, label"),
+        ("empty", r"holds no examples|no usable training examples"),
+        ("single_class", r"single class \('pos'\)"),
+        ("bad_format", r"unknown format; accepted: .csv"),
+        ("not_a_dataset_dir", r"not a dataset saved by datasets"),
+        ("float_labels", r"holds float values; classification needs integer or string labels"),
+    ],
+)
+def test_bad_data(case, message, tmp_path, tiny_csv) -> None:
+    kwargs = {}
+    if case == "missing_file":
+        source = str(tmp_path / "nothere.csv")
+    elif case == "missing_column":
+        source, kwargs = tiny_csv, {"text_column": "body"}
+    elif case == "empty":
+        source = _write_csv(tmp_path / "e.csv", [])
+    elif case == "single_class":
+        source = _write_csv(tmp_path / "s.csv", [{"text": "good film", "label": "pos"}] * 20)
+    elif case == "bad_format":
+        source = str(tmp_path / "d.xlsx")
+        open(source, "w").write("x")
+    elif case == "not_a_dataset_dir":
+        source = str(tmp_path)
+    else:
+        source = _write_csv(tmp_path / "f.csv", [{"text": f"t{i}", "label": i + 0.5} for i in range(20)])
+    with pytest.raises(PeftkitError, match=message):
+        load_labelled_data(source, **kwargs)
+
+
+@pytest.mark.real
+def test_embedded_rotten_tomatoes() -> None:
+    data = load_labelled_data("rotten_tomatoes")
+    sizes = data.split_info["sizes"]
+    assert data.label_names == ["negative", "positive"]
+    total = sum(sizes.values())
+    assert 12_700 <= total <= 12_808  # 7,403 fresh + 5,405 rotten, minus duplicate texts
+    texts = [t for s in ("train", "validation", "test") for t in data.splits[s]["text"]]
+    assert len(texts) == len(set(texts)), "duplicate texts must be dropped"
+    share = sum(data.splits["test"]["label"]) / sizes["test"]
+    assert 0.53 < share < 0.6  # stratified: the test split keeps the fresh share (~0.58)

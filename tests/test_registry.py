@@ -1,0 +1,120 @@
+"""The registry: names, aliases, duplicates, entry-point plugins, and a torch-free `peftkit list`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from peftkit import registry
+from peftkit.errors import PeftkitError
+from peftkit.strategies.base import Strategy
+
+
+def test_builtins_registered_with_aliases() -> None:
+    names = set(registry.available())
+    assert {"full", "head_only", "lora"} <= names
+    assert registry.get_strategy("head-only") is registry.get_strategy("head_only")
+    assert registry.get_strategy("LoRA").name == "lora"
+
+
+def test_unknown_strategy_lists_valid_ones() -> None:
+    with pytest.raises(PeftkitError, match=r"unknown strategy 'nope'; available: .*full.*lora"):
+        registry.get_strategy("nope")
+
+
+def test_duplicate_name_refused() -> None:
+    class Impostor(Strategy):
+        name = "lora"
+        description = "tries to replace the built-in"
+
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_strategy(Impostor)
+    assert registry.get_strategy("lora").__name__ == "Lora"
+
+
+def test_duplicate_alias_refused() -> None:
+    class AliasThief(Strategy):
+        name = "alias_thief"
+        aliases = ("head-only",)
+        description = "claims an alias that is taken"
+
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_strategy(AliasThief)
+    assert "alias_thief" not in registry.available()
+
+
+def test_strategy_needs_description() -> None:
+    class Silent(Strategy):
+        name = "silent"
+
+    with pytest.raises(ValueError, match="description"):
+        registry.register_strategy(Silent)
+
+
+def _plugin_env(tmp_path, module_source: str, entry: str) -> dict[str, str]:
+    """A fake installed distribution on PYTHONPATH declaring a peftkit.strategies entry point."""
+    (tmp_path / "fake_plugin_mod.py").write_text(textwrap.dedent(module_source))
+    dist = tmp_path / "fake_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[peftkit.strategies]\n{entry}\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PEFTKIT_DISABLE_PLUGINS", None)
+    return env
+
+
+GOOD_PLUGIN = """
+from peftkit.strategies.base import Strategy
+
+class BiasOnly(Strategy):
+    name = "bias_only_test"
+    description = "Test plugin: only biases train."
+
+    def prepare(self, model, task):
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith("bias"))
+        return model
+"""
+
+
+def _peftkit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftkit.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_entry_point_plugin_listed_and_switchable(tmp_path) -> None:
+    env = _plugin_env(tmp_path, GOOD_PLUGIN, "bias_only_test = fake_plugin_mod:BiasOnly")
+    shown = _peftkit(["list"], env)
+    assert shown.returncode == 0, shown.stderr
+    assert "bias_only_test" in shown.stdout and "plugin: bias_only_test = fake_plugin_mod:BiasOnly" in shown.stdout
+    env["PEFTKIT_DISABLE_PLUGINS"] = "1"
+    hidden = _peftkit(["list"], env)
+    assert hidden.returncode == 0 and "bias_only_test" not in hidden.stdout and "lora" in hidden.stdout
+
+
+def test_broken_plugin_is_named_and_others_keep_working(tmp_path) -> None:
+    env = _plugin_env(tmp_path, "raise ImportError('missing dependency xyz')\n",
+                      "broken = fake_plugin_mod:Nothing")
+    shown = _peftkit(["list"], env)
+    assert shown.returncode == 0
+    assert "lora" in shown.stdout and "full" in shown.stdout
+    warnings = [l for l in shown.stderr.splitlines() if l.strip()]
+    assert len(warnings) == 1, shown.stderr
+    assert "plugin 'broken'" in warnings[0] and "fake_plugin_mod:Nothing" in warnings[0]
+    assert "missing dependency xyz" in warnings[0] and "Traceback" not in shown.stderr
+    asked = _peftkit(["run", "--strategy", "broken"], env)
+    assert asked.returncode == 2 and "plugin 'broken'" in asked.stderr and "Traceback" not in asked.stderr
+
+
+def test_list_does_not_import_torch() -> None:
+    code = ("import sys\nfrom peftkit.cli import main\n"
+            "try:\n    main(['list', '-v'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'peftkit list imported torch'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "lora" in done.stdout

@@ -1,0 +1,64 @@
+"""The shared training loop: head-only's feature cache, best-epoch restore, early stopping."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import set_seed
+
+from peftkit.config import RunConfig
+from peftkit.data import load_labelled_data
+from peftkit.models import load_classifier, load_tokenizer
+from peftkit.strategies.base import TaskSpec
+from peftkit.train import classification_metrics, fit, resolve
+
+
+def _fit(model_dir: str, data_path: str, **overrides):
+    cfg = RunConfig(model=model_dir, dataset=data_path, max_length=16, **overrides)
+    run = resolve(cfg)
+    data = load_labelled_data(data_path, seed=cfg.seed)
+    tok = load_tokenizer(model_dir)
+    set_seed(cfg.seed)
+    base = load_classifier(model_dir, data.label_names, tok.pad_token_id)
+    task = TaskSpec(num_labels=len(data.label_names), label_names=tuple(data.label_names))
+    model = run.strategy.prepare(base, task)
+    logs: list[str] = []
+    return fit(run, model, tok, data, task, logs.append), logs
+
+
+def test_head_only_runs_the_backbone_in_the_first_epoch_only(tiny_model_dir, tiny_csv) -> None:
+    one, _ = _fit(tiny_model_dir("bert"), tiny_csv, strategy="head_only", epochs=1, batch_size=16)
+    five, _ = _fit(tiny_model_dir("bert"), tiny_csv, strategy="head_only", epochs=5, batch_size=16)
+    # epoch 1: 10 train batches + 1 validation batch, then 1 test batch; epochs 2-5 add nothing
+    assert one.model.backbone_calls == 12
+    assert five.model.backbone_calls == one.model.backbone_calls
+    assert len(five.history) == 5
+
+
+def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv) -> None:
+    # a learning rate this large makes later epochs worse than the best one, so the loop must
+    # restore it, and patience 1 stops after the first epoch without a gain
+    outcome, logs = _fit(tiny_model_dir("bert"), tiny_csv, strategy="full", epochs=8, batch_size=16,
+                         lr=0.5, early_stopping_patience=1)
+    history = outcome.history
+    best = max(h["validation_accuracy"] for h in history)
+    assert outcome.metrics["validation_accuracy"] == best
+    if outcome.metrics["best_epoch"] != len(history):
+        assert any(l.startswith("restored the best epoch") for l in logs)
+    assert len(history) < 8 and any(l.startswith("early stopping") for l in logs)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_model_dir, tiny_csv) -> None:
+    outcome, _ = _fit(tiny_model_dir("bert"), tiny_csv, strategy="lora", epochs=1, batch_size=8,
+                      grad_accumulation=4)
+    assert outcome.metrics["train_examples"] == 160
+
+
+def test_macro_f1_matches_definition() -> None:
+    import torch
+
+    preds = torch.tensor([0, 0, 1, 1, 2, 2])
+    labels = torch.tensor([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(preds, labels, 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # per class F1: c0 = 2*1/(2+1+1) = .5, c1 = 2*2/(4+0+1) = .8, c2 = 2*1/(2+1+0) = .6667
+    assert m["f1_macro"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
