@@ -30,7 +30,10 @@ DISABLE_PLUGINS_ENV = "PEFTKIT_DISABLE_PLUGINS"
 BUILTIN_MODULES = (
     "peftkit.strategies.full",
     "peftkit.strategies.head_only",
+    "peftkit.strategies.gradual_unfreeze",
     "peftkit.strategies.lora",
+    "peftkit.strategies.adapter",
+    "peftkit.strategies.prefix",
 )
 
 _strategies: dict[str, type[Strategy]] = {}

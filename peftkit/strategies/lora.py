@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
+from ..structure import head_module_names
 from .base import Strategy, TaskSpec, TrainingDefaults
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,20 +47,6 @@ class LoraOptions:
             raise PeftkitError(f"lora option dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise PeftkitError("lora option target_modules must name at least one module")
-
-
-def head_module_names(model: nn.Module) -> list[str]:
-    """Top-level modules with parameters outside the pretrained backbone: the new task head.
-
-    Found by structure (``classifier`` for BERT, ``pre_classifier`` + ``classifier`` for
-    DistilBERT, ``score`` for GPT-2 and Llama), never by a list of names.
-    """
-    backbone = getattr(model, "base_model_prefix", "")
-    return [
-        name
-        for name, child in model.named_children()
-        if name != backbone and any(True for _ in child.parameters())
-    ]
 
 
 def attention_linear_names(model: nn.Module) -> list[str]:
