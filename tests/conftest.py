@@ -11,7 +11,6 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PEFTKIT_DISABLE_PLUGINS", "1")  # tests of plugins turn them on themselves
 
 import pytest
 

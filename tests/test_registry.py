@@ -118,3 +118,24 @@ def test_list_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "lora" in done.stdout
+
+
+def test_example_plugin_distribution_runs_without_editing_peftkit(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """plugins/peftkit-bitfit is a separate distribution that install.sh installs."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("peftkit-bitfit")
+    except PackageNotFoundError:
+        pytest.skip("plugins/peftkit-bitfit is not installed (install.sh installs it)")
+    if os.environ.get(registry.DISABLE_PLUGINS_ENV):
+        pytest.skip("plugins disabled by PEFTKIT_DISABLE_PLUGINS")
+    assert registry.loaded_plugins()["bitfit"] == "bitfit = peftkit_bitfit:BitFit"
+    out = tmp_path / "run"
+    code, _, err = run_cli("run", "--strategy", "bitfit", "--model", tiny_model_dir("roberta"), "--dataset", tiny_csv,
+                           "--epochs", "1", "--max-length", "16", "--output-dir", str(out))
+    assert code == 0, err
+    import json
+
+    metrics = json.load(open(out / "metrics.json"))
+    assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
