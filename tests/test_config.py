@@ -17,7 +17,9 @@ CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml
 
 def test_there_is_a_config_per_builtin_strategy() -> None:
     names = {p.stem for p in CONFIGS}
-    assert {"full", "head_only", "lora"} <= names
+    builtins = {n for n, cls in registry.available().items() if cls.__module__.startswith("peftkit.strategies.")}
+    assert builtins == {"full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefix"}
+    assert builtins <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
