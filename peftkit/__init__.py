@@ -24,6 +24,7 @@ __all__ = [
     "get_strategy",
     "load_adapter",
     "predict_texts",
+    "save_adapter",
     "register_strategy",
 ]
 
@@ -33,4 +34,8 @@ def __getattr__(name: str) -> Any:  # lazy: these import torch
         from . import predict
 
         return getattr(predict, name)
+    if name == "save_adapter":
+        from .adapter_io import save_adapter
+
+        return save_adapter
     raise AttributeError(f"module 'peftkit' has no attribute {name!r}")

@@ -1,9 +1,18 @@
-"""Reading and writing what a strategy trained: safetensors plus a JSON metadata file.
+"""Reading and writing what a strategy trained: safetensors files plus peftkit's metadata.
 
-Layout of an adapter directory::
+An adapter directory holds the strategy's weights and ``peftkit_adapter.json``. The weights are
+either peftkit's own file::
 
-    adapter.safetensors     the strategy's tensors (Strategy.adapter_state), nothing else
-    peftkit_adapter.json    strategy and options, base model, label names, max length, versions
+    adapter.safetensors     the strategy's tensors, minus those still equal to the pretrained ones
+
+or, for strategies peft implements (``lora``, ``prefix``), peft's own format, which
+``peft.PeftModel.from_pretrained(base, directory)`` loads as it is::
+
+    adapter_config.json         peft's configuration
+    adapter_model.safetensors   peft's key names
+
+``peftkit_adapter.json`` records the strategy and its options, the base model and the fingerprint
+of its weights, label names, max length, metrics and package versions.
 
 Only safetensors are ever read: a pickle file (``.bin``, ``.pt``, ``.pth``, ``.pkl``) can run code
 when loaded, and adapters are made to be shared.
@@ -15,12 +24,17 @@ import json
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PeftkitError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 TENSORS_FILE = "adapter.safetensors"
 METADATA_FILE = "peftkit_adapter.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_TENSORS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VERSIONED_PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets",
@@ -38,50 +52,116 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_adapter_files(directory: str, tensors: dict[str, Any], metadata: dict[str, Any]) -> int:
-    """Write ``tensors`` and ``metadata`` into ``directory`` (created); return the tensor file's size."""
+# -- safetensors files ------------------------------------------------------------------------
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Write tensors with safetensors (clone + contiguous: it refuses views and shared storage)."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    # clone+contiguous: safetensors refuses views and tensors that share storage
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tensor_path = os.path.join(directory, TENSORS_FILE)
-    save_file(plain, tensor_path, metadata={"format": "pt", "peftkit_strategy": str(metadata.get("strategy"))})
-    meta = {"format_version": FORMAT_VERSION, **metadata}
-    with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
-    return os.path.getsize(tensor_path)
+    save_file(plain, path, metadata={"format": "pt"})
 
 
-def read_adapter_files(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return ``(tensors, metadata)`` of an adapter directory, refusing anything but safetensors."""
-    if not os.path.exists(directory):
-        raise PeftkitError(f"adapter directory not found: {directory}")
-    if not os.path.isdir(directory):
-        raise PeftkitError(f"adapter path {directory!r} is a file; give the adapter directory")
-    meta_path = os.path.join(directory, METADATA_FILE)
-    tensor_path = os.path.join(directory, TENSORS_FILE)
-    if not os.path.exists(tensor_path):
-        pickles = [f for f in os.listdir(directory) if f.endswith(_PICKLE_SUFFIXES)]
-        if pickles:
-            raise PeftkitError(
-                f"refusing {os.path.join(directory, pickles[0])!r}: pickle files can run code when "
-                "loaded; peftkit only loads safetensors"
-            )
-        raise PeftkitError(f"{directory!r} is not a peftkit adapter (no {TENSORS_FILE})")
-    if not os.path.exists(meta_path):
-        raise PeftkitError(f"{directory!r} is not a peftkit adapter (no {METADATA_FILE})")
-    try:
-        with open(meta_path, encoding="utf-8") as fh:
-            metadata = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeftkitError(f"adapter metadata {meta_path!r} is not valid JSON: {exc}") from None
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning a truncated or corrupt file into a clear error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        tensors = load_file(tensor_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PeftkitError(f"adapter file {tensor_path!r} is truncated or corrupt: {exc}") from None
-    return tensors, metadata
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PeftkitError(f"adapter file {path!r} is truncated or corrupt: {exc}") from None
+
+
+def save_changed_tensors(tensors: dict[str, torch.Tensor], directory: str,
+                         base_digests: dict[str, str]) -> dict[str, Any]:
+    """Write ``tensors`` to ``adapter.safetensors``, leaving out those bit-identical to the
+    pretrained weights (recorded by name, so loading can insist on exactly the rest)."""
+    from .fingerprint import tensor_digest
+
+    unchanged = sorted(n for n, t in tensors.items() if base_digests.get(n) == tensor_digest(t))
+    write_safetensors({n: t for n, t in tensors.items() if n not in set(unchanged)},
+                      os.path.join(directory, TENSORS_FILE))
+    return {"format": "peftkit-safetensors", "unchanged_from_base": unchanged}
+
+
+def read_changed_tensors(expected: dict[str, torch.Tensor], directory: str,
+                         metadata: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The inverse of ``save_changed_tensors``: the saved tensors, completed with the model's own
+    (pretrained) values for those recorded as unchanged. Any other gap is an error."""
+    path = os.path.join(directory, TENSORS_FILE)
+    if not os.path.exists(path):
+        raise PeftkitError(f"{directory!r} has no {TENSORS_FILE}; it is not a peftkit adapter of this strategy")
+    tensors = read_safetensors(path)
+    unchanged = set(metadata.get("unchanged_from_base", []))
+    unknown = sorted(unchanged - set(expected))
+    if unknown:
+        raise PeftkitError(f"the adapter does not match the model: it names {unknown[0]!r}, which the model lacks")
+    tensors.update({n: expected[n] for n in unchanged if n not in tensors})
+    return tensors
+
+
+# -- adapter directories ----------------------------------------------------------------------
+
+def check_adapter_dir(directory: str) -> None:
+    """Refuse a missing path, a file, or a directory whose weights are only pickles."""
+    if not os.path.exists(directory):
+        raise PeftkitError(f"adapter directory not found: {directory}")
+    if not os.path.isdir(directory):
+        raise PeftkitError(f"adapter path {directory!r} is a file; give the adapter directory")
+    files = os.listdir(directory)
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise PeftkitError(
+                f"refusing {os.path.join(directory, pickles[0])!r}: pickle files can run code when "
+                "loaded; peftkit only loads safetensors (convert it with safetensors first)"
+            )
+        raise PeftkitError(f"{directory!r} is not an adapter directory (no .safetensors file)")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeftkitError(f"{path!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PeftkitError(f"{path!r} must hold a JSON object")
+    return data
+
+
+def read_metadata(directory: str) -> dict[str, Any] | None:
+    """peftkit's metadata of an adapter directory, or None for a plain peft adapter."""
+    path = os.path.join(directory, METADATA_FILE)
+    return _read_json(path) if os.path.exists(path) else None
+
+
+def read_peft_config(directory: str) -> dict[str, Any] | None:
+    """peft's ``adapter_config.json`` as a dict, or None when there is none."""
+    path = os.path.join(directory, PEFT_CONFIG_FILE)
+    return _read_json(path) if os.path.exists(path) else None
+
+
+def adapter_bytes(directory: str) -> int:
+    """Total size of the weight files (what shipping the adapter costs)."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.endswith(".safetensors"))
+
+
+def save_adapter(directory: str, strategy: Any, model: Any, metadata: dict[str, Any],
+                 base_digests: dict[str, str]) -> int:
+    """Save ``model``'s adapter (as ``strategy`` trained it) and its metadata into ``directory``.
+
+    ``metadata`` should name at least ``strategy``, ``strategy_options``, ``base_model``,
+    ``base_fingerprint``, ``label_names`` and ``max_length``. Returns the weight files' size.
+    """
+    os.makedirs(directory, exist_ok=True)
+    facts = strategy.save_adapter(model, directory, base_digests)
+    size = adapter_bytes(directory)
+    meta = {"format_version": FORMAT_VERSION, **metadata, **facts, "adapter_bytes": size,
+            "versions": metadata.get("versions") or package_versions()}
+    with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2, default=str)
+        fh.write("\n")
+    return size

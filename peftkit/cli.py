@@ -49,6 +49,8 @@ def cli() -> None:
     peftkit list                      strategies and what they do
     peftkit run --strategy lora       fine-tune and evaluate (embedded default: MiniLM on Rotten Tomatoes)
     peftkit predict --adapter DIR T   classify texts with a trained adapter
+    peftkit inspect DIR               what an adapter is, what it was trained on, how well it did
+    peftkit merge --adapter DIR --output OUT   base + adapter as one plain transformers model
     """
 
 
@@ -140,17 +142,83 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 
 
 @cli.command("predict")
-@click.option("--adapter", "adapter_dir", required=True, help="Adapter directory (a run's adapter/ folder).")
+@click.option("--adapter", "adapter_dir", required=True,
+              help="Adapter directory: a run's adapter/ folder, one in adapters/, or a plain peft adapter.")
 @click.option("--model", default=None, help="Base model (default: the one named in the adapter's metadata).")
+@click.option("--force", is_flag=True, help="Apply the adapter even if the base model's weights differ from "
+                                            "those it was trained on.")
 @click.argument("texts", nargs=-1, required=True)
-def predict_cmd(adapter_dir: str, model: str | None, texts: tuple[str, ...]) -> None:
+def predict_cmd(adapter_dir: str, model: str | None, force: bool, texts: tuple[str, ...]) -> None:
     """Classify TEXTS with a trained adapter; prints one JSON object per text."""
     _quiet_libraries()
     from .predict import load_adapter, predict_texts
 
-    loaded = load_adapter(adapter_dir, model)
+    loaded = load_adapter(adapter_dir, model, force=force)
     for row in predict_texts(loaded, list(texts)):
         click.echo(json.dumps(row, ensure_ascii=False))
+
+
+@cli.command("merge")
+@click.option("--adapter", "adapter_dir", required=True, help="Adapter directory to merge into its base model.")
+@click.option("--output", required=True, help="Directory for the merged model (must not exist unless --overwrite).")
+@click.option("--model", default=None, help="Base model (default: the one named in the adapter's metadata).")
+@click.option("--force", is_flag=True, help="Merge even if the base model's weights differ from the adapter's.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, overwrite: bool) -> None:
+    """Merge an adapter into its base and write a standard transformers model directory.
+
+    The result (safetensors + tokenizer) loads with AutoModelForSequenceClassification.from_pretrained
+    and predicts like base + adapter. Works for lora (weights folded in), full and gradual_unfreeze;
+    strategies that add modules of their own (head_only, adapter, prefix) cannot be merged.
+    """
+    from .rundir import check_output_dir, staged_dir
+
+    check_output_dir(output, overwrite)
+    _quiet_libraries()
+    from .predict import load_adapter, merge_to_directory
+
+    loaded = load_adapter(adapter_dir, model, force=force)
+    with staged_dir(output, overwrite) as stage:
+        merge_to_directory(loaded, stage)
+    click.echo(f"merged {loaded.metadata['strategy']} adapter into {loaded.metadata['base_model']!r}: {output}")
+
+
+@cli.command("inspect")
+@click.argument("adapter_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
+    """Show what an adapter is: strategy, base model and fingerprint, labels, size, metrics."""
+    from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config
+
+    check_adapter_dir(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    if meta is None:
+        peft_config = read_peft_config(adapter_dir)
+        if peft_config is None:
+            raise PeftkitError(f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)")
+        meta = {"format": "peft (no peftkit metadata)", "peft_type": peft_config.get("peft_type"),
+                "base_model": peft_config.get("base_model_name_or_path")}
+    meta["adapter_bytes"] = adapter_bytes(adapter_dir)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    m = meta.get("metrics", {})
+    rows = [
+        ("strategy", meta.get("strategy", meta.get("peft_type", "?"))),
+        ("options", json.dumps(meta.get("strategy_options", {}))),
+        ("format", meta.get("format", "?")),
+        ("base model", meta.get("base_model", "?")),
+        ("base fingerprint", meta.get("base_fingerprint", "not recorded")),
+        ("labels", ", ".join(f"{i}={n}" for i, n in enumerate(meta.get("label_names", []))) or "ids only"),
+        ("max length", meta.get("max_length", "?")),
+        ("trainable params", f"{m['trainable_params']:,} of {m['total_params']:,}" if "trainable_params" in m else "?"),
+        ("size", f"{meta['adapter_bytes']:,} bytes ({meta['adapter_bytes'] / 2**20:.2f} MiB)"),
+        ("test accuracy", f"{m['test_accuracy']:.4f} (macro-F1 {m['test_f1_macro']:.4f})" if "test_accuracy" in m else "?"),
+        ("trained on", f"{meta.get('dataset', '?')}, seed {m.get('seed', '?')}, {m.get('epochs', '?')} epoch(s)"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<17} {value}")
 
 
 def main(argv: list[str] | None = None) -> None:

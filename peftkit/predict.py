@@ -1,7 +1,8 @@
-"""Applying a saved adapter to its base model and classifying texts."""
+"""Applying a saved adapter to its base model: loading with every check, predicting, merging."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,20 +23,55 @@ class LoadedAdapter:
         return list(self.metadata["label_names"])
 
 
-def load_adapter(adapter_dir: str, model: str | None = None) -> LoadedAdapter:
+def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
+    """Metadata for a peft adapter directory that peftkit did not write: the strategy from peft's
+    ``peft_type``, its options from ``adapter_config.json``, labels as ids (their names are not
+    recorded), the number of labels from the head's output layer."""
+    from .adapter_io import PEFT_TENSORS_FILE, read_peft_config, read_safetensors
+    from .registry import available
+    from .strategies.base import options_to_dict
+
+    config = read_peft_config(directory)
+    if config is None:
+        raise PeftkitError(f"{directory!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)")
+    peft_type = config.get("peft_type")
+    matches = [cls for cls in available().values() if getattr(cls, "peft_type", None) == peft_type]
+    if not matches:
+        kinds = sorted({c.peft_type for c in available().values() if getattr(c, "peft_type", None)})
+        raise PeftkitError(f"peft adapter type {peft_type!r} in {directory!r} is not supported; supported: {', '.join(kinds)}")
+    if config.get("task_type") not in (None, "SEQ_CLS"):
+        raise PeftkitError(f"peft adapter in {directory!r} is for task {config.get('task_type')!r}; "
+                           "peftkit predict handles sequence classification (SEQ_CLS)")
+    base = model or config.get("base_model_name_or_path")
+    if not base:
+        raise PeftkitError(f"plain peft adapter {directory!r} names no base model; give --model")
+    tensors = read_safetensors(os.path.join(directory, PEFT_TENSORS_FILE))
+    heads = [t for k, t in tensors.items() if t.ndim == 2 and any(f".{m}." in f".{k}" for m in config.get("modules_to_save") or [])]
+    if not heads:
+        raise PeftkitError(f"plain peft adapter {directory!r} holds no classification head; cannot tell the labels")
+    num_labels = min(int(t.shape[0]) for t in heads)  # the output layer is the narrowest head matrix
+    cls = matches[0]
+    return {"strategy": cls.name, "strategy_options": options_to_dict(cls.options_from_peft_config(config)),
+            "base_model": base, "label_names": [str(i) for i in range(num_labels)], "format": "peft"}
+
+
+def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False) -> LoadedAdapter:
     """Load the base model named in the adapter's metadata (or ``model``) and apply the adapter.
 
-    The strategy re-prepares a fresh base exactly as in training, then loads the saved tensors;
-    keys or shapes that do not match are an error.
+    The strategy re-prepares a fresh base exactly as in training, then loads the saved tensors.
+    Refused: pickle files, keys or shapes that do not match, and (unless ``force``) a base whose
+    weights differ from those the adapter was trained on.
     """
     from transformers import set_seed
 
-    from .adapter_io import read_adapter_files
+    from .adapter_io import check_adapter_dir, read_metadata
+    from .fingerprint import backbone_digests, fingerprint
     from .models import load_classifier, load_tokenizer
     from .registry import get_strategy
     from .strategies.base import TaskSpec, options_from_dict
 
-    tensors, meta = read_adapter_files(adapter_dir)
+    check_adapter_dir(adapter_dir)
+    meta = read_metadata(adapter_dir) or _plain_peft_metadata(adapter_dir, model)
     for key in ("strategy", "label_names", "base_model"):
         if key not in meta:
             raise PeftkitError(f"adapter metadata in {adapter_dir!r} lacks {key!r}")
@@ -45,9 +81,17 @@ def load_adapter(adapter_dir: str, model: str | None = None) -> LoadedAdapter:
     tokenizer = load_tokenizer(base_name)
     set_seed(0)  # fresh heads are overwritten by the adapter; seeding keeps any leftover repeatable
     base = load_classifier(base_name, list(meta["label_names"]), tokenizer.pad_token_id)
+    expected = meta.get("base_fingerprint")
+    if expected:
+        actual = fingerprint(backbone_digests(base))
+        if actual != expected and not force:
+            raise PeftkitError(
+                f"adapter {adapter_dir!r} was trained on base {meta['base_model']!r} ({expected[:19]}), but "
+                f"{base_name!r} has other weights ({actual[:19]}); use --force to apply it anyway"
+            )
     task = TaskSpec(num_labels=len(meta["label_names"]), label_names=tuple(meta["label_names"]))
     prepared = strategy.prepare(base, task)
-    strategy.load_adapter_state(prepared, tensors)
+    strategy.load_adapter(prepared, adapter_dir, meta)
     prepared.eval()
     return LoadedAdapter(prepared, tokenizer, strategy, meta)
 
@@ -70,3 +114,11 @@ def predict_texts(loaded: LoadedAdapter, texts: list[str], batch_size: int = 64)
                 out.append({"text": text, "label": names[label_id], "label_id": label_id,
                             "score": float(p[label_id]), "probabilities": [float(x) for x in p]})
     return out
+
+
+def merge_to_directory(loaded: LoadedAdapter, directory: str) -> None:
+    """Write base + adapter as one standard transformers model directory (safetensors + tokenizer)
+    that ``AutoModelForSequenceClassification.from_pretrained`` loads."""
+    merged = loaded.strategy.merge(loaded.model)
+    merged.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)

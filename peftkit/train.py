@@ -320,7 +320,8 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
     import yaml
     from transformers import set_seed
 
-    from .adapter_io import package_versions, save_adapter_files
+    from .adapter_io import package_versions, save_adapter
+    from .fingerprint import backbone_digests, fingerprint
     from .data import load_labelled_data
     from .models import load_classifier, load_tokenizer
 
@@ -351,6 +352,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
         tokenizer = load_tokenizer(cfg.model)
         set_seed(cfg.seed)  # the new head's initialisation depends on it
         base = load_classifier(cfg.model, data.label_names, tokenizer.pad_token_id)
+        base_digests = backbone_digests(base)  # before training: what "unchanged" means, and the fingerprint
         task = TaskSpec(num_labels=len(data.label_names), label_names=tuple(data.label_names))
         model = run.strategy.prepare(base, task)
         echo(f"training {run.strategy.name} for {run.hparams.epochs} epoch(s) on {sizes['train']:,} examples "
@@ -358,23 +360,30 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
         outcome = fit(run, model, tokenizer, data, task, log)
         trained = outcome.model
 
+        versions = package_versions()
+        metrics = {
+            "strategy": run.strategy.name, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
+            "epochs": run.hparams.epochs, **outcome.metrics,
+        }
         metadata = {
             "strategy": run.strategy.name,
             "strategy_options": options_to_dict(run.strategy.options),
             "base_model": cfg.model,
+            "base_fingerprint": fingerprint(base_digests),
             "task": "sequence-classification",
             "label_names": data.label_names,
             "max_length": cfg.max_length,
-            "versions": package_versions(),
+            "dataset": cfg.dataset,
+            "split": data.split_info,
+            "metrics": {k: metrics[k] for k in ("test_accuracy", "test_f1_macro", "validation_accuracy",
+                                                "trainable_params", "total_params", "epochs", "seed")},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions,
         }
-        adapter_bytes = save_adapter_files(os.path.join(workdir, "adapter"),
-                                           run.strategy.adapter_state(trained), metadata)
-        metrics = {
-            "strategy": run.strategy.name, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
-            "epochs": run.hparams.epochs, **outcome.metrics, "adapter_bytes": adapter_bytes,
-            "wall_seconds": time.perf_counter() - wall_start, "split": data.split_info,
-            "label_names": data.label_names, "history": outcome.history, "versions": metadata["versions"],
-        }
+        metrics["adapter_bytes"] = save_adapter(os.path.join(workdir, "adapter"), run.strategy, trained,
+                                                metadata, base_digests)
+        metrics.update(wall_seconds=time.perf_counter() - wall_start, split=data.split_info,
+                       label_names=data.label_names, history=outcome.history, versions=versions)
         write_json(os.path.join(workdir, "metrics.json"), metrics)
         return metrics
     finally:

@@ -30,13 +30,16 @@ def test_run_writes_a_complete_run_directory(strategy, run_cli, tiny_model_dir, 
     assert METRIC_KEYS <= set(metrics)
     assert metrics["strategy"] == strategy and metrics["epochs"] == 2 and metrics["device"] == "cpu"
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
-    assert metrics["adapter_bytes"] == os.path.getsize(os.path.join(out, "adapter", "adapter.safetensors"))
+    weights = [f for f in os.listdir(os.path.join(out, "adapter")) if f.endswith(".safetensors")]
+    assert weights == (["adapter_model.safetensors"] if strategy == "lora" else ["adapter.safetensors"])
+    assert metrics["adapter_bytes"] == os.path.getsize(os.path.join(out, "adapter", weights[0]))
     assert metrics["peak_memory_bytes"] > 0 and 0 <= metrics["test_accuracy"] <= 1
     assert len(metrics["history"]) == 2
     config = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert config["strategy"] == strategy and config["lr"] > 0 and config["split"]["sizes"]["train"] == 160
     meta = json.load(open(os.path.join(out, "adapter", "peftkit_adapter.json")))
     assert meta["strategy"] == strategy and meta["label_names"] == ["neg", "pos"] and meta["max_length"] == 16
+    assert meta["base_fingerprint"].startswith("sha256:") and meta["metrics"]["test_accuracy"] == metrics["test_accuracy"]
     assert "torch" in meta["versions"]
     log = open(os.path.join(out, "train.log")).read()
     assert "epoch 2/2" in log and "test accuracy" in log

@@ -14,7 +14,8 @@ from transformers import set_seed
 
 from conftest import ARCHITECTURES, make_rows
 from peftkit import registry
-from peftkit.adapter_io import read_adapter_files, save_adapter_files
+from peftkit.adapter_io import read_metadata, save_adapter
+from peftkit.fingerprint import backbone_digests
 from peftkit.models import load_classifier, load_tokenizer
 from peftkit.strategies.base import TaskSpec
 
@@ -34,8 +35,9 @@ def _fresh(strategy_cls, model_dir: str, seed: int):
     tok = load_tokenizer(model_dir)
     set_seed(seed)
     base = load_classifier(model_dir, LABELS, tok.pad_token_id)
+    digests = backbone_digests(base)
     strategy = strategy_cls()
-    return strategy, strategy.prepare(base, TASK), tok
+    return strategy, strategy.prepare(base, TASK), tok, digests
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -43,7 +45,7 @@ def _fresh(strategy_cls, model_dir: str, seed: int):
 def test_strategy_contract(name: str, arch: str, tiny_model_dir, tmp_path) -> None:
     cls = registry.get_strategy(name)
     model_dir = tiny_model_dir(arch)
-    strategy, model, tok = _fresh(cls, model_dir, seed=0)
+    strategy, model, tok, digests = _fresh(cls, model_dir, seed=0)
     declared = strategy.trainable_parameters(model)
     assert declared, f"{name} declares no trainable parameter on {arch}"
     all_params = dict(model.named_parameters())
@@ -76,10 +78,10 @@ def test_strategy_contract(name: str, arch: str, tiny_model_dir, tmp_path) -> No
     assert any(not torch.equal(after[n], before[n]) for n in declared), f"{name}/{arch}: nothing trained"
 
     # save -> load on a fresh base (different seed, so a head that failed to load would differ)
-    save_adapter_files(str(tmp_path / "adapter"), strategy.adapter_state(model), {"strategy": name})
-    tensors, _ = read_adapter_files(str(tmp_path / "adapter"))
-    strategy2, model2, _ = _fresh(cls, model_dir, seed=123)
-    strategy2.load_adapter_state(model2, tensors)
+    directory = str(tmp_path / "adapter")
+    save_adapter(directory, strategy, model, {"strategy": name}, digests)
+    strategy2, model2, _, _ = _fresh(cls, model_dir, seed=123)
+    strategy2.load_adapter(model2, directory, read_metadata(directory))
     model.eval()
     model2.eval()
     plain = {k: v for k, v in batch.items() if k != "example_key"}  # no cache: compute afresh

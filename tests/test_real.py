@@ -45,3 +45,25 @@ def test_lora_on_real_model_trains_only_adapters_and_head(run_cli, tmp_path) -> 
     # r=8 on query and value of 6 layers: 6 * 2 * (384*8 + 8*384) = 73,728, plus the 770-parameter head
     assert metrics["trainable_params"] == 73_728 + 770
     assert metrics["adapter_bytes"] < 400_000
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters")
+
+
+@pytest.mark.parametrize("name", sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d))))
+def test_shipped_adapter_reproduces_its_card(name) -> None:
+    from peftkit.data import load_labelled_data
+    from peftkit.predict import load_adapter, predict_texts
+
+    directory = os.path.join(SHIPPED, name)
+    loaded = load_adapter(directory)  # base model named in the metadata, fingerprint checked
+    meta = loaded.metadata
+    assert meta["adapter_bytes"] < 1_000_000
+    card = open(os.path.join(directory, "README.md")).read()
+    claimed = meta["metrics"]["test_accuracy"]
+    assert f"{claimed:.4f}" in card and meta["base_fingerprint"] in card
+    data = load_labelled_data(meta["dataset"], seed=meta["split"]["seed"])
+    test = data.splits["test"]
+    rows = predict_texts(loaded, test["text"])
+    accuracy = sum(r["label_id"] == y for r, y in zip(rows, test["label"])) / len(rows)
+    assert abs(accuracy - claimed) <= 0.005, (accuracy, claimed)

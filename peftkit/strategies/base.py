@@ -142,6 +142,33 @@ class Strategy:
         trainable = self.trainable_parameters(model)
         return {n: p.detach() for n, p in trainable.items()}
 
+    def save_adapter(self, model: nn.Module, directory: str, base_digests: dict[str, str]) -> dict[str, Any]:
+        """Write what this strategy trained into ``directory``; return facts for the metadata.
+
+        Default: ``adapter.safetensors`` with ``adapter_state``, leaving out tensors that still
+        equal the pretrained ones (``base_digests``), so a full fine-tune ships only what changed.
+        peft-based strategies write peft's own format instead (``peft_common.PeftStrategy``).
+        """
+        from ..adapter_io import save_changed_tensors
+
+        return save_changed_tensors(self.adapter_state(model), directory, base_digests)
+
+    def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
+        """Load what ``save_adapter`` wrote onto a model ``prepare`` produced with the same options."""
+        from ..adapter_io import read_changed_tensors
+
+        self.load_adapter_state(model, read_changed_tensors(self.adapter_state(model), directory, metadata))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A plain transformers model that computes what ``model`` computes (``peftkit merge``).
+
+        Strategies that add modules of their own cannot give one; they say so.
+        """
+        raise PeftkitError(
+            f"strategy {self.name!r} cannot be merged into a plain model: it adds modules of its own; "
+            "ship its adapter with the base model instead"
+        )
+
     def load_adapter_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Copy ``tensors`` into a model that ``prepare`` produced with the same options.
 

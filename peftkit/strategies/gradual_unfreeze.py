@@ -98,6 +98,9 @@ class GradualUnfreeze(Strategy):
     # unfreezing (8 groups every 40 steps on MiniLM), the second training everything.
     defaults = TrainingDefaults(lr=2e-4, epochs=2, batch_size=32)
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model  # the result already is a complete transformers model
+
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         self._groups = layer_groups(model)
         self._unfrozen = 1

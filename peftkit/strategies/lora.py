@@ -12,12 +12,13 @@ attention blocks, found by structure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
 from ..structure import head_module_names
-from .base import Strategy, TaskSpec, TrainingDefaults
+from .base import TaskSpec, TrainingDefaults
+from .peft_common import PeftStrategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -63,12 +64,25 @@ def attention_linear_names(model: nn.Module) -> list[str]:
 
 
 @register_strategy
-class Lora(Strategy):
+class Lora(PeftStrategy):
     name = "lora"
     description = "LoRA via peft: low-rank updates to frozen attention weights; the head trains too."
     Options = LoraOptions
     # LoRA's zero-initialised B needs a much larger step than a full fine-tune to move in one epoch.
     defaults = TrainingDefaults(lr=1e-3, epochs=1, batch_size=32)
+    peft_type = "LORA"
+
+    @classmethod
+    def options_from_peft_config(cls, config: dict[str, Any]) -> LoraOptions:
+        targets = config.get("target_modules")
+        return LoraOptions(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                           dropout=float(config.get("lora_dropout", 0.0)),
+                           target_modules=sorted(targets) if isinstance(targets, (list, set)) else None,
+                           use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        # W + (alpha / r) * B @ A folded into W: a plain model, as fast as the base at inference
+        return model.merge_and_unload()
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         from peft import LoraConfig, TaskType, get_peft_model

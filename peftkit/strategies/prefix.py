@@ -13,12 +13,13 @@ supports them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
 from ..structure import head_module_names
-from .base import Strategy, TaskSpec, TrainingDefaults
+from .base import TaskSpec, TrainingDefaults
+from .peft_common import PeftStrategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -41,13 +42,20 @@ class PrefixOptions:
 
 
 @register_strategy
-class PrefixTuning(Strategy):
+class PrefixTuning(PeftStrategy):
     name = "prefix"
     aliases = ("prefix_tuning", "prefix-tuning")
     description = "Prefix tuning via peft: learned key/value prefixes in every layer; the head trains too."
     Options = PrefixOptions
     # prefixes start random and only steer attention: they need a large step
     defaults = TrainingDefaults(lr=1e-2, epochs=1, batch_size=32, weight_decay=0.0)
+    peft_type = "PREFIX_TUNING"
+
+    @classmethod
+    def options_from_peft_config(cls, config: dict[str, Any]) -> PrefixOptions:
+        return PrefixOptions(num_virtual_tokens=int(config["num_virtual_tokens"]),
+                             prefix_projection=bool(config.get("prefix_projection")),
+                             projection_hidden_size=config.get("encoder_hidden_size") if config.get("prefix_projection") else None)
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         from peft import PrefixTuningConfig, TaskType, get_peft_model

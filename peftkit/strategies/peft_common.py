@@ -1,0 +1,69 @@
+"""What strategies built on peft share: saving and loading in peft's own format.
+
+Their adapters are written exactly as peft writes them (``adapter_config.json`` +
+``adapter_model.safetensors``, peft's key names), so ``peft.PeftModel.from_pretrained(base, dir)``
+loads them without peftkit. Unlike peft's loader, which only warns when keys do not match (and the
+adapter then silently does nothing: peft#577, #1678, #2438), loading here is strict.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..adapter_io import PEFT_CONFIG_FILE, PEFT_TENSORS_FILE, read_peft_config, read_safetensors, write_safetensors
+from ..errors import PeftkitError
+from .base import Strategy, check_tensors_match
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+ADAPTER_NAME = "default"
+
+
+class PeftStrategy(Strategy):
+    """Base for strategies that ``prepare`` with ``peft.get_peft_model``."""
+
+    #: peft's ``peft_type`` of adapters this strategy writes (``LORA``, ``PREFIX_TUNING``); a plain
+    #: peft adapter directory is matched to its strategy by it.
+    peft_type: ClassVar[str] = ""
+
+    @classmethod
+    def options_from_peft_config(cls, config: dict[str, Any]) -> Any:
+        """This strategy's options from a peft ``adapter_config.json`` (for plain peft adapters)."""
+        raise NotImplementedError
+
+    def save_adapter(self, model: nn.Module, directory: str, base_digests: dict[str, str]) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        config = model.peft_config[ADAPTER_NAME]
+        # peft appends its own guesses ("classifier", "score") to ours: record each name once
+        config.modules_to_save = list(dict.fromkeys(config.modules_to_save or [])) or None
+        config.inference_mode = True
+        config.save_pretrained(directory)
+        write_safetensors(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME),
+                          os.path.join(directory, PEFT_TENSORS_FILE))
+        return {"format": "peft", "peft_type": self.peft_type}
+
+    def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
+        import torch
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        config = read_peft_config(directory)
+        if config is None:
+            raise PeftkitError(f"{directory!r} has no {PEFT_CONFIG_FILE}; it is not a {self.name} adapter")
+        if config.get("peft_type") != self.peft_type:
+            raise PeftkitError(f"{directory!r} holds a peft {config.get('peft_type')!r} adapter, "
+                               f"strategy {self.name!r} expects {self.peft_type!r}")
+        path = os.path.join(directory, PEFT_TENSORS_FILE)
+        if not os.path.exists(path):
+            raise PeftkitError(f"{directory!r} has no {PEFT_TENSORS_FILE}")
+        tensors = read_safetensors(path)
+        expected = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        check_tensors_match(expected, tensors, what=f"{self.name} adapter")
+        set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
+        # peft reports mismatches only as warnings: read the weights back to be sure they landed
+        loaded = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        for key, value in tensors.items():
+            if not torch.equal(loaded[key].to("cpu", value.dtype), value):
+                raise PeftkitError(f"the {self.name} adapter did not load: {key!r} kept its old value")
