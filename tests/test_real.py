@@ -42,9 +42,9 @@ def test_lora_on_real_model_trains_only_adapters_and_head(run_cli, tmp_path) -> 
     code, _, stderr = run_cli("run", "--strategy", "lora", "--max-train-samples", "256", "--output-dir", out)
     assert code == 0, stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    # r=8 on query and value of 6 layers: 6 * 2 * (384*8 + 8*384) = 73,728, plus the 770-parameter head
-    assert metrics["trainable_params"] == 73_728 + 770
-    assert metrics["adapter_bytes"] < 400_000
+    # r=16 on query and value of 6 layers: 6 * 2 * (384*16 + 16*384) = 147,456, plus the 770-parameter head
+    assert metrics["trainable_params"] == 147_456 + 770
+    assert metrics["adapter_bytes"] < 700_000
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters")
