@@ -259,6 +259,8 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         log(line)
         if not bar.disable:
             bar.write(line, file=sys.stderr)
+        elif accelerator.is_local_main_process:  # no terminal, no bar: still say how training goes
+            print(line, file=sys.stderr, flush=True)
         if val["accuracy"] > best["accuracy"]:
             # the adapter state fully describes what was trained, so it is also the best snapshot
             best = {"accuracy": val["accuracy"], "epoch": epoch + 1,
