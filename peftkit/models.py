@@ -110,7 +110,7 @@ def load_classifier(name: str, label_names: list[str], pad_token_id: int | None)
     if name in EMBEDDED_MODELS:
         # record the portable hub id, not this machine's site-packages path (peft copies it into
         # adapter_config.json as base_model_name_or_path)
-        model.config._name_or_path = EMBEDDED_MODELS[name].hub_id
+        model.config._name_or_path = model.name_or_path = EMBEDDED_MODELS[name].hub_id
     if model.config.pad_token_id is None and pad_token_id is not None:
         # decoders pick the last non-padding token; they must know which id pads
         model.config.pad_token_id = pad_token_id

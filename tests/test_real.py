@@ -62,6 +62,9 @@ def test_shipped_adapter_reproduces_its_card(name) -> None:
     card = open(os.path.join(directory, "README.md")).read()
     claimed = meta["metrics"]["test_accuracy"]
     assert f"{claimed:.4f}" in card and meta["base_fingerprint"] in card
+    peft_config = os.path.join(directory, "adapter_config.json")
+    if os.path.exists(peft_config):  # portable: the hub id, not the training machine's path
+        assert json.load(open(peft_config))["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     data = load_labelled_data(meta["dataset"], seed=meta["split"]["seed"])
     test = data.splits["test"]
     rows = predict_texts(loaded, test["text"])

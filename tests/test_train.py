@@ -62,3 +62,29 @@ def test_macro_f1_matches_definition() -> None:
     assert m["accuracy"] == pytest.approx(4 / 6)
     # per class F1: c0 = 2*1/(2+1+1) = .5, c1 = 2*2/(4+0+1) = .8, c2 = 2*1/(2+1+0) = .6667
     assert m["f1_macro"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_unfrozen_groups_join_the_running_optimizer(tiny_model_dir, tiny_csv, monkeypatch) -> None:
+    """gradual_unfreeze: groups are added to the same optimizer, whose state for the head is kept."""
+    import torch
+
+    made = []
+    real_adamw = torch.optim.AdamW
+
+    class Recording(real_adamw):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    outcome, logs = _fit(tiny_model_dir("bert"), tiny_csv, strategy="gradual_unfreeze", epochs=1, batch_size=16,
+                         strategy_options={"unfreeze_every_steps": 2})
+    assert len(made) == 1, "one optimizer for the whole run"
+    opt = made[0]
+    steps = 10  # 160 examples / 16
+    head = [p for g in opt.param_groups[:2] for p in g["params"]]  # the first groups: head (+ pooler)
+    assert all(int(opt.state[p]["step"]) == steps for p in head), "head state was reset"
+    # head, block 1, block 0, embeddings: 3 groups joined (each split into decay / no-decay)
+    assert sum(l.startswith("optimizer: +") for l in logs) == 6
+    rates = sorted({g["base_lr"] for g in opt.param_groups}, reverse=True)
+    assert rates == pytest.approx([6e-4 / 2.6**k for k in range(4)])
