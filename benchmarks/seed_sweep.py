@@ -92,11 +92,13 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for s, v in summary.items():
         pct = 100 * v["trainable_params"] / v["total_params"]
+        size = v["adapter_bytes"]
+        size_text = f"{size / 2**20:.2f} MiB" if size >= 2**20 / 10 else f"{size / 2**10:.1f} KiB"
         lines.append(
-            f"| `{s}` | {v['trainable_params']:,} ({pct:.2g}%) | {v['test_accuracy_mean']:.4f} ± {v['test_accuracy_std']:.4f} "
+            f"| `{s}` | {v['trainable_params']:,} ({pct:.3g}%) | {v['test_accuracy_mean']:.4f} ± {v['test_accuracy_std']:.4f} "
             f"({v['test_accuracy_min']:.4f}-{v['test_accuracy_max']:.4f}, n={len(v['seeds'])}) | {v['test_f1_macro_mean']:.4f} "
             f"| {v['train_seconds_mean']:.0f} s | {v['wall_seconds_mean']:.0f} s | {v['peak_memory_bytes_max'] / 1e9:.2f} GB "
-            f"| {v['adapter_bytes'] / 2**20:.2f} MiB |")
+            f"| {size_text} |")
     with open(args.out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -21,6 +21,14 @@ if TYPE_CHECKING:  # pragma: no cover
 ADAPTER_NAME = "default"
 
 
+def _peft_state(model: nn.Module) -> dict[str, Any]:
+    """The adapter's tensors under peft's saved key names. ``save_embedding_layers=False``: our
+    strategies never train embeddings, and "auto" makes peft look the base model up on the hub."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+
+
 class PeftStrategy(Strategy):
     """Base for strategies that ``prepare`` with ``peft.get_peft_model``."""
 
@@ -34,20 +42,18 @@ class PeftStrategy(Strategy):
         raise NotImplementedError
 
     def save_adapter(self, model: nn.Module, directory: str, base_digests: dict[str, str]) -> dict[str, Any]:
-        from peft import get_peft_model_state_dict
-
         config = model.peft_config[ADAPTER_NAME]
         # peft appends its own guesses ("classifier", "score") to ours: record each name once
         config.modules_to_save = list(dict.fromkeys(config.modules_to_save or [])) or None
         config.inference_mode = True
         config.save_pretrained(directory)
-        write_safetensors(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME),
+        write_safetensors(_peft_state(model),
                           os.path.join(directory, PEFT_TENSORS_FILE))
         return {"format": "peft", "peft_type": self.peft_type}
 
     def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
         import torch
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import set_peft_model_state_dict
 
         config = read_peft_config(directory)
         if config is None:
@@ -59,11 +65,11 @@ class PeftStrategy(Strategy):
         if not os.path.exists(path):
             raise PeftkitError(f"{directory!r} has no {PEFT_TENSORS_FILE}")
         tensors = read_safetensors(path)
-        expected = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        expected = _peft_state(model)
         check_tensors_match(expected, tensors, what=f"{self.name} adapter")
         set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
         # peft reports mismatches only as warnings: read the weights back to be sure they landed
-        loaded = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        loaded = _peft_state(model)
         for key, value in tensors.items():
             if not torch.equal(loaded[key].to("cpu", value.dtype), value):
                 raise PeftkitError(f"the {self.name} adapter did not load: {key!r} kept its old value")
