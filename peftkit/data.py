@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import PeftkitError
+from .errors import PeftkitError, first_line
 
 TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document", "utterance", "query")
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "sentiment")
@@ -107,7 +107,7 @@ def _load_raw(source: str) -> Any:
             try:
                 return datasets.load_from_disk(source)
             except Exception as exc:
-                raise PeftkitError(f"cannot read dataset directory {source!r}: {_first_line(exc)}") from None
+                raise PeftkitError(f"cannot read dataset directory {source!r}: {first_line(exc)}") from None
         raise PeftkitError(
             f"directory {source!r} is not a dataset saved by datasets (no dataset_dict.json or "
             "state.json); give a data file (.csv, .json, .jsonl, .parquet) or a save_to_disk directory"
@@ -119,7 +119,7 @@ def _load_raw(source: str) -> Any:
         except Exception as exc:
             if os.path.getsize(source) == 0 or "corresponds to no data" in str(exc):
                 raise PeftkitError(f"data file {source!r} holds no examples") from None
-            raise PeftkitError(f"cannot read data file {source!r} as {builder}: {_first_line(exc)}") from None
+            raise PeftkitError(f"cannot read data file {source!r} as {builder}: {first_line(exc)}") from None
     lowered = source.lower()
     if source.startswith((".", "/", "~")) or any(lowered.endswith(e) for e in (*_BUILDERS, *_COMPRESSION)):
         raise PeftkitError(f"data file not found: {source}")
@@ -129,13 +129,8 @@ def _load_raw(source: str) -> Any:
         names = ", ".join(EMBEDDED_DATASETS)
         raise PeftkitError(
             f"dataset {source!r} is not a local file or directory, a short name ({names}), "
-            f"or a dataset the hub serves: {_first_line(exc)}"
+            f"or a dataset the hub serves: {first_line(exc)}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...], kind: str) -> str:

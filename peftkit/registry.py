@@ -20,7 +20,7 @@ import os
 from importlib.metadata import entry_points
 from typing import TypeVar
 
-from .errors import PeftkitError
+from .errors import PeftkitError, first_line
 from .strategies.base import Strategy
 
 ENTRY_POINT_GROUP = "peftkit.strategies"
@@ -92,7 +92,7 @@ def _load_plugins() -> None:
         except Exception as exc:  # a broken plugin must not take the others down
             _plugin_errors[ep.name] = (
                 f"plugin {ep.name!r} (entry point '{where}' in group {ENTRY_POINT_GROUP}) "
-                f"failed to load: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"failed to load: {type(exc).__name__}: {first_line(exc)}"
             )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PeftkitError
+from ..errors import PeftkitError, first_line
 from ..registry import register_strategy
 from ..structure import head_module_names
 from .base import TaskSpec, TrainingDefaults
@@ -115,5 +115,5 @@ class Lora(PeftStrategy):
             return get_peft_model(model, config)
         except ValueError as exc:  # peft's message names the missing target modules
             raise PeftkitError(
-                f"strategy 'lora' cannot adapt model type {model_type!r}: {str(exc).splitlines()[0]}"
+                f"strategy 'lora' cannot adapt model type {model_type!r}: {first_line(exc)}"
             ) from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PeftkitError
+from ..errors import PeftkitError, first_line
 from ..registry import register_strategy
 from ..structure import head_module_names
 from .base import TaskSpec, TrainingDefaults
@@ -73,4 +73,4 @@ class PrefixTuning(PeftStrategy):
         except (ValueError, KeyError, AttributeError) as exc:
             model_type = getattr(model.config, "model_type", type(model).__name__)
             raise PeftkitError(f"strategy 'prefix' cannot handle model type {model_type!r}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                               f"{first_line(exc)}") from None
