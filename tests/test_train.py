@@ -87,4 +87,4 @@ def test_unfrozen_groups_join_the_running_optimizer(tiny_model_dir, tiny_csv, mo
     # head, block 1, block 0, embeddings: 3 groups joined (each split into decay / no-decay)
     assert sum(l.startswith("optimizer: +") for l in logs) == 6
     rates = sorted({g["base_lr"] for g in opt.param_groups}, reverse=True)
-    assert rates == pytest.approx([6e-4 / 2.6**k for k in range(4)])
+    assert rates == pytest.approx([1e-3 / 2.6**k for k in range(4)])
