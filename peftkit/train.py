@@ -66,14 +66,13 @@ def tokenize_splits(splits: Any, tokenizer: Any, max_length: int) -> Any:
     out = {}
     for name in ("train", "validation", "test"):
         ds = splits[name]
-        start = offset
 
-        def encode(batch: dict[str, list], idx: list[int]) -> dict[str, Any]:
+        def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
             enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
             enc["example_key"] = [start + i for i in idx]
             return enc
 
-        ds = ds.map(encode, batched=True, with_indices=True, remove_columns=["text"])
+        ds = ds.map(encode, batched=True, with_indices=True, remove_columns=["text"], fn_kwargs={"start": offset})
         out[name] = ds.rename_column("label", "labels")
         offset += len(ds)
     return out
