@@ -337,8 +337,6 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
 
     try:
         resolved = run.as_dict()
-        with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(resolved, fh, sort_keys=False)
         log(f"run: {json.dumps(resolved, default=str)}")
         set_seed(cfg.seed)
         echo(f"loading data {cfg.dataset!r} ...")
@@ -346,7 +344,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
         sizes = data.split_info["sizes"]
         log(f"data: {data.split_info['method']}; sizes {sizes}; labels {data.label_names}")
         resolved["split"] = data.split_info
-        resolved["label_names"] = data.label_names
+        resolved["label_names"] = data.label_names  # config.yaml records the split actually made
         with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(resolved, fh, sort_keys=False)
         echo(f"loading model {cfg.model!r} ...")

@@ -21,7 +21,7 @@ strategy without paying for torch.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import PeftkitError
@@ -263,7 +263,6 @@ __all__ = [
     "TaskSpec",
     "TrainingDefaults",
     "check_tensors_match",
-    "field",
     "option_help",
     "options_from_dict",
     "options_to_dict",
