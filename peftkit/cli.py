@@ -36,6 +36,25 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: ours is the one that matters
 
 
+def lever_options(func: Any) -> Any:
+    """The memory levers, the same in run, bench and plan."""
+    options = [
+        click.option("--quantize", type=click.Choice(["4bit", "8bit"]), default=None,
+                     help="Load the frozen base quantized (bitsandbytes; 4bit = NF4 + double quantization, "
+                          "QLoRA). For lora, adapter, prefix, head_only."),
+        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "paged_adamw8bit"]), default=None,
+                     help="adamw (torch, default), adamw8bit or paged_adamw8bit (bitsandbytes; paged: CUDA only)."),
+        click.option("--gradient-checkpointing", is_flag=True, default=None,
+                     help="Recompute activations in the backward pass: less memory, slower."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="Mixed precision via accelerate (default fp32; fp16 needs CUDA). Frozen weights "
+                          "are then stored in 16 bits."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _echo(message: str) -> None:
     click.echo(message, err=True)
 
@@ -48,6 +67,8 @@ def cli() -> None:
     \b
     peftkit list                      strategies and what they do
     peftkit run --strategy lora       fine-tune and evaluate (embedded default: MiniLM on Rotten Tomatoes)
+    peftkit bench                     every strategy side by side: memory, speed, accuracy
+    peftkit plan --memory-budget 8GiB predicted peak memory of each strategy, without training
     peftkit predict --adapter DIR T   classify texts with a trained adapter
     peftkit inspect DIR               what an adapter is, what it was trained on, how well it did
     peftkit merge --adapter DIR --output OUT   base + adapter as one plain transformers model
@@ -98,6 +119,10 @@ def list_cmd(verbose: bool) -> None:
 @click.option("--grad-accumulation", type=int, default=None, help="Micro-batches per optimizer step. Default: 1.")
 @click.option("--early-stopping-patience", type=int, default=None,
               help="Stop after N epochs without better validation accuracy.")
+@lever_options
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak "
+                   "resident memory; a run over it stops with an error.")
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
               help="Strategy option, repeatable (e.g. --set r=16 --set alpha=32); see `peftkit list -v`.")
 @click.option("--output-dir", default=None, help="Run directory. Default: runs/<strategy>-<timestamp>.")
@@ -129,16 +154,208 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
 
 
 def _print_summary(m: dict[str, Any], out: str) -> None:
-    mib = m["peak_memory_bytes"] / 2**20
+    from .memory import format_size
+
     click.echo(
         f"{m['strategy']}: test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_f1_macro']:.4f} "
         f"(validation {m['validation_accuracy']:.4f}, best epoch {m['best_epoch']})\n"
         f"  trainable {m['trainable_params']:,} of {m['total_params']:,} parameters "
         f"({m['trainable_percent']:.2f}%), adapter {m['adapter_bytes'] / 2**20:.2f} MiB\n"
         f"  train {m['train_seconds']:.1f} s ({m['samples_per_second']:.1f} examples/s), "
-        f"wall {m['wall_seconds']:.1f} s, peak memory {mib:.0f} MiB on {m['device']}\n"
+        f"wall {m['wall_seconds']:.1f} s on {m['device']}\n"
+        f"  peak memory training {format_size(m['peak_memory_bytes'])} "
+        f"(+{format_size(m['peak_memory_increase_bytes'])} over the loaded model), "
+        f"evaluation {format_size(m['peak_memory_eval_bytes'])}\n"
         f"  run directory: {out}"
     )
+
+
+@cli.command("bench")
+@click.option("--strategies", default="all", show_default=True,
+              help="'all' (every registered strategy, plugins included) or names: lora,full,head_only.")
+@click.option("--model", default="minilm", show_default=True, help="Short name, hub id or local model directory.")
+@click.option("--dataset", default="rotten_tomatoes", show_default=True,
+              help="Short name, hub id, data file or datasets save_to_disk directory.")
+@click.option("--text-column", default=None, help="Column holding the text (default: guessed).")
+@click.option("--label-column", default=None, help="Column holding the label (default: guessed).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs for every strategy (default: each strategy's own).")
+@click.option("--max-train-samples", type=click.IntRange(min=1), default=None, help="Use at most N training examples (seeded).")
+@click.option("--seeds", default="0", show_default=True,
+              help="Comma-separated seeds; each seed is its own split and run, summarised as mean and spread.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Effective batch for every strategy; under a memory budget it is kept with gradient "
+                   "accumulation when the micro-batch must shrink.")
+@click.option("--max-length", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per example.")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Evaluation batch size.")
+@click.option("--early-stopping-patience", type=click.IntRange(min=1), default=None,
+              help="Stop a run after N epochs without better validation accuracy.")
+@lever_options
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
+                   "The largest micro-batch that fits is found by halving.")
+@click.option("--auto-fit", is_flag=True,
+              help="With --memory-budget: before reporting a strategy as not fitting, add levers in turn "
+                   "(bf16, gradient checkpointing, 8-bit AdamW, 4-bit base), skipping what the planner "
+                   "predicts will not fit.")
+@click.option("--output-dir", default=None, help="Where results go. Default: runs/bench-<timestamp>.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bool, **opts: Any) -> None:
+    """Run every strategy on the same model and data and compare memory, speed and accuracy.
+
+    \b
+    Each strategy and seed runs in its own process. The output directory holds
+    results.json   every run, a summary per strategy, versions, plugins, machine
+    results.md     the table, best values in bold
+    *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
+    runs/          each run's directory (config, metrics, log, adapter)
+    """
+    import datetime as _dt
+
+    from .bench import BenchConfig, parse_seeds, parse_strategies, run_suite
+    from .rundir import check_output_dir, staged_dir
+
+    defaults = {"optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False}
+    opts.update({k: v for k, v in defaults.items() if opts.get(k) is None})
+    bench = BenchConfig(strategies=parse_strategies(strategies), seeds=parse_seeds(seeds), **opts)
+    if bench.auto_fit and not bench.memory_budget:
+        raise PeftkitError("--auto-fit needs --memory-budget SIZE: it fits each strategy into that budget")
+    for name in bench.strategies:  # every setting a run could refuse is checked now, before any worker
+        bench.run_config(name, bench.seeds[0], bench.batch_size, "unused")
+    out = output_dir or os.path.join("runs", f"bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    check_output_dir(out, overwrite)
+    bench.output_dir = out
+    bench.command = _command_line("bench")
+    _quiet_libraries()
+    num_labels = _preflight(bench)
+    _echo(f"bench: {len(bench.strategies)} strategies x {len(bench.seeds)} seed(s) on {bench.model!r} / "
+          f"{bench.dataset!r}, each run in its own process; results in {out}")
+    import torch
+
+    from .plan import bench_predictor
+
+    predict = bench_predictor(bench.model, bench.batch_size, bench.max_length, num_labels,
+                              "cuda" if torch.cuda.is_available() else "cpu")
+    with staged_dir(out, overwrite) as stage:
+        run_suite(bench, stage, _echo, predict=predict)
+        with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
+            table = [line for line in fh if line.startswith("|")]
+    click.echo("".join(table).rstrip())
+    click.echo(f"results: {os.path.join(out, 'results.md')} (and results.json, plots, runs/)")
+
+
+def _command_line(name: str) -> str:
+    """The command as given (options from the command line only), for results to name it."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    parts = ["peftkit", name]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            parts.append(flag) if value else None
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _preflight(bench: Any) -> int:
+    """Fail in seconds, before any worker starts, on data or a model that no run could load.
+    Returns the number of labels."""
+    from .data import load_labelled_data
+    from .models import load_tokenizer
+
+    data = load_labelled_data(bench.dataset, bench.text_column, bench.label_column, bench.seeds[0],
+                              bench.max_train_samples)
+    load_tokenizer(bench.model)
+    return len(data.label_names)
+
+
+@cli.command("plan")
+@click.option("--model", default="minilm", show_default=True, help="Short name, hub id or local model directory.")
+@click.option("--strategies", default="all", show_default=True, help="'all' or names: lora,full,head_only.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Micro-batch size.")
+@click.option("--max-length", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per example.")
+@click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True, help="Classes of the task.")
+@lever_options
+@click.option("--memory-budget", default=None, metavar="SIZE", help="Say what fits in SIZE (e.g. 8GiB), "
+                                                                     "and the largest batch that does.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="What to plan for (default: cuda if this machine has a GPU, else cpu). On cpu the "
+                   "process's runtime memory is included, as a CPU run's measured peak includes it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimates as JSON.")
+def plan_cmd(strategies: str, device: str | None, as_json: bool, **opts: Any) -> None:
+    """Predict each strategy's peak training memory without training.
+
+    \b
+    The peak is split into weights, gradients, optimizer state, activations (measured: the
+    model is built at depth 1 and 2 from its config and one forward pass records what autograd
+    saves), a backward-pass workspace and, on CPU, the runtime. Unlike `accelerate estimate-memory`
+    it knows each strategy, activations, batch size, quantized bases and 8-bit optimizers.
+    """
+    from .bench import parse_strategies
+    from .plan import PlanSettings, make_plan
+
+    defaults = {"optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False}
+    opts.update({k: v for k, v in defaults.items() if opts.get(k) is None})
+    if opts["memory_budget"]:
+        from .memory import parse_size
+
+        parse_size(opts["memory_budget"])
+    names = parse_strategies(strategies)
+    _quiet_libraries()
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = PlanSettings(strategies=names, device=device, **opts)
+    estimates = make_plan(settings)
+    if as_json:
+        click.echo(json.dumps({"settings": vars(settings), "estimates": [e.as_dict() for e in estimates]}, indent=2))
+        return
+    _print_plan(settings, estimates)
+
+
+def _print_plan(settings: Any, estimates: list[Any]) -> None:
+    from .bench import describe_levers
+    from .memory import format_size, parse_size
+
+    budget = parse_size(settings.memory_budget) if settings.memory_budget else None
+    click.echo(f"{settings.model}: batch {settings.batch_size} x {settings.max_length} tokens, "
+               f"levers: {describe_levers(vars(settings))}, on {settings.device}"
+               + (f", budget {format_size(budget)}" if budget else ""))
+    header = ["strategy", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
+    header += ["runtime"] if settings.device == "cpu" else []
+    header += ["peak"] + (["fits?", "largest batch"] if budget else [])
+    rows = []
+    for e in estimates:
+        if e.status != "ok":
+            rows.append([e.strategy, f"{e.status}: {e.error}"])
+            continue
+        row = [e.strategy, f"{e.trainable_params:,}", format_size(e.weights), format_size(e.gradients),
+               format_size(e.optimizer), format_size(e.activations), format_size(e.workspace)]
+        row += [format_size(e.runtime)] if settings.device == "cpu" else []
+        row += [format_size(e.total)]
+        if budget:
+            row += ["yes" if e.total <= budget else "no", str(e.max_batch_size)]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header] + [r for r in rows if len(r) > i]) for i in range(len(header))]
+    for r in [header] + rows:
+        if len(r) == 2 and len(header) > 2:
+            click.echo(f"{r[0]:<{widths[0]}}  {r[1]}")
+        else:
+            click.echo("  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths))))
+    notes: dict[str, list[str]] = {}
+    for e in estimates:
+        for note in e.notes:
+            notes.setdefault(note, []).append(e.strategy)
+    for note, names in notes.items():
+        who = "" if len(names) == len(estimates) else f" ({', '.join(names)})"
+        click.echo(f"note{who}: {note}")
 
 
 @cli.command("predict")
@@ -221,8 +438,19 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
         click.echo(f"{key:<17} {value}")
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    # `kill` (SIGTERM) gets the same clean-up as Ctrl-C: staged output removed, workers stopped
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: turns user errors into one line on stderr and a non-zero exit."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        pass
     try:
         code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:

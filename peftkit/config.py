@@ -12,7 +12,7 @@ import dataclasses
 import datetime as _dt
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -51,6 +51,20 @@ class RunConfig:
     max_grad_norm: float = 1.0
     early_stopping_patience: int | None = None
     """Stop after this many epochs without a better validation accuracy (default: never)."""
+    quantize: Literal["4bit", "8bit"] | None = None
+    """Load the frozen base quantized through bitsandbytes: 4bit (NF4, double quantization: QLoRA)
+    or 8bit (LLM.int8). Only for strategies that keep the base frozen (lora, adapter, prefix, head_only)."""
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """AdamW from torch, or bitsandbytes' 8-bit AdamW (a quarter of the state memory) / its paged
+    variant (CUDA only: state pages to CPU memory under pressure)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, ~30% slower."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision through accelerate (bf16 on CPU and GPU, fp16 on GPU only); frozen weights are
+    then stored in 16 bits, trainable ones stay fp32."""
+    memory_budget: str | None = None
+    """Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident
+    memory; a run that goes over it stops with an error naming the peak."""
     seed: int = 0
     output_dir: str | None = None
     overwrite: bool = False
@@ -72,6 +86,10 @@ class RunConfig:
             raise PeftkitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm <= 0:
             raise PeftkitError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.memory_budget is not None:
+            from .memory import parse_size
+
+            parse_size(self.memory_budget)
         if self.seed < 0:
             raise PeftkitError(f"seed must be >= 0, got {self.seed}")
 

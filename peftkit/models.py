@@ -83,9 +83,23 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def load_classifier(name: str, label_names: list[str], pad_token_id: int | None) -> Any:
+def head_names_of(source: str, num_labels: int) -> list[str]:
+    """The task head's module names of ``source``'s classifier, found on a weightless (meta) copy."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .structure import head_module_names
+
+    config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+    with init_empty_weights():
+        return head_module_names(AutoModelForSequenceClassification.from_config(config))
+
+
+def load_classifier(name: str, label_names: list[str], pad_token_id: int | None,
+                    quantize: str | None = None, precision: str = "fp32") -> Any:
     """A sequence classifier with a new head for ``label_names`` (the head is freshly initialised:
-    call ``transformers.set_seed`` first for a repeatable run)."""
+    call ``transformers.set_seed`` first for a repeatable run). With ``quantize`` the backbone's
+    linear layers load through bitsandbytes (``levers.quantization_config``), the head does not."""
     import transformers
     from transformers import AutoModelForSequenceClassification
 
@@ -93,12 +107,22 @@ def load_classifier(name: str, label_names: list[str], pad_token_id: int | None)
     verbosity = transformers.logging.get_verbosity()
     # the "newly initialised classifier" load report is expected here: a new head is the point
     transformers.logging.set_verbosity_error()
+    extra: dict[str, Any] = {}
     try:
+        if quantize is not None:
+            import torch
+
+            from .levers import quantization_config
+
+            extra["quantization_config"] = quantization_config(
+                quantize, precision, head_names_of(source, len(label_names)))
+            extra["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
         model = AutoModelForSequenceClassification.from_pretrained(
             source,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            **extra,
         )
     except ValueError as exc:  # e.g. an architecture with no sequence-classification head
         raise PeftkitError(f"cannot load {name!r} as a sequence classifier: {first_line(exc)}") from None
@@ -106,6 +130,10 @@ def load_classifier(name: str, label_names: list[str], pad_token_id: int | None)
         raise _hub_failure(name, source, exc) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if quantize is not None:
+        from .levers import disable_bnb_cpu_bf16_path
+
+        disable_bnb_cpu_bf16_path(model)
     if name in EMBEDDED_MODELS:
         # record the portable hub id, not this machine's site-packages path (peft copies it into
         # adapter_config.json as base_model_name_or_path)

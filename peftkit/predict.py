@@ -80,7 +80,9 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     base_name = model or meta["base_model"]
     tokenizer = load_tokenizer(base_name)
     set_seed(0)  # fresh heads are overwritten by the adapter; seeding keeps any leftover repeatable
-    base = load_classifier(base_name, list(meta["label_names"]), tokenizer.pad_token_id)
+    # an adapter trained on a quantized base is applied to the same quantized base (and fingerprinted so)
+    base = load_classifier(base_name, list(meta["label_names"]), tokenizer.pad_token_id,
+                           quantize=meta.get("base_quantization"))
     expected = meta.get("base_fingerprint")
     if expected:
         actual = fingerprint(backbone_digests(base))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import PeftkitError
+from .levers import make_optimizer, store_frozen_in_half
+from .memory import MemoryMeter, apply_budget, check_budget, parse_size, release_free_memory
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
 
 
@@ -42,10 +43,12 @@ class ResolvedRun:
 
 def resolve(cfg: RunConfig) -> ResolvedRun:
     """Look up the strategy, check its options, fill unset hyper-parameters from its defaults."""
+    from .levers import check_levers
     from .registry import get_strategy
 
     cls = get_strategy(cfg.strategy)
     strategy = cls(options_from_dict(cls, cfg.strategy_options))
+    check_levers(cfg, strategy)
     d = cls.defaults
     hp = TrainingDefaults(
         lr=cfg.lr if cfg.lr is not None else d.lr,
@@ -114,16 +117,6 @@ def classification_metrics(preds: Any, labels: Any, num_labels: int) -> dict[str
     return {"accuracy": acc, "f1_macro": sum(f1s) / len(f1s)}
 
 
-def peak_memory_bytes(device: Any) -> int:
-    """CUDA: the allocator's peak allocated bytes. CPU: the process's peak resident set size."""
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
-
-
 # -- the loop ---------------------------------------------------------------------------------
 
 @dataclass
@@ -147,8 +140,10 @@ def _torch_groups(groups: list[ParamGroup], lr: float, weight_decay: float) -> l
     return out
 
 
-def evaluate(strategy: Strategy, model: Any, loader: Any, num_labels: int, accelerator: Any) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of ``model`` over ``loader`` (all processes gathered)."""
+def evaluate(strategy: Strategy, model: Any, loader: Any, num_labels: int, accelerator: Any,
+             after_batch: Callable[[], None] | None = None) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of ``model`` over ``loader`` (all processes gathered).
+    ``after_batch`` runs after every batch (the memory budget check)."""
     import torch
     import torch.nn.functional as F
 
@@ -161,6 +156,8 @@ def evaluate(strategy: Strategy, model: Any, loader: Any, num_labels: int, accel
             p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
             preds.append(p.cpu())
             labels.append(y.cpu())
+            if after_batch is not None:
+                after_batch()
     p, y = torch.cat(preds), torch.cat(labels)
     out = classification_metrics(p, y, num_labels)
     out["loss"] = loss_sum / max(1, len(y))
@@ -177,17 +174,50 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
     from tqdm.auto import tqdm
 
     cfg, strategy, hp = run.config, run.strategy, run.hparams
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accumulation)
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
+    # every fit is a run of its own (tests, Python use and benchmarks/overhead.py run several in one
+    # process), so its precision state starts afresh. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accumulation,
+                              mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    budget = parse_size(cfg.memory_budget) if cfg.memory_budget else None
+    apply_budget(accelerator.device, budget)  # before the model moves to the card
     splits = tokenize_splits(data.splits, tokenizer, cfg.max_length)
     train_dl = make_loader(splits["train"], tokenizer, hp.batch_size, shuffle_seed=cfg.seed)
     val_dl = make_loader(splits["validation"], tokenizer, cfg.eval_batch_size, None)
     test_dl = make_loader(splits["test"], tokenizer, cfg.eval_batch_size, None)
 
+    # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
+    store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.precision)
     groups = strategy.param_groups(model)
     if not any(g.params for g in groups):
         raise PeftkitError(f"strategy {strategy.name!r} left no parameter to train on this model")
-    optimizer = torch.optim.AdamW(_torch_groups(groups, hp.lr, hp.weight_decay), lr=hp.lr)
+    optimizer = make_optimizer(cfg.optimizer, _torch_groups(groups, hp.lr, hp.weight_decay), hp.lr)
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
+    # Memory is measured per phase from here: "loaded" is the model (and data) in place, before any
+    # step; training and evaluation peaks are kept apart because they answer different questions
+    # (what training needs vs what serving needs).
+    meter = MemoryMeter(accelerator.device)
+    if not meter.cuda:
+        release_free_memory()  # loading's temporary buffers are gone; "loaded" is what stays
+    memory_loaded = meter.current()
+    peaks = {"train": 0, "eval": 0, "train_reserved": 0, "eval_reserved": 0}
+
+    def close_phase(phase: str) -> None:
+        peaks[phase] = max(peaks[phase], meter.peak())
+        peaks[phase + "_reserved"] = max(peaks[phase + "_reserved"], meter.peak_reserved() or 0)
+
+    def run_eval(loader: Any) -> dict[str, float]:
+        if not meter.cuda:
+            release_free_memory()
+        meter.reset_peak()
+        out = evaluate(strategy, model, loader, task.num_labels, accelerator,
+                       after_batch=lambda: check_budget(meter, budget, "evaluation", memory_loaded))
+        close_phase("eval")
+        return out
 
     steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accumulation)
     total_steps = steps_per_epoch * hp.epochs
@@ -213,6 +243,9 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         add_groups(strategy.on_epoch_start(model, epoch))
         max_trainable = max(max_trainable, count_trainable())
         model.train()
+        if not meter.cuda:
+            release_free_memory()  # what evaluation freed is not training's to count
+        meter.reset_peak()
         epoch_start, epoch_examples, epoch_loss, epoch_batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_dl:
             with accelerator.accumulate(model):
@@ -234,6 +267,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
             epoch_loss += value
             smooth_loss = value if smooth_loss is None else 0.9 * smooth_loss + 0.1 * value
             if accelerator.sync_gradients:
+                check_budget(meter, budget, f"training at micro-batch {hp.batch_size}", memory_loaded)
                 step += 1
                 add_groups(strategy.on_step_end(model, step))
                 max_trainable = max(max_trainable, count_trainable())
@@ -241,11 +275,12 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
                 bar.set_postfix(epoch=epoch + 1, loss=f"{smooth_loss:.4f}", ex_per_s=f"{rate:.0f}")
                 bar.update(1)
         epoch_seconds = time.perf_counter() - epoch_start
+        close_phase("train")
         train_seconds += epoch_seconds
         train_examples += epoch_examples
 
         t0 = time.perf_counter()
-        val = evaluate(strategy, model, val_dl, task.num_labels, accelerator)
+        val = run_eval(val_dl)
         eval_seconds += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_batches),
                   "validation_accuracy": val["accuracy"], "validation_f1_macro": val["f1_macro"],
@@ -276,7 +311,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         strategy.load_adapter_state(accelerator.unwrap_model(model), best["state"])
         log(f"restored the best epoch ({best['epoch']}, validation accuracy {best['accuracy']:.4f})")
     t0 = time.perf_counter()
-    test = evaluate(strategy, model, test_dl, task.num_labels, accelerator)
+    test = run_eval(test_dl)
     eval_seconds += time.perf_counter() - t0
     log(f"test accuracy {test['accuracy']:.4f}, f1 {test['f1_macro']:.4f}")
 
@@ -298,11 +333,23 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         "eval_seconds": eval_seconds,
         "train_examples": train_examples,
         "samples_per_second": train_examples / max(1e-9, train_seconds),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
-        else "peak resident set size of the process (getrusage ru_maxrss)",
+        "batch_size": hp.batch_size,
+        "grad_accumulation": cfg.grad_accumulation,
+        "effective_batch_size": hp.batch_size * cfg.grad_accumulation * accelerator.num_processes,
+        "peak_memory_bytes": peaks["train"],
+        "peak_memory_eval_bytes": peaks["eval"],
+        "memory_loaded_bytes": memory_loaded,
+        "peak_memory_increase_bytes": peaks["train"] - memory_loaded,
+        "peak_reserved_bytes": peaks["train_reserved"] if meter.cuda else None,
+        "peak_reserved_eval_bytes": peaks["eval_reserved"] if meter.cuda else None,
+        "peak_memory_method": meter.method,
+        "memory_budget_bytes": budget,
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
+        "precision": cfg.precision,
+        "optimizer": cfg.optimizer,
+        "quantize": cfg.quantize,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
     }
     return TrainOutcome(metrics, history, accelerator.unwrap_model(model))
 
@@ -324,6 +371,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
     from .adapter_io import package_versions, save_adapter
     from .fingerprint import backbone_digests, fingerprint
     from .data import load_labelled_data
+    from .levers import prepare_base
     from .models import load_classifier, load_tokenizer
 
     cfg = run.config
@@ -350,8 +398,10 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
         echo(f"loading model {cfg.model!r} ...")
         tokenizer = load_tokenizer(cfg.model)
         set_seed(cfg.seed)  # the new head's initialisation depends on it
-        base = load_classifier(cfg.model, data.label_names, tokenizer.pad_token_id)
+        base = load_classifier(cfg.model, data.label_names, tokenizer.pad_token_id,
+                               quantize=cfg.quantize, precision=cfg.precision)
         base_digests = backbone_digests(base)  # before training: what "unchanged" means, and the fingerprint
+        base = prepare_base(base, cfg.quantize, cfg.gradient_checkpointing)
         task = TaskSpec(num_labels=len(data.label_names), label_names=tuple(data.label_names))
         model = run.strategy.prepare(base, task)
         echo(f"training {run.strategy.name} for {run.hparams.epochs} epoch(s) on {sizes['train']:,} examples "
@@ -370,6 +420,8 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None]) -> 
             "base_model": cfg.model,
             "base_fingerprint": fingerprint(base_digests),
             "task": "sequence-classification",
+            # a quantized base is fingerprinted quantized: loading applies the same quantization
+            "base_quantization": cfg.quantize,
             "label_names": data.label_names,
             "max_length": cfg.max_length,
             "dataset": cfg.dataset,

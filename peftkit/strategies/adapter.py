@@ -93,6 +93,7 @@ class BottleneckAdapter(Strategy):
     # adapters start at the identity and are small: they need a large step. On the embedded default,
     # Pfeiffer at 3e-3 for 2 epochs matched full (0.835); 1 epoch at 1e-3 was 5 points short.
     defaults = TrainingDefaults(lr=3e-3, epochs=2, batch_size=32)
+    supports_quantized_base = True  # the base stays frozen; only the bottlenecks and the head train
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         opts: AdapterOptions = self.options

@@ -81,6 +81,8 @@ class Strategy:
         Options: a dataclass of the strategy's typed options (``--set KEY=VALUE``); validate in
             ``__post_init__`` by raising ``PeftkitError``.
         defaults: ``TrainingDefaults`` used where the user sets nothing.
+        supports_quantized_base: True if the strategy leaves the base model's weights frozen, so
+            they may be loaded quantized (``--quantize 4bit|8bit``, QLoRA-style).
     """
 
     name: ClassVar[str] = ""
@@ -88,6 +90,7 @@ class Strategy:
     aliases: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = NoOptions
     defaults: ClassVar[TrainingDefaults] = TrainingDefaults(lr=5e-5, epochs=1)
+    supports_quantized_base: ClassVar[bool] = False
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()

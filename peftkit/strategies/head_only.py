@@ -107,6 +107,7 @@ class HeadOnly(Strategy):
     Options = HeadOnlyOptions
     # A linear head on fixed features is a convex problem: a large step and many (cheap) epochs.
     defaults = TrainingDefaults(lr=3e-3, epochs=20, batch_size=32, weight_decay=0.0)
+    supports_quantized_base = True  # the backbone only computes features
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         opts: HeadOnlyOptions = self.options

@@ -71,6 +71,7 @@ class Lora(PeftStrategy):
     # LoRA's zero-initialised B needs a much larger step than a full fine-tune to move in one epoch;
     # on the embedded default r=16 at 2e-3 came within half a point of full (r=8 at 1e-3: 2 below).
     defaults = TrainingDefaults(lr=2e-3, epochs=1, batch_size=32)
+    supports_quantized_base = True  # the base stays frozen: LoRA on a 4-bit base is QLoRA (Dettmers et al. 2023)
     peft_type = "LORA"
 
     @classmethod

@@ -49,6 +49,7 @@ class PrefixTuning(PeftStrategy):
     Options = PrefixOptions
     # prefixes start random and only steer attention: they need a large step
     defaults = TrainingDefaults(lr=1e-2, epochs=1, batch_size=32, weight_decay=0.0)
+    supports_quantized_base = True  # the base stays frozen; only the prefixes and the head train
     peft_type = "PREFIX_TUNING"
 
     @classmethod

@@ -1,0 +1,63 @@
+"""Build a Llama-style model from a config (random weights) for memory and speed benchmarks.
+
+No pretrained Llama weights install offline, and memory and speed do not depend on what the weights
+are, only on their shapes. This writes a local model directory that ``peftkit bench --model DIR``
+and ``peftkit run --model DIR`` load like any other (accuracy figures from it mean nothing: it is
+untrained; measure accuracy with the real embedded model). The tokenizer is MiniLM's WordPiece
+vocabulary (30,522 tokens), so the embedding matrix is the only part smaller than in a real Llama.
+
+    .venv/bin/python benchmarks/make_llama.py --size 0.6b --out /tmp/llama-0.6b
+    .venv/bin/peftkit bench --model /tmp/llama-0.6b --strategies full,lora --epochs 1 --max-train-samples 4000
+
+Sizes (parameters with the 30,522-token vocabulary):
+    tiny  hidden 64,   2 layers                      (seconds on CPU; for trying the pipeline)
+    0.6b  hidden 1536, 20 layers, 16 heads / 8 KV heads, MLP 4096      ~0.57B
+    1.1b  hidden 2048, 22 layers, 32 heads / 4 KV heads, MLP 5632 (TinyLlama's shape)  ~1.03B
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "0.6b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
+                 num_key_value_heads=8),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="0.6b")
+    ap.add_argument("--out", required=True, help="directory to write (must not exist)")
+    args = ap.parse_args()
+    if os.path.exists(args.out):
+        sys.exit(f"error: {args.out} already exists")
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from peftkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id, **SIZES[args.size])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out}: Llama-style, {n / 1e9:.3f}B parameters (random init), vocabulary {len(tokenizer):,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+"""``peftkit bench``: every strategy on the same model and data, measured side by side.
+
+Each (strategy, seed) runs in a fresh worker process (``peftkit.bench_worker``), so one run's
+memory (caches, allocator pools, a head's feature cache) cannot leak into the next one's figures,
+and a crash or an out-of-memory in one run is a row in the table, not the end of the suite.
+
+Every run gets the same data, split (per seed), sequence length and *effective* batch size. Under a
+memory budget the micro-batch is halved on out-of-memory and gradient accumulation makes up the
+difference, so a strategy that needs a smaller micro-batch still takes the same optimizer steps.
+A strategy that does not fit even at micro-batch 1 is reported as ``does not fit`` with what was
+tried.
+
+The suite writes into a staging directory renamed into place at the end, like a run: results.json
+(every row, a summary per strategy, versions, plugins, machine), results.md (the table a person
+reads), three PNG plots, and runs/<strategy>-seed<N>/ (each run's directory, adapter included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import DEFAULT_DATASET, DEFAULT_MODEL, RunConfig
+from .errors import PeftkitError
+from .memory import format_size, parse_size
+
+# Per-run figures copied from a run's metrics into the suite's rows.
+ROW_METRICS = (
+    "test_accuracy", "test_f1_macro", "validation_accuracy", "best_epoch", "epochs_run",
+    "trainable_params", "total_params", "trainable_percent",
+    "peak_memory_bytes", "peak_memory_eval_bytes", "memory_loaded_bytes", "peak_memory_increase_bytes",
+    "peak_reserved_bytes", "peak_reserved_eval_bytes", "peak_memory_method",
+    "train_seconds", "eval_seconds", "samples_per_second", "adapter_bytes",
+    "batch_size", "grad_accumulation", "effective_batch_size", "device", "torch_threads", "wall_seconds",
+)
+
+
+@dataclass
+class BenchConfig:
+    """What ``peftkit bench`` was asked to do; every run of the suite shares all of it."""
+
+    strategies: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
+    text_column: str | None = None
+    label_column: str | None = None
+    epochs: int | None = None
+    """None: each strategy trains for its own default number of epochs."""
+    max_train_samples: int | None = None
+    batch_size: int = 32
+    """The effective batch (micro-batch x gradient accumulation), the same for every strategy."""
+    max_length: int = 64
+    eval_batch_size: int = 128
+    early_stopping_patience: int | None = None
+    quantize: str | None = None
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    memory_budget: str | None = None
+    auto_fit: bool = False
+    """Under a budget, try the memory levers (see ``AUTO_FIT_LADDER``) before giving up."""
+    output_dir: str = ""
+    command: str = ""
+
+    def run_config(self, strategy: str, seed: int, micro_batch: int, output_dir: str,
+                   levers: dict[str, Any] | None = None) -> RunConfig:
+        """The ``RunConfig`` of one run at one micro-batch size (``levers`` override the suite's)."""
+        chosen = {"quantize": self.quantize, "optimizer": self.optimizer,
+                  "gradient_checkpointing": self.gradient_checkpointing, "precision": self.precision,
+                  **(levers or {})}
+        cfg = RunConfig(
+            strategy=strategy, model=self.model, dataset=self.dataset, text_column=self.text_column,
+            label_column=self.label_column, epochs=self.epochs, batch_size=micro_batch,
+            grad_accumulation=self.batch_size // micro_batch, max_length=self.max_length,
+            max_train_samples=self.max_train_samples,
+            # evaluation batches shrink with the micro-batch, or evaluation would break the budget
+            eval_batch_size=max(1, self.eval_batch_size * micro_batch // self.batch_size),
+            early_stopping_patience=self.early_stopping_patience, memory_budget=self.memory_budget,
+            seed=seed, output_dir=output_dir, **chosen)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class Attempt:
+    """One worker process's outcome: ``ok`` with metrics, ``oom`` or ``failed`` with an error."""
+
+    status: str
+    batch_size: int
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+Runner = Callable[[RunConfig, str], Attempt]
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+def parse_strategies(text: str) -> list[str]:
+    """``all`` -> every registered strategy; ``a,b`` -> those (aliases allowed), checked, in order."""
+    from . import registry
+
+    if text.strip().lower() == "all":
+        return list(registry.available())
+    names: list[str] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name = registry.get_strategy(item).name
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise PeftkitError(f"--strategies got {text!r}; give 'all' or names such as lora,full "
+                           f"(available: {', '.join(registry.available())})")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (non-negative integers, no repeats)."""
+    seeds: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit():
+            raise PeftkitError(f"--seeds expects comma-separated non-negative integers such as 0,1,2; got {item!r}")
+        if int(item) not in seeds:
+            seeds.append(int(item))
+    if not seeds:
+        raise PeftkitError(f"--seeds expects comma-separated non-negative integers such as 0,1,2; got {text!r}")
+    return seeds
+
+
+def micro_batches(effective: int) -> list[int]:
+    """Micro-batch sizes to try, largest first, each about half the last and each dividing the
+    effective batch exactly (so accumulation keeps it): 32 -> 32,16,8,4,2,1; 24 -> 24,12,6,3,1."""
+    sizes = [effective]
+    while sizes[-1] > 1:
+        sizes.append(max(d for d in range(1, sizes[-1] // 2 + 1) if effective % d == 0))
+    return sizes
+
+
+# -- one run, in its own process ------------------------------------------------------------
+
+def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
+    """Run ``cfg`` in a fresh Python process; its progress goes to our stderr."""
+    with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
+        spec_path = os.path.join(tmp, "spec.json")
+        result_path = os.path.join(tmp, "result.json")
+        with open(spec_path, "w", encoding="utf-8") as fh:
+            json.dump({"config": cfg.to_dict(), "result_path": result_path, "log_path": log_path}, fh)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "peftkit.bench_worker", spec_path],
+                              stdin=subprocess.DEVNULL, check=False)
+        if os.path.exists(result_path):
+            with open(result_path, encoding="utf-8") as fh:
+                return Attempt(**json.load(fh))
+    code = proc.returncode
+    why = (f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
+           if code < 0 else f"exited with status {code}")
+    return Attempt("failed", cfg.batch_size or 0, f"worker process {why} before reporting; see {log_path}",
+                   seconds=time.perf_counter() - start)
+
+
+# Levers tried in this order by --auto-fit, each on top of the ones before: first those that cost
+# no accuracy and little speed, quantizing the base last (it changes what the model computes).
+AUTO_FIT_LADDER: list[tuple[str, dict[str, Any]]] = [
+    ("bf16", {"precision": "bf16"}),
+    ("gradient checkpointing", {"gradient_checkpointing": True}),
+    ("8-bit AdamW", {"optimizer": "adamw8bit"}),
+    ("4-bit base", {"quantize": "4bit"}),
+]
+
+# predicted peak bytes of (strategy, levers, micro-batch), or None when there is no prediction
+Predictor = Callable[[str, dict[str, Any], int], "int | None"]
+
+
+def lever_rungs(bench: BenchConfig, strategy_cls: Any) -> list[dict[str, Any]]:
+    """The lever combinations to try, fewest first: the suite's own, then (with ``auto_fit`` and a
+    budget) each rung of ``AUTO_FIT_LADDER`` added on top. Rungs that change nothing, or that the
+    strategy cannot take (a quantized base under a full fine-tune), are left out."""
+    from .levers import check_levers
+
+    current = {"quantize": bench.quantize, "optimizer": bench.optimizer,
+               "gradient_checkpointing": bench.gradient_checkpointing, "precision": bench.precision}
+    rungs = [dict(current)]
+    if not (bench.auto_fit and bench.memory_budget):
+        return rungs
+    strategy = strategy_cls()
+    for _name, change in AUTO_FIT_LADDER:
+        if all(current.get(k) == v or (k == "precision" and current[k] != "fp32") for k, v in change.items()):
+            continue  # already on
+        trial = {**current, **change}
+        try:
+            check_levers(RunConfig(**trial), strategy)
+        except PeftkitError:
+            continue
+        current = trial
+        rungs.append(dict(current))
+    return rungs
+
+
+def describe_levers(levers: dict[str, Any]) -> str:
+    """``bf16 + checkpointing + adamw8bit + 4bit base`` (``-`` when none is on)."""
+    parts = []
+    if levers.get("precision", "fp32") != "fp32":
+        parts.append(levers["precision"])
+    if levers.get("gradient_checkpointing"):
+        parts.append("checkpointing")
+    if levers.get("optimizer", "adamw") != "adamw":
+        parts.append(levers["optimizer"])
+    if levers.get("quantize"):
+        parts.append(f"{levers['quantize']} base")
+    return " + ".join(parts) or "-"
+
+
+def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: tuple[int, int],
+              runner: Runner, echo: Callable[[str], None], predict: Predictor | None = None) -> dict[str, Any]:
+    """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
+    index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
+    except the very last one, which is always tried so that "does not fit" is measured."""
+    from .registry import get_strategy
+
+    run_dir = os.path.join(stage, "runs", f"{strategy}-seed{seed}")
+    tried: list[dict[str, Any]] = []
+    row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
+    rungs = lever_rungs(bench, get_strategy(strategy))
+    candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)
+                  if (i, -micro) >= (start[0], -start[1])]
+    budget = parse_size(bench.memory_budget) if bench.memory_budget else None
+    attempt = None
+    for n, (rung, levers, micro) in enumerate(candidates):
+        predicted = predict(strategy, levers, micro) if predict is not None else None
+        last = n == len(candidates) - 1
+        if budget is not None and predicted is not None and predicted > budget and not last:
+            tried.append({"batch_size": micro, "grad_accumulation": bench.batch_size // micro,
+                          "levers": describe_levers(levers), "outcome": "skipped",
+                          "predicted_peak_bytes": predicted,
+                          "error": f"predicted {format_size(predicted)} > budget {format_size(budget)}"})
+            continue
+        cfg = bench.run_config(strategy, seed, micro, run_dir, levers)
+        log_path = os.path.join(stage, "logs", f"{strategy}-seed{seed}-batch{micro}-rung{rung}.log")
+        attempt = runner(cfg, log_path)
+        tried.append({"batch_size": micro, "grad_accumulation": cfg.grad_accumulation,
+                      "levers": describe_levers(levers), "outcome": attempt.status, "error": attempt.error,
+                      "predicted_peak_bytes": predicted, "seconds": round(attempt.seconds, 1)})
+        if attempt.status == "oom":
+            echo(f"  {strategy} seed {seed}: micro-batch {micro} ({describe_levers(levers)}) does not fit "
+                 f"({attempt.error}); trying less")
+            continue
+        row["status"] = attempt.status
+        row["error"] = attempt.error
+        row["rung"] = rung
+        row["levers"] = describe_levers(levers)
+        row["predicted_peak_bytes"] = predicted
+        if attempt.status == "ok" and attempt.metrics:
+            m = attempt.metrics
+            row.update({k: m.get(k) for k in ROW_METRICS})
+            row["history"] = [{k: e.get(k) for k in ("epoch", "train_loss", "validation_accuracy",
+                                                      "validation_loss", "epoch_seconds")}
+                              for e in m.get("history", [])]
+            row["run_dir"] = os.path.relpath(run_dir, stage)
+            row["versions"] = m.get("versions", {})
+        break
+    else:
+        sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if len(rungs) > 1 else str(t["batch_size"])
+                          for t in tried)
+        row["error"] = f"out of memory at every micro-batch tried ({sizes}) under the budget {bench.memory_budget}"
+    row["tried"] = tried
+    return row
+
+
+# -- the suite ------------------------------------------------------------------------------
+
+def _spread(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, dict[str, Any]]:
+    """Per strategy: mean and spread over the seeds that ran, the worst peak, the usual time."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in strategies:
+        mine = [r for r in rows if r["strategy"] == name]
+        ok = [r for r in mine if r["status"] == "ok"]
+        if not ok:
+            statuses = {r["status"] for r in mine}
+            out[name] = {"status": "does not fit" if statuses == {"does not fit"} else "failed",
+                         "error": next((r["error"] for r in mine if r["error"]), None), "seeds": []}
+            continue
+        acc = [r["test_accuracy"] for r in ok]
+        first = [r["history"][0]["epoch_seconds"] for r in ok if r.get("history")]
+        later = [e["epoch_seconds"] for r in ok for e in r.get("history", [])[1:]]
+        out[name] = {
+            "status": "ok" if len(ok) == len(mine) else "partly failed",
+            "seeds": [r["seed"] for r in ok],
+            "test_accuracy_mean": statistics.mean(acc), "test_accuracy_std": _spread(acc),
+            "test_accuracy_min": min(acc), "test_accuracy_max": max(acc),
+            "test_f1_macro_mean": statistics.mean(r["test_f1_macro"] for r in ok),
+            "trainable_params": max(r["trainable_params"] for r in ok),
+            "total_params": ok[0]["total_params"],
+            "trainable_percent": max(r["trainable_percent"] for r in ok),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ok),
+            "peak_memory_increase_bytes": max(r["peak_memory_increase_bytes"] for r in ok),
+            "peak_memory_eval_bytes": max(r["peak_memory_eval_bytes"] for r in ok),
+            "peak_reserved_bytes": max((r["peak_reserved_bytes"] or 0) for r in ok) or None,
+            "memory_loaded_bytes": max(r["memory_loaded_bytes"] for r in ok),
+            "train_seconds_mean": statistics.mean(r["train_seconds"] for r in ok),
+            "samples_per_second_mean": statistics.mean(r["samples_per_second"] for r in ok),
+            "first_epoch_seconds_mean": statistics.mean(first) if first else None,
+            "later_epoch_seconds_mean": statistics.mean(later) if later else None,
+            "adapter_bytes": max(r["adapter_bytes"] for r in ok),
+            "batch_size": min(r["batch_size"] for r in ok),
+            "grad_accumulation": max(r["grad_accumulation"] for r in ok),
+            "epochs": max(r["epochs_run"] for r in ok),
+            "levers": ok[0].get("levers", "-"),
+            "predicted_peak_bytes": ok[0].get("predicted_peak_bytes"),
+        }
+        predicted, measured = out[name]["predicted_peak_bytes"], ok[0]["peak_memory_bytes"]
+        # how far the planner was from the measured peak of the same run (issue target: within 20%)
+        out[name]["prediction_error"] = predicted / measured - 1 if predicted and measured else None
+    return out
+
+
+def machine_description() -> dict[str, Any]:
+    """The CPU model, core count and memory of this machine (what the figures are tied to)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform()}
+
+
+def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
+              runner: Runner = spawn_worker, predict: Predictor | None = None) -> dict[str, Any]:
+    """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots."""
+    from . import registry
+    from .adapter_io import package_versions
+
+    todo = [(s, n) for s in bench.strategies for n in bench.seeds]
+    rows: list[dict[str, Any]] = []
+    fits: dict[str, tuple[int, int]] = {}  # strategy -> (rung, micro-batch) that fitted: later seeds start there
+    start = time.perf_counter()
+    for i, (strategy, seed) in enumerate(todo, 1):
+        elapsed = time.perf_counter() - start
+        done = [r for r in rows if r["status"] == "ok"]
+        eta = ""
+        if done:
+            per_run = elapsed / len(rows)
+            eta = f", about {_minutes(per_run * (len(todo) - i + 1))} left"
+        echo(f"[{i}/{len(todo)}] {strategy}, seed {seed} ({_minutes(elapsed)} elapsed{eta})")
+        row = bench_one(bench, strategy, seed, stage, fits.get(strategy, (0, bench.batch_size)), runner, echo,
+                        predict)
+        if row["status"] == "ok":
+            fits[strategy] = (row["rung"], row["batch_size"])
+            echo(f"  {strategy} seed {seed}: test accuracy {row['test_accuracy']:.4f}, train "
+                 f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
+                 f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})")
+        else:
+            echo(f"  {strategy} seed {seed}: {row['status']}: {row['error']}")
+        rows.append(row)
+
+    versions = next((r["versions"] for r in rows if r.get("versions")), None) or package_versions()
+    for r in rows:
+        r.pop("versions", None)  # the same for every row: kept once, at the top
+    try:
+        from importlib.metadata import version
+
+        versions.setdefault("matplotlib", version("matplotlib"))
+    except Exception:  # noqa: BLE001 - a missing plotting library only loses the version line
+        pass
+    results = {
+        "command": bench.command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "suite_seconds": time.perf_counter() - start,
+        "settings": dataclasses.asdict(bench),
+        "machine": machine_description(),
+        "device": next((r["device"] for r in rows if r.get("device")), None),
+        "versions": versions,
+        "plugins": registry.loaded_plugins(),
+        "memory_method": next((r["peak_memory_method"] for r in rows if r.get("peak_memory_method")), None),
+        "summary": summarize(rows, bench.strategies),
+        "rows": rows,
+    }
+    with open(os.path.join(stage, "results.json"), "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2)
+        fh.write("\n")
+    from .plots import write_plots
+
+    plots = write_plots(results, stage)
+    with open(os.path.join(stage, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(markdown_report(results, plots))
+    return results
+
+
+def _seconds(seconds: float) -> str:
+    """Seconds with the precision a reader needs: 0.42 s, 3.1 s, 93 s."""
+    return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# -- the report -----------------------------------------------------------------------------
+
+def _best(summary: dict[str, dict[str, Any]], key: str, pick: Callable[..., Any]) -> Any:
+    values = [v[key] for v in summary.values() if v["status"] != "does not fit" and v.get(key) is not None]
+    return pick(values) if values else None
+
+
+def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
+    """The table a person reads, best value in each column in bold, with its provenance."""
+    s = results["settings"]
+    summary = results["summary"]
+    machine = results["machine"]
+    mem = f", {format_size(machine['memory_bytes'])} RAM" if machine.get("memory_bytes") else ""
+    lines = [
+        f"# peftkit bench: `{s['model']}` on `{s['dataset']}`", "",
+        f"- Command: `{results['command']}`",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores{mem}; device: {results['device']}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        f"- Plugins: {', '.join(f'{k} ({v})' for k, v in results['plugins'].items()) or 'none'}",
+        f"- Settings: effective batch {s['batch_size']}, max length {s['max_length']}, seeds "
+        f"{','.join(map(str, s['seeds']))}, epochs {s['epochs'] or 'each strategy default'}, "
+        f"training examples {s['max_train_samples'] or 'all'}, memory budget {s['memory_budget'] or 'none'}",
+        f"- Memory: {results['memory_method']}",
+        f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}", "",
+    ]
+    best = {
+        "acc": _best(summary, "test_accuracy_mean", max), "f1": _best(summary, "test_f1_macro_mean", max),
+        "pct": _best(summary, "trainable_percent", min), "mem": _best(summary, "peak_memory_bytes", min),
+        "inc": _best(summary, "peak_memory_increase_bytes", min), "time": _best(summary, "train_seconds_mean", min),
+        "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
+    }
+
+    def mark(text: str, value: Any, key: str) -> str:
+        return f"**{text}**" if value is not None and value == best[key] else text
+
+    lines += [
+        "| strategy | trainable | test accuracy (± sd) | macro-F1 | peak train memory | predicted (error) "
+        "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
+        "| micro-batch × accum | levers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary.items():
+        if v["status"] in ("does not fit", "failed"):
+            lines.append(f"| `{name}` | {v['status']}: {v['error']} |" + " |" * 12)
+            continue
+        sd = f" ± {v['test_accuracy_std']:.4f}" if v["test_accuracy_std"] is not None else ""
+        later = v["later_epoch_seconds_mean"]
+        epochs = f"{_seconds(v['first_epoch_seconds_mean'])} / {_seconds(later) if later is not None else '-'}"
+        status = "" if v["status"] == "ok" else f" ({v['status']})"
+        cells = [
+            f"`{name}`{status}",
+            mark(f"{v['trainable_percent']:.3g}%", v["trainable_percent"], "pct") + f" ({v['trainable_params']:,})",
+            mark(f"{v['test_accuracy_mean']:.4f}", v["test_accuracy_mean"], "acc") + f"{sd} (n={len(v['seeds'])})",
+            mark(f"{v['test_f1_macro_mean']:.4f}", v["test_f1_macro_mean"], "f1"),
+            mark(format_size(v["peak_memory_bytes"]), v["peak_memory_bytes"], "mem"),
+            (f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
+             if v.get("prediction_error") is not None else "-"),
+            mark("+" + format_size(v["peak_memory_increase_bytes"]), v["peak_memory_increase_bytes"], "inc"),
+            format_size(v["peak_memory_eval_bytes"]),
+            mark(_seconds(v["train_seconds_mean"]), v["train_seconds_mean"], "time"),
+            epochs,
+            mark(f"{v['samples_per_second_mean']:.0f}", v["samples_per_second_mean"], "speed"),
+            mark(format_size(v["adapter_bytes"]), v["adapter_bytes"], "size"),
+            f"{v['batch_size']} × {v['grad_accumulation']}",
+            v.get("levers", "-"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Best value of each column in **bold**. Accuracy is on the test split, mean over seeds "
+              "(± sample standard deviation when there are several). Train time counts training steps "
+              "only (not evaluation); examples/s is over training steps.", ""]
+    lines += ["Predicted: `peftkit plan`'s prediction for the same settings, made before the run "
+              "(error = predicted / measured - 1).", ""]
+    shrunk = [r for r in results["rows"] if len(r.get("tried", [])) > 1]
+    if shrunk:
+        lines += ["What was tried before a run fitted the budget (micro-batch, levers, outcome):", ""]
+        for r in shrunk:
+            tried = ", ".join(f"{t['batch_size']} ({t.get('levers', '-')}): {t['outcome']}" for t in r["tried"])
+            lines.append(f"- `{r['strategy']}` seed {r['seed']}: {tried}")
+        lines.append("")
+    lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,189 @@
+"""Measuring memory honestly, per phase, and holding a run to a memory budget.
+
+On CUDA the numbers are the caching allocator's: ``max_memory_allocated`` (what tensors needed at
+the peak) and ``max_memory_reserved`` (what the allocator held from the driver, the figure an
+out-of-memory error is about), with the peak reset between phases. A budget is enforced by
+``torch.cuda.set_per_process_memory_fraction``, so a run over it fails with the allocator's own
+out-of-memory error, exactly as it would on a smaller card.
+
+On CPU the number is the process's resident set: its high-water mark (``VmHWM`` in
+``/proc/self/status``) reset between phases by writing ``5`` to ``/proc/self/clear_refs`` (Linux
+4.0+). It counts everything the process holds (Python, libraries, model, data, activations), which
+is what a machine's RAM has to hold. Where the reset is not available (macOS) the peak is
+``getrusage``'s, over the whole process lifetime, and the method string says so. A budget on CPU is
+checked after every step: a run whose peak goes over it stops with ``MemoryBudgetExceeded``.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from typing import Any
+
+from .errors import PeftkitError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class MemoryBudgetExceeded(PeftkitError):
+    """A run's measured peak went over its memory budget (the CPU analogue of CUDA out-of-memory)."""
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"4GiB"`` -> 4294967296, ``"500MB"`` -> 500000000, ``"1.5G"`` -> 1500000000 bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise PeftkitError(f"memory size {text!r} is not understood; use a number with a unit such as "
+                               "512MiB, 4GiB, 8GB or 1.5G (KiB/MiB/GiB/TiB are powers of 2, KB/MB/GB/TB of 10)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise PeftkitError(f"memory size must be positive, got {text!r}")
+    return size
+
+
+def format_size(n: float | None) -> str:
+    """Bytes as a short human figure in powers of two (``1.23 GiB``)."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _can_reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return _proc_status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+class MemoryMeter:
+    """Current and peak memory of one device, with a peak that can be reset between phases."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.resettable = True if self.cuda else _can_reset_cpu_peak()
+
+    @property
+    def method(self) -> str:
+        if self.cuda:
+            return "torch.cuda.max_memory_allocated (reserved reported beside it), peak reset per phase"
+        if self.resettable:
+            return "process peak resident set (VmHWM), reset per phase via /proc/self/clear_refs"
+        return "process peak resident set over its whole life (getrusage ru_maxrss; no per-phase reset here)"
+
+    def current(self) -> int:
+        """Bytes in use now: allocated tensors on CUDA, resident set on CPU."""
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.memory_allocated(self.device))
+        kib = _proc_status_kib("VmRSS")
+        return kib * 1024 if kib is not None else self._ru_maxrss()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                fh.write("5")
+
+    def peak(self) -> int:
+        """Peak bytes since the last ``reset_peak``."""
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated(self.device))
+        kib = _proc_status_kib("VmHWM") if self.resettable else None
+        return kib * 1024 if kib is not None else self._ru_maxrss()
+
+    def peak_reserved(self) -> int | None:
+        """CUDA only: the allocator's peak reserved bytes since the last reset."""
+        if not self.cuda:
+            return None
+        import torch
+
+        return int(torch.cuda.max_memory_reserved(self.device))
+
+    @staticmethod
+    def _ru_maxrss() -> int:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def release_free_memory() -> None:
+    """Give memory the process freed back to the system (glibc keeps freed heap for reuse, so the
+    resident set of a CPU run would otherwise stay at its highest point forever: evaluation's larger
+    batches would then count against training, and the planner's deltas would hide reused memory)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def apply_budget(device: Any, budget: int | None) -> None:
+    """On CUDA, cap this process's share of the card at ``budget`` bytes (no-op on CPU, where the
+    budget is checked against measurements instead)."""
+    if budget is None or getattr(device, "type", str(device)) != "cuda":
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget > total:
+        raise PeftkitError(f"memory budget {format_size(budget)} is more than the card has ({format_size(total)})")
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+
+
+def check_budget(meter: MemoryMeter, budget: int | None, where: str, loaded: int | None = None) -> None:
+    """Raise ``MemoryBudgetExceeded`` if the measured peak is over ``budget``. ``loaded`` (the
+    memory in use before training) is named in the message, since no smaller batch can help when
+    it alone is over the budget."""
+    if budget is None:
+        return
+    peak = meter.peak_reserved() if meter.cuda else meter.peak()
+    if peak is not None and peak > budget:
+        alone = f"; the loaded model alone takes {format_size(loaded)}" if loaded is not None else ""
+        raise MemoryBudgetExceeded(f"peak memory {format_size(peak)} went over the budget {format_size(budget)} "
+                                   f"during {where}{alone}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's out-of-memory error and for a budget overrun on CPU."""
+    if isinstance(exc, MemoryBudgetExceeded):
+        return True
+    if "torch" in sys.modules:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

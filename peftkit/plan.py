@@ -1,0 +1,422 @@
+"""``peftkit plan``: each strategy's peak training memory, predicted without training.
+
+The peak is split the way it is spent:
+
+- **weights**: every parameter at the precision it is stored in: 4 bytes, 2 for frozen weights
+  under bf16/fp16, about 0.52 bytes for a 4-bit NF4 weight with double quantization (0.5 for the
+  codes, one 8-bit block scale per 64 weights, one fp32 scale per 256 blocks), about 1 byte for an
+  8-bit weight plus an fp32 scale per row;
+- **gradients**: 4 bytes per trainable parameter (trainable parameters stay in fp32);
+- **optimizer state**: AdamW's two moments, 8 bytes per trainable parameter, or about 2 for the
+  8-bit AdamW (tensors under 4,096 elements keep 32-bit state, as bitsandbytes does);
+- **activations**: what the forward pass saves for the backward pass. This depends on the strategy
+  (a frozen backbone below the lowest trainable parameter saves nothing, LoRA saves the inputs of
+  every adapted layer, prefix tuning needs the whole stack), on the precision and on checkpointing,
+  so it is *measured*, not guessed: the model is built from its config at depth 1 and 2 (random
+  weights, on CPU), the strategy prepares it, and one forward pass at the planned batch and length
+  runs under ``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps.
+  The difference between depth 2 and depth 1 is one block's share; the rest (embeddings, head,
+  loss) is the base; the full model's activations are base + depth x block. With gradient
+  checkpointing a block keeps only its input (batch x length x hidden), and one block's full
+  activations exist again while it is recomputed in the backward pass.
+- **workspace**: one block's activations again, for the gradients of activations that exist
+  transiently during the backward pass;
+- **runtime** (CPU only): the resident memory of a process that has imported torch, transformers
+  and peft, measured in this process, since on CPU the figure compared is the whole process's.
+
+The whole-depth model is only ever built on the meta device (no memory), so planning a 1B model
+takes the memory of a 2-block one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PeftkitError, first_line
+from .memory import format_size, parse_size
+
+_NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+_BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state below this many elements
+
+
+@dataclass
+class PlanSettings:
+    """What a plan is for: the same levers a run takes."""
+
+    model: str
+    strategies: list[str]
+    batch_size: int = 32
+    max_length: int = 64
+    num_labels: int = 2
+    quantize: str | None = None
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    memory_budget: str | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class Estimate:
+    """One strategy's predicted peak, by component, in bytes."""
+
+    strategy: str
+    status: str = "ok"
+    error: str | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    workspace: int = 0
+    runtime: int = 0
+    activations_per_example: float = 0.0
+    max_batch_size: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.workspace + self.runtime
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["total"] = self.total
+        return d
+
+
+# -- parameters: weights, gradients, optimizer state ----------------------------------------
+
+def _quantized_weight_ids(model: Any, skip: list[str]) -> dict[int, tuple[int, int]]:
+    """id(weight) -> (numel, out_features) for every linear weight bitsandbytes would quantize."""
+    from torch import nn
+
+    out = {}
+    for name, module in model.named_modules():
+        top = name.split(".", 1)[0]
+        if isinstance(module, nn.Linear) and top not in skip and name.rsplit(".", 1)[-1] not in skip:
+            out[id(module.weight)] = (module.weight.numel(), module.weight.shape[0])
+    return out
+
+
+def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettings,
+                     skip: list[str]) -> tuple[int, int, int, list[str]]:
+    """Bytes of weights, gradients and optimizer state of a prepared (meta-device) model."""
+    from .levers import half_dtype
+
+    half = half_dtype(settings.precision)
+    trainable_ids = {id(p) for p in trainable.values()}
+    quantized = _quantized_weight_ids(model, skip) if settings.quantize else {}
+    weights = grads = opt = 0
+    notes: list[str] = []
+    seen: set[int] = set()
+    for p in model.parameters():  # parameters() yields each shared (tied) tensor once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        if id(p) in trainable_ids:
+            weights += 4 * n
+            grads += 4 * n
+            if settings.optimizer == "adamw" or n < _BNB_MIN_8BIT_SIZE:
+                opt += 8 * n
+            else:  # two 8-bit moments plus an fp32 scale per 256-element block each
+                opt += 2 * n + 2 * 4 * math.ceil(n / 256)
+        elif id(p) in quantized:
+            numel, rows = quantized[id(p)]
+            weights += int(numel * _NF4_BYTES) if settings.quantize == "4bit" else numel + 4 * rows
+        elif half is not None and p.is_floating_point():
+            weights += 2 * n
+        else:
+            weights += p.element_size() * n if p.is_floating_point() else p.element_size() * n
+    if settings.optimizer == "paged_adamw8bit" and settings.device == "cuda":
+        notes.append("paged optimizer state lives in CUDA managed memory, outside the allocator's count")
+    return weights, grads, opt, notes
+
+
+# -- activations: measured on depth-1 and depth-2 copies ------------------------------------
+
+def _with_depth(config: Any, depth: int) -> Any:
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = depth  # attribute_map routes this to n_layer / n_layers where needed
+    return cfg
+
+
+def saved_activation_bytes(model: Any, forward: Any, precision: str) -> int:
+    """Bytes of the tensors autograd saves during ``forward()`` (parameters excluded: they are
+    counted as weights), each storage once."""
+    import torch
+
+    from .levers import half_dtype
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    half = half_dtype(precision)
+    autocast = torch.autocast("cpu", dtype=half) if half is not None else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        out = forward()
+    del out
+    return sum(saved.values())
+
+
+def _loss_of(strategy: Any, model: Any, batch: dict[str, Any]) -> Any:
+    """A no-argument function computing the training loss of ``batch`` (what a step's forward does)."""
+    import torch.nn.functional as F
+
+    def forward() -> Any:
+        return F.cross_entropy(strategy.forward(model, batch).float(), batch["labels"])
+
+    return forward
+
+
+def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
+                   device: str) -> tuple[Any, dict[str, Any]]:
+    """The model at ``depth`` blocks (random weights), prepared as a run prepares it, with every
+    parameter the strategy ever trains set trainable (gradual unfreezing at its end)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from .levers import enable_gradient_checkpointing, store_frozen_in_half
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_with_depth(config, depth)).to(device)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = strategy.prepare(model, task)
+    trainable = strategy.trainable_parameters(model)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    store_frozen_in_half(model, trainable, settings.precision)
+    model.train()
+    return model, trainable
+
+
+def _batch(config: Any, settings: PlanSettings, device: str) -> dict[str, Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(getattr(config, "vocab_size", 1000))
+    b, length = settings.batch_size, settings.max_length
+    mask = torch.ones(b, length, dtype=torch.long)
+    # real batches are padded to their longest example, so attention takes the masked path (which
+    # can keep more for the backward pass than the unmasked one): pad one position of every other row
+    mask[1::2, -1] = 0
+    return {"input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
+            "attention_mask": mask.to(device), "labels": torch.zeros(b, dtype=torch.long, device=device)}
+
+
+def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
+                          device: str, steps: int = 12) -> int:
+    """Peak memory of ``steps`` training steps over the prepared model's, on ``device``, at the
+    planned batch: gradients, optimizer state, activations, the backward pass's transients and the
+    allocator's own overhead, all measured.
+
+    The first step is at the full planned length (a run's length-grouped batches put the longest
+    first); the others at seeded random lengths down to a quarter of it, because batches padded to
+    their own longest example vary, and on CPU the heap fragments as they do: over the first dozen
+    steps of a real run the resident peak keeps rising by a fifth or more over a single step's."""
+    import random
+
+    import torch
+
+    from .levers import half_dtype, make_optimizer
+    from .memory import MemoryMeter, release_free_memory
+    from .strategies.base import ParamGroup
+    from .train import _torch_groups
+
+    release_free_memory()
+    model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
+    optimizer = make_optimizer(settings.optimizer, _torch_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
+    rng = random.Random(0)
+    full = settings.max_length
+    lengths = [full] + [rng.randint(max(1, full // 4), full) for _ in range(steps - 1)]
+    batches = [_batch(config, dataclasses.replace(settings, max_length=n), device) for n in lengths]
+    meter = MemoryMeter(torch.device(device))
+    half = half_dtype(settings.precision)
+    release_free_memory()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    meter.reset_peak()
+    before = meter.current()
+    for batch in batches:
+        autocast = torch.autocast(device, dtype=half) if half is not None else contextlib.nullcontext()
+        with autocast:
+            loss = _loss_of(strategy, model, batch)()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = meter.peak()
+    del model, optimizer, loss, batches
+    release_free_memory()
+    return max(0, peak - before)
+
+
+def measure_saved_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings) -> tuple[int, int, int]:
+    """(base, per block, block input) bytes that autograd saves, at the planned batch and length:
+    the device-independent part of activations, for planning a GPU from a machine without one."""
+    measured = {}
+    for depth in (1, 2):
+        model, _ = _reduced_model(config, strategy, task, settings, depth, "cpu")
+        measured[depth] = saved_activation_bytes(model, _loss_of(strategy, model, _batch(config, settings, "cpu")),
+                                                 settings.precision)
+        del model
+    per_block = max(0, measured[2] - measured[1])
+    base = max(0, measured[1] - per_block)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    block_input = settings.batch_size * settings.max_length * hidden * 4
+    return base, per_block, block_input
+
+
+_RUNTIME: list[int] = []
+
+
+def runtime_bytes() -> int:
+    """Resident memory of this process with torch, transformers and peft imported (the CPU runtime),
+    measured once, before any model is built here."""
+    if not _RUNTIME:
+        import peft  # noqa: F401 - imported for its memory, as a run imports it
+        import transformers  # noqa: F401
+
+        from .memory import MemoryMeter
+
+        _RUNTIME.append(MemoryMeter("cpu").current())
+    return _RUNTIME[0]
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+def _depth(config: Any) -> int:
+    depth = getattr(config, "num_hidden_layers", None)
+    if not isinstance(depth, int) or depth < 1:
+        raise PeftkitError(f"cannot plan model type {getattr(config, 'model_type', '?')!r}: its config "
+                           "names no number of layers (num_hidden_layers)")
+    return depth
+
+
+def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
+                  strategy_options: dict[str, Any] | None = None) -> Estimate:
+    """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    from .levers import check_levers
+    from .registry import get_strategy
+    from .strategies.base import TaskSpec, options_from_dict
+    from .structure import head_module_names
+
+    if settings.device == "cpu":
+        runtime_bytes()  # before any model exists in this process
+    cls = get_strategy(strategy_name)
+    strategy = cls(options_from_dict(cls, strategy_options or {}))
+    est = Estimate(strategy=cls.name)
+    task = TaskSpec(num_labels=settings.num_labels, label_names=tuple(f"label_{i}" for i in range(settings.num_labels)))
+    try:
+        check_levers(settings, strategy, on_cuda=settings.device == "cuda")
+        with init_empty_weights(include_buffers=False):
+            full = AutoModelForSequenceClassification.from_config(config)
+        skip = head_module_names(full)
+        with init_empty_weights(include_buffers=False):
+            prepared = strategy.prepare(full, task)
+        trainable = strategy.trainable_parameters(prepared)
+        est.trainable_params = sum(p.numel() for p in trainable.values())
+        est.total_params = sum(p.numel() for p in prepared.parameters())
+        est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
+        if settings.optimizer == "paged_adamw8bit" and settings.device == "cuda":
+            est.optimizer = 0
+        del full, prepared
+        torch.set_grad_enabled(True)
+        depth = _depth(config)
+        measurable = settings.device == "cpu" or torch.cuda.is_available()
+        if measurable:
+            # two training steps at depth 1 and 2, measured on the device itself, extrapolated per block
+            one = measure_step_increase(config, strategy, task, settings, 1, settings.device)
+            two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
+            increase = one + (depth - 1) * max(0, two - one)
+            est.activations = max(0, increase - est.gradients - est.optimizer)
+            est.notes.append("activations measured: training steps at depth 1 and 2 on "
+                             f"{settings.device}, extrapolated to {depth} blocks")
+        else:
+            base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
+            if settings.gradient_checkpointing and per_block:
+                # each block keeps only its input; one block is rebuilt whole during its backward pass
+                est.activations = base + depth * block_input + per_block
+            else:
+                est.activations = base + depth * per_block
+            est.workspace = per_block
+            est.notes.append("no GPU here: activations are the tensors autograd saves (measured on CPU), "
+                             "plus one block's worth of backward workspace")
+    except PeftkitError as exc:
+        est.status, est.error = "refused", str(exc)
+        return est
+    except Exception as exc:  # noqa: BLE001 - a strategy that cannot be planned is a row, not a crash
+        est.status, est.error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
+        return est
+    est.activations_per_example = (est.activations + est.workspace) / settings.batch_size
+    if settings.device == "cpu":
+        est.runtime = runtime_bytes()
+    if settings.memory_budget:
+        budget = parse_size(settings.memory_budget)
+        fixed = est.total - est.activations - est.workspace
+        room = budget - fixed
+        est.max_batch_size = max(0, int(room // est.activations_per_example)) if est.activations_per_example else None
+        if est.max_batch_size == 0:
+            est.notes.append(f"the weights, gradients and optimizer state alone ({format_size(fixed)}) "
+                             f"leave no room in {format_size(budget)}")
+    return est
+
+
+def load_config(model: str) -> Any:
+    """The model's transformers config (hub id, local directory or short name), nothing else."""
+    from transformers import AutoConfig
+
+    from .models import resolve_model_source
+
+    source = resolve_model_source(model)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        raise PeftkitError(f"cannot read the config of model {model!r}: {first_line(exc)}") from None
+
+
+def make_plan(settings: PlanSettings) -> list[Estimate]:
+    """An ``Estimate`` per strategy in ``settings``."""
+    config = load_config(settings.model)
+    return [plan_strategy(config, name, settings) for name in settings.strategies]
+
+
+def bench_predictor(model: str, batch_size: int, max_length: int, num_labels: int, device: str) -> Any:
+    """For ``peftkit bench``: predicted peak bytes of (strategy, levers, micro-batch).
+
+    Each (strategy, levers) is planned once at the effective batch; other micro-batches scale the
+    activations linearly (they are per example), the rest does not depend on the batch.
+    """
+    config = load_config(model)
+    cache: dict[Any, Estimate | None] = {}
+
+    def predict(strategy: str, levers: dict[str, Any], micro_batch: int) -> int | None:
+        key = (strategy, tuple(sorted(levers.items())))
+        if key not in cache:
+            settings = PlanSettings(model=model, strategies=[strategy], batch_size=batch_size,
+                                    max_length=max_length, num_labels=num_labels, device=device, **levers)
+            est = plan_strategy(config, strategy, settings)
+            cache[key] = est if est.status == "ok" else None
+        est = cache[key]
+        if est is None:
+            return None
+        fixed = est.total - est.activations - est.workspace
+        return int(fixed + est.activations_per_example * micro_batch)
+
+    return predict

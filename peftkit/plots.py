@@ -1,0 +1,99 @@
+"""The benchmark's plots: what a table of numbers makes hard to see.
+
+- ``accuracy_vs_memory.png``: test accuracy against peak training memory, with the Pareto front
+  (strategies no other one beats on both) joined by a line;
+- ``accuracy_vs_time.png``: test accuracy against training time;
+- ``validation_curves.png``: validation accuracy after each epoch, per strategy.
+
+Points are means over seeds with error bars for the spread (when there are several seeds).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names whose (cost, accuracy) no other point beats: lower-or-equal cost and higher-or-equal
+    accuracy, one of them strictly. Returned in order of increasing cost."""
+    front: list[str] = []
+    best_acc = float("-inf")
+    for name, (_cost, acc) in sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+        if acc > best_acc:
+            front.append(name)
+            best_acc = acc
+    return front
+
+
+def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: float,
+             front: list[str] | None) -> None:
+    for i, (name, v) in enumerate(summary.items()):
+        x, y = v[xkey] / scale, v["test_accuracy_mean"]
+        color = f"C{i % 10}"
+        ax.errorbar(x, y, yerr=v["test_accuracy_std"] or 0, fmt="o", color=color, capsize=3, markersize=7)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9, color=color)
+    if front:
+        xs = [summary[n][xkey] / scale for n in front]
+        ys = [summary[n]["test_accuracy_mean"] for n in front]
+        ax.step(xs, ys, where="post", color="0.4", linestyle="--", linewidth=1)
+        ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="0.3", linewidths=1.2,
+                   label="Pareto front (no strategy beats these on both axes)")
+        ax.legend(loc="lower right", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.set_ylabel("test accuracy")
+
+
+def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
+    """Write the three PNGs into ``out_dir``; returns their file names (none if nothing ran)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none assumed
+    import matplotlib.pyplot as plt
+
+    summary = {k: v for k, v in results["summary"].items() if v.get("test_accuracy_mean") is not None}
+    if not summary:
+        return []
+    settings = results["settings"]
+    title = f"{settings['model']} on {settings['dataset']} ({results['device']})"
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    front = pareto_front({n: (v["peak_memory_bytes"], v["test_accuracy_mean"]) for n, v in summary.items()})
+    _scatter(ax, summary, "peak_memory_bytes", 2**30, front)
+    ax.set_xlabel("peak training memory (GiB)")
+    ax.set_title(f"Accuracy against memory\n{title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "accuracy_vs_memory.png"), dpi=120)
+    plt.close(fig)
+    written.append("accuracy_vs_memory.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    front = pareto_front({n: (v["train_seconds_mean"], v["test_accuracy_mean"]) for n, v in summary.items()})
+    _scatter(ax, summary, "train_seconds_mean", 1.0, front)
+    ax.set_xlabel("training time (s)")
+    ax.set_title(f"Accuracy against training time\n{title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "accuracy_vs_time.png"), dpi=120)
+    plt.close(fig)
+    written.append("accuracy_vs_time.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(summary):
+        curves = [r["history"] for r in results["rows"] if r["strategy"] == name and r.get("history")]
+        n_epochs = max(len(c) for c in curves)
+        means = []
+        for e in range(n_epochs):
+            vals = [c[e]["validation_accuracy"] for c in curves if len(c) > e]
+            means.append(sum(vals) / len(vals))
+        ax.plot(range(1, n_epochs + 1), means, marker="o", markersize=4, color=f"C{i % 10}", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(f"Validation accuracy per epoch (mean over seeds)\n{title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "validation_curves.png"), dpi=120)
+    plt.close(fig)
+    written.append("validation_curves.png")
+    return written

@@ -1,0 +1,123 @@
+"""`peftkit plan`: the parameter arithmetic, the measured activations, the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.plan import PlanSettings, load_config, measure_saved_activations, parameter_memory
+from peftkit.registry import get_strategy
+from peftkit.strategies.base import TaskSpec
+
+TASK = TaskSpec(num_labels=2, label_names=("neg", "pos"))
+
+
+def _meta_prepared(model_dir: str, strategy: str):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.structure import head_module_names
+
+    config = load_config(model_dir)
+    config.num_labels = 2
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForSequenceClassification.from_config(config)
+        skip = head_module_names(model)
+        s = get_strategy(strategy)()
+        model = s.prepare(model, TASK)
+    return model, s.trainable_parameters(model), skip
+
+
+def test_parameter_memory_full_fp32_adamw(tiny_model_dir) -> None:
+    model, trainable, skip = _meta_prepared(tiny_model_dir("bert"), "full")
+    n = sum(p.numel() for p in model.parameters())
+    weights, grads, opt, _ = parameter_memory(model, trainable, PlanSettings(model="x", strategies=["full"]), skip)
+    assert (weights, grads, opt) == (4 * n, 4 * n, 8 * n)
+
+
+def test_parameter_memory_lora_bf16_4bit_and_8bit_adam(tiny_model_dir) -> None:
+    from torch import nn
+
+    model, trainable, skip = _meta_prepared(tiny_model_dir("bert"), "lora")
+    t = sum(p.numel() for p in trainable.values())
+    frozen = sum(p.numel() for p in model.parameters()) - t
+    settings = PlanSettings(model="x", strategies=["lora"], precision="bf16")
+    weights, grads, opt, _ = parameter_memory(model, trainable, settings, skip)
+    assert weights == 4 * t + 2 * frozen and grads == 4 * t and opt == 8 * t  # LoRA tensors < 4096: fp32 state
+    settings = PlanSettings(model="x", strategies=["lora"], quantize="4bit")
+    q_weights, _, _, _ = parameter_memory(model, trainable, settings, skip)
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and m.weight.requires_grad is False and "classifier" not in n)
+    # each frozen linear weight drops from 4 bytes to about 0.52 (NF4 codes + double-quantized scales)
+    assert weights - 2 * frozen < q_weights < 4 * t + 4 * frozen - 3.4 * linear
+    big = {"w": __import__("torch").nn.Parameter(__import__("torch").empty(100, 100, device="meta"))}
+    _, _, opt8, _ = parameter_memory(_Holder(big), big, PlanSettings(model="x", strategies=["full"],
+                                                                     optimizer="adamw8bit"), [])
+    assert opt8 == 2 * 10_000 + 8 * 40  # two 8-bit moments + an fp32 scale per 256-element block each
+
+
+class _Holder:
+    def __init__(self, params):
+        self._params = params
+
+    def parameters(self):
+        return iter(self._params.values())
+
+    def named_modules(self):
+        return iter(())
+
+
+def test_saved_activations_follow_batch_and_strategy(tiny_model_dir) -> None:
+    config = load_config(tiny_model_dir("bert"))
+    config.num_labels = 2
+
+    def per_block(strategy: str, batch: int, **levers) -> int:
+        settings = PlanSettings(model="x", strategies=[strategy], batch_size=batch, max_length=16, **levers)
+        return measure_saved_activations(config, get_strategy(strategy)(), TASK, settings)[1]
+
+    full8, full16 = per_block("full", 8), per_block("full", 16)
+    assert 1.8 < full16 / full8 < 2.2                   # activations are per example
+    assert 0 < per_block("lora", 8) <= full8            # gradients still flow through every block
+    assert per_block("head_only", 8) == 0               # nothing flows back into a frozen feature extractor
+
+
+def test_plan_command(run_cli, tiny_model_dir) -> None:
+    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora,full,head_only",
+                             "--batch-size", "8", "--max-length", "16", "--memory-budget", "4GiB", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    rows = {e["strategy"]: e for e in plan["estimates"]}
+    for e in rows.values():
+        assert e["status"] == "ok"
+        parts = ("weights", "gradients", "optimizer", "activations", "workspace", "runtime")
+        assert e["total"] == sum(e[k] for k in parts)
+        assert e["max_batch_size"] and e["max_batch_size"] > 8  # a tiny model leaves room in 4 GiB
+    assert rows["full"]["optimizer"] > rows["lora"]["optimizer"] > rows["head_only"]["optimizer"]
+    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "full,lora",
+                             "--quantize", "4bit", "--batch-size", "4", "--max-length", "8")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith("full") and "refused: strategy 'full' trains" in line for line in lines)
+    assert any(line.startswith("lora") and "GiB" in line or "MiB" in line for line in lines)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--strategies", "nope"], "unknown strategy 'nope'"),
+    (["--memory-budget", "x"], "memory size 'x'"),
+    (["--model", "/no/such/dir"], "model directory not found"),
+])
+def test_plan_bad_input(args, message, run_cli) -> None:
+    code, _, err = run_cli("plan", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_plan_for_a_gpu_from_a_cpu_machine_uses_saved_tensors(run_cli, tiny_model_dir) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: plan measures on it")
+    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora", "--device", "cuda",
+                             "--batch-size", "4", "--max-length", "8")
+    assert code == 0, err
+    assert "no GPU here: activations are the tensors autograd saves" in out and "runtime" not in out.splitlines()[1]
