@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_cpu.json"))
     args = ap.parse_args()
 
+    from peftkit.cli import _quiet_libraries
+
+    _quiet_libraries()  # before peft imports bitsandbytes, whose optional-kernel warning is noise here
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, TaskType, get_peft_model
@@ -51,14 +53,13 @@ def main() -> None:
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from peftkit.adapter_io import package_versions
-    from peftkit.cli import _quiet_libraries
+    from peftkit.bench import machine_description
     from peftkit.config import RunConfig
     from peftkit.data import LabelledData, load_labelled_data
     from peftkit.models import load_classifier, load_tokenizer
     from peftkit.strategies.base import TaskSpec
     from peftkit.train import fit, resolve
 
-    _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     n_train = args.steps * args.batch_size
@@ -145,7 +146,8 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, cpu",
+        "machine": machine_description(),
+        "device": "cpu",
         "versions": package_versions(),
         "settings": {"model": args.model, "strategy": "lora", "steps": args.steps, "repeats": args.repeats,
                      "batch_size": args.batch_size, "max_length": args.max_length,

@@ -39,7 +39,7 @@ ROW_METRICS = (
     "trainable_params", "total_params", "trainable_percent",
     "peak_memory_bytes", "peak_memory_eval_bytes", "memory_loaded_bytes", "peak_memory_increase_bytes",
     "peak_reserved_bytes", "peak_reserved_eval_bytes", "peak_memory_method",
-    "train_seconds", "eval_seconds", "samples_per_second", "adapter_bytes",
+    "train_seconds", "eval_seconds", "samples_per_second", "tokens_per_second", "adapter_bytes",
     "batch_size", "grad_accumulation", "effective_batch_size", "device", "torch_threads", "wall_seconds",
 )
 
@@ -235,7 +235,14 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     run_dir = os.path.join(stage, "runs", f"{strategy}-seed{seed}")
     tried: list[dict[str, Any]] = []
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
-    rungs = lever_rungs(bench, get_strategy(strategy))
+    cls = get_strategy(strategy)
+    rungs = lever_rungs(bench, cls)
+    try:  # the suite's own levers may not apply to this strategy (a quantized base under full)
+        from .levers import check_levers
+
+        check_levers(RunConfig(**rungs[0]), cls())
+    except PeftkitError as exc:
+        return {**row, "status": "not applicable", "error": str(exc), "tried": []}
     candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)
                   if (i, -micro) >= (start[0], -start[1])]
     budget = parse_size(bench.memory_budget) if bench.memory_budget else None
@@ -274,9 +281,12 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
             row["versions"] = m.get("versions", {})
         break
     else:
+        ran = [t for t in tried if t["outcome"] != "skipped"]
         sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if len(rungs) > 1 else str(t["batch_size"])
-                          for t in tried)
-        row["error"] = f"out of memory at every micro-batch tried ({sizes}) under the budget {bench.memory_budget}"
+                          for t in ran)
+        skipped = len(tried) - len(ran)
+        row["error"] = (f"over the budget {bench.memory_budget} in every run (micro-batch {sizes})"
+                        + (f"; {skipped} more predicted over it were skipped" if skipped else ""))
     row["tried"] = tried
     return row
 
@@ -295,7 +305,8 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
         ok = [r for r in mine if r["status"] == "ok"]
         if not ok:
             statuses = {r["status"] for r in mine}
-            out[name] = {"status": "does not fit" if statuses == {"does not fit"} else "failed",
+            status = next(iter(statuses)) if len(statuses) == 1 else "failed"
+            out[name] = {"status": status if status in ("does not fit", "not applicable") else "failed",
                          "error": next((r["error"] for r in mine if r["error"]), None), "seeds": []}
             continue
         acc = [r["test_accuracy"] for r in ok]
@@ -317,6 +328,7 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
             "memory_loaded_bytes": max(r["memory_loaded_bytes"] for r in ok),
             "train_seconds_mean": statistics.mean(r["train_seconds"] for r in ok),
             "samples_per_second_mean": statistics.mean(r["samples_per_second"] for r in ok),
+            "tokens_per_second_mean": statistics.mean((r.get("tokens_per_second") or 0) for r in ok),
             "first_epoch_seconds_mean": statistics.mean(first) if first else None,
             "later_epoch_seconds_mean": statistics.mean(later) if later else None,
             "adapter_bytes": max(r["adapter_bytes"] for r in ok),
@@ -423,7 +435,7 @@ def _minutes(seconds: float) -> str:
 # -- the report -----------------------------------------------------------------------------
 
 def _best(summary: dict[str, dict[str, Any]], key: str, pick: Callable[..., Any]) -> Any:
-    values = [v[key] for v in summary.values() if v["status"] != "does not fit" and v.get(key) is not None]
+    values = [v[key] for v in summary.values() if v.get(key) is not None]
     return pick(values) if values else None
 
 
@@ -462,7 +474,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in summary.items():
-        if v["status"] in ("does not fit", "failed"):
+        if v["status"] in ("does not fit", "failed", "not applicable"):
             lines.append(f"| `{name}` | {v['status']}: {v['error']} |" + " |" * 12)
             continue
         sd = f" ± {v['test_accuracy_std']:.4f}" if v["test_accuracy_std"] is not None else ""

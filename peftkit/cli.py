@@ -455,8 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort:  # click's form of Ctrl-C (and of our SIGTERM handler)
+        click.echo("error: interrupted; nothing was written", err=True)
         code = 130
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)

@@ -41,6 +41,9 @@ from .errors import PeftkitError, first_line
 from .memory import format_size, parse_size
 
 _NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Models up to this size are measured whole (seconds on a CPU); bigger ones at depth 2 and 3.
+DIRECT_MAX_DEPTH = 12
+DIRECT_MAX_PARAMS = 150_000_000
 _BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state below this many elements
 
 
@@ -340,13 +343,20 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         torch.set_grad_enabled(True)
         depth = _depth(config)
         measurable = settings.device == "cpu" or torch.cuda.is_available()
-        if measurable:
-            # two training steps at depth 1 and 2, measured on the device itself, extrapolated per block
-            one = measure_step_increase(config, strategy, task, settings, 1, settings.device)
-            two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
-            increase = one + (depth - 1) * max(0, two - one)
+        if measurable and depth <= DIRECT_MAX_DEPTH and est.total_params <= DIRECT_MAX_PARAMS:
+            # small enough to measure whole: the steps run on the full-depth model (random weights)
+            increase = measure_step_increase(config, strategy, task, settings, depth, settings.device)
             est.activations = max(0, increase - est.gradients - est.optimizer)
-            est.notes.append("activations measured: training steps at depth 1 and 2 on "
+            est.notes.append(f"activations measured: training steps of the whole model (random weights) "
+                             f"on {settings.device}")
+        elif measurable:
+            # too big to build whole: steps at depth 2 and 3, the difference is one block's share.
+            # (Not 1 and 2: the first block's figure carries one-off workspace that hides the slope.)
+            two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
+            three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
+            increase = two + (depth - 2) * max(0, three - two)
+            est.activations = max(0, increase - est.gradients - est.optimizer)
+            est.notes.append("activations measured: training steps at depth 2 and 3 on "
                              f"{settings.device}, extrapolated to {depth} blocks")
         else:
             base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)

@@ -28,18 +28,23 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: float,
              front: list[str] | None) -> None:
-    for i, (name, v) in enumerate(summary.items()):
+    colors = {name: f"C{i % 10}" for i, name in enumerate(summary)}
+    # labels of points close in x alternate above and below, so neighbours do not overwrite each other
+    by_x = sorted(summary, key=lambda n: summary[n][xkey])
+    for rank, name in enumerate(by_x):
+        v = summary[name]
         x, y = v[xkey] / scale, v["test_accuracy_mean"]
-        color = f"C{i % 10}"
-        ax.errorbar(x, y, yerr=v["test_accuracy_std"] or 0, fmt="o", color=color, capsize=3, markersize=7)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9, color=color)
+        ax.errorbar(x, y, yerr=v["test_accuracy_std"] or 0, fmt="o", color=colors[name], capsize=3, markersize=7)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 if rank % 2 == 0 else -13),
+                    fontsize=9, color=colors[name])
     if front:
         xs = [summary[n][xkey] / scale for n in front]
         ys = [summary[n]["test_accuracy_mean"] for n in front]
         ax.step(xs, ys, where="post", color="0.4", linestyle="--", linewidth=1)
         ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="0.3", linewidths=1.2,
-                   label="Pareto front (no strategy beats these on both axes)")
-        ax.legend(loc="lower right", fontsize=9)
+                   label="Pareto front (none beats these on both)")
+        ax.legend(loc="best", fontsize=8)
+    ax.margins(x=0.12, y=0.08)
     ax.grid(True, alpha=0.3)
     ax.set_ylabel("test accuracy")
 
@@ -87,6 +92,9 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
             vals = [c[e]["validation_accuracy"] for c in curves if len(c) > e]
             means.append(sum(vals) / len(vals))
         ax.plot(range(1, n_epochs + 1), means, marker="o", markersize=4, color=f"C{i % 10}", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.grid(True, alpha=0.3)

@@ -234,7 +234,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"accuracy": -1.0}
     max_trainable = count_trainable()
-    step, train_examples, train_seconds, eval_seconds = 0, 0, 0.0, 0.0
+    step, train_examples, train_tokens, train_seconds, eval_seconds = 0, 0, 0, 0.0, 0.0
     epochs_without_gain = 0
     bar = tqdm(total=total_steps, desc=f"{strategy.name}", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process or None, file=sys.stderr)
@@ -247,6 +247,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
             release_free_memory()  # what evaluation freed is not training's to count
         meter.reset_peak()
         epoch_start, epoch_examples, epoch_loss, epoch_batches = time.perf_counter(), 0, 0.0, 0
+        epoch_tokens = 0
         for batch in train_dl:
             with accelerator.accumulate(model):
                 logits = strategy.forward(model, batch)
@@ -262,6 +263,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
                 optimizer.zero_grad(set_to_none=True)
             n = batch["labels"].shape[0]
             epoch_examples += n
+            epoch_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             epoch_batches += 1
             value = loss.item()
             epoch_loss += value
@@ -278,6 +280,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         close_phase("train")
         train_seconds += epoch_seconds
         train_examples += epoch_examples
+        train_tokens += epoch_tokens
 
         t0 = time.perf_counter()
         val = run_eval(val_dl)
@@ -285,7 +288,8 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         record = {"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_batches),
                   "validation_accuracy": val["accuracy"], "validation_f1_macro": val["f1_macro"],
                   "validation_loss": val["loss"], "epoch_seconds": epoch_seconds,
-                  "examples_per_second": epoch_examples / max(1e-9, epoch_seconds)}
+                  "examples_per_second": epoch_examples / max(1e-9, epoch_seconds),
+                  "tokens_per_second": epoch_tokens / max(1e-9, epoch_seconds)}
         history.append(record)
         line = (f"epoch {epoch + 1}/{hp.epochs}: train loss {record['train_loss']:.4f}, validation accuracy "
                 f"{val['accuracy']:.4f}, f1 {val['f1_macro']:.4f} ({epoch_seconds:.1f} s, "
@@ -333,6 +337,8 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         "eval_seconds": eval_seconds,
         "train_examples": train_examples,
         "samples_per_second": train_examples / max(1e-9, train_seconds),
+        "train_tokens": train_tokens,
+        "tokens_per_second": train_tokens / max(1e-9, train_seconds),  # real tokens, padding not counted
         "batch_size": hp.batch_size,
         "grad_accumulation": cfg.grad_accumulation,
         "effective_batch_size": hp.batch_size * cfg.grad_accumulation * accelerator.num_processes,

@@ -99,7 +99,7 @@ def test_bench_one_reports_does_not_fit_and_failures(tmp_path) -> None:
     bench = BenchConfig(strategies=["full", "lora"], batch_size=4, memory_budget="1MiB")
     row = bench_one(bench, "full", 0, str(tmp_path), (0, 4), FakeRunner({"full": 0}), lambda m: None)
     assert row["status"] == "does not fit" and [t["batch_size"] for t in row["tried"]] == [4, 2, 1]
-    assert "4, 2, 1" in row["error"] and "1MiB" in row["error"]
+    assert "micro-batch 4, 2, 1" in row["error"] and "1MiB" in row["error"] and "skipped" not in row["error"]
     runner = FakeRunner({"lora": 4}, fail={"lora"})
     row = bench_one(bench, "lora", 0, str(tmp_path), (0, 4), runner, lambda m: None)
     assert row["status"] == "failed" and row["error"] == "boom" and len(runner.calls) == 1  # no halving on a bug
@@ -262,3 +262,34 @@ def test_auto_fit_skips_what_the_planner_rules_out_and_reports_the_levers_used(t
     assert row["predicted_peak_bytes"] == 8 * 2**30
     skipped = [t for t in row["tried"] if t["outcome"] == "skipped"]
     assert len(skipped) == 8 and all("predicted" in t["error"] for t in skipped)
+
+
+def test_killing_a_bench_leaves_nothing_behind(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """SIGTERM (``kill``) gets Ctrl-C's clean-up: the staged output and the running worker go."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *_bench_args(tiny_model_dir("bert"), tiny_csv,
+                                                                                str(out), "--epochs", "50")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".bench.partial") for p in tmp_path.iterdir()):
+        time.sleep(0.2)
+    time.sleep(3)  # let the first worker start
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lever_a_strategy_cannot_take_makes_a_not_applicable_row(tmp_path) -> None:
+    bench = BenchConfig(strategies=["full", "lora"], quantize="4bit")
+    runner = FakeRunner({"full": 32, "lora": 32})
+    results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner)
+    assert [c.strategy for c in runner.calls] == ["lora"]  # no process started for the refused one
+    assert results["summary"]["full"]["status"] == "not applicable"
+    assert "trains the base model's own weights" in results["summary"]["full"]["error"]
+    assert "| `full` | not applicable:" in (tmp_path / "results.md").read_text()
