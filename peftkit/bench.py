@@ -230,6 +230,7 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
     index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
     except the very last one, which is always tried so that "does not fit" is measured."""
+    from .levers import check_levers
     from .registry import get_strategy
 
     run_dir = os.path.join(stage, "runs", f"{strategy}-seed{seed}")
@@ -238,15 +239,12 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     cls = get_strategy(strategy)
     rungs = lever_rungs(bench, cls)
     try:  # the suite's own levers may not apply to this strategy (a quantized base under full)
-        from .levers import check_levers
-
         check_levers(RunConfig(**rungs[0]), cls())
     except PeftkitError as exc:
         return {**row, "status": "not applicable", "error": str(exc), "tried": []}
     candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)
                   if (i, -micro) >= (start[0], -start[1])]
     budget = parse_size(bench.memory_budget) if bench.memory_budget else None
-    attempt = None
     for n, (rung, levers, micro) in enumerate(candidates):
         predicted = predict(strategy, levers, micro) if predict is not None else None
         last = n == len(candidates) - 1

@@ -292,9 +292,9 @@ def plan_cmd(strategies: str, device: str | None, as_json: bool, **opts: Any) ->
     """Predict each strategy's peak training memory without training.
 
     \b
-    The peak is split into weights, gradients, optimizer state, activations (measured: the
-    model is built at depth 1 and 2 from its config and one forward pass records what autograd
-    saves), a backward-pass workspace and, on CPU, the runtime. Unlike `accelerate estimate-memory`
+    The peak is split into weights, gradients and optimizer state (arithmetic), activations
+    (measured: a dozen training steps of a random-weight copy, whole if small, else at depth
+    2 and 3 and extrapolated) and, on CPU, the runtime. Unlike `accelerate estimate-memory`
     it knows each strategy, activations, batch size, quantized bases and 8-bit optimizers.
     """
     from .bench import parse_strategies

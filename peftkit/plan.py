@@ -9,23 +9,24 @@ The peak is split the way it is spent:
 - **gradients**: 4 bytes per trainable parameter (trainable parameters stay in fp32);
 - **optimizer state**: AdamW's two moments, 8 bytes per trainable parameter, or about 2 for the
   8-bit AdamW (tensors under 4,096 elements keep 32-bit state, as bitsandbytes does);
-- **activations**: what the forward pass saves for the backward pass. This depends on the strategy
-  (a frozen backbone below the lowest trainable parameter saves nothing, LoRA saves the inputs of
-  every adapted layer, prefix tuning needs the whole stack), on the precision and on checkpointing,
-  so it is *measured*, not guessed: the model is built from its config at depth 1 and 2 (random
-  weights, on CPU), the strategy prepares it, and one forward pass at the planned batch and length
-  runs under ``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps.
-  The difference between depth 2 and depth 1 is one block's share; the rest (embeddings, head,
-  loss) is the base; the full model's activations are base + depth x block. With gradient
-  checkpointing a block keeps only its input (batch x length x hidden), and one block's full
-  activations exist again while it is recomputed in the backward pass.
-- **workspace**: one block's activations again, for the gradients of activations that exist
-  transiently during the backward pass;
+- **activations**: what the forward and backward passes hold beyond the parameters. They depend on
+  the strategy (a frozen backbone below the lowest trainable parameter keeps nothing for backward,
+  prefix tuning needs the whole stack), the attention path, the precision and checkpointing, so they
+  are *measured*, not guessed: the model is built from its config with random weights, the strategy
+  prepares it exactly as a run does, and twelve training steps run on the device at the planned batch
+  (the first at the full length, the rest at seeded random lengths, as a run's padded batches vary).
+  The peak increase over the prepared model, minus the gradients and optimizer state, is the
+  activations. Models up to 12 blocks and 150M parameters are measured whole (seconds); bigger ones
+  at depth 2 and 3, the difference being one block's share, extrapolated to their depth. With
+  ``--device cuda`` on a machine without a GPU, activations are instead the bytes of every tensor
+  autograd saves in one forward pass (``torch.autograd.graph.saved_tensors_hooks``) plus one block's
+  worth of workspace (``workspace``).
 - **runtime** (CPU only): the resident memory of a process that has imported torch, transformers
-  and peft, measured in this process, since on CPU the figure compared is the whole process's.
+  and peft, measured in this process before any model exists, since on CPU the figure compared is
+  the whole process's.
 
-The whole-depth model is only ever built on the meta device (no memory), so planning a 1B model
-takes the memory of a 2-block one.
+The whole model is built only on the meta device (no memory) unless it is small, so planning a 1B
+model takes the memory of a 3-block one.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettin
     return weights, grads, opt, notes
 
 
-# -- activations: measured on depth-1 and depth-2 copies ------------------------------------
+# -- activations: measured by training steps on random-weight copies -----------------------
 
 def _with_depth(config: Any, depth: int) -> Any:
     cfg = copy.deepcopy(config)
