@@ -195,10 +195,11 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
     from .levers import enable_gradient_checkpointing, store_frozen_in_half
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(_with_depth(config, depth)).to(device)
+    model = AutoModelForSequenceClassification.from_config(_with_depth(config, depth))
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = strategy.prepare(model, task)
+    # moved after prepare, as a run's accelerator does: modules a strategy adds are built on the CPU
+    model = strategy.prepare(model, task).to(device)
     trainable = strategy.trainable_parameters(model)
     for p in trainable.values():
         p.requires_grad_(True)
@@ -423,6 +424,11 @@ def bench_predictor(model: str, batch_size: int, max_length: int, num_labels: in
             settings = PlanSettings(model=model, strategies=[strategy], batch_size=batch_size,
                                     max_length=max_length, num_labels=num_labels, device=device, **levers)
             est = plan_strategy(config, strategy, settings)
+            if device == "cuda":
+                # the workers need the card: give back what planning cached (the context stays)
+                import torch
+
+                torch.cuda.empty_cache()
             cache[key] = est if est.status == "ok" else None
         est = cache[key]
         if est is None:
