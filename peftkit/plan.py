@@ -239,11 +239,11 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
     from .levers import half_dtype, make_optimizer
     from .memory import MemoryMeter, release_free_memory
     from .strategies.base import ParamGroup
-    from .train import _torch_groups
+    from .train import torch_param_groups
 
     release_free_memory()
     model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
-    optimizer = make_optimizer(settings.optimizer, _torch_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
+    optimizer = make_optimizer(settings.optimizer, torch_param_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
     rng = random.Random(0)
     full = settings.max_length
     lengths = [full] + [rng.randint(max(1, full // 4), full) for _ in range(steps - 1)]

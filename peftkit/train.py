@@ -126,7 +126,7 @@ class TrainOutcome:
     model: Any = None  # the trained model, unwrapped from accelerate
 
 
-def _torch_groups(groups: list[ParamGroup], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def torch_param_groups(groups: list[ParamGroup], lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """Split each strategy group into decayed (matrices) and undecayed (biases, norms) halves:
     decided by tensor shape, so no parameter names are matched."""
     out = []
@@ -195,7 +195,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
     groups = strategy.param_groups(model)
     if not any(g.params for g in groups):
         raise PeftkitError(f"strategy {strategy.name!r} left no parameter to train on this model")
-    optimizer = make_optimizer(cfg.optimizer, _torch_groups(groups, hp.lr, hp.weight_decay), hp.lr)
+    optimizer = make_optimizer(cfg.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
     # Memory is measured per phase from here: "loaded" is the model (and data) in place, before any
     # step; training and evaluation peaks are kept apart because they answer different questions
@@ -227,7 +227,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def add_groups(new: list[ParamGroup]) -> None:
-        for g in _torch_groups(new, hp.lr, hp.weight_decay):
+        for g in torch_param_groups(new, hp.lr, hp.weight_decay):
             optimizer.add_param_group(g)
             log(f"optimizer: +{sum(p.numel() for p in g['params']):,} parameters at lr {g['base_lr']:.3g}")
 
