@@ -38,15 +38,17 @@ def _quiet_libraries() -> None:
 
 def lever_options(func: Any) -> Any:
     """The memory levers, the same in run, bench and plan."""
+    from .levers import OPTIMIZERS, PRECISIONS, QUANTIZATIONS
+
     options = [
-        click.option("--quantize", type=click.Choice(["4bit", "8bit"]), default=None,
+        click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
                      help="Load the frozen base quantized (bitsandbytes; 4bit = NF4 + double quantization, "
                           "QLoRA). For lora, adapter, prefix, head_only."),
-        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "paged_adamw8bit"]), default=None,
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
                      help="adamw (torch, default), adamw8bit or paged_adamw8bit (bitsandbytes; paged: CUDA only)."),
         click.option("--gradient-checkpointing", is_flag=True, default=None,
                      help="Recompute activations in the backward pass: less memory, slower."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                      help="Mixed precision via accelerate (default fp32; fp16 needs CUDA). Frozen weights "
                           "are then stored in 16 bits."),
     ]

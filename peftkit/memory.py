@@ -102,6 +102,12 @@ class MemoryMeter:
         kib = _proc_status_kib("VmRSS")
         return kib * 1024 if kib is not None else self._ru_maxrss()
 
+    def release_free(self) -> None:
+        """CPU: hand freed heap back to the system first, so the resident set counts live memory
+        (``release_free_memory``). CUDA: nothing to do; the allocator's counts are exact."""
+        if not self.cuda:
+            release_free_memory()
+
     def reset_peak(self) -> None:
         if self.cuda:
             import torch

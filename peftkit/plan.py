@@ -137,8 +137,9 @@ def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettin
         elif half is not None and p.is_floating_point():
             weights += 2 * n
         else:
-            weights += p.element_size() * n if p.is_floating_point() else p.element_size() * n
+            weights += p.element_size() * n
     if settings.optimizer == "paged_adamw8bit" and settings.device == "cuda":
+        opt = 0  # the allocator never sees it, so neither does its peak
         notes.append("paged optimizer state lives in CUDA managed memory, outside the allocator's count")
     return weights, grads, opt, notes
 
@@ -339,8 +340,6 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         est.trainable_params = sum(p.numel() for p in trainable.values())
         est.total_params = sum(p.numel() for p in prepared.parameters())
         est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
-        if settings.optimizer == "paged_adamw8bit" and settings.device == "cuda":
-            est.optimizer = 0
         del full, prepared
         torch.set_grad_enabled(True)
         depth = _depth(config)

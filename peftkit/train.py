@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .config import RunConfig
 from .errors import PeftkitError
 from .levers import make_optimizer, store_frozen_in_half
-from .memory import MemoryMeter, apply_budget, check_budget, parse_size, release_free_memory
+from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
 
 
@@ -201,8 +201,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
     # step; training and evaluation peaks are kept apart because they answer different questions
     # (what training needs vs what serving needs).
     meter = MemoryMeter(accelerator.device)
-    if not meter.cuda:
-        release_free_memory()  # loading's temporary buffers are gone; "loaded" is what stays
+    meter.release_free()  # loading's temporary buffers are gone; "loaded" is what stays
     memory_loaded = meter.current()
     peaks = {"train": 0, "eval": 0, "train_reserved": 0, "eval_reserved": 0}
 
@@ -211,8 +210,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         peaks[phase + "_reserved"] = max(peaks[phase + "_reserved"], meter.peak_reserved() or 0)
 
     def run_eval(loader: Any) -> dict[str, float]:
-        if not meter.cuda:
-            release_free_memory()
+        meter.release_free()
         meter.reset_peak()
         out = evaluate(strategy, model, loader, task.num_labels, accelerator,
                        after_batch=lambda: check_budget(meter, budget, "evaluation", memory_loaded))
@@ -243,8 +241,7 @@ def fit(run: ResolvedRun, model: Any, tokenizer: Any, data: Any, task: TaskSpec,
         add_groups(strategy.on_epoch_start(model, epoch))
         max_trainable = max(max_trainable, count_trainable())
         model.train()
-        if not meter.cuda:
-            release_free_memory()  # what evaluation freed is not training's to count
+        meter.release_free()  # what evaluation freed is not training's to count
         meter.reset_peak()
         epoch_start, epoch_examples, epoch_loss, epoch_batches = time.perf_counter(), 0, 0.0, 0
         epoch_tokens = 0
