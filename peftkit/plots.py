@@ -27,26 +27,26 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: float,
-             front: list[str] | None) -> None:
+             front: list[str] | None, q: str, q_label: str) -> None:
     colors = {name: f"C{i % 10}" for i, name in enumerate(summary)}
     # labels of points close in x alternate above and below, so neighbours do not overwrite each other
     by_x = sorted(summary, key=lambda n: summary[n][xkey])
     for rank, name in enumerate(by_x):
         v = summary[name]
-        x, y = v[xkey] / scale, v["test_accuracy_mean"]
-        ax.errorbar(x, y, yerr=v["test_accuracy_std"] or 0, fmt="o", color=colors[name], capsize=3, markersize=7)
+        x, y = v[xkey] / scale, v[q + "_mean"]
+        ax.errorbar(x, y, yerr=v[q + "_std"] or 0, fmt="o", color=colors[name], capsize=3, markersize=7)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 if rank % 2 == 0 else -13),
                     fontsize=9, color=colors[name])
     if front:
         xs = [summary[n][xkey] / scale for n in front]
-        ys = [summary[n]["test_accuracy_mean"] for n in front]
+        ys = [summary[n][q + "_mean"] for n in front]
         ax.step(xs, ys, where="post", color="0.4", linestyle="--", linewidth=1)
         ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="0.3", linewidths=1.2,
                    label="Pareto front (none beats these on both)")
         ax.legend(loc="best", fontsize=8)
     ax.margins(x=0.12, y=0.08)
     ax.grid(True, alpha=0.3)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(q_label)
 
 
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
@@ -56,7 +56,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     matplotlib.use("Agg")  # files only: no display needed, none assumed
     import matplotlib.pyplot as plt
 
-    summary = {k: v for k, v in results["summary"].items() if v.get("test_accuracy_mean") is not None}
+    q, q_label, higher = results.get("quality", ("test_accuracy", "test accuracy", True))
+    summary = {k: v for k, v in results["summary"].items() if v.get(q + "_mean") is not None}
     if not summary:
         return []
     settings = results["settings"]
@@ -68,32 +69,36 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
             ("peak_memory_bytes", 2**30, "peak training memory (GiB)", "memory", "accuracy_vs_memory.png"),
             ("train_seconds_mean", 1.0, "training time (s)", "training time", "accuracy_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        front = pareto_front({n: (v[key], v["test_accuracy_mean"]) for n, v in summary.items()})
-        _scatter(ax, summary, key, scale, front)
+        # the front wants "higher is better": a perplexity is turned round for it
+        front = pareto_front({n: (v[key], v[q + "_mean"] if higher else -v[q + "_mean"]) for n, v in summary.items()})
+        _scatter(ax, summary, key, scale, front, q, q_label)
         ax.set_xlabel(xlabel)
-        ax.set_title(f"Accuracy against {what}\n{title}", fontsize=10)
+        ax.set_title(f"{q_label.capitalize()} against {what}\n{title}", fontsize=10)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, filename), dpi=120)
         plt.close(fig)
         written.append(filename)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in results["rows"] if r.get("history")]
+    curve = "validation_accuracy" if all(e.get("validation_accuracy") is not None
+                                         for r in rows for e in r["history"]) else "validation_perplexity"
     for i, name in enumerate(summary):
         curves = [r["history"] for r in results["rows"] if r["strategy"] == name and r.get("history")]
         n_epochs = max(len(c) for c in curves)
         means = []
         for e in range(n_epochs):
-            vals = [c[e]["validation_accuracy"] for c in curves if len(c) > e]
+            vals = [c[e][curve] for c in curves if len(c) > e]
             means.append(sum(vals) / len(vals))
         ax.plot(range(1, n_epochs + 1), means, marker="o", markersize=4, color=f"C{i % 10}", label=name)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(curve.replace("_", " "))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
-    ax.set_title(f"Validation accuracy per epoch (mean over seeds)\n{title}", fontsize=10)
+    ax.set_title(f"{curve.replace('_', ' ').capitalize()} per epoch (mean over seeds)\n{title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "validation_curves.png"), dpi=120)
     plt.close(fig)

@@ -60,3 +60,72 @@ def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
     os.rename(stage, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# -- runs that can be resumed ---------------------------------------------------------------------
+# A run's staging directory has a fixed name beside its destination (``.NAME.partial``), so that
+# every process of a data-parallel run writes into the same place and ``--resume`` finds an
+# interrupted run by the name the user gave.
+
+_CREATED_PARENTS: dict[str, list[str]] = {}
+
+
+def stage_path(path: str) -> str:
+    """The staging directory of the run that will end up at ``path``."""
+    final = os.path.abspath(path)
+    return os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial")
+
+
+def open_stage(path: str, overwrite: bool, resume: bool) -> str:
+    """Create (or, with ``resume``, find) the staging directory of the run going to ``path``."""
+    from .checkpoint import latest
+
+    stage = stage_path(path)
+    if resume:
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "metrics.json")):
+            raise PeftkitError(f"run {path!r} already finished; nothing to resume")
+        if not os.path.isdir(stage) or latest(stage) is None:
+            raise PeftkitError(f"no interrupted run with a checkpoint at {path!r} (looked for {stage}); "
+                               "only runs started with --checkpoint-every N can be resumed")
+        return stage
+    check_output_dir(path, overwrite)
+    if os.path.isdir(stage):
+        if latest(stage) is not None and not overwrite:
+            raise PeftkitError(f"an interrupted run with checkpoints is at {stage!r}; continue it with "
+                               f"peftkit run --resume {path}, or start afresh with --overwrite")
+        shutil.rmtree(stage)  # left by a run killed before its first checkpoint
+    created = []  # parent directories we make, removed again if the run fails
+    probe = os.path.dirname(stage)
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(stage)
+    _CREATED_PARENTS[stage] = created
+    return stage
+
+
+def finish_stage(stage: str, path: str, overwrite: bool) -> None:
+    """Move a finished run's staging directory to ``path``."""
+    final = os.path.abspath(path)
+    check_output_dir(path, overwrite)  # something may have appeared there while we ran
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        os.rename(final, os.path.join(old, "run"))
+    os.rename(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def abandon_stage(stage: str) -> bool:
+    """After a failure: keep the staging directory if it holds a checkpoint to resume from (True),
+    else remove it."""
+    from .checkpoint import latest
+
+    if latest(stage) is not None:
+        return True
+    shutil.rmtree(stage, ignore_errors=True)
+    for directory in _CREATED_PARENTS.pop(stage, []):  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+    return False

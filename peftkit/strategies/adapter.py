@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
-from ..structure import head_module_names, set_submodule, sublayer_outputs, transformer_blocks
+from ..structure import set_submodule, sublayer_outputs, transformer_blocks
 from .base import Strategy, TaskSpec, TrainingDefaults
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,6 +123,6 @@ class BottleneckAdapter(Strategy):
                 for module in block.modules():
                     if "norm" in type(module).__name__.lower():
                         module.requires_grad_(True)
-        for name in head_module_names(model):
+        for name in task.heads(model):
             getattr(model, name).requires_grad_(True)
         return model

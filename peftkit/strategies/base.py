@@ -33,10 +33,28 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What the model is being fine-tuned for (sequence classification for now)."""
+    """What the model is being fine-tuned for, as far as a strategy needs to know.
+
+    ``kind`` is the task type (``sequence-classification``, ``causal-lm``, ``image-classification``);
+    ``head_modules`` the top-level modules that are a *new*, randomly initialised head, which must
+    train whatever the strategy (None: find them by structure, ``structure.head_module_names``; empty
+    for a language model, whose output layer is pretrained); ``peft_task_type`` peft's name for the
+    task (``SEQ_CLS``, ``CAUSAL_LM``) or None where peft has none.
+    """
 
     num_labels: int
     label_names: tuple[str, ...]
+    kind: str = "sequence-classification"
+    head_modules: tuple[str, ...] | None = None
+    peft_task_type: str | None = "SEQ_CLS"
+
+    def heads(self, model: nn.Module) -> list[str]:
+        """Names of ``model``'s new head modules (see ``head_modules``)."""
+        if self.head_modules is not None:
+            return list(self.head_modules)
+        from ..structure import head_module_names
+
+        return head_module_names(model)
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,14 @@ class Strategy:
         from ..adapter_io import read_changed_tensors
 
         self.load_adapter_state(model, read_changed_tensors(self.adapter_state(model), directory, metadata))
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors besides the trained parameters that a checkpoint must keep for the run to go on
+        exactly as it would have (default: none; head_only keeps its feature cache)."""
+        return {}
+
+    def load_extra_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what ``extra_state`` returned, when a run resumes from a checkpoint."""
 
     def merge(self, model: nn.Module) -> nn.Module:
         """A plain transformers model that computes what ``model`` computes (``peftkit merge``).

@@ -7,7 +7,11 @@ the head on the cached features: epochs after the first never run the backbone a
 Pooling matters: sentence-embedding models such as all-MiniLM-L6-v2 were trained with mean pooling,
 and a head on their mean-pooled states beats one on the [CLS]/pooler output by a wide margin when
 the backbone cannot adapt. ``pooling`` offers mean (default), the model's own pooler (BERT's
-dense+tanh on [CLS]), the first token (cls) and the last non-padding token (decoders).
+dense+tanh on [CLS]), the first token (cls) and the last non-padding token (decoders). Images
+(ViT) pool their patch states the same way.
+
+For a causal language model the head is the output layer (hidden state -> vocabulary): it is untied
+from the input embeddings and trained alone on the frozen model.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class HeadOnlyOptions:
             raise PeftkitError(f"head_only option dropout must be in [0, 1), got {self.dropout}")
 
 
-def _pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def _pool(outputs, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     import torch
 
     hidden = outputs.last_hidden_state
@@ -45,6 +49,8 @@ def _pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
         return outputs.pooler_output
     if pooling == "cls":
         return hidden[:, 0]
+    if attention_mask is None:  # images: every position (patch) is real
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
     if pooling == "mean":
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -84,7 +90,7 @@ def build_head_classifier(backbone: nn.Module, hidden_size: int, num_labels: int
                     f"head_only pooling 'pooler' needs a model with a pooler; model type "
                     f"{getattr(self.backbone.config, 'model_type', '?')!r} has none (use mean, cls or last)"
                 )
-            return _pool(outputs, inputs["attention_mask"], pooling)
+            return _pool(outputs, inputs.get("attention_mask"), pooling)
 
         def forward(self, example_key: torch.Tensor | None = None, **inputs: torch.Tensor):
             keys = example_key.tolist() if example_key is not None else None
@@ -99,6 +105,27 @@ def build_head_classifier(backbone: nn.Module, hidden_size: int, num_labels: int
     return PooledHeadClassifier()
 
 
+def _train_output_layer_only(model: nn.Module) -> nn.Module:
+    """A language model's head is its output layer (hidden state -> vocabulary). Many models tie it
+    to the input embeddings (one matrix for both); training it tied would change the embeddings
+    too, so it is untied first: a copy of its own trains, the embeddings stay frozen. No feature
+    cache here: a language model's loss needs every answer position's state, and the frozen
+    backbone keeps no activations for the backward pass anyway."""
+    from torch import nn as tnn
+
+    out = model.get_output_embeddings()
+    if out is None:
+        raise PeftkitError(f"strategy 'head_only' found no output layer in model type {model.config.model_type!r}")
+    model.requires_grad_(False)
+    if out.weight is model.get_input_embeddings().weight:
+        out.weight = tnn.Parameter(out.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            model._tied_weights_keys = None  # transformers must not re-tie it on save or load
+    out.requires_grad_(True)
+    return model
+
+
 @register_strategy
 class HeadOnly(Strategy):
     name = "head_only"
@@ -111,6 +138,8 @@ class HeadOnly(Strategy):
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         opts: HeadOnlyOptions = self.options
+        if task.kind == "causal-lm":
+            return _train_output_layer_only(model)
         hidden = getattr(model.config, "hidden_size", None)
         if hidden is None:
             raise PeftkitError(
@@ -120,6 +149,26 @@ class HeadOnly(Strategy):
         return build_head_classifier(model.base_model, hidden, task.num_labels, opts.pooling, opts.dropout)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not hasattr(model, "feature_cache"):  # a language model's output layer: a plain forward
+            return super().forward(model, batch)
         # unlike the default, pass example_key on: it is what the feature cache is keyed by
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return model(**inputs).logits
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        # the cache is kept in checkpoints: recomputed features, padded in other batches, could
+        # differ in the last bits, and a resumed run must end exactly as an uninterrupted one
+        import torch
+
+        cache = getattr(model, "feature_cache", None)
+        if not cache:
+            return {}
+        keys = sorted(cache)
+        return {"feature_cache.keys": torch.tensor(keys, dtype=torch.long),
+                "feature_cache.values": torch.stack([cache[k] for k in keys])}
+
+    def load_extra_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        if "feature_cache.keys" in tensors:
+            values = tensors["feature_cache.values"]
+            device = next(model.head.parameters()).device
+            model.feature_cache.update(zip(tensors["feature_cache.keys"].tolist(), values.to(device)))

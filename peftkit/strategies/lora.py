@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PeftkitError, first_line
 from ..registry import register_strategy
-from ..structure import head_module_names
 from .base import TaskSpec, TrainingDefaults
 from .peft_common import PeftStrategy
 
@@ -87,7 +86,7 @@ class Lora(PeftStrategy):
         return model.merge_and_unload()
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, get_peft_model
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
 
         opts: LoraOptions = self.options
@@ -103,12 +102,12 @@ class Lora(PeftStrategy):
                      for name, m in model.named_modules())
         config = LoraConfig(
             fan_in_fan_out=conv1d,
-            task_type=TaskType.SEQ_CLS,
+            task_type=task.peft_task_type,
             r=opts.r,
             lora_alpha=opts.alpha,
             lora_dropout=opts.dropout,
             target_modules=list(targets),
-            modules_to_save=head_module_names(model),
+            modules_to_save=task.heads(model),
             use_rslora=opts.use_rslora,
             use_dora=opts.use_dora,
         )

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PeftkitError, first_line
 from ..registry import register_strategy
-from ..structure import head_module_names
 from .base import TaskSpec, TrainingDefaults
 from .peft_common import PeftStrategy
 
@@ -59,15 +58,19 @@ class PrefixTuning(PeftStrategy):
                              projection_hidden_size=config.get("encoder_hidden_size") if config.get("prefix_projection") else None)
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
-        from peft import PrefixTuningConfig, TaskType, get_peft_model
+        from peft import PrefixTuningConfig, get_peft_model
 
         opts: PrefixOptions = self.options
+        if task.peft_task_type is None:
+            # prefixes are past keys/values: only text models that take a key/value cache have them
+            raise PeftkitError(f"strategy 'prefix' cannot handle task {task.kind!r}: prefix tuning needs a "
+                               "text model that takes past keys and values; use lora or adapter")
         config = PrefixTuningConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=task.peft_task_type,
             num_virtual_tokens=opts.num_virtual_tokens,
             prefix_projection=opts.prefix_projection,
             encoder_hidden_size=opts.projection_hidden_size or getattr(model.config, "hidden_size", None),
-            modules_to_save=head_module_names(model),
+            modules_to_save=task.heads(model),
         )
         try:
             return get_peft_model(model, config)

@@ -8,7 +8,6 @@ from peftkit's defaults for the Strategy interface.
 from __future__ import annotations
 
 from peftkit import Strategy, TrainingDefaults
-from peftkit.structure import head_module_names
 
 
 class BitFit(Strategy):
@@ -18,7 +17,7 @@ class BitFit(Strategy):
     defaults = TrainingDefaults(lr=1e-3, epochs=1, batch_size=32)
 
     def prepare(self, model, task):
-        head = set(head_module_names(model))
+        head = set(task.heads(model))
         for name, param in model.named_parameters():
             # a bias is the one-dimensional parameter of a module that also has a weight; norms'
             # biases count too, as in the paper

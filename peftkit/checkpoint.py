@@ -1,0 +1,178 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is a directory ``checkpoints/step-NNNNNNN`` in the run's staging directory:
+
+    trainable.safetensors   the parameters the strategy trains (+ floating buffers), as now
+    best.safetensors        the best epoch's adapter state so far
+    optimizer.safetensors   the optimizer's tensors; its other state and groups in state.json
+    strategy.safetensors    a strategy's own extra state (head_only's feature cache)
+    rng-rankN.safetensors   each process's torch (and CUDA) random state and the sampler's
+    state.json              position (epoch, batches done, step), counters, history, Python and
+                            NumPy random states, the optimizer's non-tensor state
+
+It is written into a temporary directory and renamed into place, and only then is the previous one
+removed, so a process killed at any moment (SIGKILL included) leaves one complete checkpoint. Only
+safetensors and JSON are read back: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from .errors import PeftkitError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CHECKPOINTS = "checkpoints"
+_PREFIX = "step-"
+
+
+def latest(run_dir: str) -> str | None:
+    """The newest complete checkpoint in ``run_dir`` (None if there is none)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith(_PREFIX)
+                  and os.path.exists(os.path.join(root, d, "state.json")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+# -- random states ------------------------------------------------------------------------------
+
+def rng_state(sampler_state: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This process's random states: (tensors, JSON-able)."""
+    import numpy as np
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    if sampler_state is not None:
+        tensors["sampler_epoch_start"] = sampler_state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "python": [version, list(internal), gauss]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured (the sampler's state is the caller's)."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- optimizer ---------------------------------------------------------------------------------
+
+def flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and the rest (for JSON)."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def unflatten_optimizer(tensors: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, entries in plain["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+# -- writing and reading ------------------------------------------------------------------------
+
+def begin(run_dir: str, step: int) -> str:
+    """A fresh temporary directory for the checkpoint at ``step`` (main process)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".tmp-{_PREFIX}{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
+    os.makedirs(tmp)
+    return tmp
+
+
+def write_rank(tmp: str, rank: int, sampler_state: torch.Tensor | None) -> None:
+    """Every process writes its own random states into the checkpoint being made."""
+    from .adapter_io import write_safetensors
+
+    tensors, plain = rng_state(sampler_state)
+    write_safetensors(tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+    _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), plain)
+
+
+def write_main(tmp: str, trainable: dict[str, Any], best: dict[str, Any], optimizer: dict[str, Any],
+               extra: dict[str, Any], state: dict[str, Any]) -> None:
+    """The main process writes the model, optimizer and loop state (state.json last: a checkpoint
+    without it is incomplete and never read)."""
+    from .adapter_io import write_safetensors
+
+    write_safetensors(trainable, os.path.join(tmp, "trainable.safetensors"))
+    write_safetensors(best, os.path.join(tmp, "best.safetensors"))
+    opt_tensors, opt_plain = flatten_optimizer(optimizer)
+    write_safetensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    write_safetensors(extra, os.path.join(tmp, "strategy.safetensors"))
+    _write_json(os.path.join(tmp, "state.json"), {**state, "optimizer": opt_plain})
+
+
+def commit(tmp: str) -> str:
+    """Rename the finished checkpoint into place, then drop older ones (main process)."""
+    root = os.path.dirname(tmp)
+    final = os.path.join(root, os.path.basename(tmp)[len(".tmp-"):])
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if path != final:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def read(path: str, rank: int) -> dict[str, Any]:
+    """Everything a checkpoint holds, for process ``rank``."""
+    from .adapter_io import read_safetensors
+
+    def tensors(name: str) -> dict[str, Any]:
+        return read_safetensors(os.path.join(path, name))
+
+    rng_file = os.path.join(path, f"rng-rank{rank}.json")
+    if not os.path.exists(rng_file):
+        raise PeftkitError(f"checkpoint {path!r} has no random state for process {rank}: it was written by "
+                           "fewer processes; resume with the same number of processes")
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
+        state = json.load(fh)
+    with open(rng_file, encoding="utf-8") as fh:
+        rng_plain = json.load(fh)
+    return {"state": state, "trainable": tensors("trainable.safetensors"), "best": tensors("best.safetensors"),
+            "optimizer": unflatten_optimizer(tensors("optimizer.safetensors"), state["optimizer"]),
+            "extra": tensors("strategy.safetensors"),
+            "rng": (tensors(f"rng-rank{rank}.safetensors"), rng_plain)}
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)

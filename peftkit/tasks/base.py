@@ -1,0 +1,128 @@
+"""The contract every task type implements.
+
+A task type is everything that differs between *what* is being learned (a label for a text, the
+next tokens of a response, a label for an image), and nothing about *how* (that is a strategy):
+
+1. ``load_data``: a dataset from a short name, a file or the hub, as train / validation / test;
+2. ``load_processor`` / ``load_model``: the tokenizer or image processor, and the pretrained model
+   with the head the task needs;
+3. ``encode`` / ``collate``: examples turned into model inputs, batches padded;
+4. ``loss``: the training loss from a strategy's logits;
+5. ``evaluate``: the task's metrics over a split (gathered over every process), plus the one that
+   picks the best epoch (``selection_metric``, higher is better).
+
+The training loop calls these and never branches on the task's name; strategies see only the
+``TaskSpec`` a task hands them (how many labels, which modules are a new head, peft's task type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from ..strategies.base import TaskSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..config import RunConfig
+
+
+@dataclass
+class TaskData:
+    """A task's raw splits (``train``, ``validation``, ``test``), label names where the data is
+    labelled, and how the split was made."""
+
+    splits: Any  # datasets.DatasetDict
+    label_names: list[str] | None
+    split_info: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of task types (``peftkit run --task NAME``)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: what ``--model`` and ``--dataset`` default to for this task
+    default_model: ClassVar[str] = ""
+    default_dataset: ClassVar[str] = ""
+    #: tokens per example when ``--max-length`` is not given (None: the task has no tokens)
+    default_max_length: ClassVar[int | None] = None
+    #: the validation metric that picks the best epoch; higher is better (losses are negated)
+    selection_metric: ClassVar[str] = "accuracy"
+    #: the test metrics a run's summary line and the benchmark table lead with
+    headline_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
+
+    # -- data and model ------------------------------------------------------------------------
+    def load_data(self, cfg: RunConfig) -> TaskData:
+        raise NotImplementedError
+
+    def load_processor(self, model: str) -> Any:
+        """The tokenizer (text) or image processor (images) of ``model``."""
+        raise NotImplementedError
+
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
+                   precision: str) -> nn.Module:
+        """The pretrained model with this task's head (new where the task needs one)."""
+        raise NotImplementedError
+
+    def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
+        """What strategies need to know about this task, for a freshly loaded ``model``."""
+        raise NotImplementedError
+
+    # -- batches -------------------------------------------------------------------------------
+    def encode(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        """Model-ready splits. Every example gets an ``example_key`` unique across splits (for
+        strategies that cache per example) and a ``length`` where grouping by length saves padding."""
+        raise NotImplementedError
+
+    def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        raise NotImplementedError
+
+    # -- learning and measuring ----------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                 after_batch: Callable[[], None] | None = None, final: bool = False,
+                 context: Any = None) -> dict[str, float]:
+        """Metrics of ``model`` over ``loader``, gathered over every process. ``final`` is the
+        test evaluation, where a task may also do costlier things (generate answers)."""
+        raise NotImplementedError
+
+    # -- planning (``peftkit plan``: random weights, no data) -----------------------------------
+    def model_from_config(self, config: Any) -> nn.Module:
+        """This task's model built from ``config`` (random weights; on the meta device under
+        ``accelerate.init_empty_weights``)."""
+        raise NotImplementedError
+
+    def plan_spec(self, model: nn.Module, num_labels: int) -> TaskSpec:
+        """The ``TaskSpec`` a run would hand strategies, for a model built from a config."""
+        names = tuple(f"label_{i}" for i in range(num_labels))
+        return TaskSpec(num_labels=num_labels, label_names=names, kind=self.name)
+
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
+        """A batch shaped like a real one (random content), for measuring a training step."""
+        raise NotImplementedError
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """How good validation ``metrics`` are (higher is better): picks the best epoch."""
+        return metrics[self.selection_metric]
+
+    def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        """What an adapter records so that ``predict`` can use it (label names, lengths, ...)."""
+        return {"label_names": data.label_names}
+
+
+def gathered_sum(accelerator: Any, value: float) -> float:
+    """``value`` summed over every process (evaluation loss sums are per process)."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum").item())
+
+
+__all__ = ["Task", "TaskData", "TaskSpec", "gathered_sum"]

@@ -1,0 +1,265 @@
+"""Causal language modelling: learn to continue a prompt with its response.
+
+Data comes in three shapes, tried in this order:
+
+* a prompt and a response column (``--text-column`` / ``--response-column``, or guessed:
+  prompt/instruction/question/input/text and response/output/completion/answer): the loss is on the
+  response tokens only (the prompt is context, not something to learn to write);
+* a labelled dataset (a text and a label column, as for classification): phrased as a completion
+  task, ``"Review: {text} ... Answer:"`` -> ``" positive"``, so the label's name is the answer;
+* one text column: plain language modelling over the whole text.
+
+Evaluation: per-token loss and perplexity of the responses every epoch (cheap, picks the best
+epoch); on the test split also the exact match of the greedily generated answer with the reference,
+which for a labelled dataset is its classification accuracy (reported as ``accuracy`` too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import PeftkitError
+from .base import Task, TaskData, TaskSpec, gathered_sum
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..config import RunConfig
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding), as torch's cross-entropy skips
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    description = "Continue a prompt with its response (AutoModelForCausalLM); perplexity, exact match of generated answers."
+    default_model = "smollm2"
+    default_dataset = "rotten_tomatoes"
+    default_max_length = 128
+    selection_metric = "loss"  # lower is better: ``score`` negates it
+    headline_metrics = ("perplexity", "exact_match")
+
+    labelled = False  # set by load_data: the answers are label names (exact match is accuracy)
+    generates = True  # set by load_data: False for plain text, which has no answers to generate
+
+    def score(self, metrics: dict[str, float]) -> float:
+        return -metrics["loss"]
+
+    # -- data ------------------------------------------------------------------------------------
+    def load_data(self, cfg: RunConfig) -> TaskData:
+        from ..data import load_labelled_data, load_prompt_response, prompt_template_for
+
+        pairs = load_prompt_response(cfg.dataset, cfg.text_column, cfg.response_column, cfg.seed,
+                                     cfg.max_train_samples)
+        if pairs is not None:
+            pairs.split_info["shape"] = "prompt and response"
+            return TaskData(pairs.splits, None, pairs.split_info)
+        try:
+            labelled = load_labelled_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed,
+                                          cfg.max_train_samples)
+        except PeftkitError as exc:
+            if not str(exc).startswith("no label column found"):
+                raise
+            text = load_prompt_response(cfg.dataset, None, cfg.text_column or "text", cfg.seed,
+                                        cfg.max_train_samples, no_prompt=True)
+            assert text is not None
+            text.split_info["shape"] = "plain text"
+            self.generates = False
+            return TaskData(text.splits, None, text.split_info)
+        self.labelled = True
+        template = prompt_template_for(cfg.dataset)
+        names = labelled.label_names
+
+        def phrase(row: dict[str, Any]) -> dict[str, str]:
+            return {"prompt": template.format(text=row["text"]), "response": " " + names[row["label"]]}
+
+        splits = {k: ds.map(phrase, remove_columns=ds.column_names) for k, ds in labelled.splits.items()}
+        import datasets
+
+        labelled.split_info.update(shape="labelled data phrased as completion", prompt_template=template)
+        return TaskData(datasets.DatasetDict(splits), names, labelled.split_info)
+
+    def load_processor(self, model: str) -> Any:
+        from ..models import load_tokenizer
+
+        return load_tokenizer(model)
+
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
+                   precision: str) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        from ..models import load_pretrained
+
+        # the output layer stays unquantized: it is (often) the input embeddings too, and head_only trains it
+        return load_pretrained(model, AutoModelForCausalLM, "a causal language model", quantize, precision,
+                               keep_unquantized=["lm_head"], pad_token_id=processor.pad_token_id)
+
+    def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
+        names = tuple(data.label_names or ())
+        # no new head: the output layer is pretrained, and trains only where a strategy says so
+        return TaskSpec(num_labels=len(names), label_names=names, kind=self.name, head_modules=(),
+                        peft_task_type="CAUSAL_LM")
+
+    def encode(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        tok = processor
+        if tok.eos_token_id is None:
+            raise PeftkitError("causal-lm needs a tokenizer with an end-of-sequence token")
+        limit = cfg.max_length
+
+        def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
+            prompts = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+            responses = tok(batch["response"], add_special_tokens=False)["input_ids"]
+            out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": [],
+                                    "example_key": []}
+            for i, (p, r) in zip(idx, zip(prompts, responses)):
+                r = (r + [tok.eos_token_id])[:limit]
+                p = p[len(p) - (limit - len(r)):] if len(p) + len(r) > limit else p  # keep the prompt's end
+                ids = p + r
+                out["input_ids"].append(ids)
+                out["attention_mask"].append([1] * len(ids))
+                out["labels"].append([IGNORE] * len(p) + r)
+                out["length"].append(len(ids))
+                out["example_key"].append(start + i)
+            return out
+
+        splits, offset = {}, 0
+        for name in ("train", "validation", "test"):
+            ds = data.splits[name]
+            splits[name] = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                                  fn_kwargs={"start": offset})
+            offset += len(ds)
+        return splits
+
+    def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """Pad on the left, so every row's answer ends at the last position: the model then
+        computes vocabulary-wide logits only for the last ``logits_to_keep`` positions (those that
+        predict answer tokens), not for every prompt token: the output layer is a fifth of a
+        small LM's compute, and batch x length x vocabulary logits are gigabytes."""
+        import torch
+
+        pad = processor.pad_token_id
+
+        def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            width = max(len(r["input_ids"]) for r in rows)
+
+            def padded(key: str, value: int) -> torch.Tensor:
+                return torch.stack([torch.cat([torch.full((width - len(r[key]),), value, dtype=torch.long),
+                                               torch.as_tensor(r[key], dtype=torch.long)]) for r in rows])
+
+            labels = padded("labels", IGNORE)
+            mask = padded("attention_mask", 0)
+            answer = int((labels != IGNORE).sum(1).max())
+            return {"input_ids": padded("input_ids", pad), "attention_mask": mask, "labels": labels,
+                    # positions count real tokens only, as generate() counts them for left padding
+                    "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                    "logits_to_keep": min(width, answer + 1),
+                    "example_key": torch.tensor([int(r["example_key"]) for r in rows])}
+
+        return collate
+
+    # -- learning and measuring ----------------------------------------------------------------
+    @staticmethod
+    def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed loss of the labelled tokens (position t predicts token t+1), and how many there
+        are. ``logits`` may cover only the last positions (``logits_to_keep``); only the labelled
+        ones are cast to fp32."""
+        import torch.nn.functional as F
+
+        kept = logits.shape[1]
+        target = labels[:, labels.shape[1] - kept:][:, 1:]
+        keep = target != IGNORE
+        picked = logits[:, :-1][keep].float()
+        return F.cross_entropy(picked, target[keep], reduction="sum"), int(keep.sum())
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        total, count = self._token_losses(logits, batch["labels"])
+        return total / max(1, count)
+
+    def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                 after_batch: Callable[[], None] | None = None, final: bool = False,
+                 context: Any = None) -> dict[str, float]:
+        import torch
+
+        model.eval()
+        loss_sum, tokens = 0.0, 0
+        matches: list[torch.Tensor] = []
+        with torch.no_grad():
+            for batch in loader:
+                logits = strategy.forward(model, batch)
+                total, count = self._token_losses(logits, batch["labels"])
+                loss_sum += total.item()
+                tokens += count
+                if final and self.generates:
+                    hits = self._exact_matches(accelerator.unwrap_model(model), batch, context)
+                    matches.append(accelerator.gather_for_metrics(hits).cpu())
+                if after_batch is not None:
+                    after_batch()
+        loss = gathered_sum(accelerator, loss_sum) / max(1.0, gathered_sum(accelerator, float(tokens)))
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if final and self.generates:
+            out["exact_match"] = float(torch.cat(matches).float().mean()) if matches else 0.0
+            if self.labelled:
+                out["accuracy"] = out["exact_match"]  # the generated answer is the predicted label
+        return out
+
+    @staticmethod
+    def _exact_matches(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> torch.Tensor:
+        """1 for each example whose greedy continuation of its prompt is its reference response."""
+        import torch
+
+        ids, labels = batch["input_ids"], batch["labels"]
+        prompts, references = [], []
+        for row_ids, row_labels, row_mask in zip(ids, labels, batch["attention_mask"]):
+            real = row_mask.bool()
+            row_ids, row_labels = row_ids[real], row_labels[real]
+            answer = (row_labels != IGNORE).nonzero()
+            start = int(answer[0]) if len(answer) else len(row_labels)
+            # an empty prompt (data without one) starts from the end-of-sequence token
+            prompts.append(row_ids[:start] if start else row_ids.new_tensor([tokenizer.eos_token_id]))
+            references.append(row_labels[row_labels != IGNORE])
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        # generation continues from the last position: prompts are padded on the left
+        input_ids = torch.stack([torch.cat([torch.full((width - len(p),), pad, dtype=p.dtype, device=p.device), p])
+                                 for p in prompts])
+        mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long, device=p.device),
+                                       torch.ones(len(p), dtype=torch.long, device=p.device)]) for p in prompts])
+        new = max(len(r) for r in references)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        generated = out[:, width:]
+        hits = []
+        for gen, ref in zip(generated, references):
+            text = tokenizer.decode(gen, skip_special_tokens=True).strip()
+            hits.append(text == tokenizer.decode(ref, skip_special_tokens=True).strip())
+        return torch.tensor(hits, device=ids.device)
+
+    def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        return {"label_names": data.label_names, "max_length": cfg.max_length,
+                "prompt_template": data.split_info.get("prompt_template")}
+
+    # -- planning ------------------------------------------------------------------------------
+    def model_from_config(self, config: Any) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config)
+
+    def plan_spec(self, model: nn.Module, num_labels: int) -> TaskSpec:
+        return TaskSpec(num_labels=0, label_names=(), kind=self.name, head_modules=(), peft_task_type="CAUSAL_LM")
+
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
+        """Prompt + a 4-token answer per row, left-padded as ``collate`` pads."""
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        vocab = int(getattr(config, "vocab_size", 1000))
+        b, length = batch_size, max_length or self.default_max_length
+        mask = torch.ones(b, length, dtype=torch.long)
+        mask[1::2, 0] = 0
+        ids = torch.randint(5, max(6, vocab), (b, length), generator=gen)
+        answer = min(4, length - 1)
+        labels = torch.full((b, length), IGNORE, dtype=torch.long)
+        labels[:, length - answer:] = ids[:, length - answer:]
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "logits_to_keep": answer + 1}

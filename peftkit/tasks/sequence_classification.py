@@ -1,0 +1,144 @@
+"""Sequence classification: a label for each text (the embedded default: MiniLM on Rotten Tomatoes).
+
+Also the base of ``image-classification``: both train with cross-entropy on one label per example
+and report accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from .base import Task, TaskData, TaskSpec, gathered_sum
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..config import RunConfig
+
+
+def classification_metrics(preds: Any, labels: Any, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the mean over classes of each class's F1; a class never predicted
+    nor present counts as 0, as in scikit-learn with zero_division=0)."""
+    acc = (preds == labels).float().mean().item() if len(labels) else 0.0
+    f1s = []
+    for c in range(num_labels):
+        tp = ((preds == c) & (labels == c)).sum().item()
+        fp = ((preds == c) & (labels != c)).sum().item()
+        fn = ((preds != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": acc, "f1_macro": sum(f1s) / len(f1s)}
+
+
+class ClassificationTask(Task):
+    """What every task with one label per example shares: loss, metrics, the task spec."""
+
+    selection_metric = "accuracy"
+    headline_metrics = ("accuracy", "f1_macro")
+
+    def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
+        names = tuple(data.label_names or ())
+        return TaskSpec(num_labels=len(names), label_names=names, kind=self.name)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                 after_batch: Callable[[], None] | None = None, final: bool = False,
+                 context: Any = None) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        model.eval()
+        preds, labels, loss_sum = [], [], 0.0
+        with torch.no_grad():
+            for batch in loader:
+                logits = strategy.forward(model, batch)
+                loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+                # gather_for_metrics drops the examples a last uneven batch repeats across processes
+                p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+                preds.append(p.cpu())
+                labels.append(y.cpu())
+                if after_batch is not None:
+                    after_batch()
+        p, y = torch.cat(preds), torch.cat(labels)
+        out = classification_metrics(p, y, int(logits.shape[-1]))
+        out["loss"] = gathered_sum(accelerator, loss_sum) / max(1, len(y))
+        return out
+
+
+class SequenceClassification(ClassificationTask):
+    name = "sequence-classification"
+    description = "A label per text (AutoModelForSequenceClassification); accuracy and macro-F1."
+    default_model = "minilm"
+    default_dataset = "rotten_tomatoes"
+    default_max_length = 64
+
+    def load_data(self, cfg: RunConfig) -> TaskData:
+        from ..data import load_labelled_data
+
+        d = load_labelled_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed, cfg.max_train_samples)
+        return TaskData(d.splits, d.label_names, d.split_info)
+
+    def load_processor(self, model: str) -> Any:
+        from ..models import load_tokenizer
+
+        return load_tokenizer(model)
+
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
+                   precision: str) -> nn.Module:
+        from ..models import load_classifier
+
+        return load_classifier(model, list(data.label_names or ()), processor.pad_token_id,
+                               quantize=quantize, precision=precision)
+
+    def encode(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        """Tokenize every split (no padding yet: batches are padded to their longest example)."""
+        offset = 0
+        out = {}
+        for name in ("train", "validation", "test"):
+            ds = data.splits[name]
+
+            def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
+                enc = processor(batch["text"], truncation=True, max_length=cfg.max_length)
+                enc["example_key"] = [start + i for i in idx]
+                enc["length"] = [len(ids) for ids in enc["input_ids"]]
+                return enc
+
+            ds = ds.map(encode, batched=True, with_indices=True, remove_columns=["text"], fn_kwargs={"start": offset})
+            out[name] = ds.rename_column("label", "labels")
+            offset += len(ds)
+        return out
+
+    def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        from transformers import DataCollatorWithPadding
+
+        pad = DataCollatorWithPadding(processor)
+
+        def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            return pad([{k: v for k, v in r.items() if k != "length"} for r in rows])
+
+        return collate
+
+    def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
+        return {"label_names": data.label_names, "max_length": cfg.max_length}
+
+    def model_from_config(self, config: Any) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_config(config)
+
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        vocab = int(getattr(config, "vocab_size", 1000))
+        b, length = batch_size, max_length or 64
+        mask = torch.ones(b, length, dtype=torch.long)
+        # real batches are padded to their longest example, so attention takes the masked path (which
+        # can keep more for the backward pass than the unmasked one): pad one position of every other row
+        mask[1::2, -1] = 0
+        return {"input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
+                "attention_mask": mask.to(device), "labels": torch.zeros(b, dtype=torch.long, device=device)}
