@@ -489,7 +489,14 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
                                             "those it was trained on.")
 @click.argument("texts", nargs=-1, required=True)
 def predict_cmd(adapter_dir: str, model: str | None, force: bool, texts: tuple[str, ...]) -> None:
-    """Classify TEXTS with a trained adapter; prints one JSON object per text."""
+    """Answer TEXTS with a trained adapter; prints one JSON object per input.
+
+    
+    sequence-classification: the label of each text
+    causal-lm: the generated completion of each prompt (an adapter trained on labelled data
+               phrases each text as it learned, and gives the label it answered)
+    image-classification: TEXTS are image files; the label of each
+    """
     _quiet_libraries()
     from .predict import load_adapter, predict_texts
 
@@ -507,8 +514,8 @@ def predict_cmd(adapter_dir: str, model: str | None, force: bool, texts: tuple[s
 def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, overwrite: bool) -> None:
     """Merge an adapter into its base and write a standard transformers model directory.
 
-    The result (safetensors + tokenizer) loads with AutoModelForSequenceClassification.from_pretrained
-    and predicts like base + adapter. Works for lora (weights folded in), full and gradual_unfreeze;
+    The result (safetensors + tokenizer or image processor) loads with the task's AutoModelFor...
+    class (sequence or image classification, causal LM) and predicts like base + adapter. Works for lora (weights folded in), full and gradual_unfreeze;
     strategies that add modules of their own (head_only, adapter, prefix) cannot be merged.
     """
     from .rundir import check_output_dir, staged_dir

@@ -14,9 +14,10 @@ class LoadedAdapter:
     """A base model with an adapter applied, ready to predict."""
 
     model: Any
-    tokenizer: Any
+    tokenizer: Any  # the task's processor: a tokenizer, or the image processor for images
     strategy: Any
     metadata: dict[str, Any]
+    task: Any = None
 
     @property
     def label_names(self) -> list[str]:
@@ -66,23 +67,24 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
 
     from .adapter_io import check_adapter_dir, read_metadata
     from .fingerprint import backbone_digests, fingerprint
-    from .models import load_classifier, load_tokenizer
     from .registry import get_strategy
-    from .strategies.base import TaskSpec, options_from_dict
+    from .strategies.base import options_from_dict
+    from .tasks import TaskData, get_task
 
     check_adapter_dir(adapter_dir)
     meta = read_metadata(adapter_dir) or _plain_peft_metadata(adapter_dir, model)
-    for key in ("strategy", "label_names", "base_model"):
+    for key in ("strategy", "base_model"):
         if key not in meta:
             raise PeftkitError(f"adapter metadata in {adapter_dir!r} lacks {key!r}")
     cls = get_strategy(meta["strategy"])
     strategy = cls(options_from_dict(cls, meta.get("strategy_options", {})))
     base_name = model or meta["base_model"]
-    tokenizer = load_tokenizer(base_name)
+    task = get_task(meta.get("task") or "sequence-classification")
+    processor = task.load_processor(base_name)
     set_seed(0)  # fresh heads are overwritten by the adapter; seeding keeps any leftover repeatable
     # an adapter trained on a quantized base is applied to the same quantized base (and fingerprinted so)
-    base = load_classifier(base_name, list(meta["label_names"]), tokenizer.pad_token_id,
-                           quantize=meta.get("base_quantization"))
+    data = TaskData(None, meta.get("label_names"), {"prompt_template": meta.get("prompt_template")})
+    base = task.load_model(base_name, data, processor, meta.get("base_quantization"), "fp32")
     expected = meta.get("base_fingerprint")
     if expected:
         actual = fingerprint(backbone_digests(base))
@@ -91,36 +93,22 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
                 f"adapter {adapter_dir!r} was trained on base {meta['base_model']!r} ({expected[:19]}), but "
                 f"{base_name!r} has other weights ({actual[:19]}); use --force to apply it anyway"
             )
-    task = TaskSpec(num_labels=len(meta["label_names"]), label_names=tuple(meta["label_names"]))
-    prepared = strategy.prepare(base, task)
+    prepared = strategy.prepare(base, task.spec(base, data))
     strategy.load_adapter(prepared, adapter_dir, meta)
     prepared.eval()
-    return LoadedAdapter(prepared, tokenizer, strategy, meta)
+    return LoadedAdapter(prepared, processor, strategy, meta, task)
 
 
 def predict_texts(loaded: LoadedAdapter, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-    """One dict per text: ``text, label, label_id, score, probabilities`` (aligned with label ids)."""
-    import torch
-
-    max_length = int(loaded.metadata.get("max_length", 512))
-    names = loaded.label_names
-    out: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
-            batch = dict(loaded.tokenizer(chunk, truncation=True, max_length=max_length,
-                                          padding=True, return_tensors="pt"))
-            probs = torch.softmax(loaded.strategy.forward(loaded.model, batch).float(), dim=-1)
-            for text, p in zip(chunk, probs):
-                label_id = int(p.argmax())
-                out.append({"text": text, "label": names[label_id], "label_id": label_id,
-                            "score": float(p[label_id]), "probabilities": [float(x) for x in p]})
-    return out
+    """One dict per input, as the adapter's task answers it: for classification ``text, label,
+    label_id, score, probabilities``; for causal-lm ``text, prompt, completion``; for images the
+    inputs are image files."""
+    return loaded.task.predict(loaded, list(texts), batch_size)
 
 
 def merge_to_directory(loaded: LoadedAdapter, directory: str) -> None:
     """Write base + adapter as one standard transformers model directory (safetensors + tokenizer)
     that ``AutoModelForSequenceClassification.from_pretrained`` loads."""
     merged = loaded.strategy.merge(loaded.model)
-    merged.save_pretrained(directory, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(directory)
+    merged.save_pretrained(directory)
+    getattr(loaded.tokenizer, "processor", loaded.tokenizer).save_pretrained(directory)

@@ -165,7 +165,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
     from tqdm.auto import tqdm
 
     from . import checkpoint as ckpt
@@ -181,8 +181,9 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accumulation,
         mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
-        # each batch is split over the processes: --batch-size means the same in 1 or N processes
-        split_batches=True,
+        # each batch is split over the processes: --batch-size means the same in 1 or N processes.
+        # (Through DataLoaderConfiguration: accelerate 1.15 silently ignores split_batches=True.)
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=workdir, logging_dir=os.path.join(workdir, "tensorboard"))
         if trackers else None)

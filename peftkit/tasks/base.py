@@ -110,6 +110,10 @@ class Task:
         """How good validation ``metrics`` are (higher is better): picks the best epoch."""
         return metrics[self.selection_metric]
 
+    def predict(self, loaded: Any, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Answers of a loaded adapter (``predict.LoadedAdapter``) for ``inputs``, one dict each."""
+        raise NotImplementedError
+
     def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
         """What an adapter records so that ``predict`` can use it (label names, lengths, ...)."""
         return {"label_names": data.label_names}

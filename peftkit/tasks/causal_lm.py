@@ -20,7 +20,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PeftkitError
-from .base import Task, TaskData, TaskSpec, gathered_sum
+from .base import Task, TaskData, TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -160,21 +160,24 @@ class CausalLM(Task):
 
     # -- learning and measuring ----------------------------------------------------------------
     @staticmethod
-    def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed loss of the labelled tokens (position t predicts token t+1), and how many there
-        are. ``logits`` may cover only the last positions (``logits_to_keep``); only the labelled
-        ones are cast to fp32."""
+    def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: summed loss of its labelled tokens (position t predicts token t+1), and how
+        many there are. ``logits`` may cover only the last positions (``logits_to_keep``); only the
+        labelled ones are cast to fp32."""
+        import torch
         import torch.nn.functional as F
 
         kept = logits.shape[1]
         target = labels[:, labels.shape[1] - kept:][:, 1:]
         keep = target != IGNORE
-        picked = logits[:, :-1][keep].float()
-        return F.cross_entropy(picked, target[keep], reduction="sum"), int(keep.sum())
+        picked = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+        rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(target)[keep]
+        sums = torch.zeros(len(labels), device=picked.device).index_add_(0, rows, picked)
+        return sums, keep.sum(1)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        total, count = self._token_losses(logits, batch["labels"])
-        return total / max(1, count)
+        sums, counts = self._token_losses(logits, batch["labels"])
+        return sums.sum() / counts.sum().clamp(min=1)
 
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
@@ -187,15 +190,16 @@ class CausalLM(Task):
         with torch.no_grad():
             for batch in loader:
                 logits = strategy.forward(model, batch)
-                total, count = self._token_losses(logits, batch["labels"])
-                loss_sum += total.item()
-                tokens += count
+                # per example, gathered: the examples that fill up a last uneven batch drop out
+                sums, counts = accelerator.gather_for_metrics(self._token_losses(logits, batch["labels"]))
+                loss_sum += float(sums.sum())
+                tokens += int(counts.sum())
                 if final and self.generates:
                     hits = self._exact_matches(accelerator.unwrap_model(model), batch, context)
                     matches.append(accelerator.gather_for_metrics(hits).cpu())
                 if after_batch is not None:
                     after_batch()
-        loss = gathered_sum(accelerator, loss_sum) / max(1.0, gathered_sum(accelerator, float(tokens)))
+        loss = loss_sum / max(1, tokens)
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if final and self.generates:
             out["exact_match"] = float(torch.cat(matches).float().mean()) if matches else 0.0
@@ -263,3 +267,34 @@ class CausalLM(Task):
         labels[:, length - answer:] = ids[:, length - answer:]
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "logits_to_keep": answer + 1}
+
+    def predict(self, loaded: Any, texts: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
+        """Greedy completions. An adapter trained on labelled data phrases each text with the
+        prompt it learned (and says which label the answer is); otherwise each text is the prompt."""
+        import torch
+
+        tok = loaded.tokenizer
+        template = loaded.metadata.get("prompt_template")
+        names = loaded.metadata.get("label_names") or []
+        prompts = [template.format(text=t) if template else t for t in texts]
+        longest = max([len(tok(" " + n, add_special_tokens=False)["input_ids"]) for n in names] or [0])
+        new_tokens = longest + 1 if names else 64
+        out: list[dict[str, Any]] = []
+        model = loaded.model
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            encoded = [tok(p, add_special_tokens=True)["input_ids"] or [tok.eos_token_id] for p in chunk]
+            width = max(len(e) for e in encoded)
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for text, prompt, row in zip(texts[i : i + batch_size], chunk, gen[:, width:]):
+                completion = tok.decode(row, skip_special_tokens=True)
+                item: dict[str, Any] = {"text": text, "prompt": prompt, "completion": completion}
+                if names:
+                    answer = completion.strip()
+                    item["label"] = answer if answer in names else None  # None: the answer is no label
+                out.append(item)
+        return out

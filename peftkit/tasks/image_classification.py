@@ -212,3 +212,30 @@ class ImageClassification(ClassificationTask):
         channels = int(getattr(config, "num_channels", 3))
         pixels = torch.randn(batch_size, channels, size, size, generator=gen)
         return {"pixel_values": pixels.to(device), "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def predict(self, loaded: Any, paths: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Inputs are image files (PNG, JPEG, ... anything Pillow opens)."""
+        from PIL import Image, UnidentifiedImageError
+
+        from .sequence_classification import predict_rows
+
+        inputs: ImageInputs = loaded.tokenizer
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    images.append(img.convert(inputs.mode))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise PeftkitError(f"cannot read image {path!r}: {first_line(exc)}") from None
+
+        def batches() -> Any:
+            import torch
+
+            for i in range(0, len(images), batch_size):
+                pixels = inputs.processor(images=images[i : i + batch_size], return_tensors="pt")["pixel_values"]
+                yield paths[i : i + batch_size], {"pixel_values": pixels.to(torch.float32)}
+
+        rows = predict_rows(loaded, batches(), paths)
+        for row in rows:
+            row["image"] = row.pop("text")
+        return rows

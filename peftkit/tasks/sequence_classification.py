@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from .base import Task, TaskData, TaskSpec, gathered_sum
+from .base import Task, TaskData, TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -52,21 +52,38 @@ class ClassificationTask(Task):
         import torch.nn.functional as F
 
         model.eval()
-        preds, labels, loss_sum = [], [], 0.0
+        preds, labels, losses = [], [], []
         with torch.no_grad():
             for batch in loader:
                 logits = strategy.forward(model, batch)
-                loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
-                # gather_for_metrics drops the examples a last uneven batch repeats across processes
-                p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+                loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+                # gather_for_metrics drops the examples that fill up a last uneven batch across processes
+                p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
                 preds.append(p.cpu())
                 labels.append(y.cpu())
+                losses.append(l.cpu())
                 if after_batch is not None:
                     after_batch()
         p, y = torch.cat(preds), torch.cat(labels)
         out = classification_metrics(p, y, int(logits.shape[-1]))
-        out["loss"] = gathered_sum(accelerator, loss_sum) / max(1, len(y))
+        out["loss"] = float(torch.cat(losses).sum()) / max(1, len(y))
         return out
+
+
+def predict_rows(loaded: Any, batches: Any, inputs: list[Any]) -> list[dict[str, Any]]:
+    """Classification answers: one dict per input (``batches`` yields model batches of inputs)."""
+    import torch
+
+    names = list(loaded.metadata["label_names"])
+    out: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for chunk, batch in batches:
+            probs = torch.softmax(loaded.strategy.forward(loaded.model, batch).float(), dim=-1)
+            for item, p in zip(chunk, probs):
+                label_id = int(p.argmax())
+                out.append({"text": item, "label": names[label_id], "label_id": label_id,
+                            "score": float(p[label_id]), "probabilities": [float(x) for x in p]})
+    return out
 
 
 class SequenceClassification(ClassificationTask):
@@ -142,3 +159,14 @@ class SequenceClassification(ClassificationTask):
         mask[1::2, -1] = 0
         return {"input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
                 "attention_mask": mask.to(device), "labels": torch.zeros(b, dtype=torch.long, device=device)}
+
+    def predict(self, loaded: Any, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        max_length = int(loaded.metadata.get("max_length") or 512)
+
+        def batches() -> Any:
+            for i in range(0, len(texts), batch_size):
+                chunk = texts[i : i + batch_size]
+                yield chunk, dict(loaded.tokenizer(chunk, truncation=True, max_length=max_length,
+                                                   padding=True, return_tensors="pt"))
+
+        return predict_rows(loaded, batches(), texts)

@@ -1,0 +1,80 @@
+"""Data parallel: the same command under torchrun with two CPU processes (gloo) trains as one
+process does with the same (global) batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peftkit.adapter_io import read_safetensors
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tmp_path_factory) -> str:
+    """The tiny BERT without dropout: with it, two processes draw other masks than one does, and
+    only "within noise" could be checked; without it the runs must agree to rounding."""
+    import torch
+    from transformers import AutoModel
+
+    from conftest import _build_tokenizer, _config
+
+    torch.manual_seed(0)
+    tok = _build_tokenizer()
+    config = _config("bert", len(tok), tok.pad_token_id)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    path = tmp_path_factory.mktemp("bert-no-dropout")
+    AutoModel.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _args(model: str, data: str, out: str) -> list[str]:
+    return ["run", "--strategy", "full", "--lr", "3e-3", "--model", model, "--dataset", data, "--epochs", "6",
+            "--batch-size", "16", "--max-length", "32", "--output-dir", out]
+
+
+def test_two_processes_train_as_one(no_dropout_bert, tiny_csv, run_cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PEFTKIT_DISABLE_PLUGINS", "1")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    code, _, err = run_cli(*_args(no_dropout_bert, tiny_csv, one))
+    assert code == 0, err
+    env = dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "peftkit", *_args(no_dropout_bert, tiny_csv, two)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1, "only the main process reports"
+    with open(os.path.join(one, "metrics.json")) as fh:
+        a = json.load(fh)
+    with open(os.path.join(two, "metrics.json")) as fh:
+        b = json.load(fh)
+    assert a["processes"] == 1 and b["processes"] == 2
+    assert b["train_examples"] == a["train_examples"] and b["effective_batch_size"] == a["effective_batch_size"]
+    # the model learned something, so agreeing is not agreeing on chance
+    assert a["test_accuracy"] > 0.7
+    assert b["test_accuracy"] == a["test_accuracy"] and b["best_epoch"] == a["best_epoch"]
+    for ea, eb in zip(a["history"], b["history"]):
+        assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-3)
+        assert eb["validation_loss"] == pytest.approx(ea["validation_loss"], rel=1e-3)
+    ta = read_safetensors(os.path.join(one, "adapter", "adapter.safetensors"))
+    tb = read_safetensors(os.path.join(two, "adapter", "adapter.safetensors"))
+    assert ta.keys() == tb.keys()
+    worst = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    assert worst < 1e-3, f"weights differ by up to {worst}"
+    assert not any(n.startswith(".two") for n in os.listdir(tmp_path)), "no staging directory left behind"
+
+
+def test_a_strategy_that_unfreezes_as_it_trains_is_refused_under_two_processes(no_dropout_bert, tiny_csv, tmp_path):
+    out = str(tmp_path / "run")
+    args = _args(no_dropout_bert, tiny_csv, out)
+    args[args.index("full")] = "gradual_unfreeze"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "peftkit", *args], env=dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: strategy 'gradual_unfreeze' makes parameters trainable as it trains" in proc.stderr
+    assert not os.path.exists(out)

@@ -1,0 +1,246 @@
+"""Task types beyond text classification: causal-lm and image-classification, with every strategy,
+on tiny models built from a config (no pretrained weights needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from conftest import make_rows
+
+STRATEGIES = ("full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefix")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory) -> str:
+    """A tiny Llama-style causal LM (tied input/output embeddings, like SmolLM2) + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import _build_tokenizer, _config
+
+    torch.manual_seed(0)
+    tok = _build_tokenizer()
+    config = _config("llama", len(tok), tok.pad_token_id)
+    config.tie_word_embeddings = True
+    config.eos_token_id = tok.eos_token_id
+    path = tmp_path_factory.mktemp("tiny-causal")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pairs_csv(tmp_path_factory) -> str:
+    """Prompt / response pairs: the answer is "good" for positive sentences, "bad" otherwise."""
+    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["prompt", "response"])
+        writer.writeheader()
+        for row in make_rows(200, seed=1):
+            writer.writerow({"prompt": row["text"], "response": "good" if row["label"] == "pos" else "bad"})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> str:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+    path = tmp_path_factory.mktemp("tiny-vit")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
+def _load(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# -- causal-lm ----------------------------------------------------------------------------------
+
+def test_the_loss_is_on_the_response_only(tiny_causal_dir, pairs_csv) -> None:
+    from peftkit.config import RunConfig
+    from peftkit.tasks import get_task
+    from peftkit.tasks.causal_lm import IGNORE
+
+    task = get_task("causal-lm")
+    cfg = RunConfig(task="causal-lm", model=tiny_causal_dir, dataset=pairs_csv, max_length=8)
+    data = task.load_data(cfg)
+    tok = task.load_processor(tiny_causal_dir)
+    enc = task.encode(data, tok, cfg)
+    row, raw = enc["train"][0], data.splits["train"][0]
+    answer = tok(raw["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    labelled = [t for t in row["labels"] if t != IGNORE]
+    assert labelled == answer, "exactly the response and the end-of-sequence token carry loss"
+    assert row["input_ids"][-len(answer):] == answer and len(row["input_ids"]) <= 8
+    # a prompt too long for max_length loses its beginning, never the answer
+    assert row["input_ids"][: len(row["input_ids"]) - len(answer)] == \
+        tok(raw["prompt"])["input_ids"][-(len(row["input_ids"]) - len(answer)):]
+    batch = task.collate(tok)([enc["train"][i] for i in range(4)])
+    assert (batch["attention_mask"][:, -1] == 1).all(), "padded on the left: answers end every row"
+    assert batch["logits_to_keep"] == int((batch["labels"] != IGNORE).sum(1).max()) + 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_trains_a_causal_lm(strategy, tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
+    out = str(tmp_path / "run")
+    code, stdout, err = run_cli("run", "--strategy", strategy, "--model", tiny_causal_dir, "--dataset", pairs_csv,
+                                "--epochs", "2", "--batch-size", "16", "--max-length", "16", "--output-dir", out)
+    assert code == 0, err
+    m = _load(os.path.join(out, "metrics.json"))
+    assert m["task"] == "causal-lm", "inferred from the model's config (LlamaForCausalLM)"
+    assert m["test_perplexity"] > 1 and 0 <= m["test_exact_match"] <= 1 and "test_accuracy" not in m
+    assert "test perplexity" in stdout and "exact match" in stdout
+    meta = _load(os.path.join(out, "adapter", "peftkit_adapter.json"))
+    assert meta["task"] == "causal-lm"
+    from peftkit.predict import load_adapter, predict_texts
+
+    rows = predict_texts(load_adapter(os.path.join(out, "adapter")), ["the film is good", "dull and boring"])
+    assert [r["text"] for r in rows] == ["the film is good", "dull and boring"]
+    assert all(isinstance(r["completion"], str) for r in rows)
+
+
+def test_causal_lm_learns_the_toy_answers(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
+    out = str(tmp_path / "run")
+    code, _, err = run_cli("run", "--strategy", "full", "--lr", "3e-3", "--model", tiny_causal_dir,
+                           "--dataset", pairs_csv, "--epochs", "6", "--batch-size", "16", "--max-length", "16",
+                           "--output-dir", out)
+    assert code == 0, err
+    m = _load(os.path.join(out, "metrics.json"))
+    # two equally likely answers: a model that learned nothing scores about 0.5 and perplexity ~2 on them
+    assert m["test_exact_match"] >= 0.9, m["test_exact_match"]
+
+
+def test_head_only_trains_the_untied_output_layer_only(tiny_causal_dir, pairs_csv) -> None:
+    from peftkit.config import RunConfig
+    from peftkit.train import resolve
+
+    run = resolve(RunConfig(strategy="head_only", model=tiny_causal_dir, dataset=pairs_csv))
+    data = run.task.load_data(run.config)
+    tok = run.task.load_processor(tiny_causal_dir)
+    base = run.task.load_model(tiny_causal_dir, data, tok, None, "fp32")
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    model = run.strategy.prepare(base, run.task.spec(base, data))
+    trainable = run.strategy.trainable_parameters(model)
+    assert list(trainable) == ["lm_head.weight"]
+    assert model.lm_head.weight is not model.get_input_embeddings().weight, "untied: the embeddings stay frozen"
+
+
+def test_labelled_data_becomes_a_completion_task(tiny_causal_dir, tiny_csv, run_cli, tmp_path) -> None:
+    out = str(tmp_path / "run")
+    code, _, err = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--model", tiny_causal_dir,
+                           "--dataset", tiny_csv, "--epochs", "1", "--batch-size", "16", "--max-length", "24",
+                           "--output-dir", out)
+    assert code == 0, err
+    m = _load(os.path.join(out, "metrics.json"))
+    assert m["test_accuracy"] == m["test_exact_match"], "the generated answer is the predicted label"
+    meta = _load(os.path.join(out, "adapter", "peftkit_adapter.json"))
+    assert meta["prompt_template"] == "{text}\nAnswer:" and meta["label_names"] == ["neg", "pos"]
+
+
+# -- image-classification ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "prefix"])
+def test_every_strategy_trains_an_image_classifier(strategy, tiny_vit_dir, run_cli, tmp_path) -> None:
+    out = str(tmp_path / "run")
+    code, stdout, err = run_cli("run", "--strategy", strategy, "--model", tiny_vit_dir, "--dataset", "digits",
+                                "--epochs", "2", "--batch-size", "32", "--max-train-samples", "300",
+                                "--output-dir", out)
+    assert code == 0, err
+    m = _load(os.path.join(out, "metrics.json"))
+    assert m["task"] == "image-classification" and m["split"]["sizes"]["train"] == 300
+    assert 0 <= m["test_accuracy"] <= 1 and m["label_names"] == [str(i) for i in range(10)]
+    from PIL import Image
+
+    from peftkit.predict import load_adapter, predict_texts
+
+    path = str(tmp_path / "digit.png")
+    Image.new("L", (8, 8), color=128).save(path)
+    rows = predict_texts(load_adapter(os.path.join(out, "adapter")), [path])
+    assert rows[0]["image"] == path and rows[0]["label"] in m["label_names"]
+
+
+def test_prefix_is_refused_for_images_in_one_line(tiny_vit_dir, run_cli, tmp_path) -> None:
+    code, _, err = run_cli("run", "--strategy", "prefix", "--model", tiny_vit_dir, "--dataset", "digits",
+                           "--epochs", "1", "--max-train-samples", "50", "--output-dir", str(tmp_path / "run"))
+    assert code == 2 and "strategy 'prefix' cannot handle task 'image-classification'" in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "run")
+
+
+def test_image_data_from_a_folder_and_mnist(tiny_vit_dir, tmp_path) -> None:
+    from PIL import Image
+
+    from peftkit.config import RunConfig
+    from peftkit.tasks import get_task
+
+    for label in ("cat", "dog"):
+        os.makedirs(tmp_path / "pics" / label)
+        for i in range(6):
+            Image.new("RGB", (10, 10), color=(40 * i, 0, 0) if label == "cat" else (0, 40 * i, 0)).save(
+                tmp_path / "pics" / label / f"{i}.png")
+    task = get_task("image-classification")
+    data = task.load_data(RunConfig(task="image-classification", dataset=str(tmp_path / "pics")))
+    assert data.label_names == ["cat", "dog"] and sum(data.split_info["sizes"].values()) == 12
+    mnist = task.load_data(RunConfig(task="image-classification", dataset="mnist", max_train_samples=100))
+    assert mnist.label_names == [str(i) for i in range(10)] and mnist.split_info["sizes"]["train"] == 100
+    assert mnist.splits["train"][0]["image"].size == (28, 28)
+
+
+# -- inference of the task, plan, trackers ------------------------------------------------------
+
+def test_the_task_is_read_from_the_model(tiny_causal_dir, tiny_vit_dir, tiny_model_dir) -> None:
+    from peftkit.tasks import infer_task
+
+    assert infer_task(tiny_causal_dir) == "causal-lm"
+    assert infer_task(tiny_vit_dir) == "image-classification"
+    assert infer_task(tiny_model_dir("bert")) == "sequence-classification"
+    assert infer_task("smollm2") == "causal-lm" and infer_task("vit-tiny") == "image-classification"
+
+
+@pytest.mark.parametrize("kind", ["causal", "vit"])
+def test_plan_works_for_every_task(kind, tiny_causal_dir, tiny_vit_dir) -> None:
+    from peftkit.plan import PlanSettings, make_plan
+
+    model, task = (tiny_causal_dir, "causal-lm") if kind == "causal" else (tiny_vit_dir, "image-classification")
+    settings = PlanSettings(model=model, strategies=["full", "lora", "head_only"], task=task, batch_size=8,
+                            max_length=16 if kind == "causal" else None)
+    estimates = {e.strategy: e for e in make_plan(settings)}
+    assert all(e.status == "ok" for e in estimates.values()), [e.error for e in estimates.values()]
+    full, lora = estimates["full"], estimates["lora"]
+    assert full.trainable_params == full.total_params and lora.trainable_params < full.trainable_params
+    assert full.optimizer > lora.optimizer > 0 and full.activations > 0
+
+
+def test_tensorboard_events_are_written(tiny_model_dir, tiny_csv, run_cli, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = str(tmp_path / "run")
+    code, _, err = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                           "--epochs", "2", "--batch-size", "16", "--max-length", "16", "--output-dir", out,
+                           "--report-to", "tensorboard")
+    assert code == 0, err
+    logdir = os.path.join(out, "tensorboard", "peftkit")
+    events = EventAccumulator(logdir)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "validation/accuracy", "test/accuracy"} <= set(tags), tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))  # 2 epochs x 10 steps
+    assert len(events.Scalars("validation/accuracy")) == 2
+
+
+def test_wandb_asked_for_but_not_installed(tiny_model_dir, tiny_csv, run_cli, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    code, _, err = run_cli("run", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                           "--output-dir", str(tmp_path / "run"), "--report-to", "wandb")
+    assert code == 2 and "needs the wandb package, which is not installed: pip install wandb" in err
