@@ -245,6 +245,11 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     rungs = lever_rungs(bench, cls)
     try:  # the suite's own levers may not apply to this strategy (a quantized base under full)
         check_levers(RunConfig(**rungs[0]), cls())
+        if predict is not None:  # (a stand-in runner in tests has no real model to look at)
+            # nor may the strategy apply to this model and task (prefix tuning on a ViT)
+            from .plan import check_applicable
+
+            check_applicable(bench.model, bench.task, strategy)
     except PeftkitError as exc:
         return {**row, "status": "not applicable", "error": str(exc), "tried": []}
     candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)

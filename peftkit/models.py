@@ -195,7 +195,9 @@ def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None 
             from .levers import quantization_config
 
             extra["quantization_config"] = quantization_config(quantize, precision, keep_unquantized or [])
-            extra["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+            # each process of a data-parallel run loads its own quantized copy onto its own GPU
+            local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device() if torch.cuda.is_available() else 0))
+            extra["device_map"] = {"": local} if torch.cuda.is_available() else {"": "cpu"}
         model = auto_class.from_pretrained(source, **kwargs, **extra)
     except ValueError as exc:  # e.g. an architecture with no head of this kind
         raise PeftkitError(f"cannot load {name!r} as {what}: {first_line(exc)}") from None

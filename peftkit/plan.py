@@ -401,6 +401,25 @@ def load_config(model: str) -> Any:
         raise PeftkitError(f"cannot read the config of model {model!r}: {first_line(exc)}") from None
 
 
+def check_applicable(model: str, task: str, strategy_name: str, strategy_options: dict[str, Any] | None = None) -> None:
+    """Raise ``PeftkitError`` if the strategy cannot train this model for this task (prefix tuning
+    on a ViT, BitFit on a model without biases), found in a second on a weightless copy."""
+    from accelerate import init_empty_weights
+
+    from .registry import get_strategy
+    from .strategies.base import options_from_dict
+    from .tasks import get_task
+
+    cls = get_strategy(strategy_name)
+    strategy = cls(options_from_dict(cls, strategy_options or {}))
+    task_type = get_task(task)
+    with init_empty_weights(include_buffers=False):
+        full = task_type.model_from_config(load_config(model))
+        prepared = strategy.prepare(full, task_type.plan_spec(full, 2))
+    if not strategy.trainable_parameters(prepared):
+        raise PeftkitError(f"strategy {strategy_name!r} left no parameter to train on this model")
+
+
 def make_plan(settings: PlanSettings) -> list[Estimate]:
     """An ``Estimate`` per strategy in ``settings``."""
     config = load_config(settings.model)

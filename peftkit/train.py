@@ -151,6 +151,24 @@ def _scalar_config(run: ResolvedRun) -> dict[str, Any]:
     return out
 
 
+def _check_distributed(accelerator: Any, cfg: RunConfig) -> None:
+    """Refuse the distributed set-ups peftkit cannot run correctly (yet), before any step."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage >= 3):
+        # the best-epoch snapshot, the test evaluation after restoring it and the adapter are all
+        # taken from the main process's model, which under sharding holds only its shard
+        raise PeftkitError("sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported yet: peftkit saves "
+                           "the adapter from the main process's copy of the model; use data parallel "
+                           "(configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2")
+    if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
+        raise PeftkitError("--checkpoint-every is not supported under DeepSpeed: its optimizer state is split "
+                           "over the processes, and a checkpoint holds the main process's; use data parallel")
+
+
 def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         log: Callable[[str], None], workdir: str | None = None, resume_from: str | None = None) -> TrainOutcome:
     """Train ``model`` (already prepared by the strategy), validate each epoch, restore the best
@@ -188,6 +206,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         project_config=ProjectConfiguration(project_dir=workdir, logging_dir=os.path.join(workdir, "tensorboard"))
         if trackers else None)
     procs = accelerator.num_processes
+    _check_distributed(accelerator, cfg)
     if hp.batch_size % procs:
         raise PeftkitError(f"batch size {hp.batch_size} cannot be split evenly over {procs} processes; "
                            f"choose a multiple of {procs}")
@@ -215,7 +234,10 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
             raise PeftkitError(f"strategy {strategy.name!r} makes parameters trainable as it trains, which data "
                                f"parallel training cannot follow; run it in one process")
     optimizer = make_optimizer(cfg.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
-    model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
+    # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
+    # prepared with it, and an evaluation batch must not become it
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    val_dl, test_dl = accelerator.prepare(val_dl, test_dl)
     inner = accelerator.unwrap_model(model)  # what strategies see (no DDP wrapper)
     if trackers:
         accelerator.init_trackers("peftkit", config=_scalar_config(run))
@@ -288,6 +310,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         log(f"resumed from {resume_from}: epoch {st['epoch'] + 1}, step {st['step']} of {total_steps}")
 
     def save_checkpoint(epoch_sampler_state: Any) -> None:
+        started = time.perf_counter()
         trained = strategy.trainable_parameters(inner)
         tensors = {n: p for n, p in trained.items()}
         tensors.update({n: b for n, b in inner.named_buffers() if b.is_floating_point()})
@@ -302,7 +325,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         accelerator.wait_for_everyone()
         if main:
             ckpt.commit(tmp)
-            log(f"checkpoint at step {st['step']}")
+            log(f"checkpoint at step {st['step']} ({time.perf_counter() - started:.2f} s)")
 
     bar = tqdm(total=total_steps, initial=st["step"], desc=f"{strategy.name}", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process or None, file=sys.stderr)

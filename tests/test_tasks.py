@@ -244,3 +244,38 @@ def test_wandb_asked_for_but_not_installed(tiny_model_dir, tiny_csv, run_cli, tm
     code, _, err = run_cli("run", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
                            "--output-dir", str(tmp_path / "run"), "--report-to", "wandb")
     assert code == 2 and "needs the wandb package, which is not installed: pip install wandb" in err
+
+
+# -- the benchmark, for every task type ------------------------------------------------------
+
+def test_bench_compares_strategies_on_a_causal_lm(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
+    out = tmp_path / "bench"
+    code, stdout, err = run_cli("bench", "--strategies", "lora,head_only", "--model", tiny_causal_dir,
+                                "--dataset", pairs_csv, "--epochs", "1", "--batch-size", "16", "--max-length", "16",
+                                "--max-eval-samples", "10", "--output-dir", str(out))
+    assert code == 0, err
+    results = json.load(open(out / "results.json"))
+    assert results["settings"]["task"] == "causal-lm" and results["settings"]["max_length"] == 16
+    assert results["quality"][0] == "test_exact_match", "no labels: quality is the exact match"
+    for name in ("lora", "head_only"):
+        row = next(r for r in results["rows"] if r["strategy"] == name)
+        assert row["status"] == "ok" and row["test_perplexity"] > 1
+        assert results["summary"][name]["test_exact_match_mean"] is not None
+        assert row["predicted_peak_bytes"], "the planner predicted the causal-lm run too"
+    md = (out / "results.md").read_text()
+    assert "| exact match (± sd) | perplexity |" in md
+    assert (out / "validation_curves.png").exists()
+
+
+def test_bench_compares_strategies_on_images(tiny_vit_dir, run_cli, tmp_path) -> None:
+    out = tmp_path / "bench"
+    code, _, err = run_cli("bench", "--strategies", "full,lora,prefix", "--model", tiny_vit_dir, "--dataset", "digits",
+                           "--epochs", "1", "--max-train-samples", "200", "--output-dir", str(out))
+    assert code == 0, err
+    results = json.load(open(out / "results.json"))
+    assert results["settings"]["task"] == "image-classification" and results["quality"][0] == "test_accuracy"
+    status = {r["strategy"]: r["status"] for r in results["rows"]}
+    assert status == {"full": "ok", "lora": "ok", "prefix": "not applicable"}
+    prefix = next(r for r in results["rows"] if r["strategy"] == "prefix")
+    assert "cannot handle task 'image-classification'" in prefix["error"] and prefix["tried"] == []
+    assert "| test accuracy (± sd) | macro-F1 |" in (out / "results.md").read_text()
