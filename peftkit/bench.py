@@ -404,7 +404,8 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
         done = [r for r in rows if r["status"] == "ok"]
         eta = ""
         if done:
-            per_run = elapsed / len(rows)
+            # rows that ran no process ("not applicable") take no time: they do not count
+            per_run = elapsed / len([r for r in rows if r["status"] != "not applicable"])
             eta = f", about {_minutes(per_run * (len(todo) - i + 1))} left"
         echo(f"[{i}/{len(todo)}] {strategy}, seed {seed} ({_minutes(elapsed)} elapsed{eta})")
         row = bench_one(bench, strategy, seed, stage, fits.get(strategy, (0, bench.batch_size)), runner, echo,

@@ -98,6 +98,25 @@ def list_cmd(verbose: bool) -> None:
                 click.echo(f"{'':<{width}}  --set {opt}=...  ({typ}, default {default})")
     for message in registry.plugin_errors():
         _echo(f"warning: {message}")
+    if verbose:
+        from .data import EMBEDDED_DATASETS
+        from .models import EMBEDDED_MODELS
+        from .tasks.image_classification import EMBEDDED_IMAGE_DATASETS
+
+        click.echo("\ntasks (--task; default: read from the model):")
+        for task in ("sequence-classification", "causal-lm", "image-classification"):
+            from .tasks import get_task
+
+            t = get_task(task)
+            click.echo(f"  {task:<24} {t.description} Default: --model {t.default_model} --dataset {t.default_dataset}")
+        click.echo("embedded models (--model):")
+        for name, emb in EMBEDDED_MODELS.items():
+            click.echo(f"  {name:<10} {emb.description} [{emb.task}]")
+        click.echo("embedded datasets (--dataset):")
+        for name, ds in EMBEDDED_DATASETS.items():
+            click.echo(f"  {name:<16} {ds.description}")
+        for name, (_, _, description) in EMBEDDED_IMAGE_DATASETS.items():
+            click.echo(f"  {name:<16} {description} [image-classification]")
 
 
 @cli.command("run")
@@ -171,6 +190,7 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
         if given or overwrite:
             raise PeftkitError(f"--resume continues a run with its own settings; drop --{given[0].replace('_', '-') if given else 'overwrite'}")
         cfg = _resumed_config(resume_dir)
+        cfg.output_dir = resume_dir  # as given now: the recorded one may be relative to another directory
     else:
         flags = dict(flags, strategy=strategy, output_dir=output_dir, report_to=list(report_to) or None)
         cfg = build_run_config(config_file, flags, parse_set_options(set_items))
@@ -560,7 +580,12 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
         ("max length", meta.get("max_length", "?")),
         ("trainable params", f"{m['trainable_params']:,} of {m['total_params']:,}" if "trainable_params" in m else "?"),
         ("size", f"{meta['adapter_bytes']:,} bytes ({meta['adapter_bytes'] / 2**20:.2f} MiB)"),
-        ("test accuracy", f"{m['test_accuracy']:.4f} (macro-F1 {m['test_f1_macro']:.4f})" if "test_accuracy" in m else "?"),
+        ("task", meta.get("task", "sequence-classification")),
+        ("test accuracy", f"{m['test_accuracy']:.4f}" + (f" (macro-F1 {m['test_f1_macro']:.4f})" if "test_f1_macro" in m else "")
+         if "test_accuracy" in m else "-"),
+        *([("test perplexity", f"{m['test_perplexity']:.4f}" + (f" (exact match {m['test_exact_match']:.4f})"
+                                                             if "test_exact_match" in m else ""))]
+          if "test_perplexity" in m else []),
         ("trained on", f"{meta.get('dataset', '?')}, seed {m.get('seed', '?')}, {m.get('epochs', '?')} epoch(s)"),
         ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
     ]

@@ -68,7 +68,7 @@ def built_model_dir(name: str, build: Callable[[str], None]) -> str:
 
 
 def _build_vit_tiny(directory: str) -> None:
-    """A small ViT (4 blocks, width 128, 32x32 images in 4x4 patches, 1.1M parameters) with random
+    """A small ViT (4 blocks, width 128, 32x32 images in 4x4 patches, 0.6M parameters) with random
     weights (seed 0): no pretrained vision weights install offline, so this is a stand-in base
     for trying the image pipeline and every strategy on it, not a pretrained model."""
     import torch
@@ -104,7 +104,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         subdir="vit-tiny-random",
         hub_id=None,
         install_hint="",
-        description="a 1.1M-parameter ViT for 32x32 images, randomly initialised (no pretrained vision "
+        description="a 0.6M-parameter ViT for 32x32 images, randomly initialised (no pretrained vision "
                     "weights install offline)",
         task="image-classification",
         build=_build_vit_tiny,
