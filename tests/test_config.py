@@ -64,3 +64,19 @@ def test_yaml_wrong_type(tmp_path) -> None:
     p.write_text("epochs: two\n")
     with pytest.raises(PeftkitError, match="epochs must be int or null, got 'two'"):
         load_yaml_config(str(p))
+
+
+TASK_CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs" / "tasks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASK_CONFIGS, ids=lambda p: p.name)
+def test_task_config_file_is_valid(path) -> None:
+    """configs/tasks/: one example per task type beyond text classification."""
+    values = load_yaml_config(str(path))
+    run = resolve(build_run_config(str(path), {}, {}))
+    assert run.task.name == values["task"]
+    assert set(values.get("strategy_options", {})) <= set(vars(run.strategy.Options()))
+
+
+def test_there_is_a_config_per_task_type() -> None:
+    assert {load_yaml_config(str(p))["task"] for p in TASK_CONFIGS} == {"causal-lm", "image-classification"}

@@ -70,3 +70,21 @@ def test_shipped_adapter_reproduces_its_card(name) -> None:
     rows = predict_texts(loaded, test["text"])
     accuracy = sum(r["label_id"] == y for r, y in zip(rows, test["label"])) / len(rows)
     assert abs(accuracy - claimed) <= 0.005, (accuracy, claimed)
+
+
+def test_causal_lm_default_learns_the_answers_then_predict(run_cli, tmp_path) -> None:
+    """SmolLM2-135M (converted from the wheel's GGUF on first use) learns to answer Rotten Tomatoes
+    reviews with the label's name. Untrained it answers with exactly the label 2.4% of the time
+    (benchmarks/results/zero_shot_causal_cpu.json); 8 LoRA steps must take it far above that."""
+    out = str(tmp_path / "run")
+    code, stdout, stderr = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--max-train-samples", "256",
+                                   "--max-eval-samples", "64", "--output-dir", out)
+    assert code == 0, stderr
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["test_accuracy"] >= 0.4, metrics["test_accuracy"]
+    assert metrics["test_perplexity"] < 2.0, metrics["test_perplexity"]
+    code, stdout, stderr = run_cli("predict", "--adapter", os.path.join(out, "adapter"),
+                                   "An utterly charming, funny and moving film.")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert row["label"] in ("positive", "negative") and row["completion"].strip() == row["label"]
