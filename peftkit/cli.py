@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from .errors import PeftkitError
+from .tasks import TASK_NAMES
 
 
 def _quiet_libraries() -> None:
@@ -104,9 +105,9 @@ def list_cmd(verbose: bool) -> None:
         from .tasks.image_classification import EMBEDDED_IMAGE_DATASETS
 
         click.echo("\ntasks (--task; default: read from the model):")
-        for task in ("sequence-classification", "causal-lm", "image-classification"):
-            from .tasks import get_task
+        from .tasks import get_task
 
+        for task in TASK_NAMES:
             t = get_task(task)
             click.echo(f"  {task:<24} {t.description} Default: --model {t.default_model} --dataset {t.default_dataset}")
         click.echo("embedded models (--model):")
@@ -121,7 +122,7 @@ def list_cmd(verbose: bool) -> None:
 
 @cli.command("run")
 @click.option("--strategy", "-s", default=None, help="Strategy name (see `peftkit list`). Default: lora.")
-@click.option("--task", type=click.Choice(["sequence-classification", "causal-lm", "image-classification"]),
+@click.option("--task", type=click.Choice(TASK_NAMES),
               default=None, help="What to learn. Default: what the model is made for (read from its config), "
                                  "else sequence-classification.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -298,7 +299,7 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 @cli.command("bench")
 @click.option("--strategies", default="all", show_default=True,
               help="'all' (every registered strategy, plugins included) or names: lora,full,head_only.")
-@click.option("--task", type=click.Choice(["sequence-classification", "causal-lm", "image-classification"]),
+@click.option("--task", type=click.Choice(TASK_NAMES),
               default=None, help="What to learn (default: what the model is made for).")
 @click.option("--model", default=None, help="Short name, hub id or local model directory (default: the task's; minilm).")
 @click.option("--dataset", default=None,
@@ -411,7 +412,7 @@ def _preflight(bench: Any) -> int:
 
 
 @cli.command("plan")
-@click.option("--task", type=click.Choice(["sequence-classification", "causal-lm", "image-classification"]),
+@click.option("--task", type=click.Choice(TASK_NAMES),
               default=None, help="What to learn (default: what the model is made for).")
 @click.option("--model", default=None, help="Short name, hub id or local model directory (default: the task's; minilm).")
 @click.option("--strategies", default="all", show_default=True, help="'all' or names: lora,full,head_only.")

@@ -108,13 +108,6 @@ def make_loader(ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any
     return loader, gen
 
 
-def classification_metrics(preds: Any, labels: Any, num_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (see ``tasks.sequence_classification``)."""
-    from .tasks.sequence_classification import classification_metrics as metrics
-
-    return metrics(preds, labels, num_labels)
-
-
 # -- the loop ---------------------------------------------------------------------------------
 
 @dataclass

@@ -189,6 +189,18 @@ def test_image_data_from_a_folder_and_mnist(tiny_vit_dir, tmp_path) -> None:
     task = get_task("image-classification")
     data = task.load_data(RunConfig(task="image-classification", dataset=str(tmp_path / "pics")))
     assert data.label_names == ["cat", "dog"] and sum(data.split_info["sizes"].values()) == 12
+    # arrays too: a saved dataset whose images are lists of numbers (channels first, floats in [0, 1])
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = datasets.Dataset.from_dict({"pixels": [rng.random((3, 12, 12)).tolist() for _ in range(12)],
+                                         "label": ["a", "b"] * 6})
+    arrays.save_to_disk(str(tmp_path / "arrays"))
+    cfg = RunConfig(task="image-classification", dataset=str(tmp_path / "arrays"), model=tiny_vit_dir)
+    data = task.load_data(cfg)
+    enc = task.encode(data, task.load_processor(tiny_vit_dir), cfg)
+    assert np.asarray(enc["train"][0]["pixel_values"]).shape == (3, 16, 16)
     mnist = task.load_data(RunConfig(task="image-classification", dataset="mnist", max_train_samples=100))
     assert mnist.label_names == [str(i) for i in range(10)] and mnist.split_info["sizes"]["train"] == 100
     assert mnist.splits["train"][0]["image"].size == (28, 28)
@@ -279,3 +291,18 @@ def test_bench_compares_strategies_on_images(tiny_vit_dir, run_cli, tmp_path) ->
     prefix = next(r for r in results["rows"] if r["strategy"] == "prefix")
     assert "cannot handle task 'image-classification'" in prefix["error"] and prefix["tried"] == []
     assert "| test accuracy (± sd) | macro-F1 |" in (out / "results.md").read_text()
+
+
+def test_wandb_offline_run_when_installed(tiny_model_dir, tiny_csv, run_cli, tmp_path, monkeypatch) -> None:
+    """W&B is not a dependency: this runs where it is installed (offline: nothing leaves the machine)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    os.makedirs(tmp_path / "wb")
+    out = str(tmp_path / "run")
+    code, _, err = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                           "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--output-dir", out,
+                           "--report-to", "wandb")
+    assert code == 0, err
+    runs = [p for p in (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

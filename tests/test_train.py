@@ -9,7 +9,8 @@ from peftkit.config import RunConfig
 from peftkit.data import load_labelled_data
 from peftkit.models import load_classifier, load_tokenizer
 from peftkit.strategies.base import TaskSpec
-from peftkit.train import classification_metrics, fit, resolve
+from peftkit.tasks.sequence_classification import classification_metrics
+from peftkit.train import fit, resolve
 
 
 def _fit(model_dir: str, data_path: str, **overrides):

