@@ -336,6 +336,8 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         with init_empty_weights(include_buffers=False):
             prepared = strategy.prepare(full, task)
         trainable = strategy.trainable_parameters(prepared)
+        if not trainable:  # (BitFit on a model without biases) as a run would refuse it
+            raise PeftkitError(f"strategy {cls.name!r} left no parameter to train on this model")
         est.trainable_params = sum(p.numel() for p in trainable.values())
         est.total_params = sum(p.numel() for p in prepared.parameters())
         est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)

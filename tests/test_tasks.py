@@ -228,6 +228,11 @@ def test_plan_works_for_every_task(kind, tiny_causal_dir, tiny_vit_dir) -> None:
     assert all(e.status == "ok" for e in estimates.values()), [e.error for e in estimates.values()]
     full, lora = estimates["full"], estimates["lora"]
     assert full.trainable_params == full.total_params and lora.trainable_params < full.trainable_params
+    if kind == "causal":  # tied input and output embeddings are one matrix, counted once
+        from transformers import AutoModelForCausalLM
+
+        real = AutoModelForCausalLM.from_pretrained(model)
+        assert full.total_params == sum(p.numel() for p in real.parameters())
     assert full.optimizer > lora.optimizer > 0 and full.activations > 0
 
 
@@ -306,3 +311,14 @@ def test_wandb_offline_run_when_installed(tiny_model_dir, tiny_csv, run_cli, tmp
     assert code == 0, err
     runs = [p for p in (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_plan_refuses_a_strategy_that_trains_nothing(tiny_causal_dir) -> None:
+    from peftkit import registry
+    from peftkit.plan import PlanSettings, make_plan
+
+    if "bitfit" not in registry.available():
+        pytest.skip("the bitfit plugin is not installed (or plugins are disabled)")
+    [est] = make_plan(PlanSettings(model=tiny_causal_dir, strategies=["bitfit"], task="causal-lm", batch_size=4,
+                                   max_length=8))
+    assert est.status == "refused" and "left no parameter to train" in est.error  # Llama has no biases

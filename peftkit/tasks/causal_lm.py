@@ -247,7 +247,17 @@ class CausalLM(Task):
     def model_from_config(self, config: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+        # under init_empty_weights (plan) the output layer is not tied to the input embeddings as
+        # the config says; counted twice, a full fine-tune of SmolLM2 would plan 163M
+        # parameters instead of 135M. Tie them as from_pretrained does.
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+        if tied and out is not None and inp is not None and out.weight.shape == inp.weight.shape:
+            # straight into _parameters: accelerate's init_empty_weights re-creates a parameter
+            # assigned the usual way (a new meta copy), which would untie it again
+            out._parameters["weight"] = inp.weight
+        return model
 
     def plan_spec(self, model: nn.Module, num_labels: int) -> TaskSpec:
         return TaskSpec(num_labels=0, label_names=(), kind=self.name, head_modules=(), peft_task_type="CAUSAL_LM")
