@@ -322,3 +322,23 @@ def test_plan_refuses_a_strategy_that_trains_nothing(tiny_causal_dir) -> None:
     [est] = make_plan(PlanSettings(model=tiny_causal_dir, strategies=["bitfit"], task="causal-lm", batch_size=4,
                                    max_length=8))
     assert est.status == "refused" and "left no parameter to train" in est.error  # Llama has no biases
+
+
+def test_merge_a_causal_lora_adapter_into_a_plain_model(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.predict import load_adapter
+
+    out = str(tmp_path / "run")
+    code, _, err = run_cli("run", "--strategy", "lora", "--lr", "1e-2", "--model", tiny_causal_dir, "--dataset",
+                           pairs_csv, "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--output-dir", out)
+    assert code == 0, err
+    merged_dir = str(tmp_path / "merged")
+    code, stdout, err = run_cli("merge", "--adapter", os.path.join(out, "adapter"), "--output", merged_dir)
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    loaded = load_adapter(os.path.join(out, "adapter"))
+    ids = torch.tensor([[2, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, loaded.model(input_ids=ids).logits, atol=1e-4, rtol=0)
