@@ -106,11 +106,15 @@ def unflatten_optimizer(tensors: dict[str, Any], plain: dict[str, Any]) -> dict[
 
 # -- writing and reading ------------------------------------------------------------------------
 
+def tmp_path(run_dir: str, step: int) -> str:
+    """Where the checkpoint at ``step`` is written before it is renamed into place."""
+    return os.path.join(run_dir, CHECKPOINTS, f".tmp-{_PREFIX}{step:07d}")
+
+
 def begin(run_dir: str, step: int) -> str:
     """A fresh temporary directory for the checkpoint at ``step`` (main process)."""
-    root = os.path.join(run_dir, CHECKPOINTS)
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-{_PREFIX}{step:07d}")
+    os.makedirs(os.path.join(run_dir, CHECKPOINTS), exist_ok=True)
+    tmp = tmp_path(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
     os.makedirs(tmp)
     return tmp

@@ -307,9 +307,10 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         trained = strategy.trainable_parameters(inner)
         tensors = {n: p for n, p in trained.items()}
         tensors.update({n: b for n, b in inner.named_buffers() if b.is_floating_point()})
-        tmp = ckpt.begin(workdir, st["step"]) if main else None
-        accelerator.wait_for_everyone()
-        tmp = tmp or os.path.join(workdir, ckpt.CHECKPOINTS, f".tmp-step-{st['step']:07d}")
+        if main:
+            ckpt.begin(workdir, st["step"])
+        accelerator.wait_for_everyone()  # the directory exists before any process writes into it
+        tmp = ckpt.tmp_path(workdir, st["step"])
         ckpt.write_rank(tmp, accelerator.process_index, epoch_sampler_state)
         if main:
             loop = {**st, "epoch_elapsed": time.perf_counter() - epoch_start}
