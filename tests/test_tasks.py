@@ -342,3 +342,19 @@ def test_merge_a_causal_lora_adapter_into_a_plain_model(tiny_causal_dir, pairs_c
     ids = torch.tensor([[2, 7, 8, 9, 10]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, loaded.model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_one_text_column_is_plain_language_modelling(tiny_causal_dir, tmp_path, run_cli) -> None:
+    path = tmp_path / "texts.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"]} for r in make_rows(60))
+    out = str(tmp_path / "run")
+    code, stdout, err = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--model", tiny_causal_dir,
+                                "--dataset", str(path), "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+                                "--output-dir", out)
+    assert code == 0, err
+    m = _load(os.path.join(out, "metrics.json"))
+    assert m["split"]["shape"] == "plain text" and m["test_perplexity"] > 1
+    assert "test_exact_match" not in m, "no answers to generate"

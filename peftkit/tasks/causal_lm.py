@@ -61,9 +61,11 @@ class CausalLM(Task):
         except PeftkitError as exc:
             if not str(exc).startswith("no label column found"):
                 raise
+            # no label either: plain language modelling of the text column, every token learned
             text = load_prompt_response(cfg.dataset, None, cfg.text_column or "text", cfg.seed,
                                         cfg.max_train_samples, no_prompt=True)
-            assert text is not None
+            if text is None:  # (cannot happen: a named response column is found or refused)
+                raise PeftkitError(f"dataset {cfg.dataset!r} has no text to learn") from None
             text.split_info["shape"] = "plain text"
             self.generates = False
             return TaskData(text.splits, None, text.split_info)
