@@ -119,6 +119,20 @@ class Task:
         return {"label_names": data.label_names}
 
 
+def map_splits(splits: Any, encode: Callable[[dict[str, list], list[int], int], dict[str, Any]],
+               keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``encode(batch, indices, start)`` over train, validation and test (batched), each example's
+    ``start + index`` unique across the splits (it becomes the ``example_key`` strategies cache
+    by). The splits' own columns are dropped, except ``keep``."""
+    out, offset = {}, 0
+    for name in ("train", "validation", "test"):
+        ds = splits[name]
+        out[name] = ds.map(encode, batched=True, with_indices=True, fn_kwargs={"start": offset},
+                           remove_columns=[c for c in ds.column_names if c not in keep])
+        offset += len(ds)
+    return out
+
+
 def gathered_sum(accelerator: Any, value: float) -> float:
     """``value`` summed over every process (evaluation loss sums are per process)."""
     import torch
@@ -129,4 +143,4 @@ def gathered_sum(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
-__all__ = ["Task", "TaskData", "TaskSpec", "gathered_sum"]
+__all__ = ["Task", "TaskData", "TaskSpec", "gathered_sum", "map_splits"]

@@ -20,7 +20,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PeftkitError
-from .base import Task, TaskData, TaskSpec
+from .base import Task, TaskData, TaskSpec, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -125,13 +125,7 @@ class CausalLM(Task):
                 out["example_key"].append(start + i)
             return out
 
-        splits, offset = {}, 0
-        for name in ("train", "validation", "test"):
-            ds = data.splits[name]
-            splits[name] = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                                  fn_kwargs={"start": offset})
-            offset += len(ds)
-        return splits
+        return map_splits(data.splits, encode)
 
     def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """Pad on the left, so every row's answer ends at the last position: the model then

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PeftkitError, first_line
-from .base import TaskData, TaskSpec
+from .base import TaskData, TaskSpec, map_splits
 from .sequence_classification import ClassificationTask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -193,13 +193,7 @@ class ImageClassification(ClassificationTask):
             return {"pixel_values": list(pixels.astype(np.float32)), "labels": batch["label"],
                     "example_key": [start + i for i in idx]}
 
-        out, offset = {}, 0
-        for name in ("train", "validation", "test"):
-            ds = data.splits[name]
-            out[name] = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                               fn_kwargs={"start": offset})
-            offset += len(ds)
-        return out
+        return map_splits(data.splits, encode)
 
     def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from .base import Task, TaskData, TaskSpec
+from .base import Task, TaskData, TaskSpec, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -113,21 +113,14 @@ class SequenceClassification(ClassificationTask):
 
     def encode(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
         """Tokenize every split (no padding yet: batches are padded to their longest example)."""
-        offset = 0
-        out = {}
-        for name in ("train", "validation", "test"):
-            ds = data.splits[name]
+        def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
+            enc = processor(batch["text"], truncation=True, max_length=cfg.max_length)
+            enc["example_key"] = [start + i for i in idx]
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            return enc
 
-            def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
-                enc = processor(batch["text"], truncation=True, max_length=cfg.max_length)
-                enc["example_key"] = [start + i for i in idx]
-                enc["length"] = [len(ids) for ids in enc["input_ids"]]
-                return enc
-
-            ds = ds.map(encode, batched=True, with_indices=True, remove_columns=["text"], fn_kwargs={"start": offset})
-            out[name] = ds.rename_column("label", "labels")
-            offset += len(ds)
-        return out
+        return {name: ds.rename_column("label", "labels")
+                for name, ds in map_splits(data.splits, encode, keep=("label",)).items()}
 
     def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         from transformers import DataCollatorWithPadding
