@@ -38,6 +38,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="0.6b")
     ap.add_argument("--out", required=True, help="directory to write (must not exist)")
+    ap.add_argument("--tokenizer", default="minilm",
+                    help="tokenizer to save with the model: a short name or a directory (default: minilm)")
+    ap.add_argument("--attention-bias", action="store_true",
+                    help="biases on the q/k/v/o projections (as Qwen2 has), so BitFit has something to train")
     args = ap.parse_args()
     if os.path.exists(args.out):
         sys.exit(f"error: {args.out} already exists")
@@ -47,16 +51,27 @@ def main() -> None:
 
     from peftkit.models import load_tokenizer
 
-    tokenizer = load_tokenizer("minilm")
+    if os.path.isdir(args.tokenizer):  # a tokenizer folder alone (no model config beside it)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.eos_token is None:  # a WordPiece (encoder) vocabulary: its [SEP] ends a sequence
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        tokenizer.bos_token = tokenizer.cls_token
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.sep_token_id, **SIZES[args.size])
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, attention_bias=args.attention_bias,
+                         **SIZES[args.size])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    print(f"wrote {args.out}: Llama-style, {n / 1e9:.3f}B parameters (random init), vocabulary {len(tokenizer):,}")
+    bias = ", q/k/v/o biases" if args.attention_bias else ""
+    print(f"wrote {args.out}: Llama-style{bias}, {n / 1e9:.3f}B parameters (random init), vocabulary {len(tokenizer):,}")
 
 
 if __name__ == "__main__":

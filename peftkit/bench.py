@@ -40,7 +40,8 @@ ROW_METRICS = (
     "trainable_params", "total_params", "trainable_percent",
     "peak_memory_bytes", "peak_memory_eval_bytes", "memory_loaded_bytes", "peak_memory_increase_bytes",
     "peak_reserved_bytes", "peak_reserved_eval_bytes", "peak_memory_method",
-    "train_seconds", "eval_seconds", "samples_per_second", "tokens_per_second", "adapter_bytes",
+    "train_seconds", "eval_seconds", "samples_per_second", "tokens_per_second", "step_seconds_median",
+    "steady_tokens_per_second", "adapter_bytes",
     "batch_size", "grad_accumulation", "effective_batch_size", "device", "torch_threads", "wall_seconds",
 )
 

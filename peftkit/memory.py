@@ -164,10 +164,12 @@ def apply_budget(device: Any, budget: int | None) -> None:
         return
     import torch
 
-    total = torch.cuda.get_device_properties(device).total_memory
+    # accelerate's device is "cuda" without an index; the allocator's cap wants the card's number
+    index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     if budget > total:
         raise PeftkitError(f"memory budget {format_size(budget)} is more than the card has ({format_size(total)})")
-    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    torch.cuda.set_per_process_memory_fraction(budget / total, index)
 
 
 def check_budget(meter: MemoryMeter, budget: int | None, where: str, loaded: int | None = None) -> None:

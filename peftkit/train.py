@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -277,6 +278,8 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         "epoch_batches": 0, "epoch_tokens": 0, "epoch_elapsed": 0.0, "peaks": peaks,
     }
     best_state: dict[str, Any] = {}
+    step_seconds: list[float] = []  # steady-state optimizer steps (not checkpointed: timing only)
+    step_tokens: list[int] = []
     pending_rng: Any = None
     sampler_start: Any = None
     if resume_from is not None:
@@ -339,6 +342,9 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         meter.reset_peak()
         epoch_start = time.perf_counter() - st["epoch_elapsed"]
         skip = st["batches_done"] if resuming else 0
+        # wall time and tokens of each optimizer step after the epoch's first (which pays for the
+        # loader's start and, on a GPU, kernel selection): the steady-state step time and speed
+        last_mark, last_tokens = None, 0
         for i, batch in enumerate(train_dl):
             if i < skip:  # already trained on before the checkpoint (the order is the same)
                 continue
@@ -366,6 +372,11 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
             st["epoch_loss"] += value
             st["smooth_loss"] = value if st["smooth_loss"] is None else 0.9 * st["smooth_loss"] + 0.1 * value
             if accelerator.sync_gradients:
+                now = time.perf_counter()  # loss.item() above waited for the device: the step is done
+                if last_mark is not None:
+                    step_seconds.append(now - last_mark)
+                    step_tokens.append(st["epoch_tokens"] - last_tokens)
+                last_mark, last_tokens = now, st["epoch_tokens"]
                 check_budget(meter, budget, f"training at micro-batch {hp.batch_size}", memory_loaded)
                 st["step"] += 1
                 add_groups(strategy.on_step_end(inner, st["step"]))
@@ -454,6 +465,9 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         "samples_per_second": st["train_examples"] / max(1e-9, train_seconds),
         "train_tokens": st["train_tokens"],
         "tokens_per_second": st["train_tokens"] / max(1e-9, train_seconds),  # real tokens, padding not counted
+        # the same without each epoch's first step (start-up, kernel selection): what a long run sees
+        "step_seconds_median": statistics.median(step_seconds) if step_seconds else None,
+        "steady_tokens_per_second": sum(step_tokens) / sum(step_seconds) if step_seconds else None,
         "batch_size": hp.batch_size,
         "grad_accumulation": cfg.grad_accumulation,
         "effective_batch_size": hp.batch_size * cfg.grad_accumulation,

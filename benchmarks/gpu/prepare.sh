@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run HERE (on the development machine, which reaches PyPI) before the GPU run: puts into
+# .gpu_carry/ (git-ignored through .git/info/exclude) what the GPU machine lacks and cannot download:
+#   wheels/     bitsandbytes (only its CPU and CUDA 13 libraries: the full wheel is 43 MB of the 64 MiB
+#               that may travel), and the versions of transformers, peft and datasets our results use
+#   tokenizer/  the MiniLM tokenizer files the Llama-style test model is built with (not its weights)
+#   rotten_tomatoes.csv   the labelled review snippets the documents are drawn from
+# Then:  device run --carry .gpu_carry  'bash benchmarks/gpu/run.sh'
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-.venv/bin/python}
+C=.gpu_carry
+rm -rf "$C" && mkdir -p "$C/wheels" "$C/raw"
+grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
+ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+# the GPU image runs CPython 3.12 on x86-64
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$C/raw" "bitsandbytes==$(ver bitsandbytes)" "transformers==$(ver transformers)" "peft==$(ver peft)" \
+  "datasets==$(ver datasets)" "dill==$(ver dill)" "multiprocess==$(ver multiprocess)" \
+  2> >(grep -v "is ignored: it is neither" >&2)
+# bitsandbytes without the libraries of other CUDA versions, ROCm and XPU (RECORD rewritten to match)
+"$PY" - "$C/raw" "$C/wheels" <<'PYEOF'
+import os, re, shutil, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+for name in os.listdir(src):
+    if not name.startswith("bitsandbytes-"):
+        shutil.copy(os.path.join(src, name), dst)
+        continue
+    drop = re.compile(r"libbitsandbytes_(cuda(?!13)\d+|rocm\d+|xpu\d+)\.so$")
+    with zipfile.ZipFile(os.path.join(src, name)) as zin, \
+         zipfile.ZipFile(os.path.join(dst, name), "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            if drop.search(item.filename):
+                continue
+            data = zin.read(item.filename)
+            if item.filename.endswith(".dist-info/RECORD"):
+                data = b"\n".join(l for l in data.split(b"\n") if not drop.search(l.split(b",")[0].decode())) 
+            zout.writestr(item, data)
+PYEOF
+rm -rf "$C/raw"
+"$PY" - "$C" <<'PYEOF'
+import sys
+from peftkit.data import load_labelled_data
+from peftkit.models import load_tokenizer
+carry = sys.argv[1]
+load_tokenizer("minilm").save_pretrained(f"{carry}/tokenizer")
+data = load_labelled_data("rotten_tomatoes", seed=0)
+import datasets
+names = data.label_names
+allrows = datasets.concatenate_datasets(list(data.splits.values()))
+allrows.map(lambda r: {"label": names[r["label"]]}).select_columns(["text", "label"]).to_csv(f"{carry}/rotten_tomatoes.csv", index=False)
+PYEOF
+du -sh "$C" "$C"/* | sed 's/^/  /'
+echo "prepare.sh: $C ready; working tree + carry must stay under 64 MiB"
