@@ -362,7 +362,7 @@ def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bo
     bench.output_dir = out
     bench.command = _command_line("bench")
     _quiet_libraries()
-    num_labels = _preflight(bench)
+    num_labels, loss_positions = _preflight(bench)
     _echo(f"bench: {len(bench.strategies)} strategies x {len(bench.seeds)} seed(s) on {bench.model!r} / "
           f"{bench.dataset!r}, each run in its own process; results in {out}")
     import torch
@@ -370,7 +370,8 @@ def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bo
     from .plan import bench_predictor
 
     predict = bench_predictor(bench.model, bench.batch_size, bench.max_length, num_labels,
-                              "cuda" if torch.cuda.is_available() else "cpu", task=bench.task)
+                              "cuda" if torch.cuda.is_available() else "cpu", task=bench.task,
+                              loss_positions=loss_positions)
     with staged_dir(out, overwrite) as stage:
         run_suite(bench, stage, _echo, predict=predict)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
@@ -399,16 +400,16 @@ def _command_line(name: str) -> str:
     return " ".join(parts)
 
 
-def _preflight(bench: Any) -> int:
+def _preflight(bench: Any) -> tuple[int, int | None]:
     """Fail in seconds, before any worker starts, on data or a model that no run could load.
-    Returns the number of labels."""
+    Returns the number of labels and, for the planner, the positions per example the loss is on."""
     from .tasks import get_task
 
     cfg = bench.run_config(bench.strategies[0], bench.seeds[0], bench.batch_size, "unused")
     task = get_task(bench.task)
     data = task.load_data(cfg)
-    task.load_processor(bench.model)
-    return max(2, len(data.label_names or ()))
+    processor = task.load_processor(bench.model)
+    return max(2, len(data.label_names or ())), task.loss_positions(data, processor, cfg)
 
 
 @cli.command("plan")
@@ -419,6 +420,9 @@ def _preflight(bench: Any) -> int:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Micro-batch size.")
 @click.option("--max-length", type=click.IntRange(min=1), default=None, help="Tokens per example (default: the task's: 64, causal-lm 128).")
 @click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True, help="Classes of the task.")
+@click.option("--loss-tokens", "loss_positions", type=click.IntRange(min=1), default=None,
+              help="causal-lm: tokens per example the loss is on, whose vocabulary-wide logits are kept "
+                   "(default: a short answer, 4; plain text: give --max-length). peftkit bench measures it.")
 @lever_options
 @click.option("--memory-budget", default=None, metavar="SIZE", help="Say what fits in SIZE (e.g. 8GiB), "
                                                                      "and the largest batch that does.")

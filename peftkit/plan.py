@@ -64,6 +64,9 @@ class PlanSettings:
     precision: str = "fp32"
     memory_budget: str | None = None
     device: str = "cpu"
+    loss_positions: int | None = None
+    """Positions per example whose outputs carry the loss (causal-lm: the answer's tokens, every
+    token for plain text); None: the task's usual case (a short answer)."""
 
 
 @dataclass
@@ -217,7 +220,8 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
 def _batch(config: Any, settings: PlanSettings, device: str) -> dict[str, Any]:
     from .tasks import get_task
 
-    return get_task(settings.task).dummy_batch(config, settings.batch_size, settings.max_length, device)
+    return get_task(settings.task).dummy_batch(config, settings.batch_size, settings.max_length, device,
+                                               loss_positions=settings.loss_positions)
 
 
 def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
@@ -429,7 +433,7 @@ def make_plan(settings: PlanSettings) -> list[Estimate]:
 
 
 def bench_predictor(model: str, batch_size: int, max_length: int | None, num_labels: int, device: str,
-                    task: str = "sequence-classification") -> Any:
+                    task: str = "sequence-classification", loss_positions: int | None = None) -> Any:
     """For ``peftkit bench``: predicted peak bytes of (strategy, levers, micro-batch).
 
     Each (strategy, levers) is planned once at the effective batch; other micro-batches scale the
@@ -442,7 +446,8 @@ def bench_predictor(model: str, batch_size: int, max_length: int | None, num_lab
         key = (strategy, tuple(sorted(levers.items())))
         if key not in cache:
             settings = PlanSettings(model=model, strategies=[strategy], task=task, batch_size=batch_size,
-                                    max_length=max_length, num_labels=num_labels, device=device, **levers)
+                                    max_length=max_length, num_labels=num_labels, device=device,
+                                    loss_positions=loss_positions, **levers)
             est = plan_strategy(config, strategy, settings)
             if device == "cuda":
                 # the workers need the card: give back what planning cached (the context stays)

@@ -166,3 +166,23 @@ def test_fp16_and_paged_optimizer_on_cuda(run_cli, tiny_model_dir, tiny_csv, tmp
     assert code == 0, stderr
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["device"].startswith("cuda") and metrics["precision"] == "fp16"
+
+
+def test_cuda_budget_caps_the_card_by_its_index(monkeypatch) -> None:
+    """accelerate's device is ``cuda`` without an index, which the allocator's cap refuses (found
+    on the first GPU run): the budget must reach it as the card's number and the right fraction."""
+    import torch
+
+    from peftkit.memory import apply_budget
+
+    calls = []
+    total = 80 * 2**30
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: type("Props", (), {"total_memory": total})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: calls.append((fraction, device)))
+    apply_budget(torch.device("cuda"), 8 * 2**30)
+    apply_budget(torch.device("cuda", 3), 20 * 2**30)
+    assert calls == [(0.1, 0), (0.25, 3)]
+    assert all(isinstance(device, int) for _, device in calls)

@@ -358,3 +358,32 @@ def test_one_text_column_is_plain_language_modelling(tiny_causal_dir, tmp_path, 
     m = _load(os.path.join(out, "metrics.json"))
     assert m["split"]["shape"] == "plain text" and m["test_perplexity"] > 1
     assert "test_exact_match" not in m, "no answers to generate"
+
+
+def test_the_planner_keeps_every_position_for_plain_text(tiny_causal_dir, pairs_csv, tmp_path) -> None:
+    """On the first GPU run the planner was 30% under for plain-text language modelling: it planned
+    a short answer's logits, while plain text keeps vocabulary-wide logits at every position. The
+    data's shape now reaches the planner: every position for plain text, the answer for pairs."""
+    from peftkit.config import RunConfig
+    from peftkit.plan import PlanSettings, load_config, plan_strategy
+    from peftkit.tasks import get_task
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": f"sentence {i} " * 6}) + "\n" for i in range(40)))
+    task = get_task("causal-lm")
+    tok = task.load_processor(tiny_causal_dir)
+    cfg = RunConfig(task="causal-lm", model=tiny_causal_dir, dataset=str(plain), max_length=16)
+    assert task.loss_positions(task.load_data(cfg), tok, cfg) == 16
+    task = get_task("causal-lm")
+    cfg = RunConfig(task="causal-lm", model=tiny_causal_dir, dataset=pairs_csv, max_length=16)
+    answer = task.loss_positions(task.load_data(cfg), tok, cfg)
+    assert 2 <= answer <= 4, "a one-word answer and its end-of-sequence token"
+
+    batch = task.dummy_batch(load_config(tiny_causal_dir), 4, 16, "cpu", loss_positions=16)
+    assert batch["logits_to_keep"] == 16 and bool((batch["labels"] != -100).all())
+    # planned for a GPU from this CPU: the bytes autograd saves, exact (a CPU resident set is noisy)
+    settings = dict(model=tiny_causal_dir, strategies=["lora"], task="causal-lm", batch_size=8, max_length=16,
+                    device="cuda")
+    short = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings))
+    every = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, loss_positions=16))
+    assert every.activations > short.activations

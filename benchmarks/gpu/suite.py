@@ -428,6 +428,9 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=480, help="seconds for the whole suite (default 480)")
     ap.add_argument("--work", default=None, help="scratch folder for the model and run directories")
     ap.add_argument("--cases", default=None, help="comma-separated cases to run (default: all), e.g. qlora_4bit,autofit_8gib")
+    ap.add_argument("--part", type=int, choices=[1, 2], default=None,
+                    help="the suite in two device calls of about 6 minutes: 1 = every strategy, 2 = the levers, "
+                         "auto-fit and the loop overhead (one call of 8 minutes covered only part 1's first half)")
     ap.add_argument("--strategies", default=None, help=f"strategies of the 'strategies' case (default: {ALL_STRATEGIES})")
     ap.add_argument("--no-overhead", action="store_true", help="skip benchmarks/overhead.py")
     args = ap.parse_args()
@@ -486,7 +489,7 @@ def main() -> int:
     if dry:
         common[common.index("bf16")] = "fp32"  # (the CPU's bf16 is slow on some machines; the code path is the same)
     state: dict[str, Any] = {
-        "command": "bash benchmarks/gpu/run.sh" + (" --dry-run" if dry else ""),
+        "command": "bash benchmarks/gpu/run.sh " + " ".join(sys.argv[1:]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dry_run": dry, "environment": env,
         "versions": env["versions"], "peaks": peaks,
         "model": {"size": size, "description": description},
@@ -496,6 +499,8 @@ def main() -> int:
 
     # FLOPs per token of each strategy (a weightless copy each: seconds)
     strategies = args.strategies or (ALL_STRATEGIES if not dry else "full,lora")
+    if args.part == 2 and not args.strategies:
+        strategies = "full,lora"  # what the lever cases train
     for name in strategies.split(","):
         try:
             state["flops_per_token"][name] = train_flops_per_token(model_dir, name, seq)
@@ -516,6 +521,10 @@ def main() -> int:
         # the CUDA-only levers are refused on a CPU (tested elsewhere); the rest run on the tiny model
         cases = [c for c in cases if c[0] in ("strategies", "autofit_8gib")]
         cases = [(n, s, [x if x != "8GiB" else "1GiB" for x in e], w) for n, s, e, w in cases]
+    if args.part == 1:
+        args.cases, args.no_overhead = "strategies", True
+    elif args.part == 2:
+        args.cases = ",".join(c[0] for c in cases if c[0] != "strategies")
     if args.cases:
         cases = [c for c in cases if c[0] in args.cases.split(",")]
     for name, names, extra, share in cases:

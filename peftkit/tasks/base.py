@@ -102,9 +102,17 @@ class Task:
         names = tuple(f"label_{i}" for i in range(num_labels))
         return TaskSpec(num_labels=num_labels, label_names=names, kind=self.name)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
-        """A batch shaped like a real one (random content), for measuring a training step."""
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
+                    loss_positions: int | None = None) -> dict[str, Any]:
+        """A batch shaped like a real one (random content), for measuring a training step.
+        ``loss_positions``: how many positions of each example carry the loss, where the task's
+        memory depends on it (``loss_positions`` below); None: the task's usual case."""
         raise NotImplementedError
+
+    def loss_positions(self, data: TaskData, processor: Any, cfg: RunConfig) -> int | None:
+        """For the planner: positions per example whose outputs the loss needs, measured on ``data``
+        (after ``load_data``), when that moves memory; None where it does not (one label per example)."""
+        return None
 
     def score(self, metrics: dict[str, float]) -> float:
         """How good validation ``metrics`` are (higher is better): picks the best epoch."""

@@ -258,8 +258,22 @@ class CausalLM(Task):
     def plan_spec(self, model: nn.Module, num_labels: int) -> TaskSpec:
         return TaskSpec(num_labels=0, label_names=(), kind=self.name, head_modules=(), peft_task_type="CAUSAL_LM")
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
-        """Prompt + a 4-token answer per row, left-padded as ``collate`` pads."""
+    def loss_positions(self, data: TaskData, processor: Any, cfg: RunConfig) -> int | None:
+        """Plain text learns every token: the whole length keeps vocabulary-wide logits (on the first
+        GPU run, planning a short answer instead missed 4 of 13 GiB). With answers: the longest of
+        the first 256 training answers, plus the end-of-sequence token."""
+        length = cfg.max_length or self.default_max_length
+        train = data.splits["train"]
+        if not self.generates:
+            return length
+        sample = list(train.select(range(min(256, len(train))))["response"])
+        longest = max((len(ids) for ids in processor(sample, add_special_tokens=False)["input_ids"]), default=0)
+        return min(length, longest + 1)
+
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
+                    loss_positions: int | None = None) -> dict[str, Any]:
+        """Prompt + an answer of ``loss_positions`` tokens per row (4 if not given), left-padded as
+        ``collate`` pads; logits are kept for the answer's positions only, as in a run."""
         import torch
 
         gen = torch.Generator().manual_seed(0)
@@ -268,11 +282,12 @@ class CausalLM(Task):
         mask = torch.ones(b, length, dtype=torch.long)
         mask[1::2, 0] = 0
         ids = torch.randint(5, max(6, vocab), (b, length), generator=gen)
-        answer = min(4, length - 1)
+        answer = min(loss_positions or 4, length)
         labels = torch.full((b, length), IGNORE, dtype=torch.long)
         labels[:, length - answer:] = ids[:, length - answer:]
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "logits_to_keep": answer + 1}
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                "logits_to_keep": min(length, answer + 1)}
 
     def predict(self, loaded: Any, texts: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
         """Greedy completions. An adapter trained on labelled data phrases each text with the

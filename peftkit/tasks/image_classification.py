@@ -218,7 +218,8 @@ class ImageClassification(ClassificationTask):
         names = tuple(f"label_{i}" for i in range(num_labels))
         return TaskSpec(num_labels=num_labels, label_names=names, kind=self.name, peft_task_type=None)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
+                    loss_positions: int | None = None) -> dict[str, Any]:
         import torch
 
         gen = torch.Generator().manual_seed(0)

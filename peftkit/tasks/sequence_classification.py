@@ -140,7 +140,8 @@ class SequenceClassification(ClassificationTask):
 
         return AutoModelForSequenceClassification.from_config(config)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str) -> dict[str, Any]:
+    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
+                    loss_positions: int | None = None) -> dict[str, Any]:
         import torch
 
         gen = torch.Generator().manual_seed(0)
