@@ -13,7 +13,8 @@ files are rewritten after each section, so a suite stopped at any point keeps wh
 2. every strategy (the built-in six and the bitfit plugin), bf16 mixed precision;
 3. the levers: LoRA on a 4-bit (QLoRA) and an 8-bit base, paged 8-bit AdamW, gradient checkpointing;
 4. ``--memory-budget 8GiB --auto-fit`` on a full fine-tune that does not fit 8 GiB as configured;
-5. ``benchmarks/overhead.py --device cuda``: peftkit's loop against a hand-written one.
+5. ``benchmarks/overhead.py --device cuda``: peftkit's loop against a hand-written one;
+6. one run under ``torch.profiler`` (``profile_run.py``): where a step's and a run's time goes.
 
 ``--dry-run`` runs the same code on a tiny model on the CPU in about a minute (tests/test_gpu_suite.py),
 so the suite cannot rot between the sessions that have a GPU.
@@ -370,6 +371,8 @@ def write_report(out: str, state: dict[str, Any]) -> None:
                 + (f" (planned {gib(t['predicted_peak_bytes'])})" if t.get("predicted_peak_bytes") else "")
                 for t in r["tried"]))
             lines.append("")
+    for name, where in state.get("profiles", {}).items():
+        lines += [f"Profile of a `{name}` run (torch.profiler, operators by device and host time): {where}", ""]
     ov = state.get("overhead")
     if ov:
         if ov.get("ratio"):
@@ -560,6 +563,18 @@ def main() -> int:
                                  else f"overhead.py exited with {code}; see logs/overhead.log"}
     else:
         state["overhead"] = {"error": "skipped: the suite's time was up"}
+    # where the time of a run goes (operators by device and by host time), for the MFU question
+    if args.part != 1 and (not args.cases or "profile" in args.cases.split(",")):
+        if left() > 40:
+            for name in ("full",) if not dry else ("lora",):
+                cmd = [sys.executable, os.path.join(HERE, "profile_run.py"), "--model", model_dir, "--dataset", corpus,
+                       "--strategy", name, "--steps", "2" if dry else "8", "--batch-size", str(batch),
+                       "--max-length", str(seq), "--out", os.path.join(out, f"profile_{name}.txt")]
+                code, _ = run_logged(cmd, os.path.join(out, "logs", f"profile_{name}.log"), left() - 10)
+                state["profiles"] = {**state.get("profiles", {}),
+                                     name: f"profile_{name}.txt" if code == 0 else f"failed ({code}); see logs"}
+        else:
+            state["profiles"] = {"-": "skipped: the suite's time was up"}
     state["suite_seconds"] = time.perf_counter() - started
     write_report(out, state)
     with open(os.path.join(out, "results.md"), encoding="utf-8") as fh:
