@@ -58,8 +58,8 @@ def main() -> None:
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup, set_seed
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from peftkit.adapter_io import package_versions
-    from peftkit.bench import machine_description
+    from peftkit.env import package_versions
+    from peftkit.env import machine_description
     from peftkit.config import RunConfig
     from peftkit.data import LabelledData, load_labelled_data
     from peftkit.models import load_classifier, load_tokenizer

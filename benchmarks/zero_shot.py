@@ -34,8 +34,8 @@ def main() -> None:
     from accelerate import Accelerator
     from transformers import set_seed
 
-    from peftkit.adapter_io import package_versions
-    from peftkit.bench import machine_description
+    from peftkit.env import package_versions
+    from peftkit.env import machine_description
     from peftkit.config import RunConfig
     from peftkit.data import cap_eval_splits
     from peftkit.strategies.base import Strategy

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from .env import package_versions  # the one version table (metrics.json, bench results too)
 from .errors import PeftkitError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,19 +36,6 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSORS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-VERSIONED_PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets",
-                      "safetensors", "bitsandbytes")
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of every package a result depends on (for metadata and benchmarks)."""
-    out = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 # -- safetensors files ------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -374,27 +373,11 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
     return out
 
 
-def machine_description() -> dict[str, Any]:
-    """The CPU model, core count and memory of this machine (what the figures are tied to)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    memory = None
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform()}
-
-
 def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
               runner: Runner = spawn_worker, predict: Predictor | None = None) -> dict[str, Any]:
     """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots."""
     from . import registry
-    from .adapter_io import package_versions
+    from .env import machine_description, package_versions
 
     todo = [(s, n) for s in bench.strategies for n in bench.seeds]
     rows: list[dict[str, Any]] = []
@@ -424,12 +407,6 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
     versions = next((r["versions"] for r in rows if r.get("versions")), None) or package_versions()
     for r in rows:
         r.pop("versions", None)  # the same for every row: kept once, at the top
-    try:
-        from importlib.metadata import version
-
-        versions.setdefault("matplotlib", version("matplotlib"))
-    except Exception:  # noqa: BLE001 - a missing plotting library only loses the version line
-        pass
     results = {
         "command": bench.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

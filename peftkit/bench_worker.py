@@ -22,7 +22,7 @@ def main(spec_path: str) -> int:
 
     from .cli import _quiet_libraries
     from .config import RunConfig
-    from .errors import PeftkitError, first_line
+    from .errors import PeftkitError, first_line, library_error_line, raising_library, set_context
     from .memory import is_out_of_memory
     from .rundir import staged_dir
     from .train import execute_run, resolve
@@ -37,6 +37,7 @@ def main(spec_path: str) -> int:
     try:
         cfg.validate()
         run = resolve(cfg)
+        set_context(strategy=run.strategy.name, model=cfg.model)
         _quiet_libraries()
         with staged_dir(cfg.output_dir, overwrite=False) as stage:
             metrics = execute_run(run, stage, echo)
@@ -49,8 +50,10 @@ def main(spec_path: str) -> int:
         elif isinstance(exc, PeftkitError):
             report.update(status="failed", error=str(exc))
         else:
-            report.update(status="failed", error=f"{type(exc).__name__}: {first_line(exc)} (traceback in "
-                                                 f"{spec['log_path']})")
+            # one line, as the command line reports it: the library, strategy, model type, message
+            library = raising_library(exc)
+            what = library_error_line(exc, library) if library else f"{type(exc).__name__}: {first_line(exc)}"
+            report.update(status="failed", error=f"{what} (traceback in {spec['log_path']})")
             os.makedirs(os.path.dirname(spec["log_path"]), exist_ok=True)
             with open(spec["log_path"], "a", encoding="utf-8") as fh:
                 traceback.print_exc(file=fh)

@@ -2,7 +2,10 @@
 
 Heavy libraries (torch, transformers, peft) are imported inside the commands that need them, so
 ``peftkit --help`` and ``peftkit list`` answer at once. Every error a user can cause is printed as
-one line starting with ``error:`` and exits with status 2; no traceback.
+one line starting with ``error:`` and exits with status 2; no traceback. An exception raised inside
+a library (transformers, peft, accelerate, bitsandbytes, torch, ...) is one line too, naming the
+library, the strategy, the model type and the library's message, with status 1; ``--debug`` (or
+``PEFTKIT_DEBUG=1``) shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import click
 
-from .errors import PeftkitError
+from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
 from .tasks import TASK_NAMES
 
 
@@ -64,7 +67,9 @@ def _echo(message: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="peftkit")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback when a library (transformers, peft, "
+                                            "torch, ...) fails, instead of one line. Also: PEFTKIT_DEBUG=1.")
+def cli(debug: bool) -> None:
     """Fine-tune pretrained models with interchangeable strategies.
 
     \b
@@ -75,7 +80,34 @@ def cli() -> None:
     peftkit predict --adapter DIR T   classify texts with a trained adapter
     peftkit inspect DIR               what an adapter is, what it was trained on, how well it did
     peftkit merge --adapter DIR --output OUT   base + adapter as one plain transformers model
+    peftkit env                       versions, device and lock status, for bug reports
     """
+    global _DEBUG
+    _DEBUG = _DEBUG or debug
+    ctx = click.get_current_context()
+    set_context(command=ctx.invoked_subcommand)
+
+
+@cli.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--lock", "lock_file", default=None, metavar="FILE",
+              help="Compare with this lock file (default: the repository's requirements.lock; $PEFTKIT_LOCK).")
+def env_cmd(as_json: bool, lock_file: str | None) -> None:
+    """Print what a bug report needs: versions of peftkit, Python and the libraries, whether each
+    matches requirements.lock, the machine, and the device (CUDA, cuDNN, GPUs and their memory).
+
+    Paste its output into a bug report. The same version table is in every run's metrics.json.
+    """
+    from .env import environment_report, format_report
+
+    if lock_file is not None and not os.path.isfile(lock_file):
+        raise PeftkitError(f"lock file not found: {lock_file!r}; give a requirements-style file of name==version lines")
+    report = environment_report(lock_file)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo("Copy-and-paste the text below in your bug report.\n")
+    click.echo(format_report(report))
 
 
 @cli.command("list")
@@ -199,6 +231,7 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
     from .train import execute_run, resolve
 
     run = resolve(cfg)  # unknown strategy or bad options fail here, before anything heavy loads
+    set_context(strategy=run.strategy.name, model=cfg.model)
     out = cfg.output_dir or default_output_dir(run.strategy.name)
     run.config.output_dir = out
     _quiet_libraries()
@@ -361,6 +394,7 @@ def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bo
     check_output_dir(out, overwrite)
     bench.output_dir = out
     bench.command = _command_line("bench")
+    set_context(strategy=",".join(bench.strategies), model=bench.model)
     _quiet_libraries()
     num_labels, loss_positions = _preflight(bench)
     _echo(f"bench: {len(bench.strategies)} strategies x {len(bench.seeds)} seed(s) on {bench.model!r} / "
@@ -459,6 +493,7 @@ def plan_cmd(strategies: str, device: str | None, as_json: bool, **opts: Any) ->
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    set_context(strategy=",".join(names), model=opts["model"])
     settings = PlanSettings(strategies=names, device=device, **opts)
     estimates = make_plan(settings)
     if as_json:
@@ -600,6 +635,8 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
 
 # what an interrupted command leaves behind (a run with checkpoints keeps them)
 _INTERRUPTED = "nothing was written"
+# --debug given (PEFTKIT_DEBUG=1 is read when an error happens)
+_DEBUG = False
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -611,6 +648,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: turns user errors into one line on stderr and a non-zero exit."""
     import signal
 
+    global _DEBUG
+    _DEBUG = False
+    clear_context()
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (embedded use): keep the default
@@ -634,7 +674,25 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: interrupted; {_INTERRUPTED}", err=True)
         code = 130
     except OSError as exc:  # disk full, permission denied: the user's environment, not our bug
+        if _DEBUG or debug_requested():
+            raise
         click.echo(f"error: {exc}", err=True)
+        code = 1
+    except Exception as exc:
+        # Raised inside a library (found by walking the traceback, not by the exception's type):
+        # the library's own message, one line, with what we were doing. Anything raised in peftkit's
+        # own code is a bug, and its traceback is what a bug report needs: it propagates.
+        library = raising_library(exc)
+        if library is None:
+            raise
+        line = library_error_line(exc, library)
+        if _DEBUG or debug_requested():
+            import traceback
+
+            traceback.print_exc()
+            click.echo(f"error: {line}", err=True)
+        else:
+            click.echo(f"error: {line} (peftkit --debug ... shows the traceback)", err=True)
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PeftkitError, first_line
+from .errors import PeftkitError, first_line, raising_library, set_context
 from .memory import format_size, parse_size
 
 _NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -378,7 +378,8 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         est.status, est.error = "refused", str(exc)
         return est
     except Exception as exc:  # noqa: BLE001 - a strategy that cannot be planned is a row, not a crash
-        est.status, est.error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
+        library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
+        est.status, est.error = "failed", f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}"
         return est
     est.activations_per_example = (est.activations + est.workspace) / settings.batch_size
     if settings.device == "cpu":
@@ -402,9 +403,11 @@ def load_config(model: str) -> Any:
 
     source = resolve_model_source(model)
     try:
-        return AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001
         raise PeftkitError(f"cannot read the config of model {model!r}: {first_line(exc)}") from None
+    set_context(model_type=getattr(config, "model_type", None))
+    return config
 
 
 def check_applicable(model: str, task: str, strategy_name: str, strategy_options: dict[str, Any] | None = None) -> None:

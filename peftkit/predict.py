@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PeftkitError
+from .errors import PeftkitError, set_context
 
 
 @dataclass
@@ -79,12 +79,14 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     cls = get_strategy(meta["strategy"])
     strategy = cls(options_from_dict(cls, meta.get("strategy_options", {})))
     base_name = model or meta["base_model"]
+    set_context(strategy=meta["strategy"], model=base_name)
     task = get_task(meta.get("task") or "sequence-classification")
     processor = task.load_processor(base_name)
     set_seed(0)  # fresh heads are overwritten by the adapter; seeding keeps any leftover repeatable
     # an adapter trained on a quantized base is applied to the same quantized base (and fingerprinted so)
     data = TaskData(None, meta.get("label_names"), {"prompt_template": meta.get("prompt_template")})
     base = task.load_model(base_name, data, processor, meta.get("base_quantization"), "fp32")
+    set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
     expected = meta.get("base_fingerprint")
     if expected:
         actual = fingerprint(backbone_digests(base))

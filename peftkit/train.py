@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import RunConfig
-from .errors import PeftkitError
+from .errors import PeftkitError, set_context
 from .levers import make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
@@ -513,7 +513,8 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
     from transformers import set_seed
 
     from . import checkpoint as ckpt
-    from .adapter_io import package_versions, save_adapter
+    from .adapter_io import save_adapter
+    from .env import package_versions
     from .data import cap_eval_splits
     from .fingerprint import backbone_digests, fingerprint
     from .levers import prepare_base
@@ -551,6 +552,8 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         processor = task.load_processor(cfg.model)
         set_seed(cfg.seed)  # the new head's initialisation depends on it
         base = task.load_model(cfg.model, data, processor, cfg.quantize, cfg.precision)
+        # a library failing from here on is reported with the model's type (errors.library_error_line)
+        set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
         base_digests = backbone_digests(base)  # before training: what "unchanged" means, and the fingerprint
         base = prepare_base(base, cfg.quantize, cfg.gradient_checkpointing)
         spec = task.spec(base, data)

@@ -40,7 +40,9 @@ def test_run_writes_a_complete_run_directory(strategy, run_cli, tiny_model_dir, 
     meta = json.load(open(os.path.join(out, "adapter", "peftkit_adapter.json")))
     assert meta["strategy"] == strategy and meta["label_names"] == ["neg", "pos"] and meta["max_length"] == 16
     assert meta["base_fingerprint"].startswith("sha256:") and meta["metrics"]["test_accuracy"] == metrics["test_accuracy"]
-    assert "torch" in meta["versions"]
+    from peftkit.env import package_versions  # the one version table, the same as `peftkit env`'s
+
+    assert meta["versions"] == metrics["versions"] == package_versions()
     log = open(os.path.join(out, "train.log")).read()
     assert "epoch 2/2" in log and "test accuracy" in log
     assert f"{strategy}: test accuracy" in stdout

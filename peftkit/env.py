@@ -1,0 +1,166 @@
+"""What a bug report needs: package versions, the machine and device, and whether the installed
+versions are the locked ones (``peftkit env``).
+
+The same version table (``package_versions``) goes into every run's ``metrics.json``, every
+adapter's metadata and a benchmark's ``results.json``, so a figure can always be traced to the
+versions that produced it. Only ``device_info`` imports torch; the rest reads package metadata,
+which takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+# What a result depends on, in the order a report shows it. tokenizers and numpy are not direct
+# dependencies, but a tokenizer or numeric change shifts results as surely as a transformers one.
+REPORTED_PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets",
+                     "safetensors", "bitsandbytes", "tokenizers", "numpy")
+NOT_INSTALLED = "not installed"
+LOCK_FILE = "requirements.lock"
+# the lock sits in the repository root, one level above this package (an editable or source install)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def package_versions(packages: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, str]:
+    """``{"python": ..., package: version}`` for each of ``packages`` ("not installed" if absent).
+
+    The one version table of the project: metrics.json, adapter metadata and bench results.
+    """
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = NOT_INSTALLED
+    return out
+
+
+def normalize_name(name: str) -> str:
+    """A distribution name as PEP 503 compares them (``Scikit_Learn`` -> ``scikit-learn``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def find_lock(path: str | None = None) -> str | None:
+    """The lock file to compare with: ``path`` if given, else ``$PEFTKIT_LOCK``, else the
+    repository's ``requirements.lock`` when peftkit runs from a checkout; None when there is none
+    (peftkit installed as a package, without its repository)."""
+    candidate = path or os.environ.get("PEFTKIT_LOCK") or os.path.join(_REPO_ROOT, LOCK_FILE)
+    return candidate if os.path.isfile(candidate) else None
+
+
+def read_lock(path: str) -> dict[str, str]:
+    """The ``name==version`` pins of a requirements-style lock, by normalized name.
+
+    Comments, options (``--find-links ...``) and ``via`` annotations are skipped; environment
+    markers (``; python_version ...``) are dropped from the version.
+    """
+    pins: dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.split("#", 1)[0].strip()
+            match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*===?\s*([^\s;\\]+)", line)
+            if match:
+                pins[normalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def _same_version(installed: str, locked: str) -> bool:
+    try:  # "1.0" and "1.0.0" are the same release; "2.13.0" and "2.13.0+cpu" are not
+        from packaging.version import Version
+
+        return Version(installed) == Version(locked)
+    except Exception:  # noqa: BLE001 - packaging missing or a non-PEP 440 string: compare the text
+        return installed == locked
+
+
+def lock_status(versions: dict[str, str], locked: dict[str, str] | None) -> dict[str, str]:
+    """For each package of ``versions`` (python aside): "matches lock", "differs from lock
+    (locked X)", "not in lock", or "lock not found" when ``locked`` is None."""
+    out: dict[str, str] = {}
+    for name, installed in versions.items():
+        if name == "python":
+            continue
+        pinned = None if locked is None else locked.get(normalize_name(name))
+        if name == "peftkit":  # the project itself: installed from its checkout, never pinned by its lock
+            out[name] = "this project" if locked is not None else "lock not found"
+        elif locked is None:
+            out[name] = "lock not found"
+        elif pinned is None:
+            out[name] = "not in lock"
+        elif installed != NOT_INSTALLED and _same_version(installed, pinned):
+            out[name] = "matches lock"
+        else:
+            out[name] = f"differs from lock (locked {pinned})"
+    return out
+
+
+def machine_description() -> dict[str, Any]:
+    """The CPU model (from /proc/cpuinfo where there is one), core count, memory and platform of
+    this machine: what timings and memory figures are tied to."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform()}
+
+
+def device_info() -> dict[str, Any]:
+    """What torch sees: CUDA available or not, the CUDA and cuDNN versions torch was built with,
+    and each GPU's name and total memory (imports torch)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cudnn = None
+    if torch.backends.cudnn.is_available():
+        cudnn = torch.backends.cudnn.version()
+    gpus = []
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"name": props.name, "memory_bytes": props.total_memory})
+    return {"cuda_available": cuda, "cuda_version": torch.version.cuda, "cudnn_version": cudnn,
+            "gpus": gpus, "torch_threads": torch.get_num_threads()}
+
+
+def environment_report(lock_path: str | None = None) -> dict[str, Any]:
+    """Everything ``peftkit env`` prints: versions, their lock status, machine and device."""
+    versions = package_versions()
+    path = find_lock(lock_path)
+    status = lock_status(versions, read_lock(path) if path else None)
+    return {"versions": versions, "lock": {"path": path, "status": status},
+            "machine": machine_description(), "device": device_info()}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """``environment_report`` as the plain text a bug report can paste."""
+    from .memory import format_size
+
+    versions, lock, machine, device = report["versions"], report["lock"], report["machine"], report["device"]
+    width = max(len(n) for n in versions)
+    lines = [f"- {'python':<{width}}  {versions['python']}"]
+    for name, installed in versions.items():
+        if name != "python":
+            lines.append(f"- {name:<{width}}  {installed:<14} {lock['status'][name]}")
+    lines.append(f"- lock: {lock['path'] or 'not found (installed without the repository)'}")
+    lines.append(f"- platform: {machine['platform']}")
+    memory = format_size(machine["memory_bytes"]) if machine["memory_bytes"] else "unknown"
+    lines.append(f"- CPU: {machine['cpu']} ({machine['cores']} cores, {memory} memory)")
+    if device["cuda_available"]:
+        lines.append(f"- CUDA: available, CUDA {device['cuda_version']}, cuDNN {device['cudnn_version']}")
+        for i, gpu in enumerate(device["gpus"]):
+            lines.append(f"- GPU {i}: {gpu['name']}, {format_size(gpu['memory_bytes'])}")
+    else:
+        built = f" (torch built for CUDA {device['cuda_version']})" if device["cuda_version"] else " (CPU build of torch)"
+        lines.append(f"- CUDA: not available{built}")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""`peftkit env`: the version table, the lock comparison, and the device report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from peftkit.env import (REPORTED_PACKAGES, environment_report, find_lock, format_report, lock_status,
+                         package_versions, read_lock)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_package_versions_are_the_installed_ones() -> None:
+    versions = package_versions()
+    assert list(versions) == ["python", *REPORTED_PACKAGES]
+    assert versions["torch"] == version("torch") and versions["transformers"] == version("transformers")
+    assert package_versions(("surely-not-a-package",))["surely-not-a-package"] == "not installed"
+
+
+def test_read_lock_takes_pins_and_skips_comments_options_and_markers(tmp_path) -> None:
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# a comment\n--find-links /somewhere\nTorch==2.13.0+cpu   # via peftkit\n"
+                    "scikit_learn==1.9.1\n    # via mlxtend\nnumpy==2.4.6 ; python_version >= '3.11'\n"
+                    "-e .\nfoo[extra]==1.0\n")
+    assert read_lock(str(lock)) == {"torch": "2.13.0+cpu", "scikit-learn": "1.9.1", "numpy": "2.4.6",
+                                    "foo": "1.0"}
+
+
+def test_lock_status_says_match_difference_and_absence() -> None:
+    versions = {"python": "3.11.7", "peftkit": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.24.0",
+                "peft": "0.21", "numpy": "not installed", "tokenizers": "0.23.3"}
+    locked = {"torch": "2.13.0+cpu", "transformers": "5.23.0", "peft": "0.21.0", "numpy": "2.4.6"}
+    assert lock_status(versions, locked) == {
+        "peftkit": "this project", "torch": "matches lock",
+        "transformers": "differs from lock (locked 5.23.0)",
+        "peft": "matches lock",  # 0.21 and 0.21.0 are the same release
+        "numpy": "differs from lock (locked 2.4.6)", "tokenizers": "not in lock"}
+    assert set(lock_status(versions, None).values()) == {"lock not found"}
+    # the CPU build is not the plain release: a CUDA torch installed over the lock must show
+    assert lock_status({"torch": "2.13.0"}, {"torch": "2.13.0+cpu"})["torch"].startswith("differs")
+
+
+def test_the_repository_lock_is_found_and_pins_a_cpu_torch_without_cuda_packages() -> None:
+    path = find_lock()
+    assert path == os.path.join(REPO, "requirements.lock")
+    pins = read_lock(path)
+    assert pins["torch"].endswith("+cpu") and "pytest" in pins and "transformers" in pins
+    assert not [name for name in pins if name.startswith("nvidia-") or name == "triton"]
+
+
+def test_a_missing_lock_is_reported_not_an_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PEFTKIT_LOCK", str(tmp_path / "none.lock"))
+    monkeypatch.setattr("peftkit.env._REPO_ROOT", str(tmp_path))  # as if installed without the repository
+    report = environment_report()
+    assert report["lock"]["path"] is None and report["lock"]["status"]["torch"] == "lock not found"
+    assert "lock: not found" in format_report(report)
+
+
+def test_env_command_text_and_json(run_cli, tmp_path) -> None:
+    lock = tmp_path / "old.lock"
+    lock.write_text(f"torch==0.0.1\ntransformers=={version('transformers')}\n")
+    code, stdout, stderr = run_cli("env", "--lock", str(lock))
+    assert code == 0, stderr
+    assert f"torch         {version('torch')}" in stdout and "differs from lock (locked 0.0.1)" in stdout
+    assert "transformers" in stdout and "matches lock" in stdout
+    assert "CPU: " in stdout and "CUDA: " in stdout and "platform: " in stdout
+    code, stdout, stderr = run_cli("env", "--json", "--lock", str(lock))
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["versions"] == package_versions()
+    assert report["lock"]["status"]["torch"] == "differs from lock (locked 0.0.1)"
+    assert report["lock"]["status"]["datasets"] == "not in lock"
+    import torch
+
+    device = report["device"]
+    assert device["cuda_available"] == torch.cuda.is_available()
+    assert len(device["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert device["cuda_version"] == torch.version.cuda
+    assert report["machine"]["cores"] == os.cpu_count() and report["machine"]["cpu"]
+
+
+def test_env_with_a_missing_lock_file_is_one_line(run_cli, tmp_path) -> None:
+    code, _, stderr = run_cli("env", "--lock", str(tmp_path / "nope.lock"))
+    assert code == 2 and stderr.strip() == f"error: lock file not found: {str(tmp_path / 'nope.lock')!r}; " \
+                                           "give a requirements-style file of name==version lines"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["env", "--help"]])
+def test_help_does_not_import_torch(args) -> None:
+    code = ("import sys\nfrom peftkit.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'imported torch'\n") % (args,)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
