@@ -396,11 +396,11 @@ def environment() -> dict[str, Any]:
     """GPU, driver, CUDA and cuDNN, CPU and versions: what every figure is tied to."""
     import torch
 
-    from peftkit.adapter_io import package_versions
-    from peftkit.bench import machine_description
+    from peftkit.env import environment_report
 
-    env: dict[str, Any] = {"cpu": machine_description()["cpu"], "cuda": torch.version.cuda,
-                           "torch": torch.__version__}
+    report = environment_report()  # what `peftkit env` prints: versions against the lock, machine, device
+    env: dict[str, Any] = {"cpu": report["machine"]["cpu"], "cuda": torch.version.cuda,
+                           "torch": torch.__version__, "lock_status": report["lock"]["status"]}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_bytes=props.total_memory,
@@ -411,7 +411,7 @@ def environment() -> dict[str, Any]:
             env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, IndexError):
             env["driver"] = None
-    env["versions"] = package_versions()
+    env["versions"] = report["versions"]
     try:
         import bitsandbytes
 
