@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..adapter_io import PEFT_CONFIG_FILE, PEFT_TENSORS_FILE, read_peft_config, read_safetensors, write_safetensors
 from ..errors import PeftkitError
 from ..registry import register_strategy
-from .base import TaskSpec, TrainingDefaults, check_tensors_match
-from .peft_common import PeftStrategy
+from .base import Strategy, TaskSpec, TrainingDefaults, check_tensors_match
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -296,7 +295,7 @@ def _encoder_of(model: nn.Module) -> nn.Module:
 
 
 @register_strategy
-class PrefixTuning(PeftStrategy):
+class PrefixTuning(Strategy):
     name = "prefix"
     aliases = ("prefix_tuning", "prefix-tuning")
     description = "Prefix tuning: learned key/value prefixes in every self-attention layer; the head trains too."
@@ -304,10 +303,12 @@ class PrefixTuning(PeftStrategy):
     # prefixes start random and only steer attention: they need a large step
     defaults = TrainingDefaults(lr=1e-2, epochs=1, batch_size=32, weight_decay=0.0)
     supports_quantized_base = True  # the base stays frozen; only the prefixes and the head train
+    #: a plain peft adapter directory is matched to this strategy by peft's ``peft_type``
     peft_type = "PREFIX_TUNING"
 
     @classmethod
     def options_from_peft_config(cls, config: dict[str, Any]) -> PrefixOptions:
+        """This strategy's options from a peft ``adapter_config.json`` (for plain peft adapters)."""
         return PrefixOptions(num_virtual_tokens=int(config["num_virtual_tokens"]),
                              prefix_projection=bool(config.get("prefix_projection")),
                              projection_hidden_size=config.get("encoder_hidden_size") if config.get("prefix_projection") else None)
