@@ -5,8 +5,8 @@ either peftkit's own file::
 
     adapter.safetensors     the strategy's tensors, minus those still equal to the pretrained ones
 
-or, for strategies peft implements (``lora``, ``prefix``), peft's own format, which
-``peft.PeftModel.from_pretrained(base, directory)`` loads as it is::
+or, for ``lora`` (through peft) and ``prefix`` (peftkit's own, in the same layout), peft's format,
+which ``peft.PeftModel.from_pretrained(base, directory)`` loads as it is::
 
     adapter_config.json         peft's configuration
     adapter_model.safetensors   peft's key names

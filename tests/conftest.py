@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-ARCHITECTURES = ("bert", "roberta", "gpt2", "llama")
+ARCHITECTURES = ("bert", "roberta", "distilbert", "gpt2", "llama")
 
 POSITIVE = ["good", "great", "wonderful", "moving", "brilliant", "fun", "charming", "superb"]
 NEGATIVE = ["bad", "dull", "awful", "boring", "tedious", "weak", "clumsy", "lifeless"]
@@ -58,6 +58,9 @@ def _config(arch: str, vocab_size: int, pad_id: int):
     if arch == "roberta":
         return AutoConfig.for_model("roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                     intermediate_size=64, max_position_embeddings=70, **common)
+    if arch == "distilbert":
+        return AutoConfig.for_model("distilbert", dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64,
+                                    **common)
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
     if arch == "llama":

@@ -96,7 +96,7 @@ def test_adamw8bit_keeps_8bit_state(tiny_model_dir) -> None:
     assert not torch.equal(before, big.detach())
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
+@pytest.mark.parametrize("strategy", ["full", "lora", "prefix"])
 def test_gradient_checkpointing_gives_the_same_gradients(strategy, tiny_model_dir) -> None:
     """Recomputing activations must not change the gradients (dropout replays the same RNG state)."""
     from peftkit.levers import enable_gradient_checkpointing
@@ -186,3 +186,20 @@ def test_cuda_budget_caps_the_card_by_its_index(monkeypatch) -> None:
     apply_budget(torch.device("cuda", 3), 20 * 2**30)
     assert calls == [(0.1, 0), (0.25, 3)]
     assert all(isinstance(device, int) for _, device in calls)
+
+
+@pytest.mark.parametrize("levers", [["--quantize", "4bit"], ["--quantize", "8bit"], ["--precision", "bf16"],
+                                    ["--gradient-checkpointing"]], ids=lambda x: x[-1].lstrip("-"))
+def test_prefix_with_a_lever_trains_saves_and_predicts(levers, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Prefixes go in front of keys whatever computed them: 4/8-bit projections, bf16 autocast
+    (the prefixes are cast to the keys' dtype), recomputed blocks."""
+    from peftkit.predict import load_adapter, predict_texts
+
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(*_run_args(tiny_model_dir("llama"), tiny_csv, str(out), "--strategy", "prefix",
+                                         "--set", "num_virtual_tokens=4", *levers))
+    assert code == 0, stderr
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["trainable_params"] == 4 * 2 * 2 * 32 + 2 * 32 and 0 <= metrics["test_accuracy"] <= 1
+    rows = predict_texts(load_adapter(str(out / "adapter")), ["good great fun", "bad dull awful"])
+    assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)

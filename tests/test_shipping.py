@@ -51,8 +51,13 @@ def test_peft_loads_our_adapter_and_agrees(strategy, trained, tiny_model_dir) ->
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir("bert"), num_labels=2)
     model = PeftModel.from_pretrained(base, directory).eval()
     with torch.no_grad():
-        theirs = torch.softmax(model(**tok(TEXTS, padding=True, truncation=True, max_length=16,
-                                           return_tensors="pt")).logits, -1)
+        try:
+            theirs = torch.softmax(model(**tok(TEXTS, padding=True, truncation=True, max_length=16,
+                                               return_tensors="pt")).logits, -1)
+        except ValueError as exc:  # transformers >= 5.24: BERT's forward takes no past_key_values
+            if strategy != "prefix" or "past key values" not in str(exc):
+                raise
+            pytest.skip(f"peft's prefix tuning cannot run here: {exc}")
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
