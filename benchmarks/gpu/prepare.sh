@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Run HERE (on the development machine, which reaches PyPI) before the GPU run: puts into
-# .gpu_carry/ (git-ignored through .git/info/exclude) what the GPU machine lacks and cannot download:
+# .gpu_carry/ (git-ignored: it travels only as the device call's carry) what the GPU machine lacks:
 #   wheels/     bitsandbytes (only its CPU and CUDA 13 libraries: the full wheel is 43 MB of the 64 MiB
 #               that may travel), and the versions of transformers, peft and datasets our results use
 #   tokenizer/  the MiniLM tokenizer files the Llama-style test model is built with (not its weights)
 #   rotten_tomatoes.csv   the labelled review snippets the documents are drawn from
-# Then:  device run --carry .gpu_carry  'bash benchmarks/gpu/run.sh'
+# Then, through the device tool with carry [".gpu_carry"]: 'bash benchmarks/gpu/run.sh --part 1' and at once
+# 'bash benchmarks/gpu/run.sh --part 2' (see benchmarks/gpu/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 C=.gpu_carry
 rm -rf "$C" && mkdir -p "$C/wheels" "$C/raw"
-grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
 ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 # the GPU image runs CPython 3.12 on x86-64
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
