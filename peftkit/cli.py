@@ -508,6 +508,8 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
 
     budget = parse_size(settings.memory_budget) if settings.memory_budget else None
     length = f" x {settings.max_length} tokens" if settings.max_length else ""
+    if settings.loss_positions:
+        length += f" (loss on {settings.loss_positions} per example)"
     click.echo(f"{settings.model} ({settings.task}): batch {settings.batch_size}{length}, "
                f"levers: {describe_levers(vars(settings))}, on {settings.device}"
                + (f", budget {format_size(budget)}" if budget else ""))
