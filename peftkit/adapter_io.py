@@ -129,6 +129,21 @@ def read_peft_config(directory: str) -> dict[str, Any] | None:
     return _read_json(path) if os.path.exists(path) else None
 
 
+def read_peft_adapter(directory: str, strategy: str, peft_type: str) -> dict[str, torch.Tensor]:
+    """The tensors of a peft-format adapter folder written for ``strategy`` (peft type
+    ``peft_type``), after checking that the folder is one: a config of that type and its weights."""
+    config = read_peft_config(directory)
+    if config is None:
+        raise PeftkitError(f"{directory!r} has no {PEFT_CONFIG_FILE}; it is not a {strategy} adapter")
+    if config.get("peft_type") != peft_type:
+        raise PeftkitError(f"{directory!r} holds a peft {config.get('peft_type')!r} adapter, "
+                           f"strategy {strategy!r} expects {peft_type!r}")
+    path = os.path.join(directory, PEFT_TENSORS_FILE)
+    if not os.path.exists(path):
+        raise PeftkitError(f"{directory!r} has no {PEFT_TENSORS_FILE}")
+    return read_safetensors(path)
+
+
 def adapter_bytes(directory: str) -> int:
     """Total size of the weight files (what shipping the adapter costs)."""
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)

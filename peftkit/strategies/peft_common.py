@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..adapter_io import PEFT_CONFIG_FILE, PEFT_TENSORS_FILE, read_peft_config, read_safetensors, write_safetensors
+from ..adapter_io import PEFT_TENSORS_FILE, read_peft_adapter, write_safetensors
 from ..errors import PeftkitError
 from .base import Strategy, check_tensors_match
 
@@ -55,16 +55,7 @@ class PeftStrategy(Strategy):
         import torch
         from peft import set_peft_model_state_dict
 
-        config = read_peft_config(directory)
-        if config is None:
-            raise PeftkitError(f"{directory!r} has no {PEFT_CONFIG_FILE}; it is not a {self.name} adapter")
-        if config.get("peft_type") != self.peft_type:
-            raise PeftkitError(f"{directory!r} holds a peft {config.get('peft_type')!r} adapter, "
-                               f"strategy {self.name!r} expects {self.peft_type!r}")
-        path = os.path.join(directory, PEFT_TENSORS_FILE)
-        if not os.path.exists(path):
-            raise PeftkitError(f"{directory!r} has no {PEFT_TENSORS_FILE}")
-        tensors = read_safetensors(path)
+        tensors = read_peft_adapter(directory, self.name, self.peft_type)
         expected = _peft_state(model)
         check_tensors_match(expected, tensors, what=f"{self.name} adapter")
         set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)

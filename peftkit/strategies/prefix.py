@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..adapter_io import PEFT_CONFIG_FILE, PEFT_TENSORS_FILE, read_peft_config, read_safetensors, write_safetensors
+from ..adapter_io import PEFT_TENSORS_FILE, read_peft_adapter, write_safetensors
 from ..errors import PeftkitError
 from ..registry import register_strategy
 from .base import Strategy, TaskSpec, TrainingDefaults, check_tensors_match
@@ -388,16 +388,7 @@ class PrefixTuning(Strategy):
     def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
         import torch
 
-        config = read_peft_config(directory)
-        if config is None:
-            raise PeftkitError(f"{directory!r} has no {PEFT_CONFIG_FILE}; it is not a {self.name} adapter")
-        if config.get("peft_type") != self.peft_type:
-            raise PeftkitError(f"{directory!r} holds a peft {config.get('peft_type')!r} adapter, "
-                               f"strategy {self.name!r} expects {self.peft_type!r}")
-        path = os.path.join(directory, PEFT_TENSORS_FILE)
-        if not os.path.exists(path):
-            raise PeftkitError(f"{directory!r} has no {PEFT_TENSORS_FILE}")
-        tensors = read_safetensors(path)
+        tensors = read_peft_adapter(directory, self.name, self.peft_type)
         expected = self._peft_tensors(model)
         check_tensors_match(expected, tensors, what=f"{self.name} adapter")
         _encoder_of(model).load_table(tensors[PROMPT_KEY])
