@@ -49,7 +49,7 @@ done
 [ -f requirements.lock ] && cp requirements.lock "$tmp/out.lock"
 .venv/bin/uv pip compile pyproject.toml --extra dev "${constraints[@]}" "${links[@]}" "${args[@]}" \
   --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match \
-  --custom-compile-command "bash scripts/relock.sh" --annotation-style line --no-progress --quiet --output-file "$tmp/out.lock"
+  --custom-compile-command "bash scripts/relock.sh" --no-annotate --no-progress --quiet --output-file "$tmp/out.lock"
 {
   echo "# requirements.lock: the exact versions install.sh installs and the test suite passed with."
   echo "# Compiled for CPython 3.11 on Linux x86_64 (manylinux_2_28) from pyproject.toml (+ the dev"
