@@ -527,7 +527,7 @@ def main() -> int:
     if args.part == 1:
         args.cases, args.no_overhead = "strategies", True
     elif args.part == 2:
-        args.cases = ",".join(c[0] for c in cases if c[0] != "strategies")
+        args.cases = ",".join([c[0] for c in cases if c[0] != "strategies"] + ["profile"])
     if args.cases:
         cases = [c for c in cases if c[0] in args.cases.split(",")]
     for name, names, extra, share in cases:
