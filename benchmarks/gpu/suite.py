@@ -376,7 +376,7 @@ def write_report(out: str, state: dict[str, Any]) -> None:
     ov = state.get("overhead")
     if ov:
         if ov.get("ratio"):
-            lines += [f"Loop overhead (`benchmarks/overhead.py --device cuda`, LoRA, fp32): peftkit "
+            lines += [f"Loop overhead (`benchmarks/overhead.py`, LoRA, fp32, on {ov.get('device')}): peftkit "
                       f"{ov['peftkit_median'] * 1000:.1f} ms/step, hand-written {ov['hand_median'] * 1000:.1f} ms/step, "
                       f"ratio {ov['ratio']:.3f}", ""]
         else:
