@@ -399,23 +399,20 @@ def environment() -> dict[str, Any]:
     from peftkit.env import environment_report
 
     report = environment_report()  # what `peftkit env` prints: versions against the lock, machine, device
-    env: dict[str, Any] = {"cpu": report["machine"]["cpu"], "cuda": torch.version.cuda,
-                           "torch": torch.__version__, "lock_status": report["lock"]["status"]}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_bytes=props.total_memory,
-                   multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version())
-        try:
+    device = report["device"]
+    env: dict[str, Any] = {"cpu": report["machine"]["cpu"], "cuda": device["cuda_version"],
+                           "cudnn": device["cudnn_version"], "torch": torch.__version__,
+                           "versions": report["versions"], "lock_status": report["lock"]["status"]}
+    if device["gpus"]:
+        env.update(gpu=device["gpus"][0]["name"], gpu_memory_bytes=device["gpus"][0]["memory_bytes"])
+        try:  # the driver is not torch's to know
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=30)
             env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, IndexError):
             env["driver"] = None
-    env["versions"] = report["versions"]
     try:
-        import bitsandbytes
-
-        env["versions"]["bitsandbytes"] = bitsandbytes.__version__
+        import bitsandbytes  # noqa: F401 - installed does not mean importable (its CUDA library must load)
     except Exception as exc:  # noqa: BLE001 - recorded, the lever cases then report it
         env["bitsandbytes_error"] = f"{type(exc).__name__}: {exc}"
     return env
