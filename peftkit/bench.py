@@ -31,18 +31,7 @@ from typing import Any, Callable
 from .config import RunConfig
 from .errors import PeftkitError
 from .memory import format_size, parse_size
-
-# Per-run figures copied from a run's metrics into the suite's rows.
-ROW_METRICS = (
-    "task", "test_accuracy", "test_f1_macro", "validation_accuracy", "test_exact_match", "test_perplexity",
-    "validation_loss", "validation_perplexity", "best_epoch", "epochs_run",
-    "trainable_params", "total_params", "trainable_percent",
-    "peak_memory_bytes", "peak_memory_eval_bytes", "memory_loaded_bytes", "peak_memory_increase_bytes",
-    "peak_reserved_bytes", "peak_reserved_eval_bytes", "peak_memory_method",
-    "train_seconds", "eval_seconds", "samples_per_second", "tokens_per_second", "step_seconds_median",
-    "steady_tokens_per_second", "adapter_bytes",
-    "batch_size", "grad_accumulation", "effective_batch_size", "device", "torch_threads", "wall_seconds",
-)
+from .metrics import ROW_METRICS, summarize_figures
 
 
 @dataclass
@@ -347,23 +336,9 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
             f"{quality}_min": min(acc), f"{quality}_max": max(acc),
             f"{second}_mean": (statistics.mean(r[second] for r in ok)
                                if all(r.get(second) is not None for r in ok) else None),
-            "trainable_params": max(r["trainable_params"] for r in ok),
-            "total_params": ok[0]["total_params"],
-            "trainable_percent": max(r["trainable_percent"] for r in ok),
-            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ok),
-            "peak_memory_increase_bytes": max(r["peak_memory_increase_bytes"] for r in ok),
-            "peak_memory_eval_bytes": max(r["peak_memory_eval_bytes"] for r in ok),
-            "peak_reserved_bytes": max((r["peak_reserved_bytes"] or 0) for r in ok) or None,
-            "memory_loaded_bytes": max(r["memory_loaded_bytes"] for r in ok),
-            "train_seconds_mean": statistics.mean(r["train_seconds"] for r in ok),
-            "samples_per_second_mean": statistics.mean(r["samples_per_second"] for r in ok),
-            "tokens_per_second_mean": statistics.mean((r.get("tokens_per_second") or 0) for r in ok),
+            **summarize_figures(ok),
             "first_epoch_seconds_mean": statistics.mean(first) if first else None,
             "later_epoch_seconds_mean": statistics.mean(later) if later else None,
-            "adapter_bytes": max(r["adapter_bytes"] for r in ok),
-            "batch_size": min(r["batch_size"] for r in ok),
-            "grad_accumulation": max(r["grad_accumulation"] for r in ok),
-            "epochs": max(r["epochs_run"] for r in ok),
             "levers": ok[0].get("levers", "-"),
             "predicted_peak_bytes": ok[0].get("predicted_peak_bytes"),
         }

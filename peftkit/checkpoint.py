@@ -21,7 +21,7 @@ import json
 import os
 import random
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PeftkitError
 
@@ -180,3 +180,83 @@ def read(path: str, rank: int) -> dict[str, Any]:
 def _write_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
+
+
+# -- the checkpointer the training loop uses ------------------------------------------------------
+
+class Checkpointer:
+    """Owns a run's checkpoints: saving every ``every`` optimizer steps, restoring one (the
+    strategy's events replayed first, so parameter groups rejoin the optimizer in their order),
+    and handing back the random states at the moment training continues.
+
+    Works with whatever the loop gives it (an accelerate ``Accelerator``, a strategy, the unwrapped
+    model, the optimizer): this module stays below the strategies it serves.
+    """
+
+    def __init__(self, accelerator: Any, strategy: Any, model: Any, optimizer: Any, run_dir: str | None,
+                 every: int | None, log: Callable[[str], None]) -> None:
+        self.accelerator, self.strategy, self.model, self.optimizer = accelerator, strategy, model, optimizer
+        self.run_dir, self.every, self.log = run_dir, every, log
+        self.pending_rng: tuple[dict[str, Any], dict[str, Any]] | None = None  # set by restore
+        self.sampler_start: Any = None  # the sampler's state when the checkpoint's epoch began
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is written after optimizer step ``step``."""
+        return bool(self.every and self.run_dir and step % self.every == 0)
+
+    def save(self, step: int, loop: dict[str, Any], best: dict[str, Any], sampler_state: Any,
+             total_steps: int) -> None:
+        """Write the checkpoint at ``step`` (every process calls this; each writes its random state)."""
+        import time
+
+        started = time.perf_counter()
+        main = self.accelerator.is_main_process
+        tensors = dict(self.strategy.trainable_parameters(self.model))
+        tensors.update({n: b for n, b in self.model.named_buffers() if b.is_floating_point()})
+        if main:
+            begin(self.run_dir, step)
+        self.accelerator.wait_for_everyone()  # the directory exists before any process writes into it
+        tmp = tmp_path(self.run_dir, step)
+        write_rank(tmp, self.accelerator.process_index, sampler_state)
+        if main:
+            write_main(tmp, tensors, best, self.optimizer.state_dict(), self.strategy.extra_state(self.model),
+                       {"loop": loop, "total_steps": total_steps})
+        self.accelerator.wait_for_everyone()
+        if main:
+            commit(tmp)
+            self.log(f"checkpoint at step {step} ({time.perf_counter() - started:.2f} s)")
+
+    def restore(self, path: str, steps_per_epoch: int,
+                add_groups: Callable[[list[Any]], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load the checkpoint at ``path`` into the model, optimizer and strategy; returns the loop
+        state it saved and the best epoch's adapter state. The random states wait in
+        ``pending_rng`` until ``continue_rng`` (the first batch trained after the checkpoint)."""
+        import torch
+
+        saved = read(path, self.accelerator.process_index)
+        loop = saved["state"]["loop"]
+        self.replay(loop["epoch"], loop["step"], steps_per_epoch, add_groups)
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.strategy.load_extra_state(self.model, saved["extra"])
+        self.pending_rng = saved["rng"]
+        self.sampler_start = self.pending_rng[0].get("sampler_epoch_start")
+        return loop, saved["best"]
+
+    def replay(self, epoch: int, step: int, steps_per_epoch: int, add_groups: Callable[[list[Any]], None]) -> None:
+        """The strategy's events up to (epoch, step), in the order training raised them, so the
+        parameter groups they add (gradual unfreezing) join the optimizer before its state loads."""
+        for e in range(epoch + 1):
+            add_groups(self.strategy.on_epoch_start(self.model, e))
+            for s in range(e * steps_per_epoch + 1, min((e + 1) * steps_per_epoch, step) + 1):
+                add_groups(self.strategy.on_step_end(self.model, s))
+
+    def continue_rng(self) -> None:
+        """Dropout and the like continue from where the checkpoint was (once, after a restore)."""
+        if self.pending_rng is not None:
+            set_rng_state(*self.pending_rng)
+            self.pending_rng = None

@@ -7,6 +7,9 @@ else moves -> save the adapter -> load it onto a fresh base -> identical logits.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,9 @@ from transformers import set_seed
 from conftest import ARCHITECTURES, make_rows
 from peftkit import registry
 from peftkit.adapter_io import read_metadata, save_adapter
+from peftkit.config import RunConfig
 from peftkit.fingerprint import backbone_digests
+from peftkit.loop import make_accelerator, torch_param_groups, train_step
 from peftkit.models import load_classifier, load_tokenizer
 from peftkit.strategies.base import TaskSpec
 
@@ -29,6 +34,24 @@ def _batch(tokenizer, n: int = 8) -> dict[str, torch.Tensor]:
     batch["labels"] = torch.tensor([LABELS.index(r["label"]) for r in rows])
     batch["example_key"] = torch.arange(n)
     return batch
+
+
+def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(logits, batch["labels"])
+
+
+@contextmanager
+def _gradients_reaching(model: torch.nn.Module) -> Iterator[set[str]]:
+    """The names of the parameters a gradient was accumulated into while the block ran (a step
+    zeroes the gradients it used, so they are recorded as they arrive)."""
+    reached: set[str] = set()
+    hooks = [p.register_post_accumulate_grad_hook(lambda _p, n=n: reached.add(n))
+             for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        yield reached
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _fresh(strategy_cls, model_dir: str, seed: int):
@@ -52,24 +75,24 @@ def test_strategy_contract(name: str, arch: str, tiny_model_dir, tmp_path) -> No
     assert set(declared) <= set(all_params)
     before = {n: p.detach().clone() for n, p in all_params.items()}
 
-    groups = strategy.param_groups(model)
-    opt = torch.optim.AdamW([p for g in groups for p in g.params.values()], lr=1e-2)
+    # the loop's own training step (peftkit.loop.train_step), one optimizer step per "epoch"
+    accelerator, _ = make_accelerator(RunConfig(), None)
+    lr, epochs = 1e-2, 3
+    opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), lr, 0.0), lr=lr)
     batch = _batch(tok)
     model.train()
-    for epoch in range(3):
-        for g in strategy.on_epoch_start(model, epoch):
-            opt.add_param_group({"params": list(g.params.values())})
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(strategy.forward(model, batch), batch["labels"])
-        loss.backward()
-        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    for epoch in range(epochs):
+        for g in torch_param_groups(strategy.on_epoch_start(model, epoch), lr, 0.0):
+            opt.add_param_group(g)
         live = {n for n, p in model.named_parameters() if p.requires_grad}
+        with _gradients_reaching(model) as with_grad:
+            train_step(accelerator, model, opt, strategy, _loss, batch, step=epoch, total_steps=epochs,
+                       warmup_steps=0, max_grad_norm=1.0)
         # gradients reach exactly the parameters that are trainable now, all of them declared
         assert with_grad == live, f"{name}/{arch}: grads {sorted(with_grad - live)[:3]} vs {sorted(live - with_grad)[:3]}"
         assert with_grad <= set(declared)
-        opt.step()
-        for g in strategy.on_step_end(model, epoch + 1):
-            opt.add_param_group({"params": list(g.params.values())})
+        for g in torch_param_groups(strategy.on_step_end(model, epoch + 1), lr, 0.0):
+            opt.add_param_group(g)
 
     after = dict(model.named_parameters())
     for n, p in after.items():

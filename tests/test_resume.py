@@ -102,9 +102,9 @@ def test_resume_refusals(tiny_model_dir, tiny_csv, run_cli, tmp_path) -> None:
 def test_interrupted_run_keeps_its_checkpoint_and_says_how_to_resume(tiny_model_dir, tiny_csv, run_cli,
                                                                      tmp_path, monkeypatch) -> None:
     """Ctrl-C (or SIGTERM) after a checkpoint keeps it; a fresh run to the same place is refused."""
-    import peftkit.train as train
+    import peftkit.loop as loop  # where the training step checks the memory budget
 
-    real = train.check_budget
+    real = loop.check_budget
     calls = {"n": 0}
 
     def interrupt_later(*args, **kwargs):  # the budget check runs after every optimizer step
@@ -113,13 +113,13 @@ def test_interrupted_run_keeps_its_checkpoint_and_says_how_to_resume(tiny_model_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "check_budget", interrupt_later)
+    monkeypatch.setattr(loop, "check_budget", interrupt_later)
     out = str(tmp_path / "run")
     code, _, err = run_cli(*_args(tiny_model_dir("bert"), tiny_csv, out, "lora", "--checkpoint-every", "5"))
     assert code == 130
     assert f"continue with peftkit run --resume {out}" in err.splitlines()[-1]
     assert os.path.isdir(os.path.join(str(tmp_path), ".run.partial", "checkpoints", "step-0000010"))
-    monkeypatch.setattr(train, "check_budget", real)
+    monkeypatch.setattr(loop, "check_budget", real)
     code, _, err = run_cli(*_args(tiny_model_dir("bert"), tiny_csv, out, "lora"))
     assert code == 2 and "an interrupted run with checkpoints" in err
     code, _, err = run_cli("run", "--resume", out)

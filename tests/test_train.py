@@ -42,8 +42,8 @@ def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv) -> Non
                          lr=0.5, early_stopping_patience=1)
     history = outcome.history
     best = max(h["validation_accuracy"] for h in history)
-    assert outcome.metrics["validation_accuracy"] == best
-    if outcome.metrics["best_epoch"] != len(history):
+    assert outcome.metrics.validation["accuracy"] == best
+    if outcome.metrics.best_epoch != len(history):
         assert any(l.startswith("restored the best epoch") for l in logs)
     assert len(history) < 8 and any(l.startswith("early stopping") for l in logs)
 
@@ -51,7 +51,7 @@ def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv) -> Non
 def test_gradient_accumulation_counts_optimizer_steps(tiny_model_dir, tiny_csv) -> None:
     outcome, _ = _fit(tiny_model_dir("bert"), tiny_csv, strategy="lora", epochs=1, batch_size=8,
                       grad_accumulation=4)
-    assert outcome.metrics["train_examples"] == 160
+    assert outcome.metrics.train_examples == 160
 
 
 def test_macro_f1_matches_definition() -> None:

@@ -1,0 +1,549 @@
+"""The pieces of the training loop ``train.fit`` strings together.
+
+``Trainer.setup`` builds what is fixed for a run (accelerator, loaders, optimizer, memory meter);
+``LoopState`` is everything that changes from step to step, which is also what a checkpoint
+saves; ``train_step`` is one optimizer micro-step; ``BestEpoch`` decides which epoch is kept and
+when training stops early. Built on accelerate (device placement, gradient accumulation, mixed
+precision, multi-process), the loop branches only on what a strategy returns: its parameter
+groups, its event hooks, its forward and its adapter state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from .checkpoint import Checkpointer
+from .config import RunConfig
+from .errors import PeftkitError
+from .levers import make_optimizer, store_frozen_in_half
+from .memory import MemoryMeter, apply_budget, check_budget, parse_size
+from .metrics import RunMetrics
+from .strategies.base import ParamGroup, Strategy, TrainingDefaults
+from .tasks.base import Task, gathered_sum
+
+
+# -- data and parameter groups ------------------------------------------------------------------
+
+def make_loader(ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], batch_size: int,
+                shuffle_seed: int | None) -> tuple[Any, Any]:
+    """A DataLoader and the generator that shuffles it (None for evaluation).
+
+    Training batches group examples of similar length (with randomness, seeded) so little time goes
+    into padding; evaluation runs in length order for the same reason (order does not change
+    metrics). The shuffling generator is the loader's own, so a checkpoint can record where it was.
+    """
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = list(ds["length"]) if "length" in ds.column_names else None
+    gen = None
+    if shuffle_seed is not None:
+        gen = torch.Generator().manual_seed(shuffle_seed)
+        sampler: Any = (LengthGroupedSampler(batch_size, lengths=lengths, generator=gen) if lengths
+                        else RandomSampler(ds, generator=gen))
+    else:
+        sampler = sorted(range(len(ds)), key=lengths.__getitem__) if lengths else list(range(len(ds)))
+    loader = DataLoader(ds.with_format("torch"), batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    return loader, gen
+
+
+def torch_param_groups(groups: list[ParamGroup], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Split each strategy group into decayed (matrices) and undecayed (biases, norms) halves:
+    decided by tensor shape, so no parameter names are matched."""
+    out = []
+    for group in groups:
+        decay = [p for p in group.params.values() if p.ndim >= 2]
+        no_decay = [p for p in group.params.values() if p.ndim < 2]
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                base = lr * group.lr_scale
+                out.append({"params": params, "weight_decay": wd, "lr": base, "base_lr": base})
+    return out
+
+
+# -- the state the loop carries -----------------------------------------------------------------
+
+@dataclass
+class Peaks:
+    """The highest memory measured per phase (bytes): training and evaluation apart, because they
+    answer different questions (what training needs vs what serving needs)."""
+
+    train: int = 0
+    eval: int = 0
+    train_reserved: int = 0
+    eval_reserved: int = 0
+
+
+@dataclass
+class BestEpoch:
+    """Epoch selection and early stopping in one place: the best validation so far, how many
+    epochs passed without beating it, and the adapter state of that epoch (``snapshot``)."""
+
+    score: float | None = None
+    epoch: int | None = None  # 1-based
+    metrics: dict[str, float] = field(default_factory=dict)
+    epochs_without_gain: int = 0
+    # tensors: saved apart (best.safetensors), never in the JSON state
+    snapshot: dict[str, Any] = field(default_factory=dict, repr=False, metadata={"tensors": True})
+
+    def judge(self, epoch: int, metrics: dict[str, float], score: float, patience: int | None,
+              snapshot: Callable[[], dict[str, Any]]) -> str:
+        """Record epoch ``epoch`` (1-based) with its validation ``metrics`` and ``score`` (higher is
+        better); ``snapshot`` is called only when it is the best so far. Returns ``"improved"``,
+        ``"worse"``, or ``"stop"`` when ``patience`` epochs in a row brought no gain."""
+        if self.score is None or score > self.score:
+            self.score, self.epoch, self.metrics, self.epochs_without_gain = score, epoch, metrics, 0
+            # the adapter state fully describes what was trained, so it is also the best snapshot
+            self.snapshot = snapshot()
+            return "improved"
+        self.epochs_without_gain += 1
+        return "stop" if patience and self.epochs_without_gain >= patience else "worse"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("tensors")}
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step: what a checkpoint saves (``to_dict``) and
+    restores (``from_dict``). Counters of the current epoch restart with ``start_epoch``."""
+
+    epoch: int = 0  # 0-based, the epoch being trained
+    batches_done: int = 0  # micro-batches of this epoch already trained
+    step: int = 0  # optimizer steps, over all epochs
+    train_examples: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    max_trainable: int = 0  # the most parameters trainable at once (gradual unfreezing grows them)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    smooth_loss: float | None = None  # the progress bar's running loss
+    epoch_examples: int = 0
+    epoch_loss: float = 0.0  # this process's sum of micro-batch losses
+    epoch_batches: int = 0
+    epoch_tokens: int = 0
+    epoch_elapsed: float = 0.0  # seconds of this epoch before the checkpoint it resumed from
+    peaks: Peaks = field(default_factory=Peaks)
+    best: BestEpoch = field(default_factory=BestEpoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done, self.epoch_examples, self.epoch_loss = epoch, 0, 0, 0.0
+        self.epoch_batches, self.epoch_tokens, self.epoch_elapsed = 0, 0, 0.0
+
+    def add_batch(self, index: int, examples: int, tokens: int, loss: float) -> None:
+        """Count micro-batch ``index`` of the epoch (``loss``: its value on this process)."""
+        self.epoch_examples += examples
+        self.epoch_tokens += tokens
+        self.epoch_batches += 1
+        self.batches_done = index + 1
+        self.epoch_loss += loss
+        self.smooth_loss = loss if self.smooth_loss is None else 0.9 * self.smooth_loss + 0.1 * loss
+
+    def end_epoch(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.train_examples += self.epoch_examples
+        self.train_tokens += self.epoch_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(peaks=asdict(self.peaks), best=self.best.to_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], best_snapshot: dict[str, Any]) -> LoopState:
+        plain = {k: v for k, v in saved.items() if k not in ("peaks", "best")}
+        return cls(**plain, peaks=Peaks(**saved["peaks"]), best=BestEpoch(**saved["best"], snapshot=best_snapshot))
+
+
+@dataclass
+class StepTimes:
+    """Wall time and tokens of each optimizer step after its epoch's first (which pays for the
+    loader's start and, on a GPU, kernel selection): the steady-state step time and speed.
+    Timing only, so not checkpointed."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    last_mark: float | None = None
+    last_tokens: int = 0
+
+    def start_epoch(self) -> None:
+        self.last_mark, self.last_tokens = None, 0
+
+    def mark(self, now: float, epoch_tokens: int) -> None:
+        if self.last_mark is not None:
+            self.seconds.append(now - self.last_mark)
+            self.tokens.append(epoch_tokens - self.last_tokens)
+        self.last_mark, self.last_tokens = now, epoch_tokens
+
+
+# -- one step -----------------------------------------------------------------------------------
+
+def train_step(accelerator: Any, model: Any, optimizer: Any, strategy: Strategy,
+               loss_fn: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any], *, step: int,
+               total_steps: int, warmup_steps: int, max_grad_norm: float) -> Any:
+    """One optimizer micro-step: forward, task loss, backward and, on the micro-step that ends an
+    accumulation, gradient clipping and the learning rate for optimizer step ``step`` (each group's
+    ``base_lr`` times the strategy's factor); then step and zero the gradients (accelerate skips
+    both until the accumulation is complete). Returns the loss tensor."""
+    with accelerator.accumulate(model):
+        logits = strategy.forward(model, batch)
+        loss = loss_fn(logits, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+            factor = strategy.lr_factor(step, total_steps, warmup_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+def make_accelerator(cfg: RunConfig, workdir: str | None) -> tuple[Any, list[str]]:
+    """A fresh ``Accelerator`` for one run, and the trackers it reports to."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
+    # every fit is a run of its own (tests, Python use and benchmarks/overhead.py run several in one
+    # process), so its precision state starts afresh. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    trackers = list(cfg.report_to) if workdir else []
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accumulation,
+        mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+        # each batch is split over the processes: --batch-size means the same in 1 or N processes.
+        # (Through DataLoaderConfiguration: accelerate 1.15 silently ignores split_batches=True.)
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=workdir, logging_dir=os.path.join(workdir, "tensorboard"))
+        if trackers else None)
+    return accelerator, trackers
+
+
+def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None:
+    """Refuse the distributed set-ups peftkit cannot run correctly (yet), before any step."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage >= 3):
+        # the best-epoch snapshot, the test evaluation after restoring it and the adapter are all
+        # taken from the main process's model, which under sharding holds only its shard
+        raise PeftkitError("sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported yet: peftkit saves "
+                           "the adapter from the main process's copy of the model; use data parallel "
+                           "(configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2")
+    if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
+        raise PeftkitError("--checkpoint-every is not supported under DeepSpeed: its optimizer state is split "
+                           "over the processes, and a checkpoint holds the main process's; use data parallel")
+    procs = accelerator.num_processes
+    if batch_size % procs:
+        raise PeftkitError(f"batch size {batch_size} cannot be split evenly over {procs} processes; "
+                           f"choose a multiple of {procs}")
+
+
+def _trainable_groups(strategy: Strategy, model: Any, procs: int) -> list[ParamGroup]:
+    """The strategy's parameter groups, refused when there is nothing to train or when data
+    parallel training could not follow them."""
+    groups = strategy.param_groups(model)
+    if not any(g.params for g in groups):
+        raise PeftkitError(f"strategy {strategy.name!r} left no parameter to train on this model")
+    if procs > 1:
+        trained_now = {n for n, p in model.named_parameters() if p.requires_grad}
+        later = set(strategy.trainable_parameters(model)) - trained_now
+        if later:
+            # DistributedDataParallel fixes the parameters it synchronises when it wraps the model;
+            # one unfrozen later would train apart in each process, silently
+            raise PeftkitError(f"strategy {strategy.name!r} makes parameters trainable as it trains, which data "
+                               f"parallel training cannot follow; run it in one process")
+    return groups
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+class Trainer:
+    """One run's training: what is fixed for the run (set by ``setup``), the ``LoopState`` that
+    changes, and the pieces ``train.fit`` calls in order."""
+
+    accelerator: Any
+    model: Any  # as prepared by accelerate (a DDP wrapper under several processes)
+    inner: Any  # the model strategies see (unwrapped)
+    optimizer: Any
+    loaders: dict[str, Any]  # train, validation, test
+    sampler_gen: Any  # the training loader's shuffling generator
+    trackers: list[str]
+    meter: MemoryMeter
+    budget: int | None
+    memory_loaded: int | None
+    processor: Any  # the task's tokenizer or image processor
+    procs: int  # processes training together
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    warmup_steps: int
+    checkpointer: Checkpointer
+    bar: Any  # the progress bar (tqdm)
+
+    def __init__(self, cfg: RunConfig, strategy: Strategy, hp: TrainingDefaults, task: Task,
+                 log: Callable[[str], None]) -> None:
+        self.cfg, self.strategy, self.hp, self.task, self.log = cfg, strategy, hp, task, log
+        self.state = LoopState()
+        self.times = StepTimes()
+        self.epoch_start = 0.0
+
+    def setup(self, model: Any, processor: Any, data: Any, workdir: str | None,
+              tracker_config: Callable[[], dict[str, Any]]) -> None:
+        """Accelerator, loaders, optimizer and memory meter, in the order the numbers depend on."""
+        cfg, hp, strategy = self.cfg, self.hp, self.strategy
+        self.processor = processor  # evaluation may need it (generation decodes with the tokenizer)
+        self.accelerator, self.trackers = make_accelerator(cfg, workdir)
+        procs = self.procs = self.accelerator.num_processes
+        check_distributed(self.accelerator, cfg, hp.batch_size)
+        self.budget = parse_size(cfg.memory_budget) if cfg.memory_budget else None
+        apply_budget(self.accelerator.device, self.budget)  # before the model moves to the card
+        splits = self.task.encode(data, processor, cfg)
+        collate = self.task.collate(processor)
+        eval_batch = -(-cfg.eval_batch_size // procs) * procs  # evaluation batches split evenly too
+        train_dl, self.sampler_gen = make_loader(splits["train"], collate, hp.batch_size, shuffle_seed=cfg.seed)
+        val_dl, _ = make_loader(splits["validation"], collate, eval_batch, None)
+        test_dl, _ = make_loader(splits["test"], collate, eval_batch, None)
+        # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
+        store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.precision)
+        groups = _trainable_groups(strategy, model, procs)
+        optimizer = make_optimizer(cfg.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
+        # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
+        # prepared with it, and an evaluation batch must not become it
+        self.model, self.optimizer, train_dl = self.accelerator.prepare(model, optimizer, train_dl)
+        val_dl, test_dl = self.accelerator.prepare(val_dl, test_dl)
+        self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
+        self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
+        if self.trackers:
+            self.accelerator.init_trackers("peftkit", config=tracker_config())
+        # Memory is measured per phase from here: "loaded" is the model (and data) in place, before
+        # any step
+        self.meter = MemoryMeter(self.accelerator.device)
+        self.meter.release_free()  # loading's temporary buffers are gone; "loaded" is what stays
+        self.memory_loaded = self.meter.current()
+        self.steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accumulation)
+        self.total_steps = self.steps_per_epoch * hp.epochs
+        self.warmup_steps = int(hp.warmup_ratio * self.total_steps)
+        self.state.max_trainable = self.count_trainable()
+        self.checkpointer = Checkpointer(self.accelerator, strategy, self.inner, self.optimizer, workdir,
+                                         cfg.checkpoint_every, self.log)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def count_trainable(self) -> int:
+        return sum(p.numel() for p in self.inner.parameters() if p.requires_grad)
+
+    def add_groups(self, new: list[ParamGroup], quiet: bool = False) -> None:
+        """Parameter groups a strategy's event made trainable join the optimizer."""
+        for g in torch_param_groups(new, self.hp.lr, self.hp.weight_decay):
+            self.optimizer.add_param_group(g)
+            if not quiet:
+                self.log(f"optimizer: +{sum(p.numel() for p in g['params']):,} parameters at lr {g['base_lr']:.3g}")
+
+    def close_phase(self, phase: str) -> None:
+        peaks = self.state.peaks
+        setattr(peaks, phase, max(getattr(peaks, phase), self.meter.peak()))
+        reserved = phase + "_reserved"
+        setattr(peaks, reserved, max(getattr(peaks, reserved), self.meter.peak_reserved() or 0))
+
+    def evaluate(self, split: str, final: bool = False) -> dict[str, float]:
+        """The task's metrics on ``split``; its time counts as evaluation time."""
+        started = time.perf_counter()
+        self.meter.release_free()
+        self.meter.reset_peak()
+
+        def after_batch() -> None:
+            check_budget(self.meter, self.budget, "evaluation", self.memory_loaded)
+
+        loader, model, accelerator, processor = self.loaders[split], self.model, self.accelerator, self.processor
+        out = self.task.evaluate(self.strategy, model, loader, accelerator, after_batch=after_batch, final=final,
+                                 context=processor)
+        self.close_phase("eval")
+        self.state.eval_seconds += time.perf_counter() - started
+        return out
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def resume(self, path: str) -> None:
+        """Continue from the checkpoint at ``path``."""
+        loop, best = self.checkpointer.restore(path, self.steps_per_epoch, lambda g: self.add_groups(g, quiet=True))
+        self.state = LoopState.from_dict(loop, best)
+        self.log(f"resumed from {path}: epoch {self.state.epoch + 1}, step {self.state.step} of {self.total_steps}")
+
+    def save_checkpoint(self, sampler_state: Any) -> None:
+        st = self.state
+        loop = {**st.to_dict(), "epoch_elapsed": time.perf_counter() - self.epoch_start}
+        self.checkpointer.save(st.step, loop, st.best.snapshot, sampler_state, self.total_steps)
+
+    # -- an epoch --------------------------------------------------------------------------
+
+    def open_bar(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"{self.strategy.name}", unit="step",
+                        dynamic_ncols=True, disable=not self.accelerator.is_local_main_process or None,
+                        file=sys.stderr)
+
+    def train_epoch(self, epoch: int, resuming: bool) -> float:
+        """Train epoch ``epoch`` (0-based; ``resuming``: from the checkpoint's place in it).
+        Returns its seconds."""
+        st, ckpt = self.state, self.checkpointer
+        if not resuming:
+            self.add_groups(self.strategy.on_epoch_start(self.inner, epoch))
+            st.start_epoch(epoch)
+        st.max_trainable = max(st.max_trainable, self.count_trainable())
+        if self.sampler_gen is not None and resuming and ckpt.sampler_start is not None:
+            self.sampler_gen.set_state(ckpt.sampler_start)
+        sampler_state = self.sampler_gen.get_state() if self.sampler_gen is not None else None
+        self.model.train()
+        self.meter.release_free()  # what evaluation freed is not training's to count
+        self.meter.reset_peak()
+        self.epoch_start = time.perf_counter() - st.epoch_elapsed
+        skip = st.batches_done if resuming else 0
+        self.times.start_epoch()
+        for i, batch in enumerate(self.loaders["train"]):
+            if i < skip:  # already trained on before the checkpoint (the order is the same)
+                continue
+            ckpt.continue_rng()
+            loss = train_step(self.accelerator, self.model, self.optimizer, self.strategy, self.task.loss, batch,
+                              step=st.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                              max_grad_norm=self.cfg.max_grad_norm)
+            value = loss.item()
+            self.count_batch(i, batch, value)
+            if self.accelerator.sync_gradients:
+                self.end_step(epoch, value, sampler_state)
+        ckpt.continue_rng()  # the checkpoint was the epoch's last step
+        seconds = time.perf_counter() - self.epoch_start
+        self.close_phase("train")
+        st.end_epoch(seconds)
+        return seconds
+
+    def count_batch(self, index: int, batch: dict[str, Any], loss: float) -> None:
+        procs = self.procs
+        examples = int(batch["labels"].shape[0]) * procs
+        tokens = int(batch["attention_mask"].sum()) * procs if "attention_mask" in batch else 0
+        self.state.add_batch(index, examples, tokens, loss)
+
+    def end_step(self, epoch: int, loss: float, sampler_state: Any) -> None:
+        """After an optimizer step: timing, the memory budget, the strategy's step event, the
+        progress bar, trackers and the checkpoint."""
+        st = self.state
+        self.times.mark(time.perf_counter(), st.epoch_tokens)  # loss.item() waited for the device
+        check_budget(self.meter, self.budget, f"training at micro-batch {self.hp.batch_size}", self.memory_loaded)
+        st.step += 1
+        self.add_groups(self.strategy.on_step_end(self.inner, st.step))
+        st.max_trainable = max(st.max_trainable, self.count_trainable())
+        rate = st.epoch_examples / max(1e-9, time.perf_counter() - self.epoch_start)
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{st.smooth_loss:.4f}", ex_per_s=f"{rate:.0f}")
+        self.bar.update(1)
+        if self.trackers:
+            self.accelerator.log({"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"]}, step=st.step)
+        if self.checkpointer.due(st.step):
+            self.save_checkpoint(sampler_state)
+
+    # -- after an epoch: validation and selection ------------------------------------------
+
+    def validate(self, epoch: int, seconds: float) -> dict[str, float]:
+        """Evaluate on validation after epoch ``epoch`` (0-based), record and report the epoch."""
+        st, procs = self.state, self.procs
+        val = self.evaluate("validation")
+        # every process saw its share of each batch: the epoch's loss is the mean over all of them
+        train_loss = gathered_sum(self.accelerator, st.epoch_loss) / procs / max(1, st.epoch_batches)
+        record = {"epoch": epoch + 1, "train_loss": train_loss,
+                  **{f"validation_{k}": v for k, v in val.items()}, "epoch_seconds": seconds,
+                  "examples_per_second": st.epoch_examples / max(1e-9, seconds),
+                  "tokens_per_second": st.epoch_tokens / max(1e-9, seconds)}
+        st.history.append(record)
+        self.report_epoch(record, val)
+        return val
+
+    def report_epoch(self, record: dict[str, Any], val: dict[str, float]) -> None:
+        """The epoch's line: in train.log, above the progress bar (or on stderr without one), and
+        its figures to the trackers."""
+        shown = ", ".join(f"{k} {val[k]:.4f}" for k in self.task.headline_metrics if k in val)
+        line = (f"epoch {record['epoch']}/{self.hp.epochs}: train loss {record['train_loss']:.4f}, validation "
+                f"{shown} ({record['epoch_seconds']:.1f} s, {record['examples_per_second']:.0f} examples/s)")
+        self.log(line)
+        if self.trackers:
+            self.accelerator.log({f"validation/{k}": v for k, v in val.items()}
+                                 | {"train/epoch_loss": record["train_loss"]}, step=self.state.step)
+        if not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)
+        elif self.accelerator.is_local_main_process:  # no terminal, no bar: still say how training goes
+            print(line, file=sys.stderr, flush=True)
+
+    def select(self, epoch: int, val: dict[str, float]) -> bool:
+        """Judge epoch ``epoch`` (0-based) against the best so far; True when training stops early."""
+        best = self.state.best
+        verdict = best.judge(epoch + 1, val, self.task.score(val), self.cfg.early_stopping_patience,
+                             snapshot=lambda: {k: v.detach().clone()
+                                               for k, v in self.strategy.adapter_state(self.inner).items()})
+        if verdict == "stop":
+            self.log(f"early stopping: no better validation {self.task.selection_metric} for "
+                     f"{best.epochs_without_gain} epochs")
+            return True
+        self.state.batches_done = 0
+        return False
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def restore_best(self) -> None:
+        """Put the best epoch's adapter state back when a later epoch was trained."""
+        st, metric = self.state, self.task.selection_metric
+        if st.best.epoch != len(st.history):
+            self.strategy.load_adapter_state(self.inner, st.best.snapshot)
+            self.log(f"restored the best epoch ({st.best.epoch}, validation {metric} "
+                     f"{st.best.metrics[metric]:.4f})")
+
+    def test(self) -> dict[str, float]:
+        """The final evaluation, on test; ends the trackers' run."""
+        test = self.evaluate("test", final=True)
+        self.log("test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        if self.trackers:
+            self.accelerator.log({f"test/{k}": v for k, v in test.items()}, step=self.state.step)
+            self.accelerator.end_training()
+        return test
+
+    def metrics(self, test: dict[str, float], resumed: bool) -> RunMetrics:
+        """Everything the run measured (the run-level figures, adapter size and wall time, are
+        the caller's to add)."""
+        import torch
+
+        cfg, hp, st, meter, peaks = self.cfg, self.hp, self.state, self.meter, self.state.peaks
+        device = self.accelerator.device
+        total_params = sum(p.numel() for p in self.inner.parameters())
+        steps = self.times
+        return RunMetrics(
+            strategy=self.strategy.name, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=hp.epochs,
+            task=self.task.name, test=test, validation=st.best.metrics, best_epoch=st.best.epoch,
+            epochs_run=len(st.history), trainable_params=st.max_trainable, total_params=total_params,
+            trainable_percent=100.0 * st.max_trainable / max(1, total_params),
+            train_seconds=st.train_seconds, eval_seconds=st.eval_seconds, train_examples=st.train_examples,
+            samples_per_second=st.train_examples / max(1e-9, st.train_seconds), train_tokens=st.train_tokens,
+            tokens_per_second=st.train_tokens / max(1e-9, st.train_seconds),  # real tokens, padding not counted
+            step_seconds_median=statistics.median(steps.seconds) if steps.seconds else None,
+            steady_tokens_per_second=sum(steps.tokens) / sum(steps.seconds) if steps.seconds else None,
+            batch_size=hp.batch_size, grad_accumulation=cfg.grad_accumulation,
+            effective_batch_size=hp.batch_size * cfg.grad_accumulation, processes=self.procs,
+            peak_memory_bytes=peaks.train, peak_memory_eval_bytes=peaks.eval, memory_loaded_bytes=self.memory_loaded,
+            peak_memory_increase_bytes=peaks.train - self.memory_loaded,
+            peak_reserved_bytes=peaks.train_reserved if meter.cuda else None,
+            peak_reserved_eval_bytes=peaks.eval_reserved if meter.cuda else None,
+            peak_memory_method=meter.method, memory_budget_bytes=self.budget,
+            device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
+            torch_threads=torch.get_num_threads(), precision=cfg.precision, optimizer=cfg.optimizer,
+            quantize=cfg.quantize, gradient_checkpointing=cfg.gradient_checkpointing, resumed=resumed)

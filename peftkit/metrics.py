@@ -1,0 +1,145 @@
+"""What a run measured: one ``RunMetrics`` dataclass, the single list of the figures in metrics.json.
+
+Every reader (the benchmark's rows and summary, the adapter's recorded metrics, the command line's
+summary) takes its names from these fields, so a new figure is declared once, here, with where
+it goes (``row``: copied into a benchmark row; ``adapter``: recorded in the adapter's metadata;
+``summary``: how a benchmark summarises it over seeds). Task metrics differ per task
+(accuracy, perplexity, exact match, ...), so they are dicts that flatten to ``test_<name>`` and
+``validation_<name>``, the keys metrics.json has always had.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Iterable
+
+Summarise = Callable[[list[Any]], Any]
+
+
+def _first(values: list[Any]) -> Any:
+    return values[0]
+
+
+def _max_or_none(values: list[Any]) -> Any:
+    # a CPU run reserves nothing (None): the worst of what was measured, None if nothing was
+    return max((v or 0) for v in values) or None
+
+
+def _mean_or_zero(values: list[Any]) -> Any:
+    return statistics.mean((v or 0) for v in values)
+
+
+def _figure(*, row: bool, adapter: bool = False, summary: tuple[str, Summarise] | None = None,
+            default: Any = MISSING) -> Any:
+    """A field of ``RunMetrics``; ``row`` must be decided for each (no default), so a new figure
+    cannot silently miss the benchmark's rows."""
+    return field(default=default, metadata={"row": row, "adapter": adapter, "summary": summary})
+
+
+def _task_figures(prefix: str, *, row: tuple[str, ...], adapter: tuple[str, ...]) -> Any:
+    """A dict of task metrics, flattened to ``<prefix><name>``; ``row`` and ``adapter`` name the
+    metrics (of any task) that rows and adapters carry, None where a task does not measure one."""
+    return field(metadata={"prefix": prefix, "row": row, "adapter": adapter, "summary": None})
+
+
+@dataclass
+class RunMetrics:
+    """Every figure of a run, in metrics.json's order (``to_dict`` writes it)."""
+
+    strategy: str = _figure(row=False)
+    model: str = _figure(row=False)
+    dataset: str = _figure(row=False)
+    seed: int = _figure(row=False, adapter=True)
+    epochs: int = _figure(row=False, adapter=True)
+    task: str = _figure(row=True)
+    test: dict[str, float] = _task_figures(
+        "test_", row=("accuracy", "f1_macro", "exact_match", "perplexity"),
+        adapter=("accuracy", "f1_macro", "perplexity", "exact_match"))
+    validation: dict[str, float] = _task_figures(  # the selected (best) epoch's
+        "validation_", row=("accuracy", "loss", "perplexity"), adapter=("accuracy",))
+    best_epoch: int | None = _figure(row=True)
+    epochs_run: int = _figure(row=True, summary=("epochs", max))
+    trainable_params: int = _figure(row=True, adapter=True, summary=("trainable_params", max))
+    total_params: int = _figure(row=True, adapter=True, summary=("total_params", _first))
+    trainable_percent: float = _figure(row=True, summary=("trainable_percent", max))
+    train_seconds: float = _figure(row=True, summary=("train_seconds_mean", statistics.mean))
+    eval_seconds: float = _figure(row=True)
+    train_examples: int = _figure(row=False)
+    samples_per_second: float = _figure(row=True, summary=("samples_per_second_mean", statistics.mean))
+    train_tokens: int = _figure(row=False)
+    tokens_per_second: float = _figure(row=True, summary=("tokens_per_second_mean", _mean_or_zero))  # real tokens
+    # the same without each epoch's first step (start-up, kernel selection): what a long run sees
+    step_seconds_median: float | None = _figure(row=True)
+    steady_tokens_per_second: float | None = _figure(row=True)
+    batch_size: int = _figure(row=True, summary=("batch_size", min))
+    grad_accumulation: int = _figure(row=True, summary=("grad_accumulation", max))
+    effective_batch_size: int = _figure(row=True)
+    processes: int = _figure(row=False)
+    peak_memory_bytes: int = _figure(row=True, summary=("peak_memory_bytes", max))
+    peak_memory_eval_bytes: int = _figure(row=True, summary=("peak_memory_eval_bytes", max))
+    memory_loaded_bytes: int = _figure(row=True, summary=("memory_loaded_bytes", max))
+    peak_memory_increase_bytes: int = _figure(row=True, summary=("peak_memory_increase_bytes", max))
+    peak_reserved_bytes: int | None = _figure(row=True, summary=("peak_reserved_bytes", _max_or_none))
+    peak_reserved_eval_bytes: int | None = _figure(row=True)
+    peak_memory_method: str = _figure(row=True)
+    memory_budget_bytes: int | None = _figure(row=False)
+    device: str = _figure(row=True)
+    torch_threads: int = _figure(row=True)
+    precision: str = _figure(row=False)
+    optimizer: str = _figure(row=False)
+    quantize: str | None = _figure(row=False)
+    gradient_checkpointing: bool = _figure(row=False)
+    resumed: bool = _figure(row=False)
+    # known once the adapter is saved (the run's own, after training)
+    adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)
+    wall_seconds: float | None = _figure(row=True, default=None)
+    split: dict[str, Any] | None = _figure(row=False, default=None)
+    label_names: list[str] | None = _figure(row=False, default=None)
+    history: list[dict[str, Any]] | None = _figure(row=False, default=None)
+    versions: dict[str, str] | None = _figure(row=False, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """metrics.json: the fields in order, task metrics flattened to ``test_*`` / ``validation_*``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            prefix = f.metadata.get("prefix")
+            if prefix:
+                out.update({prefix + k: v for k, v in value.items()})
+            else:
+                out[f.name] = value
+        return out
+
+    def adapter_record(self) -> dict[str, Any]:
+        """The figures an adapter's metadata records (``peftkit inspect`` shows them)."""
+        keys = set(_names("adapter"))
+        return {k: v for k, v in self.to_dict().items() if k in keys}
+
+
+def _names(flag: str) -> tuple[str, ...]:
+    """The flattened metrics.json keys of the fields marked ``flag`` (task metrics by their names)."""
+    out: list[str] = []
+    for f in fields(RunMetrics):
+        marked = f.metadata[flag]
+        if f.metadata.get("prefix"):
+            out.extend(f.metadata["prefix"] + name for name in marked)
+        elif marked:
+            out.append(f.name)
+    return tuple(out)
+
+
+# What a benchmark row copies from a run's metrics.json (None where the run's task has no such figure).
+ROW_METRICS: tuple[str, ...] = _names("row")
+
+
+def summarize_figures(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The figures a benchmark summarises over a strategy's successful runs (rows holding
+    ``ROW_METRICS``), each with the rule its field declares (worst peak, mean time, ...)."""
+    rows = list(rows)
+    out: dict[str, Any] = {}
+    for f in fields(RunMetrics):
+        if f.metadata["summary"]:
+            key, summarise = f.metadata["summary"]
+            out[key] = summarise([r.get(f.name) for r in rows])
+    return out
