@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .checkpoint import Checkpointer
 from .config import RunConfig
@@ -79,6 +79,11 @@ class Peaks:
     eval: int = 0
     train_reserved: int = 0
     eval_reserved: int = 0
+
+    def record(self, phase: Literal["train", "eval"], peak: int, reserved: int | None) -> None:
+        """A phase ended with these peaks (``reserved``: None where nothing is reserved, on a CPU)."""
+        setattr(self, phase, max(getattr(self, phase), peak))
+        setattr(self, f"{phase}_reserved", max(getattr(self, f"{phase}_reserved"), reserved or 0))
 
 
 @dataclass
@@ -354,11 +359,8 @@ class Trainer:
             if not quiet:
                 self.log(f"optimizer: +{sum(p.numel() for p in g['params']):,} parameters at lr {g['base_lr']:.3g}")
 
-    def close_phase(self, phase: str) -> None:
-        peaks = self.state.peaks
-        setattr(peaks, phase, max(getattr(peaks, phase), self.meter.peak()))
-        reserved = phase + "_reserved"
-        setattr(peaks, reserved, max(getattr(peaks, reserved), self.meter.peak_reserved() or 0))
+    def close_phase(self, phase: Literal["train", "eval"]) -> None:
+        self.state.peaks.record(phase, self.meter.peak(), self.meter.peak_reserved())
 
     def evaluate(self, split: str, final: bool = False) -> dict[str, float]:
         """The task's metrics on ``split``; its time counts as evaluation time."""
@@ -369,9 +371,8 @@ class Trainer:
         def after_batch() -> None:
             check_budget(self.meter, self.budget, "evaluation", self.memory_loaded)
 
-        loader, model, accelerator, processor = self.loaders[split], self.model, self.accelerator, self.processor
-        out = self.task.evaluate(self.strategy, model, loader, accelerator, after_batch=after_batch, final=final,
-                                 context=processor)
+        out = self.task.evaluate(self.strategy, self.model, self.loaders[split], self.accelerator,
+                                 after_batch=after_batch, final=final, context=self.processor)
         self.close_phase("eval")
         self.state.eval_seconds += time.perf_counter() - started
         return out

@@ -14,6 +14,8 @@ import statistics
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Iterable
 
+from .errors import PeftkitError
+
 Summarise = Callable[[list[Any]], Any]
 
 
@@ -110,6 +112,22 @@ class RunMetrics:
             else:
                 out[f.name] = value
         return out
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any]) -> RunMetrics:
+        """Read a metrics.json back (``to_dict``'s inverse); keys it does not know are refused."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {f.name: {} for f in known.values() if f.metadata.get("prefix")}
+        for key, value in flat.items():
+            dict_field = next((f for f in known.values() if f.metadata.get("prefix")
+                               and key.startswith(f.metadata["prefix"])), None)
+            if dict_field is not None:
+                values[dict_field.name][key[len(dict_field.metadata["prefix"]):]] = value
+            elif key in known:
+                values[key] = value
+            else:
+                raise PeftkitError(f"metrics key {key!r} is not a figure peftkit records (see peftkit.metrics.RunMetrics)")
+        return cls(**values)
 
     def adapter_record(self) -> dict[str, Any]:
         """The figures an adapter's metadata records (``peftkit inspect`` shows them)."""

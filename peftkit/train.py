@@ -86,6 +86,8 @@ def check_trackers(report_to: list[str]) -> None:
 
 @dataclass
 class TrainOutcome:
+    """What ``fit`` returns: the run's figures, the per-epoch history and the trained model."""
+
     metrics: RunMetrics  # without the run-level figures (adapter size, wall time, ...): execute_run adds them
     history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # the trained model, unwrapped from accelerate
