@@ -131,8 +131,7 @@ class RunMetrics:
 
     def adapter_record(self) -> dict[str, Any]:
         """The figures an adapter's metadata records (``peftkit inspect`` shows them)."""
-        keys = set(_names("adapter"))
-        return {k: v for k, v in self.to_dict().items() if k in keys}
+        return {k: v for k, v in self.to_dict().items() if k in ADAPTER_METRICS}
 
 
 def _names(flag: str) -> tuple[str, ...]:
@@ -149,6 +148,8 @@ def _names(flag: str) -> tuple[str, ...]:
 
 # What a benchmark row copies from a run's metrics.json (None where the run's task has no such figure).
 ROW_METRICS: tuple[str, ...] = _names("row")
+# What an adapter's metadata records under "metrics" (those of them the run measured).
+ADAPTER_METRICS: tuple[str, ...] = _names("adapter")
 
 
 def summarize_figures(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
