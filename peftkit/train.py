@@ -252,7 +252,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         meter.reset_peak()
         out = task.evaluate(strategy, model, loader, accelerator,
                             after_batch=lambda: check_budget(meter, budget, "evaluation", memory_loaded),
-                            final=final, context=processor)
+                            final=final, context=processor, data=data)
         close_phase("eval")
         return out
 
