@@ -132,9 +132,8 @@ def list_cmd(verbose: bool) -> None:
     for message in registry.plugin_errors():
         _echo(f"warning: {message}")
     if verbose:
-        from .data import EMBEDDED_DATASETS
+        from .data import EMBEDDED_DATASETS, EMBEDDED_IMAGE_DATASETS
         from .models import EMBEDDED_MODELS
-        from .tasks.image_classification import EMBEDDED_IMAGE_DATASETS
 
         click.echo("\ntasks (--task; default: read from the model):")
         from .tasks import get_task

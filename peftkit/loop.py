@@ -293,6 +293,7 @@ class Trainer:
     budget: int | None
     memory_loaded: int | None
     processor: Any  # the task's tokenizer or image processor
+    data: Any  # the task's data (TaskData): its shape decides what evaluation does
     procs: int  # processes training together
     steps_per_epoch: int  # optimizer steps
     total_steps: int
@@ -312,6 +313,7 @@ class Trainer:
         """Accelerator, loaders, optimizer and memory meter, in the order the numbers depend on."""
         cfg, hp, strategy = self.cfg, self.hp, self.strategy
         self.processor = processor  # evaluation may need it (generation decodes with the tokenizer)
+        self.data = data  # and the data's shape (a language model's answers are generated, plain text's not)
         self.accelerator, self.trackers = make_accelerator(cfg, workdir)
         procs = self.procs = self.accelerator.num_processes
         check_distributed(self.accelerator, cfg, hp.batch_size)
@@ -372,7 +374,7 @@ class Trainer:
             check_budget(self.meter, self.budget, "evaluation", self.memory_loaded)
 
         out = self.task.evaluate(self.strategy, self.model, self.loaders[split], self.accelerator,
-                                 after_batch=after_batch, final=final, context=self.processor)
+                                 after_batch=after_batch, final=final, context=self.processor, data=self.data)
         self.close_phase("eval")
         self.state.eval_seconds += time.perf_counter() - started
         return out

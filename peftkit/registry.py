@@ -1,16 +1,20 @@
-"""The strategy registry: built-ins register with a decorator, third parties with entry points.
+"""Registries of named plugins: built-ins register with a decorator, third parties with entry points.
 
-A third-party distribution adds a strategy without editing peftkit by declaring, in its own
+One mechanism (``Registry``) serves strategies (here) and task types (``peftkit.tasks``). A
+third-party distribution adds either without editing peftkit by declaring, in its own
 ``pyproject.toml``::
 
     [project.entry-points."peftkit.strategies"]
     bitfit = "peftkit_bitfit:BitFit"
 
-The entry point names a ``Strategy`` subclass (registered on load if its module did not already
-decorate it). ``PEFTKIT_DISABLE_PLUGINS=1`` skips plugins, for reproducible runs. A plugin that fails
-to load is reported by name and entry point; every other strategy keeps working.
+    [project.entry-points."peftkit.tasks"]
+    text-regression = "peftkit_bitfit.regression:TextRegression"
 
-Nothing here imports torch: strategy modules import it lazily, so ``peftkit list`` stays fast.
+The entry point names a subclass of the registry's base class (registered on load if its module
+did not already decorate it). ``PEFTKIT_DISABLE_PLUGINS=1`` skips plugins, for reproducible runs. A
+plugin that fails to load is reported by name and entry point; everything else keeps working.
+
+Nothing here imports torch: strategy and task modules import it lazily, so ``peftkit list`` stays fast.
 """
 
 from __future__ import annotations
@@ -18,13 +22,123 @@ from __future__ import annotations
 import importlib
 import os
 from importlib.metadata import entry_points
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from .errors import PeftkitError, first_line
 from .strategies.base import Strategy
 
-ENTRY_POINT_GROUP = "peftkit.strategies"
 DISABLE_PLUGINS_ENV = "PEFTKIT_DISABLE_PLUGINS"
+
+T = TypeVar("T", bound=type)
+
+
+def plugins_disabled() -> bool:
+    """Whether ``PEFTKIT_DISABLE_PLUGINS`` turns entry-point plugins off."""
+    return os.environ.get(DISABLE_PLUGINS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class Registry(Generic[T]):
+    """Classes of one kind (``base``) by name and alias: the built-ins imported from
+    ``builtin_modules`` and the plugins of entry-point ``group``, both loaded on first use."""
+
+    def __init__(self, kind: str, base: type, group: str, builtin_modules: tuple[str, ...]) -> None:
+        self.kind, self.base, self.group, self.builtin_modules = kind, base, group, builtin_modules
+        self._classes: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
+        self._plugin_errors: dict[str, str] = {}
+        self._plugins_loaded: dict[str, str] = {}
+        self._loaded = False
+
+    def register(self, cls: T) -> T:
+        """Class decorator: add ``cls`` under ``cls.name`` (and its ``aliases``). A name or alias
+        that is already taken is refused rather than overwritten, so a plugin cannot silently
+        replace a built-in."""
+        kind = self.kind
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"{cls!r} is not a peftkit {self.base.__name__} subclass")
+        if not cls.name or cls.name != cls.name.strip().lower():
+            raise ValueError(f"{kind} {cls.__qualname__} needs a lower-case `name`")
+        if not cls.description:
+            raise ValueError(f"{kind} {cls.name!r} needs a one-line `description`")
+        aliases = tuple(getattr(cls, "aliases", ()))
+        for key in (cls.name, *aliases):
+            owner = self._classes.get(key) or self._classes.get(self._aliases.get(key, ""))
+            if owner is not None and owner is not cls:
+                raise ValueError(f"{kind} name {key!r} is already registered by "
+                                 f"{owner.__module__}.{owner.__qualname__}")
+        self._classes[cls.name] = cls
+        for alias in aliases:
+            self._aliases[alias] = cls.name
+        return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove a class (for tests of the registry itself)."""
+        cls = self._classes.pop(name, None)
+        if cls is not None:
+            for alias in getattr(cls, "aliases", ()):
+                self._aliases.pop(alias, None)
+
+    def _load_plugins(self) -> None:
+        if plugins_disabled():
+            return
+        for ep in entry_points(group=self.group):
+            where = f"{ep.name} = {ep.value}"
+            try:
+                obj = ep.load()
+                if not (isinstance(obj, type) and issubclass(obj, self.base)):
+                    raise TypeError(f"{obj!r} is not a peftkit {self.base.__name__} subclass")
+                if self._classes.get(obj.name) is not obj:
+                    self.register(obj)
+                self._plugins_loaded[obj.name] = where
+            except Exception as exc:  # a broken plugin must not take the others down
+                self._plugin_errors[ep.name] = (
+                    f"plugin {ep.name!r} (entry point '{where}' in group {self.group}) "
+                    f"failed to load: {type(exc).__name__}: {first_line(exc)}"
+                )
+
+    def ensure_loaded(self) -> None:
+        """Import the built-ins and the plugins once."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self.builtin_modules:
+            importlib.import_module(module)
+        self._load_plugins()
+
+    def available(self) -> dict[str, T]:
+        """Every registered class by name, sorted."""
+        self.ensure_loaded()
+        return dict(sorted(self._classes.items()))
+
+    def plugin_errors(self) -> list[str]:
+        """One line per plugin that failed to load."""
+        self.ensure_loaded()
+        return list(self._plugin_errors.values())
+
+    def loaded_plugins(self) -> dict[str, str]:
+        """Name -> entry point, for every plugin that loaded."""
+        self.ensure_loaded()
+        return dict(self._plugins_loaded)
+
+    def get(self, name: str) -> T:
+        """Look a class up by name or alias, case and ``-`` / ``_`` aside (``head-only`` finds
+        ``head_only``, ``causal_lm`` finds ``causal-lm``)."""
+        self.ensure_loaded()
+        key = name.strip().lower()
+        key = self._aliases.get(key, key)
+        candidates = (key, key.replace("-", "_"), key.replace("_", "-"))
+        for candidate in candidates:
+            if candidate in self._classes:
+                return self._classes[candidate]
+        for plugin, message in self._plugin_errors.items():
+            if plugin in (name, *candidates):
+                raise PeftkitError(message)
+        raise PeftkitError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._classes))}")
+
+
+# -- strategies ---------------------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "peftkit.strategies"
 
 # Modules of the built-in strategies; importing one runs its @register_strategy.
 BUILTIN_MODULES = (
@@ -36,105 +150,42 @@ BUILTIN_MODULES = (
     "peftkit.strategies.prefix",
 )
 
-_strategies: dict[str, type[Strategy]] = {}
-_aliases: dict[str, str] = {}
-_plugin_errors: dict[str, str] = {}
-_plugins_loaded: dict[str, str] = {}
-_loaded = False
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", Strategy, ENTRY_POINT_GROUP, BUILTIN_MODULES)
 
 S = TypeVar("S", bound=type[Strategy])
 
 
 def register_strategy(cls: S) -> S:
-    """Class decorator: add a ``Strategy`` subclass to the registry under ``cls.name``.
-
-    A name (or alias) that is already taken is refused rather than overwritten, so a plugin cannot
-    silently replace a built-in.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise TypeError(f"{cls!r} is not a peftkit Strategy subclass")
-    if not cls.name or cls.name != cls.name.strip().lower():
-        raise ValueError(f"strategy {cls.__qualname__} needs a lower-case `name`")
-    if not cls.description:
-        raise ValueError(f"strategy {cls.name!r} needs a one-line `description`")
-    for key in (cls.name, *cls.aliases):
-        owner = _strategies.get(key) or _strategies.get(_aliases.get(key, ""))
-        if owner is not None and owner is not cls:
-            raise ValueError(
-                f"strategy name {key!r} is already registered by {owner.__module__}.{owner.__qualname__}"
-            )
-    _strategies[cls.name] = cls
-    for alias in cls.aliases:
-        _aliases[alias] = cls.name
-    return cls
+    """Class decorator: add a ``Strategy`` subclass to the registry under ``cls.name``; a name
+    (or alias) already taken is refused."""
+    return STRATEGIES.register(cls)
 
 
 def unregister_strategy(name: str) -> None:
     """Remove a strategy (for tests of the registry itself)."""
-    cls = _strategies.pop(name, None)
-    if cls is not None:
-        for alias in cls.aliases:
-            _aliases.pop(alias, None)
-
-
-def _load_plugins() -> None:
-    if os.environ.get(DISABLE_PLUGINS_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        where = f"{ep.name} = {ep.value}"
-        try:
-            obj = ep.load()
-            if not (isinstance(obj, type) and issubclass(obj, Strategy)):
-                raise TypeError(f"{obj!r} is not a peftkit Strategy subclass")
-            if _strategies.get(obj.name) is not obj:
-                register_strategy(obj)
-            _plugins_loaded[obj.name] = where
-        except Exception as exc:  # a broken plugin must not take the others down
-            _plugin_errors[ep.name] = (
-                f"plugin {ep.name!r} (entry point '{where}' in group {ENTRY_POINT_GROUP}) "
-                f"failed to load: {type(exc).__name__}: {first_line(exc)}"
-            )
+    STRATEGIES.unregister(name)
 
 
 def ensure_loaded() -> None:
     """Import the built-in strategies and the plugins once."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    _load_plugins()
+    STRATEGIES.ensure_loaded()
 
 
 def available() -> dict[str, type[Strategy]]:
     """Every registered strategy by name, sorted."""
-    ensure_loaded()
-    return dict(sorted(_strategies.items()))
+    return STRATEGIES.available()
 
 
 def plugin_errors() -> list[str]:
-    """One line per plugin that failed to load."""
-    ensure_loaded()
-    return list(_plugin_errors.values())
+    """One line per strategy plugin that failed to load."""
+    return STRATEGIES.plugin_errors()
 
 
 def loaded_plugins() -> dict[str, str]:
     """Strategy name -> entry point, for every plugin that loaded."""
-    ensure_loaded()
-    return dict(_plugins_loaded)
+    return STRATEGIES.loaded_plugins()
 
 
 def get_strategy(name: str) -> type[Strategy]:
     """Look a strategy up by name or alias (``head-only`` finds ``head_only``)."""
-    ensure_loaded()
-    key = name.strip().lower()
-    key = _aliases.get(key, key)
-    if key not in _strategies:
-        key = key.replace("-", "_")
-    if key in _strategies:
-        return _strategies[key]
-    for plugin, message in _plugin_errors.items():
-        if plugin in (name, key):
-            raise PeftkitError(message)
-    raise PeftkitError(f"unknown strategy {name!r}; available: {', '.join(sorted(_strategies))}")
+    return STRATEGIES.get(name)

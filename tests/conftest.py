@@ -105,6 +105,36 @@ def tiny_csv(tmp_path_factory) -> str:
     return str(path)
 
 
+def fake_plugin_env(tmp_path, module_source: str, entry: str, group: str = "peftkit.strategies") -> dict[str, str]:
+    """An environment with a fake installed distribution on PYTHONPATH: ``module_source`` as
+    ``fake_plugin_mod`` and ``entry`` (``name = fake_plugin_mod:Attr``) in entry-point ``group``."""
+    import textwrap
+
+    (tmp_path / "fake_plugin_mod.py").write_text(textwrap.dedent(module_source))
+    dist = tmp_path / "fake_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PEFTKIT_DISABLE_PLUGINS", None)
+    return env
+
+
+@pytest.fixture
+def example_plugin() -> None:
+    """Skip unless plugins/peftkit-bitfit (a separate distribution install.sh installs) is
+    installed and plugins are on."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("peftkit-bitfit")
+    except PackageNotFoundError:
+        pytest.skip("plugins/peftkit-bitfit is not installed (install.sh installs it)")
+    if os.environ.get("PEFTKIT_DISABLE_PLUGINS"):
+        pytest.skip("plugins disabled by PEFTKIT_DISABLE_PLUGINS")
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run ``peftkit ARGS`` in-process; return (exit code, stdout, stderr)."""

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import make_rows
-from peftkit.data import load_labelled_data
+from peftkit.data import Shape, load_labelled_data, load_text_data, text_shape
 from peftkit.errors import PeftkitError
 
 
@@ -134,3 +134,31 @@ def test_embedded_rotten_tomatoes() -> None:
     assert len(texts) == len(set(texts)), "duplicate texts must be dropped"
     share = sum(data.splits["test"]["label"]) / sizes["test"]
     assert 0.53 < share < 0.6  # stratified: the test split keeps the fresh share (~0.58)
+
+
+@pytest.mark.parametrize("columns, named, shape", [
+    (["prompt", "response"], {}, Shape.PROMPT_RESPONSE),
+    (["question", "answer", "label"], {}, Shape.PROMPT_RESPONSE),  # a response column wins
+    (["text", "label"], {}, Shape.LABELLED),
+    (["review", "stars"], {"label_column": "stars"}, Shape.LABELLED),
+    (["text"], {}, Shape.PLAIN_TEXT),
+    (["sentence", "id"], {}, Shape.PLAIN_TEXT),
+    (["body", "notes"], {"response_column": "notes"}, Shape.PROMPT_RESPONSE),
+])
+def test_shape_is_read_from_the_columns(columns, named, shape) -> None:
+    assert text_shape(columns, named.get("text_column"), named.get("label_column"),
+                      named.get("response_column")) is shape
+
+
+def test_text_data_without_a_text_column_is_refused() -> None:
+    with pytest.raises(PeftkitError, match=r"no text column found .* columns: body, id"):
+        text_shape(["body", "id"], None, None, None)
+
+
+def test_text_data_carries_its_shape(tiny_csv, tmp_path) -> None:
+    assert load_text_data(tiny_csv).shape is Shape.LABELLED
+    plain = tmp_path / "plain.csv"
+    plain.write_text("sentence\n" + "\n".join(f"line number {i}" for i in range(30)) + "\n")
+    data = load_text_data(str(plain), seed=1)
+    assert data.shape is Shape.PLAIN_TEXT and data.split_info["columns"] == {"prompt": None, "response": "sentence"}
+    assert data.splits["train"][0]["prompt"] == "" and sum(data.split_info["sizes"].values()) == 30

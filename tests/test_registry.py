@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
+from conftest import fake_plugin_env
 
 from peftkit import registry
 from peftkit.errors import PeftkitError
@@ -57,15 +56,7 @@ def test_strategy_needs_description() -> None:
 
 def _plugin_env(tmp_path, module_source: str, entry: str) -> dict[str, str]:
     """A fake installed distribution on PYTHONPATH declaring a peftkit.strategies entry point."""
-    (tmp_path / "fake_plugin_mod.py").write_text(textwrap.dedent(module_source))
-    dist = tmp_path / "fake_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[peftkit.strategies]\n{entry}\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("PEFTKIT_DISABLE_PLUGINS", None)
-    return env
+    return fake_plugin_env(tmp_path, module_source, entry, "peftkit.strategies")
 
 
 GOOD_PLUGIN = """
@@ -120,16 +111,9 @@ def test_list_does_not_import_torch() -> None:
     assert "lora" in done.stdout
 
 
-def test_example_plugin_distribution_runs_without_editing_peftkit(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+def test_example_plugin_distribution_runs_without_editing_peftkit(example_plugin, run_cli, tiny_model_dir, tiny_csv,
+                                                                  tmp_path) -> None:
     """plugins/peftkit-bitfit is a separate distribution that install.sh installs."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        distribution("peftkit-bitfit")
-    except PackageNotFoundError:
-        pytest.skip("plugins/peftkit-bitfit is not installed (install.sh installs it)")
-    if os.environ.get(registry.DISABLE_PLUGINS_ENV):
-        pytest.skip("plugins disabled by PEFTKIT_DISABLE_PLUGINS")
     assert registry.loaded_plugins()["bitfit"] == "bitfit = peftkit_bitfit:BitFit"
     out = tmp_path / "run"
     code, _, err = run_cli("run", "--strategy", "bitfit", "--model", tiny_model_dir("roberta"), "--dataset", tiny_csv,

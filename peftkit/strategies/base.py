@@ -25,36 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import PeftkitError
+# TaskSpec lives in the neutral peftkit.spec (tasks build it, strategies read it); it is re-exported
+# here because third-party strategies import it from peftkit.strategies.base.
+from ..spec import TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import torch
     from torch import nn
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the model is being fine-tuned for, as far as a strategy needs to know.
-
-    ``kind`` is the task type (``sequence-classification``, ``causal-lm``, ``image-classification``);
-    ``head_modules`` the top-level modules that are a *new*, randomly initialised head, which must
-    train whatever the strategy (None: find them by structure, ``structure.head_module_names``; empty
-    for a language model, whose output layer is pretrained); ``peft_task_type`` peft's name for the
-    task (``SEQ_CLS``, ``CAUSAL_LM``) or None where peft has none.
-    """
-
-    num_labels: int
-    label_names: tuple[str, ...]
-    kind: str = "sequence-classification"
-    head_modules: tuple[str, ...] | None = None
-    peft_task_type: str | None = "SEQ_CLS"
-
-    def heads(self, model: nn.Module) -> list[str]:
-        """Names of ``model``'s new head modules (see ``head_modules``)."""
-        if self.head_modules is not None:
-            return list(self.head_modules)
-        from ..structure import head_module_names
-
-        return head_module_names(model)
 
 
 @dataclass(frozen=True)

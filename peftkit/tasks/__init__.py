@@ -1,4 +1,10 @@
-"""Task types: what a run learns (``--task``), each in a file of its own.
+"""Task types: what a run learns (``--task``), each in a file of its own, registered like strategies.
+
+Built-in tasks register with ``@register_task``; a third-party distribution adds one through the
+entry-point group ``peftkit.tasks`` (see ``peftkit.registry``)::
+
+    [project.entry-points."peftkit.tasks"]
+    text-regression = "peftkit_bitfit.regression:TextRegression"
 
 ``--task`` may be left out: it is read from the model where the model says (a causal LM's or an
 image classifier's config), and is sequence classification otherwise.
@@ -8,29 +14,48 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, TypeVar
 
 from ..errors import PeftkitError
+from ..registry import Registry
 from .base import Task, TaskData
 
+TASK_ENTRY_POINT_GROUP = "peftkit.tasks"
 
-def _tasks() -> dict[str, type[Task]]:
-    from .causal_lm import CausalLM
-    from .image_classification import ImageClassification
-    from .sequence_classification import SequenceClassification
+# Modules of the built-in tasks; importing one runs its @register_task. Their order is the order
+# ``task_names`` lists them in (the default task first).
+BUILTIN_TASK_MODULES = (
+    "peftkit.tasks.sequence_classification",
+    "peftkit.tasks.causal_lm",
+    "peftkit.tasks.image_classification",
+)
 
-    return {cls.name: cls for cls in (SequenceClassification, CausalLM, ImageClassification)}
+TASKS: Registry[type[Task]] = Registry("task", Task, TASK_ENTRY_POINT_GROUP, BUILTIN_TASK_MODULES)
+
+K = TypeVar("K", bound=type[Task])
 
 
-TASK_NAMES = ("sequence-classification", "causal-lm", "image-classification")
+def register_task(cls: K) -> K:
+    """Class decorator: add a ``Task`` subclass under ``cls.name``; a name already taken is refused."""
+    return TASKS.register(cls)
+
+
+def task_names() -> tuple[str, ...]:
+    """Every task's name: the built-ins in their usual order, then plugins' (sorted)."""
+    tasks = TASKS.available()
+    builtin = [cls.name for cls in tasks.values() if cls.__module__ in BUILTIN_TASK_MODULES]
+    builtin.sort(key=lambda n: BUILTIN_TASK_MODULES.index(tasks[n].__module__))
+    return (*builtin, *(n for n in tasks if n not in builtin))
+
+
+def task_plugin_errors() -> list[str]:
+    """One line per task plugin that failed to load."""
+    return TASKS.plugin_errors()
 
 
 def get_task(name: str) -> Task:
-    """The task type called ``name`` (``-`` and ``_`` alike)."""
-    tasks = _tasks()
-    key = name.replace("_", "-").lower()
-    if key not in tasks:
-        raise PeftkitError(f"unknown task {name!r}; accepted: {', '.join(tasks)}")
-    return tasks[key]()
+    """The task type called ``name`` (``-`` and ``_`` alike). Tasks keep no state: a fresh one each call."""
+    return TASKS.get(name)()
 
 
 def infer_task(model: str | None) -> str:
@@ -60,4 +85,14 @@ def infer_task(model: str | None) -> str:
     return "sequence-classification"
 
 
-__all__ = ["TASK_NAMES", "Task", "TaskData", "get_task", "infer_task"]
+def __getattr__(name: str) -> Any:
+    # ``TASK_NAMES``: the tuple this module once held, now computed (plugins included) on first
+    # use; kept so that ``from peftkit.tasks import TASK_NAMES`` (the command line's ``--task``
+    # choices) goes on working. New code calls ``task_names()``.
+    if name == "TASK_NAMES":
+        return task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["TASKS", "TASK_ENTRY_POINT_GROUP", "Task", "TaskData", "get_task", "infer_task", "register_task",
+           "task_names", "task_plugin_errors"]

@@ -13,14 +13,18 @@ next tokens of a response, a label for an image), and nothing about *how* (that 
 
 The training loop calls these and never branches on the task's name; strategies see only the
 ``TaskSpec`` a task hands them (how many labels, which modules are a new head, peft's task type).
+
+A task keeps no state: what it learns about the data while loading it (its ``shape``, its label
+names) travels on the ``TaskData``, which later calls receive. Tasks register with
+``peftkit.tasks.register_task`` (third parties: the entry-point group ``peftkit.tasks``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from ..strategies.base import TaskSpec
+from ..data import TaskData
+from ..spec import TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,21 +33,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
 
 
-@dataclass
-class TaskData:
-    """A task's raw splits (``train``, ``validation``, ``test``), label names where the data is
-    labelled, and how the split was made."""
-
-    splits: Any  # datasets.DatasetDict
-    label_names: list[str] | None
-    split_info: dict[str, Any] = field(default_factory=dict)
-
-
 class Task:
     """Base class of task types (``peftkit run --task NAME``)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: other names ``--task`` accepts
+    aliases: ClassVar[tuple[str, ...]] = ()
     #: what ``--model`` and ``--dataset`` default to for this task
     default_model: ClassVar[str] = ""
     default_dataset: ClassVar[str] = ""
@@ -56,6 +52,8 @@ class Task:
 
     # -- data and model ------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
+        """Train / validation / test from ``cfg.dataset`` (through ``peftkit.data``), with the
+        data's shape and label names on the ``TaskData``."""
         raise NotImplementedError
 
     def load_processor(self, model: str) -> Any:
@@ -86,9 +84,11 @@ class Task:
 
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
-                 context: Any = None) -> dict[str, float]:
+                 context: Any = None, data: TaskData | None = None) -> dict[str, float]:
         """Metrics of ``model`` over ``loader``, gathered over every process. ``final`` is the
-        test evaluation, where a task may also do costlier things (generate answers)."""
+        test evaluation, where a task may also do costlier things (generate answers). ``context``
+        is the processor; ``data`` the ``TaskData`` the loader was encoded from (its ``shape``
+        says what can be measured; None: the task's usual shape)."""
         raise NotImplementedError
 
     # -- planning (``peftkit plan``: random weights, no data) -----------------------------------

@@ -1,6 +1,7 @@
 """Causal language modelling: learn to continue a prompt with its response.
 
-Data comes in three shapes, tried in this order:
+Data comes in three shapes, read from its columns (``peftkit.data.load_text_data``) and carried
+on the data as its ``shape``:
 
 * a prompt and a response column (``--text-column`` / ``--response-column``, or guessed:
   prompt/instruction/question/input/text and response/output/completion/answer): the loss is on the
@@ -19,7 +20,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..data import Shape
 from ..errors import PeftkitError
+from . import register_task
 from .base import Task, TaskData, TaskSpec, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,7 +33,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding), as torch's cross-entropy skips
 
+# how the run's recorded split describes each shape of data
+_SHAPE_WORDS = {Shape.PROMPT_RESPONSE: "prompt and response", Shape.PLAIN_TEXT: "plain text",
+                Shape.LABELLED: "labelled data phrased as completion"}
 
+
+def _phrased(data: TaskData, source: str) -> TaskData:
+    """Labelled data as a completion task: ``"Review: {text} ... Answer:"`` -> ``" positive"``."""
+    import datasets
+
+    from ..data import prompt_template_for
+
+    template = prompt_template_for(source)
+    names = data.label_names or []
+
+    def phrase(row: dict[str, Any]) -> dict[str, str]:
+        return {"prompt": template.format(text=row["text"]), "response": " " + names[row["label"]]}
+
+    splits = {k: ds.map(phrase, remove_columns=ds.column_names) for k, ds in data.splits.items()}
+    data.split_info.update(shape=_SHAPE_WORDS[Shape.LABELLED], prompt_template=template)
+    return TaskData(datasets.DatasetDict(splits), names, data.split_info, Shape.LABELLED)
+
+
+@register_task
 class CausalLM(Task):
     name = "causal-lm"
     description = "Continue a prompt with its response (AutoModelForCausalLM); perplexity, exact match of generated answers."
@@ -40,47 +65,21 @@ class CausalLM(Task):
     selection_metric = "loss"  # lower is better: ``score`` negates it
     headline_metrics = ("perplexity", "exact_match")
 
-    labelled = False  # set by load_data: the answers are label names (exact match is accuracy)
-    generates = True  # set by load_data: False for plain text, which has no answers to generate
-
     def score(self, metrics: dict[str, float]) -> float:
         return -metrics["loss"]
 
     # -- data ------------------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
-        from ..data import load_labelled_data, load_prompt_response, prompt_template_for
+        """The data in the shape its columns say (``peftkit.data.load_text_data``); labelled data
+        is phrased as prompts whose answers are the label names."""
+        from ..data import load_text_data
 
-        pairs = load_prompt_response(cfg.dataset, cfg.text_column, cfg.response_column, cfg.seed,
-                                     cfg.max_train_samples)
-        if pairs is not None:
-            pairs.split_info["shape"] = "prompt and response"
-            return TaskData(pairs.splits, None, pairs.split_info)
-        try:
-            labelled = load_labelled_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed,
-                                          cfg.max_train_samples)
-        except PeftkitError as exc:
-            if not str(exc).startswith("no label column found"):
-                raise
-            # no label either: plain language modelling of the text column, every token learned
-            text = load_prompt_response(cfg.dataset, None, cfg.text_column or "text", cfg.seed,
-                                        cfg.max_train_samples, no_prompt=True)
-            if text is None:  # (cannot happen: a named response column is found or refused)
-                raise PeftkitError(f"dataset {cfg.dataset!r} has no text to learn") from None
-            text.split_info["shape"] = "plain text"
-            self.generates = False
-            return TaskData(text.splits, None, text.split_info)
-        self.labelled = True
-        template = prompt_template_for(cfg.dataset)
-        names = labelled.label_names
-
-        def phrase(row: dict[str, Any]) -> dict[str, str]:
-            return {"prompt": template.format(text=row["text"]), "response": " " + names[row["label"]]}
-
-        splits = {k: ds.map(phrase, remove_columns=ds.column_names) for k, ds in labelled.splits.items()}
-        import datasets
-
-        labelled.split_info.update(shape="labelled data phrased as completion", prompt_template=template)
-        return TaskData(datasets.DatasetDict(splits), names, labelled.split_info)
+        data = load_text_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed,
+                              cfg.max_train_samples)
+        if data.shape is not Shape.LABELLED:
+            data.split_info["shape"] = _SHAPE_WORDS[data.shape]
+            return data
+        return _phrased(data, cfg.dataset)
 
     def load_processor(self, model: str) -> Any:
         from ..models import load_tokenizer
@@ -177,9 +176,12 @@ class CausalLM(Task):
 
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
-                 context: Any = None) -> dict[str, float]:
+                 context: Any = None, data: TaskData | None = None) -> dict[str, float]:
         import torch
 
+        shape = data.shape if data is not None else Shape.PROMPT_RESPONSE
+        # plain text has no answers to generate; labelled data's answers are its labels
+        generate = final and shape is not Shape.PLAIN_TEXT
         model.eval()
         loss_sum, tokens = 0.0, 0
         matches: list[torch.Tensor] = []
@@ -190,16 +192,16 @@ class CausalLM(Task):
                 sums, counts = accelerator.gather_for_metrics(self._token_losses(logits, batch["labels"]))
                 loss_sum += float(sums.sum())
                 tokens += int(counts.sum())
-                if final and self.generates:
+                if generate:
                     hits = self._exact_matches(accelerator.unwrap_model(model), batch, context)
                     matches.append(accelerator.gather_for_metrics(hits).cpu())
                 if after_batch is not None:
                     after_batch()
         loss = loss_sum / max(1, tokens)
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        if final and self.generates:
+        if generate:
             out["exact_match"] = float(torch.cat(matches).float().mean()) if matches else 0.0
-            if self.labelled:
+            if shape is Shape.LABELLED:
                 out["accuracy"] = out["exact_match"]  # the generated answer is the predicted label
         return out
 
@@ -264,7 +266,7 @@ class CausalLM(Task):
         the first 256 training answers, plus the end-of-sequence token."""
         length = cfg.max_length or self.default_max_length
         train = data.splits["train"]
-        if not self.generates:
+        if data.shape is Shape.PLAIN_TEXT:
             return length
         sample = list(train.select(range(min(256, len(train))))["response"])
         longest = max((len(ids) for ids in processor(sample, add_special_tokens=False)["input_ids"]), default=0)

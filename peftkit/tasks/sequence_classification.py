@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import register_task
 from .base import Task, TaskData, TaskSpec, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +48,7 @@ class ClassificationTask(Task):
 
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
-                 context: Any = None) -> dict[str, float]:
+                 context: Any = None, data: TaskData | None = None) -> dict[str, float]:
         import torch
         import torch.nn.functional as F
 
@@ -86,6 +87,7 @@ def predict_rows(loaded: Any, batches: Any, inputs: list[Any]) -> list[dict[str,
     return out
 
 
+@register_task
 class SequenceClassification(ClassificationTask):
     name = "sequence-classification"
     description = "A label per text (AutoModelForSequenceClassification); accuracy and macro-F1."
@@ -96,8 +98,7 @@ class SequenceClassification(ClassificationTask):
     def load_data(self, cfg: RunConfig) -> TaskData:
         from ..data import load_labelled_data
 
-        d = load_labelled_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed, cfg.max_train_samples)
-        return TaskData(d.splits, d.label_names, d.split_info)
+        return load_labelled_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed, cfg.max_train_samples)
 
     def load_processor(self, model: str) -> Any:
         from ..models import load_tokenizer

