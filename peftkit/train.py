@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import PeftkitError, set_context
+from .files import write_json  # noqa: F401 - re-exported for older callers (to be removed)
 from .levers import make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
@@ -44,22 +45,32 @@ class ResolvedRun:
         return d
 
 
+def with_task_defaults(settings: Any) -> tuple[Task, dict[str, Any]]:
+    """The task ``settings`` name (read from the model when not given) and the values its unset
+    ``task``, ``model``, ``dataset`` and ``max_length`` take: the task's defaults. The one place
+    where a run's, a bench's and a plan's settings are completed from their task; only the fields
+    ``settings`` has are returned."""
+    from .tasks import get_task, infer_task
+
+    task = get_task(settings.task or infer_task(settings.model))
+    filled = {"task": task.name, "model": settings.model or task.default_model,
+              "dataset": getattr(settings, "dataset", None) or task.default_dataset,
+              "max_length": task.default_max_length if settings.max_length is None else settings.max_length}
+    return task, {k: v for k, v in filled.items() if hasattr(settings, k)}
+
+
 def resolve(cfg: RunConfig) -> ResolvedRun:
     """Look up the strategy and the task, check the options, fill unset values from their defaults
     (the task: from the model when not given; model, data and length: the task's own)."""
     from .levers import check_levers
     from .registry import get_strategy
-    from .tasks import get_task, infer_task
 
     cls = get_strategy(cfg.strategy)
     strategy = cls(options_from_dict(cls, cfg.strategy_options))
-    check_levers(cfg, strategy)
-    task = get_task(cfg.task or infer_task(cfg.model))
-    cfg.task = task.name
-    cfg.model = cfg.model or task.default_model
-    cfg.dataset = cfg.dataset or task.default_dataset
-    if cfg.max_length is None:
-        cfg.max_length = task.default_max_length
+    check_levers(cfg.levers, strategy)
+    task, filled = with_task_defaults(cfg)
+    for key, value in filled.items():
+        setattr(cfg, key, value)
     check_trackers(cfg.report_to)
     d = cls.defaults
     hp = TrainingDefaults(
@@ -192,7 +203,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     trackers = list(cfg.report_to) if workdir else []
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accumulation,
-        mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+        mixed_precision={"fp32": "no"}.get(cfg.levers.precision, cfg.levers.precision),
         # each batch is split over the processes: --batch-size means the same in 1 or N processes.
         # (Through DataLoaderConfiguration: accelerate 1.15 silently ignores split_batches=True.)
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -215,7 +226,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     test_dl, _ = make_loader(splits["test"], collate, eval_batch, None)
 
     # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
-    store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.precision)
+    store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.levers.precision)
     groups = strategy.param_groups(model)
     if not any(g.params for g in groups):
         raise PeftkitError(f"strategy {strategy.name!r} left no parameter to train on this model")
@@ -227,7 +238,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
             # one unfrozen later would train apart in each process, silently
             raise PeftkitError(f"strategy {strategy.name!r} makes parameters trainable as it trains, which data "
                                f"parallel training cannot follow; run it in one process")
-    optimizer = make_optimizer(cfg.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
+    optimizer = make_optimizer(cfg.levers.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
     # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
     # prepared with it, and an evaluation batch must not become it
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
@@ -482,22 +493,13 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         "memory_budget_bytes": budget,
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
-        "precision": cfg.precision,
-        "optimizer": cfg.optimizer,
-        "quantize": cfg.quantize,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "precision": cfg.levers.precision,
+        "optimizer": cfg.levers.optimizer,
+        "quantize": cfg.levers.quantize,
+        "gradient_checkpointing": cfg.levers.gradient_checkpointing,
         "resumed": resume_from is not None,
     }
     return TrainOutcome(metrics, st["history"], inner)
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write JSON atomically (a temporary file renamed over the target)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
@@ -551,11 +553,11 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         say(f"loading model {cfg.model!r} ...")
         processor = task.load_processor(cfg.model)
         set_seed(cfg.seed)  # the new head's initialisation depends on it
-        base = task.load_model(cfg.model, data, processor, cfg.quantize, cfg.precision)
+        base = task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
         # a library failing from here on is reported with the model's type (errors.library_error_line)
         set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
         base_digests = backbone_digests(base)  # before training: what "unchanged" means, and the fingerprint
-        base = prepare_base(base, cfg.quantize, cfg.gradient_checkpointing)
+        base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
         spec = task.spec(base, data)
         model = run.strategy.prepare(base, spec)
         if resume_from:
@@ -585,7 +587,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
             "base_fingerprint": fingerprint(base_digests),
             "task": task.name,
             # a quantized base is fingerprinted quantized: loading applies the same quantization
-            "base_quantization": cfg.quantize,
+            "base_quantization": cfg.levers.quantize,
             **task.metadata(data, processor, cfg),
             "dataset": cfg.dataset,
             "split": data.split_info,
