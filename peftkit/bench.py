@@ -245,7 +245,6 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
     index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
     except the very last one, which is always tried so that "does not fit" is measured."""
-    from .levers import check_levers
     from .registry import get_strategy
 
     run_dir = os.path.join(stage, "runs", f"{strategy}-seed{seed}")
@@ -253,15 +252,9 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
     cls = get_strategy(strategy)
     rungs = lever_rungs(bench, cls)
-    try:  # the suite's own levers may not apply to this strategy (a quantized base under full)
-        check_levers(rungs[0], cls())
-        if predict is not None:  # (a stand-in runner in tests has no real model to look at)
-            # nor may the strategy apply to this model and task (prefix tuning on a ViT)
-            from .plan import check_applicable
-
-            check_applicable(bench.model, bench.task, strategy)
-    except PeftkitError as exc:
-        return {**row, "status": "not applicable", "error": str(exc), "tried": []}
+    refusal = _refusal(bench, strategy, rungs[0], check_model=predict is not None)
+    if refusal is not None:
+        return {**row, "status": "not applicable", "error": refusal, "tried": []}
     candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)
                   if (i, -micro) >= (start[0], -start[1])]
     budget = parse_size(bench.memory_budget) if bench.memory_budget else None
@@ -299,14 +292,36 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
             row["versions"] = m.get("versions", {})
         break
     else:
-        ran = [t for t in tried if t["outcome"] != "skipped"]
-        sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if len(rungs) > 1 else str(t["batch_size"])
-                          for t in ran)
-        skipped = len(tried) - len(ran)
-        row["error"] = (f"over the budget {bench.memory_budget} in every run (micro-batch {sizes})"
-                        + (f"; {skipped} more predicted over it were skipped" if skipped else ""))
+        row["error"] = _over_budget(bench.memory_budget, tried, named_levers=len(rungs) > 1)
     row["tried"] = tried
     return row
+
+
+def _refusal(bench: BenchConfig, strategy: str, levers: Levers, check_model: bool) -> str | None:
+    """Why ``strategy`` cannot run in this suite at all, or None: the suite's own levers may not
+    apply to it (a quantized base under full), nor (``check_model``; a stand-in runner in tests has
+    no real model to look at) the strategy to this model and task (prefix tuning on a ViT)."""
+    from .levers import check_levers
+    from .registry import get_strategy
+
+    try:
+        check_levers(levers, get_strategy(strategy)())
+        if check_model:
+            from .plan import check_applicable
+
+            check_applicable(bench.model, bench.task, strategy)
+    except PeftkitError as exc:
+        return str(exc)
+    return None
+
+
+def _over_budget(budget: str | None, tried: list[dict[str, Any]], named_levers: bool) -> str:
+    """The error of a row that fitted nowhere: what ran over the budget, and how many were skipped."""
+    ran = [t for t in tried if t["outcome"] != "skipped"]
+    sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if named_levers else str(t["batch_size"]) for t in ran)
+    skipped = len(tried) - len(ran)
+    return (f"over the budget {budget} in every run (micro-batch {sizes})"
+            + (f"; {skipped} more predicted over it were skipped" if skipped else ""))
 
 
 # -- the suite ------------------------------------------------------------------------------

@@ -337,10 +337,45 @@ def _depth(config: Any) -> int:
     return depth
 
 
+def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings, est: Estimate) -> None:
+    """Set ``est``'s activations (and workspace): training steps measured on the device where it
+    can be (the whole model if small, else depth 2 and 3 extrapolated), else the tensors autograd
+    saves, measured on the CPU."""
+    import torch
+
+    torch.set_grad_enabled(True)
+    depth = _depth(config)
+    measurable = settings.device == "cpu" or torch.cuda.is_available()
+    if measurable and depth <= DIRECT_MAX_DEPTH and est.total_params <= DIRECT_MAX_PARAMS:
+        # small enough to measure whole: the steps run on the full-depth model (random weights)
+        increase = measure_step_increase(config, strategy, task, settings, depth, settings.device)
+        est.activations = max(0, increase - est.gradients - est.optimizer)
+        est.notes.append(f"activations measured: training steps of the whole model (random weights) "
+                         f"on {settings.device}")
+    elif measurable:
+        # too big to build whole: steps at depth 2 and 3, the difference is one block's share.
+        # (Not 1 and 2: the first block's figure carries one-off workspace that hides the slope.)
+        two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
+        three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
+        increase = two + (depth - 2) * max(0, three - two)
+        est.activations = max(0, increase - est.gradients - est.optimizer)
+        est.notes.append("activations measured: training steps at depth 2 and 3 on "
+                         f"{settings.device}, extrapolated to {depth} blocks")
+    else:
+        base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
+        if settings.levers.gradient_checkpointing and per_block:
+            # each block keeps only its input; one block is rebuilt whole during its backward pass
+            est.activations = base + depth * block_input + per_block
+        else:
+            est.activations = base + depth * per_block
+        est.workspace = per_block
+        est.notes.append("no GPU here: activations are the tensors autograd saves (measured on CPU), "
+                         "plus one block's worth of backward workspace")
+
+
 def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
                   strategy_options: dict[str, Any] | None = None) -> Estimate:
     """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
-    import torch
     from accelerate import init_empty_weights
 
     from .levers import check_levers
@@ -370,34 +405,7 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         est.total_params = sum(p.numel() for p in prepared.parameters())
         est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
         del full, prepared
-        torch.set_grad_enabled(True)
-        depth = _depth(config)
-        measurable = settings.device == "cpu" or torch.cuda.is_available()
-        if measurable and depth <= DIRECT_MAX_DEPTH and est.total_params <= DIRECT_MAX_PARAMS:
-            # small enough to measure whole: the steps run on the full-depth model (random weights)
-            increase = measure_step_increase(config, strategy, task, settings, depth, settings.device)
-            est.activations = max(0, increase - est.gradients - est.optimizer)
-            est.notes.append(f"activations measured: training steps of the whole model (random weights) "
-                             f"on {settings.device}")
-        elif measurable:
-            # too big to build whole: steps at depth 2 and 3, the difference is one block's share.
-            # (Not 1 and 2: the first block's figure carries one-off workspace that hides the slope.)
-            two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
-            three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
-            increase = two + (depth - 2) * max(0, three - two)
-            est.activations = max(0, increase - est.gradients - est.optimizer)
-            est.notes.append("activations measured: training steps at depth 2 and 3 on "
-                             f"{settings.device}, extrapolated to {depth} blocks")
-        else:
-            base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
-            if settings.levers.gradient_checkpointing and per_block:
-                # each block keeps only its input; one block is rebuilt whole during its backward pass
-                est.activations = base + depth * block_input + per_block
-            else:
-                est.activations = base + depth * per_block
-            est.workspace = per_block
-            est.notes.append("no GPU here: activations are the tensors autograd saves (measured on CPU), "
-                             "plus one block's worth of backward workspace")
+        _measure_activations(config, strategy, task, settings, est)
     except PeftkitError as exc:
         est.status, est.error = "refused", str(exc)
         return est
@@ -405,6 +413,12 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
         est.status, est.error = "failed", f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}"
         return est
+    _fit_budget(est, settings)
+    return est
+
+
+def _fit_budget(est: Estimate, settings: PlanSettings) -> None:
+    """Per-example activations, the CPU runtime and, under a budget, the largest batch that fits."""
     est.activations_per_example = (est.activations + est.workspace) / settings.batch_size
     if settings.device == "cpu":
         est.runtime = runtime_bytes()
@@ -416,7 +430,6 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         if est.max_batch_size == 0:
             est.notes.append(f"the weights, gradients and optimizer state alone ({format_size(fixed)}) "
                              f"leave no room in {format_size(budget)}")
-    return est
 
 
 def load_config(model: str) -> Any:
