@@ -22,11 +22,12 @@ from .errors import PeftkitError, clear_context, debug_requested, library_error_
 
 # -- the options, each declared once ----------------------------------------------------------
 # A command lists the options it takes by key (``@options("task", "model", ...)``); type and
-# parsing are declared here once, and the values are checked once, where every front door (flags,
-# YAML, Python) meets: the config classes' ``validate`` (``RunConfig``, ``BenchConfig``,
-# ``PlanSettings``), ``Levers`` and ``peftkit.tasks.get_task``. A command may only word the help
-# differently where the option means something else there (``--batch-size`` of a bench is the
-# effective batch).
+# parsing are declared here once. Values are checked where every front door (flags, YAML, Python)
+# meets, not here: counts by the config classes' ``validate`` (``RunConfig``, ``BenchConfig``,
+# ``PlanSettings``), the task by ``peftkit.tasks.get_task`` (so plugin tasks are accepted). Closed
+# sets (levers, trackers) are click choices read from their one definition in ``peftkit.config``.
+# A command may only word the help differently where the option means something else there
+# (``--batch-size`` of a bench is the effective batch).
 
 _OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
 
