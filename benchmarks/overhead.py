@@ -48,9 +48,9 @@ def main() -> None:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # peftkit's loop (accelerate) takes a GPU when it sees one
 
-    from peftkit.cli import _quiet_libraries
+    from peftkit.env import quiet_libraries
 
-    _quiet_libraries()  # before peft imports bitsandbytes, whose optional-kernel warning is noise here
+    quiet_libraries()  # before peft imports bitsandbytes, whose optional-kernel warning is noise here
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, TaskType, get_peft_model

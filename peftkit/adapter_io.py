@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .env import package_versions  # the one version table (metrics.json, bench results too)
 from .errors import PeftkitError
+from .files import write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -162,7 +163,5 @@ def save_adapter(directory: str, strategy: Any, model: Any, metadata: dict[str, 
     size = adapter_bytes(directory)
     meta = {"format_version": FORMAT_VERSION, **metadata, **facts, "adapter_bytes": size,
             "versions": metadata.get("versions") or package_versions()}
-    with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, default=str)
-        fh.write("\n")
+    write_json(os.path.join(directory, METADATA_FILE), meta)
     return size

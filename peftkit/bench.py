@@ -28,21 +28,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import RunConfig
+from .config import Levers, RunConfig, check_positive, flat_dict
 from .errors import PeftkitError
+from .files import write_json
 from .memory import format_size, parse_size
 from .metrics import ROW_METRICS, summarize_figures
 
 
 @dataclass
 class BenchConfig:
-    """What ``peftkit bench`` was asked to do; every run of the suite shares all of it."""
+    """What ``peftkit bench`` was asked to do; every run of the suite shares all of it.
+
+    ``None`` in ``task``, ``model``, ``dataset`` and ``max_length`` means the task's default (the
+    task itself: what the model is made for), filled in by ``peftkit.api.bench``."""
 
     strategies: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
-    task: str = "sequence-classification"
-    model: str = "minilm"
-    dataset: str = "rotten_tomatoes"
+    task: str | None = None
+    model: str | None = None
+    dataset: str | None = None
     text_column: str | None = None
     label_column: str | None = None
     response_column: str | None = None
@@ -52,25 +56,27 @@ class BenchConfig:
     max_eval_samples: int | None = None
     batch_size: int = 32
     """The effective batch (micro-batch x gradient accumulation), the same for every strategy."""
-    max_length: int | None = 64
+    max_length: int | None = None
     eval_batch_size: int = 128
     early_stopping_patience: int | None = None
-    quantize: str | None = None
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    precision: str = "fp32"
+    levers: Levers = field(default_factory=Levers)
     memory_budget: str | None = None
     auto_fit: bool = False
     """Under a budget, try the memory levers (see ``AUTO_FIT_LADDER``) before giving up."""
-    output_dir: str = ""
+    output_dir: str | None = None
+    """Where the results go (default: runs/bench-<timestamp>)."""
     command: str = ""
 
+    def validate(self) -> None:
+        """Raise ``PeftkitError`` for settings no suite could use (each run's own are checked by
+        ``RunConfig.validate`` through ``run_config``)."""
+        check_positive(self, ("batch_size", "eval_batch_size"))
+        if self.auto_fit and not self.memory_budget:
+            raise PeftkitError("--auto-fit needs --memory-budget SIZE: it fits each strategy into that budget")
+
     def run_config(self, strategy: str, seed: int, micro_batch: int, output_dir: str,
-                   levers: dict[str, Any] | None = None) -> RunConfig:
-        """The ``RunConfig`` of one run at one micro-batch size (``levers`` override the suite's)."""
-        chosen = {"quantize": self.quantize, "optimizer": self.optimizer,
-                  "gradient_checkpointing": self.gradient_checkpointing, "precision": self.precision,
-                  **(levers or {})}
+                   levers: Levers | None = None) -> RunConfig:
+        """The ``RunConfig`` of one run at one micro-batch size (``levers`` replace the suite's)."""
         cfg = RunConfig(
             strategy=strategy, task=self.task, model=self.model, dataset=self.dataset,
             text_column=self.text_column, label_column=self.label_column, response_column=self.response_column,
@@ -80,9 +86,13 @@ class BenchConfig:
             # evaluation batches shrink with the micro-batch, or evaluation would break the budget
             eval_batch_size=max(1, self.eval_batch_size * micro_batch // self.batch_size),
             early_stopping_patience=self.early_stopping_patience, memory_budget=self.memory_budget,
-            seed=seed, output_dir=output_dir, **chosen)
+            seed=seed, output_dir=output_dir, levers=levers or self.levers)
         cfg.validate()
         return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, levers flat (a suite's ``results.json`` records them)."""
+        return flat_dict(self)
 
 
 @dataclass
@@ -152,8 +162,8 @@ def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         result_path = os.path.join(tmp, "result.json")
-        with open(spec_path, "w", encoding="utf-8") as fh:
-            json.dump({"config": cfg.to_dict(), "result_path": result_path, "log_path": log_path}, fh)
+        write_json(spec_path, {"config": cfg.to_dict(), "result_path": result_path, "log_path": log_path},
+                   indent=None)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "peftkit.bench_worker", spec_path],
                               stdin=subprocess.DEVNULL, check=False)
@@ -177,45 +187,45 @@ AUTO_FIT_LADDER: list[tuple[str, dict[str, Any]]] = [
 ]
 
 # predicted peak bytes of (strategy, levers, micro-batch), or None when there is no prediction
-Predictor = Callable[[str, dict[str, Any], int], "int | None"]
+Predictor = Callable[[str, Levers, int], "int | None"]
 
 
-def lever_rungs(bench: BenchConfig, strategy_cls: Any) -> list[dict[str, Any]]:
+def lever_rungs(bench: BenchConfig, strategy_cls: Any) -> list[Levers]:
     """The lever combinations to try, fewest first: the suite's own, then (with ``auto_fit`` and a
     budget) each rung of ``AUTO_FIT_LADDER`` added on top. Rungs that change nothing, or that the
     strategy cannot take (a quantized base under a full fine-tune), are left out."""
     from .levers import check_levers
 
-    current = {"quantize": bench.quantize, "optimizer": bench.optimizer,
-               "gradient_checkpointing": bench.gradient_checkpointing, "precision": bench.precision}
-    rungs = [dict(current)]
+    current = bench.levers
+    rungs = [current]
     if not (bench.auto_fit and bench.memory_budget):
         return rungs
     strategy = strategy_cls()
     for _name, change in AUTO_FIT_LADDER:
-        if all(current.get(k) == v or (k == "precision" and current[k] != "fp32") for k, v in change.items()):
+        if all(getattr(current, k) == v or (k == "precision" and current.precision != "fp32")
+               for k, v in change.items()):
             continue  # already on
-        trial = {**current, **change}
+        trial = dataclasses.replace(current, **change)
         try:
-            check_levers(RunConfig(**trial), strategy)
+            check_levers(trial, strategy)
         except PeftkitError:
             continue
         current = trial
-        rungs.append(dict(current))
+        rungs.append(current)
     return rungs
 
 
-def describe_levers(levers: dict[str, Any]) -> str:
+def describe_levers(levers: Levers) -> str:
     """``bf16 + checkpointing + adamw8bit + 4bit base`` (``-`` when none is on)."""
     parts = []
-    if levers.get("precision", "fp32") != "fp32":
-        parts.append(levers["precision"])
-    if levers.get("gradient_checkpointing"):
+    if levers.precision != "fp32":
+        parts.append(levers.precision)
+    if levers.gradient_checkpointing:
         parts.append("checkpointing")
-    if levers.get("optimizer", "adamw") != "adamw":
-        parts.append(levers["optimizer"])
-    if levers.get("quantize"):
-        parts.append(f"{levers['quantize']} base")
+    if levers.optimizer != "adamw":
+        parts.append(levers.optimizer)
+    if levers.quantize:
+        parts.append(f"{levers.quantize} base")
     return " + ".join(parts) or "-"
 
 
@@ -224,7 +234,6 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
     index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
     except the very last one, which is always tried so that "does not fit" is measured."""
-    from .levers import check_levers
     from .registry import get_strategy
 
     run_dir = os.path.join(stage, "runs", f"{strategy}-seed{seed}")
@@ -232,15 +241,9 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
     cls = get_strategy(strategy)
     rungs = lever_rungs(bench, cls)
-    try:  # the suite's own levers may not apply to this strategy (a quantized base under full)
-        check_levers(RunConfig(**rungs[0]), cls())
-        if predict is not None:  # (a stand-in runner in tests has no real model to look at)
-            # nor may the strategy apply to this model and task (prefix tuning on a ViT)
-            from .plan import check_applicable
-
-            check_applicable(bench.model, bench.task, strategy)
-    except PeftkitError as exc:
-        return {**row, "status": "not applicable", "error": str(exc), "tried": []}
+    refusal = _refusal(bench, strategy, rungs[0], check_model=predict is not None)
+    if refusal is not None:
+        return {**row, "status": "not applicable", "error": refusal, "tried": []}
     candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)
                   if (i, -micro) >= (start[0], -start[1])]
     budget = parse_size(bench.memory_budget) if bench.memory_budget else None
@@ -278,14 +281,36 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
             row["versions"] = m.get("versions", {})
         break
     else:
-        ran = [t for t in tried if t["outcome"] != "skipped"]
-        sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if len(rungs) > 1 else str(t["batch_size"])
-                          for t in ran)
-        skipped = len(tried) - len(ran)
-        row["error"] = (f"over the budget {bench.memory_budget} in every run (micro-batch {sizes})"
-                        + (f"; {skipped} more predicted over it were skipped" if skipped else ""))
+        row["error"] = _over_budget(bench.memory_budget, tried, named_levers=len(rungs) > 1)
     row["tried"] = tried
     return row
+
+
+def _refusal(bench: BenchConfig, strategy: str, levers: Levers, check_model: bool) -> str | None:
+    """Why ``strategy`` cannot run in this suite at all, or None: the suite's own levers may not
+    apply to it (a quantized base under full), nor (``check_model``; a stand-in runner in tests has
+    no real model to look at) the strategy to this model and task (prefix tuning on a ViT)."""
+    from .levers import check_levers
+    from .registry import get_strategy
+
+    try:
+        check_levers(levers, get_strategy(strategy)())
+        if check_model:
+            from .plan import check_applicable
+
+            check_applicable(bench.model, bench.task, strategy)
+    except PeftkitError as exc:
+        return str(exc)
+    return None
+
+
+def _over_budget(budget: str | None, tried: list[dict[str, Any]], named_levers: bool) -> str:
+    """The error of a row that fitted nowhere: what ran over the budget, and how many were skipped."""
+    ran = [t for t in tried if t["outcome"] != "skipped"]
+    sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if named_levers else str(t["batch_size"]) for t in ran)
+    skipped = len(tried) - len(ran)
+    return (f"over the budget {budget} in every run (micro-batch {sizes})"
+            + (f"; {skipped} more predicted over it were skipped" if skipped else ""))
 
 
 # -- the suite ------------------------------------------------------------------------------
@@ -386,7 +411,7 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
         "command": bench.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "suite_seconds": time.perf_counter() - start,
-        "settings": dataclasses.asdict(bench),
+        "settings": bench.to_dict(),
         "machine": machine_description(),
         "device": next((r["device"] for r in rows if r.get("device")), None),
         "versions": versions,
@@ -397,9 +422,7 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
         "second": quality_of(rows, SECOND),
         "rows": rows,
     }
-    with open(os.path.join(stage, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2)
-        fh.write("\n")
+    write_json(os.path.join(stage, "results.json"), results)
     from .plots import write_plots
 
     plots = write_plots(results, stage)

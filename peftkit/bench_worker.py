@@ -14,22 +14,33 @@ import os
 import sys
 import time
 import traceback
+from typing import Any
 
 
 def main(spec_path: str) -> int:
+    """Run the spec's ``RunConfig`` and write the report where the spec says; 0 unless the report
+    itself cannot be written (every failure of the run is in the report)."""
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
 
-    from .cli import _quiet_libraries
     from .config import RunConfig
+    from .files import write_json
+
+    cfg = RunConfig.from_dict(spec["config"])
+    start = time.perf_counter()
+    report = {"batch_size": cfg.batch_size, **_run(cfg, spec["log_path"])}
+    report["seconds"] = time.perf_counter() - start
+    write_json(spec["result_path"], report, indent=None)
+    return 0
+
+
+def _run(cfg: Any, log_path: str) -> dict[str, Any]:
+    """``status`` and ``metrics`` or ``error`` of one run of ``cfg`` into its output directory."""
+    from .env import quiet_libraries
     from .errors import PeftkitError, first_line, library_error_line, raising_library, set_context
     from .memory import is_out_of_memory
     from .rundir import staged_dir
     from .train import execute_run, resolve
-
-    cfg = RunConfig(**spec["config"])
-    report: dict = {"batch_size": cfg.batch_size}
-    start = time.perf_counter()
 
     def echo(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)
@@ -38,31 +49,24 @@ def main(spec_path: str) -> int:
         cfg.validate()
         run = resolve(cfg)
         set_context(strategy=run.strategy.name, model=cfg.model)
-        _quiet_libraries()
+        quiet_libraries()
         with staged_dir(cfg.output_dir, overwrite=False) as stage:
             metrics = execute_run(run, stage, echo)
-        report.update(status="ok", metrics=metrics)
+        return {"status": "ok", "metrics": metrics}
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row of the suite
         if is_out_of_memory(exc):
-            report.update(status="oom", error=first_line(exc))
-        elif isinstance(exc, PeftkitError):
-            report.update(status="failed", error=str(exc))
-        else:
-            # one line, as the command line reports it: the library, strategy, model type, message
-            library = raising_library(exc)
-            what = library_error_line(exc, library) if library else f"{type(exc).__name__}: {first_line(exc)}"
-            report.update(status="failed", error=f"{what} (traceback in {spec['log_path']})")
-            os.makedirs(os.path.dirname(spec["log_path"]), exist_ok=True)
-            with open(spec["log_path"], "a", encoding="utf-8") as fh:
-                traceback.print_exc(file=fh)
-    report["seconds"] = time.perf_counter() - start
-    tmp = spec["result_path"] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, default=str)
-    os.replace(tmp, spec["result_path"])
-    return 0
+            return {"status": "oom", "error": first_line(exc)}
+        if isinstance(exc, PeftkitError):
+            return {"status": "failed", "error": str(exc)}
+        # one line, as the command line reports it: the library, strategy, model type, message
+        library = raising_library(exc)
+        what = library_error_line(exc, library) if library else f"{type(exc).__name__}: {first_line(exc)}"
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            traceback.print_exc(file=fh)
+        return {"status": "failed", "error": f"{what} (traceback in {log_path})"}
 
 
 if __name__ == "__main__":

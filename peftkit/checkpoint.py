@@ -178,8 +178,9 @@ def read(path: str, rank: int) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
+    from .files import write_json
+
+    write_json(path, data, indent=None)  # optimizer state can be long: no indentation
 
 
 # -- the checkpointer the training loop uses ------------------------------------------------------

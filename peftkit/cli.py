@@ -13,52 +13,136 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import click
 
+from .config import OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
 from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
-from .tasks import TASK_NAMES
+
+# -- the options, each declared once ----------------------------------------------------------
+# A command lists the options it takes by key (``@options("task", "model", ...)``); type and
+# parsing are declared here once. Values are checked where every front door (flags, YAML, Python)
+# meets, not here: counts by the config classes' ``validate`` (``RunConfig``, ``BenchConfig``,
+# ``PlanSettings``), the task by ``peftkit.tasks.get_task`` (so plugin tasks are accepted). Closed
+# sets (levers, trackers) are click choices read from their one definition in ``peftkit.config``.
+# A command may only word the help differently where the option means something else there
+# (``--batch-size`` of a bench is the effective batch).
+
+_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
 
 
-def _quiet_libraries() -> None:
-    """Silence library chatter that is not for our users (load reports, per-map progress bars)."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel
-    # package is missing; the fallback it uses works, and the message only alarms users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: ours is the one that matters
+def _declare(key: str, *decls: str, **attrs: Any) -> None:
+    _OPTIONS[key] = (decls, attrs)
 
 
-def lever_options(func: Any) -> Any:
-    """The memory levers, the same in run, bench and plan."""
-    from .levers import OPTIMIZERS, PRECISIONS, QUANTIZATIONS
+_declare("strategy", "--strategy", "-s", default=None, help="Strategy name (see `peftkit list`). Default: lora.")
+_declare("strategies", "--strategies", default="all", show_default=True,
+         help="'all' (every registered strategy, plugins included) or names: lora,full,head_only.")
+_declare("task", "--task", default=None, metavar="TASK",
+         help="What to learn: sequence-classification, causal-lm, image-classification or a plugin's task "
+              "(`peftkit list -v`). Default: what the model is made for (read from its config), else "
+              "sequence-classification.")
+_declare("config", "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+         help="YAML file with the same settings as these flags plus a strategy_options block; flags override it.")
+_declare("model", "--model", default=None,
+         help="Short name (minilm, smollm2, vit-tiny), hub id or local model directory. Default: the task's "
+              "(minilm; smollm2 for causal-lm; vit-tiny for image-classification).")
+_declare("base_model", "--model", default=None, help="Base model (default: the one named in the adapter's metadata).")
+_declare("dataset", "--dataset", default=None,
+         help="Short name (rotten_tomatoes, digits, mnist), hub id, data file (.csv/.json/.jsonl/.parquet, "
+              "compressed too) or a datasets save_to_disk directory. Default: the task's.")
+_declare("text_column", "--text-column", default=None,
+         help="Column holding the text (causal-lm: the prompt; images: the image) (default: guessed: text, "
+              "sentence, prompt, ...).")
+_declare("label_column", "--label-column", default=None, help="Column holding the label (default: guessed: label, labels, ...).")
+_declare("response_column", "--response-column", default=None,
+         help="causal-lm: column holding the answer to learn (default: guessed: response, output, completion, "
+              "answer); without one, a labelled dataset is phrased as a completion task.")
+_declare("epochs", "--epochs", type=int, default=None, help="Epochs (default: each strategy's own).")
+_declare("batch_size", "--batch-size", type=int, default=None,
+         help="Training batch size (default: the strategy's own); with several processes, the global batch.")
+_declare("lr", "--lr", type=float, default=None, help="Peak learning rate (default: the strategy's own).")
+_declare("max_length", "--max-length", type=int, default=None,
+         help="Tokens per example, longer texts truncated. Default: the task's (64; causal-lm 128).")
+_declare("max_train_samples", "--max-train-samples", type=int, default=None,
+         help="Use at most N training examples (seeded).")
+_declare("max_eval_samples", "--max-eval-samples", type=int, default=None,
+         help="Use at most N validation and N test examples (seeded); evaluating a language model on a CPU is slow.")
+_declare("seed", "--seed", type=int, default=None, help="Random seed for split, sampling and initialisation. Default: 0.")
+_declare("weight_decay", "--weight-decay", type=float, default=None, help="AdamW weight decay on weight matrices.")
+_declare("warmup_ratio", "--warmup-ratio", type=float, default=None, help="Fraction of steps with linear warmup.")
+_declare("grad_accumulation", "--grad-accumulation", type=int, default=None,
+         help="Micro-batches per optimizer step. Default: 1.")
+_declare("eval_batch_size", "--eval-batch-size", type=int, default=None, help="Evaluation batch size. Default: 128.")
+_declare("early_stopping_patience", "--early-stopping-patience", type=int, default=None,
+         help="Stop after N epochs without better validation accuracy.")
+_declare("quantize", "--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+         help="Load the frozen base quantized (bitsandbytes; 4bit = NF4 + double quantization, QLoRA). "
+              "For lora, adapter, prefix, head_only.")
+_declare("optimizer", "--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+         help="adamw (torch, default), adamw8bit or paged_adamw8bit (bitsandbytes; paged: CUDA only).")
+_declare("gradient_checkpointing", "--gradient-checkpointing", is_flag=True, default=None,
+         help="Recompute activations in the backward pass: less memory, slower.")
+_declare("precision", "--precision", type=click.Choice(PRECISIONS), default=None,
+         help="Mixed precision via accelerate (default fp32; fp16 needs CUDA). Frozen weights are then "
+              "stored in 16 bits.")
+_declare("memory_budget", "--memory-budget", default=None, metavar="SIZE",
+         help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident "
+              "memory; a run over it stops with an error.")
+_declare("checkpoint_every", "--checkpoint-every", type=int, default=None, metavar="N",
+         help="Write the whole training state every N optimizer steps; a run that stops (even killed) "
+              "continues with --resume.")
+_declare("resume", "--resume", "resume_dir", default=None, metavar="RUN_DIR",
+         help="Continue the interrupted run that was going to RUN_DIR (its --output-dir) from its last "
+              "checkpoint, with its own settings; give no other option.")
+_declare("report_to", "--report-to", "report_to", multiple=True, type=click.Choice(REPORTERS),
+         help="Send losses and metrics to TensorBoard (event files in RUN_DIR/tensorboard) or W&B "
+              "(if installed); repeatable.")
+_declare("set", "--set", "set_items", multiple=True, metavar="KEY=VALUE",
+         help="Strategy option, repeatable (e.g. --set r=16 --set alpha=32); see `peftkit list -v`.")
+_declare("output_dir", "--output-dir", default=None, help="Run directory. Default: runs/<strategy>-<timestamp>.")
+_declare("overwrite", "--overwrite", is_flag=True, help="Replace an existing output directory.")
+_declare("seeds", "--seeds", default="0", show_default=True,
+         help="Comma-separated seeds; each seed is its own split and run, summarised as mean and spread.")
+_declare("auto_fit", "--auto-fit", is_flag=True,
+         help="With --memory-budget: before reporting a strategy as not fitting, add levers in turn "
+              "(bf16, gradient checkpointing, 8-bit AdamW, 4-bit base), skipping what the planner "
+              "predicts will not fit.")
+_declare("num_labels", "--num-labels", type=int, default=None, help="Classes of the task. Default: 2.")
+_declare("loss_tokens", "--loss-tokens", "loss_positions", type=int, default=None,
+         help="causal-lm: tokens per example the loss is on, whose vocabulary-wide logits are kept "
+              "(default: a short answer, 4; plain text: give --max-length). peftkit bench measures it.")
+_declare("device", "--device", type=click.Choice(["cpu", "cuda"]), default=None,
+         help="What to plan for (default: cuda if this machine has a GPU, else cpu). On cpu the "
+              "process's runtime memory is included, as a CPU run's measured peak includes it.")
+_declare("json", "--json", "as_json", is_flag=True, help="Print it as JSON.")
+_declare("adapter", "--adapter", "adapter_dir", required=True,
+         help="Adapter directory: a run's adapter/ folder, one in adapters/, or a plain peft adapter.")
+_declare("output", "--output", required=True,
+         help="Directory for the merged model (must not exist unless --overwrite).")
+_declare("force", "--force", is_flag=True,
+         help="Use the adapter even if the base model's weights differ from those it was trained on.")
 
-    options = [
-        click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
-                     help="Load the frozen base quantized (bitsandbytes; 4bit = NF4 + double quantization, "
-                          "QLoRA). For lora, adapter, prefix, head_only."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
-                     help="adamw (torch, default), adamw8bit or paged_adamw8bit (bitsandbytes; paged: CUDA only)."),
-        click.option("--gradient-checkpointing", is_flag=True, default=None,
-                     help="Recompute activations in the backward pass: less memory, slower."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-                     help="Mixed precision via accelerate (default fp32; fp16 needs CUDA). Frozen weights "
-                          "are then stored in 16 bits."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision")
+
+
+def options(*keys: str, **help_for: str) -> Callable[[Any], Any]:
+    """Decorate a command with the declared options ``keys``, in that order (``help_for`` words a
+    key's help for this command)."""
+
+    def decorate(func: Any) -> Any:
+        for key in reversed(keys):
+            decls, attrs = _OPTIONS[key]
+            func = click.option(*decls, **{**attrs, "help": help_for.get(key, attrs.get("help"))})(func)
+        return func
+
+    return decorate
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options given (click's None: not given), for a config class to fill in the rest."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _echo(message: str) -> None:
@@ -89,7 +173,7 @@ def cli(debug: bool) -> None:
 
 
 @cli.command("env")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@options("json", json="Print the report as JSON.")
 @click.option("--lock", "lock_file", default=None, metavar="FILE",
               help="Compare with this lock file (default: the repository's requirements.lock; $PEFTKIT_LOCK).")
 def env_cmd(as_json: bool, lock_file: str | None) -> None:
@@ -136,7 +220,7 @@ def list_cmd(verbose: bool) -> None:
         from .models import EMBEDDED_MODELS
 
         click.echo("\ntasks (--task; default: read from the model):")
-        from .tasks import get_task
+        from .tasks import TASK_NAMES, get_task
 
         for task in TASK_NAMES:
             t = get_task(task)
@@ -152,56 +236,10 @@ def list_cmd(verbose: bool) -> None:
 
 
 @cli.command("run")
-@click.option("--strategy", "-s", default=None, help="Strategy name (see `peftkit list`). Default: lora.")
-@click.option("--task", type=click.Choice(TASK_NAMES),
-              default=None, help="What to learn. Default: what the model is made for (read from its config), "
-                                 "else sequence-classification.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="YAML file with the same settings as these flags plus a strategy_options block; flags override it.")
-@click.option("--model", default=None,
-              help="Short name (minilm, smollm2, vit-tiny), hub id or local model directory. Default: the task's "
-                   "(minilm; smollm2 for causal-lm; vit-tiny for image-classification).")
-@click.option("--dataset", default=None,
-              help="Short name (rotten_tomatoes, digits, mnist), hub id, data file (.csv/.json/.jsonl/.parquet, "
-                   "compressed too) or a datasets save_to_disk directory. Default: the task's.")
-@click.option("--text-column", default=None,
-              help="Column holding the text (causal-lm: the prompt) (default: guessed: text, sentence, prompt, ...).")
-@click.option("--label-column", default=None, help="Column holding the label (default: guessed: label, labels, ...).")
-@click.option("--response-column", default=None,
-              help="causal-lm: column holding the answer to learn (default: guessed: response, output, completion, "
-                   "answer); without one, a labelled dataset is phrased as a completion task.")
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the strategy's own).")
-@click.option("--batch-size", type=int, default=None,
-              help="Training batch size (default: the strategy's own); with several processes, the global batch.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: the strategy's own).")
-@click.option("--max-length", type=int, default=None, help="Tokens per example, longer texts truncated. "
-                                                            "Default: 64 (causal-lm: 128).")
-@click.option("--max-train-samples", type=int, default=None, help="Use at most N training examples (seeded).")
-@click.option("--max-eval-samples", type=int, default=None,
-              help="Use at most N validation and N test examples (seeded); evaluating a language model on a CPU is slow.")
-@click.option("--seed", type=int, default=None, help="Random seed for split, sampling and initialisation. Default: 0.")
-@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay on weight matrices.")
-@click.option("--warmup-ratio", type=float, default=None, help="Fraction of steps with linear warmup.")
-@click.option("--grad-accumulation", type=int, default=None, help="Micro-batches per optimizer step. Default: 1.")
-@click.option("--early-stopping-patience", type=int, default=None,
-              help="Stop after N epochs without better validation accuracy.")
-@lever_options
-@click.option("--memory-budget", default=None, metavar="SIZE",
-              help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak "
-                   "resident memory; a run over it stops with an error.")
-@click.option("--checkpoint-every", type=int, default=None, metavar="N",
-              help="Write the whole training state every N optimizer steps; a run that stops (even killed) "
-                   "continues with --resume.")
-@click.option("--resume", "resume_dir", default=None, metavar="RUN_DIR",
-              help="Continue the interrupted run that was going to RUN_DIR (its --output-dir) from its last "
-                   "checkpoint, with its own settings; give no other option.")
-@click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
-              help="Send losses and metrics to TensorBoard (event files in RUN_DIR/tensorboard) or W&B "
-                   "(if installed); repeatable.")
-@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
-              help="Strategy option, repeatable (e.g. --set r=16 --set alpha=32); see `peftkit list -v`.")
-@click.option("--output-dir", default=None, help="Run directory. Default: runs/<strategy>-<timestamp>.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@options("strategy", "task", "config", "model", "dataset", "text_column", "label_column", "response_column",
+         "epochs", "batch_size", "lr", "max_length", "max_train_samples", "max_eval_samples", "seed",
+         "weight_decay", "warmup_ratio", "grad_accumulation", "early_stopping_patience", *LEVERS,
+         "memory_budget", "checkpoint_every", "resume", "report_to", "set", "output_dir", "overwrite")
 def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str, ...], overwrite: bool,
             output_dir: str | None, resume_dir: str | None, report_to: tuple[str, ...], **flags: Any) -> None:
     """Fine-tune a model with a strategy, evaluate it, and save the run.
@@ -213,7 +251,8 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
     Runs unchanged under `accelerate launch` or `torchrun` (data parallel; only the main process
     writes). See the README on multi-GPU and multi-node runs.
     """
-    from .config import build_run_config, default_output_dir, parse_set_options
+    from . import api
+    from .config import build_run_config, parse_set_options
 
     if resume_dir is not None:
         given = [k for k, v in flags.items() if v is not None] + (["strategy"] if strategy else []) \
@@ -221,89 +260,14 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
             + (["output-dir"] if output_dir else []) + (["report-to"] if report_to else [])
         if given or overwrite:
             raise PeftkitError(f"--resume continues a run with its own settings; drop --{given[0].replace('_', '-') if given else 'overwrite'}")
-        cfg = _resumed_config(resume_dir)
-        cfg.output_dir = resume_dir  # as given now: the recorded one may be relative to another directory
+        result = api.resume(resume_dir, echo=_echo)
     else:
         flags = dict(flags, strategy=strategy, output_dir=output_dir, report_to=list(report_to) or None)
         cfg = build_run_config(config_file, flags, parse_set_options(set_items))
         cfg.overwrite = overwrite
-    from .train import execute_run, resolve
-
-    run = resolve(cfg)  # unknown strategy or bad options fail here, before anything heavy loads
-    set_context(strategy=run.strategy.name, model=cfg.model)
-    out = cfg.output_dir or default_output_dir(run.strategy.name)
-    run.config.output_dir = out
-    _quiet_libraries()
-    metrics = _run_staged(run, out, resume=resume_dir is not None, execute=execute_run)
-    if metrics is not None:
-        _print_summary(metrics, out)
-
-
-def _resumed_config(run_dir: str) -> Any:
-    """The settings an interrupted run recorded (its config.yaml) as a ``RunConfig``."""
-    import yaml
-
-    from .config import FIELDS, RunConfig
-    from .rundir import stage_path
-
-    path = os.path.join(stage_path(run_dir), "config.yaml")
-    if not os.path.exists(path):
-        from .rundir import open_stage
-
-        open_stage(run_dir, overwrite=False, resume=True)  # says why there is nothing to resume
-        raise PeftkitError(f"interrupted run {run_dir!r} has no config.yaml; it cannot be resumed")
-    with open(path, encoding="utf-8") as fh:
-        recorded = yaml.safe_load(fh)
-    cfg = RunConfig(**{k: v for k, v in recorded.items() if k in FIELDS})
-    cfg.validate()
-    return cfg
-
-
-def _run_staged(run: Any, out: str, resume: bool, execute: Any) -> dict[str, Any] | None:
-    """Run into the staging directory and move it to ``out`` when done. With several processes
-    only the main one touches directories; the others wait for it. A failed run keeps its staging
-    directory only if it holds a checkpoint (and says how to resume)."""
-    from accelerate import PartialState
-
-    from .rundir import abandon_stage, finish_stage, open_stage, stage_path
-
-    import torch
-
-    # joins the process group under accelerate launch / torchrun; on a machine without a GPU (or
-    # when accelerate was told to use the CPU) it must be told, or each process trains alone
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=cpu)
-    stage = stage_path(out)
-    problem: BaseException | None = None
-    if state.is_main_process:
-        try:
-            open_stage(out, run.config.overwrite, resume)
-        except BaseException as exc:  # the other processes must not wait forever for us
-            problem = exc
-    if state.num_processes > 1:
-        flag = [problem is None]
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(flag, src=0)
-        if not flag[0]:
-            if problem is not None:
-                raise problem
-            raise SystemExit(2)  # the main process reports the error
-    elif problem is not None:
-        raise problem
-    try:
-        metrics = execute(run, stage, _echo, resume=resume)
-    except BaseException:
-        if state.is_main_process and abandon_stage(stage):
-            global _INTERRUPTED
-            _INTERRUPTED = f"the last checkpoint is kept: continue with peftkit run --resume {out}"
-            _echo(f"the run stopped; {_INTERRUPTED}")
-        raise
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    finish_stage(stage, out, run.config.overwrite)
-    return metrics
+        result = api.run(cfg, echo=_echo)
+    if result.metrics is not None:
+        _print_summary(result.metrics, result.run_dir)
 
 
 def _print_summary(m: dict[str, Any], out: str) -> None:
@@ -329,40 +293,15 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 
 
 @cli.command("bench")
-@click.option("--strategies", default="all", show_default=True,
-              help="'all' (every registered strategy, plugins included) or names: lora,full,head_only.")
-@click.option("--task", type=click.Choice(TASK_NAMES),
-              default=None, help="What to learn (default: what the model is made for).")
-@click.option("--model", default=None, help="Short name, hub id or local model directory (default: the task's; minilm).")
-@click.option("--dataset", default=None,
-              help="Short name, hub id, data file or datasets save_to_disk directory (default: the task's).")
-@click.option("--text-column", default=None, help="Column holding the text, prompt or image (default: guessed).")
-@click.option("--label-column", default=None, help="Column holding the label (default: guessed).")
-@click.option("--response-column", default=None, help="causal-lm: column holding the answer (default: guessed).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs for every strategy (default: each strategy's own).")
-@click.option("--max-train-samples", type=click.IntRange(min=1), default=None, help="Use at most N training examples (seeded).")
-@click.option("--max-eval-samples", type=click.IntRange(min=1), default=None,
-              help="Use at most N validation and N test examples (seeded).")
-@click.option("--seeds", default="0", show_default=True,
-              help="Comma-separated seeds; each seed is its own split and run, summarised as mean and spread.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Effective batch for every strategy; under a memory budget it is kept with gradient "
-                   "accumulation when the micro-batch must shrink.")
-@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Tokens per example (default: the task's: 64, causal-lm 128).")
-@click.option("--eval-batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Evaluation batch size.")
-@click.option("--early-stopping-patience", type=click.IntRange(min=1), default=None,
-              help="Stop a run after N epochs without better validation accuracy.")
-@lever_options
-@click.option("--memory-budget", default=None, metavar="SIZE",
-              help="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
-                   "The largest micro-batch that fits is found by halving.")
-@click.option("--auto-fit", is_flag=True,
-              help="With --memory-budget: before reporting a strategy as not fitting, add levers in turn "
-                   "(bf16, gradient checkpointing, 8-bit AdamW, 4-bit base), skipping what the planner "
-                   "predicts will not fit.")
-@click.option("--output-dir", default=None, help="Where results go. Default: runs/bench-<timestamp>.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bool, **opts: Any) -> None:
+@options("strategies", "task", "model", "dataset", "text_column", "label_column", "response_column", "epochs",
+         "max_train_samples", "max_eval_samples", "seeds", "batch_size", "max_length", "eval_batch_size",
+         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "output_dir", "overwrite",
+         batch_size="Effective batch for every strategy (default: 32); under a memory budget it is kept with "
+                    "gradient accumulation when the micro-batch must shrink.",
+         memory_budget="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
+                       "The largest micro-batch that fits is found by halving.",
+         output_dir="Where results go. Default: runs/bench-<timestamp>.")
+def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None:
     """Run every strategy on the same model and data and compare memory, speed and accuracy.
 
     \b
@@ -372,45 +311,15 @@ def bench_cmd(strategies: str, seeds: str, output_dir: str | None, overwrite: bo
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
     runs/          each run's directory (config, metrics, log, adapter)
     """
-    import datetime as _dt
+    from . import api
+    from .bench import BenchConfig, parse_seeds
+    from .config import with_levers
 
-    from .bench import BenchConfig, parse_seeds, parse_strategies, run_suite
-    from .rundir import check_output_dir, staged_dir
-
-    from .tasks import get_task, infer_task
-
-    defaults = {"optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False}
-    opts.update({k: v for k, v in defaults.items() if opts.get(k) is None})
-    task = get_task(opts["task"] or infer_task(opts["model"]))
-    opts.update(task=task.name, model=opts["model"] or task.default_model, dataset=opts["dataset"] or task.default_dataset,
-                max_length=opts["max_length"] or task.default_max_length)
-    bench = BenchConfig(strategies=parse_strategies(strategies), seeds=parse_seeds(seeds), **opts)
-    if bench.auto_fit and not bench.memory_budget:
-        raise PeftkitError("--auto-fit needs --memory-budget SIZE: it fits each strategy into that budget")
-    for name in bench.strategies:  # every setting a run could refuse is checked now, before any worker
-        bench.run_config(name, bench.seeds[0], bench.batch_size, "unused")
-    out = output_dir or os.path.join("runs", f"bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
-    check_output_dir(out, overwrite)
-    bench.output_dir = out
-    bench.command = _command_line("bench")
-    set_context(strategy=",".join(bench.strategies), model=bench.model)
-    _quiet_libraries()
-    num_labels, loss_positions = _preflight(bench)
-    _echo(f"bench: {len(bench.strategies)} strategies x {len(bench.seeds)} seed(s) on {bench.model!r} / "
-          f"{bench.dataset!r}, each run in its own process; results in {out}")
-    import torch
-
-    from .plan import bench_predictor
-
-    predict = bench_predictor(bench.model, bench.batch_size, bench.max_length, num_labels,
-                              "cuda" if torch.cuda.is_available() else "cpu", task=bench.task,
-                              loss_positions=loss_positions)
-    with staged_dir(out, overwrite) as stage:
-        run_suite(bench, stage, _echo, predict=predict)
-        with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
-            table = [line for line in fh if line.startswith("|")]
-    click.echo("".join(table).rstrip())
-    click.echo(f"results: {os.path.join(out, 'results.md')} (and results.json, plots, runs/)")
+    config = BenchConfig(strategies=strategies.split(","), seeds=parse_seeds(seeds),
+                         command=_command_line("bench"), **with_levers(_given(opts)))
+    result = api.bench(config, overwrite=overwrite, echo=_echo)
+    click.echo(result.table)
+    click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 
 
 def _command_line(name: str) -> str:
@@ -433,37 +342,13 @@ def _command_line(name: str) -> str:
     return " ".join(parts)
 
 
-def _preflight(bench: Any) -> tuple[int, int | None]:
-    """Fail in seconds, before any worker starts, on data or a model that no run could load.
-    Returns the number of labels and, for the planner, the positions per example the loss is on."""
-    from .tasks import get_task
-
-    cfg = bench.run_config(bench.strategies[0], bench.seeds[0], bench.batch_size, "unused")
-    task = get_task(bench.task)
-    data = task.load_data(cfg)
-    processor = task.load_processor(bench.model)
-    return max(2, len(data.label_names or ())), task.loss_positions(data, processor, cfg)
-
-
 @cli.command("plan")
-@click.option("--task", type=click.Choice(TASK_NAMES),
-              default=None, help="What to learn (default: what the model is made for).")
-@click.option("--model", default=None, help="Short name, hub id or local model directory (default: the task's; minilm).")
-@click.option("--strategies", default="all", show_default=True, help="'all' or names: lora,full,head_only.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Micro-batch size.")
-@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Tokens per example (default: the task's: 64, causal-lm 128).")
-@click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True, help="Classes of the task.")
-@click.option("--loss-tokens", "loss_positions", type=click.IntRange(min=1), default=None,
-              help="causal-lm: tokens per example the loss is on, whose vocabulary-wide logits are kept "
-                   "(default: a short answer, 4; plain text: give --max-length). peftkit bench measures it.")
-@lever_options
-@click.option("--memory-budget", default=None, metavar="SIZE", help="Say what fits in SIZE (e.g. 8GiB), "
-                                                                     "and the largest batch that does.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="What to plan for (default: cuda if this machine has a GPU, else cpu). On cpu the "
-                   "process's runtime memory is included, as a CPU run's measured peak includes it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the estimates as JSON.")
-def plan_cmd(strategies: str, device: str | None, as_json: bool, **opts: Any) -> None:
+@options("task", "model", "strategies", "batch_size", "max_length", "num_labels", "loss_tokens", *LEVERS,
+         "memory_budget", "device", "json",
+         strategies="'all' or names: lora,full,head_only.", batch_size="Micro-batch size. Default: 32.",
+         memory_budget="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does.",
+         json="Print the estimates as JSON.")
+def plan_cmd(strategies: str, as_json: bool, **opts: Any) -> None:
     """Predict each strategy's peak training memory without training.
 
     \b
@@ -472,33 +357,15 @@ def plan_cmd(strategies: str, device: str | None, as_json: bool, **opts: Any) ->
     2 and 3 and extrapolated) and, on CPU, the runtime. Unlike `accelerate estimate-memory`
     it knows each strategy, activations, batch size, quantized bases and 8-bit optimizers.
     """
-    from .bench import parse_strategies
-    from .plan import PlanSettings, make_plan
+    from . import api
+    from .config import with_levers
 
-    defaults = {"optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False}
-    opts.update({k: v for k, v in defaults.items() if opts.get(k) is None})
-    if opts["memory_budget"]:
-        from .memory import parse_size
-
-        parse_size(opts["memory_budget"])
-    names = parse_strategies(strategies)
-    from .tasks import get_task, infer_task
-
-    task = get_task(opts["task"] or infer_task(opts["model"]))
-    opts.update(task=task.name, model=opts["model"] or task.default_model,
-                max_length=opts["max_length"] or task.default_max_length)
-    _quiet_libraries()
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    set_context(strategy=",".join(names), model=opts["model"])
-    settings = PlanSettings(strategies=names, device=device, **opts)
-    estimates = make_plan(settings)
+    settings = api.PlanSettings(strategies=strategies.split(","), **with_levers(_given(opts)))
+    result = api.plan(settings)
     if as_json:
-        click.echo(json.dumps({"settings": vars(settings), "estimates": [e.as_dict() for e in estimates]}, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    _print_plan(settings, estimates)
+    _print_plan(result.settings, result.estimates)
 
 
 def _print_plan(settings: Any, estimates: list[Any]) -> None:
@@ -510,7 +377,7 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
     if settings.loss_positions:
         length += f" (loss on {settings.loss_positions} per example)"
     click.echo(f"{settings.model} ({settings.task}): batch {settings.batch_size}{length}, "
-               f"levers: {describe_levers(vars(settings))}, on {settings.device}"
+               f"levers: {describe_levers(settings.levers)}, on {settings.device}"
                + (f", budget {format_size(budget)}" if budget else ""))
     header = ["strategy", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
     header += ["runtime"] if settings.device == "cpu" else []
@@ -543,35 +410,25 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
 
 
 @cli.command("predict")
-@click.option("--adapter", "adapter_dir", required=True,
-              help="Adapter directory: a run's adapter/ folder, one in adapters/, or a plain peft adapter.")
-@click.option("--model", default=None, help="Base model (default: the one named in the adapter's metadata).")
-@click.option("--force", is_flag=True, help="Apply the adapter even if the base model's weights differ from "
-                                            "those it was trained on.")
+@options("adapter", "base_model", "force")
 @click.argument("texts", nargs=-1, required=True)
 def predict_cmd(adapter_dir: str, model: str | None, force: bool, texts: tuple[str, ...]) -> None:
     """Answer TEXTS with a trained adapter; prints one JSON object per input.
 
-    
+    \b
     sequence-classification: the label of each text
     causal-lm: the generated completion of each prompt (an adapter trained on labelled data
                phrases each text as it learned, and gives the label it answered)
     image-classification: TEXTS are image files; the label of each
     """
-    _quiet_libraries()
-    from .predict import load_adapter, predict_texts
+    from . import api
 
-    loaded = load_adapter(adapter_dir, model, force=force)
-    for row in predict_texts(loaded, list(texts)):
+    for row in api.predict(adapter_dir, list(texts), model, force=force):
         click.echo(json.dumps(row, ensure_ascii=False))
 
 
 @cli.command("merge")
-@click.option("--adapter", "adapter_dir", required=True, help="Adapter directory to merge into its base model.")
-@click.option("--output", required=True, help="Directory for the merged model (must not exist unless --overwrite).")
-@click.option("--model", default=None, help="Base model (default: the one named in the adapter's metadata).")
-@click.option("--force", is_flag=True, help="Merge even if the base model's weights differ from the adapter's.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@options("adapter", "output", "base_model", "force", "overwrite", adapter="Adapter directory to merge into its base model.")
 def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, overwrite: bool) -> None:
     """Merge an adapter into its base and write a standard transformers model directory.
 
@@ -579,34 +436,20 @@ def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, ove
     class (sequence or image classification, causal LM) and predicts like base + adapter. Works for lora (weights folded in), full and gradual_unfreeze;
     strategies that add modules of their own (head_only, adapter, prefix) cannot be merged.
     """
-    from .rundir import check_output_dir, staged_dir
+    from . import api
 
-    check_output_dir(output, overwrite)
-    _quiet_libraries()
-    from .predict import load_adapter, merge_to_directory
-
-    loaded = load_adapter(adapter_dir, model, force=force)
-    with staged_dir(output, overwrite) as stage:
-        merge_to_directory(loaded, stage)
-    click.echo(f"merged {loaded.metadata['strategy']} adapter into {loaded.metadata['base_model']!r}: {output}")
+    merged = api.merge(adapter_dir, output, model, force=force, overwrite=overwrite)
+    click.echo(f"merged {merged.strategy} adapter into {merged.base_model!r}: {merged.output_dir}")
 
 
 @cli.command("inspect")
 @click.argument("adapter_dir")
-@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@options("json", json="Print the metadata as JSON.")
 def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
     """Show what an adapter is: strategy, base model and fingerprint, labels, size, metrics."""
-    from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config
+    from . import api
 
-    check_adapter_dir(adapter_dir)
-    meta = read_metadata(adapter_dir)
-    if meta is None:
-        peft_config = read_peft_config(adapter_dir)
-        if peft_config is None:
-            raise PeftkitError(f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)")
-        meta = {"format": "peft (no peftkit metadata)", "peft_type": peft_config.get("peft_type"),
-                "base_model": peft_config.get("base_model_name_or_path")}
-    meta["adapter_bytes"] = adapter_bytes(adapter_dir)
+    meta = api.inspect(adapter_dir)
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
@@ -634,10 +477,13 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
         click.echo(f"{key:<17} {value}")
 
 
-# what an interrupted command leaves behind (a run with checkpoints keeps them)
-_INTERRUPTED = "nothing was written"
 # --debug given (PEFTKIT_DEBUG=1 is read when an error happens)
 _DEBUG = False
+
+
+def _left_behind(exc: BaseException | None) -> str:
+    """What an interrupted command leaves: a run with checkpoints says so (``RunInterrupted``)."""
+    return getattr(exc, "kept", "nothing was written")
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -660,8 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:  # click's form of Ctrl-C (and of our SIGTERM handler)
-        click.echo(f"error: interrupted; {_INTERRUPTED}", err=True)
+    except click.exceptions.Abort as exc:  # click's form of Ctrl-C (and of our SIGTERM handler)
+        click.echo(f"error: interrupted; {_left_behind(exc.__cause__)}", err=True)
         code = 130
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
@@ -671,8 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     except PeftkitError as exc:
         click.echo(f"error: {exc}", err=True)
         code = 2
-    except KeyboardInterrupt:
-        click.echo(f"error: interrupted; {_INTERRUPTED}", err=True)
+    except KeyboardInterrupt as exc:
+        click.echo(f"error: interrupted; {_left_behind(exc)}", err=True)
         code = 130
     except OSError as exc:  # disk full, permission denied: the user's environment, not our bug
         if _DEBUG or debug_requested():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +22,80 @@ from .errors import PeftkitError
 from .typing_utils import coerce, parse_scalar
 
 REPORTERS = ("tensorboard", "wandb")
+
+# The accepted values of each memory lever, defined here once: the command line's choices, the
+# YAML check and ``Levers``' own check are all read from these.
+Quantization = Literal["4bit", "8bit"]
+OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+Precision = Literal["fp32", "bf16", "fp16"]
+QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The memory levers of a run, a bench or a plan (see ``peftkit.levers`` for what each does).
+
+    Frozen, so a combination can be a dictionary key (the bench's predictor caches by it) and an
+    auto-fit rung is a new value (``dataclasses.replace``), never an edited one. In YAML files,
+    ``config.yaml`` and ``metrics.json`` the four keys stay flat (``quantize: 4bit``).
+    """
+
+    quantize: Quantization | None = None
+    """Load the frozen base quantized through bitsandbytes: 4bit (NF4, double quantization: QLoRA)
+    or 8bit (LLM.int8). Only for strategies that keep the base frozen (lora, adapter, prefix, head_only)."""
+    optimizer: OptimizerName = "adamw"
+    """AdamW from torch, or bitsandbytes' 8-bit AdamW (a quarter of the state memory) / its paged
+    variant (CUDA only: state pages to CPU memory under pressure)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, ~30% slower."""
+    precision: Precision = "fp32"
+    """Mixed precision through accelerate (bf16 on CPU and GPU, fp16 on GPU only); frozen weights are
+    then stored in 16 bits, trainable ones stay fp32."""
+
+    def __post_init__(self) -> None:
+        # a Levers that exists is a valid one, however it was made (flag, YAML, Python)
+        hints = typing.get_type_hints(Levers)
+        for f in dataclasses.fields(self):
+            coerce(getattr(self, f.name), hints[f.name], f.name)
+
+
+LEVER_FIELDS = tuple(f.name for f in dataclasses.fields(Levers))
+
+
+def with_levers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with flat lever keys (``quantize``, ... as in YAML and recorded files) turned into
+    one ``levers`` entry, ready for a config class; a ``levers`` entry already there (a ``Levers`` or a
+    mapping) is the base the flat keys override."""
+    out = dict(values)
+    base = out.pop("levers", None) or Levers()
+    if isinstance(base, Mapping):
+        base = Levers(**base)
+    flat = {k: out.pop(k) for k in LEVER_FIELDS if k in out}
+    out["levers"] = dataclasses.replace(base, **flat) if flat else base
+    return out
+
+
+def flat_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain data with the levers' keys flat, in field order: what YAML files,
+    ``config.yaml``, a bench's ``results.json`` and worker specs hold."""
+    out: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(config).items():
+        if key == "levers":
+            out.update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_positive(config: Any, names: tuple[str, ...]) -> None:
+    """Refuse a setting among ``names`` that is set but below 1 (the one check of every count a
+    config holds: epochs, batch sizes, lengths, sample caps, ...)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise PeftkitError(f"{name} must be a positive integer, got {value}")
 
 
 @dataclass
@@ -62,17 +138,8 @@ class RunConfig:
     max_grad_norm: float = 1.0
     early_stopping_patience: int | None = None
     """Stop after this many epochs without a better validation accuracy (default: never)."""
-    quantize: Literal["4bit", "8bit"] | None = None
-    """Load the frozen base quantized through bitsandbytes: 4bit (NF4, double quantization: QLoRA)
-    or 8bit (LLM.int8). Only for strategies that keep the base frozen (lora, adapter, prefix, head_only)."""
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
-    """AdamW from torch, or bitsandbytes' 8-bit AdamW (a quarter of the state memory) / its paged
-    variant (CUDA only: state pages to CPU memory under pressure)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them: less memory, ~30% slower."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Mixed precision through accelerate (bf16 on CPU and GPU, fp16 on GPU only); frozen weights are
-    then stored in 16 bits, trainable ones stay fp32."""
+    levers: Levers = field(default_factory=Levers)
+    """Quantized base, 8-bit optimizer, gradient checkpointing, mixed precision (flat keys in YAML)."""
     memory_budget: str | None = None
     """Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident
     memory; a run that goes over it stops with an error naming the peak."""
@@ -89,12 +156,9 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for values no run could use."""
-        positive_ints = ("epochs", "batch_size", "max_length", "eval_batch_size", "grad_accumulation",
-                         "max_train_samples", "max_eval_samples", "early_stopping_patience", "checkpoint_every")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PeftkitError(f"{name} must be a positive integer, got {value}")
+        check_positive(self, ("epochs", "batch_size", "max_length", "eval_batch_size", "grad_accumulation",
+                              "max_train_samples", "max_eval_samples", "early_stopping_patience",
+                              "checkpoint_every"))
         if self.lr is not None and not (self.lr > 0 and self.lr < 1e3):
             raise PeftkitError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
@@ -107,10 +171,6 @@ class RunConfig:
             from .memory import parse_size
 
             parse_size(self.memory_budget)
-        if self.task is not None:
-            from .tasks import get_task
-
-            get_task(self.task)
         for tracker in self.report_to:
             if tracker not in REPORTERS:
                 raise PeftkitError(f"unknown tracker {tracker!r} in report_to; accepted: {', '.join(REPORTERS)}")
@@ -118,18 +178,23 @@ class RunConfig:
             raise PeftkitError(f"seed must be >= 0, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting as plain data, levers flat: what ``from_dict`` and ``config.yaml`` take."""
+        return flat_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """A ``RunConfig`` from flat settings (a YAML file's, a recorded ``config.yaml``'s)."""
+        return cls(**with_levers(values))
 
 
-FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+# the keys a YAML run config (and config.yaml) may hold: the fields, with the levers flat
+FIELDS = ({f.name for f in dataclasses.fields(RunConfig)} - {"levers"}) | set(LEVER_FIELDS)
 # keys that do not belong in a YAML file: where the run goes is a property of the invocation
 _CLI_ONLY = {"overwrite"}
 
 
 def _hints() -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(RunConfig)
+    return {**typing.get_type_hints(RunConfig), **typing.get_type_hints(Levers)}
 
 
 def coerce_run_value(key: str, value: Any) -> Any:
@@ -191,7 +256,7 @@ def build_run_config(config_file: str | None, flags: dict[str, Any],
         if value is not None:
             values[key] = value
     options.update(set_options)
-    cfg = RunConfig(**values, strategy_options=options)
+    cfg = RunConfig.from_dict({**values, "strategy_options": options})
     cfg.validate()
     return cfg
 

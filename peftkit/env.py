@@ -25,6 +25,29 @@ LOCK_FILE = "requirements.lock"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that is not for our users (load reports, per-map progress bars).
+
+    Called by every entry that loads models (the API's commands, a bench worker) once it is about to
+    import them; importing datasets and transformers is what makes it slow, so never at import time.
+    """
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel
+    # package is missing; the fallback it uses works, and the message only alarms users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: ours is the one that matters
+
+
 def package_versions(packages: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, str]:
     """``{"python": ..., package: version}`` for each of ``packages`` ("not installed" if absent).
 

@@ -14,6 +14,18 @@ class PeftkitError(Exception):
     """
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or ``kill``) stopped a command; ``kept`` says what it left behind, for the one-line
+    message (``nothing was written``, or that the last checkpoint is kept and how to continue).
+
+    A ``KeyboardInterrupt``, so code that lets interrupts through lets this one through too.
+    """
+
+    def __init__(self, kept: str = "nothing was written") -> None:
+        super().__init__(kept)
+        self.kept = kept
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name if it has none), for one-line
     errors that wrap a library's multi-line message."""

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import PeftkitError, first_line
+from .files import write_json
 
 # Written into every converted directory: where it came from, for whoever wonders later.
 PROVENANCE_FILE = "peftkit_gguf_source.json"
@@ -227,9 +228,8 @@ def _save(model: Any, tokenizer: Any, directory: str, source: str) -> None:
     tokenizer.save_pretrained(directory)
     _check_saved_weights(model, directory)
     provenance = os.path.join(directory, PROVENANCE_FILE)
-    with open(provenance, "w") as f:
-        json.dump({"gguf": source, "gguf_bytes": os.path.getsize(source) if os.path.isfile(source) else None,
-                   "transformers": transformers.__version__}, f, indent=1)
+    write_json(provenance, {"gguf": source, "gguf_bytes": os.path.getsize(source) if os.path.isfile(source) else None,
+                            "transformers": transformers.__version__}, indent=1)
     # transformers writes the weights through a private temporary file (mode 0600): give every file
     # the mode a plain open() just got under the user's umask, so a shared cache stays readable
     mode = os.stat(provenance).st_mode & 0o777

@@ -1,8 +1,9 @@
 """The memory levers: quantized bases, 8-bit optimizers, gradient checkpointing, mixed precision.
 
-Each lever is a setting of ``RunConfig`` (``quantize``, ``optimizer``, ``gradient_checkpointing``,
-``precision``), available alike in ``peftkit run``, YAML configs, ``peftkit bench`` and
-``peftkit plan``. This module checks a combination before anything loads, and applies the levers in
+Each lever is a field of ``config.Levers`` (``quantize``, ``optimizer``, ``gradient_checkpointing``,
+``precision``), embedded in the run, bench and plan configs, so available alike in ``peftkit run``,
+YAML configs, ``peftkit bench`` and ``peftkit plan``. This module checks a combination before anything
+loads, and applies the levers in
 the order a run needs them: quantization when the base model loads, gradient checkpointing on the
 loaded base, half-precision storage of the frozen weights once the strategy has said which
 parameters train, the optimizer last.
@@ -16,15 +17,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .config import OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
 from .errors import PeftkitError
+# what loading a model needs lives with the loading (a lower layer); re-exported for the levers' users
+from .models import disable_bnb_cpu_bf16_path, half_dtype, quantization_config  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-QUANTIZATIONS = ("4bit", "8bit")
 
 
 def cuda_available() -> bool:
@@ -33,45 +33,24 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_levers(cfg: Any, strategy: Any, on_cuda: bool | None = None) -> None:
+def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None) -> None:
     """Refuse a combination of levers that cannot work, with what would."""
     from . import registry
 
-    if cfg.quantize is not None and not strategy.supports_quantized_base:
+    if levers.quantize is not None and not strategy.supports_quantized_base:
         able = [n for n, cls in registry.available().items() if cls.supports_quantized_base]
         raise PeftkitError(
-            f"strategy {strategy.name!r} trains the base model's own weights, which a {cfg.quantize} quantized "
+            f"strategy {strategy.name!r} trains the base model's own weights, which a {levers.quantize} quantized "
             f"base cannot do (quantized weights get no gradients); use --quantize with {', '.join(able)}, "
             "or drop --quantize")
-    if on_cuda is None and (cfg.precision == "fp16" or cfg.optimizer == "paged_adamw8bit"):
+    if on_cuda is None and (levers.precision == "fp16" or levers.optimizer == "paged_adamw8bit"):
         on_cuda = cuda_available()
-    if cfg.precision == "fp16" and not on_cuda:
+    if levers.precision == "fp16" and not on_cuda:
         raise PeftkitError("--precision fp16 needs a CUDA GPU (CPUs have no fast float16 kernels); "
                            "on CPU use bf16 or fp32")
-    if cfg.optimizer == "paged_adamw8bit" and not on_cuda:
+    if levers.optimizer == "paged_adamw8bit" and not on_cuda:
         raise PeftkitError("--optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
                            "needs a CUDA GPU; on CPU use adamw8bit or adamw")
-
-
-def half_dtype(precision: str) -> torch.dtype | None:
-    """The 16-bit type of a mixed-precision setting (None for fp32)."""
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def quantization_config(quantize: str, precision: str, skip_modules: list[str]) -> Any:
-    """``BitsAndBytesConfig`` for a frozen base: NF4 with double quantization for 4-bit (QLoRA,
-    Dettmers et al. 2023), LLM.int8 for 8-bit. ``skip_modules`` (the new task head) stay in full
-    precision: they train, and a fresh head has nothing to quantize yet."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=half_dtype(precision) or torch.float32,
-                                  llm_int8_skip_modules=skip_modules)
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
 
 
 def after_quantized_load(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
@@ -83,17 +62,6 @@ def after_quantized_load(model: nn.Module, gradient_checkpointing: bool) -> nn.M
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
     disable_bnb_cpu_bf16_path(model)
     return model
-
-
-def disable_bnb_cpu_bf16_path(model: nn.Module) -> None:
-    """bitsandbytes 0.50 repacks 4-bit weights for an AVX512-BF16 kernel on the first eval-mode
-    forward on such CPUs; training after that fails, and layers narrower than a quantization block
-    (64) fail at once. Its generic CPU path has neither problem."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_base(model: nn.Module, quantize: str | None, gradient_checkpointing: bool) -> nn.Module:

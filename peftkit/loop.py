@@ -227,7 +227,7 @@ def make_accelerator(cfg: RunConfig, workdir: str | None) -> tuple[Any, list[str
     trackers = list(cfg.report_to) if workdir else []
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accumulation,
-        mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+        mixed_precision={"fp32": "no"}.get(cfg.levers.precision, cfg.levers.precision),
         # each batch is split over the processes: --batch-size means the same in 1 or N processes.
         # (Through DataLoaderConfiguration: accelerate 1.15 silently ignores split_batches=True.)
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -326,9 +326,9 @@ class Trainer:
         val_dl, _ = make_loader(splits["validation"], collate, eval_batch, None)
         test_dl, _ = make_loader(splits["test"], collate, eval_batch, None)
         # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
-        store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.precision)
+        store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.levers.precision)
         groups = _trainable_groups(strategy, model, procs)
-        optimizer = make_optimizer(cfg.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
+        optimizer = make_optimizer(cfg.levers.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
         # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
         # prepared with it, and an evaluation batch must not become it
         self.model, self.optimizer, train_dl = self.accelerator.prepare(model, optimizer, train_dl)
@@ -548,5 +548,5 @@ class Trainer:
             peak_reserved_eval_bytes=peaks.eval_reserved if meter.cuda else None,
             peak_memory_method=meter.method, memory_budget_bytes=self.budget,
             device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
-            torch_threads=torch.get_num_threads(), precision=cfg.precision, optimizer=cfg.optimizer,
-            quantize=cfg.quantize, gradient_checkpointing=cfg.gradient_checkpointing, resumed=resumed)
+            torch_threads=torch.get_num_threads(), precision=cfg.levers.precision, optimizer=cfg.levers.optimizer,
+            quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing, resumed=resumed)

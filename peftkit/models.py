@@ -6,9 +6,13 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PeftkitError, first_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -174,12 +178,46 @@ def head_names_of(source: str, auto_class: Any, **config_kwargs: Any) -> list[st
         return head_module_names(auto_class.from_config(config))
 
 
+# -- loading a quantized or half-precision base (the memory levers' part of loading) ------------
+
+def half_dtype(precision: str) -> torch.dtype | None:
+    """The 16-bit type of a mixed-precision setting (None for fp32)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def quantization_config(quantize: str, precision: str, skip_modules: list[str]) -> Any:
+    """``BitsAndBytesConfig`` for a frozen base: NF4 with double quantization for 4-bit (QLoRA,
+    Dettmers et al. 2023), LLM.int8 for 8-bit. ``skip_modules`` (the new task head) stay in full
+    precision: they train, and a fresh head has nothing to quantize yet."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=half_dtype(precision) or torch.float32,
+                                  llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+
+
+def disable_bnb_cpu_bf16_path(model: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for an AVX512-BF16 kernel on the first eval-mode
+    forward on such CPUs; training after that fails, and layers narrower than a quantization block
+    (64) fail at once. Its generic CPU path has neither problem."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None = None,
                     precision: str = "fp32", keep_unquantized: list[str] | None = None,
                     pad_token_id: int | None = None, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained`` for a short name, directory or hub id, with a clear error for
     each way it can fail. With ``quantize`` the linear layers load through bitsandbytes
-    (``levers.quantization_config``), except the modules named in ``keep_unquantized`` (a new head,
+    (``quantization_config``), except the modules named in ``keep_unquantized`` (a new head,
     a language model's output layer). ``what`` names the task in errors ("a sequence classifier")."""
     import transformers
 
@@ -191,8 +229,6 @@ def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None 
     try:
         if quantize is not None:
             import torch
-
-            from .levers import quantization_config
 
             extra["quantization_config"] = quantization_config(quantize, precision, keep_unquantized or [])
             # each process of a data-parallel run loads its own quantized copy onto its own GPU
@@ -206,8 +242,6 @@ def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None 
     finally:
         transformers.logging.set_verbosity(verbosity)
     if quantize is not None:
-        from .levers import disable_bnb_cpu_bf16_path
-
         disable_bnb_cpu_bf16_path(model)
     if name in EMBEDDED_MODELS:
         # record the portable hub id, not this machine's site-packages path (peft copies it into

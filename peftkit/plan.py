@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import Levers, check_positive, flat_dict
 from .errors import PeftkitError, first_line, raising_library, set_context
 from .memory import format_size, parse_size
 
@@ -50,23 +51,48 @@ _BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state below thi
 
 @dataclass
 class PlanSettings:
-    """What a plan is for: the same levers a run takes."""
+    """What a plan is for: the same levers a run takes. ``None`` in ``task``, ``model`` and
+    ``max_length`` means the task's default, in ``device`` this machine's (cuda if it has a GPU);
+    ``resolve_settings`` fills them in."""
 
-    model: str
     strategies: list[str]
-    task: str = "sequence-classification"
+    model: str | None = None
+    task: str | None = None
     batch_size: int = 32
-    max_length: int | None = 64
+    """The micro-batch the estimate is for."""
+    max_length: int | None = None
     num_labels: int = 2
-    quantize: str | None = None
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    precision: str = "fp32"
+    levers: Levers = field(default_factory=Levers)
     memory_budget: str | None = None
-    device: str = "cpu"
+    device: str | None = None
     loss_positions: int | None = None
     """Positions per example whose outputs carry the loss (causal-lm: the answer's tokens, every
     token for plain text); None: the task's usual case (a short answer)."""
+
+    def validate(self) -> None:
+        """Raise ``PeftkitError`` for settings no plan could use."""
+        check_positive(self, ("batch_size", "max_length", "loss_positions"))
+        if self.num_labels < 2:
+            raise PeftkitError(f"num_labels must be at least 2, got {self.num_labels}")
+        if self.memory_budget:
+            parse_size(self.memory_budget)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, levers flat (``peftkit plan --json`` prints them)."""
+        return flat_dict(self)
+
+
+def resolve_settings(settings: PlanSettings) -> PlanSettings:
+    """``settings`` checked, with the task's defaults and the device filled in."""
+    from .train import with_task_defaults
+
+    settings.validate()
+    _, filled = with_task_defaults(settings)
+    if settings.device is None:
+        import torch
+
+        filled["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return dataclasses.replace(settings, **filled)
 
 
 @dataclass
@@ -117,9 +143,9 @@ def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettin
     """Bytes of weights, gradients and optimizer state of a prepared (meta-device) model."""
     from .levers import half_dtype
 
-    half = half_dtype(settings.precision)
+    half = half_dtype(settings.levers.precision)
     trainable_ids = {id(p) for p in trainable.values()}
-    quantized = _quantized_weight_ids(model, skip) if settings.quantize else {}
+    quantized = _quantized_weight_ids(model, skip) if settings.levers.quantize else {}
     weights = grads = opt = 0
     notes: list[str] = []
     seen: set[int] = set()
@@ -131,18 +157,18 @@ def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettin
         if id(p) in trainable_ids:
             weights += 4 * n
             grads += 4 * n
-            if settings.optimizer == "adamw" or n < _BNB_MIN_8BIT_SIZE:
+            if settings.levers.optimizer == "adamw" or n < _BNB_MIN_8BIT_SIZE:
                 opt += 8 * n
             else:  # two 8-bit moments plus an fp32 scale per 256-element block each
                 opt += 2 * n + 2 * 4 * math.ceil(n / 256)
         elif id(p) in quantized:
             numel, rows = quantized[id(p)]
-            weights += int(numel * _NF4_BYTES) if settings.quantize == "4bit" else numel + 4 * rows
+            weights += int(numel * _NF4_BYTES) if settings.levers.quantize == "4bit" else numel + 4 * rows
         elif half is not None and p.is_floating_point():
             weights += 2 * n
         else:
             weights += p.element_size() * n
-    if settings.optimizer == "paged_adamw8bit" and settings.device == "cuda":
+    if settings.levers.optimizer == "paged_adamw8bit" and settings.device == "cuda":
         opt = 0  # the allocator never sees it, so neither does its peak
         notes.append("paged optimizer state lives in CUDA managed memory, outside the allocator's count")
     return weights, grads, opt, notes
@@ -205,22 +231,20 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
 
     torch.manual_seed(0)
     model = _task(task).model_from_config(_with_depth(config, depth))
-    if settings.gradient_checkpointing:
+    if settings.levers.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # moved after prepare, as a run's accelerator does: modules a strategy adds are built on the CPU
     model = strategy.prepare(model, task).to(device)
     trainable = strategy.trainable_parameters(model)
     for p in trainable.values():
         p.requires_grad_(True)
-    store_frozen_in_half(model, trainable, settings.precision)
+    store_frozen_in_half(model, trainable, settings.levers.precision)
     model.train()
     return model, trainable
 
 
-def _batch(config: Any, settings: PlanSettings, device: str) -> dict[str, Any]:
-    from .tasks import get_task
-
-    return get_task(settings.task).dummy_batch(config, settings.batch_size, settings.max_length, device,
+def _batch(config: Any, settings: PlanSettings, device: str, task: Any) -> dict[str, Any]:
+    return _task(task).dummy_batch(config, settings.batch_size, settings.max_length, device,
                                                loss_positions=settings.loss_positions)
 
 
@@ -245,14 +269,14 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
 
     release_free_memory()
     model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
-    optimizer = make_optimizer(settings.optimizer, torch_param_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
+    optimizer = make_optimizer(settings.levers.optimizer, torch_param_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
     rng = random.Random(0)
     full = settings.max_length or 0
     # (an image task has no length: every step is the same shape)
     lengths = [full] + [rng.randint(max(1, full // 4), full) if full else 0 for _ in range(steps - 1)]
-    batches = [_batch(config, dataclasses.replace(settings, max_length=n or None), device) for n in lengths]
+    batches = [_batch(config, dataclasses.replace(settings, max_length=n or None), device, task) for n in lengths]
     meter = MemoryMeter(torch.device(device))
-    half = half_dtype(settings.precision)
+    half = half_dtype(settings.levers.precision)
     release_free_memory()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -278,7 +302,7 @@ def measure_saved_activations(config: Any, strategy: Any, task: Any, settings: P
     for depth in (1, 2):
         model, _ = _reduced_model(config, strategy, task, settings, depth, "cpu")
         measured[depth] = saved_activation_bytes(
-            model, _loss_of(strategy, model, _batch(config, settings, "cpu"), task), settings.precision)
+            model, _loss_of(strategy, model, _batch(config, settings, "cpu", task), task), settings.levers.precision)
         del model
     per_block = max(0, measured[2] - measured[1])
     base = max(0, measured[1] - per_block)
@@ -313,10 +337,45 @@ def _depth(config: Any) -> int:
     return depth
 
 
+def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings, est: Estimate) -> None:
+    """Set ``est``'s activations (and workspace): training steps measured on the device where it
+    can be (the whole model if small, else depth 2 and 3 extrapolated), else the tensors autograd
+    saves, measured on the CPU."""
+    import torch
+
+    torch.set_grad_enabled(True)
+    depth = _depth(config)
+    measurable = settings.device == "cpu" or torch.cuda.is_available()
+    if measurable and depth <= DIRECT_MAX_DEPTH and est.total_params <= DIRECT_MAX_PARAMS:
+        # small enough to measure whole: the steps run on the full-depth model (random weights)
+        increase = measure_step_increase(config, strategy, task, settings, depth, settings.device)
+        est.activations = max(0, increase - est.gradients - est.optimizer)
+        est.notes.append(f"activations measured: training steps of the whole model (random weights) "
+                         f"on {settings.device}")
+    elif measurable:
+        # too big to build whole: steps at depth 2 and 3, the difference is one block's share.
+        # (Not 1 and 2: the first block's figure carries one-off workspace that hides the slope.)
+        two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
+        three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
+        increase = two + (depth - 2) * max(0, three - two)
+        est.activations = max(0, increase - est.gradients - est.optimizer)
+        est.notes.append("activations measured: training steps at depth 2 and 3 on "
+                         f"{settings.device}, extrapolated to {depth} blocks")
+    else:
+        base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
+        if settings.levers.gradient_checkpointing and per_block:
+            # each block keeps only its input; one block is rebuilt whole during its backward pass
+            est.activations = base + depth * block_input + per_block
+        else:
+            est.activations = base + depth * per_block
+        est.workspace = per_block
+        est.notes.append("no GPU here: activations are the tensors autograd saves (measured on CPU), "
+                         "plus one block's worth of backward workspace")
+
+
 def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
                   strategy_options: dict[str, Any] | None = None) -> Estimate:
     """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
-    import torch
     from accelerate import init_empty_weights
 
     from .levers import check_levers
@@ -332,7 +391,7 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
     est = Estimate(strategy=cls.name)
     task_type = get_task(settings.task)
     try:
-        check_levers(settings, strategy, on_cuda=settings.device == "cuda")
+        check_levers(settings.levers, strategy, on_cuda=settings.device == "cuda")
         with init_empty_weights(include_buffers=False):
             full = task_type.model_from_config(config)
         task = task_type.plan_spec(full, settings.num_labels)
@@ -346,34 +405,7 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         est.total_params = sum(p.numel() for p in prepared.parameters())
         est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
         del full, prepared
-        torch.set_grad_enabled(True)
-        depth = _depth(config)
-        measurable = settings.device == "cpu" or torch.cuda.is_available()
-        if measurable and depth <= DIRECT_MAX_DEPTH and est.total_params <= DIRECT_MAX_PARAMS:
-            # small enough to measure whole: the steps run on the full-depth model (random weights)
-            increase = measure_step_increase(config, strategy, task, settings, depth, settings.device)
-            est.activations = max(0, increase - est.gradients - est.optimizer)
-            est.notes.append(f"activations measured: training steps of the whole model (random weights) "
-                             f"on {settings.device}")
-        elif measurable:
-            # too big to build whole: steps at depth 2 and 3, the difference is one block's share.
-            # (Not 1 and 2: the first block's figure carries one-off workspace that hides the slope.)
-            two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
-            three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
-            increase = two + (depth - 2) * max(0, three - two)
-            est.activations = max(0, increase - est.gradients - est.optimizer)
-            est.notes.append("activations measured: training steps at depth 2 and 3 on "
-                             f"{settings.device}, extrapolated to {depth} blocks")
-        else:
-            base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
-            if settings.gradient_checkpointing and per_block:
-                # each block keeps only its input; one block is rebuilt whole during its backward pass
-                est.activations = base + depth * block_input + per_block
-            else:
-                est.activations = base + depth * per_block
-            est.workspace = per_block
-            est.notes.append("no GPU here: activations are the tensors autograd saves (measured on CPU), "
-                             "plus one block's worth of backward workspace")
+        _measure_activations(config, strategy, task, settings, est)
     except PeftkitError as exc:
         est.status, est.error = "refused", str(exc)
         return est
@@ -381,6 +413,12 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
         est.status, est.error = "failed", f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}"
         return est
+    _fit_budget(est, settings)
+    return est
+
+
+def _fit_budget(est: Estimate, settings: PlanSettings) -> None:
+    """Per-example activations, the CPU runtime and, under a budget, the largest batch that fits."""
     est.activations_per_example = (est.activations + est.workspace) / settings.batch_size
     if settings.device == "cpu":
         est.runtime = runtime_bytes()
@@ -392,7 +430,6 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
         if est.max_batch_size == 0:
             est.notes.append(f"the weights, gradients and optimizer state alone ({format_size(fixed)}) "
                              f"leave no room in {format_size(budget)}")
-    return est
 
 
 def load_config(model: str) -> Any:
@@ -430,7 +467,8 @@ def check_applicable(model: str, task: str, strategy_name: str, strategy_options
 
 
 def make_plan(settings: PlanSettings) -> list[Estimate]:
-    """An ``Estimate`` per strategy in ``settings``."""
+    """An ``Estimate`` per strategy in ``settings`` (task defaults and device filled in first)."""
+    settings = resolve_settings(settings)
     config = load_config(settings.model)
     return [plan_strategy(config, name, settings) for name in settings.strategies]
 
@@ -445,12 +483,12 @@ def bench_predictor(model: str, batch_size: int, max_length: int | None, num_lab
     config = load_config(model)
     cache: dict[Any, Estimate | None] = {}
 
-    def predict(strategy: str, levers: dict[str, Any], micro_batch: int) -> int | None:
-        key = (strategy, tuple(sorted(levers.items())))
+    def predict(strategy: str, levers: Levers, micro_batch: int) -> int | None:
+        key = (strategy, levers)
         if key not in cache:
             settings = PlanSettings(model=model, strategies=[strategy], task=task, batch_size=batch_size,
                                     max_length=max_length, num_labels=num_labels, device=device,
-                                    loss_positions=loss_positions, **levers)
+                                    loss_positions=loss_positions, levers=levers)
             est = plan_strategy(config, strategy, settings)
             if device == "cuda":
                 # the workers need the card: give back what planning cached (the context stays)

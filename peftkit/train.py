@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from .config import RunConfig
 from .errors import PeftkitError, set_context
+from .files import write_json
 # make_loader and torch_param_groups live in loop; importable from here as before (plan, benchmarks use them)
 from .loop import Trainer, make_loader, torch_param_groups  # noqa: F401
 from .metrics import RunMetrics
@@ -43,22 +44,32 @@ class ResolvedRun:
         return d
 
 
+def with_task_defaults(settings: Any) -> tuple[Task, dict[str, Any]]:
+    """The task ``settings`` name (read from the model when not given) and the values its unset
+    ``task``, ``model``, ``dataset`` and ``max_length`` take: the task's defaults. The one place
+    where a run's, a bench's and a plan's settings are completed from their task; only the fields
+    ``settings`` has are returned."""
+    from .tasks import get_task, infer_task
+
+    task = get_task(settings.task or infer_task(settings.model))
+    filled = {"task": task.name, "model": settings.model or task.default_model,
+              "dataset": getattr(settings, "dataset", None) or task.default_dataset,
+              "max_length": task.default_max_length if settings.max_length is None else settings.max_length}
+    return task, {k: v for k, v in filled.items() if hasattr(settings, k)}
+
+
 def resolve(cfg: RunConfig) -> ResolvedRun:
     """Look up the strategy and the task, check the options, fill unset values from their defaults
     (the task: from the model when not given; model, data and length: the task's own)."""
     from .levers import check_levers
     from .registry import get_strategy
-    from .tasks import get_task, infer_task
 
     cls = get_strategy(cfg.strategy)
     strategy = cls(options_from_dict(cls, cfg.strategy_options))
-    check_levers(cfg, strategy)
-    task = get_task(cfg.task or infer_task(cfg.model))
-    cfg.task = task.name
-    cfg.model = cfg.model or task.default_model
-    cfg.dataset = cfg.dataset or task.default_dataset
-    if cfg.max_length is None:
-        cfg.max_length = task.default_max_length
+    check_levers(cfg.levers, strategy)
+    task, filled = with_task_defaults(cfg)
+    for key, value in filled.items():
+        setattr(cfg, key, value)
     check_trackers(cfg.report_to)
     d = cls.defaults
     hp = TrainingDefaults(
@@ -133,15 +144,6 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     test = trainer.test()
     return TrainOutcome(trainer.metrics(test, resumed=resume_from is not None), trainer.state.history,
                         trainer.inner)
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write JSON atomically (a temporary file renamed over the target)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -226,11 +228,11 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     say(f"loading model {cfg.model!r} ...")
     processor = task.load_processor(cfg.model)
     set_seed(cfg.seed)  # the new head's initialisation depends on it
-    base = task.load_model(cfg.model, data, processor, cfg.quantize, cfg.precision)
+    base = task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
     # a library failing from here on is reported with the model's type (errors.library_error_line)
     set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
     base_digests = backbone_digests(base)
-    base = prepare_base(base, cfg.quantize, cfg.gradient_checkpointing)
+    base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
     spec = task.spec(base, data)
     return _Loaded(data, processor, base_digests, spec, run.strategy.prepare(base, spec))
 
@@ -266,7 +268,7 @@ def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutco
         "base_fingerprint": fingerprint(loaded.base_digests),
         "task": task.name,
         # a quantized base is fingerprinted quantized: loading applies the same quantization
-        "base_quantization": cfg.quantize,
+        "base_quantization": cfg.levers.quantize,
         **task.metadata(data, loaded.processor, cfg),
         "dataset": cfg.dataset,
         "split": data.split_info,

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from peftkit.bench import Attempt, BenchConfig, bench_one, micro_batches, parse_seeds, parse_strategies, run_suite
+from peftkit.config import Levers
 from peftkit.errors import PeftkitError
 from peftkit.memory import MemoryBudgetExceeded, MemoryMeter, check_budget, format_size, parse_size
 from peftkit.plots import pareto_front
@@ -192,7 +193,7 @@ def test_bench_under_an_impossible_budget_reports_does_not_fit(run_cli, tiny_mod
     (["--strategies", "lora,nope"], "unknown strategy 'nope'"),
     (["--seeds", "0,x"], "--seeds expects"),
     (["--memory-budget", "lots"], "memory size 'lots'"),
-    (["--batch-size", "0"], "'--batch-size': 0 is not in the range"),
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
     (["--dataset", "missing.csv"], "data file not found: missing.csv"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(args, message, run_cli, tmp_path) -> None:
@@ -233,28 +234,28 @@ def test_lever_rungs_add_levers_in_order_and_skip_what_a_strategy_cannot_take() 
     # a full fine-tune cannot train a quantized base: that rung is not offered
     assert describe_levers(lever_rungs(bench, get_strategy("full"))[-1]) == "bf16 + checkpointing + adamw8bit"
     # without --auto-fit only the suite's own levers are used
-    assert lever_rungs(BenchConfig(strategies=["lora"], memory_budget="1GiB"), get_strategy("lora")) == [
-        {"quantize": None, "optimizer": "adamw", "gradient_checkpointing": False, "precision": "fp32"}]
+    assert lever_rungs(BenchConfig(strategies=["lora"], memory_budget="1GiB"), get_strategy("lora")) == [Levers()]
 
 
 def test_auto_fit_skips_what_the_planner_rules_out_and_reports_the_levers_used(tmp_path) -> None:
-    bench = BenchConfig(strategies=["full"], batch_size=32, memory_budget="10GiB", auto_fit=True)
+    bench = BenchConfig(strategies=["full"], task="sequence-classification", model="minilm", batch_size=32,
+                        memory_budget="10GiB", auto_fit=True)
 
     class NeedsCheckpointing(FakeRunner):
         def __call__(self, cfg, log_path):
             self.calls.append(cfg)
-            if not cfg.gradient_checkpointing or cfg.batch_size > 8:
+            if not cfg.levers.gradient_checkpointing or cfg.batch_size > 8:
                 return Attempt("oom", cfg.batch_size, "out of memory")
             return Attempt("ok", cfg.batch_size, metrics=_metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation))
 
     def predict(strategy, levers, micro):  # wrong in one place (bf16 at 4 fits, it says), as planners are
-        if levers["gradient_checkpointing"]:
+        if levers.gradient_checkpointing:
             return micro * 2**30
         return 2**40 if micro > 4 else 2**30
 
     runner = NeedsCheckpointing({})
     row = bench_one(bench, "full", 0, str(tmp_path), (0, 32), runner, lambda m: None, predict)
-    assert [(c.batch_size, c.precision, c.gradient_checkpointing) for c in runner.calls] == [
+    assert [(c.batch_size, c.levers.precision, c.levers.gradient_checkpointing) for c in runner.calls] == [
         (4, "fp32", False), (2, "fp32", False), (1, "fp32", False),   # predicted to fit: tried, did not
         (4, "bf16", False), (2, "bf16", False), (1, "bf16", False),
         (8, "bf16", True)]                                            # 32 and 16 predicted over 10 GiB
@@ -286,7 +287,7 @@ def test_killing_a_bench_leaves_nothing_behind(tiny_model_dir, tiny_csv, tmp_pat
 
 
 def test_a_lever_a_strategy_cannot_take_makes_a_not_applicable_row(tmp_path) -> None:
-    bench = BenchConfig(strategies=["full", "lora"], quantize="4bit")
+    bench = BenchConfig(strategies=["full", "lora"], levers=Levers(quantize="4bit"))
     runner = FakeRunner({"full": 32, "lora": 32})
     results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner)
     assert [c.strategy for c in runner.calls] == ["lora"]  # no process started for the refused one

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from peftkit.config import RunConfig
+from peftkit.config import Levers
 from peftkit.errors import PeftkitError
 from peftkit.levers import check_levers, make_optimizer, store_frozen_in_half
 from peftkit.registry import get_strategy
@@ -35,16 +35,16 @@ def _run_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
 def test_quantized_full_fine_tune_is_refused_naming_what_works() -> None:
     with pytest.raises(PeftkitError, match=r"strategy 'full' trains the base .* use --quantize with "
                                            r"adapter, head_only, lora, prefix"):
-        check_levers(RunConfig(quantize="4bit"), get_strategy("full")())
-    check_levers(RunConfig(quantize="4bit"), get_strategy("lora")())  # fine
+        check_levers(Levers(quantize="4bit"), get_strategy("full")())
+    check_levers(Levers(quantize="4bit"), get_strategy("lora")())  # fine
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
 def test_cuda_only_levers_are_refused_on_cpu() -> None:
     with pytest.raises(PeftkitError, match="fp16 needs a CUDA GPU"):
-        check_levers(RunConfig(precision="fp16"), get_strategy("lora")())
+        check_levers(Levers(precision="fp16"), get_strategy("lora")())
     with pytest.raises(PeftkitError, match="paged_adamw8bit .* needs a CUDA GPU"):
-        check_levers(RunConfig(optimizer="paged_adamw8bit"), get_strategy("lora")())
+        check_levers(Levers(optimizer="paged_adamw8bit"), get_strategy("lora")())
 
 
 def test_run_refuses_a_bad_lever_in_one_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
@@ -65,7 +65,8 @@ def test_levers_are_yaml_settings(tmp_path) -> None:
     path.write_text("strategy: lora\nquantize: 4bit\noptimizer: adamw8bit\ngradient_checkpointing: true\n"
                     "precision: bf16\n")
     cfg = build_run_config(str(path), {}, {})
-    assert (cfg.quantize, cfg.optimizer, cfg.gradient_checkpointing, cfg.precision) == ("4bit", "adamw8bit", True, "bf16")
+    assert cfg.levers == Levers(quantize="4bit", optimizer="adamw8bit", gradient_checkpointing=True, precision="bf16")
+    assert cfg.to_dict()["quantize"] == "4bit"  # recorded flat, as written
     path.write_text("strategy: lora\nquantize: 3bit\n")
     with pytest.raises(PeftkitError, match="quantize"):
         build_run_config(str(path), {}, {})

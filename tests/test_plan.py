@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from peftkit.config import Levers
 from peftkit.plan import PlanSettings, load_config, measure_saved_activations, parameter_memory
 from peftkit.registry import get_strategy
 from peftkit.strategies.base import TaskSpec
@@ -42,10 +43,10 @@ def test_parameter_memory_lora_bf16_4bit_and_8bit_adam(tiny_model_dir) -> None:
     model, trainable, skip = _meta_prepared(tiny_model_dir("bert"), "lora")
     t = sum(p.numel() for p in trainable.values())
     frozen = sum(p.numel() for p in model.parameters()) - t
-    settings = PlanSettings(model="x", strategies=["lora"], precision="bf16")
+    settings = PlanSettings(model="x", strategies=["lora"], levers=Levers(precision="bf16"))
     weights, grads, opt, _ = parameter_memory(model, trainable, settings, skip)
     assert weights == 4 * t + 2 * frozen and grads == 4 * t and opt == 8 * t  # LoRA tensors < 4096: fp32 state
-    settings = PlanSettings(model="x", strategies=["lora"], quantize="4bit")
+    settings = PlanSettings(model="x", strategies=["lora"], levers=Levers(quantize="4bit"))
     q_weights, _, _, _ = parameter_memory(model, trainable, settings, skip)
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, nn.Linear) and m.weight.requires_grad is False and "classifier" not in n)
@@ -53,7 +54,7 @@ def test_parameter_memory_lora_bf16_4bit_and_8bit_adam(tiny_model_dir) -> None:
     assert weights - 2 * frozen < q_weights < 4 * t + 4 * frozen - 3.4 * linear
     big = {"w": __import__("torch").nn.Parameter(__import__("torch").empty(100, 100, device="meta"))}
     _, _, opt8, _ = parameter_memory(_Holder(big), big, PlanSettings(model="x", strategies=["full"],
-                                                                     optimizer="adamw8bit"), [])
+                                                                     levers=Levers(optimizer="adamw8bit")), [])
     assert opt8 == 2 * 10_000 + 8 * 40  # two 8-bit moments + an fp32 scale per 256-element block each
 
 

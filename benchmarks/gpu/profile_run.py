@@ -37,13 +37,13 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from peftkit.config import RunConfig
+    from peftkit.config import Levers, RunConfig
     from peftkit.train import execute_run, resolve
 
     cfg = RunConfig(strategy=args.strategy, task="causal-lm", model=args.model, dataset=args.dataset, epochs=1,
                     batch_size=args.batch_size, eval_batch_size=args.batch_size, max_length=args.max_length,
                     max_train_samples=args.steps * args.batch_size, max_eval_samples=args.batch_size,
-                    precision=args.precision if torch.cuda.is_available() else "fp32", seed=0)
+                    levers=Levers(precision=args.precision if torch.cuda.is_available() else "fp32"), seed=0)
     cfg.validate()
     run = resolve(cfg)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -54,7 +54,7 @@ def main() -> int:
     averages = prof.key_averages()
     device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     with open(args.out, "w", encoding="utf-8") as fh:
-        fh.write(f"{args.strategy}, {cfg.precision}, {args.steps} steps of {args.batch_size} x {args.max_length} "
+        fh.write(f"{args.strategy}, {cfg.levers.precision}, {args.steps} steps of {args.batch_size} x {args.max_length} "
                  f"tokens; wall {wall:.1f} s (under the profiler), train {metrics['train_seconds']:.2f} s, "
                  f"step {metrics.get('step_seconds_median') or 0:.4f} s\n\n")
         fh.write(f"== by own device time ({device_key}) ==\n")

@@ -1,0 +1,101 @@
+"""peftkit.api: a run, a bench and a plan from Python on a tiny model, and what they hand back."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from peftkit import api
+from peftkit.bench import BenchConfig
+from peftkit.config import FIELDS, Levers, RunConfig
+from peftkit.errors import PeftkitError, RunInterrupted
+from peftkit.plan import PlanSettings
+
+
+def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    model, out = tiny_model_dir("bert"), str(tmp_path / "run")
+    config = RunConfig(strategy="lora", model=model, dataset=tiny_csv, epochs=1, batch_size=16, max_length=16,
+                       output_dir=out, levers=Levers(gradient_checkpointing=True))
+    messages: list[str] = []
+    result = api.run(config, echo=messages.append)
+    assert result.run_dir == out and sorted(os.listdir(out)) == ["adapter", "config.yaml", "metrics.json", "train.log"]
+    assert result.metrics == json.load(open(os.path.join(out, "metrics.json")))
+    assert result.metrics["strategy"] == "lora" and result.metrics["gradient_checkpointing"] is True
+    assert config.task == "sequence-classification"  # the task's defaults are filled in
+    assert any(m.startswith("training lora") for m in messages)
+    # config.yaml keeps the levers flat, and reads back as the same settings
+    recorded = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert recorded["gradient_checkpointing"] is True and "levers" not in recorded
+    again = RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
+    assert again.levers == config.levers and again.max_length == 16
+
+    [row] = api.predict(os.path.join(out, "adapter"), ["a good film"], model=model)
+    assert row["text"] == "a good film" and row["label"] in ("neg", "pos")
+    merged = api.merge(os.path.join(out, "adapter"), str(tmp_path / "merged"), model=model)
+    assert merged.strategy == "lora" and os.path.isfile(tmp_path / "merged" / "config.json")
+    meta = api.inspect(os.path.join(out, "adapter"))
+    assert meta["strategy"] == "lora" and meta["adapter_bytes"] > 0
+
+
+def test_plan(tiny_model_dir) -> None:
+    plan = api.plan(PlanSettings(model=tiny_model_dir("bert"), strategies=["lora", "head-only"], batch_size=4,
+                                 max_length=8, levers=Levers(precision="bf16")))
+    assert plan.settings.task == "sequence-classification" and plan.settings.strategies == ["lora", "head_only"]
+    assert plan.settings.device in ("cpu", "cuda")
+    assert [e.status for e in plan.estimates] == ["ok", "ok"]
+    as_json = plan.to_dict()
+    assert as_json["settings"]["precision"] == "bf16" and as_json["estimates"][0]["total"] > 0
+    json.dumps(as_json)  # what `peftkit plan --json` prints
+
+
+def test_bench(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    out = str(tmp_path / "bench")
+    config = BenchConfig(strategies=["head_only"], model=tiny_model_dir("bert"), dataset=tiny_csv, epochs=1,
+                         batch_size=8, max_length=16, output_dir=out)
+    result = api.bench(config, echo=lambda message: None)
+    assert result.output_dir == out and os.path.isfile(os.path.join(out, "results.json"))
+    [row] = result.results["rows"]
+    assert row["status"] == "ok" and row["batch_size"] == 8
+    assert result.results["settings"]["task"] == "sequence-classification"
+    assert result.results["settings"]["optimizer"] == "adamw"  # levers recorded flat
+    assert "| `head_only` |" in result.table
+
+
+def test_bad_settings_are_refused_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(PeftkitError, match="unknown task 'translation'; accepted: "):
+        api.run(RunConfig(task="translation", output_dir=str(tmp_path / "run")))
+    with pytest.raises(PeftkitError, match="--auto-fit needs --memory-budget"):
+        api.bench(BenchConfig(strategies=["lora"], auto_fit=True, output_dir=str(tmp_path / "bench")))
+    with pytest.raises(PeftkitError, match="batch_size must be a positive integer, got 0"):
+        api.plan(PlanSettings(strategies=["lora"], batch_size=0))
+    with pytest.raises(PeftkitError, match="precision must be one of 'fp32', 'bf16', 'fp16', got 'fp64'"):
+        Levers(precision="fp64")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_an_interrupted_run_says_what_it_left(checkpointed, tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
+    """Ctrl-C during a run: with a checkpoint, ``RunInterrupted`` says how to continue and the
+    staging directory stays; without one, nothing is left."""
+    import peftkit.train
+
+    def interrupted(run, stage, echo, resume=False):
+        if checkpointed:
+            os.makedirs(os.path.join(stage, "checkpoints", "step-0000004"))
+            open(os.path.join(stage, "checkpoints", "step-0000004", "state.json"), "w").write("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftkit.train, "execute_run", interrupted)
+    out = str(tmp_path / "run")
+    config = RunConfig(strategy="lora", model=tiny_model_dir("bert"), dataset=tiny_csv, output_dir=out)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        api.run(config, echo=lambda message: None)
+    if checkpointed:
+        assert isinstance(caught.value, RunInterrupted)
+        assert caught.value.kept == f"the last checkpoint is kept: continue with peftkit run --resume {out}"
+        assert os.listdir(tmp_path) == [".run.partial"]
+    else:
+        assert not isinstance(caught.value, RunInterrupted) and os.listdir(tmp_path) == []
