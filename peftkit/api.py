@@ -4,7 +4,7 @@
     from peftkit.config import Levers, RunConfig
 
     result = run(RunConfig(strategy="lora", epochs=1, output_dir="runs/lora"))
-    result.metrics["test_accuracy"], result.run_dir
+    result.metrics.test["accuracy"], result.run_dir      # a RunMetrics; .to_dict() is metrics.json
 
 Each function owns what its command needs around the work itself: filling the task's defaults,
 checking every setting before anything heavy loads (``preflight``), writing into a staging
@@ -28,6 +28,7 @@ from .bench import BenchConfig, parse_strategies
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import PeftkitError, RunInterrupted, set_context
+from .metrics import RunMetrics
 from .plan import Estimate, PlanSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,9 +51,9 @@ class RunResult:
 
     run_dir: str
     """The run directory (config.yaml, metrics.json, train.log, adapter/)."""
-    metrics: dict[str, Any] | None
-    """What metrics.json holds; None in the other processes of a data-parallel run (only the main
-    process writes and reports)."""
+    metrics: RunMetrics | None
+    """What metrics.json holds (``metrics.to_dict()`` is the file); None in the other processes of
+    a data-parallel run (only the main process writes and reports)."""
 
 
 def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
@@ -105,7 +106,8 @@ def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
     out = config.output_dir or default_output_dir(resolved.strategy.name)
     resolved.config.output_dir = out
     quiet_libraries()
-    return RunResult(out, _run_staged(resolved, out, resume, echo))
+    metrics = _run_staged(resolved, out, resume, echo)
+    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
 
 
 def _process_state() -> Any:

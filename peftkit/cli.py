@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from .config import OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
 from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .metrics import RunMetrics
 
 # -- the options, each declared once ----------------------------------------------------------
 # A command lists the options it takes by key (``@options("task", "model", ...)``); type and
@@ -219,12 +222,17 @@ def list_cmd(verbose: bool) -> None:
         from .data import EMBEDDED_DATASETS, EMBEDDED_IMAGE_DATASETS
         from .models import EMBEDDED_MODELS
 
-        click.echo("\ntasks (--task; default: read from the model):")
-        from .tasks import TASK_NAMES, get_task
+        from .tasks import TASKS, get_task, task_names, task_plugin_errors
 
-        for task in TASK_NAMES:
+        click.echo("\ntasks (--task; default: read from the model):")
+        task_plugins = TASKS.loaded_plugins()
+        for task in task_names():
             t = get_task(task)
-            click.echo(f"  {task:<24} {t.description} Default: --model {t.default_model} --dataset {t.default_dataset}")
+            origin = f" [plugin: {task_plugins[task]}]" if task in task_plugins else ""
+            click.echo(f"  {task:<24} {t.description} Default: --model {t.default_model} "
+                       f"--dataset {t.default_dataset}{origin}")
+        for message in task_plugin_errors():
+            _echo(f"warning: {message}")
         click.echo("embedded models (--model):")
         for name, emb in EMBEDDED_MODELS.items():
             click.echo(f"  {name:<10} {emb.description} [{emb.task}]")
@@ -270,24 +278,24 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
         _print_summary(result.metrics, result.run_dir)
 
 
-def _print_summary(m: dict[str, Any], out: str) -> None:
+def _print_summary(m: RunMetrics, out: str) -> None:
     from .memory import format_size
     from .tasks import get_task
 
-    task = get_task(m.get("task", "sequence-classification"))
-    shown = ", ".join(f"{k.replace('_', ' ')} {m['test_' + k]:.4f}" for k in task.headline_metrics
-                      if m.get("test_" + k) is not None)
-    chosen = m.get(f"validation_{task.selection_metric}")
+    task = get_task(m.task)
+    shown = ", ".join(f"{k.replace('_', ' ')} {m.test[k]:.4f}" for k in task.headline_metrics
+                      if m.test.get(k) is not None)
+    chosen = m.validation.get(task.selection_metric)
     click.echo(
-        f"{m['strategy']}: test {shown} (validation {task.selection_metric} "
-        f"{chosen:.4f}, best epoch {m['best_epoch']})\n"
-        f"  trainable {m['trainable_params']:,} of {m['total_params']:,} parameters "
-        f"({m['trainable_percent']:.2f}%), adapter {m['adapter_bytes'] / 2**20:.2f} MiB\n"
-        f"  train {m['train_seconds']:.1f} s ({m['samples_per_second']:.1f} examples/s), "
-        f"wall {m['wall_seconds']:.1f} s on {m['device']}\n"
-        f"  peak memory training {format_size(m['peak_memory_bytes'])} "
-        f"(+{format_size(m['peak_memory_increase_bytes'])} over the loaded model), "
-        f"evaluation {format_size(m['peak_memory_eval_bytes'])}\n"
+        f"{m.strategy}: test {shown} (validation {task.selection_metric} "
+        f"{chosen:.4f}, best epoch {m.best_epoch})\n"
+        f"  trainable {m.trainable_params:,} of {m.total_params:,} parameters "
+        f"({m.trainable_percent:.2f}%), adapter {(m.adapter_bytes or 0) / 2**20:.2f} MiB\n"
+        f"  train {m.train_seconds:.1f} s ({m.samples_per_second:.1f} examples/s), "
+        f"wall {m.wall_seconds or 0:.1f} s on {m.device}\n"
+        f"  peak memory training {format_size(m.peak_memory_bytes)} "
+        f"(+{format_size(m.peak_memory_increase_bytes)} over the loaded model), "
+        f"evaluation {format_size(m.peak_memory_eval_bytes)}\n"
         f"  run directory: {out}"
     )
 

@@ -22,8 +22,9 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     messages: list[str] = []
     result = api.run(config, echo=messages.append)
     assert result.run_dir == out and sorted(os.listdir(out)) == ["adapter", "config.yaml", "metrics.json", "train.log"]
-    assert result.metrics == json.load(open(os.path.join(out, "metrics.json")))
-    assert result.metrics["strategy"] == "lora" and result.metrics["gradient_checkpointing"] is True
+    assert result.metrics.to_dict() == json.load(open(os.path.join(out, "metrics.json")))
+    assert result.metrics.strategy == "lora" and result.metrics.gradient_checkpointing is True
+    assert 0 <= result.metrics.test["accuracy"] <= 1
     assert config.task == "sequence-classification"  # the task's defaults are filled in
     assert any(m.startswith("training lora") for m in messages)
     # config.yaml keeps the levers flat, and reads back as the same settings

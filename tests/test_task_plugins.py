@@ -22,9 +22,6 @@ from peftkit.tasks.sequence_classification import SequenceClassification
 def test_builtin_tasks_in_their_order_and_spelled_either_way() -> None:
     assert task_names()[:3] == ("sequence-classification", "causal-lm", "image-classification")
     assert get_task("Causal_LM").name == "causal-lm"
-    from peftkit.tasks import TASK_NAMES  # the old constant, now computed
-
-    assert TASK_NAMES == task_names()
 
 
 def test_unknown_task_lists_the_available_ones() -> None:

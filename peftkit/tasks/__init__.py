@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ..errors import PeftkitError
 from ..registry import Registry
@@ -83,15 +83,6 @@ def infer_task(model: str | None) -> str:
     if "ForImageClassification" in architectures or "num_channels" in config:
         return "image-classification"
     return "sequence-classification"
-
-
-def __getattr__(name: str) -> Any:
-    # ``TASK_NAMES``: the tuple this module once held, now computed (plugins included) on first
-    # use; kept so that ``from peftkit.tasks import TASK_NAMES`` (the command line's ``--task``
-    # choices) goes on working. New code calls ``task_names()``.
-    if name == "TASK_NAMES":
-        return task_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["TASKS", "TASK_ENTRY_POINT_GROUP", "Task", "TaskData", "get_task", "infer_task", "register_task",
