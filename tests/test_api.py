@@ -66,7 +66,7 @@ def test_bench(tiny_model_dir, tiny_csv, tmp_path) -> None:
 
 
 def test_bad_settings_are_refused_before_anything_runs(tmp_path) -> None:
-    with pytest.raises(PeftkitError, match="unknown task 'translation'; accepted: "):
+    with pytest.raises(PeftkitError, match="unknown task 'translation'; available: "):
         api.run(RunConfig(task="translation", output_dir=str(tmp_path / "run")))
     with pytest.raises(PeftkitError, match="--auto-fit needs --memory-budget"):
         api.bench(BenchConfig(strategies=["lora"], auto_fit=True, output_dir=str(tmp_path / "bench")))

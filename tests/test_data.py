@@ -162,3 +162,13 @@ def test_text_data_carries_its_shape(tiny_csv, tmp_path) -> None:
     data = load_text_data(str(plain), seed=1)
     assert data.shape is Shape.PLAIN_TEXT and data.split_info["columns"] == {"prompt": None, "response": "sentence"}
     assert data.splits["train"][0]["prompt"] == "" and sum(data.split_info["sizes"].values()) == 30
+
+
+def test_numeric_answers_are_text(tmp_path) -> None:
+    """A CSV of numeric answers is read as integers; they are learned as text (0 included), not a traceback."""
+    path = _write_csv(tmp_path / "sums.csv", [{"prompt": f"{i} + 1 =", "response": i + 1 - (i == 5) * 6} for i in range(30)],
+                      fields=("prompt", "response"))
+    data = load_text_data(path)
+    assert data.shape is Shape.PROMPT_RESPONSE and sum(data.split_info["sizes"].values()) == 30
+    responses = [r for split in data.splits.values() for r in split["response"]]
+    assert all(isinstance(r, str) for r in responses) and "0" in responses

@@ -78,15 +78,25 @@ def _pairs(splits: dict[str, Any], source: str, prompt_column: str | None, respo
     prompt = None if no_prompt else (
         pick_column(columns, prompt_column, tuple(g for g in PROMPT_COLUMN_GUESSES if g != resp), "text")
         if prompt_column or any(g in columns and g != resp for g in PROMPT_COLUMN_GUESSES) else None)
+    import datasets
+
+    # both as text whatever the file held: a CSV of numeric answers is read as integers, and a
+    # mapped column keeping its input's name would otherwise keep its input's type too
+    text_features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")})
     for name, ds in splits.items():
-        ds = ds.map(lambda r: {"prompt": str(r[prompt]) if prompt else "", "response": str(r[resp] or "")},
-                    remove_columns=ds.column_names)
+        ds = ds.map(lambda r: {"prompt": _text(r[prompt]) if prompt else "", "response": _text(r[resp])},
+                    remove_columns=ds.column_names, features=text_features)
         splits[name] = ds.filter(lambda r: r["response"].strip() != "")
     if len(splits["train"]) == 0:
         raise PeftkitError(f"dataset {source!r} has no examples with a non-empty {resp!r}")
     done, info = finish_splits(splits, seed, max_train_samples)
     info["columns"] = {"prompt": prompt, "response": resp}
     return TaskData(done, None, info, Shape.PLAIN_TEXT if no_prompt else Shape.PROMPT_RESPONSE)
+
+
+def _text(value: Any) -> str:
+    """A cell as text: missing is empty (and then dropped), 0 is "0"."""
+    return "" if value is None else str(value)
 
 
 def _labelled(splits: dict[str, Any], source: str, text_column: str | None, label_column: str | None,
