@@ -450,11 +450,38 @@ def _best(summary: dict[str, dict[str, Any]], key: str, pick: Callable[..., Any]
 
 def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     """The table a person reads, best value in each column in bold, with its provenance."""
-    s = results["settings"]
+    q, q_label, q_higher = results.get("quality", QUALITY[0])
+    f, f_label, f_higher = results.get("second", SECOND[0])
     summary = results["summary"]
+    best = {
+        "acc": _best(summary, f"{q}_mean", max if q_higher else min),
+        "f1": _best(summary, f"{f}_mean", max if f_higher else min),
+        "pct": _best(summary, "trainable_percent", min), "mem": _best(summary, "peak_memory_bytes", min),
+        "inc": _best(summary, "peak_memory_increase_bytes", min), "time": _best(summary, "train_seconds_mean", min),
+        "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
+    }
+    lines = _report_header(results) + [
+        f"| strategy | trainable | {q_label} (± sd) | {f_label} | peak train memory | predicted (error) "
+        "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
+        "| micro-batch × accum | levers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary.items():
+        if v["status"] in ("does not fit", "failed", "not applicable"):
+            lines.append(f"| `{name}` | {v['status']}: {v['error']} |" + " |" * 12)
+        else:
+            lines.append("| " + " | ".join(_report_cells(name, v, q, f, best)) + " |")
+    lines += _report_footer(results, q_label)
+    lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _report_header(results: dict[str, Any]) -> list[str]:
+    """The report's title and provenance: command, machine, versions, plugins, settings."""
+    s = results["settings"]
     machine = results["machine"]
     mem = f", {format_size(machine['memory_bytes'])} RAM" if machine.get("memory_bytes") else ""
-    lines = [
+    return [
         f"# peftkit bench: `{s['model']}` on `{s['dataset']}` ({s.get('task', 'sequence-classification')})", "",
         f"- Command: `{results['command']}`",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores{mem}; device: {results['device']}",
@@ -466,54 +493,42 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         f"- Memory: {results['memory_method']}",
         f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}", "",
     ]
-    q, q_label, q_higher = results.get("quality", QUALITY[0])
-    f, f_label, f_higher = results.get("second", SECOND[0])
-    best = {
-        "acc": _best(summary, f"{q}_mean", max if q_higher else min),
-        "f1": _best(summary, f"{f}_mean", max if f_higher else min),
-        "pct": _best(summary, "trainable_percent", min), "mem": _best(summary, "peak_memory_bytes", min),
-        "inc": _best(summary, "peak_memory_increase_bytes", min), "time": _best(summary, "train_seconds_mean", min),
-        "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
-    }
+
+
+def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, Any]) -> list[str]:
+    """One strategy's row of the table; the best value of a column (``best``) in bold."""
 
     def mark(text: str, value: Any, key: str) -> str:
         return f"**{text}**" if value is not None and value == best[key] else text
 
-    lines += [
-        f"| strategy | trainable | {q_label} (± sd) | {f_label} | peak train memory | predicted (error) "
-        "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
-        "| micro-batch × accum | levers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    sd = f" ± {v[q + '_std']:.4f}" if v[q + "_std"] is not None else ""
+    later = v["later_epoch_seconds_mean"]
+    epochs = f"{_seconds(v['first_epoch_seconds_mean'])} / {_seconds(later) if later is not None else '-'}"
+    status = "" if v["status"] == "ok" else f" ({v['status']})"
+    return [
+        f"`{name}`{status}",
+        mark(f"{v['trainable_percent']:.3g}%", v["trainable_percent"], "pct") + f" ({v['trainable_params']:,})",
+        mark(f"{v[q + '_mean']:.4f}", v[q + "_mean"], "acc") + f"{sd} (n={len(v['seeds'])})",
+        mark(f"{v[f + '_mean']:.4f}", v[f + "_mean"], "f1") if v.get(f + "_mean") is not None else "-",
+        mark(format_size(v["peak_memory_bytes"]), v["peak_memory_bytes"], "mem"),
+        (f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
+         if v.get("prediction_error") is not None else "-"),
+        mark("+" + format_size(v["peak_memory_increase_bytes"]), v["peak_memory_increase_bytes"], "inc"),
+        format_size(v["peak_memory_eval_bytes"]),
+        mark(_seconds(v["train_seconds_mean"]), v["train_seconds_mean"], "time"),
+        epochs,
+        mark(f"{v['samples_per_second_mean']:.0f}", v["samples_per_second_mean"], "speed"),
+        mark(format_size(v["adapter_bytes"]), v["adapter_bytes"], "size"),
+        f"{v['batch_size']} × {v['grad_accumulation']}",
+        v.get("levers", "-"),
     ]
-    for name, v in summary.items():
-        if v["status"] in ("does not fit", "failed", "not applicable"):
-            lines.append(f"| `{name}` | {v['status']}: {v['error']} |" + " |" * 12)
-            continue
-        sd = f" ± {v[q + '_std']:.4f}" if v[q + "_std"] is not None else ""
-        later = v["later_epoch_seconds_mean"]
-        epochs = f"{_seconds(v['first_epoch_seconds_mean'])} / {_seconds(later) if later is not None else '-'}"
-        status = "" if v["status"] == "ok" else f" ({v['status']})"
-        cells = [
-            f"`{name}`{status}",
-            mark(f"{v['trainable_percent']:.3g}%", v["trainable_percent"], "pct") + f" ({v['trainable_params']:,})",
-            mark(f"{v[q + '_mean']:.4f}", v[q + "_mean"], "acc") + f"{sd} (n={len(v['seeds'])})",
-            mark(f"{v[f + '_mean']:.4f}", v[f + "_mean"], "f1") if v.get(f + "_mean") is not None else "-",
-            mark(format_size(v["peak_memory_bytes"]), v["peak_memory_bytes"], "mem"),
-            (f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
-             if v.get("prediction_error") is not None else "-"),
-            mark("+" + format_size(v["peak_memory_increase_bytes"]), v["peak_memory_increase_bytes"], "inc"),
-            format_size(v["peak_memory_eval_bytes"]),
-            mark(_seconds(v["train_seconds_mean"]), v["train_seconds_mean"], "time"),
-            epochs,
-            mark(f"{v['samples_per_second_mean']:.0f}", v["samples_per_second_mean"], "speed"),
-            mark(format_size(v["adapter_bytes"]), v["adapter_bytes"], "size"),
-            f"{v['batch_size']} × {v['grad_accumulation']}",
-            v.get("levers", "-"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Best value of each column in **bold**. The {q_label} is on the test split, mean over seeds "
-              "(± sample standard deviation when there are several). Train time counts training steps "
-              "only (not evaluation); examples/s is over training steps.", ""]
+
+
+def _report_footer(results: dict[str, Any], q_label: str) -> list[str]:
+    """What the columns mean, and what was tried before a run fitted its budget."""
+    lines = ["", f"Best value of each column in **bold**. The {q_label} is on the test split, mean over seeds "
+             "(± sample standard deviation when there are several). Train time counts training steps "
+             "only (not evaluation); examples/s is over training steps.", ""]
     lines += ["Predicted: `peftkit plan`'s prediction for the same settings, made before the run "
               "(error = predicted / measured - 1).", ""]
     shrunk = [r for r in results["rows"] if len(r.get("tried", [])) > 1]
@@ -523,5 +538,4 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             tried = ", ".join(f"{t['batch_size']} ({t.get('levers', '-')}): {t['outcome']}" for t in r["tried"])
             lines.append(f"- `{r['strategy']}` seed {r['seed']}: {tried}")
         lines.append("")
-    lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+    return lines
