@@ -163,6 +163,13 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any], best_snapshot: dict[str, Any]) -> LoopState:
+        expected = {f.name for f in fields(cls)}
+        if set(saved) != expected:
+            # a checkpoint of another peftkit version (the layout changed when the loop became a
+            # LoopState): a clear refusal, not a KeyError half-way through restoring
+            raise PeftkitError("this checkpoint was written by another version of peftkit and cannot be resumed "
+                               f"(its loop state has {', '.join(sorted(set(saved) ^ expected))} where this "
+                               "version differs); start the run again with --overwrite")
         plain = {k: v for k, v in saved.items() if k not in ("peaks", "best")}
         return cls(**plain, peaks=Peaks(**saved["peaks"]), best=BestEpoch(**saved["best"], snapshot=best_snapshot))
 

@@ -23,6 +23,14 @@ def test_loop_state_round_trips_through_json() -> None:
     assert again == state
 
 
+def test_a_checkpoint_of_the_old_layout_is_refused_in_one_line() -> None:
+    saved = LoopState().to_dict()
+    del saved["best"]  # before LoopState, the best epoch's fields were loose keys of the loop dict
+    saved.update(best_score=None, best_epoch=None, best_metrics={}, epochs_without_gain=0)
+    with pytest.raises(PeftkitError, match=r"written by another version of peftkit .* --overwrite"):
+        LoopState.from_dict(saved, {})
+
+
 def test_best_epoch_decides_improved_worse_and_stop() -> None:
     best, taken = BestEpoch(), []
     assert best.judge(1, {"a": 0.5}, 0.5, 2, snapshot=lambda: taken.append(1) or {"e": 1}) == "improved"
