@@ -1,6 +1,8 @@
 """peftkit: fine-tune pretrained models with interchangeable strategies.
 
-Importing peftkit is cheap (no torch); the heavy parts load when used.
+Importing peftkit is cheap (no torch); the heavy parts load when used. The commands' functions
+(run, bench, plan, predict, merge) are in ``peftkit.api``; strategy and task plugins subclass
+``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from .errors import PeftkitError
 from .registry import available as available_strategies
 from .registry import get_strategy, register_strategy
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults
+from .tasks import Task, TaskData, register_task
 
 __all__ = [
     "ParamGroup",
     "PeftkitError",
     "Strategy",
+    "Task",
+    "TaskData",
     "TaskSpec",
     "TrainingDefaults",
     "available_strategies",
@@ -26,6 +31,7 @@ __all__ = [
     "predict_texts",
     "save_adapter",
     "register_strategy",
+    "register_task",
 ]
 
 
