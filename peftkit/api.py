@@ -199,7 +199,7 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     config.output_dir = out
     set_context(strategy=",".join(config.strategies), model=config.model)
     quiet_libraries()
-    predict_peak = _bench_predictor(config)
+    config, predict_peak = _bench_predictor(config, echo)
     echo(f"bench: {len(config.strategies)} strategies x {len(config.seeds)} seed(s) on {config.model!r} / "
          f"{config.dataset!r}, each run in its own process; results in {out}")
     with staged_dir(out, overwrite) as stage:
@@ -223,23 +223,30 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
     return config
 
 
-def _bench_predictor(config: BenchConfig) -> Any:
+def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any]:
     """The planner's prediction of each run's peak, for skipping what will not fit. Loads the data
     and the model's processor once first: data or a model no run could load fails here, in seconds,
-    and the data says how many labels and loss positions to plan for."""
+    and the data says how many labels and loss positions to plan for. Returned with ``config``
+    naming the columns the data was read from (guessed ones too): results.json records them, and
+    every run reads the same ones. What loading found (columns, dropped rows, label warnings) is
+    said once here, before any worker starts."""
     import torch
 
+    from .data import resolved_columns
     from .plan import bench_predictor
     from .tasks import get_task
 
     cfg = config.run_config(config.strategies[0], config.seeds[0], config.batch_size, "unused")
     task = get_task(config.task)
     data = task.load_data(cfg)
+    config = dataclasses.replace(config, **resolved_columns(data))
+    for line in [*data.notes, *task.data_warnings(data)]:
+        echo(line)
     processor = task.load_processor(config.model)
     num_labels = max(2, len(data.label_names or ()))
-    return bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
-                           "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
-                           loss_positions=task.loss_positions(data, processor, cfg))
+    return config, bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
+                                   "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
+                                   loss_positions=task.loss_positions(data, processor, cfg))
 
 
 # -- plan -------------------------------------------------------------------------------------

@@ -219,6 +219,7 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     say(f"loading data {cfg.dataset!r} for {task.name} ...")
     data = task.load_data(cfg)
     cap_eval_splits(data, cfg.max_eval_samples, cfg.seed)
+    _say_data(run, data, resolved, say, log)
     log(f"data: {data.split_info['method']}; sizes {data.split_info['sizes']}; labels {data.label_names}")
     resolved["split"] = data.split_info
     resolved["label_names"] = data.label_names
@@ -235,6 +236,21 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
     spec = task.spec(base, data)
     return _Loaded(data, processor, base_digests, spec, run.strategy.prepare(base, spec))
+
+
+def _say_data(run: ResolvedRun, data: Any, resolved: dict[str, Any], say: Callable[[str], None],
+              log: Callable[[str], None]) -> None:
+    """Record the columns the data was read from as the run's settings (config.yaml then names
+    them, and a resumed run reads the same ones), and say what loading found and what the task
+    warns about, before any training."""
+    from .data import resolved_columns
+
+    for key, column in resolved_columns(data).items():
+        setattr(run.config, key, column)
+        resolved[key] = column
+    for line in [*data.notes, *run.task.data_warnings(data)]:
+        say(line)
+        log(line)
 
 
 def _announce(run: ResolvedRun, sizes: dict[str, int], resume_from: str | None, say: Callable[[str], None]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from peftkit.bench import Attempt, BenchConfig, bench_one, micro_batches, parse_seeds, parse_strategies, run_suite
 from peftkit.config import Levers
@@ -165,11 +166,15 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     assert code == 0, stderr
     results = json.load(open(out / "results.json"))
     assert [(r["strategy"], r["status"]) for r in results["rows"]] == [("lora", "ok"), ("head_only", "ok")]
+    # the guessed columns are said once and recorded, for the suite and each of its runs
+    assert "text column 'text', label column 'label' (guessed; --text-column/--label-column to choose)" in stderr
+    assert (results["settings"]["text_column"], results["settings"]["label_column"]) == ("text", "label")
     for row in results["rows"]:
         assert row["batch_size"] == 8 and row["grad_accumulation"] == 1 and len(row["history"]) == 2
         assert row["peak_memory_bytes"] > row["memory_loaded_bytes"] * 0.9 > 0
         assert os.path.isfile(out / row["run_dir"] / "metrics.json")
         assert os.path.isdir(out / row["run_dir"] / "adapter")
+        assert yaml.safe_load(open(out / row["run_dir"] / "config.yaml"))["text_column"] == "text"
     assert results["command"].startswith("peftkit bench --strategies lora,head_only")
     assert "| `lora` |" in stdout and "results.md" in stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left

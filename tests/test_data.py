@@ -160,7 +160,7 @@ def test_text_data_carries_its_shape(tiny_csv, tmp_path) -> None:
     plain = tmp_path / "plain.csv"
     plain.write_text("sentence\n" + "\n".join(f"line number {i}" for i in range(30)) + "\n")
     data = load_text_data(str(plain), seed=1)
-    assert data.shape is Shape.PLAIN_TEXT and data.split_info["columns"] == {"prompt": None, "response": "sentence"}
+    assert data.shape is Shape.PLAIN_TEXT and data.split_info["columns"] == {"text": "sentence"}
     assert data.splits["train"][0]["prompt"] == "" and sum(data.split_info["sizes"].values()) == 30
 
 
@@ -172,3 +172,102 @@ def test_numeric_answers_are_text(tmp_path) -> None:
     assert data.shape is Shape.PROMPT_RESPONSE and sum(data.split_info["sizes"].values()) == 30
     responses = [r for split in data.splits.values() for r in split["response"]]
     assert all(isinstance(r, str) for r in responses) and "0" in responses
+
+
+# -- what a run says about its data (issue 15: findings 9, 10, 11) ---------------------------------
+
+def _reviews(path, n: int = 300, empty_text: int = 0, empty_label: int = 0, neg_share: float = 0.5) -> str:
+    """``id, review, sentiment`` rows: distinct reviews, the first rows with empty cells."""
+    rows = [{"id": i, "review": f"review number {i} of the film", "sentiment": "neg" if i % 100 < neg_share * 100 else "pos"}
+            for i in range(n)]
+    for i in range(empty_text):
+        rows[i]["review"] = ""
+    for i in range(empty_text, empty_text + empty_label):
+        rows[i]["sentiment"] = ""
+    return _write_csv(path, rows, fields=("id", "review", "sentiment"))
+
+
+def _warnings(data, task: str = "sequence-classification") -> list[str]:
+    from peftkit.tasks import get_task
+
+    return [n for n in data.notes if n.startswith("warning:")] + get_task(task).data_warnings(data)
+
+
+def test_guessed_columns_are_said_and_recorded(tmp_path) -> None:
+    path = _reviews(tmp_path / "my.csv")
+    data = load_labelled_data(path)
+    assert data.notes == [f"data: {path}: 300 rows; text column 'review', label column 'sentiment' "
+                          "(guessed; --text-column/--label-column to choose)"]
+    assert data.split_info["columns"] == {"text": "review", "label": "sentiment"}
+    from peftkit.data import resolved_columns
+
+    assert resolved_columns(data) == {"text_column": "review", "label_column": "sentiment"}
+    named = load_labelled_data(path, text_column="review")  # only what was guessed is said to be
+    assert named.notes[0].endswith("(label guessed; --label-column to choose)")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("sentence\n" + "\n".join(f"line {i}" for i in range(30)) + "\n")
+    # plain text's one column is the text column: a run records it as --text-column
+    assert resolved_columns(load_text_data(str(plain))) == {"text_column": "sentence"}
+
+
+def test_rows_with_empty_cells_are_counted_and_said(tmp_path) -> None:
+    data = load_labelled_data(_reviews(tmp_path / "my.csv", empty_text=12, empty_label=8))
+    assert _warnings(data) == ["warning: 20 of 300 rows dropped: empty text 'review' (12) or label 'sentiment' (8)"]
+    assert data.split_info["rows"] == {"read": 300, "used": 280, "dropped_empty": {"text": 12, "label": 8}}
+    assert sum(data.split_info["sizes"].values()) == 280
+    pairs = tmp_path / "qa.csv"
+    pairs.write_text("question,answer\n" + "\n".join(f"q{i},{'' if i < 5 else i}" for i in range(40)) + "\n")
+    assert load_text_data(str(pairs)).notes[1] == "warning: 5 of 40 rows dropped: empty response 'answer' (5)"
+
+
+def test_swapped_columns_warn_of_free_text_and_name_the_fix(tmp_path) -> None:
+    path = _reviews(tmp_path / "my.csv")
+    swapped = load_labelled_data(path, text_column="sentiment", label_column="review")
+    assert _warnings(swapped) == [
+        "warning: label column 'review' has 300 distinct values in 300 rows and looks like free text, not "
+        "classes; did you mean --text-column review --label-column sentiment?"]
+    # a causal LM may well answer in free text: only classification tasks check
+    assert _warnings(load_text_data(path, text_column="sentiment", label_column="review"), "causal-lm") == []
+    # long labels read as sentences even when few; no column to swap with: the others are named
+    wordy = tmp_path / "wordy.csv"
+    _write_csv(wordy, [{"id": i, "note": f"note {i}", "label": f"this is sentence number {i % 3} of three"}
+                       for i in range(60)], fields=("id", "note", "label"))
+    assert _warnings(load_labelled_data(str(wordy), text_column="note")) == [
+        "warning: label column 'label' has 3 distinct values in 60 rows and looks like free text, not classes; "
+        "name the column that holds the classes with --label-column (other columns: id)"]
+
+
+def test_a_dominant_class_is_warned_of(tmp_path) -> None:
+    data = load_labelled_data(_reviews(tmp_path / "my.csv", neg_share=0.91))
+    [warning] = _warnings(data)
+    assert warning.startswith("warning: class 'neg' is 9") and "of the training rows; accuracy alone will " \
+        "mislead, read macro-F1 (majority baseline 0.9" in warning
+
+
+def test_balanced_data_with_its_own_columns_gets_no_warning(tiny_csv, tmp_path) -> None:
+    assert _warnings(load_labelled_data(tiny_csv)) == []
+    assert _warnings(load_labelled_data(_reviews(tmp_path / "my.csv"))) == []
+
+
+def test_a_run_says_and_records_its_columns(run_cli, tiny_model_dir, tmp_path) -> None:
+    """The console line, config.yaml and metrics.json name the guessed columns; the drop is said."""
+    import os
+
+    import yaml
+
+    data, out = _reviews(tmp_path / "my.csv", empty_text=12, empty_label=8), str(tmp_path / "run")
+    code, _, err = run_cli("run", "--model", tiny_model_dir("bert"), "--dataset", data, "--output-dir", out,
+                           "--strategy", "head_only", "--epochs", "1", "--max-train-samples", "64",
+                           "--max-eval-samples", "32", "--max-length", "16")
+    assert code == 0, err
+    said = [f"data: {data}: 300 rows; text column 'review', label column 'sentiment' "
+            "(guessed; --text-column/--label-column to choose)",
+            "warning: 20 of 300 rows dropped: empty text 'review' (12) or label 'sentiment' (8)"]
+    assert all(line in err.splitlines() for line in said) and "warning: class" not in err
+    config = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert (config["text_column"], config["label_column"], config["response_column"]) == ("review", "sentiment", None)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["split"]["columns"] == {"text": "review", "label": "sentiment"}
+    assert metrics["split"]["rows"]["used"] == 280
+    log = open(os.path.join(out, "train.log")).read()
+    assert all(line in log for line in said)

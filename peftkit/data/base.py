@@ -27,12 +27,20 @@ class TaskData:
     labelled, how the split was made (recorded with the run), and the data's shape.
 
     ``shape`` is a ``Shape`` for the built-in loaders; a third-party task may put its own string
-    there (or None where it does not matter, as for an adapter being applied)."""
+    there (or None where it does not matter, as for an adapter being applied).
+
+    ``split_info["columns"]`` (the built-in loaders) names the source column behind each role
+    (``text``, ``label``, ``prompt``, ``response``, ``image``): what a run records and resumes with.
+    ``notes`` are lines a run says before training (which columns were used, rows dropped): the
+    data layer has no console, so it hands them on. ``source_columns`` are the columns the source
+    had, for messages that suggest another one."""
 
     splits: Any  # datasets.DatasetDict
     label_names: list[str] | None
     split_info: dict[str, Any] = field(default_factory=dict)
     shape: Shape | str | None = None
+    notes: list[str] = field(default_factory=list)
+    source_columns: tuple[str, ...] = ()
 
 
 #: The name this class had when only labelled text existed (``load_labelled_data`` returns one).

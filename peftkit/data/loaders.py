@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import PeftkitError
 from .base import Shape, TaskData
+from .checks import ColumnUse, data_line, dropped_warning
 from .columns import (IMAGE_COLUMN_GUESSES, LABEL_COLUMN_GUESSES, PROMPT_COLUMN_GUESSES, RESPONSE_COLUMN_GUESSES,
                       TEXT_COLUMN_GUESSES, has_response, label_mapping, pick_column, text_shape)
 from .sources import load_raw
@@ -62,11 +63,12 @@ def load_image_data(source: str, image_column: str | None = None, label_column: 
     columns = list(splits["train"].column_names)
     image_col = pick_column(columns, image_column, IMAGE_COLUMN_GUESSES, "image")
     label_col = pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
+    used = [ColumnUse("image", image_col, image_column is None), ColumnUse("label", label_col, label_column is None)]
+    rows = _rows(splits)
     class_names = getattr(splits["train"].features[label_col], "names", None)
     splits = {k: _renamed(ds, {image_col: "image", label_col: "label"}) for k, ds in splits.items()}
     names = _label_ids(splits, class_names, label_col)
-    done, info = finish_splits(splits, seed, max_train_samples)
-    return TaskData(done, names, info, Shape.IMAGE)
+    return _finished(splits, names, Shape.IMAGE, source, used, rows, {}, columns, seed, max_train_samples)
 
 
 # -- one builder per shape, over splits already read ---------------------------------------------
@@ -78,20 +80,24 @@ def _pairs(splits: dict[str, Any], source: str, prompt_column: str | None, respo
     prompt = None if no_prompt else (
         pick_column(columns, prompt_column, tuple(g for g in PROMPT_COLUMN_GUESSES if g != resp), "text")
         if prompt_column or any(g in columns and g != resp for g in PROMPT_COLUMN_GUESSES) else None)
+    # plain text is one text learned whole (stored as the response): its column is the text column
+    used = [ColumnUse("text" if no_prompt else "response", resp, response_column is None)]
+    if prompt is not None:
+        used.insert(0, ColumnUse("prompt", prompt, prompt_column is None))
+    rows = _rows(splits)
     import datasets
 
     # both as text whatever the file held: a CSV of numeric answers is read as integers, and a
     # mapped column keeping its input's name would otherwise keep its input's type too
     text_features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")})
     for name, ds in splits.items():
-        ds = ds.map(lambda r: {"prompt": _text(r[prompt]) if prompt else "", "response": _text(r[resp])},
-                    remove_columns=ds.column_names, features=text_features)
-        splits[name] = ds.filter(lambda r: r["response"].strip() != "")
+        splits[name] = ds.map(lambda r: {"prompt": _text(r[prompt]) if prompt else "", "response": _text(r[resp])},
+                              remove_columns=ds.column_names, features=text_features)
+    dropped = {used[-1].role: _drop(splits, lambda r: r["response"].strip() != "")}
     if len(splits["train"]) == 0:
         raise PeftkitError(f"dataset {source!r} has no examples with a non-empty {resp!r}")
-    done, info = finish_splits(splits, seed, max_train_samples)
-    info["columns"] = {"prompt": prompt, "response": resp}
-    return TaskData(done, None, info, Shape.PLAIN_TEXT if no_prompt else Shape.PROMPT_RESPONSE)
+    shape = Shape.PLAIN_TEXT if no_prompt else Shape.PROMPT_RESPONSE
+    return _finished(splits, None, shape, source, used, rows, dropped, columns, seed, max_train_samples)
 
 
 def _text(value: Any) -> str:
@@ -106,16 +112,50 @@ def _labelled(splits: dict[str, Any], source: str, text_column: str | None, labe
     label_col = pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
     if text_col == label_col:
         raise PeftkitError(f"text and label column are the same column {text_col!r}")
+    used = [ColumnUse("text", text_col, text_column is None), ColumnUse("label", label_col, label_column is None)]
+    rows = _rows(splits)
     class_names = getattr(splits["train"].features[label_col], "names", None)
     for name, ds in splits.items():
-        ds = _renamed(ds, {text_col: "text", label_col: "label"})
-        splits[name] = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != ""
-                                 and r["label"] is not None)
+        splits[name] = _renamed(ds, {text_col: "text", label_col: "label"})
+    # counted one reason at a time, so that every dropped row is counted once
+    dropped = {"text": _drop(splits, lambda r: isinstance(r["text"], str) and r["text"].strip() != ""),
+               "label": _drop(splits, lambda r: r["label"] is not None
+                              and not (isinstance(r["label"], str) and r["label"].strip() == ""))}
     if len(splits["train"]) == 0:
         raise PeftkitError(f"dataset {source!r} has no usable training examples (empty text or label)")
     names = _label_ids(splits, class_names, label_col)
+    return _finished(splits, names, Shape.LABELLED, source, used, rows, dropped, columns, seed, max_train_samples)
+
+
+def _rows(splits: dict[str, Any]) -> int:
+    """Rows in every split together: what the source held, before any was dropped."""
+    return sum(len(ds) for ds in splits.values())
+
+
+def _drop(splits: dict[str, Any], keep: Any) -> int:
+    """Keep the rows of every split for which ``keep(row)`` holds, in place; how many went."""
+    before = _rows(splits)
+    for name, ds in splits.items():
+        splits[name] = ds.filter(keep)
+    return before - _rows(splits)
+
+
+def _finished(splits: dict[str, Any], names: list[str] | None, shape: Shape, source: str, used: list[ColumnUse],
+              rows: int, dropped: dict[str, int], columns: list[str], seed: int,
+              max_train_samples: int | None) -> TaskData:
+    """The one ending of every loader: the split pipeline, and what was used and dropped recorded
+    (``split_info["columns"]`` and ``["rows"]``) and said (``notes``)."""
     done, info = finish_splits(splits, seed, max_train_samples)
-    return TaskData(done, names, info, Shape.LABELLED)
+    roles = {u.role: u.column for u in used}
+    info["columns"] = roles
+    info["rows"] = {"read": rows, "used": rows - sum(dropped.values())}
+    if any(dropped.values()):  # by role: rows whose text, label, ... was empty
+        info["rows"]["dropped_empty"] = {role: n for role, n in dropped.items() if n}
+    notes = [data_line(source, rows, used)]
+    warning = dropped_warning(rows, dropped, roles)
+    if warning:
+        notes.append(warning)
+    return TaskData(done, names, info, shape, notes, tuple(columns))
 
 
 def _renamed(ds: Any, names: dict[str, str]) -> Any:

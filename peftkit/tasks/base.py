@@ -56,6 +56,11 @@ class Task:
         data's shape and label names on the ``TaskData``."""
         raise NotImplementedError
 
+    def data_warnings(self, data: TaskData) -> list[str]:
+        """Lines starting ``warning:`` about ``data`` (after ``load_data``) that loads but would
+        train this task badly; a run says them before training starts. None by default."""
+        return []
+
     def load_processor(self, model: str) -> Any:
         """The tokenizer (text) or image processor (images) of ``model``."""
         raise NotImplementedError

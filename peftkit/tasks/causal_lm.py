@@ -17,6 +17,7 @@ which for a labelled dataset is its classification accuracy (reported as ``accur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -52,7 +53,8 @@ def _phrased(data: TaskData, source: str) -> TaskData:
 
     splits = {k: ds.map(phrase, remove_columns=ds.column_names) for k, ds in data.splits.items()}
     data.split_info.update(shape=_SHAPE_WORDS[Shape.LABELLED], prompt_template=template)
-    return TaskData(datasets.DatasetDict(splits), names, data.split_info, Shape.LABELLED)
+    # replace keeps what the loader found to say (its notes) and the source's columns
+    return dataclasses.replace(data, splits=datasets.DatasetDict(splits), label_names=names, shape=Shape.LABELLED)
 
 
 @register_task

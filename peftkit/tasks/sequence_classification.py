@@ -41,6 +41,14 @@ class ClassificationTask(Task):
         names = tuple(data.label_names or ())
         return TaskSpec(num_labels=len(names), label_names=names, kind=self.name)
 
+    def data_warnings(self, data: TaskData) -> list[str]:
+        """A label column that looks like free text (the wrong column?) and a class that dominates:
+        a classifier trains on either without an error, to a figure that means little. Warnings,
+        not errors: 150 intents on 15,000 rows is a real task, and there is no flag to insist."""
+        from ..data import label_warnings
+
+        return label_warnings(data)
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         import torch.nn.functional as F
 
