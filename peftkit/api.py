@@ -28,6 +28,7 @@ from .bench import BenchConfig, parse_strategies
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import PeftkitError, RunInterrupted, set_context
+from .evaluation import EvalConfig, EvalResult
 from .metrics import RunMetrics
 from .plan import Estimate, PlanSettings
 
@@ -285,6 +286,26 @@ def predict(adapter_dir: str, inputs: list[str], model: str | None = None,
     return predict_texts(loaded, list(inputs))
 
 
+def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
+    """Evaluate an adapter on every example of a labelled file (``config.dataset``), with the task's
+    own metrics, per-class figures and confusion matrix where it has them, and an input-blind
+    baseline (the majority class) beside them. With ``config.output``, metrics.json and
+    confusion_matrix.png are written there (staged, renamed into place when complete)."""
+    from .evaluation import evaluate_adapter, write_evaluation
+    from .rundir import check_output_dir, staged_dir
+
+    config.validate()
+    if config.output:
+        check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
+    quiet_libraries()
+    result = evaluate_adapter(config, echo)
+    if config.output:
+        with staged_dir(config.output, config.overwrite) as stage:
+            write_evaluation(result, stage)
+        result.output_dir = config.output
+    return result
+
+
 @dataclass
 class MergeResult:
     """A merged model directory and what went into it."""
@@ -327,5 +348,5 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["BenchConfig", "BenchResult", "MergeResult", "Plan", "PlanSettings", "RunConfig", "RunResult",
-           "bench", "inspect", "merge", "plan", "predict", "resume", "resumed_config", "run"]
+__all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "MergeResult", "Plan", "PlanSettings",
+           "RunConfig", "RunResult", "bench", "evaluate", "inspect", "merge", "plan", "predict", "resume", "resumed_config", "run"]

@@ -6,6 +6,8 @@
 - ``validation_curves.png``: validation accuracy after each epoch, per strategy.
 
 Points are means over seeds with error bars for the spread (when there are several seeds).
+
+``peftkit eval`` draws its confusion matrix here too (``write_confusion_matrix``).
 """
 
 from __future__ import annotations
@@ -104,3 +106,22 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     plt.close(fig)
     written.append("validation_curves.png")
     return written
+
+
+def write_confusion_matrix(matrix: list[list[int]], names: list[str], path: str, title: str) -> None:
+    """A confusion matrix (rows true, columns predicted) as a PNG, counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    side = min(12.0, 3.0 + 0.5 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=names).plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45 if len(names) > 4 else "horizontal")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
