@@ -200,11 +200,11 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     config.output_dir = out
     set_context(strategy=",".join(config.strategies), model=config.model)
     quiet_libraries()
-    predict_peak = _bench_predictor(config)
+    predict_peak, baselines = _bench_predictor(config)
     echo(f"bench: {len(config.strategies)} strategies x {len(config.seeds)} seed(s) on {config.model!r} / "
          f"{config.dataset!r}, each run in its own process; results in {out}")
     with staged_dir(out, overwrite) as stage:
-        results = run_suite(config, stage, echo, predict=predict_peak)
+        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
             table = "".join(line for line in fh if line.startswith("|")).rstrip()
     return BenchResult(out, results, table)
@@ -224,9 +224,10 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
     return config
 
 
-def _bench_predictor(config: BenchConfig) -> Any:
-    """The planner's prediction of each run's peak, for skipping what will not fit. Loads the data
-    and the model's processor once first: data or a model no run could load fails here, in seconds,
+def _bench_predictor(config: BenchConfig) -> tuple[Any, dict[int, dict[str, Any] | None]]:
+    """The planner's prediction of each run's peak, for skipping what will not fit, and each
+    seed's input-blind baseline on the test split its runs are evaluated on. Loads the data and
+    the model's processor once first: data or a model no run could load fails here, in seconds,
     and the data says how many labels and loss positions to plan for."""
     import torch
 
@@ -238,9 +239,24 @@ def _bench_predictor(config: BenchConfig) -> Any:
     data = task.load_data(cfg)
     processor = task.load_processor(config.model)
     num_labels = max(2, len(data.label_names or ()))
-    return bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
-                           "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
-                           loss_positions=task.loss_positions(data, processor, cfg))
+    predictor = bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
+                                "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
+                                loss_positions=task.loss_positions(data, processor, cfg))
+    return predictor, _bench_baselines(config, task, data)
+
+
+def _bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, dict[str, Any] | None]:
+    """``task.baseline`` on each seed's test split, made (and capped) as its runs make it: the
+    seed changes the split. ``first``: the first seed's data, already loaded."""
+    from .data import cap_eval_splits
+
+    out: dict[int, dict[str, Any] | None] = {}
+    for seed in config.seeds:
+        data = first if seed == config.seeds[0] else task.load_data(
+            config.run_config(config.strategies[0], seed, config.batch_size, "unused"))
+        cap_eval_splits(data, config.max_eval_samples, seed)
+        out[seed] = task.baseline(data)
+    return out
 
 
 # -- plan -------------------------------------------------------------------------------------

@@ -323,8 +323,10 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     \b
     Each strategy and seed runs in its own process. The output directory holds
     results.json   every run, a summary per strategy, versions, plugins, machine
-    results.md     the table, best values in bold
+    results.md     the table, best values in bold; the majority-class baseline, and a
+                   † on each strategy not better than it
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
+                   (not with one epoch: a single point each)
     runs/          each run's directory (config, metrics, log, adapter)
     """
     from . import api
@@ -335,6 +337,10 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
+    from .bench import baseline_note
+
+    for line in baseline_note(result.results):
+        click.echo(line)
     click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 
 
