@@ -107,6 +107,15 @@ def check_adapter_dir(directory: str) -> None:
         raise PeftkitError(f"{directory!r} is not an adapter directory (no .safetensors file)")
 
 
+def resolve_adapter_dir(path: str) -> str:
+    """``path``, or its ``adapter/`` sub-directory when ``path`` is a run directory (weights in
+    ``adapter/``, none of its own): users give the run directory a run printed."""
+    sub = os.path.join(path, "adapter")
+    if os.path.isdir(path) and os.path.isdir(sub) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return sub
+    return path
+
+
 def _read_json(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:

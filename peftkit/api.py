@@ -28,6 +28,7 @@ from .bench import BenchConfig, parse_strategies
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import PeftkitError, RunInterrupted, set_context
+from .evaluation import EvalConfig, EvalResult
 from .metrics import RunMetrics
 from .plan import Estimate, PlanSettings
 
@@ -199,11 +200,11 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     config.output_dir = out
     set_context(strategy=",".join(config.strategies), model=config.model)
     quiet_libraries()
-    config, predict_peak = _bench_predictor(config, echo)
+    config, predict_peak, baselines = _bench_predictor(config, echo)
     echo(f"bench: {len(config.strategies)} strategies x {len(config.seeds)} seed(s) on {config.model!r} / "
          f"{config.dataset!r}, each run in its own process; results in {out}")
     with staged_dir(out, overwrite) as stage:
-        results = run_suite(config, stage, echo, predict=predict_peak)
+        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
             table = "".join(line for line in fh if line.startswith("|")).rstrip()
     return BenchResult(out, results, table)
@@ -223,9 +224,10 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
     return config
 
 
-def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any]:
-    """The planner's prediction of each run's peak, for skipping what will not fit. Loads the data
-    and the model's processor once first: data or a model no run could load fails here, in seconds,
+def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any, dict[int, dict[str, Any] | None]]:
+    """The planner's prediction of each run's peak, for skipping what will not fit, and each
+    seed's input-blind baseline on the test split its runs are evaluated on. Loads the data and
+    the model's processor once first: data or a model no run could load fails here, in seconds,
     and the data says how many labels and loss positions to plan for. Returned with ``config``
     naming the columns the data was read from (guessed ones too): results.json records them, and
     every run reads the same ones. What loading found (columns, dropped rows, label warnings) is
@@ -244,9 +246,24 @@ def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any]
         echo(line)
     processor = task.load_processor(config.model)
     num_labels = max(2, len(data.label_names or ()))
-    return config, bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
-                                   "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
-                                   loss_positions=task.loss_positions(data, processor, cfg))
+    predictor = bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
+                                "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
+                                loss_positions=task.loss_positions(data, processor, cfg))
+    return config, predictor, _bench_baselines(config, task, data)
+
+
+def _bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, dict[str, Any] | None]:
+    """``task.baseline`` on each seed's test split, made (and capped) as its runs make it: the
+    seed changes the split. ``first``: the first seed's data, already loaded."""
+    from .data import cap_eval_splits
+
+    out: dict[int, dict[str, Any] | None] = {}
+    for seed in config.seeds:
+        data = first if seed == config.seeds[0] else task.load_data(
+            config.run_config(config.strategies[0], seed, config.batch_size, "unused"))
+        cap_eval_splits(data, config.max_eval_samples, seed)
+        out[seed] = task.baseline(data)
+    return out
 
 
 # -- plan -------------------------------------------------------------------------------------
@@ -292,6 +309,26 @@ def predict(adapter_dir: str, inputs: list[str], model: str | None = None,
     return predict_texts(loaded, list(inputs))
 
 
+def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
+    """Evaluate an adapter on every example of a labelled file (``config.dataset``), with the task's
+    own metrics, per-class figures and confusion matrix where it has them, and an input-blind
+    baseline (the majority class) beside them. With ``config.output``, metrics.json and
+    confusion_matrix.png are written there (staged, renamed into place when complete)."""
+    from .evaluation import evaluate_adapter, write_evaluation
+    from .rundir import check_output_dir, staged_dir
+
+    config.validate()
+    if config.output:
+        check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
+    quiet_libraries()
+    result = evaluate_adapter(config, echo)
+    if config.output:
+        with staged_dir(config.output, config.overwrite) as stage:
+            write_evaluation(result, stage)
+        result.output_dir = config.output
+    return result
+
+
 @dataclass
 class MergeResult:
     """A merged model directory and what went into it."""
@@ -334,5 +371,5 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["BenchConfig", "BenchResult", "MergeResult", "Plan", "PlanSettings", "RunConfig", "RunResult",
-           "bench", "inspect", "merge", "plan", "predict", "resume", "resumed_config", "run"]
+__all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "MergeResult", "Plan", "PlanSettings",
+           "RunConfig", "RunResult", "bench", "evaluate", "inspect", "merge", "plan", "predict", "resume", "resumed_config", "run"]

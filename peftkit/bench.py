@@ -13,6 +13,10 @@ tried.
 The suite writes into a staging directory renamed into place at the end, like a run: results.json
 (every row, a summary per strategy, versions, plugins, machine), results.md (the table a person
 reads), three PNG plots, and runs/<strategy>-seed<N>/ (each run's directory, adapter included).
+
+Beside the runs stands an input-blind baseline on the same test splits (``Task.baseline``: the
+majority class, the most frequent answer), and a strategy that does not beat it is flagged: a
+short run can look like learning while it only answers the most frequent label.
 """
 
 from __future__ import annotations
@@ -373,9 +377,37 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
     return out
 
 
+def summarize_baseline(per_seed: dict[int, dict[str, Any] | None] | None) -> dict[str, Any] | None:
+    """The input-blind baseline of each seed's test split (``Task.baseline``) as one entry of
+    results.json: its name, what it predicts, each metric's mean over the seeds, and each seed's own."""
+    known = {seed: b for seed, b in (per_seed or {}).items() if b}
+    if not known:
+        return None
+    first = next(iter(known.values()))
+    metrics = [k for k, v in first.items() if isinstance(v, (int, float)) and all(k in b for b in known.values())]
+    predicts = sorted({str(b["predicts"]) for b in known.values()})
+    return {"name": first["name"], "predicts": " / ".join(predicts),
+            **{k: statistics.mean(b[k] for b in known.values()) for k in metrics},
+            "seeds": {str(seed): b for seed, b in known.items()}}
+
+
+def not_above_baseline(summary: dict[str, dict[str, Any]], baseline: dict[str, Any] | None,
+                       quality: tuple[str, str, bool]) -> list[str]:
+    """Strategies whose quality (mean over seeds) is not better than the baseline's: a model that
+    learned nothing but the most frequent label scores exactly that."""
+    key, _label, higher = quality
+    metric = key.removeprefix("test_")
+    if not baseline or baseline.get(metric) is None:
+        return []
+    worse = (lambda v: v <= baseline[metric]) if higher else (lambda v: v >= baseline[metric])
+    return [name for name, v in summary.items() if v.get(f"{key}_mean") is not None and worse(v[f"{key}_mean"])]
+
+
 def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
-              runner: Runner = spawn_worker, predict: Predictor | None = None) -> dict[str, Any]:
-    """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots."""
+              runner: Runner = spawn_worker, predict: Predictor | None = None,
+              baselines: dict[int, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots.
+    ``baselines``: each seed's input-blind baseline on its test split (``Task.baseline``)."""
     from . import registry
     from .env import machine_description, package_versions
 
@@ -420,6 +452,7 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
         "summary": summarize(rows, bench.strategies),
         "quality": quality_of(rows),
         "second": quality_of(rows, SECOND),
+        "baseline": summarize_baseline(baselines),  # None: no baseline given, or none means anything
         "rows": rows,
     }
     write_json(os.path.join(stage, "results.json"), results)
@@ -466,14 +499,42 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         "| micro-batch × accum | levers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    flagged = not_above_baseline(summary, results.get("baseline"), results.get("quality", QUALITY[0]))
     for name, v in summary.items():
         if v["status"] in ("does not fit", "failed", "not applicable"):
             lines.append(f"| `{name}` | {v['status']}: {v['error']} |" + " |" * 12)
         else:
-            lines.append("| " + " | ".join(_report_cells(name, v, q, f, best)) + " |")
+            cells = _report_cells(name, v, q, f, best)
+            cells[0] += " †" if name in flagged else ""
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + baseline_note(results) if results.get("baseline") else []
     lines += _report_footer(results, q_label)
-    lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    from .plots import curves_skipped
+
+    skipped = curves_skipped(results) if plots and "validation_curves.png" not in plots else None
+    lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + ([f"({skipped}.)"] if skipped else [])
     return "\n".join(lines) + "\n"
+
+
+def baseline_note(results: dict[str, Any]) -> list[str]:
+    """The lines under the table: the input-blind baseline (``results["baseline"]``) and what the
+    † beside a strategy means; none without a baseline."""
+    b = results.get("baseline")
+    if not b:
+        return []
+    quality = results.get("quality", QUALITY[0])
+    flagged = not_above_baseline(results["summary"], b, quality)
+    figures = ", ".join(f"{label} {b[key.removeprefix('test_')]:.4f}"
+                        for key, label, _ in (quality, results.get("second", SECOND[0]))
+                        if b.get(key.removeprefix("test_")) is not None)
+    seeds = "" if len(b.get("seeds", {})) < 2 else ", mean over seeds"
+    lines = [f"Baseline, {b['name']} (always `{b['predicts']}`, the most frequent of the test split): "
+             f"{figures or 'not comparable with these metrics'}{seeds}."]
+    if flagged:
+        lines.append(f"† not better than the baseline's {quality[1]}: "
+                     f"{'it' if len(flagged) == 1 else 'each'} may have learned no more than always to answer "
+                     f"`{b['predicts']}`.")
+    return lines
 
 
 def _report_header(results: dict[str, Any]) -> list[str]:

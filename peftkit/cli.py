@@ -124,6 +124,13 @@ _declare("adapter", "--adapter", "adapter_dir", required=True,
          help="Adapter directory: a run's adapter/ folder, one in adapters/, or a plain peft adapter.")
 _declare("output", "--output", required=True,
          help="Directory for the merged model (must not exist unless --overwrite).")
+_declare("eval_dataset", "--dataset", required=True,
+         help="Labelled data to evaluate on, every example of it (no split): a data file (.csv/.json/.jsonl/"
+              ".parquet, compressed too), a datasets save_to_disk directory, a short name or a hub id. Labels "
+              "are matched to the adapter's by name.")
+_declare("eval_output", "--output", default=None,
+         help="Directory for metrics.json and confusion_matrix.png (must not exist unless --overwrite). "
+              "Default: print only.")
 _declare("force", "--force", is_flag=True,
          help="Use the adapter even if the base model's weights differ from those it was trained on.")
 
@@ -165,6 +172,7 @@ def cli(debug: bool) -> None:
     peftkit bench                     every strategy side by side: memory, speed, accuracy
     peftkit plan --memory-budget 8GiB predicted peak memory of each strategy, without training
     peftkit predict --adapter DIR T   classify texts with a trained adapter
+    peftkit eval --adapter DIR --dataset FILE   how well it does on a labelled file, beside a baseline
     peftkit inspect DIR               what an adapter is, what it was trained on, how well it did
     peftkit merge --adapter DIR --output OUT   base + adapter as one plain transformers model
     peftkit env                       versions, device and lock status, for bug reports
@@ -315,8 +323,10 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     \b
     Each strategy and seed runs in its own process. The output directory holds
     results.json   every run, a summary per strategy, versions, plugins, machine
-    results.md     the table, best values in bold
+    results.md     the table, best values in bold; the majority-class baseline, and a
+                   † on each strategy not better than it
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
+                   (not with one epoch: a single point each)
     runs/          each run's directory (config, metrics, log, adapter)
     """
     from . import api
@@ -327,6 +337,10 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
+    from .bench import baseline_note
+
+    for line in baseline_note(result.results):
+        click.echo(line)
     click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 
 
@@ -433,6 +447,57 @@ def predict_cmd(adapter_dir: str, model: str | None, force: bool, texts: tuple[s
 
     for row in api.predict(adapter_dir, list(texts), model, force=force):
         click.echo(json.dumps(row, ensure_ascii=False))
+
+
+@cli.command("eval")
+@options("adapter", "eval_dataset", "text_column", "label_column", "response_column", "base_model", "force",
+         "max_eval_samples", "batch_size", "eval_output", "overwrite", "json",
+         adapter="Adapter directory (a run's adapter/ folder, one in adapters/, a plain peft adapter) or a "
+                 "run directory.",
+         max_eval_samples="Evaluate a seeded sample of N examples instead of all (a language model's "
+                          "generation on a CPU is slow).",
+         batch_size="Evaluation batch size. Default: 32.", json="Print the results as JSON.")
+def eval_cmd(adapter_dir: str, as_json: bool, **opts: Any) -> None:
+    """Evaluate an adapter on a labelled file it has not seen, beside a majority-class baseline.
+
+    \b
+    sequence- and image-classification: accuracy, macro-F1, per-class precision / recall / F1 /
+        support, the confusion matrix (a table; with --output also confusion_matrix.png)
+    causal-lm: perplexity and the exact match of generated answers (= accuracy for labelled data)
+    Baseline: always answering the file's most frequent label (or answer); a warning says when
+    the adapter does no better.
+    """
+    from . import api
+
+    result = api.evaluate(api.EvalConfig(adapter=adapter_dir, **_given(opts)), echo=_echo)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print_evaluation(result)
+    if result.warning:
+        _echo(f"warning: {result.warning}")
+
+
+def _print_evaluation(result: Any) -> None:
+    from .evaluation import confusion_table, per_class_table
+
+    def figures(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {values[k]:.4f}" for k in result.headline if values.get(k) is not None)
+
+    click.echo(f"{result.strategy} adapter on {result.dataset!r} ({result.task}, {result.examples:,} examples): "
+               f"{figures(result.metrics)}")
+    b = result.baseline
+    click.echo(f"baseline, {b['name']} (always {b['predicts']!r}): {figures(b) or '-'}" if b
+               else "baseline: none (no input-blind answer means anything for this data)")
+    if result.per_class:
+        click.echo("\n" + per_class_table(result.per_class))
+    if result.confusion_matrix is not None:
+        click.echo("\nconfusion matrix (rows: true label, columns: predicted):")
+        names = result.label_names or [str(i) for i in range(len(result.confusion_matrix))]
+        click.echo(confusion_table(result.confusion_matrix, names))
+    if result.output_dir:
+        click.echo(f"\nwritten: {result.output_dir} (metrics.json" +
+                   (", confusion_matrix.png)" if result.confusion_matrix is not None else ")"))
 
 
 @cli.command("merge")

@@ -3,9 +3,12 @@
 - ``accuracy_vs_memory.png``: test accuracy against peak training memory, with the Pareto front
   (strategies no other one beats on both) joined by a line;
 - ``accuracy_vs_time.png``: test accuracy against training time;
-- ``validation_curves.png``: validation accuracy after each epoch, per strategy.
+- ``validation_curves.png``: validation accuracy after each epoch, per strategy; left out when
+  every strategy trained a single epoch (a dot each is no curve: ``curves_skipped``).
 
 Points are means over seeds with error bars for the spread (when there are several seeds).
+
+``peftkit eval`` draws its confusion matrix here too (``write_confusion_matrix``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,25 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(filename)
 
+    if curves_skipped(results) is None:
+        _validation_curves(plt, results, summary, title, out_dir)
+        written.append("validation_curves.png")
+    return written
+
+
+def curves_skipped(results: dict[str, Any]) -> str | None:
+    """Why ``validation_curves.png`` is not drawn (one validation point per strategy, after its
+    only epoch: the history records one per epoch), or None when it is."""
+    histories = [r["history"] for r in results["rows"] if r.get("history")]
+    if histories and max(len(h) for h in histories) > 1:
+        return None
+    return ("no validation curves: every strategy trained one epoch, so each has a single validation "
+            "point (validation is measured after each epoch); train more epochs (--epochs) to see them")
+
+
+def _validation_curves(plt: Any, results: dict[str, Any], summary: dict[str, dict[str, Any]], title: str,
+                       out_dir: str) -> None:
+    """Each strategy's validation metric after each epoch (mean over seeds), on whole epochs."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = [r for r in results["rows"] if r.get("history")]
     curve = "validation_accuracy" if all(e.get("validation_accuracy") is not None
@@ -102,5 +124,22 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "validation_curves.png"), dpi=120)
     plt.close(fig)
-    written.append("validation_curves.png")
-    return written
+
+
+def write_confusion_matrix(matrix: list[list[int]], names: list[str], path: str, title: str) -> None:
+    """A confusion matrix (rows true, columns predicted) as a PNG, counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    side = min(12.0, 3.0 + 0.5 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=names).plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45 if len(names) > 4 else "horizontal")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -134,6 +134,51 @@ def test_run_suite_writes_results_report_and_plots(tmp_path) -> None:
     assert results["summary"]["head_only"]["later_epoch_seconds_mean"] == 2.0
 
 
+class ScoredRunner(FakeRunner):
+    """Every run fits; each strategy scores its own test accuracy, over ``epochs`` epochs."""
+
+    def __init__(self, accuracy: dict[str, float], epochs: int = 2) -> None:
+        super().__init__({name: 10**6 for name in accuracy})
+        self.accuracy, self.epochs = accuracy, epochs
+
+    def __call__(self, cfg, log_path: str) -> Attempt:
+        metrics = _metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation, self.accuracy[cfg.strategy])
+        metrics["history"] = metrics["history"][-self.epochs:]
+        return Attempt("ok", cfg.batch_size, metrics=metrics)
+
+
+def test_the_report_shows_the_majority_baseline_and_flags_what_does_not_beat_it(tmp_path) -> None:
+    """Issue 15: LoRA at 0.585 / F1 0.369 in a short run was the majority class; the report says so."""
+    bench = BenchConfig(strategies=["full", "lora", "head_only"], seeds=[0, 1], command="peftkit bench --test")
+    runner = ScoredRunner({"full": 0.83, "lora": 0.585, "head_only": 0.58})
+    baselines = {0: {"name": "majority class", "predicts": "positive", "accuracy": 0.59, "f1_macro": 0.37},
+                 1: {"name": "majority class", "predicts": "positive", "accuracy": 0.58, "f1_macro": 0.36}}
+    results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner, baselines=baselines)
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert on_disk["baseline"]["accuracy"] == pytest.approx(0.585) and on_disk["baseline"]["predicts"] == "positive"
+    assert on_disk["baseline"]["seeds"]["1"]["accuracy"] == 0.58 and results["baseline"] == on_disk["baseline"]
+    md = (tmp_path / "results.md").read_text()
+    # not above the baseline: equal (lora) and below (head_only) are flagged, full is not
+    assert "| `lora` † |" in md and "| `head_only` † |" in md and "| `full` |" in md
+    assert ("Baseline, majority class (always `positive`, the most frequent of the test split): test accuracy "
+            "0.5850, macro-F1 0.3650, mean over seeds.") in md
+    assert "† not better than the baseline's test accuracy: each may have learned no more than always to answer " \
+           "`positive`." in md
+    # the same results make the same report, byte for byte
+    from peftkit.bench import markdown_report
+
+    assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
+
+
+def test_a_one_epoch_suite_skips_the_validation_curves_and_says_why(tmp_path) -> None:
+    bench = BenchConfig(strategies=["lora", "head_only"], epochs=1)
+    run_suite(bench, str(tmp_path), lambda m: None, runner=ScoredRunner({"lora": 0.8, "head_only": 0.7}, epochs=1))
+    md = (tmp_path / "results.md").read_text()
+    assert not (tmp_path / "validation_curves.png").exists() and "validation_curves" not in md
+    assert "(no validation curves: every strategy trained one epoch, so each has a single validation point" in md
+    assert (tmp_path / "accuracy_vs_memory.png").exists() and "Baseline" not in md  # none given: no line
+
+
 # -- memory measurement -------------------------------------------------------------------------
 
 def test_cpu_meter_resets_its_peak_between_phases() -> None:
@@ -176,7 +221,9 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
         assert os.path.isdir(out / row["run_dir"] / "adapter")
         assert yaml.safe_load(open(out / row["run_dir"] / "config.yaml"))["text_column"] == "text"
     assert results["command"].startswith("peftkit bench --strategies lora,head_only")
-    assert "| `lora` |" in stdout and "results.md" in stdout
+    # tiny_csv is half pos, half neg: a stratified test split of 20 is a tie, broken to the first label
+    assert results["baseline"]["predicts"] == "neg" and results["baseline"]["accuracy"] == 0.5
+    assert "| `lora`" in stdout and "results.md" in stdout and "Baseline, majority class (always `neg`" in stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
 
 

@@ -281,7 +281,9 @@ def test_bench_compares_strategies_on_a_causal_lm(tiny_causal_dir, pairs_csv, ru
         assert row["predicted_peak_bytes"], "the planner predicted the causal-lm run too"
     md = (out / "results.md").read_text()
     assert "| exact match (± sd) | perplexity |" in md
-    assert (out / "validation_curves.png").exists()
+    # one epoch: a dot per strategy is no curve (issue 15); the report says why there is none
+    assert not (out / "validation_curves.png").exists() and "no validation curves" in md
+    assert results["baseline"]["name"] == "majority answer" and 0 < results["baseline"]["exact_match"] < 1
 
 
 def test_bench_compares_strategies_on_images(tiny_vit_dir, run_cli, tmp_path) -> None:

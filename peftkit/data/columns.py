@@ -74,5 +74,31 @@ def label_mapping(splits: dict[str, Any], class_names: list[str] | None,
     return [str(int(v)) if isinstance(v, float) else str(v) for v in ordered], index.__getitem__
 
 
+def relabel(data: Any, names: list[str] | None, source: str) -> Any:
+    """``data`` (a ``TaskData``) with its labels renumbered as ``names`` numbers them (an adapter's
+    labels: a file's own are numbered in sorted order, which need not be the adapter's), matched
+    by name. A label not among ``names`` is refused, naming them. ``names`` None (an adapter that
+    learned no labels) or data without labels: ``data`` as it is."""
+    import datasets
+
+    from .base import TaskData
+
+    if not names or not data.label_names:
+        return data
+    unknown = [n for n in data.label_names if n not in names]
+    if unknown:
+        raise PeftkitError(f"label {unknown[0]!r} of {source!r} is not one the adapter was trained on; "
+                           f"its labels: {', '.join(names)}")
+    new_id = [list(names).index(n) for n in data.label_names]
+    splits = {}
+    for split, ds in data.splits.items():
+        if "label" in ds.column_names:
+            features = ds.features.copy()
+            features["label"] = datasets.ClassLabel(names=list(names))
+            ds = ds.map(lambda r: {"label": new_id[r["label"]]}, features=features)
+        splits[split] = ds
+    return TaskData(datasets.DatasetDict(splits), list(names), data.split_info, data.shape)
+
+
 __all__ = ["IMAGE_COLUMN_GUESSES", "LABEL_COLUMN_GUESSES", "PROMPT_COLUMN_GUESSES", "RESPONSE_COLUMN_GUESSES",
-           "TEXT_COLUMN_GUESSES", "has_response", "label_mapping", "pick_column", "text_shape"]
+           "TEXT_COLUMN_GUESSES", "has_response", "label_mapping", "pick_column", "relabel", "text_shape"]

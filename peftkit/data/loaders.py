@@ -12,7 +12,7 @@ from .checks import ColumnUse, data_line, dropped_warning
 from .columns import (IMAGE_COLUMN_GUESSES, LABEL_COLUMN_GUESSES, PROMPT_COLUMN_GUESSES, RESPONSE_COLUMN_GUESSES,
                       TEXT_COLUMN_GUESSES, has_response, label_mapping, pick_column, text_shape)
 from .sources import load_raw
-from .splits import finish_splits, standard_splits
+from .splits import finish_splits, keeping_whole, standard_splits
 
 
 def load_text_data(source: str, text_column: str | None = None, label_column: str | None = None,
@@ -170,7 +170,7 @@ def _label_ids(splits: dict[str, Any], class_names: list[str] | None, label_col:
     import datasets
 
     names, to_id = label_mapping(splits, class_names, label_col)
-    if len(names) < 2:
+    if len(names) < 2 and not keeping_whole():  # evaluating on one class is fine; learning it is not
         raise PeftkitError(f"label column {label_col!r} has a single class ({names[0]!r}); "
                            "classification needs at least two")
     class_label = datasets.ClassLabel(names=names)

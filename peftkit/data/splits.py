@@ -4,12 +4,34 @@ and the evaluation sets capped by seeded samples. ``split_info`` records what wa
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 from ..errors import PeftkitError
 
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 SPLIT_NAMES = ("train", "validation", "test")
+
+_WHOLE: ContextVar[bool] = ContextVar("peftkit_whole_data", default=False)
+
+
+@contextlib.contextmanager
+def whole_data() -> Iterator[None]:
+    """Within it, data is read to be evaluated, not trained on (``peftkit eval``): the pipeline
+    keeps every example, in ``test`` (train and validation empty), in the source's order, and a
+    file of a single class is allowed. A context rather than a parameter, so that every task's
+    ``load_data`` (plugins' too) reads a whole file through the pipeline it already uses."""
+    token = _WHOLE.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
+
+
+def keeping_whole() -> bool:
+    """Whether data is being read whole (inside ``whole_data``)."""
+    return _WHOLE.get()
 
 
 def standard_splits(raw: Any, source: str) -> dict[str, Any]:
@@ -42,8 +64,14 @@ def finish_splits(splits: dict[str, Any], seed: int, max_train_samples: int | No
 def complete_splits(splits: dict[str, Any], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Carve what is missing out of train: 80/10/10 of the whole when validation and test both
     are, else 1/9 of train (10% of the whole when train was 90% of it)."""
-    have_val, have_test = "validation" in splits, "test" in splits
     info: dict[str, Any] = {"seed": seed}
+    if keeping_whole():
+        import datasets
+
+        whole = datasets.concatenate_datasets([splits[n] for n in SPLIT_NAMES if n in splits])
+        info["method"] = "every example (no split)"
+        return {"train": whole.select([]), "validation": whole.select([]), "test": whole}, info
+    have_val, have_test = "validation" in splits, "test" in splits
     if have_val and have_test:
         info["method"] = "splits given by the dataset"
         return splits, info
@@ -81,5 +109,5 @@ def cap_eval_splits(data: Any, cap: int | None, seed: int) -> None:
     data.split_info["sizes"] = {k: len(v) for k, v in data.splits.items()}
 
 
-__all__ = ["SPLIT_NAMES", "VALIDATION_NAMES", "cap_eval_splits", "complete_splits", "finish_splits",
-           "standard_splits"]
+__all__ = ["SPLIT_NAMES", "VALIDATION_NAMES", "cap_eval_splits", "complete_splits", "finish_splits", "keeping_whole",
+           "standard_splits", "whole_data"]

@@ -21,6 +21,7 @@ names) travels on the ``TaskData``, which later calls receive. Tasks register wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from ..data import TaskData
@@ -31,6 +32,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from ..config import RunConfig
+
+
+@dataclass
+class Evaluation:
+    """What ``peftkit eval`` reports of an adapter on a labelled file (``Task.evaluate_in_detail``)."""
+
+    metrics: dict[str, float]
+    """What ``Task.evaluate`` measures on a test split (accuracy, f1_macro; perplexity, exact_match)."""
+    per_class: list[dict[str, Any]] | None = None
+    """Per label: ``label``, ``precision``, ``recall``, ``f1``, ``support`` (classification)."""
+    confusion_matrix: list[list[int]] | None = None
+    """Counts, a row per true label, a column per predicted label, in the adapter's label order."""
 
 
 class Task:
@@ -96,6 +109,31 @@ class Task:
         says what can be measured; None: the task's usual shape)."""
         raise NotImplementedError
 
+    # -- evaluating an adapter on a new file (``peftkit eval``) --------------------------------
+    def evaluation_data(self, cfg: RunConfig, metadata: dict[str, Any]) -> TaskData:
+        """Every example of ``cfg.dataset`` as the test split (train and validation empty), its
+        labels numbered as the adapter's (``metadata``: its peftkit_adapter.json) by name; a label
+        the adapter does not know is refused."""
+        from ..data import relabel, whole_data
+
+        with whole_data():
+            data = self.load_data(cfg)
+        return relabel(data, metadata.get("label_names"), cfg.dataset)
+
+    def evaluate_in_detail(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                           after_batch: Callable[[], None] | None = None, context: Any = None,
+                           data: TaskData | None = None) -> Evaluation:
+        """``evaluate``'s test metrics (``final``), and where the task has them, per-class figures
+        and a confusion matrix, from one pass over ``loader``."""
+        return Evaluation(self.evaluate(strategy, model, loader, accelerator, after_batch=after_batch, final=True,
+                                        context=context, data=data))
+
+    def baseline(self, data: TaskData) -> dict[str, Any] | None:
+        """What a predictor that ignores its input scores on ``data``'s test split (the majority
+        class; the most frequent answer), as ``{"name", "predicts", <metric>: value, ...}`` with
+        the keys ``evaluate`` uses; None where no such predictor means anything (plain text)."""
+        return None
+
     # -- planning (``peftkit plan``: random weights, no data) -----------------------------------
     def model_from_config(self, config: Any) -> nn.Module:
         """This task's model built from ``config`` (random weights; on the meta device under
@@ -156,4 +194,4 @@ def gathered_sum(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
-__all__ = ["Task", "TaskData", "TaskSpec", "gathered_sum", "map_splits"]
+__all__ = ["Evaluation", "Task", "TaskData", "TaskSpec", "gathered_sum", "map_splits"]

@@ -39,13 +39,14 @@ _SHAPE_WORDS = {Shape.PROMPT_RESPONSE: "prompt and response", Shape.PLAIN_TEXT: 
                 Shape.LABELLED: "labelled data phrased as completion"}
 
 
-def _phrased(data: TaskData, source: str) -> TaskData:
-    """Labelled data as a completion task: ``"Review: {text} ... Answer:"`` -> ``" positive"``."""
+def _phrased(data: TaskData, source: str, template: str | None = None) -> TaskData:
+    """Labelled data as a completion task: ``"Review: {text} ... Answer:"`` -> ``" positive"``
+    (``template``: the one an adapter learned; None: the dataset's own)."""
     import datasets
 
     from ..data import prompt_template_for
 
-    template = prompt_template_for(source)
+    template = template or prompt_template_for(source)
     names = data.label_names or []
 
     def phrase(row: dict[str, Any]) -> dict[str, str]:
@@ -78,10 +79,39 @@ class CausalLM(Task):
 
         data = load_text_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed,
                               cfg.max_train_samples)
+        return self._shaped(data, cfg.dataset)
+
+    @staticmethod
+    def _shaped(data: TaskData, source: str, template: str | None = None) -> TaskData:
+        """``data`` with its shape recorded, labelled data phrased as prompts (``_phrased``)."""
         if data.shape is not Shape.LABELLED:
             data.split_info["shape"] = _SHAPE_WORDS[data.shape]
             return data
-        return _phrased(data, cfg.dataset)
+        return _phrased(data, source, template)
+
+    def evaluation_data(self, cfg: RunConfig, metadata: dict[str, Any]) -> TaskData:
+        """The whole file, labelled data phrased with the prompt the adapter learned (so that its
+        answers can match) and its labels checked against the adapter's."""
+        from ..data import load_text_data, relabel, whole_data
+
+        with whole_data():
+            data = load_text_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed)
+        data = relabel(data, metadata.get("label_names"), cfg.dataset)
+        return self._shaped(data, cfg.dataset, metadata.get("prompt_template"))
+
+    def baseline(self, data: TaskData) -> dict[str, Any] | None:
+        """Always the most frequent answer of the test split (the first seen on a tie): its exact
+        match (and accuracy, for labelled data). None for plain text, which has no answers."""
+        from collections import Counter
+
+        answers = [r.strip() for r in data.splits["test"]["response"]]
+        if data.shape is Shape.PLAIN_TEXT or not answers:
+            return None
+        answer, count = Counter(answers).most_common(1)[0]
+        out: dict[str, Any] = {"name": "majority answer", "predicts": answer, "exact_match": count / len(answers)}
+        if data.shape is Shape.LABELLED:
+            out["accuracy"] = out["exact_match"]  # as evaluate reports it
+        return out
 
     def load_processor(self, model: str) -> Any:
         from ..models import load_tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import register_task
-from .base import Task, TaskData, TaskSpec, map_splits
+from .base import Evaluation, Task, TaskData, TaskSpec, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,14 +57,25 @@ class ClassificationTask(Task):
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
                  context: Any = None, data: TaskData | None = None) -> dict[str, float]:
+        preds, labels, loss_sum, num_labels = self._outputs(strategy, model, loader, accelerator, after_batch)
+        out = classification_metrics(preds, labels, num_labels)
+        out["loss"] = loss_sum / max(1, len(labels))
+        return out
+
+    def _outputs(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                 after_batch: Callable[[], None] | None) -> tuple[Any, Any, float, int]:
+        """Over ``loader``, gathered from every process: predicted and true label ids, summed loss,
+        and the number of labels (the model's outputs)."""
         import torch
         import torch.nn.functional as F
 
         model.eval()
         preds, labels, losses = [], [], []
+        num_labels = 0
         with torch.no_grad():
             for batch in loader:
                 logits = strategy.forward(model, batch)
+                num_labels = int(logits.shape[-1])
                 loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
                 # gather_for_metrics drops the examples that fill up a last uneven batch across processes
                 p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
@@ -73,10 +84,39 @@ class ClassificationTask(Task):
                 losses.append(l.cpu())
                 if after_batch is not None:
                     after_batch()
-        p, y = torch.cat(preds), torch.cat(labels)
-        out = classification_metrics(p, y, int(logits.shape[-1]))
-        out["loss"] = float(torch.cat(losses).sum()) / max(1, len(y))
-        return out
+        return torch.cat(preds), torch.cat(labels), float(torch.cat(losses).sum()), num_labels
+
+    def evaluate_in_detail(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                           after_batch: Callable[[], None] | None = None, context: Any = None,
+                           data: TaskData | None = None) -> Evaluation:
+        """The metrics, scikit-learn's per-class precision / recall / F1 / support and the confusion
+        matrix (rows true, columns predicted), every label of the model counted, from one pass."""
+        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+        preds, labels, loss_sum, num_labels = self._outputs(strategy, model, loader, accelerator, after_batch)
+        metrics = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
+        ids = list(range(num_labels))
+        names = list(data.label_names) if data is not None and data.label_names else [str(i) for i in ids]
+        y, p = labels.numpy(), preds.numpy()
+        precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=ids, zero_division=0)
+        per_class = [{"label": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
+                      "f1": float(f1[i]), "support": int(support[i])} for i in ids]
+        matrix = confusion_matrix(y, p, labels=ids).tolist()
+        return Evaluation(metrics, per_class, [[int(c) for c in row] for row in matrix])
+
+    def baseline(self, data: TaskData) -> dict[str, Any] | None:
+        """Always the most frequent label of the test split (the lowest id on a tie), scored with
+        the same accuracy and macro-F1 over every label as a model."""
+        import torch
+
+        labels = torch.as_tensor(list(data.splits["test"]["label"]), dtype=torch.long)
+        names = list(data.label_names or ())
+        if not len(labels) or not names:
+            return None
+        counts = torch.bincount(labels, minlength=len(names))
+        majority = int(counts.argmax())  # argmax returns the first maximum: the lowest id
+        scores = classification_metrics(torch.full_like(labels, majority), labels, len(names))
+        return {"name": "majority class", "predicts": names[majority], **scores}
 
 
 def predict_rows(loaded: Any, batches: Any, inputs: list[Any]) -> list[dict[str, Any]]:
