@@ -104,16 +104,23 @@ def check_adapter_dir(directory: str) -> None:
                 f"refusing {os.path.join(directory, pickles[0])!r}: pickle files can run code when "
                 "loaded; peftkit only loads safetensors (convert it with safetensors first)"
             )
-        raise PeftkitError(f"{directory!r} is not an adapter directory (no .safetensors file)")
+        raise PeftkitError(f"{directory!r} is not an adapter directory (no .safetensors file); give a run's "
+                           f"adapter/ folder, a run directory holding one, or a folder in adapters/")
+
+
+RUN_ADAPTER_SUBDIR = "adapter"
 
 
 def resolve_adapter_dir(path: str) -> str:
-    """``path``, or its ``adapter/`` sub-directory when ``path`` is a run directory (weights in
-    ``adapter/``, none of its own): users give the run directory a run printed."""
-    sub = os.path.join(path, "adapter")
-    if os.path.isdir(path) and os.path.isdir(sub) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        return sub
-    return path
+    """The adapter directory ``path`` means: ``path`` itself, or, for a run directory (one whose
+    own files are no adapter but whose ``adapter/`` is), its ``adapter/``. Everything else is
+    returned as given, for ``check_adapter_dir`` to say what is wrong with it."""
+    inner = os.path.join(path, RUN_ADAPTER_SUBDIR)
+    if not os.path.isdir(path) or not os.path.isdir(inner):
+        return path
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return path  # an adapter folder that happens to hold a sub-folder of that name
+    return inner
 
 
 def _read_json(path: str) -> dict[str, Any]:

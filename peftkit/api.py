@@ -22,7 +22,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .bench import BenchConfig, parse_strategies
 from .config import RunConfig, default_output_dir
@@ -297,16 +297,65 @@ def plan(settings: PlanSettings) -> Plan:
 
 # -- predict, merge, inspect ------------------------------------------------------------------
 
-def predict(adapter_dir: str, inputs: list[str], model: str | None = None,
-            force: bool = False) -> list[dict[str, Any]]:
+def predict(adapter_dir: str, inputs: list[str] | None = None, model: str | None = None, force: bool = False, *,
+            input_file: str | None = None, text_column: str | None = None, output: str | None = None,
+            overwrite: bool = False, batch_size: int | None = None, max_new_tokens: int | None = None,
+            do_sample: bool = False, temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+            chat: bool = False, progress: bool | None = None) -> list[dict[str, Any]]:
     """Answer ``inputs`` (texts; image files for an image classifier) with a trained adapter: one
-    dict per input (label and probabilities, or the generated completion). ``model`` overrides the
-    base named in the adapter's metadata; ``force`` applies it even if the base's weights differ."""
-    quiet_libraries()
-    from .predict import load_adapter, predict_texts
+    dict per input (label and probabilities, or the generated completion).
 
+    ``adapter_dir``: an adapter directory or a run directory (its ``adapter/``). ``model`` overrides
+    the base named in the adapter's metadata (one made for another task is refused); ``force``
+    applies it even if the base's weights differ. Give either ``inputs`` or ``input_file`` (``.txt``
+    or ``-`` for stdin: one input per line; ``.csv``, ``.tsv``, ``.jsonl``: the ``text_column``, by
+    default the first of the task's usual names, e.g. text, sentence, prompt). ``output``: also
+    write the answers to this ``.csv`` or ``.jsonl`` file (atomically; an existing one only with
+    ``overwrite``). ``batch_size``: inputs per forward pass (default: the task's). For adapters that
+    generate (causal-lm): ``max_new_tokens`` (default: a label's length, else 64), ``do_sample`` with
+    ``temperature`` / ``top_p`` (seeded by ``seed``), and ``chat`` (the tokenizer's chat template
+    around each prompt). ``progress``: a progress bar on stderr (default: for a file or more than
+    64 inputs).
+    """
+    rows = list(predict_iter(adapter_dir, inputs, model, force, input_file=input_file, text_column=text_column,
+                             output=output, overwrite=overwrite, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p, seed=seed, chat=chat, progress=progress))
+    if output is not None:
+        from .predict_io import write_rows
+
+        write_rows(output, rows, overwrite)
+    return rows
+
+
+def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str | None = None, force: bool = False,
+                 *, input_file: str | None = None, text_column: str | None = None, output: str | None = None,
+                 overwrite: bool = False, batch_size: int | None = None, max_new_tokens: int | None = None,
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 seed: int = 0, chat: bool = False, progress: bool | None = None) -> Iterator[dict[str, Any]]:
+    """``predict``'s answers one at a time as they are computed (``predict`` with its arguments,
+    except that ``output`` is only checked here: the caller writes it). Every setting, the inputs
+    and ``output`` are checked before the model loads."""
+    from .predict_io import GenerationOptions, check_output_file, read_inputs
+
+    quiet_libraries()
+    from .predict import adapter_task, check_prediction_settings, iter_predictions, load_adapter
+
+    inputs = None if inputs is None else list(inputs)
+    if (not inputs) == (input_file is None):  # both, or neither
+        raise PeftkitError("give the inputs either as texts or with --input FILE (- for stdin), not both"
+                           if input_file is not None else "no inputs: give texts, or --input FILE (- for stdin)")
+    if input_file is None and text_column is not None:
+        raise PeftkitError(f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments")
+    generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
+    task = adapter_task(adapter_dir)
+    check_prediction_settings(task, batch_size, generation)
+    if output is not None:
+        check_output_file(output, overwrite)
+    texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
+    show = progress if progress is not None else (input_file is not None or len(texts) > 64)
     loaded = load_adapter(adapter_dir, model, force=force)
-    return predict_texts(loaded, list(inputs))
+    return iter_predictions(loaded, texts, batch_size, generation, show)
 
 
 def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
@@ -340,7 +389,8 @@ class MergeResult:
 
 def merge(adapter_dir: str, output: str, model: str | None = None, force: bool = False,
           overwrite: bool = False) -> MergeResult:
-    """Merge an adapter into its base and write a plain transformers model directory to ``output``
+    """Merge an adapter (``adapter_dir``: an adapter directory, or a run directory: its
+    ``adapter/``) into its base and write a plain transformers model directory to ``output``
     (written into a staging directory, renamed into place when complete)."""
     from .rundir import check_output_dir, staged_dir
 
@@ -356,9 +406,11 @@ def merge(adapter_dir: str, output: str, model: str | None = None, force: bool =
 
 def inspect(adapter_dir: str) -> dict[str, Any]:
     """An adapter's metadata (strategy, base model and fingerprint, labels, metrics, versions) with
-    its size; for a plain peft adapter, what its config says."""
-    from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config
+    its size; for a plain peft adapter, what its config says. ``adapter_dir`` may be a run
+    directory (its ``adapter/`` is read)."""
+    from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config, resolve_adapter_dir
 
+    adapter_dir = resolve_adapter_dir(adapter_dir)
     check_adapter_dir(adapter_dir)
     meta = read_metadata(adapter_dir)
     if meta is None:
@@ -372,4 +424,5 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
 
 
 __all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "MergeResult", "Plan", "PlanSettings",
-           "RunConfig", "RunResult", "bench", "evaluate", "inspect", "merge", "plan", "predict", "resume", "resumed_config", "run"]
+           "RunConfig", "RunResult", "bench", "evaluate", "inspect", "merge", "plan", "predict", "predict_iter",
+           "resume", "resumed_config", "run"]

@@ -131,6 +131,22 @@ _declare("eval_dataset", "--dataset", required=True,
 _declare("eval_output", "--output", default=None,
          help="Directory for metrics.json and confusion_matrix.png (must not exist unless --overwrite). "
               "Default: print only.")
+_declare("input", "--input", "input_file", default=None, metavar="FILE",
+         help="Read the inputs from FILE instead of TEXTS: .txt (one per line; - for stdin), .csv, .tsv or "
+              ".jsonl (one per row, in --text-column).")
+_declare("predict_output", "--output", "output", default=None, metavar="FILE",
+         help="Write the answers to FILE, .csv or .jsonl by its extension (must not exist unless --overwrite). "
+              "Default: JSON lines on stdout.")
+_declare("max_new_tokens", "--max-new-tokens", type=int, default=None, metavar="N",
+         help="causal-lm: generate at most N tokens (default: a label's length for an adapter trained on "
+              "labelled data, else 64).")
+_declare("do_sample", "--do-sample", is_flag=True, default=False,
+         help="causal-lm: sample instead of greedy decoding (seeded by --seed).")
+_declare("temperature", "--temperature", type=float, default=None, help="causal-lm, with --do-sample: sampling temperature.")
+_declare("top_p", "--top-p", type=float, default=None,
+         help="causal-lm, with --do-sample: nucleus sampling, keep the tokens of the top P probability.")
+_declare("chat", "--chat", is_flag=True, default=False,
+         help="causal-lm: put each prompt in the model's chat template (an error if its tokenizer has none).")
 _declare("force", "--force", is_flag=True,
          help="Use the adapter even if the base model's weights differ from those it was trained on.")
 
@@ -432,20 +448,36 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
 
 
 @cli.command("predict")
-@options("adapter", "base_model", "force")
-@click.argument("texts", nargs=-1, required=True)
-def predict_cmd(adapter_dir: str, model: str | None, force: bool, texts: tuple[str, ...]) -> None:
-    """Answer TEXTS with a trained adapter; prints one JSON object per input.
+@options("adapter", "base_model", "force", "input", "text_column", "predict_output", "overwrite", "batch_size",
+         "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "chat",
+         adapter="Adapter directory: a run directory or its adapter/ folder, one in adapters/, or a plain peft "
+                 "adapter.",
+         text_column="Column of an --input .csv/.tsv/.jsonl file holding the inputs (default: guessed: text, "
+                     "sentence, prompt, ...; images: image, path, file).",
+         overwrite="Replace an existing --output file.",
+         batch_size="Inputs per forward pass (default: 64; causal-lm 16).",
+         seed="Seed for --do-sample (default 0: the same command samples the same answers).")
+@click.argument("texts", nargs=-1)
+def predict_cmd(adapter_dir: str, texts: tuple[str, ...], **settings: Any) -> None:
+    """Answer TEXTS (or the inputs of --input FILE) with a trained adapter; prints one JSON object
+    per input (or writes them to --output FILE).
 
     \b
     sequence-classification: the label of each text
     causal-lm: the generated completion of each prompt (an adapter trained on labelled data
-               phrases each text as it learned, and gives the label it answered)
-    image-classification: TEXTS are image files; the label of each
+               phrases each text as it learned, and gives the label it answered; other prompts are
+               given as they are, or in the model's chat template with --chat)
+    image-classification: the inputs are image files; the label of each
     """
     from . import api
 
-    for row in api.predict(adapter_dir, list(texts), model, force=force):
+    given = _given(settings)  # what is left out takes api.predict's defaults
+    inputs = list(texts) or None
+    if settings["output"] is not None:
+        rows = api.predict(adapter_dir, inputs, **given)
+        _echo(f"wrote {len(rows):,} answers to {settings['output']}")
+        return
+    for row in api.predict_iter(adapter_dir, inputs, **given):
         click.echo(json.dumps(row, ensure_ascii=False))
 
 

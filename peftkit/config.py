@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import PeftkitError
+from .errors import PeftkitError, did_you_mean
 from .typing_utils import coerce, parse_scalar
 
 REPORTERS = ("tensorboard", "wandb")
@@ -231,7 +231,8 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS or key in _CLI_ONLY:
             accepted = ", ".join(sorted(FIELDS - _CLI_ONLY))
-            raise PeftkitError(f"unknown key {raw_key!r} in {path}; accepted: {accepted}")
+            hint = did_you_mean(str(raw_key), FIELDS - _CLI_ONLY)
+            raise PeftkitError(f"unknown key {raw_key!r}{hint} in {path}; accepted: {accepted}")
         out[key] = coerce_run_value(key, value)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
+from typing import Iterable
 
 
 class PeftkitError(Exception):
@@ -24,6 +25,20 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, kept: str = "nothing was written") -> None:
         super().__init__(kept)
         self.kept = kept
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'lora'?)"`` for a misspelt ``name`` close to one of ``choices`` (difflib,
+    case and ``-`` / ``_`` aside), else ``""``: put right after the bad name in an "unknown ..."
+    message, before the list of what is accepted."""
+    import difflib
+
+    def norm(value: str) -> str:
+        return value.strip().lower().replace("-", "_")
+
+    by_norm = {norm(c): c for c in choices}
+    close = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.6)
+    return f" (did you mean {by_norm[close[0]]!r}?)" if close else ""
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

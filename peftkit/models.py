@@ -141,6 +141,9 @@ def resolve_model_source(name: str) -> str:
 
 
 def _hub_failure(name: str, source: str, exc: BaseException) -> PeftkitError:
+    if name in EMBEDDED_MODELS and (os.path.isdir(source) or EMBEDDED_MODELS[name].hub_id is None):
+        # the offline copy is there (or there is no hub copy at all): installing is not the problem
+        return PeftkitError(f"cannot load model {name!r} from its offline copy {source!r}: {first_line(exc)}")
     if name in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[name]
         return PeftkitError(f"model {name!r} is not installed and the hub copy {emb.hub_id!r} cannot be "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import PeftkitError, set_context
+from .predict_io import GenerationOptions
 
 
 @dataclass
@@ -56,6 +58,31 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
             "base_model": base, "label_names": [str(i) for i in range(num_labels)], "format": "peft"}
 
 
+def check_model_task(task: Any, model: str, adapter_dir: str, trained_on: str) -> None:
+    """Refuse, before it loads, a ``--model`` made for inputs or outputs the adapter's ``task``
+    cannot use (a text adapter on an image model, a causal-lm adapter on a classifier): loading it
+    would fail later with a message about something else (a missing tokenizer)."""
+    from .tasks import declared_task, get_task
+
+    made_for = declared_task(model)
+    if made_for is None or task.accepts_model(get_task(made_for)):
+        return
+    raise PeftkitError(f"adapter {adapter_dir!r} is a {task.name} adapter, but model {model!r} is made for "
+                       f"{made_for}; give a {task.name} base (it was trained on {trained_on!r}), or leave out "
+                       "--model to use that one")
+
+
+def adapter_task(adapter_dir: str) -> Any:
+    """The task of the adapter in ``adapter_dir`` (a run directory means its ``adapter/``), read
+    from its metadata without loading anything (a plain peft adapter: sequence-classification)."""
+    from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
+    from .tasks import get_task
+
+    adapter_dir = resolve_adapter_dir(adapter_dir)
+    check_adapter_dir(adapter_dir)
+    return get_task((read_metadata(adapter_dir) or {}).get("task") or "sequence-classification")
+
+
 def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False) -> LoadedAdapter:
     """Load the base model named in the adapter's metadata (or ``model``) and apply the adapter.
 
@@ -65,12 +92,13 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     """
     from transformers import set_seed
 
-    from .adapter_io import check_adapter_dir, read_metadata
+    from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
     from .fingerprint import backbone_digests, fingerprint
     from .registry import get_strategy
     from .strategies.base import options_from_dict
     from .tasks import TaskData, get_task
 
+    adapter_dir = resolve_adapter_dir(adapter_dir)  # a run directory means its adapter/
     check_adapter_dir(adapter_dir)
     meta = read_metadata(adapter_dir) or _plain_peft_metadata(adapter_dir, model)
     for key in ("strategy", "base_model"):
@@ -81,6 +109,8 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     base_name = model or meta["base_model"]
     set_context(strategy=meta["strategy"], model=base_name)
     task = get_task(meta.get("task") or "sequence-classification")
+    if model is not None:
+        check_model_task(task, model, adapter_dir, meta["base_model"])
     processor = task.load_processor(base_name)
     set_seed(0)  # fresh heads are overwritten by the adapter; seeding keeps any leftover repeatable
     # an adapter trained on a quantized base is applied to the same quantized base (and fingerprinted so)
@@ -101,11 +131,51 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     return LoadedAdapter(prepared, processor, strategy, meta, task)
 
 
-def predict_texts(loaded: LoadedAdapter, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+def predict_texts(loaded: LoadedAdapter, texts: list[str], batch_size: int | None = None,
+                  generation: GenerationOptions | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """One dict per input, as the adapter's task answers it: for classification ``text, label,
-    label_id, score, probabilities``; for causal-lm ``text, prompt, completion``; for images the
-    inputs are image files."""
-    return loaded.task.predict(loaded, list(texts), batch_size)
+    label_id, score, probabilities``; for causal-lm ``text, prompt, completion`` (and ``label``);
+    for images the inputs are image files. See ``iter_predictions`` for the other arguments."""
+    return list(iter_predictions(loaded, texts, batch_size, generation, progress))
+
+
+def check_prediction_settings(task: Any, batch_size: int | None, generation: GenerationOptions) -> None:
+    """Refuse settings ``task`` cannot honour, before anything loads: a batch size that is no
+    positive integer, bad generation values, and generation settings where nothing generates."""
+    generation.validate()
+    if generation.given() and not task.generates:
+        flags = ", ".join("--" + name.replace("_", "-") for name in generation.given())
+        raise PeftkitError(f"{flags}: only for adapters that generate text (causal-lm); this adapter is a "
+                           f"{task.name} adapter")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise PeftkitError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def iter_predictions(loaded: LoadedAdapter, texts: list[str], batch_size: int | None = None,
+                     generation: GenerationOptions | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """The answers of ``predict_texts``, yielded a batch at a time (so they can be written as
+    they come). ``batch_size``: inputs per forward pass (None: the task's own default);
+    ``generation``: how a task that generates answers (refused, if given, for one that does not);
+    ``progress``: a progress bar on stderr (in a terminal)."""
+    from tqdm.auto import tqdm
+
+    task, generation = loaded.task, generation or GenerationOptions()
+    check_prediction_settings(task, batch_size, generation)
+    texts = list(texts)
+    kwargs: dict[str, Any] = {"generation": generation} if task.generates else {}
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    if generation.do_sample:
+        from transformers import set_seed
+
+        set_seed(generation.seed)  # once, before the first batch: the same command samples the same answers
+    step = batch_size or 64
+    with tqdm(total=len(texts), desc="predict", unit="input", file=sys.stderr, dynamic_ncols=True,
+              disable=None if progress else True) as bar:
+        for start in range(0, len(texts), step):
+            chunk = texts[start : start + step]
+            yield from task.predict(loaded, chunk, **kwargs)
+            bar.update(len(chunk))
 
 
 def merge_to_directory(loaded: LoadedAdapter, directory: str) -> None:

@@ -24,7 +24,7 @@ import os
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
-from .errors import PeftkitError, first_line
+from .errors import PeftkitError, did_you_mean, first_line
 from .strategies.base import Strategy
 
 DISABLE_PLUGINS_ENV = "PEFTKIT_DISABLE_PLUGINS"
@@ -133,7 +133,8 @@ class Registry(Generic[T]):
         for plugin, message in self._plugin_errors.items():
             if plugin in (name, *candidates):
                 raise PeftkitError(message)
-        raise PeftkitError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._classes))}")
+        hint = did_you_mean(name, [*self._aliases, *self._classes])  # a canonical name wins over its alias
+        raise PeftkitError(f"unknown {self.kind} {name!r}{hint}; available: {', '.join(sorted(self._classes))}")
 
 
 # -- strategies ---------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def bad_inputs(tmp_path, tiny_model_dir, tiny_csv):
     base = ["run", "--model", m, "--dataset", d, "--max-length", "16"]
     t = str(tmp_path)
     return {
-        "unknown strategy": (base + ["--strategy", "lorax"], r"unknown strategy 'lorax'; available: adapter, .*full, gradual_unfreeze, head_only, lora, prefix"),
+        "unknown strategy": (base + ["--strategy", "lorax"], r"unknown strategy 'lorax' \(did you mean 'lora'\?\); available: adapter, .*full, gradual_unfreeze, head_only, lora, prefix"),
         "missing file": (["run", "--model", m, "--dataset", f"{t}/none.csv"], r"data file not found"),
         "missing column": (base + ["--text-column", "body"], r"text column 'body' not found; columns: text, label"),
         "zero epochs": (base + ["--epochs", "0"], r"epochs must be a positive integer, got 0"),

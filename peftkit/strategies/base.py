@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import PeftkitError
+from ..errors import PeftkitError, did_you_mean
 # TaskSpec lives in the neutral peftkit.spec (tasks build it, strategies read it); it is re-exported
 # here because third-party strategies import it from peftkit.strategies.base.
 from ..spec import TaskSpec
@@ -231,7 +231,8 @@ def options_from_dict(strategy: type[Strategy], values: dict[str, Any]) -> Any:
         if norm not in fields:
             accepted = ", ".join(sorted(fields)) or "none"
             raise PeftkitError(
-                f"unknown option {key!r} for strategy {strategy.name!r}; accepted: {accepted}"
+                f"unknown option {key!r}{did_you_mean(key, fields)} for strategy {strategy.name!r}; "
+                f"accepted: {accepted}"
             )
         kwargs[norm] = coerce(value, hints[norm], f"option {key!r} of strategy {strategy.name!r}")
     return cls(**kwargs)

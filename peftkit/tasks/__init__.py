@@ -58,23 +58,22 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)()
 
 
-def infer_task(model: str | None) -> str:
-    """The task a model is made for: a short name's own task, else what the model directory's
-    config says (``*ForCausalLM`` -> causal-lm, an image model -> image-classification), else
-    sequence-classification. Never loads weights; hub ids are not looked up (offline machines)."""
+def declared_task(model: str) -> str | None:
+    """The task ``model`` says it is made for, or None where it does not say: a short name's own
+    task, else what a local model directory's config names (``*ForCausalLM`` / ``*LMHeadModel`` ->
+    causal-lm, an image model -> image-classification, ``*ForSequenceClassification`` ->
+    sequence-classification). Never loads weights; hub ids are not looked up (offline machines)."""
     from ..models import EMBEDDED_MODELS, resolve_model_source
 
-    if model is None:
-        return "sequence-classification"
     if model in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[model].task
     try:
         source = resolve_model_source(model)
     except PeftkitError:
-        return "sequence-classification"  # the load will say what is wrong with it
+        return None  # the load will say what is wrong with it
     path = os.path.join(source, "config.json")
     if not os.path.isfile(path):
-        return "sequence-classification"
+        return None
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
     architectures = " ".join(config.get("architectures") or [])
@@ -82,8 +81,16 @@ def infer_task(model: str | None) -> str:
         return "causal-lm"
     if "ForImageClassification" in architectures or "num_channels" in config:
         return "image-classification"
-    return "sequence-classification"
+    if "ForSequenceClassification" in architectures:
+        return "sequence-classification"
+    return None
 
 
-__all__ = ["TASKS", "TASK_ENTRY_POINT_GROUP", "Task", "TaskData", "get_task", "infer_task", "register_task",
+def infer_task(model: str | None) -> str:
+    """The task a model is made for (``declared_task``), sequence-classification where it does not
+    say. Never loads weights; hub ids are not looked up (offline machines)."""
+    return (declared_task(model) if model is not None else None) or "sequence-classification"
+
+
+__all__ = ["TASKS", "TASK_ENTRY_POINT_GROUP", "Task", "TaskData", "declared_task", "get_task", "infer_task", "register_task",
            "task_names", "task_plugin_errors"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from ..data import TaskData
+from ..data import TEXT_COLUMN_GUESSES, TaskData
 from ..spec import TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,6 +62,14 @@ class Task:
     selection_metric: ClassVar[str] = "accuracy"
     #: the test metrics a run's summary line and the benchmark table lead with
     headline_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
+    #: what an input is ("text", "image"): an adapter is refused on a base model made for other inputs
+    input_kind: ClassVar[str] = "text"
+    #: columns ``predict --input FILE.csv|jsonl`` reads the inputs from when no column is named
+    #: (the first that exists)
+    input_columns: ClassVar[tuple[str, ...]] = (*TEXT_COLUMN_GUESSES, "prompt")
+    #: whether ``predict`` generates text, and so takes ``generation`` (``GenerationOptions``:
+    #: new tokens, sampling, chat template); a task that does not is never passed it
+    generates: ClassVar[bool] = False
 
     # -- data and model ------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
@@ -162,8 +170,16 @@ class Task:
         return metrics[self.selection_metric]
 
     def predict(self, loaded: Any, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-        """Answers of a loaded adapter (``predict.LoadedAdapter``) for ``inputs``, one dict each."""
+        """Answers of a loaded adapter (``predict.LoadedAdapter``) for ``inputs``, one dict each.
+        A task with ``generates`` also takes ``generation=`` (a ``GenerationOptions``)."""
         raise NotImplementedError
+
+    def accepts_model(self, model_task: Task) -> bool:
+        """Whether an adapter of this task can be applied to a base model made for ``model_task``
+        (what the model's config or short name says, ``tasks.declared_task``): checked before
+        anything loads, so a text adapter on an image model is refused as such. The default: the
+        same kind of input (a sequence classifier may sit on a causal LM's backbone)."""
+        return model_task.input_kind == self.input_kind
 
     def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
         """What an adapter records so that ``predict`` can use it (label names, lengths, ...)."""

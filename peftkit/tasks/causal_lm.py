@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..data import Shape
+from ..data import PROMPT_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, Shape
 from ..errors import PeftkitError
+from ..predict_io import GenerationOptions
 from . import register_task
 from .base import Task, TaskData, TaskSpec, map_splits
 
@@ -67,6 +69,12 @@ class CausalLM(Task):
     default_max_length = 128
     selection_metric = "loss"  # lower is better: ``score`` negates it
     headline_metrics = ("perplexity", "exact_match")
+    input_columns = (*PROMPT_COLUMN_GUESSES, *TEXT_COLUMN_GUESSES)
+    generates = True
+
+    def accepts_model(self, model_task: Task) -> bool:
+        """Only a model that generates: a sequence classifier's or an encoder's base cannot."""
+        return model_task.name == self.name
 
     def score(self, metrics: dict[str, float]) -> float:
         return -metrics["loss"]
@@ -323,33 +331,70 @@ class CausalLM(Task):
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
                 "logits_to_keep": min(length, answer + 1)}
 
-    def predict(self, loaded: Any, texts: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
-        """Greedy completions. An adapter trained on labelled data phrases each text with the
-        prompt it learned (and says which label the answer is); otherwise each text is the prompt."""
-        import torch
-
+    def predict(self, loaded: Any, texts: list[str], batch_size: int = 16,
+                generation: GenerationOptions | None = None) -> list[dict[str, Any]]:
+        """Completions (greedy unless ``generation.do_sample``). An adapter trained on labelled data
+        phrases each text with the prompt it learned (and says which label the answer is);
+        otherwise each text is the prompt as given. With ``generation.chat`` each prompt is put in
+        the model's chat template first."""
+        generation = generation or GenerationOptions()
         tok = loaded.tokenizer
         template = loaded.metadata.get("prompt_template")
         names = loaded.metadata.get("label_names") or []
         prompts = [template.format(text=t) if template else t for t in texts]
+        encoded = self._encode_prompts(tok, prompts, generation.chat, loaded.metadata.get("base_model"))
         longest = max([len(tok(" " + n, add_special_tokens=False)["input_ids"]) for n in names] or [0])
-        new_tokens = longest + 1 if names else 64
+        new_tokens = generation.max_new_tokens or (longest + 1 if names else 64)
         out: list[dict[str, Any]] = []
-        model = loaded.model
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            encoded = [tok(p, add_special_tokens=True)["input_ids"] or [tok.eos_token_id] for p in chunk]
-            width = max(len(e) for e in encoded)
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-            with torch.no_grad():
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for text, prompt, row in zip(texts[i : i + batch_size], chunk, gen[:, width:]):
+            rows = self._generate(loaded.model, tok, encoded[i : i + batch_size], new_tokens, generation)
+            for text, prompt, row in zip(texts[i : i + batch_size], prompts[i : i + batch_size], rows):
                 completion = tok.decode(row, skip_special_tokens=True)
                 item: dict[str, Any] = {"text": text, "prompt": prompt, "completion": completion}
                 if names:
-                    answer = completion.strip()
-                    item["label"] = answer if answer in names else None  # None: the answer is no label
+                    item["label"] = matching_label(completion, names)  # None: the answer is no label
                 out.append(item)
         return out
+
+    @staticmethod
+    def _encode_prompts(tok: Any, prompts: list[str], chat: bool, model: str | None) -> list[list[int]]:
+        """Token ids of each prompt: as the training data was encoded, or (``chat``) through the
+        tokenizer's chat template as the user's turn, with the assistant's turn opened."""
+        if not chat:
+            return [tok(p, add_special_tokens=True)["input_ids"] or [tok.eos_token_id] for p in prompts]
+        if not getattr(tok, "chat_template", None):
+            raise PeftkitError(f"--chat: the tokenizer of {model!r} has no chat template; leave out --chat "
+                               "to give the prompts as they are")
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template has its own
+
+    @staticmethod
+    def _generate(model: nn.Module, tok: Any, encoded: list[list[int]], new_tokens: int,
+                  generation: GenerationOptions) -> Any:
+        """The generated token ids of each (left-padded) prompt of one batch."""
+        import torch
+
+        width = max(len(e) for e in encoded)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        sampling = {k: v for k, v in (("temperature", generation.temperature), ("top_p", generation.top_p))
+                    if v is not None}
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 do_sample=generation.do_sample, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **sampling)
+        return gen[:, width:]
+
+
+_AROUND_AN_ANSWER = string.whitespace + string.punctuation + "\u201c\u201d\u2018\u2019"  # and curly quotes
+
+
+def matching_label(answer: str, names: list[str]) -> str | None:
+    """The label name ``answer`` is, case aside and ignoring surrounding whitespace and punctuation
+    (a model answers ``" Positive."`` as readily as ``" positive"``), or None when it is none."""
+    def norm(text: str) -> str:
+        return text.strip(_AROUND_AN_ANSWER).casefold()
+
+    by_norm = {norm(n): n for n in names}
+    return by_norm.get(norm(answer)) if norm(answer) else None

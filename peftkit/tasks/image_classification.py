@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..data import IMAGE_COLUMN_GUESSES
 from ..errors import PeftkitError, first_line
 from . import register_task
 from .base import TaskData, TaskSpec, map_splits
@@ -63,6 +64,8 @@ class ImageClassification(ClassificationTask):
     default_model = "vit-tiny"
     default_dataset = "digits"
     default_max_length = None
+    input_kind = "image"
+    input_columns = (*IMAGE_COLUMN_GUESSES, "path", "file", "filename")  # image file paths
 
     def load_data(self, cfg: RunConfig) -> TaskData:
         from ..data import load_image_data
