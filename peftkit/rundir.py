@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 
 from .errors import PeftkitError
+from .files import private_dir, publish_modes
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
@@ -43,7 +44,7 @@ def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
         created.append(probe)
         probe = os.path.dirname(probe)
     os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    stage = private_dir(f".{os.path.basename(final)}.partial-", parent)
     try:
         yield stage
     except BaseException:
@@ -52,14 +53,7 @@ def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
-    check_output_dir(path, overwrite)  # something may have appeared there while we ran
-    old = None
-    if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
-        os.rename(final, os.path.join(old, "run"))
-    os.rename(stage, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _move_into_place(stage, final, path, overwrite)
 
 
 # -- runs that can be resumed ---------------------------------------------------------------------
@@ -106,8 +100,16 @@ def open_stage(path: str, overwrite: bool, resume: bool) -> str:
 
 def finish_stage(stage: str, path: str, overwrite: bool) -> None:
     """Move a finished run's staging directory to ``path``."""
-    final = os.path.abspath(path)
+    _move_into_place(stage, os.path.abspath(path), path, overwrite)
+
+
+def _move_into_place(stage: str, final: str, path: str, overwrite: bool) -> None:
+    """Rename a complete staging directory to ``final`` (replacing it only with ``overwrite``),
+    its files first given the modes a plain mkdir/open gives: libraries write some of them through
+    private 0600 temporary files, and the user's output should not be less readable than a file
+    they wrote themselves."""
     check_output_dir(path, overwrite)  # something may have appeared there while we ran
+    publish_modes(stage)
     old = None
     if os.path.exists(final):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
