@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import PeftkitError
-from .levers import make_optimizer, store_frozen_in_half
+from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .metrics import RunMetrics
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
@@ -535,7 +535,7 @@ class Trainer:
 
         cfg, hp, st, meter, peaks = self.cfg, self.hp, self.state, self.meter, self.state.peaks
         device = self.accelerator.device
-        total_params = sum(p.numel() for p in self.inner.parameters())
+        total_params = sum(logical_numel(p) for p in self.inner.parameters())  # 4-bit: not packed bytes
         steps = self.times
         return RunMetrics(
             strategy=self.strategy.name, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=hp.epochs,

@@ -159,6 +159,22 @@ def test_lora_on_a_quantized_base_trains_saves_and_predicts(bits, run_cli, tiny_
     assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)
 
 
+def test_a_4bit_base_counts_its_parameters_not_its_packed_bytes(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Issue 15: --quantize 4bit reported 17.5M of MiniLM's 22.8M parameters (two 4-bit values are
+    stored per byte). The same model and strategy count the same, quantized or not."""
+    counts = {}
+    for bits in (None, "4bit"):
+        out = tmp_path / str(bits)
+        code, stdout, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora",
+                                                  "--epochs", "1", "--max-train-samples", "32",
+                                                  "--max-eval-samples", "16", *(["--quantize", bits] if bits else [])))
+        assert code == 0, stderr
+        metrics = json.load(open(out / "metrics.json"))
+        counts[bits] = (metrics["trainable_params"], metrics["total_params"])
+        assert f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters" in stdout
+    assert counts["4bit"] == counts[None]
+
+
 @needs_cuda
 def test_fp16_and_paged_optimizer_on_cuda(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "run"
