@@ -514,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:  # `peftkit` alone: the help, not "error: Usage: ..."
+        exc.show()
+        code = exc.exit_code
     except click.exceptions.Abort as exc:  # click's form of Ctrl-C (and of our SIGTERM handler)
         click.echo(f"error: interrupted; {_left_behind(exc.__cause__)}", err=True)
         code = 130
