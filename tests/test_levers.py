@@ -149,6 +149,8 @@ def test_lora_on_a_quantized_base_trains_saves_and_predicts(bits, run_cli, tiny_
     assert metrics["quantize"] == bits and metrics["trainable_params"] > 0
     meta = json.load(open(out / "adapter" / "peftkit_adapter.json"))
     assert meta["base_quantization"] == bits
+    code, stdout, stderr = run_cli("inspect", str(out / "adapter"))
+    assert code == 0 and f"base quantization {bits}\n" in stdout, stderr  # the text form shows it too
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
     loaded = load_adapter(str(out / "adapter"))
     kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt

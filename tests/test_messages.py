@@ -36,3 +36,24 @@ def test_no_command_shows_the_help_not_an_error(run_cli) -> None:
     assert code == 2 and err.startswith("Usage: peftkit") and "error:" not in err
     assert "peftkit bench" in err  # the commands are listed
 
+
+
+def test_a_small_adapter_is_sized_in_kib_and_inspect_shows_the_base_quantization(run_cli, tiny_model_dir,
+                                                                                  tiny_csv, tmp_path) -> None:
+    """head_only's few-KiB head was reported as ``adapter 0.00 MiB``; ``inspect`` left out
+    ``base_quantization`` (which ``predict`` acts on) in its text form."""
+    import json
+
+    from peftkit.memory import format_size
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli("run", "-s", "head_only", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                                "--epochs", "1", "--max-length", "16", "--max-train-samples", "32",
+                                "--max-eval-samples", "16", "--output-dir", str(out))
+    assert code == 0, err
+    size = json.load(open(out / "metrics.json"))["adapter_bytes"]
+    assert 0 < size < 2**20 and f"adapter {format_size(size)}\n" in stdout and "0.00 MiB" not in stdout
+    code, stdout, err = run_cli("inspect", str(out / "adapter"))
+    assert code == 0, err
+    assert f"size              {size:,} bytes ({format_size(size)})" in stdout
+    assert "base quantization none (full-precision base)" in stdout
