@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .env import package_versions  # the one version table (metrics.json, bench results too)
 from .errors import PeftkitError
-from .files import write_json
+from .files import publish_file, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,11 +42,15 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # -- safetensors files ------------------------------------------------------------------------
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Write tensors with safetensors (clone + contiguous: it refuses views and shared storage)."""
+    """Write tensors with safetensors (clone + contiguous: it refuses views and shared storage).
+
+    safetensors writes through a private temporary file, so the file would be 0600 whatever the
+    umask: it gets the mode a plain ``open`` gives instead (an adapter is made to be shared)."""
     from safetensors.torch import save_file
 
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(plain, path, metadata={"format": "pt"})
+    publish_file(path)
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:

@@ -159,9 +159,9 @@ def _run_staged(run: ResolvedRun, out: str, resume: bool, echo: Echo) -> dict[st
     except BaseException as exc:
         if state.is_main_process and abandon_stage(stage):
             kept = f"the last checkpoint is kept: continue with peftkit run --resume {out}"
-            echo(f"the run stopped; {kept}")
             if isinstance(exc, KeyboardInterrupt):
-                raise RunInterrupted(kept) from exc
+                raise RunInterrupted(kept) from exc  # its message says it once: no echo as well
+            echo(f"the run stopped; {kept}")
         raise
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -394,12 +394,12 @@ def merge(adapter_dir: str, output: str, model: str | None = None, force: bool =
     (written into a staging directory, renamed into place when complete)."""
     from .rundir import check_output_dir, staged_dir
 
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, flag="--output")
     quiet_libraries()
     from .predict import load_adapter, merge_to_directory
 
     loaded = load_adapter(adapter_dir, model, force=force)
-    with staged_dir(output, overwrite) as stage:
+    with staged_dir(output, overwrite, flag="--output") as stage:
         merge_to_directory(loaded, stage)
     return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 

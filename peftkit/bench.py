@@ -162,23 +162,45 @@ def micro_batches(effective: int) -> list[int]:
 # -- one run, in its own process ------------------------------------------------------------
 
 def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
-    """Run ``cfg`` in a fresh Python process; its progress goes to our stderr."""
+    """Run ``cfg`` in a fresh Python process; its progress goes to our stderr.
+
+    The worker runs in a session of its own, so a Ctrl-C at the terminal reaches only this
+    process: it stops the worker (``stop_worker``) and reports the interruption once, instead of
+    the worker printing its own traceback (or a library's noise) over it."""
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         result_path = os.path.join(tmp, "result.json")
         write_json(spec_path, {"config": cfg.to_dict(), "result_path": result_path, "log_path": log_path},
                    indent=None)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "peftkit.bench_worker", spec_path],
-                              stdin=subprocess.DEVNULL, check=False)
+        proc = subprocess.Popen([sys.executable, "-m", "peftkit.bench_worker", spec_path],
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM (a KeyboardInterrupt here): the worker goes too
+            stop_worker(proc)
+            raise
         if os.path.exists(result_path):
             with open(result_path, encoding="utf-8") as fh:
                 return Attempt(**json.load(fh))
-    code = proc.returncode
     why = (f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
            if code < 0 else f"exited with status {code}")
     return Attempt("failed", cfg.batch_size or 0, f"worker process {why} before reporting; see {log_path}",
                    seconds=time.perf_counter() - start)
+
+
+def stop_worker(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Terminate a worker and wait until it is gone (SIGKILL after ``grace`` seconds, or at once
+    on a second Ctrl-C), so the suite's staged output is removed only when nothing writes there."""
+    proc.terminate()
+    deadline = time.monotonic() + grace
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        except KeyboardInterrupt:  # impatient: no more grace
+            proc.kill()
 
 
 # Levers tried in this order by --auto-fit, each on top of the ones before: first those that cost

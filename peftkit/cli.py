@@ -302,6 +302,13 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
         _print_summary(result.metrics, result.run_dir)
 
 
+def _adapter_size(size: int) -> str:
+    """An adapter's size: ``3 KiB`` for head_only's head (not ``0.00 MiB``), ``3.53 MiB`` above a MiB."""
+    from .memory import format_size
+
+    return f"{size / 2**20:.2f} MiB" if size >= 2**20 else format_size(size)
+
+
 def _print_summary(m: RunMetrics, out: str) -> None:
     from .memory import format_size
     from .tasks import get_task
@@ -314,7 +321,7 @@ def _print_summary(m: RunMetrics, out: str) -> None:
         f"{m.strategy}: test {shown} (validation {task.selection_metric} "
         f"{chosen:.4f}, best epoch {m.best_epoch})\n"
         f"  trainable {m.trainable_params:,} of {m.total_params:,} parameters "
-        f"({m.trainable_percent:.2f}%), adapter {(m.adapter_bytes or 0) / 2**20:.2f} MiB\n"
+        f"({m.trainable_percent:.2f}%), adapter {_adapter_size(m.adapter_bytes or 0)}\n"
         f"  train {m.train_seconds:.1f} s ({m.samples_per_second:.1f} examples/s), "
         f"wall {m.wall_seconds or 0:.1f} s on {m.device}\n"
         f"  peak memory training {format_size(m.peak_memory_bytes)} "
@@ -568,7 +575,10 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
         ("labels", ", ".join(f"{i}={n}" for i, n in enumerate(meta.get("label_names", []))) or "ids only"),
         ("max length", meta.get("max_length", "?")),
         ("trainable params", f"{m['trainable_params']:,} of {m['total_params']:,}" if "trainable_params" in m else "?"),
-        ("size", f"{meta['adapter_bytes']:,} bytes ({meta['adapter_bytes'] / 2**20:.2f} MiB)"),
+        # predict loads the base the way the adapter was trained on it: worth seeing before a merge
+        ("base quantization", (meta["base_quantization"] or "none (full-precision base)")
+         if "base_quantization" in meta else "not recorded"),
+        ("size", f"{meta['adapter_bytes']:,} bytes ({_adapter_size(meta['adapter_bytes'])})"),
         ("task", meta.get("task", "sequence-classification")),
         ("test accuracy", f"{m['test_accuracy']:.4f}" + (f" (macro-F1 {m['test_f1_macro']:.4f})" if "test_f1_macro" in m else "")
          if "test_accuracy" in m else "-"),
@@ -610,6 +620,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:  # `peftkit` alone: the help, not "error: Usage: ..."
+        exc.show()
         code = exc.exit_code
     except click.exceptions.Abort as exc:  # click's form of Ctrl-C (and of our SIGTERM handler)
         click.echo(f"error: interrupted; {_left_behind(exc.__cause__)}", err=True)

@@ -40,6 +40,9 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # datasets' "Parameter 'indices'=[0, 1, ... 12,752 numbers] couldn't be hashed properly" (issue
+    # 15: printed when a Ctrl-C hit its hashing): a random cache key is all it means, nothing to act on
+    logging.getLogger("datasets.fingerprint").setLevel(logging.ERROR)
     import datasets
     import transformers
 

@@ -87,6 +87,20 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.enable_input_require_grads()
 
 
+def logical_numel(param: torch.Tensor) -> int:
+    """How many parameters ``param`` holds as the model computes with it. A 4-bit bitsandbytes
+    weight (``Params4bit``) is stored packed, two values per byte in a flat uint8 tensor, so its
+    ``numel()`` is half the weight's; its ``quant_state`` keeps the logical shape. (8-bit weights
+    are stored one per element and count right as they are.)"""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    if shape is None:
+        return param.numel()
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
 def store_frozen_in_half(model: nn.Module, trainable: dict[str, Any], precision: str) -> int:
     """Keep every parameter that never trains in 16 bits; returns how many were converted.
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Literal
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import PeftkitError
-from .levers import make_optimizer, store_frozen_in_half
+from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
-from .metrics import RunMetrics
+from .metrics import RunMetrics, format_rate
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
 from .tasks.base import Task, gathered_sum
 
@@ -458,7 +458,7 @@ class Trainer:
         self.add_groups(self.strategy.on_step_end(self.inner, st.step))
         st.max_trainable = max(st.max_trainable, self.count_trainable())
         rate = st.epoch_examples / max(1e-9, time.perf_counter() - self.epoch_start)
-        self.bar.set_postfix(epoch=epoch + 1, loss=f"{st.smooth_loss:.4f}", ex_per_s=f"{rate:.0f}")
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{st.smooth_loss:.4f}", ex_per_s=format_rate(rate))
         self.bar.update(1)
         if self.trackers:
             self.accelerator.log({"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"]}, step=st.step)
@@ -486,11 +486,16 @@ class Trainer:
         its figures to the trackers."""
         shown = ", ".join(f"{k} {val[k]:.4f}" for k in self.task.headline_metrics if k in val)
         line = (f"epoch {record['epoch']}/{self.hp.epochs}: train loss {record['train_loss']:.4f}, validation "
-                f"{shown} ({record['epoch_seconds']:.1f} s, {record['examples_per_second']:.0f} examples/s)")
-        self.log(line)
+                f"{shown} ({record['epoch_seconds']:.1f} s, {format_rate(record['examples_per_second'])} examples/s)")
+        self.announce(line)
         if self.trackers:
             self.accelerator.log({f"validation/{k}": v for k, v in val.items()}
                                  | {"train/epoch_loss": record["train_loss"]}, step=self.state.step)
+
+    def announce(self, line: str) -> None:
+        """A line for the user as well as train.log (an epoch's result, early stopping): above the
+        progress bar, or on stderr without one; once, from the main process."""
+        self.log(line)
         if not self.bar.disable:
             self.bar.write(line, file=sys.stderr)
         elif self.accelerator.is_local_main_process:  # no terminal, no bar: still say how training goes
@@ -502,9 +507,10 @@ class Trainer:
         verdict = best.judge(epoch + 1, val, self.task.score(val), self.cfg.early_stopping_patience,
                              snapshot=lambda: {k: v.detach().clone()
                                                for k, v in self.strategy.adapter_state(self.inner).items()})
-        if verdict == "stop":
-            self.log(f"early stopping: no better validation {self.task.selection_metric} for "
-                     f"{best.epochs_without_gain} epochs")
+        if verdict == "stop":  # on the console too: the run ends epochs before the user expects
+            self.announce(f"early stopping after epoch {epoch + 1}/{self.hp.epochs}: no better validation "
+                          f"{self.task.selection_metric} for {best.epochs_without_gain} epochs "
+                          f"(best epoch {best.epoch})")
             return True
         self.state.batches_done = 0
         return False
@@ -535,7 +541,7 @@ class Trainer:
 
         cfg, hp, st, meter, peaks = self.cfg, self.hp, self.state, self.meter, self.state.peaks
         device = self.accelerator.device
-        total_params = sum(p.numel() for p in self.inner.parameters())
+        total_params = sum(logical_numel(p) for p in self.inner.parameters())  # 4-bit: not packed bytes
         steps = self.times
         return RunMetrics(
             strategy=self.strategy.name, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=hp.epochs,

@@ -51,17 +51,18 @@ def built_model_dir(name: str, build: Callable[[str], None]) -> str:
     """``cache/models/<name>``, built by ``build(directory)`` on first use (atomically: a temporary
     directory renamed into place, so a crash never leaves half a model)."""
     import shutil
-    import tempfile
 
+    from .files import private_dir, publish_modes
     from .gguf_convert import cache_dir
 
     final = os.path.join(cache_dir(), "models", name)
     if os.path.exists(os.path.join(final, "config.json")):
         return final
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(final))
+    tmp = private_dir(f".{name}.tmp-", os.path.dirname(final))
     try:
         build(tmp)
+        publish_modes(tmp)  # a shared cache stays readable: not mkdtemp's 0700 nor transformers' 0600
         try:
             os.rename(tmp, final)
         except OSError:  # another process built it first

@@ -14,15 +14,17 @@ import tempfile
 from collections.abc import Iterator
 
 from .errors import PeftkitError
+from .files import private_dir, publish_modes
 
 
-def check_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse a destination that is a file, or an existing directory without ``overwrite``."""
+def check_output_dir(path: str, overwrite: bool, flag: str = "--output-dir") -> None:
+    """Refuse a destination that is a file, or an existing directory without ``overwrite``.
+    ``flag`` is the option that named it (``merge`` takes ``--output``), for the message."""
     if os.path.isfile(path) or (os.path.exists(path) and not os.path.isdir(path)):
         raise PeftkitError(f"output directory {path!r} is a file; choose a directory path")
     if os.path.isdir(path) and not overwrite and os.listdir(path):
         raise PeftkitError(f"output directory {path!r} already exists; use --overwrite to replace it "
-                           "or choose another --output-dir")
+                           f"or choose another {flag}")
     parent = os.path.dirname(os.path.abspath(path))
     probe = parent
     while not os.path.exists(probe):
@@ -32,9 +34,10 @@ def check_output_dir(path: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
-    """Yield a staging directory; on success move it to ``path`` (replacing it if ``overwrite``)."""
-    check_output_dir(path, overwrite)
+def staged_dir(path: str, overwrite: bool, flag: str = "--output-dir") -> Iterator[str]:
+    """Yield a staging directory; on success move it to ``path`` (replacing it if ``overwrite``;
+    ``flag`` names the option that gave ``path`` in a refusal)."""
+    check_output_dir(path, overwrite, flag)
     final = os.path.abspath(path)
     parent = os.path.dirname(final)
     created = []  # parent directories we make, removed again if the run fails
@@ -43,7 +46,7 @@ def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
         created.append(probe)
         probe = os.path.dirname(probe)
     os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    stage = private_dir(f".{os.path.basename(final)}.partial-", parent)
     try:
         yield stage
     except BaseException:
@@ -52,14 +55,7 @@ def staged_dir(path: str, overwrite: bool) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
-    check_output_dir(path, overwrite)  # something may have appeared there while we ran
-    old = None
-    if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
-        os.rename(final, os.path.join(old, "run"))
-    os.rename(stage, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _move_into_place(stage, final, path, overwrite, flag)
 
 
 # -- runs that can be resumed ---------------------------------------------------------------------
@@ -82,6 +78,7 @@ def open_stage(path: str, overwrite: bool, resume: bool) -> str:
 
     stage = stage_path(path)
     if resume:
+        _refuse_a_stage_given_as_run(path)
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "metrics.json")):
             raise PeftkitError(f"run {path!r} already finished; nothing to resume")
         if not os.path.isdir(stage) or latest(stage) is None:
@@ -104,10 +101,29 @@ def open_stage(path: str, overwrite: bool, resume: bool) -> str:
     return stage
 
 
+def _refuse_a_stage_given_as_run(path: str) -> None:
+    """``--resume runs/.long.partial`` (the directory a user finds on disk) names the staging
+    directory, not the run: say which run directory to give instead of looking for
+    ``runs/..long.partial.partial``."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith(".") and name.endswith(".partial") and len(name) > len("..partial"):
+        run_dir = os.path.join(os.path.dirname(os.path.normpath(path)), name[1:-len(".partial")])
+        raise PeftkitError(f"{path!r} is the staging directory of an interrupted run; resume it by its "
+                           f"run directory: peftkit run --resume {run_dir}")
+
+
 def finish_stage(stage: str, path: str, overwrite: bool) -> None:
     """Move a finished run's staging directory to ``path``."""
-    final = os.path.abspath(path)
-    check_output_dir(path, overwrite)  # something may have appeared there while we ran
+    _move_into_place(stage, os.path.abspath(path), path, overwrite)
+
+
+def _move_into_place(stage: str, final: str, path: str, overwrite: bool, flag: str = "--output-dir") -> None:
+    """Rename a complete staging directory to ``final`` (replacing it only with ``overwrite``),
+    its files first given the modes a plain mkdir/open gives: libraries write some of them through
+    private 0600 temporary files, and the user's output should not be less readable than a file
+    they wrote themselves."""
+    check_output_dir(path, overwrite, flag)  # something may have appeared there while we ran
+    publish_modes(stage)
     old = None
     if os.path.exists(final):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))

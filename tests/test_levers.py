@@ -149,6 +149,8 @@ def test_lora_on_a_quantized_base_trains_saves_and_predicts(bits, run_cli, tiny_
     assert metrics["quantize"] == bits and metrics["trainable_params"] > 0
     meta = json.load(open(out / "adapter" / "peftkit_adapter.json"))
     assert meta["base_quantization"] == bits
+    code, stdout, stderr = run_cli("inspect", str(out / "adapter"))
+    assert code == 0 and f"base quantization {bits}\n" in stdout, stderr  # the text form shows it too
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
     loaded = load_adapter(str(out / "adapter"))
     kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt
@@ -157,6 +159,22 @@ def test_lora_on_a_quantized_base_trains_saves_and_predicts(bits, run_cli, tiny_
     assert classifier and not any(isinstance(m, kind) for c in classifier for m in c.modules())
     rows = predict_texts(loaded, ["good great fun", "bad dull awful"])
     assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)
+
+
+def test_a_4bit_base_counts_its_parameters_not_its_packed_bytes(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Issue 15: --quantize 4bit reported 17.5M of MiniLM's 22.8M parameters (two 4-bit values are
+    stored per byte). The same model and strategy count the same, quantized or not."""
+    counts = {}
+    for bits in (None, "4bit"):
+        out = tmp_path / str(bits)
+        code, stdout, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora",
+                                                  "--epochs", "1", "--max-train-samples", "32",
+                                                  "--max-eval-samples", "16", *(["--quantize", bits] if bits else [])))
+        assert code == 0, stderr
+        metrics = json.load(open(out / "metrics.json"))
+        counts[bits] = (metrics["trainable_params"], metrics["total_params"])
+        assert f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters" in stdout
+    assert counts["4bit"] == counts[None]
 
 
 @needs_cuda

@@ -118,6 +118,8 @@ def test_interrupted_run_keeps_its_checkpoint_and_says_how_to_resume(tiny_model_
     code, _, err = run_cli(*_args(tiny_model_dir("bert"), tiny_csv, out, "lora", "--checkpoint-every", "5"))
     assert code == 130
     assert f"continue with peftkit run --resume {out}" in err.splitlines()[-1]
+    after_start = err.split("checkpoints every 5 steps")[1].split("\n", 1)[1]
+    assert after_start.count("--resume") == 1, err  # once: the interruption's own line, no echo before it
     assert os.path.isdir(os.path.join(str(tmp_path), ".run.partial", "checkpoints", "step-0000010"))
     monkeypatch.setattr(loop, "check_budget", real)
     code, _, err = run_cli(*_args(tiny_model_dir("bert"), tiny_csv, out, "lora"))

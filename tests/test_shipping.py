@@ -104,7 +104,8 @@ def test_mismatched_keys_or_shapes_are_errors(trained, tmp_path) -> None:
     meta = json.load(open(wrong / "peftkit_adapter.json"))
     meta["strategy_options"]["reduction_factor"] = 8  # the file holds rf 16 shapes
     (wrong / "peftkit_adapter.json").write_text(json.dumps(meta))
-    with pytest.raises(PeftkitError, match="does not match the model: .* has shape"):
+    # the strategy named "adapter" once made this "the adapter adapter does not match"
+    with pytest.raises(PeftkitError, match=r"^the adapter \(strategy 'adapter'\) does not match the model: .* has shape"):
         load_adapter(str(wrong))
     meta["strategy_options"]["reduction_factor"] = 16
     meta["strategy_options"]["variant"] = "houlsby"  # expects attention adapters the file lacks

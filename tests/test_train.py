@@ -35,7 +35,7 @@ def test_head_only_runs_the_backbone_in_the_first_epoch_only(tiny_model_dir, tin
     assert len(five.history) == 5
 
 
-def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv) -> None:
+def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv, capsys) -> None:
     # a learning rate this large makes later epochs worse than the best one, so the loop must
     # restore it, and patience 1 stops after the first epoch without a gain
     outcome, logs = _fit(tiny_model_dir("bert"), tiny_csv, strategy="full", epochs=8, batch_size=16,
@@ -46,6 +46,22 @@ def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv) -> Non
     if outcome.metrics.best_epoch != len(history):
         assert any(l.startswith("restored the best epoch") for l in logs)
     assert len(history) < 8 and any(l.startswith("early stopping") for l in logs)
+    # issue 15: early stopping was in train.log only; the console shows it with the epoch lines
+    console = capsys.readouterr().err
+    assert f"early stopping after epoch {len(history)}/8: no better validation accuracy" in console
+    # and each epoch's rate as format_rate words it (0.6 examples/s once read "1")
+    from peftkit.metrics import format_rate
+
+    for h in history:
+        assert f"s, {format_rate(h['examples_per_second'])} examples/s)" in console
+
+
+@pytest.mark.parametrize("rate,text", [(0.6, "0.60"), (0.62, "0.62"), (0.048, "0.048"), (6.14, "6.1"),
+                                       (9.96, "10"), (10.4, "10"), (115.5, "116"), (0.0, "0")])
+def test_small_rates_keep_two_significant_digits(rate, text) -> None:
+    from peftkit.metrics import format_rate
+
+    assert format_rate(rate) == text
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_model_dir, tiny_csv) -> None:

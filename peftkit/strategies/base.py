@@ -182,7 +182,7 @@ class Strategy:
         nothing would make the model predict with its untrained head.
         """
         expected = self.adapter_state(model)
-        check_tensors_match(expected, tensors, what=f"{self.name} adapter")
+        check_tensors_match(expected, tensors, what=f"adapter (strategy {self.name!r})")
         import torch
 
         with torch.no_grad():

@@ -57,7 +57,7 @@ class PeftStrategy(Strategy):
 
         tensors = read_peft_adapter(directory, self.name, self.peft_type)
         expected = _peft_state(model)
-        check_tensors_match(expected, tensors, what=f"{self.name} adapter")
+        check_tensors_match(expected, tensors, what=f"adapter (strategy {self.name!r})")
         set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
         # peft reports mismatches only as warnings: read the weights back to be sure they landed
         loaded = _peft_state(model)

@@ -390,7 +390,7 @@ class PrefixTuning(Strategy):
 
         tensors = read_peft_adapter(directory, self.name, self.peft_type)
         expected = self._peft_tensors(model)
-        check_tensors_match(expected, tensors, what=f"{self.name} adapter")
+        check_tensors_match(expected, tensors, what=f"adapter (strategy {self.name!r})")
         _encoder_of(model).load_table(tensors[PROMPT_KEY])
         with torch.no_grad():
             for key, target in expected.items():
