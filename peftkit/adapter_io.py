@@ -171,17 +171,50 @@ def adapter_bytes(directory: str) -> int:
                if f.endswith(".safetensors"))
 
 
-def save_adapter(directory: str, strategy: Any, model: Any, metadata: dict[str, Any],
-                 base_digests: dict[str, str]) -> int:
-    """Save ``model``'s adapter (as ``strategy`` trained it) and its metadata into ``directory``.
+def save_adapter(directory: str, strategy: Any, model: Any, metadata: dict[str, Any] | None = None,
+                 base_digests: dict[str, str] | None = None) -> int:
+    """Save ``model``'s adapter (as ``strategy`` trained it) and its metadata into ``directory``, so
+    that ``load_adapter(directory)`` applies it again. Returns the weight files' size in bytes.
 
-    ``metadata`` should name at least ``strategy``, ``strategy_options``, ``base_model``,
-    ``base_fingerprint``, ``label_names`` and ``max_length``. Returns the weight files' size.
+    ``save_adapter(directory, strategy, model)`` is enough: what loading needs is read from the
+    strategy (name, options) and the model (``default_metadata``: base model, task, label names).
+    ``metadata`` adds to or overrides that (a run also records its data, metrics, max length).
+    ``base_digests`` (``fingerprint.backbone_digests`` of the base before training) records the
+    base's fingerprint, which loading checks, and lets a full fine-tune leave out the tensors that
+    did not change; without it every trained tensor is saved and no fingerprint is checked.
     """
+    digests = base_digests or {}
+    meta = {**default_metadata(strategy, model), **(metadata or {})}
+    if digests and "base_fingerprint" not in meta:
+        from .fingerprint import fingerprint
+
+        meta["base_fingerprint"] = fingerprint(digests)
     os.makedirs(directory, exist_ok=True)
-    facts = strategy.save_adapter(model, directory, base_digests)
+    facts = strategy.save_adapter(model, directory, digests)
     size = adapter_bytes(directory)
-    meta = {"format_version": FORMAT_VERSION, **metadata, **facts, "adapter_bytes": size,
-            "versions": metadata.get("versions") or package_versions()}
+    meta = {"format_version": FORMAT_VERSION, **meta, **facts, "adapter_bytes": size,
+            "versions": meta.get("versions") or package_versions()}
     write_json(os.path.join(directory, METADATA_FILE), meta)
     return size
+
+
+def default_metadata(strategy: Any, model: Any) -> dict[str, Any]:
+    """What ``load_adapter`` needs, read from a strategy and the model it prepared: the strategy's
+    name and options, the base model (the name the model was loaded from), the task (from the
+    model's class: ``...ForCausalLM``, ``...ForImageClassification``, else sequence
+    classification) and, for a classifier, the label names in id order."""
+    import dataclasses
+
+    config = getattr(model, "config", None)  # a peft model hands on its base's config
+    classes = " ".join(type(m).__name__ for m in (model, getattr(model, "base_model", None)))
+    task = ("causal-lm" if "ForCausalLM" in classes or "LMHeadModel" in classes else
+            "image-classification" if "ForImageClassification" in classes else "sequence-classification")
+    id2label = getattr(config, "id2label", None) or {}
+    options = strategy.options
+    return {
+        "strategy": strategy.name,
+        "strategy_options": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
+        "base_model": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+        "task": task,
+        "label_names": None if task == "causal-lm" else [str(id2label[i]) for i in sorted(id2label, key=int)],
+    }

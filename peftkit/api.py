@@ -56,6 +56,40 @@ class RunResult:
     """What metrics.json holds (``metrics.to_dict()`` is the file); None in the other processes of
     a data-parallel run (only the main process writes and reports)."""
 
+    @property
+    def adapter_dir(self) -> str:
+        """The trained adapter (``run_dir/adapter``): what ``predict`` and ``load_adapter`` take."""
+        return os.path.join(self.run_dir, "adapter")
+
+
+def check_inputs(model: str | None = None, dataset: str | None = None, adapter_dir: str | None = None) -> None:
+    """Refuse in milliseconds, before torch loads, what names nothing that can be read: a dataset,
+    adapter or model path that does not exist, or a hub id while the hub cannot be reached and
+    nothing of it is cached (one line, instead of a minute of retries). None: not given (the
+    default, or the adapter's recorded base model, is used). Every command calls it first."""
+    from .data.sources import check_dataset_source
+    from .models import check_model_name
+
+    if adapter_dir is not None and not os.path.exists(adapter_dir):
+        raise PeftkitError(f"adapter directory not found: {adapter_dir}; give a run's adapter/ folder, "
+                           "one in adapters/, or a plain peft adapter folder")
+    if dataset is not None:
+        check_dataset_source(dataset)
+    base = model if model is not None or adapter_dir is None else _recorded_base(adapter_dir)
+    if base is not None:
+        check_model_name(base)
+
+
+def _recorded_base(adapter_dir: str) -> str | None:
+    """The base model an adapter folder names (peftkit's metadata, else peft's config), if any."""
+    from .adapter_io import read_metadata, read_peft_config, resolve_adapter_dir
+
+    adapter_dir = resolve_adapter_dir(adapter_dir)  # a run directory names its base in adapter/
+    if not os.path.isdir(adapter_dir):
+        return None
+    meta = read_metadata(adapter_dir) or {}
+    return meta.get("base_model") or (read_peft_config(adapter_dir) or {}).get("base_model_name_or_path")
+
 
 def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
     """Fine-tune and evaluate as ``config`` says, into ``config.output_dir`` (default
@@ -70,6 +104,7 @@ def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
         from .tasks import get_task
 
         get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
+    check_inputs(config.model, config.dataset)
     return _run(config, resume=False, echo=echo)
 
 
@@ -194,6 +229,7 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     from .bench import run_suite
     from .rundir import check_output_dir, staged_dir
 
+    check_inputs(config.model, config.dataset)
     config = preflight_bench(config)
     out = config.output_dir or default_output_dir("bench")
     check_output_dir(out, overwrite)
@@ -289,6 +325,7 @@ def plan(settings: PlanSettings) -> Plan:
     names = parse_strategies(",".join(settings.strategies) or "all")
     settings = dataclasses.replace(settings, strategies=names)
     settings.validate()
+    check_inputs(settings.model)
     quiet_libraries()
     settings = resolve_settings(settings)
     set_context(strategy=",".join(names), model=settings.model)
@@ -338,6 +375,7 @@ def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str |
     and ``output`` are checked before the model loads."""
     from .predict_io import GenerationOptions, check_output_file, read_inputs
 
+    check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
     quiet_libraries()
     from .predict import adapter_task, check_prediction_settings, iter_predictions, load_adapter
 
@@ -367,6 +405,7 @@ def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
     from .rundir import check_output_dir, staged_dir
 
     config.validate()
+    check_inputs(config.model, config.dataset, config.adapter)
     if config.output:
         check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
     quiet_libraries()
@@ -394,6 +433,7 @@ def merge(adapter_dir: str, output: str, model: str | None = None, force: bool =
     (written into a staging directory, renamed into place when complete)."""
     from .rundir import check_output_dir, staged_dir
 
+    check_inputs(model, adapter_dir=adapter_dir)
     check_output_dir(output, overwrite, flag="--output")
     quiet_libraries()
     from .predict import load_adapter, merge_to_directory
@@ -424,5 +464,5 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
 
 
 __all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "MergeResult", "Plan", "PlanSettings",
-           "RunConfig", "RunResult", "bench", "evaluate", "inspect", "merge", "plan", "predict", "predict_iter",
-           "resume", "resumed_config", "run"]
+           "RunConfig", "RunResult", "bench", "check_inputs", "evaluate", "inspect", "merge", "plan", "predict",
+           "predict_iter", "resume", "resumed_config", "run"]

