@@ -312,14 +312,23 @@ class Plan:
     """The settings with the task's defaults and the device filled in."""
     estimates: list[Estimate]
 
+    @property
+    def failed(self) -> list[str]:
+        """The strategies whose planning failed (an error, not a refusal): ``peftkit plan`` exits 1."""
+        return [e.strategy for e in self.estimates if e.status == "failed"]
+
     def to_dict(self) -> dict[str, Any]:
         """What ``peftkit plan --json`` prints."""
-        return {"settings": self.settings.to_dict(), "estimates": [e.as_dict() for e in self.estimates]}
+        return {"settings": self.settings.to_dict(), "estimates": [e.as_dict() for e in self.estimates],
+                "failed": self.failed}
 
 
-def plan(settings: PlanSettings) -> Plan:
+def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
     """Predict each strategy's (empty: every one's) peak training memory without training: weights,
-    gradients and optimizer state by arithmetic, activations measured on a random-weight copy."""
+    gradients and optimizer state by arithmetic, activations measured on a random-weight copy.
+    ``echo`` gets what will be measured and roughly how long, then a line per strategy. A strategy
+    that cannot be planned is an estimate whose ``status`` is "refused" or "failed" (see
+    ``Plan.failed``), not an exception."""
     from .plan import make_plan, resolve_settings
 
     names = parse_strategies(",".join(settings.strategies) or "all")
@@ -329,7 +338,7 @@ def plan(settings: PlanSettings) -> Plan:
     quiet_libraries()
     settings = resolve_settings(settings)
     set_context(strategy=",".join(names), model=settings.model)
-    return Plan(settings, make_plan(settings))
+    return Plan(settings, make_plan(settings, echo))
 
 
 # -- predict, merge, inspect ------------------------------------------------------------------

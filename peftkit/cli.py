@@ -398,19 +398,46 @@ def plan_cmd(strategies: str, as_json: bool, **opts: Any) -> None:
 
     \b
     The peak is split into weights, gradients and optimizer state (arithmetic), activations
-    (measured: a dozen training steps of a random-weight copy, whole if small, else at depth
-    2 and 3 and extrapolated) and, on CPU, the runtime. Unlike `accelerate estimate-memory`
-    it knows each strategy, activations, batch size, quantized bases and 8-bit optimizers.
+    (measured: up to 12 training steps of a random-weight copy, whole if small, else at depth
+    2 and 3 and extrapolated; once per distinct structure) and, on CPU, the runtime. Unlike
+    `accelerate estimate-memory` it knows each strategy, activations, batch size, quantized
+    bases and 8-bit optimizers. What will be measured, roughly how long it takes and a line
+    per strategy go to stderr.
+
+    \b
+    Exit status: 0 when every strategy was planned or refused (it cannot be used with these
+    levers: a row saying why), 1 when planning a strategy failed (its row says failed, the
+    error is below the table and in the JSON), 2 for bad input.
     """
     from . import api
     from .config import with_levers
 
     settings = api.PlanSettings(strategies=strategies.split(","), **with_levers(_given(opts)))
-    result = api.plan(settings)
+    result = api.plan(settings, echo=_echo)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    _print_plan(result.settings, result.estimates)
+    else:
+        _print_plan(result.settings, result.estimates)
+    if result.failed:
+        _echo(f"error: planning failed for {', '.join(result.failed)} (the reason is in "
+              f"{'the JSON' if as_json else 'the lines below the table'})")
+        raise click.exceptions.Exit(1)
+
+
+def _plan_row(e: Any, settings: Any, budget: int | None) -> list[str]:
+    """One strategy's cells; a strategy not planned keeps the table's shape (its reason goes below)."""
+    from .memory import format_size
+
+    cells = 7 + (settings.device == "cpu") + (2 if budget else 0)
+    if e.status != "ok":
+        return [e.strategy, e.status] + ["-"] * cells
+    row = [e.strategy, e.status, f"{e.trainable_params:,}", format_size(e.weights), format_size(e.gradients),
+           format_size(e.optimizer), format_size(e.activations), format_size(e.workspace)]
+    row += [format_size(e.runtime)] if settings.device == "cpu" else []
+    row += [format_size(e.total)]
+    if budget:
+        row += ["yes" if e.total <= budget else "no", str(e.max_batch_size)]
+    return row
 
 
 def _print_plan(settings: Any, estimates: list[Any]) -> None:
@@ -424,27 +451,16 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
     click.echo(f"{settings.model} ({settings.task}): batch {settings.batch_size}{length}, "
                f"levers: {describe_levers(settings.levers)}, on {settings.device}"
                + (f", budget {format_size(budget)}" if budget else ""))
-    header = ["strategy", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
+    header = ["strategy", "status", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
     header += ["runtime"] if settings.device == "cpu" else []
     header += ["peak"] + (["fits?", "largest batch"] if budget else [])
-    rows = []
+    rows = [header] + [_plan_row(e, settings, budget) for e in estimates]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        click.echo("  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths))))
     for e in estimates:
         if e.status != "ok":
-            rows.append([e.strategy, f"{e.status}: {e.error}"])
-            continue
-        row = [e.strategy, f"{e.trainable_params:,}", format_size(e.weights), format_size(e.gradients),
-               format_size(e.optimizer), format_size(e.activations), format_size(e.workspace)]
-        row += [format_size(e.runtime)] if settings.device == "cpu" else []
-        row += [format_size(e.total)]
-        if budget:
-            row += ["yes" if e.total <= budget else "no", str(e.max_batch_size)]
-        rows.append(row)
-    widths = [max(len(str(r[i])) for r in [header] + [r for r in rows if len(r) > i]) for i in range(len(header))]
-    for r in [header] + rows:
-        if len(r) == 2 and len(header) > 2:
-            click.echo(f"{r[0]:<{widths[0]}}  {r[1]}")
-        else:
-            click.echo("  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths))))
+            click.echo(f"{e.strategy} {e.status}: {e.error}")
     notes: dict[str, list[str]] = {}
     for e in estimates:
         for note in e.notes:

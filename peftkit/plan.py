@@ -13,10 +13,12 @@ The peak is split the way it is spent:
   the strategy (a frozen backbone below the lowest trainable parameter keeps nothing for backward,
   prefix tuning needs the whole stack), the attention path, the precision and checkpointing, so they
   are *measured*, not guessed: the model is built from its config with random weights, the strategy
-  prepares it exactly as a run does, and twelve training steps run on the device at the planned batch
-  (the first at the full length, the rest at seeded random lengths, as a run's padded batches vary).
-  The peak increase over the prepared model, minus the gradients and optimizer state, is the
-  activations. Models up to 12 blocks and 150M parameters are measured whole (seconds); bigger ones
+  prepares it exactly as a run does, and up to twelve training steps run on the device at the planned
+  batch (the first at the full length, the rest at seeded random lengths, as a run's padded batches
+  vary), stopping once four steps in a row moved the peak by under 1%. The peak increase over the
+  prepared model, minus the gradients and optimizer state, is the activations. Strategies whose
+  prepared models have the same parameters, trainable ones and forward pass (``full`` and
+  ``gradual_unfreeze``) are measured once. Models up to 12 blocks and 150M parameters are measured whole (seconds); bigger ones
   at depth 2 and 3, the difference being one block's share, extrapolated to their depth. With
   ``--device cuda`` on a machine without a GPU, activations are instead the bytes of every tensor
   autograd saves in one forward pass (``torch.autograd.graph.saved_tensors_hooks``) plus one block's
@@ -35,8 +37,9 @@ import contextlib
 import copy
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .config import Levers, check_positive, flat_dict
 from .errors import PeftkitError, first_line, raising_library, set_context
@@ -47,6 +50,12 @@ _NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 DIRECT_MAX_DEPTH = 12
 DIRECT_MAX_PARAMS = 150_000_000
 _BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state below this many elements
+# Measured training steps: at most MAX_STEPS, fewer once SETTLE_STEPS steps in a row raised the peak
+# by under SETTLE_TOLERANCE of it (on MiniLM: full, lora and prefix stop after 7 steps, losing at most
+# 1 MiB of a 580 MiB peak; a peak still creeping up keeps all 12).
+MAX_STEPS = 12
+SETTLE_STEPS = 4
+SETTLE_TOLERANCE = 0.01
 
 
 @dataclass
@@ -249,17 +258,17 @@ def _batch(config: Any, settings: PlanSettings, device: str, task: Any) -> dict[
 
 
 def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
-                          device: str, steps: int = 12) -> int:
-    """Peak memory of ``steps`` training steps over the prepared model's, on ``device``, at the
-    planned batch: gradients, optimizer state, activations, the backward pass's transients and the
-    allocator's own overhead, all measured.
+                          device: str, steps: int = MAX_STEPS) -> int:
+    """Peak memory of up to ``steps`` training steps over the prepared model's, on ``device``, at
+    the planned batch: gradients, optimizer state, activations, the backward pass's transients and
+    the allocator's own overhead, all measured.
 
     The first step is at the full planned length (a run's length-grouped batches put the longest
     first); the others at seeded random lengths down to a quarter of it, because batches padded to
     their own longest example vary, and on CPU the heap fragments as they do: over the first dozen
-    steps of a real run the resident peak keeps rising by a fifth or more over a single step's."""
-    import random
-
+    steps of a real run the resident peak keeps rising by a fifth or more over a single step's.
+    The steps stop early once the peak has settled (``_settled``): on MiniLM the peak of ``full``,
+    ``lora`` and ``prefix`` is reached by the third step, and the steps after it only cost time."""
     import torch
 
     from .levers import half_dtype, make_optimizer
@@ -267,14 +276,12 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
     from .strategies.base import ParamGroup
     from .train import torch_param_groups
 
-    release_free_memory()
+    # (no trim before the build: the previous measurement trimmed after itself, and the figure
+    # compared starts after the trim below)
     model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
     optimizer = make_optimizer(settings.levers.optimizer, torch_param_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
-    rng = random.Random(0)
-    full = settings.max_length or 0
-    # (an image task has no length: every step is the same shape)
-    lengths = [full] + [rng.randint(max(1, full // 4), full) if full else 0 for _ in range(steps - 1)]
-    batches = [_batch(config, dataclasses.replace(settings, max_length=n or None), device, task) for n in lengths]
+    batches = [_batch(config, dataclasses.replace(settings, max_length=n or None), device, task)
+               for n in step_lengths(settings.max_length, steps)]
     meter = MemoryMeter(torch.device(device))
     half = half_dtype(settings.levers.precision)
     release_free_memory()
@@ -282,6 +289,7 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
         torch.cuda.synchronize()
     meter.reset_peak()
     before = meter.current()
+    peaks: list[int] = []
     for batch in batches:
         autocast = torch.autocast(device, dtype=half) if half is not None else contextlib.nullcontext()
         with autocast:
@@ -289,10 +297,31 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = meter.peak()
+        peaks.append(meter.peak() - before)
+        if _settled(peaks):
+            break
     del model, optimizer, loss, batches
     release_free_memory()
-    return max(0, peak - before)
+    return max(0, peaks[-1])
+
+
+def step_lengths(full: int | None, steps: int = MAX_STEPS) -> list[int]:
+    """The measured steps' sequence lengths: ``full`` first, then seeded random lengths down to a
+    quarter of it (0 for every step of a task without lengths, e.g. images)."""
+    import random
+
+    rng = random.Random(0)
+    full = full or 0
+    return [full] + [rng.randint(max(1, full // 4), full) if full else 0 for _ in range(steps - 1)]
+
+
+def _settled(peaks: list[int]) -> bool:
+    """True once the last ``SETTLE_STEPS`` steps raised the peak by under ``SETTLE_TOLERANCE`` of
+    it: more steps would not move the figure (a peak still creeping up, as a frozen backbone's heap
+    does on CPU, keeps all ``MAX_STEPS``)."""
+    if len(peaks) <= SETTLE_STEPS:
+        return False
+    return peaks[-1] - peaks[-1 - SETTLE_STEPS] <= SETTLE_TOLERANCE * max(1, peaks[-1])
 
 
 def measure_saved_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings) -> tuple[int, int, int]:
@@ -337,45 +366,93 @@ def _depth(config: Any) -> int:
     return depth
 
 
-def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings, est: Estimate) -> None:
+def _measurement(config: Any, settings: PlanSettings, total_params: int) -> str:
+    """How activations are measured: "whole" (training steps of the whole model), "extrapolated"
+    (steps at depth 2 and 3) or "saved" (no GPU here for a GPU plan: the tensors autograd saves)."""
+    import torch
+
+    if not (settings.device == "cpu" or torch.cuda.is_available()):
+        return "saved"
+    return "whole" if _depth(config) <= DIRECT_MAX_DEPTH and total_params <= DIRECT_MAX_PARAMS else "extrapolated"
+
+
+def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings,
+                         est: Estimate) -> str:
     """Set ``est``'s activations (and workspace): training steps measured on the device where it
     can be (the whole model if small, else depth 2 and 3 extrapolated), else the tensors autograd
-    saves, measured on the CPU."""
+    saves, measured on the CPU. Returns the note saying which."""
     import torch
 
     torch.set_grad_enabled(True)
     depth = _depth(config)
-    measurable = settings.device == "cpu" or torch.cuda.is_available()
-    if measurable and depth <= DIRECT_MAX_DEPTH and est.total_params <= DIRECT_MAX_PARAMS:
+    how = _measurement(config, settings, est.total_params)
+    if how == "whole":
         # small enough to measure whole: the steps run on the full-depth model (random weights)
         increase = measure_step_increase(config, strategy, task, settings, depth, settings.device)
         est.activations = max(0, increase - est.gradients - est.optimizer)
-        est.notes.append(f"activations measured: training steps of the whole model (random weights) "
-                         f"on {settings.device}")
-    elif measurable:
+        return f"activations measured: training steps of the whole model (random weights) on {settings.device}"
+    if how == "extrapolated":
         # too big to build whole: steps at depth 2 and 3, the difference is one block's share.
         # (Not 1 and 2: the first block's figure carries one-off workspace that hides the slope.)
         two = measure_step_increase(config, strategy, task, settings, 2, settings.device)
         three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
         increase = two + (depth - 2) * max(0, three - two)
         est.activations = max(0, increase - est.gradients - est.optimizer)
-        est.notes.append("activations measured: training steps at depth 2 and 3 on "
-                         f"{settings.device}, extrapolated to {depth} blocks")
+        return f"activations measured: training steps at depth 2 and 3 on {settings.device}, extrapolated to {depth} blocks"
+    base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
+    if settings.levers.gradient_checkpointing and per_block:
+        # each block keeps only its input; one block is rebuilt whole during its backward pass
+        est.activations = base + depth * block_input + per_block
     else:
-        base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
-        if settings.levers.gradient_checkpointing and per_block:
-            # each block keeps only its input; one block is rebuilt whole during its backward pass
-            est.activations = base + depth * block_input + per_block
-        else:
-            est.activations = base + depth * per_block
-        est.workspace = per_block
-        est.notes.append("no GPU here: activations are the tensors autograd saves (measured on CPU), "
-                         "plus one block's worth of backward workspace")
+        est.activations = base + depth * per_block
+    est.workspace = per_block
+    return "no GPU here: activations are the tensors autograd saves (measured on CPU), plus one block's worth of backward workspace"
 
 
-def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
-                  strategy_options: dict[str, Any] | None = None) -> Estimate:
-    """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
+@dataclass
+class _Job:
+    """One strategy between its arithmetic (weights, gradients, optimizer state) and its measurement."""
+
+    est: Estimate
+    strategy: Any
+    task: Any = None
+    key: Any = None
+    """What the activations depend on (``structure_key``): equal keys, equal activations."""
+
+
+@contextlib.contextmanager
+def _row_errors(est: Estimate) -> Any:
+    """A strategy that cannot be planned is a row, not a crash: refused (``PeftkitError``: it
+    cannot be used so) or failed (anything else, naming the library that raised)."""
+    try:
+        yield
+    except PeftkitError as exc:
+        est.status, est.error = "refused", str(exc)
+    except Exception as exc:  # noqa: BLE001
+        library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
+        est.status, est.error = "failed", f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}"
+
+
+def structure_key(strategy: Any, prepared: Any, trainable: dict[str, Any]) -> tuple[Any, ...]:
+    """What a strategy's activations depend on, read from its prepared (meta) model: every
+    parameter's name, shape, dtype and whether it trains, every module's type and hooks, and the
+    strategy's forward (with its options, where it overrides the shared one). Two strategies with
+    equal keys run the same computation (``full`` and ``gradual_unfreeze`` at its end): measured once."""
+    from .strategies.base import Strategy
+
+    forward = type(strategy).forward
+    options = None if forward is Strategy.forward else repr(strategy.options)
+    trains = {id(p) for p in trainable.values()}
+    params = tuple((n, tuple(p.shape), str(p.dtype), id(p) in trains) for n, p in prepared.named_parameters())
+    modules = tuple((type(m).__qualname__, tuple(getattr(h, "__qualname__", type(h).__qualname__) for h in
+                     (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))) for m in prepared.modules())
+    return forward, options, params, modules
+
+
+def _arithmetic(config: Any, strategy_name: str, settings: PlanSettings,
+                strategy_options: dict[str, Any] | None = None) -> _Job:
+    """Weights, gradients and optimizer state of one strategy, from the model built on the meta
+    device (no memory, no measuring), and what its activations will need."""
     from accelerate import init_empty_weights
 
     from .levers import check_levers
@@ -384,37 +461,55 @@ def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
     from .structure import head_module_names
     from .tasks import get_task
 
-    if settings.device == "cpu":
-        runtime_bytes()  # before any model exists in this process
     cls = get_strategy(strategy_name)
-    strategy = cls(options_from_dict(cls, strategy_options or {}))
-    est = Estimate(strategy=cls.name)
-    task_type = get_task(settings.task)
-    try:
-        check_levers(settings.levers, strategy, on_cuda=settings.device == "cuda")
+    job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
+    est, task_type = job.est, get_task(settings.task)
+    with _row_errors(est):
+        check_levers(settings.levers, job.strategy, on_cuda=settings.device == "cuda")
         with init_empty_weights(include_buffers=False):
             full = task_type.model_from_config(config)
-        task = task_type.plan_spec(full, settings.num_labels)
+        job.task = task_type.plan_spec(full, settings.num_labels)
         skip = head_module_names(full)
         with init_empty_weights(include_buffers=False):
-            prepared = strategy.prepare(full, task)
-        trainable = strategy.trainable_parameters(prepared)
+            prepared = job.strategy.prepare(full, job.task)
+        trainable = job.strategy.trainable_parameters(prepared)
         if not trainable:  # (BitFit on a model without biases) as a run would refuse it
             raise PeftkitError(f"strategy {cls.name!r} left no parameter to train on this model")
         est.trainable_params = sum(p.numel() for p in trainable.values())
         est.total_params = sum(p.numel() for p in prepared.parameters())
         est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
-        del full, prepared
-        _measure_activations(config, strategy, task, settings, est)
-    except PeftkitError as exc:
-        est.status, est.error = "refused", str(exc)
-        return est
-    except Exception as exc:  # noqa: BLE001 - a strategy that cannot be planned is a row, not a crash
-        library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
-        est.status, est.error = "failed", f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}"
-        return est
-    _fit_budget(est, settings)
-    return est
+        job.key = structure_key(job.strategy, prepared, trainable)
+    return job
+
+
+def _measure(config: Any, job: _Job, settings: PlanSettings, measured: dict[Any, tuple[Estimate, str]]) -> None:
+    """Fill in ``job``'s activations: measured, or copied from an earlier strategy in ``measured``
+    with the same structure key (which this adds to)."""
+    est = job.est
+    if est.status != "ok":
+        return
+    with _row_errors(est):
+        if job.key in measured:
+            source, note = measured[job.key]
+            est.activations, est.workspace = source.activations, source.workspace
+            est.notes += [note, f"activations as measured for {source.strategy} (the same parameters, "
+                                "trainable ones and forward pass)"]
+        else:
+            note = _measure_activations(config, job.strategy, job.task, settings, est)
+            est.notes.append(note)
+            measured[job.key] = (est, note)
+    if est.status == "ok":
+        _fit_budget(est, settings)
+
+
+def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
+                  strategy_options: dict[str, Any] | None = None) -> Estimate:
+    """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
+    if settings.device == "cpu":
+        runtime_bytes()  # before any model exists in this process
+    job = _arithmetic(config, strategy_name, settings, strategy_options)
+    _measure(config, job, settings, {})
+    return job.est
 
 
 def _fit_budget(est: Estimate, settings: PlanSettings) -> None:
@@ -466,11 +561,120 @@ def check_applicable(model: str, task: str, strategy_name: str, strategy_options
         raise PeftkitError(f"strategy {strategy_name!r} left no parameter to train on this model")
 
 
-def make_plan(settings: PlanSettings) -> list[Estimate]:
-    """An ``Estimate`` per strategy in ``settings`` (task defaults and device filled in first)."""
+def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None) -> list[Estimate]:
+    """An ``Estimate`` per strategy in ``settings`` (task defaults and device filled in first).
+    ``echo`` gets one line saying what will be measured and roughly how long it takes, then one
+    line per strategy as it is done."""
     settings = resolve_settings(settings)
     config = load_config(settings.model)
-    return [plan_strategy(config, name, settings) for name in settings.strategies]
+    say = echo or (lambda _line: None)
+    if settings.device == "cpu":
+        runtime_bytes()  # before any model exists in this process
+    jobs = [_arithmetic(config, name, settings) for name in settings.strategies]
+    say(_announce(config, settings, jobs))
+    measured: dict[Any, tuple[Estimate, str]] = {}
+    started, done = time.monotonic(), 0
+    for i, job in enumerate(jobs, 1):
+        fresh = job.est.status == "ok" and job.key not in measured
+        t = time.monotonic()
+        _measure(config, job, settings, measured)
+        done += fresh
+        left = _distinct(jobs[i:], measured)
+        say(_progress(i, len(jobs), job.est, time.monotonic() - t if fresh else None,
+                      (time.monotonic() - started) / done * left if done and left else None))
+    return [job.est for job in jobs]
+
+
+def _distinct(jobs: list[_Job], measured: dict[Any, Any] | None = None) -> int:
+    """How many measurements ``jobs`` still need (one per structure key not in ``measured``)."""
+    return len({job.key for job in jobs if job.est.status == "ok"} - set(measured or ()))
+
+
+def _announce(config: Any, settings: PlanSettings, jobs: list[_Job]) -> str:
+    """The line said before measuring: what, for how many strategies, roughly how long."""
+    ok = [job for job in jobs if job.est.status == "ok"]
+    what = (f"planning {len(jobs)} strateg{'y' if len(jobs) == 1 else 'ies'} for {settings.model} on "
+            f"{settings.device}: weights, gradients and optimizer state by arithmetic")
+    count = _distinct(ok)
+    if not count:
+        return what + "; nothing to measure"
+    how = _measurement(config, settings, max(job.est.total_params for job in ok))
+    length = f" x {settings.max_length} tokens" if settings.max_length else ""
+    shared = [f"{job.est.strategy} shares {first.est.strategy}'s" for n, job in enumerate(ok)
+              for first in ok[:n] if first.key == job.key][:3]
+    if how == "saved":
+        method = f"the tensors autograd saves in one forward pass at depth 1 and 2, batch {settings.batch_size}{length}"
+    else:
+        where = "the whole model" if how == "whole" else "depth 2 and 3"
+        method = (f"up to {MAX_STEPS} training steps of a random-weight copy ({where}, batch "
+                  f"{settings.batch_size}{length}) on {settings.device}")
+    return (f"{what}; activations by {method}, {count} measurement{'s' if count > 1 else ''}"
+            f"{' (' + ', '.join(shared) + ')' if shared else ''}; "
+            f"roughly {_duration(_rough_seconds(config, settings, how) * count)}")
+
+
+def _progress(i: int, n: int, est: Estimate, seconds: float | None, left: float | None) -> str:
+    """One strategy's progress line: its status, how long it took, about how long is left."""
+    if est.status != "ok":
+        state = est.status
+    elif seconds is None:
+        state = "done (activations shared)"
+    else:
+        state = f"measured in {_duration(seconds)}"
+    return f"[{i}/{n}] {est.strategy}: {state}" + (f", about {_duration(left)} left" if left else "")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+# A measurement's time over the time the matmuls of all MAX_STEPS steps take at the calibrated rate:
+# attention, dropout, norms and the optimizer add to it, stopping once settled (usually after 7 steps)
+# takes from it. Fitted on MiniLM, all strategies, 2-core CPU: about 12 s per measurement.
+_TIME_FACTOR = 0.6
+
+
+def _rough_seconds(config: Any, settings: PlanSettings, how: str) -> float:
+    """A rough time for one measurement: 6 FLOPs per linear weight per position (forward and
+    backward) over every measured step's positions, at this machine's matmul rate now."""
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    from .tasks import get_task
+
+    if how == "saved":
+        return 2.0
+    with init_empty_weights(include_buffers=False):
+        model = get_task(settings.task).model_from_config(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if how == "extrapolated":  # depth 2 and 3 instead of all of it
+        linear = linear * 5 / _depth(config)
+    positions = sum(step_lengths(settings.max_length)) or MAX_STEPS * 197  # (images: ViT-base's patches)
+    flops = 6 * linear * settings.batch_size * positions
+    return _TIME_FACTOR * flops / _matmul_rate(settings.device)
+
+
+def _matmul_rate(device: str) -> float:
+    """FLOP/s of a mid-sized fp32 matmul on ``device``: the best of five bursts of 20 ms (the
+    machine's own speed; on a busy machine the per-strategy lines correct the estimate)."""
+    import torch
+
+    a, b = torch.randn(1024, 384, device=device), torch.randn(384, 1536, device=device)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.02:
+            a @ b
+            runs += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * 1024 * 384 * 1536 * runs / (time.perf_counter() - start))
+    return best
 
 
 def bench_predictor(model: str, batch_size: int, max_length: int | None, num_labels: int, device: str,

@@ -152,7 +152,8 @@ def test_bench_worker_reports_a_library_failure_as_one_line(broken_model_dir, ti
 def test_plan_names_the_failing_library_in_its_row(run_cli, broken_model_dir) -> None:
     code, stdout, stderr = run_cli("plan", "--model", broken_model_dir, "--strategies", "lora",
                                    "--max-length", "16", "--batch-size", "2", "--json")
-    assert code == 0, stderr  # a strategy that cannot be planned is a row, not a crash
+    # a strategy that cannot be planned is a row, not a crash, and the exit status says it failed
+    assert code == 1 and "Traceback" not in stderr, stderr
     row = json.loads(stdout)["estimates"][0]
     assert row["status"] == "failed" and row["error"].startswith("transformers raised RuntimeError: "), row
 

@@ -122,3 +122,66 @@ def test_plan_for_a_gpu_from_a_cpu_machine_uses_saved_tensors(run_cli, tiny_mode
                              "--batch-size", "4", "--max-length", "8")
     assert code == 0, err
     assert "no GPU here: activations are the tensors autograd saves" in out and "runtime" not in out.splitlines()[1]
+
+
+def _fail_lora(monkeypatch) -> None:
+    """Planning lora raises a long ValueError (as prefix once did through peft), the others plan."""
+    import peftkit.plan as plan
+
+    measure = plan._measure_activations
+
+    def failing(config, strategy, *args):
+        if strategy.name == "lora":
+            raise ValueError("prefix length does not fit the cache " + "x" * 120)
+        return measure(config, strategy, *args)
+
+    monkeypatch.setattr(plan, "_measure_activations", failing)
+
+
+def test_plan_failed_row_keeps_the_table_and_exits_1(run_cli, tiny_model_dir, monkeypatch) -> None:
+    _fail_lora(monkeypatch)
+    args = ("plan", "--model", tiny_model_dir("bert"), "--strategies", "head_only,lora,full",
+            "--batch-size", "4", "--max-length", "8")
+    code, out, err = run_cli(*args)
+    assert code == 1 and "error: planning failed for lora" in err and "Traceback" not in err
+    lines = out.splitlines()
+    table = lines[1:5]  # header, head_only, lora, full
+    assert table[0].split()[:2] == ["strategy", "status"]
+    assert len({len(line) for line in table}) == 1 and len(table[0]) < 120  # the error does not widen it
+    assert table[2].split()[:3] == ["lora", "failed", "-"] and "ValueError" not in table[2]
+    assert "lora failed: ValueError: prefix length does not fit the cache xxx" in lines[5]
+    code, out, err = run_cli(*args, "--json")
+    assert code == 1, err
+    plan = json.loads(out)
+    rows = {e["strategy"]: e for e in plan["estimates"]}
+    assert plan["failed"] == ["lora"] and rows["lora"]["status"] == "failed"
+    assert rows["lora"]["error"].startswith("ValueError: prefix length") and rows["full"]["status"] == "ok"
+
+
+def test_plan_says_what_it_measures_and_measures_each_structure_once(run_cli, tiny_model_dir, monkeypatch) -> None:
+    import peftkit.plan as plan
+
+    calls = []
+    measure = plan.measure_step_increase
+    monkeypatch.setattr(plan, "measure_step_increase", lambda c, s, *a, **k: calls.append(s.name) or measure(c, s, *a, **k))
+    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "full,gradual_unfreeze,lora",
+                             "--batch-size", "4", "--max-length", "8", "--json")
+    assert code == 0, err
+    rows = {e["strategy"]: e for e in json.loads(out)["estimates"]}  # stdout: the JSON alone
+    # gradual_unfreeze at its end trains what full trains, through the same forward pass
+    assert calls == ["full", "lora"]
+    assert rows["gradual_unfreeze"]["activations"] == rows["full"]["activations"] > 0
+    lines = err.splitlines()
+    assert lines[0].startswith("planning 3 strategies") and "2 measurements" in lines[0] and "roughly" in lines[0]
+    assert "gradual_unfreeze shares full's" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:4]] == ["[1/3] full", "[2/3] gradual_unfreeze", "[3/3] lora"]
+
+
+def test_measured_steps_stop_once_the_peak_settles() -> None:
+    from peftkit.plan import MAX_STEPS, _settled, step_lengths
+
+    assert step_lengths(64)[0] == 64 and len(step_lengths(64)) == MAX_STEPS
+    flat = [678, 702, 966, 966, 966, 966, 966]  # full on MiniLM: the peak is reached at step 3
+    assert not any(_settled(flat[:n]) for n in range(1, len(flat))) and _settled(flat)
+    creeping = [61, 90, 90, 99, 111, 123, 145, 166, 166, 173, 182]  # head_only's heap keeps growing
+    assert not any(_settled(creeping[:n]) for n in range(1, len(creeping) + 1))
