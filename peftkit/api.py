@@ -24,13 +24,13 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .bench import BenchConfig, parse_strategies
+from .benchmark import BenchConfig, parse_strategies
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import PeftkitError, RunInterrupted, set_context
 from .evaluation import EvalConfig, EvalResult
 from .metrics import RunMetrics
-from .plan import Estimate, PlanSettings
+from .planner import Estimate, PlanSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import ResolvedRun
@@ -226,7 +226,7 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     Every setting any run could refuse is checked first, and the data and model are loaded once
     (``preflight``), so bad input fails in seconds, before any worker starts.
     """
-    from .bench import run_suite
+    from .benchmark import run_suite
     from .rundir import check_output_dir, staged_dir
 
     check_inputs(config.model, config.dataset)
@@ -271,7 +271,7 @@ def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any,
     import torch
 
     from .data import resolved_columns
-    from .plan import bench_predictor
+    from .planner import bench_predictor
     from .tasks import get_task
 
     cfg = config.run_config(config.strategies[0], config.seeds[0], config.batch_size, "unused")
@@ -329,7 +329,7 @@ def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
     ``echo`` gets what will be measured and roughly how long, then a line per strategy. A strategy
     that cannot be planned is an estimate whose ``status`` is "refused" or "failed" (see
     ``Plan.failed``), not an exception."""
-    from .plan import make_plan, resolve_settings
+    from .planner import make_plan, resolve_settings
 
     names = parse_strategies(",".join(settings.strategies) or "all")
     settings = dataclasses.replace(settings, strategies=names)
@@ -386,7 +386,7 @@ def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str |
 
     check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
     quiet_libraries()
-    from .predict import adapter_task, check_prediction_settings, iter_predictions, load_adapter
+    from .inference import adapter_task, check_prediction_settings, iter_predictions, load_adapter
 
     inputs = None if inputs is None else list(inputs)
     if (not inputs) == (input_file is None):  # both, or neither
@@ -445,7 +445,7 @@ def merge(adapter_dir: str, output: str, model: str | None = None, force: bool =
     check_inputs(model, adapter_dir=adapter_dir)
     check_output_dir(output, overwrite, flag="--output")
     quiet_libraries()
-    from .predict import load_adapter, merge_to_directory
+    from .inference import load_adapter, merge_to_directory
 
     loaded = load_adapter(adapter_dir, model, force=force)
     with staged_dir(output, overwrite, flag="--output") as stage:

@@ -1,6 +1,6 @@
 """One benchmark run in its own process: ``python -m peftkit.bench_worker SPEC.json``.
 
-Started by ``peftkit bench`` (``peftkit.bench.spawn_worker``), never by users. It runs one
+Started by ``peftkit bench`` (``peftkit.benchmark.spawn_worker``), never by users. It runs one
 ``RunConfig`` into its run directory and writes a small JSON report: ``ok`` with the run's
 metrics, ``oom`` when the run ran out of memory (CUDA) or over its budget (CPU), so the suite can
 halve the micro-batch and try again, or ``failed`` with a one-line error (the traceback, if any, goes

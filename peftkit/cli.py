@@ -353,14 +353,14 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     runs/          each run's directory (config, metrics, log, adapter)
     """
     from . import api
-    from .bench import BenchConfig, parse_seeds
+    from .benchmark import BenchConfig, parse_seeds
     from .config import with_levers
 
     config = BenchConfig(strategies=strategies.split(","), seeds=parse_seeds(seeds),
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .bench import baseline_note
+    from .benchmark import baseline_note
 
     for line in baseline_note(result.results):
         click.echo(line)
@@ -441,7 +441,7 @@ def _plan_row(e: Any, settings: Any, budget: int | None) -> list[str]:
 
 
 def _print_plan(settings: Any, estimates: list[Any]) -> None:
-    from .bench import describe_levers
+    from .benchmark import describe_levers
     from .memory import format_size, parse_size
 
     budget = parse_size(settings.memory_budget) if settings.memory_budget else None

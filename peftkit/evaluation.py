@@ -93,7 +93,7 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
     metadata allows: a wrong file fails in seconds."""
     from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
     from .data import cap_eval_splits
-    from .predict import load_adapter
+    from .inference import load_adapter
     from .tasks import get_task
 
     adapter_dir = resolve_adapter_dir(cfg.adapter)

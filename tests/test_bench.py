@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from peftkit.bench import Attempt, BenchConfig, bench_one, micro_batches, parse_seeds, parse_strategies, run_suite
+from peftkit.benchmark import Attempt, BenchConfig, bench_one, micro_batches, parse_seeds, parse_strategies, run_suite
 from peftkit.config import Levers
 from peftkit.errors import PeftkitError
 from peftkit.memory import MemoryBudgetExceeded, MemoryMeter, check_budget, format_size, parse_size
@@ -165,7 +165,7 @@ def test_the_report_shows_the_majority_baseline_and_flags_what_does_not_beat_it(
     assert "† not better than the baseline's test accuracy: each may have learned no more than always to answer " \
            "`positive`." in md
     # the same results make the same report, byte for byte
-    from peftkit.bench import markdown_report
+    from peftkit.benchmark import markdown_report
 
     assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
 
@@ -276,7 +276,7 @@ def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir,
 # -- --auto-fit: levers in order, guided by the planner's predictions ----------------------------
 
 def test_lever_rungs_add_levers_in_order_and_skip_what_a_strategy_cannot_take() -> None:
-    from peftkit.bench import describe_levers, lever_rungs
+    from peftkit.benchmark import describe_levers, lever_rungs
     from peftkit.registry import get_strategy
 
     bench = BenchConfig(strategies=["lora"], memory_budget="1GiB", auto_fit=True)

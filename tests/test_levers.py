@@ -139,7 +139,7 @@ def test_lora_on_a_quantized_base_trains_saves_and_predicts(bits, run_cli, tiny_
     adapter ships in peft's format and loads back onto the same quantized base."""
     import bitsandbytes as bnb
 
-    from peftkit.predict import load_adapter, predict_texts
+    from peftkit.inference import load_adapter, predict_texts
 
     out = tmp_path / "run"
     code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora",
@@ -212,7 +212,7 @@ def test_cuda_budget_caps_the_card_by_its_index(monkeypatch) -> None:
 def test_prefix_with_a_lever_trains_saves_and_predicts(levers, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     """Prefixes go in front of keys whatever computed them: 4/8-bit projections, bf16 autocast
     (the prefixes are cast to the keys' dtype), recomputed blocks."""
-    from peftkit.predict import load_adapter, predict_texts
+    from peftkit.inference import load_adapter, predict_texts
 
     out = tmp_path / "run"
     code, _, stderr = run_cli(*_run_args(tiny_model_dir("llama"), tiny_csv, str(out), "--strategy", "prefix",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from peftkit.config import Levers
-from peftkit.plan import PlanSettings, load_config, measure_saved_activations, parameter_memory
+from peftkit.planner import PlanSettings, load_config, measure_saved_activations, parameter_memory
 from peftkit.registry import get_strategy
 from peftkit.strategies.base import TaskSpec
 
@@ -126,7 +126,7 @@ def test_plan_for_a_gpu_from_a_cpu_machine_uses_saved_tensors(run_cli, tiny_mode
 
 def _fail_lora(monkeypatch) -> None:
     """Planning lora raises a long ValueError (as prefix once did through peft), the others plan."""
-    import peftkit.plan as plan
+    import peftkit.planner as plan
 
     measure = plan._measure_activations
 
@@ -159,7 +159,7 @@ def test_plan_failed_row_keeps_the_table_and_exits_1(run_cli, tiny_model_dir, mo
 
 
 def test_plan_says_what_it_measures_and_measures_each_structure_once(run_cli, tiny_model_dir, monkeypatch) -> None:
-    import peftkit.plan as plan
+    import peftkit.planner as plan
 
     calls = []
     measure = plan.measure_step_increase
@@ -178,7 +178,7 @@ def test_plan_says_what_it_measures_and_measures_each_structure_once(run_cli, ti
 
 
 def test_measured_steps_stop_once_the_peak_settles() -> None:
-    from peftkit.plan import MAX_STEPS, _settled, step_lengths
+    from peftkit.planner import MAX_STEPS, _settled, step_lengths
 
     assert step_lengths(64)[0] == 64 and len(step_lengths(64)) == MAX_STEPS
     flat = [678, 702, 966, 966, 966, 966, 966]  # full on MiniLM: the peak is reached at step 3

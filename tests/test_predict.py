@@ -77,7 +77,7 @@ def test_a_model_made_for_another_task_is_refused_as_such(run_cli, runs, tiny_ca
     code, _, err = run_cli("predict", "--adapter", runs["pairs"], "--model", "minilm", "hi")
     assert code == 2 and "is a causal-lm adapter, but model 'minilm' is made for sequence-classification" in err
     # a sequence classifier may sit on a causal LM's backbone: not refused for the task
-    from peftkit.predict import check_model_task
+    from peftkit.inference import check_model_task
     from peftkit.tasks import get_task
 
     check_model_task(get_task("sequence-classification"), tiny_causal, "adapter", "base")

@@ -11,7 +11,7 @@ import sys
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TOP_LEVEL = ("run", "bench", "plan", "predict", "merge", "inspect", "RunConfig", "BenchConfig", "PlanSettings",
+TOP_LEVEL = ("run", "bench", "plan", "predict", "evaluate", "merge", "inspect", "RunConfig", "BenchConfig", "PlanSettings",
              "Levers", "load_adapter", "predict_texts", "save_adapter")
 
 
@@ -26,10 +26,10 @@ import sys, peftkit
 missing = [n for n in {TOP_LEVEL!r} if n not in dir(peftkit)]
 assert not missing, f"not in dir(peftkit): {{missing}}"
 assert "torch" not in sys.modules, "import peftkit imported torch"
-import peftkit.predict, peftkit.plan, peftkit.bench   # the submodules of the same names
+import peftkit.inference, peftkit.planner, peftkit.benchmark   # the modules behind the functions
 from peftkit import api, config
 assert (peftkit.predict, peftkit.plan, peftkit.bench, peftkit.run) == (api.predict, api.plan, api.bench, api.run)
-assert peftkit.RunConfig is config.RunConfig and peftkit.load_adapter is sys.modules["peftkit.predict"].load_adapter
+assert peftkit.RunConfig is config.RunConfig and peftkit.load_adapter is sys.modules["peftkit.inference"].load_adapter
 assert "torch" not in sys.modules, "looking the names up imported torch"
 print(peftkit.RunResult("runs/x", None).adapter_dir)
 """

@@ -53,7 +53,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.parametrize("name", sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d))))
 def test_shipped_adapter_reproduces_its_card(name) -> None:
     from peftkit.data import load_labelled_data
-    from peftkit.predict import load_adapter, predict_texts
+    from peftkit.inference import load_adapter, predict_texts
 
     directory = os.path.join(SHIPPED, name)
     loaded = load_adapter(directory)  # base model named in the metadata, fingerprint checked

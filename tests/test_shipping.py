@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.predict import load_adapter, predict_texts
+from peftkit.inference import load_adapter, predict_texts
 
 TEXTS = ["a good and charming film", "dull boring plot", "the acting was very superb"]
 

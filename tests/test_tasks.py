@@ -101,7 +101,7 @@ def test_every_strategy_trains_a_causal_lm(strategy, tiny_causal_dir, pairs_csv,
     assert "test perplexity" in stdout and "exact match" in stdout
     meta = _load(os.path.join(out, "adapter", "peftkit_adapter.json"))
     assert meta["task"] == "causal-lm"
-    from peftkit.predict import load_adapter, predict_texts
+    from peftkit.inference import load_adapter, predict_texts
 
     rows = predict_texts(load_adapter(os.path.join(out, "adapter")), ["the film is good", "dull and boring"])
     assert [r["text"] for r in rows] == ["the film is good", "dull and boring"]
@@ -160,7 +160,7 @@ def test_every_strategy_trains_an_image_classifier(strategy, tiny_vit_dir, run_c
     assert 0 <= m["test_accuracy"] <= 1 and m["label_names"] == [str(i) for i in range(10)]
     from PIL import Image
 
-    from peftkit.predict import load_adapter, predict_texts
+    from peftkit.inference import load_adapter, predict_texts
 
     path = str(tmp_path / "digit.png")
     Image.new("L", (8, 8), color=128).save(path)
@@ -219,7 +219,7 @@ def test_the_task_is_read_from_the_model(tiny_causal_dir, tiny_vit_dir, tiny_mod
 
 @pytest.mark.parametrize("kind", ["causal", "vit"])
 def test_plan_works_for_every_task(kind, tiny_causal_dir, tiny_vit_dir) -> None:
-    from peftkit.plan import PlanSettings, make_plan
+    from peftkit.planner import PlanSettings, make_plan
 
     model, task = (tiny_causal_dir, "causal-lm") if kind == "causal" else (tiny_vit_dir, "image-classification")
     settings = PlanSettings(model=model, strategies=["full", "lora", "head_only"], task=task, batch_size=8,
@@ -317,7 +317,7 @@ def test_wandb_offline_run_when_installed(tiny_model_dir, tiny_csv, run_cli, tmp
 
 def test_plan_refuses_a_strategy_that_trains_nothing(tiny_causal_dir) -> None:
     from peftkit import registry
-    from peftkit.plan import PlanSettings, make_plan
+    from peftkit.planner import PlanSettings, make_plan
 
     if "bitfit" not in registry.available():
         pytest.skip("the bitfit plugin is not installed (or plugins are disabled)")
@@ -330,7 +330,7 @@ def test_merge_a_causal_lora_adapter_into_a_plain_model(tiny_causal_dir, pairs_c
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftkit.predict import load_adapter
+    from peftkit.inference import load_adapter
 
     out = str(tmp_path / "run")
     code, _, err = run_cli("run", "--strategy", "lora", "--lr", "1e-2", "--model", tiny_causal_dir, "--dataset",
@@ -367,7 +367,7 @@ def test_the_planner_keeps_every_position_for_plain_text(tiny_causal_dir, pairs_
     a short answer's logits, while plain text keeps vocabulary-wide logits at every position. The
     data's shape now reaches the planner: every position for plain text, the answer for pairs."""
     from peftkit.config import RunConfig
-    from peftkit.plan import PlanSettings, load_config, plan_strategy
+    from peftkit.planner import PlanSettings, load_config, plan_strategy
     from peftkit.tasks import get_task
 
     plain = tmp_path / "plain.jsonl"

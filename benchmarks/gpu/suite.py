@@ -100,7 +100,7 @@ def train_flops_per_token(model_dir: str, strategy: str, seq_len: int) -> dict[s
     from accelerate import init_empty_weights
     from torch import nn
 
-    from peftkit.plan import load_config
+    from peftkit.planner import load_config
     from peftkit.registry import get_strategy
     from peftkit.structure import head_module_names, transformer_blocks
     from peftkit.tasks import get_task
@@ -245,7 +245,7 @@ def bench_case(name: str, strategies: str, extra: list[str], common: list[str], 
 def salvage_rows(stage: str) -> list[dict[str, Any]]:
     """Rows of the runs that finished in a bench that did not (killed when the suite's time was up):
     each run's own metrics.json, without the planner's prediction (the bench writes that at its end)."""
-    from peftkit.bench import ROW_METRICS
+    from peftkit.benchmark import ROW_METRICS
 
     rows = []
     for path in sorted(glob.glob(os.path.join(stage, "runs", "*", "metrics.json"))):  # (stage: a pattern)

@@ -322,7 +322,7 @@ def _refusal(bench: BenchConfig, strategy: str, levers: Levers, check_model: boo
     try:
         check_levers(levers, get_strategy(strategy)())
         if check_model:
-            from .plan import check_applicable
+            from .planner import check_applicable
 
             check_applicable(bench.model, bench.task, strategy)
     except PeftkitError as exc:
