@@ -205,10 +205,11 @@ def default_metadata(strategy: Any, model: Any) -> dict[str, Any]:
     classification) and, for a classifier, the label names in id order."""
     import dataclasses
 
+    from .models import task_of_architectures
+
     config = getattr(model, "config", None)  # a peft model hands on its base's config
     classes = " ".join(type(m).__name__ for m in (model, getattr(model, "base_model", None)))
-    task = ("causal-lm" if "ForCausalLM" in classes or "LMHeadModel" in classes else
-            "image-classification" if "ForImageClassification" in classes else "sequence-classification")
+    task = task_of_architectures(classes) or "sequence-classification"
     id2label = getattr(config, "id2label", None) or {}
     options = strategy.options
     return {

@@ -125,6 +125,19 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
+def task_of_architectures(names: str, image: bool = False) -> str | None:
+    """The peftkit task a model's class names (or config ``architectures``, joined by spaces) say it
+    is made for, or None where they do not say. ``image``: the config describes image input
+    (``num_channels``). One mapping for reading a config on disk and a loaded model alike."""
+    if "ForCausalLM" in names or "LMHeadModel" in names:
+        return "causal-lm"
+    if "ForImageClassification" in names or image:
+        return "image-classification"
+    if "ForSequenceClassification" in names:
+        return "sequence-classification"
+    return None
+
+
 def resolve_model_source(name: str) -> str:
     """Turn ``--model`` into what ``from_pretrained`` takes: a local directory or a hub id.
 

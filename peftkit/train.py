@@ -175,12 +175,14 @@ def _train_log(path: str | None) -> Iterator[Callable[[str], None]]:
 
 
 def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
-                resume: bool = False) -> dict[str, Any]:
+                resume: bool = False, data_said: bool = False) -> dict[str, Any]:
     """Do a whole run into ``workdir``: load data and model, prepare, fit, save adapter and metrics.
 
     ``workdir`` is a staging directory; the caller moves it into place only when this returns.
     With ``resume`` the run continues from the newest checkpoint in ``workdir``. Under several
-    processes every process calls this; only the main one writes.
+    processes every process calls this; only the main one writes. ``data_said``: what loading the
+    data found (columns, dropped rows, label warnings) was said already (a bench says it once, not
+    once per run); it still goes into train.log.
     """
     from accelerate import PartialState
 
@@ -193,7 +195,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         resume_from = ckpt.latest(workdir) if resume else None
         if resume and resume_from is None:
             raise PeftkitError(f"run {run.config.output_dir!r} has no complete checkpoint to resume from")
-        loaded = _load(run, workdir, say, log, write_config=main and not resume)
+        loaded = _load(run, workdir, say, log, write_config=main and not resume, data_said=data_said)
         _announce(run, loaded.data.split_info["sizes"], resume_from, say)
         outcome = fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log, workdir=workdir,
                       resume_from=resume_from)
@@ -203,7 +205,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
 
 
 def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Callable[[str], None],
-          write_config: bool) -> _Loaded:
+          write_config: bool, data_said: bool = False) -> _Loaded:
     """Load the data (config.yaml records the split actually made) and the model, and prepare it."""
     import yaml
     from transformers import set_seed
@@ -219,7 +221,7 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     say(f"loading data {cfg.dataset!r} for {task.name} ...")
     data = task.load_data(cfg)
     cap_eval_splits(data, cfg.max_eval_samples, cfg.seed)
-    _say_data(run, data, resolved, say, log)
+    _say_data(run, data, resolved, (lambda message: None) if data_said else say, log)
     log(f"data: {data.split_info['method']}; sizes {data.split_info['sizes']}; labels {data.label_names}")
     resolved["split"] = data.split_info
     resolved["label_names"] = data.label_names

@@ -212,7 +212,7 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     results = json.load(open(out / "results.json"))
     assert [(r["strategy"], r["status"]) for r in results["rows"]] == [("lora", "ok"), ("head_only", "ok")]
     # the guessed columns are said once and recorded, for the suite and each of its runs
-    assert "text column 'text', label column 'label' (guessed; --text-column/--label-column to choose)" in stderr
+    assert stderr.count("text column 'text', label column 'label' (guessed; --text-column/--label-column to choose)") == 1
     assert (results["settings"]["text_column"], results["settings"]["label_column"]) == ("text", "label")
     for row in results["rows"]:
         assert row["batch_size"] == 8 and row["grad_accumulation"] == 1 and len(row["history"]) == 2

@@ -9,7 +9,8 @@ import pytest
 def test_merge_into_an_existing_output_suggests_its_own_flag(run_cli, tmp_path) -> None:
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text("{}")
-    code, _, err = run_cli("merge", "--adapter", str(tmp_path / "nope"), "--output", str(tmp_path / "merged"))
+    (tmp_path / "adapter").mkdir()  # exists (a missing one is refused first, before the output is looked at)
+    code, _, err = run_cli("merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"))
     assert code == 2
     assert err.strip().endswith("use --overwrite to replace it or choose another --output"), err
 

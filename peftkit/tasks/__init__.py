@@ -63,7 +63,7 @@ def declared_task(model: str) -> str | None:
     task, else what a local model directory's config names (``*ForCausalLM`` / ``*LMHeadModel`` ->
     causal-lm, an image model -> image-classification, ``*ForSequenceClassification`` ->
     sequence-classification). Never loads weights; hub ids are not looked up (offline machines)."""
-    from ..models import EMBEDDED_MODELS, resolve_model_source
+    from ..models import EMBEDDED_MODELS, resolve_model_source, task_of_architectures
 
     if model in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[model].task
@@ -76,14 +76,7 @@ def declared_task(model: str) -> str | None:
         return None
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
-    architectures = " ".join(config.get("architectures") or [])
-    if "ForCausalLM" in architectures or "LMHeadModel" in architectures:
-        return "causal-lm"
-    if "ForImageClassification" in architectures or "num_channels" in config:
-        return "image-classification"
-    if "ForSequenceClassification" in architectures:
-        return "sequence-classification"
-    return None
+    return task_of_architectures(" ".join(config.get("architectures") or []), image="num_channels" in config)
 
 
 def infer_task(model: str | None) -> str:
