@@ -66,6 +66,8 @@ class EvalResult:
     headline: list[str] = field(default_factory=list)
     """The task's headline metrics, in the order it reports them."""
     output_dir: str | None = None
+    trained_on_it: bool = False
+    """The adapter was trained on this dataset: its training examples are among those evaluated."""
 
     @property
     def compared_on(self) -> str | None:
@@ -109,6 +111,10 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
                         response_column=cfg.response_column, eval_batch_size=cfg.batch_size,
                         max_length=meta.get("max_length") or task.default_max_length)
     echo(f"loading data {cfg.dataset!r} for {task.name} ...")
+    trained_on_it = same_dataset(cfg.dataset, meta.get("dataset"))
+    if trained_on_it:
+        echo(f"warning: the adapter was trained on {cfg.dataset!r}; evaluated whole, its training examples are "
+             "among these, so the figures overstate how it does on new data (give a file it has not seen)")
     data = task.evaluation_data(run_cfg, meta)
     cap_eval_splits(data, cfg.max_eval_samples, run_cfg.seed)
     if loaded is None:
@@ -120,7 +126,19 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
     return EvalResult(adapter_dir, cfg.dataset, task.name, meta["strategy"], examples,
                       list(data.label_names) if data.label_names else None, evaluation.metrics,
                       task.baseline(data), evaluation.per_class, evaluation.confusion_matrix,
-                      list(task.headline_metrics))
+                      list(task.headline_metrics), trained_on_it=trained_on_it)
+
+
+def same_dataset(given: str, recorded: str | None) -> bool:
+    """Whether ``given`` names the dataset an adapter recorded it was trained on: the same short
+    name or hub id, or the same file (paths compared resolved)."""
+    import os
+
+    if not recorded:
+        return False
+    if given == recorded:
+        return True
+    return os.path.exists(given) and os.path.exists(recorded) and os.path.samefile(given, recorded)
 
 
 def _measure(task: Any, loaded: Any, data: Any, run_cfg: RunConfig) -> Any:

@@ -82,6 +82,15 @@ def test_eval_matches_predict_row_by_row_with_a_majority_baseline_and_a_png(thre
     assert "true \\ predicted" in stdout and "confusion_matrix.png" in stdout
     better = result["metrics"]["accuracy"] > 20 / 30
     assert ("warning: the adapter is not better than the majority class baseline" in err) is not better
+    assert result["trained_on_it"] is False and "was trained on" not in err
+
+
+def test_eval_on_the_training_file_says_the_figures_overstate(three_label_run, run_cli) -> None:
+    train_csv = os.path.join(os.path.dirname(three_label_run), "train.csv")
+    code, _, err = run_cli("eval", "--adapter", three_label_run, "--dataset", train_csv, "--max-eval-samples", "20",
+                           "--json")
+    assert code == 0, err
+    assert "warning: the adapter was trained on" in err and "overstate" in err
 
 
 def test_eval_refuses_a_label_the_adapter_does_not_know(three_label_run, run_cli, tmp_path) -> None:
