@@ -632,8 +632,9 @@ def _duration(seconds: float) -> str:
 
 # A measurement's time over the time the matmuls of all MAX_STEPS steps take at the calibrated rate:
 # attention, dropout, norms and the optimizer add to it, stopping once settled (usually after 7 steps)
-# takes from it. Fitted on MiniLM, all strategies, 2-core CPU: about 12 s per measurement.
-_TIME_FACTOR = 0.6
+# takes from it. Fitted on MiniLM, all strategies, an idle 2-core Xeon (AVX-512): 6 measurements in
+# 36 s, where a factor of 0.6 (fitted while the machine was busy, so its matmul rate was low) said 13 s.
+_TIME_FACTOR = 1.6
 
 
 def _rough_seconds(config: Any, settings: PlanSettings, how: str) -> float:
