@@ -187,7 +187,7 @@ def cli(debug: bool) -> None:
     peftkit run --strategy lora       fine-tune and evaluate (embedded default: MiniLM on Rotten Tomatoes)
     peftkit bench                     every strategy side by side: memory, speed, accuracy
     peftkit plan --memory-budget 8GiB predicted peak memory of each strategy, without training
-    peftkit predict --adapter DIR T   classify texts with a trained adapter
+    peftkit predict --adapter DIR T   answer texts (or --input FILE) with a trained adapter
     peftkit eval --adapter DIR --dataset FILE   how well it does on a labelled file, beside a baseline
     peftkit inspect DIR               what an adapter is, what it was trained on, how well it did
     peftkit merge --adapter DIR --output OUT   base + adapter as one plain transformers model

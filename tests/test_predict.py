@@ -19,26 +19,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def tiny_causal(tmp_path_factory) -> str:
-    """A tiny Llama-style causal LM + tokenizer (no chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from conftest import _build_tokenizer, _config
-
-    torch.manual_seed(0)
-    tok = _build_tokenizer()
-    config = _config("llama", len(tok), tok.pad_token_id)
-    config.tie_word_embeddings = True
-    config.eos_token_id = tok.eos_token_id
-    path = tmp_path_factory.mktemp("tiny-causal")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, tiny_csv, tiny_causal):
+def runs(tmp_path_factory, tiny_model_dir, tiny_csv, tiny_causal_dir):
     """Run directories of short lora runs: a tiny BERT classifier, a tiny causal LM on prompt /
     response pairs and one on labelled data (phrased as completions)."""
     from peftkit.cli import main
@@ -53,8 +34,8 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_csv, tiny_causal):
     common = ["--strategy", "lora", "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--lr", "1e-2"]
     out = {}
     for name, args in {"classifier": ["--model", tiny_model_dir("bert"), "--dataset", tiny_csv],
-                       "pairs": ["--model", tiny_causal, "--dataset", str(pairs)],
-                       "labelled": ["--task", "causal-lm", "--model", tiny_causal, "--dataset", tiny_csv,
+                       "pairs": ["--model", tiny_causal_dir, "--dataset", str(pairs)],
+                       "labelled": ["--task", "causal-lm", "--model", tiny_causal_dir, "--dataset", tiny_csv,
                                     "--max-train-samples", "64"]}.items():
         out[name] = str(root / name)
         with pytest.raises(SystemExit) as done:
@@ -69,7 +50,7 @@ def _rows(stdout: str) -> list[dict]:
 
 # -- finding 2: a model made for another task --------------------------------------------------
 
-def test_a_model_made_for_another_task_is_refused_as_such(run_cli, runs, tiny_causal) -> None:
+def test_a_model_made_for_another_task_is_refused_as_such(run_cli, runs, tiny_causal_dir) -> None:
     code, _, err = run_cli("predict", "--adapter", SHIPPED, "--model", "vit-tiny", "hi")
     assert code == 2 and "is a sequence-classification adapter, but model 'vit-tiny' is made for image-classification" in err
     assert "hub copy None" not in err and "'minilm'" in err, "says what would be accepted"
@@ -80,7 +61,7 @@ def test_a_model_made_for_another_task_is_refused_as_such(run_cli, runs, tiny_ca
     from peftkit.inference import check_model_task
     from peftkit.tasks import get_task
 
-    check_model_task(get_task("sequence-classification"), tiny_causal, "adapter", "base")
+    check_model_task(get_task("sequence-classification"), tiny_causal_dir, "adapter", "base")
 
 
 def test_an_offline_copy_that_fails_to_load_is_not_called_uninstalled(monkeypatch, tmp_path) -> None:
@@ -224,12 +205,12 @@ def test_causal_lm_raw_prompts_new_tokens_and_seeded_sampling(run_cli, runs) -> 
     assert code == 2 and "has no chat template; leave out --chat" in err
 
 
-def test_chat_puts_each_prompt_in_the_template(tiny_causal) -> None:
+def test_chat_puts_each_prompt_in_the_template(tiny_causal_dir) -> None:
     from transformers import AutoTokenizer
 
     from peftkit.tasks.causal_lm import CausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_causal)
+    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
     tok.chat_template = ("{% for m in messages %}[CLS] {{ m['content'] }} [SEP]{% endfor %}"
                          "{% if add_generation_prompt %} the{% endif %}")
     [ids] = CausalLM._encode_prompts(tok, ["good film"], chat=True, model="tiny")

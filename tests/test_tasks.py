@@ -15,25 +15,6 @@ STRATEGIES = ("full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefi
 
 
 @pytest.fixture(scope="session")
-def tiny_causal_dir(tmp_path_factory) -> str:
-    """A tiny Llama-style causal LM (tied input/output embeddings, like SmolLM2) + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from conftest import _build_tokenizer, _config
-
-    torch.manual_seed(0)
-    tok = _build_tokenizer()
-    config = _config("llama", len(tok), tok.pad_token_id)
-    config.tie_word_embeddings = True
-    config.eos_token_id = tok.eos_token_id
-    path = tmp_path_factory.mktemp("tiny-causal")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def pairs_csv(tmp_path_factory) -> str:
     """Prompt / response pairs: the answer is "good" for positive sentences, "bad" otherwise."""
     path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
