@@ -385,8 +385,7 @@ def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str |
     from .predict_io import GenerationOptions, check_output_file, read_inputs
 
     check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
-    quiet_libraries()
-    from .inference import adapter_task, check_prediction_settings, iter_predictions, load_adapter
+    from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
 
     inputs = None if inputs is None else list(inputs)
     if (not inputs) == (input_file is None):  # both, or neither
@@ -396,11 +395,14 @@ def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str |
         raise PeftkitError(f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments")
     generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
     task = adapter_task(adapter_dir)
+    if model is not None:  # a model made for another task: said in a second, not after the imports
+        check_model_task(task, model, adapter_dir, _recorded_base(adapter_dir) or "?")
     check_prediction_settings(task, batch_size, generation)
     if output is not None:
         check_output_file(output, overwrite)
     texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
     show = progress if progress is not None else (input_file is not None or len(texts) > 64)
+    quiet_libraries()  # imports transformers and datasets: after every check that can do without them
     loaded = load_adapter(adapter_dir, model, force=force)
     return iter_predictions(loaded, texts, batch_size, generation, show)
 

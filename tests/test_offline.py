@@ -74,6 +74,14 @@ def test_a_missing_path_is_refused_before_torch_loads(tmp_path, args, named) -> 
     assert sorted(os.listdir(tmp_path)) == ["data"], "a refused command left files behind"
 
 
+def test_a_model_for_another_task_is_refused_before_torch_loads(tmp_path) -> None:
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters",
+                           "minilm-rotten-tomatoes-lora")
+    stdout, stderr = _cli_subprocess(["predict", "--adapter", shipped, "--model", "vit-tiny", "hi"], str(tmp_path))
+    assert stdout.strip() == "exit 2 []", (stdout, stderr)  # said before anything heavy was imported
+    assert "is a sequence-classification adapter, but model 'vit-tiny' is made for image-classification" in stderr
+
+
 @pytest.mark.parametrize("args, named", [
     (["run", "--model", "someone/no-such-model"], "model 'someone/no-such-model' is not installed"),
     (["plan", "--model", "someone/no-such-model"], "model 'someone/no-such-model' is not installed"),
