@@ -29,20 +29,30 @@ class PairedComparison:
     """One strategy (``a``) against another (``b``) on the same test examples.
 
     ``difference`` is mean accuracy of ``a`` minus that of ``b`` (a fraction: 0.01 is one point);
-    ``low``/``high`` its ``level`` interval; ``p_value`` two-sided, for "no difference"."""
+    ``low``/``high`` its ``level`` interval (bootstrap)."""
 
     difference: float
     low: float
     high: float
-    p_value: float
+    bootstrap_p: float
+    """Two-sided, for "no difference", from the same resamples as the interval."""
     examples: int
     """Paired examples, over every seed."""
     a_only: int
     """Examples ``a`` got right and ``b`` wrong (McNemar's discordant pairs, with ``b_only``)."""
     b_only: int
     mcnemar_p: float
-    """The exact McNemar test on the same pairs: a check that needs no resampling."""
+    """The exact McNemar test on the same pairs, pooled over seeds."""
     level: float = LEVEL
+
+    @property
+    def p_value(self) -> float:
+        """The p-value the verdict uses: the larger of the bootstrap's and exact McNemar's. The
+        bootstrap is too confident when few examples differ (5 examples of 1,000 that only one
+        strategy gets right: bootstrap p 0.01, exact McNemar 0.06, since 5 heads in 5 fair coin
+        tosses happen 1 time in 16); McNemar pools the seeds rather than weighing each the same.
+        A difference is claimed only when both find it."""
+        return max(self.bootstrap_p, self.mcnemar_p)
 
     def distinguishable(self) -> bool:
         """Whether the difference is unlikely to be test-set noise at ``level`` (p < 1 - level)."""
@@ -89,7 +99,8 @@ def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], res
     Why this, not McNemar alone: it gives an interval in accuracy points (what a reader weighs),
     and it combines seeds of different test sets without pooling them into one table. The seeds
     stay fixed: it measures test-set noise for these trained models; the spread of training across
-    seeds is ``mean_interval``'s. McNemar's exact p on the pooled pairs comes with it as a check.
+    seeds is ``mean_interval``'s. McNemar's exact p on the pooled pairs comes with it, and the
+    verdict needs both (``PairedComparison.p_value``).
 
     Each example's paired outcome is +1, 0 or -1, so a resampled seed's mean depends only on how
     many of each were drawn: a multinomial draw, O(resamples) instead of O(resamples x examples).

@@ -30,7 +30,7 @@ def test_identical_predictions_are_not_distinguishable() -> None:
     same = [1, 0, 1, 1, 0] * 200
     c = paired_bootstrap([same], [same])
     assert c.difference == 0 and (c.low, c.high) == (0, 0)
-    assert c.p_value == 1.0 and c.mcnemar_p == 1.0 and not c.distinguishable()
+    assert c.p_value == c.bootstrap_p == c.mcnemar_p == 1.0 and not c.distinguishable()
     assert (c.examples, c.a_only, c.b_only) == (1000, 0, 0)
 
 
@@ -62,7 +62,17 @@ def test_a_small_difference_is_not_distinguishable_and_agrees_with_mcnemar() -> 
     b = [0] * 10 + [1] * 5 + [1] * 800 + [0] * 185
     c = paired_bootstrap([a], [b])
     assert c.mcnemar_p == pytest.approx(0.3018, abs=1e-4)
-    assert not c.distinguishable() and c.low < 0 < c.high and 0.15 < c.p_value < 0.5
+    assert not c.distinguishable() and c.low < 0 < c.high and 0.15 < c.bootstrap_p < 0.5
+
+
+def test_few_discordant_examples_need_mcnemar_too() -> None:
+    """5 examples of 1,000 that only a gets right: the bootstrap's resamples draw none of them only
+    e^-5 of the time (p about 0.01), but 5 of 5 fair coin tosses going one way happen 1 time in 16
+    (exact McNemar 0.0625): not distinguishable, on the careful test's word."""
+    a, b = [1] * 855 + [0] * 145, [1] * 850 + [0] * 150
+    c = paired_bootstrap([a], [b])
+    assert c.bootstrap_p < 0.05 and c.mcnemar_p == pytest.approx(0.0625)
+    assert c.p_value == c.mcnemar_p and not c.distinguishable()
 
 
 def test_seeds_pair_within_themselves_and_weigh_the_same() -> None:
