@@ -224,6 +224,11 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     # tiny_csv is half pos, half neg: a stratified test split of 20 is a tie, broken to the first label
     assert results["baseline"]["predicts"] == "neg" and results["baseline"]["accuracy"] == 0.5
     assert "| `lora`" in stdout and "results.md" in stdout and "Baseline, majority class (always `neg`" in stdout
+    # each run said which of the 20 test examples it got right: the two are paired on them
+    assert all(len(r["per_example_correct"]) == 20 for r in results["rows"])
+    other = next(n for n in ("lora", "head_only") if n != results["comparison"]["best"])
+    assert results["comparison"]["strategies"][other]["examples"] == 20
+    assert "One seed: the ranking carries no interval across seeds" in stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
 
 
