@@ -37,6 +37,7 @@ from .errors import PeftkitError
 from .files import write_json
 from .memory import format_size, parse_size
 from .metrics import ROW_METRICS, summarize_figures
+from .stats import LEVEL, RESAMPLES, from_bits, mean_interval, paired_bootstrap
 
 
 @dataclass
@@ -384,6 +385,8 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
             "status": "ok" if len(ok) == len(mine) else "partly failed",
             "seeds": [r["seed"] for r in ok],
             f"{quality}_mean": statistics.mean(acc), f"{quality}_std": _spread(acc),
+            # the mean's 95% interval over seeds (t-based; None with one seed: no spread to measure)
+            f"{quality}_ci95": _as_list(mean_interval(acc)),
             f"{quality}_min": min(acc), f"{quality}_max": max(acc),
             f"{second}_mean": (statistics.mean(r[second] for r in ok)
                                if all(r.get(second) is not None for r in ok) else None),
@@ -397,6 +400,53 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
         # how far the planner was from the measured peak of the same run (issue target: within 20%)
         out[name]["prediction_error"] = predicted / measured - 1 if predicted and measured else None
     return out
+
+
+def _as_list(interval: tuple[float, float] | None) -> list[float] | None:
+    return list(interval) if interval is not None else None
+
+
+def _correct_by_seed(rows: list[dict[str, Any]], key: str) -> dict[str, dict[int, list[int]]]:
+    """Per strategy and seed, each test example's correctness (1/0, the split's order), from the
+    successful rows that recorded one whose mean is the row's ``key`` (so the paired test is on
+    the figure the table ranks by, and never on a record of something else)."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for r in rows:
+        text = r.get("per_example_correct") if r.get("status") == "ok" else None
+        if text and r.get(key) is not None and abs(text.count("1") / len(text) - r[key]) < 1e-4:
+            out.setdefault(r["strategy"], {})[r["seed"]] = from_bits(text)
+    return out
+
+
+def _against_best(best: dict[int, list[int]], other: dict[int, list[int]]) -> dict[str, Any]:
+    """One strategy's paired test against the best on the seeds both recorded, on the same test
+    examples (same seed, same split); the verdict ``not distinguishable`` or ``distinguishable``
+    at ``LEVEL``, or ``no per-example record`` when no seed pairs up."""
+    seeds = sorted(s for s in set(best) & set(other) if len(best[s]) == len(other[s]))
+    if not seeds:
+        return {"verdict": "no per-example record", "seeds": []}
+    c = paired_bootstrap([other[s] for s in seeds], [best[s] for s in seeds], RESAMPLES, seed=0, level=LEVEL)
+    return {"difference": c.difference, "ci95": [c.low, c.high], "p_value": c.p_value,
+            "bootstrap_p": c.bootstrap_p, "mcnemar_p": c.mcnemar_p,
+            "examples": c.examples, "only_this_right": c.a_only, "only_best_right": c.b_only, "seeds": seeds,
+            "verdict": "distinguishable" if c.distinguishable() else "not distinguishable"}
+
+
+def compare_to_best(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]],
+                    quality: tuple[str, str, bool]) -> dict[str, Any] | None:
+    """Every strategy against the best one (by mean quality over seeds): the paired bootstrap over
+    the test examples both answered (``peftkit.stats.paired_bootstrap``), its difference (this
+    minus the best), 95% interval, p-value and verdict. None when no strategy has a quality."""
+    key, _label, higher = quality
+    means = {n: v[f"{key}_mean"] for n, v in summary.items() if v.get(f"{key}_mean") is not None}
+    if not means:
+        return None
+    best = (max if higher else min)(means, key=means.__getitem__)
+    correct = _correct_by_seed(rows, key)
+    return {"best": best, "metric": key, "level": LEVEL, "resamples": RESAMPLES,
+            "method": "paired bootstrap over test examples, stratified by seed; p_value: the larger of its "
+                      "p and exact McNemar's on the pooled pairs",
+            "strategies": {n: _against_best(correct.get(best, {}), correct.get(n, {})) for n in means if n != best}}
 
 
 def summarize_baseline(per_seed: dict[int, dict[str, Any] | None] | None) -> dict[str, Any] | None:
@@ -471,8 +521,9 @@ def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
         "versions": versions,
         "plugins": registry.loaded_plugins(),
         "memory_method": next((r["peak_memory_method"] for r in rows if r.get("peak_memory_method")), None),
-        "summary": summarize(rows, bench.strategies),
+        "summary": (summary := summarize(rows, bench.strategies)),
         "quality": quality_of(rows),
+        "comparison": compare_to_best(rows, summary, quality_of(rows)),  # each strategy vs the best
         "second": quality_of(rows, SECOND),
         "baseline": summarize_baseline(baselines),  # None: no baseline given, or none means anything
         "rows": rows,
@@ -515,8 +566,9 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         "inc": _best(summary, "peak_memory_increase_bytes", min), "time": _best(summary, "train_seconds_mean", min),
         "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
     }
+    intervals = any(v.get(f"{q}_ci95") for v in summary.values())  # none (one seed, older results): as before
     lines = _report_header(results) + [
-        f"| strategy | trainable | {q_label} (± sd) | {f_label} | peak train memory | predicted (error) "
+        f"| strategy | trainable | {q_label} ({'± 95% CI' if intervals else '± sd'}) | {f_label} | peak train memory | predicted (error) "
         "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
         "| micro-batch × accum | levers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -530,7 +582,8 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             cells[0] += " †" if name in flagged else ""
             lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + baseline_note(results) if results.get("baseline") else []
-    lines += _report_footer(results, q_label)
+    lines += [""] + comparison_note(results) if results.get("comparison") else []
+    lines += _report_footer(results, q_label, intervals)
     from .plots import curves_skipped
 
     skipped = curves_skipped(results) if plots and "validation_curves.png" not in plots else None
@@ -556,6 +609,49 @@ def baseline_note(results: dict[str, Any]) -> list[str]:
         lines.append(f"† not better than the baseline's {quality[1]}: "
                      f"{'it' if len(flagged) == 1 else 'each'} may have learned no more than always to answer "
                      f"`{b['predicts']}`.")
+    return lines
+
+
+def _points(fraction: float) -> str:
+    """A difference of two accuracies in points, signed: -0.4, +1.2 (0.0 without a sign)."""
+    return f"{100 * fraction:+.1f}" if round(100 * fraction, 1) else "0.0"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}" if p < 0.1 else f"p = {p:.2f}"
+
+
+def comparison_note(results: dict[str, Any]) -> list[str]:
+    """The lines under the table on how sure the ranking is (``results["comparison"]``): which
+    strategies the paired test cannot tell from the best, which it can, and, with one seed, that
+    the ranking has no interval across seeds."""
+    comparison = results["comparison"]
+    best, level = comparison["best"], f"{100 * comparison['level']:.0f}%"
+    tested = {n: c for n, c in comparison["strategies"].items() if c["verdict"] != "no per-example record"}
+    one_seed = max((len(v.get("seeds", [])) for v in results["summary"].values()), default=0) < 2
+    lines = []
+    if one_seed:
+        lines.append("One seed: the ranking carries no interval across seeds (how much another training run "
+                     "would move each figure is not measured; `--seeds 0,1,2` measures it)."
+                     + (" The paired test below is over that seed's test examples: it tells a difference from "
+                        "the test set's sampling noise, not from the variation between training runs."
+                        if tested else ""))
+
+    def listed(verdict: str) -> str:
+        items = [f"`{n}` (difference {_points(c['difference'])} points, {level} CI "
+                 f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
+                 for n, c in tested.items() if c["verdict"] == verdict]
+        return ", ".join(items) if items else "none"
+
+    if tested:
+        lines += [f"Not distinguishable from the best (`{best}`) at the {level} level: "
+                  f"{listed('not distinguishable')}.",
+                  f"Distinguishable from it: {listed('distinguishable')}."]
+    untested = [n for n in comparison["strategies"] if n not in tested]
+    if untested:
+        lines.append(f"No paired test for {', '.join(f'`{n}`' for n in untested)}: "
+                     f"{'its' if len(untested) == 1 else 'their'} runs (or `{best}`'s) recorded no per-example "
+                     "correctness on the same test examples.")
     return lines
 
 
@@ -585,13 +681,17 @@ def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, 
         return f"**{text}**" if value is not None and value == best[key] else text
 
     sd = f" ± {v[q + '_std']:.4f}" if v[q + "_std"] is not None else ""
+    count = f"n={len(v['seeds'])}"
+    if v.get(q + "_ci95"):  # the mean's 95% interval is symmetric (t-based): its half-width, sd beside
+        low, high = v[q + "_ci95"]
+        sd, count = f" ± {(high - low) / 2:.4f}", f"{count}, sd {v[q + '_std']:.4f}"
     later = v["later_epoch_seconds_mean"]
     epochs = f"{_seconds(v['first_epoch_seconds_mean'])} / {_seconds(later) if later is not None else '-'}"
     status = "" if v["status"] == "ok" else f" ({v['status']})"
     return [
         f"`{name}`{status}",
         mark(f"{v['trainable_percent']:.3g}%", v["trainable_percent"], "pct") + f" ({v['trainable_params']:,})",
-        mark(f"{v[q + '_mean']:.4f}", v[q + "_mean"], "acc") + f"{sd} (n={len(v['seeds'])})",
+        mark(f"{v[q + '_mean']:.4f}", v[q + "_mean"], "acc") + f"{sd} ({count})",
         mark(f"{v[f + '_mean']:.4f}", v[f + "_mean"], "f1") if v.get(f + "_mean") is not None else "-",
         mark(format_size(v["peak_memory_bytes"]), v["peak_memory_bytes"], "mem"),
         (f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
@@ -607,11 +707,27 @@ def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, 
     ]
 
 
-def _report_footer(results: dict[str, Any], q_label: str) -> list[str]:
-    """What the columns mean, and what was tried before a run fitted its budget."""
+def _report_footer(results: dict[str, Any], q_label: str, intervals: bool = False) -> list[str]:
+    """What the columns mean (``intervals``: the quality has 95% intervals over seeds, not a bare
+    ± sd), how the paired test works where one ran, and what was tried before a run fitted its budget."""
+    spread = ("(with several seeds ± is the half-width of the 95% t-interval of that mean, sd the sample "
+              "standard deviation of the seeds)" if intervals
+              else "(± sample standard deviation when there are several)")
     lines = ["", f"Best value of each column in **bold**. The {q_label} is on the test split, mean over seeds "
-             "(± sample standard deviation when there are several). Train time counts training steps "
-             "only (not evaluation); examples/s is over training steps.", ""]
+             f"{spread}. Train time counts training steps only (not evaluation); examples/s is over training "
+             "steps.", ""]
+    comparison = results.get("comparison") or {}
+    if any(c["verdict"] != "no per-example record" for c in comparison.get("strategies", {}).values()):
+        lines += ["How sure the ranking is: each strategy is paired with the best one on the same test examples "
+                  "(same seed, same split) and the difference of their accuracies is resampled over those "
+                  f"examples ({RESAMPLES:,} paired bootstrap resamples, within each seed; the difference is the mean "
+                  "over seeds); p is the larger of the bootstrap's and the exact McNemar test's (on the examples "
+                  "only one of the two gets right), since the bootstrap alone is too confident when few examples "
+                  "differ. Not distinguishable: p ≥ 0.05, the test set cannot tell the two apart at the 95% level; "
+                  "it does not say they are equal. The seeds stay fixed: this is test-set noise for these trained "
+                  "models, the ± over seeds is the variation between training runs. results.json has the same "
+                  "figures under `comparison`.",
+                  ""]
     lines += ["Predicted: `peftkit plan`'s prediction for the same settings, made before the run "
               "(error = predicted / measured - 1).", ""]
     shrunk = [r for r in results["rows"] if len(r.get("tried", [])) > 1]

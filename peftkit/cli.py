@@ -347,7 +347,8 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     Each strategy and seed runs in its own process. The output directory holds
     results.json   every run, a summary per strategy, versions, plugins, machine
     results.md     the table, best values in bold; the majority-class baseline, and a
-                   † on each strategy not better than it
+                   † on each strategy not better than it; 95% intervals over seeds, and
+                   which strategies a paired test cannot tell from the best
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
                    (not with one epoch: a single point each)
     runs/          each run's directory (config, metrics, log, adapter)
@@ -360,9 +361,11 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .benchmark import baseline_note
+    from .benchmark import baseline_note, comparison_note
 
-    for line in baseline_note(result.results):
+    # what the table's ranking is worth (intervals, paired tests) belongs beside it, not only in results.md
+    for line in baseline_note(result.results) + (comparison_note(result.results)
+                                                  if result.results.get("comparison") else []):
         click.echo(line)
     click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 

@@ -24,6 +24,7 @@ from .errors import PeftkitError
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .metrics import RunMetrics, format_rate
+from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
 from .tasks.base import Task, gathered_sum
 
@@ -314,6 +315,7 @@ class Trainer:
         self.state = LoopState()
         self.times = StepTimes()
         self.epoch_start = 0.0
+        self.test_correct: list[int] | None = None  # per test example, set by ``test``
 
     def setup(self, model: Any, processor: Any, data: Any, workdir: str | None,
               tracker_config: Callable[[], dict[str, Any]]) -> None:
@@ -373,6 +375,13 @@ class Trainer:
 
     def evaluate(self, split: str, final: bool = False) -> dict[str, float]:
         """The task's metrics on ``split``; its time counts as evaluation time."""
+        return self.measured(lambda after_batch: self.task.evaluate(
+            self.strategy, self.model, self.loaders[split], self.accelerator, after_batch=after_batch, final=final,
+            context=self.processor, data=self.data))
+
+    def measured(self, evaluate: Callable[[Callable[[], None]], Any]) -> Any:
+        """``evaluate(after_batch)`` as an evaluation phase: its memory peak, the budget checked
+        after each batch, its time counted as evaluation time."""
         started = time.perf_counter()
         self.meter.release_free()
         self.meter.reset_peak()
@@ -380,8 +389,7 @@ class Trainer:
         def after_batch() -> None:
             check_budget(self.meter, self.budget, "evaluation", self.memory_loaded)
 
-        out = self.task.evaluate(self.strategy, self.model, self.loaders[split], self.accelerator,
-                                 after_batch=after_batch, final=final, context=self.processor, data=self.data)
+        out = evaluate(after_batch)
         self.close_phase("eval")
         self.state.eval_seconds += time.perf_counter() - started
         return out
@@ -526,8 +534,11 @@ class Trainer:
                      f"{st.best.metrics[metric]:.4f})")
 
     def test(self) -> dict[str, float]:
-        """The final evaluation, on test; ends the trackers' run."""
-        test = self.evaluate("test", final=True)
+        """The final evaluation, on test (which examples were right: ``test_correct``); ends the
+        trackers' run."""
+        test, self.test_correct = self.measured(lambda after_batch: self.task.evaluate_test(
+            self.strategy, self.model, self.loaders["test"], self.accelerator, after_batch=after_batch,
+            context=self.processor, data=self.data))
         self.log("test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         if self.trackers:
             self.accelerator.log({f"test/{k}": v for k, v in test.items()}, step=self.state.step)
@@ -562,4 +573,5 @@ class Trainer:
             peak_memory_method=meter.method, memory_budget_bytes=self.budget,
             device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
             torch_threads=torch.get_num_threads(), precision=cfg.levers.precision, optimizer=cfg.levers.optimizer,
-            quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing, resumed=resumed)
+            quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing, resumed=resumed,
+            per_example_correct=bits(self.test_correct))

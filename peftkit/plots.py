@@ -6,7 +6,8 @@
 - ``validation_curves.png``: validation accuracy after each epoch, per strategy; left out when
   every strategy trained a single epoch (a dot each is no curve: ``curves_skipped``).
 
-Points are means over seeds with error bars for the spread (when there are several seeds).
+Points are means over seeds; with several seeds, error bars show the mean's 95% interval over the
+seeds (t-based, ``peftkit.stats.mean_interval``; results written before intervals show ± sd).
 
 ``peftkit eval`` draws its confusion matrix here too (``write_confusion_matrix``).
 """
@@ -37,7 +38,7 @@ def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: floa
     for rank, name in enumerate(by_x):
         v = summary[name]
         x, y = v[xkey] / scale, v[q + "_mean"]
-        ax.errorbar(x, y, yerr=v[q + "_std"] or 0, fmt="o", color=colors[name], capsize=3, markersize=7)
+        ax.errorbar(x, y, yerr=_error_bar(v, q), fmt="o", color=colors[name], capsize=3, markersize=7)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 if rank % 2 == 0 else -13),
                     fontsize=9, color=colors[name])
     if front:
@@ -49,7 +50,17 @@ def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: floa
         ax.legend(loc="best", fontsize=8)
     ax.margins(x=0.12, y=0.08)
     ax.grid(True, alpha=0.3)
-    ax.set_ylabel(q_label)
+    intervals = any(v.get(q + "_ci95") for v in summary.values())
+    ax.set_ylabel(q_label + (" (bars: 95% interval over seeds)" if intervals else ""))
+
+
+def _error_bar(v: dict[str, Any], q: str) -> float:
+    """Half the height of a point's error bar: its 95% interval over seeds (symmetric, t-based);
+    for results written before intervals, the standard deviation, as drawn then; 0 with one seed."""
+    if v.get(q + "_ci95"):
+        low, high = v[q + "_ci95"]
+        return (high - low) / 2
+    return v.get(q + "_std") or 0
 
 
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:

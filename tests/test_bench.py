@@ -224,6 +224,11 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     # tiny_csv is half pos, half neg: a stratified test split of 20 is a tie, broken to the first label
     assert results["baseline"]["predicts"] == "neg" and results["baseline"]["accuracy"] == 0.5
     assert "| `lora`" in stdout and "results.md" in stdout and "Baseline, majority class (always `neg`" in stdout
+    # each run said which of the 20 test examples it got right: the two are paired on them
+    assert all(len(r["per_example_correct"]) == 20 for r in results["rows"])
+    other = next(n for n in ("lora", "head_only") if n != results["comparison"]["best"])
+    assert results["comparison"]["strategies"][other]["examples"] == 20
+    assert "One seed: the ranking carries no interval across seeds" in stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
 
 
@@ -367,3 +372,104 @@ def test_a_lever_a_strategy_cannot_take_makes_a_not_applicable_row(tmp_path) -> 
     assert results["summary"]["full"]["status"] == "not applicable"
     assert "trains the base model's own weights" in results["summary"]["full"]["error"]
     assert "| `full` | not applicable:" in (tmp_path / "results.md").read_text()
+
+
+# -- how sure the ranking is: intervals over seeds, paired tests over examples ---------------------
+
+class CorrectRunner(FakeRunner):
+    """Every run fits; ``correct(strategy, seed)`` is the run's per-example record, and its test
+    accuracy is that record's mean (as a real run's is)."""
+
+    def __init__(self, correct) -> None:
+        super().__init__({})
+        self.correct = correct
+
+    def __call__(self, cfg, log_path: str) -> Attempt:
+        record = self.correct(cfg.strategy, cfg.seed)
+        metrics = _metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation, record.count("1") / len(record))
+        return Attempt("ok", cfg.batch_size, metrics={**metrics, "per_example_correct": record})
+
+
+def _record(right: range, n: int = 1000) -> str:
+    return "".join("1" if i in right else "0" for i in range(n))
+
+
+def test_the_report_gives_intervals_and_says_what_cannot_be_told_from_the_best(tmp_path) -> None:
+    """Of 1,000 test examples per seed, full gets 850+seed right; lora misses 8 of those and gets 6
+    others (0.2 points behind: not distinguishable); head_only gets 700+seed (15 points: clearly)."""
+    correct = {"full": lambda s: _record(range(0, 850 + s)), "lora": lambda s: _record(range(8, 856 + s)),
+               "head_only": lambda s: _record(range(0, 700 + s))}
+    bench = BenchConfig(strategies=["lora", "full", "head_only"], seeds=[0, 1, 2], command="peftkit bench --test")
+    results = run_suite(bench, str(tmp_path), lambda m: None, runner=CorrectRunner(lambda n, s: correct[n](s)))
+    on_disk = json.load(open(tmp_path / "results.json"))
+    full = on_disk["summary"]["full"]
+    assert full["test_accuracy_mean"] == pytest.approx(0.851)
+    # 0.850, 0.851, 0.852: sd 0.001, half-width t(0.975, 2) * 0.001 / sqrt(3) = 0.00248
+    assert full["test_accuracy_ci95"] == pytest.approx([0.851 - 0.00248413, 0.851 + 0.00248413], abs=1e-7)
+    comparison = on_disk["comparison"]
+    assert comparison["best"] == "full" and set(comparison["strategies"]) == {"lora", "head_only"}
+    lora, head = comparison["strategies"]["lora"], comparison["strategies"]["head_only"]
+    assert lora["difference"] == pytest.approx(-0.002) and lora["verdict"] == "not distinguishable"
+    assert (lora["examples"], lora["only_this_right"], lora["only_best_right"]) == (3000, 18, 24)
+    assert lora["ci95"][0] < 0 < lora["ci95"][1] and lora["p_value"] > 0.05 and lora["seeds"] == [0, 1, 2]
+    assert head["difference"] == pytest.approx(-0.15) and head["verdict"] == "distinguishable"
+    assert head["ci95"][1] < 0 and head["p_value"] < 0.001 and head["mcnemar_p"] < 1e-6
+    md = (tmp_path / "results.md").read_text()
+    assert "| test accuracy (± 95% CI) |" in md and "| **0.8510** ± 0.0025 (n=3, sd 0.0010) |" in md
+    l_low, l_high = (f"{100 * x:+.1f}" for x in lora["ci95"])
+    assert (f"Not distinguishable from the best (`full`) at the 95% level: `lora` (difference -0.2 points, "
+            f"95% CI [{l_low}, {l_high}], p = {lora['p_value']:.2f}).") in md
+    assert "Distinguishable from it: `head_only` (difference -15.0 points, 95% CI [" in md and "p < 0.001)." in md
+    assert "One seed" not in md and "paired bootstrap resamples" in md
+    from peftkit.benchmark import markdown_report
+
+    assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
+    assert results["comparison"] == comparison
+
+
+def test_a_one_seed_report_says_its_ranking_has_no_interval(tmp_path) -> None:
+    correct = {"full": _record(range(0, 850)), "lora": _record(range(0, 845))}
+    bench = BenchConfig(strategies=["full", "lora"], seeds=[0])
+    run_suite(bench, str(tmp_path), lambda m: None, runner=CorrectRunner(lambda n, s: correct[n]))
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert on_disk["summary"]["full"]["test_accuracy_ci95"] is None
+    md = (tmp_path / "results.md").read_text()
+    assert "| test accuracy (± sd) |" in md and "| **0.8500** (n=1) |" in md
+    assert "One seed: the ranking carries no interval across seeds" in md
+    assert "The paired test below is over that seed's test examples" in md
+    # 5 discordant examples, all one way: McNemar's p = 2 / 2^5
+    assert on_disk["comparison"]["strategies"]["lora"]["mcnemar_p"] == pytest.approx(2 / 32)
+    assert "Not distinguishable from the best (`full`) at the 95% level: `lora` (difference -0.5 points" in md
+    assert "p = 0.062)" in md  # McNemar's: the bootstrap alone would have called it (p about 0.01)
+
+
+def test_runs_without_a_per_example_record_get_no_paired_test(tmp_path) -> None:
+    """A task that cannot say which examples were right (or a record that is not of the ranked
+    figure) leaves the strategy out of the verdicts, and the report says so."""
+    bench = BenchConfig(strategies=["full", "lora"], seeds=[0, 1])
+    run_suite(bench, str(tmp_path), lambda m: None, runner=ScoredRunner({"full": 0.83, "lora": 0.80}))
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert on_disk["comparison"]["strategies"]["lora"] == {"verdict": "no per-example record", "seeds": []}
+    md = (tmp_path / "results.md").read_text()
+    assert "No paired test for `lora`: its runs (or `full`'s) recorded no per-example correctness" in md
+    assert "Not distinguishable" not in md and "paired bootstrap resamples" not in md
+
+
+@pytest.mark.parametrize("name", ["bench_cpu", "bench_cpu_budget", "bench_cpu_causal", "bench_cpu_image"])
+def test_committed_results_without_intervals_still_render_as_before(name) -> None:
+    from peftkit.benchmark import markdown_report
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", name, "results.json")
+    results = json.load(open(path))
+    md = markdown_report(results, ["accuracy_vs_memory.png"])
+    assert "(± sd) |" in md and "95% CI" not in md and "istinguishable" not in md and "One seed" not in md
+    assert "(± sample standard deviation when there are several)" in md
+
+
+def test_plot_error_bars_are_the_95_interval_over_seeds_where_known() -> None:
+    from peftkit.plots import _error_bar
+
+    assert _error_bar({"test_accuracy_ci95": [0.80, 0.86], "test_accuracy_std": 0.01}, "test_accuracy") \
+        == pytest.approx(0.03)
+    assert _error_bar({"test_accuracy_ci95": None, "test_accuracy_std": None}, "test_accuracy") == 0  # one seed
+    assert _error_bar({"test_accuracy_std": 0.01}, "test_accuracy") == 0.01  # results from before intervals

@@ -24,7 +24,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("benchmark", "bench_worker", "planner", "train", "loop", "inference", "evaluation"),
     2: ("tasks", "strategies", "registry", "levers"),
     1: ("data", "config", "adapter_io", "models", "structure", "memory", "env", "errors", "typing_utils",
-        "fingerprint", "gguf_convert", "rundir", "checkpoint", "plots", "metrics", "spec", "files", "predict_io", "hub"),
+        "fingerprint", "gguf_convert", "rundir", "checkpoint", "plots", "metrics", "spec", "files", "predict_io", "hub",
+        "stats"),
 }
 LAYER_NAMES = {5: "command line", 4: "library API", 3: "runs, benches, plans", 2: "tasks and strategies",
                1: "data, io, structure"}

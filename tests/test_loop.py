@@ -52,7 +52,7 @@ def test_run_metrics_flattens_task_metrics_and_reads_back() -> None:
     keys = list(flat)
     assert keys[:6] == ["strategy", "model", "dataset", "seed", "epochs", "task"]
     assert keys[6:10] == ["test_accuracy", "test_f1_macro", "validation_accuracy", "validation_loss"]
-    assert keys[-4:] == ["split", "label_names", "history", "versions"]
+    assert keys[-5:] == ["split", "label_names", "history", "versions", "per_example_correct"]
     assert RunMetrics.from_dict(flat) == m
     with pytest.raises(PeftkitError, match="'nope'"):
         RunMetrics.from_dict({**flat, "nope": 1})

@@ -123,6 +123,9 @@ def test_labelled_data_becomes_a_completion_task(tiny_causal_dir, tiny_csv, run_
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     assert m["test_accuracy"] == m["test_exact_match"], "the generated answer is the predicted label"
+    # which answers matched, one per test example, for a bench's paired test
+    record = m["per_example_correct"]
+    assert len(record) == 20 and record.count("1") / len(record) == pytest.approx(m["test_exact_match"])
     meta = _load(os.path.join(out, "adapter", "peftkit_adapter.json"))
     assert meta["prompt_template"] == "{text}\nAnswer:" and meta["label_names"] == ["neg", "pos"]
 

@@ -105,3 +105,48 @@ def test_unfrozen_groups_join_the_running_optimizer(tiny_model_dir, tiny_csv, mo
     assert sum(l.startswith("optimizer: +") for l in logs) == 6
     rates = sorted({g["base_lr"] for g in opt.param_groups}, reverse=True)
     assert rates == pytest.approx([1e-3 / 2.6**k for k in range(4)])
+
+
+def test_in_split_order_puts_examples_back_by_their_key() -> None:
+    from peftkit.tasks.base import in_split_order
+
+    # evaluated by length (keys 12, 10, 13, 11), put back in the split's order (10, 11, 12, 13)
+    assert in_split_order([12, 10, 13, 11], [True, False, True, True]) == [0, 1, 1, 1]
+
+
+def test_a_run_records_which_test_examples_it_got_right_in_split_order(tiny_model_dir, tmp_path) -> None:
+    """Texts of varying length (so evaluation, which runs by length, meets them out of order) and
+    a fifth of the labels flipped (so some answers are wrong however well it learned): the record
+    has one entry per test example, its mean is the accuracy, and entry i is test example i."""
+    import csv
+    import random
+
+    import torch
+
+    from conftest import FILLER, make_rows
+
+    rng = random.Random(1)
+    rows = [{"text": r["text"] + " " + " ".join(rng.choices(FILLER, k=rng.randrange(8))),
+             "label": r["label"] if rng.random() > 0.2 else ("neg" if r["label"] == "pos" else "pos")}
+            for r in make_rows(200)]
+    path = tmp_path / "varied.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    model_dir = tiny_model_dir("bert")
+    outcome, _ = _fit(model_dir, str(path), strategy="full", epochs=1, batch_size=16, eval_batch_size=8)
+    record = outcome.metrics.per_example_correct
+    test = load_labelled_data(str(path), seed=0).splits["test"]
+    assert record is not None and len(record) == len(test)
+    assert record.count("1") / len(record) == pytest.approx(outcome.metrics.test["accuracy"])
+    assert "0" in record and "1" in record
+    # the trained model, example by example in the split's order
+    tok = load_tokenizer(model_dir)
+    model = outcome.model.eval()
+    expected = ""
+    with torch.no_grad():
+        for text, label in zip(test["text"], test["label"]):
+            batch = dict(tok([text], truncation=True, max_length=16, return_tensors="pt"))
+            expected += "1" if int(model(**batch).logits.argmax()) == label else "0"  # full: the model itself
+    assert record == expected

@@ -9,7 +9,8 @@ next tokens of a response, a label for an image), and nothing about *how* (that 
 3. ``encode`` / ``collate``: examples turned into model inputs, batches padded;
 4. ``loss``: the training loss from a strategy's logits;
 5. ``evaluate``: the task's metrics over a split (gathered over every process), plus the one that
-   picks the best epoch (``selection_metric``, higher is better).
+   picks the best epoch (``selection_metric``, higher is better); ``evaluate_test`` also says which
+   test examples were answered correctly, where the task can (a benchmark pairs strategies on them).
 
 The training loop calls these and never branches on the task's name; strategies see only the
 ``TaskSpec`` a task hands them (how many labels, which modules are a new head, peft's task type).
@@ -117,6 +118,17 @@ class Task:
         says what can be measured; None: the task's usual shape)."""
         raise NotImplementedError
 
+    def evaluate_test(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                      after_batch: Callable[[], None] | None = None, context: Any = None,
+                      data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
+        """The run's final evaluation: ``evaluate``'s test metrics (``final``) and, where the task
+        can say, whether each test example was answered correctly (1/0, the mean is the headline
+        accuracy or exact match), in the test split's own order (``in_split_order``), so that two
+        strategies run with the same seed compare example by example (a benchmark's paired test).
+        The default: the metrics only, None for the examples (the task cannot say)."""
+        return self.evaluate(strategy, model, loader, accelerator, after_batch=after_batch, final=True,
+                             context=context, data=data), None
+
     # -- evaluating an adapter on a new file (``peftkit eval``) --------------------------------
     def evaluation_data(self, cfg: RunConfig, metadata: dict[str, Any]) -> TaskData:
         """Every example of ``cfg.dataset`` as the test split (train and validation empty), its
@@ -200,6 +212,14 @@ def map_splits(splits: Any, encode: Callable[[dict[str, list], list[int], int], 
     return out
 
 
+def in_split_order(keys: list[Any], correct: list[Any]) -> list[int]:
+    """``correct`` (per example, in the order evaluation met them: by length, gathered over
+    processes) put back in the split's order: by ``example_key``, which ``map_splits`` numbers
+    ascending through each split. ``keys`` and ``correct``: tensors or lists, one entry each."""
+    pairs = sorted(zip((int(k) for k in keys), (int(bool(c)) for c in correct)))
+    return [c for _, c in pairs]
+
+
 def gathered_sum(accelerator: Any, value: float) -> float:
     """``value`` summed over every process (evaluation loss sums are per process)."""
     import torch
@@ -210,4 +230,4 @@ def gathered_sum(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
-__all__ = ["Evaluation", "Task", "TaskData", "TaskSpec", "gathered_sum", "map_splits"]
+__all__ = ["Evaluation", "Task", "TaskData", "TaskSpec", "gathered_sum", "in_split_order", "map_splits"]

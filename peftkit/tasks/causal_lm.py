@@ -26,7 +26,7 @@ from ..data import PROMPT_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, Shape
 from ..errors import PeftkitError
 from ..predict_io import GenerationOptions
 from . import register_task
-from .base import Task, TaskData, TaskSpec, map_splits
+from .base import Task, TaskData, TaskSpec, in_split_order, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -217,6 +217,20 @@ class CausalLM(Task):
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
                  context: Any = None, data: TaskData | None = None) -> dict[str, float]:
+        return self._evaluate(strategy, model, loader, accelerator, after_batch, final, context, data)[0]
+
+    def evaluate_test(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                      after_batch: Callable[[], None] | None = None, context: Any = None,
+                      data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
+        """The test metrics and, where answers are generated (not for plain text), whether each
+        test example's answer matched its reference exactly, in the split's order."""
+        return self._evaluate(strategy, model, loader, accelerator, after_batch, True, context, data)
+
+    def _evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                  after_batch: Callable[[], None] | None, final: bool, context: Any,
+                  data: TaskData | None) -> tuple[dict[str, float], list[int] | None]:
+        """Loss and perplexity; on ``final`` (data with answers) also the exact match, and each
+        example's match in the split's order (None when nothing was generated)."""
         import torch
 
         shape = data.shape if data is not None else Shape.PROMPT_RESPONSE
@@ -225,6 +239,7 @@ class CausalLM(Task):
         model.eval()
         loss_sum, tokens = 0.0, 0
         matches: list[torch.Tensor] = []
+        keys: list[torch.Tensor] = []
         with torch.no_grad():
             for batch in loader:
                 logits = strategy.forward(model, batch)
@@ -235,15 +250,18 @@ class CausalLM(Task):
                 if generate:
                     hits = self._exact_matches(accelerator.unwrap_model(model), batch, context)
                     matches.append(accelerator.gather_for_metrics(hits).cpu())
+                    keys.append(accelerator.gather_for_metrics(batch["example_key"]).cpu())
                 if after_batch is not None:
                     after_batch()
         loss = loss_sum / max(1, tokens)
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        if generate:
-            out["exact_match"] = float(torch.cat(matches).float().mean()) if matches else 0.0
-            if shape is Shape.LABELLED:
-                out["accuracy"] = out["exact_match"]  # the generated answer is the predicted label
-        return out
+        if not generate:
+            return out, None
+        hit = torch.cat(matches) if matches else torch.zeros(0)
+        out["exact_match"] = float(hit.float().mean()) if len(hit) else 0.0
+        if shape is Shape.LABELLED:
+            out["accuracy"] = out["exact_match"]  # the generated answer is the predicted label
+        return out, in_split_order(torch.cat(keys).tolist(), hit.tolist()) if keys else None
 
     @staticmethod
     def _exact_matches(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> torch.Tensor:

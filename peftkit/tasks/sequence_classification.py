@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import register_task
-from .base import Evaluation, Task, TaskData, TaskSpec, map_splits
+from .base import Evaluation, Task, TaskData, TaskSpec, in_split_order, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,20 +57,28 @@ class ClassificationTask(Task):
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
                  context: Any = None, data: TaskData | None = None) -> dict[str, float]:
-        preds, labels, loss_sum, num_labels = self._outputs(strategy, model, loader, accelerator, after_batch)
-        out = classification_metrics(preds, labels, num_labels)
-        out["loss"] = loss_sum / max(1, len(labels))
-        return out
+        preds, labels, loss_sum, num_labels, _keys = self._outputs(strategy, model, loader, accelerator, after_batch)
+        return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
+
+    def evaluate_test(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
+                      after_batch: Callable[[], None] | None = None, context: Any = None,
+                      data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
+        """The test metrics and, per test example in the split's order, whether the predicted
+        label is the true one (None where the batches carry no ``example_key`` to order them by)."""
+        preds, labels, loss_sum, num_labels, keys = self._outputs(strategy, model, loader, accelerator, after_batch)
+        metrics = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
+        return metrics, in_split_order(keys.tolist(), (preds == labels).tolist()) if keys is not None else None
 
     def _outputs(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                 after_batch: Callable[[], None] | None) -> tuple[Any, Any, float, int]:
+                 after_batch: Callable[[], None] | None) -> tuple[Any, Any, float, int, Any]:
         """Over ``loader``, gathered from every process: predicted and true label ids, summed loss,
-        and the number of labels (the model's outputs)."""
+        the number of labels (the model's outputs), and each example's ``example_key`` (None when
+        the batches carry none: a plugin's own collate)."""
         import torch
         import torch.nn.functional as F
 
         model.eval()
-        preds, labels, losses = [], [], []
+        preds, labels, losses, keys = [], [], [], []
         num_labels = 0
         with torch.no_grad():
             for batch in loader:
@@ -82,9 +90,14 @@ class ClassificationTask(Task):
                 preds.append(p.cpu())
                 labels.append(y.cpu())
                 losses.append(l.cpu())
+                if keys is not None and "example_key" in batch:
+                    keys.append(accelerator.gather_for_metrics(batch["example_key"]).cpu())
+                else:
+                    keys = None
                 if after_batch is not None:
                     after_batch()
-        return torch.cat(preds), torch.cat(labels), float(torch.cat(losses).sum()), num_labels
+        return (torch.cat(preds), torch.cat(labels), float(torch.cat(losses).sum()), num_labels,
+                torch.cat(keys) if keys else None)
 
     def evaluate_in_detail(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                            after_batch: Callable[[], None] | None = None, context: Any = None,
@@ -93,7 +106,7 @@ class ClassificationTask(Task):
         matrix (rows true, columns predicted), every label of the model counted, from one pass."""
         from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-        preds, labels, loss_sum, num_labels = self._outputs(strategy, model, loader, accelerator, after_batch)
+        preds, labels, loss_sum, num_labels, _keys = self._outputs(strategy, model, loader, accelerator, after_batch)
         metrics = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
         ids = list(range(num_labels))
         names = list(data.label_names) if data is not None and data.label_names else [str(i) for i in ids]
