@@ -346,9 +346,8 @@ def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
     from .tuning import open_storage, open_study, optimize, prepare_output
 
     plan = plan_tune(config, echo)
-    external = open_storage(plan.storage) if config.storage else None  # unreachable: said before any file
     prepare_output(plan)
-    storage = external or open_storage(plan.storage)
+    storage = open_storage(plan.storage)
     set_context(strategy=plan.strategy.name, model=plan.base.model)
     study = open_study(plan, storage, echo)
     ran = optimize(study, plan, echo)
@@ -363,7 +362,7 @@ def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
     from .registry import get_strategy
     from .strategies.base import options_from_dict
     from .train import resolve, with_task_defaults
-    from .tuning import TunePlan, check_metric, check_space, fixed_settings, metric_direction
+    from .tuning import TunePlan, check_metric, check_space, fixed_settings, metric_direction, open_storage
 
     config.validate()
     cls = get_strategy(config.run.strategy)
@@ -376,6 +375,8 @@ def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
     fixed = fixed_settings(base)
     check_space(cls, fixed, config.space)
     resolve(dataclasses.replace(base))  # levers, trackers, options: what a run would refuse
+    if config.storage:
+        open_storage(config.storage)  # malformed or unreachable: said before the data loads
     quiet_libraries()
     data = task.load_data(base)
     base = dataclasses.replace(base, **resolved_columns(data))
