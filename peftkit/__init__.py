@@ -7,13 +7,13 @@
     peftkit.predict(result.adapter_dir, ["A quietly devastating film."])
 
 Importing peftkit is cheap (no torch); the heavy parts load when used. ``run``, ``bench``, ``plan``,
-``predict``, ``evaluate``, ``merge``, ``inspect`` and ``resume`` are the commands' functions (``peftkit.api``),
-with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings`` and ``Levers``;
+``predict``, ``evaluate``, ``merge``, ``inspect``, ``tune`` and ``resume`` are the commands' functions
+(``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``, ``TuneConfig`` and ``Levers``;
 ``load_adapter`` / ``predict_texts`` / ``save_adapter`` work on adapters directly. Strategy and task
 plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
 
-The functions ``plan``, ``bench`` and ``predict`` are not shadowed by modules of the same names:
-those modules are ``peftkit.planner``, ``peftkit.benchmark`` and ``peftkit.inference``.
+The functions ``plan``, ``bench``, ``predict`` and ``tune`` are not shadowed by modules of the same
+names: those modules are ``peftkit.planner``, ``peftkit.benchmark``, ``peftkit.inference`` and ``peftkit.tuning``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 # name -> module it is read from, on first use (these import more, some of them torch)
 _LAZY = {
     "run": "api", "bench": "api", "plan": "api", "predict": "api", "merge": "api", "inspect": "api",
-    "resume": "api", "evaluate": "api", "RunResult": "api", "EvalConfig": "evaluation",
+    "resume": "api", "evaluate": "api", "tune": "api", "RunResult": "api", "TuneResult": "api",
+    "TuneConfig": "tuning", "EvalConfig": "evaluation",
     "RunConfig": "config", "Levers": "config", "BenchConfig": "benchmark", "PlanSettings": "planner",
     "load_adapter": "inference", "predict_texts": "inference", "save_adapter": "adapter_io",
 }
@@ -50,6 +51,8 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "TrainingDefaults",
+    "TuneConfig",
+    "TuneResult",
     "available_strategies",
     "bench",
     "evaluate",
@@ -65,6 +68,7 @@ __all__ = [
     "resume",
     "run",
     "save_adapter",
+    "tune",
 ]
 
 

@@ -31,6 +31,8 @@ from .errors import PeftkitError, RunInterrupted, set_context
 from .evaluation import EvalConfig, EvalResult
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
+from .tuning import STUDY_FILE, TuneConfig, TunePlan
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import ResolvedRun
@@ -302,6 +304,145 @@ def _bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, di
     return out
 
 
+# -- tune -------------------------------------------------------------------------------------
+
+@dataclass
+class TuneResult:
+    """A finished tune: the study, its best trial, and the best configuration's run (the only one
+    whose test split was evaluated)."""
+
+    output_dir: str
+    """Holds study.db (by default), best.yaml, trials.csv, trials.json, plots, best-run/ and trials/."""
+    study_name: str
+    storage: str
+    """The study's storage URL, its password hidden."""
+    metric: str
+    trials: int
+    """Trials the study holds now (this call's and earlier ones', every process's)."""
+    ran: int
+    """Trials this call ran."""
+    best_trial: int
+    best_value: float
+    """The best trial's validation ``metric`` (its best epoch's)."""
+    best_params: dict[str, Any]
+    best_config: RunConfig
+    """What best.yaml holds: ``peftkit run --config best.yaml`` trains it again."""
+    best_run: RunResult
+    """The best configuration trained once more as a normal run (DIR/best-run): its test metrics."""
+    plots: list[str]
+
+
+def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
+    """Search ``config.run.strategy``'s hyper-parameters with Optuna (TPE, seeded; pruning from each
+    epoch's validation), each trial in a process of its own, selecting on validation only; then
+    train the best configuration once more as a normal run, the only one evaluated on test, and
+    write best.yaml, trials.csv, trials.json and plots into ``config.output_dir``.
+
+    The study is stored as trials finish (``study.db`` in the output directory unless
+    ``config.storage`` names a database), so running ``tune`` again into the same directory, or
+    from several processes at once, continues it; ``config.trials`` counts the trials already
+    there. Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (the study kept).
+    """
+    from .tuning import open_storage, open_study, optimize, prepare_output
+
+    plan = plan_tune(config, echo)
+    prepare_output(plan)
+    storage = open_storage(plan.storage)
+    set_context(strategy=plan.strategy.name, model=plan.base.model)
+    study = open_study(plan, storage, echo)
+    ran = optimize(study, plan, echo)
+    return _finish_tune(plan, study, ran, echo)
+
+
+def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
+    """``config`` checked and resolved, before anything is written or trained: the strategy and its
+    fixed options, the task's defaults, the metric, ``--space``, the inputs, and the data's columns
+    (read once here, said once)."""
+    from .data import resolved_columns
+    from .registry import get_strategy
+    from .strategies.base import options_from_dict
+    from .train import resolve, with_task_defaults
+    from .tuning import TunePlan, check_metric, check_space, fixed_settings, metric_direction, open_storage
+
+    config.validate()
+    cls = get_strategy(config.run.strategy)
+    options_from_dict(cls, config.run.strategy_options)
+    check_inputs(config.run.model, config.run.dataset)
+    base = dataclasses.replace(config.run, strategy=cls.name, output_dir=None, overwrite=False)
+    task, filled = with_task_defaults(base)
+    base = dataclasses.replace(base, **filled)
+    metric = check_metric(task, config.metric)
+    fixed = fixed_settings(base)
+    check_space(cls, fixed, config.space)
+    resolve(dataclasses.replace(base))  # levers, trackers, options: what a run would refuse
+    if config.storage:
+        open_storage(config.storage)  # malformed or unreachable: said before the data loads
+    quiet_libraries()
+    data = task.load_data(base)
+    base = dataclasses.replace(base, **resolved_columns(data))
+    for line in [*data.notes, *task.data_warnings(data)]:
+        echo(line)
+    out = config.output_dir or default_output_dir(f"tune-{cls.name}")
+    storage = config.storage or f"sqlite:///{os.path.abspath(out)}/{STUDY_FILE}"
+    return TunePlan(config, cls, base, fixed, metric, metric_direction(task, metric), out, storage,
+                    config.study_name or f"tune-{cls.name}")
+
+
+def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult:
+    """Train the best configuration once more as a run (test evaluated there only, unless the
+    previous call already did it for the same trial) and move the reports into place."""
+    from .tuning import best_config, masked, staged_reports, write_reports
+
+    try:
+        best_number = study.best_trial.number
+    except ValueError:
+        raise PeftkitError(f"no trial of study {plan.study_name!r} completed; each trial's worker.log in "
+                           f"{os.path.join(plan.output_dir, 'trials')} says why") from None
+    best = best_config(plan, study)
+    previous = _previous_best_run(plan.output_dir, best_number)
+    with staged_reports(plan.output_dir) as stage:
+        if previous is None:
+            echo(f"tune: best trial #{best_number} ({plan.metric} {study.best_value:.4f}); training it once more "
+                 "as peftkit run --config best.yaml would, the only run evaluated on test ...")
+            best.output_dir = os.path.join(stage, "best-run")
+            run_result = _run(dataclasses.replace(best), resume=False, echo=echo)
+            best.output_dir = None
+            previous = _best_run_record(plan, study, run_result.metrics, echo)
+        plots = write_reports(stage, plan, study, best, previous)
+    run_dir = os.path.join(plan.output_dir, "best-run")
+    metrics = RunMetrics.from_dict(_read_json(os.path.join(run_dir, "metrics.json")))
+    return TuneResult(plan.output_dir, plan.study_name, masked(plan.storage), plan.metric, len(study.trials), ran,
+                      best_number, study.best_value, dict(study.best_trial.params), best,
+                      RunResult(run_dir, metrics), plots)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _previous_best_run(out: str, best_number: int) -> dict[str, Any] | None:
+    """The record of best-run/ when an earlier call made it for the same best trial (then it
+    stands: training it again would give the same run)."""
+    path = os.path.join(out, "trials.json")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(out, "best-run", "metrics.json")):
+        return None
+    record = _read_json(path).get("best_run") or {}
+    return record if record.get("trial") == best_number else None
+
+
+def _best_run_record(plan: TunePlan, study: Any, metrics: RunMetrics | None, echo: Echo) -> dict[str, Any]:
+    """What trials.json says of best-run/: its trial, validation (which should be the trial's) and test."""
+    validation = (metrics.validation if metrics else {}).get(plan.metric)
+    if validation is not None and abs(validation - study.best_value) > 1e-9:
+        echo(f"warning: the best configuration trained again reached validation {plan.metric} {validation:.6g}, "
+             f"its trial {study.best_value:.6g}: training is not bit-for-bit repeatable on this device")
+    return {"trial": study.best_trial.number, "dir": "best-run", "validation": metrics.validation if metrics else {},
+            "test": metrics.test if metrics else {}}
+
+
 # -- plan -------------------------------------------------------------------------------------
 
 @dataclass
@@ -475,5 +616,5 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
 
 
 __all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "MergeResult", "Plan", "PlanSettings",
-           "RunConfig", "RunResult", "bench", "check_inputs", "evaluate", "inspect", "merge", "plan", "predict",
-           "predict_iter", "resume", "resumed_config", "run"]
+           "RunConfig", "RunResult", "TuneConfig", "TuneResult", "bench", "check_inputs", "evaluate", "inspect", "merge", "plan", "predict",
+           "predict_iter", "resume", "resumed_config", "run", "tune"]

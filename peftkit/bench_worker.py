@@ -37,8 +37,7 @@ def main(spec_path: str) -> int:
 def _run(cfg: Any, log_path: str) -> dict[str, Any]:
     """``status`` and ``metrics`` or ``error`` of one run of ``cfg`` into its output directory."""
     from .env import quiet_libraries
-    from .errors import PeftkitError, first_line, library_error_line, raising_library, set_context
-    from .memory import is_out_of_memory
+    from .errors import set_context
     from .rundir import staged_dir
     from .train import execute_run, resolve
 
@@ -56,17 +55,27 @@ def _run(cfg: Any, log_path: str) -> dict[str, Any]:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row of the suite
-        if is_out_of_memory(exc):
-            return {"status": "oom", "error": first_line(exc)}
-        if isinstance(exc, PeftkitError):
-            return {"status": "failed", "error": str(exc)}
-        # one line, as the command line reports it: the library, strategy, model type, message
-        library = raising_library(exc)
-        what = library_error_line(exc, library) if library else f"{type(exc).__name__}: {first_line(exc)}"
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as fh:
-            traceback.print_exc(file=fh)
-        return {"status": "failed", "error": f"{what} (traceback in {log_path})"}
+        return failure_report(exc, log_path)
+
+
+def failure_report(exc: BaseException, log_path: str) -> dict[str, Any]:
+    """A worker's report of a run that raised ``exc``: ``oom`` (out of memory, or over the
+    budget), else ``failed`` with one line (a library's: which one, strategy, model type, its
+    message; the traceback appended to ``log_path``). Called inside the ``except`` block."""
+    from .errors import PeftkitError, first_line, library_error_line, raising_library
+    from .memory import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        return {"status": "oom", "error": first_line(exc)}
+    if isinstance(exc, PeftkitError):
+        return {"status": "failed", "error": str(exc)}
+    # one line, as the command line reports it: the library, strategy, model type, message
+    library = raising_library(exc)
+    what = library_error_line(exc, library) if library else f"{type(exc).__name__}: {first_line(exc)}"
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        traceback.print_exc(file=fh)
+    return {"status": "failed", "error": f"{what} (traceback in {log_path})"}
 
 
 if __name__ == "__main__":

@@ -150,6 +150,23 @@ _declare("chat", "--chat", is_flag=True, default=False,
 _declare("force", "--force", is_flag=True,
          help="Use the adapter even if the base model's weights differ from those it was trained on.")
 
+_declare("trials", "--trials", type=int, default=20, show_default=True,
+         help="Trials the study should hold at the end; those already in it (an earlier tune, another "
+              "process) count.")
+_declare("timeout", "--timeout", default=None, metavar="DURATION",
+         help="Start no new trial after this long (90s, 30m, 2h, 1h30m); the running one finishes.")
+_declare("storage", "--storage", default=None, metavar="URL",
+         help="Where the study lives: an SQLAlchemy database URL (sqlite:///study.db, postgresql://...). "
+              "Default: sqlite:///OUTPUT_DIR/study.db.")
+_declare("study_name", "--study-name", default=None, metavar="NAME", help="The study's name. Default: tune-<strategy>.")
+_declare("metric", "--metric", default=None, metavar="M",
+         help="Validation metric to optimise (accuracy, f1_macro, loss, ...). Default: the task's selection "
+              "metric (accuracy; causal-lm: loss).")
+_declare("pruner", "--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median",
+         show_default=True, help="Stop unpromising trials after an epoch's validation (never trial 0, the defaults).")
+_declare("space", "--space", "space_items", multiple=True, metavar="NAME=V1,V2,...",
+         help="Search only these values of a searched setting (e.g. --space r=4,8,16); repeatable.")
+
 LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision")
 
 
@@ -186,6 +203,7 @@ def cli(debug: bool) -> None:
     peftkit list                      strategies and what they do
     peftkit run --strategy lora       fine-tune and evaluate (embedded default: MiniLM on Rotten Tomatoes)
     peftkit bench                     every strategy side by side: memory, speed, accuracy
+    peftkit tune --strategy lora      search its hyper-parameters (Optuna), selected on validation
     peftkit plan --memory-budget 8GiB predicted peak memory of each strategy, without training
     peftkit predict --adapter DIR T   answer texts (or --input FILE) with a trained adapter
     peftkit eval --adapter DIR --dataset FILE   how well it does on a labelled file, beside a baseline
@@ -388,6 +406,65 @@ def _command_line(name: str) -> str:
         else:
             parts += [flag, shlex.quote(str(value))]
     return " ".join(parts)
+
+
+@cli.command("tune")
+@options("strategy", "task", "config", "model", "dataset", "text_column", "label_column", "response_column",
+         "epochs", "batch_size", "lr", "max_length", "max_train_samples", "max_eval_samples", "seed",
+         "weight_decay", "warmup_ratio", "grad_accumulation", *LEVERS, "memory_budget", "set", "trials",
+         "timeout", "storage", "study_name", "metric", "pruner", "space", "output_dir", "overwrite",
+         strategy="Strategy to tune (see `peftkit list`); required.",
+         epochs="Epochs of every trial (default: searched around the strategy's own).",
+         lr="Fix the learning rate (default: searched, log-uniform over 1/10..10x the strategy's own).",
+         set="Fix a strategy option (not searched), repeatable: --set r=16.",
+         output_dir="Where the study and reports go; give the same one again to continue the study. "
+                    "Default: runs/tune-<strategy>-<timestamp>.",
+         overwrite="Start afresh: replace the output directory, and a study of that name made for "
+                   "another strategy, model, dataset or metric.")
+def tune_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str, ...], trials: int,
+             timeout: str | None, storage: str | None, study_name: str | None, metric: str | None, pruner: str,
+             space_items: tuple[str, ...], output_dir: str | None, overwrite: bool, **flags: Any) -> None:
+    """Search a strategy's hyper-parameters with Optuna, selecting on validation only.
+
+    \b
+    Trial 0 is the strategy's defaults; then TPE (seeded by --seed) searches the learning rate,
+    epochs, warmup, weight decay and the strategy's own options (`peftkit list -v`; the README
+    lists each space). Settings you give (--lr, --epochs, --set ...) are fixed. Each trial runs in
+    its own process; a crash or out-of-memory is a failed trial. Unpromising trials are pruned
+    after an epoch. At the end the best configuration is trained once more as a normal run, the
+    only one evaluated on test. The output directory holds
+    study.db         the study (default storage): run the same command again to continue it
+    best.yaml        the best settings: peftkit run --config best.yaml reproduces the run
+    trials.csv/json  every trial: state, validation, parameters, each epoch, time, error
+    *.png            optimisation history; parameter importance (2+ parameters, 3+ complete trials)
+    best-run/        the best configuration's run directory (test metrics, adapter)
+    trials/NNNN/     each trial's config.yaml, train.log and worker.log
+    """
+    from . import api
+    from .config import build_run_config, parse_set_options
+    from .tuning import parse_space
+
+    if strategy is None and config_file is None:
+        raise PeftkitError("peftkit tune needs --strategy NAME (see `peftkit list`)")
+    flags = dict(flags, strategy=strategy)
+    run = build_run_config(config_file, flags, parse_set_options(set_items))
+    config = api.TuneConfig(run=run, trials=trials, timeout=timeout, storage=storage, study_name=study_name,
+                            metric=metric, pruner=pruner, space=parse_space(space_items), output_dir=output_dir,
+                            overwrite=overwrite)
+    result = api.tune(config, echo=_echo)
+    _print_tune(result)
+
+
+def _print_tune(result: Any) -> None:
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
+    m = result.best_run.metrics
+    test = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in (m.test if m else {}).items() if k != "loss")
+    click.echo(f"best of {result.trials} trial(s): #{result.best_trial}, validation {result.metric} "
+               f"{result.best_value:.4f} ({params or 'the defaults'})")
+    click.echo(f"  trained again as a run: test {test} ({os.path.join(result.output_dir, 'best-run')})")
+    click.echo(f"  written: {result.output_dir} (best.yaml, trials.csv, trials.json"
+               + "".join(f", {p}" for p in result.plots) + "); study "
+               f"{result.study_name!r} in {result.storage}")
 
 
 @cli.command("plan")

@@ -118,7 +118,9 @@ def _scalar_config(run: ResolvedRun) -> dict[str, Any]:
 
 
 def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
-        log: Callable[[str], None], workdir: str | None = None, resume_from: str | None = None) -> TrainOutcome:
+        log: Callable[[str], None], workdir: str | None = None, resume_from: str | None = None,
+        on_validation: Callable[[int, dict[str, float]], None] | None = None,
+        evaluate_test: bool = True) -> TrainOutcome:
     """Train ``model`` (already prepared by the strategy), validate each epoch, restore the best
     epoch, evaluate on test. Returns the metrics and the per-epoch history.
 
@@ -127,6 +129,10 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     ending with what an uninterrupted run would have ended with. Under ``accelerate launch`` or
     ``torchrun`` this runs data parallel; ``batch_size`` stays the global batch (split over the
     processes), so results match a one-process run.
+
+    ``on_validation(epoch, metrics)`` is called after each epoch's validation (1-based epoch); it
+    may raise to end the run there (a tuning trial that is pruned). Without ``evaluate_test`` the
+    test split is never evaluated (``test`` stays empty): tuning selects on validation only.
     """
     trainer = Trainer(run.config, run.strategy, run.hparams, run.task, log)
     trainer.setup(model, processor, data, workdir, tracker_config=lambda: _scalar_config(run))
@@ -137,11 +143,13 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     for epoch in range(trainer.state.epoch, run.hparams.epochs):
         seconds = trainer.train_epoch(epoch, resuming=epoch == resume_epoch)
         validation = trainer.validate(epoch, seconds)
+        if on_validation is not None:
+            on_validation(epoch + 1, validation)
         if trainer.select(epoch, validation):
             break
     trainer.bar.close()
     trainer.restore_best()
-    test = trainer.test()
+    test = trainer.test() if evaluate_test else {}
     return TrainOutcome(trainer.metrics(test, resumed=resume_from is not None), trainer.state.history,
                         trainer.inner)
 
@@ -202,6 +210,18 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         if not main:
             return outcome.metrics.to_dict()
         return _finish(run, workdir, loaded, outcome, wall_start)
+
+
+def train_and_validate(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
+                       on_validation: Callable[[int, dict[str, float]], None]) -> TrainOutcome:
+    """A tuning trial: load, prepare and train as a run does, validating after each epoch
+    (``on_validation``, which may raise to stop), but never evaluate the test split nor save an
+    adapter. ``workdir`` receives config.yaml and train.log. One process only."""
+    with _train_log(os.path.join(workdir, "train.log")) as log:
+        loaded = _load(run, workdir, echo, log, write_config=True, data_said=True)
+        _announce(run, loaded.data.split_info["sizes"], None, echo)
+        return fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log,
+                   on_validation=on_validation, evaluate_test=False)
 
 
 def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Callable[[str], None],

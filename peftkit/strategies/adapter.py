@@ -20,7 +20,7 @@ RoBERTa-base-shaped model (d = 768, 12 blocks), Pfeiffer at rf 16 adds 12 * 74,5
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
@@ -93,6 +93,15 @@ class BottleneckAdapter(Strategy):
     # adapters start at the identity and are small: they need a large step. On the embedded default,
     # Pfeiffer at 3e-3 for 2 epochs matched full (0.835); 1 epoch at 1e-3 was 5 points short.
     defaults = TrainingDefaults(lr=3e-3, epochs=2, batch_size=32)
+
+    @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The training settings, plus the variant and a reduction factor of 4..32 (powers of two,
+        which divide the hidden sizes in use: 384, 768, 1024, ...; one that does not divide the
+        model's is a failed trial, said in its error)."""
+        return {**cls.training_space(trial, defaults),
+                "variant": trial.suggest_categorical("variant", ["pfeiffer", "houlsby"]),
+                "reduction_factor": trial.suggest_categorical("reduction_factor", [4, 8, 16, 32])}
     supports_quantized_base = True  # the base stays frozen; only the bottlenecks and the head train
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:

@@ -165,6 +165,40 @@ class Strategy:
     def load_extra_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Put back what ``extra_state`` returned, when a run resumes from a checkpoint."""
 
+    # -- tuning (peftkit tune) ----------------------------------------------------------------
+    @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The settings ``peftkit tune`` tries, suggested through ``trial`` (an optuna ``Trial``, or
+        anything with its ``suggest_float`` / ``suggest_int`` / ``suggest_categorical``).
+
+        Returns ``{name: value}``: names in ``TUNED_SETTINGS`` are run settings, every other name is
+        one of this strategy's options. Each name must be suggested under its own name, and the
+        strategy's default value must lie in its range (trial 0 of every study is the defaults).
+        The default searches the shared training settings (``training_space``); a strategy with
+        options worth tuning adds them in its own file.
+        """
+        return cls.training_space(trial, defaults)
+
+    @classmethod
+    def training_space(cls, trial: Any, defaults: TrainingDefaults,
+                       lr_range: tuple[float, float] | None = None) -> dict[str, Any]:
+        """The run settings every strategy tunes, around its own defaults.
+
+        - ``lr``: log-uniform over a decade either side of the default (``lr_range`` overrides).
+          The defaults were chosen on one model and data set; the best rate elsewhere is rarely
+          more than 10x away, and a log scale gives each factor of the range the same weight.
+        - ``epochs``: from half the default to twice it (at least 1..2): the schedule decays over
+          the whole run, and the best epoch is kept anyway, so more is not always better.
+        - ``warmup_ratio``: 0..0.2 (default 0.06); ``weight_decay``: 0..0.1 (default 0.01).
+        """
+        low, high = lr_range or (defaults.lr / 10, min(defaults.lr * 10, 0.5))
+        return {
+            "lr": trial.suggest_float("lr", low, high, log=True),
+            "epochs": trial.suggest_int("epochs", max(1, defaults.epochs // 2), max(2, defaults.epochs * 2)),
+            "warmup_ratio": trial.suggest_float("warmup_ratio", 0.0, 0.2),
+            "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.1),
+        }
+
     def merge(self, model: nn.Module) -> nn.Module:
         """A plain transformers model that computes what ``model`` computes (``peftkit merge``).
 
@@ -243,6 +277,58 @@ def options_to_dict(options: Any) -> dict[str, Any]:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
 
+# The run settings a search space may suggest (``RunConfig`` fields); every other name it
+# suggests is one of the strategy's options.
+TUNED_SETTINGS = ("lr", "epochs", "warmup_ratio", "weight_decay")
+
+
+class DefaultsTrial:
+    """A stand-in for an optuna trial that answers every suggestion with the strategy's default
+    (``defaults`` first, then the options dataclass), after checking that the default lies in the
+    suggested range: ``default_point`` runs a search space on it to get trial 0 of a study.
+    ``overrides`` (name -> value) answer first: settings the user fixed."""
+
+    def __init__(self, strategy: type[Strategy], defaults: TrainingDefaults,
+                 overrides: dict[str, Any] | None = None) -> None:
+        self.strategy, self.overrides = strategy, dict(overrides or {})
+        self.values = {**{k: getattr(defaults, k) for k in TUNED_SETTINGS}, **options_to_dict(strategy.Options())}
+
+    def _default(self, name: str) -> Any:
+        if name in self.overrides:
+            return self.overrides[name]
+        if name not in self.values:
+            raise PeftkitError(f"the search space of strategy {self.strategy.name!r} suggests {name!r}, which is "
+                               f"neither a run setting ({', '.join(TUNED_SETTINGS)}) nor one of its options")
+        return self.values[name]
+
+    def _check(self, name: str, ok: bool, where: str) -> Any:
+        value = self._default(name)
+        if not ok and name not in self.overrides:
+            raise PeftkitError(f"the search space of strategy {self.strategy.name!r} leaves out its default "
+                               f"{name}={value!r} ({where}); trial 0 of a study is the defaults")
+        return value
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        value = self._default(name)
+        return self._check(name, low <= value <= high, f"range {low:g}..{high:g}")
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        value = self._default(name)
+        return self._check(name, low <= value <= high, f"range {low}..{high}")
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self._check(name, self._default(name) in list(choices), f"choices {list(choices)}")
+
+
+def default_point(strategy: type[Strategy], defaults: TrainingDefaults | None = None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``strategy.search_space`` suggests when every answer is the default: trial 0 of a
+    study, so that the tuned result is never worse on validation than the defaults."""
+    return strategy.search_space(DefaultsTrial(strategy, defaults or strategy.defaults, overrides),
+                                 defaults or strategy.defaults)
+
+
 def option_help(strategy: type[Strategy]) -> list[tuple[str, str, str]]:
     """(name, type, default) of each option, for ``peftkit list --verbose``."""
     from ..typing_utils import type_name
@@ -264,12 +350,15 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 __all__ = [
+    "TUNED_SETTINGS",
+    "DefaultsTrial",
     "NoOptions",
     "ParamGroup",
     "Strategy",
     "TaskSpec",
     "TrainingDefaults",
     "check_tensors_match",
+    "default_point",
     "option_help",
     "options_from_dict",
     "options_to_dict",

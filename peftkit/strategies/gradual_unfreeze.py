@@ -16,7 +16,7 @@ before its gradients reach, and disturb, the pretrained layers below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
@@ -98,6 +98,16 @@ class GradualUnfreeze(Strategy):
     # fine-tune's (on the embedded default, seed 0: 2e-4 0.804, 6e-4 0.827, 1e-3 0.831). Two epochs:
     # the first mostly spent unfreezing (8 groups every 40 steps on MiniLM), the second training all.
     defaults = TrainingDefaults(lr=1e-3, epochs=2, batch_size=32)
+
+    @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The training settings, plus how often a group unfreezes (every 10..80 steps, or once per
+        epoch: null), the decay between groups (1 = one rate, up to ULMFiT's 2.6 and a little
+        beyond: the README's three-seed table suggests below 2.6 on short runs) and the schedule."""
+        return {**cls.training_space(trial, defaults),
+                "unfreeze_every_steps": trial.suggest_categorical("unfreeze_every_steps", [10, 20, 40, 80, None]),
+                "lr_decay": trial.suggest_float("lr_decay", 1.0, 3.0),
+                "schedule": trial.suggest_categorical("schedule", ["linear", "slanted_triangular"])}
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model  # the result already is a complete transformers model

@@ -17,7 +17,7 @@ from the input embeddings and trained alone on the frozen model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
@@ -134,6 +134,14 @@ class HeadOnly(Strategy):
     Options = HeadOnlyOptions
     # A linear head on fixed features is a convex problem: a large step and many (cheap) epochs.
     defaults = TrainingDefaults(lr=3e-3, epochs=20, batch_size=32, weight_decay=0.0)
+
+    @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The training settings, plus pooling (mean, cls, last: every model has them; ``pooler``
+        only some, so it is left to ``--set``) and the head's dropout."""
+        return {**cls.training_space(trial, defaults),
+                "pooling": trial.suggest_categorical("pooling", ["mean", "cls", "last"]),
+                "dropout": trial.suggest_float("dropout", 0.0, 0.3)}
     supports_quantized_base = True  # the backbone only computes features
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:

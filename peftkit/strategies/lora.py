@@ -75,6 +75,15 @@ class Lora(PeftStrategy):
     peft_type = "LORA"
 
     @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The training settings, plus rank 4..32 and alpha 8..64 (powers of two: capacity and
+        scale move by factors, and alpha/r from 1/4 to 16 covers the ratios in use) and dropout."""
+        return {**cls.training_space(trial, defaults),
+                "r": trial.suggest_categorical("r", [4, 8, 16, 32]),
+                "alpha": trial.suggest_categorical("alpha", [8, 16, 32, 64]),
+                "dropout": trial.suggest_float("dropout", 0.0, 0.2)}
+
+    @classmethod
     def options_from_peft_config(cls, config: dict[str, Any]) -> LoraOptions:
         targets = config.get("target_modules")
         return LoraOptions(r=int(config["r"]), alpha=float(config["lora_alpha"]),

@@ -302,6 +302,13 @@ class PrefixTuning(Strategy):
     Options = PrefixOptions
     # prefixes start random and only steer attention: they need a large step
     defaults = TrainingDefaults(lr=1e-2, epochs=1, batch_size=32, weight_decay=0.0)
+
+    @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The training settings, plus 5..40 virtual tokens (log scale: 5 or 10 differ more than 35
+        or 40). The projection stays off: it multiplies what trains and the time per step."""
+        return {**cls.training_space(trial, defaults),
+                "num_virtual_tokens": trial.suggest_int("num_virtual_tokens", 5, 40, log=True)}
     supports_quantized_base = True  # the base stays frozen; only the prefixes and the head train
     #: a plain peft adapter directory is matched to this strategy by peft's ``peft_type``
     peft_type = "PREFIX_TUNING"

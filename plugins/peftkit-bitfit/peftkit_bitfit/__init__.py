@@ -16,6 +16,12 @@ class BitFit(Strategy):
     # biases are few and start pretrained: a large step, like the other parameter-efficient methods
     defaults = TrainingDefaults(lr=1e-3, epochs=1, batch_size=32)
 
+    @classmethod
+    def search_space(cls, trial, defaults):
+        """``peftkit tune``'s space: the shared training settings, with the learning rate over
+        1e-4..1e-2 (the paper searched 1e-4..1e-3 on BERT; biases of a small model take larger steps)."""
+        return cls.training_space(trial, defaults, lr_range=(1e-4, 1e-2))
+
     def prepare(self, model, task):
         head = set(task.heads(model))
         for name, param in model.named_parameters():

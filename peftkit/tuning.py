@@ -1,0 +1,628 @@
+"""``peftkit tune``: a strategy's hyper-parameters searched with Optuna, selected on validation only.
+
+The parent process holds the study (TPE sampler, seeded; a pruner) and asks it for each trial's
+settings through the strategy's own search space (``Strategy.search_space``); each trial trains in
+a worker process of its own (``peftkit.tune_worker``, started and stopped like a bench's), so a
+crash or an out-of-memory is a failed trial, not the end. After each epoch's validation the worker
+sends the tuned metric up a pipe; the parent reports it to the study and answers ``go`` or
+``prune``. A trial's objective is its best epoch's validation value. Trial 0 of every study is the
+strategy's defaults, and it is never pruned, so the tuned result is never worse on validation.
+
+The study lives in a storage (an SQLite file ``study.db`` in the output directory by default, or
+any database URL SQLAlchemy takes) that is written as trials finish: it is what a second ``tune``
+into the same directory (or storage and study name) continues, and what several processes share.
+It therefore cannot be staged like a run directory; the reports (best.yaml, trials.csv / .json,
+plots, best-run/) are made in a staging folder and moved in when a tune ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .config import RunConfig
+from .errors import PeftkitError, first_line
+from .files import private_dir, write_json
+from .strategies.base import TUNED_SETTINGS, Strategy, default_point, options_from_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+Echo = Callable[[str], None]
+
+PRUNERS = ("median", "hyperband", "none")
+STUDY_FILE = "study.db"
+MARKER = "tune.json"
+# metrics where lower is better, when one other than the task's own selection metric is tuned
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae")
+
+
+@dataclass
+class TuneConfig:
+    """What ``peftkit tune`` was asked to do. ``run`` holds the settings every trial shares (a
+    ``RunConfig``: strategy, data, model, lengths, seed, ...); the run settings and strategy options
+    it sets (``lr``, ``epochs``, ``--set``) are fixed, never searched."""
+
+    run: RunConfig
+    trials: int = 20
+    """How many trials the study should hold when this tune ends (those already there count)."""
+    timeout: str | float | None = None
+    """Start no trial after this long: seconds, or a duration such as 90s, 30m, 2h, 1h30m."""
+    storage: str | None = None
+    """An SQLAlchemy database URL (default: sqlite:///OUTPUT_DIR/study.db)."""
+    study_name: str | None = None
+    """Default: tune-<strategy>."""
+    metric: str | None = None
+    """The validation metric to optimise (default: the task's selection metric)."""
+    pruner: Any = "median"
+    """median, hyperband, none, or (from Python) any ``optuna.pruners.BasePruner``."""
+    space: dict[str, list[Any]] = field(default_factory=dict)
+    """Replace a searched setting's range by these values (``--space r=4,8,16``)."""
+    output_dir: str | None = None
+    """Default: runs/tune-<strategy>-<timestamp>."""
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise ``PeftkitError`` for settings no tune could use."""
+        self.run.validate()
+        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
+            raise PeftkitError(f"--trials must be a positive integer, got {self.trials!r}")
+        if self.timeout is not None:
+            parse_duration(self.timeout)
+        if isinstance(self.pruner, str) and self.pruner not in PRUNERS:
+            raise PeftkitError(f"unknown pruner {self.pruner!r}; accepted: {', '.join(PRUNERS)}")
+
+
+@dataclass
+class TunePlan:
+    """A tune, checked and resolved: what every trial shares and how the study is searched."""
+
+    config: TuneConfig
+    strategy: type[Strategy]
+    base: RunConfig  # task, model, dataset, columns and length resolved
+    fixed: dict[str, Any]  # settings and options the user set: not searched
+    metric: str
+    direction: str  # maximize or minimize
+    output_dir: str
+    storage: str
+    study_name: str
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a study was made for: another tune is refused on it."""
+        b = self.base
+        return {"strategy": self.strategy.name, "task": b.task, "model": b.model, "dataset": b.dataset,
+                "metric": self.metric}
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """``90s``, ``30m``, ``2h``, ``1h30m``, ``1d`` or plain seconds -> seconds (positive)."""
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise PeftkitError(f"--timeout {value!r} is not a duration; give e.g. 90s, 30m, 2h or 1h30m") from None
+        seconds = sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
+    if not seconds > 0:
+        raise PeftkitError(f"--timeout must be positive, got {value!r}; give e.g. 90s, 30m, 2h or 1h30m")
+    return seconds
+
+
+def parse_space(items: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
+    """``["r=4,8,16", "lr=1e-4,1e-3"]`` -> ``{"r": [4, 8, 16], "lr": [0.0001, 0.001]}`` (values as YAML
+    scalars)."""
+    from .typing_utils import parse_scalar
+
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        choices = [parse_scalar(v.strip()) for v in values.split(",") if v.strip()]
+        if not sep or not name.strip() or not choices:
+            raise PeftkitError(f"--space expects NAME=VALUE,VALUE,..., got {item!r}")
+        out[name.strip().replace("-", "_")] = choices
+    return out
+
+
+def metric_direction(task: Any, metric: str) -> str:
+    """``maximize`` or ``minimize``: the task's selection metric goes the way its ``score`` does
+    (losses are negated there); other metrics by name."""
+    if metric == task.selection_metric:
+        return "maximize" if task.score({metric: 1.0}) > task.score({metric: 0.0}) else "minimize"
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def check_metric(task: Any, metric: str | None) -> str:
+    """The metric to tune: ``metric``, or the task's selection metric; one the task does not
+    report is refused with those it does."""
+    known = list(dict.fromkeys((task.selection_metric, *task.headline_metrics, "loss")))
+    if metric is None:
+        return task.selection_metric
+    if metric not in known:
+        raise PeftkitError(f"--metric {metric!r} is not a metric of task {task.name!r}; accepted: {', '.join(known)}")
+    return metric
+
+
+def fixed_settings(run: RunConfig) -> dict[str, Any]:
+    """The settings a search space could suggest that the user set: run settings and options."""
+    fixed = {k: getattr(run, k) for k in TUNED_SETTINGS if getattr(run, k) is not None}
+    return {**fixed, **run.strategy_options}
+
+
+def check_space(strategy: type[Strategy], fixed: dict[str, Any], space: dict[str, list[Any]]) -> None:
+    """Refuse a ``--space`` name the strategy does not search, one also fixed, and values its
+    options or the run settings would refuse."""
+    searched = [k for k in default_point(strategy, overrides=fixed) if k not in fixed]
+    for name, choices in space.items():
+        if name in fixed:
+            raise PeftkitError(f"--space {name} and a fixed {name} ({fixed[name]!r}) were both given; drop one")
+        if name not in searched:
+            raise PeftkitError(f"--space {name!r}: strategy {strategy.name!r} does not search it; it searches: "
+                               f"{', '.join(searched)} (fix any option with --set)")
+        for value in choices:
+            if name in TUNED_SETTINGS:
+                RunConfig(**{name: value}).validate()
+            else:
+                options_from_dict(strategy, {name: value})
+
+
+# -- the study ----------------------------------------------------------------------------------
+
+def masked(url: str) -> str:
+    """A storage URL with its password hidden, for messages and files."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: shown as given (it holds no password then)
+        return url
+
+
+def open_storage(url: str) -> Any:
+    """An optuna ``RDBStorage`` on ``url``; a URL that is malformed, names a missing driver or
+    cannot be reached is one line."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's and the drivers' errors differ: one line each
+        raise PeftkitError(f"cannot open storage {masked(url)!r}: {first_line(exc)}; give an SQLAlchemy "
+                           "database URL such as sqlite:///study.db or postgresql://user@host/db") from None
+
+
+def make_pruner(pruner: Any) -> Any:
+    """The optuna pruner ``pruner`` names (an object is used as it is)."""
+    import optuna
+
+    if not isinstance(pruner, str):
+        return pruner
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+            "none": optuna.pruners.NopPruner}[pruner]()
+
+
+def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
+    """Load the plan's study, or create it with trial 0 (the defaults) queued. A study made for
+    another strategy, task, model, dataset or metric is refused unless ``overwrite`` (then it is
+    deleted and made afresh)."""
+    import optuna
+
+    name = plan.study_name
+    exists = name in optuna.get_all_study_names(storage)
+    if exists:
+        made_for = optuna.load_study(study_name=name, storage=storage).user_attrs.get("peftkit")
+        if made_for != plan.identity and not plan.config.overwrite:
+            raise PeftkitError(f"study {name!r} in {masked(plan.storage)} was made for {_describe(made_for)}, not "
+                               f"{_describe(plan.identity)}; choose another --study-name or --output-dir, or "
+                               "--overwrite to start it afresh")
+        if made_for != plan.identity:
+            optuna.delete_study(study_name=name, storage=storage)
+            exists = False
+    trials_done = 0 if not exists else len(optuna.load_study(study_name=name, storage=storage).trials)
+    # seeded, and different for each process joining the study at another point; constant_liar
+    # keeps processes that run at the same time from trying the same point
+    sampler = optuna.samplers.TPESampler(seed=plan.base.seed * 100_003 + trials_done, constant_liar=True)
+    study = optuna.create_study(storage=storage, study_name=name, direction=plan.direction, sampler=sampler,
+                                pruner=make_pruner(plan.config.pruner), load_if_exists=True)
+    if not study.user_attrs.get("peftkit"):
+        study.set_user_attr("peftkit", plan.identity)
+        study.set_user_attr("settings", plan.base.to_dict())
+    if not study.trials:
+        study.enqueue_trial(trial_zero(plan), user_attrs={"defaults": True}, skip_if_exists=True)
+        echo(f"tune: new study {name!r} in {masked(plan.storage)}; trial 0 is the defaults of {plan.strategy.name}")
+    else:
+        echo(f"tune: continuing study {name!r} ({len(study.trials)} trials so far) in {masked(plan.storage)}")
+    return study
+
+
+def _describe(identity: dict[str, Any] | None) -> str:
+    if not identity:
+        return "something other than peftkit tune"
+    return ", ".join(f"{k} {v}" for k, v in identity.items())
+
+
+def trial_zero(plan: TunePlan) -> dict[str, Any]:
+    """The strategy's defaults as the study's parameters (the fixed settings are not parameters;
+    where ``--space`` leaves a default out, its first value)."""
+    point = default_point(plan.strategy, overrides=plan.fixed)
+    space = plan.config.space
+    return {k: (v if k not in space or v in space[k] else space[k][0]) for k, v in point.items()
+            if k not in plan.fixed}
+
+
+class SearchTrial:
+    """The optuna trial as a search space sees it: the user's fixed settings answer without being
+    searched, and ``--space`` replaces a setting's range by its values."""
+
+    def __init__(self, trial: Any, fixed: dict[str, Any], space: dict[str, list[Any]]) -> None:
+        self.trial, self.fixed, self.space = trial, fixed, space
+
+    def _pick(self, name: str, suggest: Callable[[], Any]) -> Any:
+        if name in self.fixed:
+            return self.fixed[name]
+        if name in self.space:
+            return self.trial.suggest_categorical(name, self.space[name])
+        return suggest()
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        return self._pick(name, lambda: self.trial.suggest_float(name, low, high, step=step, log=log))
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        return self._pick(name, lambda: self.trial.suggest_int(name, low, high, step=step, log=log))
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self._pick(name, lambda: self.trial.suggest_categorical(name, choices))
+
+
+def trial_config(plan: TunePlan, values: dict[str, Any], workdir: str) -> RunConfig:
+    """The run of one trial: the shared settings with the trial's values (run settings and
+    options apart)."""
+    settings = {k: v for k, v in values.items() if k in TUNED_SETTINGS}
+    options = {**plan.base.strategy_options, **{k: v for k, v in values.items() if k not in TUNED_SETTINGS}}
+    cfg = dataclasses.replace(plan.base, **settings, strategy_options=options, output_dir=workdir, overwrite=False)
+    cfg.validate()
+    return cfg
+
+
+# -- one trial, in its own process ----------------------------------------------------------------
+
+@dataclass
+class TrialOutcome:
+    """How a trial ended: ``ok`` (value: its best epoch's), ``pruned``, ``failed``, ``oom`` or
+    ``refused`` (with ``error``), and the values reported after each epoch."""
+
+    status: str
+    value: float | None = None
+    epochs: list[float] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def run_trial(trial: Any, cfg: RunConfig, plan: TunePlan, prunable: bool) -> TrialOutcome:
+    """Train ``cfg`` in a worker process, reporting each epoch's value to ``trial`` and pruning
+    it when the study's pruner says so (never ``prunable=False`` trials, nor after the last epoch,
+    when the trial is complete anyway). Ctrl-C stops the worker and re-raises."""
+    from .benchmark import stop_worker
+
+    workdir = cfg.output_dir
+    os.makedirs(workdir, exist_ok=True)
+    last_epoch = cfg.epochs or plan.strategy.defaults.epochs
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peftkit-tune-") as tmp, \
+            open(os.path.join(workdir, "worker.log"), "a", encoding="utf-8") as log:
+        proc, events, verdicts, result_path = _start_worker(cfg, plan, workdir, tmp, log)
+        values: list[float] = []
+        try:
+            for line in events:
+                epoch, value = (lambda e: (e["epoch"], float(e["value"])))(json.loads(line))
+                values.append(value)
+                trial.report(value, step=epoch)
+                prune = prunable and epoch < last_epoch and trial.should_prune()
+                verdicts.write("prune\n" if prune else "go\n")
+                verdicts.flush()
+            proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM: the worker goes too, before the study is told
+            stop_worker(proc)
+            raise
+        finally:
+            events.close()
+            with contextlib.suppress(OSError):
+                verdicts.close()
+        report = _read_report(result_path, proc.returncode, workdir)
+    return _outcome(report, values, plan.direction, time.perf_counter() - start)
+
+
+def _start_worker(cfg: RunConfig, plan: TunePlan, workdir: str, tmp: str, log: Any) -> tuple[Any, Any, Any, str]:
+    """Start ``peftkit.tune_worker`` on ``cfg`` in a session of its own (a Ctrl-C at the terminal
+    reaches only us: we stop it), its output into the trial's ``worker.log``, with two pipes."""
+    ev_read, ev_write = os.pipe()
+    vd_read, vd_write = os.pipe()
+    spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+    write_json(spec_path, {"config": cfg.to_dict(), "workdir": workdir, "result_path": result_path,
+                           "metric": plan.metric, "events_fd": ev_write, "verdicts_fd": vd_read}, indent=None)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "peftkit.tune_worker", spec_path], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, pass_fds=(ev_write, vd_read), start_new_session=True)
+    finally:
+        os.close(ev_write)
+        os.close(vd_read)
+    return proc, os.fdopen(ev_read, "r"), os.fdopen(vd_write, "w"), result_path
+
+
+def _read_report(result_path: str, code: int, workdir: str) -> dict[str, Any]:
+    if os.path.exists(result_path):
+        with open(result_path, encoding="utf-8") as fh:
+            return json.load(fh)
+    why = (f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
+           if code < 0 else f"exited with status {code}")
+    return {"status": "failed", "error": f"worker process {why} before reporting; see {workdir}/worker.log"}
+
+
+def _outcome(report: dict[str, Any], values: list[float], direction: str, seconds: float) -> TrialOutcome:
+    status = report["status"]
+    if status == "ok" and not values:
+        status, report["error"] = "failed", "the trial reported no validation"
+    best = (max if direction == "maximize" else min)(values) if values else None
+    return TrialOutcome(status, best if status == "ok" else None, values, report.get("error"), seconds)
+
+
+# -- the search ---------------------------------------------------------------------------------
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count toward ``--trials``: finished ones (complete, pruned, failed), but not
+    those an interruption ended (they did not run their course)."""
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("interrupted"))
+
+
+def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
+    """Run trials until the study counts ``trials`` of them or the timeout passes; a line per
+    trial. Returns how many this call ran. Ctrl-C marks the running trial failed (``interrupted``)
+    and raises ``RunInterrupted`` saying how to continue."""
+    from optuna.trial import TrialState
+
+    from .errors import RunInterrupted
+
+    cfg = plan.config
+    deadline = time.monotonic() + parse_duration(cfg.timeout) if cfg.timeout is not None else None
+    ran: list[float] = []
+    while counted(study) < cfg.trials and (deadline is None or time.monotonic() < deadline):
+        trial = study.ask()
+        try:
+            values = plan.strategy.search_space(SearchTrial(trial, plan.fixed, cfg.space), plan.strategy.defaults)
+            run_cfg = trial_config(plan, values, os.path.join(plan.output_dir, "trials", f"{trial.number:04d}"))
+            outcome = run_trial(trial, run_cfg, plan, prunable=not trial.user_attrs.get("defaults"))
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+            raise RunInterrupted(f"trial {trial.number} was stopped and marked failed; the study keeps "
+                                 f"{counted(study)} finished trial(s) in {masked(plan.storage)}: run the same "
+                                 "peftkit tune command again to continue it") from None
+        _tell(study, trial, outcome)
+        ran.append(outcome.seconds)
+        echo(progress_line(study, plan, trial.number, values, outcome, ran, deadline))
+        if outcome.status == "refused":
+            raise PeftkitError(outcome.error or "the trial was refused")
+    return len(ran)
+
+
+def _tell(study: optuna.Study, trial: Any, outcome: TrialOutcome) -> None:
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("seconds", round(outcome.seconds, 2))
+    if outcome.status == "ok":
+        study.tell(trial, outcome.value)
+        return
+    if outcome.error:
+        trial.set_user_attr("error", f"{outcome.status}: {outcome.error}")
+    study.tell(trial, state=TrialState.PRUNED if outcome.status == "pruned" else TrialState.FAIL)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def progress_line(study: optuna.Study, plan: TunePlan, number: int, values: dict[str, Any], outcome: TrialOutcome,
+                  ran: list[float], deadline: float | None) -> str:
+    """``trial 3/10 (#2): lr=0.0012, r=8 -> validation accuracy 0.8125 (best 0.8200, #0); 12 s, about 1m24s left``."""
+    from .benchmark import _minutes
+
+    done = counted(study)
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items() if k not in plan.fixed)
+    if outcome.status == "ok":
+        result = f"validation {plan.metric} {outcome.value:.4f}"
+    elif outcome.status == "pruned":
+        result = f"pruned after epoch {len(outcome.epochs)} (validation {plan.metric} {outcome.epochs[-1]:.4f})"
+    else:
+        result = f"{outcome.status}: {outcome.error}"
+    try:
+        best = f"best {study.best_value:.4f}, #{study.best_trial.number}"
+    except ValueError:  # no complete trial yet
+        best = "no complete trial yet"
+    left = max(0, plan.config.trials - done) * (sum(ran) / len(ran))
+    if deadline is not None:
+        left = min(left, max(0.0, deadline - time.monotonic()))
+    return (f"trial {done}/{plan.config.trials} (#{number}): {shown or 'defaults'} -> {result} ({best}); "
+            f"{_minutes(outcome.seconds)}, about {_minutes(left)} left")
+
+
+# -- the output directory -------------------------------------------------------------------------
+
+def prepare_output(plan: TunePlan) -> None:
+    """Make (or find) the output directory. One that holds another tune's study, or anything but a
+    tune, is refused unless ``overwrite`` (then it is emptied: its study and reports go)."""
+    from .rundir import check_output_dir
+
+    out, overwrite = plan.output_dir, plan.config.overwrite
+    marker = os.path.join(out, MARKER)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if not os.path.exists(marker):
+            raise PeftkitError(f"output directory {out!r} exists and holds no peftkit tune ({MARKER}); use "
+                               "--overwrite to replace it or choose another --output-dir")
+        with open(marker, encoding="utf-8") as fh:
+            recorded = json.load(fh)
+        if recorded.get("study_name") != plan.study_name or recorded.get("storage") != masked(plan.storage):
+            raise PeftkitError(f"output directory {out!r} holds the tune of study {recorded.get('study_name')!r} in "
+                               f"{recorded.get('storage')}, not {plan.study_name!r} in {masked(plan.storage)}; "
+                               "give the same --storage and --study-name to continue it, another --output-dir, "
+                               "or --overwrite")
+        return
+    check_output_dir(out, overwrite=True)
+    if os.path.isdir(out) and overwrite:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    write_json(marker, {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity})
+
+
+@contextlib.contextmanager
+def staged_reports(out: str) -> Any:
+    """A staging folder in ``out`` for this tune's reports, moved into ``out`` when done (each file
+    replaced whole; best-run/ swapped), removed if the tune stops first."""
+    stage = private_dir(".reports.partial-", out)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    from .files import publish_modes
+
+    publish_modes(stage)
+    for name in sorted(os.listdir(stage)):
+        source, target = os.path.join(stage, name), os.path.join(out, name)
+        if os.path.isdir(source) and os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out)
+            os.rename(target, os.path.join(old, name))
+            os.rename(source, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, target)
+    os.rmdir(stage)
+
+
+def best_config(plan: TunePlan, study: optuna.Study) -> RunConfig:
+    """The best trial's run settings, every default resolved, ready for ``peftkit run``."""
+    best = study.best_trial
+    values = plan.strategy.search_space(_Replay(best.params, plan.fixed), plan.strategy.defaults)
+    cfg = trial_config(plan, values, "unused")
+    cfg.output_dir = None
+    return cfg
+
+
+class _Replay(SearchTrial):
+    """A finished trial's parameters answered again (fixed settings as before)."""
+
+    def __init__(self, params: dict[str, Any], fixed: dict[str, Any]) -> None:
+        super().__init__(None, fixed, {})
+        self.params = params
+
+    def _pick(self, name: str, suggest: Callable[[], Any]) -> Any:
+        return self.fixed[name] if name in self.fixed else self.params[name]
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial as plain data: number, state, value, parameters, each epoch's value, time, error."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                     "defaults": bool(t.user_attrs.get("defaults")), "params": dict(t.params),
+                     "epochs": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                     "seconds": t.user_attrs.get("seconds"), "error": t.user_attrs.get("error"),
+                     "interrupted": bool(t.user_attrs.get("interrupted"))})
+    return rows
+
+
+def write_reports(stage: str, plan: TunePlan, study: optuna.Study, best: RunConfig, best_run: dict[str, Any]) -> list[str]:
+    """best.yaml, trials.json, trials.csv and the plots into ``stage``; returns the plots' names."""
+    rows = trial_rows(study)
+    summary = {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity,
+               "direction": plan.direction, "trials": len(rows), "counted": counted(study),
+               "best_trial": study.best_trial.number, "best_value": study.best_value,
+               "best_params": study.best_trial.params, "best_run": best_run, "rows": rows}
+    write_json(os.path.join(stage, "trials.json"), summary)
+    _write_csv(os.path.join(stage, "trials.csv"), rows)
+    _write_best_yaml(os.path.join(stage, "best.yaml"), plan, study, best)
+    return write_plots(study, stage)
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    params = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["number", "state", "value", "defaults", "seconds", "epochs", *params, "error"])
+        for r in rows:
+            writer.writerow([r["number"], r["state"], r["value"], r["defaults"], r["seconds"],
+                             json.dumps(r["epochs"]), *(r["params"].get(p, "") for p in params), r["error"] or ""])
+
+
+def _write_best_yaml(path: str, plan: TunePlan, study: optuna.Study, best: RunConfig) -> None:
+    import yaml
+
+    values = {k: v for k, v in best.to_dict().items() if k not in ("output_dir", "overwrite")}
+    header = (f"# peftkit tune: the best of {len(study.trials)} trial(s) of study {plan.study_name!r}: trial "
+              f"#{study.best_trial.number}, validation {plan.metric} {study.best_value:.6g}\n"
+              "# reproduce it: peftkit run --config best.yaml [--output-dir DIR]\n")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(header)
+        yaml.safe_dump(values, fh, sort_keys=False)
+
+
+def write_plots(study: optuna.Study, stage: str) -> list[str]:
+    """optimization_history.png, and param_importances.png when at least two parameters vary over
+    at least three complete trials (importance needs some spread to mean anything)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none assumed
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    written = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = {k for t in complete for k in t.params}
+    plots = [("optimization_history.png", ovm.plot_optimization_history)]
+    if len(names) >= 2 and len(complete) >= 3:
+        plots.append(("param_importances.png", ovm.plot_param_importances))
+    for name, plot in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for its matplotlib plots
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. every value equal: no importance
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.tight_layout()
+        fig.savefig(os.path.join(stage, name), dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+__all__ = ["PRUNERS", "TunePlan", "SearchTrial", "TuneConfig", "best_config", "check_metric", "check_space",
+           "counted", "fixed_settings", "metric_direction", "open_storage", "open_study", "optimize",
+           "parse_duration", "parse_space", "prepare_output", "run_trial", "staged_reports", "trial_zero",
+           "write_reports"]

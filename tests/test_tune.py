@@ -1,0 +1,197 @@
+"""``peftkit tune``: search spaces (no training), then one small study on a tiny BERT that is
+continued (resume, pruning) and shared by two processes, and the refusals of bad input.
+
+The study's trials are head_only on a tiny random-weight BERT (two epochs of 64 examples, 8 a
+batch): its validation accuracy moves with the settings, so reproducing the best one means
+something. Each trial is a process of its own, which is most of the time these take."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from peftkit import registry
+from peftkit.config import RunConfig
+from peftkit.strategies.base import TUNED_SETTINGS, default_point, options_from_dict, options_to_dict
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _bitfit_from_repo() -> type:
+    """The BitFit class of this repository's plugin (an installed copy may be another checkout's)."""
+    path = REPO / "plugins" / "peftkit-bitfit" / "peftkit_bitfit" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("peftkit_bitfit_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BitFit
+
+
+def _strategies() -> dict[str, type]:
+    found = {n: c for n, c in registry.available().items() if n != "bitfit"}
+    found["bitfit"] = _bitfit_from_repo()
+    return found
+
+
+@pytest.mark.parametrize("name", ["full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefix", "bitfit"])
+def test_search_space_suggests_only_valid_settings(name: str) -> None:
+    cls = _strategies()[name]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: dict[str, set] = {}
+    for _ in range(40):
+        trial = study.ask()
+        values = cls.search_space(trial, cls.defaults)
+        assert set(values) == set(trial.params)  # every value is a searched parameter, by its own name
+        settings = {k: v for k, v in values.items() if k in TUNED_SETTINGS}
+        RunConfig(strategy=name, **settings).validate()
+        options_from_dict(cls, {k: v for k, v in values.items() if k not in TUNED_SETTINGS})
+        for k, v in values.items():
+            seen.setdefault(k, set()).add(v)
+        study.tell(trial, 0.0)
+    assert {"lr", "epochs", "warmup_ratio", "weight_decay"} <= set(seen)
+    assert len(seen["lr"]) > 30  # searched, not fixed
+    low, high = min(seen["lr"]), max(seen["lr"])
+    assert cls.defaults.lr / 10 * 0.999 <= low < cls.defaults.lr < high <= cls.defaults.lr * 10 * 1.001 \
+        or name == "bitfit"
+    own = {"lora": {"r", "alpha"}, "adapter": {"reduction_factor", "variant"}, "prefix": {"num_virtual_tokens"},
+           "gradual_unfreeze": {"unfreeze_every_steps", "lr_decay"}, "head_only": {"pooling"}}.get(name, set())
+    assert own <= set(seen), f"{name} searches {sorted(seen)}"
+    if name == "bitfit":
+        assert 1e-4 <= low and high <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["head_only", "lora", "adapter", "gradual_unfreeze", "prefix", "bitfit"])
+def test_trial_zero_is_the_defaults(name: str) -> None:
+    cls = _strategies()[name]
+    point = default_point(cls)
+    defaults = {**{k: getattr(cls.defaults, k) for k in TUNED_SETTINGS}, **options_to_dict(cls.Options())}
+    assert point == {k: defaults[k] for k in point}
+    # enqueued as trial 0, a study hands exactly these back through the strategy's space
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    assert cls.search_space(study.ask(), cls.defaults) == point
+    fixed = default_point(cls, overrides={"lr": 0.5})  # a setting the user fixed answers as given
+    assert fixed["lr"] == 0.5
+
+
+# -- one study, used in turn by the tests below ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study_dir(tiny_model_dir, tiny_csv, tmp_path_factory) -> dict:
+    from peftkit.cli import main
+
+    out = tmp_path_factory.mktemp("tune") / "out"
+    common = ["--strategy", "head_only", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+              "--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "2", "--batch-size", "8",
+              "--max-length", "16", "--output-dir", str(out)]
+    with pytest.raises(SystemExit) as ended:
+        main(["tune", *common, "--trials", "3", "--pruner", "none"])
+    assert ended.value.code == 0
+    return {"out": out, "common": common}
+
+
+def _trials(out: pathlib.Path) -> dict:
+    return json.loads((out / "trials.json").read_text())
+
+
+def test_tune_writes_its_reports(study_dir: dict) -> None:
+    out = study_dir["out"]
+    for name in ("study.db", "best.yaml", "trials.csv", "trials.json", "optimization_history.png",
+                 "param_importances.png", "best-run/metrics.json", "trials/0000/train.log"):
+        assert (out / name).exists(), name
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no staging left behind
+    summary = _trials(out)
+    rows = summary["rows"]
+    assert [r["number"] for r in rows] == [0, 1, 2] and all(r["state"] == "complete" for r in rows)
+    assert rows[0]["defaults"] and rows[0]["params"]["lr"] == 3e-3 and rows[0]["params"]["pooling"] == "mean"
+    assert "epochs" not in rows[0]["params"]  # --epochs fixed it
+    assert summary["best_value"] == max(r["value"] for r in rows)
+    assert summary["best_run"]["test"]  # test evaluated once, for the best configuration only
+    assert not (out / "trials" / "0000" / "metrics.json").exists()
+    csv_lines = (out / "trials.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and "pooling" in csv_lines[0]
+
+
+def test_best_yaml_reproduces_the_best_trial(study_dir: dict, run_cli, tmp_path) -> None:
+    out = study_dir["out"]
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    summary = _trials(out)
+    assert best["strategy"] == "head_only" and best["epochs"] == 2
+    assert best["lr"] == pytest.approx(summary["best_params"]["lr"])
+    code, _, err = run_cli("run", "--config", str(out / "best.yaml"), "--output-dir", str(tmp_path / "again"))
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["validation_accuracy"] == summary["best_value"]
+    assert again["validation_accuracy"] == summary["best_run"]["validation"]["accuracy"]
+
+
+class _PruneAll(optuna.pruners.BasePruner):
+    """Prunes whatever it is asked about: the tune must still never prune trial 0 (the defaults)."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_resume_continues_the_study_and_prunes(study_dir: dict, tiny_model_dir, tiny_csv) -> None:
+    import peftkit
+    from peftkit.tuning import TuneConfig
+
+    out = study_dir["out"]
+    run = RunConfig(strategy="head_only", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=64,
+                    max_eval_samples=32, epochs=2, batch_size=8, max_length=16)
+    lines: list[str] = []
+    result = peftkit.tune(TuneConfig(run=run, trials=4, pruner=_PruneAll(), output_dir=str(out)), echo=lines.append)
+    assert result.trials == 4 and result.ran == 1  # the three before count toward --trials
+    assert any("continuing study 'tune-head_only' (3 trials so far)" in line for line in lines)
+    rows = _trials(out)["rows"]
+    assert rows[3]["state"] == "pruned" and list(rows[3]["epochs"]) == ["1"]
+    assert any("pruned after epoch 1" in line for line in lines)
+
+
+def test_two_processes_share_one_study(study_dir: dict) -> None:
+    out = study_dir["out"]
+    before = len(_trials(out)["rows"])
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-m", "peftkit", "tune", *study_dir["common"], "--trials",
+                               str(before + 2), "--pruner", "none"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert "trial " in err and "-> validation accuracy" in err  # each ran a trial of its own
+    rows = _trials(out)["rows"]
+    assert len(rows) >= before + 2 and [r["number"] for r in rows] == list(range(len(rows)))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--storage", "not-a-url"], "cannot open storage 'not-a-url'"),
+    (["--trials", "0"], "--trials must be a positive integer, got 0"),
+    (["--timeout", "soon"], "--timeout 'soon' is not a duration; give e.g. 90s, 30m, 2h"),
+    (["--metric", "bleu"], "--metric 'bleu' is not a metric of task 'sequence-classification'; accepted: accuracy"),
+    (["--space", "rank=4,8"], "--space 'rank': strategy 'head_only' does not search it; it searches: lr, epochs"),
+    (["--space", "pooling=mean,sideways"], "pooling"),
+    (["--strategy", "nosuch"], "unknown strategy 'nosuch'"),
+])
+def test_bad_input_is_one_line(extra: list[str], message: str, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli("tune", "--strategy", "head_only", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                           "--output-dir", str(out), *extra)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert lines == [err.strip().splitlines()[-1]] and lines[0].startswith("error: ") and message in lines[0], err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_study_made_for_another_strategy_is_refused(study_dir: dict, run_cli) -> None:
+    common = list(study_dir["common"])
+    common[common.index("head_only")] = "full"
+    code, _, err = run_cli("tune", *common, "--study-name", "tune-head_only", "--trials", "1")
+    assert code == 2 and "was made for strategy head_only" in err and "--overwrite" in err, err
