@@ -65,9 +65,17 @@ class ClassificationTask(Task):
                       data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
         """The test metrics and, per test example in the split's order, whether the predicted
         label is the true one (None where the batches carry no ``example_key`` to order them by)."""
+        if self._measures_its_own_way():
+            return Task.evaluate_test(self, strategy, model, loader, accelerator, after_batch, context, data)
         preds, labels, loss_sum, num_labels, keys = self._outputs(strategy, model, loader, accelerator, after_batch)
         metrics = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
         return metrics, in_split_order(keys.tolist(), (preds == labels).tolist()) if keys is not None else None
+
+    def _measures_its_own_way(self) -> bool:
+        """A subclass (a plugin's task, e.g. text regression) that overrides ``evaluate`` measures
+        something else than predicted labels: its ``evaluate`` is then the truth for the final and
+        detailed evaluations too, and no per-example correctness is claimed for it."""
+        return type(self).evaluate is not ClassificationTask.evaluate
 
     def _outputs(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None) -> tuple[Any, Any, float, int, Any]:
@@ -106,6 +114,8 @@ class ClassificationTask(Task):
         matrix (rows true, columns predicted), every label of the model counted, from one pass."""
         from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+        if self._measures_its_own_way():
+            return Task.evaluate_in_detail(self, strategy, model, loader, accelerator, after_batch, context, data)
         preds, labels, loss_sum, num_labels, _keys = self._outputs(strategy, model, loader, accelerator, after_batch)
         metrics = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
         ids = list(range(num_labels))
