@@ -785,13 +785,15 @@ def tuning_report(results: dict[str, Any]) -> list[str]:
         c = t["versus_default"].get(name)
         change = (f"{_points(u[q + '_mean'] - d[q + '_mean'])}" if d.get(q + "_mean") is not None
                   and u.get(q + "_mean") is not None else "-")
-        if c and c["verdict"] != "no per-example record":
+        if e.get("same_as_default"):
+            change = "0.0 (the same runs)"
+        elif c and c["verdict"] != "no per-example record":
             change += f" ([{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
         validation = " → ".join("-" if x is None else f"{x:.4f}" for x in (e["default_validation"], e["best_validation"]))
         lines.append(f"| `{name}` | {e['trials']} | {validation} | {test[0]} | {test[1]} | {change} |")
     return lines + ["", "Tuned settings (each study, its trials and best.yaml in tuning/STRATEGY/):", ""] + [
         f"- `{name}`: " + (_tuned_settings(e) if e["status"] == "ok" else f"none ({e['status']})")
-        for name, e in t["strategies"].items()] + [""]
+        for name, e in t["strategies"].items()]
 
 
 def _tuned_settings(entry: dict[str, Any]) -> str:

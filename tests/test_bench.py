@@ -525,7 +525,7 @@ def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp
     assert "| `lora` | 4 | 0.7000 → 0.9000 | 0.5000 ± 0.0000 (n=2) | 0.9000 ± 0.0000 (n=2) | +40.0 ([" in md
     assert "| `full` | failed: no trial of its study completed |" in md
     assert "- `lora`: trial #3: lr=0.0042, epochs=2, r=16" in md
-    assert "- `head_only`: the defaults won (trial #0)" in md
+    assert "- `head_only`: the defaults won (trial #0)" in md and "| 0.0 (the same runs) |" in md
     json.load(open(tmp_path / "results.json"))  # every field plain data
 
 
