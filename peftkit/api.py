@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -31,6 +32,7 @@ from .errors import PeftkitError, RunInterrupted, set_context
 from .evaluation import EvalConfig, EvalResult
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
+from .strategies.base import TUNED_SETTINGS
 from .tuning import STUDY_FILE, TuneConfig, TunePlan
 
 
@@ -242,10 +244,77 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     echo(f"bench: {len(config.strategies)} strategies x {len(config.seeds)} seed(s) on {config.model!r} / "
          f"{config.dataset!r}, each run in its own process; results in {out}")
     with staged_dir(out, overwrite) as stage:
-        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines)
+        # the studies go into the staging directory too: an interrupted bench leaves none behind
+        tuning = bench_tuning(config, stage, echo) if config.tune else None
+        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines, tuning=tuning)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
-            table = "".join(line for line in fh if line.startswith("|")).rstrip()
+            table = _first_table(fh.read())
     return BenchResult(out, results, table)
+
+
+def _first_table(markdown: str) -> str:
+    """The report's main table: its first run of ``|`` lines (a tuned report has a second)."""
+    lines = markdown.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[first:end])
+
+
+def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
+    """``bench --tune N``: a study of N trials (and at most ``tune_timeout`` each) for every
+    strategy, with the suite's data settings and its first seed, into ``stage``/tuning/STRATEGY
+    (the ``peftkit tune`` machinery: trial 0 the defaults, trials in workers, pruning). Returns
+    what results.json records under ``tuning``: per strategy its status, tuned settings, best
+    validation and the defaults' (trial 0's). A strategy that cannot run in the suite is not tuned."""
+    from .benchmark import not_applicable
+
+    start = time.perf_counter()
+    found: dict[str, dict[str, Any]] = {}
+    metric = None
+    for strategy in config.strategies:
+        why = not_applicable(config, strategy)
+        if why is not None:
+            found[strategy] = {"status": "not applicable", "error": why}
+            continue
+        metric, found[strategy] = _tune_one(config, strategy, stage, echo)
+    return {"trials": config.tune, "timeout": config.tune_timeout, "seed": config.seeds[0],
+            "metric": metric or "-", "seconds": time.perf_counter() - start, "strategies": found}
+
+
+def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tuple[str, dict[str, Any]]:
+    """One strategy's study (see ``bench_tuning``): its metric and what it found."""
+    from .tuning import best_config, open_storage, open_study, optimize, prepare_output, write_reports
+
+    def said(line: str) -> None:
+        echo(f"tuning {strategy}: {line.removeprefix('tune: ')}")
+
+    run = config.run_config(strategy, config.seeds[0], config.batch_size, "unused")
+    folder = os.path.join("tuning", strategy)
+    tc = TuneConfig(run=run, trials=config.tune or 1, timeout=config.tune_timeout,
+                    output_dir=os.path.join(stage, folder))
+    plan = plan_tune(tc, echo=lambda _line: None)  # the data's notes were said once already
+    prepare_output(plan)
+    study = open_study(plan, open_storage(plan.storage), said)
+    try:
+        optimize(study, plan, said)
+    except RunInterrupted:  # its advice (run tune again) does not hold: the bench and its studies go
+        raise KeyboardInterrupt from None
+    try:
+        best = best_config(plan, study)
+    except ValueError:  # no trial completed
+        return plan.metric, {"status": "failed", "error": f"no trial of its study completed; see {folder}/trials/"
+                                                          "*/worker.log"}
+    settings = {k: getattr(best, k) for k in TUNED_SETTINGS} | dict(best.strategy_options)
+    # the reports name the study where it ends up, not the staging directory it was made in
+    shown = dataclasses.replace(plan, storage=f"sqlite:///{folder}/{STUDY_FILE}")
+    write_reports(plan.output_dir, shown, study, best, {"bench_rows": f"runs/{strategy}-tuned-seedN"})
+    defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults")), None)
+    said(f"best trial #{study.best_trial.number}, validation {plan.metric} {study.best_value:.4f} "
+         f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'})")
+    return plan.metric, {"status": "ok", "error": None, "trials": len(study.trials),
+                         "best_trial": study.best_trial.number, "best_validation": study.best_value,
+                         "default_validation": defaults, "settings": settings,
+                         "same_as_default": bool(study.best_trial.user_attrs.get("defaults")), "dir": folder}
 
 
 def preflight_bench(config: BenchConfig) -> BenchConfig:
@@ -257,6 +326,10 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
     _, filled = with_task_defaults(config)
     config = dataclasses.replace(config, strategies=names, **filled)
     config.validate()
+    if config.tune_timeout is not None:
+        from .tuning import parse_duration
+
+        parse_duration(config.tune_timeout, flag="--tune-timeout")
     for name in config.strategies:
         config.run_config(name, config.seeds[0], config.batch_size, "unused")
     return config

@@ -71,6 +71,11 @@ class BenchConfig:
     output_dir: str | None = None
     """Where the results go (default: runs/bench-<timestamp>)."""
     command: str = ""
+    tune: int | None = None
+    """Tune every strategy first (``peftkit tune``, this many trials each, on validation) and run its
+    best configuration over the seeds beside its defaults."""
+    tune_timeout: str | None = None
+    """With ``tune``: start no trial of a strategy's study after this long (each gets the same)."""
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for settings no suite could use (each run's own are checked by
@@ -78,10 +83,19 @@ class BenchConfig:
         check_positive(self, ("batch_size", "eval_batch_size"))
         if self.auto_fit and not self.memory_budget:
             raise PeftkitError("--auto-fit needs --memory-budget SIZE: it fits each strategy into that budget")
+        if self.tune is not None and (not isinstance(self.tune, int) or isinstance(self.tune, bool) or self.tune < 1):
+            raise PeftkitError(f"--tune must be a positive number of trials per strategy, got {self.tune!r}")
+        if self.tune_timeout is not None and self.tune is None:
+            raise PeftkitError("--tune-timeout needs --tune N: it bounds each strategy's study of N trials")
 
     def run_config(self, strategy: str, seed: int, micro_batch: int, output_dir: str,
-                   levers: Levers | None = None) -> RunConfig:
-        """The ``RunConfig`` of one run at one micro-batch size (``levers`` replace the suite's)."""
+                   levers: Levers | None = None, settings: dict[str, Any] | None = None) -> RunConfig:
+        """The ``RunConfig`` of one run at one micro-batch size (``levers`` replace the suite's;
+        ``settings``: a tuned configuration's run settings (lr, epochs, ...) and strategy options)."""
+        from .strategies.base import TUNED_SETTINGS
+
+        tuned = {k: v for k, v in (settings or {}).items() if k in TUNED_SETTINGS}
+        options = {k: v for k, v in (settings or {}).items() if k not in TUNED_SETTINGS}
         cfg = RunConfig(
             strategy=strategy, task=self.task, model=self.model, dataset=self.dataset,
             text_column=self.text_column, label_column=self.label_column, response_column=self.response_column,
@@ -92,6 +106,7 @@ class BenchConfig:
             eval_batch_size=max(1, self.eval_batch_size * micro_batch // self.batch_size),
             early_stopping_patience=self.early_stopping_patience, memory_budget=self.memory_budget,
             seed=seed, output_dir=output_dir, levers=levers or self.levers)
+        cfg = dataclasses.replace(cfg, **tuned, strategy_options=options)
         cfg.validate()
         return cfg
 
@@ -257,13 +272,16 @@ def describe_levers(levers: Levers) -> str:
 
 
 def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: tuple[int, int],
-              runner: Runner, echo: Callable[[str], None], predict: Predictor | None = None) -> dict[str, Any]:
+              runner: Runner, echo: Callable[[str], None], predict: Predictor | None = None,
+              settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
     index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
-    except the very last one, which is always tried so that "does not fit" is measured."""
+    except the very last one, which is always tried so that "does not fit" is measured.
+    ``settings``: the strategy's tuned configuration (its runs and logs named ``<strategy>-tuned``)."""
     from .registry import get_strategy
 
-    run_dir = os.path.join(stage, "runs", f"{strategy}-seed{seed}")
+    named = f"{strategy}-tuned" if settings is not None else strategy
+    run_dir = os.path.join(stage, "runs", f"{named}-seed{seed}")
     tried: list[dict[str, Any]] = []
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
     cls = get_strategy(strategy)
@@ -283,8 +301,8 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
                           "predicted_peak_bytes": predicted,
                           "error": f"predicted {format_size(predicted)} > budget {format_size(budget)}"})
             continue
-        cfg = bench.run_config(strategy, seed, micro, run_dir, levers)
-        log_path = os.path.join(stage, "logs", f"{strategy}-seed{seed}-batch{micro}-rung{rung}.log")
+        cfg = bench.run_config(strategy, seed, micro, run_dir, levers, settings)
+        log_path = os.path.join(stage, "logs", f"{named}-seed{seed}-batch{micro}-rung{rung}.log")
         attempt = runner(cfg, log_path)
         tried.append({"batch_size": micro, "grad_accumulation": cfg.grad_accumulation,
                       "levers": describe_levers(levers), "outcome": attempt.status, "error": attempt.error,
@@ -311,6 +329,12 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
         row["error"] = _over_budget(bench.memory_budget, tried, named_levers=len(rungs) > 1)
     row["tried"] = tried
     return row
+
+
+def not_applicable(bench: BenchConfig, strategy: str) -> str | None:
+    """Why ``strategy`` cannot run in this suite at all (its levers, this model and task), or None:
+    such a strategy is neither tuned nor run."""
+    return _refusal(bench, strategy, bench.levers, check_model=True)
 
 
 def _refusal(bench: BenchConfig, strategy: str, levers: Levers, check_model: bool) -> str | None:
@@ -477,64 +501,133 @@ def not_above_baseline(summary: dict[str, dict[str, Any]], baseline: dict[str, A
 
 def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
               runner: Runner = spawn_worker, predict: Predictor | None = None,
-              baselines: dict[int, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+              baselines: dict[int, dict[str, Any] | None] | None = None,
+              tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots.
-    ``baselines``: each seed's input-blind baseline on its test split (``Task.baseline``)."""
-    from . import registry
-    from .env import machine_description, package_versions
-
-    todo = [(s, n) for s in bench.strategies for n in bench.seeds]
-    rows: list[dict[str, Any]] = []
-    fits: dict[str, tuple[int, int]] = {}  # strategy -> (rung, micro-batch) that fitted: later seeds start there
+    ``baselines``: each seed's input-blind baseline on its test split (``Task.baseline``).
+    ``tuning``: what ``bench --tune`` found (``strategies``: per strategy its ``status`` and tuned
+    ``settings``); then each strategy runs over the seeds in its default and its tuned
+    configuration (rows tagged ``configuration``), and the table, plots and paired tests are of the
+    tuned rows."""
     start = time.perf_counter()
-    for i, (strategy, seed) in enumerate(todo, 1):
+    rows = _run_rows(bench, stage, echo, runner, predict, tuning)
+    results = suite_results(bench, rows, time.perf_counter() - start, baselines, tuning)
+    write_json(os.path.join(stage, "results.json"), results)
+    from .plots import write_plots
+
+    plots = write_plots({**results, "rows": shown_rows(results)}, stage)
+    with open(os.path.join(stage, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(markdown_report(results, plots))
+    return results
+
+
+def _configurations(tuning: dict[str, Any] | None) -> list[str | None]:
+    # the defaults first, so that a tuned configuration equal to them can reuse their rows
+    return ["default", "tuned"] if tuning else [None]
+
+
+def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runner: Runner,
+              predict: Predictor | None, tuning: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every row of the suite, a line on ``echo`` for each; later seeds of a strategy start at the
+    (rung, micro-batch) that fitted the earlier ones."""
+    todo = [(s, c, n) for s in bench.strategies for c in _configurations(tuning) for n in bench.seeds]
+    rows: list[dict[str, Any]] = []
+    fits: dict[tuple[str, str | None], tuple[int, int]] = {}  # (strategy, configuration) -> (rung, micro-batch)
+    start = time.perf_counter()
+    for i, (strategy, conf, seed) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
-        done = [r for r in rows if r["status"] == "ok"]
-        eta = ""
-        if done:
-            # rows that ran no process ("not applicable") take no time: they do not count
-            per_run = elapsed / len([r for r in rows if r["status"] != "not applicable"])
-            eta = f", about {_minutes(per_run * (len(todo) - i + 1))} left"
-        echo(f"[{i}/{len(todo)}] {strategy}, seed {seed} ({_minutes(elapsed)} elapsed{eta})")
-        row = bench_one(bench, strategy, seed, stage, fits.get(strategy, (0, bench.batch_size)), runner, echo,
-                        predict)
+        # rows that ran no process (not applicable, a tuned one equal to the defaults) take no time
+        ran = [r for r in rows if r["status"] != "not applicable" and not r.get("same_as_default")]
+        eta = f", about {_minutes(elapsed / len(ran) * (len(todo) - i + 1))} left" if ran and any(
+            r["status"] == "ok" for r in rows) else ""
+        label = f"{strategy} (tuned)" if conf == "tuned" else strategy
+        echo(f"[{i}/{len(todo)}] {label}, seed {seed} ({_minutes(elapsed)} elapsed{eta})")
+        row = _unrun_tuned_row(strategy, seed, rows, tuning) if conf == "tuned" and tuning else None
+        if row is None:
+            settings = tuning["strategies"][strategy]["settings"] if conf == "tuned" and tuning else None
+            row = bench_one(bench, strategy, seed, stage, fits.get((strategy, conf), (0, bench.batch_size)), runner,
+                            echo, predict, settings=settings)
+        if conf is not None:
+            row = {"strategy": strategy, "seed": seed, "configuration": conf, **row}
         if row["status"] == "ok":
-            fits[strategy] = (row["rung"], row["batch_size"])
-            key, label, _ = quality_of([row])
-            echo(f"  {strategy} seed {seed}: {label} {row[key]:.4f}, train "
+            fits[(strategy, conf)] = (row["rung"], row["batch_size"])
+            key, q_label, _ = quality_of([row])
+            echo(f"  {label} seed {seed}: {q_label} {row[key]:.4f}, train "
                  f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
                  f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})")
         else:
-            echo(f"  {strategy} seed {seed}: {row['status']}: {row['error']}")
+            echo(f"  {label} seed {seed}: {row['status']}: {row['error']}")
         rows.append(row)
+    return rows
+
+
+def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],
+                     tuning: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of a strategy's tuned configuration at one seed when it is not run: tuning found
+    none (the row says why), or the defaults won the study (their row at this seed stands for it:
+    it is the same run). None: run it."""
+    entry = tuning["strategies"][strategy]
+    if entry["status"] != "ok":
+        return {"strategy": strategy, "seed": seed, "status": entry["status"], "error": entry["error"], "tried": []}
+    if entry.get("same_as_default"):
+        default = next(r for r in rows if r["strategy"] == strategy and r["seed"] == seed
+                       and r.get("configuration") == "default")
+        return {**default, "configuration": "tuned", "same_as_default": True}
+    return None
+
+
+def shown_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows the table and plots are of: the tuned ones where the suite was tuned, else all."""
+    return [r for r in results["rows"] if r.get("configuration", "tuned") == "tuned"]
+
+
+def suite_results(bench: BenchConfig, rows: list[dict[str, Any]], seconds: float,
+                  baselines: dict[int, dict[str, Any] | None] | None,
+                  tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What results.json holds: settings, provenance, the summary of the shown rows (the tuned ones
+    when tuned), the paired comparison with the best, the baseline, every row; with ``tuning``,
+    also what it found and the default configuration's summary and its paired test against the tuned."""
+    from . import registry
+    from .env import machine_description, package_versions
 
     versions = next((r["versions"] for r in rows if r.get("versions")), None) or package_versions()
     for r in rows:
         r.pop("versions", None)  # the same for every row: kept once, at the top
+    shown = shown_rows({"rows": rows})
+    quality = quality_of(shown)
     results = {
         "command": bench.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "suite_seconds": time.perf_counter() - start,
+        "suite_seconds": seconds,
         "settings": bench.to_dict(),
         "machine": machine_description(),
         "device": next((r["device"] for r in rows if r.get("device")), None),
         "versions": versions,
         "plugins": registry.loaded_plugins(),
         "memory_method": next((r["peak_memory_method"] for r in rows if r.get("peak_memory_method")), None),
-        "summary": (summary := summarize(rows, bench.strategies)),
-        "quality": quality_of(rows),
-        "comparison": compare_to_best(rows, summary, quality_of(rows)),  # each strategy vs the best
-        "second": quality_of(rows, SECOND),
+        "summary": (summary := summarize(shown, bench.strategies)),
+        "quality": quality,
+        "comparison": compare_to_best(shown, summary, quality),  # each strategy vs the best
+        "second": quality_of(shown, SECOND),
         "baseline": summarize_baseline(baselines),  # None: no baseline given, or none means anything
-        "rows": rows,
     }
-    write_json(os.path.join(stage, "results.json"), results)
-    from .plots import write_plots
-
-    plots = write_plots(results, stage)
-    with open(os.path.join(stage, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(markdown_report(results, plots))
+    if tuning:
+        results["tuning"] = tuning_results(rows, tuning, bench.strategies, quality)
+    results["rows"] = rows
     return results
+
+
+def tuning_results(rows: list[dict[str, Any]], tuning: dict[str, Any], strategies: list[str],
+                   quality: tuple[str, str, bool]) -> dict[str, Any]:
+    """``tuning`` with the default configuration's summary over the seeds and, per strategy, the
+    paired test of its tuned rows against its default ones on the same test examples (the
+    difference is tuned minus default)."""
+    defaults = [r for r in rows if r.get("configuration") == "default"]
+    key = quality[0]
+    by_default, by_tuned = _correct_by_seed(defaults, key), _correct_by_seed(shown_rows({"rows": rows}), key)
+    versus = {s: _against_best(by_default[s], by_tuned[s]) for s in strategies
+              if s in by_default and s in by_tuned}
+    return {**tuning, "default_summary": summarize(defaults, strategies), "versus_default": versus}
 
 
 def _seconds(seconds: float) -> str:
@@ -567,7 +660,9 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
     }
     intervals = any(v.get(f"{q}_ci95") for v in summary.values())  # none (one seed, older results): as before
-    lines = _report_header(results) + [
+    tuned = ([f"Tuned: each strategy's row is its best configuration of `--tune {results['tuning']['trials']}` "
+              "(its defaults beside it under \"Default vs tuned\").", ""] if results.get("tuning") else [])
+    lines = _report_header(results) + tuned + [
         f"| strategy | trainable | {q_label} ({'± 95% CI' if intervals else '± sd'}) | {f_label} | peak train memory | predicted (error) "
         "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
         "| micro-batch × accum | levers |",
@@ -583,6 +678,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + baseline_note(results) if results.get("baseline") else []
     lines += [""] + comparison_note(results) if results.get("comparison") else []
+    lines += [""] + tuning_report(results) if results.get("tuning") else []
     lines += _report_footer(results, q_label, intervals)
     from .plots import curves_skipped
 
@@ -653,6 +749,58 @@ def comparison_note(results: dict[str, Any]) -> list[str]:
                      f"{'its' if len(untested) == 1 else 'their'} runs (or `{best}`'s) recorded no per-example "
                      "correctness on the same test examples.")
     return lines
+
+
+def _mean_cell(v: dict[str, Any], q: str) -> str:
+    """A summary's mean quality with its 95% interval's half-width (sd with several seeds and no
+    interval) and the number of seeds: ``0.8125 ± 0.0123 (n=3)``."""
+    spread = ""
+    if v.get(q + "_ci95"):
+        spread = f" ± {(v[q + '_ci95'][1] - v[q + '_ci95'][0]) / 2:.4f}"
+    elif v.get(q + "_std") is not None:
+        spread = f" ± sd {v[q + '_std']:.4f}"
+    return f"{v[q + '_mean']:.4f}{spread} (n={len(v['seeds'])})"
+
+
+def tuning_report(results: dict[str, Any]) -> list[str]:
+    """The "Default vs tuned" section (``results["tuning"]``): per strategy its validation and
+    test quality in each configuration, the change with its paired test, then the tuned settings."""
+    t = results["tuning"]
+    q, q_label, _ = results.get("quality", QUALITY[0])
+    level = f"{100 * LEVEL:.0f}%"
+    bound = f", at most {t['timeout']} each" if t.get("timeout") else ""
+    lines = ["## Default vs tuned", "",
+             f"Each strategy was first tuned (`peftkit tune`: {t['trials']} trials each{bound}, trial 0 its "
+             f"defaults, selected on validation {t['metric']} of seed {t['seed']}); then its defaults and its "
+             f"best configuration each ran on test over the seeds. Change: tuned minus default {q_label}, in "
+             f"points, with its paired {level} interval and p over the same test examples.", "",
+             f"| strategy | trials | validation {t['metric']} default → tuned | {q_label} default | "
+             f"{q_label} tuned | change |", "|---|---|---|---|---|---|"]
+    for name, e in t["strategies"].items():
+        d, u = t["default_summary"].get(name, {}), results["summary"].get(name, {})
+        if e["status"] != "ok":
+            lines.append(f"| `{name}` | {e['status']}: {e['error']} | | | | |")
+            continue
+        test = [_mean_cell(v, q) if v.get(q + "_mean") is not None else v.get("status", "-") for v in (d, u)]
+        c = t["versus_default"].get(name)
+        change = (f"{_points(u[q + '_mean'] - d[q + '_mean'])}" if d.get(q + "_mean") is not None
+                  and u.get(q + "_mean") is not None else "-")
+        if e.get("same_as_default"):
+            change = "0.0 (the same runs)"
+        elif c and c["verdict"] != "no per-example record":
+            change += f" ([{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
+        validation = " → ".join("-" if x is None else f"{x:.4f}" for x in (e["default_validation"], e["best_validation"]))
+        lines.append(f"| `{name}` | {e['trials']} | {validation} | {test[0]} | {test[1]} | {change} |")
+    return lines + ["", "Tuned settings (each study, its trials and best.yaml in tuning/STRATEGY/):", ""] + [
+        f"- `{name}`: " + (_tuned_settings(e) if e["status"] == "ok" else f"none ({e['status']})")
+        for name, e in t["strategies"].items()]
+
+
+def _tuned_settings(entry: dict[str, Any]) -> str:
+    if entry.get("same_as_default"):
+        return "the defaults won (trial #0): its tuned rows are its default runs"
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["settings"].items())
+    return f"trial #{entry['best_trial']}: {shown}"
 
 
 def _report_header(results: dict[str, Any]) -> list[str]:
@@ -735,6 +883,7 @@ def _report_footer(results: dict[str, Any], q_label: str, intervals: bool = Fals
         lines += ["What was tried before a run fitted the budget (micro-batch, levers, outcome):", ""]
         for r in shrunk:
             tried = ", ".join(f"{t['batch_size']} ({t.get('levers', '-')}): {t['outcome']}" for t in r["tried"])
-            lines.append(f"- `{r['strategy']}` seed {r['seed']}: {tried}")
+            lines.append(f"- `{r['strategy']}`{' (tuned)' if r.get('configuration') == 'tuned' else ''} "
+                         f"seed {r['seed']}: {tried}")
         lines.append("")
     return lines

@@ -155,6 +155,13 @@ _declare("trials", "--trials", type=int, default=20, show_default=True,
               "process) count.")
 _declare("timeout", "--timeout", default=None, metavar="DURATION",
          help="Start no new trial after this long (90s, 30m, 2h, 1h30m); the running one finishes.")
+_declare("tune", "--tune", type=int, default=None, metavar="N",
+         help="Tune every strategy first (peftkit tune: N trials each, trial 0 its defaults, on validation of the "
+              "first seed), then run its defaults and its best configuration over the seeds; the table shows "
+              "the tuned ones, a second table default vs tuned. Trials and studies: OUTPUT_DIR/tuning/.")
+_declare("tune_timeout", "--tune-timeout", default=None, metavar="DURATION",
+         help="With --tune: start no trial of a strategy's study after this long (90s, 30m, 2h); the same "
+              "for every strategy.")
 _declare("storage", "--storage", default=None, metavar="URL",
          help="Where the study lives: an SQLAlchemy database URL (sqlite:///study.db, postgresql://...). "
               "Default: sqlite:///OUTPUT_DIR/study.db.")
@@ -352,7 +359,8 @@ def _print_summary(m: RunMetrics, out: str) -> None:
 @cli.command("bench")
 @options("strategies", "task", "model", "dataset", "text_column", "label_column", "response_column", "epochs",
          "max_train_samples", "max_eval_samples", "seeds", "batch_size", "max_length", "eval_batch_size",
-         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "output_dir", "overwrite",
+         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "tune", "tune_timeout", "output_dir",
+         "overwrite",
          batch_size="Effective batch for every strategy (default: 32); under a memory budget it is kept with "
                     "gradient accumulation when the micro-batch must shrink.",
          memory_budget="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
@@ -369,7 +377,9 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                    which strategies a paired test cannot tell from the best
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
                    (not with one epoch: a single point each)
-    runs/          each run's directory (config, metrics, log, adapter)
+    runs/          each run's directory (config, metrics, log, adapter); NAME-tuned-seedN
+                   with --tune
+    tuning/        with --tune: each strategy's study (study.db, trials, best.yaml)
     """
     from . import api
     from .benchmark import BenchConfig, parse_seeds
@@ -379,11 +389,13 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .benchmark import baseline_note, comparison_note
+    from .benchmark import baseline_note, comparison_note, tuning_report
 
     # what the table's ranking is worth (intervals, paired tests) belongs beside it, not only in results.md
     for line in baseline_note(result.results) + (comparison_note(result.results)
                                                   if result.results.get("comparison") else []):
+        click.echo(line)
+    for line in [""] + tuning_report(result.results) if result.results.get("tuning") else []:
         click.echo(line)
     click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 

@@ -111,18 +111,19 @@ class TunePlan:
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
-def parse_duration(value: str | float | int) -> float:
-    """``90s``, ``30m``, ``2h``, ``1h30m``, ``1d`` or plain seconds -> seconds (positive)."""
+def parse_duration(value: str | float | int, flag: str = "--timeout") -> float:
+    """``90s``, ``30m``, ``2h``, ``1h30m``, ``1d`` or plain seconds -> seconds (positive); ``flag``
+    names the option in a refusal."""
     text = str(value).strip().lower().replace(" ", "")
     try:
         seconds = float(text)
     except ValueError:
         parts = _DURATION.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise PeftkitError(f"--timeout {value!r} is not a duration; give e.g. 90s, 30m, 2h or 1h30m") from None
+            raise PeftkitError(f"{flag} {value!r} is not a duration; give e.g. 90s, 30m, 2h or 1h30m") from None
         seconds = sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
     if not seconds > 0:
-        raise PeftkitError(f"--timeout must be positive, got {value!r}; give e.g. 90s, 30m, 2h or 1h30m")
+        raise PeftkitError(f"{flag} must be positive, got {value!r}; give e.g. 90s, 30m, 2h or 1h30m")
     return seconds
 
 

@@ -473,3 +473,97 @@ def test_plot_error_bars_are_the_95_interval_over_seeds_where_known() -> None:
         == pytest.approx(0.03)
     assert _error_bar({"test_accuracy_ci95": None, "test_accuracy_std": None}, "test_accuracy") == 0  # one seed
     assert _error_bar({"test_accuracy_std": 0.01}, "test_accuracy") == 0.01  # results from before intervals
+
+
+# -- bench --tune ------------------------------------------------------------------------------
+
+class TunedRunner(FakeRunner):
+    """Every run fits; a run with the tuned learning rate scores ``tuned``, any other ``default``."""
+
+    def __init__(self, default: float, tuned: float, lr: float) -> None:
+        super().__init__({})
+        self.default, self.tuned, self.lr = default, tuned, lr
+
+    def __call__(self, cfg, log_path: str) -> Attempt:
+        self.calls.append(cfg)
+        acc = self.tuned if cfg.lr == self.lr else self.default
+        metrics = _metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation, acc)
+        metrics["per_example_correct"] = "1" * int(acc * 20) + "0" * (20 - int(acc * 20))
+        return Attempt("ok", cfg.batch_size, metrics=metrics)
+
+
+def _tuning(**strategies: dict) -> dict:
+    return {"trials": 4, "timeout": None, "seed": 0, "metric": "accuracy", "seconds": 1.0, "strategies": strategies}
+
+
+def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp_path) -> None:
+    bench = BenchConfig(strategies=["lora", "head_only", "full"], seeds=[0, 1], batch_size=8, tune=4)
+    tuning = _tuning(
+        lora={"status": "ok", "error": None, "trials": 4, "best_trial": 3, "best_validation": 0.9,
+              "default_validation": 0.7, "settings": {"lr": 0.0042, "epochs": 2, "r": 16}, "same_as_default": False},
+        head_only={"status": "ok", "error": None, "trials": 4, "best_trial": 0, "best_validation": 0.6,
+                   "default_validation": 0.6, "settings": {"lr": 0.001}, "same_as_default": True},
+        full={"status": "failed", "error": "no trial of its study completed", })
+    runner = TunedRunner(default=0.5, tuned=0.9, lr=0.0042)
+    results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner, tuning=tuning)
+    # lora and full run their defaults, lora its tuned settings too; head_only's defaults won: not run twice
+    assert [(c.strategy, c.lr, c.strategy_options.get("r")) for c in runner.calls] == [
+        ("lora", None, None), ("lora", None, None), ("lora", 0.0042, 16), ("lora", 0.0042, 16),
+        ("head_only", None, None), ("head_only", None, None), ("full", None, None), ("full", None, None)]
+    assert [c.output_dir.rsplit("/", 1)[1] for c in runner.calls][2] == "lora-tuned-seed0"
+    tags = [(r["strategy"], r["configuration"], r["seed"], r["status"]) for r in results["rows"]]
+    assert ("head_only", "tuned", 1, "ok") in tags and ("full", "tuned", 0, "failed") in tags
+    # the main summary is of the tuned rows, the defaults' beside it
+    assert results["summary"]["lora"]["test_accuracy_mean"] == 0.9
+    assert results["tuning"]["default_summary"]["lora"]["test_accuracy_mean"] == 0.5
+    assert results["summary"]["full"]["status"] == "failed"
+    versus = results["tuning"]["versus_default"]["lora"]
+    assert abs(versus["difference"] - 0.4) < 1e-9 and versus["verdict"] == "distinguishable"
+    md = (tmp_path / "results.md").read_text()
+    assert "Tuned: each strategy's row is its best configuration of `--tune 4`" in md
+    assert "## Default vs tuned" in md
+    assert "| `lora` | 4 | 0.7000 → 0.9000 | 0.5000 ± 0.0000 (n=2) | 0.9000 ± 0.0000 (n=2) | +40.0 ([" in md
+    assert "| `full` | failed: no trial of its study completed |" in md
+    assert "- `lora`: trial #3: lr=0.0042, epochs=2, r=16" in md
+    assert "- `head_only`: the defaults won (trial #0)" in md and "| 0.0 (the same runs) |" in md
+    json.load(open(tmp_path / "results.json"))  # every field plain data
+
+
+def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    out = tmp_path / "bench"
+    code, stdout, stderr = run_cli("bench", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                                   "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
+                                   "--max-length", "16", "--max-train-samples", "64", "--strategies", "head_only",
+                                   "--tune", "2")
+    assert code == 0, stderr
+    assert "tuning head_only: trial 1/2 (#0)" in stderr and "tuning head_only: trial 2/2 (#1)" in stderr
+    results = json.load(open(out / "results.json"))
+    entry = results["tuning"]["strategies"]["head_only"]
+    assert entry["status"] == "ok" and entry["trials"] == 2 and results["settings"]["tune"] == 2
+    assert entry["best_validation"] >= entry["default_validation"]  # trial 0 is the defaults, never pruned
+    assert {"lr", "epochs", "warmup_ratio", "weight_decay"} <= set(entry["settings"]) and entry["settings"]["epochs"] == 1
+    assert [(r["configuration"], r["status"]) for r in results["rows"]] == [("default", "ok"), ("tuned", "ok")]
+    tuned = results["rows"][1]
+    if not entry["same_as_default"]:
+        assert tuned["run_dir"] == "runs/head_only-tuned-seed0"
+        config = yaml.safe_load(open(out / tuned["run_dir"] / "config.yaml"))
+        assert config["lr"] == entry["settings"]["lr"]
+    for name in ("study.db", "best.yaml", "trials.json", "trials.csv"):
+        assert (out / "tuning" / "head_only" / name).is_file()
+    md = (out / "results.md").read_text()
+    assert "## Default vs tuned" in md and "| `head_only` | 2 |" in md and "Tuned settings" in md
+    assert "## Default vs tuned" in stdout and stdout.count("| strategy | trainable") == 1
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tune", "0"], "--tune must be a positive number of trials per strategy, got 0"),
+    (["--tune", "-3"], "--tune must be a positive number of trials per strategy, got -3"),
+    (["--tune-timeout", "1h"], "--tune-timeout needs --tune N"),
+    (["--tune", "2", "--tune-timeout", "soon"], "--tune-timeout 'soon' is not a duration"),
+])
+def test_bench_tune_bad_input_is_one_line_and_writes_nothing(args, message, run_cli, tmp_path) -> None:
+    out = tmp_path / "bench"
+    code, _, stderr = run_cli("bench", "--output-dir", str(out), "--strategies", "lora", *args)
+    assert code == 2 and stderr.count("\n") == 1 and message in stderr and "Traceback" not in stderr
+    assert not out.exists()
