@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "tune-study"), help="Where studies and runs go.")
+    parser.add_argument("--runs", default=os.path.join("runs", "tune-study"), help="Where studies and runs go (relative: to the current directory).")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "tune_cpu"), help="Results path without suffix.")
     args = parser.parse_args()
     os.makedirs(args.runs, exist_ok=True)
