@@ -13,6 +13,9 @@ tried.
 The suite writes into a staging directory renamed into place at the end, like a run: results.json
 (every row, a summary per strategy, versions, plugins, machine), results.md (the table a person
 reads), three PNG plots, and runs/<strategy>-seed<N>/ (each run's directory, adapter included).
+With ``--train-sizes`` every strategy and seed runs at each training-set size (nested seeded
+subsets, runs/<strategy>-n<size>-seed<N>/), and the report adds a table per size and
+learning_curve.png (``plan_train_sizes``, ``size_results``, ``sizes_report``).
 
 Beside the runs stands an input-blind baseline on the same test splits (``Task.baseline``: the
 majority class, the most frequent answer), and a strategy that does not beat it is flagged: a
