@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .benchmark import BenchConfig, parse_strategies
+from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import PeftkitError, RunInterrupted, set_context
@@ -230,7 +230,7 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     Every setting any run could refuse is checked first, and the data and model are loaded once
     (``preflight``), so bad input fails in seconds, before any worker starts.
     """
-    from .benchmark import run_suite
+    from .benchmark import plan_train_sizes, run_suite
     from .rundir import check_output_dir, staged_dir
 
     check_inputs(config.model, config.dataset)
@@ -240,13 +240,18 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     config.output_dir = out
     set_context(strategy=",".join(config.strategies), model=config.model)
     quiet_libraries()
-    config, predict_peak, baselines = _bench_predictor(config, echo)
-    echo(f"bench: {len(config.strategies)} strategies x {len(config.seeds)} seed(s) on {config.model!r} / "
+    config, predict_peak, baselines, whole = _bench_predictor(config, echo)
+    sizes = plan_train_sizes(config.train_sizes, whole) if config.train_sizes else None
+    if sizes and sizes["note"]:
+        echo(sizes["note"])
+    per_size = f" x {len(sizes['sizes'])} training-set sizes" if sizes else ""
+    echo(f"bench: {len(config.strategies)} strategies{per_size} x {len(config.seeds)} seed(s) on {config.model!r} / "
          f"{config.dataset!r}, each run in its own process; results in {out}")
     with staged_dir(out, overwrite) as stage:
         # the studies go into the staging directory too: an interrupted bench leaves none behind
         tuning = bench_tuning(config, stage, echo) if config.tune else None
-        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines, tuning=tuning)
+        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines, tuning=tuning,
+                            sizes=sizes)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
             table = _first_table(fh.read())
     return BenchResult(out, results, table)
@@ -325,6 +330,8 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
     names = parse_strategies(",".join(config.strategies) or "all")
     _, filled = with_task_defaults(config)
     config = dataclasses.replace(config, strategies=names, **filled)
+    if config.train_sizes is not None:  # a string from Python or YAML too: "250,500,all"
+        config.train_sizes = parse_train_sizes(config.train_sizes)
     config.validate()
     if config.tune_timeout is not None:
         from .tuning import parse_duration
@@ -335,14 +342,15 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
     return config
 
 
-def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any, dict[int, dict[str, Any] | None]]:
+def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any, dict[int, dict[str, Any] | None], int]:
     """The planner's prediction of each run's peak, for skipping what will not fit, and each
     seed's input-blind baseline on the test split its runs are evaluated on. Loads the data and
     the model's processor once first: data or a model no run could load fails here, in seconds,
     and the data says how many labels and loss positions to plan for. Returned with ``config``
     naming the columns the data was read from (guessed ones too): results.json records them, and
     every run reads the same ones. What loading found (columns, dropped rows, label warnings) is
-    said once here, before any worker starts."""
+    said once here, before any worker starts. Last: the training split's size (``--train-sizes``'
+    ``all``; the first seed's, as every seed's split has the same sizes)."""
     import torch
 
     from .data import resolved_columns
@@ -360,7 +368,7 @@ def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any,
     predictor = bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
                                 "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
                                 loss_positions=task.loss_positions(data, processor, cfg))
-    return config, predictor, _bench_baselines(config, task, data)
+    return config, predictor, _bench_baselines(config, task, data), len(data.splits["train"])
 
 
 def _bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, dict[str, Any] | None]:

@@ -13,6 +13,9 @@ tried.
 The suite writes into a staging directory renamed into place at the end, like a run: results.json
 (every row, a summary per strategy, versions, plugins, machine), results.md (the table a person
 reads), three PNG plots, and runs/<strategy>-seed<N>/ (each run's directory, adapter included).
+With ``--train-sizes`` every strategy and seed runs at each training-set size (nested seeded
+subsets, runs/<strategy>-n<size>-seed<N>/), and the report adds a table per size and
+learning_curve.png (``plan_train_sizes``, ``size_results``, ``sizes_report``).
 
 Beside the runs stands an input-blind baseline on the same test splits (``Task.baseline``: the
 majority class, the most frequent answer), and a strategy that does not beat it is flagged: a
@@ -76,6 +79,9 @@ class BenchConfig:
     best configuration over the seeds beside its defaults."""
     tune_timeout: str | None = None
     """With ``tune``: start no trial of a strategy's study after this long (each gets the same)."""
+    train_sizes: list[int | str] | None = None
+    """Run every strategy and seed at each of these training-set sizes (``"all"``: the whole
+    training split; see ``parse_train_sizes``), on nested seeded subsets, instead of at one."""
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for settings no suite could use (each run's own are checked by
@@ -87,6 +93,15 @@ class BenchConfig:
             raise PeftkitError(f"--tune must be a positive number of trials per strategy, got {self.tune!r}")
         if self.tune_timeout is not None and self.tune is None:
             raise PeftkitError("--tune-timeout needs --tune N: it bounds each strategy's study of N trials")
+        if self.train_sizes is not None:
+            parse_train_sizes(self.train_sizes)
+            # each size is a --max-train-samples of its own, and a study is made at one size
+            if self.max_train_samples is not None:
+                raise PeftkitError("--train-sizes sets each run's training examples; drop --max-train-samples "
+                                   f"{self.max_train_samples}")
+            if self.tune is not None:
+                raise PeftkitError("--train-sizes cannot be combined with --tune: drop --tune (to tune at one size: "
+                                   "--max-train-samples N --tune T)")
 
     def run_config(self, strategy: str, seed: int, micro_batch: int, output_dir: str,
                    levers: Levers | None = None, settings: dict[str, Any] | None = None) -> RunConfig:
@@ -164,6 +179,44 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise PeftkitError(f"--seeds expects comma-separated non-negative integers such as 0,1,2; got {text!r}")
     return seeds
+
+
+SIZES_EXPECTED = "comma-separated positive integers or 'all' (the whole training split), such as 250,500,1000,all"
+
+
+def parse_train_sizes(value: str | list[int | str]) -> list[int | str]:
+    """``"250,500,all"`` (or the same as a list) -> ``[250, 500, "all"]``: positive integers or
+    ``all``, each once, in the order given. Every front door (flag, YAML, Python) goes through here."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    sizes: list[int | str] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text == "all":
+            size: int | str = "all"
+        elif text.isdigit() and int(text) > 0 and not isinstance(item, bool):
+            size = int(text)
+        else:
+            raise PeftkitError(f"--train-sizes expects {SIZES_EXPECTED}; got {str(item).strip()!r}")
+        if size in sizes:
+            raise PeftkitError(f"--train-sizes lists {size} twice; give each size once")
+        sizes.append(size)
+    if not sizes:
+        raise PeftkitError(f"--train-sizes expects {SIZES_EXPECTED}; got nothing")
+    return sizes
+
+
+def plan_train_sizes(requested: list[int | str], whole: int) -> dict[str, Any]:
+    """The sizes a ``--train-sizes`` suite runs, given the training split's ``whole`` size: ``all``
+    and every size at or above it are the whole set, run once; ascending. Returns what results.json
+    records under ``train_sizes`` (before the figures) and the ``note`` to say once (or None)."""
+    over = [s for s in requested if s != "all" and int(s) >= whole]
+    sizes = sorted({whole if s == "all" else min(int(s), whole) for s in requested})
+    note = None
+    if over:
+        listed = ", ".join(f"{int(s):,}" for s in over)
+        note = (f"--train-sizes: {listed} {'is' if len(over) == 1 else 'are'} at or above the training split's "
+                f"{whole:,} examples: the whole set, run once as {whole:,}")
+    return {"requested": list(requested), "sizes": sizes, "whole": whole, "note": note}
 
 
 def micro_batches(effective: int) -> list[int]:
@@ -273,14 +326,15 @@ def describe_levers(levers: Levers) -> str:
 
 def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: tuple[int, int],
               runner: Runner, echo: Callable[[str], None], predict: Predictor | None = None,
-              settings: dict[str, Any] | None = None) -> dict[str, Any]:
+              settings: dict[str, Any] | None = None, named: str | None = None) -> dict[str, Any]:
     """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
     index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
     except the very last one, which is always tried so that "does not fit" is measured.
-    ``settings``: the strategy's tuned configuration (its runs and logs named ``<strategy>-tuned``)."""
+    ``settings``: the strategy's tuned configuration (its runs and logs named ``<strategy>-tuned``);
+    ``named``: what its runs and logs are named instead (``<strategy>-n<size>``)."""
     from .registry import get_strategy
 
-    named = f"{strategy}-tuned" if settings is not None else strategy
+    named = named or (f"{strategy}-tuned" if settings is not None else strategy)
     run_dir = os.path.join(stage, "runs", f"{named}-seed{seed}")
     tried: list[dict[str, Any]] = []
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
@@ -502,20 +556,24 @@ def not_above_baseline(summary: dict[str, dict[str, Any]], baseline: dict[str, A
 def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
               runner: Runner = spawn_worker, predict: Predictor | None = None,
               baselines: dict[int, dict[str, Any] | None] | None = None,
-              tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+              tuning: dict[str, Any] | None = None, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots.
     ``baselines``: each seed's input-blind baseline on its test split (``Task.baseline``).
     ``tuning``: what ``bench --tune`` found (``strategies``: per strategy its ``status`` and tuned
     ``settings``); then each strategy runs over the seeds in its default and its tuned
     configuration (rows tagged ``configuration``), and the table, plots and paired tests are of the
-    tuned rows."""
+    tuned rows. ``sizes``: ``plan_train_sizes``'s plan; then each strategy and seed runs at every
+    size (rows tagged ``train_size``), the table, plots and paired tests are of the largest, and
+    the report adds accuracy against size and ``learning_curve.png``."""
     start = time.perf_counter()
-    rows = _run_rows(bench, stage, echo, runner, predict, tuning)
-    results = suite_results(bench, rows, time.perf_counter() - start, baselines, tuning)
+    rows = _run_rows(bench, stage, echo, runner, predict, tuning, sizes)
+    results = suite_results(bench, rows, time.perf_counter() - start, baselines, tuning, sizes)
     write_json(os.path.join(stage, "results.json"), results)
-    from .plots import write_plots
+    from .plots import write_learning_curve, write_plots
 
     plots = write_plots({**results, "rows": shown_rows(results)}, stage)
+    if sizes and write_learning_curve(results, stage):
+        plots.append("learning_curve.png")
     with open(os.path.join(stage, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown_report(results, plots))
     return results
@@ -527,38 +585,75 @@ def _configurations(tuning: dict[str, Any] | None) -> list[str | None]:
 
 
 def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runner: Runner,
-              predict: Predictor | None, tuning: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Every row of the suite, a line on ``echo`` for each; later seeds of a strategy start at the
-    (rung, micro-batch) that fitted the earlier ones."""
-    todo = [(s, c, n) for s in bench.strategies for c in _configurations(tuning) for n in bench.seeds]
+              predict: Predictor | None, tuning: dict[str, Any] | None,
+              sizes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every row of the suite, a line on ``echo`` for each; later seeds (and sizes) of a strategy
+    start at the (rung, micro-batch) that fitted the earlier ones: a step's memory does not depend
+    on how many examples there are."""
+    todo = [(s, c, z, n) for s in bench.strategies for c in _configurations(tuning)
+            for z in (sizes["sizes"] if sizes else [None]) for n in bench.seeds]
     rows: list[dict[str, Any]] = []
     fits: dict[tuple[str, str | None], tuple[int, int]] = {}  # (strategy, configuration) -> (rung, micro-batch)
     start = time.perf_counter()
-    for i, (strategy, conf, seed) in enumerate(todo, 1):
+    for i, (strategy, conf, size, seed) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
-        # rows that ran no process (not applicable, a tuned one equal to the defaults) take no time
-        ran = [r for r in rows if r["status"] != "not applicable" and not r.get("same_as_default")]
-        eta = f", about {_minutes(elapsed / len(ran) * (len(todo) - i + 1))} left" if ran and any(
-            r["status"] == "ok" for r in rows) else ""
+        left = _seconds_left(rows, [(s, z) for s, _c, z, _n in todo[i - 1:]])
+        eta = f", about {_minutes(left)} left" if left is not None else ""
         label = f"{strategy} (tuned)" if conf == "tuned" else strategy
-        echo(f"[{i}/{len(todo)}] {label}, seed {seed} ({_minutes(elapsed)} elapsed{eta})")
+        seeded = f"seed {seed}" + (f", {size:,} examples" if size else "")
+        echo(f"[{i}/{len(todo)}] {label}, {seeded} ({_minutes(elapsed)} elapsed{eta})")
         row = _unrun_tuned_row(strategy, seed, rows, tuning) if conf == "tuned" and tuning else None
         if row is None:
             settings = tuning["strategies"][strategy]["settings"] if conf == "tuned" and tuning else None
-            row = bench_one(bench, strategy, seed, stage, fits.get((strategy, conf), (0, bench.batch_size)), runner,
-                            echo, predict, settings=settings)
+            sized = bench if size is None else dataclasses.replace(
+                bench, max_train_samples=None if size >= sizes["whole"] else size)  # the whole set: uncapped
+            row = bench_one(sized, strategy, seed, stage, fits.get((strategy, conf), (0, bench.batch_size)), runner,
+                            echo, predict, settings=settings, named=f"{strategy}-n{size}" if size else None)
         if conf is not None:
             row = {"strategy": strategy, "seed": seed, "configuration": conf, **row}
+        if size is not None:
+            row = {"strategy": strategy, "seed": seed, "train_size": size, **row}
         if row["status"] == "ok":
             fits[(strategy, conf)] = (row["rung"], row["batch_size"])
             key, q_label, _ = quality_of([row])
-            echo(f"  {label} seed {seed}: {q_label} {row[key]:.4f}, train "
+            echo(f"  {label} {seeded}: {q_label} {row[key]:.4f}, train "
                  f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
                  f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})")
         else:
-            echo(f"  {label} seed {seed}: {row['status']}: {row['error']}")
+            echo(f"  {label} {seeded}: {row['status']}: {row['error']}")
         rows.append(row)
     return rows
+
+
+def _row_seconds(row: dict[str, Any]) -> float | None:
+    """How long a row's worker processes ran; None for a row that ran none (not applicable, or a
+    tuned row that is its defaults' run)."""
+    if row.get("same_as_default") or not row.get("tried"):
+        return None
+    return sum(t.get("seconds") or 0.0 for t in row["tried"])
+
+
+def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]]) -> float | None:
+    """The time the runs still ``todo`` ((strategy, size) each) should take, from the rows done:
+    each as long as the mean of those of its strategy and size, else of its size, else of the
+    largest smaller size scaled by the sizes' ratio (a rough guess, corrected once one run of that
+    size is done), else of every run. None until a run succeeded."""
+    done = [(r["strategy"], r.get("train_size"), t) for r in rows if (t := _row_seconds(r)) is not None]
+    if not done or not any(r["status"] == "ok" for r in rows):
+        return None
+
+    def mean(picked: list[float]) -> float | None:
+        return statistics.mean(picked) if picked else None
+
+    def guess(strategy: str, size: int | None) -> float:
+        same = mean([t for s, z, t in done if (s, z) == (strategy, size)])
+        same = same if same is not None else mean([t for _s, z, t in done if z == size])
+        smaller = [z for _s, z, _t in done if size is not None and z is not None and z < size]
+        if same is None and smaller:
+            return mean([t for _s, z, t in done if z == max(smaller)]) * size / max(smaller)
+        return same if same is not None else statistics.mean(t for _s, _z, t in done)
+
+    return sum(guess(s, z) for s, z in todo)
 
 
 def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],
@@ -577,16 +672,20 @@ def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],
 
 
 def shown_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows the table and plots are of: the tuned ones where the suite was tuned, else all."""
-    return [r for r in results["rows"] if r.get("configuration", "tuned") == "tuned"]
+    """The rows the table and plots are of: the tuned ones where the suite was tuned, those of the
+    largest training-set size where it ran several, else all."""
+    rows = [r for r in results["rows"] if r.get("configuration", "tuned") == "tuned"]
+    sizes = [r["train_size"] for r in rows if r.get("train_size") is not None]
+    return [r for r in rows if r.get("train_size") == max(sizes)] if sizes else rows
 
 
 def suite_results(bench: BenchConfig, rows: list[dict[str, Any]], seconds: float,
                   baselines: dict[int, dict[str, Any] | None] | None,
-                  tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+                  tuning: dict[str, Any] | None = None, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
     """What results.json holds: settings, provenance, the summary of the shown rows (the tuned ones
-    when tuned), the paired comparison with the best, the baseline, every row; with ``tuning``,
-    also what it found and the default configuration's summary and its paired test against the tuned."""
+    when tuned, the largest size's with ``sizes``), the paired comparison with the best, the
+    baseline, every row; with ``tuning``, also what it found and the default configuration's
+    summary and its paired test against the tuned; with ``sizes``, the figures at every size."""
     from . import registry
     from .env import machine_description, package_versions
 
@@ -613,6 +712,8 @@ def suite_results(bench: BenchConfig, rows: list[dict[str, Any]], seconds: float
     }
     if tuning:
         results["tuning"] = tuning_results(rows, tuning, bench.strategies, quality)
+    if sizes:
+        results["train_sizes"] = size_results(rows, sizes, bench.strategies, quality)
     results["rows"] = rows
     return results
 
@@ -628,6 +729,31 @@ def tuning_results(rows: list[dict[str, Any]], tuning: dict[str, Any], strategie
     versus = {s: _against_best(by_default[s], by_tuned[s]) for s in strategies
               if s in by_default and s in by_tuned}
     return {**tuning, "default_summary": summarize(defaults, strategies), "versus_default": versus}
+
+
+def size_results(rows: list[dict[str, Any]], sizes: dict[str, Any], strategies: list[str],
+                 quality: tuple[str, str, bool]) -> dict[str, Any]:
+    """The ``train_sizes`` block of results.json: the plan (sizes asked for, run, the whole split's
+    size, the one the main table shows) and per strategy and size (keys are strings: JSON's) the
+    ``quality`` metric's mean over the seeds, its 95% interval (None with one seed), sd, the seeds
+    and the run directories."""
+    key = quality[0]
+    per: dict[str, dict[str, Any]] = {}
+    for name in strategies:
+        per[name] = {}
+        for size in sizes["sizes"]:
+            mine = [r for r in rows if r["strategy"] == name and r.get("train_size") == size]
+            ok = [r for r in mine if r["status"] == "ok" and r.get(key) is not None]
+            values = [r[key] for r in ok]
+            status = ("ok" if len(ok) == len(mine) else "partly failed") if ok else \
+                next((r["status"] for r in mine), "failed")
+            per[name][str(size)] = {
+                "status": status, "seeds": [r["seed"] for r in ok],
+                "mean": statistics.mean(values) if values else None, "sd": _spread(values),
+                "ci95": _as_list(mean_interval(values)),
+                "runs": [r["run_dir"] for r in ok if r.get("run_dir")]}
+    return {"requested": sizes["requested"], "sizes": sizes["sizes"], "whole": sizes["whole"],
+            "shown": max(sizes["sizes"]), "metric": key, "strategies": per}
 
 
 def _seconds(seconds: float) -> str:
@@ -662,6 +788,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     intervals = any(v.get(f"{q}_ci95") for v in summary.values())  # none (one seed, older results): as before
     tuned = ([f"Tuned: each strategy's row is its best configuration of `--tune {results['tuning']['trials']}` "
               "(its defaults beside it under \"Default vs tuned\").", ""] if results.get("tuning") else [])
+    tuned += sizes_shown(results)
     lines = _report_header(results) + tuned + [
         f"| strategy | trainable | {q_label} ({'± 95% CI' if intervals else '± sd'}) | {f_label} | peak train memory | predicted (error) "
         "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
@@ -679,6 +806,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     lines += [""] + baseline_note(results) if results.get("baseline") else []
     lines += [""] + comparison_note(results) if results.get("comparison") else []
     lines += [""] + tuning_report(results) if results.get("tuning") else []
+    lines += [""] + sizes_report(results) if results.get("train_sizes") else []
     lines += _report_footer(results, q_label, intervals)
     from .plots import curves_skipped
 
@@ -796,6 +924,67 @@ def tuning_report(results: dict[str, Any]) -> list[str]:
         for name, e in t["strategies"].items()]
 
 
+def _size_label(size: int, t: dict[str, Any]) -> str:
+    return f"{size:,} (all)" if size == t["whole"] else f"{size:,}"
+
+
+def sizes_shown(results: dict[str, Any]) -> list[str]:
+    """The line above the main table of a ``--train-sizes`` suite: which size it (and the plots) show."""
+    t = results.get("train_sizes")
+    if not t:
+        return []
+    whole = " (the whole training split)" if t["shown"] == t["whole"] else ""
+    return [f"Training-set sizes {', '.join(_size_label(z, t) for z in t['sizes'])}: this table, its plots and "
+            f"paired tests are of the largest, {t['shown']:,} examples{whole}; every size under "
+            "\"Accuracy against training-set size\".", ""]
+
+
+def sizes_report(results: dict[str, Any]) -> list[str]:
+    """The "Accuracy against training-set size" section (``results["train_sizes"]``): a row per
+    strategy, a column per size, each cell the mean over seeds ± the half-width of its 95% interval,
+    the best of each column in bold, the baseline under it."""
+    t = results["train_sizes"]
+    q, q_label, higher = results.get("quality", QUALITY[0])
+    seeds = max((len(c["seeds"]) for e in t["strategies"].values() for c in e.values()), default=0)
+    spread = f"mean ± half-width of the 95% interval over {seeds} seeds" if seeds > 1 else "one seed"
+    lines = ["## Accuracy against training-set size", "",
+             f"Test {q_label.removeprefix('test ')} ({spread}) of each strategy trained on the first N examples of "
+             "each seed's shuffled training split: the sizes are nested, each one's examples are the first of the "
+             "next one's. Best of each column in **bold**; runs in runs/NAME-nSIZE-seedN/; the curves in "
+             "learning_curve.png.", "",
+             "| strategy | " + " | ".join(_size_label(z, t) for z in t["sizes"]) + " |",
+             "|---|" + "---|" * len(t["sizes"])]
+    best = {z: _best({n: e[str(z)] for n, e in t["strategies"].items()}, "mean", max if higher else min)
+            for z in t["sizes"]}
+    b = results.get("baseline") or {}
+    floor = b.get(q.removeprefix("test_"))
+    flagged = False
+    for name, entry in t["strategies"].items():
+        cells = [_size_cell(entry[str(z)], best[z], floor, higher) for z in t["sizes"]]
+        flagged = flagged or any(c.endswith("†") for c in cells)
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if floor is not None:
+        lines += ["", f"Baseline, {b['name']} (always `{b['predicts']}`): {q_label} {floor:.3f} at every size "
+                      "(the test split does not change with the training examples)."
+                  + (" † not better than it: that run may have learned no more than always to answer "
+                     f"`{b['predicts']}`." if flagged else "")]
+    return lines
+
+
+def _size_cell(cell: dict[str, Any], best: float | None, floor: float | None, higher: bool) -> str:
+    """``0.812 ± 0.010`` (one seed: ``0.812``), bold when it is the column's best, † when it is not
+    better than the baseline's ``floor``; the status where no run of it succeeded."""
+    if cell["mean"] is None:
+        return cell["status"]
+    text = f"{cell['mean']:.3f}"
+    text = f"**{text}**" if cell["mean"] == best else text
+    if cell.get("ci95"):
+        text += f" ± {(cell['ci95'][1] - cell['ci95'][0]) / 2:.3f}"
+    text += f" ({cell['status']})" if cell["status"] != "ok" else ""
+    worse = floor is not None and (cell["mean"] <= floor if higher else cell["mean"] >= floor)
+    return text + (" †" if worse else "")
+
+
 def _tuned_settings(entry: dict[str, Any]) -> str:
     if entry.get("same_as_default"):
         return "the defaults won (trial #0): its tuned rows are its default runs"
@@ -816,10 +1005,18 @@ def _report_header(results: dict[str, Any]) -> list[str]:
         f"- Plugins: {', '.join(f'{k} ({v})' for k, v in results['plugins'].items()) or 'none'}",
         f"- Settings: effective batch {s['batch_size']}, max length {s['max_length']}, seeds "
         f"{','.join(map(str, s['seeds']))}, epochs {s['epochs'] or 'each strategy default'}, "
-        f"training examples {s['max_train_samples'] or 'all'}, memory budget {s['memory_budget'] or 'none'}",
+        f"training examples {_train_examples(results)}, memory budget {s['memory_budget'] or 'none'}",
         f"- Memory: {results['memory_method']}",
         f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}", "",
     ]
+
+
+def _train_examples(results: dict[str, Any]) -> str:
+    """The header's training examples: the cap, or each size of a ``--train-sizes`` suite, or all."""
+    t = results.get("train_sizes")
+    if t:
+        return ", ".join(_size_label(z, t) for z in t["sizes"])
+    return str(results["settings"]["max_train_samples"] or "all")
 
 
 def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, Any]) -> list[str]:

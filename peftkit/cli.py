@@ -159,6 +159,10 @@ _declare("tune", "--tune", type=int, default=None, metavar="N",
          help="Tune every strategy first (peftkit tune: N trials each, trial 0 its defaults, on validation of the "
               "first seed), then run its defaults and its best configuration over the seeds; the table shows "
               "the tuned ones, a second table default vs tuned. Trials and studies: OUTPUT_DIR/tuning/.")
+_declare("train_sizes", "--train-sizes", default=None, metavar="SIZES",
+         help="Accuracy against training-set size: run every strategy and seed at each size (comma-separated "
+              "example counts or 'all', e.g. 250,500,1000,2000,all; nested seeded subsets). Adds a table per size "
+              "and learning_curve.png; the main table shows the largest. Not with --max-train-samples or --tune.")
 _declare("tune_timeout", "--tune-timeout", default=None, metavar="DURATION",
          help="With --tune: start no trial of a strategy's study after this long (90s, 30m, 2h); the same "
               "for every strategy.")
@@ -359,8 +363,8 @@ def _print_summary(m: RunMetrics, out: str) -> None:
 @cli.command("bench")
 @options("strategies", "task", "model", "dataset", "text_column", "label_column", "response_column", "epochs",
          "max_train_samples", "max_eval_samples", "seeds", "batch_size", "max_length", "eval_batch_size",
-         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "tune", "tune_timeout", "output_dir",
-         "overwrite",
+         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "tune", "tune_timeout", "train_sizes",
+         "output_dir", "overwrite",
          batch_size="Effective batch for every strategy (default: 32); under a memory budget it is kept with "
                     "gradient accumulation when the micro-batch must shrink.",
          memory_budget="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
@@ -377,25 +381,35 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                    which strategies a paired test cannot tell from the best
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
                    (not with one epoch: a single point each)
+    learning_curve.png  with --train-sizes: accuracy against training examples, a line
+                   per strategy (the table per size in results.md, train_sizes in results.json)
     runs/          each run's directory (config, metrics, log, adapter); NAME-tuned-seedN
-                   with --tune
+                   with --tune, NAME-nSIZE-seedN with --train-sizes
     tuning/        with --tune: each strategy's study (study.db, trials, best.yaml)
+
+    \b
+    peftkit bench --train-sizes 250,500,1000,2000,all --max-eval-samples 500
+                   accuracy of every strategy at each training-set size
     """
     from . import api
-    from .benchmark import BenchConfig, parse_seeds
+    from .benchmark import BenchConfig, parse_seeds, parse_train_sizes
     from .config import with_levers
 
+    sizes = opts.pop("train_sizes")
     config = BenchConfig(strategies=strategies.split(","), seeds=parse_seeds(seeds),
+                         train_sizes=parse_train_sizes(sizes) if sizes is not None else None,
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .benchmark import baseline_note, comparison_note, tuning_report
+    from .benchmark import baseline_note, comparison_note, sizes_report, tuning_report
 
     # what the table's ranking is worth (intervals, paired tests) belongs beside it, not only in results.md
     for line in baseline_note(result.results) + (comparison_note(result.results)
                                                   if result.results.get("comparison") else []):
         click.echo(line)
     for line in [""] + tuning_report(result.results) if result.results.get("tuning") else []:
+        click.echo(line)
+    for line in [""] + sizes_report(result.results) if result.results.get("train_sizes") else []:
         click.echo(line)
     click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 

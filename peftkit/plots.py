@@ -4,7 +4,8 @@
   (strategies no other one beats on both) joined by a line;
 - ``accuracy_vs_time.png``: test accuracy against training time;
 - ``validation_curves.png``: validation accuracy after each epoch, per strategy; left out when
-  every strategy trained a single epoch (a dot each is no curve: ``curves_skipped``).
+  every strategy trained a single epoch (a dot each is no curve: ``curves_skipped``);
+- ``learning_curve.png`` (``bench --train-sizes``): test accuracy against training examples.
 
 Points are means over seeds; with several seeds, error bars show the mean's 95% interval over the
 seeds (t-based, ``peftkit.stats.mean_interval``; results written before intervals show ± sd).
@@ -135,6 +136,52 @@ def _validation_curves(plt: Any, results: dict[str, Any], summary: dict[str, dic
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "validation_curves.png"), dpi=120)
     plt.close(fig)
+
+
+def write_learning_curve(results: dict[str, Any], out_dir: str) -> bool:
+    """``learning_curve.png``: the suite's quality metric against training examples (log axis), a
+    line with markers per strategy through its means over seeds (error bars: the 95% interval,
+    with several seeds), the baseline's figure dashed. False (nothing written) when nothing ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = results["train_sizes"]
+    q, q_label, _ = results.get("quality", ("test_accuracy", "test accuracy", True))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for i, (name, entry) in enumerate(t["strategies"].items()):
+        points = [(z, entry[str(z)]) for z in t["sizes"] if entry[str(z)]["mean"] is not None]
+        if not points:
+            continue
+        bars = [(c["ci95"][1] - c["ci95"][0]) / 2 if c.get("ci95") else 0.0 for _z, c in points]
+        ax.errorbar([z for z, _c in points], [c["mean"] for _z, c in points], yerr=bars if any(bars) else None,
+                    marker="o", markersize=5, capsize=3, color=f"C{i % 10}", label=name)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    baseline = (results.get("baseline") or {}).get(q.removeprefix("test_"))
+    if baseline is not None:
+        ax.axhline(baseline, color="0.4", linestyle="--", linewidth=1,
+                   label=f"{results['baseline']['name']} ({baseline:.3f})")
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(t["sizes"], labels=[f"{z:,}" + ("\n(all)" if z == t["whole"] else "") for z in t["sizes"]])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # only the sizes that ran are labelled
+    ax.set_xlabel("training examples (log scale)")
+    seeds = max((len(c["seeds"]) for e in t["strategies"].values() for c in e.values()), default=0)
+    ax.set_ylabel(q_label + (" (bars: 95% interval over seeds)" if seeds > 1 else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    s = results["settings"]
+    ax.set_title(f"{q_label.capitalize()} against training-set size\n{s['model']} on {s['dataset']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "learning_curve.png"), dpi=120)
+    plt.close(fig)
+    return True
 
 
 def write_confusion_matrix(matrix: list[list[int]], names: list[str], path: str, title: str) -> None:
