@@ -245,7 +245,8 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     if sizes and sizes["note"]:
         echo(sizes["note"])
     per_size = f" x {len(sizes['sizes'])} training-set sizes" if sizes else ""
-    echo(f"bench: {len(config.strategies)} strategies{per_size} x {len(config.seeds)} seed(s) on {config.model!r} / "
+    n = len(config.strategies)
+    echo(f"bench: {n} {'strategy' if n == 1 else 'strategies'}{per_size} x {len(config.seeds)} seed(s) on {config.model!r} / "
          f"{config.dataset!r}, each run in its own process; results in {out}")
     with staged_dir(out, overwrite) as stage:
         # the studies go into the staging directory too: an interrupted bench leaves none behind
