@@ -171,7 +171,7 @@ def test_bench_train_sizes_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_pat
     assert code == 0, stderr
     # tiny_csv has 200 rows: 160 train after the 80/10/10 split; 1000 is the whole set too, run once
     assert stderr.count("--train-sizes: 1,000 is at or above the training split's 160 examples") == 1
-    assert "bench: 1 strategies x 2 training-set sizes x 1 seed(s)" in stderr and "[2/2]" in stderr
+    assert "bench: 1 strategy x 2 training-set sizes x 1 seed(s)" in stderr and "[2/2]" in stderr
     results = json.load(open(out / "results.json"))
     assert [(r["strategy"], r["train_size"], r["status"]) for r in results["rows"]] == [
         ("head_only", 40, "ok"), ("head_only", 160, "ok")]
