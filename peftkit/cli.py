@@ -354,6 +354,8 @@ def _print_summary(m: RunMetrics, out: str) -> None:
         f"evaluation {format_size(m.peak_memory_eval_bytes)}\n"
         f"  run directory: {out}"
     )
+    if m.learned is False:  # after the figures, so that they do not read as a result (metrics.json: learned)
+        _echo(f"warning: this run learned nothing: {m.learned_note}")
 
 
 @cli.command("bench")

@@ -115,6 +115,14 @@ class RunMetrics:
     # "1"/"0" per test example in the test split's order: answered correctly or not (the task's
     # evaluate_test; None where it cannot say). A bench pairs strategies of one seed on it.
     per_example_correct: str | None = _figure(row=True, default=None)
+    optimizer_steps: int | None = _figure(row=True, default=None)  # over every epoch run
+    # whether the run learned anything beyond an answer that needs no training (Task.learned: the
+    # majority class; for a causal LM the untrained model's perplexity); None: the task cannot say
+    learned: bool | None = _figure(row=True, default=None)
+    # what it was judged against: name, judged_on (the split), and the reference's figures per split
+    baseline: dict[str, Any] | None = _figure(row=False, default=None)
+    # when it learned nothing: what the figures say and the likely cause, with the flag to try
+    learned_note: str | None = _figure(row=True, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         """metrics.json: the fields in order, task metrics flattened to ``test_*`` / ``validation_*``."""
