@@ -163,3 +163,70 @@ def test_a_causal_lm_made_worse_by_training_is_flagged(run_cli, tiny_causal_dir,
     assert "the learning rate 3 is likely too high: try --lr 1" in m["learned_note"] and "warning: this run" in stderr
     assert len(m["history"]) == 1  # the zero-shot pass is no epoch
     assert "zero-shot validation (before training): loss" in open(os.path.join(out, "train.log")).read()
+
+
+# -- the bench: each row carries its run's verdict, the report flags it with the cause ---------------
+
+NOTE = ("test accuracy 0.584 is not better than the majority-class rate 0.584 (always 'negative', 500 examples), "
+        "macro-F1 0.369. 20 optimizer steps is likely too few: try --epochs 8 (or a higher --lr)")
+
+
+class VerdictRunner:
+    """Every run fits; ``verdicts[(strategy, seed)]`` is (test accuracy, learned)."""
+
+    def __init__(self, verdicts: dict[tuple[str, int], tuple[float, bool]]) -> None:
+        self.verdicts = verdicts
+
+    def __call__(self, cfg, log_path: str):
+        from peftkit.benchmark import Attempt
+
+        acc, learned = self.verdicts[(cfg.strategy, cfg.seed)]
+        metrics = {"test_accuracy": acc, "test_f1_macro": acc - 0.2, "validation_accuracy": acc, "best_epoch": 1,
+                   "epochs_run": 1, "trainable_params": 10, "total_params": 100, "trainable_percent": 10.0,
+                   "peak_memory_bytes": 2**30, "peak_memory_eval_bytes": 2**29, "memory_loaded_bytes": 2**29,
+                   "peak_memory_increase_bytes": 2**29, "peak_memory_method": "test", "train_seconds": 10.0,
+                   "eval_seconds": 1.0, "samples_per_second": 100.0, "adapter_bytes": 1000,
+                   "batch_size": cfg.batch_size, "grad_accumulation": 1, "effective_batch_size": cfg.batch_size,
+                   "device": "cpu", "optimizer_steps": 20, "learned": learned, "learned_note": None if learned else NOTE,
+                   "history": [{"epoch": 1, "validation_accuracy": acc, "epoch_seconds": 8.0}]}
+        return Attempt("ok", cfg.batch_size, metrics=metrics)
+
+
+def test_the_bench_flags_a_run_that_learned_nothing_with_its_cause(tmp_path) -> None:
+    """lora's mean (0.70) is above the majority rate, but its seed 0 learned nothing: flagged, with why."""
+    from peftkit.benchmark import BenchConfig, run_suite
+
+    bench = BenchConfig(strategies=["full", "lora"], seeds=[0, 1], command="peftkit bench --test")
+    runner = VerdictRunner({("full", 0): (0.80, True), ("full", 1): (0.81, True),
+                            ("lora", 0): (0.584, False), ("lora", 1): (0.81, True)})
+    baselines = {s: {"name": "majority class", "predicts": "negative", "accuracy": 0.584, "f1_macro": 0.369}
+                 for s in (0, 1)}
+    echoed: list[str] = []
+    results = run_suite(bench, str(tmp_path), echoed.append, runner=runner, baselines=baselines)
+    assert [r["learned"] for r in results["rows"]] == [True, True, False, True]
+    assert results["summary"]["lora"]["learned_nothing"] == [0] and results["summary"]["full"]["learned_nothing"] == []
+    assert any(line.startswith("  lora seed 0: test accuracy 0.5840") and line.endswith(f"; learned nothing: {NOTE}")
+               for line in echoed)
+    md = (tmp_path / "results.md").read_text()
+    assert "| `lora` † |" in md and "| `full` |" in md
+    assert f"† `lora` learned nothing (seed 0): {NOTE}." in md
+    assert "† not better than the baseline's" not in md  # no strategy's mean is at the baseline
+
+
+def test_the_bench_flags_runs_that_learned_nothing_without_a_baseline(tmp_path) -> None:
+    """Plain text has no majority answer, but a causal LM's run is judged against zero-shot all the same."""
+    from peftkit.benchmark import BenchConfig, run_suite
+
+    bench = BenchConfig(strategies=["lora"], seeds=[0, 1], command="peftkit bench --test")
+    run_suite(bench, str(tmp_path), lambda m: None, runner=VerdictRunner({("lora", 0): (0.5, False),
+                                                                         ("lora", 1): (0.5, False)}))
+    md = (tmp_path / "results.md").read_text()
+    assert "| `lora` † |" in md and f"† `lora` learned nothing (seeds 0, 1): {NOTE}." in md and "Baseline" not in md
+
+
+def test_a_checkpoint_from_before_the_zero_shot_reference_still_resumes() -> None:
+    from peftkit.loop import LoopState
+
+    saved = LoopState(step=7).to_dict()
+    del saved["zero_shot"]
+    assert LoopState.from_dict(saved, {}).zero_shot is None
