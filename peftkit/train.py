@@ -157,7 +157,8 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     if evaluate_test:
         judge_learning(run, data, metrics, trainer.state.history, trainer.state.zero_shot)
         if metrics.learned is not None:
-            log(f"learned: {str(metrics.learned).lower()}" + (f": {metrics.learned_note}" if metrics.learned_note else ""))
+            note = f": {metrics.learned_note}" if metrics.learned_note else ""
+            log(f"learned: {str(metrics.learned).lower()}{note}")
     return TrainOutcome(metrics, trainer.state.history, trainer.inner)
 
 

@@ -189,7 +189,8 @@ def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], 
     acc, f1, rate = metrics["accuracy"], metrics.get("f1_macro"), baseline["accuracy"]
     correct = round(acc * examples)  # counts, not float32 means: 0.584 against 0.58399999 is the same 292
     p = above_rate_p(correct, examples, rate)
-    one_class = f1 is not None and baseline.get("f1_macro") is not None and f1 <= baseline["f1_macro"] + ONE_CLASS_F1_MARGIN
+    one_class_f1 = baseline.get("f1_macro")
+    one_class = f1 is not None and one_class_f1 is not None and f1 <= one_class_f1 + ONE_CLASS_F1_MARGIN
     record = {"name": baseline["name"], "judged_on": split,
               split: {k: baseline[k] for k in ("predicts", "accuracy", "f1_macro") if k in baseline}
               | {"examples": examples, "p_value": p}}
