@@ -473,6 +473,8 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
             "later_epoch_seconds_mean": statistics.mean(later) if later else None,
             "levers": ok[0].get("levers", "-"),
             "predicted_peak_bytes": ok[0].get("predicted_peak_bytes"),
+            # the seeds whose run learned nothing (each run's own verdict, metrics.json `learned`)
+            "learned_nothing": [r["seed"] for r in ok if r.get("learned") is False],
         }
         predicted, measured = out[name]["predicted_peak_bytes"], ok[0]["peak_memory_bytes"]
         # how far the planner was from the measured peak of the same run (issue target: within 20%)
@@ -542,15 +544,17 @@ def summarize_baseline(per_seed: dict[int, dict[str, Any] | None] | None) -> dic
 
 
 def not_above_baseline(summary: dict[str, dict[str, Any]], baseline: dict[str, Any] | None,
-                       quality: tuple[str, str, bool]) -> list[str]:
-    """Strategies whose quality (mean over seeds) is not better than the baseline's: a model that
-    learned nothing but the most frequent label scores exactly that."""
+                       quality: tuple[str, str, bool], runs: bool = True) -> list[str]:
+    """Strategies whose quality (mean over seeds) is not better than the baseline's (a model that
+    learned nothing but the most frequent label scores exactly that), or with a run that learned
+    nothing by its own verdict (``learned_nothing``: within a binomial test of the majority rate,
+    or a causal LM's perplexity no better than zero-shot; not with ``runs`` false)."""
     key, _label, higher = quality
     metric = key.removeprefix("test_")
-    if not baseline or baseline.get(metric) is None:
-        return []
+    known = bool(baseline) and baseline.get(metric) is not None
     worse = (lambda v: v <= baseline[metric]) if higher else (lambda v: v >= baseline[metric])
-    return [name for name, v in summary.items() if v.get(f"{key}_mean") is not None and worse(v[f"{key}_mean"])]
+    return [name for name, v in summary.items() if (runs and v.get("learned_nothing"))
+            or (known and v.get(f"{key}_mean") is not None and worse(v[f"{key}_mean"]))]
 
 
 def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
@@ -618,7 +622,8 @@ def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runne
             key, q_label, _ = quality_of([row])
             echo(f"  {label} {seeded}: {q_label} {row[key]:.4f}, train "
                  f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
-                 f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})")
+                 f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})"
+                 + (f"; learned nothing: {row.get('learned_note')}" if row.get("learned") is False else ""))
         else:
             echo(f"  {label} {seeded}: {row['status']}: {row['error']}")
         rows.append(row)
@@ -803,7 +808,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             cells = _report_cells(name, v, q, f, best)
             cells[0] += " †" if name in flagged else ""
             lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + baseline_note(results) if results.get("baseline") else []
+    lines += [""] + note if (note := baseline_note(results)) else []
     lines += [""] + comparison_note(results) if results.get("comparison") else []
     lines += [""] + tuning_report(results) if results.get("tuning") else []
     lines += [""] + sizes_report(results) if results.get("train_sizes") else []
@@ -816,13 +821,14 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
 
 
 def baseline_note(results: dict[str, Any]) -> list[str]:
-    """The lines under the table: the input-blind baseline (``results["baseline"]``) and what the
-    † beside a strategy means; none without a baseline."""
+    """The lines under the table: the input-blind baseline (``results["baseline"]``), what the †
+    beside a strategy means, and for each run that learned nothing what it measured and the
+    likely cause (``learned_notes``); none without a baseline or such a run."""
     b = results.get("baseline")
-    if not b:
-        return []
     quality = results.get("quality", QUALITY[0])
-    flagged = not_above_baseline(results["summary"], b, quality)
+    if not b:
+        return learned_notes(results)
+    flagged = not_above_baseline(results["summary"], b, quality, runs=False)  # the runs' own: learned_notes
     figures = ", ".join(f"{label} {b[key.removeprefix('test_')]:.4f}"
                         for key, label, _ in (quality, results.get("second", SECOND[0]))
                         if b.get(key.removeprefix("test_")) is not None)
@@ -833,7 +839,21 @@ def baseline_note(results: dict[str, Any]) -> list[str]:
         lines.append(f"† not better than the baseline's {quality[1]}: "
                      f"{'it' if len(flagged) == 1 else 'each'} may have learned no more than always to answer "
                      f"`{b['predicts']}`.")
-    return lines
+    return lines + learned_notes(results)
+
+
+def learned_notes(results: dict[str, Any]) -> list[str]:
+    """A line per strategy with runs that learned nothing (their ``learned`` false): the seeds, and
+    the first such run's own note (what it measured, the likely cause, the flag to try)."""
+    out = []
+    for name, v in results["summary"].items():
+        seeds = v.get("learned_nothing") or []
+        row = next((r for r in shown_rows(results) if r.get("strategy") == name and r.get("status") == "ok"
+                    and r.get("seed") in seeds and r.get("learned_note")), None)
+        if seeds:
+            which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+            out.append(f"† `{name}` learned nothing ({which})" + (f": {row['learned_note']}." if row else "."))
+    return out
 
 
 def _points(fraction: float) -> str:

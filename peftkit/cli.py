@@ -309,6 +309,10 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
     adapter/ (what the strategy trained, as safetensors, with its metadata). It appears only when
     the run has finished; until then the run is written into .NAME.partial beside it.
 
+    A run that learned nothing (test accuracy not clearly above the majority class, or a language
+    model's validation perplexity no better than before training) ends with a warning giving the
+    likely cause and the flag to try; metrics.json records `learned` and the `baseline`.
+
     Runs unchanged under `accelerate launch` or `torchrun` (data parallel; only the main process
     writes). See the README on multi-GPU and multi-node runs.
     """
@@ -358,6 +362,8 @@ def _print_summary(m: RunMetrics, out: str) -> None:
         f"evaluation {format_size(m.peak_memory_eval_bytes)}\n"
         f"  run directory: {out}"
     )
+    if m.learned is False:  # after the figures, so that they do not read as a result (metrics.json: learned)
+        _echo(f"warning: this run learned nothing: {m.learned_note}")
 
 
 @cli.command("bench")
@@ -377,8 +383,10 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     Each strategy and seed runs in its own process. The output directory holds
     results.json   every run, a summary per strategy, versions, plugins, machine
     results.md     the table, best values in bold; the majority-class baseline, and a
-                   † on each strategy not better than it; 95% intervals over seeds, and
-                   which strategies a paired test cannot tell from the best
+                   † on each strategy not better than it or with a run that learned
+                   nothing (that run's cause and flag to try under the table); 95%
+                   intervals over seeds, and which strategies a paired test cannot
+                   tell from the best
     *.png          accuracy vs peak memory (Pareto front), accuracy vs time, validation curves
                    (not with one epoch: a single point each)
     learning_curve.png  with --train-sizes: accuracy against training examples, a line

@@ -130,6 +130,9 @@ class LoopState:
     eval_seconds: float = 0.0
     max_trainable: int = 0  # the most parameters trainable at once (gradual unfreezing grows them)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    # the untrained model's validation metrics, for a task that judges learning against them
+    # (Task.needs_zero_shot_reference); None where it does not, or before they are measured
+    zero_shot: dict[str, float] | None = None
     smooth_loss: float | None = None  # the progress bar's running loss
     epoch_examples: int = 0
     epoch_loss: float = 0.0  # this process's sum of micro-batch losses
@@ -165,6 +168,8 @@ class LoopState:
     @classmethod
     def from_dict(cls, saved: dict[str, Any], best_snapshot: dict[str, Any]) -> LoopState:
         expected = {f.name for f in fields(cls)}
+        # a checkpoint from before zero_shot existed resumes as it was (its run's verdict is unknown)
+        saved = {"zero_shot": None, **saved}
         if set(saved) != expected:
             # a checkpoint of another peftkit version (the layout changed when the loop became a
             # LoopState): a clear refusal, not a KeyError half-way through restoring
@@ -407,6 +412,17 @@ class Trainer:
         loop = {**st.to_dict(), "epoch_elapsed": time.perf_counter() - self.epoch_start}
         self.checkpointer.save(st.step, loop, st.best.snapshot, sampler_state, self.total_steps)
 
+    def measure_zero_shot(self) -> None:
+        """The untrained model's validation metrics, before the first step, for a task that
+        judges a run against them (``Task.needs_zero_shot_reference``): one more validation pass,
+        over the loader validation uses (capped by --max-eval-samples). Never after a step: a run
+        resumed from a checkpoint without them stays without."""
+        if not self.task.needs_zero_shot_reference or self.state.step or self.state.zero_shot is not None:
+            return
+        self.state.zero_shot = self.evaluate("validation")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in self.state.zero_shot.items())
+        self.log(f"zero-shot validation (before training): {shown}")
+
     # -- an epoch --------------------------------------------------------------------------
 
     def open_bar(self) -> None:
@@ -574,4 +590,4 @@ class Trainer:
             device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
             torch_threads=torch.get_num_threads(), precision=cfg.levers.precision, optimizer=cfg.levers.optimizer,
             quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing, resumed=resumed,
-            per_example_correct=bits(self.test_correct))
+            per_example_correct=bits(self.test_correct), optimizer_steps=st.step)

@@ -108,6 +108,15 @@ class RunMetrics:
     # known once the adapter is saved (the run's own, after training)
     adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)
     wall_seconds: float | None = _figure(row=True, default=None)
+    # known once the test split is evaluated (train.judge_learning)
+    optimizer_steps: int | None = _figure(row=True, default=None)  # over every epoch run
+    # whether the run learned anything beyond an answer that needs no training (Task.learned: the
+    # majority class; for a causal LM the untrained model's perplexity); None: the task cannot say
+    learned: bool | None = _figure(row=True, default=None)
+    # what it was judged against: name, judged_on (the split), and the reference's figures per split
+    baseline: dict[str, Any] | None = _figure(row=False, default=None)
+    # when it learned nothing: what the figures say and the likely cause, with the flag to try
+    learned_note: str | None = _figure(row=True, default=None)
     split: dict[str, Any] | None = _figure(row=False, default=None)
     label_names: list[str] | None = _figure(row=False, default=None)
     history: list[dict[str, Any]] | None = _figure(row=False, default=None)

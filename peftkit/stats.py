@@ -83,6 +83,18 @@ def mcnemar(a_only: int, b_only: int) -> float:
     return 1.0 if n == 0 else float(binomtest(a_only, n, 0.5).pvalue)
 
 
+def above_rate_p(correct: int, examples: int, rate: float) -> float:
+    """One-sided exact binomial p-value that ``correct`` right answers of ``examples`` come from a
+    predictor whose true accuracy is only ``rate`` (an input-blind one's): small when the accuracy
+    is clearly above it. 1.0 with no examples."""
+    from scipy.stats import binomtest
+
+    if examples <= 0:
+        return 1.0
+    return float(binomtest(max(0, min(correct, examples)), examples, min(max(rate, 0.0), 1.0),
+                           alternative="greater").pvalue)
+
+
 def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], resamples: int = RESAMPLES,
                      seed: int = 0, level: float = LEVEL) -> PairedComparison:
     """Compare per-example correctness (1/0) of two strategies, one list per seed, each pair of

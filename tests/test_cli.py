@@ -62,7 +62,9 @@ def test_full_run_learns_the_toy_task(run_cli, tiny_model_dir, tiny_csv, tmp_pat
     code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, out, "--strategy", "full",
                                          "--epochs", "6", "--lr", "3e-3"))
     assert code == 0, stderr
-    assert json.load(open(os.path.join(out, "metrics.json")))["test_accuracy"] >= 0.9
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["test_accuracy"] >= 0.9
+    assert m["learned"] is True and m["learned_note"] is None, "well above the majority class: not flagged"
 
 
 def test_same_seed_same_result(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:

@@ -98,6 +98,9 @@ def test_causal_lm_learns_the_toy_answers(tiny_causal_dir, pairs_csv, run_cli, t
     m = _load(os.path.join(out, "metrics.json"))
     # two equally likely answers: a model that learned nothing scores about 0.5 and perplexity ~2 on them
     assert m["test_exact_match"] >= 0.9, m["test_exact_match"]
+    # the untrained model's validation perplexity was measured first, and training beat it
+    assert m["learned"] is True and m["baseline"]["name"] == "zero-shot"
+    assert m["validation_loss"] < m["baseline"]["validation"]["loss"]
 
 
 def test_head_only_trains_the_untied_output_layer_only(tiny_causal_dir, pairs_csv) -> None:

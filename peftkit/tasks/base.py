@@ -47,6 +47,22 @@ class Evaluation:
     """Counts, a row per true label, a column per predicted label, in the adapter's label order."""
 
 
+@dataclass
+class Verdict:
+    """Whether a run learned anything beyond an answer that needs no training (``Task.learned``)."""
+
+    learned: bool
+    baseline: dict[str, Any]
+    """What the run was judged against, as metrics.json records it: ``name`` (``majority class``,
+    ``zero-shot``), ``split``, and that reference's figures on it."""
+    reason: str
+    """What the figures say, for a person: ``test accuracy 0.584 is not better than the
+    majority-class rate 0.584 (always 'neg', 500 examples), macro-F1 0.369``."""
+    worse: bool = False
+    """The run ended worse than the reference, not merely at it (a language model whose perplexity
+    rose): training undid something, which more steps would not mend (a learning rate too high)."""
+
+
 class Task:
     """Base class of task types (``peftkit run --task NAME``)."""
 
@@ -71,6 +87,10 @@ class Task:
     #: whether ``predict`` generates text, and so takes ``generation`` (``GenerationOptions``:
     #: new tokens, sampling, chat template); a task that does not is never passed it
     generates: ClassVar[bool] = False
+    #: whether ``learned`` judges a run against the untrained model: then a run measures the
+    #: model's validation metrics once before its first step (one extra validation pass) and
+    #: hands them to ``learned`` as ``zero_shot``
+    needs_zero_shot_reference: ClassVar[bool] = False
 
     # -- data and model ------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
@@ -154,6 +174,15 @@ class Task:
         the keys ``evaluate`` uses; None where no such predictor means anything (plain text)."""
         return None
 
+    def learned(self, measured: dict[str, dict[str, float]], data: TaskData,
+                zero_shot: dict[str, float] | None = None) -> Verdict | None:
+        """Whether a run learned anything: ``measured`` holds its ``test`` metrics (empty when the
+        test split was not evaluated) and its selected epoch's ``validation`` metrics, ``data`` the
+        data it was trained and evaluated on, ``zero_shot`` the untrained model's validation
+        metrics (only for a task with ``needs_zero_shot_reference``). None: the task cannot say
+        (the default: a plugin task that measures its own way is never judged wrongly)."""
+        return None
+
     # -- planning (``peftkit plan``: random weights, no data) -----------------------------------
     def model_from_config(self, config: Any) -> nn.Module:
         """This task's model built from ``config`` (random weights; on the meta device under
@@ -230,4 +259,4 @@ def gathered_sum(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
-__all__ = ["Evaluation", "Task", "TaskData", "TaskSpec", "gathered_sum", "in_split_order", "map_splits"]
+__all__ = ["Evaluation", "Task", "Verdict", "TaskData", "TaskSpec", "gathered_sum", "in_split_order", "map_splits"]

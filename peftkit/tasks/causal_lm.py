@@ -26,7 +26,7 @@ from ..data import PROMPT_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, Shape
 from ..errors import PeftkitError
 from ..predict_io import GenerationOptions
 from . import register_task
-from .base import Task, TaskData, TaskSpec, in_split_order, map_splits
+from .base import Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -71,6 +71,7 @@ class CausalLM(Task):
     headline_metrics = ("perplexity", "exact_match")
     input_columns = (*PROMPT_COLUMN_GUESSES, *TEXT_COLUMN_GUESSES)
     generates = True
+    needs_zero_shot_reference = True  # ``learned`` compares perplexity with the untrained model's
 
     def accepts_model(self, model_task: Task) -> bool:
         """Only a model that generates: a sequence classifier's or an encoder's base cannot."""
@@ -120,6 +121,26 @@ class CausalLM(Task):
         if data.shape is Shape.LABELLED:
             out["accuracy"] = out["exact_match"]  # as evaluate reports it
         return out
+
+    def learned(self, measured: dict[str, dict[str, float]], data: TaskData,
+                zero_shot: dict[str, float] | None = None) -> Verdict | None:
+        """The selected epoch's validation loss against the untrained model's (``zero_shot``,
+        measured on the same validation split before the first step): not below it means training
+        made the model no better at writing the responses (learned nothing, or undid what it
+        knew). None where no zero-shot loss was measured (a run resumed from an older checkpoint)."""
+        after = (measured.get("validation") or {}).get("loss")
+        before = (zero_shot or {}).get("loss")
+        if after is None or before is None:
+            return None
+        ppl_before, ppl_after = math.exp(min(before, 50.0)), math.exp(min(after, 50.0))
+        record = {"name": "zero-shot", "judged_on": "validation",
+                  "validation": {"loss": before, "perplexity": ppl_before}}
+        if after < before:
+            return Verdict(True, record, f"validation perplexity {ppl_after:.2f} is below the untrained model's "
+                                         f"{ppl_before:.2f}")
+        word = "worse than" if after > before else "no better than"
+        return Verdict(False, record, f"validation perplexity {ppl_after:.2f} is {word} the untrained (zero-shot) "
+                                      f"model's {ppl_before:.2f}", worse=after > before)
 
     def load_processor(self, model: str) -> Any:
         from ..models import load_tokenizer

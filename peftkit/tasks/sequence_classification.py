@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import register_task
-from .base import Evaluation, Task, TaskData, TaskSpec, in_split_order, map_splits
+from .base import Evaluation, Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -130,16 +130,83 @@ class ClassificationTask(Task):
     def baseline(self, data: TaskData) -> dict[str, Any] | None:
         """Always the most frequent label of the test split (the lowest id on a tie), scored with
         the same accuracy and macro-F1 over every label as a model."""
-        import torch
+        return majority_baseline(list(data.splits["test"]["label"]), list(data.label_names or ()))
 
-        labels = torch.as_tensor(list(data.splits["test"]["label"]), dtype=torch.long)
+    def learned(self, measured: dict[str, dict[str, float]], data: TaskData,
+                zero_shot: dict[str, float] | None = None) -> Verdict | None:
+        """Judged on the test split (``judge_against_majority``), or on validation where no test
+        was evaluated. Validation is recorded beside it but does not decide: its figure is the best
+        of the epochs (picked on it, so optimistic), and a split of a few dozen examples can miss
+        real learning by chance, while test is the unbiased figure the summary leads with. None
+        for a subclass that measures its own way (no accuracy) or data without label names."""
         names = list(data.label_names or ())
-        if not len(labels) or not names:
+        judged = "test" if measured.get("test") else "validation"
+        if self._measures_its_own_way() or not names or "accuracy" not in measured.get(judged, {}):
             return None
-        counts = torch.bincount(labels, minlength=len(names))
-        majority = int(counts.argmax())  # argmax returns the first maximum: the lowest id
-        scores = classification_metrics(torch.full_like(labels, majority), labels, len(names))
-        return {"name": "majority class", "predicts": names[majority], **scores}
+        verdicts = {}
+        for split in ("test", "validation"):
+            figures = measured.get(split) or {}
+            base = majority_baseline(list(data.splits[split]["label"]), names) if "accuracy" in figures else None
+            if base is not None:
+                verdicts[split] = judge_against_majority(figures, base, len(data.splits[split]), split)
+        if judged not in verdicts:
+            return None
+        verdict = verdicts[judged]
+        for split, other in verdicts.items():
+            verdict.baseline[split] = other.baseline[split]
+        return verdict
+
+
+#: accuracy counts as better than the majority-class rate only when a one-sided exact binomial test
+#: says so at this level: a tolerance in points would be too strict on 50 test examples and too lax
+#: on 5,000 (0.590 against a rate of 0.588 on 1,000 examples is p = 0.47: it learned nothing)
+BETTER_THAN_MAJORITY_P = 0.05
+#: macro-F1 within this of the majority class's own (the highest a one-class predictor gets) is a
+#: model that answers one class for all but a handful of examples, whatever its accuracy
+ONE_CLASS_F1_MARGIN = 0.01
+
+
+def majority_baseline(labels: list[int], names: list[str]) -> dict[str, Any] | None:
+    """Always the most frequent of ``labels`` (ids into ``names``; the lowest id on a tie): what it
+    predicts and its accuracy and macro-F1 over every label. None without labels or names."""
+    import torch
+
+    if not labels or not names:
+        return None
+    ids = torch.as_tensor(labels, dtype=torch.long)
+    majority = int(torch.bincount(ids, minlength=len(names)).argmax())  # the first maximum: the lowest id
+    scores = classification_metrics(torch.full_like(ids, majority), ids, len(names))
+    return {"name": "majority class", "predicts": names[majority], **scores}
+
+
+def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], examples: int,
+                           split: str) -> Verdict:
+    """Whether ``metrics`` (accuracy, macro-F1 of ``examples`` examples of ``split``) show learning
+    beyond always answering the majority class (``baseline``): accuracy clearly above its rate
+    (``BETTER_THAN_MAJORITY_P``) and macro-F1 above a one-class predictor's (``ONE_CLASS_F1_MARGIN``)."""
+    from ..stats import above_rate_p
+
+    acc, f1, rate = metrics["accuracy"], metrics.get("f1_macro"), baseline["accuracy"]
+    correct = round(acc * examples)  # counts, not float32 means: 0.584 against 0.58399999 is the same 292
+    p = above_rate_p(correct, examples, rate)
+    one_class_f1 = baseline.get("f1_macro")
+    one_class = f1 is not None and one_class_f1 is not None and f1 <= one_class_f1 + ONE_CLASS_F1_MARGIN
+    record = {"name": baseline["name"], "judged_on": split,
+              split: {k: baseline[k] for k in ("predicts", "accuracy", "f1_macro") if k in baseline}
+              | {"examples": examples, "p_value": p}}
+    where = f"(always {baseline['predicts']!r}, {examples:,} examples)"
+    f1_text = f", macro-F1 {f1:.3f}" if f1 is not None else ""
+    if correct <= round(rate * examples):
+        reason = f"{split} accuracy {acc:.3f} is not better than the majority-class rate {rate:.3f} {where}{f1_text}"
+    elif p >= BETTER_THAN_MAJORITY_P:
+        reason = (f"{split} accuracy {acc:.3f} is not clearly above the majority-class rate {rate:.3f} {where}; "
+                  f"one-sided binomial p = {p:.2f}{f1_text}")
+    elif one_class:
+        reason = (f"{split} macro-F1 {f1:.3f} is what always answering one class gets "
+                  f"({baseline['f1_macro']:.3f} for {baseline['predicts']!r}), at accuracy {acc:.3f}")
+    else:
+        reason = f"{split} accuracy {acc:.3f} is above the majority-class rate {rate:.3f} {where}{f1_text}"
+    return Verdict(p < BETTER_THAN_MAJORITY_P and not one_class, record, reason)
 
 
 def predict_rows(loaded: Any, batches: Any, inputs: list[Any]) -> list[dict[str, Any]]:
