@@ -72,7 +72,7 @@ def test_explicit_epochs_are_obeyed_and_a_user_patience_kept() -> None:
     lora = _strategy("lora")
     obeyed = lora.schedule(640, 32, epochs=1)
     assert (obeyed.epochs, obeyed.early_stopping_patience, obeyed.how) == (1, None, "set")
-    assert obeyed.reason.startswith("note: --epochs 1 on 640 examples gives 20 optimizer steps")
+    assert obeyed.reason.startswith("note: 1 epoch(s) as set, on 640 examples, make 20 optimizer steps")
     enough = lora.schedule(640, 32, epochs=8)
     assert (enough.epochs, enough.how, enough.worth_saying) == (8, "set", False)
     kept = lora.schedule(640, 32, patience=5)
@@ -111,7 +111,7 @@ def test_a_small_run_records_its_raised_epochs(run_cli, tiny_model_dir, tiny_csv
 def test_a_small_run_with_explicit_epochs_trains_them(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     config, metrics, err = _tiny_run(run_cli, tiny_model_dir, tiny_csv, tmp_path / "run", "--epochs", "1")
     assert config["epochs"] == 1 and config["early_stopping_patience"] is None and metrics["epochs_run"] == 1
-    assert "note: --epochs 1 on 40 examples gives 2 optimizer steps" in err
+    assert "note: 1 epoch(s) as set, on 40 examples, make 2 optimizer steps" in err
 
 
 def test_tune_trial_zero_gets_the_raised_epochs(tiny_model_dir, tiny_csv, tmp_path) -> None:

@@ -231,9 +231,9 @@ class Strategy:
         if epochs is not None:
             reason = f"{head}; training {epochs} epoch(s) as set ({epochs * per_epoch} steps)"
             if epochs * per_epoch < d.min_steps:
-                reason = (f"note: --epochs {epochs} on {train_examples:,} examples gives {epochs * per_epoch} "
-                          f"optimizer steps; {self.name}'s defaults train at least {d.min_steps} (leave "
-                          "--epochs unset for them)")
+                reason = (f"note: {epochs} epoch(s) as set, on {train_examples:,} examples, make "
+                          f"{epochs * per_epoch} optimizer steps; {self.name}'s defaults train at least "
+                          f"{d.min_steps} (leave epochs unset for them)")
             return Schedule(epochs, patience, per_epoch, d.epochs, "set", reason)
         if d.epochs * per_epoch >= d.min_steps:
             return Schedule(d.epochs, patience, per_epoch, d.epochs, "default",
