@@ -53,14 +53,16 @@ def test_small_data_raises_epochs_with_early_stopping_and_says_why() -> None:
     # the patience covers at least a third of min_steps (3 x 20 >= 50): on a few hundred examples
     # validation often sits at the majority class for the first tiny epochs before it rises
     assert schedule.reason == ("640 examples: 20 steps per epoch; training 8 epochs (at least 150 steps), "
-                               "early stopping after 3 epochs without gain (60 steps) (--epochs N to choose)")
+                               "early stopping after 3 epochs (60 steps) without gain (--epochs N to choose)")
 
 
 def test_the_raise_is_capped_and_counts_the_global_batch_and_accumulation() -> None:
     lora = _strategy("lora").schedule(40, 32)
-    assert (lora.epochs, lora.early_stopping_patience) == (20, 25)  # 2 steps an epoch: max_epochs
+    # 2 steps an epoch: capped at max_epochs, and a patience of 25 (50 steps) would outlast them
+    assert (lora.epochs, lora.early_stopping_patience) == (20, 10)
     assert "40 steps: lora trains at most 20 epochs by default" in lora.reason
-    assert _strategy("head_only").schedule(40, 32).epochs == 75  # head_only's epochs are cheap: up to 100
+    head = _strategy("head_only").schedule(40, 32)  # head_only's epochs are cheap: up to 100
+    assert (head.epochs, head.early_stopping_patience) == (75, 25)
     # gradual_unfreeze needs its groups unfrozen (8 x 40 steps on MiniLM) and trained after
     assert _strategy("gradual_unfreeze").schedule(640, 32).epochs == 20
     # batch 16 x 2 accumulated: a step is 32 examples, as at batch 32
@@ -99,13 +101,13 @@ def _tiny_run(run_cli, tiny_model_dir, tiny_csv, out, *extra: str) -> tuple[dict
 def test_a_small_run_records_its_raised_epochs(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     config, metrics, err = _tiny_run(run_cli, tiny_model_dir, tiny_csv, tmp_path / "run")
     # 40 examples at batch 32: 2 steps an epoch, raised to lora's cap of 20 epochs
-    assert config["epochs"] == 20 and config["early_stopping_patience"] == 25
+    assert config["epochs"] == 20 and config["early_stopping_patience"] == 10
     assert config["schedule"]["how"] == "raised" and config["schedule"]["default_epochs"] == 1
     assert metrics["epochs"] == 20 and metrics["schedule"] == config["schedule"]
     assert "40 examples: 2 steps per epoch; training 20 epochs" in err
     # what config.yaml recorded is what a rerun (or --resume) reads: epochs then count as set
     again = RunConfig.from_dict({k: v for k, v in config.items() if k in ("epochs", "early_stopping_patience")})
-    assert (again.epochs, again.early_stopping_patience) == (20, 25)
+    assert (again.epochs, again.early_stopping_patience) == (20, 10)
 
 
 def test_a_small_run_with_explicit_epochs_trains_them(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
@@ -127,7 +129,7 @@ def test_tune_trial_zero_gets_the_raised_epochs(tiny_model_dir, tiny_csv, tmp_pa
     zero = trial_zero(plan)
     assert zero["epochs"] == 20  # what a plain run trains on these 40 examples, not lora's 1
     assert any("training 20 epochs" in line for line in said)
-    assert trial_config(plan, zero, str(tmp_path / "t0")).early_stopping_patience == 25
+    assert trial_config(plan, zero, str(tmp_path / "t0")).early_stopping_patience == 10
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     searched = {plan.strategy.search_space(SearchTrial(study.ask(), plan.fixed, {}), plan.defaults)["epochs"]
                 for _ in range(30)}

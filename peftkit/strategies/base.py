@@ -223,7 +223,8 @@ class Strategy:
         ``min_steps`` (at most ``defaults.max_epochs``) and early stopping is switched on unless
         the user set a patience. Its patience covers at least 2 epochs and a third of
         ``min_steps``: on a few hundred examples validation often sits at the majority class for
-        the first tiny epochs before it rises, and 2 such epochs must not end the run.
+        the first tiny epochs before it rises, and 2 such epochs must not end the run. (Where
+        ``max_epochs`` capped the raise and that patience would outlast the run: half its epochs.)
         """
         d = type(self).defaults
         per_epoch = optimizer_steps_per_epoch(train_examples, batch_size, grad_accumulation)
@@ -244,7 +245,9 @@ class Strategy:
                  f"{raised * per_epoch} steps: {self.name} trains at most {d.max_epochs} epochs by default")
         if patience is None:
             patience = max(2, -(-d.min_steps // (3 * per_epoch)))
-            stop = f"early stopping after {patience} epochs without gain ({patience * per_epoch} steps)"
+            if patience >= raised:  # capped at max_epochs: a patience that could never end the run
+                patience = max(2, raised // 2)
+            stop = f"early stopping after {patience} epochs ({patience * per_epoch} steps) without gain"
         else:
             stop = f"early stopping after {patience} epochs without gain, as set"
         return Schedule(raised, patience, per_epoch, d.epochs, "raised",
