@@ -464,10 +464,17 @@ def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
     base = dataclasses.replace(base, **resolved_columns(data))
     for line in [*data.notes, *task.data_warnings(data)]:
         echo(line)
+    # the epochs (and early stopping) a plain run gets on this training set: trial 0 and the
+    # searched range start from them, not from the strategy's figure for a large one
+    schedule = cls(options_from_dict(cls, base.strategy_options)).schedule(
+        data.split_info["sizes"]["train"], base.batch_size or cls.defaults.batch_size, base.grad_accumulation,
+        epochs=base.epochs, patience=base.early_stopping_patience)
+    if schedule.how == "raised":
+        echo(f"tune: {schedule.reason}; trials search epochs around {schedule.epochs}")
     out = config.output_dir or default_output_dir(f"tune-{cls.name}")
     storage = config.storage or f"sqlite:///{os.path.abspath(out)}/{STUDY_FILE}"
     return TunePlan(config, cls, base, fixed, metric, metric_direction(task, metric), out, storage,
-                    config.study_name or f"tune-{cls.name}")
+                    config.study_name or f"tune-{cls.name}", schedule)
 
 
 def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult:

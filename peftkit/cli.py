@@ -62,7 +62,8 @@ _declare("label_column", "--label-column", default=None, help="Column holding th
 _declare("response_column", "--response-column", default=None,
          help="causal-lm: column holding the answer to learn (default: guessed: response, output, completion, "
               "answer); without one, a labelled dataset is phrased as a completion task.")
-_declare("epochs", "--epochs", type=int, default=None, help="Epochs (default: each strategy's own).")
+_declare("epochs", "--epochs", type=int, default=None, help="Epochs, obeyed as given (default: each strategy's own, raised on a small training set to reach "
+              "its minimum optimizer steps, with early stopping; the run says so).")
 _declare("batch_size", "--batch-size", type=int, default=None,
          help="Training batch size (default: the strategy's own); with several processes, the global batch.")
 _declare("lr", "--lr", type=float, default=None, help="Peak learning rate (default: the strategy's own).")
@@ -74,12 +75,14 @@ _declare("max_eval_samples", "--max-eval-samples", type=int, default=None,
          help="Use at most N validation and N test examples (seeded); evaluating a language model on a CPU is slow.")
 _declare("seed", "--seed", type=int, default=None, help="Random seed for split, sampling and initialisation. Default: 0.")
 _declare("weight_decay", "--weight-decay", type=float, default=None, help="AdamW weight decay on weight matrices.")
-_declare("warmup_ratio", "--warmup-ratio", type=float, default=None, help="Fraction of steps with linear warmup.")
+_declare("warmup_ratio", "--warmup-ratio", type=float, default=None, help="Fraction of the run's optimizer steps with linear warmup (at most the "
+              "strategy's max_warmup_steps, 1000).")
 _declare("grad_accumulation", "--grad-accumulation", type=int, default=None,
          help="Micro-batches per optimizer step. Default: 1.")
 _declare("eval_batch_size", "--eval-batch-size", type=int, default=None, help="Evaluation batch size. Default: 128.")
 _declare("early_stopping_patience", "--early-stopping-patience", type=int, default=None,
-         help="Stop after N epochs without better validation accuracy.")
+         help="Stop after N epochs without better validation accuracy (default: never, unless the "
+              "epochs were raised for a small training set).")
 _declare("quantize", "--quantize", type=click.Choice(QUANTIZATIONS), default=None,
          help="Load the frozen base quantized (bitsandbytes; 4bit = NF4 + double quantization, QLoRA). "
               "For lora, adapter, prefix, head_only.")
@@ -266,7 +269,10 @@ def list_cmd(verbose: bool) -> None:
         if verbose:
             d = cls.defaults
             click.echo(f"{'':<{width}}  defaults: lr={d.lr:g} epochs={d.epochs} batch_size={d.batch_size} "
-                       f"weight_decay={d.weight_decay:g} warmup_ratio={d.warmup_ratio:g}")
+                       f"weight_decay={d.weight_decay:g} warmup_ratio={d.warmup_ratio:g} "
+                       f"(warmup at most {d.max_warmup_steps} steps)")
+            click.echo(f"{'':<{width}}  small data: at least min_steps={d.min_steps} optimizer steps, epochs "
+                       f"raised up to max_epochs={d.max_epochs}, with early stopping (unless --epochs)")
             for opt, typ, default in option_help(cls):
                 click.echo(f"{'':<{width}}  --set {opt}=...  ({typ}, default {default})")
     for message in registry.plugin_errors():
@@ -448,7 +454,7 @@ def _command_line(name: str) -> str:
          "weight_decay", "warmup_ratio", "grad_accumulation", *LEVERS, "memory_budget", "set", "trials",
          "timeout", "storage", "study_name", "metric", "pruner", "space", "output_dir", "overwrite",
          strategy="Strategy to tune (see `peftkit list`); required.",
-         epochs="Epochs of every trial (default: searched around the strategy's own).",
+         epochs="Epochs of every trial (default: searched around those a plain run trains on this data).",
          lr="Fix the learning rate (default: searched, log-uniform over 1/10..10x the strategy's own).",
          set="Fix a strategy option (not searched), repeatable: --set r=16.",
          output_dir="Where the study and reports go; give the same one again to continue the study. "

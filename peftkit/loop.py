@@ -358,7 +358,7 @@ class Trainer:
         self.memory_loaded = self.meter.current()
         self.steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accumulation)
         self.total_steps = self.steps_per_epoch * hp.epochs
-        self.warmup_steps = int(hp.warmup_ratio * self.total_steps)
+        self.warmup_steps = hp.warmup_steps(self.total_steps)  # a ratio of the run, capped (TrainingDefaults)
         self.state.max_trainable = self.count_trainable()
         self.checkpointer = Checkpointer(self.accelerator, strategy, self.inner, self.optimizer, workdir,
                                          cfg.checkpoint_every, self.log)

@@ -9,6 +9,7 @@ difference between the strategies, not between two copies of a loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from .files import write_json
 # make_loader and torch_param_groups live in loop; importable from here as before (plan, benchmarks use them)
 from .loop import Trainer, make_loader, torch_param_groups  # noqa: F401
 from .metrics import RunMetrics
-from .strategies.base import Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
+from .strategies.base import Schedule, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
 from .tasks.base import Task
 
 
@@ -34,6 +35,7 @@ class ResolvedRun:
     strategy: Strategy
     hparams: TrainingDefaults
     task: Task
+    schedule: Schedule | None = None  # set once the data is loaded (``size_schedule``)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.config.to_dict()
@@ -73,7 +75,9 @@ def resolve(cfg: RunConfig) -> ResolvedRun:
         setattr(cfg, key, value)
     check_trackers(cfg.report_to)
     d = cls.defaults
-    hp = TrainingDefaults(
+    # the strategy's own fields (min_steps, max_epochs, max_warmup_steps) come along
+    hp = dataclasses.replace(
+        d,
         lr=cfg.lr if cfg.lr is not None else d.lr,
         epochs=cfg.epochs if cfg.epochs is not None else d.epochs,
         batch_size=cfg.batch_size if cfg.batch_size is not None else d.batch_size,
@@ -81,6 +85,20 @@ def resolve(cfg: RunConfig) -> ResolvedRun:
         warmup_ratio=cfg.warmup_ratio if cfg.warmup_ratio is not None else d.warmup_ratio,
     )
     return ResolvedRun(cfg, strategy, hp, task)
+
+
+def size_schedule(run: ResolvedRun, train_examples: int) -> Schedule:
+    """Epochs and early stopping for a training set of ``train_examples`` (``Strategy.schedule``),
+    put into ``run``: ``hparams.epochs`` and ``config.early_stopping_patience``. Called once the data
+    is loaded and before config.yaml is written, so config.yaml records them and a resumed run (or
+    a rerun of config.yaml) trains exactly the same."""
+    cfg = run.config
+    schedule = run.strategy.schedule(train_examples, run.hparams.batch_size, cfg.grad_accumulation,
+                                     epochs=cfg.epochs, patience=cfg.early_stopping_patience)
+    run.hparams = dataclasses.replace(run.hparams, epochs=schedule.epochs)
+    cfg.early_stopping_patience = schedule.early_stopping_patience
+    run.schedule = schedule
+    return schedule
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -292,6 +310,12 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     cap_eval_splits(data, cfg.max_eval_samples, cfg.seed)
     _say_data(run, data, resolved, (lambda message: None) if data_said else say, log)
     log(f"data: {data.split_info['method']}; sizes {data.split_info['sizes']}; labels {data.label_names}")
+    schedule = size_schedule(run, data.split_info["sizes"]["train"])
+    resolved.update(epochs=run.hparams.epochs, early_stopping_patience=cfg.early_stopping_patience,
+                    schedule=schedule.to_dict())
+    log(schedule.reason)
+    if schedule.worth_saying and write_config:  # a resumed run's epochs were chosen (and said) at its start
+        say(schedule.reason)
     resolved["split"] = data.split_info
     resolved["label_names"] = data.label_names
     if write_config:
@@ -337,6 +361,20 @@ def _announce(run: ResolvedRun, sizes: dict[str, int], resume_from: str | None, 
             f"peftkit run --resume {cfg.output_dir}")
 
 
+def _recorded_schedule(run: ResolvedRun, workdir: str) -> dict[str, Any] | None:
+    """How the epochs were chosen, for metrics.json: a resumed run reads its config.yaml (which
+    recorded the first start's choice; this start only saw the recorded epochs as set)."""
+    import yaml
+
+    path = os.path.join(workdir, "config.yaml")
+    if run.config.epochs is not None and os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            recorded = (yaml.safe_load(fh) or {}).get("schedule")
+        if recorded:
+            return recorded
+    return run.schedule.to_dict() if run.schedule is not None else None
+
+
 def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutcome, wall_start: float) -> dict[str, Any]:
     """Save the adapter (with its metadata) and metrics.json; drop the checkpoints (main process)."""
     import shutil
@@ -368,6 +406,7 @@ def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutco
     metrics.wall_seconds = time.perf_counter() - wall_start
     metrics.split, metrics.label_names, metrics.history, metrics.versions = (
         data.split_info, data.label_names, outcome.history, versions)
+    metrics.schedule = _recorded_schedule(run, workdir)
     out = metrics.to_dict()
     write_json(os.path.join(workdir, "metrics.json"), out)
     # the checkpoints served their purpose: a finished run ships its adapter, not its optimizer

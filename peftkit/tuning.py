@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .config import RunConfig
 from .errors import PeftkitError, first_line
 from .files import private_dir, write_json
-from .strategies.base import TUNED_SETTINGS, Strategy, default_point, options_from_dict
+from .strategies.base import (TUNED_SETTINGS, Schedule, Strategy, TrainingDefaults, default_point,
+                              options_from_dict)
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -97,6 +98,16 @@ class TunePlan:
     output_dir: str
     storage: str
     study_name: str
+    # the epochs and early stopping a plain run with the defaults gets on this training set
+    schedule: Schedule | None = None
+
+    @property
+    def defaults(self) -> TrainingDefaults:
+        """The strategy's defaults with the epochs a plain run trains on this training set (raised
+        on a small one, ``Strategy.schedule``): trial 0's values and the centre of the searched
+        epochs."""
+        d = self.strategy.defaults
+        return d if self.schedule is None else dataclasses.replace(d, epochs=self.schedule.epochs)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -263,7 +274,7 @@ def _describe(identity: dict[str, Any] | None) -> str:
 def trial_zero(plan: TunePlan) -> dict[str, Any]:
     """The strategy's defaults as the study's parameters (the fixed settings are not parameters;
     where ``--space`` leaves a default out, its first value)."""
-    point = default_point(plan.strategy, overrides=plan.fixed)
+    point = default_point(plan.strategy, plan.defaults, overrides=plan.fixed)
     space = plan.config.space
     return {k: (v if k not in space or v in space[k] else space[k][0]) for k, v in point.items()
             if k not in plan.fixed}
@@ -300,6 +311,10 @@ def trial_config(plan: TunePlan, values: dict[str, Any], workdir: str) -> RunCon
     settings = {k: v for k, v in values.items() if k in TUNED_SETTINGS}
     options = {**plan.base.strategy_options, **{k: v for k, v in values.items() if k not in TUNED_SETTINGS}}
     cfg = dataclasses.replace(plan.base, **settings, strategy_options=options, output_dir=workdir, overwrite=False)
+    if cfg.early_stopping_patience is None and plan.schedule is not None and plan.schedule.how == "raised":
+        # a plain run raises epochs on this small training set and stops early: so do the trials,
+        # whose epochs are searched around the raised ones (the patience counts the same steps)
+        cfg.early_stopping_patience = plan.schedule.early_stopping_patience
     cfg.validate()
     return cfg
 
@@ -326,7 +341,7 @@ def run_trial(trial: Any, cfg: RunConfig, plan: TunePlan, prunable: bool) -> Tri
 
     workdir = cfg.output_dir
     os.makedirs(workdir, exist_ok=True)
-    last_epoch = cfg.epochs or plan.strategy.defaults.epochs
+    last_epoch = cfg.epochs or plan.defaults.epochs
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peftkit-tune-") as tmp, \
             open(os.path.join(workdir, "worker.log"), "a", encoding="utf-8") as log:
@@ -411,7 +426,7 @@ def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
     while counted(study) < cfg.trials and (deadline is None or time.monotonic() < deadline):
         trial = study.ask()
         try:
-            values = plan.strategy.search_space(SearchTrial(trial, plan.fixed, cfg.space), plan.strategy.defaults)
+            values = plan.strategy.search_space(SearchTrial(trial, plan.fixed, cfg.space), plan.defaults)
             run_cfg = trial_config(plan, values, os.path.join(plan.output_dir, "trials", f"{trial.number:04d}"))
             outcome = run_trial(trial, run_cfg, plan, prunable=not trial.user_attrs.get("defaults"))
         except KeyboardInterrupt:
@@ -524,7 +539,7 @@ def staged_reports(out: str) -> Any:
 def best_config(plan: TunePlan, study: optuna.Study) -> RunConfig:
     """The best trial's run settings, every default resolved, ready for ``peftkit run``."""
     best = study.best_trial
-    values = plan.strategy.search_space(_Replay(best.params, plan.fixed), plan.strategy.defaults)
+    values = plan.strategy.search_space(_Replay(best.params, plan.fixed), plan.defaults)
     cfg = trial_config(plan, values, "unused")
     cfg.output_dir = None
     return cfg

@@ -97,7 +97,10 @@ class GradualUnfreeze(Strategy):
     # the top group's rate; lower groups get lr / 2.6**depth, so the top must be well above a full
     # fine-tune's (on the embedded default, seed 0: 2e-4 0.804, 6e-4 0.827, 1e-3 0.831). Two epochs:
     # the first mostly spent unfreezing (8 groups every 40 steps on MiniLM), the second training all.
-    defaults = TrainingDefaults(lr=1e-3, epochs=2, batch_size=32)
+    # On a small training set (Strategy.schedule) at least 400 steps: unfreezing MiniLM's 8 groups
+    # every 40 steps takes 320, and a run that ends as the last groups join trained them for nothing;
+    # up to 30 epochs, so 500 examples (16 steps an epoch) still get there.
+    defaults = TrainingDefaults(lr=1e-3, epochs=2, batch_size=32, min_steps=400, max_epochs=30)
 
     @classmethod
     def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:

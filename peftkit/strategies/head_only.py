@@ -133,7 +133,9 @@ class HeadOnly(Strategy):
     description = "Head-only: frozen backbone, a linear head on pooled features (cached after epoch 1)."
     Options = HeadOnlyOptions
     # A linear head on fixed features is a convex problem: a large step and many (cheap) epochs.
-    defaults = TrainingDefaults(lr=3e-3, epochs=20, batch_size=32, weight_decay=0.0)
+    # On a small training set (Strategy.schedule) up to 100 epochs: after the first, an epoch runs
+    # the head alone on cached features (milliseconds), so reaching the minimum steps costs nothing.
+    defaults = TrainingDefaults(lr=3e-3, epochs=20, batch_size=32, weight_decay=0.0, max_epochs=100)
 
     @classmethod
     def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
