@@ -180,12 +180,6 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     return TrainOutcome(metrics, trainer.state.history, trainer.inner)
 
 
-#: optimizer steps below which a run that learned nothing most likely had too few of them: the
-#: issue's runs (MiniLM, 640 examples) ended at the majority class after 20 and 40 steps and
-#: learned (0.764) after 120; what to suggest reaches this many
-ENOUGH_STEPS = 150
-
-
 def judge_learning(run: ResolvedRun, data: Any, metrics: RunMetrics, history: list[dict[str, Any]],
                    zero_shot: dict[str, float] | None) -> None:
     """Record on ``metrics`` whether the run learned anything (``Task.learned``: ``learned``, the
@@ -196,23 +190,25 @@ def judge_learning(run: ResolvedRun, data: Any, metrics: RunMetrics, history: li
         return
     metrics.learned, metrics.baseline = verdict.learned, verdict.baseline
     if not verdict.learned:
-        metrics.learned_note = f"{verdict.reason}. {likely_cause(run.hparams.lr, metrics, history, verdict.worse)}"
+        cause = likely_cause(run.hparams.lr, metrics, history, verdict.worse, run.hparams.min_steps)
+        metrics.learned_note = f"{verdict.reason}. {cause}"
 
 
-def likely_cause(lr: float, metrics: RunMetrics, history: list[dict[str, Any]], worse: bool = False) -> str:
+def likely_cause(lr: float, metrics: RunMetrics, history: list[dict[str, Any]], worse: bool = False,
+                 enough_steps: int = TrainingDefaults.min_steps) -> str:
     """Why a run most likely learned nothing, from its own numbers, and the flag to try: a model
     that ended worse than its reference (``worse``: more steps would not mend it) had a learning
-    rate too high; else too few optimizer steps (fewer than ``ENOUGH_STEPS``: more epochs); else a
-    training loss that did not fall from the first epoch to the last (too high: lower it); else
-    one that fell too little (too low: raise it)."""
+    rate too high; else too few optimizer steps (fewer than ``enough_steps``, the strategy's
+    ``min_steps``: more epochs); else a training loss that did not fall from the first epoch to the
+    last (too high: lower it); else one that fell too little (too low: raise it)."""
     steps = metrics.optimizer_steps or 0
     per_epoch = max(1, steps // max(1, metrics.epochs_run))
     losses = [e["train_loss"] for e in history if e.get("train_loss") is not None]
     if worse:
         return f"training made it worse in {steps} optimizer steps: the learning rate {lr:g} is likely too high: " \
                f"try --lr {lr / 3:.2g}"
-    if steps < ENOUGH_STEPS:
-        epochs = max(metrics.epochs_run + 1, math.ceil(ENOUGH_STEPS / per_epoch))
+    if steps < enough_steps:
+        epochs = max(metrics.epochs_run + 1, math.ceil(enough_steps / per_epoch))
         return f"{steps} optimizer steps is likely too few: try --epochs {epochs} (or a higher --lr)"
     if len(losses) >= 2 and losses[-1] >= losses[0]:
         return (f"the training loss did not fall ({losses[0]:.3f} in epoch 1, {losses[-1]:.3f} in epoch "
