@@ -1017,6 +1017,8 @@ def _report_header(results: dict[str, Any]) -> list[str]:
     s = results["settings"]
     machine = results["machine"]
     mem = f", {format_size(machine['memory_bytes'])} RAM" if machine.get("memory_bytes") else ""
+    # the defaults rise on a small training set (Strategy.schedule): each run's metrics.json says how
+    epochs = s["epochs"] or "each strategy's default, raised to its min_steps on a small training set"
     return [
         f"# peftkit bench: `{s['model']}` on `{s['dataset']}` ({s.get('task', 'sequence-classification')})", "",
         f"- Command: `{results['command']}`",
@@ -1024,7 +1026,7 @@ def _report_header(results: dict[str, Any]) -> list[str]:
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         f"- Plugins: {', '.join(f'{k} ({v})' for k, v in results['plugins'].items()) or 'none'}",
         f"- Settings: effective batch {s['batch_size']}, max length {s['max_length']}, seeds "
-        f"{','.join(map(str, s['seeds']))}, epochs {s['epochs'] or 'each strategy default'}, "
+        f"{','.join(map(str, s['seeds']))}, epochs {epochs}, "
         f"training examples {_train_examples(results)}, memory budget {s['memory_budget'] or 'none'}",
         f"- Memory: {results['memory_method']}",
         f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}", "",
