@@ -470,7 +470,8 @@ def tune_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str
     Trial 0 is the strategy's defaults; then TPE (seeded by --seed) searches the learning rate,
     epochs, warmup, weight decay and the strategy's own options (`peftkit list -v`; the README
     lists each space). Settings you give (--lr, --epochs, --set ...) are fixed. Each trial runs in
-    its own process; a crash or out-of-memory is a failed trial. Unpromising trials are pruned
+    its own process; a crash or out-of-memory is a failed trial; one whose tune was killed is
+    re-run by the next tune (2 minutes after its last heartbeat). Unpromising trials are pruned
     after an epoch. At the end the best configuration is trained once more as a normal run, the
     only one evaluated on test. The output directory holds
     study.db         the study (default storage): run the same command again to continue it
