@@ -22,7 +22,7 @@ from .memory import format_size
 from .stats import LEVEL, RESAMPLES
 
 
-# -- reading the results (the suite's summaries and plots read them the same way) --------------
+# -- how the results are read (the suite in peftkit.benchmark reads them the same way) ------------
 
 # What "how good" means in a suite's table and plots, by what its runs measured: accuracy
 # (classification; a causal LM's generated labels), else exact match of generated answers, else
