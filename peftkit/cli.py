@@ -415,7 +415,7 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .benchmark import baseline_note, comparison_note, sizes_report, tuning_report
+    from .bench_report import baseline_note, comparison_note, sizes_report, tuning_report
 
     # what the table's ranking is worth (intervals, paired tests) belongs beside it, not only in results.md
     for line in baseline_note(result.results) + (comparison_note(result.results)

@@ -531,7 +531,7 @@ def _short(value: Any) -> str:
 def progress_line(study: optuna.Study, plan: TunePlan, number: int, values: dict[str, Any], outcome: TrialOutcome,
                   ran: list[float], deadline: float | None) -> str:
     """``trial 3/10 (#2): lr=0.0012, r=8 -> validation accuracy 0.8125 (best 0.8200, #0); 12 s, about 1m24s left``."""
-    from .benchmark import _minutes
+    from .bench_report import _minutes
 
     done = counted(study)
     shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items() if k not in plan.fixed)

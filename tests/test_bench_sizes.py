@@ -131,7 +131,7 @@ def test_the_report_has_a_table_per_size_and_the_learning_curve(sized_suite) -> 
 
     with Image.open(out / "learning_curve.png") as image:
         assert image.format == "PNG" and image.size[0] > 400
-    from peftkit.benchmark import markdown_report  # the same results make the same report
+    from peftkit.bench_report import markdown_report  # the same results make the same report
 
     plots = ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png", "learning_curve.png"]
     assert markdown_report(json.load(open(out / "results.json")), plots) == md
