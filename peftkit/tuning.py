@@ -434,7 +434,7 @@ def fail_stale_trials(study: optuna.Study, echo: Echo) -> int:
     from optuna.storages._heartbeat import is_heartbeat_enabled
     from optuna.trial import TrialState
 
-    from .benchmark import _minutes
+    from .bench_report import _minutes
 
     storage = study._storage
     if not is_heartbeat_enabled(storage):
