@@ -26,6 +26,7 @@ short run can look like learning while it only answers the most frequent label.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -580,7 +581,7 @@ def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runne
     start = time.perf_counter()
     for i, (strategy, conf, size, seed) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
-        left = _seconds_left(rows, [(s, z) for s, _c, z, _n in todo[i - 1:]])
+        left = _seconds_left(rows, [(s, z) for s, _c, z, _n in todo[i - 1:]], functools.partial(_work, bench))
         eta = f", about {_minutes(left)} left" if left is not None else ""
         label = f"{strategy} (tuned)" if conf == "tuned" else strategy
         seeded = f"seed {seed}" + (f", {size:,} examples" if size else "")
@@ -617,14 +618,27 @@ def _row_seconds(row: dict[str, Any]) -> float | None:
     return sum(t.get("seconds") or 0.0 for t in row["tried"])
 
 
-def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]]) -> float | None:
+def _work(bench: BenchConfig, strategy: str, size: int) -> float:
+    """Training examples a run of ``strategy`` on ``size`` examples processes: its epochs (as its
+    schedule raises them on a small set, or ``--epochs``) times the size. What a run's time grows
+    with, roughly; a small set's run is not a small fraction of a large one's when its epochs rise."""
+    from .registry import get_strategy
+
+    epochs = get_strategy(strategy)().schedule(size, bench.batch_size, epochs=bench.epochs).epochs
+    return float(epochs * size)
+
+
+def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]],
+                  work: Callable[[str, int], float] | None = None) -> float | None:
     """The time the runs still ``todo`` ((strategy, size) each) should take, from the rows done:
     each as long as the mean of those of its strategy and size, else of its size, else of the
-    largest smaller size scaled by the sizes' ratio (a rough guess, corrected once one run of that
-    size is done), else of every run. None until a run succeeded."""
+    largest smaller size of the same strategy (else any) scaled by the ratio of ``work(strategy,
+    size)`` (default: the sizes' ratio; a rough guess, corrected once one run of that size is done),
+    else of every run. None until a run succeeded."""
     done = [(r["strategy"], r.get("train_size"), t) for r in rows if (t := _row_seconds(r)) is not None]
     if not done or not any(r["status"] == "ok" for r in rows):
         return None
+    work = work or (lambda _strategy, size: float(size))
 
     def mean(picked: list[float]) -> float | None:
         return statistics.mean(picked) if picked else None
@@ -632,9 +646,12 @@ def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]]
     def guess(strategy: str, size: int | None) -> float:
         same = mean([t for s, z, t in done if (s, z) == (strategy, size)])
         same = same if same is not None else mean([t for _s, z, t in done if z == size])
-        smaller = [z for _s, z, _t in done if size is not None and z is not None and z < size]
-        if same is None and smaller:
-            return mean([t for _s, z, t in done if z == max(smaller)]) * size / max(smaller)
+        if same is None and size is not None:
+            for mine in (True, False):  # the same strategy's smaller sizes say more than another's
+                smaller = [(s, z) for s, z, _t in done if z is not None and z < size and (s == strategy or not mine)]
+                if smaller:
+                    s, z = max(smaller, key=lambda sz: sz[1])
+                    return mean([t for s2, z2, t in done if (s2, z2) == (s, z)]) * work(strategy, size) / work(s, z)
         return same if same is not None else statistics.mean(t for _s, _z, t in done)
 
     return sum(guess(s, z) for s, z in todo)
