@@ -415,7 +415,7 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                          command=_command_line("bench"), **with_levers(_given(opts)))
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .benchmark import baseline_note, comparison_note, sizes_report, tuning_report
+    from .bench_report import baseline_note, comparison_note, sizes_report, tuning_report
 
     # what the table's ranking is worth (intervals, paired tests) belongs beside it, not only in results.md
     for line in baseline_note(result.results) + (comparison_note(result.results)
@@ -470,7 +470,8 @@ def tune_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str
     Trial 0 is the strategy's defaults; then TPE (seeded by --seed) searches the learning rate,
     epochs, warmup, weight decay and the strategy's own options (`peftkit list -v`; the README
     lists each space). Settings you give (--lr, --epochs, --set ...) are fixed. Each trial runs in
-    its own process; a crash or out-of-memory is a failed trial. Unpromising trials are pruned
+    its own process; a crash or out-of-memory is a failed trial; one whose tune was killed is
+    re-run by the next tune (2 minutes after its last heartbeat). Unpromising trials are pruned
     after an epoch. At the end the best configuration is trained once more as a normal run, the
     only one evaluated on test. The output directory holds
     study.db         the study (default storage): run the same command again to continue it

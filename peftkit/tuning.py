@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,6 +48,15 @@ STUDY_FILE = "study.db"
 MARKER = "tune.json"
 # metrics where lower is better, when one other than the task's own selection metric is tuned
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae")
+# While a trial runs, its process records a heartbeat in the study every HEARTBEAT_S seconds; a
+# RUNNING trial whose last one is older than STALE_AFTER_S was left by a process that stopped
+# without telling the study (SIGKILL, the OOM killer, a machine that went down). Each beat is a
+# write to the shared database (an SQLite file every process on the study locks), so no more often
+# than this; the grace is four beats, so a live process whose beats are late (a busy database, a
+# loaded machine) is never taken for dead, while a dead one's trial is re-run within minutes,
+# little next to a trial.
+HEARTBEAT_S = 30
+STALE_AFTER_S = 120
 
 
 @dataclass
@@ -208,13 +218,15 @@ def masked(url: str) -> str:
 
 
 def open_storage(url: str) -> Any:
-    """An optuna ``RDBStorage`` on ``url``; a URL that is malformed, names a missing driver or
-    cannot be reached is one line."""
+    """An optuna ``RDBStorage`` on ``url``, with heartbeats (see ``HEARTBEAT_S``); a URL that is
+    malformed, names a missing driver or cannot be reached is one line."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_AFTER_S)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy's and the drivers' errors differ: one line each
         raise PeftkitError(f"cannot open storage {masked(url)!r}: {first_line(exc)}; give an SQLAlchemy "
                            "database URL such as sqlite:///study.db or postgresql://user@host/db") from None
@@ -412,10 +424,56 @@ def counted(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("interrupted"))
 
 
+def fail_stale_trials(study: optuna.Study, echo: Echo) -> int:
+    """Fail the trials a process that stopped (killed, out of memory, its machine down) left
+    RUNNING: no heartbeat for ``STALE_AFTER_S``. They are marked ``interrupted`` as Ctrl-C marks a
+    trial, so they do not count and the study runs others in their place (the defaults trial is
+    queued again); a line each. Trials that live processes run keep beating and are left alone; a
+    storage without heartbeats has none to fail. Returns how many this call failed."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+    from optuna.trial import TrialState
+
+    from .bench_report import _minutes
+
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return 0
+    why = f"no heartbeat for over {_minutes(STALE_AFTER_S)}"
+    failed = 0
+    # optuna.storages.fail_stale_trials would fail them too, but its callback comes once a trial is
+    # finished, when its attributes can no longer be written: so they are marked first, then failed
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            storage.set_trial_user_attr(trial_id, "error", f"interrupted: the process running it stopped ({why})")
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another process failed it first (and said so)
+            continue
+        trial = storage.get_trial(trial_id)
+        _queue_defaults_again(study, trial)
+        echo(f"tune: trial #{trial.number} was left running by a process that stopped ({why}): marked failed, "
+             "it will be re-run")
+        failed += 1
+    return failed
+
+
+def _queue_defaults_again(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue the defaults again when ``trial``, the defaults trial, did not run its course: the
+    tuned result is never worse than the defaults only if they do run."""
+    if trial.user_attrs.get("defaults"):
+        study.enqueue_trial(trial.system_attrs.get("fixed_params", trial.params), user_attrs={"defaults": True})
+
+
 def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
     """Run trials until the study counts ``trials`` of them or the timeout passes; a line per
-    trial. Returns how many this call ran. Ctrl-C marks the running trial failed (``interrupted``)
-    and raises ``RunInterrupted`` saying how to continue."""
+    trial. Before each, trials left running by a process that stopped are failed
+    (``fail_stale_trials``); while one runs, its heartbeat is kept. Returns how many this call ran.
+    Ctrl-C marks the running trial failed (``interrupted``) and raises ``RunInterrupted`` saying how
+    to continue."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._heartbeat import get_heartbeat_thread
     from optuna.trial import TrialState
 
     from .errors import RunInterrupted
@@ -424,18 +482,29 @@ def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
     deadline = time.monotonic() + parse_duration(cfg.timeout) if cfg.timeout is not None else None
     ran: list[float] = []
     while counted(study) < cfg.trials and (deadline is None or time.monotonic() < deadline):
-        trial = study.ask()
+        fail_stale_trials(study, echo)
+        with warnings.catch_warnings():
+            # optuna warns that heartbeats are meant for its optimize(): here they are kept below
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+            trial = study.ask()
         try:
-            values = plan.strategy.search_space(SearchTrial(trial, plan.fixed, cfg.space), plan.defaults)
-            run_cfg = trial_config(plan, values, os.path.join(plan.output_dir, "trials", f"{trial.number:04d}"))
-            outcome = run_trial(trial, run_cfg, plan, prunable=not trial.user_attrs.get("defaults"))
+            # ask/tell: the asking process keeps the heartbeat, as optuna's own optimize does
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                values = plan.strategy.search_space(SearchTrial(trial, plan.fixed, cfg.space), plan.defaults)
+                run_cfg = trial_config(plan, values, os.path.join(plan.output_dir, "trials", f"{trial.number:04d}"))
+                outcome = run_trial(trial, run_cfg, plan, prunable=not trial.user_attrs.get("defaults"))
+            _tell(study, trial, outcome)
+        except UpdateFinishedTrialError:  # its heartbeat was late past the grace: another process failed it
+            echo(f"tune: trial #{trial.number} was marked failed by another process while it ran (its heartbeat "
+                 "was late); its result is dropped")
+            continue
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             study.tell(trial, state=TrialState.FAIL)
+            _queue_defaults_again(study, study._storage.get_trial(trial._trial_id))
             raise RunInterrupted(f"trial {trial.number} was stopped and marked failed; the study keeps "
                                  f"{counted(study)} finished trial(s) in {masked(plan.storage)}: run the same "
                                  "peftkit tune command again to continue it") from None
-        _tell(study, trial, outcome)
         ran.append(outcome.seconds)
         echo(progress_line(study, plan, trial.number, values, outcome, ran, deadline))
         if outcome.status == "refused":
@@ -462,7 +531,7 @@ def _short(value: Any) -> str:
 def progress_line(study: optuna.Study, plan: TunePlan, number: int, values: dict[str, Any], outcome: TrialOutcome,
                   ran: list[float], deadline: float | None) -> str:
     """``trial 3/10 (#2): lr=0.0012, r=8 -> validation accuracy 0.8125 (best 0.8200, #0); 12 s, about 1m24s left``."""
-    from .benchmark import _minutes
+    from .bench_report import _minutes
 
     done = counted(study)
     shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items() if k not in plan.fixed)
@@ -639,6 +708,6 @@ def write_plots(study: optuna.Study, stage: str) -> list[str]:
 
 
 __all__ = ["PRUNERS", "TunePlan", "SearchTrial", "TuneConfig", "best_config", "check_metric", "check_space",
-           "counted", "fixed_settings", "metric_direction", "open_storage", "open_study", "optimize",
+           "counted", "fail_stale_trials", "fixed_settings", "metric_direction", "open_storage", "open_study", "optimize",
            "parse_duration", "parse_space", "prepare_output", "run_trial", "staged_reports", "trial_zero",
            "write_reports"]

@@ -165,7 +165,7 @@ def test_the_report_shows_the_majority_baseline_and_flags_what_does_not_beat_it(
     assert "† not better than the baseline's test accuracy: each may have learned no more than always to answer " \
            "`positive`." in md
     # the same results make the same report, byte for byte
-    from peftkit.benchmark import markdown_report
+    from peftkit.bench_report import markdown_report
 
     assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
 
@@ -421,7 +421,7 @@ def test_the_report_gives_intervals_and_says_what_cannot_be_told_from_the_best(t
             f"95% CI [{l_low}, {l_high}], p = {lora['p_value']:.2f}).") in md
     assert "Distinguishable from it: `head_only` (difference -15.0 points, 95% CI [" in md and "p < 0.001)." in md
     assert "One seed" not in md and "paired bootstrap resamples" in md
-    from peftkit.benchmark import markdown_report
+    from peftkit.bench_report import markdown_report
 
     assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
     assert results["comparison"] == comparison
@@ -457,7 +457,7 @@ def test_runs_without_a_per_example_record_get_no_paired_test(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["bench_cpu", "bench_cpu_budget", "bench_cpu_causal", "bench_cpu_image"])
 def test_committed_results_without_intervals_still_render_as_before(name) -> None:
-    from peftkit.benchmark import markdown_report
+    from peftkit.bench_report import markdown_report
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", name, "results.json")
     results = json.load(open(path))

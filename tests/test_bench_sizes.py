@@ -99,9 +99,11 @@ def test_every_strategy_runs_at_every_size_and_seed_tagged_and_apart(sized_suite
     assert [(r["strategy"], r["train_size"], r["seed"]) for r in results["rows"]][2:4] == [("lora", 160, 0),
                                                                                             ("lora", 160, 1)]
     # the progress count and its time left include the sizes: the second run guesses the 160-example ones
-    # from the 40-example one (4 s) scaled by the sizes (16 s each): 4 + 2 x 16 + 4 x (4 or 16)
+    # from the 40-example one (4 s) scaled by the examples each processes, epochs as the schedule raises
+    # them at batch 8 (lora: 20 x 40 = 800 and 8 x 160 = 1280; head_only at 160: 20 x 160 = 3200):
+    # 4 (lora 40) + 2 x 6.4 (lora 160) + 2 x 4 (head_only 40: that size's mean) + 2 x 16 (head_only 160)
     assert said[0] == "[1/8] lora, seed 0, 40 examples (0s elapsed)"
-    assert said[2].startswith("[2/8] lora, seed 1, 40 examples (0s elapsed, about 1m16s left)")
+    assert said[2].startswith("[2/8] lora, seed 1, 40 examples (0s elapsed, about 57s left)")
     assert "[8/8] head_only, seed 1, 160 examples" in said[-2]
     on_disk = json.load(open(out / "results.json"))
     block = on_disk["train_sizes"]
@@ -131,7 +133,7 @@ def test_the_report_has_a_table_per_size_and_the_learning_curve(sized_suite) -> 
 
     with Image.open(out / "learning_curve.png") as image:
         assert image.format == "PNG" and image.size[0] > 400
-    from peftkit.benchmark import markdown_report  # the same results make the same report
+    from peftkit.bench_report import markdown_report  # the same results make the same report
 
     plots = ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png", "learning_curve.png"]
     assert markdown_report(json.load(open(out / "results.json")), plots) == md

@@ -195,3 +195,97 @@ def test_a_study_made_for_another_strategy_is_refused(study_dir: dict, run_cli) 
     common[common.index("head_only")] = "full"
     code, _, err = run_cli("tune", *common, "--study-name", "tune-head_only", "--trials", "1")
     assert code == 2 and "was made for strategy head_only" in err and "--overwrite" in err, err
+
+
+# -- a process that stopped without telling the study ----------------------------------------------
+
+def _age_heartbeat(storage, trial_id: int, minutes: int) -> None:
+    """Backdate ``trial_id``'s heartbeat, as if its process had stopped ``minutes`` ago."""
+    import sqlalchemy
+
+    with storage.engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f"UPDATE trial_heartbeats SET heartbeat = datetime('now', '-{minutes} minutes') "
+                                     "WHERE trial_id = :id"), {"id": trial_id})
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks as a process would
+def test_a_killed_tune_is_recovered_by_the_next(tiny_model_dir, tiny_csv, run_cli, tmp_path) -> None:
+    from peftkit.api import plan_tune
+    from peftkit.tuning import SearchTrial, TuneConfig, open_storage, open_study, prepare_output
+
+    out = tmp_path / "out"
+    run = RunConfig(strategy="head_only", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=64,
+                    max_eval_samples=32, epochs=1, batch_size=8, max_length=16)
+    plan = plan_tune(TuneConfig(run=run, trials=1, output_dir=str(out)), echo=lambda _line: None)
+    prepare_output(plan)
+    storage = open_storage(plan.storage)
+    study = open_study(plan, storage, lambda _line: None)
+    # trial 0 (the defaults) was running in a process that was SIGKILLed 10 minutes ago; trial 1
+    # runs in another process, alive: its heartbeat is fresh
+    running = [study.ask(), study.ask()]
+    for trial in running:
+        plan.strategy.search_space(SearchTrial(trial, plan.fixed, {}), plan.defaults)
+        storage.record_heartbeat(trial._trial_id)
+    _age_heartbeat(storage, running[0]._trial_id, minutes=10)
+
+    code, _, err = run_cli("tune", "--strategy", "head_only", "--model", run.model, "--dataset", tiny_csv,
+                           "--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1",
+                           "--batch-size", "8", "--max-length", "16", "--output-dir", str(out), "--trials", "1")
+    assert code == 0, err
+    assert ("trial #0 was left running by a process that stopped (no heartbeat for over 2m00s): marked failed, "
+            "it will be re-run") in err
+    assert "trial #1 was left" not in err
+    summary = _trials(out)
+    rows = summary["rows"]
+    assert [(r["number"], r["state"], r["defaults"], r["interrupted"]) for r in rows] == [
+        (0, "fail", True, True), (1, "running", False, False), (2, "complete", True, False)]
+    assert "the process running it stopped" in rows[0]["error"]
+    assert rows[2]["params"] == rows[0]["params"]  # the defaults, run again
+    assert summary["counted"] == 1 and summary["best_trial"] == 2
+    assert "trial 1/1 (#2)" in err  # the progress counts the trial that ran, not the dead or the live one
+    import sqlalchemy
+
+    with storage.engine.connect() as conn:  # the tune kept a heartbeat for the trial it ran
+        beating = {row[0] for row in conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+    assert len(beating) == 3
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks as a process would
+def test_only_trials_without_a_recent_heartbeat_are_failed(tmp_path) -> None:
+    from peftkit.tuning import fail_stale_trials, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/study.db")
+    study = optuna.create_study(storage=storage)
+    fresh, unbeaten, stale = study.ask(), study.ask(), study.ask()
+    storage.record_heartbeat(fresh._trial_id)  # unbeaten: asked, its first beat not yet recorded
+    storage.record_heartbeat(stale._trial_id)
+    _age_heartbeat(storage, stale._trial_id, minutes=3)
+    lines: list[str] = []
+    assert fail_stale_trials(study, lines.append) == 1 and len(lines) == 1 and "trial #2 " in lines[0]
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["RUNNING", "RUNNING", "FAIL"]
+    assert study.get_trials()[2].user_attrs["interrupted"]
+    assert fail_stale_trials(study, lines.append) == 0  # failed once, said once
+    memory = optuna.create_study()  # a storage without heartbeats: nothing to fail, no error
+    memory.ask()
+    assert fail_stale_trials(memory, lines.append) == 0 and len(lines) == 1
+
+
+def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
+    import peftkit
+    from peftkit import tuning
+    from peftkit.errors import RunInterrupted
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning, "run_trial", interrupted)
+    run = RunConfig(strategy="head_only", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=64,
+                    max_eval_samples=32, epochs=1, batch_size=8, max_length=16)
+    with pytest.raises(RunInterrupted):
+        peftkit.tune(tuning.TuneConfig(run=run, trials=1, output_dir=str(tmp_path / "out")), echo=lambda _l: None)
+    study = optuna.load_study(study_name="tune-head_only", storage=f"sqlite:///{tmp_path}/out/study.db")
+    first, again = study.get_trials()
+    assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
+    assert again.state.name == "WAITING" and again.user_attrs["defaults"]
+    assert again.system_attrs["fixed_params"] == first.params
