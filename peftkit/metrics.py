@@ -117,12 +117,12 @@ class RunMetrics:
     baseline: dict[str, Any] | None = _figure(row=False, default=None)
     # when it learned nothing: what the figures say and the likely cause, with the flag to try
     learned_note: str | None = _figure(row=True, default=None)
+    # how the epochs were chosen for the training set's size, and why (Strategy.schedule)
+    schedule: dict[str, Any] | None = _figure(row=False, default=None)
     split: dict[str, Any] | None = _figure(row=False, default=None)
     label_names: list[str] | None = _figure(row=False, default=None)
     history: list[dict[str, Any]] | None = _figure(row=False, default=None)
     versions: dict[str, str] | None = _figure(row=False, default=None)
-    # how the epochs were chosen for the training set's size, and why (Strategy.schedule)
-    schedule: dict[str, Any] | None = _figure(row=False, default=None)
     # "1"/"0" per test example in the test split's order: answered correctly or not (the task's
     # evaluate_test; None where it cannot say). A bench pairs strategies of one seed on it.
     per_example_correct: str | None = _figure(row=True, default=None)
