@@ -78,15 +78,19 @@ def study_one(strategy: str, args: argparse.Namespace, log: str) -> dict[str, An
         tune_seconds = call(tune_args, log)
     trials = read_json(os.path.join(tune_dir, "trials.json"))
     rows = trials["rows"]
-    default_row = next(r for r in rows if r["defaults"])
+    # The defaults trial is queued again when its first attempt was interrupted: take the one that finished.
+    default_row = next(r for r in rows if r["defaults"] and r["state"] == "complete")
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
 
     best_full = os.path.join(args.runs, f"{strategy}-best-full.yaml")
     full_set_config(os.path.join(tune_dir, "best.yaml"), best_full)
+    same = trials["best_trial"] == default_row["number"]
     runs = {"default": ["run", "--strategy", strategy, "--seed", str(args.seed)],
             "tuned": ["run", "--config", best_full]}
+    if same:  # the defaults won the study: the tuned run would be the default run again
+        del runs["tuned"]
     measured: dict[str, Any] = {}
     for name, run_args in runs.items():
         run_dir = os.path.join(args.runs, f"{strategy}-{name}-full")
@@ -99,15 +103,16 @@ def study_one(strategy: str, args: argparse.Namespace, log: str) -> dict[str, An
                           "validation_accuracy": metrics.get("validation_accuracy"),
                           "train_seconds": metrics.get("train_seconds"), "wall_seconds": seconds,
                           "correct": metrics.get("per_example_correct")}
+    if same:
+        measured["tuned"] = measured["default"]
     comparison = None
-    if measured["default"]["correct"] and measured["tuned"]["correct"]:
+    if not same and measured["default"]["correct"] and measured["tuned"]["correct"]:
         c = paired_bootstrap([from_bits(measured["tuned"]["correct"])], [from_bits(measured["default"]["correct"])])
         comparison = {"difference": c.difference, "low": c.low, "high": c.high, "p": c.p_value,
                       "bootstrap_p": c.bootstrap_p, "mcnemar_p": c.mcnemar_p, "examples": c.examples,
                       "distinguishable": c.distinguishable()}
     for m in measured.values():
-        m.pop("correct")
-    same = trials["best_trial"] == default_row["number"]
+        m.pop("correct", None)
     return {"tune_command": "peftkit " + " ".join(tune_args), "tune_seconds": tune_seconds,
             "trials": len(rows), "states": states, "default_validation": default_row["value"],
             "best_validation": trials["best_value"], "best_trial": trials["best_trial"],
@@ -142,7 +147,8 @@ def report(results: dict[str, Any]) -> str:
                      f"| {full['default']['test_accuracy']:.4f} | {full['tuned']['test_accuracy']:.4f} | {diff} "
                      f"| {tune_time} | {settings or 'defaults'} |")
     lines.append("")
-    lines.append(f"Total wall time: {results['total_minutes']:.1f} min.")
+    lines.append(f"Total wall time: {results['total_minutes']:.1f} min"
+                 + ("." if results.get("finished", True) else " so far (not every strategy asked for has run yet)."))
     return "\n".join(lines) + "\n"
 
 
@@ -158,16 +164,21 @@ def main() -> None:
     os.makedirs(args.runs, exist_ok=True)
     log = os.path.join(args.runs, "commands.log")
     start = time.perf_counter()
-    strategies = {s: study_one(s, args, log) for s in args.strategies.split(",")}
+    names = args.strategies.split(",")
     results = {"command": " ".join([".venv/bin/python", "benchmarks/tune_study.py", *sys.argv[1:]]),
                "machine": machine_description(), "versions": package_versions(),
                "trials": args.trials, "max_train_samples": args.max_train_samples, "seed": args.seed,
-               "total_minutes": (time.perf_counter() - start) / 60, "strategies": strategies}
-    write_json(args.out + ".json", results)
-    tmp = args.out + ".md.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(report(results))
-    os.replace(tmp, args.out + ".md")
+               "total_minutes": 0.0, "strategies": {}}
+    for name in names:
+        results["strategies"][name] = study_one(name, args, log)
+        # Written after every strategy, so a stopped study still leaves what it measured.
+        results["total_minutes"] = (time.perf_counter() - start) / 60
+        results["finished"] = len(results["strategies"]) == len(names)
+        write_json(args.out + ".json", results)
+        tmp = args.out + ".md.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(report(results))
+        os.replace(tmp, args.out + ".md")
     print(report(results))
 
 
