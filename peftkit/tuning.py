@@ -232,14 +232,28 @@ def open_storage(url: str) -> Any:
                            "database URL such as sqlite:///study.db or postgresql://user@host/db") from None
 
 
-def make_pruner(pruner: Any) -> Any:
-    """The optuna pruner ``pruner`` names (an object is used as it is)."""
+def pruning_grace(schedule: Schedule | None) -> int:
+    """The first epoch after which a trial may be pruned: the first at which a plain run with the
+    defaults could stop early (its patience + 1), or 1 where the defaults do not stop early.
+
+    On a small training set validation sits at the majority rate for the first epochs and then
+    rises (issue 19); a median pruner judging epoch 1 there pruned every trial that started like
+    the defaults (bench --tune on 1,000 examples: 5 of the adapter's 8 trials, all at the defaults'
+    own epoch-1 value)."""
+    if schedule is None or not schedule.early_stopping_patience:
+        return 1
+    return schedule.early_stopping_patience + 1
+
+
+def make_pruner(pruner: Any, grace: int = 1) -> Any:
+    """The optuna pruner ``pruner`` names (an object is used as it is), judging no trial before
+    epoch ``grace`` (``pruning_grace``)."""
     import optuna
 
     if not isinstance(pruner, str):
         return pruner
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=grace),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=grace),
             "none": optuna.pruners.NopPruner}[pruner]()
 
 
@@ -265,7 +279,8 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
     # keeps processes that run at the same time from trying the same point
     sampler = optuna.samplers.TPESampler(seed=plan.base.seed * 100_003 + trials_done, constant_liar=True)
     study = optuna.create_study(storage=storage, study_name=name, direction=plan.direction, sampler=sampler,
-                                pruner=make_pruner(plan.config.pruner), load_if_exists=True)
+                                pruner=make_pruner(plan.config.pruner, pruning_grace(plan.schedule)),
+                                load_if_exists=True)
     if not study.user_attrs.get("peftkit"):
         study.set_user_attr("peftkit", plan.identity)
         study.set_user_attr("settings", plan.base.to_dict())

@@ -289,3 +289,35 @@ def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv
     assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
     assert again.state.name == "WAITING" and again.user_attrs["defaults"]
     assert again.system_attrs["fixed_params"] == first.params
+
+
+def _schedule(patience: int | None) -> "Schedule":
+    from peftkit.strategies.base import Schedule
+
+    return Schedule(epochs=10, early_stopping_patience=patience, steps_per_epoch=16, default_epochs=3,
+                    how="raised" if patience else "default", reason="")
+
+
+def test_the_pruner_judges_no_trial_before_the_defaults_could_stop_early() -> None:
+    """On small data validation sits at the majority rate for the first epochs; a trial that starts
+    like that is not pruned before epoch patience + 1, and is pruned from then on if still behind."""
+    from peftkit.tuning import make_pruner, pruning_grace
+
+    assert pruning_grace(None) == 1 and pruning_grace(_schedule(None)) == 1
+    assert pruning_grace(_schedule(2)) == 3 and pruning_grace(_schedule(4)) == 5
+    for name in ("median", "hyperband"):
+        study = optuna.create_study(direction="maximize", pruner=make_pruner(name, pruning_grace(_schedule(2))),
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(4):  # trials that rose quickly
+            done = study.ask()
+            for epoch, value in enumerate([0.6, 0.75, 0.78, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], start=1):
+                done.report(value, step=epoch)
+            study.tell(done, 0.8)
+        slow = study.ask()
+        verdicts = []
+        for epoch in range(1, 10):
+            slow.report(0.57, step=epoch)  # never moves from the majority rate
+            verdicts.append(slow.should_prune())
+        assert verdicts[:2] == [False, False], name  # epochs 1 and 2: too early to judge
+        if name == "median":  # hyperband needs more trials per bracket than this to prune at all
+            assert any(verdicts[2:])  # from epoch 3 a trial still at the start is pruned
