@@ -13,7 +13,7 @@ For each strategy this runs, through the CLI (so every step is a command a user 
 
 Results: ``benchmarks/results/tune_cpu.{json,md}`` (command, machine, CPU, versions in both).
 
-    .venv/bin/python benchmarks/tune_study.py --strategies lora,adapter,prefix --trials 12 --max-train-samples 2000
+    .venv/bin/python benchmarks/tune_study.py --strategies prefix,lora,adapter --trials 12 --max-train-samples 2000
 """
 
 from __future__ import annotations
