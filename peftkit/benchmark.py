@@ -581,12 +581,17 @@ def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runne
     start = time.perf_counter()
     for i, (strategy, conf, size, seed) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
-        left = _seconds_left(rows, [(s, z) for s, _c, z, _n in todo[i - 1:]], functools.partial(_work, bench))
+        # the time left counts only what will run: not the tuned rows that are their defaults' runs
+        left = _seconds_left(rows, [(s, z) for s, c, z, _n in todo[i - 1:] if not _tuned_not_run(s, c, tuning)],
+                             functools.partial(_work, bench))
         eta = f", about {_minutes(left)} left" if left is not None else ""
         label = f"{strategy} (tuned)" if conf == "tuned" else strategy
         seeded = f"seed {seed}" + (f", {size:,} examples" if size else "")
-        echo(f"[{i}/{len(todo)}] {label}, {seeded} ({_minutes(elapsed)} elapsed{eta})")
         row = _unrun_tuned_row(strategy, seed, rows, tuning) if conf == "tuned" and tuning else None
+        if row is not None and row.get("same_as_default"):
+            echo(f"[{i}/{len(todo)}] {label}, {seeded}: the defaults won its study, so this is their run of seed {seed}")
+        else:
+            echo(f"[{i}/{len(todo)}] {label}, {seeded} ({_minutes(elapsed)} elapsed{eta})")
         if row is None:
             settings = tuning["strategies"][strategy]["settings"] if conf == "tuned" and tuning else None
             sized = bench if size is None else dataclasses.replace(
@@ -655,6 +660,14 @@ def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]]
         return same if same is not None else statistics.mean(t for _s, _z, t in done)
 
     return sum(guess(s, z) for s, z in todo)
+
+
+def _tuned_not_run(strategy: str, conf: str | None, tuning: dict[str, Any] | None) -> bool:
+    """A tuned row that runs nothing: tuning found no configuration, or the defaults won."""
+    if conf != "tuned" or not tuning:
+        return False
+    entry = tuning["strategies"][strategy]
+    return entry["status"] != "ok" or bool(entry.get("same_as_default"))
 
 
 def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],

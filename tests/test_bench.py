@@ -505,7 +505,11 @@ def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp
                    "default_validation": 0.6, "settings": {"lr": 0.001}, "same_as_default": True},
         full={"status": "failed", "error": "no trial of its study completed", })
     runner = TunedRunner(default=0.5, tuned=0.9, lr=0.0042)
-    results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner, tuning=tuning)
+    said: list[str] = []
+    results = run_suite(bench, str(tmp_path), said.append, runner=runner, tuning=tuning)
+    # the progress says which rows are their defaults' runs, rather than announce a run that does not happen
+    assert "[8/12] head_only (tuned), seed 1: the defaults won its study, so this is their run of seed 1" in said
+    assert [line for line in said if line.startswith("[3/12]")][0].startswith("[3/12] lora (tuned), seed 0 (")
     # lora and full run their defaults, lora its tuned settings too; head_only's defaults won: not run twice
     assert [(c.strategy, c.lr, c.strategy_options.get("r")) for c in runner.calls] == [
         ("lora", None, None), ("lora", None, None), ("lora", 0.0042, 16), ("lora", 0.0042, 16),
