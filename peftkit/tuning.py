@@ -671,7 +671,8 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     params = list(dict.fromkeys(k for r in rows for k in r["params"]))
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["number", "state", "value", "defaults", "seconds", "epochs", *params, "error"])
+        # the per-epoch values have their own name: "epochs" is also a searched setting's
+        writer.writerow(["number", "state", "value", "defaults", "seconds", "validation_per_epoch", *params, "error"])
         for r in rows:
             writer.writerow([r["number"], r["state"], r["value"], r["defaults"], r["seconds"],
                              json.dumps(r["epochs"]), *(r["params"].get(p, "") for p in params), r["error"] or ""])

@@ -118,6 +118,8 @@ def test_tune_writes_its_reports(study_dir: dict) -> None:
     assert not (out / "trials" / "0000" / "metrics.json").exists()
     csv_lines = (out / "trials.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and "pooling" in csv_lines[0]
+    header = csv_lines[0].split(",")
+    assert len(header) == len(set(header)) and "validation_per_epoch" in header  # each column once
 
 
 def test_best_yaml_reproduces_the_best_trial(study_dir: dict, run_cli, tmp_path) -> None:
