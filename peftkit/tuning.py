@@ -121,10 +121,14 @@ class TunePlan:
 
     @property
     def identity(self) -> dict[str, Any]:
-        """What a study was made for: another tune is refused on it."""
+        """What a study was made for: another tune is refused on it. The data settings are part of
+        it because a trial's value depends on them: a study continued on another subset, split
+        seed or length would rank trials measured on different data against each other."""
         b = self.base
         return {"strategy": self.strategy.name, "task": b.task, "model": b.model, "dataset": b.dataset,
-                "metric": self.metric}
+                "metric": self.metric, "seed": b.seed, "max_train_samples": b.max_train_samples,
+                "max_eval_samples": b.max_eval_samples, "max_length": b.max_length,
+                "text_column": b.text_column, "label_column": b.label_column}
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -267,11 +271,13 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
     exists = name in optuna.get_all_study_names(storage)
     if exists:
         made_for = optuna.load_study(study_name=name, storage=storage).user_attrs.get("peftkit")
-        if made_for != plan.identity and not plan.config.overwrite:
-            raise PeftkitError(f"study {name!r} in {masked(plan.storage)} was made for {_describe(made_for)}, not "
-                               f"{_describe(plan.identity)}; choose another --study-name or --output-dir, or "
+        differs = _differences(made_for, plan.identity)
+        if differs is not None and not plan.config.overwrite:
+            mine = {k: plan.identity.get(k) for k in differs} if differs else plan.identity
+            raise PeftkitError(f"study {name!r} in {masked(plan.storage)} was made for {_describe(differs)}, not "
+                               f"{_describe(mine)}; choose another --study-name or --output-dir, or "
                                "--overwrite to start it afresh")
-        if made_for != plan.identity:
+        if differs is not None:
             optuna.delete_study(study_name=name, storage=storage)
             exists = False
     trials_done = 0 if not exists else len(optuna.load_study(study_name=name, storage=storage).trials)
@@ -290,6 +296,16 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
     else:
         echo(f"tune: continuing study {name!r} ({len(study.trials)} trials so far) in {masked(plan.storage)}")
     return study
+
+
+def _differences(made_for: dict[str, Any] | None, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """What of ``made_for`` (a study's record) ``identity`` does not match: None where it matches,
+    ``{}`` for a study peftkit did not make. A record without a key (a study from a peftkit
+    before the key was recorded) is not judged on it."""
+    if not made_for:
+        return {}
+    differs = {k: v for k, v in made_for.items() if identity.get(k) != v}
+    return differs or None
 
 
 def _describe(identity: dict[str, Any] | None) -> str:

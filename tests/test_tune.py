@@ -199,6 +199,26 @@ def test_a_study_made_for_another_strategy_is_refused(study_dir: dict, run_cli) 
     assert code == 2 and "was made for strategy head_only" in err and "--overwrite" in err, err
 
 
+def test_a_study_continued_on_other_data_is_refused(study_dir: dict, run_cli) -> None:
+    """Its trials were measured on 64 training examples: ranking them against trials on 48 would
+    compare different data. The refusal names only what differs."""
+    common = list(study_dir["common"])
+    common[common.index("--max-train-samples") + 1] = "48"
+    code, _, err = run_cli("tune", *common, "--trials", "4")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "was made for max_train_samples 64, not max_train_samples 48" in last, err
+    assert "--overwrite" in last and "strategy" not in last.split("was made for")[1], err
+
+
+def test_a_study_from_before_the_data_was_recorded_is_continued() -> None:
+    from peftkit.tuning import _differences
+
+    now = {"strategy": "lora", "model": "m", "seed": 0, "max_train_samples": 2000}
+    assert _differences({"strategy": "lora", "model": "m"}, now) is None  # older record: judged on what it has
+    assert _differences({"strategy": "lora", "model": "m", "seed": 1}, now) == {"seed": 1}
+    assert _differences(None, now) == {} and _differences({}, now) == {}  # not made by peftkit tune
+
+
 # -- a process that stopped without telling the study ----------------------------------------------
 
 def _age_heartbeat(storage, trial_id: int, minutes: int) -> None:
