@@ -283,7 +283,10 @@ def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
             found[strategy] = {"status": "not applicable", "error": why}
             continue
         metric, found[strategy] = _tune_one(config, strategy, stage, echo)
+    from .tuning import masked
+
     return {"trials": config.tune, "timeout": config.tune_timeout, "seed": config.seeds[0],
+            "storage": masked(config.tune_storage) if config.tune_storage else None,
             "metric": metric or "-", "seconds": time.perf_counter() - start, "strategies": found}
 
 
@@ -297,10 +300,14 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
     run = config.run_config(strategy, config.seeds[0], config.batch_size, "unused")
     folder = os.path.join("tuning", strategy)
     tc = TuneConfig(run=run, trials=config.tune or 1, timeout=config.tune_timeout,
-                    output_dir=os.path.join(stage, folder))
+                    output_dir=os.path.join(stage, folder), storage=config.tune_storage)
     plan = plan_tune(tc, echo=lambda _line: None)  # the data's notes were said once already
     prepare_output(plan)
-    study = open_study(plan, open_storage(plan.storage), said)
+    try:
+        study = open_study(plan, open_storage(plan.storage), said)
+    except PeftkitError as exc:  # a study of that name made for other settings: tune's advice is not the bench's
+        raise PeftkitError(f"--tune-storage: {str(exc).split('; choose another')[0]}; give another --tune-storage "
+                           "for these settings") from None
     try:
         optimize(study, plan, said)
     except RunInterrupted:  # its advice (run tune again) does not hold: the bench and its studies go
@@ -312,9 +319,10 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
                                                           "*/worker.log"}
     settings = {k: getattr(best, k) for k in TUNED_SETTINGS} | dict(best.strategy_options)
     # the reports name the study where it ends up, not the staging directory it was made in
-    shown = dataclasses.replace(plan, storage=f"sqlite:///{folder}/{STUDY_FILE}")
+    shown = plan if config.tune_storage else dataclasses.replace(plan, storage=f"sqlite:///{folder}/{STUDY_FILE}")
     write_reports(plan.output_dir, shown, study, best, {"bench_rows": f"runs/{strategy}-tuned-seedN"})
-    defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults")), None)
+    # the finished defaults trial (an interrupted one was queued again, and failed trials have no value)
+    defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults") and t.value is not None), None)
     said(f"best trial #{study.best_trial.number}, validation {plan.metric} {study.best_value:.4f} "
          f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'})")
     return plan.metric, {"status": "ok", "error": None, "trials": len(study.trials),
@@ -338,6 +346,13 @@ def preflight_bench(config: BenchConfig) -> BenchConfig:
         from .tuning import parse_duration
 
         parse_duration(config.tune_timeout, flag="--tune-timeout")
+    if config.tune_storage is not None:  # malformed or unreachable: said before any data loads
+        from .tuning import open_storage
+
+        try:
+            open_storage(config.tune_storage)
+        except PeftkitError as exc:
+            raise PeftkitError(f"--tune-storage: {exc}") from None
     for name in config.strategies:
         config.run_config(name, config.seeds[0], config.batch_size, "unused")
     return config

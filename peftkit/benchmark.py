@@ -82,6 +82,11 @@ class BenchConfig:
     best configuration over the seeds beside its defaults."""
     tune_timeout: str | None = None
     """With ``tune``: start no trial of a strategy's study after this long (each gets the same)."""
+    tune_storage: str | None = None
+    """With ``tune``: keep each strategy's study (``tune-STRATEGY``) in this Optuna storage (an
+    SQLAlchemy URL) rather than in the output directory, so that a bench run again after an
+    interruption continues its studies (their finished trials count toward ``tune``) instead of
+    tuning from the start: the studies are most of a tuned bench's time."""
     train_sizes: list[int | str] | None = None
     """Run every strategy and seed at each of these training-set sizes (``"all"``: the whole
     training split; see ``parse_train_sizes``), on nested seeded subsets, instead of at one."""
@@ -96,6 +101,8 @@ class BenchConfig:
             raise PeftkitError(f"--tune must be a positive number of trials per strategy, got {self.tune!r}")
         if self.tune_timeout is not None and self.tune is None:
             raise PeftkitError("--tune-timeout needs --tune N: it bounds each strategy's study of N trials")
+        if self.tune_storage is not None and self.tune is None:
+            raise PeftkitError("--tune-storage needs --tune N: it keeps each strategy's study of N trials")
         if self.train_sizes is not None:
             parse_train_sizes(self.train_sizes)
             # each size is a --max-train-samples of its own, and a study is made at one size

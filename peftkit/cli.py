@@ -169,6 +169,9 @@ _declare("train_sizes", "--train-sizes", default=None, metavar="SIZES",
 _declare("tune_timeout", "--tune-timeout", default=None, metavar="DURATION",
          help="With --tune: start no trial of a strategy's study after this long (90s, 30m, 2h); the same "
               "for every strategy.")
+_declare("tune_storage", "--tune-storage", default=None, metavar="URL",
+         help="With --tune: keep the studies in this database (sqlite:///studies.db, postgresql://...) instead "
+              "of OUTPUT_DIR/tuning/, so that the same bench run again after an interruption continues them.")
 _declare("storage", "--storage", default=None, metavar="URL",
          help="Where the study lives: an SQLAlchemy database URL (sqlite:///study.db, postgresql://...). "
               "Default: sqlite:///OUTPUT_DIR/study.db.")
@@ -375,8 +378,8 @@ def _print_summary(m: RunMetrics, out: str) -> None:
 @cli.command("bench")
 @options("strategies", "task", "model", "dataset", "text_column", "label_column", "response_column", "epochs",
          "max_train_samples", "max_eval_samples", "seeds", "batch_size", "max_length", "eval_batch_size",
-         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "tune", "tune_timeout", "train_sizes",
-         "output_dir", "overwrite",
+         "early_stopping_patience", *LEVERS, "memory_budget", "auto_fit", "tune", "tune_timeout", "tune_storage",
+         "train_sizes", "output_dir", "overwrite",
          batch_size="Effective batch for every strategy (default: 32); under a memory budget it is kept with "
                     "gradient accumulation when the micro-batch must shrink.",
          memory_budget="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
@@ -399,7 +402,8 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                    per strategy (the table per size in results.md, train_sizes in results.json)
     runs/          each run's directory (config, metrics, log, adapter); NAME-tuned-seedN
                    with --tune, NAME-nSIZE-seedN with --train-sizes
-    tuning/        with --tune: each strategy's study (study.db, trials, best.yaml)
+    tuning/        with --tune: each strategy's study (study.db, trials, best.yaml);
+                   --tune-storage URL keeps the studies there, and a rerun continues them
 
     \b
     peftkit bench --train-sizes 250,500,1000,2000,all --max-eval-samples 500

@@ -560,11 +560,34 @@ def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> N
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
 
 
+def test_bench_tune_storage_keeps_the_studies_for_the_next_bench(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """An interrupted tuned bench loses its tuning (its output directory is staged); with
+    --tune-storage the studies outlive it, and the same bench run again continues them."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    common = ["bench", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--epochs", "1", "--batch-size", "8",
+              "--max-length", "16", "--max-train-samples", "64", "--strategies", "head_only", "--tune-storage", url]
+    code, _, stderr = run_cli(*common, "--tune", "1", "--output-dir", str(tmp_path / "first"))
+    assert code == 0 and "tuning head_only: trial 1/1 (#0)" in stderr, stderr
+    code, _, stderr = run_cli(*common, "--tune", "2", "--output-dir", str(tmp_path / "second"))
+    assert code == 0, stderr
+    assert "trial 1/1 (#0)" not in stderr and "(#1)" in stderr  # trial 0 came from the first bench
+    results = json.load(open(tmp_path / "second" / "results.json"))
+    assert results["tuning"]["storage"] == url and results["tuning"]["strategies"]["head_only"]["trials"] == 2
+    assert not (tmp_path / "second" / "tuning" / "head_only" / "study.db").exists()  # it is in the storage
+    # the same storage for other data is refused, naming what differs, before anything is written
+    code, _, stderr = run_cli(*[a if a != "64" else "48" for a in common], "--tune", "2",
+                              "--output-dir", str(tmp_path / "third"))
+    assert code == 2 and "--tune-storage: study 'tune-head_only'" in stderr and "max_train_samples 64" in stderr, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "third").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tune", "0"], "--tune must be a positive number of trials per strategy, got 0"),
     (["--tune", "-3"], "--tune must be a positive number of trials per strategy, got -3"),
     (["--tune-timeout", "1h"], "--tune-timeout needs --tune N"),
     (["--tune", "2", "--tune-timeout", "soon"], "--tune-timeout 'soon' is not a duration"),
+    (["--tune-storage", "sqlite:///x.db"], "--tune-storage needs --tune N"),
+    (["--tune", "2", "--tune-storage", "not-a-url"], "--tune-storage: cannot open storage 'not-a-url'"),
 ])
 def test_bench_tune_bad_input_is_one_line_and_writes_nothing(args, message, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
