@@ -72,3 +72,55 @@ def test_spec_peak_table() -> None:
     assert suite.spec_peak("NVIDIA H100 80GB HBM3") == 989.4e12
     assert suite.spec_peak("NVIDIA H200") == 989.4e12
     assert suite.spec_peak("Some Future Card") is None
+
+
+def test_a_case_killed_at_the_time_limit_takes_the_workers_in_their_own_sessions_too(tmp_path) -> None:
+    """The bench's workers run in sessions of their own; killing the bench's process group alone
+    left one training on beside the next case (second H200 session). run_logged kills them all."""
+    import time
+
+    from suite import run_logged
+
+    pid_file = tmp_path / "worker.pid"
+    # a "bench" that starts a "worker" in a new session, as peftkit's bench does, then waits
+    script = ("import subprocess, sys, time\n"
+              "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+              f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+              "print('started', flush=True)\n"
+              "time.sleep(60)\n")
+    code, seconds = run_logged([sys.executable, "-c", script], str(tmp_path / "case.log"), timeout=3)
+    assert code is None and seconds < 30
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        # a killed child of a killed parent is reaped by init; until then it is a zombie
+        with open(f"/proc/{worker}/stat", encoding="utf-8") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        assert not os.path.exists(f"/proc/{worker}"), "the worker outlived the killed bench"
+    log = (tmp_path / "case.log").read_text()
+    assert "started" in log and "killed after 3 s" in log
+
+
+def test_a_bench_killed_after_writing_its_results_keeps_its_rows(tmp_path, monkeypatch) -> None:
+    """QLoRA's row was lost in the second H200 session: its bench had written results.json and
+    was killed on its way out. A results.json that exists is read, whatever the exit."""
+    import suite
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    row = {"strategy": "lora", "seed": 0, "status": "ok", "peak_memory_bytes": 1}
+
+    def killed_after_writing(cmd, log_path, timeout):
+        bench_dir = cmd[cmd.index("--output-dir") + 1]
+        os.makedirs(bench_dir)
+        with open(os.path.join(bench_dir, "results.json"), "w", encoding="utf-8") as fh:
+            json.dump({"rows": [row], "versions": {}, "device": "cuda"}, fh)
+        with open(os.path.join(bench_dir, "results.md"), "w", encoding="utf-8") as fh:
+            fh.write("| x |\n")
+        return None, timeout  # killed
+
+    monkeypatch.setattr(suite, "run_logged", killed_after_writing)
+    case = suite.bench_case("qlora_4bit", "lora", ["--quantize", "4bit"], [], str(work), str(out), 5)
+    assert case["rows"] == [row] and "error" not in case and "after writing its results" in case["note"]

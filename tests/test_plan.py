@@ -83,6 +83,32 @@ def test_saved_activations_follow_batch_and_strategy(tiny_model_dir) -> None:
     assert per_block("head_only", 8) == 0               # nothing flows back into a frozen feature extractor
 
 
+def test_an_8bit_base_keeps_each_quantized_linears_input_as_bitsandbytes_does(tiny_model_dir) -> None:
+    """bitsandbytes' 8-bit matmul keeps its input for backward; a frozen torch linear (the plan's
+    unquantized copy) does not. The GPU suite found the 8-bit plan 33% under for lack of this."""
+    from torch import nn
+
+    from peftkit.planner import keep_inputs_as_int8_matmul
+
+    config = load_config(tiny_model_dir("llama"))
+    config.num_labels = 2
+
+    def per_block(quantize: str | None) -> int:
+        settings = PlanSettings(model="x", strategies=["lora"], batch_size=4, max_length=16, device="cuda",
+                                levers=Levers(precision="bf16", quantize=quantize))
+        return measure_saved_activations(config, get_strategy("lora")(), TASK, settings)[1]
+
+    bf16, four, eight = per_block(None), per_block("4bit"), per_block("8bit")
+    assert four == bf16  # the 4-bit matmul keeps no input: nothing to add
+    # at least the inputs of o_proj and down_proj are new: kept by nothing else in a LoRA block
+    tokens = 4 * 16
+    assert eight - bf16 >= 2 * tokens * (config.hidden_size + config.intermediate_size)
+    # only frozen linears outside the head change; LoRA's own (trainable) ones and the head do not
+    model = nn.ModuleDict({"layer": nn.Linear(4, 4), "lora_A": nn.Linear(4, 2), "score": nn.Linear(4, 2)})
+    assert keep_inputs_as_int8_matmul(model, {"a": model["lora_A"].weight}, ["score"]) == 1
+    assert isinstance(model["layer"].forward, object) and model["score"].forward.__self__ is model["score"]
+
+
 def test_plan_command(run_cli, tiny_model_dir) -> None:
     code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora,full,head_only",
                              "--batch-size", "8", "--max-length", "16", "--memory-budget", "4GiB", "--json")

@@ -14,9 +14,22 @@ for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done
 out_default=${OUT:+$OUT/gpu}
 args=("$@")
 printf '%s\n' "$@" | grep -qx -- '--out' || args+=(--out "${out_default:-runs/gpu-suite}")
+# on the device machine the scratch (a 2.4 GB model, run directories) stays out of $OUT, which is
+# sent back, and in /tmp, which part 2 finds again on the machine part 1 warmed (the model is reused)
+[ -n "${OUT:-}" ] && ! printf '%s\n' "$@" | grep -qx -- '--work' && args+=(--work /tmp/gpu-suite-work)
 if [ "$dry" = 0 ]; then
   start=$(date +%s)
   SITE=/tmp/peftkit-site
+  # part 2 comes to the machine part 1 warmed: what it installed is still there, and installing it
+  # again cost ~40 s of a 15-minute device budget (second H200 session). Reinstalled when the
+  # carried wheels or peftkit's sources differ from what was installed.
+  stamp=$( (ls -l .gpu_carry/wheels 2>/dev/null; find peftkit plugins/peftkit-bitfit/peftkit_bitfit pyproject.toml plugins/peftkit-bitfit/pyproject.toml -type f \
+    \( -name '*.py' -o -name '*.toml' \) -print0 | sort -z | xargs -0 md5sum) | md5sum | cut -d' ' -f1)
+  if [ -f "$SITE/.peftkit-stamp" ] && [ "$(cat "$SITE/.peftkit-stamp")" = "$stamp" ]; then
+    echo "run.sh: $SITE is as the last call left it; not installing again" >&2
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  else
+  rm -rf "$SITE" && mkdir -p "$SITE"
   if [ -d .gpu_carry/wheels ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       .gpu_carry/wheels/*.whl || echo "run.sh: installing the carried wheels failed; using the image's" >&2
@@ -32,6 +45,8 @@ if [ "$dry" = 0 ]; then
       rm -rf "$SITE/$mod" "$SITE/$mod"-*.dist-info
     fi
   done
+  echo "$stamp" > "$SITE/.peftkit-stamp"
+  fi
   [ -d .gpu_carry/tokenizer ] && args+=(--tokenizer .gpu_carry/tokenizer)
   [ -f .gpu_carry/rotten_tomatoes.csv ] && args+=(--data .gpu_carry/rotten_tomatoes.csv)
   echo "run.sh: set-up took $(( $(date +%s) - start )) s" >&2
