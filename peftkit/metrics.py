@@ -108,6 +108,11 @@ class RunMetrics:
     # known once the adapter is saved (the run's own, after training)
     adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)
     wall_seconds: float | None = _figure(row=True, default=None)
+    # where wall_seconds went: imports, load_data, load_model, fingerprint, prepare (before
+    # training), setup (fit's own: accelerator, tokenizing, loaders), train, evaluate (validation
+    # and test), save (the adapter). Start-up was most of a short GPU run's time (35-45 s for 1-5 s
+    # of training on the H200): these say which part of it.
+    stage_seconds: dict[str, float] | None = _figure(row=True, default=None)
     # known once the test split is evaluated (train.judge_learning)
     optimizer_steps: int | None = _figure(row=True, default=None)  # over every epoch run
     # whether the run learned anything beyond an answer that needs no training (Task.learned: the

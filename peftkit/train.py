@@ -226,6 +226,7 @@ class _Loaded:
     base_digests: dict[str, Any]  # the backbone before training: what "unchanged" means, and the fingerprint
     spec: TaskSpec
     model: Any
+    seconds: dict[str, float]  # what each loading stage took (RunMetrics.stage_seconds)
 
 
 @contextlib.contextmanager
@@ -268,8 +269,12 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
             raise PeftkitError(f"run {run.config.output_dir!r} has no complete checkpoint to resume from")
         loaded = _load(run, workdir, say, log, write_config=main and not resume, data_said=data_said)
         _announce(run, loaded.data.split_info["sizes"], resume_from, say)
+        fitting = time.perf_counter()
         outcome = fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log, workdir=workdir,
                       resume_from=resume_from)
+        m = outcome.metrics
+        # fit's own work around training and evaluation: the accelerator, tokenizing, the loaders
+        loaded.seconds["setup"] = round(max(0.0, time.perf_counter() - fitting - m.train_seconds - m.eval_seconds), 3)
         if not main:
             return outcome.metrics.to_dict()
         return _finish(run, workdir, loaded, outcome, wall_start)
@@ -290,6 +295,7 @@ def train_and_validate(run: ResolvedRun, workdir: str, echo: Callable[[str], Non
 def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Callable[[str], None],
           write_config: bool, data_said: bool = False) -> _Loaded:
     """Load the data (config.yaml records the split actually made) and the model, and prepare it."""
+    clock = _StageClock()
     import yaml
     from transformers import set_seed
 
@@ -300,6 +306,7 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     cfg, task = run.config, run.task
     resolved = run.as_dict()
     log(f"run: {json.dumps(resolved, default=str)}")
+    clock.lap("imports")  # (those of a fresh process: a bench worker's, a trial's)
     set_seed(cfg.seed)
     say(f"loading data {cfg.dataset!r} for {task.name} ...")
     data = task.load_data(cfg)
@@ -317,16 +324,34 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     if write_config:
         with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(resolved, fh, sort_keys=False)
+    clock.lap("load_data")
     say(f"loading model {cfg.model!r} ...")
     processor = task.load_processor(cfg.model)
     set_seed(cfg.seed)  # the new head's initialisation depends on it
     base = task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
     # a library failing from here on is reported with the model's type (errors.library_error_line)
     set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
+    clock.lap("load_model")
     base_digests = backbone_digests(base)
+    clock.lap("fingerprint")
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
     spec = task.spec(base, data)
-    return _Loaded(data, processor, base_digests, spec, run.strategy.prepare(base, spec))
+    model = run.strategy.prepare(base, spec)
+    clock.lap("prepare")
+    return _Loaded(data, processor, base_digests, spec, model, clock.seconds)
+
+
+class _StageClock:
+    """Seconds between successive ``lap(name)`` calls, by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _say_data(run: ResolvedRun, data: Any, resolved: dict[str, Any], say: Callable[[str], None],
@@ -397,9 +422,13 @@ def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutco
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions,
     }
+    saving = time.perf_counter()
     metrics.adapter_bytes = save_adapter(os.path.join(workdir, "adapter"), run.strategy, outcome.model,
                                          metadata, loaded.base_digests)
     metrics.wall_seconds = time.perf_counter() - wall_start
+    metrics.stage_seconds = {**loaded.seconds, "train": round(metrics.train_seconds, 3),
+                             "evaluate": round(metrics.eval_seconds, 3),
+                             "save": round(time.perf_counter() - saving, 3)}
     metrics.split, metrics.label_names, metrics.history, metrics.versions = (
         data.split_info, data.label_names, outcome.history, versions)
     metrics.schedule = _recorded_schedule(run, workdir)

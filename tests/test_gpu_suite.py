@@ -41,8 +41,13 @@ def test_dry_run_writes_every_section(dry_run) -> None:
     assert row["step_seconds_median"] > 0 and row["steady_tokens_per_second"] > 0
     assert row["model_flops_per_token"] > 0  # counted, though no MFU without a GPU peak
     assert {t["target"] for t in results["targets"]} >= {"full fine-tune MFU (data-sheet peak) >= 40%"}
+    stages = row["stage_seconds"]  # where start-up goes: the GPU sessions' runs were mostly start-up
+    assert list(stages) == ["imports", "load_data", "load_model", "fingerprint", "prepare", "setup", "train",
+                            "evaluate", "save"]
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= row["wall_seconds"] + 0.01
     md = (out / "results.md").read_text()
     assert "| strategies | `lora` |" in md and "| target | measured | met |" in md
+    assert "Where each run's time went" in md and "| imports | load data | load model | fingerprint |" in md
     profile = (out / "profile_lora.txt").read_text()
     assert "by own host time" in profile and "aten::" in profile
 

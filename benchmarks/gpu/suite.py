@@ -345,6 +345,30 @@ def targets(cases: dict[str, dict[str, Any]], overhead: dict[str, Any] | None) -
     return out
 
 
+STAGES = ("imports", "load_data", "load_model", "fingerprint", "prepare", "setup", "train", "evaluate", "save")
+
+
+def start_up_table(cases: dict[str, Any]) -> list[str]:
+    """Where each run's time went (``stage_seconds`` of its metrics.json), beside the worker's own
+    count (``tried``: from its start, imports included) and the run's wall time: on the first two
+    H200 sessions a run took 35-45 s of the suite for 1-5 s of training."""
+    rows = [(name, r) for name, case in cases.items() for r in case.get("rows", [])
+            if r.get("status") == "ok" and r.get("stage_seconds")]
+    if not rows:
+        return []
+    lines = ["Where each run's time went (seconds): the run's stages, its wall time, and the worker's "
+             "(imports included; - where the bench was killed before it said)", "",
+             "| case | strategy | " + " | ".join(s.replace("_", " ") for s in STAGES) + " | run wall | worker |",
+             "|---|---|" + "---|" * (len(STAGES) + 2)]
+    for name, r in rows:
+        stages = r["stage_seconds"]
+        worker = sum(t.get("seconds") or 0 for t in r.get("tried") or []) or None
+        lines.append(f"| {name} | `{r['strategy']}` | " + " | ".join(
+            f"{stages[k]:.1f}" if stages.get(k) is not None else "-" for k in STAGES)
+            + f" | {r.get('wall_seconds') or 0:.1f} | {f'{worker:.1f}' if worker else '-'} |")
+    return lines + [""]
+
+
 def write_report(out: str, state: dict[str, Any]) -> None:
     """results.json and results.md in ``out``, rewritten after every section."""
     cases = state["cases"]
@@ -401,6 +425,7 @@ def write_report(out: str, state: dict[str, Any]) -> None:
                 + (f" (planned {gib(t['predicted_peak_bytes'])})" if t.get("predicted_peak_bytes") else "")
                 for t in r["tried"]))
             lines.append("")
+    lines += start_up_table(cases)
     for name, where in state.get("profiles", {}).items():
         lines += [f"Profile of a `{name}` run (torch.profiler, operators by device and host time): {where}", ""]
     ov = state.get("overhead")
