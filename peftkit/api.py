@@ -292,7 +292,7 @@ def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
 
 def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tuple[str, dict[str, Any]]:
     """One strategy's study (see ``bench_tuning``): its metric and what it found."""
-    from .tuning import best_config, open_storage, open_study, optimize, prepare_output, write_reports
+    from .tuning import best_config, open_storage, open_study, optimize, prepare_output, versus_defaults, write_reports
 
     def said(line: str) -> None:
         echo(f"tuning {strategy}: {line.removeprefix('tune: ')}")
@@ -328,7 +328,9 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
     return plan.metric, {"status": "ok", "error": None, "trials": len(study.trials),
                          "best_trial": study.best_trial.number, "best_validation": study.best_value,
                          "default_validation": defaults, "settings": settings,
-                         "same_as_default": bool(study.best_trial.user_attrs.get("defaults")), "dir": folder}
+                         "same_as_default": bool(study.best_trial.user_attrs.get("defaults")), "dir": folder,
+                         # whether the validation gain is more than the split's noise (paired)
+                         "validation_versus_defaults": versus_defaults(study)}
 
 
 def preflight_bench(config: BenchConfig) -> BenchConfig:
@@ -427,6 +429,9 @@ class TuneResult:
     best_run: RunResult
     """The best configuration trained once more as a normal run (DIR/best-run): its test metrics."""
     plots: list[str]
+    versus_defaults: dict[str, Any] | None = None
+    """The best trial against the defaults on the same validation examples (``tuning.versus_defaults``:
+    difference, 95% interval, p-value, ``distinguishable``); None where it cannot be said."""
 
 
 def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
@@ -495,7 +500,7 @@ def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
 def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult:
     """Train the best configuration once more as a run (test evaluated there only, unless the
     previous call already did it for the same trial) and move the reports into place."""
-    from .tuning import best_config, masked, staged_reports, write_reports
+    from .tuning import best_config, masked, staged_reports, versus_defaults, write_reports
 
     try:
         best_number = study.best_trial.number
@@ -517,7 +522,7 @@ def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult
     metrics = RunMetrics.from_dict(_read_json(os.path.join(run_dir, "metrics.json")))
     return TuneResult(plan.output_dir, plan.study_name, masked(plan.storage), plan.metric, len(study.trials), ran,
                       best_number, study.best_value, dict(study.best_trial.params), best,
-                      RunResult(run_dir, metrics), plots)
+                      RunResult(run_dir, metrics), plots, versus_defaults(study))
 
 
 def _read_json(path: str) -> dict[str, Any]:

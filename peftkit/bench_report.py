@@ -215,7 +215,9 @@ def tuning_report(results: dict[str, Any]) -> list[str]:
              f"Each strategy was first tuned (`peftkit tune`: {t['trials']} trials each{bound}, trial 0 its "
              f"defaults, selected on validation {t['metric']} of seed {t['seed']}); then its defaults and its "
              f"best configuration each ran on test over the seeds. Change: tuned minus default {q_label}, in "
-             f"points, with its paired {level} interval and p over the same test examples.", "",
+             f"points, with its paired {level} interval and p over the same test examples. The p beside "
+             f"the validation figures is the same test of the best trial against the defaults' on the "
+             f"validation examples (where recorded): above 0.05, tuning's gain may be noise.", "",
              f"| strategy | trials | validation {t['metric']} default → tuned | {q_label} default | "
              f"{q_label} tuned | change |", "|---|---|---|---|---|---|"]
     for name, e in t["strategies"].items():
@@ -232,6 +234,9 @@ def tuning_report(results: dict[str, Any]) -> list[str]:
         elif c and c["verdict"] != "no per-example record":
             change += f" ([{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
         validation = " → ".join("-" if x is None else f"{x:.4f}" for x in (e["default_validation"], e["best_validation"]))
+        v = e.get("validation_versus_defaults")
+        if v:  # the gain tune selected on, paired over the validation examples: noise or not
+            validation += f" ({_p(v['p_value'])})"
         lines.append(f"| `{name}` | {e['trials']} | {validation} | {test[0]} | {test[1]} | {change} |")
     return lines + ["", "Tuned settings (each study, its trials and best.yaml in tuning/STRATEGY/):", ""] + [
         f"- `{name}`: " + (_tuned_settings(e) if e["status"] == "ok" else f"none ({e['status']})")

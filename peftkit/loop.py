@@ -549,6 +549,14 @@ class Trainer:
             self.log(f"restored the best epoch ({st.best.epoch}, validation {metric} "
                      f"{st.best.metrics[metric]:.4f})")
 
+    def validation_correct(self) -> tuple[dict[str, float], list[int] | None]:
+        """The validation split evaluated as the test split is (``Task.evaluate_test``): its metrics
+        and, where the task can say, which examples were right, in the split's order. A tuning
+        trial's best epoch against the defaults' is then judged example by example."""
+        return self.measured(lambda after_batch: self.task.evaluate_test(
+            self.strategy, self.model, self.loaders["validation"], self.accelerator, after_batch=after_batch,
+            context=self.processor, data=self.data))
+
     def test(self) -> dict[str, float]:
         """The final evaluation, on test (which examples were right: ``test_correct``); ends the
         trackers' run."""

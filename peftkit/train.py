@@ -121,6 +121,9 @@ class TrainOutcome:
     metrics: RunMetrics  # without the run-level figures (adapter size, wall time, ...): execute_run adds them
     history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # the trained model, unwrapped from accelerate
+    # the selected epoch's correctness per validation example (1/0, the split's order), when asked
+    # for and the task can say (fit's ``validation_correct``)
+    validation_correct: list[int] | None = None
 
 
 def _scalar_config(run: ResolvedRun) -> dict[str, Any]:
@@ -139,7 +142,7 @@ def _scalar_config(run: ResolvedRun) -> dict[str, Any]:
 def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         log: Callable[[str], None], workdir: str | None = None, resume_from: str | None = None,
         on_validation: Callable[[int, dict[str, float]], None] | None = None,
-        evaluate_test: bool = True) -> TrainOutcome:
+        evaluate_test: bool = True, validation_correct: str | None = None) -> TrainOutcome:
     """Train ``model`` (already prepared by the strategy), validate each epoch, restore the best
     epoch, evaluate on test. Returns the metrics and the per-epoch history.
 
@@ -152,6 +155,9 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     ``on_validation(epoch, metrics)`` is called after each epoch's validation (1-based epoch); it
     may raise to end the run there (a tuning trial that is pruned). Without ``evaluate_test`` the
     test split is never evaluated (``test`` stays empty): tuning selects on validation only.
+    ``validation_correct`` (a metric, e.g. ``accuracy``): the selected epoch is evaluated on
+    validation once more, example by example (``TrainOutcome.validation_correct``), when the task
+    can say which examples were right and that pass gives the same ``validation_correct`` figure.
     """
     trainer = Trainer(run.config, run.strategy, run.hparams, run.task, log)
     trainer.setup(model, processor, data, workdir, tracker_config=lambda: _scalar_config(run))
@@ -170,6 +176,7 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
             break
     trainer.bar.close()
     trainer.restore_best()
+    correct = _validation_correct(trainer, validation_correct, log) if validation_correct else None
     test = trainer.test() if evaluate_test else {}
     metrics = trainer.metrics(test, resumed=resume_from is not None)
     if evaluate_test:
@@ -177,7 +184,20 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         if metrics.learned is not None:
             note = f": {metrics.learned_note}" if metrics.learned_note else ""
             log(f"learned: {str(metrics.learned).lower()}{note}")
-    return TrainOutcome(metrics, trainer.state.history, trainer.inner)
+    return TrainOutcome(metrics, trainer.state.history, trainer.inner, correct)
+
+
+def _validation_correct(trainer: Any, metric: str, log: Callable[[str], None]) -> list[int] | None:
+    """Per validation example, whether the selected epoch got it right; None where the task cannot
+    say, or where the figure of that pass differs from the selected epoch's (then the examples
+    would not be what the trial was judged on)."""
+    figures, correct = trainer.validation_correct()
+    selected = trainer.state.best.metrics.get(metric)
+    if correct is None or selected is None or abs(figures.get(metric, float("nan")) - selected) > 1e-9:
+        log(f"validation per example not recorded: {metric} {figures.get(metric)} on the second pass, "
+            f"{selected} when the epoch was selected")
+        return None
+    return correct
 
 
 def judge_learning(run: ResolvedRun, data: Any, metrics: RunMetrics, history: list[dict[str, Any]],
@@ -281,15 +301,17 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
 
 
 def train_and_validate(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
-                       on_validation: Callable[[int, dict[str, float]], None]) -> TrainOutcome:
+                       on_validation: Callable[[int, dict[str, float]], None],
+                       validation_correct: str | None = None) -> TrainOutcome:
     """A tuning trial: load, prepare and train as a run does, validating after each epoch
     (``on_validation``, which may raise to stop), but never evaluate the test split nor save an
-    adapter. ``workdir`` receives config.yaml and train.log. One process only."""
+    adapter. ``workdir`` receives config.yaml and train.log. One process only.
+    ``validation_correct``: see ``fit``."""
     with _train_log(os.path.join(workdir, "train.log")) as log:
         loaded = _load(run, workdir, echo, log, write_config=True, data_said=True)
         _announce(run, loaded.data.split_info["sizes"], None, echo)
         return fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log,
-                   on_validation=on_validation, evaluate_test=False)
+                   on_validation=on_validation, evaluate_test=False, validation_correct=validation_correct)
 
 
 def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Callable[[str], None],

@@ -500,7 +500,8 @@ def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp
     bench = BenchConfig(strategies=["lora", "head_only", "full"], seeds=[0, 1], batch_size=8, tune=4)
     tuning = _tuning(
         lora={"status": "ok", "error": None, "trials": 4, "best_trial": 3, "best_validation": 0.9,
-              "default_validation": 0.7, "settings": {"lr": 0.0042, "epochs": 2, "r": 16}, "same_as_default": False},
+              "default_validation": 0.7, "settings": {"lr": 0.0042, "epochs": 2, "r": 16}, "same_as_default": False,
+              "validation_versus_defaults": {"p_value": 0.0004}},
         head_only={"status": "ok", "error": None, "trials": 4, "best_trial": 0, "best_validation": 0.6,
                    "default_validation": 0.6, "settings": {"lr": 0.001}, "same_as_default": True},
         full={"status": "failed", "error": "no trial of its study completed", })
@@ -526,7 +527,7 @@ def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp
     md = (tmp_path / "results.md").read_text()
     assert "Tuned: each strategy's row is its best configuration of `--tune 4`" in md
     assert "## Default vs tuned" in md
-    assert "| `lora` | 4 | 0.7000 → 0.9000 | 0.5000 ± 0.0000 (n=2) | 0.9000 ± 0.0000 (n=2) | +40.0 ([" in md
+    assert "| `lora` | 4 | 0.7000 → 0.9000 (p < 0.001) | 0.5000 ± 0.0000 (n=2) | 0.9000 ± 0.0000 (n=2) | +40.0 ([" in md
     assert "| `full` | failed: no trial of its study completed |" in md
     assert "- `lora`: trial #3: lr=0.0042, epochs=2, r=16" in md
     assert "- `head_only`: the defaults won (trial #0)" in md and "| 0.0 (the same runs) |" in md
@@ -545,6 +546,8 @@ def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> N
     entry = results["tuning"]["strategies"]["head_only"]
     assert entry["status"] == "ok" and entry["trials"] == 2 and results["settings"]["tune"] == 2
     assert entry["best_validation"] >= entry["default_validation"]  # trial 0 is the defaults, never pruned
+    # the validation gain judged example by example (nothing to judge when the defaults won)
+    assert (entry["validation_versus_defaults"] is None) == entry["same_as_default"]
     assert {"lr", "epochs", "warmup_ratio", "weight_decay"} <= set(entry["settings"]) and entry["settings"]["epochs"] == 1
     assert [(r["configuration"], r["status"]) for r in results["rows"]] == [("default", "ok"), ("tuned", "ok")]
     tuned = results["rows"][1]

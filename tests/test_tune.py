@@ -114,6 +114,13 @@ def test_tune_writes_its_reports(study_dir: dict) -> None:
     assert rows[0]["defaults"] and rows[0]["params"]["lr"] == 3e-3 and rows[0]["params"]["pooling"] == "mean"
     assert "epochs" not in rows[0]["params"]  # --epochs fixed it
     assert summary["best_value"] == max(r["value"] for r in rows)
+    # which validation examples each trial's selected epoch got right: the paired test's input
+    for r in rows:
+        correct = r["validation_correct"]
+        assert len(correct) == 20 and set(correct) <= {"0", "1"}  # 200 rows: 20 validation examples
+        assert correct.count("1") / 20 == pytest.approx(r["value"])
+    best_is_defaults = rows[summary["best_trial"]]["defaults"]
+    assert (summary["versus_defaults"] is None) == best_is_defaults
     assert summary["best_run"]["test"]  # test evaluated once, for the best configuration only
     assert not (out / "trials" / "0000" / "metrics.json").exists()
     csv_lines = (out / "trials.csv").read_text().splitlines()
@@ -343,3 +350,37 @@ def test_the_pruner_judges_no_trial_before_the_defaults_could_stop_early() -> No
         assert verdicts[:2] == [False, False], name  # epochs 1 and 2: too early to judge
         if name == "median":  # hyperband needs more trials per bracket than this to prune at all
             assert any(verdicts[2:])  # from epoch 3 a trial still at the start is pruned
+
+
+def _study_with(best: str, defaults: str):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="maximize")
+    for number, (bits, is_defaults) in enumerate([(defaults, True), (best, False)]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": 1e-3 * (number + 1)}, distributions={"lr": FloatDistribution(1e-4, 1e-1, log=True)},
+            value=bits.count("1") / len(bits), user_attrs={"defaults": is_defaults, "validation_correct": bits}))
+    return study
+
+
+def test_the_best_trial_is_judged_against_the_defaults_on_the_same_examples() -> None:
+    """The best of N trials on a few hundred validation examples can be luck: tune says whether
+    its gain over the defaults is beyond validation noise (paired, example by example)."""
+    from peftkit.tuning import describe_versus_defaults, versus_defaults
+
+    # 300 examples; the best gets 40 more right and none fewer: clearly better
+    clear = versus_defaults(_study_with("1" * 240 + "0" * 60, "1" * 200 + "0" * 100))
+    assert clear["best_trial"] == 1 and clear["defaults_trial"] == 0 and clear["examples"] == 300
+    assert clear["difference"] == pytest.approx(40 / 300) and clear["best_only"] == 40 and clear["defaults_only"] == 0
+    assert clear["distinguishable"] and clear["p_value"] < 0.001 and clear["low"] > 0
+    assert "beyond validation noise" in describe_versus_defaults(clear)
+    # net two more right out of 300 (+0.7 points, what the first bench's tuning chose on): 12
+    # examples only the best got right, 10 only the defaults did: noise
+    noise = versus_defaults(_study_with("0" * 10 + "1" * 190 + "1" * 12 + "0" * 88, "1" * 200 + "0" * 100))
+    assert noise["difference"] == pytest.approx(2 / 300) and (noise["best_only"], noise["defaults_only"]) == (12, 10)
+    assert not noise["distinguishable"] and noise["mcnemar_p"] > 0.5 and noise["low"] < 0 < noise["high"]
+    assert "within validation noise" in describe_versus_defaults(noise)
+    # the defaults are the best, or a trial without per-example records: nothing to say
+    assert versus_defaults(_study_with("1" * 10 + "0" * 10, "1" * 20)) is None
+    assert versus_defaults(_study_with("1" * 10, "1" * 5 + "0" * 6)) is None  # not the same examples
