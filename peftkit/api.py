@@ -292,7 +292,8 @@ def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
 
 def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tuple[str, dict[str, Any]]:
     """One strategy's study (see ``bench_tuning``): its metric and what it found."""
-    from .tuning import best_config, open_storage, open_study, optimize, prepare_output, versus_defaults, write_reports
+    from .tuning import (StudyMismatch, best_config, open_storage, open_study, optimize, prepare_output,
+                         versus_defaults, write_reports)
 
     def said(line: str) -> None:
         echo(f"tuning {strategy}: {line.removeprefix('tune: ')}")
@@ -305,9 +306,8 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
     prepare_output(plan)
     try:
         study = open_study(plan, open_storage(plan.storage), said)
-    except PeftkitError as exc:  # a study of that name made for other settings: tune's advice is not the bench's
-        raise PeftkitError(f"--tune-storage: {str(exc).split('; choose another')[0]}; give another --tune-storage "
-                           "for these settings") from None
+    except StudyMismatch as exc:  # a study of that name made for other settings: tune's advice is not the bench's
+        raise PeftkitError(f"--tune-storage: {exc.mismatch}; give another --tune-storage for these settings") from None
     try:
         optimize(study, plan, said)
     except RunInterrupted:  # its advice (run tune again) does not hold: the bench and its studies go

@@ -682,14 +682,14 @@ def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],
     """The row of a strategy's tuned configuration at one seed when it is not run: tuning found
     none (the row says why), or the defaults won the study (their row at this seed stands for it:
     it is the same run). None: run it."""
+    if not _tuned_not_run(strategy, "tuned", tuning):
+        return None
     entry = tuning["strategies"][strategy]
     if entry["status"] != "ok":
         return {"strategy": strategy, "seed": seed, "status": entry["status"], "error": entry["error"], "tried": []}
-    if entry.get("same_as_default"):
-        default = next(r for r in rows if r["strategy"] == strategy and r["seed"] == seed
-                       and r.get("configuration") == "default")
-        return {**default, "configuration": "tuned", "same_as_default": True}
-    return None
+    default = next(r for r in rows if r["strategy"] == strategy and r["seed"] == seed
+                   and r.get("configuration") == "default")
+    return {**default, "configuration": "tuned", "same_as_default": True}
 
 
 def suite_results(bench: BenchConfig, rows: list[dict[str, Any]], seconds: float,

@@ -261,6 +261,15 @@ def make_pruner(pruner: Any, grace: int = 1) -> Any:
             "none": optuna.pruners.NopPruner}[pruner]()
 
 
+class StudyMismatch(PeftkitError):
+    """The study exists and was made for other settings; ``mismatch`` says how, without tune's
+    advice (a bench gives its own: another ``--tune-storage``)."""
+
+    def __init__(self, message: str, mismatch: str) -> None:
+        super().__init__(message)
+        self.mismatch = mismatch
+
+
 def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
     """Load the plan's study, or create it with trial 0 (the defaults) queued. A study made for
     another strategy, task, model, dataset or metric is refused unless ``overwrite`` (then it is
@@ -274,9 +283,9 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
         differs = _differences(made_for, plan.identity)
         if differs is not None and not plan.config.overwrite:
             mine = {k: plan.identity.get(k) for k in differs} if differs else plan.identity
-            raise PeftkitError(f"study {name!r} in {masked(plan.storage)} was made for {_describe(differs)}, not "
-                               f"{_describe(mine)}; choose another --study-name or --output-dir, or "
-                               "--overwrite to start it afresh")
+            mismatch = f"study {name!r} in {masked(plan.storage)} was made for {_describe(differs)}, not {_describe(mine)}"
+            raise StudyMismatch(f"{mismatch}; choose another --study-name or --output-dir, or --overwrite to start "
+                                "it afresh", mismatch)
         if differs is not None:
             optuna.delete_study(study_name=name, storage=storage)
             exists = False
