@@ -201,6 +201,11 @@ def _export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], ops
     import torch
     from torch.export import Dim
 
+    import logging
+
+    # torch.onnx logs a warning per torchvision operator it cannot register (torchvision is not a
+    # dependency): through a handler that holds the real stderr, so the redirect below misses it
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     names = list(sample)
     dims = {position: Dim(name) for position, name in axes.items()}
     # one entry per parameter of forward: its *inputs, a tuple with one entry per tensor
