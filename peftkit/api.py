@@ -30,6 +30,7 @@ from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import PeftkitError, RunInterrupted, set_context
 from .evaluation import EvalConfig, EvalResult
+from .exporter import ExportResult
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
 from .strategies.base import TUNED_SETTINGS
@@ -593,11 +594,11 @@ def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
 
 # -- predict, merge, inspect ------------------------------------------------------------------
 
-def predict(adapter_dir: str, inputs: list[str] | None = None, model: str | None = None, force: bool = False, *,
+def predict(adapter_dir: str | None, inputs: list[str] | None = None, model: str | None = None, force: bool = False, *,
             input_file: str | None = None, text_column: str | None = None, output: str | None = None,
             overwrite: bool = False, batch_size: int | None = None, max_new_tokens: int | None = None,
             do_sample: bool = False, temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-            chat: bool = False, progress: bool | None = None) -> list[dict[str, Any]]:
+            chat: bool = False, progress: bool | None = None, onnx: str | None = None) -> list[dict[str, Any]]:
     """Answer ``inputs`` (texts; image files for an image classifier) with a trained adapter: one
     dict per input (label and probabilities, or the generated completion).
 
@@ -611,12 +612,13 @@ def predict(adapter_dir: str, inputs: list[str] | None = None, model: str | None
     generate (causal-lm): ``max_new_tokens`` (default: a label's length, else 64), ``do_sample`` with
     ``temperature`` / ``top_p`` (seeded by ``seed``), and ``chat`` (the tokenizer's chat template
     around each prompt). ``progress``: a progress bar on stderr (default: for a file or more than
-    64 inputs).
+    64 inputs). ``onnx``: answer with what ``export`` wrote to this directory (ONNX Runtime, no
+    PyTorch model) instead of an adapter (``adapter_dir`` None).
     """
     rows = list(predict_iter(adapter_dir, inputs, model, force, input_file=input_file, text_column=text_column,
                              output=output, overwrite=overwrite, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, seed=seed, chat=chat, progress=progress))
+                             top_p=top_p, seed=seed, chat=chat, progress=progress, onnx=onnx))
     if output is not None:
         from .predict_io import write_rows
 
@@ -624,17 +626,25 @@ def predict(adapter_dir: str, inputs: list[str] | None = None, model: str | None
     return rows
 
 
-def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str | None = None, force: bool = False,
-                 *, input_file: str | None = None, text_column: str | None = None, output: str | None = None,
-                 overwrite: bool = False, batch_size: int | None = None, max_new_tokens: int | None = None,
-                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 seed: int = 0, chat: bool = False, progress: bool | None = None) -> Iterator[dict[str, Any]]:
+def predict_iter(adapter_dir: str | None, inputs: list[str] | None = None, model: str | None = None,
+                 force: bool = False, *, input_file: str | None = None, text_column: str | None = None,
+                 output: str | None = None, overwrite: bool = False, batch_size: int | None = None,
+                 max_new_tokens: int | None = None, do_sample: bool = False, temperature: float | None = None,
+                 top_p: float | None = None, seed: int = 0, chat: bool = False, progress: bool | None = None,
+                 onnx: str | None = None) -> Iterator[dict[str, Any]]:
     """``predict``'s answers one at a time as they are computed (``predict`` with its arguments,
     except that ``output`` is only checked here: the caller writes it). Every setting, the inputs
     and ``output`` are checked before the model loads."""
     from .predict_io import GenerationOptions, check_output_file, read_inputs
 
-    check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
+    if (adapter_dir is None) == (onnx is None):
+        raise PeftkitError("give an adapter (--adapter DIR) or an export (--onnx DIR), not both" if onnx
+                           else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)")
+    if onnx is not None and (model is not None or force):
+        raise PeftkitError(f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
+                           "export holds its whole model")
+    if adapter_dir is not None:
+        check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
     from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
 
     inputs = None if inputs is None else list(inputs)
@@ -644,7 +654,14 @@ def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str |
     if input_file is None and text_column is not None:
         raise PeftkitError(f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments")
     generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
-    task = adapter_task(adapter_dir)
+    if onnx is not None:
+        from .exporter import read_export_metadata, require_onnx
+        from .tasks import get_task
+
+        require_onnx()
+        task = get_task(read_export_metadata(onnx).get("task") or "sequence-classification")
+    else:
+        task = adapter_task(adapter_dir)
     if model is not None:  # a model made for another task: said in a second, not after the imports
         check_model_task(task, model, adapter_dir, _recorded_base(adapter_dir) or "?")
     check_prediction_settings(task, batch_size, generation)
@@ -653,6 +670,10 @@ def predict_iter(adapter_dir: str, inputs: list[str] | None = None, model: str |
     texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
     show = progress if progress is not None else (input_file is not None or len(texts) > 64)
     quiet_libraries()  # imports transformers and datasets: after every check that can do without them
+    if onnx is not None:
+        from .exporter import load_onnx
+
+        return iter_predictions(load_onnx(onnx), texts, batch_size, generation, show)
     loaded = load_adapter(adapter_dir, model, force=force)
     return iter_predictions(loaded, texts, batch_size, generation, show)
 
@@ -705,6 +726,31 @@ def merge(adapter_dir: str, output: str, model: str | None = None, force: bool =
     return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 
 
+def export(adapter_dir: str, output: str, format: str = "onnx", model: str | None = None, *,
+           quantize: str | None = None, opset: int | None = None, dataset: str | None = None,
+           text_column: str | None = None, label_column: str | None = None, force: bool = False,
+           overwrite: bool = False, min_agreement: float | None = None, echo: Echo = to_stderr) -> ExportResult:
+    """Export an adapter on its base (``model`` overrides the base) as a model that serves without
+    PyTorch, into the directory ``output`` (``format`` "onnx": ``model.onnx``, the tokenizer or
+    image processor, ``peftkit_export.json``). Merged where the strategy merges (lora, full,
+    gradual_unfreeze), its own modules in the graph otherwise. ``quantize`` "int8": ONNX Runtime's
+    dynamic quantization. ``opset``: the ONNX opset (default 18).
+
+    Checked before anything is written, on the adapter's own test split (or every example of
+    ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
+    PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
+    less); an export that fails the check raises ``PeftkitError`` and leaves nothing.
+    ``predict(None, ..., onnx=output)`` serves it."""
+    from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
+
+    check_export_settings(format, quantize, DEFAULT_OPSET if opset is None else opset, min_agreement)
+    check_inputs(model, dataset, adapter_dir)
+    quiet_libraries()
+    return export_onnx(adapter_dir, output, model, quantize, DEFAULT_OPSET if opset is None else opset, dataset,
+                       text_column, label_column, force=force, overwrite=overwrite, min_agreement=min_agreement,
+                       echo=echo)
+
+
 def inspect(adapter_dir: str) -> dict[str, Any]:
     """An adapter's metadata (strategy, base model and fingerprint, labels, metrics, versions) with
     its size; for a plain peft adapter, what its config says. ``adapter_dir`` may be a run
@@ -724,6 +770,6 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "MergeResult", "Plan", "PlanSettings",
-           "RunConfig", "RunResult", "TuneConfig", "TuneResult", "bench", "check_inputs", "evaluate", "inspect", "merge", "plan", "predict",
+__all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "ExportResult", "MergeResult", "Plan", "PlanSettings",
+           "RunConfig", "RunResult", "TuneConfig", "TuneResult", "bench", "check_inputs", "evaluate", "export", "inspect", "merge", "plan", "predict",
            "predict_iter", "resume", "resumed_config", "run", "tune"]

@@ -25,6 +25,14 @@ class LoadedAdapter:
     def label_names(self) -> list[str]:
         return list(self.metadata["label_names"])
 
+    def probabilities(self, batch: dict[str, Any]) -> Any:
+        """Each example's label probabilities (a float32 tensor, batch x labels) for a model batch
+        (``Task.serving_batch``): what ``predict`` answers and ``peftkit export`` checks against."""
+        import torch
+
+        with torch.no_grad():
+            return torch.softmax(self.strategy.forward(self.model, batch).float(), dim=-1)
+
 
 def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
     """Metadata for a peft adapter directory that peftkit did not write: the strategy from peft's

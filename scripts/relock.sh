@@ -47,13 +47,13 @@ done
 
 # uv reads the pins of the file it writes to as preferences: start from the current lock
 [ -f requirements.lock ] && cp requirements.lock "$tmp/out.lock"
-.venv/bin/uv pip compile pyproject.toml --extra dev "${constraints[@]}" "${links[@]}" "${args[@]}" \
+.venv/bin/uv pip compile pyproject.toml --extra dev --extra export "${constraints[@]}" "${links[@]}" "${args[@]}" \
   --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match \
   --custom-compile-command "bash scripts/relock.sh" --no-annotate --no-progress --quiet --output-file "$tmp/out.lock"
 {
   echo "# requirements.lock: the exact versions install.sh installs and the test suite passed with."
   echo "# Compiled for CPython 3.11 on Linux x86_64 (manylinux_2_28) from pyproject.toml (+ the dev"
-  echo "# extra) and scripts/lock-constraints.txt by uv pip compile. Do not edit by hand: re-lock with"
+  echo "# and export extras) and scripts/lock-constraints.txt by uv pip compile. Do not edit by hand: re-lock with"
   echo "# \`bash scripts/relock.sh\` (see its header). torch is the CPU build: pip finds it in find-links"
   echo "# (on this project's machines /opt/wheels) or at https://download.pytorch.org/whl/cpu."
   # the --from-venv constraints are a temporary file: name what they were instead

@@ -11,7 +11,7 @@ import sys
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TOP_LEVEL = ("run", "bench", "plan", "predict", "evaluate", "merge", "inspect", "RunConfig", "BenchConfig", "PlanSettings",
+TOP_LEVEL = ("run", "bench", "plan", "predict", "evaluate", "merge", "export", "inspect", "RunConfig", "BenchConfig", "PlanSettings",
              "Levers", "load_adapter", "predict_texts", "save_adapter")
 
 
@@ -29,6 +29,8 @@ assert "torch" not in sys.modules, "import peftkit imported torch"
 import peftkit.inference, peftkit.planner, peftkit.benchmark   # the modules behind the functions
 from peftkit import api, config
 assert (peftkit.predict, peftkit.plan, peftkit.bench, peftkit.run) == (api.predict, api.plan, api.bench, api.run)
+import peftkit.exporter   # the module does not shadow the function
+assert peftkit.export is api.export
 assert peftkit.RunConfig is config.RunConfig and peftkit.load_adapter is sys.modules["peftkit.inference"].load_adapter
 assert "torch" not in sys.modules, "looking the names up imported torch"
 print(peftkit.RunResult("runs/x", None).adapter_dir)

@@ -91,3 +91,25 @@ def test_causal_lm_default_learns_the_answers_then_predict(run_cli, tmp_path) ->
     assert code == 0, stderr
     row = json.loads(stdout)
     assert row["label"] in ("positive", "negative") and row["completion"].strip() == row["label"]
+
+
+def test_the_shipped_bottleneck_adapter_exports_to_onnx(run_cli, tmp_path) -> None:
+    """Issue 17: the shipped adapter whose modules stay in the graph (it cannot be merged) exports,
+    passes the check against PyTorch on its own test split, and serves the same answers."""
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed (install.sh installs it)")
+    adapter, out = os.path.join(SHIPPED, "minilm-rotten-tomatoes-adapter"), str(tmp_path / "onnx")
+    code, _, err = run_cli("export", "--adapter", adapter, "--output", out)
+    assert code == 0, err
+    with open(os.path.join(out, "peftkit_export.json")) as fh:
+        meta = json.load(fh)
+    assert meta["merged"] is False and meta["check"]["max_abs_diff"] <= 1e-4
+    assert meta["check"]["checked_on"] == "the test split of 'rotten_tomatoes' (seed 0)"
+    texts = ["A quietly devastating film.", "Dull, lifeless and far too long."]
+    answers = []
+    for args in (("--onnx", out), ("--adapter", adapter)):
+        code, stdout, err = run_cli("predict", *args, *texts)
+        assert code == 0, err
+        answers.append([json.loads(line) for line in stdout.splitlines()])
+    assert [r["label"] for r in answers[0]] == [r["label"] for r in answers[1]] == ["positive", "negative"]
+    for a, b in zip(answers[0], answers[1]):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)

@@ -26,20 +26,6 @@ def pairs_csv(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def tiny_vit_dir(tmp_path_factory) -> str:
-    import torch
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64)
-    path = tmp_path_factory.mktemp("tiny-vit")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
-    return str(path)
-
-
 def _load(path: str) -> dict:
     with open(path) as fh:
         return json.load(fh)

@@ -123,6 +123,8 @@ class Strategy:
         defaults: ``TrainingDefaults`` used where the user sets nothing.
         supports_quantized_base: True if the strategy leaves the base model's weights frozen, so
             they may be loaded quantized (``--quantize 4bit|8bit``, QLoRA-style).
+        merges: True if ``merge`` gives a plain transformers model (then ``peftkit merge`` works
+            and ``peftkit export`` exports the merged model, as fast as the base).
     """
 
     name: ClassVar[str] = ""
@@ -131,6 +133,7 @@ class Strategy:
     Options: ClassVar[type] = NoOptions
     defaults: ClassVar[TrainingDefaults] = TrainingDefaults(lr=5e-5, epochs=1)
     supports_quantized_base: ClassVar[bool] = False
+    merges: ClassVar[bool] = False
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -296,6 +299,13 @@ class Strategy:
             f"strategy {self.name!r} cannot be merged into a plain model: it adds modules of its own; "
             "ship its adapter with the base model instead"
         )
+
+    def serving_model(self, model: nn.Module) -> nn.Module:
+        """The module to serve ``model`` with outside PyTorch (``peftkit export``): the merged model
+        where the strategy ``merges`` (no adapter arithmetic left at inference), else ``model``
+        itself, whose own modules (bottlenecks, prefixes, a pooled head) are then exported with it.
+        ``forward`` is what runs it either way."""
+        return self.merge(model) if self.merges else model
 
     def load_adapter_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Copy ``tensors`` into a model that ``prepare`` produced with the same options.

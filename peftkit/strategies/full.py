@@ -24,6 +24,8 @@ class FullFineTune(Strategy):
     # epoch (a full pass over 10k examples takes minutes on two cores), so it must move quickly.
     defaults = TrainingDefaults(lr=1e-4, epochs=1, batch_size=32)
 
+    merges = True
+
     def merge(self, model: nn.Module) -> nn.Module:
         return model  # the result already is a complete transformers model
 

@@ -112,6 +112,8 @@ class GradualUnfreeze(Strategy):
                 "lr_decay": trial.suggest_float("lr_decay", 1.0, 3.0),
                 "schedule": trial.suggest_categorical("schedule", ["linear", "slanted_triangular"])}
 
+    merges = True
+
     def merge(self, model: nn.Module) -> nn.Module:
         return model  # the result already is a complete transformers model
 

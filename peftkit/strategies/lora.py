@@ -91,6 +91,8 @@ class Lora(PeftStrategy):
                            target_modules=sorted(targets) if isinstance(targets, (list, set)) else None,
                            use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
 
+    merges = True
+
     def merge(self, model: nn.Module) -> nn.Module:
         # W + (alpha / r) * B @ A folded into W: a plain model, as fast as the base at inference
         return model.merge_and_unload()

@@ -262,11 +262,14 @@ def _position_modules(model: nn.Module, exclude: nn.Module | None) -> tuple[list
 
 def _shift_table_positions(offset: int) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        import torch
+
         positions = args[0] + offset
         if module.padding_idx is not None:
             # RoBERTa gives padding the table's padding index, which a cache does not move
             positions = positions.masked_fill(args[0] == module.padding_idx, module.padding_idx)
-        if positions.numel() and int(positions.max()) >= module.num_embeddings:
+        # (a value-dependent check: an ONNX export traces without values, and checks its inputs instead)
+        if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= module.num_embeddings:
             raise PeftkitError(f"strategy 'prefix': {offset} virtual tokens + {args[0].shape[-1]} tokens exceed the "
                                f"model's {module.num_embeddings} positions; lower --max-length or num_virtual_tokens")
         return (positions, *args[1:])

@@ -91,6 +91,14 @@ class Task:
     #: model's validation metrics once before its first step (one extra validation pass) and
     #: hands them to ``learned`` as ``zero_shot``
     needs_zero_shot_reference: ClassVar[bool] = False
+    #: whether ``peftkit export --format onnx`` exports this task's adapters: one forward pass from
+    #: the inputs (``serving_batch``) to the label probabilities; other tasks are refused
+    exports_onnx: ClassVar[bool] = False
+    #: the dimensions of every model input that vary from call to call, by position (the batch;
+    #: for text also the sequence): the dynamic axes of an exported graph
+    serving_axes: ClassVar[dict[int, str]] = {0: "batch"}
+    #: the column of a loaded split that holds the inputs (``text``, ``image``)
+    input_field: ClassVar[str] = "text"
 
     # -- data and model ------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
@@ -213,6 +221,12 @@ class Task:
     def predict(self, loaded: Any, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
         """Answers of a loaded adapter (``predict.LoadedAdapter``) for ``inputs``, one dict each.
         A task with ``generates`` also takes ``generation=`` (a ``GenerationOptions``)."""
+        raise NotImplementedError
+
+    def serving_batch(self, processor: Any, metadata: dict[str, Any], inputs: list[Any]) -> dict[str, torch.Tensor]:
+        """``inputs`` (texts; images as a split or Pillow holds them) as the model takes them: one
+        padded, truncated batch of tensors, as ``predict`` and ``peftkit export`` both feed it.
+        ``metadata`` is the adapter's (its ``max_length``). Only tasks that ``exports_onnx``."""
         raise NotImplementedError
 
     def accepts_model(self, model_task: Task) -> bool:

@@ -66,6 +66,7 @@ class ImageClassification(ClassificationTask):
     default_max_length = None
     input_kind = "image"
     input_columns = (*IMAGE_COLUMN_GUESSES, "path", "file", "filename")  # image file paths
+    input_field = "image"
 
     def load_data(self, cfg: RunConfig) -> TaskData:
         from ..data import load_image_data
@@ -153,6 +154,12 @@ class ImageClassification(ClassificationTask):
         pixels = torch.randn(batch_size, channels, size, size, generator=gen)
         return {"pixel_values": pixels.to(device), "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
+    def serving_batch(self, processor: ImageInputs, metadata: dict[str, Any], inputs: list[Any]) -> dict[str, Any]:
+        import torch
+
+        pixels = processor.processor(images=[to_image(x, processor.mode) for x in inputs], return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"].to(torch.float32)}
+
     def predict(self, loaded: Any, paths: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
         """Inputs are image files (PNG, JPEG, ... anything Pillow opens)."""
         from PIL import Image, UnidentifiedImageError
@@ -169,11 +176,8 @@ class ImageClassification(ClassificationTask):
                 raise PeftkitError(f"cannot read image {path!r}: {first_line(exc)}") from None
 
         def batches() -> Any:
-            import torch
-
             for i in range(0, len(images), batch_size):
-                pixels = inputs.processor(images=images[i : i + batch_size], return_tensors="pt")["pixel_values"]
-                yield paths[i : i + batch_size], {"pixel_values": pixels.to(torch.float32)}
+                yield paths[i : i + batch_size], self.serving_batch(inputs, loaded.metadata, images[i : i + batch_size])
 
         rows = predict_rows(loaded, batches(), paths)
         for row in rows:

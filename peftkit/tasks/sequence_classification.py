@@ -36,6 +36,7 @@ class ClassificationTask(Task):
 
     selection_metric = "accuracy"
     headline_metrics = ("accuracy", "f1_macro")
+    exports_onnx = True
 
     def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
         names = tuple(data.label_names or ())
@@ -210,18 +211,17 @@ def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], 
 
 
 def predict_rows(loaded: Any, batches: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-    """Classification answers: one dict per input (``batches`` yields model batches of inputs)."""
-    import torch
-
-    names = list(loaded.metadata["label_names"])
+    """Classification answers: one dict per input (``batches`` yields model batches of inputs).
+    ``loaded`` is anything with ``label_names`` and ``probabilities(batch)``: an adapter on its
+    base (``inference.LoadedAdapter``) or an exported model (``export.OnnxModel``)."""
+    names = list(loaded.label_names)
     out: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for chunk, batch in batches:
-            probs = torch.softmax(loaded.strategy.forward(loaded.model, batch).float(), dim=-1)
-            for item, p in zip(chunk, probs):
-                label_id = int(p.argmax())
-                out.append({"text": item, "label": names[label_id], "label_id": label_id,
-                            "score": float(p[label_id]), "probabilities": [float(x) for x in p]})
+    for chunk, batch in batches:
+        for item, p in zip(chunk, loaded.probabilities(batch)):
+            p = [float(x) for x in p]
+            label_id = max(range(len(p)), key=p.__getitem__)
+            out.append({"text": item, "label": names[label_id], "label_id": label_id,
+                        "score": p[label_id], "probabilities": p})
     return out
 
 
@@ -232,6 +232,7 @@ class SequenceClassification(ClassificationTask):
     default_model = "minilm"
     default_dataset = "rotten_tomatoes"
     default_max_length = 64
+    serving_axes = {0: "batch", 1: "sequence"}
 
     def load_data(self, cfg: RunConfig) -> TaskData:
         from ..data import load_labelled_data
@@ -293,13 +294,14 @@ class SequenceClassification(ClassificationTask):
         return {"input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
                 "attention_mask": mask.to(device), "labels": torch.zeros(b, dtype=torch.long, device=device)}
 
-    def predict(self, loaded: Any, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-        max_length = int(loaded.metadata.get("max_length") or 512)
+    def serving_batch(self, processor: Any, metadata: dict[str, Any], inputs: list[Any]) -> dict[str, torch.Tensor]:
+        return dict(processor(list(inputs), truncation=True, max_length=int(metadata.get("max_length") or 512),
+                              padding=True, return_tensors="pt"))
 
+    def predict(self, loaded: Any, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
         def batches() -> Any:
             for i in range(0, len(texts), batch_size):
                 chunk = texts[i : i + batch_size]
-                yield chunk, dict(loaded.tokenizer(chunk, truncation=True, max_length=max_length,
-                                                   padding=True, return_tensors="pt"))
+                yield chunk, self.serving_batch(loaded.tokenizer, loaded.metadata, chunk)
 
         return predict_rows(loaded, batches(), texts)
