@@ -184,8 +184,14 @@ def export_gguf(adapter_dir: str, output: str, model: str | None = None, force: 
         seconds["write"] = time.perf_counter() - clock
         clock = time.perf_counter()
         echo(f"checking: transformers reads it back; greedy generations of {len(prompts)} prompts ...")
-        back = AutoModelForCausalLM.from_pretrained(stage, gguf_file=GGUF_FILE, dtype="float32").eval()
-        back_tokenizer = AutoTokenizer.from_pretrained(stage, gguf_file=GGUF_FILE)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "de-quantizing GGUF tensors" bar: a second, for float32
+        try:
+            back = AutoModelForCausalLM.from_pretrained(stage, gguf_file=GGUF_FILE, dtype="float32").eval()
+            back_tokenizer = AutoTokenizer.from_pretrained(stage, gguf_file=GGUF_FILE)
+        finally:
+            hf_logging.enable_progress_bar()
         got_ids, got_out, got_logits = _greedy(back, back_tokenizer, prompts)
         seconds["check"] = time.perf_counter() - clock
         same_tokens = sum(a == b for a, b in zip(got_ids, reference_ids))
