@@ -96,7 +96,8 @@ def test_gguf_refusals_are_one_line(tiny_bpe_llama, tiny_causal_dir, tiny_model_
     from test_export import _adapter
 
     head = _causal_adapter(tiny_bpe_llama, tmp_path, "head_only")
-    classifier = _adapter(tiny_model_dir, tmp_path, "lora")
+    (tmp_path / "classifier").mkdir()
+    classifier = _adapter(tiny_model_dir, tmp_path / "classifier", "lora")
     lora = _causal_adapter(tiny_bpe_llama, tmp_path)
     out = str(tmp_path / "out")
     cases = [
