@@ -732,7 +732,9 @@ def export(adapter_dir: str, output: str, format: str = "onnx", model: str | Non
            overwrite: bool = False, min_agreement: float | None = None, echo: Echo = to_stderr) -> ExportResult:
     """Export an adapter on its base (``model`` overrides the base) as a model that serves without
     PyTorch, into the directory ``output`` (``format`` "onnx": ``model.onnx``, the tokenizer or
-    image processor, ``peftkit_export.json``). Merged where the strategy merges (lora, full,
+    image processor, ``peftkit_export.json``; "gguf", for a causal-lm adapter on a Llama-architecture
+    base: ``model.gguf``, merged, float32, checked by reading it back with transformers and comparing
+    greedy generations; see ``peftkit.gguf_export``). Merged where the strategy merges (lora, full,
     gradual_unfreeze), its own modules in the graph otherwise. ``quantize`` "int8": ONNX Runtime's
     dynamic quantization. ``opset``: the ONNX opset (default 18).
 
@@ -743,9 +745,16 @@ def export(adapter_dir: str, output: str, format: str = "onnx", model: str | Non
     ``predict(None, ..., onnx=output)`` serves it."""
     from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
 
-    check_export_settings(format, quantize, DEFAULT_OPSET if opset is None else opset, min_agreement)
+    check_export_settings(format, quantize, opset, min_agreement)
     check_inputs(model, dataset, adapter_dir)
     quiet_libraries()
+    if format == "gguf":
+        if dataset is not None or text_column is not None or label_column is not None:
+            raise PeftkitError("--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                               "checked on greedy generations of fixed prompts)")
+        from .gguf_export import export_gguf
+
+        return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
     return export_onnx(adapter_dir, output, model, quantize, DEFAULT_OPSET if opset is None else opset, dataset,
                        text_column, label_column, force=force, overwrite=overwrite, min_agreement=min_agreement,
                        echo=echo)

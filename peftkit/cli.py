@@ -705,8 +705,9 @@ def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, ove
 
 @cli.command("export")
 @options("adapter", "base_model", "force", adapter="Adapter directory to export (a run directory means its adapter/).")
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
-              help="What to write: onnx (sequence and image classification).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx", show_default=True,
+              help="What to write: onnx (sequence and image classification) or gguf (causal-lm on a Llama-"
+                   "architecture base: llama.cpp, Ollama).")
 @click.option("--output", required=True, help="Directory to write (must not exist unless --overwrite).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="ONNX Runtime dynamic int8 quantization (weights per channel): ~4x smaller, faster on CPU; "
@@ -733,6 +734,12 @@ def export_cmd(adapter_dir: str, fmt: str, output: str, model: str | None, force
     64 examples; with --quantize int8, PyTorch's label on >= 99% of the check examples (or
     --min-agreement; the agreement and both accuracies printed). A failed check writes nothing.
     Serve it with `peftkit predict --onnx OUTPUT TEXT...`.
+
+    \b
+    --format gguf (causal-lm adapters of lora, full, gradual_unfreeze on a Llama-architecture base,
+    such as the embedded SmolLM2): merged, written as OUTPUT/model.gguf in float32 with the
+    tokenizer, chat template and llama.cpp's tensor names; checked by reading it back with
+    transformers' GGUF loader: the same tokens and greedy generations as PyTorch on a few prompts.
     """
     from . import api
 
@@ -740,7 +747,7 @@ def export_cmd(adapter_dir: str, fmt: str, output: str, model: str | None, force
     size = result.onnx_bytes
     click.echo(f"exported {result.strategy} adapter on {result.base_model!r} "
                f"({'merged' if result.merged else 'adapter modules in the graph'}"
-               f"{', int8' if result.quantize else ''}) to {result.output_dir}/model.onnx "
+               f"{', int8' if result.quantize else ''}) to {result.output_dir}/model.{result.format} "
                f"({size / 2**20:.1f} MiB)")
 
 

@@ -38,7 +38,7 @@ from .errors import PeftkitError, first_line
 
 ONNX_FILE = "model.onnx"
 EXPORT_METADATA = "peftkit_export.json"
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")  # gguf: peftkit.gguf_export
 QUANTIZATIONS = ("int8",)
 DEFAULT_OPSET = 18
 # torch's dynamo exporter writes opset 18 and newer; older opsets go through a converter that
@@ -90,10 +90,19 @@ def require_onnx() -> None:
         raise PeftkitError(f"ONNX export needs {', '.join(missing)}, which is not installed: {EXPORT_EXTRA}")
 
 
-def check_export_settings(fmt: str, quantize: str | None, opset: int, min_agreement: float | None = None) -> None:
-    """Refuse a format, quantization, opset or agreement the exporter does not take, naming what it does."""
+def check_export_settings(fmt: str, quantize: str | None, opset: int | None, min_agreement: float | None = None) -> None:
+    """Refuse a format, quantization, opset or agreement the exporter does not take, naming what it
+    does. ``opset`` None: the default."""
     if fmt not in FORMATS:
         raise PeftkitError(f"--format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
+    if fmt != "onnx":
+        given = [flag for flag, value in (("--quantize", quantize), ("--opset", opset), ("--min-agreement", min_agreement))
+                 if value is not None]
+        if given:
+            raise PeftkitError(f"{', '.join(given)}: for --format onnx only (a GGUF file is written in float32; "
+                               "quantize it with llama.cpp's llama-quantize)")
+        return
+    opset = DEFAULT_OPSET if opset is None else opset
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise PeftkitError(f"--quantize {quantize!r} is not supported for ONNX; supported: {', '.join(QUANTIZATIONS)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
@@ -274,7 +283,7 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
     check_output_dir(output, overwrite, flag="--output")
     task = adapter_task(adapter_dir)
     if not task.exports_onnx:
-        hint = " (a language model: its export format, GGUF, is not built yet)" if task.generates else ""
+        hint = ": use --format gguf" if task.generates else ""
         raise PeftkitError(f"--format onnx exports classifiers; this adapter is a {task.name} adapter{hint}")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

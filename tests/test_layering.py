@@ -22,7 +22,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     5: ("cli",),
     4: ("api",),
     3: ("benchmark", "bench_report", "bench_worker", "planner", "train", "loop", "inference", "evaluation",
-        "tuning", "tune_worker"),
+        "tuning", "tune_worker", "exporter", "gguf_export"),
     2: ("tasks", "strategies", "registry", "levers"),
     1: ("data", "config", "adapter_io", "models", "structure", "memory", "env", "errors", "typing_utils",
         "fingerprint", "gguf_convert", "rundir", "checkpoint", "plots", "metrics", "spec", "files", "predict_io", "hub",
