@@ -721,7 +721,8 @@ def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, ove
                    "was evaluated on, from its recorded dataset and seed).")
 @options("text_column", "label_column", "overwrite")
 def export_cmd(adapter_dir: str, fmt: str, output: str, model: str | None, force: bool, **opts: Any) -> None:
-    """Export an adapter on its base as an ONNX model that serves without PyTorch, checked on export.
+    """Export an adapter on its base as a model that serves without PyTorch: ONNX (classifiers) or
+    GGUF (language models), checked against PyTorch before anything is written.
 
     \b
     Merged into the base where the strategy merges (lora, full, gradual_unfreeze); the adapter's

@@ -336,7 +336,11 @@ def test_interrupting_a_bench_says_so_once_and_leaves_nothing_behind(how, tiny_m
     # a session of its own: the test's process group must not get the Ctrl-C
     proc = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *_bench_args(tiny_model_dir("bert"), tiny_csv,
                                                                                 str(out), "--epochs", "50")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a suite started in the background (`cmd &` in a script, nohup) inherits an ignored
+                            # SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt: give the bench
+                            # the terminal's default, as a user's shell does
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any((p / "runs").is_dir() for p in tmp_path.glob(".bench.partial*")):
         time.sleep(0.2)

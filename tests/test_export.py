@@ -177,7 +177,7 @@ def test_refusals_are_one_line(run_cli, trained, tmp_path, monkeypatch, tiny_cau
     cases = [
         (("export", "--adapter", trained, "--output", out), "already exists; use --overwrite"),
         (("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--opset", "12"), "--opset 12 is not supported; accepted: 18 to 23"),
-        (("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--format", "tflite"), "'tflite' is not 'onnx'"),
+        (("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--format", "tflite"), "'tflite' is not one of 'onnx', 'gguf'"),
         (("predict", "--onnx", trained, "good"), "holds no peftkit export"),
         (("predict", "--onnx", out, "--adapter", trained, "good"), "not both"),
         (("predict", "good"), "no model: give --adapter DIR"),
