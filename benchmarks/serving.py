@@ -68,8 +68,8 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from peftkit import api
-    from peftkit.env import machine_description, package_versions, quiet_libraries
-    from peftkit.exporter import check_data, load_onnx
+    from peftkit.env import machine_description, quiet_libraries
+    from peftkit.exporter import check_data, export_versions, load_onnx
     from peftkit.files import write_json
     from peftkit.inference import load_adapter
 
@@ -145,8 +145,7 @@ def main() -> None:
               "checked_on": data.described, "batch": args.batch, "latency_examples": len(singles),
               "rounds": args.rounds, "threads": args.threads, "rows": rows, "verdict": verdict,
               "export_checks": {n: r.check for n, r in exports.items()},
-              "machine": machine_description(), "versions": package_versions() | {
-                  k: v for k, v in package_versions(("onnx", "onnxscript", "onnxruntime")).items() if k != "python"}}
+              "machine": machine_description(), "versions": export_versions()}
     table = render(record)
     print("\n" + table)
     print(f"ratio=int8 throughput / PyTorch merged {verdict['int8_throughput_vs_merged']:.2f} (target >= 2.0); "

@@ -273,7 +273,6 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
     (nothing written)."""
     import numpy as np
 
-    from .env import package_versions
     from .inference import adapter_task, load_adapter
     from .rundir import check_output_dir, staged_dir
 
@@ -336,7 +335,7 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
                 "base_fingerprint": meta.get("base_fingerprint"), "label_names": loaded.label_names,
                 "max_length": meta.get("max_length"), "inputs": list(sample), "output": "probabilities",
                 "adapter": os.path.abspath(adapter_dir), "check": check,
-                "versions": package_versions() | _export_versions()}
+                "versions": export_versions()}
         with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
             json.dump(info, f, indent=2)
     return ExportResult(output, "onnx", meta["strategy"], meta["base_model"], merged, quantize, opset, size,
@@ -381,10 +380,13 @@ def _model_config(module: Any) -> Any:
     raise PeftkitError("the model to export has no transformers config")  # every loaded base has one
 
 
-def _export_versions() -> dict[str, str]:
+def export_versions() -> dict[str, str]:
+    """The version table of an export or a serving figure: ``package_versions()`` and the ONNX
+    libraries."""
     from .env import package_versions
 
-    return {k: v for k, v in package_versions(("onnx", "onnxscript", "onnxruntime")).items() if k != "python"}
+    onnx = {k: v for k, v in package_versions(("onnx", "onnxscript", "onnxruntime")).items() if k != "python"}
+    return package_versions() | onnx
 
 
 # -- serving an export: peftkit predict --onnx ------------------------------------------------------
