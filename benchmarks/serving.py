@@ -12,7 +12,7 @@ that drift in a shared machine's speed hits all alike; the medians are reported,
 to PyTorch merged (the fastest PyTorch can serve this model) are printed side by side. The ONNX
 files are made with ``peftkit export`` (so its checks ran on them) in a temporary directory; the
 int8 one with ``--min-agreement 0.95`` (``--min-agreement``), as export's default 99% refuses the
-shipped LoRA adapter's int8 model (97.8% measured): the table shows what int8 would serve.
+shipped LoRA adapter's int8 model (98.0% measured): the table shows what int8 would serve.
 
     .venv/bin/python benchmarks/serving.py                      # the shipped LoRA adapter
     .venv/bin/python benchmarks/serving.py --adapter adapters/minilm-rotten-tomatoes-adapter --out ''

@@ -108,7 +108,9 @@ def test_int8_is_checked_on_the_adapters_own_test_split(run_cli, trained, tmp_pa
     code, stdout, err = run_cli("export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.8",
                                 "--output", out)
     assert code == 0, err
-    assert "int8 check: the same label as PyTorch on" in err and "test split" in err and "required 80.0%" in err
+    # on a BERT encoder the fastest int8 graph matches: attention fused, with the 2-D padding mask
+    assert "int8 check (attention fused, padding mask): the same label as PyTorch on" in err
+    assert "test split" in err and "required 80.0%" in err and "not used" not in err
     with open(os.path.join(out, "peftkit_export.json")) as fh:
         check = json.load(fh)["check"]
     # the run's test split: 10% of 200 examples, every one compared
@@ -144,6 +146,42 @@ def test_an_export_that_fails_its_check_writes_nothing(failing, run_cli, trained
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # after the progress lines
     assert code == 2 and len(errors) == 1 and "nothing was written" in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "nested").exists()
+
+
+def test_int8_quantizes_the_fastest_graph_that_still_matches_pytorch(run_cli, trained, tmp_path, monkeypatch) -> None:
+    """Faster fused graphs are candidates only: one ONNX Runtime cannot load and one that computes
+    another function (as a padding mask would on a causal model) are passed over, in words."""
+    import numpy
+    import onnx
+    from onnx import numpy_helper
+
+    import peftkit.exporter
+
+    real = peftkit.exporter.int8_sources
+
+    def with_bad_candidates(source, workdir):
+        broken = os.path.join(workdir, "broken.onnx")
+        with open(broken, "wb") as fh:
+            fh.write(b"not an onnx graph")
+        yield "broken graph", broken
+        model = onnx.load(source)
+        bias = next(t for t in model.graph.initializer if t.name.endswith("classifier.bias"))
+        moved = numpy_helper.to_array(bias).copy()
+        moved += (3.0 * numpy.array([1, -1])).astype(moved.dtype)  # another label wins where it was close
+        bias.CopyFrom(numpy_helper.from_array(moved, bias.name))
+        wrong = os.path.join(workdir, "wrong.onnx")
+        onnx.save(model, wrong)
+        yield "wrong graph", wrong
+        yield from real(source, workdir)
+
+    monkeypatch.setattr(peftkit.exporter, "int8_sources", with_bad_candidates)
+    out = str(tmp_path / "int8")
+    code, _, err = run_cli("export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.8",
+                           "--output", out)
+    assert code == 0, err
+    assert "broken graph: ONNX Runtime refused it" in err and "wrong graph: differs by" in err
+    with open(os.path.join(out, "peftkit_export.json")) as fh:
+        assert json.load(fh)["check"]["int8_graph"] == "attention fused, padding mask"
 
 
 def test_image_classifiers_export(run_cli, tiny_vit_dir, tmp_path) -> None:
