@@ -109,6 +109,12 @@ _declare("set", "--set", "set_items", multiple=True, metavar="KEY=VALUE",
          help="Strategy option, repeatable (e.g. --set r=16 --set alpha=32); see `peftkit list -v`.")
 _declare("output_dir", "--output-dir", default=None, help="Run directory. Default: runs/<strategy>-<timestamp>.")
 _declare("overwrite", "--overwrite", is_flag=True, help="Replace an existing output directory.")
+_declare("processes", "--processes", type=int, default=None, metavar="N",
+         help="Plan for N devices (processes), each taking a micro-batch of --batch-size (a run's global "
+              "--batch-size is N times that): the peak on each. Default: 1.")
+_declare("fsdp", "--fsdp", is_flag=True, default=None,
+         help="With --processes N: fully sharded (FSDP2), weights, gradients and optimizer state split N ways "
+              "(default: data parallel, each process holding all of them).")
 _declare("seeds", "--seeds", default="0", show_default=True,
          help="Comma-separated seeds; each seed is its own split and run, summarised as mean and spread.")
 _declare("auto_fit", "--auto-fit", is_flag=True,
@@ -524,7 +530,7 @@ def _print_tune(result: Any) -> None:
 
 @cli.command("plan")
 @options("task", "model", "strategies", "batch_size", "max_length", "num_labels", "loss_tokens", *LEVERS,
-         "memory_budget", "device", "json",
+         "processes", "fsdp", "memory_budget", "device", "json",
          strategies="'all' or names: lora,full,head_only.", batch_size="Micro-batch size. Default: 32.",
          memory_budget="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does.",
          json="Print the estimates as JSON.")
@@ -537,7 +543,8 @@ def plan_cmd(strategies: str, as_json: bool, **opts: Any) -> None:
     2 and 3 and extrapolated; once per distinct structure) and, on CPU, the runtime. Unlike
     `accelerate estimate-memory` it knows each strategy, activations, batch size, quantized
     bases and 8-bit optimizers. What will be measured, roughly how long it takes and a line
-    per strategy go to stderr.
+    per strategy go to stderr. --processes N [--fsdp]: the peak on each of N devices ("does a
+    full fine-tune fit on 8 cards of 24 GiB?" is --processes 8 --fsdp --memory-budget 24GiB).
 
     \b
     Exit status: 0 when every strategy was planned or refused (it cannot be used with these
@@ -563,11 +570,13 @@ def _plan_row(e: Any, settings: Any, budget: int | None) -> list[str]:
     """One strategy's cells; a strategy not planned keeps the table's shape (its reason goes below)."""
     from .memory import format_size
 
-    cells = 7 + (settings.device == "cpu") + (2 if budget else 0)
+    several = settings.processes > 1
+    cells = 7 + several + (settings.device == "cpu") + (2 if budget else 0)
     if e.status != "ok":
         return [e.strategy, e.status] + ["-"] * cells
     row = [e.strategy, e.status, f"{e.trainable_params:,}", format_size(e.weights), format_size(e.gradients),
            format_size(e.optimizer), format_size(e.activations), format_size(e.workspace)]
+    row += [format_size(e.communication)] if several else []
     row += [format_size(e.runtime)] if settings.device == "cpu" else []
     row += [format_size(e.total)]
     if budget:
@@ -583,10 +592,15 @@ def _print_plan(settings: Any, estimates: list[Any]) -> None:
     length = f" x {settings.max_length} tokens" if settings.max_length else ""
     if settings.loss_positions:
         length += f" (loss on {settings.loss_positions} per example)"
-    click.echo(f"{settings.model} ({settings.task}): batch {settings.batch_size}{length}, "
-               f"levers: {describe_levers(settings.levers)}, on {settings.device}"
+    where = settings.device if settings.processes == 1 else (
+        f"each of {settings.processes} {settings.device} processes, "
+        + ("fully sharded (FSDP)" if settings.fsdp else "data parallel (DDP)"))
+    click.echo(f"{settings.model} ({settings.task}): batch {settings.batch_size}{length}"
+               + (" per process" if settings.processes > 1 else "")
+               + f", levers: {describe_levers(settings.levers)}, on {where}"
                + (f", budget {format_size(budget)}" if budget else ""))
     header = ["strategy", "status", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
+    header += ["communication"] if settings.processes > 1 else []
     header += ["runtime"] if settings.device == "cpu" else []
     header += ["peak"] + (["fits?", "largest batch"] if budget else [])
     rows = [header] + [_plan_row(e, settings, budget) for e in estimates]

@@ -77,10 +77,23 @@ class PlanSettings:
     loss_positions: int | None = None
     """Positions per example whose outputs carry the loss (causal-lm: the answer's tokens, every
     token for plain text); None: the task's usual case (a short answer)."""
+    processes: int = 1
+    """Devices (processes) the run will use; the peak is each one's, for a micro-batch of
+    ``batch_size`` on each."""
+    fsdp: bool = False
+    """Fully sharded (FSDP2): weights, gradients and optimizer state split over ``processes``;
+    otherwise data parallel (DDP), every process holding all of them."""
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for settings no plan could use."""
-        check_positive(self, ("batch_size", "max_length", "loss_positions"))
+        check_positive(self, ("batch_size", "max_length", "loss_positions", "processes"))
+        if self.fsdp and self.processes < 2:
+            raise PeftkitError(f"--fsdp shards over several processes; give --processes N with N of 2 or more "
+                               f"(got {self.processes})")
+        if self.fsdp and self.levers.quantize:
+            raise PeftkitError(f"--fsdp with --quantize {self.levers.quantize} is not planned: sharding "
+                               "bitsandbytes weights is untested here; plan --fsdp without --quantize, or "
+                               "--quantize with data parallel (no --fsdp)")
         if self.num_labels < 2:
             raise PeftkitError(f"num_labels must be at least 2, got {self.num_labels}")
         if self.memory_budget:
@@ -118,6 +131,8 @@ class Estimate:
     optimizer: int = 0
     activations: int = 0
     workspace: int = 0
+    communication: int = 0
+    """What several processes add: DDP's gradient buckets, or the parameters FSDP gathers at once."""
     runtime: int = 0
     activations_per_example: float = 0.0
     max_batch_size: int | None = None
@@ -125,7 +140,8 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.workspace + self.runtime
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.workspace
+                + self.communication + self.runtime)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -181,6 +197,50 @@ def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettin
         opt = 0  # the allocator never sees it, so neither does its peak
         notes.append("paged optimizer state lives in CUDA managed memory, outside the allocator's count")
     return weights, grads, opt, notes
+
+
+def per_process_memory(est: Estimate, model: Any, trainable: dict[str, Any], settings: PlanSettings,
+                       skip: list[str]) -> None:
+    """Turn ``est``'s weights, gradients and optimizer state (one process's whole model) into one
+    device's share of ``settings.processes``, and set what the processes add (``communication``).
+
+    - Data parallel (DDP): every process holds everything; DistributedDataParallel also keeps a
+      bucket copy of every gradient to all-reduce (``gradient_as_bucket_view`` is off in accelerate
+      and here), so ``communication`` is the gradients again.
+    - FSDP2 (``fully_shard`` on each transformer block, then the root): weights, gradients and
+      optimizer state are split evenly (each parameter's first dimension over the processes). To
+      compute, FSDP gathers whole parameters: the root's own (embeddings, head) for the pass, and
+      a block at a time, the next one prefetched, with a block's gradients before they are
+      reduce-scattered; ``communication`` is that: the root's weights, two of the largest block's
+      weights and its gradients. Activations are not divided: each device runs its own micro-batch.
+    """
+    n = settings.processes
+    if n == 1:
+        return
+    if not settings.fsdp:
+        est.communication = est.gradients
+        est.notes.append(f"data parallel over {n} processes: each holds the whole model, plus a bucket copy of "
+                         "its gradients for the all-reduce")
+        return
+    from .structure import transformer_blocks
+
+    found = transformer_blocks(model)
+    blocks = found[1] if found else []
+    block_weights, block_grads = 0, 0
+    in_blocks = 0
+    for block in blocks:
+        ids = {id(p) for p in block.parameters()}
+        weights, grads, _, _ = parameter_memory(block, {k: p for k, p in trainable.items() if id(p) in ids},
+                                                settings, skip)
+        in_blocks += weights
+        block_weights, block_grads = max(block_weights, weights), max(block_grads, grads)
+    root = est.weights - in_blocks
+    est.weights, est.gradients, est.optimizer = (math.ceil(x / n) for x in (est.weights, est.gradients, est.optimizer))
+    est.communication = root + 2 * block_weights + block_grads
+    est.notes.append(f"FSDP over {n} processes: weights, gradients and optimizer state split {n} ways; "
+                     f"communication: the parameters gathered at once (the root's own, two blocks) and one "
+                     f"block's gradients" + ("" if blocks else "; no transformer blocks found: the whole "
+                                                               "model is one unit, gathered whole"))
 
 
 # -- activations: measured by training steps on random-weight copies -----------------------
@@ -538,6 +598,7 @@ def _arithmetic(config: Any, strategy_name: str, settings: PlanSettings,
         est.trainable_params = sum(p.numel() for p in trainable.values())
         est.total_params = sum(p.numel() for p in prepared.parameters())
         est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
+        per_process_memory(est, prepared, trainable, settings, skip)
         job.key = structure_key(job.strategy, prepared, trainable)
     return job
 

@@ -117,7 +117,7 @@ def test_plan_command(run_cli, tiny_model_dir) -> None:
     rows = {e["strategy"]: e for e in plan["estimates"]}
     for e in rows.values():
         assert e["status"] == "ok"
-        parts = ("weights", "gradients", "optimizer", "activations", "workspace", "runtime")
+        parts = ("weights", "gradients", "optimizer", "activations", "workspace", "communication", "runtime")
         assert e["total"] == sum(e[k] for k in parts)
         assert e["max_batch_size"] and e["max_batch_size"] > 8  # a tiny model leaves room in 4 GiB
     assert rows["full"]["optimizer"] > rows["lora"]["optimizer"] > rows["head_only"]["optimizer"]
@@ -127,6 +127,58 @@ def test_plan_command(run_cli, tiny_model_dir) -> None:
     lines = out.splitlines()
     assert any(line.startswith("full") and "refused: strategy 'full' trains" in line for line in lines)
     assert any(line.startswith("lora") and "GiB" in line or "MiB" in line for line in lines)
+
+
+def test_plan_per_device_under_data_parallel_and_fsdp(tiny_model_dir) -> None:
+    """--processes N: data parallel (DDP) keeps everything on each device plus a bucket copy of the
+    gradients; FSDP splits weights, gradients and optimizer state N ways and adds what it gathers
+    at once: the root's own parameters, two blocks and one block's gradients."""
+    import math
+
+    from peftkit.planner import _arithmetic, resolve_settings
+
+    model = tiny_model_dir("bert")
+    config = load_config(model)
+
+    def est(strategy: str, **kw):
+        settings = resolve_settings(PlanSettings(model=model, strategies=[strategy], device="cpu", **kw))
+        return _arithmetic(config, strategy, settings).est
+
+    one, ddp, fsdp, fsdp4 = (est("full", **kw) for kw in ({}, {"processes": 2}, {"processes": 2, "fsdp": True},
+                                                           {"processes": 4, "fsdp": True}))
+    assert (ddp.weights, ddp.gradients, ddp.optimizer) == (one.weights, one.gradients, one.optimizer)
+    assert one.communication == 0 and ddp.communication == one.gradients
+    for sharded, n in ((fsdp, 2), (fsdp4, 4)):
+        assert (sharded.weights, sharded.gradients, sharded.optimizer) == tuple(
+            math.ceil(x / n) for x in (one.weights, one.gradients, one.optimizer))
+    # full fine-tune in fp32: a block's weights and gradients are 4 bytes a parameter; the root holds the rest
+    model_meta, _, _ = _meta_prepared(model, "full")
+    block = sum(p.numel() for p in model_meta.bert.encoder.layer[0].parameters())
+    total = sum(p.numel() for p in model_meta.parameters())
+    assert fsdp.communication == 4 * (total - 2 * block) + 2 * 4 * block + 4 * block
+    assert fsdp.communication == fsdp4.communication  # what is gathered does not shrink with N
+    lora = est("lora", processes=2, fsdp=True)
+    lora_one = est("lora")
+    assert lora.gradients == math.ceil(lora_one.gradients / 2) and lora.communication < fsdp.communication
+    assert any("FSDP over 2 processes" in note for note in fsdp.notes)
+
+
+def test_plan_command_per_process(run_cli, tiny_model_dir) -> None:
+    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "full", "--batch-size", "4",
+                             "--max-length", "8", "--processes", "2", "--fsdp")
+    assert code == 0, err
+    assert "per process" in out and "each of 2 cpu processes, fully sharded (FSDP)" in out
+    assert "communication" in out.splitlines()[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fsdp"], "--fsdp shards over several processes; give --processes N with N of 2 or more (got 1)"),
+    (["--processes", "0"], "processes"),
+    (["--processes", "2", "--fsdp", "--quantize", "4bit"], "--fsdp with --quantize 4bit is not planned"),
+])
+def test_plan_refuses_what_cannot_be_sharded(args, message, run_cli, tiny_model_dir) -> None:
+    code, _, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora", *args)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("args,message", [
