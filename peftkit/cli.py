@@ -321,7 +321,9 @@ def list_cmd(verbose: bool) -> None:
 @options("strategy", "task", "config", "model", "dataset", "text_column", "label_column", "response_column",
          "epochs", "batch_size", "lr", "max_length", "max_train_samples", "max_eval_samples", "seed",
          "weight_decay", "warmup_ratio", "grad_accumulation", "early_stopping_patience", *LEVERS,
-         "memory_budget", "checkpoint_every", "resume", "report_to", "set", "output_dir", "overwrite")
+         "memory_budget", "checkpoint_every", "resume", "fsdp", "report_to", "set", "output_dir", "overwrite",
+         fsdp="Under several processes (torchrun, accelerate launch): shard parameters, gradients and optimizer "
+              "state over them (FSDP2) instead of data parallel; see docs/scale-out.md.")
 def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str, ...], overwrite: bool,
             output_dir: str | None, resume_dir: str | None, report_to: tuple[str, ...], **flags: Any) -> None:
     """Fine-tune a model with a strategy, evaluate it, and save the run.

@@ -146,6 +146,9 @@ class RunConfig:
     checkpoint_every: int | None = None
     """Write the whole training state every N optimizer steps (and keep it if the run stops), so
     that `peftkit run --resume RUN_DIR` continues where it was."""
+    fsdp: bool = False
+    """Under several processes, shard parameters, gradients and optimizer state over them (FSDP2)
+    instead of data parallel; with one process it runs as a plain run and says so."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that receive losses and metrics: tensorboard (event files in the run
     directory), wandb (when installed)."""

@@ -24,6 +24,7 @@ from .errors import PeftkitError
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .metrics import RunMetrics, format_rate
+from .sharding import check_fsdp, reshard, shard_model
 from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
 from .tasks.base import Task, gathered_sum
@@ -258,15 +259,17 @@ def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
     if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage >= 3):
-        # the best-epoch snapshot, the test evaluation after restoring it and the adapter are all
-        # taken from the main process's model, which under sharding holds only its shard
-        raise PeftkitError("sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported yet: peftkit saves "
-                           "the adapter from the main process's copy of the model; use data parallel "
-                           "(configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2")
+        # peftkit shards with --fsdp itself (peftkit.sharding): accelerate's FSDP (GPU only) and
+        # ZeRO-3 would take the snapshot and the adapter from the main process's shard
+        raise PeftkitError("accelerate's FSDP and DeepSpeed ZeRO-3 configs are not supported: launch with a data "
+                           "parallel config (configs/accelerate/multi_gpu.yaml) or torchrun and add --fsdp "
+                           "(or use DeepSpeed ZeRO-2)")
     if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
         raise PeftkitError("--checkpoint-every is not supported under DeepSpeed: its optimizer state is split "
                            "over the processes, and a checkpoint holds the main process's; use data parallel")
     procs = accelerator.num_processes
+    if cfg.fsdp and procs > 1:
+        check_fsdp(procs, cfg.levers.quantize, cfg.checkpoint_every)
     if batch_size % procs:
         raise PeftkitError(f"batch size {batch_size} cannot be split evenly over {procs} processes; "
                            f"choose a multiple of {procs}")
@@ -308,6 +311,7 @@ class Trainer:
     processor: Any  # the task's tokenizer or image processor
     data: Any  # the task's data (TaskData): its shape decides what evaluation does
     procs: int  # processes training together
+    sharded: bool  # FSDP: each process holds a slice of every parameter (``--fsdp`` under several processes)
     steps_per_epoch: int  # optimizer steps
     total_steps: int
     warmup_steps: int
@@ -341,11 +345,28 @@ class Trainer:
         test_dl, _ = make_loader(splits["test"], collate, eval_batch, None)
         # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
         store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.levers.precision)
+        self.sharded = cfg.fsdp and procs > 1
+        if cfg.fsdp and procs == 1:
+            line = "--fsdp: one process, so nothing to shard: this is a plain one-process run"
+            self.log(line)
+            print(line, file=sys.stderr, flush=True)
+        if self.sharded:
+            if strategy.not_sharded:
+                raise PeftkitError(f"strategy {strategy.name!r} cannot train with --fsdp: {strategy.not_sharded}")
+            # before the optimizer: sharding replaces the parameters it will hold
+            _trainable_groups(strategy, model, procs)  # what cannot train over several processes is refused first
+            # fully_shard moves each block to the device as it shards it: the whole model never is there
+            blocks = shard_model(model, self.accelerator.device)
+            self.log(f"fsdp: {len(blocks)} blocks and the root sharded over {procs} processes")
         groups = _trainable_groups(strategy, model, procs)
         optimizer = make_optimizer(cfg.levers.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
-        # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
-        # prepared with it, and an evaluation batch must not become it
-        self.model, self.optimizer, train_dl = self.accelerator.prepare(model, optimizer, train_dl)
+        if self.sharded:  # the model is not accelerate's to wrap: it would add data parallel on top
+            self.model = model
+            self.optimizer, train_dl = self.accelerator.prepare(optimizer, train_dl)
+        else:
+            # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
+            # prepared with it, and an evaluation batch must not become it
+            self.model, self.optimizer, train_dl = self.accelerator.prepare(model, optimizer, train_dl)
         val_dl, test_dl = self.accelerator.prepare(val_dl, test_dl)
         self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
         self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
@@ -364,6 +385,13 @@ class Trainer:
                                          cfg.checkpoint_every, self.log)
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def settled(self) -> Any:
+        """The model strategies see, every parameter in its one true place: under FSDP its shards
+        (``sharding.reshard``), as the best-epoch snapshot is taken and restored."""
+        if self.sharded:
+            reshard(self.inner)
+        return self.inner
 
     def count_trainable(self) -> int:
         return sum(p.numel() for p in self.inner.parameters() if p.requires_grad)
@@ -530,7 +558,7 @@ class Trainer:
         best = self.state.best
         verdict = best.judge(epoch + 1, val, self.task.score(val), self.cfg.early_stopping_patience,
                              snapshot=lambda: {k: v.detach().clone()
-                                               for k, v in self.strategy.adapter_state(self.inner).items()})
+                                               for k, v in self.strategy.adapter_state(self.settled()).items()})
         if verdict == "stop":  # on the console too: the run ends epochs before the user expects
             self.announce(f"early stopping after epoch {epoch + 1}/{self.hp.epochs}: no better validation "
                           f"{self.task.selection_metric} for {best.epochs_without_gain} epochs "
@@ -545,7 +573,7 @@ class Trainer:
         """Put the best epoch's adapter state back when a later epoch was trained."""
         st, metric = self.state, self.task.selection_metric
         if st.best.epoch != len(st.history):
-            self.strategy.load_adapter_state(self.inner, st.best.snapshot)
+            self.strategy.load_adapter_state(self.settled(), st.best.snapshot)
             self.log(f"restored the best epoch ({st.best.epoch}, validation {metric} "
                      f"{st.best.metrics[metric]:.4f})")
 

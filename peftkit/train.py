@@ -23,6 +23,7 @@ from .files import write_json
 # make_loader and torch_param_groups live in loop; importable from here as before (plan, benchmarks use them)
 from .loop import Trainer, make_loader, torch_param_groups  # noqa: F401
 from .metrics import RunMetrics
+from .sharding import gather_full_model
 from .strategies.base import Schedule, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
 from .tasks.base import Task
 
@@ -142,7 +143,8 @@ def _scalar_config(run: ResolvedRun) -> dict[str, Any]:
 def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         log: Callable[[str], None], workdir: str | None = None, resume_from: str | None = None,
         on_validation: Callable[[int, dict[str, float]], None] | None = None,
-        evaluate_test: bool = True, validation_correct: str | None = None) -> TrainOutcome:
+        evaluate_test: bool = True, validation_correct: str | None = None,
+        rebuild: Callable[[], Any] | None = None) -> TrainOutcome:
     """Train ``model`` (already prepared by the strategy), validate each epoch, restore the best
     epoch, evaluate on test. Returns the metrics and the per-epoch history.
 
@@ -158,6 +160,10 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
     ``validation_correct`` (a metric, e.g. ``accuracy``): the selected epoch is evaluated on
     validation once more, example by example (``TrainOutcome.validation_correct``), when the task
     can say which examples were right and that pass gives the same ``validation_correct`` figure.
+
+    ``rebuild()`` makes a fresh copy of the prepared model; under ``--fsdp`` with several processes
+    the trained state is gathered into it on the main process (the outcome's model), since the
+    trained model holds only each process's shard.
     """
     trainer = Trainer(run.config, run.strategy, run.hparams, run.task, log)
     trainer.setup(model, processor, data, workdir, tracker_config=lambda: _scalar_config(run))
@@ -184,7 +190,12 @@ def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
         if metrics.learned is not None:
             note = f": {metrics.learned_note}" if metrics.learned_note else ""
             log(f"learned: {str(metrics.learned).lower()}{note}")
-    return TrainOutcome(metrics, trainer.state.history, trainer.inner, correct)
+    model = trainer.inner
+    if trainer.sharded:
+        if rebuild is None:
+            raise PeftkitError("a sharded (--fsdp) run needs a way to rebuild its model to gather it into")
+        model = gather_full_model(model, rebuild, trainer.accelerator.is_main_process)
+    return TrainOutcome(metrics, trainer.state.history, model, correct)
 
 
 def _validation_correct(trainer: Any, metric: str, log: Callable[[str], None]) -> list[int] | None:
@@ -291,7 +302,8 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         _announce(run, loaded.data.split_info["sizes"], resume_from, say)
         fitting = time.perf_counter()
         outcome = fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log, workdir=workdir,
-                      resume_from=resume_from)
+                      resume_from=resume_from, rebuild=lambda: _prepared(run, loaded.data, loaded.processor,
+                                                                        loaded.spec, fresh=True))
         m = outcome.metrics
         # fit's own work around training and evaluation: the accelerator, tokenizing, the loaders
         loaded.seconds["setup"] = round(max(0.0, time.perf_counter() - fitting - m.train_seconds - m.eval_seconds), 3)
@@ -361,6 +373,18 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     model = run.strategy.prepare(base, spec)
     clock.lap("prepare")
     return _Loaded(data, processor, base_digests, spec, model, clock.seconds)
+
+
+def _prepared(run: ResolvedRun, data: Any, processor: Any, spec: TaskSpec, fresh: bool = False) -> Any:
+    """The base loaded and prepared by the run's strategy again, as ``_load`` did (``fresh``: by a
+    new strategy object with the same options, leaving the run's own untouched)."""
+    from .levers import prepare_base
+
+    cfg = run.config
+    base = run.task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
+    base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
+    strategy = type(run.strategy)(run.strategy.options) if fresh else run.strategy
+    return strategy.prepare(base, spec)
 
 
 class _StageClock:

@@ -125,6 +125,8 @@ class Strategy:
             they may be loaded quantized (``--quantize 4bit|8bit``, QLoRA-style).
         merges: True if ``merge`` gives a plain transformers model (then ``peftkit merge`` works
             and ``peftkit export`` exports the merged model, as fast as the base).
+        not_sharded: None if the strategy trains under ``--fsdp`` (every process runs every forward
+            pass, so the sharded blocks gather together); else why not, in words, for the refusal.
     """
 
     name: ClassVar[str] = ""
@@ -134,6 +136,7 @@ class Strategy:
     defaults: ClassVar[TrainingDefaults] = TrainingDefaults(lr=5e-5, epochs=1)
     supports_quantized_base: ClassVar[bool] = False
     merges: ClassVar[bool] = False
+    not_sharded: ClassVar[str | None] = None
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()

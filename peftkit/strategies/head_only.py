@@ -145,6 +145,10 @@ class HeadOnly(Strategy):
                 "pooling": trial.suggest_categorical("pooling", ["mean", "cls", "last"]),
                 "dropout": trial.suggest_float("dropout", 0.0, 0.3)}
     supports_quantized_base = True  # the backbone only computes features
+    # A process whose batch is all cached skips the backbone while another runs it, and a sharded
+    # backbone's blocks gather over all processes at once: they would wait for each other forever.
+    not_sharded = ("its feature cache lets one process skip the backbone while another runs it, which a "
+                   "sharded backbone cannot do; it trains only a head, so run it data parallel (without --fsdp)")
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         opts: HeadOnlyOptions = self.options
