@@ -393,8 +393,7 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
         seconds["export"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        got = onnx_probabilities(_session(path), task, loaded.tokenizer, meta, fp32_inputs)
-        diff = float(np.abs(got - reference[: len(fp32_inputs)]).max())
+        diff = _fp32_difference(path, task, loaded, fp32_inputs, reference)
         check: dict[str, Any] = {"checked_on": data.described, "fp32_examples": len(fp32_inputs),
                                  "max_abs_diff": diff, "fp32_tolerance": FP32_TOLERANCE}
         if not diff <= FP32_TOLERANCE:  # a NaN fails too
@@ -425,6 +424,15 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
                         check, seconds)
 
 
+def _fp32_difference(path: str, task: Any, loaded: Any, inputs: list[Any], reference: Any) -> float:
+    """The largest difference in any probability between the graph at ``path`` (ONNX Runtime) and
+    PyTorch's ``reference`` (whose first rows are ``inputs``' probabilities); NaN where one is NaN."""
+    import numpy as np
+
+    got = onnx_probabilities(_session(path), task, loaded.tokenizer, loaded.metadata, inputs)
+    return float(np.abs(got - reference[: len(inputs)]).max())
+
+
 def _check_int8(path: str, task: Any, loaded: Any, data: CheckData, reference: Any,
                 required: float, echo: Echo) -> dict[str, Any]:
     """Quantize the fp32 file at ``path`` in place and compare its labels with PyTorch's on every
@@ -435,17 +443,15 @@ def _check_int8(path: str, task: Any, loaded: Any, data: CheckData, reference: A
 
     import numpy as np
 
-    processor, meta = loaded.tokenizer, loaded.metadata
     fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as work:
         tried = []
         for graph, source in int8_sources(path, work):
             try:
-                got = onnx_probabilities(_session(source), task, processor, meta, fp32_inputs)
+                diff = _fp32_difference(source, task, loaded, fp32_inputs, reference)
             except Exception:  # noqa: BLE001 - a fused graph ONNX Runtime refuses is not used
                 tried.append(f"{graph}: ONNX Runtime refused it")
                 continue
-            diff = float(np.abs(got - reference[: len(fp32_inputs)]).max())
             if diff <= FP32_TOLERANCE:
                 break
             tried.append(f"{graph}: differs by {diff:.1e}")
@@ -456,7 +462,7 @@ def _check_int8(path: str, task: Any, loaded: Any, data: CheckData, reference: A
         quantized = os.path.join(work, "int8.onnx")
         quantize_int8(source, quantized)
         os.replace(quantized, path)
-    got = onnx_probabilities(_session(path), task, processor, meta, data.inputs)
+    got = onnx_probabilities(_session(path), task, loaded.tokenizer, loaded.metadata, data.inputs)
     same = got.argmax(-1) == reference.argmax(-1)
     out: dict[str, Any] = {"examples": len(same), "agreed": int(same.sum()), "agreement": float(same.mean()),
                            "int8_required": required, "int8_max_abs_diff": float(np.abs(got - reference).max()),

@@ -269,7 +269,7 @@ def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None
                            "over the processes, and a checkpoint holds the main process's; use data parallel")
     procs = accelerator.num_processes
     if cfg.fsdp and procs > 1:
-        check_fsdp(procs, cfg.levers.quantize, cfg.checkpoint_every)
+        check_fsdp(cfg.levers.quantize, cfg.checkpoint_every)
     if batch_size % procs:
         raise PeftkitError(f"batch size {batch_size} cannot be split evenly over {procs} processes; "
                            f"choose a multiple of {procs}")

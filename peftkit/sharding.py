@@ -45,7 +45,7 @@ def shard_model(model: Any, device: Any) -> list[str]:
     return names
 
 
-def check_fsdp(processes: int, quantize: str | None, checkpoint_every: int | None) -> None:
+def check_fsdp(quantize: str | None, checkpoint_every: int | None) -> None:
     """Refuse, in one line, what peftkit cannot run sharded (yet)."""
     if quantize:
         raise PeftkitError(f"--fsdp with --quantize {quantize} is not supported: bitsandbytes weights are not "

@@ -303,7 +303,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         fitting = time.perf_counter()
         outcome = fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log, workdir=workdir,
                       resume_from=resume_from, rebuild=lambda: _prepared(run, loaded.data, loaded.processor,
-                                                                        loaded.spec, fresh=True))
+                                                                        loaded.spec))
         m = outcome.metrics
         # fit's own work around training and evaluation: the accelerator, tokenizing, the loaders
         loaded.seconds["setup"] = round(max(0.0, time.perf_counter() - fitting - m.train_seconds - m.eval_seconds), 3)
@@ -375,16 +375,15 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     return _Loaded(data, processor, base_digests, spec, model, clock.seconds)
 
 
-def _prepared(run: ResolvedRun, data: Any, processor: Any, spec: TaskSpec, fresh: bool = False) -> Any:
-    """The base loaded and prepared by the run's strategy again, as ``_load`` did (``fresh``: by a
-    new strategy object with the same options, leaving the run's own untouched)."""
+def _prepared(run: ResolvedRun, data: Any, processor: Any, spec: TaskSpec) -> Any:
+    """The base loaded and prepared again, as ``_load`` did, by a new strategy object with the
+    run's options (the run's own, which training may have changed, is left untouched)."""
     from .levers import prepare_base
 
     cfg = run.config
     base = run.task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
-    strategy = type(run.strategy)(run.strategy.options) if fresh else run.strategy
-    return strategy.prepare(base, spec)
+    return type(run.strategy)(run.strategy.options).prepare(base, spec)
 
 
 class _StageClock:

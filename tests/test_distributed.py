@@ -166,7 +166,7 @@ def test_fsdp_refuses_what_it_cannot_shard_yet() -> None:
     from peftkit.sharding import check_fsdp
 
     with pytest.raises(PeftkitError, match="--fsdp with --checkpoint-every is not supported yet"):
-        check_fsdp(2, None, 5)
+        check_fsdp(None, 5)
     with pytest.raises(PeftkitError, match="--fsdp with --quantize 4bit is not supported"):
-        check_fsdp(2, "4bit", None)
-    check_fsdp(2, None, None)
+        check_fsdp("4bit", None)
+    check_fsdp(None, None)
