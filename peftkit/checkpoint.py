@@ -7,8 +7,16 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNN`` in the run's staging di
     optimizer.safetensors   the optimizer's tensors; its other state and groups in state.json
     strategy.safetensors    a strategy's own extra state (head_only's feature cache)
     rng-rankN.safetensors   each process's torch (and CUDA) random state and the sampler's
+    rng-rankN.json          each process's Python and NumPy random states and its own loop state
+                            (its share of the epoch's loss differs from the main process's)
     state.json              position (epoch, batches done, step), counters, history, Python and
                             NumPy random states, the optimizer's non-tensor state
+
+Under ``--fsdp`` (several processes, each holding a slice of every parameter) the trained
+parameters, the optimizer's tensors and the best epoch's state are instead written by every process,
+its own slices, into ``shards/`` (``torch.distributed.checkpoint``, safetensors files; see
+``sharding.save_shards``). A checkpoint resumes with as many processes as wrote it (one
+``rng-rankN`` file each), and is refused in one line otherwise.
 
 It is written into a temporary directory and renamed into place, and only then is the previous one
 removed, so a process killed at any moment (SIGKILL included) leaves one complete checkpoint. Only
@@ -24,12 +32,14 @@ import shutil
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PeftkitError
+from .sharding import SHARDS, load_shards, save_shards, set_sharded_state, sharded_state
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
+_BEST = "best."  # the best epoch's tensors among a sharded checkpoint's
 
 
 def latest(run_dir: str) -> str | None:
@@ -120,13 +130,13 @@ def begin(run_dir: str, step: int) -> str:
     return tmp
 
 
-def write_rank(tmp: str, rank: int, sampler_state: torch.Tensor | None) -> None:
-    """Every process writes its own random states into the checkpoint being made."""
+def write_rank(tmp: str, rank: int, sampler_state: torch.Tensor | None, loop: dict[str, Any]) -> None:
+    """Every process writes its own random states and loop state into the checkpoint being made."""
     from .adapter_io import write_safetensors
 
     tensors, plain = rng_state(sampler_state)
     write_safetensors(tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
-    _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), plain)
+    _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), {**plain, "loop": loop})
 
 
 def write_main(tmp: str, trainable: dict[str, Any], best: dict[str, Any], optimizer: dict[str, Any],
@@ -139,8 +149,15 @@ def write_main(tmp: str, trainable: dict[str, Any], best: dict[str, Any], optimi
     write_safetensors(best, os.path.join(tmp, "best.safetensors"))
     opt_tensors, opt_plain = flatten_optimizer(optimizer)
     write_safetensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    write_state(tmp, extra, {**state, "optimizer": opt_plain})
+
+
+def write_state(tmp: str, extra: dict[str, Any], state: dict[str, Any]) -> None:
+    """The strategy's extra state, then state.json, last (main process)."""
+    from .adapter_io import write_safetensors
+
     write_safetensors(extra, os.path.join(tmp, "strategy.safetensors"))
-    _write_json(os.path.join(tmp, "state.json"), {**state, "optimizer": opt_plain})
+    _write_json(os.path.join(tmp, "state.json"), state)
 
 
 def commit(tmp: str) -> str:
@@ -156,25 +173,36 @@ def commit(tmp: str) -> str:
     return final
 
 
-def read(path: str, rank: int) -> dict[str, Any]:
-    """Everything a checkpoint holds, for process ``rank``."""
+def writers(path: str) -> int:
+    """How many processes wrote the checkpoint at ``path`` (each leaves its random state)."""
+    return sum(1 for name in os.listdir(path) if name.startswith("rng-rank") and name.endswith(".json"))
+
+
+def read(path: str, rank: int, processes: int) -> dict[str, Any]:
+    """Everything a checkpoint holds, for process ``rank`` of ``processes``. A sharded checkpoint's
+    tensors are not read here: every process loads its slices (``Checkpointer.restore``)."""
     from .adapter_io import read_safetensors
 
     def tensors(name: str) -> dict[str, Any]:
         return read_safetensors(os.path.join(path, name))
 
-    rng_file = os.path.join(path, f"rng-rank{rank}.json")
-    if not os.path.exists(rng_file):
-        raise PeftkitError(f"checkpoint {path!r} has no random state for process {rank}: it was written by "
-                           "fewer processes; resume with the same number of processes")
+    written = writers(path)
+    if written != processes:
+        # the data order, the random states and (under --fsdp) the slices each process holds
+        # all depend on the number of processes: another number would not continue the same run
+        raise PeftkitError(f"checkpoint {path!r} was written by {written} process{'es' * (written != 1)} and "
+                           f"this run has {processes}; resume it with {written} (torchrun --nproc-per-node, "
+                           "accelerate launch --num-processes, or no launcher for 1)")
     with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
         state = json.load(fh)
-    with open(rng_file, encoding="utf-8") as fh:
+    with open(os.path.join(path, f"rng-rank{rank}.json"), encoding="utf-8") as fh:
         rng_plain = json.load(fh)
-    return {"state": state, "trainable": tensors("trainable.safetensors"), "best": tensors("best.safetensors"),
-            "optimizer": unflatten_optimizer(tensors("optimizer.safetensors"), state["optimizer"]),
-            "extra": tensors("strategy.safetensors"),
-            "rng": (tensors(f"rng-rank{rank}.safetensors"), rng_plain)}
+    out = {"state": state, "extra": tensors("strategy.safetensors"),
+           "rng": (tensors(f"rng-rank{rank}.safetensors"), rng_plain)}
+    if not state.get("sharded"):
+        out.update(trainable=tensors("trainable.safetensors"), best=tensors("best.safetensors"),
+                   optimizer=unflatten_optimizer(tensors("optimizer.safetensors"), state["optimizer"]))
+    return out
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -195,9 +223,10 @@ class Checkpointer:
     """
 
     def __init__(self, accelerator: Any, strategy: Any, model: Any, optimizer: Any, run_dir: str | None,
-                 every: int | None, log: Callable[[str], None]) -> None:
+                 every: int | None, log: Callable[[str], None], sharded: bool = False) -> None:
         self.accelerator, self.strategy, self.model, self.optimizer = accelerator, strategy, model, optimizer
         self.run_dir, self.every, self.log = run_dir, every, log
+        self.sharded = sharded  # --fsdp: every process writes and reads its own slices
         self.pending_rng: tuple[dict[str, Any], dict[str, Any]] | None = None  # set by restore
         self.sampler_start: Any = None  # the sampler's state when the checkpoint's epoch began
 
@@ -218,10 +247,16 @@ class Checkpointer:
             begin(self.run_dir, step)
         self.accelerator.wait_for_everyone()  # the directory exists before any process writes into it
         tmp = tmp_path(self.run_dir, step)
-        write_rank(tmp, self.accelerator.process_index, sampler_state)
-        if main:
-            write_main(tmp, tensors, best, self.optimizer.state_dict(), self.strategy.extra_state(self.model),
-                       {"loop": loop, "total_steps": total_steps})
+        write_rank(tmp, self.accelerator.process_index, sampler_state, loop)
+        state = {"loop": loop, "total_steps": total_steps}
+        if self.sharded:
+            shards, optimizer = sharded_state(self.model, self.optimizer, set(tensors))
+            save_shards(os.path.join(tmp, SHARDS), {**shards, **{_BEST + k: v for k, v in best.items()}})
+            if main:
+                write_state(tmp, self.strategy.extra_state(self.model),
+                            {**state, "sharded": True, "best_keys": sorted(best), "optimizer": optimizer})
+        elif main:
+            write_main(tmp, tensors, best, self.optimizer.state_dict(), self.strategy.extra_state(self.model), state)
         self.accelerator.wait_for_everyone()
         if main:
             commit(tmp)
@@ -234,19 +269,43 @@ class Checkpointer:
         ``pending_rng`` until ``continue_rng`` (the first batch trained after the checkpoint)."""
         import torch
 
-        saved = read(path, self.accelerator.process_index)
-        loop = saved["state"]["loop"]
+        saved = read(path, self.accelerator.process_index, self.accelerator.num_processes)
+        # this process's own loop state (its share of the epoch's loss); a checkpoint from before
+        # each process wrote one has the main process's only
+        loop = saved["rng"][1].get("loop") or saved["state"]["loop"]
+        if bool(saved["state"].get("sharded")) != self.sharded:  # the run's config.yaml decides both
+            raise PeftkitError(f"checkpoint {path!r} was written {'with' if not self.sharded else 'without'} "
+                               f"--fsdp and this run is {'not ' * (not self.sharded)}sharded; resume it as it ran")
         self.replay(loop["epoch"], loop["step"], steps_per_epoch, add_groups)
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        with torch.no_grad():
-            for name, value in saved["trainable"].items():
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.sharded:
+            best = self.restore_shards(path, saved["state"])
+        else:
+            params = dict(self.model.named_parameters())
+            params.update(dict(self.model.named_buffers()))
+            with torch.no_grad():
+                for name, value in saved["trainable"].items():
+                    params[name].copy_(value.to(params[name].device, params[name].dtype))
+            self.optimizer.load_state_dict(saved["optimizer"])
+            best = saved["best"]
         self.strategy.load_extra_state(self.model, saved["extra"])
         self.pending_rng = saved["rng"]
         self.sampler_start = self.pending_rng[0].get("sampler_epoch_start")
-        return loop, saved["best"]
+        return loop, best
+
+    def restore_shards(self, path: str, state: dict[str, Any]) -> dict[str, Any]:
+        """Every process loads its slices of a sharded checkpoint into the model and optimizer;
+        returns the best epoch's state (this process's slices)."""
+        names = set(self.strategy.trainable_parameters(self.model))
+        names.update(n for n, b in self.model.named_buffers() if b.is_floating_point())
+        targets, _ = sharded_state(self.model, self.optimizer, names)
+        # the best epoch's tensors are loaded into copies shaped (and sliced) as the model's
+        # own, never into the parameters themselves
+        best = {k: v.detach().clone() for k, v in self.strategy.adapter_state(self.model).items()
+                if k in state["best_keys"]}
+        targets.update({_BEST + k: v for k, v in best.items()})
+        load_shards(os.path.join(path, SHARDS), targets)
+        set_sharded_state(self.model, self.optimizer, targets, state["optimizer"])
+        return {k: targets[_BEST + k] for k in best}
 
     def replay(self, epoch: int, step: int, steps_per_epoch: int, add_groups: Callable[[list[Any]], None]) -> None:
         """The strategy's events up to (epoch, step), in the order training raised them, so the

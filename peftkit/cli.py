@@ -101,7 +101,7 @@ _declare("checkpoint_every", "--checkpoint-every", type=int, default=None, metav
               "continues with --resume.")
 _declare("resume", "--resume", "resume_dir", default=None, metavar="RUN_DIR",
          help="Continue the interrupted run that was going to RUN_DIR (its --output-dir) from its last "
-              "checkpoint, with its own settings; give no other option.")
+              "checkpoint, with its own settings and as many processes as wrote it; give no other option.")
 _declare("report_to", "--report-to", "report_to", multiple=True, type=click.Choice(REPORTERS),
          help="Send losses and metrics to TensorBoard (event files in RUN_DIR/tensorboard) or W&B "
               "(if installed); repeatable.")

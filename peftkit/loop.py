@@ -269,7 +269,7 @@ def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None
                            "over the processes, and a checkpoint holds the main process's; use data parallel")
     procs = accelerator.num_processes
     if cfg.fsdp and procs > 1:
-        check_fsdp(cfg.levers.quantize, cfg.checkpoint_every)
+        check_fsdp(cfg.levers.quantize)
     if batch_size % procs:
         raise PeftkitError(f"batch size {batch_size} cannot be split evenly over {procs} processes; "
                            f"choose a multiple of {procs}")
@@ -382,7 +382,7 @@ class Trainer:
         self.warmup_steps = hp.warmup_steps(self.total_steps)  # a ratio of the run, capped (TrainingDefaults)
         self.state.max_trainable = self.count_trainable()
         self.checkpointer = Checkpointer(self.accelerator, strategy, self.inner, self.optimizer, workdir,
-                                         cfg.checkpoint_every, self.log)
+                                         cfg.checkpoint_every, self.log, sharded=self.sharded)
 
     # -- helpers ---------------------------------------------------------------------------
 

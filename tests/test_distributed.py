@@ -98,28 +98,51 @@ def test_a_strategy_that_unfreezes_as_it_trains_is_refused_under_two_processes(n
 
 # -- FSDP: fully sharded data parallel (--fsdp) ---------------------------------------------------
 
-@pytest.mark.parametrize("strategy,extra", [
-    ("full", ["--lr", "3e-3"]),  # every parameter sharded and trained
-    ("lora", ["--lr", "2e-2", "--set", "dropout=0"]),  # frozen and trainable parameters in one block
-])
-def test_fsdp_two_processes_train_as_one(strategy, extra, no_dropout_bert, tiny_csv, run_cli, tmp_path,
+_FSDP_OPTIONS = {
+    "full": ["--lr", "3e-3"],  # every parameter sharded and trained
+    "lora": ["--lr", "2e-2", "--set", "dropout=0"],  # frozen and trainable parameters in one block
+}
+
+
+def _fsdp_args(model: str, data: str, out: str, strategy: str, *extra: str) -> list[str]:
+    args = _args(model, data, out)
+    args[args.index("full") - 1: args.index("full") + 3] = ["--strategy", strategy, *_FSDP_OPTIONS[strategy]]
+    return [*args, "--fsdp", *extra]
+
+
+_FSDP_ENV = dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(no_dropout_bert, tiny_csv, tmp_path_factory):
+    """``fsdp_run(strategy)`` -> the directory of a finished 2-process ``--fsdp`` run (made once:
+    the one-process comparison and the kill-and-resume test both need it)."""
+    done: dict[str, str] = {}
+
+    def run(strategy: str) -> str:
+        if strategy not in done:
+            out = str(tmp_path_factory.mktemp(f"fsdp-{strategy}") / "run")
+            proc = _torchrun(_fsdp_args(no_dropout_bert, tiny_csv, out, strategy), _FSDP_ENV)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[strategy] = out
+        return done[strategy]
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_fsdp_two_processes_train_as_one(strategy, fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path,
                                          monkeypatch) -> None:
     """Two processes, each holding half of every parameter, train as one process does: the same
     losses, the same best epoch and test accuracy, and the adapter gathered on the main process
     equal to the one-process adapter, in the same files and layout."""
-    from peftkit.adapter_io import read_safetensors
-
     monkeypatch.setenv("PEFTKIT_DISABLE_PLUGINS", "1")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = _args(no_dropout_bert, tiny_csv, one)
-    args[args.index("full") - 1: args.index("full") + 3] = ["--strategy", strategy, *extra]
+    one = str(tmp_path / "one")
+    args = _fsdp_args(no_dropout_bert, tiny_csv, one, strategy)
+    args.remove("--fsdp")
     code, _, err = run_cli(*args)
     assert code == 0, err
-    args[args.index(one)] = two
-    proc = _torchrun([*args, "--fsdp"], dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1", OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        (tmp_path / "torchrun.stderr").write_text(proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = fsdp_run(strategy)
     with open(os.path.join(two, "train.log")) as fh:
         assert "fsdp: 2 blocks and the root sharded over 2 processes" in fh.read()
     with open(os.path.join(one, "metrics.json")) as fh:
@@ -140,6 +163,86 @@ def test_fsdp_two_processes_train_as_one(strategy, extra, no_dropout_bert, tiny_
     # a forward pass: a restore into those would be lost, and the last epoch saved instead)
     worst = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
     assert worst < 1e-4, f"weights differ by up to {worst}"
+
+
+def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_dropout_bert, tiny_csv, run_cli,
+                                                               tmp_path, monkeypatch) -> None:
+    """Sharded checkpoints: every process writes its slices; a 2-process run killed with SIGKILL
+    (every process of it, mid-epoch) and resumed by 2 processes ends bit for bit as the
+    uninterrupted one. Resuming it with 1 process is refused, and the checkpoint survives the
+    refusal. The adapter it ships merges into its base like any other."""
+    import signal
+    import time
+
+    import psutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit.inference import load_adapter, predict_texts
+
+    monkeypatch.setenv("PEFTKIT_DISABLE_PLUGINS", "1")
+    reference = fsdp_run("lora")
+    out = str(tmp_path / "killed")
+    stage = os.path.join(str(tmp_path), ".killed.partial", "checkpoints")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "peftkit",
+               *_fsdp_args(no_dropout_bert, tiny_csv, out, "lora", "--checkpoint-every", "7")]
+    proc = subprocess.Popen(command, env=_FSDP_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    try:
+        while time.time() < deadline:
+            done = [d for d in os.listdir(stage) if d.startswith("step-")] if os.path.isdir(stage) else []
+            if any(int(d.split("-")[1]) >= 28 for d in done):  # in epoch 3 of 6
+                # the launcher and both workers: torchrun starts its workers in sessions of their own
+                for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                    p.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.002)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        proc.wait(timeout=60)
+    assert not os.path.exists(out), "a killed run must not appear as finished"
+    (checkpoint,) = [d for d in os.listdir(stage) if d.startswith("step-")]
+    shards = os.listdir(os.path.join(stage, checkpoint, "shards"))
+    assert len([f for f in shards if f.endswith(".safetensors")]) == 2, shards  # one per process
+    assert not os.path.exists(os.path.join(stage, checkpoint, "trainable.safetensors"))
+
+    code, _, err = run_cli("run", "--resume", out)
+    assert code == 2 and "was written by 2 processes and this run has 1; resume it with 2" in err
+    assert os.path.isdir(os.path.join(stage, checkpoint)), "a refused resume keeps the checkpoint"
+    resumed = _torchrun(["run", "--resume", out], _FSDP_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming lora from {checkpoint}" in resumed.stderr
+
+    with open(os.path.join(reference, "metrics.json")) as fh:
+        a = json.load(fh)
+    with open(os.path.join(out, "metrics.json")) as fh:
+        b = json.load(fh)
+    assert b["resumed"] is True and b["processes"] == 2
+    timing = ("epoch_seconds", "examples_per_second", "tokens_per_second")
+    assert [{k: v for k, v in e.items() if k not in timing} for e in a["history"]] == \
+           [{k: v for k, v in e.items() if k not in timing} for e in b["history"]]
+    assert (a["test_accuracy"], a["best_epoch"]) == (b["test_accuracy"], b["best_epoch"])
+    ta = read_safetensors(os.path.join(reference, "adapter", "adapter_model.safetensors"))
+    tb = read_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
+    assert not os.path.exists(os.path.join(out, "checkpoints")), "a finished run ships no checkpoints"
+
+    # merge reads the gathered adapter as a one-process run's
+    merged = str(tmp_path / "merged")
+    code, _, err = run_cli("merge", "--adapter", os.path.join(out, "adapter"), "--output", merged)
+    assert code == 0, err
+    texts = ["great fun", "dull and boring"]
+    model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    tok = AutoTokenizer.from_pretrained(merged)
+    with torch.no_grad():
+        probs = torch.softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+    expected = torch.tensor([r["probabilities"] for r in predict_texts(load_adapter(os.path.join(out, "adapter")),
+                                                                         texts)])
+    torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
 
 
 def test_fsdp_refusals_are_one_line(no_dropout_bert, tiny_csv, run_cli, tmp_path) -> None:
@@ -165,8 +268,6 @@ def test_fsdp_refuses_what_it_cannot_shard_yet() -> None:
     from peftkit.errors import PeftkitError
     from peftkit.sharding import check_fsdp
 
-    with pytest.raises(PeftkitError, match="--fsdp with --checkpoint-every is not supported yet"):
-        check_fsdp(None, 5)
     with pytest.raises(PeftkitError, match="--fsdp with --quantize 4bit is not supported"):
-        check_fsdp("4bit", None)
-    check_fsdp(None, None)
+        check_fsdp("4bit")
+    check_fsdp(None)
