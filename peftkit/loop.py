@@ -24,7 +24,7 @@ from .errors import PeftkitError
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .metrics import RunMetrics, format_rate
-from .sharding import check_fsdp, reshard, shard_model
+from .sharding import check_fsdp, check_shardable, reshard, shard_model
 from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
 from .tasks.base import Task, gathered_sum
@@ -351,8 +351,7 @@ class Trainer:
             self.log(line)
             print(line, file=sys.stderr, flush=True)
         if self.sharded:
-            if strategy.not_sharded:
-                raise PeftkitError(f"strategy {strategy.name!r} cannot train with --fsdp: {strategy.not_sharded}")
+            check_shardable(strategy.name, strategy.not_sharded)
             # before the optimizer: sharding replaces the parameters it will hold
             _trainable_groups(strategy, model, procs)  # what cannot train over several processes is refused first
             # fully_shard moves each block to the device as it shards it: the whole model never is there

@@ -51,6 +51,13 @@ def shard_model(model: Any, device: Any) -> list[str]:
     return names
 
 
+def check_shardable(strategy: str, not_sharded: str | None) -> None:
+    """Refuse, in one line, a strategy that says why it cannot be sharded (``Strategy.not_sharded``:
+    every built-in one can; a plugin may not)."""
+    if not_sharded:
+        raise PeftkitError(f"strategy {strategy!r} cannot train with --fsdp: {not_sharded}")
+
+
 def check_fsdp(quantize: str | None) -> None:
     """Refuse, in one line, what peftkit cannot run sharded (yet)."""
     if quantize:

@@ -101,6 +101,8 @@ def test_a_strategy_that_unfreezes_as_it_trains_is_refused_under_two_processes(n
 _FSDP_OPTIONS = {
     "full": ["--lr", "3e-3"],  # every parameter sharded and trained
     "lora": ["--lr", "2e-2", "--set", "dropout=0"],  # frozen and trainable parameters in one block
+    # a frozen sharded backbone whose features are cached: the processes must skip it together
+    "head_only": ["--lr", "3e-2", "--set", "dropout=0"],
 }
 
 
@@ -130,7 +132,7 @@ def fsdp_run(no_dropout_bert, tiny_csv, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
+@pytest.mark.parametrize("strategy", ["full", "lora", "head_only"])
 def test_fsdp_two_processes_train_as_one(strategy, fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path,
                                          monkeypatch) -> None:
     """Two processes, each holding half of every parameter, train as one process does: the same
@@ -245,19 +247,8 @@ def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_drop
     torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
 
 
-def test_fsdp_refusals_are_one_line(no_dropout_bert, tiny_csv, run_cli, tmp_path) -> None:
-    out = str(tmp_path / "run")
-    args = _args(no_dropout_bert, tiny_csv, out)
-    # head_only's feature cache would make the processes' sharded forward passes differ
-    head = list(args)
-    head[head.index("full")] = "head_only"
-    proc = _torchrun([*head, "--fsdp"], dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1"))
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    # (torchrun's launcher prints its own traceback when a worker exits non-zero; peftkit's is one line)
-    assert proc.returncode != 0 and errors and 'peftkit/loop.py"' not in proc.stderr
-    assert errors[0].startswith("error: strategy 'head_only' cannot train with --fsdp: its feature cache")
-    assert not os.path.exists(out)
-    # one process: nothing to shard, a plain run that says so
+def test_fsdp_with_one_process_is_a_plain_run_that_says_so(no_dropout_bert, tiny_csv, run_cli, tmp_path) -> None:
+    args = _args(no_dropout_bert, tiny_csv, str(tmp_path / "run"))
     args[args.index("6")] = "1"
     code, _, err = run_cli(*args, "--fsdp")
     assert code == 0, err
@@ -266,7 +257,16 @@ def test_fsdp_refusals_are_one_line(no_dropout_bert, tiny_csv, run_cli, tmp_path
 
 def test_fsdp_refuses_what_it_cannot_shard_yet() -> None:
     from peftkit.errors import PeftkitError
-    from peftkit.sharding import check_fsdp
+    from peftkit.sharding import check_fsdp, check_shardable
+
+    # every built-in strategy shards (gradual_unfreeze is refused with any several processes);
+    # a plugin says why it cannot (Strategy.not_sharded)
+    from peftkit import registry
+
+    assert not [name for name, cls in registry.available().items() if cls.not_sharded]
+    with pytest.raises(PeftkitError, match="strategy 'mine' cannot train with --fsdp: its reason"):
+        check_shardable("mine", "its reason")
+    check_shardable("lora", None)
 
     with pytest.raises(PeftkitError, match="--fsdp with --quantize 4bit is not supported"):
         check_fsdp("4bit")

@@ -12,6 +12,10 @@ dense+tanh on [CLS]), the first token (cls) and the last non-padding token (deco
 
 For a causal language model the head is the output layer (hidden state -> vocabulary): it is untied
 from the input embeddings and trained alone on the frozen model.
+
+Under ``--fsdp`` (the backbone sharded over processes) the processes decide together whether a
+batch's features are cached, and share the features they compute, so every process's cache holds
+every example and no process ever runs the sharded backbone alone.
 """
 
 from __future__ import annotations
@@ -94,15 +98,65 @@ def build_head_classifier(backbone: nn.Module, hidden_size: int, num_labels: int
 
         def forward(self, example_key: torch.Tensor | None = None, **inputs: torch.Tensor):
             keys = example_key.tolist() if example_key is not None else None
-            if keys is not None and all(k in self.feature_cache for k in keys):
+            sharded = _is_sharded(self)
+            cached = keys is not None and all(k in self.feature_cache for k in keys)
+            if sharded:  # every process runs the sharded backbone or none does
+                cached = _on_every_process(cached, example_key.device if example_key is not None else None)
+            if cached:
                 feats = torch.stack([self.feature_cache[k] for k in keys])
             else:
                 feats = self.features(**inputs)
                 if keys is not None:
-                    self.feature_cache.update(zip(keys, feats))
+                    # sharded: every process caches every process's features, so the caches stay
+                    # alike and the next epoch finds each batch cached on all processes at once
+                    pairs = _gathered(example_key, feats) if sharded else (keys, feats)
+                    self.feature_cache.update(zip(*pairs))
             return SequenceClassifierOutput(logits=self.head(feats))
 
     return PooledHeadClassifier()
+
+
+# -- under --fsdp ---------------------------------------------------------------------------------
+# A sharded backbone's blocks gather their weights over all processes at once, so one process
+# cannot skip the backbone (its batch cached) while another runs it: they would wait for each
+# other forever. Under FSDP the decision is taken together, and the features are shared.
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _on_every_process(cached: bool, device: Any) -> bool:
+    """True only where every process's batch is cached."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(cached)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gathered(keys: torch.Tensor, feats: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Every process's example keys and features (batches may differ in size by the last one)."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    size = torch.tensor([keys.shape[0]], device=keys.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    pad = longest - keys.shape[0]
+    padded_keys = torch.nn.functional.pad(keys, (0, pad))
+    padded_feats = torch.nn.functional.pad(feats, (0, 0, 0, pad))
+    all_keys = [torch.empty_like(padded_keys) for _ in range(world)]
+    all_feats = [torch.empty_like(padded_feats) for _ in range(world)]
+    dist.all_gather(all_keys, padded_keys)
+    dist.all_gather(all_feats, padded_feats.contiguous())
+    counts = [int(s.item()) for s in sizes]
+    return ([k for ks, n in zip(all_keys, counts) for k in ks[:n].tolist()],
+            torch.cat([f[:n] for f, n in zip(all_feats, counts)]))
 
 
 def _train_output_layer_only(model: nn.Module) -> nn.Module:
@@ -145,10 +199,8 @@ class HeadOnly(Strategy):
                 "pooling": trial.suggest_categorical("pooling", ["mean", "cls", "last"]),
                 "dropout": trial.suggest_float("dropout", 0.0, 0.3)}
     supports_quantized_base = True  # the backbone only computes features
-    # A process whose batch is all cached skips the backbone while another runs it, and a sharded
-    # backbone's blocks gather over all processes at once: they would wait for each other forever.
-    not_sharded = ("its feature cache lets one process skip the backbone while another runs it, which a "
-                   "sharded backbone cannot do; it trains only a head, so run it data parallel (without --fsdp)")
+    # Under --fsdp the feature cache is decided and filled by all processes together (see above):
+    # sharding holds a backbone too big for one device while the head trains.
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         opts: HeadOnlyOptions = self.options
