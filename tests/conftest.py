@@ -182,3 +182,35 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return call
+
+
+def kill_after_checkpoint(command: list[str], stage: str, min_step: int, env: dict[str, str]) -> None:
+    """Start ``command`` (a run with --checkpoint-every, whose staging directory is ``stage``) and
+    SIGKILL it, with every process it started, as soon as a checkpoint at or after ``min_step``
+    exists (often while it writes the next one). torchrun starts its workers in sessions of their
+    own, so the whole tree is killed, not a process group."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+    import pytest
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    root = os.path.join(stage, "checkpoints")
+    try:
+        while time.time() < deadline:
+            done = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+            if any(int(d.split("-")[1]) >= min_step for d in done):
+                for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                    p.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.002)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import kill_after_checkpoint
+
 from peftkit.adapter_io import read_safetensors
 
 
@@ -173,11 +175,6 @@ def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_drop
     (every process of it, mid-epoch) and resumed by 2 processes ends bit for bit as the
     uninterrupted one. Resuming it with 1 process is refused, and the checkpoint survives the
     refusal. The adapter it ships merges into its base like any other."""
-    import signal
-    import time
-
-    import psutil
-
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -186,28 +183,13 @@ def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_drop
     monkeypatch.setenv("PEFTKIT_DISABLE_PLUGINS", "1")
     reference = fsdp_run("lora")
     out = str(tmp_path / "killed")
-    stage = os.path.join(str(tmp_path), ".killed.partial", "checkpoints")
+    stage = os.path.join(str(tmp_path), ".killed.partial", "checkpoints")  # its checkpoints
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "peftkit",
                *_fsdp_args(no_dropout_bert, tiny_csv, out, "lora", "--checkpoint-every", "7")]
-    proc = subprocess.Popen(command, env=_FSDP_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 200
-    try:
-        while time.time() < deadline:
-            done = [d for d in os.listdir(stage) if d.startswith("step-")] if os.path.isdir(stage) else []
-            if any(int(d.split("-")[1]) >= 28 for d in done):  # in epoch 3 of 6
-                # the launcher and both workers: torchrun starts its workers in sessions of their own
-                for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-                    p.send_signal(signal.SIGKILL)
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.002)
-        else:
-            pytest.fail("no checkpoint appeared")
-    finally:
-        proc.wait(timeout=60)
+    kill_after_checkpoint(command, os.path.dirname(stage), min_step=28, env=_FSDP_ENV)  # in epoch 3 of 6
     assert not os.path.exists(out), "a killed run must not appear as finished"
-    (checkpoint,) = [d for d in os.listdir(stage) if d.startswith("step-")]
+    # the newest (killed between renaming a checkpoint into place and removing the one before, both remain)
+    checkpoint = max(d for d in os.listdir(stage) if d.startswith("step-"))
     shards = os.listdir(os.path.join(stage, checkpoint, "shards"))
     assert len([f for f in shards if f.endswith(".safetensors")]) == 2, shards  # one per process
     assert not os.path.exists(os.path.join(stage, checkpoint, "trainable.safetensors"))

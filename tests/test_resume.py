@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
+
+from conftest import kill_after_checkpoint
 
 from peftkit.adapter_io import read_safetensors
 
@@ -26,30 +25,6 @@ def _strategy_options(strategy: str) -> list[str]:
     return ["--set", "unfreeze_every_steps=15"] if strategy == "gradual_unfreeze" else []
 
 
-def _kill_after_checkpoint(args: list[str], stage: str, min_step: int) -> None:
-    """Start the run in a process of its own and SIGKILL it as soon as a checkpoint at or after
-    ``min_step`` exists (often while it writes the next one)."""
-    env = dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "peftkit", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    root = os.path.join(stage, "checkpoints")
-    try:
-        while time.time() < deadline:
-            done = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
-            if any(int(d.split("-")[1]) >= min_step for d in done):
-                proc.send_signal(signal.SIGKILL)
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.002)
-        else:
-            pytest.fail("no checkpoint appeared")
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-
-
 @pytest.mark.parametrize("strategy", ["gradual_unfreeze", "head_only"])
 def test_sigkill_then_resume_ends_as_an_uninterrupted_run(strategy, tiny_model_dir, tiny_csv, run_cli,
                                                          tmp_path, monkeypatch) -> None:
@@ -60,8 +35,9 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_run(strategy, tiny_model_d
     assert code == 0, err
 
     stage = os.path.join(str(tmp_path), ".killed.partial")
-    _kill_after_checkpoint(_args(model, tiny_csv, out, strategy, "--checkpoint-every", "7",
-                                 *_strategy_options(strategy)), stage, min_step=50)
+    kill_after_checkpoint([sys.executable, "-m", "peftkit", *_args(model, tiny_csv, out, strategy, "--checkpoint-every",
+                                                                  "7", *_strategy_options(strategy))],
+                          stage, min_step=50, env=dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1"))
     assert not os.path.exists(out), "a killed run must not appear as finished"
     code, stdout, err = run_cli("run", "--resume", out)
     assert code == 0, err

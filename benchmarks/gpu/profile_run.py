@@ -38,6 +38,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from peftkit.config import Levers, RunConfig
+    from peftkit.env import quiet_libraries
     from peftkit.train import execute_run, resolve
 
     cfg = RunConfig(strategy=args.strategy, task="causal-lm", model=args.model, dataset=args.dataset, epochs=1,
@@ -46,6 +47,7 @@ def main() -> int:
                     levers=Levers(precision=args.precision if torch.cuda.is_available() else "fp32"), seed=0)
     cfg.validate()
     run = resolve(cfg)
+    quiet_libraries()  # as a run's own process does: no "Loading weights" bar in the suite's log
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir, profile(activities=activities) as prof:
