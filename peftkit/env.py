@@ -74,6 +74,34 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: ours is the one that matters
 
 
+_frozen = False
+
+
+def freeze_imported_objects() -> None:
+    """Once per process, before a training run loads its data and model: make the libraries'
+    imports (peft and accelerate too), then move every object alive (the modules, classes and
+    functions they made: about 500,000 with torch, transformers, datasets and peft) out of the
+    garbage collector's sight (``gc.freeze``).
+
+    Every phase of a run starts with a full collection (``memory.release_free_memory``, so the
+    resident set counts live memory), and each one walked all of them: 0.23 s a collection on a
+    2-core EPYC, 1.6 s of a 2-second run of a tiny model, and half a second per epoch of
+    ``head_only``'s cheap cached epochs. Frozen objects are still freed when nothing refers to
+    them; only a reference cycle among them would stay, and imports make none worth collecting.
+    Garbage is collected first, so none of it is frozen."""
+    global _frozen
+    if _frozen:
+        return
+    import gc
+
+    import accelerate  # noqa: F401  (every run imports them; their objects are frozen with the rest)
+    import peft  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+    _frozen = True
+
+
 def package_versions(packages: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, str]:
     """``{"python": ..., package: version}`` for each of ``packages`` ("not installed" if absent).
 

@@ -334,9 +334,11 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     from transformers import set_seed
 
     from .data import cap_eval_splits
+    from .env import freeze_imported_objects
     from .fingerprint import backbone_digests
     from .levers import prepare_base
 
+    freeze_imported_objects()  # each phase's garbage collection then skips the libraries' objects
     cfg, task = run.config, run.task
     resolved = run.as_dict()
     log(f"run: {json.dumps(resolved, default=str)}")
