@@ -23,10 +23,11 @@ def test_embedded_model_is_installed() -> None:
 def test_head_only_on_real_data_then_predict(run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
     code, stdout, stderr = run_cli("run", "--strategy", "head-only", "--max-train-samples", "2000",
-                                   "--epochs", "4", "--output-dir", out)
+                                   "--epochs", "4", "--max-eval-samples", "500", "--output-dir", out)
     assert code == 0, stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    # majority baseline is 0.58; frozen mean-pooled MiniLM features give ~0.74 with 2,000 examples
+    # majority baseline is 0.58; frozen mean-pooled MiniLM features give ~0.75 with 2,000 examples
+    # (0.760 on 500 test examples, 0.748 on all 1,276 when measured)
     assert metrics["test_accuracy"] >= 0.70, metrics["test_accuracy"]
     assert metrics["trainable_params"] == 384 * 2 + 2
     code, stdout, stderr = run_cli("predict", "--adapter", os.path.join(out, "adapter"),
@@ -39,9 +40,10 @@ def test_head_only_on_real_data_then_predict(run_cli, tmp_path) -> None:
 
 def test_lora_on_real_model_trains_only_adapters_and_head(run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
-    # one epoch: what is checked is what trains, not how well (256 examples would raise the epochs)
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--max-train-samples", "256", "--epochs", "1",
-                              "--output-dir", out)
+    # one epoch on a few examples: what is checked is what trains, not how well (left unset, the
+    # epochs would be raised for so small a set)
+    code, _, stderr = run_cli("run", "--strategy", "lora", "--max-train-samples", "64", "--max-eval-samples", "32",
+                              "--epochs", "1", "--output-dir", out)
     assert code == 0, stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     # r=16 on query and value of 6 layers: 6 * 2 * (384*16 + 16*384) = 147,456, plus the 770-parameter head
