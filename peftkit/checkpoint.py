@@ -9,8 +9,8 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNN`` in the run's staging di
     rng-rankN.safetensors   each process's torch (and CUDA) random state and the sampler's
     rng-rankN.json          each process's Python and NumPy random states and its own loop state
                             (its share of the epoch's loss differs from the main process's)
-    state.json              position (epoch, batches done, step), counters, history, Python and
-                            NumPy random states, the optimizer's non-tensor state
+    state.json              the main process's loop state (position: epoch, batches done, step;
+                            counters, history), the optimizer's non-tensor state
 
 Under ``--fsdp`` (several processes, each holding a slice of every parameter) the trained
 parameters, the optimizer's tensors and the best epoch's state are instead written by every process,
