@@ -20,6 +20,9 @@ from typing import Any
 def main(spec_path: str) -> int:
     """Run the spec's ``RunConfig`` and write the report where the spec says; 0 unless the report
     itself cannot be written (every failure of the run is in the report)."""
+    from .env import own_process
+
+    own_process()  # a worker's process is peftkit's (env.freeze_imported_objects)
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
 

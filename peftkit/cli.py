@@ -824,9 +824,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: turns user errors into one line on stderr and a non-zero exit."""
     import signal
 
+    from .env import own_process
+
     global _DEBUG
     _DEBUG = False
     clear_context()
+    own_process()  # the command line's process is peftkit's (env.freeze_imported_objects)
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (embedded use): keep the default

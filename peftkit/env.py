@@ -75,13 +75,23 @@ def quiet_libraries() -> None:
 
 
 _frozen = False
+_own_process = False  # set by own_process(): the command line's process, a bench or tune worker
+
+
+def own_process() -> None:
+    """Say that this process is peftkit's own (the command line, a bench or tune worker), not a
+    user's Python session that imported peftkit: process-wide settings are then ours to make
+    (``freeze_imported_objects``)."""
+    global _own_process
+    _own_process = True
 
 
 def freeze_imported_objects() -> None:
-    """Once per process, before a training run loads its data and model: make the libraries'
-    imports (peft and accelerate too), then move every object alive (the modules, classes and
-    functions they made: about 500,000 with torch, transformers, datasets and peft) out of the
-    garbage collector's sight (``gc.freeze``).
+    """Once per process, and only in peftkit's own (``own_process``), before a training run loads
+    its data and model: make the libraries' imports (peft and accelerate too), then move every
+    object alive (the modules, classes and functions they made: about 500,000 with torch,
+    transformers, datasets and peft) out of the garbage collector's sight (``gc.freeze``). In a
+    user's session (the Python API) their objects would be frozen too, so it is left alone there.
 
     Every phase of a run starts with a full collection (``memory.release_free_memory``, so the
     resident set counts live memory), and each one walked all of them: 0.23 s a collection on a
@@ -90,7 +100,7 @@ def freeze_imported_objects() -> None:
     them; only a reference cycle among them would stay, and imports make none worth collecting.
     Garbage is collected first, so none of it is frozen."""
     global _frozen
-    if _frozen:
+    if _frozen or not _own_process:
         return
     import gc
 

@@ -34,6 +34,9 @@ class _MetricMissing(Exception):
 def main(spec_path: str) -> int:
     """Run the spec's trial and write its report where the spec says; 0 unless the report itself
     cannot be written."""
+    from .env import own_process
+
+    own_process()  # a worker's process is peftkit's (env.freeze_imported_objects)
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
 

@@ -121,12 +121,20 @@ def test_bitsandbytes_8bit_cast_message_is_shown_once_per_process(caplog) -> Non
 
 def test_a_run_hides_the_libraries_objects_from_the_garbage_collector() -> None:
     """Each phase of a run starts with a full collection; the ~500,000 objects the imports made
-    are frozen first (once per process), so those collections do not walk them every time."""
+    are frozen first (once per process, and only in peftkit's own: a user's session that imports
+    peftkit keeps its garbage collector as it was), so those collections do not walk them every time."""
     import gc
     import sys
 
-    from peftkit.env import freeze_imported_objects
+    code = ("import gc, peftkit.env as env\n"
+            "env.freeze_imported_objects()\n"
+            "print(gc.get_freeze_count())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["0"], done.stdout + done.stderr
 
+    from peftkit.env import freeze_imported_objects, own_process
+
+    own_process()  # as the command line says (every run_cli test of this session already did)
     freeze_imported_objects()
     frozen = gc.get_freeze_count()
     assert frozen > 100_000 and "peft" in sys.modules
