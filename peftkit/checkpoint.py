@@ -230,6 +230,13 @@ class Checkpointer:
         self.pending_rng: tuple[dict[str, Any], dict[str, Any]] | None = None  # set by restore
         self.sampler_start: Any = None  # the sampler's state when the checkpoint's epoch began
 
+    def saved_tensors(self) -> dict[str, Any]:
+        """The model's tensors a checkpoint keeps: what the strategy trains, and floating buffers
+        (the frozen base is the base model's)."""
+        tensors = dict(self.strategy.trainable_parameters(self.model))
+        tensors.update({n: b for n, b in self.model.named_buffers() if b.is_floating_point()})
+        return tensors
+
     def due(self, step: int) -> bool:
         """Whether a checkpoint is written after optimizer step ``step``."""
         return bool(self.every and self.run_dir and step % self.every == 0)
@@ -241,8 +248,7 @@ class Checkpointer:
 
         started = time.perf_counter()
         main = self.accelerator.is_main_process
-        tensors = dict(self.strategy.trainable_parameters(self.model))
-        tensors.update({n: b for n, b in self.model.named_buffers() if b.is_floating_point()})
+        tensors = self.saved_tensors()
         if main:
             begin(self.run_dir, step)
         self.accelerator.wait_for_everyone()  # the directory exists before any process writes into it
@@ -295,9 +301,7 @@ class Checkpointer:
     def restore_shards(self, path: str, state: dict[str, Any]) -> dict[str, Any]:
         """Every process loads its slices of a sharded checkpoint into the model and optimizer;
         returns the best epoch's state (this process's slices)."""
-        names = set(self.strategy.trainable_parameters(self.model))
-        names.update(n for n, b in self.model.named_buffers() if b.is_floating_point())
-        targets, _ = sharded_state(self.model, self.optimizer, names)
+        targets, _ = sharded_state(self.model, self.optimizer, set(self.saved_tensors()))
         # the best epoch's tensors are loaded into copies shaped (and sliced) as the model's
         # own, never into the parameters themselves
         best = {k: v.detach().clone() for k, v in self.strategy.adapter_state(self.model).items()

@@ -138,25 +138,14 @@ def _on_every_process(cached: bool, device: Any) -> bool:
 
 
 def _gathered(keys: torch.Tensor, feats: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """Every process's example keys and features (batches may differ in size by the last one)."""
-    import torch
-    import torch.distributed as dist
+    """Every process's example keys and features. The last batches may differ in size: they are
+    padded to the longest (keys with -1, never a real key) and the padding dropped after."""
+    from accelerate.utils import gather, pad_across_processes
 
-    world = dist.get_world_size()
-    size = torch.tensor([keys.shape[0]], device=keys.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    pad = longest - keys.shape[0]
-    padded_keys = torch.nn.functional.pad(keys, (0, pad))
-    padded_feats = torch.nn.functional.pad(feats, (0, 0, 0, pad))
-    all_keys = [torch.empty_like(padded_keys) for _ in range(world)]
-    all_feats = [torch.empty_like(padded_feats) for _ in range(world)]
-    dist.all_gather(all_keys, padded_keys)
-    dist.all_gather(all_feats, padded_feats.contiguous())
-    counts = [int(s.item()) for s in sizes]
-    return ([k for ks, n in zip(all_keys, counts) for k in ks[:n].tolist()],
-            torch.cat([f[:n] for f, n in zip(all_feats, counts)]))
+    all_keys = gather(pad_across_processes(keys, pad_index=-1))
+    all_feats = gather(pad_across_processes(feats))
+    real = all_keys != -1
+    return all_keys[real].tolist(), all_feats[real]
 
 
 def _train_output_layer_only(model: nn.Module) -> nn.Module:
