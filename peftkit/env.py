@@ -156,10 +156,14 @@ def read_lock(path: str) -> dict[str, str]:
 
 
 def _same_version(installed: str, locked: str) -> bool:
-    try:  # "1.0" and "1.0.0" are the same release; "2.13.0" and "2.13.0+cpu" are not
-        from packaging.version import Version
+    """Whether ``installed`` is the locked release, as pip's ``name==locked`` decides it: "1.0" and
+    "1.0.0" are the same release, and a build label ("2.13.0+cpu", "2.13.0+cu126") is the build
+    install.sh chose for this machine, not another version; a pin that names a build
+    ("2.13.0+cpu") matches only that build."""
+    try:
+        from packaging.specifiers import SpecifierSet
 
-        return Version(installed) == Version(locked)
+        return SpecifierSet(f"=={locked}").contains(installed, prereleases=True)
     except Exception:  # noqa: BLE001 - packaging missing or a non-PEP 440 string: compare the text
         return installed == locked
 

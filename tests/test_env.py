@@ -42,16 +42,53 @@ def test_lock_status_says_match_difference_and_absence() -> None:
         "peft": "matches lock",  # 0.21 and 0.21.0 are the same release
         "numpy": "differs from lock (locked 2.4.6)", "tokenizers": "not in lock"}
     assert set(lock_status(versions, None).values()) == {"lock not found"}
-    # the CPU build is not the plain release: a CUDA torch installed over the lock must show
+    # the lock pins torch's version; the build install.sh chose (CPU, CUDA) is that version, as pip
+    # decides "torch==2.13.0"; a pin that names a build matches only that build
+    assert lock_status({"torch": "2.13.0+cpu"}, {"torch": "2.13.0"})["torch"] == "matches lock"
+    assert lock_status({"torch": "2.13.0"}, {"torch": "2.13.0"})["torch"] == "matches lock"
     assert lock_status({"torch": "2.13.0"}, {"torch": "2.13.0+cpu"})["torch"].startswith("differs")
+    assert lock_status({"torch": "2.14.0+cpu"}, {"torch": "2.13.0"})["torch"].startswith("differs")
 
 
-def test_the_repository_lock_is_found_and_pins_a_cpu_torch_without_cuda_packages() -> None:
+def test_the_repository_lock_pins_torch_by_version_without_cuda_packages() -> None:
     path = find_lock()
     assert path == os.path.join(REPO, "requirements.lock")
     pins = read_lock(path)
-    assert pins["torch"].endswith("+cpu") and "pytest" in pins and "transformers" in pins
-    assert not [name for name in pins if name.startswith("nvidia-") or name == "triton"]
+    assert "+" not in pins["torch"] and "pytest" in pins and "transformers" in pins
+    cuda = ("nvidia-", "cuda-", "triton")
+    assert not [name for name in pins if name.startswith(cuda)]
+    # the CUDA build's own packages are locked apart, for machines where no CPU build can be had;
+    # nothing in that file repeats (or contradicts) the main lock
+    extra = read_lock(os.path.join(REPO, "scripts", "torch-cuda.lock"))
+    assert extra and all(name.startswith(cuda) for name in extra) and not set(extra) & set(pins)
+
+
+def _interpreter(version: str) -> str | None:
+    """A working ``python<version>`` on this machine (pyenv's shims name versions they will not run)."""
+    import glob
+    import shutil
+
+    candidates = [shutil.which(f"python{version}"),
+                  *sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-V"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("python", ["3.10", "not-a-python"])
+def test_install_refuses_a_python_the_lock_is_not_for_in_one_line(tmp_path, python) -> None:
+    interpreter = _interpreter(python) if python[0].isdigit() else str(tmp_path / python)
+    if interpreter is None:
+        pytest.skip(f"no working python{python} on this machine")
+    venv = tmp_path / "venv"
+    result = subprocess.run(["bash", os.path.join(REPO, "install.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": interpreter, "VENV": str(venv)}, timeout=60)
+    assert result.returncode == 2 and not venv.exists()
+    expected = (f"install.sh: Python 3.10 ({interpreter}) is not one peftkit is locked for; accepted: "
+                "Python 3.11, 3.12, 3.13 (PYTHON=<interpreter>)" if python == "3.10" else
+                f"install.sh: PYTHON='{interpreter}' does not run a Python interpreter")
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_a_missing_lock_is_reported_not_an_error(tmp_path, monkeypatch) -> None:
