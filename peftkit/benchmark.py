@@ -331,6 +331,8 @@ def describe_levers(levers: Levers) -> str:
         parts.append(levers.optimizer)
     if levers.quantize:
         parts.append(f"{levers.quantize} base")
+    if levers.loss is not None:  # the default (chunked where it applies) is not a lever the user added
+        parts.append(f"{levers.loss} loss")
     return " + ".join(parts) or "-"
 
 

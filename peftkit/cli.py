@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from .config import OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
+from .config import LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
 from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,6 +93,10 @@ _declare("gradient_checkpointing", "--gradient-checkpointing", is_flag=True, def
 _declare("precision", "--precision", type=click.Choice(PRECISIONS), default=None,
          help="Mixed precision via accelerate (default fp32; fp16 needs CUDA). Frozen weights are then "
               "stored in 16 bits.")
+_declare("loss", "--loss", type=click.Choice(LOSSES), default=None,
+         help="causal-lm: chunked computes the loss from the output layer's input a chunk of tokens at a "
+              "time (batch x length x vocabulary logits never exist at once); plain from the model's "
+              "logits. Default: chunked where the model allows it.")
 _declare("memory_budget", "--memory-budget", default=None, metavar="SIZE",
          help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident "
               "memory; a run over it stops with an error.")
@@ -196,7 +200,7 @@ _declare("pruner", "--pruner", type=click.Choice(["median", "hyperband", "none"]
 _declare("space", "--space", "space_items", multiple=True, metavar="NAME=V1,V2,...",
          help="Search only these values of a searched setting (e.g. --space r=4,8,16); repeatable.")
 
-LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision")
+LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss")
 
 
 def options(*keys: str, **help_for: str) -> Callable[[Any], Any]:

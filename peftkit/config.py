@@ -28,9 +28,11 @@ REPORTERS = ("tensorboard", "wandb")
 Quantization = Literal["4bit", "8bit"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 Precision = Literal["fp32", "bf16", "fp16"]
+LossName = Literal["plain", "chunked"]
 QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+LOSSES: tuple[str, ...] = typing.get_args(LossName)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class Levers:
     precision: Precision = "fp32"
     """Mixed precision through accelerate (bf16 on CPU and GPU, fp16 on GPU only); frozen weights are
     then stored in 16 bits, trainable ones stay fp32."""
+    loss: LossName | None = None
+    """causal-lm: chunked computes the loss from the output layer's input a chunk of tokens at a
+    time, so batch x length x vocabulary logits never exist at once (peftkit.chunked_loss); plain
+    from the model's logits. Default: chunked where the model allows it, else plain."""
 
     def __post_init__(self) -> None:
         # a Levers that exists is a valid one, however it was made (flag, YAML, Python)

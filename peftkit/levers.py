@@ -1,4 +1,5 @@
-"""The memory levers: quantized bases, 8-bit optimizers, gradient checkpointing, mixed precision.
+"""The memory levers: quantized bases, 8-bit optimizers, gradient checkpointing, mixed precision,
+the chunked loss.
 
 Each lever is a field of ``config.Levers`` (``quantize``, ``optimizer``, ``gradient_checkpointing``,
 ``precision``), embedded in the run, bench and plan configs, so available alike in ``peftkit run``,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
+from .config import LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
 from .errors import PeftkitError
 # what loading a model needs lives with the loading (a lower layer); re-exported for the levers' users
 from .models import disable_bnb_cpu_bf16_path, half_dtype, quantization_config  # noqa: F401
@@ -33,9 +34,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None) -> None:
-    """Refuse a combination of levers that cannot work, with what would."""
+def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None, task: Any = None) -> None:
+    """Refuse a combination of levers that cannot work, with what would (``task``: the task
+    object, where known, for the levers only some tasks take)."""
     from . import registry
+
+    if levers.loss == "chunked" and task is not None and not task.supports_chunked_loss:
+        from .tasks import TASKS
+
+        able = [n for n, t in TASKS.available().items() if t.supports_chunked_loss]
+        raise PeftkitError(f"--loss chunked is for tasks with vocabulary-wide logits ({', '.join(able)}); "
+                           f"{task.name}'s logits are a few numbers per example, with nothing to chunk: "
+                           "drop --loss")
 
     if levers.quantize is not None and not strategy.supports_quantized_base:
         able = [n for n, cls in registry.available().items() if cls.supports_quantized_base]

@@ -27,7 +27,7 @@ from .metrics import RunMetrics, format_rate
 from .sharding import check_fsdp, check_shardable, reshard, shard_model
 from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
-from .tasks.base import Task, gathered_sum
+from .tasks.base import StepLoss, Task, gathered_sum
 
 
 # -- data and parameter groups ------------------------------------------------------------------
@@ -205,15 +205,14 @@ class StepTimes:
 # -- one step -----------------------------------------------------------------------------------
 
 def train_step(accelerator: Any, model: Any, optimizer: Any, strategy: Strategy,
-               loss_fn: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any], *, step: int,
+               step_loss: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any], *, step: int,
                total_steps: int, warmup_steps: int, max_grad_norm: float) -> Any:
-    """One optimizer micro-step: forward, task loss, backward and, on the micro-step that ends an
+    """One optimizer micro-step: forward and loss (``step_loss``, the task's), backward and, on the micro-step that ends an
     accumulation, gradient clipping and the learning rate for optimizer step ``step`` (each group's
     ``base_lr`` times the strategy's factor); then step and zero the gradients (accelerate skips
     both until the accumulation is complete). Returns the loss tensor."""
     with accelerator.accumulate(model):
-        logits = strategy.forward(model, batch)
-        loss = loss_fn(logits, batch)
+        loss = step_loss(model, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
@@ -316,6 +315,7 @@ class Trainer:
     total_steps: int
     warmup_steps: int
     checkpointer: Checkpointer
+    step_loss: StepLoss  # the task's training loss (plain or chunked), for the model strategies see
     bar: Any  # the progress bar (tqdm)
 
     def __init__(self, cfg: RunConfig, strategy: Strategy, hp: TrainingDefaults, task: Task,
@@ -369,6 +369,7 @@ class Trainer:
         val_dl, test_dl = self.accelerator.prepare(val_dl, test_dl)
         self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
         self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
+        self.step_loss = self.task.step_loss(strategy, self.inner, cfg.levers.loss, self.sharded)
         if self.trackers:
             self.accelerator.init_trackers("peftkit", config=tracker_config())
         # Memory is measured per phase from here: "loaded" is the model (and data) in place, before
@@ -480,7 +481,7 @@ class Trainer:
             if i < skip:  # already trained on before the checkpoint (the order is the same)
                 continue
             ckpt.continue_rng()
-            loss = train_step(self.accelerator, self.model, self.optimizer, self.strategy, self.task.loss, batch,
+            loss = train_step(self.accelerator, self.model, self.optimizer, self.strategy, self.step_loss, batch,
                               step=st.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                               max_grad_norm=self.cfg.max_grad_norm)
             value = loss.item()
@@ -624,5 +625,6 @@ class Trainer:
             peak_memory_method=meter.method, memory_budget_bytes=self.budget,
             device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
             torch_threads=torch.get_num_threads(), precision=cfg.levers.precision, optimizer=cfg.levers.optimizer,
-            quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing, resumed=resumed,
+            quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing,
+            loss=self.step_loss.kind, resumed=resumed,
             per_example_correct=bits(self.test_correct), optimizer_steps=st.step)

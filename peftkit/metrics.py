@@ -104,6 +104,8 @@ class RunMetrics:
     optimizer: str = _figure(row=False)
     quantize: str | None = _figure(row=False)
     gradient_checkpointing: bool = _figure(row=False)
+    # the training loss: "plain" (from the model's logits) or "chunked" (peftkit.chunked_loss)
+    loss: str = _figure(row=True)
     resumed: bool = _figure(row=False)
     # known once the adapter is saved (the run's own, after training)
     adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)

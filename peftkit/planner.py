@@ -275,11 +275,13 @@ def saved_activation_bytes(model: Any, forward: Any, precision: str) -> int:
     return sum(saved.values())
 
 
-def _loss_of(strategy: Any, model: Any, batch: dict[str, Any], task: Any) -> Any:
-    """A no-argument function computing the training loss of ``batch`` (what a step's forward does)."""
+def _loss_of(strategy: Any, model: Any, batch: dict[str, Any], task: Any, loss: str | None) -> Any:
+    """A no-argument function computing the training loss of ``batch``: what a run's step computes
+    (``Task.step_loss``, the chunked loss included)."""
+    step_loss = _task(task).step_loss(strategy, model, loss)
 
     def forward() -> Any:
-        return _task(task).loss(strategy.forward(model, batch), batch)
+        return step_loss(model, batch)
 
     return forward
 
@@ -413,7 +415,7 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
     for batch in batches:
         autocast = torch.autocast(device, dtype=half) if half is not None else contextlib.nullcontext()
         with autocast:
-            loss = _loss_of(strategy, model, batch, task)()
+            loss = _loss_of(strategy, model, batch, task, settings.levers.loss)()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -451,7 +453,8 @@ def measure_saved_activations(config: Any, strategy: Any, task: Any, settings: P
     for depth in (1, 2):
         model, _ = _reduced_model(config, strategy, task, settings, depth, "cpu")
         measured[depth] = saved_activation_bytes(
-            model, _loss_of(strategy, model, _batch(config, settings, "cpu", task), task), settings.levers.precision)
+            model, _loss_of(strategy, model, _batch(config, settings, "cpu", task), task, settings.levers.loss),
+            settings.levers.precision)
         del model
     per_block = max(0, measured[2] - measured[1])
     base = max(0, measured[1] - per_block)
@@ -585,7 +588,7 @@ def _arithmetic(config: Any, strategy_name: str, settings: PlanSettings,
     job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
     est, task_type = job.est, get_task(settings.task)
     with _row_errors(est):
-        check_levers(settings.levers, job.strategy, on_cuda=settings.device == "cuda")
+        check_levers(settings.levers, job.strategy, on_cuda=settings.device == "cuda", task=task_type)
         with init_empty_weights(include_buffers=False):
             full = task_type.model_from_config(config)
         job.task = task_type.plan_spec(full, settings.num_labels)

@@ -70,8 +70,8 @@ def resolve(cfg: RunConfig) -> ResolvedRun:
 
     cls = get_strategy(cfg.strategy)
     strategy = cls(options_from_dict(cls, cfg.strategy_options))
-    check_levers(cfg.levers, strategy)
     task, filled = with_task_defaults(cfg)
+    check_levers(cfg.levers, strategy, task=task)
     for key, value in filled.items():
         setattr(cfg, key, value)
     check_trackers(cfg.report_to)

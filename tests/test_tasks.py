@@ -64,6 +64,7 @@ def test_every_strategy_trains_a_causal_lm(strategy, tiny_causal_dir, pairs_csv,
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     assert m["task"] == "causal-lm", "inferred from the model's config (LlamaForCausalLM)"
+    assert m["loss"] == "chunked", "the default where the output layer is a plain linear layer"
     assert m["test_perplexity"] > 1 and 0 <= m["test_exact_match"] <= 1 and "test_accuracy" not in m
     assert "test perplexity" in stdout and "exact match" in stdout
     meta = _load(os.path.join(out, "adapter", "peftkit_adapter.json"))
@@ -339,7 +340,7 @@ def test_the_planner_keeps_every_position_for_plain_text(tiny_causal_dir, pairs_
     """On the first GPU run the planner was 30% under for plain-text language modelling: it planned
     a short answer's logits, while plain text keeps vocabulary-wide logits at every position. The
     data's shape now reaches the planner: every position for plain text, the answer for pairs."""
-    from peftkit.config import RunConfig
+    from peftkit.config import Levers, RunConfig
     from peftkit.planner import PlanSettings, load_config, plan_strategy
     from peftkit.tasks import get_task
 
@@ -359,6 +360,10 @@ def test_the_planner_keeps_every_position_for_plain_text(tiny_causal_dir, pairs_
     # planned for a GPU from this CPU: the bytes autograd saves, exact (a CPU resident set is noisy)
     settings = dict(model=tiny_causal_dir, strategies=["lora"], task="causal-lm", batch_size=8, max_length=16,
                     device="cuda")
-    short = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings))
-    every = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, loss_positions=16))
+    plain = Levers(loss="plain")
+    short = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, levers=plain))
+    every = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, levers=plain, loss_positions=16))
     assert every.activations > short.activations
+    # the chunked loss (the default) keeps no vocabulary-wide logits for the positions it learns
+    chunked = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, loss_positions=16))
+    assert chunked.activations < every.activations

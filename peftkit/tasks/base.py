@@ -7,7 +7,9 @@ next tokens of a response, a label for an image), and nothing about *how* (that 
 2. ``load_processor`` / ``load_model``: the tokenizer or image processor, and the pretrained model
    with the head the task needs;
 3. ``encode`` / ``collate``: examples turned into model inputs, batches padded;
-4. ``loss``: the training loss from a strategy's logits;
+4. ``loss``: the training loss from a strategy's logits; ``step_loss`` the function a training step
+   calls (a task may compute its loss another way: causal-lm's from the output layer's input, in
+   chunks, ``peftkit.chunked_loss``);
 5. ``evaluate``: the task's metrics over a split (gathered over every process), plus the one that
    picks the best epoch (``selection_metric``, higher is better); ``evaluate_test`` also says which
    test examples were answered correctly, where the task can (a benchmark pairs strategies on them).
@@ -63,6 +65,19 @@ class Verdict:
     rose): training undid something, which more steps would not mend (a learning rate too high)."""
 
 
+@dataclass
+class StepLoss:
+    """A training step's loss function (``Task.step_loss``) and which loss it is: ``plain`` (from
+    the model's logits) or ``chunked`` (from the output layer's input, ``peftkit.chunked_loss``),
+    as metrics.json records it."""
+
+    compute: Callable[[Any, dict[str, Any]], Any]
+    kind: str
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
+        return self.compute(model, batch)
+
+
 class Task:
     """Base class of task types (``peftkit run --task NAME``)."""
 
@@ -99,6 +114,9 @@ class Task:
     serving_axes: ClassVar[dict[int, str]] = {0: "batch"}
     #: the column of a loaded split that holds the inputs (``text``, ``image``)
     input_field: ClassVar[str] = "text"
+    #: whether the task's loss can be computed in chunks from the output layer's input
+    #: (``--loss chunked``, ``step_loss``): where its logits are vocabulary-wide, not a few classes
+    supports_chunked_loss: ClassVar[bool] = False
 
     # -- data and model ------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
@@ -136,6 +154,18 @@ class Task:
     # -- learning and measuring ----------------------------------------------------------------
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def step_loss(self, strategy: Any, model: nn.Module, loss: str | None = None,
+                  sharded: bool = False) -> StepLoss:
+        """The loss a training step computes, ``(model, batch) -> loss``, for the prepared ``model``
+        (the one strategies see; the step may call a wrapper of it) and the ``--loss`` lever
+        (None: the task's choice; ``sharded``: under ``--fsdp``). The default: the strategy's
+        logits and ``loss`` (``--loss chunked`` is refused earlier for a task without
+        ``supports_chunked_loss``)."""
+        def step_loss(wrapped: Any, batch: dict[str, Any]) -> Any:
+            return self.loss(strategy.forward(wrapped, batch), batch)
+
+        return StepLoss(step_loss, "plain")
 
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,

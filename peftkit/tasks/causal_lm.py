@@ -26,7 +26,7 @@ from ..data import PROMPT_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, Shape
 from ..errors import PeftkitError
 from ..predict_io import GenerationOptions
 from . import register_task
-from .base import Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
+from .base import StepLoss, Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -72,6 +72,7 @@ class CausalLM(Task):
     input_columns = (*PROMPT_COLUMN_GUESSES, *TEXT_COLUMN_GUESSES)
     generates = True
     needs_zero_shot_reference = True  # ``learned`` compares perplexity with the untrained model's
+    supports_chunked_loss = True  # vocabulary-wide logits: the chunked loss is the default where it applies
 
     def accepts_model(self, model_task: Task) -> bool:
         """Only a model that generates: a sequence classifier's or an encoder's base cannot."""
@@ -234,6 +235,21 @@ class CausalLM(Task):
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         sums, counts = self._token_losses(logits, batch["labels"])
         return sums.sum() / counts.sum().clamp(min=1)
+
+    def step_loss(self, strategy: Any, model: nn.Module, loss: str | None = None,
+                  sharded: bool = False) -> StepLoss:
+        """The chunked loss (``peftkit.chunked_loss``: one chunk of vocabulary-wide logits at a
+        time) unless ``--loss plain`` is asked for or the model's logits cannot be chunked, said in
+        one line when ``--loss chunked`` was asked for."""
+        from .. import chunked_loss
+
+        why_not = chunked_loss.unsupported(model, sharded)
+        if loss == "chunked" and why_not:
+            raise PeftkitError(f"--loss chunked: {why_not}; use --loss plain")
+        if loss == "plain" or why_not:
+            return super().step_loss(strategy, model, loss, sharded)
+        layer = chunked_loss.output_layer(model)
+        return StepLoss(chunked_loss.chunked_step_loss(strategy.forward, layer, IGNORE), "chunked")
 
     def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
                  after_batch: Callable[[], None] | None = None, final: bool = False,
