@@ -333,6 +333,8 @@ def describe_levers(levers: Levers) -> str:
         parts.append(f"{levers.quantize} base")
     if levers.loss is not None:  # the default (chunked where it applies) is not a lever the user added
         parts.append(f"{levers.loss} loss")
+    if levers.packing:
+        parts.append("packing")
     return " + ".join(parts) or "-"
 
 

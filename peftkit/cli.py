@@ -97,6 +97,9 @@ _declare("loss", "--loss", type=click.Choice(LOSSES), default=None,
          help="causal-lm: chunked computes the loss from the output layer's input a chunk of tokens at a "
               "time (batch x length x vocabulary logits never exist at once); plain from the model's "
               "logits. Default: chunked where the model allows it.")
+_declare("packing", "--packing", is_flag=True, default=None,
+         help="causal-lm: several whole training examples share each row of --max-length tokens (attention "
+              "and loss kept inside each example): far less padding when lengths vary.")
 _declare("memory_budget", "--memory-budget", default=None, metavar="SIZE",
          help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident "
               "memory; a run over it stops with an error.")
@@ -200,7 +203,7 @@ _declare("pruner", "--pruner", type=click.Choice(["median", "hyperband", "none"]
 _declare("space", "--space", "space_items", multiple=True, metavar="NAME=V1,V2,...",
          help="Search only these values of a searched setting (e.g. --space r=4,8,16); repeatable.")
 
-LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss")
+LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss", "packing")
 
 
 def options(*keys: str, **help_for: str) -> Callable[[Any], Any]:

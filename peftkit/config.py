@@ -59,6 +59,9 @@ class Levers:
     """causal-lm: chunked computes the loss from the output layer's input a chunk of tokens at a
     time, so batch x length x vocabulary logits never exist at once (peftkit.chunked_loss); plain
     from the model's logits. Default: chunked where the model allows it, else plain."""
+    packing: bool = False
+    """causal-lm: several whole training examples share each row of --max-length tokens, attention
+    and loss kept inside each example (peftkit.packing): far less padding when lengths vary."""
 
     def __post_init__(self) -> None:
         # a Levers that exists is a valid one, however it was made (flag, YAML, Python)

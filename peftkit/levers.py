@@ -1,5 +1,5 @@
-"""The memory levers: quantized bases, 8-bit optimizers, gradient checkpointing, mixed precision,
-the chunked loss.
+"""The memory and speed levers: quantized bases, 8-bit optimizers, gradient checkpointing, mixed
+precision, the chunked loss, packing.
 
 Each lever is a field of ``config.Levers`` (``quantize``, ``optimizer``, ``gradient_checkpointing``,
 ``precision``), embedded in the run, bench and plan configs, so available alike in ``peftkit run``,
@@ -39,6 +39,12 @@ def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None, tas
     object, where known, for the levers only some tasks take)."""
     from . import registry
 
+    if levers.packing and task is not None and not task.supports_packing:
+        from .tasks import TASKS
+
+        able = [n for n, t in TASKS.available().items() if t.supports_packing]
+        raise PeftkitError(f"--packing is for tasks whose examples are token sequences of varied length "
+                           f"({', '.join(able)}); {task.name} cannot pack its examples: drop --packing")
     if levers.loss == "chunked" and task is not None and not task.supports_chunked_loss:
         from .tasks import TASKS
 

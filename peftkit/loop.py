@@ -24,6 +24,7 @@ from .errors import PeftkitError
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .metrics import RunMetrics, format_rate
+from .packing import padding_fraction
 from .sharding import check_fsdp, check_shardable, reshard, shard_model
 from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
@@ -127,6 +128,7 @@ class LoopState:
     step: int = 0  # optimizer steps, over all epochs
     train_examples: int = 0
     train_tokens: int = 0
+    train_positions: int = 0  # batch positions, padding included: train_tokens / this is the real share
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     max_trainable: int = 0  # the most parameters trainable at once (gradual unfreezing grows them)
@@ -139,18 +141,21 @@ class LoopState:
     epoch_loss: float = 0.0  # this process's sum of micro-batch losses
     epoch_batches: int = 0
     epoch_tokens: int = 0
+    epoch_positions: int = 0
     epoch_elapsed: float = 0.0  # seconds of this epoch before the checkpoint it resumed from
     peaks: Peaks = field(default_factory=Peaks)
     best: BestEpoch = field(default_factory=BestEpoch)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.batches_done, self.epoch_examples, self.epoch_loss = epoch, 0, 0, 0.0
-        self.epoch_batches, self.epoch_tokens, self.epoch_elapsed = 0, 0, 0.0
+        self.epoch_batches, self.epoch_tokens, self.epoch_positions, self.epoch_elapsed = 0, 0, 0, 0.0
 
-    def add_batch(self, index: int, examples: int, tokens: int, loss: float) -> None:
-        """Count micro-batch ``index`` of the epoch (``loss``: its value on this process)."""
+    def add_batch(self, index: int, examples: int, tokens: int, positions: int, loss: float) -> None:
+        """Count micro-batch ``index`` of the epoch (``positions``: its padded size; ``loss``: its
+        value on this process)."""
         self.epoch_examples += examples
         self.epoch_tokens += tokens
+        self.epoch_positions += positions
         self.epoch_batches += 1
         self.batches_done = index + 1
         self.epoch_loss += loss
@@ -160,6 +165,7 @@ class LoopState:
         self.train_seconds += seconds
         self.train_examples += self.epoch_examples
         self.train_tokens += self.epoch_tokens
+        self.train_positions += self.epoch_positions
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -169,8 +175,8 @@ class LoopState:
     @classmethod
     def from_dict(cls, saved: dict[str, Any], best_snapshot: dict[str, Any]) -> LoopState:
         expected = {f.name for f in fields(cls)}
-        # a checkpoint from before zero_shot existed resumes as it was (its run's verdict is unknown)
-        saved = {"zero_shot": None, **saved}
+        # a checkpoint from before zero_shot (or the position counts) existed resumes as it was
+        saved = {"zero_shot": None, "train_positions": 0, "epoch_positions": 0, **saved}
         if set(saved) != expected:
             # a checkpoint of another peftkit version (the layout changed when the loop became a
             # LoopState): a clear refusal, not a KeyError half-way through restoring
@@ -269,6 +275,10 @@ def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None
     procs = accelerator.num_processes
     if cfg.fsdp and procs > 1:
         check_fsdp(cfg.levers.quantize)
+    if cfg.levers.packing and procs > 1:
+        # a packed batch holds a varying number of examples, which accelerate cannot split evenly
+        raise PeftkitError(f"--packing runs in one process for now ({procs} were started): drop --packing, "
+                           "or run in one process")
     if batch_size % procs:
         raise PeftkitError(f"batch size {batch_size} cannot be split evenly over {procs} processes; "
                            f"choose a multiple of {procs}")
@@ -495,10 +505,16 @@ class Trainer:
         return seconds
 
     def count_batch(self, index: int, batch: dict[str, Any], loss: float) -> None:
+        """Count a micro-batch's examples (a packed row holds several: ``example_key`` has one each),
+        real tokens (a packed batch says them, ``real_tokens``; else its attention mask) and positions."""
         procs = self.procs
-        examples = int(batch["labels"].shape[0]) * procs
-        tokens = int(batch["attention_mask"].sum()) * procs if "attention_mask" in batch else 0
-        self.state.add_batch(index, examples, tokens, loss)
+        examples = len(batch["example_key"] if "example_key" in batch else batch["labels"]) * procs
+        if "real_tokens" in batch:
+            tokens = int(batch["real_tokens"]) * procs
+        else:
+            tokens = int(batch["attention_mask"].sum()) * procs if "attention_mask" in batch else 0
+        positions = int(batch["input_ids"].numel()) * procs if "input_ids" in batch else 0
+        self.state.add_batch(index, examples, tokens, positions, loss)
 
     def end_step(self, epoch: int, loss: float, sampler_state: Any) -> None:
         """After an optimizer step: timing, the memory budget, the strategy's step event, the
@@ -623,6 +639,7 @@ class Trainer:
             peak_reserved_bytes=peaks.train_reserved if meter.cuda else None,
             peak_reserved_eval_bytes=peaks.eval_reserved if meter.cuda else None,
             peak_memory_method=meter.method, memory_budget_bytes=self.budget,
+            padding_fraction=padding_fraction(st.train_tokens, st.train_positions), packing=cfg.levers.packing,
             device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
             torch_threads=torch.get_num_threads(), precision=cfg.levers.precision, optimizer=cfg.levers.optimizer,
             quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing,

@@ -106,6 +106,10 @@ class RunMetrics:
     gradient_checkpointing: bool = _figure(row=False)
     # the training loss: "plain" (from the model's logits) or "chunked" (peftkit.chunked_loss)
     loss: str = _figure(row=True)
+    # whether training rows held several examples (peftkit.packing), and the share of training
+    # batch positions that were padding (None for inputs without tokens)
+    packing: bool = _figure(row=True)
+    padding_fraction: float | None = _figure(row=True)
     resumed: bool = _figure(row=False)
     # known once the adapter is saved (the run's own, after training)
     adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)

@@ -375,8 +375,10 @@ _KEEPS_INPUT: list[Any] = []
 
 
 def _batch(config: Any, settings: PlanSettings, device: str, task: Any) -> dict[str, Any]:
+    # (packing is refused earlier for a task that cannot pack: only those take ``packed``)
+    packed = {"packed": True} if settings.levers.packing else {}
     return _task(task).dummy_batch(config, settings.batch_size, settings.max_length, device,
-                                               loss_positions=settings.loss_positions)
+                                   loss_positions=settings.loss_positions, **packed)
 
 
 def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,

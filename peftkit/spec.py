@@ -14,6 +14,17 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from torch import nn
 
 
+# Keys of a batch that are not model inputs: what the loss (``labels``), strategies that cache
+# (``example_key``) and the loop's counts (``real_tokens``: a packed batch's examples' tokens) read.
+NOT_MODEL_INPUTS = ("labels", "example_key", "real_tokens")
+
+
+def model_inputs(batch: dict, keep: tuple[str, ...] = ()) -> dict:
+    """What of ``batch`` a model's forward takes (``keep``: bookkeeping keys a strategy's own
+    forward takes too)."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS or k in keep}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What the model is being fine-tuned for, as far as a strategy needs to know.

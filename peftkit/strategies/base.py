@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import PeftkitError, did_you_mean
 # TaskSpec lives in the neutral peftkit.spec (tasks build it, strategies read it); it is re-exported
 # here because third-party strategies import it from peftkit.strategies.base.
-from ..spec import TaskSpec
+from ..spec import TaskSpec, model_inputs
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import torch
@@ -180,10 +180,10 @@ class Strategy:
 
     # -- computation -------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits for a batch. ``batch`` also holds ``labels`` and ``example_key`` (a unique id of
-        each example across splits, for strategies that cache), which models do not take."""
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_key")}
-        return model(**inputs).logits
+        """Logits for a batch. ``batch`` also holds ``labels``, ``example_key`` (a unique id of
+        each example across splits, for strategies that cache) and other bookkeeping
+        (``spec.NOT_MODEL_INPUTS``), which models do not take."""
+        return model(**model_inputs(batch)).logits
 
     # -- what gets saved ---------------------------------------------------------------------
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:

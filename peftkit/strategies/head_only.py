@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PeftkitError
 from ..registry import register_strategy
+from ..spec import model_inputs
 from .base import Strategy, TaskSpec, TrainingDefaults
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -207,8 +208,7 @@ class HeadOnly(Strategy):
         if not hasattr(model, "feature_cache"):  # a language model's output layer: a plain forward
             return super().forward(model, batch)
         # unlike the default, pass example_key on: it is what the feature cache is keyed by
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return model(**inputs).logits
+        return model(**model_inputs(batch, keep=("example_key",))).logits
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the cache is kept in checkpoints: recomputed features, padded in other batches, could

@@ -117,6 +117,8 @@ class Task:
     #: whether the task's loss can be computed in chunks from the output layer's input
     #: (``--loss chunked``, ``step_loss``): where its logits are vocabulary-wide, not a few classes
     supports_chunked_loss: ClassVar[bool] = False
+    #: whether ``encode`` packs several training examples into a row (``--packing``)
+    supports_packing: ClassVar[bool] = False
 
     # -- data and model ------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig) -> TaskData:
@@ -236,7 +238,8 @@ class Task:
                     loss_positions: int | None = None) -> dict[str, Any]:
         """A batch shaped like a real one (random content), for measuring a training step.
         ``loss_positions``: how many positions of each example carry the loss, where the task's
-        memory depends on it (``loss_positions`` below); None: the task's usual case."""
+        memory depends on it (``loss_positions`` below); None: the task's usual case. A task with
+        ``supports_packing`` also takes ``packed=True``: rows of packed examples (``--packing``)."""
         raise NotImplementedError
 
     def loss_positions(self, data: TaskData, processor: Any, cfg: RunConfig) -> int | None:

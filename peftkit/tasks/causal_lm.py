@@ -73,6 +73,7 @@ class CausalLM(Task):
     generates = True
     needs_zero_shot_reference = True  # ``learned`` compares perplexity with the untrained model's
     supports_chunked_loss = True  # vocabulary-wide logits: the chunked loss is the default where it applies
+    supports_packing = True  # examples of varied length: several share a row (peftkit.packing)
 
     def accepts_model(self, model_task: Task) -> bool:
         """Only a model that generates: a sequence classifier's or an encoder's base cannot."""
@@ -186,18 +187,29 @@ class CausalLM(Task):
                 out["example_key"].append(start + i)
             return out
 
-        return map_splits(data.splits, encode)
+        splits = map_splits(data.splits, encode)
+        if cfg.levers.packing:  # several whole examples a row (validation and test stay per example)
+            from ..packing import pack_examples
+
+            splits["train"] = pack_examples(splits["train"], limit)
+        return splits
 
     def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """Pad on the left, so every row's answer ends at the last position: the model then
         computes vocabulary-wide logits only for the last ``logits_to_keep`` positions (those that
         predict answer tokens), not for every prompt token: the output layer is a fifth of a
-        small LM's compute, and batch x length x vocabulary logits are gigabytes."""
+        small LM's compute, and batch x length x vocabulary logits are gigabytes. Packed rows
+        (``--packing``, they carry ``position_ids``) are collated by ``packing.collate_packed``.
+        No cache is made: training and evaluation never reuse one."""
         import torch
+
+        from ..packing import collate_packed
 
         pad = processor.pad_token_id
 
         def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            if "position_ids" in rows[0]:
+                return collate_packed(rows, pad)
             width = max(len(r["input_ids"]) for r in rows)
 
             def padded(key: str, value: int) -> torch.Tensor:
@@ -210,7 +222,7 @@ class CausalLM(Task):
             return {"input_ids": padded("input_ids", pad), "attention_mask": mask, "labels": labels,
                     # positions count real tokens only, as generate() counts them for left padding
                     "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-                    "logits_to_keep": min(width, answer + 1),
+                    "logits_to_keep": min(width, answer + 1), "use_cache": False,
                     "example_key": torch.tensor([int(r["example_key"]) for r in rows])}
 
         return collate
@@ -368,14 +380,18 @@ class CausalLM(Task):
         return min(length, longest + 1)
 
     def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
-                    loss_positions: int | None = None) -> dict[str, Any]:
+                    loss_positions: int | None = None, packed: bool = False) -> dict[str, Any]:
         """Prompt + an answer of ``loss_positions`` tokens per row (4 if not given), left-padded as
-        ``collate`` pads; logits are kept for the answer's positions only, as in a run."""
+        ``collate`` pads; logits are kept for the answer's positions only, as in a run. ``packed``:
+        full rows of examples of a quarter to an eighth of the length each, collated as
+        ``--packing`` collates them (every position learned, attention inside each example)."""
         import torch
 
         gen = torch.Generator().manual_seed(0)
         vocab = int(getattr(config, "vocab_size", 1000))
         b, length = batch_size, max_length or self.default_max_length
+        if packed:
+            return self._dummy_packed(vocab, b, length, device, gen)
         mask = torch.ones(b, length, dtype=torch.long)
         mask[1::2, 0] = 0
         ids = torch.randint(5, max(6, vocab), (b, length), generator=gen)
@@ -384,7 +400,30 @@ class CausalLM(Task):
         labels[:, length - answer:] = ids[:, length - answer:]
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                "logits_to_keep": min(length, answer + 1)}
+                "logits_to_keep": min(length, answer + 1), "use_cache": False}
+
+    @staticmethod
+    def _dummy_packed(vocab: int, rows: int, length: int, device: str, gen: Any) -> dict[str, Any]:
+        """``rows`` full rows of ``length`` tokens, each of examples an eighth to a quarter as long."""
+        import torch
+
+        from ..packing import collate_packed
+
+        packed, key = [], 0
+        for _ in range(rows):
+            sizes: list[int] = []
+            while sum(sizes) < length:
+                sizes.append(min(length - sum(sizes), int(torch.randint(max(1, length // 8), max(2, length // 4) + 1,
+                                                                            (1,), generator=gen))))
+            ids = torch.randint(5, max(6, vocab), (length,), generator=gen).tolist()
+            positions = [p for n in sizes for p in range(n)]
+            starts = {sum(sizes[:i]) for i in range(len(sizes))}
+            labels = [IGNORE if i in starts else t for i, t in enumerate(ids)]
+            packed.append({"input_ids": ids, "labels": labels, "position_ids": positions,
+                           "example_key": list(range(key, key + len(sizes)))})
+            key += len(sizes)
+        batch = collate_packed(packed, 0)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def predict(self, loaded: Any, texts: list[str], batch_size: int = 16,
                 generation: GenerationOptions | None = None) -> list[dict[str, Any]]:
