@@ -1,0 +1,62 @@
+"""benchmarks/vs_trainer.py on a tiny Llama: the Trainer + peft side and peftkit's side train the
+same full batch of prompt/response pairs (left against right padding, prompts masked, one
+truncated) to the same losses, and a peftkit variant this version does not accept, or one that
+fails, is a row of the report, not a crash."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from conftest import make_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _benchmark():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module("vs_trainer")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def _corpus() -> list[dict[str, str]]:
+    """Reviews, and plot summaries of 1 to 6 sentences (7 to 42 words): varied lengths."""
+    rows = make_rows(60)
+    reviews = [{"category": "fresh", "text": r["text"], "movie_name": f"movie_{i}"} for i, r in enumerate(rows[:30])]
+    plots = [{"category": "plot", "text": " ".join(r["text"] for r in rows[30 + i: 31 + i + i % 6]),
+              "movie_name": f"plot_{i}"} for i in range(12)]
+    return reviews + plots
+
+
+def test_same_loss_on_both_sides_and_variants_reported(tiny_causal_dir, tmp_path):
+    bench = _benchmark()
+    plan = bench.prepare_job(bench.JOBS["b"], str(tmp_path), model=tiny_causal_dir, batch_size=2, max_length=48,
+                             corpus=_corpus(), eval_examples=1)
+    lengths = plan["info"]["response_tokens"]["each"]
+    # responses of 22 and 43 tokens after prompts of 11: the longer pair is cut at 48 (the prompt's
+    # start goes), so the truncation rule is matched too
+    assert min(lengths) < 30 and max(lengths) > 40
+    lines: list[str] = []
+    result = bench.run_job(plan, steps=2, repeats=1, precision="fp32", device="cpu", threads=1,
+                           workdir=str(tmp_path / "runs"), timeout=300, echo=lines.append,
+                           variants=[("peftkit", []),
+                                     ("peftkit --no-such-lever", ["--no-such-lever"]),
+                                     ("peftkit bad option", ["--set", "no_such_option=1"])])
+    trainer, plain, missing, bad = result["rows"]
+    assert trainer["status"] == "ok" and plain["status"] == "ok", lines
+    check = plain["vs_trainer"]["losses"]
+    assert check["same_data"] is True and check["same_trainable_params"] is True
+    assert len(trainer["summary"]["losses"]) == len(plain["summary"]["losses"]) == 2
+    assert check["first_rel_diff"] < 1e-4 and check["last_rel_diff"] < 1e-3, check
+    assert check["verdict"] == "agree"
+    # the loss moved: the second step trained on what the first learned, the same on both sides
+    assert plain["summary"]["loss_last"] != plain["summary"]["loss_first"]
+    assert missing["status"] == "not available" and "--no-such-lever" in missing["error"]
+    assert bad["status"] == "failed" and "no_such_option" in bad["error"]
+    table = bench.format_job(result, cuda=False)
+    assert "not available in this peftkit" in table and "| peftkit bad option | failed:" in table
+    assert "agree" in table
+    assert "losses=agree" in bench.key_ratios({"b": result})
