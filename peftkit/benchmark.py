@@ -335,6 +335,8 @@ def describe_levers(levers: Levers) -> str:
         parts.append(f"{levers.loss} loss")
     if levers.packing:
         parts.append("packing")
+    if levers.kernels is not None:
+        parts.append(f"{levers.kernels} kernels")
     return " + ".join(parts) or "-"
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from .config import LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
+from .config import KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
 from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,6 +100,10 @@ _declare("loss", "--loss", type=click.Choice(LOSSES), default=None,
 _declare("packing", "--packing", is_flag=True, default=None,
          help="causal-lm: several whole training examples share each row of --max-length tokens (attention "
               "and loss kept inside each example): far less padding when lengths vary.")
+_declare("kernels", "--kernels", type=click.Choice(KERNELS), default=None,
+         help="torch: gated (SwiGLU) MLPs keep only their inputs for the backward pass (less memory, same "
+              "results); liger: Liger's Triton kernels (CUDA, pip install 'peftkit[liger]'); none: the model's "
+              "own modules. Default: torch where the model has gated MLPs.")
 _declare("memory_budget", "--memory-budget", default=None, metavar="SIZE",
          help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident "
               "memory; a run over it stops with an error.")
@@ -203,7 +207,7 @@ _declare("pruner", "--pruner", type=click.Choice(["median", "hyperband", "none"]
 _declare("space", "--space", "space_items", multiple=True, metavar="NAME=V1,V2,...",
          help="Search only these values of a searched setting (e.g. --space r=4,8,16); repeatable.")
 
-LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss", "packing")
+LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss", "packing", "kernels")
 
 
 def options(*keys: str, **help_for: str) -> Callable[[Any], Any]:

@@ -29,10 +29,12 @@ Quantization = Literal["4bit", "8bit"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 Precision = Literal["fp32", "bf16", "fp16"]
 LossName = Literal["plain", "chunked"]
+KernelsName = Literal["torch", "liger", "none"]
 QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 LOSSES: tuple[str, ...] = typing.get_args(LossName)
+KERNELS: tuple[str, ...] = typing.get_args(KernelsName)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class Levers:
     time, so batch x length x vocabulary logits never exist at once (peftkit.chunked_loss); plain
     from the model's logits. Default: chunked where the model allows it, else plain."""
     packing: bool = False
+    kernels: KernelsName | None = None
+    """torch: the gated (SwiGLU) MLPs of Llama-style blocks keep only their inputs for the backward
+    pass (peftkit.kernels); liger: Liger's Triton kernels (CUDA); none: the model's own modules.
+    Default: torch where the model has gated MLPs."""
     """causal-lm: several whole training examples share each row of --max-length tokens, attention
     and loss kept inside each example (peftkit.packing): far less padding when lengths vary."""
 

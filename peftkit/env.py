@@ -81,8 +81,13 @@ _own_process = False  # set by own_process(): the command line's process, a benc
 def own_process() -> None:
     """Say that this process is peftkit's own (the command line, a bench or tune worker), not a
     user's Python session that imported peftkit: process-wide settings are then ours to make
-    (``freeze_imported_objects``)."""
+    (``freeze_imported_objects``; large freed blocks returned to the system at once,
+    ``memory.return_large_blocks_at_once``)."""
     global _own_process
+    if not _own_process:
+        from .memory import return_large_blocks_at_once
+
+        return_large_blocks_at_once()
     _own_process = True
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
+from .config import KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
+from .kernels import LIGER_NEEDS_CUDA
 from .errors import PeftkitError
 # what loading a model needs lives with the loading (a lower layer); re-exported for the levers' users
 from .models import disable_bnb_cpu_bf16_path, half_dtype, quantization_config  # noqa: F401
@@ -59,11 +60,14 @@ def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None, tas
             f"strategy {strategy.name!r} trains the base model's own weights, which a {levers.quantize} quantized "
             f"base cannot do (quantized weights get no gradients); use --quantize with {', '.join(able)}, "
             "or drop --quantize")
-    if on_cuda is None and (levers.precision == "fp16" or levers.optimizer == "paged_adamw8bit"):
+    if on_cuda is None and (levers.precision == "fp16" or levers.optimizer == "paged_adamw8bit"
+                            or levers.kernels == "liger"):
         on_cuda = cuda_available()
     if levers.precision == "fp16" and not on_cuda:
         raise PeftkitError("--precision fp16 needs a CUDA GPU (CPUs have no fast float16 kernels); "
                            "on CPU use bf16 or fp32")
+    if levers.kernels == "liger" and not on_cuda:
+        raise PeftkitError(LIGER_NEEDS_CUDA)
     if levers.optimizer == "paged_adamw8bit" and not on_cuda:
         raise PeftkitError("--optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
                            "needs a CUDA GPU; on CPU use adamw8bit or adamw")

@@ -150,14 +150,16 @@ class LoopState:
         self.epoch, self.batches_done, self.epoch_examples, self.epoch_loss = epoch, 0, 0, 0.0
         self.epoch_batches, self.epoch_tokens, self.epoch_positions, self.epoch_elapsed = 0, 0, 0, 0.0
 
-    def add_batch(self, index: int, examples: int, tokens: int, positions: int, loss: float) -> None:
-        """Count micro-batch ``index`` of the epoch (``positions``: its padded size; ``loss``: its
-        value on this process)."""
+    def add_batch(self, index: int, examples: int, tokens: int, positions: int) -> None:
+        """Count micro-batch ``index`` of the epoch (``positions``: its padded size)."""
         self.epoch_examples += examples
         self.epoch_tokens += tokens
         self.epoch_positions += positions
         self.epoch_batches += 1
         self.batches_done = index + 1
+
+    def add_loss(self, loss: float) -> None:
+        """A micro-batch's loss on this process, once read from the device (``Trainer.read_losses``)."""
         self.epoch_loss += loss
         self.smooth_loss = loss if self.smooth_loss is None else 0.9 * self.smooth_loss + 0.1 * loss
 
@@ -201,14 +203,22 @@ class StepTimes:
     def start_epoch(self) -> None:
         self.last_mark, self.last_tokens = None, 0
 
-    def mark(self, now: float, epoch_tokens: int) -> None:
+    def mark(self, now: float, epoch_tokens: int, steps: int = 1) -> None:
+        """``steps`` optimizer steps ended since the last mark (the device waited for at both: a
+        loss was read), each counted at their average."""
         if self.last_mark is not None:
-            self.seconds.append(now - self.last_mark)
-            self.tokens.append(epoch_tokens - self.last_tokens)
+            self.seconds += [(now - self.last_mark) / steps] * steps
+            self.tokens += [(epoch_tokens - self.last_tokens) / steps] * steps
         self.last_mark, self.last_tokens = now, epoch_tokens
 
 
 # -- one step -----------------------------------------------------------------------------------
+
+# Optimizer steps between reads of the training loss on an accelerator: reading a value waits for
+# the device to finish all queued work, so a read every step keeps it idle while the host prepares
+# the next step. Ten steps make a readable progress bar and stall the device once in ten.
+READ_EVERY = 10
+
 
 def train_step(accelerator: Any, model: Any, optimizer: Any, strategy: Strategy,
                step_loss: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any], *, step: int,
@@ -335,6 +345,10 @@ class Trainer:
         self.times = StepTimes()
         self.epoch_start = 0.0
         self.test_correct: list[int] | None = None  # per test example, set by ``test``
+        self.unread: list[tuple[int, Any]] = []  # (optimizer step, loss on the device) not read yet
+        self.read_at_step = 0  # the optimizer step at the last read
+        self.epoch_steps = 0  # optimizer steps of this epoch (in this process's run)
+        self.read_every = 1  # optimizer steps between reads of the losses: set by ``setup``
 
     def setup(self, model: Any, processor: Any, data: Any, workdir: str | None,
               tracker_config: Callable[[], dict[str, Any]]) -> None:
@@ -380,6 +394,8 @@ class Trainer:
         self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
         self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
         self.step_loss = self.task.step_loss(strategy, self.inner, cfg.levers.loss, self.sharded)
+        # on a CPU every operation has finished when it returns: a read costs nothing, so every step
+        self.read_every = 1 if self.accelerator.device.type == "cpu" else READ_EVERY
         if self.trackers:
             self.accelerator.init_trackers("peftkit", config=tracker_config())
         # Memory is measured per phase from here: "loaded" is the model (and data) in place, before
@@ -487,6 +503,7 @@ class Trainer:
         self.epoch_start = time.perf_counter() - st.epoch_elapsed
         skip = st.batches_done if resuming else 0
         self.times.start_epoch()
+        self.epoch_steps, self.read_at_step = 0, st.step
         for i, batch in enumerate(self.loaders["train"]):
             if i < skip:  # already trained on before the checkpoint (the order is the same)
                 continue
@@ -494,19 +511,21 @@ class Trainer:
             loss = train_step(self.accelerator, self.model, self.optimizer, self.strategy, self.step_loss, batch,
                               step=st.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                               max_grad_norm=self.cfg.max_grad_norm)
-            value = loss.item()
-            self.count_batch(i, batch, value)
+            self.count_batch(i, batch)
+            self.unread.append((st.step + 1, loss.detach()))  # read in bulk: reading one waits for the device
             if self.accelerator.sync_gradients:
-                self.end_step(epoch, value, sampler_state)
+                self.end_step(epoch, sampler_state)
+        self.read_losses(epoch)  # the epoch's loss is complete
         ckpt.continue_rng()  # the checkpoint was the epoch's last step
         seconds = time.perf_counter() - self.epoch_start
         self.close_phase("train")
         st.end_epoch(seconds)
         return seconds
 
-    def count_batch(self, index: int, batch: dict[str, Any], loss: float) -> None:
+    def count_batch(self, index: int, batch: dict[str, Any]) -> None:
         """Count a micro-batch's examples (a packed row holds several: ``example_key`` has one each),
-        real tokens (a packed batch says them, ``real_tokens``; else its attention mask) and positions."""
+        real tokens (the collate's count, ``real_tokens``, read without waiting for the device; else
+        the attention mask's) and positions."""
         procs = self.procs
         examples = len(batch["example_key"] if "example_key" in batch else batch["labels"]) * procs
         if "real_tokens" in batch:
@@ -514,24 +533,53 @@ class Trainer:
         else:
             tokens = int(batch["attention_mask"].sum()) * procs if "attention_mask" in batch else 0
         positions = int(batch["input_ids"].numel()) * procs if "input_ids" in batch else 0
-        self.state.add_batch(index, examples, tokens, positions, loss)
+        self.state.add_batch(index, examples, tokens, positions)
 
-    def end_step(self, epoch: int, loss: float, sampler_state: Any) -> None:
-        """After an optimizer step: timing, the memory budget, the strategy's step event, the
-        progress bar, trackers and the checkpoint."""
+    def end_step(self, epoch: int, sampler_state: Any) -> None:
+        """After an optimizer step: the losses read where due (``read_losses``), the memory budget,
+        the strategy's step event, the progress bar, trackers and the checkpoint."""
         st = self.state
-        self.times.mark(time.perf_counter(), st.epoch_tokens)  # loss.item() waited for the device
-        check_budget(self.meter, self.budget, f"training at micro-batch {self.hp.batch_size}", self.memory_loaded)
         st.step += 1
+        self.epoch_steps += 1
+        due_checkpoint = self.checkpointer.due(st.step)
+        # the epoch's first step is read alone: its time (the loader's start) is left out of the timing
+        if self.epoch_steps == 1 or self.epoch_steps % self.read_every == 0 or due_checkpoint:
+            self.read_losses(epoch)
+        check_budget(self.meter, self.budget, f"training at micro-batch {self.hp.batch_size}", self.memory_loaded)
         self.add_groups(self.strategy.on_step_end(self.inner, st.step))
         st.max_trainable = max(st.max_trainable, self.count_trainable())
-        rate = st.epoch_examples / max(1e-9, time.perf_counter() - self.epoch_start)
-        self.bar.set_postfix(epoch=epoch + 1, loss=f"{st.smooth_loss:.4f}", ex_per_s=format_rate(rate))
         self.bar.update(1)
         if self.trackers:
-            self.accelerator.log({"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"]}, step=st.step)
-        if self.checkpointer.due(st.step):
+            self.accelerator.log({"train/lr": self.optimizer.param_groups[0]["lr"]}, step=st.step)
+        if due_checkpoint:
             self.save_checkpoint(sampler_state)
+
+    def read_losses(self, epoch: int) -> None:
+        """Read the micro-batch losses not read yet, in one transfer that waits for the device: every
+        ``read_every`` optimizer steps, at an epoch's first and last step and before a checkpoint,
+        not after every step (on a GPU each read stalls the queue of work). The step time is
+        measured between reads."""
+        if not self.unread:
+            return
+        import torch
+
+        st = self.state
+        values = torch.stack([loss.float() for _, loss in self.unread]).tolist()
+        self.times.mark(time.perf_counter(), st.epoch_tokens, steps=max(1, self.steps_since_read()))
+        logged: dict[int, float] = {}
+        for (step, _), value in zip(self.unread, values):
+            st.add_loss(value)
+            logged[step] = value  # a step's last micro-batch, as before
+        self.unread.clear()
+        self.read_at_step = st.step
+        rate = st.epoch_examples / max(1e-9, time.perf_counter() - self.epoch_start)
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{st.smooth_loss:.4f}", ex_per_s=format_rate(rate))
+        if self.trackers:
+            for step, value in logged.items():
+                self.accelerator.log({"train/loss": value}, step=step)
+
+    def steps_since_read(self) -> int:
+        return self.state.step - self.read_at_step
 
     # -- after an epoch: validation and selection ------------------------------------------
 

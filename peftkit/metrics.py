@@ -111,6 +111,8 @@ class RunMetrics:
     packing: bool = _figure(row=True)
     padding_fraction: float | None = _figure(row=True)
     resumed: bool = _figure(row=False)
+    # what --kernels put into the model: torch, liger or none (peftkit.kernels), known from loading
+    kernels: str | None = _figure(row=True, default=None)
     # known once the adapter is saved (the run's own, after training)
     adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)
     wall_seconds: float | None = _figure(row=True, default=None)

@@ -298,6 +298,7 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
     parameter the strategy ever trains set trainable (gradual unfreezing at its end)."""
     import torch
 
+    from .kernels import apply_kernels
     from .levers import enable_gradient_checkpointing, store_frozen_in_half
     from .structure import head_module_names
 
@@ -306,6 +307,7 @@ def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings
     skip = head_module_names(model)  # (named before prepare, as for the weights' arithmetic)
     if settings.levers.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    apply_kernels(model, settings.levers.kernels, device == "cuda")
     # moved after prepare, as a run's accelerator does: modules a strategy adds are built on the CPU
     model = strategy.prepare(model, task).to(device)
     trainable = strategy.trainable_parameters(model)

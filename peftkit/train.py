@@ -258,6 +258,7 @@ class _Loaded:
     spec: TaskSpec
     model: Any
     seconds: dict[str, float]  # what each loading stage took (RunMetrics.stage_seconds)
+    kernels: str = "none"  # what --kernels put into the model (peftkit.kernels.apply_kernels)
 
 
 @contextlib.contextmanager
@@ -336,7 +337,8 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     from .data import cap_eval_splits
     from .env import freeze_imported_objects
     from .fingerprint import backbone_digests
-    from .levers import prepare_base
+    from .kernels import apply_kernels
+    from .levers import cuda_available, prepare_base
 
     freeze_imported_objects()  # each phase's garbage collection then skips the libraries' objects
     cfg, task = run.config, run.task
@@ -371,20 +373,23 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     base_digests = backbone_digests(base)
     clock.lap("fingerprint")
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
+    kernels = apply_kernels(base, cfg.levers.kernels, cuda_available())
     spec = task.spec(base, data)
     model = run.strategy.prepare(base, spec)
     clock.lap("prepare")
-    return _Loaded(data, processor, base_digests, spec, model, clock.seconds)
+    return _Loaded(data, processor, base_digests, spec, model, clock.seconds, kernels)
 
 
 def _prepared(run: ResolvedRun, data: Any, processor: Any, spec: TaskSpec) -> Any:
     """The base loaded and prepared again, as ``_load`` did, by a new strategy object with the
     run's options (the run's own, which training may have changed, is left untouched)."""
-    from .levers import prepare_base
+    from .kernels import apply_kernels
+    from .levers import cuda_available, prepare_base
 
     cfg = run.config
     base = run.task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
+    apply_kernels(base, cfg.levers.kernels, cuda_available())
     return type(run.strategy)(run.strategy.options).prepare(base, spec)
 
 
@@ -478,6 +483,7 @@ def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutco
                              "save": round(time.perf_counter() - saving, 3)}
     metrics.split, metrics.label_names, metrics.history, metrics.versions = (
         data.split_info, data.label_names, outcome.history, versions)
+    metrics.kernels = loaded.kernels
     metrics.schedule = _recorded_schedule(run, workdir)
     out = metrics.to_dict()
     write_json(os.path.join(workdir, "metrics.json"), out)

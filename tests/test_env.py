@@ -178,3 +178,22 @@ def test_a_run_hides_the_libraries_objects_from_the_garbage_collector() -> None:
     assert frozen > 100_000 and "peft" in sys.modules
     freeze_imported_objects()  # once per process: a later run's objects are never frozen
     assert gc.get_freeze_count() == frozen
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
+@pytest.mark.parametrize("own", [False, True])
+def test_peftkits_own_processes_return_freed_large_blocks_at_once(own) -> None:
+    """glibc keeps freed blocks below its (rising) mmap threshold resident; peftkit's own processes
+    (env.own_process) give every block of 256 KiB or more back the moment it is freed."""
+    code = ("import torch\n"
+            "def rss():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+            + ("from peftkit.env import own_process\nown_process()\n" if own else "") +
+            "first = torch.ones(1 << 20)\ndel first\n"  # an 4 MiB block freed: glibc's threshold rises past it
+            "before = rss()\nblocks = []\n"
+            "for _ in range(50):\n    blocks += [torch.ones(1 << 20), torch.ones(16)]\n"
+            "small = [b for b in blocks if b.numel() == 16]\ndel blocks\n"  # the small ones keep the heap's top
+            "print(round(rss() - before))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kept_mib = int(done.stdout.split()[-1])
+    assert (kept_mib < 20) if own else (kept_mib > 150), kept_mib

@@ -26,7 +26,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("tasks", "strategies", "registry", "levers"),
     1: ("data", "config", "adapter_io", "models", "structure", "memory", "env", "errors", "typing_utils",
         "fingerprint", "gguf_convert", "rundir", "checkpoint", "plots", "metrics", "spec", "files", "predict_io", "hub",
-        "stats", "sharding"),
+        "stats", "sharding", "chunked_loss", "packing", "kernels"),
 }
 LAYER_NAMES = {5: "command line", 4: "library API", 3: "runs, benches, plans", 2: "tasks and strategies",
                1: "data, io, structure"}
