@@ -36,8 +36,9 @@ def _batch(tokenizer, n: int = 8) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(logits, batch["labels"])
+def _step_loss(strategy):
+    """What a training step computes (``Task.step_loss``): the strategy's logits and the loss."""
+    return lambda model, batch: F.cross_entropy(strategy.forward(model, batch), batch["labels"])
 
 
 @contextmanager
@@ -86,7 +87,7 @@ def test_strategy_contract(name: str, arch: str, tiny_model_dir, tmp_path) -> No
             opt.add_param_group(g)
         live = {n for n, p in model.named_parameters() if p.requires_grad}
         with _gradients_reaching(model) as with_grad:
-            train_step(accelerator, model, opt, strategy, _loss, batch, step=epoch, total_steps=epochs,
+            train_step(accelerator, model, opt, strategy, _step_loss(strategy), batch, step=epoch, total_steps=epochs,
                        warmup_steps=0, max_grad_norm=1.0)
         # gradients reach exactly the parameters that are trainable now, all of them declared
         assert with_grad == live, f"{name}/{arch}: grads {sorted(with_grad - live)[:3]} vs {sorted(live - with_grad)[:3]}"
