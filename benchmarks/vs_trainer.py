@@ -90,7 +90,8 @@ JOBS: dict[str, Job] = {
 VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
     # peftkit's default for a causal LM is the chunked loss (--loss chunked)
     "a": [("peftkit", []),
-          ("peftkit --loss plain", ["--loss", "plain"])],
+          ("peftkit --loss plain", ["--loss", "plain"]),
+          ("peftkit --kernels none", ["--kernels", "none"])],
     "b": [("peftkit", []),
           ("peftkit --loss plain", ["--loss", "plain"]),
           ("peftkit --packing", ["--packing"])],

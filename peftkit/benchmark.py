@@ -337,6 +337,8 @@ def describe_levers(levers: Levers) -> str:
         parts.append("packing")
     if levers.kernels is not None:
         parts.append(f"{levers.kernels} kernels")
+    if levers.compile:
+        parts.append("compile")
     return " + ".join(parts) or "-"
 
 

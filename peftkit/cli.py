@@ -100,6 +100,9 @@ _declare("loss", "--loss", type=click.Choice(LOSSES), default=None,
 _declare("packing", "--packing", is_flag=True, default=None,
          help="causal-lm: several whole training examples share each row of --max-length tokens (attention "
               "and loss kept inside each example): far less padding when lengths vary.")
+_declare("compile", "--compile", is_flag=True, default=None,
+         help="torch.compile each transformer block for training (evaluation stays eager); the first step "
+              "pays for compiling, reported apart.")
 _declare("kernels", "--kernels", type=click.Choice(KERNELS), default=None,
          help="torch: gated (SwiGLU) MLPs keep only their inputs for the backward pass (less memory, same "
               "results); liger: Liger's Triton kernels (CUDA, pip install 'peftkit[liger]'); none: the model's "
@@ -207,7 +210,7 @@ _declare("pruner", "--pruner", type=click.Choice(["median", "hyperband", "none"]
 _declare("space", "--space", "space_items", multiple=True, metavar="NAME=V1,V2,...",
          help="Search only these values of a searched setting (e.g. --space r=4,8,16); repeatable.")
 
-LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss", "packing", "kernels")
+LEVERS = ("quantize", "optimizer", "gradient_checkpointing", "precision", "loss", "packing", "kernels", "compile")
 
 
 def options(*keys: str, **help_for: str) -> Callable[[Any], Any]:

@@ -62,6 +62,9 @@ class Levers:
     time, so batch x length x vocabulary logits never exist at once (peftkit.chunked_loss); plain
     from the model's logits. Default: chunked where the model allows it, else plain."""
     packing: bool = False
+    compile: bool = False
+    """torch.compile each transformer block for training (evaluation and generation stay eager); the
+    first step pays for compiling, reported apart (first_step_seconds)."""
     kernels: KernelsName | None = None
     """torch: the gated (SwiGLU) MLPs of Llama-style blocks keep only their inputs for the backward
     pass (peftkit.kernels); liger: Liger's Triton kernels (CUDA); none: the model's own modules.

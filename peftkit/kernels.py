@@ -92,6 +92,32 @@ def _swiglu_forward(mlp: nn.Module) -> Any:
     return forward
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``--compile``: each transformer block's forward compiled by ``torch.compile`` (regional
+    compilation: the blocks share their code, so it compiles once, not once per block, and the hooks
+    around the output layer stay outside the graph), used while the block trains; evaluation and
+    generation run the eager forward (a generation's growing lengths would recompile). Returns how
+    many blocks."""
+    import torch
+
+    from .structure import transformer_blocks
+
+    found = transformer_blocks(model)
+    if not found:
+        raise PeftkitError(f"--compile: no transformer blocks found in model type "
+                           f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}; drop --compile")
+    for block in found[1]:
+        eager = block.forward
+        compiled = torch.compile(eager)
+
+        def forward(*args: Any, _block: Any = block, _eager: Any = eager, _compiled: Any = compiled,
+                    **kwargs: Any) -> Any:
+            return (_compiled if _block.training else _eager)(*args, **kwargs)
+
+        block.forward = forward
+    return len(found[1])
+
+
 def apply_kernels(model: nn.Module, kernels: str | None, on_cuda: bool) -> str:
     """Put the ``--kernels`` choice into ``model`` (the base, before a strategy prepares it); returns
     what was applied: ``torch`` (N gated MLPs), ``liger``, or ``none``. ``None`` means ``torch``

@@ -68,6 +68,9 @@ def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None, tas
                            "on CPU use bf16 or fp32")
     if levers.kernels == "liger" and not on_cuda:
         raise PeftkitError(LIGER_NEEDS_CUDA)
+    if levers.compile and levers.quantize is not None:
+        raise PeftkitError(f"--compile with --quantize {levers.quantize}: torch.compile does not trace "
+                           "bitsandbytes' quantized layers; drop one of them")
     if levers.optimizer == "paged_adamw8bit" and not on_cuda:
         raise PeftkitError("--optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
                            "needs a CUDA GPU; on CPU use adamw8bit or adamw")
@@ -145,11 +148,15 @@ def store_frozen_in_half(model: nn.Module, trainable: dict[str, Any], precision:
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     """AdamW from torch, or bitsandbytes' 8-bit AdamW (block-wise quantized state, Dettmers et al.
-    2022) / its paged variant (state that pages to CPU memory under GPU memory pressure)."""
+    2022) / its paged variant (state that pages to CPU memory under GPU memory pressure). torch's
+    AdamW is the fused one (one kernel for every parameter's update) where every parameter is on a
+    CUDA device, else its default (for-each) one."""
     import torch
 
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     import bitsandbytes as bnb
 
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Literal
 
 from .checkpoint import Checkpointer
+from .kernels import compile_blocks
 from .config import RunConfig
 from .errors import PeftkitError
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
@@ -197,6 +198,7 @@ class StepTimes:
 
     seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    first: float | None = None  # the run's first step, from the start of its epoch (with --compile: compiling)
     last_mark: float | None = None
     last_tokens: int = 0
 
@@ -285,6 +287,9 @@ def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None
     procs = accelerator.num_processes
     if cfg.fsdp and procs > 1:
         check_fsdp(cfg.levers.quantize)
+    if cfg.levers.compile and cfg.fsdp and procs > 1:
+        raise PeftkitError("--compile with --fsdp is not tested here (FSDP2 with torch.compile needs its own "
+                           "set-up): drop --compile, or run data parallel")
     if cfg.levers.packing and procs > 1:
         # a packed batch holds a varying number of examples, which accelerate cannot split evenly
         raise PeftkitError(f"--packing runs in one process for now ({procs} were started): drop --packing, "
@@ -369,6 +374,13 @@ class Trainer:
         test_dl, _ = make_loader(splits["test"], collate, eval_batch, None)
         # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
         store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.levers.precision)
+        if self.accelerator.device.type == "cuda" and not cfg.fsdp and cfg.levers.quantize is None:
+            # on the card before the optimizer is made, so torch's AdamW is its fused one (a quantized
+            # base is there already; FSDP places each shard itself)
+            model.to(self.accelerator.device)
+        if cfg.levers.compile:
+            blocks = compile_blocks(model)
+            self.log(f"compile: {blocks} transformer blocks compiled for training (the first step compiles)")
         self.sharded = cfg.fsdp and procs > 1
         if cfg.fsdp and procs == 1:
             line = "--fsdp: one process, so nothing to shard: this is a plain one-process run"
@@ -565,7 +577,10 @@ class Trainer:
 
         st = self.state
         values = torch.stack([loss.float() for _, loss in self.unread]).tolist()
-        self.times.mark(time.perf_counter(), st.epoch_tokens, steps=max(1, self.steps_since_read()))
+        now = time.perf_counter()
+        if self.times.first is None:
+            self.times.first = now - self.epoch_start
+        self.times.mark(now, st.epoch_tokens, steps=max(1, self.steps_since_read()))
         logged: dict[int, float] = {}
         for (step, _), value in zip(self.unread, values):
             st.add_loss(value)
@@ -679,6 +694,7 @@ class Trainer:
             samples_per_second=st.train_examples / max(1e-9, st.train_seconds), train_tokens=st.train_tokens,
             tokens_per_second=st.train_tokens / max(1e-9, st.train_seconds),  # real tokens, padding not counted
             step_seconds_median=statistics.median(steps.seconds) if steps.seconds else None,
+            first_step_seconds=steps.first,
             steady_tokens_per_second=sum(steps.tokens) / sum(steps.seconds) if steps.seconds else None,
             batch_size=hp.batch_size, grad_accumulation=cfg.grad_accumulation,
             effective_batch_size=hp.batch_size * cfg.grad_accumulation, processes=self.procs,

@@ -110,6 +110,8 @@ class RunMetrics:
     # batch positions that were padding (None for inputs without tokens)
     packing: bool = _figure(row=True)
     padding_fraction: float | None = _figure(row=True)
+    # the run's first optimizer step (it pays for the loader's start and, with --compile, compiling)
+    first_step_seconds: float | None = _figure(row=True)
     resumed: bool = _figure(row=False)
     # what --kernels put into the model: torch, liger or none (peftkit.kernels), known from loading
     kernels: str | None = _figure(row=True, default=None)
