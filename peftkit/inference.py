@@ -101,7 +101,7 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     from transformers import set_seed
 
     from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
-    from .fingerprint import backbone_digests, fingerprint
+    from .fingerprint import cached_backbone_digests, fingerprint
     from .registry import get_strategy
     from .strategies.base import options_from_dict
     from .tasks import TaskData, get_task
@@ -127,7 +127,7 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
     expected = meta.get("base_fingerprint")
     if expected:
-        actual = fingerprint(backbone_digests(base))
+        actual = fingerprint(cached_backbone_digests(base, base_name, 0))
         if actual != expected and not force:
             raise PeftkitError(
                 f"adapter {adapter_dir!r} was trained on base {meta['base_model']!r} ({expected[:19]}), but "

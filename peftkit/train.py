@@ -336,7 +336,7 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
 
     from .data import cap_eval_splits
     from .env import freeze_imported_objects
-    from .fingerprint import backbone_digests
+    from .fingerprint import cached_backbone_digests
     from .kernels import apply_kernels
     from .levers import cuda_available, prepare_base
 
@@ -370,7 +370,7 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     # a library failing from here on is reported with the model's type (errors.library_error_line)
     set_context(model_type=getattr(getattr(base, "config", None), "model_type", None))
     clock.lap("load_model")
-    base_digests = backbone_digests(base)
+    base_digests = cached_backbone_digests(base, cfg.model, cfg.seed)
     clock.lap("fingerprint")
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
     kernels = apply_kernels(base, cfg.levers.kernels, cuda_available())
