@@ -180,6 +180,30 @@ def chunked_token_loss(captured: Captured, labels: torch.Tensor, ignore_index: i
     return total, keep.sum()
 
 
+def chunked_example_losses(captured: Captured, labels: torch.Tensor, ignore_index: int,
+                           chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of a causal LM's batch: (summed loss, labelled tokens), from the output layer's
+    captured input a chunk of tokens at a time, without gradients (evaluation)."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden, layer = captured.hidden, captured.layer
+    if hidden is None:
+        raise RuntimeError("the output layer was not called during the forward pass")
+    kept = hidden.shape[1]
+    target = labels[:, labels.shape[1] - kept:][:, 1:]
+    keep = target != ignore_index
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    picked, wanted = hidden[:, :-1][keep], target[keep]
+    chunk = chunk or chunk_tokens(layer.weight.shape[0])
+    sums = torch.zeros(len(labels), device=hidden.device)
+    for start in range(0, len(wanted), chunk):
+        logits = F.linear(picked[start:start + chunk], layer.weight, layer.bias).float()
+        losses = F.cross_entropy(logits, wanted[start:start + chunk], reduction="none")
+        sums.index_add_(0, rows[start:start + chunk], losses)
+    return sums, keep.sum(1)
+
+
 def chunked_step_loss(forward: Callable[[Any, dict[str, Any]], Any], layer: nn.Module, ignore_index: int,
                       chunk: int | None = None) -> Callable[[Any, dict[str, Any]], Any]:
     """A training step's loss function: ``forward(model, batch)`` (the strategy's) run with the

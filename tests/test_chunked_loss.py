@@ -140,3 +140,18 @@ def test_chunked_loss_is_refused_for_a_task_without_vocabulary_wide_logits(tiny_
     assert stderr.strip().splitlines()[-1] == (
         "error: --loss chunked is for tasks with vocabulary-wide logits (causal-lm); sequence-classification's "
         "logits are a few numbers per example, with nothing to chunk: drop --loss")
+
+
+def test_evaluation_losses_in_chunks_are_the_plain_ones() -> None:
+    from peftkit.chunked_loss import captured_output_input, chunked_example_losses, output_layer
+
+    task, strategy, model, config = _prepared("llama", "lora")
+    model.eval()
+    for answer in (3, 24):
+        batch = task.dummy_batch(config, 5, 24, "cpu", loss_positions=answer)
+        with torch.no_grad():
+            plain = task._token_losses(strategy.forward(model, batch), batch["labels"])
+            with captured_output_input(output_layer(model)) as captured:
+                strategy.forward(model, batch)
+            chunked = chunked_example_losses(captured, batch["labels"], -100, chunk=7)
+        assert torch.allclose(chunked[0], plain[0], rtol=1e-5) and torch.equal(chunked[1], plain[1])

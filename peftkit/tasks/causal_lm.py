@@ -285,15 +285,26 @@ class CausalLM(Task):
         shape = data.shape if data is not None else Shape.PROMPT_RESPONSE
         # plain text has no answers to generate; labelled data's answers are its labels
         generate = final and shape is not Shape.PLAIN_TEXT
+        from .. import chunked_loss
+
         model.eval()
         loss_sum, tokens = 0.0, 0
         matches: list[torch.Tensor] = []
         keys: list[torch.Tensor] = []
+        # the evaluation batch (128) x length x vocabulary logits would be 12.9 GB for 512-token
+        # plain text with SmolLM2's vocabulary: the losses come in chunks wherever they can, as in training
+        inner = accelerator.unwrap_model(model)
+        layer = None if chunked_loss.unsupported(inner) else chunked_loss.output_layer(inner)
         with torch.no_grad():
             for batch in loader:
-                logits = strategy.forward(model, batch)
+                if layer is None:
+                    token_losses = self._token_losses(strategy.forward(model, batch), batch["labels"])
+                else:
+                    with chunked_loss.captured_output_input(layer) as captured:
+                        strategy.forward(model, batch)
+                    token_losses = chunked_loss.chunked_example_losses(captured, batch["labels"], IGNORE)
                 # per example, gathered: the examples that fill up a last uneven batch drop out
-                sums, counts = accelerator.gather_for_metrics(self._token_losses(logits, batch["labels"]))
+                sums, counts = accelerator.gather_for_metrics(token_losses)
                 loss_sum += float(sums.sum())
                 tokens += int(counts.sum())
                 if generate:
