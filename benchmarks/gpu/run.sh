@@ -39,8 +39,10 @@ if [ "$dry" = 0 ]; then
     . plugins/peftkit-bitfit >/dev/null 2>&1 || echo "run.sh: installing peftkit failed; running from the tree" >&2
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   # a carried library that does not import with the image's own packages is dropped for the image's
-  for mod in transformers peft datasets bitsandbytes; do
-    if ! err=$("$PY" -c "import $mod" 2>&1); then
+  # (liger-kernel: what peftkit imports of it; without it, --kernels liger is refused in one line)
+  for spec in transformers peft datasets bitsandbytes liger_kernel:liger_kernel.transformers.monkey_patch; do
+    mod=${spec%%:*}; imp=${spec#*:}
+    if ! err=$("$PY" -c "import $imp" 2>&1); then
       echo "run.sh: carried $mod does not import here (${err##*$'\n'}); using the image's" >&2
       rm -rf "$SITE/$mod" "$SITE/$mod"-*.dist-info
     fi
@@ -49,6 +51,7 @@ if [ "$dry" = 0 ]; then
   fi
   [ -d .gpu_carry/tokenizer ] && args+=(--tokenizer .gpu_carry/tokenizer)
   [ -f .gpu_carry/rotten_tomatoes.csv ] && args+=(--data .gpu_carry/rotten_tomatoes.csv)
+  [ -f .gpu_carry/rotten_tomatoes_corpus_full.csv.bz2 ] && args+=(--corpus .gpu_carry/rotten_tomatoes_corpus_full.csv.bz2)
   echo "run.sh: set-up took $(( $(date +%s) - start )) s" >&2
 fi
 exec "$PY" benchmarks/gpu/suite.py "${args[@]}"
