@@ -286,28 +286,38 @@ class Probe:
         self.step_seconds.append(time.perf_counter() - self._step_start)
 
     def saw_batch(self, batch: dict[str, Any]) -> None:
-        """Tokens of a training batch (real ones: the attention mask's), and on the first batch a
-        digest of every example's real token ids and labels, in a canonical order (so left and
-        right padding, and the order within the batch, do not matter)."""
+        """Tokens of a training batch (real ones: the attention mask's, or a packed batch's own
+        count), and on the first batch a digest of every example's real token ids and the labels it
+        is trained on (of its second token on: an example's first token predicts nothing), in a
+        canonical order, so left and right padding, the order within the batch and packing several
+        examples into a row (peftkit --packing: a row's examples restart their positions) do not
+        matter. Examples without a single label (a packed row's padding) carry no loss and are left out."""
         ids = batch.get("input_ids")
         mask = batch.get("attention_mask")
         if ids is None:
             return
-        self.tokens.append(int(mask.sum()) if mask is not None else int(ids.numel()))
+        if "real_tokens" in batch:
+            self.tokens.append(int(batch["real_tokens"]))
+        else:
+            self.tokens.append(int(mask.sum()) if mask is not None else int(ids.numel()))
         if self.digest is not None:
             return
         labels = batch.get("labels")
+        positions = batch.get("position_ids") if mask is None else None
         rows = []
         for i in range(ids.shape[0]):
             real = mask[i].bool().cpu() if mask is not None else slice(None)
-            row_ids = tuple(ids[i].cpu()[real].tolist())
-            if labels is None:
-                row_labels: Any = None
-            elif labels.dim() == 1:
-                row_labels = int(labels[i])
-            else:
-                row_labels = tuple(labels[i].cpu()[real].tolist())
-            rows.append((row_ids, row_labels))
+            row_ids = ids[i].cpu()[real].tolist()
+            if labels is None or labels.dim() == 1:
+                rows.append((tuple(row_ids), None if labels is None else int(labels[i])))
+                continue
+            row_labels = labels[i].cpu()[real].tolist()
+            starts = ([p for p, pos in enumerate(positions[i].tolist()) if pos == 0] if positions is not None
+                      else [0]) + [len(row_ids)]
+            for a, b in zip(starts, starts[1:]):
+                trained = tuple(row_labels[a + 1:b])
+                if any(t != -100 for t in trained):
+                    rows.append((tuple(row_ids[a:b]), trained))
         self.examples = len(rows)
         self.digest = hashlib.sha256(repr(sorted(rows)).encode()).hexdigest()[:16]
 
