@@ -558,22 +558,10 @@ def one_line(exc: BaseException) -> str:
 # == the parent: data, children, comparison, report ===============================================
 
 def unavailable(flags: list[str]) -> str | None:
-    """Why this peftkit's ``run`` does not accept ``flags`` (click's one-line message), or None.
-    Parsing only: nothing runs."""
-    if not flags:
-        return None
-    import click
+    """Why this peftkit's ``run`` does not accept ``flags``, or None (``peftkit.cli.unaccepted``)."""
+    from peftkit.cli import unaccepted
 
-    from peftkit.cli import run_cmd
-
-    try:
-        run_cmd.make_context("run", list(flags))
-    except click.UsageError as exc:  # no such option, bad value
-        return exc.format_message()
-    return None
-
-
-_NOT_ACCEPTED = re.compile(r"no such option|invalid value for '?-|got unexpected extra argument", re.IGNORECASE)
+    return unaccepted("run", flags)
 
 
 def lora_settings() -> dict[str, Any]:
@@ -692,8 +680,10 @@ def run_child(spec: dict[str, Any], timeout: float | None = None, echo: Callable
         echo(f"    the child failed (exit {code}); its last stderr lines:")
         for t in tail[-8:]:
             echo(f"    | {t[:300]}")
+    from peftkit.cli import NOT_ACCEPTED
+
     flags = spec.get("peftkit_args", [])
-    status = "not available" if (code == 2 and _NOT_ACCEPTED.search(line) and flags) else "failed"
+    status = "not available" if (code == 2 and NOT_ACCEPTED.search(line) and flags) else "failed"
     result.update(status=status, error=line.removeprefix("error: "), exit_code=code)
     return result
 

@@ -165,19 +165,26 @@ def _function() -> Any:
     return LinearCrossEntropy
 
 
-def chunked_token_loss(captured: Captured, labels: torch.Tensor, ignore_index: int,
-                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, labelled tokens) of a causal LM's batch from the output layer's captured input:
-    position t predicts token t+1; ``captured.hidden`` covers the last positions only where the
-    model kept fewer logits (``logits_to_keep``), exactly as its logits would have."""
-    hidden, layer = captured.hidden, captured.layer
+def _labelled(captured: Captured, labels: torch.Tensor, ignore_index: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states of the positions that predict a labelled token (N x d), those tokens (N),
+    and which of the batch's positions they are (batch x positions, True where labelled): position
+    t predicts token t+1, and ``captured.hidden`` covers the last positions only where the model
+    kept fewer logits (``logits_to_keep``), exactly as its logits would have."""
+    hidden = captured.hidden
     if hidden is None:
         raise RuntimeError("the output layer was not called during the forward pass")
-    kept = hidden.shape[1]
-    target = labels[:, labels.shape[1] - kept:][:, 1:]
+    target = labels[:, labels.shape[1] - hidden.shape[1]:][:, 1:]
     keep = target != ignore_index
-    total = linear_cross_entropy(hidden[:, :-1][keep], layer.weight, layer.bias, target[keep], chunk)
-    return total, keep.sum()
+    return hidden[:, :-1][keep], target[keep], keep
+
+
+def chunked_token_loss(captured: Captured, labels: torch.Tensor, ignore_index: int,
+                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, labelled tokens) of a causal LM's batch from the output layer's captured input."""
+    hidden, targets, keep = _labelled(captured, labels, ignore_index)
+    layer = captured.layer
+    return linear_cross_entropy(hidden, layer.weight, layer.bias, targets, chunk), keep.sum()
 
 
 def chunked_example_losses(captured: Captured, labels: torch.Tensor, ignore_index: int,
@@ -187,19 +194,14 @@ def chunked_example_losses(captured: Captured, labels: torch.Tensor, ignore_inde
     import torch
     import torch.nn.functional as F
 
-    hidden, layer = captured.hidden, captured.layer
-    if hidden is None:
-        raise RuntimeError("the output layer was not called during the forward pass")
-    kept = hidden.shape[1]
-    target = labels[:, labels.shape[1] - kept:][:, 1:]
-    keep = target != ignore_index
-    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(target)[keep]
-    picked, wanted = hidden[:, :-1][keep], target[keep]
+    hidden, targets, keep = _labelled(captured, labels, ignore_index)
+    layer = captured.layer
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(keep)[keep]
     chunk = chunk or chunk_tokens(layer.weight.shape[0])
     sums = torch.zeros(len(labels), device=hidden.device)
-    for start in range(0, len(wanted), chunk):
-        logits = F.linear(picked[start:start + chunk], layer.weight, layer.bias).float()
-        losses = F.cross_entropy(logits, wanted[start:start + chunk], reduction="none")
+    for start in range(0, len(targets), chunk):
+        logits = F.linear(hidden[start:start + chunk], layer.weight, layer.bias).float()
+        losses = F.cross_entropy(logits, targets[start:start + chunk], reduction="none")
         sums.index_add_(0, rows[start:start + chunk], losses)
     return sums, keep.sum(1)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -832,6 +833,24 @@ def _left_behind(exc: BaseException | None) -> str:
 def _terminate(signum: int, frame: Any) -> None:
     # `kill` (SIGTERM) gets the same clean-up as Ctrl-C: staged output removed, workers stopped
     raise KeyboardInterrupt
+
+
+# what click says of a flag a command does not take (its one-line usage errors)
+NOT_ACCEPTED = re.compile(r"no such option|invalid value for '?-|got unexpected extra argument", re.IGNORECASE)
+
+
+def unaccepted(command: str, flags: list[str] | tuple[str, ...]) -> str | None:
+    """Why ``peftkit COMMAND`` does not accept ``flags`` (click's one-line message, e.g. "No such
+    option: --compile"), or None. Parsing only: nothing runs. Benchmarks ask it before running a
+    variant an older peftkit may lack."""
+    if not flags:
+        return None
+    cmd = cli.commands[command]
+    try:
+        cmd.make_context(command, list(flags))
+    except click.UsageError as exc:  # no such option, bad value
+        return exc.format_message()
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

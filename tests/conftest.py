@@ -137,6 +137,20 @@ def tiny_csv(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def pairs_csv(tmp_path_factory) -> str:
+    """Prompt / response pairs: the answer is "good" for positive sentences, "bad" otherwise."""
+    import csv
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["prompt", "response"])
+        writer.writeheader()
+        for row in make_rows(200, seed=1):
+            writer.writerow({"prompt": row["text"], "response": "good" if row["label"] == "pos" else "bad"})
+    return str(path)
+
+
 def fake_plugin_env(tmp_path, module_source: str, entry: str, group: str = "peftkit.strategies") -> dict[str, str]:
     """An environment with a fake installed distribution on PYTHONPATH: ``module_source`` as
     ``fake_plugin_mod`` and ``entry`` (``name = fake_plugin_mod:Attr``) in entry-point ``group``."""

@@ -182,18 +182,21 @@ def test_a_run_hides_the_libraries_objects_from_the_garbage_collector() -> None:
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
 @pytest.mark.parametrize("own", [False, True])
-def test_peftkits_own_processes_return_freed_large_blocks_at_once(own) -> None:
-    """glibc keeps freed blocks below its (rising) mmap threshold resident; peftkit's own processes
-    (env.own_process) give every block of 256 KiB or more back the moment it is freed."""
-    code = ("import torch\n"
-            "def rss():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+def test_peftkits_own_processes_give_large_blocks_pages_of_their_own(own) -> None:
+    """After a 16 MiB block is freed, glibc by default keeps blocks up to that size on its heap, where
+    freed memory stays resident; peftkit's own processes (env.own_process) give every block of 8 MiB
+    or more pages of its own (returned when freed): a 10 MiB tensor is then counted in glibc's
+    mmapped bytes (mallinfo2's hblkhd)."""
+    code = ("import ctypes, torch\n"
+            "class Info(ctypes.Structure):\n"
+            "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',"
+            " 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+            "libc = ctypes.CDLL('libc.so.6')\nlibc.mallinfo2.restype = Info\n"
             + ("from peftkit.env import own_process\nown_process()\n" if own else "") +
-            "first = torch.ones(1 << 20)\ndel first\n"  # an 4 MiB block freed: glibc's threshold rises past it
-            "before = rss()\nblocks = []\n"
-            "for _ in range(50):\n    blocks += [torch.ones(1 << 20), torch.ones(16)]\n"
-            "small = [b for b in blocks if b.numel() == 16]\ndel blocks\n"  # the small ones keep the heap's top
-            "print(round(rss() - before))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            "first = torch.ones(1 << 22)\ndel first\n"  # 16 MiB freed: glibc's own threshold rises to it
+            "before = libc.mallinfo2().hblkhd\nblock = torch.ones(10 << 18)\n"  # 10 MiB
+            "print((libc.mallinfo2().hblkhd - before) >> 20)")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
-    kept_mib = int(done.stdout.split()[-1])
-    assert (kept_mib < 20) if own else (kept_mib > 150), kept_mib
+    assert done.stdout.split()[-1] == ("10" if own else "0")

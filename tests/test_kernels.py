@@ -93,29 +93,14 @@ def test_kernels_none_leaves_the_model_alone_and_torch_needs_a_gated_mlp(tiny_mo
         apply_kernels(bert, "torch", on_cuda=False)
 
 
-def test_liger_is_refused_in_one_line_without_a_gpu(tiny_causal_dir, pairs_rows_csv, run_cli, tmp_path) -> None:
+def test_liger_is_refused_in_one_line_without_a_gpu(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_causal_dir, "--dataset", pairs_rows_csv,
+    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_causal_dir, "--dataset", pairs_csv,
                               "--kernels", "liger", "--output-dir", str(out))
     assert code == 2 and not out.exists()
     assert stderr.strip().splitlines()[-1] == (
         "error: --kernels liger: Liger's kernels are Triton kernels for CUDA GPUs; on CPU use --kernels torch "
         "(the default) or none")
-
-
-@pytest.fixture(scope="module")
-def pairs_rows_csv(tmp_path_factory) -> str:
-    import csv
-
-    from conftest import make_rows
-
-    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["prompt", "response"])
-        writer.writeheader()
-        for row in make_rows(40, seed=2):
-            writer.writerow({"prompt": row["text"], "response": row["label"]})
-    return str(path)
 
 
 def test_compile_blocks_compiles_training_and_leaves_evaluation_eager(monkeypatch) -> None:

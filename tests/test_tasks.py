@@ -14,18 +14,6 @@ from conftest import make_rows
 STRATEGIES = ("full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefix")
 
 
-@pytest.fixture(scope="session")
-def pairs_csv(tmp_path_factory) -> str:
-    """Prompt / response pairs: the answer is "good" for positive sentences, "bad" otherwise."""
-    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["prompt", "response"])
-        writer.writeheader()
-        for row in make_rows(200, seed=1):
-            writer.writerow({"prompt": row["text"], "response": "good" if row["label"] == "pos" else "bad"})
-    return str(path)
-
-
 def _load(path: str) -> dict:
     with open(path) as fh:
         return json.load(fh)

@@ -326,22 +326,16 @@ REPORT_RESERVE = 10.0  # seconds kept for the last report
 
 
 def flags_unavailable(flags: list[str] | tuple[str, ...]) -> str | None:
-    """Why this peftkit's ``bench`` does not accept ``flags`` (click's one-line message: "No such
-    option: --compile"), or None. Parsing only: nothing runs."""
-    if not flags:
-        return None
-    import click
+    """Why this peftkit's ``bench`` does not accept ``flags``, or None (``peftkit.cli.unaccepted``)."""
+    from peftkit.cli import unaccepted
 
-    from peftkit.cli import bench_cmd
-
-    try:
-        bench_cmd.make_context("bench", list(flags))
-    except click.UsageError as exc:  # no such option, bad value
-        return exc.format_message()
-    return None
+    return unaccepted("bench", flags)
 
 
-_NOT_ACCEPTED = re.compile(r"no such option|invalid value for '?-|got unexpected extra argument", re.IGNORECASE)
+def _not_accepted(message: str) -> bool:
+    from peftkit.cli import NOT_ACCEPTED
+
+    return bool(NOT_ACCEPTED.search(message))
 
 
 def last_error(log_path: str) -> str | None:
@@ -388,7 +382,7 @@ def bench_case(name: str, strategies: str, extra: list[str], common: list[str], 
             result["note"] = "killed by the suite's time limit after writing its results"
     else:
         why = last_error(log_path) if code is not None else None
-        if code == 2 and why and _NOT_ACCEPTED.search(why):  # a flag this peftkit does not have
+        if code == 2 and why and _not_accepted(why):  # a flag this peftkit does not have
             result["not_available"] = why.removeprefix("Error: ").removeprefix("error: ")
         result["error"] = ("killed: the suite's time was up" if code is None
                            else f"peftkit bench exited with {code}: {why or '?'} (logs/{name}.log)")
