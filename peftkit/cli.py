@@ -253,6 +253,7 @@ def cli(debug: bool) -> None:
     peftkit eval --adapter DIR --dataset FILE   how well it does on a labelled file, beside a baseline
     peftkit inspect DIR               what an adapter is, what it was trained on, how well it did
     peftkit merge --adapter DIR --output OUT   base + adapter as one plain transformers model
+    peftkit export --adapter DIR --output F    one file to serve without PyTorch: ONNX (int8) or GGUF
     peftkit env                       versions, device and lock status, for bug reports
     """
     global _DEBUG
@@ -830,9 +831,21 @@ def _left_behind(exc: BaseException | None) -> str:
     return getattr(exc, "kept", "nothing was written")
 
 
+_SIGNALLED: list[int] = []  # the signal that stopped the command (SIGTERM), for its exit status
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # `kill` (SIGTERM) gets the same clean-up as Ctrl-C: staged output removed, workers stopped
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted_status() -> int:
+    """128 + the signal, as shells report a process a signal stopped: 130 for Ctrl-C (SIGINT),
+    143 for ``kill`` (SIGTERM)."""
+    import signal
+
+    return 128 + (_SIGNALLED[-1] if _SIGNALLED else int(signal.SIGINT))
 
 
 # what click says of a flag a command does not take (its one-line usage errors)
@@ -861,6 +874,7 @@ def main(argv: list[str] | None = None) -> None:
 
     global _DEBUG
     _DEBUG = False
+    _SIGNALLED.clear()
     clear_context()
     own_process()  # the command line's process is peftkit's (env.freeze_imported_objects)
     try:
@@ -876,7 +890,7 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except click.exceptions.Abort as exc:  # click's form of Ctrl-C (and of our SIGTERM handler)
         click.echo(f"error: interrupted; {_left_behind(exc.__cause__)}", err=True)
-        code = 130
+        code = _interrupted_status()
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -887,7 +901,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt as exc:
         click.echo(f"error: interrupted; {_left_behind(exc)}", err=True)
-        code = 130
+        code = _interrupted_status()
     except OSError as exc:  # disk full, permission denied: the user's environment, not our bug
         if _DEBUG or debug_requested():
             raise

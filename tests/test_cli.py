@@ -169,3 +169,14 @@ def test_error_in_a_real_process_has_no_traceback(tiny_csv) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: epochs must be a positive integer, got -1"
+
+
+def test_the_help_lists_every_command(run_cli) -> None:
+    """`peftkit --help` opens with a line per command (issue 32: `export` was missing from it)."""
+    from peftkit.cli import cli
+
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    listed = {line.split()[1] for line in out.splitlines() if line.strip().startswith("peftkit ")}
+    hidden = {name for name, cmd in cli.commands.items() if cmd.hidden}
+    assert set(cli.commands) - hidden <= listed, set(cli.commands) - listed
