@@ -11,6 +11,7 @@ Importing peftkit is cheap (no torch); the heavy parts load when used. ``run``, 
 (``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``, ``TuneConfig`` and ``Levers``;
 ``load_adapter`` / ``predict_texts`` / ``save_adapter`` work on adapters directly. Strategy and task
 plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
+A run that learned nothing warns with ``LearnedNothingWarning`` (a ``PeftkitWarning``).
 
 The functions ``plan``, ``bench``, ``predict``, ``tune`` and ``export`` are not shadowed by modules of
 the same names: those modules are ``peftkit.planner``, ``peftkit.benchmark``, ``peftkit.inference``,
@@ -32,7 +33,7 @@ _LAZY = {
     "load_adapter": "inference", "predict_texts": "inference", "save_adapter": "adapter_io",
 }
 
-from .errors import PeftkitError
+from .errors import LearnedNothingWarning, PeftkitError, PeftkitWarning
 from .registry import available as available_strategies
 from .registry import get_strategy, register_strategy
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults
@@ -41,9 +42,11 @@ from .tasks import Task, TaskData, register_task
 __all__ = [
     "BenchConfig",
     "EvalConfig",
+    "LearnedNothingWarning",
     "Levers",
     "ParamGroup",
     "PeftkitError",
+    "PeftkitWarning",
     "PlanSettings",
     "RunConfig",
     "RunResult",

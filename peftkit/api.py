@@ -22,13 +22,14 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
-from .errors import PeftkitError, RunInterrupted, set_context
+from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, set_context
 from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
 from .metrics import RunMetrics
@@ -148,7 +149,12 @@ def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
     resolved.config.output_dir = out
     quiet_libraries()
     metrics = _run_staged(resolved, out, resume, echo)
-    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
+    result = RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
+    if result.metrics is not None and result.metrics.learned is False:
+        # a library user reads no log line: the warning is theirs (the CLI prints its own line instead)
+        warnings.warn(f"run {out} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning,
+                      stacklevel=3)
+    return result
 
 
 def _process_state() -> Any:

@@ -638,6 +638,17 @@ def _row_seconds(row: dict[str, Any]) -> float | None:
     return sum(t.get("seconds") or 0.0 for t in row["tried"])
 
 
+def _uncached_seconds(row: dict[str, Any]) -> float | None:
+    """A row's seconds had every epoch taken as long as its slowest (``history``'s epoch_seconds):
+    the pace of a run that computes every epoch, for guessing another strategy's time. A strategy
+    that caches (head_only: epochs after the first skip the backbone) is far faster than that."""
+    seconds = _row_seconds(row)
+    epochs = [e.get("epoch_seconds") for e in row.get("history") or []]
+    if seconds is None or not epochs or any(e is None for e in epochs):
+        return seconds
+    return seconds + sum(max(epochs) - e for e in epochs)
+
+
 def _work(bench: BenchConfig, strategy: str, size: int) -> float:
     """Training examples a run of ``strategy`` on ``size`` examples processes: its epochs (as its
     schedule raises them on a small set, or ``--epochs``) times the size. What a run's time grows
@@ -655,24 +666,30 @@ def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]]
     largest smaller size of the same strategy (else any) scaled by the ratio of ``work(strategy,
     size)`` (default: the sizes' ratio; a rough guess, corrected once one run of that size is done),
     else of every run. None until a run succeeded."""
-    done = [(r["strategy"], r.get("train_size"), t) for r in rows if (t := _row_seconds(r)) is not None]
-    if not done or not any(r["status"] == "ok" for r in rows):
+    own = [(r["strategy"], r.get("train_size"), t) for r in rows if (t := _row_seconds(r)) is not None]
+    if not own or not any(r["status"] == "ok" for r in rows):
         return None
+    # another strategy's run stands in at its uncached pace: head_only's later epochs read cached
+    # features in a fraction of a second, a pace no other strategy keeps (issue 32: "about 1m04s
+    # left" after a head_only row of a 4m58s suite)
+    uncached = {id(r): _uncached_seconds(r) for r in rows}
+    other = [(r["strategy"], r.get("train_size"), uncached[id(r)]) for r in rows if _row_seconds(r) is not None]
     work = work or (lambda _strategy, size: float(size))
 
     def mean(picked: list[float]) -> float | None:
         return statistics.mean(picked) if picked else None
 
     def guess(strategy: str, size: int | None) -> float:
-        same = mean([t for s, z, t in done if (s, z) == (strategy, size)])
-        same = same if same is not None else mean([t for _s, z, t in done if z == size])
+        same = mean([t for s, z, t in own if (s, z) == (strategy, size)])
+        same = same if same is not None else mean([t for s, z, t in other if z == size])
         if same is None and size is not None:
             for mine in (True, False):  # the same strategy's smaller sizes say more than another's
+                done = own if mine else other
                 smaller = [(s, z) for s, z, _t in done if z is not None and z < size and (s == strategy or not mine)]
                 if smaller:
                     s, z = max(smaller, key=lambda sz: sz[1])
                     return mean([t for s2, z2, t in done if (s2, z2) == (s, z)]) * work(strategy, size) / work(s, z)
-        return same if same is not None else statistics.mean(t for _s, _z, t in done)
+        return same if same is not None else statistics.mean(t for _s, _z, t in other)
 
     return sum(guess(s, z) for s, z in todo)
 

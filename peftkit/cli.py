@@ -10,11 +10,13 @@ library, the strategy, the model type and the library's message, with status 1; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
 
@@ -364,14 +366,27 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
             + (["output-dir"] if output_dir else []) + (["report-to"] if report_to else [])
         if given or overwrite:
             raise PeftkitError(f"--resume continues a run with its own settings; drop --{given[0].replace('_', '-') if given else 'overwrite'}")
-        result = api.resume(resume_dir, echo=_echo)
+        with _own_learned_nothing_line():
+            result = api.resume(resume_dir, echo=_echo)
     else:
         flags = dict(flags, strategy=strategy, output_dir=output_dir, report_to=list(report_to) or None)
         cfg = build_run_config(config_file, flags, parse_set_options(set_items))
         cfg.overwrite = overwrite
-        result = api.run(cfg, echo=_echo)
+        with _own_learned_nothing_line():
+            result = api.run(cfg, echo=_echo)
     if result.metrics is not None:
         _print_summary(result.metrics, result.run_dir)
+
+
+@contextlib.contextmanager
+def _own_learned_nothing_line() -> Iterator[None]:
+    """The library's ``LearnedNothingWarning`` silenced: the command prints its own warning line after
+    the figures (``_print_summary``), not Python's ``file:line: Warning`` form."""
+    from .errors import LearnedNothingWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LearnedNothingWarning)
+        yield
 
 
 def _adapter_size(size: int) -> str:
@@ -815,11 +830,22 @@ def inspect_cmd(adapter_dir: str, as_json: bool) -> None:
         *([("test perplexity", f"{m['test_perplexity']:.4f}" + (f" (exact match {m['test_exact_match']:.4f})"
                                                              if "test_exact_match" in m else ""))]
           if "test_perplexity" in m else []),
-        ("trained on", f"{meta.get('dataset', '?')}, seed {m.get('seed', '?')}, {m.get('epochs', '?')} epoch(s)"),
+        ("trained on", f"{meta.get('dataset', '?')}, seed {m.get('seed', '?')}, {_epochs_trained(m)}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
     ]
     for key, value in rows:
         click.echo(f"{key:<17} {value}")
+
+
+def _epochs_trained(m: dict[str, Any]) -> str:
+    """``7 of 15 epoch(s) (stopped early), best 2``: what training did, not only what was planned
+    (an adapter saved before epochs_run and best_epoch were recorded shows the planned epochs)."""
+    planned, ran, best = m.get("epochs", "?"), m.get("epochs_run"), m.get("best_epoch")
+    if ran is None:
+        return f"{planned} epoch(s)"
+    early = " (stopped early)" if isinstance(planned, int) and ran < planned else ""
+    shown = f"{ran} of {planned} epoch(s){early}" if early else f"{ran} epoch(s)"
+    return shown + (f", best {best}" if best is not None else "")
 
 
 # --debug given (PEFTKIT_DEBUG=1 is read when an error happens)

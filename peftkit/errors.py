@@ -15,6 +15,17 @@ class PeftkitError(Exception):
     """
 
 
+class PeftkitWarning(UserWarning):
+    """Something a library user should know about a result that is not an error (the command line
+    prints its own line instead; ``warnings.simplefilter("error", PeftkitWarning)`` makes it one)."""
+
+
+class LearnedNothingWarning(PeftkitWarning):
+    """A run ended without learning anything beyond an answer that needs no training (its
+    metrics.json ``learned`` is false); the message gives what the figures say, the likely cause
+    and the flag to try (``RunMetrics.learned_note``)."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (or ``kill``) stopped a command; ``kept`` says what it left behind, for the one-line
     message (``nothing was written``, or that the last checkpoint is kept and how to continue).

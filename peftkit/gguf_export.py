@@ -22,10 +22,11 @@ tokenization. An export that fails leaves nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import PeftkitError
 
@@ -141,6 +142,29 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[str]) -> tuple[list[list[i
     return encoded, generated, logits
 
 
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws its "Converting and de-quantizing GGUF tensors..." bar with
+    tqdm directly, past its own ``disable_progress_bar`` switch, and without a terminal its carriage
+    returns land in the user's log: the bar is built disabled while the check reads the file back."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # another layout of transformers: its bar shows, nothing else changes
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def export_gguf(adapter_dir: str, output: str, model: str | None = None, force: bool = False,
                 overwrite: bool = False, echo: Echo = lambda _: None) -> Any:
     """Merge the causal-LM adapter in ``adapter_dir`` into its base (or ``model``) and write it as
@@ -184,14 +208,9 @@ def export_gguf(adapter_dir: str, output: str, model: str | None = None, force: 
         seconds["write"] = time.perf_counter() - clock
         clock = time.perf_counter()
         echo(f"checking: transformers reads it back; greedy generations of {len(prompts)} prompts ...")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # its "de-quantizing GGUF tensors" bar: a second, for float32
-        try:
+        with _no_gguf_progress_bar():
             back = AutoModelForCausalLM.from_pretrained(stage, gguf_file=GGUF_FILE, dtype="float32").eval()
             back_tokenizer = AutoTokenizer.from_pretrained(stage, gguf_file=GGUF_FILE)
-        finally:
-            hf_logging.enable_progress_bar()
         got_ids, got_out, got_logits = _greedy(back, back_tokenizer, prompts)
         seconds["check"] = time.perf_counter() - clock
         same_tokens = sum(a == b for a, b in zip(got_ids, reference_ids))

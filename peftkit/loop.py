@@ -24,7 +24,7 @@ from .config import RunConfig
 from .errors import PeftkitError
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
-from .metrics import RunMetrics, format_rate
+from .metrics import RunMetrics, format_duration, format_rate
 from .packing import padding_fraction
 from .sharding import check_fsdp, check_shardable, reshard, shard_model
 from .stats import bits
@@ -220,6 +220,9 @@ class StepTimes:
 # the device to finish all queued work, so a read every step keeps it idle while the host prepares
 # the next step. Ten steps make a readable progress bar and stall the device once in ten.
 READ_EVERY = 10
+#: Without a terminal there is no progress bar: a line every this many seconds (step, loss, examples/s,
+#: time left) shows a log reader that training goes on between epoch lines, which can be minutes apart.
+HEARTBEAT_SECONDS = 30.0
 
 
 def train_step(accelerator: Any, model: Any, optimizer: Any, strategy: Strategy,
@@ -354,6 +357,8 @@ class Trainer:
         self.read_at_step = 0  # the optimizer step at the last read
         self.epoch_steps = 0  # optimizer steps of this epoch (in this process's run)
         self.read_every = 1  # optimizer steps between reads of the losses: set by ``setup``
+        self.bar_opened = (0.0, 0)  # (time, optimizer step) when training started in this process
+        self.next_beat = math.inf  # when the next line without a terminal is due (``beat``)
 
     def setup(self, model: Any, processor: Any, data: Any, workdir: str | None,
               tracker_config: Callable[[], dict[str, Any]]) -> None:
@@ -497,6 +502,26 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"{self.strategy.name}", unit="step",
                         dynamic_ncols=True, disable=not self.accelerator.is_local_main_process or None,
                         file=sys.stderr)
+        now = time.perf_counter()
+        self.bar_opened = (now, self.state.step)
+        self.next_beat = now + HEARTBEAT_SECONDS
+
+    def beat(self, epoch: int) -> None:
+        """Without a terminal (the bar disabled by tqdm), a line on stderr every ``HEARTBEAT_SECONDS``:
+        the step, the running loss, examples/s and the time left at the rate so far."""
+        now = time.perf_counter()
+        if now < self.next_beat or not self.bar.disable or not self.accelerator.is_local_main_process:
+            return
+        self.next_beat = now + HEARTBEAT_SECONDS
+        self.read_losses(epoch)  # a current loss, at one wait for the device per line
+        st = self.state
+        start, first_step = self.bar_opened
+        left = (self.total_steps - st.step) * (now - start) / max(1, st.step - first_step)
+        rate = st.epoch_examples / max(1e-9, now - self.epoch_start)
+        loss = f", loss {st.smooth_loss:.4f}" if st.smooth_loss is not None else ""
+        print(f"{self.strategy.name}: step {st.step}/{self.total_steps} (epoch {epoch + 1}/{self.hp.epochs}){loss}, "
+              f"{format_rate(rate)} examples/s, about {format_duration(left)} of training left",
+              file=sys.stderr, flush=True)
 
     def train_epoch(self, epoch: int, resuming: bool) -> float:
         """Train epoch ``epoch`` (0-based; ``resuming``: from the checkpoint's place in it).
@@ -561,6 +586,7 @@ class Trainer:
         self.add_groups(self.strategy.on_step_end(self.inner, st.step))
         st.max_trainable = max(st.max_trainable, self.count_trainable())
         self.bar.update(1)
+        self.beat(epoch)
         if self.trackers:
             self.accelerator.log({"train/lr": self.optimizer.param_groups[0]["lr"]}, step=st.step)
         if due_checkpoint:

@@ -31,6 +31,14 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:.0f}"
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for a person: ``42s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def _first(values: list[Any]) -> Any:
     return values[0]
 
@@ -72,8 +80,8 @@ class RunMetrics:
         adapter=("accuracy", "f1_macro", "perplexity", "exact_match"))
     validation: dict[str, float] = _task_figures(  # the selected (best) epoch's
         "validation_", row=("accuracy", "loss", "perplexity"), adapter=("accuracy",))
-    best_epoch: int | None = _figure(row=True)
-    epochs_run: int = _figure(row=True, summary=("epochs", max))
+    best_epoch: int | None = _figure(row=True, adapter=True)  # the epoch whose weights were kept
+    epochs_run: int = _figure(row=True, adapter=True, summary=("epochs", max))  # fewer than epochs: stopped early
     trainable_params: int = _figure(row=True, adapter=True, summary=("trainable_params", max))
     total_params: int = _figure(row=True, adapter=True, summary=("total_params", _first))
     trainable_percent: float = _figure(row=True, summary=("trainable_percent", max))

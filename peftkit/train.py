@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .config import RunConfig
+from .data import label_column_problem
 from .errors import PeftkitError, set_context
 from .files import write_json
 # make_loader and torch_param_groups live in loop; importable from here as before (plan, benchmarks use them)
@@ -221,7 +222,10 @@ def judge_learning(run: ResolvedRun, data: Any, metrics: RunMetrics, history: li
         return
     metrics.learned, metrics.baseline = verdict.learned, verdict.baseline
     if not verdict.learned:
-        cause = likely_cause(run.hparams.lr, metrics, history, verdict.worse, run.hparams.min_steps)
+        # a cause the data check already found (a label column of free text) outranks any advice on
+        # steps or learning rate: no setting learns classes from the wrong column
+        cause = label_column_problem(data) or likely_cause(run.hparams.lr, metrics, history, verdict.worse,
+                                                           run.hparams.min_steps)
         metrics.learned_note = f"{verdict.reason}. {cause}"
 
 

@@ -186,3 +186,19 @@ def test_bench_train_sizes_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_pat
     assert "## Accuracy against training-set size" in stdout and "| strategy | 40 | 160 (all) |" in stdout
     assert stdout.count("| strategy | trainable") == 1
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
+
+
+def test_time_left_after_a_cached_strategy_uses_its_uncached_pace() -> None:
+    """Issue 32 (5): head_only's later epochs read cached features in a fraction of a second; the other
+    strategies' time is guessed at the pace of its first epoch (which ran the backbone), not its mean."""
+    from peftkit.benchmark import _seconds_left
+
+    head = {"strategy": "head_only", "status": "ok", "tried": [{"seconds": 20.0}],
+            "history": [{"epoch_seconds": 10.0}] + [{"epoch_seconds": 0.5}] * 3}
+    # 20 s as run, 20 + 3 x 9.5 = 48.5 s had every epoch run the backbone
+    assert _seconds_left([head], [("head_only", None)]) == 20.0  # its own runs: as they ran
+    assert _seconds_left([head], [("lora", None), ("full", None)]) == 2 * 48.5
+    lora = {"strategy": "lora", "status": "ok", "tried": [{"seconds": 60.0}],
+            "history": [{"epoch_seconds": 14.0}, {"epoch_seconds": 15.0}]}
+    assert _seconds_left([head, lora], [("lora", None)]) == 60.0
+    assert _seconds_left([head, lora], [("full", None)]) == (48.5 + 61.0) / 2

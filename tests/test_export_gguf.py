@@ -67,6 +67,7 @@ def test_a_lora_adapter_round_trips_through_gguf(tiny_bpe_llama, run_cli, tmp_pa
     code, stdout, err = run_cli("export", "--adapter", adapter, "--format", "gguf", "--output", out)
     assert code == 0, err
     assert "greedy tokens the same as PyTorch's on all 3 prompts" in err and "model.gguf" in stdout
+    assert "de-quantizing" not in err and "\r" not in err  # issue 32 (8): no library bar in a log
     assert sorted(os.listdir(out)) == ["model.gguf", "peftkit_export.json"]
     with open(os.path.join(out, "peftkit_export.json")) as fh:
         meta = json.load(fh)

@@ -136,6 +136,43 @@ def test_a_run_that_cannot_learn_warns_and_records_it(run_cli, tiny_model_dir, t
     assert f"warning: this run learned nothing: {m['learned_note']}" in stderr
     assert "full: test accuracy" in stdout  # the figures are still shown, the warning after them
     assert "learned: false" in open(os.path.join(out, "train.log")).read()
+    assert "LearnedNothingWarning" not in stderr  # the command's own line, not Python's warning form
+
+
+def test_the_python_api_warns_when_a_run_learned_nothing(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Issue 32 (1): a library user reads no summary line: peftkit.run warns with LearnedNothingWarning,
+    a PeftkitWarning, whose message is the run's learned_note."""
+    import peftkit
+
+    cfg = peftkit.RunConfig(strategy="full", model=tiny_model_dir("bert"), dataset=tiny_csv,
+                            output_dir=str(tmp_path / "run"), epochs=1, lr=1e-9, batch_size=16, max_length=16)
+    with pytest.warns(peftkit.LearnedNothingWarning, match="learned nothing: .*too few") as caught:
+        result = peftkit.run(cfg, echo=lambda line: None)
+    assert issubclass(peftkit.LearnedNothingWarning, peftkit.PeftkitWarning)
+    assert result.metrics.learned is False and result.metrics.learned_note in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller's line, not into peftkit
+
+
+def test_swapped_columns_are_the_cause_named_when_nothing_was_learned(run_cli, tiny_model_dir,
+                                                                     tmp_path) -> None:
+    """Issue 32 (3): the data check found the label column holds free text; the learned-nothing line
+    names that fix, not more epochs or another learning rate."""
+    path = tmp_path / "swapped.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["review", "sentiment"])
+        writer.writeheader()
+        writer.writerows({"review": r["text"], "sentiment": r["label"]} for r in make_rows(200))
+    out = str(tmp_path / "run")
+    code, _, stderr = run_cli("run", "--strategy", "full", "--model", tiny_model_dir("bert"), "--dataset",
+                              str(path), "--text-column", "sentiment", "--label-column", "review",
+                              "--output-dir", out, "--epochs", "1", "--batch-size", "16", "--max-length", "16")
+    assert code == 0, stderr
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["learned"] is False
+    fix = "did you mean --text-column review --label-column sentiment?"
+    assert m["learned_note"].endswith(fix) and "label column 'review' has" in m["learned_note"]
+    assert "try --epochs" not in m["learned_note"] and "try --lr" not in m["learned_note"]
+    assert stderr.rstrip().splitlines()[-1] == f"warning: this run learned nothing: {m['learned_note']}"
 
 
 @pytest.fixture(scope="module")

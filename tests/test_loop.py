@@ -69,3 +69,25 @@ def test_benchmark_rows_and_summary_come_from_the_fields() -> None:
     summary = summarize_figures(rows)
     assert summary["epochs"] == 3 and summary["total_params"] == 1 and summary["train_seconds_mean"] == 2.0
     assert summary["peak_reserved_bytes"] is None and summary["tokens_per_second_mean"] == 2.0
+
+
+def test_without_a_terminal_a_progress_line_comes_every_heartbeat(run_cli, tiny_model_dir, tiny_csv, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Issue 32 (4): stderr is not a terminal here, so there is no bar; with the heartbeat at 0 s every
+    step says where training is (a real run: every 30 s)."""
+    import re
+
+    from peftkit import loop
+    from peftkit.metrics import format_duration
+
+    monkeypatch.setattr(loop, "HEARTBEAT_SECONDS", 0.0)
+    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
+                              "--output-dir", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "32",
+                              "--max-length", "16")
+    assert code == 0, stderr
+    beats = [line for line in stderr.splitlines() if line.startswith("lora: step ")]
+    pattern = r"lora: step (\d+)/(\d+) \(epoch [12]/2\), loss \d+\.\d{4}, [\d.]+ examples/s, about \S+ of training left"
+    assert beats and all(re.fullmatch(pattern, line) for line in beats), beats
+    steps = [int(re.match(r"lora: step (\d+)/", line).group(1)) for line in beats]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] == int(re.match(pattern, beats[-1]).group(2))
+    assert [format_duration(s) for s in (0.4, 42, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -159,8 +160,20 @@ def test_inspect(trained, run_cli) -> None:
     for field in ("strategy          lora", "base fingerprint  sha256:", "labels            0=neg, 1=pos",
                   "trainable params", "size", "test accuracy"):
         assert field in stdout, stdout
+    assert re.search(r"^trained on .*, seed 0, 2 epoch\(s\), best [12]$", stdout, re.M), stdout
     code, stdout, _ = run_cli("inspect", "--json", trained["adapter"])
     assert json.loads(stdout)["strategy"] == "adapter"
+    recorded = json.loads(stdout)["metrics"]
+    assert recorded["epochs"] == 2 and recorded["epochs_run"] == 2 and recorded["best_epoch"] in (1, 2)
+
+
+def test_inspect_says_what_training_did_not_only_what_was_planned() -> None:
+    """Issue 32 (9): early stopping ended at 7 of 15 planned epochs, the best the 2nd: inspect says so."""
+    from peftkit.cli import _epochs_trained
+
+    assert _epochs_trained({"epochs": 15, "epochs_run": 7, "best_epoch": 2}) == "7 of 15 epoch(s) (stopped early), best 2"
+    assert _epochs_trained({"epochs": 2, "epochs_run": 2, "best_epoch": 2}) == "2 epoch(s), best 2"
+    assert _epochs_trained({"epochs": 3}) == "3 epoch(s)"  # an adapter saved before these were recorded
 
 
 def test_python_api_round_trip(trained, tiny_model_dir, tmp_path) -> None:

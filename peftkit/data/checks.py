@@ -85,6 +85,16 @@ def label_warnings(data: TaskData) -> list[str]:
     return [line for line in found if line]
 
 
+def label_column_problem(data: Any) -> str | None:
+    """The finding that the label column holds free text, not classes (with the flags that would
+    fix it), without the ``warning:`` prefix; None where it holds classes or the task has no labels.
+    A run that then learns nothing names this as its cause before any learning-rate advice."""
+    if not isinstance(data, TaskData) or not data.label_names or "train" not in data.splits:
+        return None
+    line = _free_text_warning(data)
+    return line.removeprefix("warning: ") if line else None
+
+
 def _rows_used(data: TaskData) -> int:
     rows = data.split_info.get("rows") or {}
     return int(rows.get("used") or sum(len(ds) for ds in data.splits.values()))
