@@ -39,7 +39,7 @@ from .tuning import STUDY_FILE, TuneConfig, TunePlan
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .train import ResolvedRun
+    from .train import EarlyData, ResolvedRun
 
 Echo = Callable[[str], None]
 """Where progress messages go (one line each)."""
@@ -141,14 +141,15 @@ def resumed_config(run_dir: str) -> RunConfig:
 
 
 def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
-    from .train import resolve
+    from .train import load_data_early, resolve
 
     resolved = resolve(config)  # unknown strategy or bad options fail here, before anything heavy loads
     set_context(strategy=resolved.strategy.name, model=config.model)
     out = config.output_dir or default_output_dir(resolved.strategy.name)
     resolved.config.output_dir = out
     quiet_libraries()
-    metrics = _run_staged(resolved, out, resume, echo)
+    early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
+    metrics = _run_staged(resolved, out, resume, echo, early)
     result = RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
     if result.metrics is not None and result.metrics.learned is False:
         # a library user reads no log line: the warning is theirs (the CLI prints its own line instead)
@@ -191,7 +192,8 @@ def _open_stage_everywhere(state: Any, out: str, overwrite: bool, resume: bool) 
     return stage_path(out)
 
 
-def _run_staged(run: ResolvedRun, out: str, resume: bool, echo: Echo) -> dict[str, Any] | None:
+def _run_staged(run: ResolvedRun, out: str, resume: bool, echo: Echo, early: EarlyData | None = None
+                ) -> dict[str, Any] | None:
     """Run into the staging directory and move it to ``out`` when done. A failed run keeps its
     staging directory only if it holds a checkpoint, and says how to resume; an interrupted one
     raises ``RunInterrupted`` saying the same."""
@@ -201,7 +203,7 @@ def _run_staged(run: ResolvedRun, out: str, resume: bool, echo: Echo) -> dict[st
     state = _process_state()
     stage = _open_stage_everywhere(state, out, run.config.overwrite, resume)
     try:
-        metrics = execute_run(run, stage, echo, resume=resume)
+        metrics = execute_run(run, stage, echo, resume=resume, early=early)
     except BaseException as exc:
         if state.is_main_process and abandon_stage(stage):
             kept = f"the last checkpoint is kept: continue with peftkit run --resume {out}"

@@ -282,15 +282,37 @@ def _train_log(path: str | None) -> Iterator[Callable[[str], None]]:
             fh.close()
 
 
+@dataclass
+class EarlyData:
+    """A run's data read before torch, transformers and peft are imported (``load_data_early``),
+    so that bad data is refused in about a second instead of after the seconds those imports take."""
+
+    data: Any  # the task's TaskData
+    seconds: float  # what reading it took (the run's stage_seconds["load_data"])
+
+
+def load_data_early(run: ResolvedRun, echo: Callable[[str], None]) -> EarlyData:
+    """Read ``run``'s data (``Task.load_data``: only ``datasets`` is imported), saying so on the
+    first process only (torchrun and accelerate set ``RANK``; every process reads its own copy).
+    An empty file, a missing column or a single class raises ``PeftkitError`` here."""
+    cfg = run.config
+    if os.environ.get("RANK", "0") == "0":
+        echo(f"loading data {cfg.dataset!r} for {run.task.name} ...")
+    start = time.perf_counter()
+    data = run.task.load_data(cfg)
+    return EarlyData(data, time.perf_counter() - start)
+
+
 def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
-                resume: bool = False, data_said: bool = False) -> dict[str, Any]:
+                resume: bool = False, data_said: bool = False, early: EarlyData | None = None) -> dict[str, Any]:
     """Do a whole run into ``workdir``: load data and model, prepare, fit, save adapter and metrics.
 
     ``workdir`` is a staging directory; the caller moves it into place only when this returns.
     With ``resume`` the run continues from the newest checkpoint in ``workdir``. Under several
     processes every process calls this; only the main one writes. ``data_said``: what loading the
     data found (columns, dropped rows, label warnings) was said already (a bench says it once, not
-    once per run); it still goes into train.log.
+    once per run); it still goes into train.log. ``early``: the data as ``load_data_early`` read it
+    (None: read here).
     """
     from accelerate import PartialState
 
@@ -303,7 +325,7 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         resume_from = ckpt.latest(workdir) if resume else None
         if resume and resume_from is None:
             raise PeftkitError(f"run {run.config.output_dir!r} has no complete checkpoint to resume from")
-        loaded = _load(run, workdir, say, log, write_config=main and not resume, data_said=data_said)
+        loaded = _load(run, workdir, say, log, write_config=main and not resume, data_said=data_said, early=early)
         _announce(run, loaded.data.split_info["sizes"], resume_from, say)
         fitting = time.perf_counter()
         outcome = fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log, workdir=workdir,
@@ -332,8 +354,9 @@ def train_and_validate(run: ResolvedRun, workdir: str, echo: Callable[[str], Non
 
 
 def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Callable[[str], None],
-          write_config: bool, data_said: bool = False) -> _Loaded:
-    """Load the data (config.yaml records the split actually made) and the model, and prepare it."""
+          write_config: bool, data_said: bool = False, early: EarlyData | None = None) -> _Loaded:
+    """Load the data (config.yaml records the split actually made; ``early``: read already) and the
+    model, and prepare it."""
     clock = _StageClock()
     import yaml
     from transformers import set_seed
@@ -350,8 +373,9 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     log(f"run: {json.dumps(resolved, default=str)}")
     clock.lap("imports")  # (those of a fresh process: a bench worker's, a trial's)
     set_seed(cfg.seed)
-    say(f"loading data {cfg.dataset!r} for {task.name} ...")
-    data = task.load_data(cfg)
+    if early is None:
+        say(f"loading data {cfg.dataset!r} for {task.name} ...")
+    data = early.data if early is not None else task.load_data(cfg)
     cap_eval_splits(data, cfg.max_eval_samples, cfg.seed)
     _say_data(run, data, resolved, (lambda message: None) if data_said else say, log)
     log(f"data: {data.split_info['method']}; sizes {data.split_info['sizes']}; labels {data.label_names}")
@@ -367,6 +391,8 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
         with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(resolved, fh, sort_keys=False)
     clock.lap("load_data")
+    if early is not None:  # read before the imports: its own time, not the moment it took here
+        clock.seconds["load_data"] = round(clock.seconds["load_data"] + early.seconds, 3)
     say(f"loading model {cfg.model!r} ...")
     processor = task.load_processor(cfg.model)
     set_seed(cfg.seed)  # the new head's initialisation depends on it

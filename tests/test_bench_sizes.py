@@ -101,9 +101,10 @@ def test_every_strategy_runs_at_every_size_and_seed_tagged_and_apart(sized_suite
     # the progress count and its time left include the sizes: the second run guesses the 160-example ones
     # from the 40-example one (4 s) scaled by the examples each processes, epochs as the schedule raises
     # them at batch 8 (lora: 20 x 40 = 800 and 8 x 160 = 1280; head_only at 160: 20 x 160 = 3200):
-    # 4 (lora 40) + 2 x 6.4 (lora 160) + 2 x 4 (head_only 40: that size's mean) + 2 x 16 (head_only 160)
+    # 4 (lora 40) + 2 x 6.4 (lora 160); head_only stands in at lora's uncached pace (4 s as run, its
+    # epochs of 8 and 2 s at the slower one: 4 + 6 = 10 s): 2 x 10 (head_only 40) + 2 x 40 (head_only 160)
     assert said[0] == "[1/8] lora, seed 0, 40 examples (0s elapsed)"
-    assert said[2].startswith("[2/8] lora, seed 1, 40 examples (0s elapsed, about 57s left)")
+    assert said[2].startswith("[2/8] lora, seed 1, 40 examples (0s elapsed, about 1m57s left)")
     assert "[8/8] head_only, seed 1, 160 examples" in said[-2]
     on_disk = json.load(open(out / "results.json"))
     block = on_disk["train_sizes"]

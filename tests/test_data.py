@@ -271,3 +271,21 @@ def test_a_run_says_and_records_its_columns(run_cli, tiny_model_dir, tmp_path) -
     assert metrics["split"]["rows"]["used"] == 280
     log = open(os.path.join(out, "train.log")).read()
     assert all(line in log for line in said)
+
+
+@pytest.mark.parametrize("rows", [[], [{"text": "good film", "label": "pos"}] * 20], ids=["empty", "one_class"])
+def test_bad_data_is_refused_before_torch_loads(rows, tmp_path) -> None:
+    """Issue 32 (6): a run reads its data before importing torch, transformers and peft (seconds), so an
+    empty or one-class file is refused as fast as a missing one; nothing is written."""
+    import subprocess
+    import sys
+
+    source = _write_csv(tmp_path / "bad.csv", rows)
+    out = tmp_path / "run"
+    code = ("import sys\nfrom peftkit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, sorted(m for m in ('torch', 'peft', 'accelerate') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, "run", "--strategy", "lora", "--dataset", source,
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "exit 2 []", done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
+    assert not out.exists()

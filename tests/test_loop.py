@@ -57,7 +57,7 @@ def test_run_metrics_flattens_task_metrics_and_reads_back() -> None:
     with pytest.raises(PeftkitError, match="'nope'"):
         RunMetrics.from_dict({**flat, "nope": 1})
     assert set(m.adapter_record()) == {"seed", "epochs", "test_accuracy", "test_f1_macro", "validation_accuracy",
-                                       "trainable_params", "total_params"}
+                                       "trainable_params", "total_params", "epochs_run", "best_epoch"}
 
 
 def test_benchmark_rows_and_summary_come_from_the_fields() -> None:
