@@ -151,7 +151,9 @@ def report(results: dict[str, Any]) -> str:
         v = r.get("validation_versus_defaults")
         sure = (f", {100 * v['difference']:+.1f} pts ({100 * v['low']:+.1f}, {100 * v['high']:+.1f}), "
                 f"p={v['p_value']:.2g}" + ("" if v["distinguishable"] else ", not distinguishable")) if v else ""
-        lines.append(f"| `{name}` | {r['trials']} ({st.get('complete', 0)} / {st.get('pruned', 0)} / {st.get('fail', 0)}) "
+        # trials.json's "fail" became "failed" and "interrupted" (told apart): the column keeps its meaning
+        failed = st.get("fail", 0) + st.get("failed", 0) + st.get("interrupted", 0)
+        lines.append(f"| `{name}` | {r['trials']} ({st.get('complete', 0)} / {st.get('pruned', 0)} / {failed}) "
                      f"| {r['default_validation']:.4f} → {r['best_validation']:.4f} (#{r['best_trial']}{sure}) "
                      f"| {full['default']['test_accuracy']:.4f} | {full['tuned']['test_accuracy']:.4f} | {diff} "
                      f"| {tune_time} | {settings or 'defaults'} |")

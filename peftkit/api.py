@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
@@ -35,7 +35,7 @@ from .exporter import ExportResult
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
 from .strategies.base import TUNED_SETTINGS
-from .tuning import STUDY_FILE, TuneConfig, TunePlan
+from .tuning import STUDY_FILE, TrialCounts, TuneConfig, TunePlan
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,7 +301,7 @@ def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
 
 def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tuple[str, dict[str, Any]]:
     """One strategy's study (see ``bench_tuning``): its metric and what it found."""
-    from .tuning import (StudyMismatch, best_config, open_storage, open_study, optimize, prepare_output,
+    from .tuning import (StudyMismatch, best_config, defaults_won, open_storage, open_study, optimize, prepare_output,
                          versus_defaults, write_reports)
 
     def said(line: str) -> None:
@@ -333,8 +333,10 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
     # the finished defaults trial (an interrupted one was queued again, and failed trials have no value)
     defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults") and t.value is not None), None)
     said(f"best trial #{study.best_trial.number}, validation {plan.metric} {study.best_value:.4f} "
-         f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'})")
-    return plan.metric, {"status": "ok", "error": None, "trials": len(study.trials),
+         f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'}); of {TrialCounts.of(study).describe()}"
+         + ("; the defaults were best: no tuned setting beat them" if defaults_won(study) else ""))
+    # trials as tune's own lines count them: every one that started (not those queued and never run)
+    return plan.metric, {"status": "ok", "error": None, "trials": TrialCounts.of(study).total,
                          "best_trial": study.best_trial.number, "best_validation": study.best_value,
                          "default_validation": defaults, "settings": settings,
                          "same_as_default": bool(study.best_trial.user_attrs.get("defaults")), "dir": folder,
@@ -426,7 +428,7 @@ class TuneResult:
     """The study's storage URL, its password hidden."""
     metric: str
     trials: int
-    """Trials the study holds now (this call's and earlier ones', every process's)."""
+    """Trials the study has started (this call's and earlier ones', every process's): ``counts.total``."""
     ran: int
     """Trials this call ran."""
     best_trial: int
@@ -441,6 +443,11 @@ class TuneResult:
     versus_defaults: dict[str, Any] | None = None
     """The best trial against the defaults on the same validation examples (``tuning.versus_defaults``:
     difference, 95% interval, p-value, ``distinguishable``); None where it cannot be said."""
+    counts: TrialCounts = field(default_factory=TrialCounts)
+    """How the study's trials stand (complete, pruned, failed, interrupted, running), the figures
+    every line of the tune gives."""
+    defaults_best: bool = False
+    """The defaults won the study: no tuned setting beat them on validation."""
 
 
 def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
@@ -509,7 +516,7 @@ def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
 def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult:
     """Train the best configuration once more as a run (test evaluated there only, unless the
     previous call already did it for the same trial) and move the reports into place."""
-    from .tuning import best_config, masked, staged_reports, versus_defaults, write_reports
+    from .tuning import best_config, defaults_won, masked, staged_reports, versus_defaults, write_reports
 
     try:
         best_number = study.best_trial.number
@@ -520,7 +527,8 @@ def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult
     previous = _previous_best_run(plan.output_dir, best_number)
     with staged_reports(plan.output_dir) as stage:
         if previous is None:
-            echo(f"tune: best trial #{best_number} ({plan.metric} {study.best_value:.4f}); training it once more "
+            who = f"#{best_number} (the defaults)" if defaults_won(study) else f"#{best_number}"
+            echo(f"tune: best trial {who} ({plan.metric} {study.best_value:.4f}); training it once more "
                  "as peftkit run --config best.yaml would, the only run evaluated on test ...")
             best.output_dir = os.path.join(stage, "best-run")
             run_result = _run(dataclasses.replace(best), resume=False, echo=echo)
@@ -529,9 +537,10 @@ def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult
         plots = write_reports(stage, plan, study, best, previous)
     run_dir = os.path.join(plan.output_dir, "best-run")
     metrics = RunMetrics.from_dict(_read_json(os.path.join(run_dir, "metrics.json")))
-    return TuneResult(plan.output_dir, plan.study_name, masked(plan.storage), plan.metric, len(study.trials), ran,
+    counts = TrialCounts.of(study)
+    return TuneResult(plan.output_dir, plan.study_name, masked(plan.storage), plan.metric, counts.total, ran,
                       best_number, study.best_value, dict(study.best_trial.params), best,
-                      RunResult(run_dir, metrics), plots, versus_defaults(study))
+                      RunResult(run_dir, metrics), plots, versus_defaults(study), counts, defaults_won(study))
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -546,13 +546,15 @@ def tune_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str
 
 
 def _print_tune(result: Any) -> None:
-    from .tuning import describe_versus_defaults
+    from .tuning import describe_best, describe_versus_defaults
 
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
     m = result.best_run.metrics
     test = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in (m.test if m else {}).items() if k != "loss")
-    click.echo(f"best of {result.trials} trial(s): #{result.best_trial}, validation {result.metric} "
-               f"{result.best_value:.4f} ({params or 'the defaults'})")
+    first, *rest = describe_best(result.counts, result.best_trial, result.metric, result.best_value,
+                                 result.best_params, result.defaults_best)
+    click.echo(first)
+    for line in rest:
+        click.echo(f"  {line}")
     if result.versus_defaults:
         click.echo(f"  {describe_versus_defaults(result.versus_defaults)}")
     click.echo(f"  trained again as a run: test {test} ({os.path.join(result.output_dir, 'best-run')})")

@@ -57,6 +57,8 @@ LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae")
 # little next to a trial.
 HEARTBEAT_S = 30
 STALE_AFTER_S = 120
+# what an interrupted trial means for the study, said alike wherever one is reported
+REPLACED = "it does not count toward --trials; another trial takes its place"
 
 
 @dataclass
@@ -301,10 +303,20 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
         study.set_user_attr("settings", plan.base.to_dict())
     if not study.trials:
         study.enqueue_trial(trial_zero(plan), user_attrs={"defaults": True}, skip_if_exists=True)
-        echo(f"tune: new study {name!r} in {masked(plan.storage)}; trial 0 is the defaults of {plan.strategy.name}")
+        echo(f"tune: new study {name!r} in {masked(plan.storage)}; trial #0 is the defaults of "
+             f"{plan.strategy.name}; it ends when {plan.config.trials} trials have finished (complete, pruned or "
+             "failed; an interrupted one is replaced)")
     else:
-        echo(f"tune: continuing study {name!r} ({len(study.trials)} trials so far) in {masked(plan.storage)}")
+        echo(f"tune: continuing study {name!r} in {masked(plan.storage)}: {still_to_run(TrialCounts.of(study), plan)}")
     return study
+
+
+def still_to_run(counts: TrialCounts, plan: TunePlan) -> str:
+    """``6 trials: 4 complete, 1 pruned, 1 failed; 5 of --trials 8 finished, 3 to go``: where a study
+    stands against ``--trials``, in the words every line uses."""
+    goal = plan.config.trials
+    left = f"{goal - counts.finished} to go" if counts.finished < goal else "none to go"
+    return f"{counts.describe()}; {counts.finished} of --trials {goal} finished, {left}"
 
 
 def _differences(made_for: dict[str, Any] | None, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -458,13 +470,55 @@ def _outcome(report: dict[str, Any], values: list[float], direction: str, second
 
 # -- the search ---------------------------------------------------------------------------------
 
+def trial_state(trial: optuna.trial.FrozenTrial) -> str:
+    """The word every message, trials.csv and trials.json use for how ``trial`` stands: complete,
+    pruned, failed, interrupted (failed by Ctrl-C, kill or a stopped process: it did not run its
+    course, so it is not counted and another trial takes its place), running or waiting (queued,
+    not started)."""
+    if trial.user_attrs.get("interrupted"):
+        return "interrupted"
+    return {"FAIL": "failed"}.get(trial.state.name, trial.state.name.lower())
+
+
+@dataclass(frozen=True)
+class TrialCounts:
+    """How a study's trials stand, counted once so that every line gives the same figures (a
+    continued study's earlier trials included). ``finished`` (complete, pruned or failed) is what
+    ``--trials`` counts; ``total`` is every trial that started (waiting ones are not)."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: int = 0
+    running: int = 0
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> TrialCounts:
+        """Count ``study``'s trials now (every process's)."""
+        states = [trial_state(t) for t in study.get_trials(deepcopy=False)]
+        return cls(**{f.name: states.count(f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def finished(self) -> int:
+        """Complete, pruned or failed: the trials ``--trials`` counts."""
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def total(self) -> int:
+        """Every trial that started: finished, interrupted or running."""
+        return self.finished + self.interrupted + self.running
+
+    def describe(self) -> str:
+        """``6 trials: 4 complete, 1 pruned, 1 failed`` (states with none left out; the parts add
+        up to the total)."""
+        parts = [f"{n} {f.name}" for f in dataclasses.fields(self) if (n := getattr(self, f.name))]
+        return f"{self.total} trial{'s' if self.total != 1 else ''}" + (f": {', '.join(parts)}" if parts else "")
+
+
 def counted(study: optuna.Study) -> int:
     """Trials that count toward ``--trials``: finished ones (complete, pruned, failed), but not
     those an interruption ended (they did not run their course)."""
-    from optuna.trial import TrialState
-
-    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("interrupted"))
+    return TrialCounts.of(study).finished
 
 
 def fail_stale_trials(study: optuna.Study, echo: Echo) -> int:
@@ -496,8 +550,8 @@ def fail_stale_trials(study: optuna.Study, echo: Echo) -> int:
             continue
         trial = storage.get_trial(trial_id)
         _queue_defaults_again(study, trial)
-        echo(f"tune: trial #{trial.number} was left running by a process that stopped ({why}): marked failed, "
-             "it will be re-run")
+        echo(f"tune: trial #{trial.number} was left running by a process that stopped ({why}): marked "
+             f"interrupted ({REPLACED})")
         failed += 1
     return failed
 
@@ -517,7 +571,6 @@ def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
     to continue."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.storages._heartbeat import get_heartbeat_thread
-    from optuna.trial import TrialState
 
     from .errors import RunInterrupted
 
@@ -538,21 +591,37 @@ def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
                 outcome = run_trial(trial, run_cfg, plan, prunable=not trial.user_attrs.get("defaults"))
             _tell(study, trial, outcome)
         except UpdateFinishedTrialError:  # its heartbeat was late past the grace: another process failed it
-            echo(f"tune: trial #{trial.number} was marked failed by another process while it ran (its heartbeat "
-                 "was late); its result is dropped")
+            echo(f"tune: trial #{trial.number} was marked interrupted by another process while it ran (its "
+                 f"heartbeat was late): its result is dropped ({REPLACED})")
             continue
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
-            study.tell(trial, state=TrialState.FAIL)
-            _queue_defaults_again(study, study._storage.get_trial(trial._trial_id))
-            raise RunInterrupted(f"trial {trial.number} was stopped and marked failed; the study keeps "
-                                 f"{counted(study)} finished trial(s) in {masked(plan.storage)}: run the same "
-                                 "peftkit tune command again to continue it") from None
+            _mark_interrupted(study, trial)
+            raise RunInterrupted(f"trial #{trial.number} was stopped and marked interrupted ({REPLACED}); study "
+                                 f"{plan.study_name!r} in {masked(plan.storage)} keeps "
+                                 f"{still_to_run(TrialCounts.of(study), plan)}: run the same peftkit tune command "
+                                 "again to continue it") from None
         ran.append(outcome.seconds)
-        echo(progress_line(study, plan, trial.number, values, outcome, ran, deadline))
+        name = f"#{trial.number} (the defaults)" if trial.user_attrs.get("defaults") else f"#{trial.number}"
+        echo(progress_line(study, plan, name, values, outcome, ran, deadline))
         if outcome.status == "refused":
             raise PeftkitError(outcome.error or "the trial was refused")
     return len(ran)
+
+
+def _mark_interrupted(study: optuna.Study, trial: Any) -> None:
+    """Fail ``trial``, which Ctrl-C (or kill) stopped, as interrupted, with an error that says so
+    (trials.csv would otherwise show an empty one); the defaults are queued again. A trial the
+    study already holds as finished (the stop came just after it was told) stays as it is."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr("error", "interrupted: the tune was stopped (Ctrl-C or kill) while it ran")
+        study.tell(trial, state=TrialState.FAIL)
+    except (UpdateFinishedTrialError, RuntimeError, ValueError):
+        return
+    _queue_defaults_again(study, study._storage.get_trial(trial._trial_id))
 
 
 def _tell(study: optuna.Study, trial: Any, outcome: TrialOutcome) -> None:
@@ -573,9 +642,12 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def progress_line(study: optuna.Study, plan: TunePlan, number: int, values: dict[str, Any], outcome: TrialOutcome,
+def progress_line(study: optuna.Study, plan: TunePlan, name: str, values: dict[str, Any], outcome: TrialOutcome,
                   ran: list[float], deadline: float | None) -> str:
-    """``trial 3/10 (#2): lr=0.0012, r=8 -> validation accuracy 0.8125 (best 0.8200, #0); 12 s, about 1m24s left``."""
+    """``trial #2: lr=0.0012, r=8 -> validation accuracy 0.8125 (best so far: trial #0, 0.8200); 12 s;
+    3 of --trials 10 finished, about 1m24s left``. ``name`` is ``#N``, the trial's number in the study
+    (trials.csv's ``number``, its folder trials/NNNN, trial #0 the defaults), the one way every
+    message names a trial; the count says what it counts (finished: complete, pruned or failed)."""
     from .bench_report import _minutes
 
     done = counted(study)
@@ -587,14 +659,14 @@ def progress_line(study: optuna.Study, plan: TunePlan, number: int, values: dict
     else:
         result = f"{outcome.status}: {outcome.error}"
     try:
-        best = f"best {study.best_value:.4f}, #{study.best_trial.number}"
+        best = f"best so far: trial #{study.best_trial.number}, {study.best_value:.4f}"
     except ValueError:  # no complete trial yet
-        best = "no complete trial yet"
+        best = "no trial complete yet"
     left = max(0, plan.config.trials - done) * (sum(ran) / len(ran))
     if deadline is not None:
         left = min(left, max(0.0, deadline - time.monotonic()))
-    return (f"trial {done}/{plan.config.trials} (#{number}): {shown or 'defaults'} -> {result} ({best}); "
-            f"{_minutes(outcome.seconds)}, about {_minutes(left)} left")
+    return (f"trial {name}: {shown or 'defaults'} -> {result} ({best}); {_minutes(outcome.seconds)}; "
+            f"{done} of --trials {plan.config.trials} finished, about {_minutes(left)} left")
 
 
 # -- the output directory -------------------------------------------------------------------------
@@ -716,30 +788,64 @@ def describe_versus_defaults(v: dict[str, Any]) -> str:
 # -- reports ------------------------------------------------------------------------------------
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial as plain data: number, state, value, parameters, each epoch's value, time, error."""
+    """Every trial as plain data: number, state (``trial_state``), value, parameters, each epoch's
+    value, time, error (an interrupted trial's says so, also where a study from before this was
+    recorded has none)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
+        interrupted = bool(t.user_attrs.get("interrupted"))
+        rows.append({"number": t.number, "state": trial_state(t), "value": t.value,
                      "defaults": bool(t.user_attrs.get("defaults")), "params": dict(t.params),
                      "epochs": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-                     "seconds": t.user_attrs.get("seconds"), "error": t.user_attrs.get("error"),
-                     "interrupted": bool(t.user_attrs.get("interrupted")),
-                     "validation_correct": t.user_attrs.get("validation_correct")})
+                     "seconds": t.user_attrs.get("seconds"),
+                     "error": t.user_attrs.get("error") or ("interrupted" if interrupted else None),
+                     "interrupted": interrupted, "validation_correct": t.user_attrs.get("validation_correct")})
     return rows
+
+
+def defaults_won(study: optuna.Study) -> bool:
+    """Whether the study's best trial is the defaults (trial #0, or the defaults queued again after
+    it was interrupted): no tuned setting beat them on validation (a tie keeps the earlier trial)."""
+    return bool(study.best_trial.user_attrs.get("defaults"))
+
+
+def describe_best(counts: TrialCounts, number: int, metric: str, value: float, params: dict[str, Any],
+                  defaults_best: bool) -> list[str]:
+    """The end of a tune in words: ``best: trial #3, validation accuracy 0.8125 (lr=0.0012, r=8); of 6
+    trials: 4 complete, 1 pruned, 1 failed``, and where the defaults won, a second line saying so
+    (their settings are then no finding of the search, and should not be read as one)."""
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    shown = shown or "no searched setting"
+    who = f"trial #{number} (the defaults)" if defaults_best else f"trial #{number}"
+    lines = [f"best: {who}, validation {metric} {value:.4f} ({shown}); of {counts.describe()}"]
+    if defaults_best:
+        lines.append(f"the defaults were best: no tuned setting beat them on validation {metric} "
+                     f"(over {counts.complete} complete trial{'s' if counts.complete != 1 else ''})")
+    return lines
 
 
 def write_reports(stage: str, plan: TunePlan, study: optuna.Study, best: RunConfig, best_run: dict[str, Any]) -> list[str]:
     """best.yaml, trials.json, trials.csv and the plots into ``stage``; returns the plots' names."""
     rows = trial_rows(study)
+    counts = TrialCounts.of(study)
     summary = {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity,
-               "direction": plan.direction, "trials": len(rows), "counted": counted(study),
+               "direction": plan.direction, "trials": len(rows), "counted": counts.finished,
+               "counts": {**dataclasses.asdict(counts), "finished": counts.finished, "total": counts.total},
                "best_trial": study.best_trial.number, "best_value": study.best_value,
-               "best_params": study.best_trial.params, "versus_defaults": versus_defaults(study),
-               "best_run": best_run, "rows": rows}
+               "best_params": study.best_trial.params, "defaults_best": defaults_won(study),
+               "versus_defaults": versus_defaults(study), "best_run": best_run, "rows": rows}
     write_json(os.path.join(stage, "trials.json"), summary)
     _write_csv(os.path.join(stage, "trials.csv"), rows)
     _write_best_yaml(os.path.join(stage, "best.yaml"), plan, study, best)
-    return write_plots(study, stage)
+    return write_plots(study, stage, plan.metric)
+
+
+def _csv_cell(value: Any) -> Any:
+    """A number as a person reads it: six significant digits, so a float32 metric's
+    0.7200000286102295 reads 0.72 (trials.json keeps every digit); None as an empty cell."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
@@ -749,27 +855,83 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         # the per-epoch values have their own name: "epochs" is also a searched setting's
         writer.writerow(["number", "state", "value", "defaults", "seconds", "validation_per_epoch", *params, "error"])
         for r in rows:
-            writer.writerow([r["number"], r["state"], r["value"], r["defaults"], r["seconds"],
-                             json.dumps(r["epochs"]), *(r["params"].get(p, "") for p in params), r["error"] or ""])
+            epochs = json.dumps({k: float(f"{v:.6g}") for k, v in r["epochs"].items()})
+            writer.writerow([_csv_cell(x) for x in (r["number"], r["state"], r["value"], r["defaults"], r["seconds"],
+                                                    epochs, *(r["params"].get(p) for p in params), r["error"])])
 
 
 def _write_best_yaml(path: str, plan: TunePlan, study: optuna.Study, best: RunConfig) -> None:
     import yaml
 
     values = {k: v for k, v in best.to_dict().items() if k not in ("output_dir", "overwrite")}
-    header = (f"# peftkit tune: the best of {len(study.trials)} trial(s) of study {plan.study_name!r}: trial "
-              f"#{study.best_trial.number}, validation {plan.metric} {study.best_value:.6g}\n"
-              "# reproduce it: peftkit run --config best.yaml [--output-dir DIR]\n")
+    header = (f"# peftkit tune: trial #{study.best_trial.number}, the best of study {plan.study_name!r} "
+              f"({TrialCounts.of(study).describe()}): validation {plan.metric} {study.best_value:.6g}\n"
+              + ("# the defaults were best: no tuned setting beat them\n" if defaults_won(study) else "")
+              + "# reproduce it: peftkit run --config best.yaml [--output-dir DIR]\n")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(header)
         yaml.safe_dump(values, fh, sort_keys=False)
 
 
-def write_plots(study: optuna.Study, stage: str) -> list[str]:
-    """optimization_history.png, and param_importances.png when at least two parameters vary over
-    at least three complete trials (importance needs some spread to mean anything)."""
-    import warnings
+# how each kind of trial is drawn in optimization_history.png: (state, marker, colour, legend label)
+HISTORY_MARKS = (("complete", "o", "tab:blue", "complete"),
+                 ("pruned", "x", "tab:orange", "pruned (at its last epoch's value)"),
+                 ("failed", "v", "tab:red", "failed (at its last epoch's value)"),
+                 ("interrupted", "s", "tab:gray", "interrupted (at its last epoch's value)"))
 
+
+def history_points(study: optuna.Study) -> dict[str, list[tuple[int, float | None]]]:
+    """Each finished or interrupted trial as ``(number, value)`` by state: a complete trial's value,
+    or the last epoch's validation a pruned, failed or interrupted one reported (None where it
+    reported none: it is drawn on the x axis)."""
+    points: dict[str, list[tuple[int, float | None]]] = {state: [] for state, *_ in HISTORY_MARKS}
+    for t in study.get_trials(deepcopy=False):
+        state = trial_state(t)
+        if state not in points:  # running or waiting: no result yet
+            continue
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        points[state].append((t.number, t.value if state == "complete" else last))
+    return points
+
+
+def plot_history(study: optuna.Study, metric: str) -> Any:
+    """The study's optimisation history as a matplotlib figure: every trial by number, each state
+    marked differently with a legend, and the best complete value so far as a line. Optuna's own
+    plot draws complete trials only, which hides how many trials the pruner and failures cost."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    points = history_points(study)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    complete = sorted(points["complete"])
+    if complete:  # the best so far, as a step line under the points
+        pick = max if study.direction.name == "MAXIMIZE" else min
+        best = [pick(v for _, v in complete[: i + 1]) for i in range(len(complete))]
+        ax.step([n for n, _ in complete], best, where="post", color="tab:green", label="best so far")
+    handles = []
+    for state, marker, colour, label in HISTORY_MARKS:
+        valued = [(n, v) for n, v in points[state] if v is not None]
+        if valued:
+            ax.scatter([n for n, _ in valued], [v for _, v in valued], marker=marker, color=colour, label=label)
+        bare = [n for n, v in points[state] if v is None]
+        if bare:  # no value to place it by: on the x axis, in axes coordinates, so it is seen
+            ax.scatter(bare, [0.0] * len(bare), marker=marker, color=colour, clip_on=False, zorder=3,
+                       transform=ax.get_xaxis_transform())
+            handles.append(Line2D([], [], linestyle="", marker=marker, color=colour,
+                                  label=f"{state} (no validation: on the x axis)"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers: no trial 2.5
+    ax.set_xlabel("trial #")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"Optimisation history: {TrialCounts.of(study).describe()}")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize="small")
+    return fig
+
+
+def write_plots(study: optuna.Study, stage: str, metric: str = "value") -> list[str]:
+    """optimization_history.png (every trial, ``plot_history``), and param_importances.png when at
+    least two parameters vary over at least three complete trials (importance needs some spread to
+    mean anything)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none assumed
@@ -778,19 +940,17 @@ def write_plots(study: optuna.Study, stage: str) -> list[str]:
     from optuna.visualization import matplotlib as ovm
 
     written = []
+    figures = [("optimization_history.png", lambda: plot_history(study, metric))]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    names = {k for t in complete for k in t.params}
-    plots = [("optimization_history.png", ovm.plot_optimization_history)]
-    if len(names) >= 2 and len(complete) >= 3:
-        plots.append(("param_importances.png", ovm.plot_param_importances))
-    for name, plot in plots:
+    if len({k for t in complete for k in t.params}) >= 2 and len(complete) >= 3:
+        figures.append(("param_importances.png", lambda: _figure(ovm.plot_param_importances(study))))
+    for name, make in figures:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for its matplotlib plots
             try:
-                ax = plot(study)
+                fig = make()
             except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. every value equal: no importance
                 continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.tight_layout()
         fig.savefig(os.path.join(stage, name), dpi=110)
         plt.close(fig)
@@ -798,7 +958,13 @@ def write_plots(study: optuna.Study, stage: str) -> list[str]:
     return written
 
 
-__all__ = ["PRUNERS", "TunePlan", "SearchTrial", "TuneConfig", "best_config", "check_metric", "check_space",
-           "counted", "fail_stale_trials", "fixed_settings", "metric_direction", "open_storage", "open_study", "optimize",
-           "parse_duration", "parse_space", "prepare_output", "run_trial", "staged_reports", "trial_zero",
-           "write_reports"]
+def _figure(ax: Any) -> Any:
+    """The figure of what an optuna matplotlib plot returns (an axes, or an array of them)."""
+    return ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+
+
+__all__ = ["PRUNERS", "TunePlan", "SearchTrial", "TrialCounts", "TuneConfig", "best_config", "check_metric",
+           "check_space", "counted", "defaults_won", "describe_best", "fail_stale_trials", "fixed_settings",
+           "history_points", "metric_direction", "open_storage", "open_study", "optimize", "parse_duration",
+           "parse_space", "plot_history", "prepare_output", "run_trial", "staged_reports", "trial_state",
+           "trial_zero", "write_reports"]

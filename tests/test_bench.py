@@ -545,7 +545,8 @@ def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> N
                                    "--max-length", "16", "--max-train-samples", "64", "--strategies", "head_only",
                                    "--tune", "2")
     assert code == 0, stderr
-    assert "tuning head_only: trial 1/2 (#0)" in stderr and "tuning head_only: trial 2/2 (#1)" in stderr
+    assert "tuning head_only: trial #0 (the defaults): " in stderr and "tuning head_only: trial #1: " in stderr
+    assert "; 1 of --trials 2 finished" in stderr and "; 2 of --trials 2 finished" in stderr
     results = json.load(open(out / "results.json"))
     entry = results["tuning"]["strategies"]["head_only"]
     assert entry["status"] == "ok" and entry["trials"] == 2 and results["settings"]["tune"] == 2
@@ -574,10 +575,11 @@ def test_bench_tune_storage_keeps_the_studies_for_the_next_bench(run_cli, tiny_m
     common = ["bench", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--epochs", "1", "--batch-size", "8",
               "--max-length", "16", "--max-train-samples", "64", "--strategies", "head_only", "--tune-storage", url]
     code, _, stderr = run_cli(*common, "--tune", "1", "--output-dir", str(tmp_path / "first"))
-    assert code == 0 and "tuning head_only: trial 1/1 (#0)" in stderr, stderr
+    assert code == 0 and "tuning head_only: trial #0 (the defaults): " in stderr, stderr
     code, _, stderr = run_cli(*common, "--tune", "2", "--output-dir", str(tmp_path / "second"))
     assert code == 0, stderr
-    assert "trial 1/1 (#0)" not in stderr and "(#1)" in stderr  # trial 0 came from the first bench
+    # trial #0 came from the first bench
+    assert "trial #0 (the defaults): " not in stderr and "tuning head_only: trial #1: " in stderr
     results = json.load(open(tmp_path / "second" / "results.json"))
     assert results["tuning"]["storage"] == url and results["tuning"]["strategies"]["head_only"]["trials"] == 2
     assert not (tmp_path / "second" / "tuning" / "head_only" / "study.db").exists()  # it is in the storage

@@ -120,7 +120,7 @@ def test_tune_writes_its_reports(study_dir: dict) -> None:
         assert len(correct) == 20 and set(correct) <= {"0", "1"}  # 200 rows: 20 validation examples
         assert correct.count("1") / 20 == pytest.approx(r["value"])
     best_is_defaults = rows[summary["best_trial"]]["defaults"]
-    assert (summary["versus_defaults"] is None) == best_is_defaults
+    assert (summary["versus_defaults"] is None) == best_is_defaults == summary["defaults_best"]
     assert summary["best_run"]["test"]  # test evaluated once, for the best configuration only
     assert not (out / "trials" / "0000" / "metrics.json").exists()
     csv_lines = (out / "trials.csv").read_text().splitlines()
@@ -159,10 +159,12 @@ def test_resume_continues_the_study_and_prunes(study_dir: dict, tiny_model_dir, 
     lines: list[str] = []
     result = peftkit.tune(TuneConfig(run=run, trials=4, pruner=_PruneAll(), output_dir=str(out)), echo=lines.append)
     assert result.trials == 4 and result.ran == 1  # the three before count toward --trials
-    assert any("continuing study 'tune-head_only' (3 trials so far)" in line for line in lines)
+    assert any("continuing study 'tune-head_only' in " in line and line.endswith(
+        ": 3 trials: 3 complete; 3 of --trials 4 finished, 1 to go") for line in lines)
     rows = _trials(out)["rows"]
     assert rows[3]["state"] == "pruned" and list(rows[3]["epochs"]) == ["1"]
-    assert any("pruned after epoch 1" in line for line in lines)
+    assert any(line.startswith("trial #3: ") and "pruned after epoch 1" in line for line in lines)
+    assert result.counts.describe() == "4 trials: 3 complete, 1 pruned" and result.counts.finished == 4
 
 
 def test_two_processes_share_one_study(study_dir: dict) -> None:
@@ -257,21 +259,26 @@ def test_a_killed_tune_is_recovered_by_the_next(tiny_model_dir, tiny_csv, run_cl
         storage.record_heartbeat(trial._trial_id)
     _age_heartbeat(storage, running[0]._trial_id, minutes=10)
 
-    code, _, err = run_cli("tune", "--strategy", "head_only", "--model", run.model, "--dataset", tiny_csv,
+    code, out_text, err = run_cli("tune", "--strategy", "head_only", "--model", run.model, "--dataset", tiny_csv,
                            "--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1",
                            "--batch-size", "8", "--max-length", "16", "--output-dir", str(out), "--trials", "1")
     assert code == 0, err
-    assert ("trial #0 was left running by a process that stopped (no heartbeat for over 2m00s): marked failed, "
-            "it will be re-run") in err
+    assert ("trial #0 was left running by a process that stopped (no heartbeat for over 2m00s): marked "
+            "interrupted (it does not count toward --trials; another trial takes its place)") in err
     assert "trial #1 was left" not in err
     summary = _trials(out)
     rows = summary["rows"]
     assert [(r["number"], r["state"], r["defaults"], r["interrupted"]) for r in rows] == [
-        (0, "fail", True, True), (1, "running", False, False), (2, "complete", True, False)]
+        (0, "interrupted", True, True), (1, "running", False, False), (2, "complete", True, False)]
     assert "the process running it stopped" in rows[0]["error"]
     assert rows[2]["params"] == rows[0]["params"]  # the defaults, run again
     assert summary["counted"] == 1 and summary["best_trial"] == 2
-    assert "trial 1/1 (#2)" in err  # the progress counts the trial that ran, not the dead or the live one
+    # the progress counts the trial that ran, not the dead or the live one
+    assert "trial #2 (the defaults): " in err and "; 1 of --trials 1 finished" in err
+    assert summary["counts"]["total"] == 3 and summary["counts"]["running"] == 1
+    assert "best: trial #2 (the defaults), " in out_text, out_text
+    assert "of 3 trials: 1 complete, 1 interrupted, 1 running" in out_text
+    assert "the defaults were best: no tuned setting beat them" in out_text
     import sqlalchemy
 
     with storage.engine.connect() as conn:  # the tune kept a heartbeat for the trial it ran
@@ -316,6 +323,7 @@ def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv
     study = optuna.load_study(study_name="tune-head_only", storage=f"sqlite:///{tmp_path}/out/study.db")
     first, again = study.get_trials()
     assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
+    assert first.user_attrs["error"].startswith("interrupted: ")  # trials.csv's error is not empty
     assert again.state.name == "WAITING" and again.user_attrs["defaults"]
     assert again.system_attrs["fixed_params"] == first.params
 
@@ -384,3 +392,162 @@ def test_the_best_trial_is_judged_against_the_defaults_on_the_same_examples() ->
     # the defaults are the best, or a trial without per-example records: nothing to say
     assert versus_defaults(_study_with("1" * 10 + "0" * 10, "1" * 20)) is None
     assert versus_defaults(_study_with("1" * 10, "1" * 5 + "0" * 6)) is None  # not the same examples
+
+
+# -- numbering and counts, with a stand-in for the trial's worker (no training: seconds) -----------
+
+def _stand_in_plan(tmp_path: pathlib.Path, trials: int):
+    """A resolved plan for head_only at fixed epochs, without data: the stand-in runner trains nothing."""
+    from peftkit.tuning import TuneConfig, TunePlan
+
+    base = RunConfig(strategy="head_only", epochs=2)
+    config = TuneConfig(run=base, trials=trials, pruner="none", output_dir=str(tmp_path))
+    return TunePlan(config, registry.get_strategy("head_only"), base, {"epochs": 2}, "accuracy", "maximize",
+                    str(tmp_path), f"sqlite:///{tmp_path}/study.db", "stand-in")
+
+
+def _scripted(monkeypatch, script: dict) -> None:
+    """Replace the worker by ``script[trial number]``: (status, epochs' values, error); ``stop``
+    reports its values and then is Ctrl-C'd."""
+    from peftkit import tuning
+
+    def run_trial(trial, _cfg, _plan, prunable):
+        status, values, error = script[trial.number]
+        for epoch, value in enumerate(values, start=1):
+            trial.report(value, step=epoch)
+        if status == "stop":
+            raise KeyboardInterrupt
+        return tuning.TrialOutcome(status, max(values) if status == "ok" else None, list(values), error, 1.0)
+
+    monkeypatch.setattr(tuning, "run_trial", run_trial)
+
+
+# trial #0 the defaults (a float32 metric's value), #1 pruned, #2 failed before any epoch, #3 failed
+# after one, #4 stopped by Ctrl-C after one
+_SCRIPT = {0: ("ok", [0.5, 0.7200000286102295], None), 1: ("pruned", [0.4], None), 2: ("failed", [], "boom"),
+           3: ("oom", [0.6], "out of memory"), 4: ("stop", [0.55], None)}
+
+
+def _interrupted_study(tmp_path, monkeypatch) -> tuple:
+    """The stand-in study of ``_SCRIPT`` after its Ctrl-C: (plan, study, progress lines, the message)."""
+    from peftkit.errors import RunInterrupted
+    from peftkit.tuning import open_storage, open_study, optimize
+
+    plan = _stand_in_plan(tmp_path, trials=5)
+    _scripted(monkeypatch, _SCRIPT)
+    lines: list[str] = []
+    study = open_study(plan, open_storage(plan.storage), lines.append)
+    with pytest.raises(RunInterrupted) as stopped:
+        optimize(study, plan, lines.append)
+    return plan, study, lines, str(stopped.value.kept)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_every_message_names_a_trial_by_its_number_and_counts_alike(tmp_path, monkeypatch) -> None:
+    """Issue 32 (7): "trial 4/5 (#3)" then "trial 4 was stopped" (meaning #4); "4 finished", "5 trials
+    so far", "best of 6". Now a trial is #N (its number in the study) everywhere, and every count
+    says what it counts, with the same figures in every line."""
+    import re
+
+    from peftkit.tuning import TrialCounts, open_storage, open_study, optimize
+
+    plan, study, lines, stopped = _interrupted_study(tmp_path, monkeypatch)
+    assert "trial #0 is the defaults" in lines[0] and "5 trials have finished (complete, pruned or failed" in lines[0]
+    progress = lines[1:]
+    assert [re.match(r"trial #(\d+)", line).group(1) for line in progress] == ["0", "1", "2", "3"]
+    assert progress[0].startswith("trial #0 (the defaults): ")
+    assert [re.search(r"; (\d) of --trials 5 finished", line).group(1) for line in progress] == ["1", "2", "3", "4"]
+    assert not any(re.search(r"\(#\d|trial \d", line) for line in lines)  # no second numbering
+    assert "(best so far: trial #0, 0.7200)" in progress[1]
+    assert stopped.startswith("trial #4 was stopped and marked interrupted (it does not count toward --trials")
+    stand = "5 trials: 1 complete, 1 pruned, 2 failed, 1 interrupted; 4 of --trials 5 finished, 1 to go"
+    assert stand in stopped
+    counts = TrialCounts.of(study)
+    assert (counts.finished, counts.total, counts.interrupted) == (4, 5, 1)
+
+    # continued: the same figures, the same words; then the trial that takes #4's place
+    _scripted(monkeypatch, {5: ("ok", [0.6, 0.8], None)})
+    again: list[str] = []
+    study = open_study(plan, open_storage(plan.storage), again.append)
+    assert again == [f"tune: continuing study 'stand-in' in {plan.storage}: {stand}"]
+    assert optimize(study, plan, again.append) == 1
+    assert again[1].startswith("trial #5: ") and "; 5 of --trials 5 finished" in again[1]
+    assert "(best so far: trial #5, 0.8000)" in again[1]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_trials_csv_names_the_interruption_and_rounds_its_numbers(tmp_path, monkeypatch) -> None:
+    """An interrupted trial's error is not empty, and 0.7200000286102295 (a float32 metric) reads 0.72;
+    trials.json keeps every digit, and its counts agree with the lines'."""
+    import csv
+
+    from peftkit.tuning import best_config, write_reports
+
+    plan, study, _, _ = _interrupted_study(tmp_path, monkeypatch)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    write_reports(str(stage), plan, study, best_config(plan, study), {})
+    rows = list(csv.DictReader((stage / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["complete", "pruned", "failed", "failed", "interrupted"]
+    assert rows[0]["value"] == "0.72" and json.loads(rows[0]["validation_per_epoch"]) == {"1": 0.5, "2": 0.72}
+    assert rows[4]["error"].startswith("interrupted") and rows[2]["error"] == "failed: boom"
+    assert rows[3]["error"] == "oom: out of memory" and rows[1]["error"] == ""
+    assert all(len(r["lr"]) <= 12 for r in rows)  # six significant digits at most
+    summary = _trials(stage)
+    assert summary["rows"][0]["value"] == 0.7200000286102295  # the data file keeps every digit
+    assert summary["counts"] == {"complete": 1, "pruned": 1, "failed": 2, "interrupted": 1, "running": 0,
+                                 "finished": 4, "total": 5}
+    assert summary["counted"] == 4 and summary["defaults_best"] is True
+    header = (stage / "best.yaml").read_text().splitlines()[:2]
+    assert header[0].startswith("# peftkit tune: trial #0, the best of study 'stand-in' (5 trials: 1 complete, "
+                                "1 pruned, 2 failed, 1 interrupted)")
+    assert header[1] == "# the defaults were best: no tuned setting beat them"
+
+
+def test_an_old_interrupted_trial_without_an_error_still_says_why() -> None:
+    """A study from before the error was recorded: its interrupted trial's row says so all the same."""
+    from peftkit.tuning import trial_rows
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"interrupted": True}))
+    assert [(r["state"], r["error"]) for r in trial_rows(study)] == [("interrupted", "interrupted")]
+
+
+def test_the_end_says_in_words_when_the_defaults_won() -> None:
+    from peftkit.tuning import TrialCounts, describe_best
+
+    counts = TrialCounts(complete=4, pruned=1, failed=1)
+    won = describe_best(counts, 0, "accuracy", 0.8125, {"lr": 0.003, "pooling": "mean"}, defaults_best=True)
+    assert won == ["best: trial #0 (the defaults), validation accuracy 0.8125 (lr=0.003, pooling=mean); of 6 trials: "
+                   "4 complete, 1 pruned, 1 failed",
+                   "the defaults were best: no tuned setting beat them on validation accuracy (over 4 complete trials)"]
+    tuned = describe_best(counts, 3, "accuracy", 0.84, {"lr": 0.0012345}, defaults_best=False)
+    assert tuned == ["best: trial #3, validation accuracy 0.8400 (lr=0.001234); of 6 trials: 4 complete, 1 pruned, "
+                     "1 failed"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_the_history_plot_shows_pruned_and_failed_trials(tmp_path, monkeypatch) -> None:
+    """Optuna's own plot drew complete trials only: here every trial is drawn, each state its own
+    marker in the legend, at its last epoch's value (on the x axis where it reported none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from peftkit.tuning import history_points, plot_history, write_plots
+
+    _, study, _, _ = _interrupted_study(tmp_path, monkeypatch)
+    points = history_points(study)
+    assert points == {"complete": [(0, 0.7200000286102295)], "pruned": [(1, 0.4)], "failed": [(2, None), (3, 0.6)],
+                      "interrupted": [(4, 0.55)]}
+    fig = plot_history(study, "accuracy")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["best so far", "complete", "pruned (at its last epoch's value)",
+                      "failed (at its last epoch's value)", "interrupted (at its last epoch's value)",
+                      "failed (no validation: on the x axis)"]
+    drawn = sorted(tuple(xy) for c in ax.collections for xy in c.get_offsets().tolist())
+    assert [x for x, _ in drawn] == [0, 1, 2, 3, 4]  # every trial, the one without a value too
+    assert ax.get_ylim()[0] > 0.3  # the trial on the x axis does not stretch the value scale to 0
+    assert ax.get_ylabel() == "validation accuracy"
+    assert write_plots(study, str(tmp_path), "accuracy")[0] == "optimization_history.png"
+    assert (tmp_path / "optimization_history.png").stat().st_size > 10_000
