@@ -357,7 +357,8 @@ class _ScoresPrefix:
         key, value = self.encoder.layer(self.layer)  # each [heads, P, head_dim]
         return (key.transpose(0, 1).reshape(self.num_prefix, -1), value.transpose(0, 1).reshape(self.num_prefix, -1))
 
-    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def before(self, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Prepend P zero rows to the hidden states and P visible columns to every score term."""
         self._extended = None
         if not self.enabled:
@@ -373,7 +374,9 @@ class _ScoresPrefix:
             else:
                 bound.arguments[name] = self._extended_argument(name, value, length)
         # what the extra rows hold reaches nothing but the dropped queries (the probe checks it)
-        rows = hidden.new_zeros(hidden.shape[0], self.num_prefix, hidden.shape[2]) if self.filler is None else self.filler
+        rows = self.filler
+        if rows is None:
+            rows = hidden.new_zeros(hidden.shape[0], self.num_prefix, hidden.shape[2])
         self._extended = _cat_rows(rows, hidden)
         bound.arguments[self.hidden_name] = self._extended
         self._prefixes, self._used = self._layer_prefixes(), set()
@@ -513,7 +516,8 @@ def probe_scoring_attention(hooks: _ScoresPrefix, hidden: int) -> str | None:
             both, other_key, other_value = (run((keys[0], values[0])), run((keys[1], values[0])),
                                             run((keys[0], values[1])))
     except Exception as exc:  # noqa: BLE001 - any failure means: this attention does not take the prefix
-        return f"its attention {name} failed with a prefix ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        first_line = (str(exc).splitlines() or [""])[0]
+        return f"its attention {name} failed with a prefix ({type(exc).__name__}: {first_line})"
     finally:
         hooks.enabled, hooks.replacement, hooks.visible, hooks.filler = True, None, True, None
         for module, mode in modes.items():
