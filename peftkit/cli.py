@@ -287,7 +287,7 @@ def env_cmd(as_json: bool, lock_file: str | None) -> None:
 
 
 @cli.command("list")
-@click.option("--verbose", "-v", is_flag=True, help="Also show each strategy's options and defaults.")
+@click.option("--verbose", "-v", is_flag=True, help="Also show each strategy's options, defaults and the models it covers.")
 def list_cmd(verbose: bool) -> None:
     """List the registered strategies (built-in and plugins)."""
     from . import registry
@@ -306,6 +306,8 @@ def list_cmd(verbose: bool) -> None:
                        f"(warmup at most {d.max_warmup_steps} steps)")
             click.echo(f"{'':<{width}}  small data: at least min_steps={d.min_steps} optimizer steps, epochs "
                        f"raised up to max_epochs={d.max_epochs}, with early stopping (unless --epochs)")
+            if cls.covers:
+                click.echo(f"{'':<{width}}  covers: {cls.covers}")
             for opt, typ, default in option_help(cls):
                 click.echo(f"{'':<{width}}  --set {opt}=...  ({typ}, default {default})")
     for message in registry.plugin_errors():

@@ -127,6 +127,8 @@ class Strategy:
             and ``peftkit export`` exports the merged model, as fast as the base).
         not_sharded: None if the strategy trains under ``--fsdp`` (every process runs every forward
             pass, so the sharded blocks gather together); else why not, in words, for the refusal.
+        covers: the models the strategy handles, in words, where it is not every model (``peftkit
+            list -v`` shows it); empty where it handles whatever loads.
     """
 
     name: ClassVar[str] = ""
@@ -137,6 +139,7 @@ class Strategy:
     supports_quantized_base: ClassVar[bool] = False
     merges: ClassVar[bool] = False
     not_sharded: ClassVar[str | None] = None
+    covers: ClassVar[str] = ""
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()
