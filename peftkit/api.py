@@ -111,7 +111,7 @@ def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
 
         get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
     check_inputs(config.model, config.dataset)
-    return _run(config, resume=False, echo=echo)
+    return _warn_if_learned_nothing(_run(config, resume=False, echo=echo))
 
 
 def resume(run_dir: str, echo: Echo = to_stderr) -> RunResult:
@@ -119,7 +119,7 @@ def resume(run_dir: str, echo: Echo = to_stderr) -> RunResult:
     settings it recorded; it ends as the uninterrupted run would have."""
     config = resumed_config(run_dir)
     config.output_dir = run_dir  # as given now: the recorded one may be relative to another directory
-    return _run(config, resume=True, echo=echo)
+    return _warn_if_learned_nothing(_run(config, resume=True, echo=echo))
 
 
 def resumed_config(run_dir: str) -> RunConfig:
@@ -150,10 +150,15 @@ def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
     quiet_libraries()
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
     metrics = _run_staged(resolved, out, resume, echo, early)
-    result = RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
+    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
+
+
+def _warn_if_learned_nothing(result: RunResult) -> RunResult:
+    """``LearnedNothingWarning`` for a run that learned nothing, pointing at the caller of ``run`` or
+    ``resume``: a library user reads no log line (the CLI prints its own line instead; tune's best
+    run is reported by tune)."""
     if result.metrics is not None and result.metrics.learned is False:
-        # a library user reads no log line: the warning is theirs (the CLI prints its own line instead)
-        warnings.warn(f"run {out} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning,
+        warnings.warn(f"run {result.run_dir} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning,
                       stacklevel=3)
     return result
 

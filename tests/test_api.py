@@ -84,7 +84,7 @@ def test_an_interrupted_run_says_what_it_left(checkpointed, tiny_model_dir, tiny
     staging directory stays; without one, nothing is left."""
     import peftkit.train
 
-    def interrupted(run, stage, echo, resume=False):
+    def interrupted(run, stage, echo, resume=False, early=None):
         if checkpointed:
             os.makedirs(os.path.join(stage, "checkpoints", "step-0000004"))
             open(os.path.join(stage, "checkpoints", "step-0000004", "state.json"), "w").write("{}")
