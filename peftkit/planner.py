@@ -19,7 +19,9 @@ The peak is split the way it is spent:
   prepared model, minus the gradients and optimizer state, is the activations. Strategies whose
   prepared models have the same parameters, trainable ones and forward pass (``full`` and
   ``gradual_unfreeze``) are measured once. Models up to 12 blocks and 150M parameters are measured whole (seconds); bigger ones
-  at depth 2 and 3, the difference being one block's share, extrapolated to their depth. With
+  at depth 2, and each further block adds its share: on a GPU depth 3's figure minus depth 2's, on
+  CPU the bytes autograd saves for a block (there the resident set of depth 3 against depth 2 moves
+  with the heap as much as with a block). With
   ``--device cuda`` on a machine without a GPU, activations are instead the bytes of every tensor
   autograd saves in one forward pass (``torch.autograd.graph.saved_tensors_hooks``) plus one block's
   worth of workspace (``workspace``).
@@ -749,7 +751,8 @@ def _announce(config: Any, settings: PlanSettings, jobs: list[_Job]) -> str:
     if how == "saved":
         method = f"the tensors autograd saves in one forward pass at depth 1 and 2, batch {settings.batch_size}{length}"
     else:
-        where = "the whole model" if how == "whole" else "depth 2 and 3"
+        where = ("the whole model" if how == "whole" else "depth 2, a block's saved tensors" if settings.device == "cpu"
+                 else "depth 2 and 3")
         method = (f"up to {MAX_STEPS} training steps of a random-weight copy ({where}, batch "
                   f"{settings.batch_size}{length}) on {settings.device}")
     return (f"{what}; activations by {method}, {count} measurement{'s' if count > 1 else ''}"
