@@ -357,7 +357,7 @@ def run_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str,
     likely cause and the flag to try; metrics.json records `learned` and the `baseline`.
 
     Runs unchanged under `accelerate launch` or `torchrun` (data parallel; only the main process
-    writes). See the README on multi-GPU and multi-node runs.
+    writes). See docs/scale-out.md on multi-GPU and multi-node runs.
     """
     from . import api
     from .config import build_run_config, parse_set_options
@@ -519,7 +519,7 @@ def tune_cmd(strategy: str | None, config_file: str | None, set_items: tuple[str
 
     \b
     Trial 0 is the strategy's defaults; then TPE (seeded by --seed) searches the learning rate,
-    epochs, warmup, weight decay and the strategy's own options (`peftkit list -v`; the README
+    epochs, warmup, weight decay and the strategy's own options (`peftkit list -v`; docs/tuning.md
     lists each space). Settings you give (--lr, --epochs, --set ...) are fixed. Each trial runs in
     its own process; a crash or out-of-memory is a failed trial; one whose tune was killed is
     re-run by the next tune (2 minutes after its last heartbeat). Unpromising trials are pruned

@@ -106,7 +106,7 @@ class GradualUnfreeze(Strategy):
     def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
         """The training settings, plus how often a group unfreezes (every 10..80 steps, or once per
         epoch: null), the decay between groups (1 = one rate, up to ULMFiT's 2.6 and a little
-        beyond: the README's three-seed table suggests below 2.6 on short runs) and the schedule."""
+        beyond: the three-seed table in docs/benchmarking.md suggests below 2.6 on short runs) and the schedule."""
         return {**cls.training_space(trial, defaults),
                 "unfreeze_every_steps": trial.suggest_categorical("unfreeze_every_steps", [10, 20, 40, 80, None]),
                 "lr_decay": trial.suggest_float("lr_decay", 1.0, 3.0),
