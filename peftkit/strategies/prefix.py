@@ -267,7 +267,7 @@ def self_attention_modules(blocks: list[nn.Module]) -> list[nn.Module] | None:
 
 #: arguments that must be empty: a prefix of cross-attention or of a decoder's cache is not built here
 _EMPTY_ARGUMENTS = ("encoder_hidden_states", "encoder_attention_mask", "past_key_value", "past_key_values",
-                    "layer_past", "cache_position")
+                    "layer_past", "cache", "cache_position")  # "cache": transformers 5.25's name for the cache
 #: arguments that are flags, not tensors of the sequence
 _FLAG_ARGUMENTS = ("output_attentions", "use_cache")
 
