@@ -31,8 +31,15 @@ SETTINGS = [
     ("8-bit AdamW", ["--optimizer", "adamw8bit"]),
     ("gradient checkpointing", ["--gradient-checkpointing"]),
 ]
-DIRS = {"fp32": "fp32", "bf16": "bf16", "4bit base": "q4", "8bit base": "q8", "4bit base + bf16": "q4bf16",
-        "8-bit AdamW": "a8", "gradient checkpointing": "gc"}
+DIRS = {
+    "fp32": "fp32",
+    "bf16": "bf16",
+    "4bit base": "q4",
+    "8bit base": "q8",
+    "4bit base + bf16": "q4bf16",
+    "8-bit AdamW": "a8",
+    "gradient checkpointing": "gc",
+}
 
 
 def main() -> None:
@@ -49,18 +56,37 @@ def main() -> None:
         out = os.path.join(args.runs_dir, f"levers-{DIRS[name]}")
         if not os.path.exists(os.path.join(out, "results.json")):
             print(f"{name}: running", file=sys.stderr, flush=True)
-            subprocess.run([peftkit, "bench", "--strategies", args.strategies, "--model", args.model,
-                            "--max-train-samples", args.max_train_samples, "--epochs", "1", *flags,
-                            "--output-dir", out], check=False)
+            subprocess.run(
+                [
+                    peftkit,
+                    "bench",
+                    "--strategies",
+                    args.strategies,
+                    "--model",
+                    args.model,
+                    "--max-train-samples",
+                    args.max_train_samples,
+                    "--epochs",
+                    "1",
+                    *flags,
+                    "--output-dir",
+                    out,
+                ],
+                check=False,
+            )
         if os.path.exists(os.path.join(out, "results.json")):
             with open(os.path.join(out, "results.json"), encoding="utf-8") as fh:
                 suites[name] = json.load(fh)
     first = next(iter(suites.values()))
-    lines = ["Made by `.venv/bin/python benchmarks/levers.py`: one `peftkit bench` per setting (commands below).",
-              f"Machine: {first['machine']['cpu']}, {first['machine']['cores']} cores; device: {first['device']}",
-              "Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()), "",
-              "| setting | strategy | test accuracy | peak train memory | predicted (error) | over loaded model "
-              "| train time | examples/s | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Made by `.venv/bin/python benchmarks/levers.py`: one `peftkit bench` per setting (commands below).",
+        f"Machine: {first['machine']['cpu']}, {first['machine']['cores']} cores; device: {first['device']}",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
+        "",
+        "| setting | strategy | test accuracy | peak train memory | predicted (error) | over loaded model "
+        "| train time | examples/s | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     table = []
     for name, suite in suites.items():
         for strategy, v in suite["summary"].items():
@@ -69,18 +95,44 @@ def main() -> None:
                 continue
             err = v.get("prediction_error")
             pred = f"{v['predicted_peak_bytes'] / 2**30:.2f} GiB ({err:+.0%})" if err is not None else "-"
-            lines.append(f"| {name} | `{strategy}` | {v['test_accuracy_mean']:.4f} | {v['peak_memory_bytes'] / 2**30:.2f} GiB "
-                         f"| {pred} | +{v['peak_memory_increase_bytes'] / 2**20:.0f} MiB | {v['train_seconds_mean']:.1f} s "
-                         f"| {v['samples_per_second_mean']:.0f} | ok |")
-            table.append({"setting": name, "strategy": strategy, **{k: v.get(k) for k in (
-                "test_accuracy_mean", "peak_memory_bytes", "predicted_peak_bytes", "prediction_error",
-                "peak_memory_increase_bytes", "train_seconds_mean", "samples_per_second_mean",
-                "tokens_per_second_mean")}})
+            lines.append(
+                f"| {name} | `{strategy}` | {v['test_accuracy_mean']:.4f} | {v['peak_memory_bytes'] / 2**30:.2f} GiB "
+                f"| {pred} | +{v['peak_memory_increase_bytes'] / 2**20:.0f} MiB | {v['train_seconds_mean']:.1f} s "
+                f"| {v['samples_per_second_mean']:.0f} | ok |"
+            )
+            table.append(
+                {
+                    "setting": name,
+                    "strategy": strategy,
+                    **{
+                        k: v.get(k)
+                        for k in (
+                            "test_accuracy_mean",
+                            "peak_memory_bytes",
+                            "predicted_peak_bytes",
+                            "prediction_error",
+                            "peak_memory_increase_bytes",
+                            "train_seconds_mean",
+                            "samples_per_second_mean",
+                            "tokens_per_second_mean",
+                        )
+                    },
+                }
+            )
     lines += ["", "Commands:", ""] + [f"- {n}: `{s['command']}`" for n, s in suites.items()]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as fh:
-        json.dump({"machine": first["machine"], "device": first["device"], "versions": first["versions"],
-                   "commands": {n: s["command"] for n, s in suites.items()}, "rows": table}, fh, indent=2)
+        json.dump(
+            {
+                "machine": first["machine"],
+                "device": first["device"],
+                "versions": first["versions"],
+                "commands": {n: s["command"] for n, s in suites.items()},
+                "rows": table,
+            },
+            fh,
+            indent=2,
+        )
     with open(args.out + ".md", "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

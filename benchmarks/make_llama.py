@@ -30,14 +30,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "0.6b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
-                 num_key_value_heads=8),
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4),
-    "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=22, num_attention_heads=16,
-                 num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "0.6b": dict(
+        hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=8
+    ),
+    "1.1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "1.5b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=22, num_attention_heads=16, num_key_value_heads=8
+    ),
 }
 
 
@@ -45,14 +49,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="0.6b")
     ap.add_argument("--out", required=True, help="directory to write (must not exist)")
-    ap.add_argument("--tokenizer", default="minilm",
-                    help="tokenizer to save with the model: a short name or a directory (default: minilm)")
-    ap.add_argument("--attention-bias", action="store_true",
-                    help="biases on the q/k/v/o projections (as Qwen2 has), so BitFit has something to train")
-    ap.add_argument("--max-positions", type=int, default=512,
-                    help="longest sequence the model is made for (max_position_embeddings; default 512)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="dtype of the weights written (default float32)")
+    ap.add_argument(
+        "--tokenizer",
+        default="minilm",
+        help="tokenizer to save with the model: a short name or a directory (default: minilm)",
+    )
+    ap.add_argument(
+        "--attention-bias",
+        action="store_true",
+        help="biases on the q/k/v/o projections (as Qwen2 has), so BitFit has something to train",
+    )
+    ap.add_argument(
+        "--max-positions",
+        type=int,
+        default=512,
+        help="longest sequence the model is made for (max_position_embeddings; default 512)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the weights written (default float32)",
+    )
     args = ap.parse_args()
     if os.path.exists(args.out):
         sys.exit(f"error: {args.out} already exists")
@@ -75,10 +93,16 @@ def main() -> None:
     # (the tokenizer's own limit, MiniLM's 512, would only warn about longer texts)
     if (tokenizer.model_max_length or 0) < args.max_positions:
         tokenizer.model_max_length = args.max_positions
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=args.max_positions, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, attention_bias=args.attention_bias,
-                         **SIZES[args.size])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=args.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attention_bias=args.attention_bias,
+        **SIZES[args.size],
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
@@ -87,9 +111,11 @@ def main() -> None:
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     bias = ", q/k/v/o biases" if args.attention_bias else ""
-    print(f"wrote {args.out}: Llama-style{bias}, {n / 1e9:.3f}B parameters (random init), vocabulary {len(tokenizer):,}"
-          + (f", {args.max_positions} positions" if args.max_positions != 512 else "")
-          + (f", {args.dtype}" if args.dtype != "float32" else ""))
+    print(
+        f"wrote {args.out}: Llama-style{bias}, {n / 1e9:.3f}B parameters (random init), vocabulary {len(tokenizer):,}"
+        + (f", {args.max_positions} positions" if args.max_positions != 512 else "")
+        + (f", {args.dtype}" if args.dtype != "float32" else "")
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--dataset", default="rotten_tomatoes", help="labelled text data (short name or file)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="where both sides train (auto: cuda when there is one)")
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where both sides train (auto: cuda when there is one)",
+    )
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per side")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -58,10 +62,9 @@ def main() -> None:
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup, set_seed
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from peftkit.env import package_versions
-    from peftkit.env import machine_description
     from peftkit.config import RunConfig
     from peftkit.data import LabelledData, load_labelled_data
+    from peftkit.env import machine_description, package_versions
     from peftkit.models import load_classifier, load_tokenizer
     from peftkit.strategies.base import TaskSpec
     from peftkit.structure import head_module_names
@@ -76,13 +79,23 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     n_train = args.steps * args.batch_size
     data = load_labelled_data(args.dataset, seed=0, max_train_samples=n_train)
-    small = {"train": data.splits["train"], "validation": data.splits["validation"].select(range(32)),
-             "test": data.splits["test"].select(range(32))}
+    small = {
+        "train": data.splits["train"],
+        "validation": data.splits["validation"].select(range(32)),
+        "test": data.splits["test"].select(range(32)),
+    }
     data = LabelledData(small, data.label_names, data.split_info)
     tokenizer = load_tokenizer(args.model)
     task = TaskSpec(num_labels=len(data.label_names), label_names=tuple(data.label_names))
-    cfg = RunConfig(strategy="lora", task="sequence-classification", model=args.model, epochs=1, batch_size=args.batch_size,
-                    max_length=args.max_length, seed=0)
+    cfg = RunConfig(
+        strategy="lora",
+        task="sequence-classification",
+        model=args.model,
+        epochs=1,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=0,
+    )
     run = resolve(cfg)
     hp = run.hparams
 
@@ -96,25 +109,49 @@ def main() -> None:
         return outcome.history[0]["epoch_seconds"]
 
     # -- the floor: what a practitioner would write by hand with torch + peft ------------------
-    encoded = data.splits["train"].map(
-        lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
-        batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    encoded = (
+        data.splits["train"]
+        .map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+            batched=True,
+            remove_columns=["text"],
+        )
+        .rename_column("label", "labels")
+    )
     lengths = [len(ids) for ids in encoded["input_ids"]]
 
     def hand_side() -> tuple[float, int]:
         base = fresh_base()
         lora = run.strategy.options
         # peft's default projections for the architecture (what peftkit's lora targets by default)
-        model = get_peft_model(base, LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=None, modules_to_save=head_module_names(base))).to(device)
-        sampler = LengthGroupedSampler(args.batch_size, lengths=lengths,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
-        loader = DataLoader(encoded.with_format("torch"), batch_size=args.batch_size, sampler=sampler,
-                            collate_fn=DataCollatorWithPadding(tokenizer))
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=None,
+                modules_to_save=head_module_names(base),
+            ),
+        ).to(device)
+        sampler = LengthGroupedSampler(
+            args.batch_size, lengths=lengths, generator=torch.Generator().manual_seed(cfg.seed)
+        )
+        loader = DataLoader(
+            encoded.with_format("torch"),
+            batch_size=args.batch_size,
+            sampler=sampler,
+            collate_fn=DataCollatorWithPadding(tokenizer),
+        )
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-                                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=hp.lr)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+        )
         steps = len(loader)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * steps), steps)
         model.train()
@@ -137,8 +174,11 @@ def main() -> None:
     del check
     peftkit_times, hand_times = [], []
     hand_trainable = None
-    print(f"warming up, then {args.repeats} alternating runs of {args.steps} steps per side "
-          f"(batch {args.batch_size}, length <= {args.max_length}, {torch.get_num_threads()} threads)", flush=True)
+    print(
+        f"warming up, then {args.repeats} alternating runs of {args.steps} steps per side "
+        f"(batch {args.batch_size}, length <= {args.max_length}, {torch.get_num_threads()} threads)",
+        flush=True,
+    )
     peftkit_side()  # warm-up: first-touch allocations, lazy imports, kernel selection
     hand_side()
     for i in range(args.repeats):
@@ -149,11 +189,16 @@ def main() -> None:
             else:
                 seconds, hand_trainable = hand_side()
                 hand_times.append(seconds / args.steps)
-        print(f"repeat {i + 1}: peftkit {peftkit_times[-1] * 1000:.1f} ms/step, "
-              f"hand-written {hand_times[-1] * 1000:.1f} ms/step", flush=True)
+        print(
+            f"repeat {i + 1}: peftkit {peftkit_times[-1] * 1000:.1f} ms/step, "
+            f"hand-written {hand_times[-1] * 1000:.1f} ms/step",
+            flush=True,
+        )
     if hand_trainable != peftkit_trainable:
-        sys.exit(f"the two sides train different parameters ({peftkit_trainable:,} vs {hand_trainable:,}): "
-                 "not a fair comparison")
+        sys.exit(
+            f"the two sides train different parameters ({peftkit_trainable:,} vs {hand_trainable:,}): "
+            "not a fair comparison"
+        )
 
     p_med, h_med = statistics.median(peftkit_times), statistics.median(hand_times)
     ratio = p_med / h_med
@@ -163,11 +208,21 @@ def main() -> None:
         "machine": machine_description(),
         "device": (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"),
         "versions": package_versions(),
-        "settings": {"model": args.model, "strategy": "lora", "steps": args.steps, "repeats": args.repeats,
-                     "batch_size": args.batch_size, "max_length": args.max_length,
-                     "threads": torch.get_num_threads(), "trainable_params": peftkit_trainable},
-        "peftkit_seconds_per_step": peftkit_times, "hand_seconds_per_step": hand_times,
-        "peftkit_median": p_med, "hand_median": h_med, "ratio": ratio,
+        "settings": {
+            "model": args.model,
+            "strategy": "lora",
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "threads": torch.get_num_threads(),
+            "trainable_params": peftkit_trainable,
+        },
+        "peftkit_seconds_per_step": peftkit_times,
+        "hand_seconds_per_step": hand_times,
+        "peftkit_median": p_med,
+        "hand_median": h_med,
+        "ratio": ratio,
         "target": 1.03 if device.type == "cuda" else 1.05,
     }
     if args.out:
@@ -175,8 +230,10 @@ def main() -> None:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)
             fh.write("\n")
-    print(f"median seconds per step: peftkit {p_med:.4f}, hand-written {h_med:.4f} "
-          f"({peftkit_trainable:,} trainable parameters on both sides)")
+    print(
+        f"median seconds per step: peftkit {p_med:.4f}, hand-written {h_med:.4f} "
+        f"({peftkit_trainable:,} trainable parameters on both sides)"
+    )
     print(f"ratio={ratio:.3f}")
 
 

@@ -45,8 +45,11 @@ def main() -> None:
         if not os.path.exists(metrics_path):
             print(f"[{i}/{len(todo)}] {strategy} seed {seed} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            done = subprocess.run([peftkit, "run", "--strategy", strategy, "--seed", str(seed),
-                                   "--output-dir", run_dir, *args.extra], capture_output=True, text=True)
+            done = subprocess.run(
+                [peftkit, "run", "--strategy", strategy, "--seed", str(seed), "--output-dir", run_dir, *args.extra],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 print(f"  failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
@@ -68,7 +71,8 @@ def main() -> None:
             "seeds": [r["seed"] for r in mine],
             "test_accuracy_mean": statistics.mean(acc),
             "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "test_accuracy_min": min(acc), "test_accuracy_max": max(acc),
+            "test_accuracy_min": min(acc),
+            "test_accuracy_max": max(acc),
             "test_f1_macro_mean": statistics.mean(r["test_f1_macro"] for r in mine),
             "trainable_params": max(r["trainable_params"] for r in mine),
             "total_params": mine[0]["total_params"],
@@ -77,28 +81,47 @@ def main() -> None:
             "peak_memory_bytes_max": max(r["peak_memory_bytes"] for r in mine),
             "adapter_bytes": mine[0]["adapter_bytes"],
         }
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {rows[0]['device'] if rows else '?'}"
-    result = {"command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/seed_sweep.py", *sys.argv[1:]]),
-              "machine": machine, "versions": rows[0]["versions"] if rows else {},
-              "summary": summary, "runs": [{k: r[k] for k in ("strategy", "seed", "test_accuracy", "test_f1_macro",
-                                                              "validation_accuracy", "train_seconds")} for r in rows]}
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {rows[0]['device'] if rows else '?'}"
+    )
+    result = {
+        "command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/seed_sweep.py", *sys.argv[1:]]),
+        "machine": machine,
+        "versions": rows[0]["versions"] if rows else {},
+        "summary": summary,
+        "runs": [
+            {
+                k: r[k]
+                for k in ("strategy", "seed", "test_accuracy", "test_f1_macro", "validation_accuracy", "train_seconds")
+            }
+            for r in rows
+        ],
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
         json.dump(result, fh, indent=2)
-    lines = [f"Command: `{result['command']}`  ",
-             f"Machine: {machine}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
-             "| strategy | trainable params | test accuracy (mean ± sd, min-max) | macro-F1 | train time | wall | peak RSS | adapter |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {machine}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        "| strategy | trainable params | test accuracy (mean ± sd, min-max) | macro-F1 | train time | wall | "
+        "peak RSS | adapter |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s, v in summary.items():
         pct = 100 * v["trainable_params"] / v["total_params"]
         size = v["adapter_bytes"]
         size_text = f"{size / 2**20:.2f} MiB" if size >= 2**20 / 10 else f"{size / 2**10:.1f} KiB"
         lines.append(
-            f"| `{s}` | {v['trainable_params']:,} ({pct:.3g}%) | {v['test_accuracy_mean']:.4f} ± {v['test_accuracy_std']:.4f} "
-            f"({v['test_accuracy_min']:.4f}-{v['test_accuracy_max']:.4f}, n={len(v['seeds'])}) | {v['test_f1_macro_mean']:.4f} "
-            f"| {v['train_seconds_mean']:.0f} s | {v['wall_seconds_mean']:.0f} s | {v['peak_memory_bytes_max'] / 1e9:.2f} GB "
-            f"| {size_text} |")
+            f"| `{s}` | {v['trainable_params']:,} ({pct:.3g}%) | {v['test_accuracy_mean']:.4f} ± "
+            f"{v['test_accuracy_std']:.4f} "
+            f"({v['test_accuracy_min']:.4f}-{v['test_accuracy_max']:.4f}, n={len(v['seeds'])}) | "
+            f"{v['test_f1_macro_mean']:.4f} "
+            f"| {v['train_seconds_mean']:.0f} s | {v['wall_seconds_mean']:.0f} s | "
+            f"{v['peak_memory_bytes_max'] / 1e9:.2f} GB "
+            f"| {size_text} |"
+        )
     with open(args.out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -31,7 +31,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -55,12 +56,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="batch size of the throughput pass (default 32)")
     ap.add_argument("--latency-examples", type=int, default=200, help="examples timed one at a time (default 200)")
     ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes (default 3): medians reported")
-    ap.add_argument("--min-agreement", type=float, default=0.95,
-                    help="int8 export's required label agreement with PyTorch (default 0.95, below peftkit export's "
-                         "0.99: the table reports the measured agreement either way)")
+    ap.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.95,
+        help="int8 export's required label agreement with PyTorch (default 0.95, below peftkit export's "
+        "0.99: the table reports the measured agreement either way)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine (default: all cores)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "serving_cpu"),
-                    help="results prefix: PREFIX.json and PREFIX.md ('' for none)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results", "serving_cpu"),
+        help="results prefix: PREFIX.json and PREFIX.md ('' for none)",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -79,8 +87,13 @@ def main() -> None:
     print(f"exporting {args.adapter} (fp32, int8) with peftkit export ...", flush=True)
     exports = {}
     for name, quantize in (("onnx_fp32", None), ("onnx_int8", "int8")):
-        result = api.export(args.adapter, os.path.join(work, name), quantize=quantize, echo=lambda m: print("  " + m),
-                            min_agreement=args.min_agreement if quantize else None)
+        result = api.export(
+            args.adapter,
+            os.path.join(work, name),
+            quantize=quantize,
+            echo=lambda m: print("  " + m),
+            min_agreement=args.min_agreement if quantize else None,
+        )
         exports[name] = result
 
     unmerged = load_adapter(args.adapter)
@@ -89,8 +102,10 @@ def main() -> None:
     task, meta = unmerged.task, unmerged.metadata
     data = check_data(task, meta, None, None, None)
     labels = np.asarray(data.labels)
-    batches = [task.serving_batch(unmerged.tokenizer, meta, data.inputs[i : i + args.batch])
-               for i in range(0, len(data.inputs), args.batch)]
+    batches = [
+        task.serving_batch(unmerged.tokenizer, meta, data.inputs[i : i + args.batch])
+        for i in range(0, len(data.inputs), args.batch)
+    ]
     singles = [task.serving_batch(unmerged.tokenizer, meta, [x]) for x in data.inputs[: args.latency_examples]]
 
     def torch_engine(loaded: Any) -> Callable[[dict[str, Any]], Any]:
@@ -100,9 +115,12 @@ def main() -> None:
         model = load_onnx(directory, threads=args.threads)
         return model.probabilities
 
-    engines = {"pytorch_unmerged": torch_engine(unmerged), "pytorch_merged": torch_engine(merged),
-               "onnx_fp32": onnx_engine(exports["onnx_fp32"].output_dir),
-               "onnx_int8": onnx_engine(exports["onnx_int8"].output_dir)}
+    engines = {
+        "pytorch_unmerged": torch_engine(unmerged),
+        "pytorch_merged": torch_engine(merged),
+        "onnx_fp32": onnx_engine(exports["onnx_fp32"].output_dir),
+        "onnx_int8": onnx_engine(exports["onnx_int8"].output_dir),
+    }
     for run in engines.values():  # warm-up: first calls allocate and pick kernels
         run(batches[0])
         run(singles[0])
@@ -128,28 +146,51 @@ def main() -> None:
     base_p50 = percentile(latency["pytorch_merged"], 50)
     for name in engines:
         tp = statistics.median(throughput[name])
-        rows.append({"engine": name, "throughput_per_s": tp, "throughput_vs_merged": tp / base_tp,
-                     "latency_p50_ms": percentile(latency[name], 50), "latency_p95_ms": percentile(latency[name], 95),
-                     "latency_p50_vs_merged": percentile(latency[name], 50) / base_p50,
-                     "accuracy": float((predictions[name] == labels).mean()),
-                     "agreement_with_pytorch": float((predictions[name] == reference).mean()),
-                     "model_bytes": (os.path.getsize(os.path.join(exports[name].output_dir, "model.onnx"))
-                                     if name in exports else None)})
+        rows.append(
+            {
+                "engine": name,
+                "throughput_per_s": tp,
+                "throughput_vs_merged": tp / base_tp,
+                "latency_p50_ms": percentile(latency[name], 50),
+                "latency_p95_ms": percentile(latency[name], 95),
+                "latency_p50_vs_merged": percentile(latency[name], 50) / base_p50,
+                "accuracy": float((predictions[name] == labels).mean()),
+                "agreement_with_pytorch": float((predictions[name] == reference).mean()),
+                "model_bytes": (
+                    os.path.getsize(os.path.join(exports[name].output_dir, "model.onnx")) if name in exports else None
+                ),
+            }
+        )
     int8 = next(r for r in rows if r["engine"] == "onnx_int8")
     torch_merged = next(r for r in rows if r["engine"] == "pytorch_merged")
-    verdict = {"int8_throughput_vs_merged": int8["throughput_vs_merged"], "target_throughput": 2.0,
-               "int8_accuracy_change_points": 100 * (int8["accuracy"] - torch_merged["accuracy"]),
-               "target_accuracy_points": 0.5}
+    verdict = {
+        "int8_throughput_vs_merged": int8["throughput_vs_merged"],
+        "target_throughput": 2.0,
+        "int8_accuracy_change_points": 100 * (int8["accuracy"] - torch_merged["accuracy"]),
+        "target_accuracy_points": 0.5,
+    }
     command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
-    record = {"command": command, "adapter": os.path.relpath(args.adapter, ROOT), "examples": len(data.inputs),
-              "checked_on": data.described, "batch": args.batch, "latency_examples": len(singles),
-              "rounds": args.rounds, "threads": args.threads, "rows": rows, "verdict": verdict,
-              "export_checks": {n: r.check for n, r in exports.items()},
-              "machine": machine_description(), "versions": export_versions()}
+    record = {
+        "command": command,
+        "adapter": os.path.relpath(args.adapter, ROOT),
+        "examples": len(data.inputs),
+        "checked_on": data.described,
+        "batch": args.batch,
+        "latency_examples": len(singles),
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "rows": rows,
+        "verdict": verdict,
+        "export_checks": {n: r.check for n, r in exports.items()},
+        "machine": machine_description(),
+        "versions": export_versions(),
+    }
     table = render(record)
     print("\n" + table)
-    print(f"ratio=int8 throughput / PyTorch merged {verdict['int8_throughput_vs_merged']:.2f} (target >= 2.0); "
-          f"int8 accuracy {verdict['int8_accuracy_change_points']:+.2f} points (target within 0.5)")
+    print(
+        f"ratio=int8 throughput / PyTorch merged {verdict['int8_throughput_vs_merged']:.2f} (target >= 2.0); "
+        f"int8 accuracy {verdict['int8_accuracy_change_points']:+.2f} points (target within 0.5)"
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         write_json(args.out + ".json", record)
@@ -160,25 +201,39 @@ def main() -> None:
 
 def render(record: dict[str, Any]) -> str:
     """The results as a markdown table with the command, machine and versions under it."""
-    names = {"pytorch_unmerged": "PyTorch, adapter unmerged", "pytorch_merged": "PyTorch, merged",
-             "onnx_fp32": "ONNX Runtime fp32", "onnx_int8": "ONNX Runtime int8"}
-    lines = [f"| engine | throughput, batch {record['batch']} (examples/s) | vs merged | latency p50 / p95, batch 1 (ms) "
-             "| vs merged (p50) | test accuracy | same label as PyTorch | model file |",
-             "|---|---|---|---|---|---|---|---|"]
+    names = {
+        "pytorch_unmerged": "PyTorch, adapter unmerged",
+        "pytorch_merged": "PyTorch, merged",
+        "onnx_fp32": "ONNX Runtime fp32",
+        "onnx_int8": "ONNX Runtime int8",
+    }
+    lines = [
+        f"| engine | throughput, batch {record['batch']} (examples/s) | vs merged | latency p50 / p95, batch 1 (ms) "
+        "| vs merged (p50) | test accuracy | same label as PyTorch | model file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in record["rows"]:
         size = f"{r['model_bytes'] / 2**20:.0f} MiB" if r["model_bytes"] else "-"
-        lines.append(f"| {names.get(r['engine'], r['engine'])} | {r['throughput_per_s']:,.0f} | "
-                     f"{r['throughput_vs_merged']:.2f}x | {r['latency_p50_ms']:.1f} / {r['latency_p95_ms']:.1f} | "
-                     f"{r['latency_p50_vs_merged']:.2f}x | {r['accuracy']:.4f} | {r['agreement_with_pytorch']:.2%} | "
-                     f"{size} |")
+        lines.append(
+            f"| {names.get(r['engine'], r['engine'])} | {r['throughput_per_s']:,.0f} | "
+            f"{r['throughput_vs_merged']:.2f}x | {r['latency_p50_ms']:.1f} / {r['latency_p95_ms']:.1f} | "
+            f"{r['latency_p50_vs_merged']:.2f}x | {r['accuracy']:.4f} | {r['agreement_with_pytorch']:.2%} | "
+            f"{size} |"
+        )
     m, v = record["machine"], record["versions"]
-    lines += ["", f"{record['examples']:,} test examples ({record['checked_on']}), {record['rounds']} rounds "
-              f"(medians), {record['threads']} threads, the same tokenized batches for every engine. "
-              f"Adapter: `{record['adapter']}`.",
-              f"Command: `{record['command']}`",
-              f"Machine: {m['cpu']}, {m['cores']} cores. Versions: " +
-              ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers", "peft", "onnx", "onnxscript",
-                                                "onnxruntime") if k in v)]
+    lines += [
+        "",
+        f"{record['examples']:,} test examples ({record['checked_on']}), {record['rounds']} rounds "
+        f"(medians), {record['threads']} threads, the same tokenized batches for every engine. "
+        f"Adapter: `{record['adapter']}`.",
+        f"Command: `{record['command']}`",
+        f"Machine: {m['cpu']}, {m['cores']} cores. Versions: "
+        + ", ".join(
+            f"{k} {v[k]}"
+            for k in ("python", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime")
+            if k in v
+        ),
+    ]
     return "\n".join(lines)
 
 

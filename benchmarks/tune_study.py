@@ -72,8 +72,19 @@ def full_set_config(best_yaml: str, target: str) -> None:
 def study_one(strategy: str, args: argparse.Namespace, log: str) -> dict[str, Any]:
     """Tune one strategy on the subset, then train default and best on the whole training set."""
     tune_dir = os.path.join(args.runs, f"{strategy}-tune")
-    tune_args = ["tune", "--strategy", strategy, "--trials", str(args.trials), "--seed", str(args.seed),
-                 "--max-train-samples", str(args.max_train_samples), "--output-dir", tune_dir]
+    tune_args = [
+        "tune",
+        "--strategy",
+        strategy,
+        "--trials",
+        str(args.trials),
+        "--seed",
+        str(args.seed),
+        "--max-train-samples",
+        str(args.max_train_samples),
+        "--output-dir",
+        tune_dir,
+    ]
     tune_seconds = None
     if not os.path.exists(os.path.join(tune_dir, "trials.json")):
         tune_seconds = call(tune_args, log)
@@ -88,8 +99,10 @@ def study_one(strategy: str, args: argparse.Namespace, log: str) -> dict[str, An
     best_full = os.path.join(args.runs, f"{strategy}-best-full.yaml")
     full_set_config(os.path.join(tune_dir, "best.yaml"), best_full)
     same = trials["best_trial"] == default_row["number"]
-    runs = {"default": ["run", "--strategy", strategy, "--seed", str(args.seed)],
-            "tuned": ["run", "--config", best_full]}
+    runs = {
+        "default": ["run", "--strategy", strategy, "--seed", str(args.seed)],
+        "tuned": ["run", "--config", best_full],
+    }
     if same:  # the defaults won the study: the tuned run would be the default run again
         del runs["tuned"]
     measured: dict[str, Any] = {}
@@ -99,67 +112,110 @@ def study_one(strategy: str, args: argparse.Namespace, log: str) -> dict[str, An
         if not os.path.exists(os.path.join(run_dir, "metrics.json")):
             seconds = call([*run_args, "--output-dir", run_dir], log)
         metrics = read_json(os.path.join(run_dir, "metrics.json"))
-        measured[name] = {"command": "peftkit " + " ".join([*run_args, "--output-dir", run_dir]),
-                          "test_accuracy": metrics["test_accuracy"],
-                          "validation_accuracy": metrics.get("validation_accuracy"),
-                          "train_seconds": metrics.get("train_seconds"), "wall_seconds": seconds,
-                          "correct": metrics.get("per_example_correct")}
+        measured[name] = {
+            "command": "peftkit " + " ".join([*run_args, "--output-dir", run_dir]),
+            "test_accuracy": metrics["test_accuracy"],
+            "validation_accuracy": metrics.get("validation_accuracy"),
+            "train_seconds": metrics.get("train_seconds"),
+            "wall_seconds": seconds,
+            "correct": metrics.get("per_example_correct"),
+        }
     if same:
         measured["tuned"] = measured["default"]
     comparison = None
     if not same and measured["default"]["correct"] and measured["tuned"]["correct"]:
         c = paired_bootstrap([from_bits(measured["tuned"]["correct"])], [from_bits(measured["default"]["correct"])])
-        comparison = {"difference": c.difference, "low": c.low, "high": c.high, "p": c.p_value,
-                      "bootstrap_p": c.bootstrap_p, "mcnemar_p": c.mcnemar_p, "examples": c.examples,
-                      "distinguishable": c.distinguishable()}
+        comparison = {
+            "difference": c.difference,
+            "low": c.low,
+            "high": c.high,
+            "p": c.p_value,
+            "bootstrap_p": c.bootstrap_p,
+            "mcnemar_p": c.mcnemar_p,
+            "examples": c.examples,
+            "distinguishable": c.distinguishable(),
+        }
     for m in measured.values():
         m.pop("correct", None)
-    return {"tune_command": "peftkit " + " ".join(tune_args), "tune_seconds": tune_seconds,
-            "trials": len(rows), "states": states, "default_validation": default_row["value"],
-            "best_validation": trials["best_value"], "best_trial": trials["best_trial"],
-            "best_params": trials["best_params"], "defaults_won": same,
-            # the best trial against the defaults on the same validation examples (peftkit tune's own test)
-            "validation_versus_defaults": trials.get("versus_defaults"),
-            "subset_test_accuracy_of_best": ((trials.get("best_run") or {}).get("test") or {}).get("accuracy"),
-            "full_training_set": measured, "tuned_vs_default": comparison}
+    return {
+        "tune_command": "peftkit " + " ".join(tune_args),
+        "tune_seconds": tune_seconds,
+        "trials": len(rows),
+        "states": states,
+        "default_validation": default_row["value"],
+        "best_validation": trials["best_value"],
+        "best_trial": trials["best_trial"],
+        "best_params": trials["best_params"],
+        "defaults_won": same,
+        # the best trial against the defaults on the same validation examples (peftkit tune's own test)
+        "validation_versus_defaults": trials.get("versus_defaults"),
+        "subset_test_accuracy_of_best": ((trials.get("best_run") or {}).get("test") or {}).get("accuracy"),
+        "full_training_set": measured,
+        "tuned_vs_default": comparison,
+    }
 
 
 def report(results: dict[str, Any]) -> str:
     """The markdown table."""
-    lines = [f"Command: `{results['command']}`  ",
-             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['platform']}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), "",
-             f"Each strategy: `peftkit tune`, {results['trials']} trials on a {results['max_train_samples']:,}-example "
-             "training subset (seeded; trial 0 = the defaults; TPE, median pruner; selection on validation), "
-             "then the defaults and the best trial's settings each trained once on the whole training set "
-             f"(seed {results['seed']}) and evaluated on the same test examples.", "",
-             "Beside the validation figures, where the study recorded which validation examples each trial got "
-             "right: the best trial against the defaults on those examples (paired, as peftkit tune reports it). "
-             "Studies run before peftkit recorded it have none.", "",
-             "| strategy | trials (complete / pruned / failed) | validation: default → best (subset) | "
-             "test, whole training set: default | tuned | tuned − default (95% interval), p | tune time | best settings |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"{results['machine']['platform']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        "",
+        f"Each strategy: `peftkit tune`, {results['trials']} trials on a {results['max_train_samples']:,}-example "
+        "training subset (seeded; trial 0 = the defaults; TPE, median pruner; selection on validation), "
+        "then the defaults and the best trial's settings each trained once on the whole training set "
+        f"(seed {results['seed']}) and evaluated on the same test examples.",
+        "",
+        "Beside the validation figures, where the study recorded which validation examples each trial got "
+        "right: the best trial against the defaults on those examples (paired, as peftkit tune reports it). "
+        "Studies run before peftkit recorded it have none.",
+        "",
+        "| strategy | trials (complete / pruned / failed) | validation: default → best (subset) | "
+        "test, whole training set: default | tuned | tuned − default (95% interval), p | tune time | best settings |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["strategies"].items():
         st = r["states"]
         full = r["full_training_set"]
         c = r["tuned_vs_default"]
-        diff = "the same settings" if r["defaults_won"] else (
-            f"{100 * c['difference']:+.1f} pts ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}), p={c['p']:.2g}"
-            + ("" if c["distinguishable"] else ", not distinguishable") if c else "-")
-        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items())
+        diff = (
+            "the same settings"
+            if r["defaults_won"]
+            else (
+                f"{100 * c['difference']:+.1f} pts ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}), p={c['p']:.2g}"
+                + ("" if c["distinguishable"] else ", not distinguishable")
+                if c
+                else "-"
+            )
+        )
+        settings = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()
+        )
         tune_time = f"{r['tune_seconds'] / 60:.1f} min" if r["tune_seconds"] else "(earlier)"
         v = r.get("validation_versus_defaults")
-        sure = (f", {100 * v['difference']:+.1f} pts ({100 * v['low']:+.1f}, {100 * v['high']:+.1f}), "
-                f"p={v['p_value']:.2g}" + ("" if v["distinguishable"] else ", not distinguishable")) if v else ""
+        sure = (
+            (
+                f", {100 * v['difference']:+.1f} pts ({100 * v['low']:+.1f}, {100 * v['high']:+.1f}), "
+                f"p={v['p_value']:.2g}" + ("" if v["distinguishable"] else ", not distinguishable")
+            )
+            if v
+            else ""
+        )
         # trials.json's "fail" became "failed" and "interrupted" (told apart): the column keeps its meaning
         failed = st.get("fail", 0) + st.get("failed", 0) + st.get("interrupted", 0)
-        lines.append(f"| `{name}` | {r['trials']} ({st.get('complete', 0)} / {st.get('pruned', 0)} / {failed}) "
-                     f"| {r['default_validation']:.4f} → {r['best_validation']:.4f} (#{r['best_trial']}{sure}) "
-                     f"| {full['default']['test_accuracy']:.4f} | {full['tuned']['test_accuracy']:.4f} | {diff} "
-                     f"| {tune_time} | {settings or 'defaults'} |")
+        lines.append(
+            f"| `{name}` | {r['trials']} ({st.get('complete', 0)} / {st.get('pruned', 0)} / {failed}) "
+            f"| {r['default_validation']:.4f} → {r['best_validation']:.4f} (#{r['best_trial']}{sure}) "
+            f"| {full['default']['test_accuracy']:.4f} | {full['tuned']['test_accuracy']:.4f} | {diff} "
+            f"| {tune_time} | {settings or 'defaults'} |"
+        )
     lines.append("")
-    lines.append(f"Total wall time: {results['total_minutes']:.1f} min"
-                 + ("." if results.get("finished", True) else " so far (not every strategy asked for has run yet)."))
+    lines.append(
+        f"Total wall time: {results['total_minutes']:.1f} min"
+        + ("." if results.get("finished", True) else " so far (not every strategy asked for has run yet).")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -169,16 +225,24 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default=os.path.join("runs", "tune-study"), help="Where studies and runs go (relative: to the current directory).")
+    parser.add_argument(
+        "--runs",
+        default=os.path.join("runs", "tune-study"),
+        help="Where studies and runs go (relative: to the current directory).",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results", "tune_cpu"), help="Results path without suffix.")
-    parser.add_argument("--report", action="store_true",
-                        help="Only write the report again from the results JSON (and each study's trials.json).")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="Only write the report again from the results JSON (and each study's trials.json).",
+    )
     args = parser.parse_args()
     if args.report:
         results = read_json(args.out + ".json")
         for name, r in results["strategies"].items():
-            r["validation_versus_defaults"] = read_json(
-                os.path.join(args.runs, f"{name}-tune", "trials.json")).get("versus_defaults")
+            r["validation_versus_defaults"] = read_json(os.path.join(args.runs, f"{name}-tune", "trials.json")).get(
+                "versus_defaults"
+            )
         write_json(args.out + ".json", results)
         with open(args.out + ".md.tmp", "w", encoding="utf-8") as fh:
             fh.write(report(results))
@@ -189,10 +253,16 @@ def main() -> None:
     log = os.path.join(args.runs, "commands.log")
     start = time.perf_counter()
     names = args.strategies.split(",")
-    results = {"command": " ".join([".venv/bin/python", "benchmarks/tune_study.py", *sys.argv[1:]]),
-               "machine": machine_description(), "versions": package_versions(),
-               "trials": args.trials, "max_train_samples": args.max_train_samples, "seed": args.seed,
-               "total_minutes": 0.0, "strategies": {}}
+    results = {
+        "command": " ".join([".venv/bin/python", "benchmarks/tune_study.py", *sys.argv[1:]]),
+        "machine": machine_description(),
+        "versions": package_versions(),
+        "trials": args.trials,
+        "max_train_samples": args.max_train_samples,
+        "seed": args.seed,
+        "total_minutes": 0.0,
+        "strategies": {},
+    }
     for name in names:
         results["strategies"][name] = study_one(name, args, log)
         # Written after every strategy, so a stopped study still leaves what it measured.

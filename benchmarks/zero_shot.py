@@ -34,15 +34,20 @@ def main() -> None:
     from accelerate import Accelerator
     from transformers import set_seed
 
-    from peftkit.env import package_versions
-    from peftkit.env import machine_description
     from peftkit.config import RunConfig
     from peftkit.data import cap_eval_splits
+    from peftkit.env import machine_description, package_versions
     from peftkit.strategies.base import Strategy
     from peftkit.train import make_loader, resolve
 
-    cfg = RunConfig(task=args.task, model=args.model, dataset=args.dataset, seed=args.seed,
-                    max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
+    cfg = RunConfig(
+        task=args.task,
+        model=args.model,
+        dataset=args.dataset,
+        seed=args.seed,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
     run = resolve(cfg)
     task = run.task
     set_seed(cfg.seed)
@@ -56,11 +61,22 @@ def main() -> None:
     start = time.perf_counter()
     # the base class's forward: the model as it is, no strategy applied
     metrics = task.evaluate(Strategy(), model, loader, accelerator, final=True, context=processor)
-    print(json.dumps({"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                      "task": task.name, "model": cfg.model, "dataset": cfg.dataset,
-                      "test_size": len(data.splits["test"]), **{f"test_{k}": v for k, v in metrics.items()},
-                      "seconds": round(time.perf_counter() - start, 1), "machine": machine_description(),
-                      "versions": package_versions()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "task": task.name,
+                "model": cfg.model,
+                "dataset": cfg.dataset,
+                "test_size": len(data.splits["test"]),
+                **{f"test_{k}": v for k, v in metrics.items()},
+                "seconds": round(time.perf_counter() - start, 1),
+                "machine": machine_description(),
+                "versions": package_versions(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,22 +22,38 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-# name -> module it is read from, on first use (these import more, some of them torch)
-_LAZY = {
-    "run": "api", "bench": "api", "plan": "api", "predict": "api", "merge": "api", "export": "api", "inspect": "api",
-    "resume": "api", "evaluate": "api", "tune": "api", "RunResult": "api", "TuneResult": "api",
-    "TuneConfig": "tuning", "EvalConfig": "evaluation",
-    "RunConfig": "config", "Levers": "config", "BenchConfig": "benchmark", "PlanSettings": "planner",
-    "load_adapter": "inference", "predict_texts": "inference", "save_adapter": "adapter_io",
-}
-
 from .errors import LearnedNothingWarning, PeftkitError, PeftkitWarning
 from .registry import available as available_strategies
 from .registry import get_strategy, register_strategy
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults
 from .tasks import Task, TaskData, register_task
+
+__version__ = "0.1.0"
+
+# name -> module it is read from, on first use (these import more, some of them torch)
+_LAZY = {
+    "run": "api",
+    "bench": "api",
+    "plan": "api",
+    "predict": "api",
+    "merge": "api",
+    "export": "api",
+    "inspect": "api",
+    "resume": "api",
+    "evaluate": "api",
+    "tune": "api",
+    "RunResult": "api",
+    "TuneResult": "api",
+    "TuneConfig": "tuning",
+    "EvalConfig": "evaluation",
+    "RunConfig": "config",
+    "Levers": "config",
+    "BenchConfig": "benchmark",
+    "PlanSettings": "planner",
+    "load_adapter": "inference",
+    "predict_texts": "inference",
+    "save_adapter": "adapter_io",
+}
 
 __all__ = [
     "BenchConfig",

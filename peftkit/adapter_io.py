@@ -41,6 +41,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 # -- safetensors files ------------------------------------------------------------------------
 
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     """Write tensors with safetensors (clone + contiguous: it refuses views and shared storage).
 
@@ -64,20 +65,23 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise PeftkitError(f"adapter file {path!r} is truncated or corrupt: {exc}") from None
 
 
-def save_changed_tensors(tensors: dict[str, torch.Tensor], directory: str,
-                         base_digests: dict[str, str]) -> dict[str, Any]:
+def save_changed_tensors(
+    tensors: dict[str, torch.Tensor], directory: str, base_digests: dict[str, str]
+) -> dict[str, Any]:
     """Write ``tensors`` to ``adapter.safetensors``, leaving out those bit-identical to the
     pretrained weights (recorded by name, so loading can insist on exactly the rest)."""
     from .fingerprint import tensor_digest
 
     unchanged = sorted(n for n, t in tensors.items() if base_digests.get(n) == tensor_digest(t))
-    write_safetensors({n: t for n, t in tensors.items() if n not in set(unchanged)},
-                      os.path.join(directory, TENSORS_FILE))
+    write_safetensors(
+        {n: t for n, t in tensors.items() if n not in set(unchanged)}, os.path.join(directory, TENSORS_FILE)
+    )
     return {"format": "peftkit-safetensors", "unchanged_from_base": unchanged}
 
 
-def read_changed_tensors(expected: dict[str, torch.Tensor], directory: str,
-                         metadata: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_changed_tensors(
+    expected: dict[str, torch.Tensor], directory: str, metadata: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """The inverse of ``save_changed_tensors``: the saved tensors, completed with the model's own
     (pretrained) values for those recorded as unchanged. Any other gap is an error."""
     path = os.path.join(directory, TENSORS_FILE)
@@ -94,6 +98,7 @@ def read_changed_tensors(expected: dict[str, torch.Tensor], directory: str,
 
 # -- adapter directories ----------------------------------------------------------------------
 
+
 def check_adapter_dir(directory: str) -> None:
     """Refuse a missing path, a file, or a directory whose weights are only pickles."""
     if not os.path.exists(directory):
@@ -108,8 +113,10 @@ def check_adapter_dir(directory: str) -> None:
                 f"refusing {os.path.join(directory, pickles[0])!r}: pickle files can run code when "
                 "loaded; peftkit only loads safetensors (convert it with safetensors first)"
             )
-        raise PeftkitError(f"{directory!r} is not an adapter directory (no .safetensors file); give a run's "
-                           f"adapter/ folder, a run directory holding one, or a folder in adapters/")
+        raise PeftkitError(
+            f"{directory!r} is not an adapter directory (no .safetensors file); give a run's "
+            f"adapter/ folder, a run directory holding one, or a folder in adapters/"
+        )
 
 
 RUN_ADAPTER_SUBDIR = "adapter"
@@ -157,8 +164,10 @@ def read_peft_adapter(directory: str, strategy: str, peft_type: str) -> dict[str
     if config is None:
         raise PeftkitError(f"{directory!r} has no {PEFT_CONFIG_FILE}; it is not a {strategy} adapter")
     if config.get("peft_type") != peft_type:
-        raise PeftkitError(f"{directory!r} holds a peft {config.get('peft_type')!r} adapter, "
-                           f"strategy {strategy!r} expects {peft_type!r}")
+        raise PeftkitError(
+            f"{directory!r} holds a peft {config.get('peft_type')!r} adapter, "
+            f"strategy {strategy!r} expects {peft_type!r}"
+        )
     path = os.path.join(directory, PEFT_TENSORS_FILE)
     if not os.path.exists(path):
         raise PeftkitError(f"{directory!r} has no {PEFT_TENSORS_FILE}")
@@ -167,12 +176,16 @@ def read_peft_adapter(directory: str, strategy: str, peft_type: str) -> dict[str
 
 def adapter_bytes(directory: str) -> int:
     """Total size of the weight files (what shipping the adapter costs)."""
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
-               if f.endswith(".safetensors"))
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 
 
-def save_adapter(directory: str, strategy: Any, model: Any, metadata: dict[str, Any] | None = None,
-                 base_digests: dict[str, str] | None = None) -> int:
+def save_adapter(
+    directory: str,
+    strategy: Any,
+    model: Any,
+    metadata: dict[str, Any] | None = None,
+    base_digests: dict[str, str] | None = None,
+) -> int:
     """Save ``model``'s adapter (as ``strategy`` trained it) and its metadata into ``directory``, so
     that ``load_adapter(directory)`` applies it again. Returns the weight files' size in bytes.
 
@@ -192,8 +205,13 @@ def save_adapter(directory: str, strategy: Any, model: Any, metadata: dict[str, 
     os.makedirs(directory, exist_ok=True)
     facts = strategy.save_adapter(model, directory, digests)
     size = adapter_bytes(directory)
-    meta = {"format_version": FORMAT_VERSION, **meta, **facts, "adapter_bytes": size,
-            "versions": meta.get("versions") or package_versions()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **meta,
+        **facts,
+        "adapter_bytes": size,
+        "versions": meta.get("versions") or package_versions(),
+    }
     write_json(os.path.join(directory, METADATA_FILE), meta)
     return size
 

@@ -23,8 +23,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
 from .config import RunConfig, default_output_dir
@@ -36,7 +37,6 @@ from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
 from .strategies.base import TUNED_SETTINGS
 from .tuning import STUDY_FILE, TrialCounts, TuneConfig, TunePlan
-
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import EarlyData, ResolvedRun
@@ -51,6 +51,7 @@ def to_stderr(message: str) -> None:
 
 
 # -- run --------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunResult:
@@ -77,8 +78,10 @@ def check_inputs(model: str | None = None, dataset: str | None = None, adapter_d
     from .models import check_model_name
 
     if adapter_dir is not None and not os.path.exists(adapter_dir):
-        raise PeftkitError(f"adapter directory not found: {adapter_dir}; give a run's adapter/ folder, "
-                           "one in adapters/, or a plain peft adapter folder")
+        raise PeftkitError(
+            f"adapter directory not found: {adapter_dir}; give a run's adapter/ folder, "
+            "one in adapters/, or a plain peft adapter folder"
+        )
     if dataset is not None:
         check_dataset_source(dataset)
     base = model if model is not None or adapter_dir is None else _recorded_base(adapter_dir)
@@ -158,8 +161,9 @@ def _warn_if_learned_nothing(result: RunResult) -> RunResult:
     ``resume``: a library user reads no log line (the CLI prints its own line instead; tune's best
     run is reported by tune)."""
     if result.metrics is not None and result.metrics.learned is False:
-        warnings.warn(f"run {result.run_dir} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"run {result.run_dir} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning, stacklevel=3
+        )
     return result
 
 
@@ -197,8 +201,9 @@ def _open_stage_everywhere(state: Any, out: str, overwrite: bool, resume: bool) 
     return stage_path(out)
 
 
-def _run_staged(run: ResolvedRun, out: str, resume: bool, echo: Echo, early: EarlyData | None = None
-                ) -> dict[str, Any] | None:
+def _run_staged(
+    run: ResolvedRun, out: str, resume: bool, echo: Echo, early: EarlyData | None = None
+) -> dict[str, Any] | None:
     """Run into the staging directory and move it to ``out`` when done. A failed run keeps its
     staging directory only if it holds a checkpoint, and says how to resume; an interrupted one
     raises ``RunInterrupted`` saying the same."""
@@ -224,6 +229,7 @@ def _run_staged(run: ResolvedRun, out: str, resume: bool, echo: Echo, early: Ear
 
 
 # -- bench ------------------------------------------------------------------------------------
+
 
 @dataclass
 class BenchResult:
@@ -260,13 +266,15 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
         echo(sizes["note"])
     per_size = f" x {len(sizes['sizes'])} training-set sizes" if sizes else ""
     n = len(config.strategies)
-    echo(f"bench: {n} {'strategy' if n == 1 else 'strategies'}{per_size} x {len(config.seeds)} seed(s) on {config.model!r} / "
-         f"{config.dataset!r}, each run in its own process; results in {out}")
+    echo(
+        f"bench: {n} {'strategy' if n == 1 else 'strategies'}{per_size} x {len(config.seeds)} seed(s) on "
+        f"{config.model!r} / "
+        f"{config.dataset!r}, each run in its own process; results in {out}"
+    )
     with staged_dir(out, overwrite) as stage:
         # the studies go into the staging directory too: an interrupted bench leaves none behind
         tuning = bench_tuning(config, stage, echo) if config.tune else None
-        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines, tuning=tuning,
-                            sizes=sizes)
+        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines, tuning=tuning, sizes=sizes)
         with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
             table = _first_table(fh.read())
     return BenchResult(out, results, table)
@@ -299,23 +307,43 @@ def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
         metric, found[strategy] = _tune_one(config, strategy, stage, echo)
     from .tuning import masked
 
-    return {"trials": config.tune, "timeout": config.tune_timeout, "seed": config.seeds[0],
-            "storage": masked(config.tune_storage) if config.tune_storage else None,
-            "metric": metric or "-", "seconds": time.perf_counter() - start, "strategies": found}
+    return {
+        "trials": config.tune,
+        "timeout": config.tune_timeout,
+        "seed": config.seeds[0],
+        "storage": masked(config.tune_storage) if config.tune_storage else None,
+        "metric": metric or "-",
+        "seconds": time.perf_counter() - start,
+        "strategies": found,
+    }
 
 
 def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tuple[str, dict[str, Any]]:
     """One strategy's study (see ``bench_tuning``): its metric and what it found."""
-    from .tuning import (StudyMismatch, best_config, defaults_won, open_storage, open_study, optimize, prepare_output,
-                         versus_defaults, write_reports)
+    from .tuning import (
+        StudyMismatch,
+        best_config,
+        defaults_won,
+        open_storage,
+        open_study,
+        optimize,
+        prepare_output,
+        versus_defaults,
+        write_reports,
+    )
 
     def said(line: str) -> None:
         echo(f"tuning {strategy}: {line.removeprefix('tune: ')}")
 
     run = config.run_config(strategy, config.seeds[0], config.batch_size, "unused")
     folder = os.path.join("tuning", strategy)
-    tc = TuneConfig(run=run, trials=config.tune or 1, timeout=config.tune_timeout,
-                    output_dir=os.path.join(stage, folder), storage=config.tune_storage)
+    tc = TuneConfig(
+        run=run,
+        trials=config.tune or 1,
+        timeout=config.tune_timeout,
+        output_dir=os.path.join(stage, folder),
+        storage=config.tune_storage,
+    )
     plan = plan_tune(tc, echo=lambda _line: None)  # the data's notes were said once already
     prepare_output(plan)
     try:
@@ -329,24 +357,35 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
     try:
         best = best_config(plan, study)
     except ValueError:  # no trial completed
-        return plan.metric, {"status": "failed", "error": f"no trial of its study completed; see {folder}/trials/"
-                                                          "*/worker.log"}
+        return plan.metric, {
+            "status": "failed",
+            "error": f"no trial of its study completed; see {folder}/trials/*/worker.log",
+        }
     settings = {k: getattr(best, k) for k in TUNED_SETTINGS} | dict(best.strategy_options)
     # the reports name the study where it ends up, not the staging directory it was made in
     shown = plan if config.tune_storage else dataclasses.replace(plan, storage=f"sqlite:///{folder}/{STUDY_FILE}")
     write_reports(plan.output_dir, shown, study, best, {"bench_rows": f"runs/{strategy}-tuned-seedN"})
     # the finished defaults trial (an interrupted one was queued again, and failed trials have no value)
     defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults") and t.value is not None), None)
-    said(f"best trial #{study.best_trial.number}, validation {plan.metric} {study.best_value:.4f} "
-         f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'}); of {TrialCounts.of(study).describe()}"
-         + ("; the defaults were best: no tuned setting beat them" if defaults_won(study) else ""))
+    said(
+        f"best trial #{study.best_trial.number}, validation {plan.metric} {study.best_value:.4f} "
+        f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'}); of {TrialCounts.of(study).describe()}"
+        + ("; the defaults were best: no tuned setting beat them" if defaults_won(study) else "")
+    )
     # trials as tune's own lines count them: every one that started (not those queued and never run)
-    return plan.metric, {"status": "ok", "error": None, "trials": TrialCounts.of(study).total,
-                         "best_trial": study.best_trial.number, "best_validation": study.best_value,
-                         "default_validation": defaults, "settings": settings,
-                         "same_as_default": bool(study.best_trial.user_attrs.get("defaults")), "dir": folder,
-                         # whether the validation gain is more than the split's noise (paired)
-                         "validation_versus_defaults": versus_defaults(study)}
+    return plan.metric, {
+        "status": "ok",
+        "error": None,
+        "trials": TrialCounts.of(study).total,
+        "best_trial": study.best_trial.number,
+        "best_validation": study.best_value,
+        "default_validation": defaults,
+        "settings": settings,
+        "same_as_default": bool(study.best_trial.user_attrs.get("defaults")),
+        "dir": folder,
+        # whether the validation gain is more than the split's noise (paired)
+        "validation_versus_defaults": versus_defaults(study),
+    }
 
 
 def preflight_bench(config: BenchConfig) -> BenchConfig:
@@ -399,9 +438,15 @@ def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any,
         echo(line)
     processor = task.load_processor(config.model)
     num_labels = max(2, len(data.label_names or ()))
-    predictor = bench_predictor(config.model, config.batch_size, config.max_length, num_labels,
-                                "cuda" if torch.cuda.is_available() else "cpu", task=config.task,
-                                loss_positions=task.loss_positions(data, processor, cfg))
+    predictor = bench_predictor(
+        config.model,
+        config.batch_size,
+        config.max_length,
+        num_labels,
+        "cuda" if torch.cuda.is_available() else "cpu",
+        task=config.task,
+        loss_positions=task.loss_positions(data, processor, cfg),
+    )
     return config, predictor, _bench_baselines(config, task, data), len(data.splits["train"])
 
 
@@ -412,14 +457,18 @@ def _bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, di
 
     out: dict[int, dict[str, Any] | None] = {}
     for seed in config.seeds:
-        data = first if seed == config.seeds[0] else task.load_data(
-            config.run_config(config.strategies[0], seed, config.batch_size, "unused"))
+        data = (
+            first
+            if seed == config.seeds[0]
+            else task.load_data(config.run_config(config.strategies[0], seed, config.batch_size, "unused"))
+        )
         cap_eval_splits(data, config.max_eval_samples, seed)
         out[seed] = task.baseline(data)
     return out
 
 
 # -- tune -------------------------------------------------------------------------------------
+
 
 @dataclass
 class TuneResult:
@@ -508,14 +557,28 @@ def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
     # the epochs (and early stopping) a plain run gets on this training set: trial 0 and the
     # searched range start from them, not from the strategy's figure for a large one
     schedule = cls(options_from_dict(cls, base.strategy_options)).schedule(
-        data.split_info["sizes"]["train"], base.batch_size or cls.defaults.batch_size, base.grad_accumulation,
-        epochs=base.epochs, patience=base.early_stopping_patience)
+        data.split_info["sizes"]["train"],
+        base.batch_size or cls.defaults.batch_size,
+        base.grad_accumulation,
+        epochs=base.epochs,
+        patience=base.early_stopping_patience,
+    )
     if schedule.how == "raised":
         echo(f"tune: {schedule.reason}; trials search epochs around {schedule.epochs}")
     out = config.output_dir or default_output_dir(f"tune-{cls.name}")
     storage = config.storage or f"sqlite:///{os.path.abspath(out)}/{STUDY_FILE}"
-    return TunePlan(config, cls, base, fixed, metric, metric_direction(task, metric), out, storage,
-                    config.study_name or f"tune-{cls.name}", schedule)
+    return TunePlan(
+        config,
+        cls,
+        base,
+        fixed,
+        metric,
+        metric_direction(task, metric),
+        out,
+        storage,
+        config.study_name or f"tune-{cls.name}",
+        schedule,
+    )
 
 
 def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult:
@@ -526,15 +589,19 @@ def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult
     try:
         best_number = study.best_trial.number
     except ValueError:
-        raise PeftkitError(f"no trial of study {plan.study_name!r} completed; each trial's worker.log in "
-                           f"{os.path.join(plan.output_dir, 'trials')} says why") from None
+        raise PeftkitError(
+            f"no trial of study {plan.study_name!r} completed; each trial's worker.log in "
+            f"{os.path.join(plan.output_dir, 'trials')} says why"
+        ) from None
     best = best_config(plan, study)
     previous = _previous_best_run(plan.output_dir, best_number)
     with staged_reports(plan.output_dir) as stage:
         if previous is None:
             who = f"#{best_number} (the defaults)" if defaults_won(study) else f"#{best_number}"
-            echo(f"tune: best trial {who} ({plan.metric} {study.best_value:.4f}); training it once more "
-                 "as peftkit run --config best.yaml would, the only run evaluated on test ...")
+            echo(
+                f"tune: best trial {who} ({plan.metric} {study.best_value:.4f}); training it once more "
+                "as peftkit run --config best.yaml would, the only run evaluated on test ..."
+            )
             best.output_dir = os.path.join(stage, "best-run")
             run_result = _run(dataclasses.replace(best), resume=False, echo=echo)
             best.output_dir = None
@@ -543,9 +610,23 @@ def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult
     run_dir = os.path.join(plan.output_dir, "best-run")
     metrics = RunMetrics.from_dict(_read_json(os.path.join(run_dir, "metrics.json")))
     counts = TrialCounts.of(study)
-    return TuneResult(plan.output_dir, plan.study_name, masked(plan.storage), plan.metric, counts.total, ran,
-                      best_number, study.best_value, dict(study.best_trial.params), best,
-                      RunResult(run_dir, metrics), plots, versus_defaults(study), counts, defaults_won(study))
+    return TuneResult(
+        plan.output_dir,
+        plan.study_name,
+        masked(plan.storage),
+        plan.metric,
+        counts.total,
+        ran,
+        best_number,
+        study.best_value,
+        dict(study.best_trial.params),
+        best,
+        RunResult(run_dir, metrics),
+        plots,
+        versus_defaults(study),
+        counts,
+        defaults_won(study),
+    )
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -569,13 +650,20 @@ def _best_run_record(plan: TunePlan, study: Any, metrics: RunMetrics | None, ech
     """What trials.json says of best-run/: its trial, validation (which should be the trial's) and test."""
     validation = (metrics.validation if metrics else {}).get(plan.metric)
     if validation is not None and abs(validation - study.best_value) > 1e-9:
-        echo(f"warning: the best configuration trained again reached validation {plan.metric} {validation:.6g}, "
-             f"its trial {study.best_value:.6g}: training is not bit-for-bit repeatable on this device")
-    return {"trial": study.best_trial.number, "dir": "best-run", "validation": metrics.validation if metrics else {},
-            "test": metrics.test if metrics else {}}
+        echo(
+            f"warning: the best configuration trained again reached validation {plan.metric} {validation:.6g}, "
+            f"its trial {study.best_value:.6g}: training is not bit-for-bit repeatable on this device"
+        )
+    return {
+        "trial": study.best_trial.number,
+        "dir": "best-run",
+        "validation": metrics.validation if metrics else {},
+        "test": metrics.test if metrics else {},
+    }
 
 
 # -- plan -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Plan:
@@ -592,8 +680,11 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """What ``peftkit plan --json`` prints."""
-        return {"settings": self.settings.to_dict(), "estimates": [e.as_dict() for e in self.estimates],
-                "failed": self.failed}
+        return {
+            "settings": self.settings.to_dict(),
+            "estimates": [e.as_dict() for e in self.estimates],
+            "failed": self.failed,
+        }
 
 
 def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
@@ -616,11 +707,27 @@ def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
 
 # -- predict, merge, inspect ------------------------------------------------------------------
 
-def predict(adapter_dir: str | None, inputs: list[str] | None = None, model: str | None = None, force: bool = False, *,
-            input_file: str | None = None, text_column: str | None = None, output: str | None = None,
-            overwrite: bool = False, batch_size: int | None = None, max_new_tokens: int | None = None,
-            do_sample: bool = False, temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-            chat: bool = False, progress: bool | None = None, onnx: str | None = None) -> list[dict[str, Any]]:
+
+def predict(
+    adapter_dir: str | None,
+    inputs: list[str] | None = None,
+    model: str | None = None,
+    force: bool = False,
+    *,
+    input_file: str | None = None,
+    text_column: str | None = None,
+    output: str | None = None,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    chat: bool = False,
+    progress: bool | None = None,
+    onnx: str | None = None,
+) -> list[dict[str, Any]]:
     """Answer ``inputs`` (texts; image files for an image classifier) with a trained adapter: one
     dict per input (label and probabilities, or the generated completion).
 
@@ -637,10 +744,27 @@ def predict(adapter_dir: str | None, inputs: list[str] | None = None, model: str
     64 inputs). ``onnx``: answer with what ``export`` wrote to this directory (ONNX Runtime, no
     PyTorch model) instead of an adapter (``adapter_dir`` None).
     """
-    rows = list(predict_iter(adapter_dir, inputs, model, force, input_file=input_file, text_column=text_column,
-                             output=output, overwrite=overwrite, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, seed=seed, chat=chat, progress=progress, onnx=onnx))
+    rows = list(
+        predict_iter(
+            adapter_dir,
+            inputs,
+            model,
+            force,
+            input_file=input_file,
+            text_column=text_column,
+            output=output,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            chat=chat,
+            progress=progress,
+            onnx=onnx,
+        )
+    )
     if output is not None:
         from .predict_io import write_rows
 
@@ -648,31 +772,53 @@ def predict(adapter_dir: str | None, inputs: list[str] | None = None, model: str
     return rows
 
 
-def predict_iter(adapter_dir: str | None, inputs: list[str] | None = None, model: str | None = None,
-                 force: bool = False, *, input_file: str | None = None, text_column: str | None = None,
-                 output: str | None = None, overwrite: bool = False, batch_size: int | None = None,
-                 max_new_tokens: int | None = None, do_sample: bool = False, temperature: float | None = None,
-                 top_p: float | None = None, seed: int = 0, chat: bool = False, progress: bool | None = None,
-                 onnx: str | None = None) -> Iterator[dict[str, Any]]:
+def predict_iter(
+    adapter_dir: str | None,
+    inputs: list[str] | None = None,
+    model: str | None = None,
+    force: bool = False,
+    *,
+    input_file: str | None = None,
+    text_column: str | None = None,
+    output: str | None = None,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    chat: bool = False,
+    progress: bool | None = None,
+    onnx: str | None = None,
+) -> Iterator[dict[str, Any]]:
     """``predict``'s answers one at a time as they are computed (``predict`` with its arguments,
     except that ``output`` is only checked here: the caller writes it). Every setting, the inputs
     and ``output`` are checked before the model loads."""
     from .predict_io import GenerationOptions, check_output_file, read_inputs
 
     if (adapter_dir is None) == (onnx is None):
-        raise PeftkitError("give an adapter (--adapter DIR) or an export (--onnx DIR), not both" if onnx
-                           else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)")
+        raise PeftkitError(
+            "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
+            if onnx
+            else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
+        )
     if onnx is not None and (model is not None or force):
-        raise PeftkitError(f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
-                           "export holds its whole model")
+        raise PeftkitError(
+            f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
+            "export holds its whole model"
+        )
     if adapter_dir is not None:
         check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
     from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
 
     inputs = None if inputs is None else list(inputs)
     if (not inputs) == (input_file is None):  # both, or neither
-        raise PeftkitError("give the inputs either as texts or with --input FILE (- for stdin), not both"
-                           if input_file is not None else "no inputs: give texts, or --input FILE (- for stdin)")
+        raise PeftkitError(
+            "give the inputs either as texts or with --input FILE (- for stdin), not both"
+            if input_file is not None
+            else "no inputs: give texts, or --input FILE (- for stdin)"
+        )
     if input_file is None and text_column is not None:
         raise PeftkitError(f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments")
     generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
@@ -730,8 +876,9 @@ class MergeResult:
     base_model: str
 
 
-def merge(adapter_dir: str, output: str, model: str | None = None, force: bool = False,
-          overwrite: bool = False) -> MergeResult:
+def merge(
+    adapter_dir: str, output: str, model: str | None = None, force: bool = False, overwrite: bool = False
+) -> MergeResult:
     """Merge an adapter (``adapter_dir``: an adapter directory, or a run directory: its
     ``adapter/``) into its base and write a plain transformers model directory to ``output``
     (written into a staging directory, renamed into place when complete)."""
@@ -748,10 +895,22 @@ def merge(adapter_dir: str, output: str, model: str | None = None, force: bool =
     return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 
 
-def export(adapter_dir: str, output: str, format: str = "onnx", model: str | None = None, *,
-           quantize: str | None = None, opset: int | None = None, dataset: str | None = None,
-           text_column: str | None = None, label_column: str | None = None, force: bool = False,
-           overwrite: bool = False, min_agreement: float | None = None, echo: Echo = to_stderr) -> ExportResult:
+def export(
+    adapter_dir: str,
+    output: str,
+    format: str = "onnx",
+    model: str | None = None,
+    *,
+    quantize: str | None = None,
+    opset: int | None = None,
+    dataset: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    min_agreement: float | None = None,
+    echo: Echo = to_stderr,
+) -> ExportResult:
     """Export an adapter on its base (``model`` overrides the base) as a model that serves without
     PyTorch, into the directory ``output`` (``format`` "onnx": ``model.onnx``, the tokenizer or
     image processor, ``peftkit_export.json``; "gguf", for a causal-lm adapter on a Llama-architecture
@@ -772,14 +931,27 @@ def export(adapter_dir: str, output: str, format: str = "onnx", model: str | Non
     quiet_libraries()
     if format == "gguf":
         if dataset is not None or text_column is not None or label_column is not None:
-            raise PeftkitError("--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
-                               "checked on greedy generations of fixed prompts)")
+            raise PeftkitError(
+                "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                "checked on greedy generations of fixed prompts)"
+            )
         from .gguf_export import export_gguf
 
         return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
-    return export_onnx(adapter_dir, output, model, quantize, DEFAULT_OPSET if opset is None else opset, dataset,
-                       text_column, label_column, force=force, overwrite=overwrite, min_agreement=min_agreement,
-                       echo=echo)
+    return export_onnx(
+        adapter_dir,
+        output,
+        model,
+        quantize,
+        DEFAULT_OPSET if opset is None else opset,
+        dataset,
+        text_column,
+        label_column,
+        force=force,
+        overwrite=overwrite,
+        min_agreement=min_agreement,
+        echo=echo,
+    )
 
 
 def inspect(adapter_dir: str) -> dict[str, Any]:
@@ -794,13 +966,42 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     if meta is None:
         peft_config = read_peft_config(adapter_dir)
         if peft_config is None:
-            raise PeftkitError(f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)")
-        meta = {"format": "peft (no peftkit metadata)", "peft_type": peft_config.get("peft_type"),
-                "base_model": peft_config.get("base_model_name_or_path")}
+            raise PeftkitError(
+                f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
+            )
+        meta = {
+            "format": "peft (no peftkit metadata)",
+            "peft_type": peft_config.get("peft_type"),
+            "base_model": peft_config.get("base_model_name_or_path"),
+        }
     meta["adapter_bytes"] = adapter_bytes(adapter_dir)
     return meta
 
 
-__all__ = ["BenchConfig", "BenchResult", "EvalConfig", "EvalResult", "ExportResult", "MergeResult", "Plan", "PlanSettings",
-           "RunConfig", "RunResult", "TuneConfig", "TuneResult", "bench", "check_inputs", "evaluate", "export", "inspect", "merge", "plan", "predict",
-           "predict_iter", "resume", "resumed_config", "run", "tune"]
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "EvalConfig",
+    "EvalResult",
+    "ExportResult",
+    "MergeResult",
+    "Plan",
+    "PlanSettings",
+    "RunConfig",
+    "RunResult",
+    "TuneConfig",
+    "TuneResult",
+    "bench",
+    "check_inputs",
+    "evaluate",
+    "export",
+    "inspect",
+    "merge",
+    "plan",
+    "predict",
+    "predict_iter",
+    "resume",
+    "resumed_config",
+    "run",
+    "tune",
+]

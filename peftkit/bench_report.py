@@ -16,19 +16,22 @@ strategies do not beat the baseline (``not_above_baseline``).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .memory import format_size
 from .stats import LEVEL, RESAMPLES
-
 
 # -- how the results are read (the suite in peftkit.benchmark reads them the same way) ------------
 
 # What "how good" means in a suite's table and plots, by what its runs measured: accuracy
 # (classification; a causal LM's generated labels), else exact match of generated answers, else
 # perplexity (plain text; lower is better). (row key, label, higher is better)
-QUALITY = (("test_accuracy", "test accuracy", True), ("test_exact_match", "exact match", True),
-           ("test_perplexity", "test perplexity", False))
+QUALITY = (
+    ("test_accuracy", "test accuracy", True),
+    ("test_exact_match", "exact match", True),
+    ("test_perplexity", "test perplexity", False),
+)
 # the second column: macro-F1 for classification, perplexity for a language model
 SECOND = (("test_f1_macro", "macro-F1", True), ("test_perplexity", "perplexity", False))
 
@@ -41,8 +44,12 @@ def shown_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("train_size") == max(sizes)] if sizes else rows
 
 
-def not_above_baseline(summary: dict[str, dict[str, Any]], baseline: dict[str, Any] | None,
-                       quality: tuple[str, str, bool], runs: bool = True) -> list[str]:
+def not_above_baseline(
+    summary: dict[str, dict[str, Any]],
+    baseline: dict[str, Any] | None,
+    quality: tuple[str, str, bool],
+    runs: bool = True,
+) -> list[str]:
     """Strategies whose quality (mean over seeds) is not better than the baseline's (a model that
     learned nothing but the most frequent label scores exactly that), or with a run that learned
     nothing by its own verdict (``learned_nothing``: within a binomial test of the majority rate,
@@ -51,8 +58,12 @@ def not_above_baseline(summary: dict[str, dict[str, Any]], baseline: dict[str, A
     metric = key.removeprefix("test_")
     known = bool(baseline) and baseline.get(metric) is not None
     worse = (lambda v: v <= baseline[metric]) if higher else (lambda v: v >= baseline[metric])
-    return [name for name, v in summary.items() if (runs and v.get("learned_nothing"))
-            or (known and v.get(f"{key}_mean") is not None and worse(v[f"{key}_mean"]))]
+    return [
+        name
+        for name, v in summary.items()
+        if (runs and v.get("learned_nothing"))
+        or (known and v.get(f"{key}_mean") is not None and worse(v[f"{key}_mean"]))
+    ]
 
 
 def _seconds(seconds: float) -> str:
@@ -67,6 +78,7 @@ def _minutes(seconds: float) -> str:
 
 # -- the report -----------------------------------------------------------------------------
 
+
 def _best(summary: dict[str, dict[str, Any]], key: str, pick: Callable[..., Any]) -> Any:
     values = [v[key] for v in summary.values() if v.get(key) is not None]
     return pick(values) if values else None
@@ -80,20 +92,35 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     best = {
         "acc": _best(summary, f"{q}_mean", max if q_higher else min),
         "f1": _best(summary, f"{f}_mean", max if f_higher else min),
-        "pct": _best(summary, "trainable_percent", min), "mem": _best(summary, "peak_memory_bytes", min),
-        "inc": _best(summary, "peak_memory_increase_bytes", min), "time": _best(summary, "train_seconds_mean", min),
-        "speed": _best(summary, "samples_per_second_mean", max), "size": _best(summary, "adapter_bytes", min),
+        "pct": _best(summary, "trainable_percent", min),
+        "mem": _best(summary, "peak_memory_bytes", min),
+        "inc": _best(summary, "peak_memory_increase_bytes", min),
+        "time": _best(summary, "train_seconds_mean", min),
+        "speed": _best(summary, "samples_per_second_mean", max),
+        "size": _best(summary, "adapter_bytes", min),
     }
     intervals = any(v.get(f"{q}_ci95") for v in summary.values())  # none (one seed, older results): as before
-    tuned = ([f"Tuned: each strategy's row is its best configuration of `--tune {results['tuning']['trials']}` "
-              "(its defaults beside it under \"Default vs tuned\").", ""] if results.get("tuning") else [])
+    tuned = (
+        [
+            f"Tuned: each strategy's row is its best configuration of `--tune {results['tuning']['trials']}` "
+            '(its defaults beside it under "Default vs tuned").',
+            "",
+        ]
+        if results.get("tuning")
+        else []
+    )
     tuned += sizes_shown(results)
-    lines = _report_header(results) + tuned + [
-        f"| strategy | trainable | {q_label} ({'± 95% CI' if intervals else '± sd'}) | {f_label} | peak train memory | predicted (error) "
-        "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
-        "| micro-batch × accum | levers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = (
+        _report_header(results)
+        + tuned
+        + [
+            f"| strategy | trainable | {q_label} ({'± 95% CI' if intervals else '± sd'}) | {f_label} | peak "
+            "train memory | predicted (error) "
+            "| over loaded model | eval peak | train time | epoch 1 / later | examples/s | adapter "
+            "| micro-batch × accum | levers |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     flagged = not_above_baseline(summary, results.get("baseline"), results.get("quality", QUALITY[0]))
     for name, v in summary.items():
         if v["status"] in ("does not fit", "failed", "not applicable"):
@@ -123,16 +150,22 @@ def baseline_note(results: dict[str, Any]) -> list[str]:
     if not b:
         return learned_notes(results)
     flagged = not_above_baseline(results["summary"], b, quality, runs=False)  # the runs' own: learned_notes
-    figures = ", ".join(f"{label} {b[key.removeprefix('test_')]:.4f}"
-                        for key, label, _ in (quality, results.get("second", SECOND[0]))
-                        if b.get(key.removeprefix("test_")) is not None)
+    figures = ", ".join(
+        f"{label} {b[key.removeprefix('test_')]:.4f}"
+        for key, label, _ in (quality, results.get("second", SECOND[0]))
+        if b.get(key.removeprefix("test_")) is not None
+    )
     seeds = "" if len(b.get("seeds", {})) < 2 else ", mean over seeds"
-    lines = [f"Baseline, {b['name']} (always `{b['predicts']}`, the most frequent of the test split): "
-             f"{figures or 'not comparable with these metrics'}{seeds}."]
+    lines = [
+        f"Baseline, {b['name']} (always `{b['predicts']}`, the most frequent of the test split): "
+        f"{figures or 'not comparable with these metrics'}{seeds}."
+    ]
     if flagged:
-        lines.append(f"† not better than the baseline's {quality[1]}: "
-                     f"{'it' if len(flagged) == 1 else 'each'} may have learned no more than always to answer "
-                     f"`{b['predicts']}`.")
+        lines.append(
+            f"† not better than the baseline's {quality[1]}: "
+            f"{'it' if len(flagged) == 1 else 'each'} may have learned no more than always to answer "
+            f"`{b['predicts']}`."
+        )
     return lines + learned_notes(results)
 
 
@@ -142,8 +175,17 @@ def learned_notes(results: dict[str, Any]) -> list[str]:
     out = []
     for name, v in results["summary"].items():
         seeds = v.get("learned_nothing") or []
-        row = next((r for r in shown_rows(results) if r.get("strategy") == name and r.get("status") == "ok"
-                    and r.get("seed") in seeds and r.get("learned_note")), None)
+        row = next(
+            (
+                r
+                for r in shown_rows(results)
+                if r.get("strategy") == name
+                and r.get("status") == "ok"
+                and r.get("seed") in seeds
+                and r.get("learned_note")
+            ),
+            None,
+        )
         if seeds:
             which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
             out.append(f"† `{name}` learned nothing ({which})" + (f": {row['learned_note']}." if row else "."))
@@ -169,27 +211,38 @@ def comparison_note(results: dict[str, Any]) -> list[str]:
     one_seed = max((len(v.get("seeds", [])) for v in results["summary"].values()), default=0) < 2
     lines = []
     if one_seed:
-        lines.append("One seed: the ranking carries no interval across seeds (how much another training run "
-                     "would move each figure is not measured; `--seeds 0,1,2` measures it)."
-                     + (" The paired test below is over that seed's test examples: it tells a difference from "
-                        "the test set's sampling noise, not from the variation between training runs."
-                        if tested else ""))
+        lines.append(
+            "One seed: the ranking carries no interval across seeds (how much another training run "
+            "would move each figure is not measured; `--seeds 0,1,2` measures it)."
+            + (
+                " The paired test below is over that seed's test examples: it tells a difference from "
+                "the test set's sampling noise, not from the variation between training runs."
+                if tested
+                else ""
+            )
+        )
 
     def listed(verdict: str) -> str:
-        items = [f"`{n}` (difference {_points(c['difference'])} points, {level} CI "
-                 f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
-                 for n, c in tested.items() if c["verdict"] == verdict]
+        items = [
+            f"`{n}` (difference {_points(c['difference'])} points, {level} CI "
+            f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
+            for n, c in tested.items()
+            if c["verdict"] == verdict
+        ]
         return ", ".join(items) if items else "none"
 
     if tested:
-        lines += [f"Not distinguishable from the best (`{best}`) at the {level} level: "
-                  f"{listed('not distinguishable')}.",
-                  f"Distinguishable from it: {listed('distinguishable')}."]
+        lines += [
+            f"Not distinguishable from the best (`{best}`) at the {level} level: {listed('not distinguishable')}.",
+            f"Distinguishable from it: {listed('distinguishable')}.",
+        ]
     untested = [n for n in comparison["strategies"] if n not in tested]
     if untested:
-        lines.append(f"No paired test for {', '.join(f'`{n}`' for n in untested)}: "
-                     f"{'its' if len(untested) == 1 else 'their'} runs (or `{best}`'s) recorded no per-example "
-                     "correctness on the same test examples.")
+        lines.append(
+            f"No paired test for {', '.join(f'`{n}`' for n in untested)}: "
+            f"{'its' if len(untested) == 1 else 'their'} runs (or `{best}`'s) recorded no per-example "
+            "correctness on the same test examples."
+        )
     return lines
 
 
@@ -211,15 +264,20 @@ def tuning_report(results: dict[str, Any]) -> list[str]:
     q, q_label, _ = results.get("quality", QUALITY[0])
     level = f"{100 * LEVEL:.0f}%"
     bound = f", at most {t['timeout']} each" if t.get("timeout") else ""
-    lines = ["## Default vs tuned", "",
-             f"Each strategy was first tuned (`peftkit tune`: {t['trials']} trials each{bound}, trial 0 its "
-             f"defaults, selected on validation {t['metric']} of seed {t['seed']}); then its defaults and its "
-             f"best configuration each ran on test over the seeds. Change: tuned minus default {q_label}, in "
-             f"points, with its paired {level} interval and p over the same test examples. The p beside "
-             f"the validation figures is the same test of the best trial against the defaults' on the "
-             f"validation examples (where recorded): above 0.05, tuning's gain may be noise.", "",
-             f"| strategy | trials | validation {t['metric']} default → tuned | {q_label} default | "
-             f"{q_label} tuned | change |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Default vs tuned",
+        "",
+        f"Each strategy was first tuned (`peftkit tune`: {t['trials']} trials each{bound}, trial 0 its "
+        f"defaults, selected on validation {t['metric']} of seed {t['seed']}); then its defaults and its "
+        f"best configuration each ran on test over the seeds. Change: tuned minus default {q_label}, in "
+        f"points, with its paired {level} interval and p over the same test examples. The p beside "
+        f"the validation figures is the same test of the best trial against the defaults' on the "
+        f"validation examples (where recorded): above 0.05, tuning's gain may be noise.",
+        "",
+        f"| strategy | trials | validation {t['metric']} default → tuned | {q_label} default | "
+        f"{q_label} tuned | change |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, e in t["strategies"].items():
         d, u = t["default_summary"].get(name, {}), results["summary"].get(name, {})
         if e["status"] != "ok":
@@ -227,20 +285,30 @@ def tuning_report(results: dict[str, Any]) -> list[str]:
             continue
         test = [_mean_cell(v, q) if v.get(q + "_mean") is not None else v.get("status", "-") for v in (d, u)]
         c = t["versus_default"].get(name)
-        change = (f"{_points(u[q + '_mean'] - d[q + '_mean'])}" if d.get(q + "_mean") is not None
-                  and u.get(q + "_mean") is not None else "-")
+        change = (
+            f"{_points(u[q + '_mean'] - d[q + '_mean'])}"
+            if d.get(q + "_mean") is not None and u.get(q + "_mean") is not None
+            else "-"
+        )
         if e.get("same_as_default"):
             change = "0.0 (the same runs)"
         elif c and c["verdict"] != "no per-example record":
             change += f" ([{_points(c['ci95'][0])}, {_points(c['ci95'][1])}], {_p(c['p_value'])})"
-        validation = " → ".join("-" if x is None else f"{x:.4f}" for x in (e["default_validation"], e["best_validation"]))
+        validation = " → ".join(
+            "-" if x is None else f"{x:.4f}" for x in (e["default_validation"], e["best_validation"])
+        )
         v = e.get("validation_versus_defaults")
         if v:  # the gain tune selected on, paired over the validation examples: noise or not
             validation += f" ({_p(v['p_value'])})"
         lines.append(f"| `{name}` | {e['trials']} | {validation} | {test[0]} | {test[1]} | {change} |")
-    return lines + ["", "Tuned settings (each study, its trials and best.yaml in tuning/STRATEGY/):", ""] + [
-        f"- `{name}`: " + (_tuned_settings(e) if e["status"] == "ok" else f"none ({e['status']})")
-        for name, e in t["strategies"].items()]
+    return (
+        lines
+        + ["", "Tuned settings (each study, its trials and best.yaml in tuning/STRATEGY/):", ""]
+        + [
+            f"- `{name}`: " + (_tuned_settings(e) if e["status"] == "ok" else f"none ({e['status']})")
+            for name, e in t["strategies"].items()
+        ]
+    )
 
 
 def _size_label(size: int, t: dict[str, Any]) -> str:
@@ -253,9 +321,12 @@ def sizes_shown(results: dict[str, Any]) -> list[str]:
     if not t:
         return []
     whole = " (the whole training split)" if t["shown"] == t["whole"] else ""
-    return [f"Training-set sizes {', '.join(_size_label(z, t) for z in t['sizes'])}: this table, its plots and "
-            f"paired tests are of the largest, {t['shown']:,} examples{whole}; every size under "
-            "\"Accuracy against training-set size\".", ""]
+    return [
+        f"Training-set sizes {', '.join(_size_label(z, t) for z in t['sizes'])}: this table, its plots and "
+        f"paired tests are of the largest, {t['shown']:,} examples{whole}; every size under "
+        '"Accuracy against training-set size".',
+        "",
+    ]
 
 
 def sizes_report(results: dict[str, Any]) -> list[str]:
@@ -266,15 +337,20 @@ def sizes_report(results: dict[str, Any]) -> list[str]:
     q, q_label, higher = results.get("quality", QUALITY[0])
     seeds = max((len(c["seeds"]) for e in t["strategies"].values() for c in e.values()), default=0)
     spread = f"mean ± half-width of the 95% interval over {seeds} seeds" if seeds > 1 else "one seed"
-    lines = ["## Accuracy against training-set size", "",
-             f"Test {q_label.removeprefix('test ')} ({spread}) of each strategy trained on the first N examples of "
-             "each seed's shuffled training split: the sizes are nested, each one's examples are the first of the "
-             "next one's. Best of each column in **bold**; runs in runs/NAME-nSIZE-seedN/; the curves in "
-             "learning_curve.png.", "",
-             "| strategy | " + " | ".join(_size_label(z, t) for z in t["sizes"]) + " |",
-             "|---|" + "---|" * len(t["sizes"])]
-    best = {z: _best({n: e[str(z)] for n, e in t["strategies"].items()}, "mean", max if higher else min)
-            for z in t["sizes"]}
+    lines = [
+        "## Accuracy against training-set size",
+        "",
+        f"Test {q_label.removeprefix('test ')} ({spread}) of each strategy trained on the first N examples of "
+        "each seed's shuffled training split: the sizes are nested, each one's examples are the first of the "
+        "next one's. Best of each column in **bold**; runs in runs/NAME-nSIZE-seedN/; the curves in "
+        "learning_curve.png.",
+        "",
+        "| strategy | " + " | ".join(_size_label(z, t) for z in t["sizes"]) + " |",
+        "|---|" + "---|" * len(t["sizes"]),
+    ]
+    best = {
+        z: _best({n: e[str(z)] for n, e in t["strategies"].items()}, "mean", max if higher else min) for z in t["sizes"]
+    }
     b = results.get("baseline") or {}
     floor = b.get(q.removeprefix("test_"))
     flagged = False
@@ -283,10 +359,16 @@ def sizes_report(results: dict[str, Any]) -> list[str]:
         flagged = flagged or any(c.endswith("†") for c in cells)
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     if floor is not None:
-        lines += ["", f"Baseline, {b['name']} (always `{b['predicts']}`): {q_label} {floor:.3f} at every size "
-                      "(the test split does not change with the training examples)."
-                  + (" † not better than it: that run may have learned no more than always to answer "
-                     f"`{b['predicts']}`." if flagged else "")]
+        lines += [
+            "",
+            f"Baseline, {b['name']} (always `{b['predicts']}`): {q_label} {floor:.3f} at every size "
+            "(the test split does not change with the training examples)."
+            + (
+                f" † not better than it: that run may have learned no more than always to answer `{b['predicts']}`."
+                if flagged
+                else ""
+            ),
+        ]
     return lines
 
 
@@ -319,7 +401,8 @@ def _report_header(results: dict[str, Any]) -> list[str]:
     # the defaults rise on a small training set (Strategy.schedule): each run's metrics.json says how
     epochs = s["epochs"] or "each strategy's default, raised to its min_steps on a small training set"
     return [
-        f"# peftkit bench: `{s['model']}` on `{s['dataset']}` ({s.get('task', 'sequence-classification')})", "",
+        f"# peftkit bench: `{s['model']}` on `{s['dataset']}` ({s.get('task', 'sequence-classification')})",
+        "",
         f"- Command: `{results['command']}`",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores{mem}; device: {results['device']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
@@ -328,7 +411,8 @@ def _report_header(results: dict[str, Any]) -> list[str]:
         f"{','.join(map(str, s['seeds']))}, epochs {epochs}, "
         f"training examples {_train_examples(results)}, memory budget {s['memory_budget'] or 'none'}",
         f"- Memory: {results['memory_method']}",
-        f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}", "",
+        f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}",
+        "",
     ]
 
 
@@ -360,8 +444,11 @@ def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, 
         mark(f"{v[q + '_mean']:.4f}", v[q + "_mean"], "acc") + f"{sd} ({count})",
         mark(f"{v[f + '_mean']:.4f}", v[f + "_mean"], "f1") if v.get(f + "_mean") is not None else "-",
         mark(format_size(v["peak_memory_bytes"]), v["peak_memory_bytes"], "mem"),
-        (f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
-         if v.get("prediction_error") is not None else "-"),
+        (
+            f"{format_size(v['predicted_peak_bytes'])} ({v['prediction_error']:+.0%})"
+            if v.get("prediction_error") is not None
+            else "-"
+        ),
         mark("+" + format_size(v["peak_memory_increase_bytes"]), v["peak_memory_increase_bytes"], "inc"),
         format_size(v["peak_memory_eval_bytes"]),
         mark(_seconds(v["train_seconds_mean"]), v["train_seconds_mean"], "time"),
@@ -376,32 +463,46 @@ def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, 
 def _report_footer(results: dict[str, Any], q_label: str, intervals: bool = False) -> list[str]:
     """What the columns mean (``intervals``: the quality has 95% intervals over seeds, not a bare
     ± sd), how the paired test works where one ran, and what was tried before a run fitted its budget."""
-    spread = ("(with several seeds ± is the half-width of the 95% t-interval of that mean, sd the sample "
-              "standard deviation of the seeds)" if intervals
-              else "(± sample standard deviation when there are several)")
-    lines = ["", f"Best value of each column in **bold**. The {q_label} is on the test split, mean over seeds "
-             f"{spread}. Train time counts training steps only (not evaluation); examples/s is over training "
-             "steps.", ""]
+    spread = (
+        "(with several seeds ± is the half-width of the 95% t-interval of that mean, sd the sample "
+        "standard deviation of the seeds)"
+        if intervals
+        else "(± sample standard deviation when there are several)"
+    )
+    lines = [
+        "",
+        f"Best value of each column in **bold**. The {q_label} is on the test split, mean over seeds "
+        f"{spread}. Train time counts training steps only (not evaluation); examples/s is over training "
+        "steps.",
+        "",
+    ]
     comparison = results.get("comparison") or {}
     if any(c["verdict"] != "no per-example record" for c in comparison.get("strategies", {}).values()):
-        lines += ["How sure the ranking is: each strategy is paired with the best one on the same test examples "
-                  "(same seed, same split) and the difference of their accuracies is resampled over those "
-                  f"examples ({RESAMPLES:,} paired bootstrap resamples, within each seed; the difference is the mean "
-                  "over seeds); p is the larger of the bootstrap's and the exact McNemar test's (on the examples "
-                  "only one of the two gets right), since the bootstrap alone is too confident when few examples "
-                  "differ. Not distinguishable: p ≥ 0.05, the test set cannot tell the two apart at the 95% level; "
-                  "it does not say they are equal. The seeds stay fixed: this is test-set noise for these trained "
-                  "models, the ± over seeds is the variation between training runs. results.json has the same "
-                  "figures under `comparison`.",
-                  ""]
-    lines += ["Predicted: `peftkit plan`'s prediction for the same settings, made before the run "
-              "(error = predicted / measured - 1).", ""]
+        lines += [
+            "How sure the ranking is: each strategy is paired with the best one on the same test examples "
+            "(same seed, same split) and the difference of their accuracies is resampled over those "
+            f"examples ({RESAMPLES:,} paired bootstrap resamples, within each seed; the difference is the mean "
+            "over seeds); p is the larger of the bootstrap's and the exact McNemar test's (on the examples "
+            "only one of the two gets right), since the bootstrap alone is too confident when few examples "
+            "differ. Not distinguishable: p ≥ 0.05, the test set cannot tell the two apart at the 95% level; "
+            "it does not say they are equal. The seeds stay fixed: this is test-set noise for these trained "
+            "models, the ± over seeds is the variation between training runs. results.json has the same "
+            "figures under `comparison`.",
+            "",
+        ]
+    lines += [
+        "Predicted: `peftkit plan`'s prediction for the same settings, made before the run "
+        "(error = predicted / measured - 1).",
+        "",
+    ]
     shrunk = [r for r in results["rows"] if len(r.get("tried", [])) > 1]
     if shrunk:
         lines += ["What was tried before a run fitted the budget (micro-batch, levers, outcome):", ""]
         for r in shrunk:
             tried = ", ".join(f"{t['batch_size']} ({t.get('levers', '-')}): {t['outcome']}" for t in r["tried"])
-            lines.append(f"- `{r['strategy']}`{' (tuned)' if r.get('configuration') == 'tuned' else ''} "
-                         f"seed {r['seed']}: {tried}")
+            lines.append(
+                f"- `{r['strategy']}`{' (tuned)' if r.get('configuration') == 'tuned' else ''} "
+                f"seed {r['seed']}: {tried}"
+            )
         lines.append("")
     return lines

@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .bench_report import QUALITY, SECOND, _minutes, _seconds, markdown_report, shown_rows
 from .config import Levers, RunConfig, check_positive, flat_dict
@@ -107,14 +108,25 @@ class BenchConfig:
             parse_train_sizes(self.train_sizes)
             # each size is a --max-train-samples of its own, and a study is made at one size
             if self.max_train_samples is not None:
-                raise PeftkitError("--train-sizes sets each run's training examples; drop --max-train-samples "
-                                   f"{self.max_train_samples}")
+                raise PeftkitError(
+                    "--train-sizes sets each run's training examples; drop --max-train-samples "
+                    f"{self.max_train_samples}"
+                )
             if self.tune is not None:
-                raise PeftkitError("--train-sizes cannot be combined with --tune: drop --tune (to tune at one size: "
-                                   "--max-train-samples N --tune T)")
+                raise PeftkitError(
+                    "--train-sizes cannot be combined with --tune: drop --tune (to tune at one size: "
+                    "--max-train-samples N --tune T)"
+                )
 
-    def run_config(self, strategy: str, seed: int, micro_batch: int, output_dir: str,
-                   levers: Levers | None = None, settings: dict[str, Any] | None = None) -> RunConfig:
+    def run_config(
+        self,
+        strategy: str,
+        seed: int,
+        micro_batch: int,
+        output_dir: str,
+        levers: Levers | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> RunConfig:
         """The ``RunConfig`` of one run at one micro-batch size (``levers`` replace the suite's;
         ``settings``: a tuned configuration's run settings (lr, epochs, ...) and strategy options)."""
         from .strategies.base import TUNED_SETTINGS
@@ -122,15 +134,27 @@ class BenchConfig:
         tuned = {k: v for k, v in (settings or {}).items() if k in TUNED_SETTINGS}
         options = {k: v for k, v in (settings or {}).items() if k not in TUNED_SETTINGS}
         cfg = RunConfig(
-            strategy=strategy, task=self.task, model=self.model, dataset=self.dataset,
-            text_column=self.text_column, label_column=self.label_column, response_column=self.response_column,
-            max_eval_samples=self.max_eval_samples, epochs=self.epochs, batch_size=micro_batch,
-            grad_accumulation=self.batch_size // micro_batch, max_length=self.max_length,
+            strategy=strategy,
+            task=self.task,
+            model=self.model,
+            dataset=self.dataset,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            response_column=self.response_column,
+            max_eval_samples=self.max_eval_samples,
+            epochs=self.epochs,
+            batch_size=micro_batch,
+            grad_accumulation=self.batch_size // micro_batch,
+            max_length=self.max_length,
             max_train_samples=self.max_train_samples,
             # evaluation batches shrink with the micro-batch, or evaluation would break the budget
             eval_batch_size=max(1, self.eval_batch_size * micro_batch // self.batch_size),
-            early_stopping_patience=self.early_stopping_patience, memory_budget=self.memory_budget,
-            seed=seed, output_dir=output_dir, levers=levers or self.levers)
+            early_stopping_patience=self.early_stopping_patience,
+            memory_budget=self.memory_budget,
+            seed=seed,
+            output_dir=output_dir,
+            levers=levers or self.levers,
+        )
         cfg = dataclasses.replace(cfg, **tuned, strategy_options=options)
         cfg.validate()
         return cfg
@@ -156,6 +180,7 @@ Runner = Callable[[RunConfig, str], Attempt]
 
 # -- parsing --------------------------------------------------------------------------------
 
+
 def parse_strategies(text: str) -> list[str]:
     """``all`` -> every registered strategy; ``a,b`` -> those (aliases allowed), checked, in order."""
     from . import registry
@@ -170,8 +195,10 @@ def parse_strategies(text: str) -> list[str]:
         if name not in names:
             names.append(name)
     if not names:
-        raise PeftkitError(f"--strategies got {text!r}; give 'all' or names such as lora,full "
-                           f"(available: {', '.join(registry.available())})")
+        raise PeftkitError(
+            f"--strategies got {text!r}; give 'all' or names such as lora,full "
+            f"(available: {', '.join(registry.available())})"
+        )
     return names
 
 
@@ -224,8 +251,10 @@ def plan_train_sizes(requested: list[int | str], whole: int) -> dict[str, Any]:
     note = None
     if over:
         listed = ", ".join(f"{int(s):,}" for s in over)
-        note = (f"--train-sizes: {listed} {'is' if len(over) == 1 else 'are'} at or above the training split's "
-                f"{whole:,} examples: the whole set, run once as {whole:,}")
+        note = (
+            f"--train-sizes: {listed} {'is' if len(over) == 1 else 'are'} at or above the training split's "
+            f"{whole:,} examples: the whole set, run once as {whole:,}"
+        )
     return {"requested": list(requested), "sizes": sizes, "whole": whole, "note": note}
 
 
@@ -240,6 +269,7 @@ def micro_batches(effective: int) -> list[int]:
 
 # -- one run, in its own process ------------------------------------------------------------
 
+
 def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
     """Run ``cfg`` in a fresh Python process; its progress goes to our stderr.
 
@@ -249,11 +279,11 @@ def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         result_path = os.path.join(tmp, "result.json")
-        write_json(spec_path, {"config": cfg.to_dict(), "result_path": result_path, "log_path": log_path},
-                   indent=None)
+        write_json(spec_path, {"config": cfg.to_dict(), "result_path": result_path, "log_path": log_path}, indent=None)
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "peftkit.bench_worker", spec_path],
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peftkit.bench_worker", spec_path], stdin=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             code = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM (a KeyboardInterrupt here): the worker goes too
@@ -262,10 +292,17 @@ def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
         if os.path.exists(result_path):
             with open(result_path, encoding="utf-8") as fh:
                 return Attempt(**json.load(fh))
-    why = (f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
-           if code < 0 else f"exited with status {code}")
-    return Attempt("failed", cfg.batch_size or 0, f"worker process {why} before reporting; see {log_path}",
-                   seconds=time.perf_counter() - start)
+    why = (
+        f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
+        if code < 0
+        else f"exited with status {code}"
+    )
+    return Attempt(
+        "failed",
+        cfg.batch_size or 0,
+        f"worker process {why} before reporting; see {log_path}",
+        seconds=time.perf_counter() - start,
+    )
 
 
 def stop_worker(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -307,8 +344,9 @@ def lever_rungs(bench: BenchConfig, strategy_cls: Any) -> list[Levers]:
         return rungs
     strategy = strategy_cls()
     for _name, change in AUTO_FIT_LADDER:
-        if all(getattr(current, k) == v or (k == "precision" and current.precision != "fp32")
-               for k, v in change.items()):
+        if all(
+            getattr(current, k) == v or (k == "precision" and current.precision != "fp32") for k, v in change.items()
+        ):
             continue  # already on
         trial = dataclasses.replace(current, **change)
         try:
@@ -342,9 +380,18 @@ def describe_levers(levers: Levers) -> str:
     return " + ".join(parts) or "-"
 
 
-def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: tuple[int, int],
-              runner: Runner, echo: Callable[[str], None], predict: Predictor | None = None,
-              settings: dict[str, Any] | None = None, named: str | None = None) -> dict[str, Any]:
+def bench_one(
+    bench: BenchConfig,
+    strategy: str,
+    seed: int,
+    stage: str,
+    start: tuple[int, int],
+    runner: Runner,
+    echo: Callable[[str], None],
+    predict: Predictor | None = None,
+    settings: dict[str, Any] | None = None,
+    named: str | None = None,
+) -> dict[str, Any]:
     """One (strategy, seed) row: the first (levers, micro-batch) that fits, from ``start`` = (rung
     index, micro-batch) on. Candidates the planner predicts to be over the budget are skipped,
     except the very last one, which is always tried so that "does not fit" is measured.
@@ -361,27 +408,47 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
     refusal = _refusal(bench, strategy, rungs[0], check_model=predict is not None)
     if refusal is not None:
         return {**row, "status": "not applicable", "error": refusal, "tried": []}
-    candidates = [(i, levers, micro) for i, levers in enumerate(rungs) for micro in micro_batches(bench.batch_size)
-                  if (i, -micro) >= (start[0], -start[1])]
+    candidates = [
+        (i, levers, micro)
+        for i, levers in enumerate(rungs)
+        for micro in micro_batches(bench.batch_size)
+        if (i, -micro) >= (start[0], -start[1])
+    ]
     budget = parse_size(bench.memory_budget) if bench.memory_budget else None
     for n, (rung, levers, micro) in enumerate(candidates):
         predicted = predict(strategy, levers, micro) if predict is not None else None
         last = n == len(candidates) - 1
         if budget is not None and predicted is not None and predicted > budget and not last:
-            tried.append({"batch_size": micro, "grad_accumulation": bench.batch_size // micro,
-                          "levers": describe_levers(levers), "outcome": "skipped",
-                          "predicted_peak_bytes": predicted,
-                          "error": f"predicted {format_size(predicted)} > budget {format_size(budget)}"})
+            tried.append(
+                {
+                    "batch_size": micro,
+                    "grad_accumulation": bench.batch_size // micro,
+                    "levers": describe_levers(levers),
+                    "outcome": "skipped",
+                    "predicted_peak_bytes": predicted,
+                    "error": f"predicted {format_size(predicted)} > budget {format_size(budget)}",
+                }
+            )
             continue
         cfg = bench.run_config(strategy, seed, micro, run_dir, levers, settings)
         log_path = os.path.join(stage, "logs", f"{named}-seed{seed}-batch{micro}-rung{rung}.log")
         attempt = runner(cfg, log_path)
-        tried.append({"batch_size": micro, "grad_accumulation": cfg.grad_accumulation,
-                      "levers": describe_levers(levers), "outcome": attempt.status, "error": attempt.error,
-                      "predicted_peak_bytes": predicted, "seconds": round(attempt.seconds, 1)})
+        tried.append(
+            {
+                "batch_size": micro,
+                "grad_accumulation": cfg.grad_accumulation,
+                "levers": describe_levers(levers),
+                "outcome": attempt.status,
+                "error": attempt.error,
+                "predicted_peak_bytes": predicted,
+                "seconds": round(attempt.seconds, 1),
+            }
+        )
         if attempt.status == "oom":
-            echo(f"  {strategy} seed {seed}: micro-batch {micro} ({describe_levers(levers)}) does not fit "
-                 f"({attempt.error}); trying less")
+            echo(
+                f"  {strategy} seed {seed}: micro-batch {micro} ({describe_levers(levers)}) does not fit "
+                f"({attempt.error}); trying less"
+            )
             continue
         row["status"] = attempt.status
         row["error"] = attempt.error
@@ -391,9 +458,20 @@ def bench_one(bench: BenchConfig, strategy: str, seed: int, stage: str, start: t
         if attempt.status == "ok" and attempt.metrics:
             m = attempt.metrics
             row.update({k: m.get(k) for k in ROW_METRICS})
-            row["history"] = [{k: e.get(k) for k in ("epoch", "train_loss", "validation_accuracy",
-                                                      "validation_loss", "validation_perplexity", "epoch_seconds")}
-                              for e in m.get("history", [])]
+            row["history"] = [
+                {
+                    k: e.get(k)
+                    for k in (
+                        "epoch",
+                        "train_loss",
+                        "validation_accuracy",
+                        "validation_loss",
+                        "validation_perplexity",
+                        "epoch_seconds",
+                    )
+                }
+                for e in m.get("history", [])
+            ]
             row["run_dir"] = os.path.relpath(run_dir, stage)
             row["versions"] = m.get("versions", {})
         break
@@ -432,11 +510,13 @@ def _over_budget(budget: str | None, tried: list[dict[str, Any]], named_levers: 
     ran = [t for t in tried if t["outcome"] != "skipped"]
     sizes = ", ".join(f"{t['batch_size']} ({t['levers']})" if named_levers else str(t["batch_size"]) for t in ran)
     skipped = len(tried) - len(ran)
-    return (f"over the budget {budget} in every run (micro-batch {sizes})"
-            + (f"; {skipped} more predicted over it were skipped" if skipped else ""))
+    return f"over the budget {budget} in every run (micro-batch {sizes})" + (
+        f"; {skipped} more predicted over it were skipped" if skipped else ""
+    )
 
 
 # -- the suite ------------------------------------------------------------------------------
+
 
 def _spread(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
@@ -462,8 +542,11 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
         if not ok:
             statuses = {r["status"] for r in mine}
             status = next(iter(statuses)) if len(statuses) == 1 else "failed"
-            out[name] = {"status": status if status in ("does not fit", "not applicable") else "failed",
-                         "error": next((r["error"] for r in mine if r["error"]), None), "seeds": []}
+            out[name] = {
+                "status": status if status in ("does not fit", "not applicable") else "failed",
+                "error": next((r["error"] for r in mine if r["error"]), None),
+                "seeds": [],
+            }
             continue
         acc = [r[quality] for r in ok]
         first = [r["history"][0]["epoch_seconds"] for r in ok if r.get("history")]
@@ -471,12 +554,15 @@ def summarize(rows: list[dict[str, Any]], strategies: list[str]) -> dict[str, di
         out[name] = {
             "status": "ok" if len(ok) == len(mine) else "partly failed",
             "seeds": [r["seed"] for r in ok],
-            f"{quality}_mean": statistics.mean(acc), f"{quality}_std": _spread(acc),
+            f"{quality}_mean": statistics.mean(acc),
+            f"{quality}_std": _spread(acc),
             # the mean's 95% interval over seeds (t-based; None with one seed: no spread to measure)
             f"{quality}_ci95": _as_list(mean_interval(acc)),
-            f"{quality}_min": min(acc), f"{quality}_max": max(acc),
-            f"{second}_mean": (statistics.mean(r[second] for r in ok)
-                               if all(r.get(second) is not None for r in ok) else None),
+            f"{quality}_min": min(acc),
+            f"{quality}_max": max(acc),
+            f"{second}_mean": (
+                statistics.mean(r[second] for r in ok) if all(r.get(second) is not None for r in ok) else None
+            ),
             **summarize_figures(ok),
             "first_epoch_seconds_mean": statistics.mean(first) if first else None,
             "later_epoch_seconds_mean": statistics.mean(later) if later else None,
@@ -515,14 +601,23 @@ def _against_best(best: dict[int, list[int]], other: dict[int, list[int]]) -> di
     if not seeds:
         return {"verdict": "no per-example record", "seeds": []}
     c = paired_bootstrap([other[s] for s in seeds], [best[s] for s in seeds], RESAMPLES, seed=0, level=LEVEL)
-    return {"difference": c.difference, "ci95": [c.low, c.high], "p_value": c.p_value,
-            "bootstrap_p": c.bootstrap_p, "mcnemar_p": c.mcnemar_p,
-            "examples": c.examples, "only_this_right": c.a_only, "only_best_right": c.b_only, "seeds": seeds,
-            "verdict": "distinguishable" if c.distinguishable() else "not distinguishable"}
+    return {
+        "difference": c.difference,
+        "ci95": [c.low, c.high],
+        "p_value": c.p_value,
+        "bootstrap_p": c.bootstrap_p,
+        "mcnemar_p": c.mcnemar_p,
+        "examples": c.examples,
+        "only_this_right": c.a_only,
+        "only_best_right": c.b_only,
+        "seeds": seeds,
+        "verdict": "distinguishable" if c.distinguishable() else "not distinguishable",
+    }
 
 
-def compare_to_best(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]],
-                    quality: tuple[str, str, bool]) -> dict[str, Any] | None:
+def compare_to_best(
+    rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]], quality: tuple[str, str, bool]
+) -> dict[str, Any] | None:
     """Every strategy against the best one (by mean quality over seeds): the paired bootstrap over
     the test examples both answered (``peftkit.stats.paired_bootstrap``), its difference (this
     minus the best), 95% interval, p-value and verdict. None when no strategy has a quality."""
@@ -532,10 +627,15 @@ def compare_to_best(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any
         return None
     best = (max if higher else min)(means, key=means.__getitem__)
     correct = _correct_by_seed(rows, key)
-    return {"best": best, "metric": key, "level": LEVEL, "resamples": RESAMPLES,
-            "method": "paired bootstrap over test examples, stratified by seed; p_value: the larger of its "
-                      "p and exact McNemar's on the pooled pairs",
-            "strategies": {n: _against_best(correct.get(best, {}), correct.get(n, {})) for n in means if n != best}}
+    return {
+        "best": best,
+        "metric": key,
+        "level": LEVEL,
+        "resamples": RESAMPLES,
+        "method": "paired bootstrap over test examples, stratified by seed; p_value: the larger of its "
+        "p and exact McNemar's on the pooled pairs",
+        "strategies": {n: _against_best(correct.get(best, {}), correct.get(n, {})) for n in means if n != best},
+    }
 
 
 def summarize_baseline(per_seed: dict[int, dict[str, Any] | None] | None) -> dict[str, Any] | None:
@@ -547,15 +647,24 @@ def summarize_baseline(per_seed: dict[int, dict[str, Any] | None] | None) -> dic
     first = next(iter(known.values()))
     metrics = [k for k, v in first.items() if isinstance(v, (int, float)) and all(k in b for b in known.values())]
     predicts = sorted({str(b["predicts"]) for b in known.values()})
-    return {"name": first["name"], "predicts": " / ".join(predicts),
-            **{k: statistics.mean(b[k] for b in known.values()) for k in metrics},
-            "seeds": {str(seed): b for seed, b in known.items()}}
+    return {
+        "name": first["name"],
+        "predicts": " / ".join(predicts),
+        **{k: statistics.mean(b[k] for b in known.values()) for k in metrics},
+        "seeds": {str(seed): b for seed, b in known.items()},
+    }
 
 
-def run_suite(bench: BenchConfig, stage: str, echo: Callable[[str], None],
-              runner: Runner = spawn_worker, predict: Predictor | None = None,
-              baselines: dict[int, dict[str, Any] | None] | None = None,
-              tuning: dict[str, Any] | None = None, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_suite(
+    bench: BenchConfig,
+    stage: str,
+    echo: Callable[[str], None],
+    runner: Runner = spawn_worker,
+    predict: Predictor | None = None,
+    baselines: dict[int, dict[str, Any] | None] | None = None,
+    tuning: dict[str, Any] | None = None,
+    sizes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run every (strategy, seed) into ``stage`` and write results.json, results.md and the plots.
     ``baselines``: each seed's input-blind baseline on its test split (``Task.baseline``).
     ``tuning``: what ``bench --tune`` found (``strategies``: per strategy its ``status`` and tuned
@@ -583,36 +692,65 @@ def _configurations(tuning: dict[str, Any] | None) -> list[str | None]:
     return ["default", "tuned"] if tuning else [None]
 
 
-def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runner: Runner,
-              predict: Predictor | None, tuning: dict[str, Any] | None,
-              sizes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _run_rows(
+    bench: BenchConfig,
+    stage: str,
+    echo: Callable[[str], None],
+    runner: Runner,
+    predict: Predictor | None,
+    tuning: dict[str, Any] | None,
+    sizes: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Every row of the suite, a line on ``echo`` for each; later seeds (and sizes) of a strategy
     start at the (rung, micro-batch) that fitted the earlier ones: a step's memory does not depend
     on how many examples there are."""
-    todo = [(s, c, z, n) for s in bench.strategies for c in _configurations(tuning)
-            for z in (sizes["sizes"] if sizes else [None]) for n in bench.seeds]
+    todo = [
+        (s, c, z, n)
+        for s in bench.strategies
+        for c in _configurations(tuning)
+        for z in (sizes["sizes"] if sizes else [None])
+        for n in bench.seeds
+    ]
     rows: list[dict[str, Any]] = []
     fits: dict[tuple[str, str | None], tuple[int, int]] = {}  # (strategy, configuration) -> (rung, micro-batch)
     start = time.perf_counter()
     for i, (strategy, conf, size, seed) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
         # the time left counts only what will run: not the tuned rows that are their defaults' runs
-        left = _seconds_left(rows, [(s, z) for s, c, z, _n in todo[i - 1:] if not _tuned_not_run(s, c, tuning)],
-                             functools.partial(_work, bench))
+        left = _seconds_left(
+            rows,
+            [(s, z) for s, c, z, _n in todo[i - 1 :] if not _tuned_not_run(s, c, tuning)],
+            functools.partial(_work, bench),
+        )
         eta = f", about {_minutes(left)} left" if left is not None else ""
         label = f"{strategy} (tuned)" if conf == "tuned" else strategy
         seeded = f"seed {seed}" + (f", {size:,} examples" if size else "")
         row = _unrun_tuned_row(strategy, seed, rows, tuning) if conf == "tuned" and tuning else None
         if row is not None and row.get("same_as_default"):
-            echo(f"[{i}/{len(todo)}] {label}, {seeded}: the defaults won its study, so this is their run of seed {seed}")
+            echo(
+                f"[{i}/{len(todo)}] {label}, {seeded}: the defaults won its study, so this is their run of seed {seed}"
+            )
         else:
             echo(f"[{i}/{len(todo)}] {label}, {seeded} ({_minutes(elapsed)} elapsed{eta})")
         if row is None:
             settings = tuning["strategies"][strategy]["settings"] if conf == "tuned" and tuning else None
-            sized = bench if size is None else dataclasses.replace(
-                bench, max_train_samples=None if size >= sizes["whole"] else size)  # the whole set: uncapped
-            row = bench_one(sized, strategy, seed, stage, fits.get((strategy, conf), (0, bench.batch_size)), runner,
-                            echo, predict, settings=settings, named=f"{strategy}-n{size}" if size else None)
+            sized = (
+                bench
+                if size is None
+                else dataclasses.replace(bench, max_train_samples=None if size >= sizes["whole"] else size)
+            )  # the whole set: uncapped
+            row = bench_one(
+                sized,
+                strategy,
+                seed,
+                stage,
+                fits.get((strategy, conf), (0, bench.batch_size)),
+                runner,
+                echo,
+                predict,
+                settings=settings,
+                named=f"{strategy}-n{size}" if size else None,
+            )
         if conf is not None:
             row = {"strategy": strategy, "seed": seed, "configuration": conf, **row}
         if size is not None:
@@ -620,10 +758,12 @@ def _run_rows(bench: BenchConfig, stage: str, echo: Callable[[str], None], runne
         if row["status"] == "ok":
             fits[(strategy, conf)] = (row["rung"], row["batch_size"])
             key, q_label, _ = quality_of([row])
-            echo(f"  {label} {seeded}: {q_label} {row[key]:.4f}, train "
-                 f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
-                 f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})"
-                 + (f"; learned nothing: {row.get('learned_note')}" if row.get("learned") is False else ""))
+            echo(
+                f"  {label} {seeded}: {q_label} {row[key]:.4f}, train "
+                f"{_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
+                f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})"
+                + (f"; learned nothing: {row.get('learned_note')}" if row.get("learned") is False else "")
+            )
         else:
             echo(f"  {label} {seeded}: {row['status']}: {row['error']}")
         rows.append(row)
@@ -659,8 +799,9 @@ def _work(bench: BenchConfig, strategy: str, size: int) -> float:
     return float(epochs * size)
 
 
-def _seconds_left(rows: list[dict[str, Any]], todo: list[tuple[str, int | None]],
-                  work: Callable[[str, int], float] | None = None) -> float | None:
+def _seconds_left(
+    rows: list[dict[str, Any]], todo: list[tuple[str, int | None]], work: Callable[[str, int], float] | None = None
+) -> float | None:
     """The time the runs still ``todo`` ((strategy, size) each) should take, from the rows done:
     each as long as the mean of those of its strategy and size, else of its size, else of the
     largest smaller size of the same strategy (else any) scaled by the ratio of ``work(strategy,
@@ -702,8 +843,9 @@ def _tuned_not_run(strategy: str, conf: str | None, tuning: dict[str, Any] | Non
     return entry["status"] != "ok" or bool(entry.get("same_as_default"))
 
 
-def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],
-                     tuning: dict[str, Any]) -> dict[str, Any] | None:
+def _unrun_tuned_row(
+    strategy: str, seed: int, rows: list[dict[str, Any]], tuning: dict[str, Any]
+) -> dict[str, Any] | None:
     """The row of a strategy's tuned configuration at one seed when it is not run: tuning found
     none (the row says why), or the defaults won the study (their row at this seed stands for it:
     it is the same run). None: run it."""
@@ -712,14 +854,20 @@ def _unrun_tuned_row(strategy: str, seed: int, rows: list[dict[str, Any]],
     entry = tuning["strategies"][strategy]
     if entry["status"] != "ok":
         return {"strategy": strategy, "seed": seed, "status": entry["status"], "error": entry["error"], "tried": []}
-    default = next(r for r in rows if r["strategy"] == strategy and r["seed"] == seed
-                   and r.get("configuration") == "default")
+    default = next(
+        r for r in rows if r["strategy"] == strategy and r["seed"] == seed and r.get("configuration") == "default"
+    )
     return {**default, "configuration": "tuned", "same_as_default": True}
 
 
-def suite_results(bench: BenchConfig, rows: list[dict[str, Any]], seconds: float,
-                  baselines: dict[int, dict[str, Any] | None] | None,
-                  tuning: dict[str, Any] | None = None, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
+def suite_results(
+    bench: BenchConfig,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    baselines: dict[int, dict[str, Any] | None] | None,
+    tuning: dict[str, Any] | None = None,
+    sizes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What results.json holds: settings, provenance, the summary of the shown rows (the tuned ones
     when tuned, the largest size's with ``sizes``), the paired comparison with the best, the
     baseline, every row; with ``tuning``, also what it found and the default configuration's
@@ -756,21 +904,22 @@ def suite_results(bench: BenchConfig, rows: list[dict[str, Any]], seconds: float
     return results
 
 
-def tuning_results(rows: list[dict[str, Any]], tuning: dict[str, Any], strategies: list[str],
-                   quality: tuple[str, str, bool]) -> dict[str, Any]:
+def tuning_results(
+    rows: list[dict[str, Any]], tuning: dict[str, Any], strategies: list[str], quality: tuple[str, str, bool]
+) -> dict[str, Any]:
     """``tuning`` with the default configuration's summary over the seeds and, per strategy, the
     paired test of its tuned rows against its default ones on the same test examples (the
     difference is tuned minus default)."""
     defaults = [r for r in rows if r.get("configuration") == "default"]
     key = quality[0]
     by_default, by_tuned = _correct_by_seed(defaults, key), _correct_by_seed(shown_rows({"rows": rows}), key)
-    versus = {s: _against_best(by_default[s], by_tuned[s]) for s in strategies
-              if s in by_default and s in by_tuned}
+    versus = {s: _against_best(by_default[s], by_tuned[s]) for s in strategies if s in by_default and s in by_tuned}
     return {**tuning, "default_summary": summarize(defaults, strategies), "versus_default": versus}
 
 
-def size_results(rows: list[dict[str, Any]], sizes: dict[str, Any], strategies: list[str],
-                 quality: tuple[str, str, bool]) -> dict[str, Any]:
+def size_results(
+    rows: list[dict[str, Any]], sizes: dict[str, Any], strategies: list[str], quality: tuple[str, str, bool]
+) -> dict[str, Any]:
     """The ``train_sizes`` block of results.json: the plan (sizes asked for, run, the whole split's
     size, the one the main table shows) and per strategy and size (keys are strings: JSON's) the
     ``quality`` metric's mean over the seeds, its 95% interval (None with one seed), sd, the seeds
@@ -783,12 +932,24 @@ def size_results(rows: list[dict[str, Any]], sizes: dict[str, Any], strategies: 
             mine = [r for r in rows if r["strategy"] == name and r.get("train_size") == size]
             ok = [r for r in mine if r["status"] == "ok" and r.get(key) is not None]
             values = [r[key] for r in ok]
-            status = ("ok" if len(ok) == len(mine) else "partly failed") if ok else \
-                next((r["status"] for r in mine), "failed")
+            status = (
+                ("ok" if len(ok) == len(mine) else "partly failed")
+                if ok
+                else next((r["status"] for r in mine), "failed")
+            )
             per[name][str(size)] = {
-                "status": status, "seeds": [r["seed"] for r in ok],
-                "mean": statistics.mean(values) if values else None, "sd": _spread(values),
+                "status": status,
+                "seeds": [r["seed"] for r in ok],
+                "mean": statistics.mean(values) if values else None,
+                "sd": _spread(values),
                 "ci95": _as_list(mean_interval(values)),
-                "runs": [r["run_dir"] for r in ok if r.get("run_dir")]}
-    return {"requested": sizes["requested"], "sizes": sizes["sizes"], "whole": sizes["whole"],
-            "shown": max(sizes["sizes"]), "metric": key, "strategies": per}
+                "runs": [r["run_dir"] for r in ok if r.get("run_dir")],
+            }
+    return {
+        "requested": sizes["requested"],
+        "sizes": sizes["sizes"],
+        "whole": sizes["whole"],
+        "shown": max(sizes["sizes"]),
+        "metric": key,
+        "strategies": per,
+    }

@@ -29,7 +29,8 @@ import json
 import os
 import random
 import shutil
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import PeftkitError
 from .sharding import SHARDS, load_shards, save_shards, set_sharded_state, sharded_state
@@ -47,12 +48,14 @@ def latest(run_dir: str) -> str | None:
     root = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(root):
         return None
-    done = sorted(d for d in os.listdir(root) if d.startswith(_PREFIX)
-                  and os.path.exists(os.path.join(root, d, "state.json")))
+    done = sorted(
+        d for d in os.listdir(root) if d.startswith(_PREFIX) and os.path.exists(os.path.join(root, d, "state.json"))
+    )
     return os.path.join(root, done[-1]) if done else None
 
 
 # -- random states ------------------------------------------------------------------------------
+
 
 def rng_state(sampler_state: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """This process's random states: (tensors, JSON-able)."""
@@ -67,8 +70,10 @@ def rng_state(sampler_state: torch.Tensor | None) -> tuple[dict[str, Any], dict[
         tensors["sampler_epoch_start"] = sampler_state
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-             "python": [version, list(internal), gauss]}
+    plain = {
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
     return tensors, plain
 
 
@@ -88,6 +93,7 @@ def set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
 
 
 # -- optimizer ---------------------------------------------------------------------------------
+
 
 def flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into tensors (for safetensors) and the rest (for JSON)."""
@@ -116,6 +122,7 @@ def unflatten_optimizer(tensors: dict[str, Any], plain: dict[str, Any]) -> dict[
 
 # -- writing and reading ------------------------------------------------------------------------
 
+
 def tmp_path(run_dir: str, step: int) -> str:
     """Where the checkpoint at ``step`` is written before it is renamed into place."""
     return os.path.join(run_dir, CHECKPOINTS, f".tmp-{_PREFIX}{step:07d}")
@@ -139,8 +146,14 @@ def write_rank(tmp: str, rank: int, sampler_state: torch.Tensor | None, loop: di
     _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), {**plain, "loop": loop})
 
 
-def write_main(tmp: str, trainable: dict[str, Any], best: dict[str, Any], optimizer: dict[str, Any],
-               extra: dict[str, Any], state: dict[str, Any]) -> None:
+def write_main(
+    tmp: str,
+    trainable: dict[str, Any],
+    best: dict[str, Any],
+    optimizer: dict[str, Any],
+    extra: dict[str, Any],
+    state: dict[str, Any],
+) -> None:
     """The main process writes the model, optimizer and loop state (state.json last: a checkpoint
     without it is incomplete and never read)."""
     from .adapter_io import write_safetensors
@@ -163,7 +176,7 @@ def write_state(tmp: str, extra: dict[str, Any], state: dict[str, Any]) -> None:
 def commit(tmp: str) -> str:
     """Rename the finished checkpoint into place, then drop older ones (main process)."""
     root = os.path.dirname(tmp)
-    final = os.path.join(root, os.path.basename(tmp)[len(".tmp-"):])
+    final = os.path.join(root, os.path.basename(tmp)[len(".tmp-") :])
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     for name in os.listdir(root):
@@ -190,18 +203,26 @@ def read(path: str, rank: int, processes: int) -> dict[str, Any]:
     if written != processes:
         # the data order, the random states and (under --fsdp) the slices each process holds
         # all depend on the number of processes: another number would not continue the same run
-        raise PeftkitError(f"checkpoint {path!r} was written by {written} process{'es' * (written != 1)} and "
-                           f"this run has {processes}; resume it with {written} (torchrun --nproc-per-node, "
-                           "accelerate launch --num-processes, or no launcher for 1)")
+        raise PeftkitError(
+            f"checkpoint {path!r} was written by {written} process{'es' * (written != 1)} and "
+            f"this run has {processes}; resume it with {written} (torchrun --nproc-per-node, "
+            "accelerate launch --num-processes, or no launcher for 1)"
+        )
     with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
         state = json.load(fh)
     with open(os.path.join(path, f"rng-rank{rank}.json"), encoding="utf-8") as fh:
         rng_plain = json.load(fh)
-    out = {"state": state, "extra": tensors("strategy.safetensors"),
-           "rng": (tensors(f"rng-rank{rank}.safetensors"), rng_plain)}
+    out = {
+        "state": state,
+        "extra": tensors("strategy.safetensors"),
+        "rng": (tensors(f"rng-rank{rank}.safetensors"), rng_plain),
+    }
     if not state.get("sharded"):
-        out.update(trainable=tensors("trainable.safetensors"), best=tensors("best.safetensors"),
-                   optimizer=unflatten_optimizer(tensors("optimizer.safetensors"), state["optimizer"]))
+        out.update(
+            trainable=tensors("trainable.safetensors"),
+            best=tensors("best.safetensors"),
+            optimizer=unflatten_optimizer(tensors("optimizer.safetensors"), state["optimizer"]),
+        )
     return out
 
 
@@ -213,6 +234,7 @@ def _write_json(path: str, data: Any) -> None:
 
 # -- the checkpointer the training loop uses ------------------------------------------------------
 
+
 class Checkpointer:
     """Owns a run's checkpoints: saving every ``every`` optimizer steps, restoring one (the
     strategy's events replayed first, so parameter groups rejoin the optimizer in their order),
@@ -222,8 +244,17 @@ class Checkpointer:
     model, the optimizer): this module stays below the strategies it serves.
     """
 
-    def __init__(self, accelerator: Any, strategy: Any, model: Any, optimizer: Any, run_dir: str | None,
-                 every: int | None, log: Callable[[str], None], sharded: bool = False) -> None:
+    def __init__(
+        self,
+        accelerator: Any,
+        strategy: Any,
+        model: Any,
+        optimizer: Any,
+        run_dir: str | None,
+        every: int | None,
+        log: Callable[[str], None],
+        sharded: bool = False,
+    ) -> None:
         self.accelerator, self.strategy, self.model, self.optimizer = accelerator, strategy, model, optimizer
         self.run_dir, self.every, self.log = run_dir, every, log
         self.sharded = sharded  # --fsdp: every process writes and reads its own slices
@@ -241,8 +272,7 @@ class Checkpointer:
         """Whether a checkpoint is written after optimizer step ``step``."""
         return bool(self.every and self.run_dir and step % self.every == 0)
 
-    def save(self, step: int, loop: dict[str, Any], best: dict[str, Any], sampler_state: Any,
-             total_steps: int) -> None:
+    def save(self, step: int, loop: dict[str, Any], best: dict[str, Any], sampler_state: Any, total_steps: int) -> None:
         """Write the checkpoint at ``step`` (every process calls this; each writes its random state)."""
         import time
 
@@ -259,8 +289,11 @@ class Checkpointer:
             shards, optimizer = sharded_state(self.model, self.optimizer, set(tensors))
             save_shards(os.path.join(tmp, SHARDS), {**shards, **{_BEST + k: v for k, v in best.items()}})
             if main:
-                write_state(tmp, self.strategy.extra_state(self.model),
-                            {**state, "sharded": True, "best_keys": sorted(best), "optimizer": optimizer})
+                write_state(
+                    tmp,
+                    self.strategy.extra_state(self.model),
+                    {**state, "sharded": True, "best_keys": sorted(best), "optimizer": optimizer},
+                )
         elif main:
             write_main(tmp, tensors, best, self.optimizer.state_dict(), self.strategy.extra_state(self.model), state)
         self.accelerator.wait_for_everyone()
@@ -268,8 +301,9 @@ class Checkpointer:
             commit(tmp)
             self.log(f"checkpoint at step {step} ({time.perf_counter() - started:.2f} s)")
 
-    def restore(self, path: str, steps_per_epoch: int,
-                add_groups: Callable[[list[Any]], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def restore(
+        self, path: str, steps_per_epoch: int, add_groups: Callable[[list[Any]], None]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load the checkpoint at ``path`` into the model, optimizer and strategy; returns the loop
         state it saved and the best epoch's adapter state. The random states wait in
         ``pending_rng`` until ``continue_rng`` (the first batch trained after the checkpoint)."""
@@ -280,8 +314,10 @@ class Checkpointer:
         # each process wrote one has the main process's only
         loop = saved["rng"][1].get("loop") or saved["state"]["loop"]
         if bool(saved["state"].get("sharded")) != self.sharded:  # the run's config.yaml decides both
-            raise PeftkitError(f"checkpoint {path!r} was written {'with' if not self.sharded else 'without'} "
-                               f"--fsdp and this run is {'not ' * (not self.sharded)}sharded; resume it as it ran")
+            raise PeftkitError(
+                f"checkpoint {path!r} was written {'with' if not self.sharded else 'without'} "
+                f"--fsdp and this run is {'not ' * (not self.sharded)}sharded; resume it as it ran"
+            )
         self.replay(loop["epoch"], loop["step"], steps_per_epoch, add_groups)
         if self.sharded:
             best = self.restore_shards(path, saved["state"])
@@ -304,8 +340,9 @@ class Checkpointer:
         targets, _ = sharded_state(self.model, self.optimizer, set(self.saved_tensors()))
         # the best epoch's tensors are loaded into copies shaped (and sliced) as the model's
         # own, never into the parameters themselves
-        best = {k: v.detach().clone() for k, v in self.strategy.adapter_state(self.model).items()
-                if k in state["best_keys"]}
+        best = {
+            k: v.detach().clone() for k, v in self.strategy.adapter_state(self.model).items() if k in state["best_keys"]
+        }
         targets.update({_BEST + k: v for k, v in best.items()})
         load_shards(os.path.join(path, SHARDS), targets)
         set_sharded_state(self.model, self.optimizer, targets, state["optimizer"])

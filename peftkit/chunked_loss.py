@@ -26,8 +26,9 @@ plain loss.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -55,8 +56,10 @@ def unsupported(model: nn.Module, sharded: bool = False) -> str | None:
     if layer is None:
         return "the model has no output layer (get_output_embeddings) to chunk"
     if type(layer) is not nn.Linear:  # noqa: E721 - a subclass (a LoRA or quantized layer) computes more
-        return (f"its output layer is a {type(layer).__name__}, not a plain linear layer (a strategy or "
-                "quantization changed it), whose chunks would not be its logits")
+        return (
+            f"its output layer is a {type(layer).__name__}, not a plain linear layer (a strategy or "
+            "quantization changed it), whose chunks would not be its logits"
+        )
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in _LOGIT_TRANSFORMS:
@@ -98,8 +101,13 @@ def chunk_tokens(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * max(1, vocab)))
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """The summed cross-entropy of ``targets`` (N) under the logits ``hidden @ weight.T + bias`` of
     ``hidden`` (N x d), computed ``chunk`` tokens at a time (default: ``chunk_tokens``), with
     gradients for whichever of ``hidden``, ``weight`` and ``bias`` need them."""
@@ -122,8 +130,14 @@ def _function() -> Any:
         after). Backward: those gradients times the incoming one (the loss is a scalar)."""
 
         @staticmethod
-        def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        def forward(
+            ctx: Any,
+            hidden: torch.Tensor,
+            weight: torch.Tensor,
+            bias: torch.Tensor | None,
+            targets: torch.Tensor,
+            chunk: int,
+        ) -> torch.Tensor:
             want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             want_bias = bias is not None and ctx.needs_input_grad[2]
             grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -132,7 +146,7 @@ def _function() -> Any:
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
-                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                h, t = hidden[start : start + chunk], targets[start : start + chunk]
                 # (under autocast this product runs in 16 bits, as the model's own output layer would)
                 logits = F.linear(h, weight, bias).float()
                 lse = torch.logsumexp(logits, dim=-1)
@@ -143,7 +157,7 @@ def _function() -> Any:
                 grad = logits.sub_(lse.unsqueeze(1)).exp_()
                 grad[torch.arange(len(t), device=grad.device), t] -= 1.0
                 if want_hidden:
-                    grad_hidden[start:start + chunk] = grad.to(weight.dtype) @ weight
+                    grad_hidden[start : start + chunk] = grad.to(weight.dtype) @ weight
                 if want_weight:
                     grad_weight.addmm_(grad.t(), h.to(torch.float32))
                 if want_bias:
@@ -157,16 +171,19 @@ def _function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[Any, ...]:
             saved = iter(ctx.saved_tensors)
-            out = [(next(saved) * grad_total).to(dtype) if wanted else None
-                   for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
+            out = [
+                (next(saved) * grad_total).to(dtype) if wanted else None
+                for wanted, dtype in zip(ctx.wanted, ctx.dtypes)
+            ]
             return (*out, None, None)
 
     _FUNCTION.append(LinearCrossEntropy)
     return LinearCrossEntropy
 
 
-def _labelled(captured: Captured, labels: torch.Tensor, ignore_index: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _labelled(
+    captured: Captured, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hidden states of the positions that predict a labelled token (N x d), those tokens (N),
     and which of the batch's positions they are (batch x positions, True where labelled): position
     t predicts token t+1, and ``captured.hidden`` covers the last positions only where the model
@@ -174,21 +191,23 @@ def _labelled(captured: Captured, labels: torch.Tensor, ignore_index: int
     hidden = captured.hidden
     if hidden is None:
         raise RuntimeError("the output layer was not called during the forward pass")
-    target = labels[:, labels.shape[1] - hidden.shape[1]:][:, 1:]
+    target = labels[:, labels.shape[1] - hidden.shape[1] :][:, 1:]
     keep = target != ignore_index
     return hidden[:, :-1][keep], target[keep], keep
 
 
-def chunked_token_loss(captured: Captured, labels: torch.Tensor, ignore_index: int,
-                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_token_loss(
+    captured: Captured, labels: torch.Tensor, ignore_index: int, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, labelled tokens) of a causal LM's batch from the output layer's captured input."""
     hidden, targets, keep = _labelled(captured, labels, ignore_index)
     layer = captured.layer
     return linear_cross_entropy(hidden, layer.weight, layer.bias, targets, chunk), keep.sum()
 
 
-def chunked_example_losses(captured: Captured, labels: torch.Tensor, ignore_index: int,
-                           chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_example_losses(
+    captured: Captured, labels: torch.Tensor, ignore_index: int, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example of a causal LM's batch: (summed loss, labelled tokens), from the output layer's
     captured input a chunk of tokens at a time, without gradients (evaluation)."""
     import torch
@@ -200,14 +219,15 @@ def chunked_example_losses(captured: Captured, labels: torch.Tensor, ignore_inde
     chunk = chunk or chunk_tokens(layer.weight.shape[0])
     sums = torch.zeros(len(labels), device=hidden.device)
     for start in range(0, len(targets), chunk):
-        logits = F.linear(hidden[start:start + chunk], layer.weight, layer.bias).float()
-        losses = F.cross_entropy(logits, targets[start:start + chunk], reduction="none")
-        sums.index_add_(0, rows[start:start + chunk], losses)
+        logits = F.linear(hidden[start : start + chunk], layer.weight, layer.bias).float()
+        losses = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+        sums.index_add_(0, rows[start : start + chunk], losses)
     return sums, keep.sum(1)
 
 
-def chunked_step_loss(forward: Callable[[Any, dict[str, Any]], Any], layer: nn.Module, ignore_index: int,
-                      chunk: int | None = None) -> Callable[[Any, dict[str, Any]], Any]:
+def chunked_step_loss(
+    forward: Callable[[Any, dict[str, Any]], Any], layer: nn.Module, ignore_index: int, chunk: int | None = None
+) -> Callable[[Any, dict[str, Any]], Any]:
     """A training step's loss function: ``forward(model, batch)`` (the strategy's) run with the
     output layer's input caught, then the mean cross-entropy over the labelled tokens in chunks."""
 

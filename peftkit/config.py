@@ -177,9 +177,20 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for values no run could use."""
-        check_positive(self, ("epochs", "batch_size", "max_length", "eval_batch_size", "grad_accumulation",
-                              "max_train_samples", "max_eval_samples", "early_stopping_patience",
-                              "checkpoint_every"))
+        check_positive(
+            self,
+            (
+                "epochs",
+                "batch_size",
+                "max_length",
+                "eval_batch_size",
+                "grad_accumulation",
+                "max_train_samples",
+                "max_eval_samples",
+                "early_stopping_patience",
+                "checkpoint_every",
+            ),
+        )
         if self.lr is not None and not (self.lr > 0 and self.lr < 1e3):
             raise PeftkitError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
@@ -269,8 +280,7 @@ def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
-def build_run_config(config_file: str | None, flags: dict[str, Any],
-                     set_options: dict[str, Any]) -> RunConfig:
+def build_run_config(config_file: str | None, flags: dict[str, Any], set_options: dict[str, Any]) -> RunConfig:
     """Merge defaults < YAML file < command-line flags (those not None) < ``--set`` options."""
     values: dict[str, Any] = load_yaml_config(config_file) if config_file else {}
     options = dict(values.pop("strategy_options", {}) or {})

@@ -17,8 +17,18 @@ from typing import Any
 
 # What a result depends on, in the order a report shows it. tokenizers and numpy are not direct
 # dependencies, but a tokenizer or numeric change shifts results as surely as a transformers one.
-REPORTED_PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets",
-                     "safetensors", "bitsandbytes", "tokenizers", "numpy")
+REPORTED_PACKAGES = (
+    "peftkit",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+    "bitsandbytes",
+    "tokenizers",
+    "numpy",
+)
 NOT_INSTALLED = "not installed"
 LOCK_FILE = "requirements.lock"
 # the lock sits in the repository root, one level above this package (an editable or source install)
@@ -225,8 +235,13 @@ def device_info() -> dict[str, Any]:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             gpus.append({"name": props.name, "memory_bytes": props.total_memory})
-    return {"cuda_available": cuda, "cuda_version": torch.version.cuda, "cudnn_version": cudnn,
-            "gpus": gpus, "torch_threads": torch.get_num_threads()}
+    return {
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": cudnn,
+        "gpus": gpus,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def environment_report(lock_path: str | None = None) -> dict[str, Any]:
@@ -234,8 +249,12 @@ def environment_report(lock_path: str | None = None) -> dict[str, Any]:
     versions = package_versions()
     path = find_lock(lock_path)
     status = lock_status(versions, read_lock(path) if path else None)
-    return {"versions": versions, "lock": {"path": path, "status": status},
-            "machine": machine_description(), "device": device_info()}
+    return {
+        "versions": versions,
+        "lock": {"path": path, "status": status},
+        "machine": machine_description(),
+        "device": device_info(),
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -257,6 +276,8 @@ def format_report(report: dict[str, Any]) -> str:
         for i, gpu in enumerate(device["gpus"]):
             lines.append(f"- GPU {i}: {gpu['name']}, {format_size(gpu['memory_bytes'])}")
     else:
-        built = f" (torch built for CUDA {device['cuda_version']})" if device["cuda_version"] else " (CPU build of torch)"
+        built = (
+            f" (torch built for CUDA {device['cuda_version']})" if device["cuda_version"] else " (CPU build of torch)"
+        )
         lines.append(f"- CUDA: not available{built}")
     return "\n".join(lines)

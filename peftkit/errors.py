@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Iterable
 
 
 class PeftkitError(Exception):
@@ -89,8 +89,12 @@ def raising_library(exc: BaseException) -> str | None:
     while tb is not None:
         frame = tb.tb_frame
         module = str(frame.f_globals.get("__name__", "")).split(".")[0]
-        if module and module != "peftkit" and not module.startswith("peftkit_") \
-                and _is_installed_file(frame.f_code.co_filename):
+        if (
+            module
+            and module != "peftkit"
+            and not module.startswith("peftkit_")
+            and _is_installed_file(frame.f_code.co_filename)
+        ):
             found = module
         elif module == "peftkit" or module.startswith("peftkit_"):
             found = None  # the library returned; peftkit (or a plugin) raised after it

@@ -11,8 +11,9 @@ frequent answer). An adapter that does not beat the baseline has likely learned 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .config import RunConfig, check_positive
 
@@ -81,8 +82,10 @@ class EvalResult:
         if metric is None or self.baseline is None or self.metrics[metric] > self.baseline[metric]:
             return None
         b = self.baseline
-        return (f"the adapter is not better than the {b['name']} baseline on {metric.replace('_', ' ')} "
-                f"({self.metrics[metric]:.4f} vs {b[metric]:.4f} for always answering {b['predicts']!r})")
+        return (
+            f"the adapter is not better than the {b['name']} baseline on {metric.replace('_', ' ')} "
+            f"({self.metrics[metric]:.4f} vs {b[metric]:.4f} for always answering {b['predicts']!r})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What ``metrics.json`` and ``peftkit eval --json`` hold."""
@@ -106,15 +109,24 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
         loaded = load_adapter(adapter_dir, cfg.model, force=cfg.force)
         meta = loaded.metadata
     task = get_task(meta.get("task") or "sequence-classification")
-    run_cfg = RunConfig(strategy=meta["strategy"], task=task.name, model=cfg.model or meta.get("base_model"),
-                        dataset=cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
-                        response_column=cfg.response_column, eval_batch_size=cfg.batch_size,
-                        max_length=meta.get("max_length") or task.default_max_length)
+    run_cfg = RunConfig(
+        strategy=meta["strategy"],
+        task=task.name,
+        model=cfg.model or meta.get("base_model"),
+        dataset=cfg.dataset,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        response_column=cfg.response_column,
+        eval_batch_size=cfg.batch_size,
+        max_length=meta.get("max_length") or task.default_max_length,
+    )
     echo(f"loading data {cfg.dataset!r} for {task.name} ...")
     trained_on_it = same_dataset(cfg.dataset, meta.get("dataset"))
     if trained_on_it:
-        echo(f"warning: the adapter was trained on {cfg.dataset!r}; evaluated whole, its training examples are "
-             "among these, so the figures overstate how it does on new data (give a file it has not seen)")
+        echo(
+            f"warning: the adapter was trained on {cfg.dataset!r}; evaluated whole, its training examples are "
+            "among these, so the figures overstate how it does on new data (give a file it has not seen)"
+        )
     data = task.evaluation_data(run_cfg, meta)
     cap_eval_splits(data, cfg.max_eval_samples, run_cfg.seed)
     if loaded is None:
@@ -123,10 +135,20 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
     examples = len(data.splits["test"])
     echo(f"evaluating {examples:,} examples ...")
     evaluation = _measure(task, loaded, data, run_cfg)
-    return EvalResult(adapter_dir, cfg.dataset, task.name, meta["strategy"], examples,
-                      list(data.label_names) if data.label_names else None, evaluation.metrics,
-                      task.baseline(data), evaluation.per_class, evaluation.confusion_matrix,
-                      list(task.headline_metrics), trained_on_it=trained_on_it)
+    return EvalResult(
+        adapter_dir,
+        cfg.dataset,
+        task.name,
+        meta["strategy"],
+        examples,
+        list(data.label_names) if data.label_names else None,
+        evaluation.metrics,
+        task.baseline(data),
+        evaluation.per_class,
+        evaluation.confusion_matrix,
+        list(task.headline_metrics),
+        trained_on_it=trained_on_it,
+    )
 
 
 def same_dataset(given: str, recorded: str | None) -> bool:
@@ -153,10 +175,12 @@ def _measure(task: Any, loaded: Any, data: Any, run_cfg: RunConfig) -> Any:
     loader, _ = make_loader(encoded, task.collate(loaded.tokenizer), run_cfg.eval_batch_size, None)
     model = accelerator.prepare_model(loaded.model, evaluation_mode=True)
     loader = accelerator.prepare_data_loader(loader)
-    with tqdm(total=len(loader), desc="evaluating", unit="batch", file=sys.stderr, dynamic_ncols=True,
-              disable=None) as bar:
-        return task.evaluate_in_detail(loaded.strategy, model, loader, accelerator, after_batch=bar.update,
-                                       context=loaded.tokenizer, data=data)
+    with tqdm(
+        total=len(loader), desc="evaluating", unit="batch", file=sys.stderr, dynamic_ncols=True, disable=None
+    ) as bar:
+        return task.evaluate_in_detail(
+            loaded.strategy, model, loader, accelerator, after_batch=bar.update, context=loaded.tokenizer, data=data
+        )
 
 
 def write_evaluation(result: EvalResult, directory: str) -> list[str]:
@@ -191,8 +215,10 @@ def per_class_table(rows: list[dict[str, Any]]) -> str:
     """Per-class precision, recall, F1 and support as aligned text."""
     width = max([5] + [len(r["label"]) for r in rows])
     lines = [f"{'label':<{width}}  precision  recall      f1  support"]
-    lines += [f"{r['label']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7,}"
-              for r in rows]
+    lines += [
+        f"{r['label']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7,}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

@@ -31,8 +31,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import PeftkitError, first_line
 
@@ -90,17 +91,24 @@ def require_onnx() -> None:
         raise PeftkitError(f"ONNX export needs {', '.join(missing)}, which is not installed: {EXPORT_EXTRA}")
 
 
-def check_export_settings(fmt: str, quantize: str | None, opset: int | None, min_agreement: float | None = None) -> None:
+def check_export_settings(
+    fmt: str, quantize: str | None, opset: int | None, min_agreement: float | None = None
+) -> None:
     """Refuse a format, quantization, opset or agreement the exporter does not take, naming what it
     does. ``opset`` None: the default."""
     if fmt not in FORMATS:
         raise PeftkitError(f"--format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
     if fmt != "onnx":
-        given = [flag for flag, value in (("--quantize", quantize), ("--opset", opset), ("--min-agreement", min_agreement))
-                 if value is not None]
+        given = [
+            flag
+            for flag, value in (("--quantize", quantize), ("--opset", opset), ("--min-agreement", min_agreement))
+            if value is not None
+        ]
         if given:
-            raise PeftkitError(f"{', '.join(given)}: for --format onnx only (a GGUF file is written in float32; "
-                               "quantize it with llama.cpp's llama-quantize)")
+            raise PeftkitError(
+                f"{', '.join(given)}: for --format onnx only (a GGUF file is written in float32; "
+                "quantize it with llama.cpp's llama-quantize)"
+            )
         return
     opset = DEFAULT_OPSET if opset is None else opset
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -141,8 +149,9 @@ class CheckData:
     described: str
 
 
-def check_data(task: Any, metadata: dict[str, Any], dataset: str | None, text_column: str | None,
-               label_column: str | None) -> CheckData:
+def check_data(
+    task: Any, metadata: dict[str, Any], dataset: str | None, text_column: str | None, label_column: str | None
+) -> CheckData:
     """The test split the adapter was evaluated on (its recorded dataset, split with its recorded
     seed), or every example of ``dataset``, its labels matched to the adapter's. At most
     ``MAX_CHECK_EXAMPLES``."""
@@ -152,17 +161,27 @@ def check_data(task: Any, metadata: dict[str, Any], dataset: str | None, text_co
     recorded = metadata.get("dataset")
     source = dataset or recorded
     if not source:
-        raise PeftkitError("the adapter records no dataset to check the export on; give --dataset FILE (labelled "
-                           "examples of the kind it was trained on)")
-    cfg = RunConfig(strategy=metadata["strategy"], task=task.name, model=metadata.get("base_model"), dataset=source,
-                    text_column=text_column, label_column=label_column, seed=seed,
-                    max_length=metadata.get("max_length") or task.default_max_length)
+        raise PeftkitError(
+            "the adapter records no dataset to check the export on; give --dataset FILE (labelled "
+            "examples of the kind it was trained on)"
+        )
+    cfg = RunConfig(
+        strategy=metadata["strategy"],
+        task=task.name,
+        model=metadata.get("base_model"),
+        dataset=source,
+        text_column=text_column,
+        label_column=label_column,
+        seed=seed,
+        max_length=metadata.get("max_length") or task.default_max_length,
+    )
     if dataset is None:
         try:
             split = task.load_data(cfg).splits["test"]
         except PeftkitError as exc:
-            raise PeftkitError(f"cannot load the adapter's dataset {recorded!r} to check the export on ({exc}); "
-                               "give --dataset FILE") from None
+            raise PeftkitError(
+                f"cannot load the adapter's dataset {recorded!r} to check the export on ({exc}); give --dataset FILE"
+            ) from None
         described = f"the test split of {recorded!r} (seed {seed})"
     else:
         split = task.evaluation_data(cfg, metadata).splits["test"]
@@ -200,17 +219,18 @@ def onnx_probabilities(session: Any, task: Any, processor: Any, metadata: dict[s
     """Label probabilities (numpy, examples x labels) of an ONNX Runtime ``session`` for ``inputs``."""
     import numpy as np
 
-    return np.concatenate([session.run(None, _onnx_feed(session, b))[0]
-                           for b in _batches(task, processor, metadata, inputs)])
+    return np.concatenate(
+        [session.run(None, _onnx_feed(session, b))[0] for b in _batches(task, processor, metadata, inputs)]
+    )
 
 
 def _export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], opset: int, path: str) -> None:
     """``module`` (taking the tensors of ``sample`` by position) to an ONNX file at ``path``. The
     exporter's own chatter is kept, and shown only if it fails."""
+    import logging
+
     import torch
     from torch.export import Dim
-
-    import logging
 
     # torch.onnx logs a warning per torchvision operator it cannot register (torchvision is not a
     # dependency): through a handler that holds the real stderr, so the redirect below misses it
@@ -224,17 +244,26 @@ def _export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], ops
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said), warnings.catch_warnings():
             # "the axis name batch will not be used": the dims keep the exporter's own names; harmless
             warnings.simplefilter("ignore", UserWarning)
-            program = torch.onnx.export(module, tuple(sample.values()), dynamo=True, input_names=names,
-                                        output_names=["probabilities"], dynamic_shapes=dynamic,
-                                        opset_version=opset, optimize=True, verify=False)
+            program = torch.onnx.export(
+                module,
+                tuple(sample.values()),
+                dynamo=True,
+                input_names=names,
+                output_names=["probabilities"],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                optimize=True,
+                verify=False,
+            )
             program.save(path)
     except Exception as exc:
         from .errors import debug_requested
 
         if debug_requested():
             sys.stderr.write(said.getvalue())
-        raise PeftkitError(f"torch.onnx could not export this model: {first_line(exc)} (PEFTKIT_DEBUG=1 shows the "
-                           "exporter's report)") from exc
+        raise PeftkitError(
+            f"torch.onnx could not export this model: {first_line(exc)} (PEFTKIT_DEBUG=1 shows the exporter's report)"
+        ) from exc
 
 
 INT8_GRAPHS = ("attention fused, padding mask", "attention fused", "ONNX Runtime's transformer optimizer")
@@ -291,8 +320,13 @@ def _fuse_attention(source: str, target: str, padding_mask: bool) -> bool:
         mask = next((v for v in model.graph.inputs if v.name == "attention_mask"), None)
         attentions = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
         # inputs: query, key, value, bias, key_padding_mask, attention_bias, then a cache (none here)
-        if mask is None or not all(len(n.inputs) >= 6 and n.inputs[4] is None and n.inputs[5] is not None
-                                   and all(v is None for v in n.inputs[6:]) for n in attentions):
+        if mask is None or not all(
+            len(n.inputs) >= 6
+            and n.inputs[4] is None
+            and n.inputs[5] is not None
+            and all(v is None for v in n.inputs[6:])
+            for n in attentions
+        ):
             return False
         cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT32})
         model.graph.insert_before(attentions[0], cast)
@@ -344,10 +378,20 @@ def quantize_int8(source: str, target: str) -> None:
         quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantize: str | None = None,
-                opset: int = DEFAULT_OPSET, dataset: str | None = None, text_column: str | None = None,
-                label_column: str | None = None, force: bool = False, overwrite: bool = False,
-                min_agreement: float | None = None, echo: Echo = lambda _: None) -> ExportResult:
+def export_onnx(
+    adapter_dir: str,
+    output: str,
+    model: str | None = None,
+    quantize: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    dataset: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    min_agreement: float | None = None,
+    echo: Echo = lambda _: None,
+) -> ExportResult:
     """Export the adapter in ``adapter_dir`` (on its base, or ``model``) to ONNX in the directory
     ``output``, checked against PyTorch on ``dataset`` (default: the adapter's own test split);
     see the module's docstring. ``min_agreement``: the share of examples on which int8 must give
@@ -376,16 +420,19 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
     fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
     checked = data.inputs if quantize else fp32_inputs
     echo(f"checking on {len(checked):,} examples of {data.described}: PyTorch's answers ...")
-    reference = np.concatenate([loaded.probabilities(b).numpy()
-                                for b in _batches(task, loaded.tokenizer, meta, checked)])
+    reference = np.concatenate(
+        [loaded.probabilities(b).numpy() for b in _batches(task, loaded.tokenizer, meta, checked)]
+    )
     seconds["load_and_reference"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     serving = strategy.serving_model(loaded.model)
     merged = strategy.merges
     sample = task.serving_batch(loaded.tokenizer, meta, fp32_inputs[:2] if len(fp32_inputs) > 1 else fp32_inputs * 2)
-    echo(f"exporting {meta['strategy']} ({'merged into the base' if merged else 'its modules in the graph'}) "
-         f"to ONNX opset {opset} ...")
+    echo(
+        f"exporting {meta['strategy']} ({'merged into the base' if merged else 'its modules in the graph'}) "
+        f"to ONNX opset {opset} ..."
+    )
     module = probabilities_module(strategy, serving, list(sample))
     with staged_dir(output, overwrite, flag="--output") as stage:
         path = os.path.join(stage, ONNX_FILE)
@@ -394,34 +441,59 @@ def export_onnx(adapter_dir: str, output: str, model: str | None = None, quantiz
 
         clock = time.perf_counter()
         diff = _fp32_difference(path, task, loaded, fp32_inputs, reference)
-        check: dict[str, Any] = {"checked_on": data.described, "fp32_examples": len(fp32_inputs),
-                                 "max_abs_diff": diff, "fp32_tolerance": FP32_TOLERANCE}
+        check: dict[str, Any] = {
+            "checked_on": data.described,
+            "fp32_examples": len(fp32_inputs),
+            "max_abs_diff": diff,
+            "fp32_tolerance": FP32_TOLERANCE,
+        }
         if not diff <= FP32_TOLERANCE:  # a NaN fails too
-            raise PeftkitError(f"the exported model differs from PyTorch by up to {diff:.2e} in a probability "
-                               f"(allowed {FP32_TOLERANCE:g}) on {len(fp32_inputs)} examples; nothing was written")
-        echo(f"fp32 check: max abs difference {diff:.1e} from PyTorch on {len(fp32_inputs)} examples "
-             f"(allowed {FP32_TOLERANCE:g})")
+            raise PeftkitError(
+                f"the exported model differs from PyTorch by up to {diff:.2e} in a probability "
+                f"(allowed {FP32_TOLERANCE:g}) on {len(fp32_inputs)} examples; nothing was written"
+            )
+        echo(
+            f"fp32 check: max abs difference {diff:.1e} from PyTorch on {len(fp32_inputs)} examples "
+            f"(allowed {FP32_TOLERANCE:g})"
+        )
         if quantize:
             check.update(_check_int8(path, task, loaded, data, reference, required, echo))
-            echo(f"int8 check ({check['int8_graph']}): the same label as PyTorch on {check['agreed']:,} of "
-                 f"{check['examples']:,} examples ({check['agreement']:.2%}; required {required:.1%})" +
-                 (f"; accuracy {check['accuracy_onnx']:.4f} vs {check['accuracy_pytorch']:.4f} in PyTorch"
-                  if "accuracy_onnx" in check else ""))
+            echo(
+                f"int8 check ({check['int8_graph']}): the same label as PyTorch on {check['agreed']:,} of "
+                f"{check['examples']:,} examples ({check['agreement']:.2%}; required {required:.1%})"
+                + (
+                    f"; accuracy {check['accuracy_onnx']:.4f} vs {check['accuracy_pytorch']:.4f} in PyTorch"
+                    if "accuracy_onnx" in check
+                    else ""
+                )
+            )
         seconds["check"] = time.perf_counter() - clock
         processor = getattr(loaded.tokenizer, "processor", loaded.tokenizer)
         processor.save_pretrained(stage)
         _model_config(serving).save_pretrained(stage)  # an image processor reads its channels from it
         size = os.path.getsize(path)
-        info = {"format": "onnx", "opset": opset, "quantize": quantize, "task": task.name,
-                "strategy": meta["strategy"], "merged": merged, "base_model": meta["base_model"],
-                "base_fingerprint": meta.get("base_fingerprint"), "label_names": loaded.label_names,
-                "max_length": meta.get("max_length"), "inputs": list(sample), "output": "probabilities",
-                "adapter": os.path.abspath(adapter_dir), "check": check,
-                "versions": export_versions()}
+        info = {
+            "format": "onnx",
+            "opset": opset,
+            "quantize": quantize,
+            "task": task.name,
+            "strategy": meta["strategy"],
+            "merged": merged,
+            "base_model": meta["base_model"],
+            "base_fingerprint": meta.get("base_fingerprint"),
+            "label_names": loaded.label_names,
+            "max_length": meta.get("max_length"),
+            "inputs": list(sample),
+            "output": "probabilities",
+            "adapter": os.path.abspath(adapter_dir),
+            "check": check,
+            "versions": export_versions(),
+        }
         with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
             json.dump(info, f, indent=2)
-    return ExportResult(output, "onnx", meta["strategy"], meta["base_model"], merged, quantize, opset, size,
-                        check, seconds)
+    return ExportResult(
+        output, "onnx", meta["strategy"], meta["base_model"], merged, quantize, opset, size, check, seconds
+    )
 
 
 def _fp32_difference(path: str, task: Any, loaded: Any, inputs: list[Any], reference: Any) -> float:
@@ -433,8 +505,9 @@ def _fp32_difference(path: str, task: Any, loaded: Any, inputs: list[Any], refer
     return float(np.abs(got - reference[: len(inputs)]).max())
 
 
-def _check_int8(path: str, task: Any, loaded: Any, data: CheckData, reference: Any,
-                required: float, echo: Echo) -> dict[str, Any]:
+def _check_int8(
+    path: str, task: Any, loaded: Any, data: CheckData, reference: Any, required: float, echo: Echo
+) -> dict[str, Any]:
     """Quantize the fp32 file at ``path`` in place and compare its labels with PyTorch's on every
     check example; refuse (nothing written) where they agree on less than ``required`` of them.
     What is quantized is the fastest of ``int8_sources`` that still gives PyTorch's probabilities
@@ -464,20 +537,30 @@ def _check_int8(path: str, task: Any, loaded: Any, data: CheckData, reference: A
         os.replace(quantized, path)
     got = onnx_probabilities(_session(path), task, loaded.tokenizer, loaded.metadata, data.inputs)
     same = got.argmax(-1) == reference.argmax(-1)
-    out: dict[str, Any] = {"examples": len(same), "agreed": int(same.sum()), "agreement": float(same.mean()),
-                           "int8_required": required, "int8_max_abs_diff": float(np.abs(got - reference).max()),
-                           "int8_graph": graph}
+    out: dict[str, Any] = {
+        "examples": len(same),
+        "agreed": int(same.sum()),
+        "agreement": float(same.mean()),
+        "int8_required": required,
+        "int8_max_abs_diff": float(np.abs(got - reference).max()),
+        "int8_graph": graph,
+    }
     if data.labels is not None:
         labels = np.asarray(data.labels)
         out["accuracy_pytorch"] = float((reference.argmax(-1) == labels).mean())
         out["accuracy_onnx"] = float((got.argmax(-1) == labels).mean())
     if out["agreement"] < required:
-        accuracy = (f"; accuracy {out['accuracy_onnx']:.4f} vs {out['accuracy_pytorch']:.4f} in PyTorch"
-                    if "accuracy_onnx" in out else "")
-        raise PeftkitError(f"the int8 model gives PyTorch's label on {out['agreed']:,} of {out['examples']:,} examples "
-                           f"({out['agreement']:.2%}), under the required {required:.1%}{accuracy}; nothing was "
-                           "written (export without --quantize for the fp32 model, or accept less with "
-                           "--min-agreement)")
+        accuracy = (
+            f"; accuracy {out['accuracy_onnx']:.4f} vs {out['accuracy_pytorch']:.4f} in PyTorch"
+            if "accuracy_onnx" in out
+            else ""
+        )
+        raise PeftkitError(
+            f"the int8 model gives PyTorch's label on {out['agreed']:,} of {out['examples']:,} examples "
+            f"({out['agreement']:.2%}), under the required {required:.1%}{accuracy}; nothing was "
+            "written (export without --quantize for the fp32 model, or accept less with "
+            "--min-agreement)"
+        )
     return out
 
 
@@ -526,8 +609,10 @@ def read_export_metadata(directory: str) -> dict[str, Any]:
     if not os.path.isdir(directory):
         raise PeftkitError(f"--onnx {directory!r} is not a directory (give what peftkit export --output wrote)")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, ONNX_FILE)):
-        raise PeftkitError(f"--onnx {directory!r} holds no peftkit export ({EXPORT_METADATA} and {ONNX_FILE}); "
-                           "give what peftkit export --output wrote")
+        raise PeftkitError(
+            f"--onnx {directory!r} holds no peftkit export ({EXPORT_METADATA} and {ONNX_FILE}); "
+            "give what peftkit export --output wrote"
+        )
     try:
         with open(path) as f:
             meta = json.load(f)

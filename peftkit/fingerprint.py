@@ -83,12 +83,14 @@ def cached_backbone_digests(model: nn.Module, model_name: str, seed: int) -> dic
         source = None
     if not source or not os.path.isdir(source):
         return backbone_digests(model)
-    files = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                   for entry in os.scandir(source) if entry.is_file())
+    files = sorted(
+        (entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(source) if entry.is_file()
+    )
     base = getattr(model, "base_model", model)
     tensors = [(name, tuple(p.shape), str(p.dtype)) for name, p in base.named_parameters()]
-    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, os.path.realpath(source), files, type(model).__name__,
-                                     tensors, seed]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([_CACHE_FORMAT, os.path.realpath(source), files, type(model).__name__, tensors, seed]).encode()
+    ).hexdigest()
     path = os.path.join(cache_dir(), "fingerprints", f"{key}.json")
     cached = _read_cached(path)
     if cached is not None and _still_matches(model, cached):

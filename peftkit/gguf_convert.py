@@ -51,12 +51,12 @@ def is_converted(out_dir: str) -> bool:
     if not os.path.isfile(os.path.join(out_dir, "config.json")):
         return False
     # a model over transformers' shard size is saved as an index plus shards
-    return any(os.path.isfile(os.path.join(out_dir, name))
-               for name in ("model.safetensors", "model.safetensors.index.json"))
+    return any(
+        os.path.isfile(os.path.join(out_dir, name)) for name in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
-def convert_gguf(source: str, gguf_file: str, out_dir: str,
-                 progress: Callable[[str], None] | None = None) -> str:
+def convert_gguf(source: str, gguf_file: str, out_dir: str, progress: Callable[[str], None] | None = None) -> str:
     """Convert the causal LM in ``source``/``gguf_file`` into a safetensors model directory at
     ``out_dir`` (model, tokenizer, generation config) and return ``out_dir``.
 
@@ -73,8 +73,10 @@ def convert_gguf(source: str, gguf_file: str, out_dir: str,
         return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         # not ours (ours appear complete): replacing it could destroy someone's files
-        raise PeftkitError(f"{out_dir} exists but holds no converted model (no config.json with "
-                           f"model.safetensors); remove it or convert into another directory")
+        raise PeftkitError(
+            f"{out_dir} exists but holds no converted model (no config.json with "
+            f"model.safetensors); remove it or convert into another directory"
+        )
     gguf_path = _local_gguf_path(source, gguf_file)
     if not _gguf_available():
         raise PeftkitError(f"reading the GGUF checkpoint {gguf_file} needs the gguf package: pip install gguf")
@@ -84,8 +86,9 @@ def convert_gguf(source: str, gguf_file: str, out_dir: str,
     _remove_stale_temp_dirs(out_dir)
     # a sibling, so the final rename stays on one filesystem (atomic); unique, so two converting
     # processes never write into the same one; host and pid in the name say whose it is
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}{_TMP_MARK}"
-                               f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(
+        parent, f".{os.path.basename(out_dir)}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     if progress is not None:
         progress(f"converting {gguf_file} once into {out_dir} (later runs load it in seconds)")
     started = time.perf_counter()
@@ -112,8 +115,9 @@ def convert_gguf(source: str, gguf_file: str, out_dir: str,
     return out_dir
 
 
-def embedded_gguf_model(package: str, gguf_file: str, name: str,
-                        progress: Callable[[str], None] | None = None) -> str | None:
+def embedded_gguf_model(
+    package: str, gguf_file: str, name: str, progress: Callable[[str], None] | None = None
+) -> str | None:
     """The converted directory ``cache_dir()/models/<name>`` of the GGUF ``gguf_file`` shipped
     inside the pip package ``package``, converting it on first use; None if the package is not
     installed (the caller then falls back, e.g. to a hub id)."""
@@ -148,8 +152,9 @@ def _local_gguf_path(source: str, gguf_file: str) -> str | None:
     if os.path.isabs(gguf_file) or os.path.isdir(source):
         path = gguf_file if os.path.isabs(gguf_file) else os.path.join(source, gguf_file)
         if not os.path.isfile(path):
-            raise PeftkitError(f"GGUF file not found: {path}; check the file name, or reinstall the "
-                               f"package that ships it")
+            raise PeftkitError(
+                f"GGUF file not found: {path}; check the file name, or reinstall the package that ships it"
+            )
         return path
     if os.path.exists(source) or source.startswith((".", "/", "~")):
         raise PeftkitError(f"GGUF source {source!r} is not a directory; give the directory that holds {gguf_file}")
@@ -173,11 +178,11 @@ def _load_gguf(source: str, gguf_file: str, gguf_path: str | None) -> tuple[Any,
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, **extra)
     except ImportError as exc:  # transformers' own "install gguf" error, e.g. too old a version
-        raise PeftkitError(f"reading {gguf_file} needs a newer gguf package: pip install -U gguf "
-                           f"({first_line(exc)})") from None
+        raise PeftkitError(
+            f"reading {gguf_file} needs a newer gguf package: pip install -U gguf ({first_line(exc)})"
+        ) from None
     except Exception as exc:  # unsupported architecture, corrupt file, unreachable hub id
-        raise PeftkitError(f"cannot read the GGUF checkpoint {gguf_path or gguf_file}: "
-                           f"{first_line(exc)}") from None
+        raise PeftkitError(f"cannot read the GGUF checkpoint {gguf_path or gguf_file}: {first_line(exc)}") from None
     return tokenizer, model
 
 
@@ -196,15 +201,19 @@ def _plain_copy(gguf_model: Any) -> Any:
     result = model.load_state_dict(source_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         # a silent mismatch would save randomly initialised tensors: refuse instead
-        raise RuntimeError(f"GGUF weights do not match {type(model).__name__}: missing "
-                           f"{sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+        raise RuntimeError(
+            f"GGUF weights do not match {type(model).__name__}: missing "
+            f"{sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
     # from_config tied lm_head to the embeddings exactly when the config says so; check it did, so
     # the saved file (which then holds the matrix once) reloads to the same model
     output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     tied = output is not None and output.weight is inputs.weight
     if tied != bool(getattr(config.get_text_config(), "tie_word_embeddings", False)):
-        raise RuntimeError(f"output embeddings {'are' if tied else 'are not'} tied to the input embeddings, "
-                           f"against the config's tie_word_embeddings")
+        raise RuntimeError(
+            f"output embeddings {'are' if tied else 'are not'} tied to the input embeddings, "
+            f"against the config's tie_word_embeddings"
+        )
     model.generation_config = copy.deepcopy(gguf_model.generation_config)
     return model.eval()
 
@@ -228,8 +237,15 @@ def _save(model: Any, tokenizer: Any, directory: str, source: str) -> None:
     tokenizer.save_pretrained(directory)
     _check_saved_weights(model, directory)
     provenance = os.path.join(directory, PROVENANCE_FILE)
-    write_json(provenance, {"gguf": source, "gguf_bytes": os.path.getsize(source) if os.path.isfile(source) else None,
-                            "transformers": transformers.__version__}, indent=1)
+    write_json(
+        provenance,
+        {
+            "gguf": source,
+            "gguf_bytes": os.path.getsize(source) if os.path.isfile(source) else None,
+            "transformers": transformers.__version__,
+        },
+        indent=1,
+    )
     # transformers writes the weights through a private temporary file (mode 0600): give every file
     # the mode a plain open() just got under the user's umask, so a shared cache stays readable
     mode = os.stat(provenance).st_mode & 0o777
@@ -271,7 +287,7 @@ def _remove_stale_temp_dirs(out_dir: str) -> None:
         for entry in os.listdir(parent):
             if not entry.startswith(prefix):
                 continue
-            owner = entry[len(prefix):].rpartition("-")[0]  # "<host>-<pid>-<random>"
+            owner = entry[len(prefix) :].rpartition("-")[0]  # "<host>-<pid>-<random>"
             owner_host, _, pid = owner.rpartition("-")
             if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)

@@ -26,7 +26,8 @@ import contextlib
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .errors import PeftkitError
 
@@ -55,8 +56,9 @@ def _tokenizer_fields(tokenizer: Any) -> dict[str, Any]:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not model.get("merges"):
-        raise PeftkitError(f"GGUF export writes byte-level BPE tokenizers (llama.cpp's gpt2 model); this one is "
-                           f"{model.get('type')!r}")
+        raise PeftkitError(
+            f"GGUF export writes byte-level BPE tokenizers (llama.cpp's gpt2 model); this one is {model.get('type')!r}"
+        )
     size = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
@@ -76,8 +78,10 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     fields = _tokenizer_fields(tokenizer)
     if len(fields["tokens"]) != config.vocab_size:
-        raise PeftkitError(f"the tokenizer has {len(fields['tokens']):,} tokens and the model {config.vocab_size:,} "
-                           "embeddings; llama.cpp needs them equal")
+        raise PeftkitError(
+            f"the tokenizer has {len(fields['tokens']):,} tokens and the model {config.vocab_size:,} "
+            "embeddings; llama.cpp needs them equal"
+        )
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(str(getattr(config, "_name_or_path", "") or "peftkit export"))
@@ -87,8 +91,12 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
-                                    (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(
+        float(
+            getattr(config, "rope_theta", None)
+            or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        )
+    )
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
@@ -97,8 +105,11 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     writer.add_token_list(fields["tokens"])
     writer.add_token_types(fields["types"])
     writer.add_token_merges(fields["merges"])
-    for add, token in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
-                       (writer.add_pad_token_id, tokenizer.pad_token_id)):
+    for add, token in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
         if token is not None:
             add(int(token))
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
@@ -135,10 +146,14 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[str]) -> tuple[list[list[i
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")
             logits.append(model(**ids).logits[0].float())
-            out = model.generate(**ids, max_new_tokens=CHECK_NEW_TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            out = model.generate(
+                **ids,
+                max_new_tokens=CHECK_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
             encoded.append(ids["input_ids"][0].tolist())
-            generated.append(out[0, ids["input_ids"].shape[1]:].tolist())
+            generated.append(out[0, ids["input_ids"].shape[1] :].tolist())
     return encoded, generated, logits
 
 
@@ -165,8 +180,14 @@ def _no_gguf_progress_bar() -> Iterator[None]:
         reader.tqdm = bar
 
 
-def export_gguf(adapter_dir: str, output: str, model: str | None = None, force: bool = False,
-                overwrite: bool = False, echo: Echo = lambda _: None) -> Any:
+def export_gguf(
+    adapter_dir: str,
+    output: str,
+    model: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    echo: Echo = lambda _: None,
+) -> Any:
     """Merge the causal-LM adapter in ``adapter_dir`` into its base (or ``model``) and write it as
     ``output/model.gguf`` with ``peftkit_export.json``, checked as the module's docstring says.
     Refused in one line: an adapter of another task, a strategy that cannot be merged, a base that
@@ -182,20 +203,26 @@ def export_gguf(adapter_dir: str, output: str, model: str | None = None, force: 
     check_output_dir(output, overwrite, flag="--output")
     task = adapter_task(adapter_dir)
     if not task.generates:
-        raise PeftkitError(f"--format gguf exports language models (causal-lm adapters); this adapter is a "
-                           f"{task.name} adapter: use --format onnx")
+        raise PeftkitError(
+            f"--format gguf exports language models (causal-lm adapters); this adapter is a "
+            f"{task.name} adapter: use --format onnx"
+        )
     echo(f"loading adapter {adapter_dir!r} ...")
     loaded = load_adapter(adapter_dir, model, force=force)
     strategy, meta = loaded.strategy, loaded.metadata
     if not strategy.merges:
         able = ", ".join(sorted(name for name, cls in available().items() if cls.merges))
-        raise PeftkitError(f"strategy {strategy.name!r} cannot be merged into a plain model, which a GGUF file holds; "
-                           f"these can: {able}")
+        raise PeftkitError(
+            f"strategy {strategy.name!r} cannot be merged into a plain model, which a GGUF file holds; "
+            f"these can: {able}"
+        )
     merged = strategy.serving_model(loaded.model).float().eval()
     kind = getattr(merged.config, "model_type", None)
     if kind not in ARCHITECTURES:
-        raise PeftkitError(f"--format gguf writes llama.cpp's Llama architecture; the base {meta['base_model']!r} is "
-                           f"a {kind!r} model (supported: {', '.join(ARCHITECTURES)})")
+        raise PeftkitError(
+            f"--format gguf writes llama.cpp's Llama architecture; the base {meta['base_model']!r} is "
+            f"a {kind!r} model (supported: {', '.join(ARCHITECTURES)})"
+        )
     template = meta.get("prompt_template")
     prompts = list(CHECK_PROMPTS) + ([template.format(text="A quietly devastating film.")] if template else [])
     seconds: dict[str, float] = {}
@@ -215,23 +242,44 @@ def export_gguf(adapter_dir: str, output: str, model: str | None = None, force: 
         seconds["check"] = time.perf_counter() - clock
         same_tokens = sum(a == b for a, b in zip(got_ids, reference_ids))
         same_out = sum(a == b for a, b in zip(got_out, reference_out))
-        diff = max((float((a - b).abs().max()) if a.shape == b.shape else float("inf"))
-                   for a, b in zip(got_logits, reference_logits))
+        diff = max(
+            (float((a - b).abs().max()) if a.shape == b.shape else float("inf"))
+            for a, b in zip(got_logits, reference_logits)
+        )
         if same_tokens < len(prompts) or same_out < len(prompts) or not diff <= LOGIT_TOLERANCE:
-            raise PeftkitError(f"the GGUF file read back differs from PyTorch: {len(prompts) - same_tokens} of "
-                               f"{len(prompts)} prompts tokenized otherwise, {len(prompts) - same_out} generated "
-                               f"otherwise, logits up to {diff:.2e} apart (allowed {LOGIT_TOLERANCE:g}); nothing "
-                               "was written")
-        echo(f"check: tokenization and {CHECK_NEW_TOKENS} greedy tokens the same as PyTorch's on all "
-             f"{len(prompts)} prompts; logits within {diff:.1e}")
-        check = {"prompts": prompts, "new_tokens": CHECK_NEW_TOKENS, "max_abs_logit_diff": diff,
-                 "logit_tolerance": LOGIT_TOLERANCE, "generations": [
-            {"prompt": p, "completion": loaded.tokenizer.decode(o)} for p, o in zip(prompts, reference_out)]}
+            raise PeftkitError(
+                f"the GGUF file read back differs from PyTorch: {len(prompts) - same_tokens} of "
+                f"{len(prompts)} prompts tokenized otherwise, {len(prompts) - same_out} generated "
+                f"otherwise, logits up to {diff:.2e} apart (allowed {LOGIT_TOLERANCE:g}); nothing "
+                "was written"
+            )
+        echo(
+            f"check: tokenization and {CHECK_NEW_TOKENS} greedy tokens the same as PyTorch's on all "
+            f"{len(prompts)} prompts; logits within {diff:.1e}"
+        )
+        check = {
+            "prompts": prompts,
+            "new_tokens": CHECK_NEW_TOKENS,
+            "max_abs_logit_diff": diff,
+            "logit_tolerance": LOGIT_TOLERANCE,
+            "generations": [
+                {"prompt": p, "completion": loaded.tokenizer.decode(o)} for p, o in zip(prompts, reference_out)
+            ],
+        }
         size = os.path.getsize(path)
-        info = {"format": "gguf", "architecture": "llama", "tensor_type": "F32", "task": task.name,
-                "strategy": meta["strategy"], "merged": True, "base_model": meta["base_model"],
-                "base_fingerprint": meta.get("base_fingerprint"), "adapter": os.path.abspath(adapter_dir),
-                "check": check, "versions": package_versions(("torch", "transformers", "peft", "gguf"))}
+        info = {
+            "format": "gguf",
+            "architecture": "llama",
+            "tensor_type": "F32",
+            "task": task.name,
+            "strategy": meta["strategy"],
+            "merged": True,
+            "base_model": meta["base_model"],
+            "base_fingerprint": meta.get("base_fingerprint"),
+            "adapter": os.path.abspath(adapter_dir),
+            "check": check,
+            "versions": package_versions(("torch", "transformers", "peft", "gguf")),
+        }
         with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
             json.dump(info, f, indent=2)
     return ExportResult(output, "gguf", meta["strategy"], meta["base_model"], True, None, 0, size, check, seconds)

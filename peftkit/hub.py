@@ -86,8 +86,12 @@ def looks_like_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
     or ``~``, is no valid hub id (``a/b/c``, a backslash), ends with one of ``suffixes`` (``.csv``),
     or its first component exists here (``data/train`` beside a ``data`` folder)."""
     first = name.split("/", 1)[0]
-    return (name.startswith((".", "/", "~")) or not is_repo_id(name) or name.lower().endswith(suffixes)
-            or ("/" in name and os.path.isdir(first)))
+    return (
+        name.startswith((".", "/", "~"))
+        or not is_repo_id(name)
+        or name.lower().endswith(suffixes)
+        or ("/" in name and os.path.isdir(first))
+    )
 
 
 def cached_snapshot(repo_id: str, repo_type: str = "model") -> str | None:
@@ -119,5 +123,13 @@ def dataset_cached(repo_id: str) -> bool:
     return os.path.isdir(os.path.join(home, repo_id.replace("/", "___")))
 
 
-__all__ = ["PROBE_TIMEOUT_S", "cached_snapshot", "dataset_cached", "is_repo_id", "looks_like_path",
-           "offline_requested", "unreachable_reason", "use_offline_mode"]
+__all__ = [
+    "PROBE_TIMEOUT_S",
+    "cached_snapshot",
+    "dataset_cached",
+    "is_repo_id",
+    "looks_like_path",
+    "offline_requested",
+    "unreachable_reason",
+    "use_offline_mode",
+]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import PeftkitError, set_context
 from .predict_io import GenerationOptions
@@ -44,26 +45,41 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
 
     config = read_peft_config(directory)
     if config is None:
-        raise PeftkitError(f"{directory!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)")
+        raise PeftkitError(
+            f"{directory!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
+        )
     peft_type = config.get("peft_type")
     matches = [cls for cls in available().values() if getattr(cls, "peft_type", None) == peft_type]
     if not matches:
         kinds = sorted({c.peft_type for c in available().values() if getattr(c, "peft_type", None)})
-        raise PeftkitError(f"peft adapter type {peft_type!r} in {directory!r} is not supported; supported: {', '.join(kinds)}")
+        raise PeftkitError(
+            f"peft adapter type {peft_type!r} in {directory!r} is not supported; supported: {', '.join(kinds)}"
+        )
     if config.get("task_type") not in (None, "SEQ_CLS"):
-        raise PeftkitError(f"peft adapter in {directory!r} is for task {config.get('task_type')!r}; "
-                           "peftkit predict handles sequence classification (SEQ_CLS)")
+        raise PeftkitError(
+            f"peft adapter in {directory!r} is for task {config.get('task_type')!r}; "
+            "peftkit predict handles sequence classification (SEQ_CLS)"
+        )
     base = model or config.get("base_model_name_or_path")
     if not base:
         raise PeftkitError(f"plain peft adapter {directory!r} names no base model; give --model")
     tensors = read_safetensors(os.path.join(directory, PEFT_TENSORS_FILE))
-    heads = [t for k, t in tensors.items() if t.ndim == 2 and any(f".{m}." in f".{k}" for m in config.get("modules_to_save") or [])]
+    heads = [
+        t
+        for k, t in tensors.items()
+        if t.ndim == 2 and any(f".{m}." in f".{k}" for m in config.get("modules_to_save") or [])
+    ]
     if not heads:
         raise PeftkitError(f"plain peft adapter {directory!r} holds no classification head; cannot tell the labels")
     num_labels = min(int(t.shape[0]) for t in heads)  # the output layer is the narrowest head matrix
     cls = matches[0]
-    return {"strategy": cls.name, "strategy_options": options_to_dict(cls.options_from_peft_config(config)),
-            "base_model": base, "label_names": [str(i) for i in range(num_labels)], "format": "peft"}
+    return {
+        "strategy": cls.name,
+        "strategy_options": options_to_dict(cls.options_from_peft_config(config)),
+        "base_model": base,
+        "label_names": [str(i) for i in range(num_labels)],
+        "format": "peft",
+    }
 
 
 def check_model_task(task: Any, model: str, adapter_dir: str, trained_on: str) -> None:
@@ -75,9 +91,11 @@ def check_model_task(task: Any, model: str, adapter_dir: str, trained_on: str) -
     made_for = declared_task(model)
     if made_for is None or task.accepts_model(get_task(made_for)):
         return
-    raise PeftkitError(f"adapter {adapter_dir!r} is a {task.name} adapter, but model {model!r} is made for "
-                       f"{made_for}; give a {task.name} base (it was trained on {trained_on!r}), or leave out "
-                       "--model to use that one")
+    raise PeftkitError(
+        f"adapter {adapter_dir!r} is a {task.name} adapter, but model {model!r} is made for "
+        f"{made_for}; give a {task.name} base (it was trained on {trained_on!r}), or leave out "
+        "--model to use that one"
+    )
 
 
 def adapter_task(adapter_dir: str) -> Any:
@@ -139,8 +157,13 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     return LoadedAdapter(prepared, processor, strategy, meta, task)
 
 
-def predict_texts(loaded: LoadedAdapter, texts: list[str], batch_size: int | None = None,
-                  generation: GenerationOptions | None = None, progress: bool = False) -> list[dict[str, Any]]:
+def predict_texts(
+    loaded: LoadedAdapter,
+    texts: list[str],
+    batch_size: int | None = None,
+    generation: GenerationOptions | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
     """One dict per input, as the adapter's task answers it: for classification ``text, label,
     label_id, score, probabilities``; for causal-lm ``text, prompt, completion`` (and ``label``);
     for images the inputs are image files. See ``iter_predictions`` for the other arguments."""
@@ -153,14 +176,20 @@ def check_prediction_settings(task: Any, batch_size: int | None, generation: Gen
     generation.validate()
     if generation.given() and not task.generates:
         flags = ", ".join("--" + name.replace("_", "-") for name in generation.given())
-        raise PeftkitError(f"{flags}: only for adapters that generate text (causal-lm); this adapter is a "
-                           f"{task.name} adapter")
+        raise PeftkitError(
+            f"{flags}: only for adapters that generate text (causal-lm); this adapter is a {task.name} adapter"
+        )
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise PeftkitError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def iter_predictions(loaded: LoadedAdapter, texts: list[str], batch_size: int | None = None,
-                     generation: GenerationOptions | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+def iter_predictions(
+    loaded: LoadedAdapter,
+    texts: list[str],
+    batch_size: int | None = None,
+    generation: GenerationOptions | None = None,
+    progress: bool = False,
+) -> Iterator[dict[str, Any]]:
     """The answers of ``predict_texts``, yielded a batch at a time (so they can be written as
     they come). ``batch_size``: inputs per forward pass (None: the task's own default);
     ``generation``: how a task that generates answers (refused, if given, for one that does not);
@@ -178,8 +207,14 @@ def iter_predictions(loaded: LoadedAdapter, texts: list[str], batch_size: int | 
 
         set_seed(generation.seed)  # once, before the first batch: the same command samples the same answers
     step = batch_size or 64
-    with tqdm(total=len(texts), desc="predict", unit="input", file=sys.stderr, dynamic_ncols=True,
-              disable=None if progress else True) as bar:
+    with tqdm(
+        total=len(texts),
+        desc="predict",
+        unit="input",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None if progress else True,
+    ) as bar:
         for start in range(0, len(texts), step):
             chunk = texts[start : start + step]
             yield from task.predict(loaded, chunk, **kwargs)

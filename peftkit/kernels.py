@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PeftkitError
 
-LIGER_NEEDS_CUDA = ("--kernels liger: Liger's kernels are Triton kernels for CUDA GPUs; on CPU use --kernels torch "
-                    "(the default) or none")
+LIGER_NEEDS_CUDA = (
+    "--kernels liger: Liger's kernels are Triton kernels for CUDA GPUs; on CPU use --kernels torch "
+    "(the default) or none"
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -72,8 +74,11 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
     out = []
     for module in model.modules():
         act = getattr(module, "act_fn", None)
-        if (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-                and act is not None and _is_silu(act)):
+        if (
+            all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+            and act is not None
+            and _is_silu(act)
+        ):
             out.append(module)
     return out
 
@@ -104,14 +109,17 @@ def compile_blocks(model: nn.Module) -> int:
 
     found = transformer_blocks(model)
     if not found:
-        raise PeftkitError(f"--compile: no transformer blocks found in model type "
-                           f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}; drop --compile")
+        raise PeftkitError(
+            f"--compile: no transformer blocks found in model type "
+            f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}; drop --compile"
+        )
     for block in found[1]:
         eager = block.forward
         compiled = torch.compile(eager)
 
-        def forward(*args: Any, _block: Any = block, _eager: Any = eager, _compiled: Any = compiled,
-                    **kwargs: Any) -> Any:
+        def forward(
+            *args: Any, _block: Any = block, _eager: Any = eager, _compiled: Any = compiled, **kwargs: Any
+        ) -> Any:
             return (_compiled if _block.training else _eager)(*args, **kwargs)
 
         block.forward = forward
@@ -129,8 +137,10 @@ def apply_kernels(model: nn.Module, kernels: str | None, on_cuda: bool) -> str:
     mlps = gated_mlps(model)
     if not mlps:
         if kernels == "torch":
-            raise PeftkitError(f"--kernels torch: model type {getattr(model.config, 'model_type', '?')!r} has no "
-                               "gated (SwiGLU) MLP to replace; drop --kernels")
+            raise PeftkitError(
+                f"--kernels torch: model type {getattr(model.config, 'model_type', '?')!r} has no "
+                "gated (SwiGLU) MLP to replace; drop --kernels"
+            )
         return "none"
     for mlp in mlps:
         mlp.forward = _swiglu_forward(mlp)
@@ -144,14 +154,16 @@ def _apply_liger(model: nn.Module, on_cuda: bool) -> str:
     if not on_cuda:
         raise PeftkitError(LIGER_NEEDS_CUDA)
     try:
-        from liger_kernel.transformers.monkey_patch import (MODEL_TYPE_TO_APPLY_LIGER_FN,
-                                                            _apply_liger_kernel_to_instance)
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError:
-        raise PeftkitError("--kernels liger needs liger-kernel: pip install 'peftkit[liger]' "
-                           "(or pip install liger-kernel)") from None
+        raise PeftkitError(
+            "--kernels liger needs liger-kernel: pip install 'peftkit[liger]' (or pip install liger-kernel)"
+        ) from None
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # (Liger itself would only log and go on)
-        raise PeftkitError(f"--kernels liger: Liger has no kernels for model type {model_type!r} (it has "
-                           f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use --kernels torch or none")
+        raise PeftkitError(
+            f"--kernels liger: Liger has no kernels for model type {model_type!r} (it has "
+            f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use --kernels torch or none"
+        )
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
     return "liger"

@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .config import KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
-from .kernels import LIGER_NEEDS_CUDA
 from .errors import PeftkitError
+from .kernels import LIGER_NEEDS_CUDA
+
 # what loading a model needs lives with the loading (a lower layer); re-exported for the levers' users
 from .models import disable_bnb_cpu_bf16_path, half_dtype, quantization_config  # noqa: F401
 
@@ -44,36 +45,47 @@ def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None, tas
         from .tasks import TASKS
 
         able = [n for n, t in TASKS.available().items() if t.supports_packing]
-        raise PeftkitError(f"--packing is for tasks whose examples are token sequences of varied length "
-                           f"({', '.join(able)}); {task.name} cannot pack its examples: drop --packing")
+        raise PeftkitError(
+            f"--packing is for tasks whose examples are token sequences of varied length "
+            f"({', '.join(able)}); {task.name} cannot pack its examples: drop --packing"
+        )
     if levers.loss == "chunked" and task is not None and not task.supports_chunked_loss:
         from .tasks import TASKS
 
         able = [n for n, t in TASKS.available().items() if t.supports_chunked_loss]
-        raise PeftkitError(f"--loss chunked is for tasks with vocabulary-wide logits ({', '.join(able)}); "
-                           f"{task.name}'s logits are a few numbers per example, with nothing to chunk: "
-                           "drop --loss")
+        raise PeftkitError(
+            f"--loss chunked is for tasks with vocabulary-wide logits ({', '.join(able)}); "
+            f"{task.name}'s logits are a few numbers per example, with nothing to chunk: "
+            "drop --loss"
+        )
 
     if levers.quantize is not None and not strategy.supports_quantized_base:
         able = [n for n, cls in registry.available().items() if cls.supports_quantized_base]
         raise PeftkitError(
             f"strategy {strategy.name!r} trains the base model's own weights, which a {levers.quantize} quantized "
             f"base cannot do (quantized weights get no gradients); use --quantize with {', '.join(able)}, "
-            "or drop --quantize")
-    if on_cuda is None and (levers.precision == "fp16" or levers.optimizer == "paged_adamw8bit"
-                            or levers.kernels == "liger"):
+            "or drop --quantize"
+        )
+    if on_cuda is None and (
+        levers.precision == "fp16" or levers.optimizer == "paged_adamw8bit" or levers.kernels == "liger"
+    ):
         on_cuda = cuda_available()
     if levers.precision == "fp16" and not on_cuda:
-        raise PeftkitError("--precision fp16 needs a CUDA GPU (CPUs have no fast float16 kernels); "
-                           "on CPU use bf16 or fp32")
+        raise PeftkitError(
+            "--precision fp16 needs a CUDA GPU (CPUs have no fast float16 kernels); on CPU use bf16 or fp32"
+        )
     if levers.kernels == "liger" and not on_cuda:
         raise PeftkitError(LIGER_NEEDS_CUDA)
     if levers.compile and levers.quantize is not None:
-        raise PeftkitError(f"--compile with --quantize {levers.quantize}: torch.compile does not trace "
-                           "bitsandbytes' quantized layers; drop one of them")
+        raise PeftkitError(
+            f"--compile with --quantize {levers.quantize}: torch.compile does not trace "
+            "bitsandbytes' quantized layers; drop one of them"
+        )
     if levers.optimizer == "paged_adamw8bit" and not on_cuda:
-        raise PeftkitError("--optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
-                           "needs a CUDA GPU; on CPU use adamw8bit or adamw")
+        raise PeftkitError(
+            "--optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
+            "needs a CUDA GPU; on CPU use adamw8bit or adamw"
+        )
 
 
 def after_quantized_load(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
@@ -105,8 +117,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     inputs carry no gradient and the reentrant variant would then silently compute none.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise PeftkitError(f"model type {getattr(model.config, 'model_type', '?')!r} does not support gradient "
-                           "checkpointing in transformers; drop --gradient-checkpointing")
+        raise PeftkitError(
+            f"model type {getattr(model.config, 'model_type', '?')!r} does not support gradient "
+            "checkpointing in transformers; drop --gradient-checkpointing"
+        )
     # activation_checkpointing_enable: transformers 5's name (the old gradient_checkpointing_enable warns)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):

@@ -15,13 +15,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from .checkpoint import Checkpointer
-from .kernels import compile_blocks
 from .config import RunConfig
 from .errors import PeftkitError
+from .kernels import compile_blocks
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
 from .metrics import RunMetrics, format_duration, format_rate
@@ -31,11 +32,12 @@ from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
 from .tasks.base import StepLoss, Task, gathered_sum
 
-
 # -- data and parameter groups ------------------------------------------------------------------
 
-def make_loader(ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], batch_size: int,
-                shuffle_seed: int | None) -> tuple[Any, Any]:
+
+def make_loader(
+    ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], batch_size: int, shuffle_seed: int | None
+) -> tuple[Any, Any]:
     """A DataLoader and the generator that shuffles it (None for evaluation).
 
     Training batches group examples of similar length (with randomness, seeded) so little time goes
@@ -50,8 +52,11 @@ def make_loader(ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any
     gen = None
     if shuffle_seed is not None:
         gen = torch.Generator().manual_seed(shuffle_seed)
-        sampler: Any = (LengthGroupedSampler(batch_size, lengths=lengths, generator=gen) if lengths
-                        else RandomSampler(ds, generator=gen))
+        sampler: Any = (
+            LengthGroupedSampler(batch_size, lengths=lengths, generator=gen)
+            if lengths
+            else RandomSampler(ds, generator=gen)
+        )
     else:
         sampler = sorted(range(len(ds)), key=lengths.__getitem__) if lengths else list(range(len(ds)))
     loader = DataLoader(ds.with_format("torch"), batch_size=batch_size, sampler=sampler, collate_fn=collate)
@@ -73,6 +78,7 @@ def torch_param_groups(groups: list[ParamGroup], lr: float, weight_decay: float)
 
 
 # -- the state the loop carries -----------------------------------------------------------------
+
 
 @dataclass
 class Peaks:
@@ -102,8 +108,14 @@ class BestEpoch:
     # tensors: saved apart (best.safetensors), never in the JSON state
     snapshot: dict[str, Any] = field(default_factory=dict, repr=False, metadata={"tensors": True})
 
-    def judge(self, epoch: int, metrics: dict[str, float], score: float, patience: int | None,
-              snapshot: Callable[[], dict[str, Any]]) -> str:
+    def judge(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        score: float,
+        patience: int | None,
+        snapshot: Callable[[], dict[str, Any]],
+    ) -> str:
         """Record epoch ``epoch`` (1-based) with its validation ``metrics`` and ``score`` (higher is
         better); ``snapshot`` is called only when it is the best so far. Returns ``"improved"``,
         ``"worse"``, or ``"stop"`` when ``patience`` epochs in a row brought no gain."""
@@ -183,9 +195,11 @@ class LoopState:
         if set(saved) != expected:
             # a checkpoint of another peftkit version (the layout changed when the loop became a
             # LoopState): a clear refusal, not a KeyError half-way through restoring
-            raise PeftkitError("this checkpoint was written by another version of peftkit and cannot be resumed "
-                               f"(its loop state has {', '.join(sorted(set(saved) ^ expected))} where this "
-                               "version differs); start the run again with --overwrite")
+            raise PeftkitError(
+                "this checkpoint was written by another version of peftkit and cannot be resumed "
+                f"(its loop state has {', '.join(sorted(set(saved) ^ expected))} where this "
+                "version differs); start the run again with --overwrite"
+            )
         plain = {k: v for k, v in saved.items() if k not in ("peaks", "best")}
         return cls(**plain, peaks=Peaks(**saved["peaks"]), best=BestEpoch(**saved["best"], snapshot=best_snapshot))
 
@@ -225,10 +239,21 @@ READ_EVERY = 10
 HEARTBEAT_SECONDS = 30.0
 
 
-def train_step(accelerator: Any, model: Any, optimizer: Any, strategy: Strategy,
-               step_loss: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any], *, step: int,
-               total_steps: int, warmup_steps: int, max_grad_norm: float) -> Any:
-    """One optimizer micro-step: forward and loss (``step_loss``, the task's), backward and, on the micro-step that ends an
+def train_step(
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    strategy: Strategy,
+    step_loss: Callable[[Any, dict[str, Any]], Any],
+    batch: dict[str, Any],
+    *,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    max_grad_norm: float,
+) -> Any:
+    """One optimizer micro-step: forward and loss (``step_loss``, the task's), backward and, on the
+    micro-step that ends an
     accumulation, gradient clipping and the learning rate for optimizer step ``step`` (each group's
     ``base_lr`` times the strategy's factor); then step and zero the gradients (accelerate skips
     both until the accumulation is complete). Returns the loss tensor."""
@@ -246,6 +271,7 @@ def train_step(accelerator: Any, model: Any, optimizer: Any, strategy: Strategy,
 
 
 # -- set-up -------------------------------------------------------------------------------------
+
 
 def make_accelerator(cfg: RunConfig, workdir: str | None) -> tuple[Any, list[str]]:
     """A fresh ``Accelerator`` for one run, and the trackers it reports to."""
@@ -267,7 +293,9 @@ def make_accelerator(cfg: RunConfig, workdir: str | None) -> tuple[Any, list[str
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=workdir, logging_dir=os.path.join(workdir, "tensorboard"))
-        if trackers else None)
+        if trackers
+        else None,
+    )
     return accelerator, trackers
 
 
@@ -281,25 +309,33 @@ def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None
     if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage >= 3):
         # peftkit shards with --fsdp itself (peftkit.sharding): accelerate's FSDP (GPU only) and
         # ZeRO-3 would take the snapshot and the adapter from the main process's shard
-        raise PeftkitError("accelerate's FSDP and DeepSpeed ZeRO-3 configs are not supported: launch with a data "
-                           "parallel config (configs/accelerate/multi_gpu.yaml) or torchrun and add --fsdp "
-                           "(or use DeepSpeed ZeRO-2)")
+        raise PeftkitError(
+            "accelerate's FSDP and DeepSpeed ZeRO-3 configs are not supported: launch with a data "
+            "parallel config (configs/accelerate/multi_gpu.yaml) or torchrun and add --fsdp "
+            "(or use DeepSpeed ZeRO-2)"
+        )
     if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
-        raise PeftkitError("--checkpoint-every is not supported under DeepSpeed: its optimizer state is split "
-                           "over the processes, and a checkpoint holds the main process's; use data parallel")
+        raise PeftkitError(
+            "--checkpoint-every is not supported under DeepSpeed: its optimizer state is split "
+            "over the processes, and a checkpoint holds the main process's; use data parallel"
+        )
     procs = accelerator.num_processes
     if cfg.fsdp and procs > 1:
         check_fsdp(cfg.levers.quantize)
     if cfg.levers.compile and cfg.fsdp and procs > 1:
-        raise PeftkitError("--compile with --fsdp is not tested here (FSDP2 with torch.compile needs its own "
-                           "set-up): drop --compile, or run data parallel")
+        raise PeftkitError(
+            "--compile with --fsdp is not tested here (FSDP2 with torch.compile needs its own "
+            "set-up): drop --compile, or run data parallel"
+        )
     if cfg.levers.packing and procs > 1:
         # a packed batch holds a varying number of examples, which accelerate cannot split evenly
-        raise PeftkitError(f"--packing runs in one process for now ({procs} were started): drop --packing, "
-                           "or run in one process")
+        raise PeftkitError(
+            f"--packing runs in one process for now ({procs} were started): drop --packing, or run in one process"
+        )
     if batch_size % procs:
-        raise PeftkitError(f"batch size {batch_size} cannot be split evenly over {procs} processes; "
-                           f"choose a multiple of {procs}")
+        raise PeftkitError(
+            f"batch size {batch_size} cannot be split evenly over {procs} processes; choose a multiple of {procs}"
+        )
 
 
 def _trainable_groups(strategy: Strategy, model: Any, procs: int) -> list[ParamGroup]:
@@ -314,12 +350,15 @@ def _trainable_groups(strategy: Strategy, model: Any, procs: int) -> list[ParamG
         if later:
             # DistributedDataParallel fixes the parameters it synchronises when it wraps the model;
             # one unfrozen later would train apart in each process, silently
-            raise PeftkitError(f"strategy {strategy.name!r} makes parameters trainable as it trains, which data "
-                               f"parallel training cannot follow; run it in one process")
+            raise PeftkitError(
+                f"strategy {strategy.name!r} makes parameters trainable as it trains, which data "
+                f"parallel training cannot follow; run it in one process"
+            )
     return groups
 
 
 # -- the run ------------------------------------------------------------------------------------
+
 
 class Trainer:
     """One run's training: what is fixed for the run (set by ``setup``), the ``LoopState`` that
@@ -346,8 +385,9 @@ class Trainer:
     step_loss: StepLoss  # the task's training loss (plain or chunked), for the model strategies see
     bar: Any  # the progress bar (tqdm)
 
-    def __init__(self, cfg: RunConfig, strategy: Strategy, hp: TrainingDefaults, task: Task,
-                 log: Callable[[str], None]) -> None:
+    def __init__(
+        self, cfg: RunConfig, strategy: Strategy, hp: TrainingDefaults, task: Task, log: Callable[[str], None]
+    ) -> None:
         self.cfg, self.strategy, self.hp, self.task, self.log = cfg, strategy, hp, task, log
         self.state = LoopState()
         self.times = StepTimes()
@@ -360,8 +400,9 @@ class Trainer:
         self.bar_opened = (0.0, 0)  # (time, optimizer step) when training started in this process
         self.next_beat = math.inf  # when the next line without a terminal is due (``beat``)
 
-    def setup(self, model: Any, processor: Any, data: Any, workdir: str | None,
-              tracker_config: Callable[[], dict[str, Any]]) -> None:
+    def setup(
+        self, model: Any, processor: Any, data: Any, workdir: str | None, tracker_config: Callable[[], dict[str, Any]]
+    ) -> None:
         """Accelerator, loaders, optimizer and memory meter, in the order the numbers depend on."""
         cfg, hp, strategy = self.cfg, self.hp, self.strategy
         self.processor = processor  # evaluation may need it (generation decodes with the tokenizer)
@@ -424,8 +465,16 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * hp.epochs
         self.warmup_steps = hp.warmup_steps(self.total_steps)  # a ratio of the run, capped (TrainingDefaults)
         self.state.max_trainable = self.count_trainable()
-        self.checkpointer = Checkpointer(self.accelerator, strategy, self.inner, self.optimizer, workdir,
-                                         cfg.checkpoint_every, self.log, sharded=self.sharded)
+        self.checkpointer = Checkpointer(
+            self.accelerator,
+            strategy,
+            self.inner,
+            self.optimizer,
+            workdir,
+            cfg.checkpoint_every,
+            self.log,
+            sharded=self.sharded,
+        )
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -451,9 +500,18 @@ class Trainer:
 
     def evaluate(self, split: str, final: bool = False) -> dict[str, float]:
         """The task's metrics on ``split``; its time counts as evaluation time."""
-        return self.measured(lambda after_batch: self.task.evaluate(
-            self.strategy, self.model, self.loaders[split], self.accelerator, after_batch=after_batch, final=final,
-            context=self.processor, data=self.data))
+        return self.measured(
+            lambda after_batch: self.task.evaluate(
+                self.strategy,
+                self.model,
+                self.loaders[split],
+                self.accelerator,
+                after_batch=after_batch,
+                final=final,
+                context=self.processor,
+                data=self.data,
+            )
+        )
 
     def measured(self, evaluate: Callable[[Callable[[], None]], Any]) -> Any:
         """``evaluate(after_batch)`` as an evaluation phase: its memory peak, the budget checked
@@ -499,9 +557,15 @@ class Trainer:
     def open_bar(self) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"{self.strategy.name}", unit="step",
-                        dynamic_ncols=True, disable=not self.accelerator.is_local_main_process or None,
-                        file=sys.stderr)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc=f"{self.strategy.name}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.accelerator.is_local_main_process or None,
+            file=sys.stderr,
+        )
         now = time.perf_counter()
         self.bar_opened = (now, self.state.step)
         self.next_beat = now + HEARTBEAT_SECONDS
@@ -519,9 +583,12 @@ class Trainer:
         left = (self.total_steps - st.step) * (now - start) / max(1, st.step - first_step)
         rate = st.epoch_examples / max(1e-9, now - self.epoch_start)
         loss = f", loss {st.smooth_loss:.4f}" if st.smooth_loss is not None else ""
-        print(f"{self.strategy.name}: step {st.step}/{self.total_steps} (epoch {epoch + 1}/{self.hp.epochs}){loss}, "
-              f"{format_rate(rate)} examples/s, about {format_duration(left)} of training left",
-              file=sys.stderr, flush=True)
+        print(
+            f"{self.strategy.name}: step {st.step}/{self.total_steps} (epoch {epoch + 1}/{self.hp.epochs}){loss}, "
+            f"{format_rate(rate)} examples/s, about {format_duration(left)} of training left",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def train_epoch(self, epoch: int, resuming: bool) -> float:
         """Train epoch ``epoch`` (0-based; ``resuming``: from the checkpoint's place in it).
@@ -545,9 +612,18 @@ class Trainer:
             if i < skip:  # already trained on before the checkpoint (the order is the same)
                 continue
             ckpt.continue_rng()
-            loss = train_step(self.accelerator, self.model, self.optimizer, self.strategy, self.step_loss, batch,
-                              step=st.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                              max_grad_norm=self.cfg.max_grad_norm)
+            loss = train_step(
+                self.accelerator,
+                self.model,
+                self.optimizer,
+                self.strategy,
+                self.step_loss,
+                batch,
+                step=st.step,
+                total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps,
+                max_grad_norm=self.cfg.max_grad_norm,
+            )
             self.count_batch(i, batch)
             self.unread.append((st.step + 1, loss.detach()))  # read in bulk: reading one waits for the device
             if self.accelerator.sync_gradients:
@@ -630,10 +706,14 @@ class Trainer:
         val = self.evaluate("validation")
         # every process saw its share of each batch: the epoch's loss is the mean over all of them
         train_loss = gathered_sum(self.accelerator, st.epoch_loss) / procs / max(1, st.epoch_batches)
-        record = {"epoch": epoch + 1, "train_loss": train_loss,
-                  **{f"validation_{k}": v for k, v in val.items()}, "epoch_seconds": seconds,
-                  "examples_per_second": st.epoch_examples / max(1e-9, seconds),
-                  "tokens_per_second": st.epoch_tokens / max(1e-9, seconds)}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            **{f"validation_{k}": v for k, v in val.items()},
+            "epoch_seconds": seconds,
+            "examples_per_second": st.epoch_examples / max(1e-9, seconds),
+            "tokens_per_second": st.epoch_tokens / max(1e-9, seconds),
+        }
         st.history.append(record)
         self.report_epoch(record, val)
         return val
@@ -642,12 +722,16 @@ class Trainer:
         """The epoch's line: in train.log, above the progress bar (or on stderr without one), and
         its figures to the trackers."""
         shown = ", ".join(f"{k} {val[k]:.4f}" for k in self.task.headline_metrics if k in val)
-        line = (f"epoch {record['epoch']}/{self.hp.epochs}: train loss {record['train_loss']:.4f}, validation "
-                f"{shown} ({record['epoch_seconds']:.1f} s, {format_rate(record['examples_per_second'])} examples/s)")
+        line = (
+            f"epoch {record['epoch']}/{self.hp.epochs}: train loss {record['train_loss']:.4f}, validation "
+            f"{shown} ({record['epoch_seconds']:.1f} s, {format_rate(record['examples_per_second'])} examples/s)"
+        )
         self.announce(line)
         if self.trackers:
-            self.accelerator.log({f"validation/{k}": v for k, v in val.items()}
-                                 | {"train/epoch_loss": record["train_loss"]}, step=self.state.step)
+            self.accelerator.log(
+                {f"validation/{k}": v for k, v in val.items()} | {"train/epoch_loss": record["train_loss"]},
+                step=self.state.step,
+            )
 
     def announce(self, line: str) -> None:
         """A line for the user as well as train.log (an epoch's result, early stopping): above the
@@ -661,13 +745,19 @@ class Trainer:
     def select(self, epoch: int, val: dict[str, float]) -> bool:
         """Judge epoch ``epoch`` (0-based) against the best so far; True when training stops early."""
         best = self.state.best
-        verdict = best.judge(epoch + 1, val, self.task.score(val), self.cfg.early_stopping_patience,
-                             snapshot=lambda: {k: v.detach().clone()
-                                               for k, v in self.strategy.adapter_state(self.settled()).items()})
+        verdict = best.judge(
+            epoch + 1,
+            val,
+            self.task.score(val),
+            self.cfg.early_stopping_patience,
+            snapshot=lambda: {k: v.detach().clone() for k, v in self.strategy.adapter_state(self.settled()).items()},
+        )
         if verdict == "stop":  # on the console too: the run ends epochs before the user expects
-            self.announce(f"early stopping after epoch {epoch + 1}/{self.hp.epochs}: no better validation "
-                          f"{self.task.selection_metric} for {best.epochs_without_gain} epochs "
-                          f"(best epoch {best.epoch})")
+            self.announce(
+                f"early stopping after epoch {epoch + 1}/{self.hp.epochs}: no better validation "
+                f"{self.task.selection_metric} for {best.epochs_without_gain} epochs "
+                f"(best epoch {best.epoch})"
+            )
             return True
         self.state.batches_done = 0
         return False
@@ -679,23 +769,38 @@ class Trainer:
         st, metric = self.state, self.task.selection_metric
         if st.best.epoch != len(st.history):
             self.strategy.load_adapter_state(self.settled(), st.best.snapshot)
-            self.log(f"restored the best epoch ({st.best.epoch}, validation {metric} "
-                     f"{st.best.metrics[metric]:.4f})")
+            self.log(f"restored the best epoch ({st.best.epoch}, validation {metric} {st.best.metrics[metric]:.4f})")
 
     def validation_correct(self) -> tuple[dict[str, float], list[int] | None]:
         """The validation split evaluated as the test split is (``Task.evaluate_test``): its metrics
         and, where the task can say, which examples were right, in the split's order. A tuning
         trial's best epoch against the defaults' is then judged example by example."""
-        return self.measured(lambda after_batch: self.task.evaluate_test(
-            self.strategy, self.model, self.loaders["validation"], self.accelerator, after_batch=after_batch,
-            context=self.processor, data=self.data))
+        return self.measured(
+            lambda after_batch: self.task.evaluate_test(
+                self.strategy,
+                self.model,
+                self.loaders["validation"],
+                self.accelerator,
+                after_batch=after_batch,
+                context=self.processor,
+                data=self.data,
+            )
+        )
 
     def test(self) -> dict[str, float]:
         """The final evaluation, on test (which examples were right: ``test_correct``); ends the
         trackers' run."""
-        test, self.test_correct = self.measured(lambda after_batch: self.task.evaluate_test(
-            self.strategy, self.model, self.loaders["test"], self.accelerator, after_batch=after_batch,
-            context=self.processor, data=self.data))
+        test, self.test_correct = self.measured(
+            lambda after_batch: self.task.evaluate_test(
+                self.strategy,
+                self.model,
+                self.loaders["test"],
+                self.accelerator,
+                after_batch=after_batch,
+                context=self.processor,
+                data=self.data,
+            )
+        )
         self.log("test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         if self.trackers:
             self.accelerator.log({f"test/{k}": v for k, v in test.items()}, step=self.state.step)
@@ -712,26 +817,50 @@ class Trainer:
         total_params = sum(logical_numel(p) for p in self.inner.parameters())  # 4-bit: not packed bytes
         steps = self.times
         return RunMetrics(
-            strategy=self.strategy.name, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=hp.epochs,
-            task=self.task.name, test=test, validation=st.best.metrics, best_epoch=st.best.epoch,
-            epochs_run=len(st.history), trainable_params=st.max_trainable, total_params=total_params,
+            strategy=self.strategy.name,
+            model=cfg.model,
+            dataset=cfg.dataset,
+            seed=cfg.seed,
+            epochs=hp.epochs,
+            task=self.task.name,
+            test=test,
+            validation=st.best.metrics,
+            best_epoch=st.best.epoch,
+            epochs_run=len(st.history),
+            trainable_params=st.max_trainable,
+            total_params=total_params,
             trainable_percent=100.0 * st.max_trainable / max(1, total_params),
-            train_seconds=st.train_seconds, eval_seconds=st.eval_seconds, train_examples=st.train_examples,
-            samples_per_second=st.train_examples / max(1e-9, st.train_seconds), train_tokens=st.train_tokens,
+            train_seconds=st.train_seconds,
+            eval_seconds=st.eval_seconds,
+            train_examples=st.train_examples,
+            samples_per_second=st.train_examples / max(1e-9, st.train_seconds),
+            train_tokens=st.train_tokens,
             tokens_per_second=st.train_tokens / max(1e-9, st.train_seconds),  # real tokens, padding not counted
             step_seconds_median=statistics.median(steps.seconds) if steps.seconds else None,
             first_step_seconds=steps.first,
             steady_tokens_per_second=sum(steps.tokens) / sum(steps.seconds) if steps.seconds else None,
-            batch_size=hp.batch_size, grad_accumulation=cfg.grad_accumulation,
-            effective_batch_size=hp.batch_size * cfg.grad_accumulation, processes=self.procs,
-            peak_memory_bytes=peaks.train, peak_memory_eval_bytes=peaks.eval, memory_loaded_bytes=self.memory_loaded,
+            batch_size=hp.batch_size,
+            grad_accumulation=cfg.grad_accumulation,
+            effective_batch_size=hp.batch_size * cfg.grad_accumulation,
+            processes=self.procs,
+            peak_memory_bytes=peaks.train,
+            peak_memory_eval_bytes=peaks.eval,
+            memory_loaded_bytes=self.memory_loaded,
             peak_memory_increase_bytes=peaks.train - self.memory_loaded,
             peak_reserved_bytes=peaks.train_reserved if meter.cuda else None,
             peak_reserved_eval_bytes=peaks.eval_reserved if meter.cuda else None,
-            peak_memory_method=meter.method, memory_budget_bytes=self.budget,
-            padding_fraction=padding_fraction(st.train_tokens, st.train_positions), packing=cfg.levers.packing,
+            peak_memory_method=meter.method,
+            memory_budget_bytes=self.budget,
+            padding_fraction=padding_fraction(st.train_tokens, st.train_positions),
+            packing=cfg.levers.packing,
             device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
-            torch_threads=torch.get_num_threads(), precision=cfg.levers.precision, optimizer=cfg.levers.optimizer,
-            quantize=cfg.levers.quantize, gradient_checkpointing=cfg.levers.gradient_checkpointing,
-            loss=self.step_loss.kind, resumed=resumed,
-            per_example_correct=bits(self.test_correct), optimizer_steps=st.step)
+            torch_threads=torch.get_num_threads(),
+            precision=cfg.levers.precision,
+            optimizer=cfg.levers.optimizer,
+            quantize=cfg.levers.quantize,
+            gradient_checkpointing=cfg.levers.gradient_checkpointing,
+            loss=self.step_loss.kind,
+            resumed=resumed,
+            per_example_correct=bits(self.test_correct),
+            optimizer_steps=st.step,
+        )

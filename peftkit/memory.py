@@ -23,8 +23,22 @@ from typing import Any
 
 from .errors import PeftkitError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class MemoryBudgetExceeded(PeftkitError):
@@ -38,8 +52,10 @@ def parse_size(text: str | int | float) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
         if not m or m.group(2).lower() not in _UNITS:
-            raise PeftkitError(f"memory size {text!r} is not understood; use a number with a unit such as "
-                               "512MiB, 4GiB, 8GB or 1.5G (KiB/MiB/GiB/TiB are powers of 2, KB/MB/GB/TB of 10)")
+            raise PeftkitError(
+                f"memory size {text!r} is not understood; use a number with a unit such as "
+                "512MiB, 4GiB, 8GB or 1.5G (KiB/MiB/GiB/TiB are powers of 2, KB/MB/GB/TB of 10)"
+            )
         value, unit = float(m.group(1)), m.group(2).lower()
     size = int(value * _UNITS[unit])
     if size <= 0:
@@ -215,8 +231,9 @@ def check_budget(meter: MemoryMeter, budget: int | None, where: str, loaded: int
     peak = meter.peak_reserved() if meter.cuda else meter.peak()
     if peak is not None and peak > budget:
         alone = f"; the loaded model alone takes {format_size(loaded)}" if loaded is not None else ""
-        raise MemoryBudgetExceeded(f"peak memory {format_size(peak)} went over the budget {format_size(budget)} "
-                                   f"during {where}{alone}")
+        raise MemoryBudgetExceeded(
+            f"peak memory {format_size(peak)} went over the budget {format_size(budget)} during {where}{alone}"
+        )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

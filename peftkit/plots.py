@@ -31,8 +31,9 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
-def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: float,
-             front: list[str] | None, q: str, q_label: str) -> None:
+def _scatter(
+    ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: float, front: list[str] | None, q: str, q_label: str
+) -> None:
     colors = {name: f"C{i % 10}" for i, name in enumerate(summary)}
     # labels of points close in x alternate above and below, so neighbours do not overwrite each other
     by_x = sorted(summary, key=lambda n: summary[n][xkey])
@@ -40,14 +41,27 @@ def _scatter(ax: Any, summary: dict[str, dict[str, Any]], xkey: str, scale: floa
         v = summary[name]
         x, y = v[xkey] / scale, v[q + "_mean"]
         ax.errorbar(x, y, yerr=_error_bar(v, q), fmt="o", color=colors[name], capsize=3, markersize=7)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 if rank % 2 == 0 else -13),
-                    fontsize=9, color=colors[name])
+        ax.annotate(
+            name,
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, 6 if rank % 2 == 0 else -13),
+            fontsize=9,
+            color=colors[name],
+        )
     if front:
         xs = [summary[n][xkey] / scale for n in front]
         ys = [summary[n][q + "_mean"] for n in front]
         ax.step(xs, ys, where="post", color="0.4", linestyle="--", linewidth=1)
-        ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="0.3", linewidths=1.2,
-                   label="Pareto front (none beats these on both)")
+        ax.scatter(
+            xs,
+            ys,
+            s=180,
+            facecolors="none",
+            edgecolors="0.3",
+            linewidths=1.2,
+            label="Pareto front (none beats these on both)",
+        )
         ax.legend(loc="best", fontsize=8)
     ax.margins(x=0.12, y=0.08)
     ax.grid(True, alpha=0.3)
@@ -81,8 +95,9 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
 
     # accuracy against each cost, the cheapest-for-their-accuracy strategies ringed
     for key, scale, xlabel, what, filename in (
-            ("peak_memory_bytes", 2**30, "peak training memory (GiB)", "memory", "accuracy_vs_memory.png"),
-            ("train_seconds_mean", 1.0, "training time (s)", "training time", "accuracy_vs_time.png")):
+        ("peak_memory_bytes", 2**30, "peak training memory (GiB)", "memory", "accuracy_vs_memory.png"),
+        ("train_seconds_mean", 1.0, "training time (s)", "training time", "accuracy_vs_time.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         # the front wants "higher is better": a perplexity is turned round for it
         front = pareto_front({n: (v[key], v[q + "_mean"] if higher else -v[q + "_mean"]) for n, v in summary.items()})
@@ -106,17 +121,23 @@ def curves_skipped(results: dict[str, Any]) -> str | None:
     histories = [r["history"] for r in results["rows"] if r.get("history")]
     if histories and max(len(h) for h in histories) > 1:
         return None
-    return ("no validation curves: every strategy trained one epoch, so each has a single validation "
-            "point (validation is measured after each epoch); train more epochs (--epochs) to see them")
+    return (
+        "no validation curves: every strategy trained one epoch, so each has a single validation "
+        "point (validation is measured after each epoch); train more epochs (--epochs) to see them"
+    )
 
 
-def _validation_curves(plt: Any, results: dict[str, Any], summary: dict[str, dict[str, Any]], title: str,
-                       out_dir: str) -> None:
+def _validation_curves(
+    plt: Any, results: dict[str, Any], summary: dict[str, dict[str, Any]], title: str, out_dir: str
+) -> None:
     """Each strategy's validation metric after each epoch (mean over seeds), on whole epochs."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = [r for r in results["rows"] if r.get("history")]
-    curve = "validation_accuracy" if all(e.get("validation_accuracy") is not None
-                                         for r in rows for e in r["history"]) else "validation_perplexity"
+    curve = (
+        "validation_accuracy"
+        if all(e.get("validation_accuracy") is not None for r in rows for e in r["history"])
+        else "validation_perplexity"
+    )
     for i, name in enumerate(summary):
         curves = [r["history"] for r in results["rows"] if r["strategy"] == name and r.get("history")]
         n_epochs = max(len(c) for c in curves)
@@ -156,16 +177,25 @@ def write_learning_curve(results: dict[str, Any], out_dir: str) -> bool:
         if not points:
             continue
         bars = [(c["ci95"][1] - c["ci95"][0]) / 2 if c.get("ci95") else 0.0 for _z, c in points]
-        ax.errorbar([z for z, _c in points], [c["mean"] for _z, c in points], yerr=bars if any(bars) else None,
-                    marker="o", markersize=5, capsize=3, color=f"C{i % 10}", label=name)
+        ax.errorbar(
+            [z for z, _c in points],
+            [c["mean"] for _z, c in points],
+            yerr=bars if any(bars) else None,
+            marker="o",
+            markersize=5,
+            capsize=3,
+            color=f"C{i % 10}",
+            label=name,
+        )
         drawn = True
     if not drawn:
         plt.close(fig)
         return False
     baseline = (results.get("baseline") or {}).get(q.removeprefix("test_"))
     if baseline is not None:
-        ax.axhline(baseline, color="0.4", linestyle="--", linewidth=1,
-                   label=f"{results['baseline']['name']} ({baseline:.3f})")
+        ax.axhline(
+            baseline, color="0.4", linestyle="--", linewidth=1, label=f"{results['baseline']['name']} ({baseline:.3f})"
+        )
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
@@ -196,7 +226,8 @@ def write_confusion_matrix(matrix: list[list[int]], names: list[str], path: str,
     side = min(12.0, 3.0 + 0.5 * len(names))
     fig, ax = plt.subplots(figsize=(side + 1, side))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=names).plot(
-        ax=ax, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45 if len(names) > 4 else "horizontal")
+        ax=ax, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45 if len(names) > 4 else "horizontal"
+    )
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -14,8 +14,9 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import PeftkitError
 
@@ -44,8 +45,9 @@ class GenerationOptions:
 
     def validate(self) -> None:
         """One-line errors for values generation would refuse or silently ignore."""
-        if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or
-                                                not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1
+        ):
             raise PeftkitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise PeftkitError(f"temperature must be a positive number, got {self.temperature}")
@@ -59,13 +61,21 @@ class GenerationOptions:
 
     def given(self) -> list[str]:
         """The settings that differ from the defaults (for refusing them where nothing generates)."""
-        return [name for name, value, default in (
-            ("max_new_tokens", self.max_new_tokens, None), ("do_sample", self.do_sample, False),
-            ("temperature", self.temperature, None), ("top_p", self.top_p, None), ("chat", self.chat, False),
-        ) if value != default]
+        return [
+            name
+            for name, value, default in (
+                ("max_new_tokens", self.max_new_tokens, None),
+                ("do_sample", self.do_sample, False),
+                ("temperature", self.temperature, None),
+                ("top_p", self.top_p, None),
+                ("chat", self.chat, False),
+            )
+            if value != default
+        ]
 
 
 # -- inputs -----------------------------------------------------------------------------------
+
 
 def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
@@ -76,22 +86,33 @@ def read_inputs(path: str, column: str | None, guesses: tuple[str, ...]) -> list
     a ``.csv`` / ``.tsv`` / ``.jsonl`` file's ``column`` (None: the first of ``guesses`` there)."""
     kind = ".txt" if path == STDIN else _suffix(path)
     if kind not in INPUT_FORMATS:
-        raise PeftkitError(f"input file {path!r} has an unknown extension; accepted: "
-                           f"{', '.join(INPUT_FORMATS)}, or - for stdin (one input per line)")
+        raise PeftkitError(
+            f"input file {path!r} has an unknown extension; accepted: "
+            f"{', '.join(INPUT_FORMATS)}, or - for stdin (one input per line)"
+        )
     if kind == ".txt" and column is not None:
-        raise PeftkitError(f"--text-column {column!r} does not apply to {path!r}: a .txt file (or stdin) holds "
-                           "one input per line; columns are read from .csv, .tsv and .jsonl files")
+        raise PeftkitError(
+            f"--text-column {column!r} does not apply to {path!r}: a .txt file (or stdin) holds "
+            "one input per line; columns are read from .csv, .tsv and .jsonl files"
+        )
     if path != STDIN and not os.path.isfile(path):
-        raise PeftkitError(f"input file not found: {path}" if not os.path.exists(path)
-                           else f"input path {path!r} is a directory; give a file")
+        raise PeftkitError(
+            f"input file not found: {path}"
+            if not os.path.exists(path)
+            else f"input path {path!r} is a directory; give a file"
+        )
     try:
         if path == STDIN:
             inputs = _lines(sys.stdin)
         else:
             with open(path, encoding="utf-8-sig", newline="" if kind != ".txt" else None) as fh:
-                inputs = (_lines(fh) if kind == ".txt" else
-                          _jsonl_column(fh, path, column, guesses) if kind == ".jsonl" else
-                          _csv_column(fh, path, column, guesses, "\t" if kind == ".tsv" else ","))
+                inputs = (
+                    _lines(fh)
+                    if kind == ".txt"
+                    else _jsonl_column(fh, path, column, guesses)
+                    if kind == ".jsonl"
+                    else _csv_column(fh, path, column, guesses, "\t" if kind == ".tsv" else ",")
+                )
     except UnicodeDecodeError:
         raise PeftkitError(f"input {path!r} is not UTF-8 text") from None
     if not inputs:
@@ -143,12 +164,15 @@ def _jsonl_column(fh: Any, path: str, column: str | None, guesses: tuple[str, ..
 
 # -- outputs ----------------------------------------------------------------------------------
 
+
 def check_output_file(path: str, overwrite: bool) -> None:
     """Refuse, before any work, an output whose format is unknown, whose folder is missing, or
     that exists (unless ``overwrite``)."""
     if _suffix(path) not in OUTPUT_FORMATS:
-        raise PeftkitError(f"output file {path!r} has an unknown extension; accepted: {', '.join(OUTPUT_FORMATS)} "
-                           "(without --output, JSON lines go to stdout)")
+        raise PeftkitError(
+            f"output file {path!r} has an unknown extension; accepted: {', '.join(OUTPUT_FORMATS)} "
+            "(without --output, JSON lines go to stdout)"
+        )
     if os.path.isdir(path):
         raise PeftkitError(f"output path {path!r} is a directory; give a file name")
     if os.path.exists(path) and not overwrite:
@@ -187,5 +211,12 @@ def write_rows(path: str, rows: list[dict[str, Any]], overwrite: bool) -> None:
         raise
 
 
-__all__ = ["GenerationOptions", "INPUT_FORMATS", "OUTPUT_FORMATS", "STDIN", "check_output_file", "read_inputs",
-           "write_rows"]
+__all__ = [
+    "GenerationOptions",
+    "INPUT_FORMATS",
+    "OUTPUT_FORMATS",
+    "STDIN",
+    "check_output_file",
+    "read_inputs",
+    "write_rows",
+]

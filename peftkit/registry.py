@@ -22,14 +22,24 @@ from __future__ import annotations
 import importlib
 import os
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar, cast
 
 from .errors import PeftkitError, did_you_mean, first_line
 from .strategies.base import Strategy
 
 DISABLE_PLUGINS_ENV = "PEFTKIT_DISABLE_PLUGINS"
 
-T = TypeVar("T", bound=type)
+
+
+class Registrable(Protocol):
+    """What a registry needs of a class: a lower-case ``name``, a one-line ``description`` and
+    optional ``aliases`` (``Strategy`` and ``Task`` declare them as class attributes)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+
+T = TypeVar("T", bound=type[Registrable])
 
 
 def plugins_disabled() -> bool:
@@ -64,8 +74,9 @@ class Registry(Generic[T]):
         for key in (cls.name, *aliases):
             owner = self._classes.get(key) or self._classes.get(self._aliases.get(key, ""))
             if owner is not None and owner is not cls:
-                raise ValueError(f"{kind} name {key!r} is already registered by "
-                                 f"{owner.__module__}.{owner.__qualname__}")
+                raise ValueError(
+                    f"{kind} name {key!r} is already registered by {owner.__module__}.{owner.__qualname__}"
+                )
         self._classes[cls.name] = cls
         for alias in aliases:
             self._aliases[alias] = cls.name
@@ -87,9 +98,10 @@ class Registry(Generic[T]):
                 obj = ep.load()
                 if not (isinstance(obj, type) and issubclass(obj, self.base)):
                     raise TypeError(f"{obj!r} is not a peftkit {self.base.__name__} subclass")
-                if self._classes.get(obj.name) is not obj:
-                    self.register(obj)
-                self._plugins_loaded[obj.name] = where
+                cls = cast(T, obj)
+                if self._classes.get(cls.name) is not cls:
+                    self.register(cls)
+                self._plugins_loaded[cls.name] = where
             except Exception as exc:  # a broken plugin must not take the others down
                 self._plugin_errors[ep.name] = (
                     f"plugin {ep.name!r} (entry point '{where}' in group {self.group}) "
@@ -159,7 +171,8 @@ S = TypeVar("S", bound=type[Strategy])
 def register_strategy(cls: S) -> S:
     """Class decorator: add a ``Strategy`` subclass to the registry under ``cls.name``; a name
     (or alias) already taken is refused."""
-    return STRATEGIES.register(cls)
+    STRATEGIES.register(cls)
+    return cls
 
 
 def unregister_strategy(name: str) -> None:

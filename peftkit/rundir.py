@@ -23,8 +23,9 @@ def check_output_dir(path: str, overwrite: bool, flag: str = "--output-dir") -> 
     if os.path.isfile(path) or (os.path.exists(path) and not os.path.isdir(path)):
         raise PeftkitError(f"output directory {path!r} is a file; choose a directory path")
     if os.path.isdir(path) and not overwrite and os.listdir(path):
-        raise PeftkitError(f"output directory {path!r} already exists; use --overwrite to replace it "
-                           f"or choose another {flag}")
+        raise PeftkitError(
+            f"output directory {path!r} already exists; use --overwrite to replace it or choose another {flag}"
+        )
     parent = os.path.dirname(os.path.abspath(path))
     probe = parent
     while not os.path.exists(probe):
@@ -82,14 +83,18 @@ def open_stage(path: str, overwrite: bool, resume: bool) -> str:
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "metrics.json")):
             raise PeftkitError(f"run {path!r} already finished; nothing to resume")
         if not os.path.isdir(stage) or latest(stage) is None:
-            raise PeftkitError(f"no interrupted run with a checkpoint at {path!r} (looked for {stage}); "
-                               "only runs started with --checkpoint-every N can be resumed")
+            raise PeftkitError(
+                f"no interrupted run with a checkpoint at {path!r} (looked for {stage}); "
+                "only runs started with --checkpoint-every N can be resumed"
+            )
         return stage
     check_output_dir(path, overwrite)
     if os.path.isdir(stage):
         if latest(stage) is not None and not overwrite:
-            raise PeftkitError(f"an interrupted run with checkpoints is at {stage!r}; continue it with "
-                               f"peftkit run --resume {path}, or start afresh with --overwrite")
+            raise PeftkitError(
+                f"an interrupted run with checkpoints is at {stage!r}; continue it with "
+                f"peftkit run --resume {path}, or start afresh with --overwrite"
+            )
         shutil.rmtree(stage)  # left by a run killed before its first checkpoint
     created = []  # parent directories we make, removed again if the run fails
     probe = os.path.dirname(stage)
@@ -107,9 +112,11 @@ def _refuse_a_stage_given_as_run(path: str) -> None:
     ``runs/..long.partial.partial``."""
     name = os.path.basename(os.path.normpath(path))
     if name.startswith(".") and name.endswith(".partial") and len(name) > len("..partial"):
-        run_dir = os.path.join(os.path.dirname(os.path.normpath(path)), name[1:-len(".partial")])
-        raise PeftkitError(f"{path!r} is the staging directory of an interrupted run; resume it by its "
-                           f"run directory: peftkit run --resume {run_dir}")
+        run_dir = os.path.join(os.path.dirname(os.path.normpath(path)), name[1 : -len(".partial")])
+        raise PeftkitError(
+            f"{path!r} is the staging directory of an interrupted run; resume it by its "
+            f"run directory: peftkit run --resume {run_dir}"
+        )
 
 
 def finish_stage(stage: str, path: str, overwrite: bool) -> None:

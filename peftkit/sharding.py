@@ -21,7 +21,8 @@ format, whose metadata file is a pickle).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import PeftkitError
 
@@ -61,8 +62,10 @@ def check_shardable(strategy: str, not_sharded: str | None) -> None:
 def check_fsdp(quantize: str | None) -> None:
     """Refuse, in one line, what peftkit cannot run sharded (yet)."""
     if quantize:
-        raise PeftkitError(f"--fsdp with --quantize {quantize} is not supported: bitsandbytes weights are not "
-                           "sharded here; use --quantize with data parallel (no --fsdp)")
+        raise PeftkitError(
+            f"--fsdp with --quantize {quantize} is not supported: bitsandbytes weights are not "
+            "sharded here; use --quantize with data parallel (no --fsdp)"
+        )
 
 
 def reshard(model: Any) -> None:
@@ -90,12 +93,14 @@ def gather_full_model(model: Any, rebuild: Callable[[], Any], is_main: bool) -> 
     plain = rebuild()
     missing, unexpected = plain.load_state_dict(full, strict=False)
     if missing or unexpected:  # the copy is prepared as the sharded model was: any difference is a bug
-        raise PeftkitError(f"the gathered model does not fit its unsharded copy (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+        raise PeftkitError(
+            f"the gathered model does not fit its unsharded copy (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return plain
 
 
 # -- sharded checkpoints ------------------------------------------------------------------------
+
 
 def sharded_state(model: Any, optimizer: Any, names: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What a checkpoint keeps of a sharded run, as this process holds it: the model's tensors in
@@ -124,19 +129,23 @@ def set_sharded_state(model: Any, optimizer: Any, tensors: dict[str, Any], plain
     and ``optimizer``; other tensors in ``tensors`` are ignored."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model_state = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    model_state = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     state: dict[str, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith(_OPTIMIZER):
-            param, key = name[len(_OPTIMIZER):].rsplit(".", 1)
+            param, key = name[len(_OPTIMIZER) :].rsplit(".", 1)
             state.setdefault(param, {})[key] = value
     for param, entries in plain["scalars"].items():
         state.setdefault(param, {}).update(entries)
     reshard(model)
     # not strict: the frozen base is not in a checkpoint
-    set_state_dict(model, optimizer, model_state_dict=model_state,
-                   optim_state_dict={"state": state, "param_groups": plain["param_groups"]},
-                   options=StateDictOptions(strict=False))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict={"state": state, "param_groups": plain["param_groups"]},
+        options=StateDictOptions(strict=False),
+    )
 
 
 def save_shards(path: str, tensors: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ Pure numpy and scipy (no torch): it is imported by the report, which runs withou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -91,12 +91,18 @@ def above_rate_p(correct: int, examples: int, rate: float) -> float:
 
     if examples <= 0:
         return 1.0
-    return float(binomtest(max(0, min(correct, examples)), examples, min(max(rate, 0.0), 1.0),
-                           alternative="greater").pvalue)
+    return float(
+        binomtest(max(0, min(correct, examples)), examples, min(max(rate, 0.0), 1.0), alternative="greater").pvalue
+    )
 
 
-def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], resamples: int = RESAMPLES,
-                     seed: int = 0, level: float = LEVEL) -> PairedComparison:
+def paired_bootstrap(
+    a: Sequence[Sequence[int]],
+    b: Sequence[Sequence[int]],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> PairedComparison:
     """Compare per-example correctness (1/0) of two strategies, one list per seed, each pair of
     lists on the same test examples in the same order (the same seed, so the same split).
 
@@ -138,8 +144,9 @@ def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], res
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     tail = min(int((diffs <= 0).sum()), int((diffs >= 0).sum()))
     p = min(1.0, (2 * tail + 1) / (resamples + 1))
-    return PairedComparison(observed / len(a), float(low), float(high), p, examples, a_only, b_only,
-                            mcnemar(a_only, b_only), level)
+    return PairedComparison(
+        observed / len(a), float(low), float(high), p, examples, a_only, b_only, mcnemar(a_only, b_only), level
+    )
 
 
 def bits(correct: Sequence[int | bool] | None) -> str | None:

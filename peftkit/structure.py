@@ -19,8 +19,9 @@ def head_module_names(model: nn.Module) -> list[str]:
     (``classifier`` for BERT, ``pre_classifier`` + ``classifier`` for DistilBERT, ``score`` for
     GPT-2 and Llama)."""
     backbone = getattr(model, "base_model_prefix", "")
-    return [name for name, child in model.named_children()
-            if name != backbone and any(True for _ in child.parameters())]
+    return [
+        name for name, child in model.named_children() if name != backbone and any(True for _ in child.parameters())
+    ]
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
@@ -55,8 +56,7 @@ def sublayer_outputs(block: nn.Module, hidden_size: int) -> tuple[str | None, st
     that ends the feed-forward sub-layer: the last linear layer of width ``hidden_size`` inside the
     attention module, and the last one outside it (registration order follows the forward order
     in every architecture we support)."""
-    attention = next((n for n, m in block.named_modules()
-                      if n and "attention" in type(m).__name__.lower()), None)
+    attention = next((n for n, m in block.named_modules() if n and "attention" in type(m).__name__.lower()), None)
     attn_out = ffn_out = None
     for name, module in block.named_modules():
         if out_features(module) != hidden_size:

@@ -14,13 +14,15 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .config import RunConfig
 from .data import label_column_problem
 from .errors import PeftkitError, set_context
 from .files import write_json
+
 # make_loader and torch_param_groups live in loop; importable from here as before (plan, benchmarks use them)
 from .loop import Trainer, make_loader, torch_param_groups  # noqa: F401
 from .metrics import RunMetrics
@@ -41,10 +43,15 @@ class ResolvedRun:
 
     def as_dict(self) -> dict[str, Any]:
         d = self.config.to_dict()
-        d.update(strategy=self.strategy.name, epochs=self.hparams.epochs, batch_size=self.hparams.batch_size,
-                 lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                 warmup_ratio=self.hparams.warmup_ratio,
-                 strategy_options=options_to_dict(self.strategy.options))
+        d.update(
+            strategy=self.strategy.name,
+            epochs=self.hparams.epochs,
+            batch_size=self.hparams.batch_size,
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            warmup_ratio=self.hparams.warmup_ratio,
+            strategy_options=options_to_dict(self.strategy.options),
+        )
         d.pop("overwrite", None)
         return d
 
@@ -57,9 +64,12 @@ def with_task_defaults(settings: Any) -> tuple[Task, dict[str, Any]]:
     from .tasks import get_task, infer_task
 
     task = get_task(settings.task or infer_task(settings.model))
-    filled = {"task": task.name, "model": settings.model or task.default_model,
-              "dataset": getattr(settings, "dataset", None) or task.default_dataset,
-              "max_length": task.default_max_length if settings.max_length is None else settings.max_length}
+    filled = {
+        "task": task.name,
+        "model": settings.model or task.default_model,
+        "dataset": getattr(settings, "dataset", None) or task.default_dataset,
+        "max_length": task.default_max_length if settings.max_length is None else settings.max_length,
+    }
     return task, {k: v for k, v in filled.items() if hasattr(settings, k)}
 
 
@@ -95,8 +105,13 @@ def size_schedule(run: ResolvedRun, train_examples: int) -> Schedule:
     is loaded and before config.yaml is written, so config.yaml records them and a resumed run (or
     a rerun of config.yaml) trains exactly the same."""
     cfg = run.config
-    schedule = run.strategy.schedule(train_examples, run.hparams.batch_size, cfg.grad_accumulation,
-                                     epochs=cfg.epochs, patience=cfg.early_stopping_patience)
+    schedule = run.strategy.schedule(
+        train_examples,
+        run.hparams.batch_size,
+        cfg.grad_accumulation,
+        epochs=cfg.epochs,
+        patience=cfg.early_stopping_patience,
+    )
     run.hparams = dataclasses.replace(run.hparams, epochs=schedule.epochs)
     cfg.early_stopping_patience = schedule.early_stopping_patience
     run.schedule = schedule
@@ -115,6 +130,7 @@ def check_trackers(report_to: list[str]) -> None:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainOutcome:
@@ -141,11 +157,20 @@ def _scalar_config(run: ResolvedRun) -> dict[str, Any]:
     return out
 
 
-def fit(run: ResolvedRun, model: Any, processor: Any, data: Any, spec: TaskSpec,
-        log: Callable[[str], None], workdir: str | None = None, resume_from: str | None = None,
-        on_validation: Callable[[int, dict[str, float]], None] | None = None,
-        evaluate_test: bool = True, validation_correct: str | None = None,
-        rebuild: Callable[[], Any] | None = None) -> TrainOutcome:
+def fit(
+    run: ResolvedRun,
+    model: Any,
+    processor: Any,
+    data: Any,
+    spec: TaskSpec,
+    log: Callable[[str], None],
+    workdir: str | None = None,
+    resume_from: str | None = None,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
+    evaluate_test: bool = True,
+    validation_correct: str | None = None,
+    rebuild: Callable[[], Any] | None = None,
+) -> TrainOutcome:
     """Train ``model`` (already prepared by the strategy), validate each epoch, restore the best
     epoch, evaluate on test. Returns the metrics and the per-epoch history.
 
@@ -206,14 +231,17 @@ def _validation_correct(trainer: Any, metric: str, log: Callable[[str], None]) -
     figures, correct = trainer.validation_correct()
     selected = trainer.state.best.metrics.get(metric)
     if correct is None or selected is None or abs(figures.get(metric, float("nan")) - selected) > 1e-9:
-        log(f"validation per example not recorded: {metric} {figures.get(metric)} on the second pass, "
-            f"{selected} when the epoch was selected")
+        log(
+            f"validation per example not recorded: {metric} {figures.get(metric)} on the second pass, "
+            f"{selected} when the epoch was selected"
+        )
         return None
     return correct
 
 
-def judge_learning(run: ResolvedRun, data: Any, metrics: RunMetrics, history: list[dict[str, Any]],
-                   zero_shot: dict[str, float] | None) -> None:
+def judge_learning(
+    run: ResolvedRun, data: Any, metrics: RunMetrics, history: list[dict[str, Any]], zero_shot: dict[str, float] | None
+) -> None:
     """Record on ``metrics`` whether the run learned anything (``Task.learned``: ``learned``, the
     ``baseline`` it was judged against) and, when it learned nothing, ``learned_note``: what its
     figures say and the likely cause with the flag to try (``likely_cause``)."""
@@ -224,13 +252,19 @@ def judge_learning(run: ResolvedRun, data: Any, metrics: RunMetrics, history: li
     if not verdict.learned:
         # a cause the data check already found (a label column of free text) outranks any advice on
         # steps or learning rate: no setting learns classes from the wrong column
-        cause = label_column_problem(data) or likely_cause(run.hparams.lr, metrics, history, verdict.worse,
-                                                           run.hparams.min_steps)
+        cause = label_column_problem(data) or likely_cause(
+            run.hparams.lr, metrics, history, verdict.worse, run.hparams.min_steps
+        )
         metrics.learned_note = f"{verdict.reason}. {cause}"
 
 
-def likely_cause(lr: float, metrics: RunMetrics, history: list[dict[str, Any]], worse: bool = False,
-                 enough_steps: int = TrainingDefaults.min_steps) -> str:
+def likely_cause(
+    lr: float,
+    metrics: RunMetrics,
+    history: list[dict[str, Any]],
+    worse: bool = False,
+    enough_steps: int = TrainingDefaults.min_steps,
+) -> str:
     """Why a run most likely learned nothing, from its own numbers, and the flag to try: a model
     that ended worse than its reference (``worse``: more steps would not mend it) had a learning
     rate too high; else too few optimizer steps (fewer than ``enough_steps``, the strategy's
@@ -240,14 +274,18 @@ def likely_cause(lr: float, metrics: RunMetrics, history: list[dict[str, Any]], 
     per_epoch = max(1, steps // max(1, metrics.epochs_run))
     losses = [e["train_loss"] for e in history if e.get("train_loss") is not None]
     if worse:
-        return f"training made it worse in {steps} optimizer steps: the learning rate {lr:g} is likely too high: " \
-               f"try --lr {lr / 3:.2g}"
+        return (
+            f"training made it worse in {steps} optimizer steps: the learning rate {lr:g} is likely too high: "
+            f"try --lr {lr / 3:.2g}"
+        )
     if steps < enough_steps:
         epochs = max(metrics.epochs_run + 1, math.ceil(enough_steps / per_epoch))
         return f"{steps} optimizer steps is likely too few: try --epochs {epochs} (or a higher --lr)"
     if len(losses) >= 2 and losses[-1] >= losses[0]:
-        return (f"the training loss did not fall ({losses[0]:.3f} in epoch 1, {losses[-1]:.3f} in epoch "
-                f"{len(losses)}): the learning rate {lr:g} is likely too high: try --lr {lr / 3:.2g}")
+        return (
+            f"the training loss did not fall ({losses[0]:.3f} in epoch 1, {losses[-1]:.3f} in epoch "
+            f"{len(losses)}): the learning rate {lr:g} is likely too high: try --lr {lr / 3:.2g}"
+        )
     more = "" if len(losses) >= 2 else " (or more --epochs)"
     return f"{steps} optimizer steps at learning rate {lr:g} moved it too little: try --lr {lr * 3:.2g}{more}"
 
@@ -303,8 +341,14 @@ def load_data_early(run: ResolvedRun, echo: Callable[[str], None]) -> EarlyData:
     return EarlyData(data, time.perf_counter() - start)
 
 
-def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
-                resume: bool = False, data_said: bool = False, early: EarlyData | None = None) -> dict[str, Any]:
+def execute_run(
+    run: ResolvedRun,
+    workdir: str,
+    echo: Callable[[str], None],
+    resume: bool = False,
+    data_said: bool = False,
+    early: EarlyData | None = None,
+) -> dict[str, Any]:
     """Do a whole run into ``workdir``: load data and model, prepare, fit, save adapter and metrics.
 
     ``workdir`` is a staging directory; the caller moves it into place only when this returns.
@@ -328,9 +372,17 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         loaded = _load(run, workdir, say, log, write_config=main and not resume, data_said=data_said, early=early)
         _announce(run, loaded.data.split_info["sizes"], resume_from, say)
         fitting = time.perf_counter()
-        outcome = fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log, workdir=workdir,
-                      resume_from=resume_from, rebuild=lambda: _prepared(run, loaded.data, loaded.processor,
-                                                                        loaded.spec))
+        outcome = fit(
+            run,
+            loaded.model,
+            loaded.processor,
+            loaded.data,
+            loaded.spec,
+            log,
+            workdir=workdir,
+            resume_from=resume_from,
+            rebuild=lambda: _prepared(run, loaded.data, loaded.processor, loaded.spec),
+        )
         m = outcome.metrics
         # fit's own work around training and evaluation: the accelerator, tokenizing, the loaders
         loaded.seconds["setup"] = round(max(0.0, time.perf_counter() - fitting - m.train_seconds - m.eval_seconds), 3)
@@ -339,9 +391,13 @@ def execute_run(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
         return _finish(run, workdir, loaded, outcome, wall_start)
 
 
-def train_and_validate(run: ResolvedRun, workdir: str, echo: Callable[[str], None],
-                       on_validation: Callable[[int, dict[str, float]], None],
-                       validation_correct: str | None = None) -> TrainOutcome:
+def train_and_validate(
+    run: ResolvedRun,
+    workdir: str,
+    echo: Callable[[str], None],
+    on_validation: Callable[[int, dict[str, float]], None],
+    validation_correct: str | None = None,
+) -> TrainOutcome:
     """A tuning trial: load, prepare and train as a run does, validating after each epoch
     (``on_validation``, which may raise to stop), but never evaluate the test split nor save an
     adapter. ``workdir`` receives config.yaml and train.log. One process only.
@@ -349,12 +405,28 @@ def train_and_validate(run: ResolvedRun, workdir: str, echo: Callable[[str], Non
     with _train_log(os.path.join(workdir, "train.log")) as log:
         loaded = _load(run, workdir, echo, log, write_config=True, data_said=True)
         _announce(run, loaded.data.split_info["sizes"], None, echo)
-        return fit(run, loaded.model, loaded.processor, loaded.data, loaded.spec, log,
-                   on_validation=on_validation, evaluate_test=False, validation_correct=validation_correct)
+        return fit(
+            run,
+            loaded.model,
+            loaded.processor,
+            loaded.data,
+            loaded.spec,
+            log,
+            on_validation=on_validation,
+            evaluate_test=False,
+            validation_correct=validation_correct,
+        )
 
 
-def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Callable[[str], None],
-          write_config: bool, data_said: bool = False, early: EarlyData | None = None) -> _Loaded:
+def _load(
+    run: ResolvedRun,
+    workdir: str,
+    say: Callable[[str], None],
+    log: Callable[[str], None],
+    write_config: bool,
+    data_said: bool = False,
+    early: EarlyData | None = None,
+) -> _Loaded:
     """Load the data (config.yaml records the split actually made; ``early``: read already) and the
     model, and prepare it."""
     clock = _StageClock()
@@ -380,8 +452,9 @@ def _load(run: ResolvedRun, workdir: str, say: Callable[[str], None], log: Calla
     _say_data(run, data, resolved, (lambda message: None) if data_said else say, log)
     log(f"data: {data.split_info['method']}; sizes {data.split_info['sizes']}; labels {data.label_names}")
     schedule = size_schedule(run, data.split_info["sizes"]["train"])
-    resolved.update(epochs=run.hparams.epochs, early_stopping_patience=cfg.early_stopping_patience,
-                    schedule=schedule.to_dict())
+    resolved.update(
+        epochs=run.hparams.epochs, early_stopping_patience=cfg.early_stopping_patience, schedule=schedule.to_dict()
+    )
     log(schedule.reason)
     if schedule.worth_saying and write_config:  # a resumed run's epochs were chosen (and said) at its start
         say(schedule.reason)
@@ -436,8 +509,9 @@ class _StageClock:
         self._last = now
 
 
-def _say_data(run: ResolvedRun, data: Any, resolved: dict[str, Any], say: Callable[[str], None],
-              log: Callable[[str], None]) -> None:
+def _say_data(
+    run: ResolvedRun, data: Any, resolved: dict[str, Any], say: Callable[[str], None], log: Callable[[str], None]
+) -> None:
     """Record the columns the data was read from as the run's settings (config.yaml then names
     them, and a resumed run reads the same ones), and say what loading found and what the task
     warns about, before any training."""
@@ -457,11 +531,15 @@ def _announce(run: ResolvedRun, sizes: dict[str, int], resume_from: str | None, 
     if resume_from:
         say(f"resuming {run.strategy.name} from {os.path.basename(resume_from)} ...")
     else:
-        say(f"training {run.strategy.name} for {run.hparams.epochs} epoch(s) on {sizes['train']:,} examples "
-            f"(validation {sizes['validation']:,}, test {sizes['test']:,}) ...")
+        say(
+            f"training {run.strategy.name} for {run.hparams.epochs} epoch(s) on {sizes['train']:,} examples "
+            f"(validation {sizes['validation']:,}, test {sizes['test']:,}) ..."
+        )
     if cfg.checkpoint_every and not resume_from:
-        say(f"checkpoints every {cfg.checkpoint_every} steps; if the run stops, continue it with: "
-            f"peftkit run --resume {cfg.output_dir}")
+        say(
+            f"checkpoints every {cfg.checkpoint_every} steps; if the run stops, continue it with: "
+            f"peftkit run --resume {cfg.output_dir}"
+        )
 
 
 def _recorded_schedule(run: ResolvedRun, workdir: str) -> dict[str, Any] | None:
@@ -478,7 +556,9 @@ def _recorded_schedule(run: ResolvedRun, workdir: str) -> dict[str, Any] | None:
     return run.schedule.to_dict() if run.schedule is not None else None
 
 
-def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutcome, wall_start: float) -> dict[str, Any]:
+def _finish(
+    run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutcome, wall_start: float
+) -> dict[str, Any]:
     """Save the adapter (with its metadata) and metrics.json; drop the checkpoints (main process)."""
     import shutil
 
@@ -505,14 +585,22 @@ def _finish(run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutco
         "versions": versions,
     }
     saving = time.perf_counter()
-    metrics.adapter_bytes = save_adapter(os.path.join(workdir, "adapter"), run.strategy, outcome.model,
-                                         metadata, loaded.base_digests)
+    metrics.adapter_bytes = save_adapter(
+        os.path.join(workdir, "adapter"), run.strategy, outcome.model, metadata, loaded.base_digests
+    )
     metrics.wall_seconds = time.perf_counter() - wall_start
-    metrics.stage_seconds = {**loaded.seconds, "train": round(metrics.train_seconds, 3),
-                             "evaluate": round(metrics.eval_seconds, 3),
-                             "save": round(time.perf_counter() - saving, 3)}
+    metrics.stage_seconds = {
+        **loaded.seconds,
+        "train": round(metrics.train_seconds, 3),
+        "evaluate": round(metrics.eval_seconds, 3),
+        "save": round(time.perf_counter() - saving, 3),
+    }
     metrics.split, metrics.label_names, metrics.history, metrics.versions = (
-        data.split_info, data.label_names, outcome.history, versions)
+        data.split_info,
+        data.label_names,
+        outcome.history,
+        versions,
+    )
     metrics.kernels = loaded.kernels
     metrics.schedule = _recorded_schedule(run, workdir)
     out = metrics.to_dict()

@@ -45,8 +45,7 @@ def main(spec_path: str) -> int:
 
     cfg = RunConfig.from_dict(spec["config"])
     start = time.perf_counter()
-    with os.fdopen(spec["events_fd"], "w", buffering=1) as events, \
-            os.fdopen(spec["verdicts_fd"], "r") as verdicts:
+    with os.fdopen(spec["events_fd"], "w", buffering=1) as events, os.fdopen(spec["verdicts_fd"], "r") as verdicts:
         report = _run(cfg, spec, events, verdicts)
     report["seconds"] = time.perf_counter() - start
     write_json(spec["result_path"], report, indent=None)
@@ -65,8 +64,10 @@ def _run(cfg: Any, spec: dict[str, Any], events: IO[str], verdicts: IO[str]) -> 
 
     def on_validation(epoch: int, metrics: dict[str, float]) -> None:
         if metric not in metrics:
-            raise _MetricMissing(f"--metric {metric!r} is not measured on the validation split; "
-                                 f"it measures: {', '.join(sorted(metrics))}")
+            raise _MetricMissing(
+                f"--metric {metric!r} is not measured on the validation split; "
+                f"it measures: {', '.join(sorted(metrics))}"
+            )
         events.write(json.dumps({"epoch": epoch, "value": metrics[metric]}) + "\n")
         events.flush()
         verdict = verdicts.readline().strip()
@@ -85,10 +86,15 @@ def _run(cfg: Any, spec: dict[str, Any], events: IO[str], verdicts: IO[str]) -> 
         quiet_libraries()
         # which validation examples the selected epoch got right, where the metric is their mean
         # (accuracy): the study then says whether the best trial beats the defaults beyond noise
-        outcome = train_and_validate(run, spec["workdir"], echo, on_validation,
-                                     validation_correct=metric if metric == "accuracy" else None)
-        return {"status": "ok", "history": outcome.history, "best_epoch": outcome.metrics.best_epoch,
-                "validation_correct": bits(outcome.validation_correct)}
+        outcome = train_and_validate(
+            run, spec["workdir"], echo, on_validation, validation_correct=metric if metric == "accuracy" else None
+        )
+        return {
+            "status": "ok",
+            "history": outcome.history,
+            "best_epoch": outcome.metrics.best_epoch,
+            "validation_correct": bits(outcome.validation_correct),
+        }
     except _Pruned as pruned:
         return {"status": "pruned", "epoch": pruned.epoch}
     except _MetricMissing as missing:

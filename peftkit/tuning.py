@@ -29,14 +29,14 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig
 from .errors import PeftkitError, first_line
 from .files import private_dir, write_json
-from .strategies.base import (TUNED_SETTINGS, Schedule, Strategy, TrainingDefaults, default_point,
-                              options_from_dict)
+from .strategies.base import TUNED_SETTINGS, Schedule, Strategy, TrainingDefaults, default_point, options_from_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -127,10 +127,19 @@ class TunePlan:
         it because a trial's value depends on them: a study continued on another subset, split
         seed or length would rank trials measured on different data against each other."""
         b = self.base
-        return {"strategy": self.strategy.name, "task": b.task, "model": b.model, "dataset": b.dataset,
-                "metric": self.metric, "seed": b.seed, "max_train_samples": b.max_train_samples,
-                "max_eval_samples": b.max_eval_samples, "max_length": b.max_length,
-                "text_column": b.text_column, "label_column": b.label_column}
+        return {
+            "strategy": self.strategy.name,
+            "task": b.task,
+            "model": b.model,
+            "dataset": b.dataset,
+            "metric": self.metric,
+            "seed": b.seed,
+            "max_train_samples": b.max_train_samples,
+            "max_eval_samples": b.max_eval_samples,
+            "max_length": b.max_length,
+            "text_column": b.text_column,
+            "label_column": b.label_column,
+        }
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -202,8 +211,10 @@ def check_space(strategy: type[Strategy], fixed: dict[str, Any], space: dict[str
         if name in fixed:
             raise PeftkitError(f"--space {name} and a fixed {name} ({fixed[name]!r}) were both given; drop one")
         if name not in searched:
-            raise PeftkitError(f"--space {name!r}: strategy {strategy.name!r} does not search it; it searches: "
-                               f"{', '.join(searched)} (fix any option with --set)")
+            raise PeftkitError(
+                f"--space {name!r}: strategy {strategy.name!r} does not search it; it searches: "
+                f"{', '.join(searched)} (fix any option with --set)"
+            )
         for value in choices:
             if name in TUNED_SETTINGS:
                 RunConfig(**{name: value}).validate()
@@ -212,6 +223,7 @@ def check_space(strategy: type[Strategy], fixed: dict[str, Any], space: dict[str
 
 
 # -- the study ----------------------------------------------------------------------------------
+
 
 def masked(url: str) -> str:
     """A storage URL with its password hidden, for messages and files."""
@@ -234,8 +246,10 @@ def open_storage(url: str) -> Any:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_AFTER_S)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy's and the drivers' errors differ: one line each
-        raise PeftkitError(f"cannot open storage {masked(url)!r}: {first_line(exc)}; give an SQLAlchemy "
-                           "database URL such as sqlite:///study.db or postgresql://user@host/db") from None
+        raise PeftkitError(
+            f"cannot open storage {masked(url)!r}: {first_line(exc)}; give an SQLAlchemy "
+            "database URL such as sqlite:///study.db or postgresql://user@host/db"
+        ) from None
 
 
 def pruning_grace(schedule: Schedule | None) -> int:
@@ -258,9 +272,11 @@ def make_pruner(pruner: Any, grace: int = 1) -> Any:
 
     if not isinstance(pruner, str):
         return pruner
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=grace),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=grace),
-            "none": optuna.pruners.NopPruner}[pruner]()
+    return {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=grace),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=grace),
+        "none": optuna.pruners.NopPruner,
+    }[pruner]()
 
 
 class StudyMismatch(PeftkitError):
@@ -285,9 +301,12 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
         differs = _differences(made_for, plan.identity)
         if differs is not None and not plan.config.overwrite:
             mine = {k: plan.identity.get(k) for k in differs} if differs else plan.identity
-            mismatch = f"study {name!r} in {masked(plan.storage)} was made for {_describe(differs)}, not {_describe(mine)}"
-            raise StudyMismatch(f"{mismatch}; choose another --study-name or --output-dir, or --overwrite to start "
-                                "it afresh", mismatch)
+            mismatch = (
+                f"study {name!r} in {masked(plan.storage)} was made for {_describe(differs)}, not {_describe(mine)}"
+            )
+            raise StudyMismatch(
+                f"{mismatch}; choose another --study-name or --output-dir, or --overwrite to start it afresh", mismatch
+            )
         if differs is not None:
             optuna.delete_study(study_name=name, storage=storage)
             exists = False
@@ -295,17 +314,24 @@ def open_study(plan: TunePlan, storage: Any, echo: Echo) -> optuna.Study:
     # seeded, and different for each process joining the study at another point; constant_liar
     # keeps processes that run at the same time from trying the same point
     sampler = optuna.samplers.TPESampler(seed=plan.base.seed * 100_003 + trials_done, constant_liar=True)
-    study = optuna.create_study(storage=storage, study_name=name, direction=plan.direction, sampler=sampler,
-                                pruner=make_pruner(plan.config.pruner, pruning_grace(plan.schedule)),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction=plan.direction,
+        sampler=sampler,
+        pruner=make_pruner(plan.config.pruner, pruning_grace(plan.schedule)),
+        load_if_exists=True,
+    )
     if not study.user_attrs.get("peftkit"):
         study.set_user_attr("peftkit", plan.identity)
         study.set_user_attr("settings", plan.base.to_dict())
     if not study.trials:
         study.enqueue_trial(trial_zero(plan), user_attrs={"defaults": True}, skip_if_exists=True)
-        echo(f"tune: new study {name!r} in {masked(plan.storage)}; trial #0 is the defaults of "
-             f"{plan.strategy.name}; it ends when {plan.config.trials} trials have finished (complete, pruned or "
-             "failed; an interrupted one is replaced)")
+        echo(
+            f"tune: new study {name!r} in {masked(plan.storage)}; trial #0 is the defaults of "
+            f"{plan.strategy.name}; it ends when {plan.config.trials} trials have finished (complete, pruned or "
+            "failed; an interrupted one is replaced)"
+        )
     else:
         echo(f"tune: continuing study {name!r} in {masked(plan.storage)}: {still_to_run(TrialCounts.of(study), plan)}")
     return study
@@ -340,8 +366,7 @@ def trial_zero(plan: TunePlan) -> dict[str, Any]:
     where ``--space`` leaves a default out, its first value)."""
     point = default_point(plan.strategy, plan.defaults, overrides=plan.fixed)
     space = plan.config.space
-    return {k: (v if k not in space or v in space[k] else space[k][0]) for k, v in point.items()
-            if k not in plan.fixed}
+    return {k: (v if k not in space or v in space[k] else space[k][0]) for k, v in point.items() if k not in plan.fixed}
 
 
 class SearchTrial:
@@ -358,8 +383,9 @@ class SearchTrial:
             return self.trial.suggest_categorical(name, self.space[name])
         return suggest()
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
-                      log: bool = False) -> float:
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
         return self._pick(name, lambda: self.trial.suggest_float(name, low, high, step=step, log=log))
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
@@ -385,6 +411,7 @@ def trial_config(plan: TunePlan, values: dict[str, Any], workdir: str) -> RunCon
 
 # -- one trial, in its own process ----------------------------------------------------------------
 
+
 @dataclass
 class TrialOutcome:
     """How a trial ended: ``ok`` (value: its best epoch's), ``pruned``, ``failed``, ``oom`` or
@@ -409,8 +436,10 @@ def run_trial(trial: Any, cfg: RunConfig, plan: TunePlan, prunable: bool) -> Tri
     os.makedirs(workdir, exist_ok=True)
     last_epoch = cfg.epochs or plan.defaults.epochs
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="peftkit-tune-") as tmp, \
-            open(os.path.join(workdir, "worker.log"), "a", encoding="utf-8") as log:
+    with (
+        tempfile.TemporaryDirectory(prefix="peftkit-tune-") as tmp,
+        open(os.path.join(workdir, "worker.log"), "a", encoding="utf-8") as log,
+    ):
         proc, events, verdicts, result_path = _start_worker(cfg, plan, workdir, tmp, log)
         values: list[float] = []
         try:
@@ -439,11 +468,27 @@ def _start_worker(cfg: RunConfig, plan: TunePlan, workdir: str, tmp: str, log: A
     ev_read, ev_write = os.pipe()
     vd_read, vd_write = os.pipe()
     spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
-    write_json(spec_path, {"config": cfg.to_dict(), "workdir": workdir, "result_path": result_path,
-                           "metric": plan.metric, "events_fd": ev_write, "verdicts_fd": vd_read}, indent=None)
+    write_json(
+        spec_path,
+        {
+            "config": cfg.to_dict(),
+            "workdir": workdir,
+            "result_path": result_path,
+            "metric": plan.metric,
+            "events_fd": ev_write,
+            "verdicts_fd": vd_read,
+        },
+        indent=None,
+    )
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "peftkit.tune_worker", spec_path], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, pass_fds=(ev_write, vd_read), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peftkit.tune_worker", spec_path],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(ev_write, vd_read),
+            start_new_session=True,
+        )
     finally:
         os.close(ev_write)
         os.close(vd_read)
@@ -454,8 +499,11 @@ def _read_report(result_path: str, code: int, workdir: str) -> dict[str, Any]:
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as fh:
             return json.load(fh)
-    why = (f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
-           if code < 0 else f"exited with status {code}")
+    why = (
+        f"killed by signal {-code}" + (" (the system ran out of memory?)" if code == -9 else "")
+        if code < 0
+        else f"exited with status {code}"
+    )
     return {"status": "failed", "error": f"worker process {why} before reporting; see {workdir}/worker.log"}
 
 
@@ -464,11 +512,18 @@ def _outcome(report: dict[str, Any], values: list[float], direction: str, second
     if status == "ok" and not values:
         status, report["error"] = "failed", "the trial reported no validation"
     best = (max if direction == "maximize" else min)(values) if values else None
-    return TrialOutcome(status, best if status == "ok" else None, values, report.get("error"), seconds,
-                        report.get("validation_correct") if status == "ok" else None)
+    return TrialOutcome(
+        status,
+        best if status == "ok" else None,
+        values,
+        report.get("error"),
+        seconds,
+        report.get("validation_correct") if status == "ok" else None,
+    )
 
 
 # -- the search ---------------------------------------------------------------------------------
+
 
 def trial_state(trial: optuna.trial.FrozenTrial) -> str:
     """The word every message, trials.csv and trials.json use for how ``trial`` stands: complete,
@@ -550,8 +605,10 @@ def fail_stale_trials(study: optuna.Study, echo: Echo) -> int:
             continue
         trial = storage.get_trial(trial_id)
         _queue_defaults_again(study, trial)
-        echo(f"tune: trial #{trial.number} was left running by a process that stopped ({why}): marked "
-             f"interrupted ({REPLACED})")
+        echo(
+            f"tune: trial #{trial.number} was left running by a process that stopped ({why}): marked "
+            f"interrupted ({REPLACED})"
+        )
         failed += 1
     return failed
 
@@ -591,15 +648,19 @@ def optimize(study: optuna.Study, plan: TunePlan, echo: Echo) -> int:
                 outcome = run_trial(trial, run_cfg, plan, prunable=not trial.user_attrs.get("defaults"))
             _tell(study, trial, outcome)
         except UpdateFinishedTrialError:  # its heartbeat was late past the grace: another process failed it
-            echo(f"tune: trial #{trial.number} was marked interrupted by another process while it ran (its "
-                 f"heartbeat was late): its result is dropped ({REPLACED})")
+            echo(
+                f"tune: trial #{trial.number} was marked interrupted by another process while it ran (its "
+                f"heartbeat was late): its result is dropped ({REPLACED})"
+            )
             continue
         except KeyboardInterrupt:
             _mark_interrupted(study, trial)
-            raise RunInterrupted(f"trial #{trial.number} was stopped and marked interrupted ({REPLACED}); study "
-                                 f"{plan.study_name!r} in {masked(plan.storage)} keeps "
-                                 f"{still_to_run(TrialCounts.of(study), plan)}: run the same peftkit tune command "
-                                 "again to continue it") from None
+            raise RunInterrupted(
+                f"trial #{trial.number} was stopped and marked interrupted ({REPLACED}); study "
+                f"{plan.study_name!r} in {masked(plan.storage)} keeps "
+                f"{still_to_run(TrialCounts.of(study), plan)}: run the same peftkit tune command "
+                "again to continue it"
+            ) from None
         ran.append(outcome.seconds)
         name = f"#{trial.number} (the defaults)" if trial.user_attrs.get("defaults") else f"#{trial.number}"
         echo(progress_line(study, plan, name, values, outcome, ran, deadline))
@@ -642,8 +703,15 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def progress_line(study: optuna.Study, plan: TunePlan, name: str, values: dict[str, Any], outcome: TrialOutcome,
-                  ran: list[float], deadline: float | None) -> str:
+def progress_line(
+    study: optuna.Study,
+    plan: TunePlan,
+    name: str,
+    values: dict[str, Any],
+    outcome: TrialOutcome,
+    ran: list[float],
+    deadline: float | None,
+) -> str:
     """``trial #2: lr=0.0012, r=8 -> validation accuracy 0.8125 (best so far: trial #0, 0.8200); 12 s;
     3 of --trials 10 finished, about 1m24s left``. ``name`` is ``#N``, the trial's number in the study
     (trials.csv's ``number``, its folder trials/NNNN, trial #0 the defaults), the one way every
@@ -665,11 +733,14 @@ def progress_line(study: optuna.Study, plan: TunePlan, name: str, values: dict[s
     left = max(0, plan.config.trials - done) * (sum(ran) / len(ran))
     if deadline is not None:
         left = min(left, max(0.0, deadline - time.monotonic()))
-    return (f"trial {name}: {shown or 'defaults'} -> {result} ({best}); {_minutes(outcome.seconds)}; "
-            f"{done} of --trials {plan.config.trials} finished, about {_minutes(left)} left")
+    return (
+        f"trial {name}: {shown or 'defaults'} -> {result} ({best}); {_minutes(outcome.seconds)}; "
+        f"{done} of --trials {plan.config.trials} finished, about {_minutes(left)} left"
+    )
 
 
 # -- the output directory -------------------------------------------------------------------------
+
 
 def prepare_output(plan: TunePlan) -> None:
     """Make (or find) the output directory. One that holds another tune's study, or anything but a
@@ -680,15 +751,19 @@ def prepare_output(plan: TunePlan) -> None:
     marker = os.path.join(out, MARKER)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         if not os.path.exists(marker):
-            raise PeftkitError(f"output directory {out!r} exists and holds no peftkit tune ({MARKER}); use "
-                               "--overwrite to replace it or choose another --output-dir")
+            raise PeftkitError(
+                f"output directory {out!r} exists and holds no peftkit tune ({MARKER}); use "
+                "--overwrite to replace it or choose another --output-dir"
+            )
         with open(marker, encoding="utf-8") as fh:
             recorded = json.load(fh)
         if recorded.get("study_name") != plan.study_name or recorded.get("storage") != masked(plan.storage):
-            raise PeftkitError(f"output directory {out!r} holds the tune of study {recorded.get('study_name')!r} in "
-                               f"{recorded.get('storage')}, not {plan.study_name!r} in {masked(plan.storage)}; "
-                               "give the same --storage and --study-name to continue it, another --output-dir, "
-                               "or --overwrite")
+            raise PeftkitError(
+                f"output directory {out!r} holds the tune of study {recorded.get('study_name')!r} in "
+                f"{recorded.get('storage')}, not {plan.study_name!r} in {masked(plan.storage)}; "
+                "give the same --storage and --study-name to continue it, another --output-dir, "
+                "or --overwrite"
+            )
         return
     check_output_dir(out, overwrite=True)
     if os.path.isdir(out) and overwrite:
@@ -744,6 +819,7 @@ class _Replay(SearchTrial):
 
 # -- how sure the selection is ------------------------------------------------------------------
 
+
 def versus_defaults(study: optuna.Study) -> dict[str, Any] | None:
     """The best trial against the defaults' (trial 0) on the same validation examples: the
     difference in accuracy points with its 95% interval and p-value (``stats.paired_bootstrap``
@@ -761,31 +837,54 @@ def versus_defaults(study: optuna.Study) -> dict[str, Any] | None:
         best = study.best_trial
     except ValueError:
         return None
-    defaults = next((t for t in study.get_trials(deepcopy=False)
-                     if t.user_attrs.get("defaults") and t.user_attrs.get("validation_correct")), None)
+    defaults = next(
+        (
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("defaults") and t.user_attrs.get("validation_correct")
+        ),
+        None,
+    )
     if defaults is None or best.user_attrs.get("defaults") or not best.user_attrs.get("validation_correct"):
         return None
     a, b = from_bits(best.user_attrs["validation_correct"]), from_bits(defaults.user_attrs["validation_correct"])
     if len(a) != len(b):
         return None
     c = paired_bootstrap([a], [b])
-    return {"best_trial": best.number, "defaults_trial": defaults.number, "examples": c.examples,
-            "best": sum(a) / len(a), "defaults": sum(b) / len(b), "difference": c.difference,
-            "low": c.low, "high": c.high, "bootstrap_p": c.bootstrap_p, "mcnemar_p": c.mcnemar_p,
-            "p_value": c.p_value, "best_only": c.a_only, "defaults_only": c.b_only,
-            "distinguishable": c.distinguishable()}
+    return {
+        "best_trial": best.number,
+        "defaults_trial": defaults.number,
+        "examples": c.examples,
+        "best": sum(a) / len(a),
+        "defaults": sum(b) / len(b),
+        "difference": c.difference,
+        "low": c.low,
+        "high": c.high,
+        "bootstrap_p": c.bootstrap_p,
+        "mcnemar_p": c.mcnemar_p,
+        "p_value": c.p_value,
+        "best_only": c.a_only,
+        "defaults_only": c.b_only,
+        "distinguishable": c.distinguishable(),
+    }
 
 
 def describe_versus_defaults(v: dict[str, Any]) -> str:
     """``+1.8 points [-0.2, +3.9] over the defaults (trial #0) on 1,275 validation examples, p = 0.086:
     within validation noise: not distinguishable from the defaults at 95%`` (or ``...: beyond validation noise``)."""
-    verdict = ("beyond validation noise" if v["distinguishable"] else
-               "within validation noise: not distinguishable from the defaults at 95%")
-    return (f"{100 * v['difference']:+.1f} points [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}] over the defaults "
-            f"(trial #{v['defaults_trial']}) on {v['examples']:,} validation examples, p = {v['p_value']:.2g}: {verdict}")
+    verdict = (
+        "beyond validation noise"
+        if v["distinguishable"]
+        else "within validation noise: not distinguishable from the defaults at 95%"
+    )
+    return (
+        f"{100 * v['difference']:+.1f} points [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}] over the defaults "
+        f"(trial #{v['defaults_trial']}) on {v['examples']:,} validation examples, p = {v['p_value']:.2g}: {verdict}"
+    )
 
 
 # -- reports ------------------------------------------------------------------------------------
+
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial as plain data: number, state (``trial_state``), value, parameters, each epoch's
@@ -794,12 +893,20 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         interrupted = bool(t.user_attrs.get("interrupted"))
-        rows.append({"number": t.number, "state": trial_state(t), "value": t.value,
-                     "defaults": bool(t.user_attrs.get("defaults")), "params": dict(t.params),
-                     "epochs": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-                     "seconds": t.user_attrs.get("seconds"),
-                     "error": t.user_attrs.get("error") or ("interrupted" if interrupted else None),
-                     "interrupted": interrupted, "validation_correct": t.user_attrs.get("validation_correct")})
+        rows.append(
+            {
+                "number": t.number,
+                "state": trial_state(t),
+                "value": t.value,
+                "defaults": bool(t.user_attrs.get("defaults")),
+                "params": dict(t.params),
+                "epochs": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                "seconds": t.user_attrs.get("seconds"),
+                "error": t.user_attrs.get("error") or ("interrupted" if interrupted else None),
+                "interrupted": interrupted,
+                "validation_correct": t.user_attrs.get("validation_correct"),
+            }
+        )
     return rows
 
 
@@ -809,8 +916,9 @@ def defaults_won(study: optuna.Study) -> bool:
     return bool(study.best_trial.user_attrs.get("defaults"))
 
 
-def describe_best(counts: TrialCounts, number: int, metric: str, value: float, params: dict[str, Any],
-                  defaults_best: bool) -> list[str]:
+def describe_best(
+    counts: TrialCounts, number: int, metric: str, value: float, params: dict[str, Any], defaults_best: bool
+) -> list[str]:
     """The end of a tune in words: ``best: trial #3, validation accuracy 0.8125 (lr=0.0012, r=8); of 6
     trials: 4 complete, 1 pruned, 1 failed``, and where the defaults won, a second line saying so
     (their settings are then no finding of the search, and should not be read as one)."""
@@ -819,21 +927,35 @@ def describe_best(counts: TrialCounts, number: int, metric: str, value: float, p
     who = f"trial #{number} (the defaults)" if defaults_best else f"trial #{number}"
     lines = [f"best: {who}, validation {metric} {value:.4f} ({shown}); of {counts.describe()}"]
     if defaults_best:
-        lines.append(f"the defaults were best: no tuned setting beat them on validation {metric} "
-                     f"(over {counts.complete} complete trial{'s' if counts.complete != 1 else ''})")
+        lines.append(
+            f"the defaults were best: no tuned setting beat them on validation {metric} "
+            f"(over {counts.complete} complete trial{'s' if counts.complete != 1 else ''})"
+        )
     return lines
 
 
-def write_reports(stage: str, plan: TunePlan, study: optuna.Study, best: RunConfig, best_run: dict[str, Any]) -> list[str]:
+def write_reports(
+    stage: str, plan: TunePlan, study: optuna.Study, best: RunConfig, best_run: dict[str, Any]
+) -> list[str]:
     """best.yaml, trials.json, trials.csv and the plots into ``stage``; returns the plots' names."""
     rows = trial_rows(study)
     counts = TrialCounts.of(study)
-    summary = {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity,
-               "direction": plan.direction, "trials": len(rows), "counted": counts.finished,
-               "counts": {**dataclasses.asdict(counts), "finished": counts.finished, "total": counts.total},
-               "best_trial": study.best_trial.number, "best_value": study.best_value,
-               "best_params": study.best_trial.params, "defaults_best": defaults_won(study),
-               "versus_defaults": versus_defaults(study), "best_run": best_run, "rows": rows}
+    summary = {
+        "study_name": plan.study_name,
+        "storage": masked(plan.storage),
+        **plan.identity,
+        "direction": plan.direction,
+        "trials": len(rows),
+        "counted": counts.finished,
+        "counts": {**dataclasses.asdict(counts), "finished": counts.finished, "total": counts.total},
+        "best_trial": study.best_trial.number,
+        "best_value": study.best_value,
+        "best_params": study.best_trial.params,
+        "defaults_best": defaults_won(study),
+        "versus_defaults": versus_defaults(study),
+        "best_run": best_run,
+        "rows": rows,
+    }
     write_json(os.path.join(stage, "trials.json"), summary)
     _write_csv(os.path.join(stage, "trials.csv"), rows)
     _write_best_yaml(os.path.join(stage, "best.yaml"), plan, study, best)
@@ -856,28 +978,45 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         writer.writerow(["number", "state", "value", "defaults", "seconds", "validation_per_epoch", *params, "error"])
         for r in rows:
             epochs = json.dumps({k: float(f"{v:.6g}") for k, v in r["epochs"].items()})
-            writer.writerow([_csv_cell(x) for x in (r["number"], r["state"], r["value"], r["defaults"], r["seconds"],
-                                                    epochs, *(r["params"].get(p) for p in params), r["error"])])
+            writer.writerow(
+                [
+                    _csv_cell(x)
+                    for x in (
+                        r["number"],
+                        r["state"],
+                        r["value"],
+                        r["defaults"],
+                        r["seconds"],
+                        epochs,
+                        *(r["params"].get(p) for p in params),
+                        r["error"],
+                    )
+                ]
+            )
 
 
 def _write_best_yaml(path: str, plan: TunePlan, study: optuna.Study, best: RunConfig) -> None:
     import yaml
 
     values = {k: v for k, v in best.to_dict().items() if k not in ("output_dir", "overwrite")}
-    header = (f"# peftkit tune: trial #{study.best_trial.number}, the best of study {plan.study_name!r} "
-              f"({TrialCounts.of(study).describe()}): validation {plan.metric} {study.best_value:.6g}\n"
-              + ("# the defaults were best: no tuned setting beat them\n" if defaults_won(study) else "")
-              + "# reproduce it: peftkit run --config best.yaml [--output-dir DIR]\n")
+    header = (
+        f"# peftkit tune: trial #{study.best_trial.number}, the best of study {plan.study_name!r} "
+        f"({TrialCounts.of(study).describe()}): validation {plan.metric} {study.best_value:.6g}\n"
+        + ("# the defaults were best: no tuned setting beat them\n" if defaults_won(study) else "")
+        + "# reproduce it: peftkit run --config best.yaml [--output-dir DIR]\n"
+    )
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(header)
         yaml.safe_dump(values, fh, sort_keys=False)
 
 
 # how each kind of trial is drawn in optimization_history.png: (state, marker, colour, legend label)
-HISTORY_MARKS = (("complete", "o", "tab:blue", "complete"),
-                 ("pruned", "x", "tab:orange", "pruned (at its last epoch's value)"),
-                 ("failed", "v", "tab:red", "failed (at its last epoch's value)"),
-                 ("interrupted", "s", "tab:gray", "interrupted (at its last epoch's value)"))
+HISTORY_MARKS = (
+    ("complete", "o", "tab:blue", "complete"),
+    ("pruned", "x", "tab:orange", "pruned (at its last epoch's value)"),
+    ("failed", "v", "tab:red", "failed (at its last epoch's value)"),
+    ("interrupted", "s", "tab:gray", "interrupted (at its last epoch's value)"),
+)
 
 
 def history_points(study: optuna.Study) -> dict[str, list[tuple[int, float | None]]]:
@@ -916,10 +1055,20 @@ def plot_history(study: optuna.Study, metric: str) -> Any:
             ax.scatter([n for n, _ in valued], [v for _, v in valued], marker=marker, color=colour, label=label)
         bare = [n for n, v in points[state] if v is None]
         if bare:  # no value to place it by: on the x axis, in axes coordinates, so it is seen
-            ax.scatter(bare, [0.0] * len(bare), marker=marker, color=colour, clip_on=False, zorder=3,
-                       transform=ax.get_xaxis_transform())
-            handles.append(Line2D([], [], linestyle="", marker=marker, color=colour,
-                                  label=f"{state} (no validation: on the x axis)"))
+            ax.scatter(
+                bare,
+                [0.0] * len(bare),
+                marker=marker,
+                color=colour,
+                clip_on=False,
+                zorder=3,
+                transform=ax.get_xaxis_transform(),
+            )
+            handles.append(
+                Line2D(
+                    [], [], linestyle="", marker=marker, color=colour, label=f"{state} (no validation: on the x axis)"
+                )
+            )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers: no trial 2.5
     ax.set_xlabel("trial #")
     ax.set_ylabel(f"validation {metric}")
@@ -963,8 +1112,32 @@ def _figure(ax: Any) -> Any:
     return ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
 
 
-__all__ = ["PRUNERS", "TunePlan", "SearchTrial", "TrialCounts", "TuneConfig", "best_config", "check_metric",
-           "check_space", "counted", "defaults_won", "describe_best", "fail_stale_trials", "fixed_settings",
-           "history_points", "metric_direction", "open_storage", "open_study", "optimize", "parse_duration",
-           "parse_space", "plot_history", "prepare_output", "run_trial", "staged_reports", "trial_state",
-           "trial_zero", "write_reports"]
+__all__ = [
+    "PRUNERS",
+    "TunePlan",
+    "SearchTrial",
+    "TrialCounts",
+    "TuneConfig",
+    "best_config",
+    "check_metric",
+    "check_space",
+    "counted",
+    "defaults_won",
+    "describe_best",
+    "fail_stale_trials",
+    "fixed_settings",
+    "history_points",
+    "metric_direction",
+    "open_storage",
+    "open_study",
+    "optimize",
+    "parse_duration",
+    "parse_space",
+    "plot_history",
+    "prepare_output",
+    "run_trial",
+    "staged_reports",
+    "trial_state",
+    "trial_zero",
+    "write_reports",
+]

@@ -44,8 +44,14 @@ def _build_tokenizer():
     core.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="[EOS]",
+    )
 
 
 def _config(arch: str, vocab_size: int, pad_id: int):
@@ -53,20 +59,42 @@ def _config(arch: str, vocab_size: int, pad_id: int):
 
     common = dict(vocab_size=vocab_size, pad_token_id=pad_id)
     if arch == "bert":
-        return AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=64, **common)
+        return AutoConfig.for_model(
+            "bert",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **common,
+        )
     if arch == "roberta":
-        return AutoConfig.for_model("roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=70, **common)
+        return AutoConfig.for_model(
+            "roberta",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=70,
+            **common,
+        )
     if arch == "distilbert":
-        return AutoConfig.for_model("distilbert", dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64,
-                                    **common)
+        return AutoConfig.for_model(
+            "distilbert", dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64, **common
+        )
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
     if arch == "llama":
-        return AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=2,
-                                    max_position_embeddings=64, **common)
+        return AutoConfig.for_model(
+            "llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
     raise ValueError(arch)
 
 
@@ -116,8 +144,15 @@ def tiny_vit_dir(tmp_path_factory) -> str:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     path = tmp_path_factory.mktemp("tiny-vit")
     ViTModel(config, add_pooling_layer=False).save_pretrained(path)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)

@@ -18,8 +18,16 @@ from peftkit.planner import PlanSettings
 
 def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     model, out = tiny_model_dir("bert"), str(tmp_path / "run")
-    config = RunConfig(strategy="lora", model=model, dataset=tiny_csv, epochs=1, batch_size=16, max_length=16,
-                       output_dir=out, levers=Levers(gradient_checkpointing=True))
+    config = RunConfig(
+        strategy="lora",
+        model=model,
+        dataset=tiny_csv,
+        epochs=1,
+        batch_size=16,
+        max_length=16,
+        output_dir=out,
+        levers=Levers(gradient_checkpointing=True),
+    )
     messages: list[str] = []
     result = api.run(config, echo=messages.append)
     assert result.run_dir == out and sorted(os.listdir(out)) == ["adapter", "config.yaml", "metrics.json", "train.log"]
@@ -43,8 +51,15 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
 
 
 def test_plan(tiny_model_dir) -> None:
-    plan = api.plan(PlanSettings(model=tiny_model_dir("bert"), strategies=["lora", "head-only"], batch_size=4,
-                                 max_length=8, levers=Levers(precision="bf16")))
+    plan = api.plan(
+        PlanSettings(
+            model=tiny_model_dir("bert"),
+            strategies=["lora", "head-only"],
+            batch_size=4,
+            max_length=8,
+            levers=Levers(precision="bf16"),
+        )
+    )
     assert plan.settings.task == "sequence-classification" and plan.settings.strategies == ["lora", "head_only"]
     assert plan.settings.device in ("cpu", "cuda")
     assert [e.status for e in plan.estimates] == ["ok", "ok"]
@@ -55,8 +70,15 @@ def test_plan(tiny_model_dir) -> None:
 
 def test_bench(tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = str(tmp_path / "bench")
-    config = BenchConfig(strategies=["head_only"], model=tiny_model_dir("bert"), dataset=tiny_csv, epochs=1,
-                         batch_size=8, max_length=16, output_dir=out)
+    config = BenchConfig(
+        strategies=["head_only"],
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        epochs=1,
+        batch_size=8,
+        max_length=16,
+        output_dir=out,
+    )
     result = api.bench(config, echo=lambda message: None)
     assert result.output_dir == out and os.path.isfile(os.path.join(out, "results.json"))
     [row] = result.results["rows"]

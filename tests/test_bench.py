@@ -14,11 +14,20 @@ from peftkit.errors import PeftkitError
 from peftkit.memory import MemoryBudgetExceeded, MemoryMeter, check_budget, format_size, parse_size
 from peftkit.plots import pareto_front
 
-
 # -- parsing --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
-                                           ("8GB", 8_000_000_000), ("100", 100), (" 2 kib ", 2048)])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("4GiB", 4 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5G", 1_500_000_000),
+        ("8GB", 8_000_000_000),
+        ("100", 100),
+        (" 2 kib ", 2048),
+    ],
+)
 def test_parse_size(text, expected) -> None:
     assert parse_size(text) == expected
 
@@ -33,8 +42,9 @@ def test_format_size() -> None:
     assert format_size(3 * 2**30) == "3.00 GiB" and format_size(5 * 2**20) == "5 MiB" and format_size(10) == "10 B"
 
 
-@pytest.mark.parametrize("effective,expected", [(32, [32, 16, 8, 4, 2, 1]), (24, [24, 12, 6, 3, 1]),
-                                                (7, [7, 1]), (1, [1])])
+@pytest.mark.parametrize(
+    "effective,expected", [(32, [32, 16, 8, 4, 2, 1]), (24, [24, 12, 6, 3, 1]), (7, [7, 1]), (1, [1])]
+)
 def test_micro_batches_divide_the_effective_batch(effective, expected) -> None:
     assert micro_batches(effective) == expected
     assert all(effective % b == 0 for b in expected)
@@ -57,17 +67,38 @@ def test_pareto_front() -> None:
 
 # -- the micro-batch search, with a stand-in for the worker process -----------------------------
 
+
 def _metrics(strategy: str, batch: int, accum: int, acc: float = 0.8) -> dict:
-    return {"test_accuracy": acc, "test_f1_macro": acc - 0.01, "validation_accuracy": acc, "best_epoch": 1,
-            "epochs_run": 2, "trainable_params": 10, "total_params": 100, "trainable_percent": 10.0,
-            "peak_memory_bytes": 2**30 * batch, "peak_memory_eval_bytes": 2**29, "memory_loaded_bytes": 2**29,
-            "peak_memory_increase_bytes": 2**29, "peak_reserved_bytes": None, "peak_reserved_eval_bytes": None,
-            "peak_memory_method": "test", "train_seconds": 10.0 * batch, "eval_seconds": 1.0,
-            "samples_per_second": 100.0, "adapter_bytes": 1000 * batch, "batch_size": batch,
-            "grad_accumulation": accum, "effective_batch_size": batch * accum, "device": "cpu",
-            "history": [{"epoch": 1, "validation_accuracy": acc - 0.1, "epoch_seconds": 8.0},
-                        {"epoch": 2, "validation_accuracy": acc, "epoch_seconds": 2.0}],
-            "versions": {"torch": "x"}}
+    return {
+        "test_accuracy": acc,
+        "test_f1_macro": acc - 0.01,
+        "validation_accuracy": acc,
+        "best_epoch": 1,
+        "epochs_run": 2,
+        "trainable_params": 10,
+        "total_params": 100,
+        "trainable_percent": 10.0,
+        "peak_memory_bytes": 2**30 * batch,
+        "peak_memory_eval_bytes": 2**29,
+        "memory_loaded_bytes": 2**29,
+        "peak_memory_increase_bytes": 2**29,
+        "peak_reserved_bytes": None,
+        "peak_reserved_eval_bytes": None,
+        "peak_memory_method": "test",
+        "train_seconds": 10.0 * batch,
+        "eval_seconds": 1.0,
+        "samples_per_second": 100.0,
+        "adapter_bytes": 1000 * batch,
+        "batch_size": batch,
+        "grad_accumulation": accum,
+        "effective_batch_size": batch * accum,
+        "device": "cpu",
+        "history": [
+            {"epoch": 1, "validation_accuracy": acc - 0.1, "epoch_seconds": 8.0},
+            {"epoch": 2, "validation_accuracy": acc, "epoch_seconds": 2.0},
+        ],
+        "versions": {"torch": "x"},
+    }
 
 
 class FakeRunner:
@@ -108,8 +139,13 @@ def test_bench_one_reports_does_not_fit_and_failures(tmp_path) -> None:
 
 
 def test_run_suite_writes_results_report_and_plots(tmp_path) -> None:
-    bench = BenchConfig(strategies=["full", "lora", "head_only"], seeds=[0, 1], batch_size=32,
-                        memory_budget="2GiB", command="peftkit bench --test")
+    bench = BenchConfig(
+        strategies=["full", "lora", "head_only"],
+        seeds=[0, 1],
+        batch_size=32,
+        memory_budget="2GiB",
+        command="peftkit bench --test",
+    )
     runner = FakeRunner({"full": 0, "lora": 8, "head_only": 32})
     results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner)
     # seed 1 of lora starts at the micro-batch seed 0 found, instead of going through OOM again
@@ -121,9 +157,22 @@ def test_run_suite_writes_results_report_and_plots(tmp_path) -> None:
     assert on_disk["versions"]["torch"] == "x"  # the workers' versions, not the parent's
     assert "plugins" in on_disk and on_disk["machine"]["cores"] and on_disk["command"] == "peftkit bench --test"
     for row in on_disk["rows"]:
-        assert {"strategy", "seed", "status", "test_accuracy", "test_f1_macro", "trainable_params", "total_params",
-                "peak_memory_bytes", "train_seconds", "samples_per_second", "adapter_bytes", "batch_size",
-                "grad_accumulation", "device"} <= set(row) or row["status"] != "ok"
+        assert {
+            "strategy",
+            "seed",
+            "status",
+            "test_accuracy",
+            "test_f1_macro",
+            "trainable_params",
+            "total_params",
+            "peak_memory_bytes",
+            "train_seconds",
+            "samples_per_second",
+            "adapter_bytes",
+            "batch_size",
+            "grad_accumulation",
+            "device",
+        } <= set(row) or row["status"] != "ok"
     md = (tmp_path / "results.md").read_text()
     assert "| `full` | does not fit" in md
     # the fake's memory grows with the micro-batch: lora (8 GiB) beats head_only (32 GiB) and is bold
@@ -143,7 +192,7 @@ class ScoredRunner(FakeRunner):
 
     def __call__(self, cfg, log_path: str) -> Attempt:
         metrics = _metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation, self.accuracy[cfg.strategy])
-        metrics["history"] = metrics["history"][-self.epochs:]
+        metrics["history"] = metrics["history"][-self.epochs :]
         return Attempt("ok", cfg.batch_size, metrics=metrics)
 
 
@@ -151,8 +200,10 @@ def test_the_report_shows_the_majority_baseline_and_flags_what_does_not_beat_it(
     """Issue 15: LoRA at 0.585 / F1 0.369 in a short run was the majority class; the report says so."""
     bench = BenchConfig(strategies=["full", "lora", "head_only"], seeds=[0, 1], command="peftkit bench --test")
     runner = ScoredRunner({"full": 0.83, "lora": 0.585, "head_only": 0.58})
-    baselines = {0: {"name": "majority class", "predicts": "positive", "accuracy": 0.59, "f1_macro": 0.37},
-                 1: {"name": "majority class", "predicts": "positive", "accuracy": 0.58, "f1_macro": 0.36}}
+    baselines = {
+        0: {"name": "majority class", "predicts": "positive", "accuracy": 0.59, "f1_macro": 0.37},
+        1: {"name": "majority class", "predicts": "positive", "accuracy": 0.58, "f1_macro": 0.36},
+    }
     results = run_suite(bench, str(tmp_path), lambda m: None, runner=runner, baselines=baselines)
     on_disk = json.load(open(tmp_path / "results.json"))
     assert on_disk["baseline"]["accuracy"] == pytest.approx(0.585) and on_disk["baseline"]["predicts"] == "positive"
@@ -160,10 +211,14 @@ def test_the_report_shows_the_majority_baseline_and_flags_what_does_not_beat_it(
     md = (tmp_path / "results.md").read_text()
     # not above the baseline: equal (lora) and below (head_only) are flagged, full is not
     assert "| `lora` † |" in md and "| `head_only` † |" in md and "| `full` |" in md
-    assert ("Baseline, majority class (always `positive`, the most frequent of the test split): test accuracy "
-            "0.5850, macro-F1 0.3650, mean over seeds.") in md
-    assert "† not better than the baseline's test accuracy: each may have learned no more than always to answer " \
-           "`positive`." in md
+    assert (
+        "Baseline, majority class (always `positive`, the most frequent of the test split): test accuracy "
+        "0.5850, macro-F1 0.3650, mean over seeds."
+    ) in md
+    assert (
+        "† not better than the baseline's test accuracy: each may have learned no more than always to answer "
+        "`positive`." in md
+    )
     # the same results make the same report, byte for byte
     from peftkit.bench_report import markdown_report
 
@@ -180,6 +235,7 @@ def test_a_one_epoch_suite_skips_the_validation_curves_and_says_why(tmp_path) ->
 
 
 # -- memory measurement -------------------------------------------------------------------------
+
 
 def test_cpu_meter_resets_its_peak_between_phases() -> None:
     meter = MemoryMeter("cpu")
@@ -199,20 +255,38 @@ def test_cpu_meter_resets_its_peak_between_phases() -> None:
 
 # -- end to end, real worker processes on a tiny model ---------------------------------------
 
+
 def _bench_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
-    return ["bench", "--model", model_dir, "--dataset", data, "--output-dir", out, "--epochs", "2",
-            "--batch-size", "8", "--max-length", "16", *extra]
+    return [
+        "bench",
+        "--model",
+        model_dir,
+        "--dataset",
+        data,
+        "--output-dir",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        *extra,
+    ]
 
 
 def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "bench"
-    code, stdout, stderr = run_cli(*_bench_args(tiny_model_dir("bert"), tiny_csv, str(out),
-                                                "--strategies", "lora,head_only"))
+    code, stdout, stderr = run_cli(
+        *_bench_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategies", "lora,head_only")
+    )
     assert code == 0, stderr
     results = json.load(open(out / "results.json"))
     assert [(r["strategy"], r["status"]) for r in results["rows"]] == [("lora", "ok"), ("head_only", "ok")]
     # the guessed columns are said once and recorded, for the suite and each of its runs
-    assert stderr.count("text column 'text', label column 'label' (guessed; --text-column/--label-column to choose)") == 1
+    assert (
+        stderr.count("text column 'text', label column 'label' (guessed; --text-column/--label-column to choose)") == 1
+    )
     assert (results["settings"]["text_column"], results["settings"]["label_column"]) == ("text", "label")
     for row in results["rows"]:
         assert row["batch_size"] == 8 and row["grad_accumulation"] == 1 and len(row["history"]) == 2
@@ -234,25 +308,41 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
 
 def test_bench_under_an_impossible_budget_reports_does_not_fit(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "bench"
-    code, _, stderr = run_cli(*_bench_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategies", "lora",
-                                           "--batch-size", "2", "--memory-budget", "1MiB"))
+    code, _, stderr = run_cli(
+        *_bench_args(
+            tiny_model_dir("bert"),
+            tiny_csv,
+            str(out),
+            "--strategies",
+            "lora",
+            "--batch-size",
+            "2",
+            "--memory-budget",
+            "1MiB",
+        )
+    )
     assert code == 0, stderr  # a strategy that does not fit is a result, not a crash
     row = json.load(open(out / "results.json"))["rows"][0]
     assert row["status"] == "does not fit"
     # the planner rules micro-batch 2 out; the last candidate is always run, so "does not fit" is measured
     assert [(t["batch_size"], t["grad_accumulation"], t["outcome"]) for t in row["tried"]] == [
-        (2, 1, "skipped"), (1, 2, "oom")]
+        (2, 1, "skipped"),
+        (1, 2, "oom"),
+    ]
     assert "predicted" in row["tried"][0]["error"] and "went over the budget 1 MiB" in row["tried"][1]["error"]
     assert not (out / "runs").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--strategies", "lora,nope"], "unknown strategy 'nope'"),
-    (["--seeds", "0,x"], "--seeds expects"),
-    (["--memory-budget", "lots"], "memory size 'lots'"),
-    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
-    (["--dataset", "missing.csv"], "data file not found: missing.csv"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--strategies", "lora,nope"], "unknown strategy 'nope'"),
+        (["--seeds", "0,x"], "--seeds expects"),
+        (["--memory-budget", "lots"], "memory size 'lots'"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--dataset", "missing.csv"], "data file not found: missing.csv"),
+    ],
+)
 def test_bench_bad_input_is_one_line_and_writes_nothing(args, message, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
     code, _, stderr = run_cli("bench", "--output-dir", str(out), *args)
@@ -270,8 +360,21 @@ def test_bench_refuses_an_existing_output_dir(run_cli, tmp_path) -> None:
 
 def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli("run", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--output-dir",
-                              str(out), "--strategy", "lora", "--memory-budget", "1MiB", "--max-length", "16")
+    code, _, stderr = run_cli(
+        "run",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(out),
+        "--strategy",
+        "lora",
+        "--memory-budget",
+        "1MiB",
+        "--max-length",
+        "16",
+    )
     last = stderr.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: peak memory") and "Traceback" not in stderr
     assert "went over the budget 1 MiB during training at micro-batch 32" in last
@@ -280,14 +383,19 @@ def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir,
 
 # -- --auto-fit: levers in order, guided by the planner's predictions ----------------------------
 
+
 def test_lever_rungs_add_levers_in_order_and_skip_what_a_strategy_cannot_take() -> None:
     from peftkit.benchmark import describe_levers, lever_rungs
     from peftkit.registry import get_strategy
 
     bench = BenchConfig(strategies=["lora"], memory_budget="1GiB", auto_fit=True)
     assert [describe_levers(r) for r in lever_rungs(bench, get_strategy("lora"))] == [
-        "-", "bf16", "bf16 + checkpointing", "bf16 + checkpointing + adamw8bit",
-        "bf16 + checkpointing + adamw8bit + 4bit base"]
+        "-",
+        "bf16",
+        "bf16 + checkpointing",
+        "bf16 + checkpointing + adamw8bit",
+        "bf16 + checkpointing + adamw8bit + 4bit base",
+    ]
     # a full fine-tune cannot train a quantized base: that rung is not offered
     assert describe_levers(lever_rungs(bench, get_strategy("full"))[-1]) == "bf16 + checkpointing + adamw8bit"
     # without --auto-fit only the suite's own levers are used
@@ -295,8 +403,14 @@ def test_lever_rungs_add_levers_in_order_and_skip_what_a_strategy_cannot_take() 
 
 
 def test_auto_fit_skips_what_the_planner_rules_out_and_reports_the_levers_used(tmp_path) -> None:
-    bench = BenchConfig(strategies=["full"], task="sequence-classification", model="minilm", batch_size=32,
-                        memory_budget="10GiB", auto_fit=True)
+    bench = BenchConfig(
+        strategies=["full"],
+        task="sequence-classification",
+        model="minilm",
+        batch_size=32,
+        memory_budget="10GiB",
+        auto_fit=True,
+    )
 
     class NeedsCheckpointing(FakeRunner):
         def __call__(self, cfg, log_path):
@@ -313,9 +427,14 @@ def test_auto_fit_skips_what_the_planner_rules_out_and_reports_the_levers_used(t
     runner = NeedsCheckpointing({})
     row = bench_one(bench, "full", 0, str(tmp_path), (0, 32), runner, lambda m: None, predict)
     assert [(c.batch_size, c.levers.precision, c.levers.gradient_checkpointing) for c in runner.calls] == [
-        (4, "fp32", False), (2, "fp32", False), (1, "fp32", False),   # predicted to fit: tried, did not
-        (4, "bf16", False), (2, "bf16", False), (1, "bf16", False),
-        (8, "bf16", True)]                                            # 32 and 16 predicted over 10 GiB
+        (4, "fp32", False),
+        (2, "fp32", False),
+        (1, "fp32", False),  # predicted to fit: tried, did not
+        (4, "bf16", False),
+        (2, "bf16", False),
+        (1, "bf16", False),
+        (8, "bf16", True),
+    ]  # 32 and 16 predicted over 10 GiB
     assert row["status"] == "ok" and row["levers"] == "bf16 + checkpointing" and row["batch_size"] == 8
     assert row["predicted_peak_bytes"] == 8 * 2**30
     skipped = [t for t in row["tried"] if t["outcome"] == "skipped"]
@@ -334,13 +453,22 @@ def test_interrupting_a_bench_says_so_once_and_leaves_nothing_behind(how, tiny_m
 
     out = tmp_path / "bench"
     # a session of its own: the test's process group must not get the Ctrl-C
-    proc = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *_bench_args(tiny_model_dir("bert"), tiny_csv,
-                                                                                str(out), "--epochs", "50")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            # a suite started in the background (`cmd &` in a script, nohup) inherits an ignored
-                            # SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt: give the bench
-                            # the terminal's default, as a user's shell does
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "peftkit.cli",
+            *_bench_args(tiny_model_dir("bert"), tiny_csv, str(out), "--epochs", "50"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # a suite started in the background (`cmd &` in a script, nohup) inherits an ignored
+        # SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt: give the bench
+        # the terminal's default, as a user's shell does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any((p / "runs").is_dir() for p in tmp_path.glob(".bench.partial*")):
         time.sleep(0.2)
@@ -380,6 +508,7 @@ def test_a_lever_a_strategy_cannot_take_makes_a_not_applicable_row(tmp_path) -> 
 
 # -- how sure the ranking is: intervals over seeds, paired tests over examples ---------------------
 
+
 class CorrectRunner(FakeRunner):
     """Every run fits; ``correct(strategy, seed)`` is the run's per-example record, and its test
     accuracy is that record's mean (as a real run's is)."""
@@ -401,8 +530,11 @@ def _record(right: range, n: int = 1000) -> str:
 def test_the_report_gives_intervals_and_says_what_cannot_be_told_from_the_best(tmp_path) -> None:
     """Of 1,000 test examples per seed, full gets 850+seed right; lora misses 8 of those and gets 6
     others (0.2 points behind: not distinguishable); head_only gets 700+seed (15 points: clearly)."""
-    correct = {"full": lambda s: _record(range(0, 850 + s)), "lora": lambda s: _record(range(8, 856 + s)),
-               "head_only": lambda s: _record(range(0, 700 + s))}
+    correct = {
+        "full": lambda s: _record(range(0, 850 + s)),
+        "lora": lambda s: _record(range(8, 856 + s)),
+        "head_only": lambda s: _record(range(0, 700 + s)),
+    }
     bench = BenchConfig(strategies=["lora", "full", "head_only"], seeds=[0, 1, 2], command="peftkit bench --test")
     results = run_suite(bench, str(tmp_path), lambda m: None, runner=CorrectRunner(lambda n, s: correct[n](s)))
     on_disk = json.load(open(tmp_path / "results.json"))
@@ -421,8 +553,10 @@ def test_the_report_gives_intervals_and_says_what_cannot_be_told_from_the_best(t
     md = (tmp_path / "results.md").read_text()
     assert "| test accuracy (± 95% CI) |" in md and "| **0.8510** ± 0.0025 (n=3, sd 0.0010) |" in md
     l_low, l_high = (f"{100 * x:+.1f}" for x in lora["ci95"])
-    assert (f"Not distinguishable from the best (`full`) at the 95% level: `lora` (difference -0.2 points, "
-            f"95% CI [{l_low}, {l_high}], p = {lora['p_value']:.2f}).") in md
+    assert (
+        f"Not distinguishable from the best (`full`) at the 95% level: `lora` (difference -0.2 points, "
+        f"95% CI [{l_low}, {l_high}], p = {lora['p_value']:.2f})."
+    ) in md
     assert "Distinguishable from it: `head_only` (difference -15.0 points, 95% CI [" in md and "p < 0.001)." in md
     assert "One seed" not in md and "paired bootstrap resamples" in md
     from peftkit.bench_report import markdown_report
@@ -473,13 +607,15 @@ def test_committed_results_without_intervals_still_render_as_before(name) -> Non
 def test_plot_error_bars_are_the_95_interval_over_seeds_where_known() -> None:
     from peftkit.plots import _error_bar
 
-    assert _error_bar({"test_accuracy_ci95": [0.80, 0.86], "test_accuracy_std": 0.01}, "test_accuracy") \
-        == pytest.approx(0.03)
+    assert _error_bar(
+        {"test_accuracy_ci95": [0.80, 0.86], "test_accuracy_std": 0.01}, "test_accuracy"
+    ) == pytest.approx(0.03)
     assert _error_bar({"test_accuracy_ci95": None, "test_accuracy_std": None}, "test_accuracy") == 0  # one seed
     assert _error_bar({"test_accuracy_std": 0.01}, "test_accuracy") == 0.01  # results from before intervals
 
 
 # -- bench --tune ------------------------------------------------------------------------------
+
 
 class TunedRunner(FakeRunner):
     """Every run fits; a run with the tuned learning rate scores ``tuned``, any other ``default``."""
@@ -503,12 +639,32 @@ def _tuning(**strategies: dict) -> dict:
 def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp_path) -> None:
     bench = BenchConfig(strategies=["lora", "head_only", "full"], seeds=[0, 1], batch_size=8, tune=4)
     tuning = _tuning(
-        lora={"status": "ok", "error": None, "trials": 4, "best_trial": 3, "best_validation": 0.9,
-              "default_validation": 0.7, "settings": {"lr": 0.0042, "epochs": 2, "r": 16}, "same_as_default": False,
-              "validation_versus_defaults": {"p_value": 0.0004}},
-        head_only={"status": "ok", "error": None, "trials": 4, "best_trial": 0, "best_validation": 0.6,
-                   "default_validation": 0.6, "settings": {"lr": 0.001}, "same_as_default": True},
-        full={"status": "failed", "error": "no trial of its study completed", })
+        lora={
+            "status": "ok",
+            "error": None,
+            "trials": 4,
+            "best_trial": 3,
+            "best_validation": 0.9,
+            "default_validation": 0.7,
+            "settings": {"lr": 0.0042, "epochs": 2, "r": 16},
+            "same_as_default": False,
+            "validation_versus_defaults": {"p_value": 0.0004},
+        },
+        head_only={
+            "status": "ok",
+            "error": None,
+            "trials": 4,
+            "best_trial": 0,
+            "best_validation": 0.6,
+            "default_validation": 0.6,
+            "settings": {"lr": 0.001},
+            "same_as_default": True,
+        },
+        full={
+            "status": "failed",
+            "error": "no trial of its study completed",
+        },
+    )
     runner = TunedRunner(default=0.5, tuned=0.9, lr=0.0042)
     said: list[str] = []
     results = run_suite(bench, str(tmp_path), said.append, runner=runner, tuning=tuning)
@@ -517,8 +673,15 @@ def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp
     assert [line for line in said if line.startswith("[3/12]")][0].startswith("[3/12] lora (tuned), seed 0 (")
     # lora and full run their defaults, lora its tuned settings too; head_only's defaults won: not run twice
     assert [(c.strategy, c.lr, c.strategy_options.get("r")) for c in runner.calls] == [
-        ("lora", None, None), ("lora", None, None), ("lora", 0.0042, 16), ("lora", 0.0042, 16),
-        ("head_only", None, None), ("head_only", None, None), ("full", None, None), ("full", None, None)]
+        ("lora", None, None),
+        ("lora", None, None),
+        ("lora", 0.0042, 16),
+        ("lora", 0.0042, 16),
+        ("head_only", None, None),
+        ("head_only", None, None),
+        ("full", None, None),
+        ("full", None, None),
+    ]
     assert [c.output_dir.rsplit("/", 1)[1] for c in runner.calls][2] == "lora-tuned-seed0"
     tags = [(r["strategy"], r["configuration"], r["seed"], r["status"]) for r in results["rows"]]
     assert ("head_only", "tuned", 1, "ok") in tags and ("full", "tuned", 0, "failed") in tags
@@ -540,10 +703,27 @@ def test_a_tuned_suite_runs_defaults_and_tuned_and_reports_them_side_by_side(tmp
 
 def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "bench"
-    code, stdout, stderr = run_cli("bench", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                                   "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
-                                   "--max-length", "16", "--max-train-samples", "64", "--strategies", "head_only",
-                                   "--tune", "2")
+    code, stdout, stderr = run_cli(
+        "bench",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--max-train-samples",
+        "64",
+        "--strategies",
+        "head_only",
+        "--tune",
+        "2",
+    )
     assert code == 0, stderr
     assert "tuning head_only: trial #0 (the defaults): " in stderr and "tuning head_only: trial #1: " in stderr
     assert "; 1 of --trials 2 finished" in stderr and "; 2 of --trials 2 finished" in stderr
@@ -553,7 +733,9 @@ def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> N
     assert entry["best_validation"] >= entry["default_validation"]  # trial 0 is the defaults, never pruned
     # the validation gain judged example by example (nothing to judge when the defaults won)
     assert (entry["validation_versus_defaults"] is None) == entry["same_as_default"]
-    assert {"lr", "epochs", "warmup_ratio", "weight_decay"} <= set(entry["settings"]) and entry["settings"]["epochs"] == 1
+    assert {"lr", "epochs", "warmup_ratio", "weight_decay"} <= set(entry["settings"]) and entry["settings"][
+        "epochs"
+    ] == 1
     assert [(r["configuration"], r["status"]) for r in results["rows"]] == [("default", "ok"), ("tuned", "ok")]
     tuned = results["rows"][1]
     if not entry["same_as_default"]:
@@ -572,8 +754,25 @@ def test_bench_tune_storage_keeps_the_studies_for_the_next_bench(run_cli, tiny_m
     """An interrupted tuned bench loses its tuning (its output directory is staged); with
     --tune-storage the studies outlive it, and the same bench run again continues them."""
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    common = ["bench", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--epochs", "1", "--batch-size", "8",
-              "--max-length", "16", "--max-train-samples", "64", "--strategies", "head_only", "--tune-storage", url]
+    common = [
+        "bench",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--max-train-samples",
+        "64",
+        "--strategies",
+        "head_only",
+        "--tune-storage",
+        url,
+    ]
     code, _, stderr = run_cli(*common, "--tune", "1", "--output-dir", str(tmp_path / "first"))
     assert code == 0 and "tuning head_only: trial #0 (the defaults): " in stderr, stderr
     code, _, stderr = run_cli(*common, "--tune", "2", "--output-dir", str(tmp_path / "second"))
@@ -584,20 +783,24 @@ def test_bench_tune_storage_keeps_the_studies_for_the_next_bench(run_cli, tiny_m
     assert results["tuning"]["storage"] == url and results["tuning"]["strategies"]["head_only"]["trials"] == 2
     assert not (tmp_path / "second" / "tuning" / "head_only" / "study.db").exists()  # it is in the storage
     # the same storage for other data is refused, naming what differs, before anything is written
-    code, _, stderr = run_cli(*[a if a != "64" else "48" for a in common], "--tune", "2",
-                              "--output-dir", str(tmp_path / "third"))
+    code, _, stderr = run_cli(
+        *[a if a != "64" else "48" for a in common], "--tune", "2", "--output-dir", str(tmp_path / "third")
+    )
     assert code == 2 and "--tune-storage: study 'tune-head_only'" in stderr and "max_train_samples 64" in stderr, stderr
     assert "Traceback" not in stderr and not (tmp_path / "third").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--tune", "0"], "--tune must be a positive number of trials per strategy, got 0"),
-    (["--tune", "-3"], "--tune must be a positive number of trials per strategy, got -3"),
-    (["--tune-timeout", "1h"], "--tune-timeout needs --tune N"),
-    (["--tune", "2", "--tune-timeout", "soon"], "--tune-timeout 'soon' is not a duration"),
-    (["--tune-storage", "sqlite:///x.db"], "--tune-storage needs --tune N"),
-    (["--tune", "2", "--tune-storage", "not-a-url"], "--tune-storage: cannot open storage 'not-a-url'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tune", "0"], "--tune must be a positive number of trials per strategy, got 0"),
+        (["--tune", "-3"], "--tune must be a positive number of trials per strategy, got -3"),
+        (["--tune-timeout", "1h"], "--tune-timeout needs --tune N"),
+        (["--tune", "2", "--tune-timeout", "soon"], "--tune-timeout 'soon' is not a duration"),
+        (["--tune-storage", "sqlite:///x.db"], "--tune-storage needs --tune N"),
+        (["--tune", "2", "--tune-storage", "not-a-url"], "--tune-storage: cannot open storage 'not-a-url'"),
+    ],
+)
 def test_bench_tune_bad_input_is_one_line_and_writes_nothing(args, message, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
     code, _, stderr = run_cli("bench", "--output-dir", str(out), "--strategies", "lora", *args)

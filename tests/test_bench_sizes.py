@@ -11,25 +11,32 @@ import os
 
 import pytest
 import yaml
+from test_bench import _metrics
 
 from peftkit.benchmark import Attempt, BenchConfig, parse_train_sizes, plan_train_sizes, run_suite
 from peftkit.errors import PeftkitError
 
-from test_bench import _metrics
-
-
 # -- parsing and the plan -------------------------------------------------------------------
+
 
 def test_parse_train_sizes_reads_integers_and_all_in_the_order_given() -> None:
     assert parse_train_sizes("250, 500,1000,ALL") == [250, 500, 1000, "all"]
     assert parse_train_sizes([2000, "all", 250]) == [2000, "all", 250]  # Python / YAML give a list
 
 
-@pytest.mark.parametrize("value,message", [
-    ("250,0", "got '0'"), ("250,-5", "got '-5'"), ("250,1.5", "got '1.5'"), ("250,,500", "got ''"),
-    ("lots", "got 'lots'"), ([250, True], "got 'True'"), ("500,all,500", "lists 500 twice"),
-    ("all,ALL", "lists all twice"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("250,0", "got '0'"),
+        ("250,-5", "got '-5'"),
+        ("250,1.5", "got '1.5'"),
+        ("250,,500", "got ''"),
+        ("lots", "got 'lots'"),
+        ([250, True], "got 'True'"),
+        ("500,all,500", "lists 500 twice"),
+        ("all,ALL", "lists all twice"),
+    ],
+)
 def test_parse_train_sizes_refuses_what_is_not_a_size(value, message) -> None:
     with pytest.raises(PeftkitError, match=message):
         parse_train_sizes(value)
@@ -38,20 +45,30 @@ def test_parse_train_sizes_refuses_what_is_not_a_size(value, message) -> None:
 def test_all_and_sizes_past_the_split_are_the_whole_set_run_once() -> None:
     plan = plan_train_sizes([1000, 250, "all", 5000], whole=800)
     assert plan["sizes"] == [250, 800] and plan["whole"] == 800
-    assert plan["note"] == ("--train-sizes: 1,000, 5,000 are at or above the training split's 800 examples: "
-                            "the whole set, run once as 800")
-    assert plan_train_sizes([250, "all"], whole=800) == {"requested": [250, "all"], "sizes": [250, 800],
-                                                         "whole": 800, "note": None}
+    assert plan["note"] == (
+        "--train-sizes: 1,000, 5,000 are at or above the training split's 800 examples: the whole set, run once as 800"
+    )
+    assert plan_train_sizes([250, "all"], whole=800) == {
+        "requested": [250, "all"],
+        "sizes": [250, 800],
+        "whole": 800,
+        "note": None,
+    }
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--train-sizes", "250,zero"], "--train-sizes expects comma-separated positive integers or 'all'"),
-    (["--train-sizes", "250,250"], "--train-sizes lists 250 twice; give each size once"),
-    (["--train-sizes", "0,all"], "got '0'"),
-    (["--train-sizes", "250,all", "--max-train-samples", "64"],
-     "--train-sizes sets each run's training examples; drop --max-train-samples 64"),
-    (["--train-sizes", "250,all", "--tune", "2"], "--train-sizes cannot be combined with --tune: drop --tune"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--train-sizes", "250,zero"], "--train-sizes expects comma-separated positive integers or 'all'"),
+        (["--train-sizes", "250,250"], "--train-sizes lists 250 twice; give each size once"),
+        (["--train-sizes", "0,all"], "got '0'"),
+        (
+            ["--train-sizes", "250,all", "--max-train-samples", "64"],
+            "--train-sizes sets each run's training examples; drop --max-train-samples 64",
+        ),
+        (["--train-sizes", "250,all", "--tune", "2"], "--train-sizes cannot be combined with --tune: drop --tune"),
+    ],
+)
 def test_bench_train_sizes_bad_input_is_one_line_and_writes_nothing(args, message, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
     code, _, stderr = run_cli("bench", "--output-dir", str(out), "--strategies", "lora", *args)
@@ -60,6 +77,7 @@ def test_bench_train_sizes_bad_input_is_one_line_and_writes_nothing(args, messag
 
 
 # -- the suite, with a stand-in for the worker process ------------------------------------------
+
 
 class SizedRunner:
     """Accuracy that grows with the training examples (the whole split of 160 when uncapped);
@@ -72,8 +90,12 @@ class SizedRunner:
         self.calls.append(cfg)
         n = cfg.max_train_samples or 160
         acc = {"lora": 0.5 + n / 400, "head_only": 0.5 + n / 1000}[cfg.strategy] + cfg.seed * 0.01
-        return Attempt("ok", cfg.batch_size, metrics=_metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation, acc),
-                       seconds=n / 10)
+        return Attempt(
+            "ok",
+            cfg.batch_size,
+            metrics=_metrics(cfg.strategy, cfg.batch_size, cfg.grad_accumulation, acc),
+            seconds=n / 10,
+        )
 
 
 BASELINES = {seed: {"name": "majority class", "predicts": "neg", "accuracy": 0.55, "f1_macro": 0.35} for seed in (0, 1)}
@@ -83,8 +105,14 @@ BASELINES = {seed: {"name": "majority class", "predicts": "neg", "accuracy": 0.5
 def sized_suite(tmp_path) -> tuple:
     bench = BenchConfig(strategies=["lora", "head_only"], seeds=[0, 1], batch_size=8, train_sizes=[40, "all"])
     runner, said = SizedRunner(), []
-    results = run_suite(bench, str(tmp_path), said.append, runner=runner, baselines=BASELINES,
-                        sizes=plan_train_sizes(bench.train_sizes, whole=160))
+    results = run_suite(
+        bench,
+        str(tmp_path),
+        said.append,
+        runner=runner,
+        baselines=BASELINES,
+        sizes=plan_train_sizes(bench.train_sizes, whole=160),
+    )
     return results, runner, said, tmp_path
 
 
@@ -92,12 +120,24 @@ def test_every_strategy_runs_at_every_size_and_seed_tagged_and_apart(sized_suite
     results, runner, said, out = sized_suite
     # the whole set runs uncapped, exactly like a bench without sizes
     assert [(c.strategy, c.max_train_samples, c.seed) for c in runner.calls] == [
-        ("lora", 40, 0), ("lora", 40, 1), ("lora", None, 0), ("lora", None, 1),
-        ("head_only", 40, 0), ("head_only", 40, 1), ("head_only", None, 0), ("head_only", None, 1)]
-    assert [os.path.basename(c.output_dir) for c in runner.calls][:3] == ["lora-n40-seed0", "lora-n40-seed1",
-                                                                         "lora-n160-seed0"]
-    assert [(r["strategy"], r["train_size"], r["seed"]) for r in results["rows"]][2:4] == [("lora", 160, 0),
-                                                                                            ("lora", 160, 1)]
+        ("lora", 40, 0),
+        ("lora", 40, 1),
+        ("lora", None, 0),
+        ("lora", None, 1),
+        ("head_only", 40, 0),
+        ("head_only", 40, 1),
+        ("head_only", None, 0),
+        ("head_only", None, 1),
+    ]
+    assert [os.path.basename(c.output_dir) for c in runner.calls][:3] == [
+        "lora-n40-seed0",
+        "lora-n40-seed1",
+        "lora-n160-seed0",
+    ]
+    assert [(r["strategy"], r["train_size"], r["seed"]) for r in results["rows"]][2:4] == [
+        ("lora", 160, 0),
+        ("lora", 160, 1),
+    ]
     # the progress count and its time left include the sizes: the second run guesses the 160-example ones
     # from the 40-example one (4 s) scaled by the examples each processes, epochs as the schedule raises
     # them at batch 8 (lora: 20 x 40 = 800 and 8 x 160 = 1280; head_only at 160: 20 x 160 = 3200):
@@ -120,8 +160,10 @@ def test_the_report_has_a_table_per_size_and_the_learning_curve(sized_suite) -> 
     results, _, _, out = sized_suite
     md = (out / "results.md").read_text()
     assert "training examples 40, 160 (all)" in md
-    assert ("Training-set sizes 40, 160 (all): this table, its plots and paired tests are of the largest, "
-            "160 examples (the whole training split)") in md
+    assert (
+        "Training-set sizes 40, 160 (all): this table, its plots and paired tests are of the largest, "
+        "160 examples (the whole training split)"
+    ) in md
     assert md.index("Training-set sizes 40") < md.index("| strategy | trainable")
     assert "## Accuracy against training-set size" in md and "| strategy | 40 | 160 (all) |" in md
     # best per column in bold, ± the 95% interval's half-width over the two seeds; head_only at 40 is
@@ -165,19 +207,37 @@ def test_the_subsets_of_the_sizes_are_nested(tiny_csv) -> None:
 
 # -- end to end, real worker processes on a tiny model (one strategy: two workers) ----------
 
+
 def test_bench_train_sizes_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "bench"
-    code, stdout, stderr = run_cli("bench", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                                   "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
-                                   "--max-length", "16", "--strategies", "head_only",
-                                   "--train-sizes", "40,all,1000")
+    code, stdout, stderr = run_cli(
+        "bench",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--strategies",
+        "head_only",
+        "--train-sizes",
+        "40,all,1000",
+    )
     assert code == 0, stderr
     # tiny_csv has 200 rows: 160 train after the 80/10/10 split; 1000 is the whole set too, run once
     assert stderr.count("--train-sizes: 1,000 is at or above the training split's 160 examples") == 1
     assert "bench: 1 strategy x 2 training-set sizes x 1 seed(s)" in stderr and "[2/2]" in stderr
     results = json.load(open(out / "results.json"))
     assert [(r["strategy"], r["train_size"], r["status"]) for r in results["rows"]] == [
-        ("head_only", 40, "ok"), ("head_only", 160, "ok")]
+        ("head_only", 40, "ok"),
+        ("head_only", 160, "ok"),
+    ]
     assert results["train_sizes"]["sizes"] == [40, 160] and results["settings"]["train_sizes"] == [40, "all", 1000]
     for row in results["rows"]:
         assert row["run_dir"] == f"runs/{row['strategy']}-n{row['train_size']}-seed0"
@@ -194,12 +254,20 @@ def test_time_left_after_a_cached_strategy_uses_its_uncached_pace() -> None:
     strategies' time is guessed at the pace of its first epoch (which ran the backbone), not its mean."""
     from peftkit.benchmark import _seconds_left
 
-    head = {"strategy": "head_only", "status": "ok", "tried": [{"seconds": 20.0}],
-            "history": [{"epoch_seconds": 10.0}] + [{"epoch_seconds": 0.5}] * 3}
+    head = {
+        "strategy": "head_only",
+        "status": "ok",
+        "tried": [{"seconds": 20.0}],
+        "history": [{"epoch_seconds": 10.0}] + [{"epoch_seconds": 0.5}] * 3,
+    }
     # 20 s as run, 20 + 3 x 9.5 = 48.5 s had every epoch run the backbone
     assert _seconds_left([head], [("head_only", None)]) == 20.0  # its own runs: as they ran
     assert _seconds_left([head], [("lora", None), ("full", None)]) == 2 * 48.5
-    lora = {"strategy": "lora", "status": "ok", "tried": [{"seconds": 60.0}],
-            "history": [{"epoch_seconds": 14.0}, {"epoch_seconds": 15.0}]}
+    lora = {
+        "strategy": "lora",
+        "status": "ok",
+        "tried": [{"seconds": 60.0}],
+        "history": [{"epoch_seconds": 14.0}, {"epoch_seconds": 15.0}],
+    }
     assert _seconds_left([head, lora], [("lora", None)]) == 60.0
     assert _seconds_left([head, lora], [("full", None)]) == (48.5 + 61.0) / 2

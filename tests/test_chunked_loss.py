@@ -50,6 +50,7 @@ def test_a_chunk_holds_about_chunk_bytes_of_fp32_logits() -> None:
 
 # -- through a model and a strategy: what a training step computes ------------------------------
 
+
 def _model(arch: str):
     from transformers import AutoModelForCausalLM
 
@@ -82,8 +83,11 @@ def _grads(task, strategy, model, batch, loss):
     model.zero_grad(set_to_none=True)
     value = step_loss(model, batch)
     value.backward()
-    return step_loss.kind, value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                            if p.requires_grad and p.grad is not None}
+    return (
+        step_loss.kind,
+        value.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None},
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -92,7 +96,9 @@ def _grads(task, strategy, model, batch, loss):
 def test_a_step_with_the_chunked_loss_equals_the_plain_step(arch, strategy_name, answer) -> None:
     """Loss and every trained parameter's gradient within 1e-5, for a frozen output layer (lora,
     prefix) and a trained one tied to the input embeddings (full), with left padding."""
-    task, strategy, model, config = _prepared(arch, strategy_name, {"dropout": 0.0} if strategy_name == "lora" else None)
+    task, strategy, model, config = _prepared(
+        arch, strategy_name, {"dropout": 0.0} if strategy_name == "lora" else None
+    )
     batch = task.dummy_batch(config, 4, 24, "cpu", loss_positions=answer)
     kind_plain, loss_plain, grads_plain = _grads(task, strategy, model, batch, "plain")
     kind, loss, grads = _grads(task, strategy, model, batch, None)  # the default
@@ -115,8 +121,11 @@ def test_under_bf16_autocast_it_stays_near_the_plain_loss() -> None:
 def test_an_output_layer_a_strategy_changed_gets_the_plain_loss_or_a_one_line_refusal() -> None:
     task, strategy, model, _ = _prepared("llama", "lora", {"target_modules": ["q_proj", "lm_head"]})
     assert task.step_loss(strategy, model, None).kind == "plain"
-    with pytest.raises(PeftkitError, match=r"^--loss chunked: its output layer is a Linear, not a plain linear "
-                                           r"layer .*; use --loss plain$"):
+    with pytest.raises(
+        PeftkitError,
+        match=r"^--loss chunked: its output layer is a Linear, not a plain linear "
+        r"layer .*; use --loss plain$",
+    ):
         task.step_loss(strategy, model, "chunked")
 
 
@@ -131,15 +140,28 @@ def test_soft_capped_logits_and_fsdp_are_left_to_the_plain_loss() -> None:
     assert "final_logit_softcapping" in unsupported(capped)
 
 
-def test_chunked_loss_is_refused_for_a_task_without_vocabulary_wide_logits(tiny_model_dir, tiny_csv, run_cli,
-                                                                          tmp_path) -> None:
+def test_chunked_loss_is_refused_for_a_task_without_vocabulary_wide_logits(
+    tiny_model_dir, tiny_csv, run_cli, tmp_path
+) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                              "--loss", "chunked", "--output-dir", str(out))
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--loss",
+        "chunked",
+        "--output-dir",
+        str(out),
+    )
     assert code == 2 and not out.exists()
     assert stderr.strip().splitlines()[-1] == (
         "error: --loss chunked is for tasks with vocabulary-wide logits (causal-lm); sequence-classification's "
-        "logits are a few numbers per example, with nothing to chunk: drop --loss")
+        "logits are a few numbers per example, with nothing to chunk: drop --loss"
+    )
 
 
 def test_evaluation_losses_in_chunks_are_the_plain_ones() -> None:

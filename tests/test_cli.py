@@ -10,14 +10,42 @@ import sys
 import pytest
 import yaml
 
-METRIC_KEYS = {"strategy", "model", "dataset", "seed", "epochs", "device", "test_accuracy", "test_f1_macro",
-               "validation_accuracy", "trainable_params", "total_params", "train_seconds",
-               "samples_per_second", "peak_memory_bytes", "adapter_bytes"}
+METRIC_KEYS = {
+    "strategy",
+    "model",
+    "dataset",
+    "seed",
+    "epochs",
+    "device",
+    "test_accuracy",
+    "test_f1_macro",
+    "validation_accuracy",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "samples_per_second",
+    "peak_memory_bytes",
+    "adapter_bytes",
+}
 
 
 def _run_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
-    return ["run", "--model", model_dir, "--dataset", data, "--output-dir", out, "--epochs", "2",
-            "--batch-size", "16", "--max-length", "16", *extra]
+    return [
+        "run",
+        "--model",
+        model_dir,
+        "--dataset",
+        data,
+        "--output-dir",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("strategy", ["full", "head_only", "lora"])
@@ -39,7 +67,9 @@ def test_run_writes_a_complete_run_directory(strategy, run_cli, tiny_model_dir, 
     assert config["strategy"] == strategy and config["lr"] > 0 and config["split"]["sizes"]["train"] == 160
     meta = json.load(open(os.path.join(out, "adapter", "peftkit_adapter.json")))
     assert meta["strategy"] == strategy and meta["label_names"] == ["neg", "pos"] and meta["max_length"] == 16
-    assert meta["base_fingerprint"].startswith("sha256:") and meta["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert (
+        meta["base_fingerprint"].startswith("sha256:") and meta["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    )
     from peftkit.env import package_versions  # the one version table, the same as `peftkit env`'s
 
     assert meta["versions"] == metrics["versions"] == package_versions()
@@ -47,8 +77,15 @@ def test_run_writes_a_complete_run_directory(strategy, run_cli, tiny_model_dir, 
     assert "epoch 2/2" in log and "test accuracy" in log
     assert f"{strategy}: test accuracy" in stdout
 
-    code, stdout, stderr = run_cli("predict", "--adapter", os.path.join(out, "adapter"), "--model",
-                                   tiny_model_dir("bert"), "a good film", "dull and boring")
+    code, stdout, stderr = run_cli(
+        "predict",
+        "--adapter",
+        os.path.join(out, "adapter"),
+        "--model",
+        tiny_model_dir("bert"),
+        "a good film",
+        "dull and boring",
+    )
     assert code == 0, stderr
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert [r["text"] for r in rows] == ["a good film", "dull and boring"]
@@ -59,8 +96,9 @@ def test_run_writes_a_complete_run_directory(strategy, run_cli, tiny_model_dir, 
 
 def test_full_run_learns_the_toy_task(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, out, "--strategy", "full",
-                                         "--epochs", "6", "--lr", "3e-3"))
+    code, _, stderr = run_cli(
+        *_run_args(tiny_model_dir("bert"), tiny_csv, out, "--strategy", "full", "--epochs", "6", "--lr", "3e-3")
+    )
     assert code == 0, stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["test_accuracy"] >= 0.9
@@ -80,12 +118,22 @@ def test_same_seed_same_result(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> N
 
 def test_yaml_config_flags_override_and_set_options(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"strategy": "lora", "model": tiny_model_dir("gpt2"), "dataset": tiny_csv,
-                                   "epochs": 1, "batch_size": 16, "max-length": 16, "lr": 0.5,
-                                   "strategy_options": {"r": 2, "alpha": 4}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "strategy": "lora",
+                "model": tiny_model_dir("gpt2"),
+                "dataset": tiny_csv,
+                "epochs": 1,
+                "batch_size": 16,
+                "max-length": 16,
+                "lr": 0.5,
+                "strategy_options": {"r": 2, "alpha": 4},
+            }
+        )
+    )
     out = str(tmp_path / "run")
-    code, _, stderr = run_cli("run", "--config", str(cfg), "--lr", "0.002", "--set", "r=4",
-                              "--output-dir", out)
+    code, _, stderr = run_cli("run", "--config", str(cfg), "--lr", "0.002", "--set", "r=4", "--output-dir", out)
     assert code == 0, stderr
     resolved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert resolved["lr"] == 0.002  # flag beats file
@@ -109,6 +157,7 @@ def test_existing_run_is_kept_unless_overwrite(run_cli, tiny_model_dir, tiny_csv
 
 # -- bad input: one line, exit 2, no traceback, nothing written --------------------------------
 
+
 @pytest.fixture
 def bad_inputs(tmp_path, tiny_model_dir, tiny_csv):
     (tmp_path / "bad.yaml").write_text("epochs: 2\nlr: [1, 2\nseed: 1\n")
@@ -121,7 +170,11 @@ def bad_inputs(tmp_path, tiny_model_dir, tiny_csv):
     base = ["run", "--model", m, "--dataset", d, "--max-length", "16"]
     t = str(tmp_path)
     return {
-        "unknown strategy": (base + ["--strategy", "lorax"], r"unknown strategy 'lorax' \(did you mean 'lora'\?\); available: adapter, .*full, gradual_unfreeze, head_only, lora, prefix"),
+        "unknown strategy": (
+            base + ["--strategy", "lorax"],
+            r"unknown strategy 'lorax' \(did you mean 'lora'\?\); available: adapter, .*full, "
+            r"gradual_unfreeze, head_only, lora, prefix",
+        ),
         "missing file": (["run", "--model", m, "--dataset", f"{t}/none.csv"], r"data file not found"),
         "missing column": (base + ["--text-column", "body"], r"text column 'body' not found; columns: text, label"),
         "zero epochs": (base + ["--epochs", "0"], r"epochs must be a positive integer, got 0"),
@@ -134,17 +187,35 @@ def bad_inputs(tmp_path, tiny_model_dir, tiny_csv):
         "bad option value": (base + ["--set", "r=0"], r"lora option r must be a positive integer, got 0"),
         "bad option type": (base + ["--set", "r=big"], r"option 'r' of strategy 'lora' must be int, got 'big'"),
         "set without =": (base + ["--set", "r"], r"--set expects KEY=VALUE"),
-        "no model there": (["run", "--model", f"{t}/empty_model", "--dataset", d], r"holds no model \(no config.json\)"),
+        "no model there": (
+            ["run", "--model", f"{t}/empty_model", "--dataset", d],
+            r"holds no model \(no config.json\)",
+        ),
         "output is a file": (base + ["--output-dir", f"{t}/afile"], r"is a file"),
         "existing run": (base + ["--output-dir", f"{t}/existing"], r"already exists; use --overwrite"),
         "predict missing adapter": (["predict", "--adapter", f"{t}/nope", "hi"], r"adapter directory not found"),
     }
 
 
-CASES = ["unknown strategy", "missing file", "missing column", "zero epochs", "negative batch", "zero max length",
-         "lr not a number", "yaml syntax", "unknown config key", "unknown option", "bad option value",
-         "bad option type", "set without =", "no model there", "output is a file", "existing run",
-         "predict missing adapter"]
+CASES = [
+    "unknown strategy",
+    "missing file",
+    "missing column",
+    "zero epochs",
+    "negative batch",
+    "zero max length",
+    "lr not a number",
+    "yaml syntax",
+    "unknown config key",
+    "unknown option",
+    "bad option value",
+    "bad option type",
+    "set without =",
+    "no model there",
+    "output is a file",
+    "existing run",
+    "predict missing adapter",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -156,8 +227,8 @@ def test_bad_input_gives_one_line_error(case, bad_inputs, run_cli, tmp_path, mon
     args, pattern = bad_inputs[case]
     code, stdout, stderr = run_cli(*args)
     assert code == 2, (code, stderr)
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("error: ")]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
     # progress lines ("loading data ...") may come first; the error is one line, and the last
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr, stderr
     assert re.search(pattern, errors[0]), errors[0]
@@ -165,8 +236,12 @@ def test_bad_input_gives_one_line_error(case, bad_inputs, run_cli, tmp_path, mon
 
 
 def test_error_in_a_real_process_has_no_traceback(tiny_csv) -> None:
-    done = subprocess.run([sys.executable, "-m", "peftkit.cli", "run", "--dataset", tiny_csv, "--epochs", "-1"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", "run", "--dataset", tiny_csv, "--epochs", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "error: epochs must be a positive integer, got -1"
 

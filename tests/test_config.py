@@ -37,7 +37,11 @@ def test_config_file_is_valid(path) -> None:
 
 def test_set_values_are_parsed_as_yaml_scalars() -> None:
     assert parse_set_options(["r=16", "use_dora=true", "target_modules=[query,value]", "alpha=0.5"]) == {
-        "r": 16, "use_dora": True, "target_modules": ["query", "value"], "alpha": 0.5}
+        "r": 16,
+        "use_dora": True,
+        "target_modules": ["query", "value"],
+        "alpha": 0.5,
+    }
     opts = options_from_dict(registry.get_strategy("lora"), {"target_modules": "query,key"})
     assert opts.target_modules == ["query", "key"]
 

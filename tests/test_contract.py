@@ -7,15 +7,14 @@ else moves -> save the adapter -> load it onto a fresh base -> identical logits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import set_seed
 
-from conftest import ARCHITECTURES, make_rows
 from peftkit import registry
 from peftkit.adapter_io import read_metadata, save_adapter
 from peftkit.config import RunConfig
@@ -23,6 +22,8 @@ from peftkit.fingerprint import backbone_digests
 from peftkit.loop import make_accelerator, torch_param_groups, train_step
 from peftkit.models import load_classifier, load_tokenizer
 from peftkit.strategies.base import TaskSpec
+
+from conftest import ARCHITECTURES, make_rows
 
 LABELS = ["neg", "pos"]
 TASK = TaskSpec(num_labels=2, label_names=tuple(LABELS))
@@ -46,8 +47,11 @@ def _gradients_reaching(model: torch.nn.Module) -> Iterator[set[str]]:
     """The names of the parameters a gradient was accumulated into while the block ran (a step
     zeroes the gradients it used, so they are recorded as they arrive)."""
     reached: set[str] = set()
-    hooks = [p.register_post_accumulate_grad_hook(lambda _p, n=n: reached.add(n))
-             for n, p in model.named_parameters() if p.requires_grad]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda _p, n=n: reached.add(n))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
     try:
         yield reached
     finally:
@@ -87,10 +91,22 @@ def test_strategy_contract(name: str, arch: str, tiny_model_dir, tmp_path) -> No
             opt.add_param_group(g)
         live = {n for n, p in model.named_parameters() if p.requires_grad}
         with _gradients_reaching(model) as with_grad:
-            train_step(accelerator, model, opt, strategy, _step_loss(strategy), batch, step=epoch, total_steps=epochs,
-                       warmup_steps=0, max_grad_norm=1.0)
+            train_step(
+                accelerator,
+                model,
+                opt,
+                strategy,
+                _step_loss(strategy),
+                batch,
+                step=epoch,
+                total_steps=epochs,
+                warmup_steps=0,
+                max_grad_norm=1.0,
+            )
         # gradients reach exactly the parameters that are trainable now, all of them declared
-        assert with_grad == live, f"{name}/{arch}: grads {sorted(with_grad - live)[:3]} vs {sorted(live - with_grad)[:3]}"
+        assert with_grad == live, (
+            f"{name}/{arch}: grads {sorted(with_grad - live)[:3]} vs {sorted(live - with_grad)[:3]}"
+        )
         assert with_grad <= set(declared)
         for g in torch_param_groups(strategy.on_step_end(model, epoch + 1), lr, 0.0):
             opt.add_param_group(g)

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from conftest import make_rows
 from peftkit.data import Shape, load_labelled_data, load_text_data, text_shape
 from peftkit.errors import PeftkitError
+
+from conftest import make_rows
 
 
 def _write_csv(path, rows, fields=("text", "label")) -> str:
@@ -55,9 +56,13 @@ def test_formats(fmt, tmp_path) -> None:
         path.write_bytes(gzip.compress(open(plain, "rb").read()))
     else:
         path = tmp_path / "saved"
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:40]),
-                              "validation": datasets.Dataset.from_list(rows[40:50]),
-                              "test": datasets.Dataset.from_list(rows[50:])}).save_to_disk(str(path))
+        datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_list(rows[:40]),
+                "validation": datasets.Dataset.from_list(rows[40:50]),
+                "test": datasets.Dataset.from_list(rows[50:]),
+            }
+        ).save_to_disk(str(path))
     data = load_labelled_data(str(path))
     assert sum(data.split_info["sizes"].values()) == 60
     assert data.label_names == ["neg", "pos"]
@@ -83,8 +88,9 @@ def test_missing_validation_is_carved_from_train(tmp_path) -> None:
 
     rows = make_rows(100)
     path = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:90]),
-                          "test": datasets.Dataset.from_list(rows[90:])}).save_to_disk(str(path))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:90]), "test": datasets.Dataset.from_list(rows[90:])}
+    ).save_to_disk(str(path))
     data = load_labelled_data(str(path))
     assert data.split_info["sizes"] == {"train": 80, "validation": 10, "test": 10}
     assert "validation carved out of train" in data.split_info["method"]
@@ -136,18 +142,22 @@ def test_embedded_rotten_tomatoes() -> None:
     assert 0.53 < share < 0.6  # stratified: the test split keeps the fresh share (~0.58)
 
 
-@pytest.mark.parametrize("columns, named, shape", [
-    (["prompt", "response"], {}, Shape.PROMPT_RESPONSE),
-    (["question", "answer", "label"], {}, Shape.PROMPT_RESPONSE),  # a response column wins
-    (["text", "label"], {}, Shape.LABELLED),
-    (["review", "stars"], {"label_column": "stars"}, Shape.LABELLED),
-    (["text"], {}, Shape.PLAIN_TEXT),
-    (["sentence", "id"], {}, Shape.PLAIN_TEXT),
-    (["body", "notes"], {"response_column": "notes"}, Shape.PROMPT_RESPONSE),
-])
+@pytest.mark.parametrize(
+    "columns, named, shape",
+    [
+        (["prompt", "response"], {}, Shape.PROMPT_RESPONSE),
+        (["question", "answer", "label"], {}, Shape.PROMPT_RESPONSE),  # a response column wins
+        (["text", "label"], {}, Shape.LABELLED),
+        (["review", "stars"], {"label_column": "stars"}, Shape.LABELLED),
+        (["text"], {}, Shape.PLAIN_TEXT),
+        (["sentence", "id"], {}, Shape.PLAIN_TEXT),
+        (["body", "notes"], {"response_column": "notes"}, Shape.PROMPT_RESPONSE),
+    ],
+)
 def test_shape_is_read_from_the_columns(columns, named, shape) -> None:
-    assert text_shape(columns, named.get("text_column"), named.get("label_column"),
-                      named.get("response_column")) is shape
+    assert (
+        text_shape(columns, named.get("text_column"), named.get("label_column"), named.get("response_column")) is shape
+    )
 
 
 def test_text_data_without_a_text_column_is_refused() -> None:
@@ -166,8 +176,11 @@ def test_text_data_carries_its_shape(tiny_csv, tmp_path) -> None:
 
 def test_numeric_answers_are_text(tmp_path) -> None:
     """A CSV of numeric answers is read as integers; they are learned as text (0 included), not a traceback."""
-    path = _write_csv(tmp_path / "sums.csv", [{"prompt": f"{i} + 1 =", "response": i + 1 - (i == 5) * 6} for i in range(30)],
-                      fields=("prompt", "response"))
+    path = _write_csv(
+        tmp_path / "sums.csv",
+        [{"prompt": f"{i} + 1 =", "response": i + 1 - (i == 5) * 6} for i in range(30)],
+        fields=("prompt", "response"),
+    )
     data = load_text_data(path)
     assert data.shape is Shape.PROMPT_RESPONSE and sum(data.split_info["sizes"].values()) == 30
     responses = [r for split in data.splits.values() for r in split["response"]]
@@ -176,10 +189,17 @@ def test_numeric_answers_are_text(tmp_path) -> None:
 
 # -- what a run says about its data (issue 15: findings 9, 10, 11) ---------------------------------
 
+
 def _reviews(path, n: int = 300, empty_text: int = 0, empty_label: int = 0, neg_share: float = 0.5) -> str:
     """``id, review, sentiment`` rows: distinct reviews, the first rows with empty cells."""
-    rows = [{"id": i, "review": f"review number {i} of the film", "sentiment": "neg" if i % 100 < neg_share * 100 else "pos"}
-            for i in range(n)]
+    rows = [
+        {
+            "id": i,
+            "review": f"review number {i} of the film",
+            "sentiment": "neg" if i % 100 < neg_share * 100 else "pos",
+        }
+        for i in range(n)
+    ]
     for i in range(empty_text):
         rows[i]["review"] = ""
     for i in range(empty_text, empty_text + empty_label):
@@ -196,8 +216,10 @@ def _warnings(data, task: str = "sequence-classification") -> list[str]:
 def test_guessed_columns_are_said_and_recorded(tmp_path) -> None:
     path = _reviews(tmp_path / "my.csv")
     data = load_labelled_data(path)
-    assert data.notes == [f"data: {path}: 300 rows; text column 'review', label column 'sentiment' "
-                          "(guessed; --text-column/--label-column to choose)"]
+    assert data.notes == [
+        f"data: {path}: 300 rows; text column 'review', label column 'sentiment' "
+        "(guessed; --text-column/--label-column to choose)"
+    ]
     assert data.split_info["columns"] == {"text": "review", "label": "sentiment"}
     from peftkit.data import resolved_columns
 
@@ -225,23 +247,30 @@ def test_swapped_columns_warn_of_free_text_and_name_the_fix(tmp_path) -> None:
     swapped = load_labelled_data(path, text_column="sentiment", label_column="review")
     assert _warnings(swapped) == [
         "warning: label column 'review' has 300 distinct values in 300 rows and looks like free text, not "
-        "classes; did you mean --text-column review --label-column sentiment?"]
+        "classes; did you mean --text-column review --label-column sentiment?"
+    ]
     # a causal LM may well answer in free text: only classification tasks check
     assert _warnings(load_text_data(path, text_column="sentiment", label_column="review"), "causal-lm") == []
     # long labels read as sentences even when few; no column to swap with: the others are named
     wordy = tmp_path / "wordy.csv"
-    _write_csv(wordy, [{"id": i, "note": f"note {i}", "label": f"this is sentence number {i % 3} of three"}
-                       for i in range(60)], fields=("id", "note", "label"))
+    _write_csv(
+        wordy,
+        [{"id": i, "note": f"note {i}", "label": f"this is sentence number {i % 3} of three"} for i in range(60)],
+        fields=("id", "note", "label"),
+    )
     assert _warnings(load_labelled_data(str(wordy), text_column="note")) == [
         "warning: label column 'label' has 3 distinct values in 60 rows and looks like free text, not classes; "
-        "name the column that holds the classes with --label-column (other columns: id)"]
+        "name the column that holds the classes with --label-column (other columns: id)"
+    ]
 
 
 def test_a_dominant_class_is_warned_of(tmp_path) -> None:
     data = load_labelled_data(_reviews(tmp_path / "my.csv", neg_share=0.91))
     [warning] = _warnings(data)
-    assert warning.startswith("warning: class 'neg' is 9") and "of the training rows; accuracy alone will " \
-        "mislead, read macro-F1 (majority baseline 0.9" in warning
+    assert (
+        warning.startswith("warning: class 'neg' is 9")
+        and "of the training rows; accuracy alone will mislead, read macro-F1 (majority baseline 0.9" in warning
+    )
 
 
 def test_balanced_data_with_its_own_columns_gets_no_warning(tiny_csv, tmp_path) -> None:
@@ -256,13 +285,31 @@ def test_a_run_says_and_records_its_columns(run_cli, tiny_model_dir, tmp_path) -
     import yaml
 
     data, out = _reviews(tmp_path / "my.csv", empty_text=12, empty_label=8), str(tmp_path / "run")
-    code, _, err = run_cli("run", "--model", tiny_model_dir("bert"), "--dataset", data, "--output-dir", out,
-                           "--strategy", "head_only", "--epochs", "1", "--max-train-samples", "64",
-                           "--max-eval-samples", "32", "--max-length", "16")
+    code, _, err = run_cli(
+        "run",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        data,
+        "--output-dir",
+        out,
+        "--strategy",
+        "head_only",
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "64",
+        "--max-eval-samples",
+        "32",
+        "--max-length",
+        "16",
+    )
     assert code == 0, err
-    said = [f"data: {data}: 300 rows; text column 'review', label column 'sentiment' "
-            "(guessed; --text-column/--label-column to choose)",
-            "warning: 20 of 300 rows dropped: empty text 'review' (12) or label 'sentiment' (8)"]
+    said = [
+        f"data: {data}: 300 rows; text column 'review', label column 'sentiment' "
+        "(guessed; --text-column/--label-column to choose)",
+        "warning: 20 of 300 rows dropped: empty text 'review' (12) or label 'sentiment' (8)",
+    ]
     assert all(line in err.splitlines() for line in said) and "warning: class" not in err
     config = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert (config["text_column"], config["label_column"], config["response_column"]) == ("review", "sentiment", None)
@@ -282,10 +329,16 @@ def test_bad_data_is_refused_before_torch_loads(rows, tmp_path) -> None:
 
     source = _write_csv(tmp_path / "bad.csv", rows)
     out = tmp_path / "run"
-    code = ("import sys\nfrom peftkit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    print('exit', e.code, sorted(m for m in ('torch', 'peft', 'accelerate') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code, "run", "--strategy", "lora", "--dataset", source,
-                           "--output-dir", str(out)], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys\nfrom peftkit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    print('exit', e.code, sorted(m for m in ('torch', 'peft', 'accelerate') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", "--strategy", "lora", "--dataset", source, "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.strip() == "exit 2 []", done.stdout + done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
     assert not out.exists()

@@ -41,7 +41,12 @@ def test_the_embedded_default_trains_exactly_as_before(name: str) -> None:
     hp, want = run.hparams, BEFORE[name]
     assert schedule.how == "default" and schedule.steps_per_epoch == 319
     assert (hp.lr, hp.epochs, hp.batch_size, hp.weight_decay, hp.warmup_ratio) == (
-        want["lr"], want["epochs"], want["batch_size"], want["weight_decay"], want["warmup_ratio"])
+        want["lr"],
+        want["epochs"],
+        want["batch_size"],
+        want["weight_decay"],
+        want["warmup_ratio"],
+    )
     assert hp.warmup_steps(319 * hp.epochs) == want["warmup"]
     assert run.config.early_stopping_patience is None  # no early stopping where there was none
 
@@ -52,8 +57,10 @@ def test_small_data_raises_epochs_with_early_stopping_and_says_why() -> None:
     assert schedule.how == "raised" and schedule.worth_saying
     # the patience covers at least a third of min_steps (3 x 20 >= 50): on a few hundred examples
     # validation often sits at the majority class for the first tiny epochs before it rises
-    assert schedule.reason == ("640 examples: 20 steps per epoch; training 8 epochs (at least 150 steps), "
-                               "early stopping after 3 epochs (60 steps) without gain (--epochs N to choose)")
+    assert schedule.reason == (
+        "640 examples: 20 steps per epoch; training 8 epochs (at least 150 steps), "
+        "early stopping after 3 epochs (60 steps) without gain (--epochs N to choose)"
+    )
 
 
 def test_the_raise_is_capped_and_counts_the_global_batch_and_accumulation() -> None:
@@ -89,9 +96,24 @@ def test_warmup_is_a_ratio_of_the_run_with_a_cap() -> None:
 
 
 def _tiny_run(run_cli, tiny_model_dir, tiny_csv, out, *extra: str) -> tuple[dict, dict, str]:
-    code, _, err = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                           "--max-train-samples", "40", "--max-eval-samples", "16", "--max-length", "16",
-                           "--output-dir", str(out), *extra)
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--max-train-samples",
+        "40",
+        "--max-eval-samples",
+        "16",
+        "--max-length",
+        "16",
+        "--output-dir",
+        str(out),
+        *extra,
+    )
     assert code == 0, err
     config = yaml.safe_load((out / "config.yaml").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -123,14 +145,16 @@ def test_tune_trial_zero_gets_the_raised_epochs(tiny_model_dir, tiny_csv, tmp_pa
     from peftkit.tuning import SearchTrial, TuneConfig, trial_config, trial_zero
 
     said: list[str] = []
-    run = RunConfig(strategy="lora", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=40,
-                    max_length=16)
+    run = RunConfig(
+        strategy="lora", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=40, max_length=16
+    )
     plan = plan_tune(TuneConfig(run=run, output_dir=str(tmp_path / "tune")), echo=said.append)
     zero = trial_zero(plan)
     assert zero["epochs"] == 20  # what a plain run trains on these 40 examples, not lora's 1
     assert any("training 20 epochs" in line for line in said)
     assert trial_config(plan, zero, str(tmp_path / "t0")).early_stopping_patience == 10
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    searched = {plan.strategy.search_space(SearchTrial(study.ask(), plan.fixed, {}), plan.defaults)["epochs"]
-                for _ in range(30)}
+    searched = {
+        plan.strategy.search_space(SearchTrial(study.ask(), plan.fixed, {}), plan.defaults)["epochs"] for _ in range(30)
+    }
     assert min(searched) >= 10 and max(searched) <= 40 and max(searched) > 20  # half to twice the raised

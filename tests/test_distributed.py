@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from conftest import kill_after_checkpoint
-
 from peftkit.adapter_io import read_safetensors
+
+from conftest import kill_after_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,17 @@ _TRANSIENT = ("Address already in use", "Connection reset by peer", "Connection 
 
 
 def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "peftkit", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "peftkit",
+        *args,
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and any(t in proc.stderr for t in _TRANSIENT):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -48,8 +57,25 @@ def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 
 
 def _args(model: str, data: str, out: str) -> list[str]:
-    return ["run", "--strategy", "full", "--lr", "3e-3", "--model", model, "--dataset", data, "--epochs", "6",
-            "--batch-size", "16", "--max-length", "32", "--output-dir", out]
+    return [
+        "run",
+        "--strategy",
+        "full",
+        "--lr",
+        "3e-3",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--epochs",
+        "6",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--output-dir",
+        out,
+    ]
 
 
 def test_two_processes_train_as_one(no_dropout_bert, tiny_csv, run_cli, tmp_path, monkeypatch) -> None:
@@ -110,7 +136,7 @@ _FSDP_OPTIONS = {
 
 def _fsdp_args(model: str, data: str, out: str, strategy: str, *extra: str) -> list[str]:
     args = _args(model, data, out)
-    args[args.index("full") - 1: args.index("full") + 3] = ["--strategy", strategy, *_FSDP_OPTIONS[strategy]]
+    args[args.index("full") - 1 : args.index("full") + 3] = ["--strategy", strategy, *_FSDP_OPTIONS[strategy]]
     return [*args, "--fsdp", *extra]
 
 
@@ -135,8 +161,9 @@ def fsdp_run(no_dropout_bert, tiny_csv, tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "head_only"])
-def test_fsdp_two_processes_train_as_one(strategy, fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path,
-                                         monkeypatch) -> None:
+def test_fsdp_two_processes_train_as_one(
+    strategy, fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path, monkeypatch
+) -> None:
     """Two processes, each holding half of every parameter, train as one process does: the same
     losses, the same best epoch and test accuracy, and the adapter gathered on the main process
     equal to the one-process adapter, in the same files and layout."""
@@ -169,8 +196,9 @@ def test_fsdp_two_processes_train_as_one(strategy, fsdp_run, no_dropout_bert, ti
     assert worst < 1e-4, f"weights differ by up to {worst}"
 
 
-def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_dropout_bert, tiny_csv, run_cli,
-                                                               tmp_path, monkeypatch) -> None:
+def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(
+    fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path, monkeypatch
+) -> None:
     """Sharded checkpoints: every process writes its slices; a 2-process run killed with SIGKILL
     (every process of it, mid-epoch) and resumed by 2 processes ends bit for bit as the
     uninterrupted one. Resuming it with 1 process is refused, and the checkpoint survives the
@@ -184,8 +212,17 @@ def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_drop
     reference = fsdp_run("lora")
     out = str(tmp_path / "killed")
     stage = os.path.join(str(tmp_path), ".killed.partial", "checkpoints")  # its checkpoints
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "peftkit",
-               *_fsdp_args(no_dropout_bert, tiny_csv, out, "lora", "--checkpoint-every", "7")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "peftkit",
+        *_fsdp_args(no_dropout_bert, tiny_csv, out, "lora", "--checkpoint-every", "7"),
+    ]
     kill_after_checkpoint(command, os.path.dirname(stage), min_step=28, env=_FSDP_ENV)  # in epoch 3 of 6
     assert not os.path.exists(out), "a killed run must not appear as finished"
     # the newest (killed between renaming a checkpoint into place and removing the one before, both remain)
@@ -207,8 +244,9 @@ def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_drop
         b = json.load(fh)
     assert b["resumed"] is True and b["processes"] == 2
     timing = ("epoch_seconds", "examples_per_second", "tokens_per_second")
-    assert [{k: v for k, v in e.items() if k not in timing} for e in a["history"]] == \
-           [{k: v for k, v in e.items() if k not in timing} for e in b["history"]]
+    assert [{k: v for k, v in e.items() if k not in timing} for e in a["history"]] == [
+        {k: v for k, v in e.items() if k not in timing} for e in b["history"]
+    ]
     assert (a["test_accuracy"], a["best_epoch"]) == (b["test_accuracy"], b["best_epoch"])
     ta = read_safetensors(os.path.join(reference, "adapter", "adapter_model.safetensors"))
     tb = read_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors"))
@@ -224,8 +262,9 @@ def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(fsdp_run, no_drop
     tok = AutoTokenizer.from_pretrained(merged)
     with torch.no_grad():
         probs = torch.softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
-    expected = torch.tensor([r["probabilities"] for r in predict_texts(load_adapter(os.path.join(out, "adapter")),
-                                                                         texts)])
+    expected = torch.tensor(
+        [r["probabilities"] for r in predict_texts(load_adapter(os.path.join(out, "adapter")), texts)]
+    )
     torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
 
 
@@ -238,12 +277,11 @@ def test_fsdp_with_one_process_is_a_plain_run_that_says_so(no_dropout_bert, tiny
 
 
 def test_fsdp_refuses_what_it_cannot_shard_yet() -> None:
-    from peftkit.errors import PeftkitError
-    from peftkit.sharding import check_fsdp, check_shardable
-
     # every built-in strategy shards (gradual_unfreeze is refused with any several processes);
     # a plugin says why it cannot (Strategy.not_sharded)
     from peftkit import registry
+    from peftkit.errors import PeftkitError
+    from peftkit.sharding import check_fsdp, check_shardable
 
     assert not [name for name, cls in registry.available().items() if cls.not_sharded]
     with pytest.raises(PeftkitError, match="strategy 'mine' cannot train with --fsdp: its reason"):

@@ -4,6 +4,7 @@ Pure text, no imports of peftkit: milliseconds. Reference material lives in docs
 page; the README is the front page (what peftkit is, the set-up commands, one run, the strategies,
 a tour of the commands, the documentation's pages).
 """
+
 from __future__ import annotations
 
 import re
@@ -72,7 +73,8 @@ def relative(target: str) -> bool:
 def test_the_readme_is_at_most_300_lines() -> None:
     lines = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert lines <= README_MAX_LINES, (
-        f"README.md has {lines} lines, over {README_MAX_LINES}: move reference material to docs/")
+        f"README.md has {lines} lines, over {README_MAX_LINES}: move reference material to docs/"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -99,6 +101,7 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
 def test_the_anchor_rule() -> None:
     assert anchor("Fully sharded: `--fsdp` (FSDP2)") == "fully-sharded---fsdp-fsdp2"
     assert anchor("Against a Transformers `Trainer` + peft script, on CPU") == (
-        "against-a-transformers-trainer--peft-script-on-cpu")
+        "against-a-transformers-trainer--peft-script-on-cpu"
+    )
     assert anchor("Reproducible installs: the lock") == "reproducible-installs-the-lock"
     assert anchor("Bug reports: `peftkit env`") == "bug-reports-peftkit-env"

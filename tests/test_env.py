@@ -10,8 +10,15 @@ from importlib.metadata import version
 
 import pytest
 
-from peftkit.env import (REPORTED_PACKAGES, environment_report, find_lock, format_report, lock_status,
-                         package_versions, read_lock)
+from peftkit.env import (
+    REPORTED_PACKAGES,
+    environment_report,
+    find_lock,
+    format_report,
+    lock_status,
+    package_versions,
+    read_lock,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,22 +32,33 @@ def test_package_versions_are_the_installed_ones() -> None:
 
 def test_read_lock_takes_pins_and_skips_comments_options_and_markers(tmp_path) -> None:
     lock = tmp_path / "lock.txt"
-    lock.write_text("# a comment\n--find-links /somewhere\nTorch==2.13.0+cpu   # via peftkit\n"
-                    "scikit_learn==1.9.1\n    # via mlxtend\nnumpy==2.4.6 ; python_version >= '3.11'\n"
-                    "-e .\nfoo[extra]==1.0\n")
-    assert read_lock(str(lock)) == {"torch": "2.13.0+cpu", "scikit-learn": "1.9.1", "numpy": "2.4.6",
-                                    "foo": "1.0"}
+    lock.write_text(
+        "# a comment\n--find-links /somewhere\nTorch==2.13.0+cpu   # via peftkit\n"
+        "scikit_learn==1.9.1\n    # via mlxtend\nnumpy==2.4.6 ; python_version >= '3.11'\n"
+        "-e .\nfoo[extra]==1.0\n"
+    )
+    assert read_lock(str(lock)) == {"torch": "2.13.0+cpu", "scikit-learn": "1.9.1", "numpy": "2.4.6", "foo": "1.0"}
 
 
 def test_lock_status_says_match_difference_and_absence() -> None:
-    versions = {"python": "3.11.7", "peftkit": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.24.0",
-                "peft": "0.21", "numpy": "not installed", "tokenizers": "0.23.3"}
+    versions = {
+        "python": "3.11.7",
+        "peftkit": "0.1.0",
+        "torch": "2.13.0+cpu",
+        "transformers": "5.24.0",
+        "peft": "0.21",
+        "numpy": "not installed",
+        "tokenizers": "0.23.3",
+    }
     locked = {"torch": "2.13.0+cpu", "transformers": "5.23.0", "peft": "0.21.0", "numpy": "2.4.6"}
     assert lock_status(versions, locked) == {
-        "peftkit": "this project", "torch": "matches lock",
+        "peftkit": "this project",
+        "torch": "matches lock",
         "transformers": "differs from lock (locked 5.23.0)",
         "peft": "matches lock",  # 0.21 and 0.21.0 are the same release
-        "numpy": "differs from lock (locked 2.4.6)", "tokenizers": "not in lock"}
+        "numpy": "differs from lock (locked 2.4.6)",
+        "tokenizers": "not in lock",
+    }
     assert set(lock_status(versions, None).values()) == {"lock not found"}
     # the lock pins torch's version; the build install.sh chose (CPU, CUDA) is that version, as pip
     # decides "torch==2.13.0"; a pin that names a build matches only that build
@@ -68,8 +86,10 @@ def _interpreter(version: str) -> str | None:
     import glob
     import shutil
 
-    candidates = [shutil.which(f"python{version}"),
-                  *sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")))]
+    candidates = [
+        shutil.which(f"python{version}"),
+        *sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))),
+    ]
     for candidate in filter(None, candidates):
         if subprocess.run([candidate, "-V"], capture_output=True).returncode == 0:
             return candidate
@@ -82,12 +102,20 @@ def test_install_refuses_a_python_the_lock_is_not_for_in_one_line(tmp_path, pyth
     if interpreter is None:
         pytest.skip(f"no working python{python} on this machine")
     venv = tmp_path / "venv"
-    result = subprocess.run(["bash", os.path.join(REPO, "install.sh")], capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": interpreter, "VENV": str(venv)}, timeout=60)
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "install.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": interpreter, "VENV": str(venv)},
+        timeout=60,
+    )
     assert result.returncode == 2 and not venv.exists()
-    expected = (f"install.sh: Python 3.10 ({interpreter}) is not one peftkit is locked for; accepted: "
-                "Python 3.11, 3.12, 3.13 (PYTHON=<interpreter>)" if python == "3.10" else
-                f"install.sh: PYTHON='{interpreter}' does not run a Python interpreter")
+    expected = (
+        f"install.sh: Python 3.10 ({interpreter}) is not one peftkit is locked for; accepted: "
+        "Python 3.11, 3.12, 3.13 (PYTHON=<interpreter>)"
+        if python == "3.10"
+        else f"install.sh: PYTHON='{interpreter}' does not run a Python interpreter"
+    )
     assert result.stderr.strip().splitlines() == [expected]
 
 
@@ -124,14 +152,20 @@ def test_env_command_text_and_json(run_cli, tmp_path) -> None:
 
 def test_env_with_a_missing_lock_file_is_one_line(run_cli, tmp_path) -> None:
     code, _, stderr = run_cli("env", "--lock", str(tmp_path / "nope.lock"))
-    assert code == 2 and stderr.strip() == f"error: lock file not found: {str(tmp_path / 'nope.lock')!r}; " \
-                                           "give a requirements-style file of name==version lines"
+    assert (
+        code == 2
+        and stderr.strip()
+        == f"error: lock file not found: {str(tmp_path / 'nope.lock')!r}; "
+        "give a requirements-style file of name==version lines"
+    )
 
 
 @pytest.mark.parametrize("args", [["--help"], ["env", "--help"]])
 def test_help_does_not_import_torch(args) -> None:
-    code = ("import sys\nfrom peftkit.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'imported torch'\n") % (args,)
+    code = (
+        "import sys\nfrom peftkit.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'imported torch'\n"
+    ).replace("%r", repr(args))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
@@ -151,8 +185,10 @@ def test_bitsandbytes_8bit_cast_message_is_shown_once_per_process(caplog) -> Non
             logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.bfloat16")
         logger.warning("another message")
     messages = [r.getMessage() for r in caplog.records if r.name == logger.name]
-    assert messages == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
-                        "another message"]
+    assert messages == [
+        "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
+        "another message",
+    ]
     assert len(logger.filters) == 1
 
 
@@ -164,9 +200,11 @@ def test_a_run_hides_the_libraries_objects_from_the_garbage_collector() -> None:
     import sys
 
     # (a fresh interpreter may have frozen a few objects of its own: 375 on CPython 3.12, 0 on 3.11)
-    code = ("import gc\nbefore = gc.get_freeze_count()\nimport peftkit.env as env\n"
-            "env.freeze_imported_objects()\n"
-            "print(gc.get_freeze_count() - before)")
+    code = (
+        "import gc\nbefore = gc.get_freeze_count()\nimport peftkit.env as env\n"
+        "env.freeze_imported_objects()\n"
+        "print(gc.get_freeze_count() - before)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["0"], done.stdout + done.stderr
 
@@ -187,15 +225,17 @@ def test_peftkits_own_processes_give_large_blocks_pages_of_their_own(own) -> Non
     freed memory stays resident; peftkit's own processes (env.own_process) give every block of 8 MiB
     or more pages of its own (returned when freed): a 10 MiB tensor is then counted in glibc's
     mmapped bytes (mallinfo2's hblkhd)."""
-    code = ("import ctypes, torch\n"
-            "class Info(ctypes.Structure):\n"
-            "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',"
-            " 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
-            "libc = ctypes.CDLL('libc.so.6')\nlibc.mallinfo2.restype = Info\n"
-            + ("from peftkit.env import own_process\nown_process()\n" if own else "") +
-            "first = torch.ones(1 << 22)\ndel first\n"  # 16 MiB freed: glibc's own threshold rises to it
-            "before = libc.mallinfo2().hblkhd\nblock = torch.ones(10 << 18)\n"  # 10 MiB
-            "print((libc.mallinfo2().hblkhd - before) >> 20)")
+    code = (
+        "import ctypes, torch\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',"
+        " 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\nlibc.mallinfo2.restype = Info\n"
+        + ("from peftkit.env import own_process\nown_process()\n" if own else "")
+        + "first = torch.ones(1 << 22)\ndel first\n"  # 16 MiB freed: glibc's own threshold rises to it
+        "before = libc.mallinfo2().hblkhd\nblock = torch.ones(10 << 18)\n"  # 10 MiB
+        "print((libc.mallinfo2().hblkhd - before) >> 20)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr

@@ -13,8 +13,12 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed (install.sh installs it)")
 
-TEXTS = ["good", "the plot was dull and the acting very boring and clumsy and weak and the story tedious",
-         "a wonderful brilliant film", "bad"]
+TEXTS = [
+    "good",
+    "the plot was dull and the acting very boring and clumsy and weak and the story tedious",
+    "a wonderful brilliant film",
+    "bad",
+]
 
 
 def _adapter(tiny_model_dir, directory, strategy: str, arch: str = "bert", **options) -> str:
@@ -46,12 +50,21 @@ def _probabilities(rows: list[dict]) -> list[list[float]]:
     return [row["probabilities"] for row in rows]
 
 
-@pytest.mark.parametrize("strategy,arch,options", [
-    ("lora", "bert", {}), ("full", "bert", {}), ("gradual_unfreeze", "bert", {}), ("adapter", "bert", {}),
-    ("prefix", "bert", {}), ("head_only", "bert", {"pooling": "mean"}), ("lora", "llama", {}),
-])
-def test_every_strategy_exports_what_pytorch_computes(strategy, arch, options, tiny_model_dir, tiny_csv,
-                                                      tmp_path) -> None:
+@pytest.mark.parametrize(
+    "strategy,arch,options",
+    [
+        ("lora", "bert", {}),
+        ("full", "bert", {}),
+        ("gradual_unfreeze", "bert", {}),
+        ("adapter", "bert", {}),
+        ("prefix", "bert", {}),
+        ("head_only", "bert", {"pooling": "mean"}),
+        ("lora", "llama", {}),
+    ],
+)
+def test_every_strategy_exports_what_pytorch_computes(
+    strategy, arch, options, tiny_model_dir, tiny_csv, tmp_path
+) -> None:
     from peftkit import api
     from peftkit.registry import get_strategy
 
@@ -59,8 +72,9 @@ def test_every_strategy_exports_what_pytorch_computes(strategy, arch, options, t
     out = str(tmp_path / "onnx")
     result = api.export(adapter, out, dataset=tiny_csv)
     assert result.merged is get_strategy(strategy).merges
-    assert sorted(os.listdir(out)) == sorted(["model.onnx", "peftkit_export.json", "config.json", "tokenizer.json",
-                                              "tokenizer_config.json"])
+    assert sorted(os.listdir(out)) == sorted(
+        ["model.onnx", "peftkit_export.json", "config.json", "tokenizer.json", "tokenizer_config.json"]
+    )
     with open(os.path.join(out, "peftkit_export.json")) as fh:
         meta = json.load(fh)
     assert meta["label_names"] == ["neg", "pos"] and meta["strategy"] == strategy and meta["max_length"] == 32
@@ -95,8 +109,27 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_csv) -> str:
 
     out = str(tmp_path_factory.mktemp("export-run") / "run")
     with pytest.raises(SystemExit) as done:
-        main(["run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--epochs", "4",
-              "--batch-size", "16", "--max-length", "24", "--lr", "2e-2", "--output-dir", out])
+        main(
+            [
+                "run",
+                "--strategy",
+                "lora",
+                "--model",
+                tiny_model_dir("bert"),
+                "--dataset",
+                tiny_csv,
+                "--epochs",
+                "4",
+                "--batch-size",
+                "16",
+                "--max-length",
+                "24",
+                "--lr",
+                "2e-2",
+                "--output-dir",
+                out,
+            ]
+        )
     assert done.value.code in (0, None)
     return out
 
@@ -105,8 +138,9 @@ def test_int8_is_checked_on_the_adapters_own_test_split(run_cli, trained, tmp_pa
     out, plain = str(tmp_path / "int8"), str(tmp_path / "fp32")
     # a tiny model has many answers near 0.5: int8 may flip one of its 20 test examples, so the
     # required agreement is lowered (the default, 99%, is tested for refusing below)
-    code, stdout, err = run_cli("export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.8",
-                                "--output", out)
+    code, stdout, err = run_cli(
+        "export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.8", "--output", out
+    )
     assert code == 0, err
     # on a BERT encoder the fastest int8 graph matches: attention fused, with the 2-D padding mask
     assert "int8 check (attention fused, padding mask): the same label as PyTorch on" in err
@@ -141,8 +175,9 @@ def test_an_export_that_fails_its_check_writes_nothing(failing, run_cli, trained
 
         monkeypatch.setattr(peftkit.exporter, "onnx_probabilities", flipped)
     out = tmp_path / "nested" / "out"
-    code, stdout, err = run_cli("export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.5",
-                                "--output", str(out))
+    code, stdout, err = run_cli(
+        "export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.5", "--output", str(out)
+    )
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # after the progress lines
     assert code == 2 and len(errors) == 1 and "nothing was written" in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "nested").exists()
@@ -176,8 +211,9 @@ def test_int8_quantizes_the_fastest_graph_that_still_matches_pytorch(run_cli, tr
 
     monkeypatch.setattr(peftkit.exporter, "int8_sources", with_bad_candidates)
     out = str(tmp_path / "int8")
-    code, _, err = run_cli("export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.8",
-                           "--output", out)
+    code, _, err = run_cli(
+        "export", "--adapter", trained, "--quantize", "int8", "--min-agreement", "0.8", "--output", out
+    )
     assert code == 0, err
     assert "broken graph: ONNX Runtime refused it" in err and "wrong graph: differs by" in err
     with open(os.path.join(out, "peftkit_export.json")) as fh:
@@ -188,8 +224,21 @@ def test_image_classifiers_export(run_cli, tiny_vit_dir, tmp_path) -> None:
     from PIL import Image
 
     run, out = str(tmp_path / "run"), str(tmp_path / "onnx")
-    code, _, err = run_cli("run", "--strategy", "adapter", "--model", tiny_vit_dir, "--dataset", "digits", "--epochs", "1",
-                           "--max-train-samples", "64", "--output-dir", run)
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "adapter",
+        "--model",
+        tiny_vit_dir,
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "64",
+        "--output-dir",
+        run,
+    )
     assert code == 0, err
     code, _, err = run_cli("export", "--adapter", run, "--output", out)
     assert code == 0, err
@@ -214,8 +263,14 @@ def test_refusals_are_one_line(run_cli, trained, tmp_path, monkeypatch, tiny_cau
     open(os.path.join(out, "keep.txt"), "w").close()
     cases = [
         (("export", "--adapter", trained, "--output", out), "already exists; use --overwrite"),
-        (("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--opset", "12"), "--opset 12 is not supported; accepted: 18 to 23"),
-        (("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--format", "tflite"), "'tflite' is not one of 'onnx', 'gguf'"),
+        (
+            ("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--opset", "12"),
+            "--opset 12 is not supported; accepted: 18 to 23",
+        ),
+        (
+            ("export", "--adapter", trained, "--output", str(tmp_path / "o2"), "--format", "tflite"),
+            "'tflite' is not one of 'onnx', 'gguf'",
+        ),
         (("predict", "--onnx", trained, "good"), "holds no peftkit export"),
         (("predict", "--onnx", out, "--adapter", trained, "good"), "not both"),
         (("predict", "good"), "no model: give --adapter DIR"),
@@ -232,9 +287,27 @@ def test_refusals_are_one_line(run_cli, trained, tmp_path, monkeypatch, tiny_cau
 
 def test_a_language_model_adapter_is_refused_for_onnx(run_cli, tiny_causal_dir, tiny_csv, tmp_path) -> None:
     run = str(tmp_path / "run")
-    code, _, err = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--model", tiny_causal_dir, "--dataset",
-                           tiny_csv, "--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "8",
-                           "--max-length", "24", "--output-dir", run)
+    code, _, err = run_cli(
+        "run",
+        "--task",
+        "causal-lm",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "32",
+        "--max-eval-samples",
+        "8",
+        "--max-length",
+        "24",
+        "--output-dir",
+        run,
+    )
     assert code == 0, err
     code, _, err = run_cli("export", "--adapter", run, "--output", str(tmp_path / "out"))
     assert code == 2 and "--format onnx exports classifiers; this adapter is a causal-lm adapter" in err, err

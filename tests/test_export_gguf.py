@@ -23,15 +23,29 @@ def tiny_bpe_llama(tmp_path_factory) -> str:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator([r["text"] for r in make_rows(200)], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128, tie_word_embeddings=True,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-bpe-llama")
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -103,8 +117,11 @@ def test_gguf_refusals_are_one_line(tiny_bpe_llama, tiny_causal_dir, tiny_model_
     out = str(tmp_path / "out")
     cases = [
         ((head,), "strategy 'head_only' cannot be merged into a plain model, which a GGUF file holds"),
-        ((classifier,), "--format gguf exports language models (causal-lm adapters); this adapter is a "
-                        "sequence-classification adapter: use --format onnx"),
+        (
+            (classifier,),
+            "--format gguf exports language models (causal-lm adapters); this adapter is a "
+            "sequence-classification adapter: use --format onnx",
+        ),
         ((lora, "--quantize", "int8"), "--quantize: for --format onnx only"),
         ((lora, "--dataset", "rotten_tomatoes"), "--dataset, --text-column, --label-column: for --format onnx only"),
     ]

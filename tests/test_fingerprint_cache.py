@@ -52,8 +52,10 @@ def test_changed_weights_or_a_wrong_cache_are_hashed_again(tiny_model_dir, tmp_p
     AutoModel.from_pretrained(tiny_model_dir("bert")).save_pretrained(model_dir)
     for name in os.listdir(tiny_model_dir("bert")):
         if name.startswith("tokenizer") or name.endswith(".txt"):
-            with open(os.path.join(tiny_model_dir("bert"), name), "rb") as src, \
-                 open(os.path.join(model_dir, name), "wb") as dst:
+            with (
+                open(os.path.join(tiny_model_dir("bert"), name), "rb") as src,
+                open(os.path.join(model_dir, name), "wb") as dst,
+            ):
                 dst.write(src.read())
     before = cached_backbone_digests(_load(model_dir), model_dir, seed=0)
     # the same file names, other weights: the files' sizes or times differ, so the key does

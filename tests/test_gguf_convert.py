@@ -19,18 +19,30 @@ from peftkit.gguf_convert import cache_dir, convert_gguf, embedded_gguf_model, i
 LAYERS, HEADS, KV_HEADS = 2, 4, 2
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _gguf_names() -> dict[str, str]:
     """Hugging Face Llama parameter names -> llama.cpp's tensor names."""
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(LAYERS):
         for hf, gg in parts.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
@@ -53,10 +65,20 @@ def write_tiny_gguf(path: str, tied: bool = True, seed: int = 0):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     tokens = SPECIALS + sorted(set(bytes_to_unicode().values())) + ["Ġt", "he", "Ġthe"]
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=len(tokens),
-                         max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=len(tokens),
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
 
@@ -166,8 +188,9 @@ def test_tiny_gguf_converts_to_an_identical_plain_model(tiny_gguf, tmp_path) -> 
     gguf_tok = AutoTokenizer.from_pretrained(source, gguf_file=name)
     assert (tok.pad_token, tok.eos_token) == ("<|im_end|>", "<|im_end|>")
     assert tok.model_max_length == 128  # the context length, not transformers' "unlimited"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "the hat"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "the hat"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<|im_start|>user\nthe hat<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(prompt, return_tensors="pt").input_ids
     assert ids.tolist() == gguf_tok(prompt, return_tensors="pt").input_ids.tolist()
@@ -326,8 +349,9 @@ def test_real_smollm2_converts_and_reloads_identically(tmp_path, monkeypatch) ->
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.tie_word_embeddings is True
     assert tok.pad_token == "<|im_end|>" and tok.chat_template
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     batch = tok(prompt, return_tensors="pt")
 
     source = importlib.util.find_spec(SMOLLM2[0]).submodule_search_locations[0]
@@ -335,5 +359,5 @@ def test_real_smollm2_converts_and_reloads_identically(tmp_path, monkeypatch) ->
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, reference(**batch).logits, atol=1e-4)
         out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer

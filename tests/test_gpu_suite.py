@@ -27,10 +27,27 @@ def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu-suite")
     out, work = tmp / "out", tmp / "work"
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu", "run.sh"), "--dry-run", "--out", str(out),
-                           "--work", str(work), "--cases", "vs_trainer,kernels_liger,compile,packing,profile",
-                           "--vs-jobs", "a", "--profile-runs", "lora,lora+liger"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [
+            "bash",
+            os.path.join(ROOT, "benchmarks", "gpu", "run.sh"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+            "--cases",
+            "vs_trainer,kernels_liger,compile,packing,profile",
+            "--vs-jobs",
+            "a",
+            "--profile-runs",
+            "lora,lora+liger",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, work
 
@@ -49,15 +66,28 @@ def test_dry_run_writes_every_section(dry_run) -> None:
     assert row["model_flops_per_token"] > 0  # counted, though no MFU without a GPU peak
     assert "prompt/response pairs" in results["pairs"]
     names = {t["target"] for t in results["targets"]}
-    assert {"full fine-tune MFU (data-sheet peak) >= 35%", "LoRA step time / full step time <= 0.70",
-            "QLoRA-4bit peak / LoRA-bf16 peak <= 0.6", "peftkit / Trainer + peft step time <= 0.8 (job a)",
-            "peftkit / Trainer + peft peak training memory <= 0.6 (job a)"} <= names
+    assert {
+        "full fine-tune MFU (data-sheet peak) >= 35%",
+        "LoRA step time / full step time <= 0.70",
+        "QLoRA-4bit peak / LoRA-bf16 peak <= 0.6",
+        "peftkit / Trainer + peft step time <= 0.8 (job a)",
+        "peftkit / Trainer + peft peak training memory <= 0.6 (job a)",
+    } <= names
     planner = next(t for t in results["targets"] if t["target"].startswith("planner within ±15%"))
     # the packing row, and the compile row where this peftkit has --compile: every one predicted
     assert planner["value"] is not None and re.search(r"(\d) of \1 rows predicted", planner["shown"])
     stages = row["stage_seconds"]  # where start-up goes: the GPU sessions' runs were mostly start-up
-    assert list(stages) == ["imports", "load_data", "load_model", "fingerprint", "prepare", "setup", "train",
-                            "evaluate", "save"]
+    assert list(stages) == [
+        "imports",
+        "load_data",
+        "load_model",
+        "fingerprint",
+        "prepare",
+        "setup",
+        "train",
+        "evaluate",
+        "save",
+    ]
     assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= row["wall_seconds"] + 0.01
     md = (out / "results.md").read_text()
     assert "| packing | `lora` | packing |" in md and "| target | issue | measured | met |" in md
@@ -136,7 +166,9 @@ def test_parts_split_the_cases_and_part_two_continues_part_one(tmp_path) -> None
     assert "vs_trainer_1.5b" in extra2 and "overhead" in extra2
     assert split(2)[0][0] == "compile"  # no part 1 found: part 2's own cases only
     dry_core, dry_extra = split(None, dry=True, no_overhead=True)
-    assert not dry_extra and "qlora_4bit" not in dry_core and "overhead" not in dry_core and "vs_trainer_1.5b" in dry_core
+    assert (
+        not dry_extra and "qlora_4bit" not in dry_core and "overhead" not in dry_core and "vs_trainer_1.5b" in dry_core
+    )
     assert split(None, cases="qlora_4bit,vs_trainer") == (["vs_trainer", "qlora_4bit"], [])
     # part 2 finds part 1's state only with the same settings
     state = {"part": 1, "settings": "S", "dry_run": False, "cases": {}}
@@ -183,11 +215,13 @@ def test_a_case_killed_at_the_time_limit_takes_the_workers_in_their_own_sessions
 
     pid_file = tmp_path / "worker.pid"
     # a "bench" that starts a "worker" in a new session, as peftkit's bench does, then waits
-    script = ("import subprocess, sys, time\n"
-              "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
-              f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
-              "print('started', flush=True)\n"
-              "time.sleep(60)\n")
+    script = (
+        "import subprocess, sys, time\n"
+        "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
     code, seconds = run_logged([sys.executable, "-c", script], str(tmp_path / "case.log"), timeout=3)
     assert code is None and seconds < 30
     worker = int(pid_file.read_text())

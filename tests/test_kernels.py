@@ -95,12 +95,24 @@ def test_kernels_none_leaves_the_model_alone_and_torch_needs_a_gated_mlp(tiny_mo
 
 def test_liger_is_refused_in_one_line_without_a_gpu(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_causal_dir, "--dataset", pairs_csv,
-                              "--kernels", "liger", "--output-dir", str(out))
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        pairs_csv,
+        "--kernels",
+        "liger",
+        "--output-dir",
+        str(out),
+    )
     assert code == 2 and not out.exists()
     assert stderr.strip().splitlines()[-1] == (
         "error: --kernels liger: Liger's kernels are Triton kernels for CUDA GPUs; on CPU use --kernels torch "
-        "(the default) or none")
+        "(the default) or none"
+    )
 
 
 def test_compile_blocks_compiles_training_and_leaves_evaluation_eager(monkeypatch) -> None:

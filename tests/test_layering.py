@@ -21,15 +21,55 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "peftkit"
 LAYERS: dict[int, tuple[str, ...]] = {
     5: ("cli",),
     4: ("api",),
-    3: ("benchmark", "bench_report", "bench_worker", "planner", "train", "loop", "inference", "evaluation",
-        "tuning", "tune_worker", "exporter", "gguf_export"),
+    3: (
+        "benchmark",
+        "bench_report",
+        "bench_worker",
+        "planner",
+        "train",
+        "loop",
+        "inference",
+        "evaluation",
+        "tuning",
+        "tune_worker",
+        "exporter",
+        "gguf_export",
+    ),
     2: ("tasks", "strategies", "registry", "levers"),
-    1: ("data", "config", "adapter_io", "models", "structure", "memory", "env", "errors", "typing_utils",
-        "fingerprint", "gguf_convert", "rundir", "checkpoint", "plots", "metrics", "spec", "files", "predict_io", "hub",
-        "stats", "sharding", "chunked_loss", "packing", "kernels"),
+    1: (
+        "data",
+        "config",
+        "adapter_io",
+        "models",
+        "structure",
+        "memory",
+        "env",
+        "errors",
+        "typing_utils",
+        "fingerprint",
+        "gguf_convert",
+        "rundir",
+        "checkpoint",
+        "plots",
+        "metrics",
+        "spec",
+        "files",
+        "predict_io",
+        "hub",
+        "stats",
+        "sharding",
+        "chunked_loss",
+        "packing",
+        "kernels",
+    ),
 }
-LAYER_NAMES = {5: "command line", 4: "library API", 3: "runs, benches, plans", 2: "tasks and strategies",
-               1: "data, io, structure"}
+LAYER_NAMES = {
+    5: "command line",
+    4: "library API",
+    3: "runs, benches, plans",
+    2: "tasks and strategies",
+    1: "data, io, structure",
+}
 # the package's front doors: importing peftkit (or running it) may pull anything in
 EXEMPT = {"peftkit", "peftkit.__main__"}
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
@@ -86,8 +126,11 @@ def _where(module: str) -> str:
 @pytest.mark.parametrize("module", [m for m in MODULES if m not in EXEMPT])
 def test_no_module_imports_a_higher_layer(module: str) -> None:
     mine = _layer(module)
-    upward = [f"{MODULES[module].relative_to(PACKAGE.parent)}:{line}: {_where(module)} imports {_where(target)}"
-              for target, line in GRAPH[module] if (_layer(target) or 0) > (mine or 0)]
+    upward = [
+        f"{MODULES[module].relative_to(PACKAGE.parent)}:{line}: {_where(module)} imports {_where(target)}"
+        for target, line in GRAPH[module]
+        if (_layer(target) or 0) > (mine or 0)
+    ]
     assert not upward, "nothing may import a higher layer:\n" + "\n".join(upward)
 
 
@@ -103,7 +146,7 @@ def _cycle() -> list[str] | None:
             if target == node:
                 continue
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (found := visit(target)):
                 return found
         path.pop()

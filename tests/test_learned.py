@@ -13,12 +13,13 @@ import os
 import datasets
 import pytest
 
-from conftest import make_rows
 from peftkit.data import TaskData
 from peftkit.metrics import RunMetrics
 from peftkit.tasks import get_task
 from peftkit.tasks.sequence_classification import judge_against_majority, majority_baseline
 from peftkit.train import likely_cause
+
+from conftest import make_rows
 
 # the issue's run: 500 test examples, 58.4% of them 'negative'
 ISSUE_TEST = [0] * 292 + [1] * 208
@@ -29,47 +30,56 @@ def _data(test: list[int], validation: list[int], names: list[str] | None = NAME
     def split(labels: list[int]) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"text": ["x"] * len(labels), "label": labels})
 
-    return TaskData(datasets.DatasetDict({"train": split([0, 1]), "validation": split(validation),
-                                          "test": split(test)}), names)
+    return TaskData(
+        datasets.DatasetDict({"train": split([0, 1]), "validation": split(validation), "test": split(test)}), names
+    )
 
 
 # -- the classification rule, on constructed metrics ---------------------------------------------
 
+
 def test_a_run_at_the_majority_rate_is_flagged() -> None:
-    verdict = judge_against_majority({"accuracy": 0.584, "f1_macro": 0.369}, majority_baseline(ISSUE_TEST, NAMES),
-                                     500, "test")
+    verdict = judge_against_majority(
+        {"accuracy": 0.584, "f1_macro": 0.369}, majority_baseline(ISSUE_TEST, NAMES), 500, "test"
+    )
     assert verdict.learned is False
-    assert verdict.reason == ("test accuracy 0.584 is not better than the majority-class rate 0.584 "
-                              "(always 'negative', 500 examples), macro-F1 0.369")
+    assert verdict.reason == (
+        "test accuracy 0.584 is not better than the majority-class rate 0.584 "
+        "(always 'negative', 500 examples), macro-F1 0.369"
+    )
     assert verdict.baseline["test"]["predicts"] == "negative" and verdict.baseline["test"]["examples"] == 500
 
 
 def test_a_hair_above_the_majority_rate_is_still_flagged() -> None:
     """0.590 against a majority rate of 0.588 on 1,000 examples is chance, not learning."""
-    verdict = judge_against_majority({"accuracy": 0.590, "f1_macro": 0.45},
-                                     majority_baseline([0] * 588 + [1] * 412, NAMES), 1000, "test")
+    verdict = judge_against_majority(
+        {"accuracy": 0.590, "f1_macro": 0.45}, majority_baseline([0] * 588 + [1] * 412, NAMES), 1000, "test"
+    )
     assert verdict.learned is False and "not clearly above the majority-class rate 0.588" in verdict.reason
     assert verdict.baseline["test"]["p_value"] > 0.3
 
 
 def test_a_run_clearly_above_the_majority_rate_is_not_flagged() -> None:
-    verdict = judge_against_majority({"accuracy": 0.764, "f1_macro": 0.75}, majority_baseline(ISSUE_TEST, NAMES),
-                                     500, "test")
+    verdict = judge_against_majority(
+        {"accuracy": 0.764, "f1_macro": 0.75}, majority_baseline(ISSUE_TEST, NAMES), 500, "test"
+    )
     assert verdict.learned is True and verdict.baseline["test"]["p_value"] < 1e-6
 
 
 def test_macro_f1_at_the_one_class_value_is_flagged() -> None:
     baseline = majority_baseline(ISSUE_TEST, NAMES)
-    verdict = judge_against_majority({"accuracy": 0.70, "f1_macro": baseline["f1_macro"] + 0.005}, baseline, 500,
-                                     "test")
+    verdict = judge_against_majority(
+        {"accuracy": 0.70, "f1_macro": baseline["f1_macro"] + 0.005}, baseline, 500, "test"
+    )
     assert verdict.learned is False and "is what always answering one class gets" in verdict.reason
 
 
 def test_the_task_judges_on_test_and_records_validation_beside_it() -> None:
     task = get_task("sequence-classification")
     data = _data(ISSUE_TEST, [0] * 60 + [1] * 40)
-    verdict = task.learned({"test": {"accuracy": 0.584, "f1_macro": 0.369},
-                            "validation": {"accuracy": 0.80, "f1_macro": 0.79}}, data)
+    verdict = task.learned(
+        {"test": {"accuracy": 0.584, "f1_macro": 0.369}, "validation": {"accuracy": 0.80, "f1_macro": 0.79}}, data
+    )
     assert verdict.learned is False and verdict.baseline["judged_on"] == "test"
     assert verdict.baseline["validation"]["accuracy"] == pytest.approx(0.6)
     # a tuning trial evaluates no test split: validation decides
@@ -86,19 +96,24 @@ def test_data_without_labels_is_not_judged() -> None:
 
 # -- causal LM: against its own perplexity before training -----------------------------------------
 
+
 def test_a_causal_lm_worse_than_zero_shot_is_flagged_and_better_is_not() -> None:
     task, data = get_task("causal-lm"), _data([0], [0])
     worse = task.learned({"test": {"loss": 2.6}, "validation": {"loss": 2.5}}, data, zero_shot={"loss": 2.0})
     assert worse.learned is False and worse.worse
     assert worse.reason == "validation perplexity 12.18 is worse than the untrained (zero-shot) model's 7.39"
-    assert worse.baseline == {"name": "zero-shot", "judged_on": "validation",
-                              "validation": {"loss": 2.0, "perplexity": pytest.approx(7.389, abs=1e-3)}}
+    assert worse.baseline == {
+        "name": "zero-shot",
+        "judged_on": "validation",
+        "validation": {"loss": 2.0, "perplexity": pytest.approx(7.389, abs=1e-3)},
+    }
     better = task.learned({"test": {"loss": 1.6}, "validation": {"loss": 1.5}}, data, zero_shot={"loss": 2.0})
     assert better.learned is True
     assert task.learned({"validation": {"loss": 1.5}}, data, zero_shot=None) is None
 
 
 # -- the likely cause: from the run's own numbers ---------------------------------------------------
+
 
 def _metrics(steps: int, epochs: int) -> RunMetrics:
     m = RunMetrics.__new__(RunMetrics)  # only the figures likely_cause reads
@@ -108,8 +123,10 @@ def _metrics(steps: int, epochs: int) -> RunMetrics:
 
 def test_the_likely_cause_follows_the_runs_numbers() -> None:
     # the issue's run: 640 examples, batch 32, one epoch
-    assert likely_cause(2e-3, _metrics(20, 1), [{"train_loss": 0.68}]) == \
-        "20 optimizer steps is likely too few: try --epochs 8 (or a higher --lr)"
+    assert (
+        likely_cause(2e-3, _metrics(20, 1), [{"train_loss": 0.68}])
+        == "20 optimizer steps is likely too few: try --epochs 8 (or a higher --lr)"
+    )
     # enough steps, the loss did not fall: too high a rate
     rose = likely_cause(2e-3, _metrics(300, 3), [{"train_loss": 0.69}, {"train_loss": 0.69}, {"train_loss": 0.70}])
     assert "the learning rate 0.002 is likely too high: try --lr 0.00067" in rose
@@ -121,12 +138,29 @@ def test_the_likely_cause_follows_the_runs_numbers() -> None:
 
 # -- end to end on tiny models ----------------------------------------------------------------------
 
+
 def test_a_run_that_cannot_learn_warns_and_records_it(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     """A learning rate of 1e-9 leaves the random head as it was: the warning, in the summary and metrics.json."""
     out = str(tmp_path / "run")
-    code, stdout, stderr = run_cli("run", "--strategy", "full", "--model", tiny_model_dir("bert"), "--dataset",
-                                   tiny_csv, "--output-dir", out, "--epochs", "1", "--lr", "1e-9",
-                                   "--batch-size", "16", "--max-length", "16")
+    code, stdout, stderr = run_cli(
+        "run",
+        "--strategy",
+        "full",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        out,
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-9",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+    )
     assert code == 0, stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["learned"] is False and m["optimizer_steps"] == 10
@@ -144,8 +178,16 @@ def test_the_python_api_warns_when_a_run_learned_nothing(tiny_model_dir, tiny_cs
     a PeftkitWarning, whose message is the run's learned_note."""
     import peftkit
 
-    cfg = peftkit.RunConfig(strategy="full", model=tiny_model_dir("bert"), dataset=tiny_csv,
-                            output_dir=str(tmp_path / "run"), epochs=1, lr=1e-9, batch_size=16, max_length=16)
+    cfg = peftkit.RunConfig(
+        strategy="full",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        output_dir=str(tmp_path / "run"),
+        epochs=1,
+        lr=1e-9,
+        batch_size=16,
+        max_length=16,
+    )
     with pytest.warns(peftkit.LearnedNothingWarning, match="learned nothing: .*too few") as caught:
         result = peftkit.run(cfg, echo=lambda line: None)
     assert issubclass(peftkit.LearnedNothingWarning, peftkit.PeftkitWarning)
@@ -153,8 +195,7 @@ def test_the_python_api_warns_when_a_run_learned_nothing(tiny_model_dir, tiny_cs
     assert caught[0].filename == __file__  # points at the caller's line, not into peftkit
 
 
-def test_swapped_columns_are_the_cause_named_when_nothing_was_learned(run_cli, tiny_model_dir,
-                                                                     tmp_path) -> None:
+def test_swapped_columns_are_the_cause_named_when_nothing_was_learned(run_cli, tiny_model_dir, tmp_path) -> None:
     """Issue 32 (3): the data check found the label column holds free text; the learned-nothing line
     names that fix, not more epochs or another learning rate."""
     path = tmp_path / "swapped.csv"
@@ -163,9 +204,27 @@ def test_swapped_columns_are_the_cause_named_when_nothing_was_learned(run_cli, t
         writer.writeheader()
         writer.writerows({"review": r["text"], "sentiment": r["label"]} for r in make_rows(200))
     out = str(tmp_path / "run")
-    code, _, stderr = run_cli("run", "--strategy", "full", "--model", tiny_model_dir("bert"), "--dataset",
-                              str(path), "--text-column", "sentiment", "--label-column", "review",
-                              "--output-dir", out, "--epochs", "1", "--batch-size", "16", "--max-length", "16")
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "full",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        str(path),
+        "--text-column",
+        "sentiment",
+        "--label-column",
+        "review",
+        "--output-dir",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+    )
     assert code == 0, stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["learned"] is False
@@ -189,9 +248,25 @@ def answers_csv(tmp_path_factory) -> str:
 def test_a_causal_lm_made_worse_by_training_is_flagged(run_cli, tiny_causal_dir, answers_csv, tmp_path) -> None:
     """The untrained model's validation loss is measured before the first step; a rate of 3 wrecks the model."""
     out = str(tmp_path / "run")
-    code, _, stderr = run_cli("run", "--strategy", "full", "--model", tiny_causal_dir, "--dataset", answers_csv,
-                              "--output-dir", out, "--epochs", "1", "--lr", "3", "--batch-size", "16",
-                              "--max-length", "16")
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "full",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        answers_csv,
+        "--output-dir",
+        out,
+        "--epochs",
+        "1",
+        "--lr",
+        "3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+    )
     assert code == 0, stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     zero_shot = m["baseline"]["validation"]["loss"]
@@ -204,8 +279,10 @@ def test_a_causal_lm_made_worse_by_training_is_flagged(run_cli, tiny_causal_dir,
 
 # -- the bench: each row carries its run's verdict, the report flags it with the cause ---------------
 
-NOTE = ("test accuracy 0.584 is not better than the majority-class rate 0.584 (always 'negative', 500 examples), "
-        "macro-F1 0.369. 20 optimizer steps is likely too few: try --epochs 8 (or a higher --lr)")
+NOTE = (
+    "test accuracy 0.584 is not better than the majority-class rate 0.584 (always 'negative', 500 examples), "
+    "macro-F1 0.369. 20 optimizer steps is likely too few: try --epochs 8 (or a higher --lr)"
+)
 
 
 class VerdictRunner:
@@ -218,14 +295,33 @@ class VerdictRunner:
         from peftkit.benchmark import Attempt
 
         acc, learned = self.verdicts[(cfg.strategy, cfg.seed)]
-        metrics = {"test_accuracy": acc, "test_f1_macro": acc - 0.2, "validation_accuracy": acc, "best_epoch": 1,
-                   "epochs_run": 1, "trainable_params": 10, "total_params": 100, "trainable_percent": 10.0,
-                   "peak_memory_bytes": 2**30, "peak_memory_eval_bytes": 2**29, "memory_loaded_bytes": 2**29,
-                   "peak_memory_increase_bytes": 2**29, "peak_memory_method": "test", "train_seconds": 10.0,
-                   "eval_seconds": 1.0, "samples_per_second": 100.0, "adapter_bytes": 1000,
-                   "batch_size": cfg.batch_size, "grad_accumulation": 1, "effective_batch_size": cfg.batch_size,
-                   "device": "cpu", "optimizer_steps": 20, "learned": learned, "learned_note": None if learned else NOTE,
-                   "history": [{"epoch": 1, "validation_accuracy": acc, "epoch_seconds": 8.0}]}
+        metrics = {
+            "test_accuracy": acc,
+            "test_f1_macro": acc - 0.2,
+            "validation_accuracy": acc,
+            "best_epoch": 1,
+            "epochs_run": 1,
+            "trainable_params": 10,
+            "total_params": 100,
+            "trainable_percent": 10.0,
+            "peak_memory_bytes": 2**30,
+            "peak_memory_eval_bytes": 2**29,
+            "memory_loaded_bytes": 2**29,
+            "peak_memory_increase_bytes": 2**29,
+            "peak_memory_method": "test",
+            "train_seconds": 10.0,
+            "eval_seconds": 1.0,
+            "samples_per_second": 100.0,
+            "adapter_bytes": 1000,
+            "batch_size": cfg.batch_size,
+            "grad_accumulation": 1,
+            "effective_batch_size": cfg.batch_size,
+            "device": "cpu",
+            "optimizer_steps": 20,
+            "learned": learned,
+            "learned_note": None if learned else NOTE,
+            "history": [{"epoch": 1, "validation_accuracy": acc, "epoch_seconds": 8.0}],
+        }
         return Attempt("ok", cfg.batch_size, metrics=metrics)
 
 
@@ -234,16 +330,20 @@ def test_the_bench_flags_a_run_that_learned_nothing_with_its_cause(tmp_path) -> 
     from peftkit.benchmark import BenchConfig, run_suite
 
     bench = BenchConfig(strategies=["full", "lora"], seeds=[0, 1], command="peftkit bench --test")
-    runner = VerdictRunner({("full", 0): (0.80, True), ("full", 1): (0.81, True),
-                            ("lora", 0): (0.584, False), ("lora", 1): (0.81, True)})
-    baselines = {s: {"name": "majority class", "predicts": "negative", "accuracy": 0.584, "f1_macro": 0.369}
-                 for s in (0, 1)}
+    runner = VerdictRunner(
+        {("full", 0): (0.80, True), ("full", 1): (0.81, True), ("lora", 0): (0.584, False), ("lora", 1): (0.81, True)}
+    )
+    baselines = {
+        s: {"name": "majority class", "predicts": "negative", "accuracy": 0.584, "f1_macro": 0.369} for s in (0, 1)
+    }
     echoed: list[str] = []
     results = run_suite(bench, str(tmp_path), echoed.append, runner=runner, baselines=baselines)
     assert [r["learned"] for r in results["rows"]] == [True, True, False, True]
     assert results["summary"]["lora"]["learned_nothing"] == [0] and results["summary"]["full"]["learned_nothing"] == []
-    assert any(line.startswith("  lora seed 0: test accuracy 0.5840") and line.endswith(f"; learned nothing: {NOTE}")
-               for line in echoed)
+    assert any(
+        line.startswith("  lora seed 0: test accuracy 0.5840") and line.endswith(f"; learned nothing: {NOTE}")
+        for line in echoed
+    )
     md = (tmp_path / "results.md").read_text()
     assert "| `lora` † |" in md and "| `full` |" in md
     assert f"† `lora` learned nothing (seed 0): {NOTE}." in md
@@ -255,8 +355,12 @@ def test_the_bench_flags_runs_that_learned_nothing_without_a_baseline(tmp_path) 
     from peftkit.benchmark import BenchConfig, run_suite
 
     bench = BenchConfig(strategies=["lora"], seeds=[0, 1], command="peftkit bench --test")
-    run_suite(bench, str(tmp_path), lambda m: None, runner=VerdictRunner({("lora", 0): (0.5, False),
-                                                                         ("lora", 1): (0.5, False)}))
+    run_suite(
+        bench,
+        str(tmp_path),
+        lambda m: None,
+        runner=VerdictRunner({("lora", 0): (0.5, False), ("lora", 1): (0.5, False)}),
+    )
     md = (tmp_path / "results.md").read_text()
     assert "| `lora` † |" in md and f"† `lora` learned nothing (seeds 0, 1): {NOTE}." in md and "Baseline" not in md
 

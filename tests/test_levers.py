@@ -26,15 +26,33 @@ def _classifier(model_dir: str):
 
 
 def _run_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
-    return ["run", "--model", model_dir, "--dataset", data, "--output-dir", out, "--epochs", "1",
-            "--batch-size", "16", "--max-length", "16", *extra]
+    return [
+        "run",
+        "--model",
+        model_dir,
+        "--dataset",
+        data,
+        "--output-dir",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        *extra,
+    ]
 
 
 # -- what is refused, and how -------------------------------------------------------------------
 
+
 def test_quantized_full_fine_tune_is_refused_naming_what_works() -> None:
-    with pytest.raises(PeftkitError, match=r"strategy 'full' trains the base .* use --quantize with "
-                                           r"adapter, head_only, lora, prefix"):
+    with pytest.raises(
+        PeftkitError,
+        match=r"strategy 'full' trains the base .* use --quantize with "
+        r"adapter, head_only, lora, prefix",
+    ):
         check_levers(Levers(quantize="4bit"), get_strategy("full")())
     check_levers(Levers(quantize="4bit"), get_strategy("lora")())  # fine
 
@@ -49,8 +67,9 @@ def test_cuda_only_levers_are_refused_on_cpu() -> None:
 
 def test_run_refuses_a_bad_lever_in_one_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "full",
-                                         "--quantize", "4bit"))
+    code, _, stderr = run_cli(
+        *_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "full", "--quantize", "4bit")
+    )
     last = stderr.strip().splitlines()[-1]  # (the fixture's first model save may print a bar before it)
     assert code == 2 and last.startswith("error: strategy 'full' trains") and "Traceback" not in stderr
     code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--precision", "fp64"))
@@ -62,8 +81,9 @@ def test_levers_are_yaml_settings(tmp_path) -> None:
     from peftkit.config import build_run_config
 
     path = tmp_path / "run.yaml"
-    path.write_text("strategy: lora\nquantize: 4bit\noptimizer: adamw8bit\ngradient_checkpointing: true\n"
-                    "precision: bf16\n")
+    path.write_text(
+        "strategy: lora\nquantize: 4bit\noptimizer: adamw8bit\ngradient_checkpointing: true\nprecision: bf16\n"
+    )
     cfg = build_run_config(str(path), {}, {})
     assert cfg.levers == Levers(quantize="4bit", optimizer="adamw8bit", gradient_checkpointing=True, precision="bf16")
     assert cfg.to_dict()["quantize"] == "4bit"  # recorded flat, as written
@@ -73,6 +93,7 @@ def test_levers_are_yaml_settings(tmp_path) -> None:
 
 
 # -- each lever does what it says ---------------------------------------------------------------
+
 
 def test_frozen_weights_are_stored_in_half_and_trainable_ones_stay_fp32(tiny_model_dir) -> None:
     strategy = get_strategy("lora")()
@@ -120,15 +141,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(strategy, tiny_model_di
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("levers", [["--precision", "bf16"], ["--optimizer", "adamw8bit"],
-                                    ["--gradient-checkpointing"]], ids=lambda x: x[-1].lstrip("-"))
+@pytest.mark.parametrize(
+    "levers",
+    [["--precision", "bf16"], ["--optimizer", "adamw8bit"], ["--gradient-checkpointing"]],
+    ids=lambda x: x[-1].lstrip("-"),
+)
 def test_run_with_a_lever(levers, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "run"
     code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora", *levers))
     assert code == 0, stderr
     metrics = json.load(open(out / "metrics.json"))
-    expected = {"precision": "bf16"} if "bf16" in levers else (
-        {"optimizer": "adamw8bit"} if "adamw8bit" in levers else {"gradient_checkpointing": True})
+    expected = (
+        {"precision": "bf16"}
+        if "bf16" in levers
+        else ({"optimizer": "adamw8bit"} if "adamw8bit" in levers else {"gradient_checkpointing": True})
+    )
     assert expected.items() <= metrics.items()
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["train_seconds"] > 0
 
@@ -142,8 +169,11 @@ def test_lora_on_a_quantized_base_trains_saves_and_predicts(bits, run_cli, tiny_
     from peftkit.inference import load_adapter, predict_texts
 
     out = tmp_path / "run"
-    code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora",
-                                         "--quantize", bits, "--epochs", "2"))
+    code, _, stderr = run_cli(
+        *_run_args(
+            tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora", "--quantize", bits, "--epochs", "2"
+        )
+    )
     assert code == 0, stderr
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["quantize"] == bits and metrics["trainable_params"] > 0
@@ -167,9 +197,22 @@ def test_a_4bit_base_counts_its_parameters_not_its_packed_bytes(run_cli, tiny_mo
     counts = {}
     for bits in (None, "4bit"):
         out = tmp_path / str(bits)
-        code, stdout, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora",
-                                                  "--epochs", "1", "--max-train-samples", "32",
-                                                  "--max-eval-samples", "16", *(["--quantize", bits] if bits else [])))
+        code, stdout, stderr = run_cli(
+            *_run_args(
+                tiny_model_dir("bert"),
+                tiny_csv,
+                str(out),
+                "--strategy",
+                "lora",
+                "--epochs",
+                "1",
+                "--max-train-samples",
+                "32",
+                "--max-eval-samples",
+                "16",
+                *(["--quantize", bits] if bits else []),
+            )
+        )
         assert code == 0, stderr
         metrics = json.load(open(out / "metrics.json"))
         counts[bits] = (metrics["trainable_params"], metrics["total_params"])
@@ -180,8 +223,19 @@ def test_a_4bit_base_counts_its_parameters_not_its_packed_bytes(run_cli, tiny_mo
 @needs_cuda
 def test_fp16_and_paged_optimizer_on_cuda(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli(*_run_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategy", "lora",
-                                         "--precision", "fp16", "--optimizer", "paged_adamw8bit"))
+    code, _, stderr = run_cli(
+        *_run_args(
+            tiny_model_dir("bert"),
+            tiny_csv,
+            str(out),
+            "--strategy",
+            "lora",
+            "--precision",
+            "fp16",
+            "--optimizer",
+            "paged_adamw8bit",
+        )
+    )
     assert code == 0, stderr
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["device"].startswith("cuda") and metrics["precision"] == "fp16"
@@ -197,26 +251,39 @@ def test_cuda_budget_caps_the_card_by_its_index(monkeypatch) -> None:
     calls = []
     total = 80 * 2**30
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index: type("Props", (), {"total_memory": total})())
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, device: calls.append((fraction, device)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("Props", (), {"total_memory": total})())
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append((fraction, device))
+    )
     apply_budget(torch.device("cuda"), 8 * 2**30)
     apply_budget(torch.device("cuda", 3), 20 * 2**30)
     assert calls == [(0.1, 0), (0.25, 3)]
     assert all(isinstance(device, int) for _, device in calls)
 
 
-@pytest.mark.parametrize("levers", [["--quantize", "4bit"], ["--quantize", "8bit"], ["--precision", "bf16"],
-                                    ["--gradient-checkpointing"]], ids=lambda x: x[-1].lstrip("-"))
+@pytest.mark.parametrize(
+    "levers",
+    [["--quantize", "4bit"], ["--quantize", "8bit"], ["--precision", "bf16"], ["--gradient-checkpointing"]],
+    ids=lambda x: x[-1].lstrip("-"),
+)
 def test_prefix_with_a_lever_trains_saves_and_predicts(levers, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     """Prefixes go in front of keys whatever computed them: 4/8-bit projections, bf16 autocast
     (the prefixes are cast to the keys' dtype), recomputed blocks."""
     from peftkit.inference import load_adapter, predict_texts
 
     out = tmp_path / "run"
-    code, _, stderr = run_cli(*_run_args(tiny_model_dir("llama"), tiny_csv, str(out), "--strategy", "prefix",
-                                         "--set", "num_virtual_tokens=4", *levers))
+    code, _, stderr = run_cli(
+        *_run_args(
+            tiny_model_dir("llama"),
+            tiny_csv,
+            str(out),
+            "--strategy",
+            "prefix",
+            "--set",
+            "num_virtual_tokens=4",
+            *levers,
+        )
+    )
     assert code == 0, stderr
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["trainable_params"] == 4 * 2 * 2 * 32 + 2 * 32 and 0 <= metrics["test_accuracy"] <= 1

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from peftkit.errors import library_error_line, raising_library, set_context, clear_context
+from peftkit.errors import clear_context, library_error_line, raising_library, set_context
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +55,29 @@ def test_library_error_line_names_strategy_model_type_and_message() -> None:
     clear_context()
     set_context(command="run", strategy="prefix", model="minilm", model_type=None)
     assert library_error_line(_library_failure(), "transformers").startswith(
-        "transformers raised ValueError during run (strategy prefix, model 'minilm'): Unrecognized model")
+        "transformers raised ValueError during run (strategy prefix, model 'minilm'): Unrecognized model"
+    )
     set_context(model_type="bert")
     assert "(strategy prefix, model type bert)" in library_error_line(_library_failure(), "transformers")
     clear_context()
 
 
 def _run_args(model: str, data: str, out: str) -> list[str]:
-    return ["run", "--strategy", "lora", "--model", model, "--dataset", data, "--output-dir", out,
-            "--max-length", "16", "--batch-size", "16"]
+    return [
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--output-dir",
+        out,
+        "--max-length",
+        "16",
+        "--batch-size",
+        "16",
+    ]
 
 
 def _assert_one_library_line(code: int, stderr: str) -> str:
@@ -74,14 +88,17 @@ def _assert_one_library_line(code: int, stderr: str) -> str:
     return errors[0]
 
 
-def test_run_library_failure_is_one_line_and_leaves_nothing(run_cli, broken_model_dir, tiny_csv, tmp_path,
-                                                            monkeypatch) -> None:
+def test_run_library_failure_is_one_line_and_leaves_nothing(
+    run_cli, broken_model_dir, tiny_csv, tmp_path, monkeypatch
+) -> None:
     monkeypatch.delenv("PEFTKIT_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)
     code, _, stderr = run_cli(*_run_args(broken_model_dir, tiny_csv, "out"))
     line = _assert_one_library_line(code, stderr)
-    assert line.startswith("error: transformers raised RuntimeError during run (strategy lora, model type bert): "
-                           "The expanded size of the tensor"), line
+    assert line.startswith(
+        "error: transformers raised RuntimeError during run (strategy lora, model type bert): "
+        "The expanded size of the tensor"
+    ), line
     assert "--debug" in line
     assert os.listdir(tmp_path) == []  # neither out/ nor .out.partial
 
@@ -119,15 +136,36 @@ def test_a_bug_in_peftkit_keeps_its_traceback(run_cli, tiny_model_dir, tiny_csv,
 
 def test_predict_library_failure_is_one_line(run_cli, tiny_model_dir, broken_model_dir, tiny_csv, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, _, stderr = run_cli("run", "--strategy", "head_only", "--model", tiny_model_dir("bert"), "--dataset",
-                              tiny_csv, "--output-dir", out, "--max-length", "16", "--epochs", "1")
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "head_only",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        out,
+        "--max-length",
+        "16",
+        "--epochs",
+        "1",
+    )
     assert code == 0, stderr
     # the adapter applied to the broken base (same shapes, other weights: --force)
-    code, stdout, stderr = run_cli("predict", "--adapter", os.path.join(out, "adapter"), "--model",
-                                   broken_model_dir, "--force", "a good and moving film with fun acting")
+    code, stdout, stderr = run_cli(
+        "predict",
+        "--adapter",
+        os.path.join(out, "adapter"),
+        "--model",
+        broken_model_dir,
+        "--force",
+        "a good and moving film with fun acting",
+    )
     line = _assert_one_library_line(code, stderr)
-    assert line.startswith("error: transformers raised RuntimeError during predict (strategy head_only, "
-                           "model type bert): "), line
+    assert line.startswith(
+        "error: transformers raised RuntimeError during predict (strategy head_only, model type bert): "
+    ), line
     assert stdout == ""
 
 
@@ -135,10 +173,20 @@ def test_bench_worker_reports_a_library_failure_as_one_line(broken_model_dir, ti
     from peftkit.bench_worker import main as worker_main
     from peftkit.config import RunConfig
 
-    cfg = RunConfig(strategy="lora", model=broken_model_dir, dataset=tiny_csv, max_length=16, batch_size=16,
-                    epochs=1, output_dir=str(tmp_path / "runs" / "lora-0"))
-    spec = {"config": cfg.to_dict(), "result_path": str(tmp_path / "result.json"),
-            "log_path": str(tmp_path / "logs" / "lora-0.log")}
+    cfg = RunConfig(
+        strategy="lora",
+        model=broken_model_dir,
+        dataset=tiny_csv,
+        max_length=16,
+        batch_size=16,
+        epochs=1,
+        output_dir=str(tmp_path / "runs" / "lora-0"),
+    )
+    spec = {
+        "config": cfg.to_dict(),
+        "result_path": str(tmp_path / "result.json"),
+        "log_path": str(tmp_path / "logs" / "lora-0.log"),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert worker_main(str(tmp_path / "spec.json")) == 0
     report = json.loads((tmp_path / "result.json").read_text())
@@ -150,8 +198,9 @@ def test_bench_worker_reports_a_library_failure_as_one_line(broken_model_dir, ti
 
 
 def test_plan_names_the_failing_library_in_its_row(run_cli, broken_model_dir) -> None:
-    code, stdout, stderr = run_cli("plan", "--model", broken_model_dir, "--strategies", "lora",
-                                   "--max-length", "16", "--batch-size", "2", "--json")
+    code, stdout, stderr = run_cli(
+        "plan", "--model", broken_model_dir, "--strategies", "lora", "--max-length", "16", "--batch-size", "2", "--json"
+    )
     # a strategy that cannot be planned is a row, not a crash, and the exit status says it failed
     assert code == 1 and "Traceback" not in stderr, stderr
     row = json.loads(stdout)["estimates"][0]
@@ -160,8 +209,14 @@ def test_plan_names_the_failing_library_in_its_row(run_cli, broken_model_dir) ->
 
 def test_a_real_process_prints_no_traceback(broken_model_dir, tiny_csv, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PEFTKIT_DEBUG"}
-    done = subprocess.run([sys.executable, "-m", "peftkit.cli", *_run_args(broken_model_dir, tiny_csv, "out")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", *_run_args(broken_model_dir, tiny_csv, "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     line = _assert_one_library_line(done.returncode, done.stderr)
     assert "transformers raised RuntimeError during run (strategy lora, model type bert)" in line
     assert os.listdir(tmp_path) == []

@@ -56,23 +56,35 @@ def test_run_metrics_flattens_task_metrics_and_reads_back() -> None:
     assert RunMetrics.from_dict(flat) == m
     with pytest.raises(PeftkitError, match="'nope'"):
         RunMetrics.from_dict({**flat, "nope": 1})
-    assert set(m.adapter_record()) == {"seed", "epochs", "test_accuracy", "test_f1_macro", "validation_accuracy",
-                                       "trainable_params", "total_params", "epochs_run", "best_epoch"}
+    assert set(m.adapter_record()) == {
+        "seed",
+        "epochs",
+        "test_accuracy",
+        "test_f1_macro",
+        "validation_accuracy",
+        "trainable_params",
+        "total_params",
+        "epochs_run",
+        "best_epoch",
+    }
 
 
 def test_benchmark_rows_and_summary_come_from_the_fields() -> None:
     assert {"task", "test_accuracy", "validation_loss", "peak_memory_bytes", "wall_seconds"} <= set(ROW_METRICS)
     assert not {"strategy", "seed", "history", "versions"} & set(ROW_METRICS)  # a row has its own
     base = dict.fromkeys(ROW_METRICS, 1)
-    rows = [{**base, "epochs_run": 2, "peak_reserved_bytes": None, "tokens_per_second": None, "train_seconds": 1.0},
-            {**base, "epochs_run": 3, "peak_reserved_bytes": None, "tokens_per_second": 4.0, "train_seconds": 3.0}]
+    rows = [
+        {**base, "epochs_run": 2, "peak_reserved_bytes": None, "tokens_per_second": None, "train_seconds": 1.0},
+        {**base, "epochs_run": 3, "peak_reserved_bytes": None, "tokens_per_second": 4.0, "train_seconds": 3.0},
+    ]
     summary = summarize_figures(rows)
     assert summary["epochs"] == 3 and summary["total_params"] == 1 and summary["train_seconds_mean"] == 2.0
     assert summary["peak_reserved_bytes"] is None and summary["tokens_per_second_mean"] == 2.0
 
 
-def test_without_a_terminal_a_progress_line_comes_every_heartbeat(run_cli, tiny_model_dir, tiny_csv, tmp_path,
-                                                                   monkeypatch) -> None:
+def test_without_a_terminal_a_progress_line_comes_every_heartbeat(
+    run_cli, tiny_model_dir, tiny_csv, tmp_path, monkeypatch
+) -> None:
     """Issue 32 (4): stderr is not a terminal here, so there is no bar; with the heartbeat at 0 s every
     step says where training is (a real run: every 30 s)."""
     import re
@@ -81,9 +93,23 @@ def test_without_a_terminal_a_progress_line_comes_every_heartbeat(run_cli, tiny_
     from peftkit.metrics import format_duration
 
     monkeypatch.setattr(loop, "HEARTBEAT_SECONDS", 0.0)
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                              "--output-dir", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "32",
-                              "--max-length", "16")
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--max-length",
+        "16",
+    )
     assert code == 0, stderr
     beats = [line for line in stderr.splitlines() if line.startswith("lora: step ")]
     pattern = r"lora: step (\d+)/(\d+) \(epoch [12]/2\), loss \d+\.\d{4}, [\d.]+ examples/s, about \S+ of training left"

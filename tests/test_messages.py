@@ -23,8 +23,17 @@ def test_resume_given_the_staging_directory_names_the_run_directory(given, run_c
     assert err.strip().endswith(f"resume it by its run directory: peftkit run --resume {tmp_path / 'long'}"), err
 
 
-@pytest.mark.parametrize("args", [["bogus"], ["run", "--epochs", "x"], ["merge", "--output", "x"],
-                                  ["predict", "--adapter", "x"], ["run", "--resume"], ["-x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bogus"],
+        ["run", "--epochs", "x"],
+        ["merge", "--output", "x"],
+        ["predict", "--adapter", "x"],
+        ["run", "--resume"],
+        ["-x"],
+    ],
+)
 def test_usage_errors_are_one_lowercase_error_line(args, run_cli) -> None:
     code, _, err = run_cli(*args)
     assert code == 2
@@ -38,9 +47,9 @@ def test_no_command_shows_the_help_not_an_error(run_cli) -> None:
     assert "peftkit bench" in err  # the commands are listed
 
 
-
-def test_a_small_adapter_is_sized_in_kib_and_inspect_shows_the_base_quantization(run_cli, tiny_model_dir,
-                                                                                  tiny_csv, tmp_path) -> None:
+def test_a_small_adapter_is_sized_in_kib_and_inspect_shows_the_base_quantization(
+    run_cli, tiny_model_dir, tiny_csv, tmp_path
+) -> None:
     """head_only's few-KiB head was reported as ``adapter 0.00 MiB``; ``inspect`` left out
     ``base_quantization`` (which ``predict`` acts on) in its text form."""
     import json
@@ -48,9 +57,25 @@ def test_a_small_adapter_is_sized_in_kib_and_inspect_shows_the_base_quantization
     from peftkit.memory import format_size
 
     out = tmp_path / "run"
-    code, stdout, err = run_cli("run", "-s", "head_only", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                                "--epochs", "1", "--max-length", "16", "--max-train-samples", "32",
-                                "--max-eval-samples", "16", "--output-dir", str(out))
+    code, stdout, err = run_cli(
+        "run",
+        "-s",
+        "head_only",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--max-length",
+        "16",
+        "--max-train-samples",
+        "32",
+        "--max-eval-samples",
+        "16",
+        "--output-dir",
+        str(out),
+    )
     assert code == 0, err
     size = json.load(open(out / "metrics.json"))["adapter_bytes"]
     assert 0 < size < 2**20 and f"adapter {format_size(size)}\n" in stdout and "0.00 MiB" not in stdout

@@ -23,16 +23,19 @@ from peftkit.data.sources import check_dataset_source
 from peftkit.errors import PeftkitError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_REPORT = ("import sys\nfrom peftkit.cli import main\ntry:\n    main(%r)\nexcept SystemExit as exc:\n"
-           "    print('exit', exc.code, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n")
+_REPORT = (
+    "import sys\nfrom peftkit.cli import main\ntry:\n    main(%r)\nexcept SystemExit as exc:\n"
+    "    print('exit', exc.code, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+)
 
 
 def _cli_subprocess(args: list[str], cwd: str, **env: str) -> tuple[str, str]:
     """``peftkit ARGS`` in a fresh process: (stdout, stderr). stdout ends with the exit code and
     which heavy libraries were imported."""
     environ = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
-    done = subprocess.run([sys.executable, "-c", _REPORT % (args,)], capture_output=True, text=True,
-                          timeout=120, cwd=cwd, env=environ)
+    done = subprocess.run(
+        [sys.executable, "-c", _REPORT % (args,)], capture_output=True, text=True, timeout=120, cwd=cwd, env=environ
+    )
     return done.stdout, done.stderr
 
 
@@ -46,8 +49,16 @@ def hub_refused(monkeypatch):
         calls.append(address)
         raise ConnectionRefusedError("no network in this test")
 
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY",
-                     "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+    for variable in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "HF_ENDPOINT",
+    ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(socket, "create_connection", refuse)
     hub._probe.cache_clear()
@@ -57,15 +68,22 @@ def hub_refused(monkeypatch):
 
 # -- finding 13: missing paths, before anything heavy loads --------------------------------------
 
-@pytest.mark.parametrize("args, named", [
-    (["run", "--dataset", "missing.csv"], "data file not found: missing.csv"),
-    (["run", "--dataset", "data/train"], "data file not found: data/train"),  # data/ exists, data/train not
-    (["bench", "--dataset", "./nowhere/reviews.jsonl.gz", "--strategies", "lora"], "data file not found"),
-    (["run", "--model", "./no-such-model"], "model directory not found: ./no-such-model"),
-    (["plan", "--model", "models/bert/extra"], "model directory not found: models/bert/extra"),
-    (["predict", "--adapter", "no-such-adapter", "a text"], "adapter directory not found: no-such-adapter"),
-    (["merge", "--adapter", "no-such-adapter", "--output", "merged"], "adapter directory not found: no-such-adapter"),
-])
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["run", "--dataset", "missing.csv"], "data file not found: missing.csv"),
+        (["run", "--dataset", "data/train"], "data file not found: data/train"),  # data/ exists, data/train not
+        (["bench", "--dataset", "./nowhere/reviews.jsonl.gz", "--strategies", "lora"], "data file not found"),
+        (["run", "--model", "./no-such-model"], "model directory not found: ./no-such-model"),
+        (["plan", "--model", "models/bert/extra"], "model directory not found: models/bert/extra"),
+        (["predict", "--adapter", "no-such-adapter", "a text"], "adapter directory not found: no-such-adapter"),
+        (
+            ["merge", "--adapter", "no-such-adapter", "--output", "merged"],
+            "adapter directory not found: no-such-adapter",
+        ),
+    ],
+)
 def test_a_missing_path_is_refused_before_torch_loads(tmp_path, args, named) -> None:
     (tmp_path / "data").mkdir()
     stdout, stderr = _cli_subprocess(args, str(tmp_path))
@@ -75,32 +93,39 @@ def test_a_missing_path_is_refused_before_torch_loads(tmp_path, args, named) -> 
 
 
 def test_a_model_for_another_task_is_refused_before_torch_loads(tmp_path) -> None:
-    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters",
-                           "minilm-rotten-tomatoes-lora")
+    shipped = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters", "minilm-rotten-tomatoes-lora"
+    )
     stdout, stderr = _cli_subprocess(["predict", "--adapter", shipped, "--model", "vit-tiny", "hi"], str(tmp_path))
     assert stdout.strip() == "exit 2 []", (stdout, stderr)  # said before anything heavy was imported
     assert "is a sequence-classification adapter, but model 'vit-tiny' is made for image-classification" in stderr
 
 
-@pytest.mark.parametrize("args, named", [
-    (["run", "--model", "someone/no-such-model"], "model 'someone/no-such-model' is not installed"),
-    (["plan", "--model", "someone/no-such-model"], "model 'someone/no-such-model' is not installed"),
-    (["run", "--dataset", "someone/no-such-data"], "dataset 'someone/no-such-data' is not installed"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["run", "--model", "someone/no-such-model"], "model 'someone/no-such-model' is not installed"),
+        (["plan", "--model", "someone/no-such-model"], "model 'someone/no-such-model' is not installed"),
+        (["run", "--dataset", "someone/no-such-data"], "dataset 'someone/no-such-data' is not installed"),
+    ],
+)
 def test_an_uncached_hub_id_offline_is_one_line_at_once(tmp_path, args, named) -> None:
     stdout, stderr = _cli_subprocess(args, str(tmp_path), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     assert stdout.strip() == "exit 2 []", (stdout, stderr)
     assert stderr.count("\n") == 1 and "Retrying" not in stderr, stderr
-    assert stderr.startswith(f"error: {named} and the hub cannot be reached (offline: HF_HUB_OFFLINE is set); "
-                             "give a local "), stderr
+    assert stderr.startswith(
+        f"error: {named} and the hub cannot be reached (offline: HF_HUB_OFFLINE is set); give a local "
+    ), stderr
 
 
 def test_an_unreachable_hub_is_found_by_one_quick_probe(hub_refused) -> None:
     with pytest.raises(PeftkitError) as info:
         models.check_model_name("someone/no-such-model")
-    assert str(info.value) == ("model 'someone/no-such-model' is not installed and the hub cannot be reached "
-                               "(offline: no connection to huggingface.co:443); give a local directory or an "
-                               "embedded name: minilm, smollm2, vit-tiny")
+    assert str(info.value) == (
+        "model 'someone/no-such-model' is not installed and the hub cannot be reached "
+        "(offline: no connection to huggingface.co:443); give a local directory or an "
+        "embedded name: minilm, smollm2, vit-tiny"
+    )
     with pytest.raises(PeftkitError, match="dataset 'someone/data' is not installed and the hub cannot be reached"):
         check_dataset_source("someone/data")
     assert hub_refused == [("huggingface.co", 443)], "the probe runs once per process"
@@ -128,6 +153,7 @@ def test_a_cached_hub_model_is_used_without_the_hub(hub_refused, monkeypatch, tm
 
 # -- finding 7: a hub id of an embedded model, a plain peft adapter without --model ---------------
 
+
 def test_an_embedded_models_hub_id_is_its_offline_copy(hub_refused, monkeypatch) -> None:
     emb = models.EMBEDDED_MODELS["minilm"]
     if not emb.installed():
@@ -148,13 +174,19 @@ def tiny_as_embedded(monkeypatch, tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir("bert"), package / "model")
     (package / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny", models.EmbeddedModel(
-        package="tiny_wheel", subdir="model", hub_id="someone/tiny-bert", install_hint="", description="tiny"))
+    monkeypatch.setitem(
+        models.EMBEDDED_MODELS,
+        "tiny",
+        models.EmbeddedModel(
+            package="tiny_wheel", subdir="model", hub_id="someone/tiny-bert", install_hint="", description="tiny"
+        ),
+    )
     return "someone/tiny-bert"
 
 
 def test_a_plain_peft_adapter_without_model_uses_the_offline_copy_of_its_base(
-        tiny_as_embedded, tiny_model_dir, tmp_path, run_cli) -> None:
+    tiny_as_embedded, tiny_model_dir, tmp_path, run_cli
+) -> None:
     from peftkit.models import load_classifier
     from peftkit.registry import get_strategy
     from peftkit.tasks import TaskData, get_task
@@ -182,7 +214,7 @@ def test_the_docs_plain_peft_snippet_runs_offline(hub_refused, monkeypatch) -> N
         pytest.skip("the minilm wheel is not installed")
     page = (ROOT / "docs" / "shipping.md").read_text(encoding="utf-8")
     start = page.index("from peft import PeftModel")
-    snippet = page[start:page.index("```", start)]
+    snippet = page[start : page.index("```", start)]
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     exec(compile(snippet, "docs/shipping.md", "exec"), namespace)  # noqa: S102 - our own docs

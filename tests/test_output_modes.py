@@ -46,8 +46,22 @@ def test_plain_mode_follows_the_umask(umask, tmp_path) -> None:
 
 
 def test_run_bench_and_merge_outputs_have_plain_modes(umask, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
-    common = ["--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--epochs", "1", "--batch-size", "8",
-              "--max-length", "16", "--max-train-samples", "32", "--max-eval-samples", "16"]
+    common = [
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--max-train-samples",
+        "32",
+        "--max-eval-samples",
+        "16",
+    ]
     run_dir, bench_dir, merged = str(tmp_path / "run"), str(tmp_path / "bench"), str(tmp_path / "merged")
     code, _, err = run_cli("run", "-s", "lora", *common, "--output-dir", run_dir)
     assert code == 0, err

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftkit.packing import IGNORE, collate_packed, first_fit_decreasing, pack_examples
+from peftkit.packing import IGNORE, collate_packed, first_fit_decreasing
 
 from conftest import _build_tokenizer, _config, make_rows
 
@@ -38,8 +38,9 @@ def varied_csv(tmp_path_factory) -> str:
         writer = csv.DictWriter(fh, fieldnames=["prompt", "response"])
         writer.writeheader()
         for w in words:
-            writer.writerow({"prompt": " ".join((w * 3)[:rng.randint(1, 12)]),
-                             "response": " ".join((w * 2)[:rng.randint(1, 6)])})
+            writer.writerow(
+                {"prompt": " ".join((w * 3)[: rng.randint(1, 12)]), "response": " ".join((w * 2)[: rng.randint(1, 6)])}
+            )
     return str(path)
 
 
@@ -65,7 +66,7 @@ def _per_example_losses_packed(model, tok, packed) -> dict[int, float]:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
         for a, b in zip(starts, starts[1:]):
             # token t's loss sits at t-1 (position t-1 predicts it); the first one's was dropped
-            out[next(keys)] = float(token_loss[r, max(0, a - 1):b - 1].sum())
+            out[next(keys)] = float(token_loss[r, max(0, a - 1) : b - 1].sum())
     return out
 
 
@@ -104,10 +105,26 @@ def _metrics(out: str) -> dict:
         return json.load(fh)
 
 
-def test_a_packed_run_trains_on_every_example_with_less_padding(tiny_causal_dir, varied_csv, run_cli,
-                                                                tmp_path) -> None:
-    common = ["run", "--strategy", "lora", "--model", tiny_causal_dir, "--dataset", varied_csv, "--epochs", "2",
-              "--batch-size", "8", "--max-length", "40", "--max-train-samples", "64", "--max-eval-samples", "8"]
+def test_a_packed_run_trains_on_every_example_with_less_padding(tiny_causal_dir, varied_csv, run_cli, tmp_path) -> None:
+    common = [
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        varied_csv,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "40",
+        "--max-train-samples",
+        "64",
+        "--max-eval-samples",
+        "8",
+    ]
     code, _, err = run_cli(*common, "--output-dir", str(tmp_path / "padded"))
     assert code == 0, err
     code, _, err = run_cli(*common, "--packing", "--output-dir", str(tmp_path / "packed"))
@@ -123,12 +140,23 @@ def test_a_packed_run_trains_on_every_example_with_less_padding(tiny_causal_dir,
 
 def test_packing_is_refused_for_a_task_whose_examples_do_not_pack(tiny_model_dir, tiny_csv, run_cli, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                              "--packing", "--output-dir", str(out))
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--packing",
+        "--output-dir",
+        str(out),
+    )
     assert code == 2 and not out.exists()
     assert stderr.strip().splitlines()[-1] == (
         "error: --packing is for tasks whose examples are token sequences of varied length (causal-lm); "
-        "sequence-classification cannot pack its examples: drop --packing")
+        "sequence-classification cannot pack its examples: drop --packing"
+    )
 
 
 def test_the_planner_measures_packed_rows(tmp_path) -> None:
@@ -144,8 +172,9 @@ def test_the_planner_measures_packed_rows(tmp_path) -> None:
     config.tie_word_embeddings = True
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     config = load_config(str(tmp_path))
-    settings = dict(model=str(tmp_path), strategies=["lora"], task="causal-lm", batch_size=8, max_length=16,
-                    device="cuda")  # from this CPU: the bytes autograd saves, exact
+    settings = dict(
+        model=str(tmp_path), strategies=["lora"], task="causal-lm", batch_size=8, max_length=16, device="cuda"
+    )  # from this CPU: the bytes autograd saves, exact
     answers = plan_strategy(config, "lora", PlanSettings(**settings, levers=Levers(loss="plain")))
     packed = plan_strategy(config, "lora", PlanSettings(**settings, levers=Levers(loss="plain", packing=True)))
     assert packed.status == "ok" and packed.activations > answers.activations

@@ -48,13 +48,17 @@ def test_parameter_memory_lora_bf16_4bit_and_8bit_adam(tiny_model_dir) -> None:
     assert weights == 4 * t + 2 * frozen and grads == 4 * t and opt == 8 * t  # LoRA tensors < 4096: fp32 state
     settings = PlanSettings(model="x", strategies=["lora"], levers=Levers(quantize="4bit"))
     q_weights, _, _, _ = parameter_memory(model, trainable, settings, skip)
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and m.weight.requires_grad is False and "classifier" not in n)
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad is False and "classifier" not in n
+    )
     # each frozen linear weight drops from 4 bytes to about 0.52 (NF4 codes + double-quantized scales)
     assert weights - 2 * frozen < q_weights < 4 * t + 4 * frozen - 3.4 * linear
     big = {"w": __import__("torch").nn.Parameter(__import__("torch").empty(100, 100, device="meta"))}
-    _, _, opt8, _ = parameter_memory(_Holder(big), big, PlanSettings(model="x", strategies=["full"],
-                                                                     levers=Levers(optimizer="adamw8bit")), [])
+    _, _, opt8, _ = parameter_memory(
+        _Holder(big), big, PlanSettings(model="x", strategies=["full"], levers=Levers(optimizer="adamw8bit")), []
+    )
     assert opt8 == 2 * 10_000 + 8 * 40  # two 8-bit moments + an fp32 scale per 256-element block each
 
 
@@ -78,9 +82,9 @@ def test_saved_activations_follow_batch_and_strategy(tiny_model_dir) -> None:
         return measure_saved_activations(config, get_strategy(strategy)(), TASK, settings)[1]
 
     full8, full16 = per_block("full", 8), per_block("full", 16)
-    assert 1.8 < full16 / full8 < 2.2                   # activations are per example
-    assert 0 < per_block("lora", 8) <= full8            # gradients still flow through every block
-    assert per_block("head_only", 8) == 0               # nothing flows back into a frozen feature extractor
+    assert 1.8 < full16 / full8 < 2.2  # activations are per example
+    assert 0 < per_block("lora", 8) <= full8  # gradients still flow through every block
+    assert per_block("head_only", 8) == 0  # nothing flows back into a frozen feature extractor
 
 
 def test_an_8bit_base_keeps_each_quantized_linears_input_as_bitsandbytes_does(tiny_model_dir) -> None:
@@ -94,8 +98,14 @@ def test_an_8bit_base_keeps_each_quantized_linears_input_as_bitsandbytes_does(ti
     config.num_labels = 2
 
     def per_block(quantize: str | None) -> int:
-        settings = PlanSettings(model="x", strategies=["lora"], batch_size=4, max_length=16, device="cuda",
-                                levers=Levers(precision="bf16", quantize=quantize))
+        settings = PlanSettings(
+            model="x",
+            strategies=["lora"],
+            batch_size=4,
+            max_length=16,
+            device="cuda",
+            levers=Levers(precision="bf16", quantize=quantize),
+        )
         return measure_saved_activations(config, get_strategy("lora")(), TASK, settings)[1]
 
     bf16, four, eight = per_block(None), per_block("4bit"), per_block("8bit")
@@ -110,8 +120,20 @@ def test_an_8bit_base_keeps_each_quantized_linears_input_as_bitsandbytes_does(ti
 
 
 def test_plan_command(run_cli, tiny_model_dir) -> None:
-    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora,full,head_only",
-                             "--batch-size", "8", "--max-length", "16", "--memory-budget", "4GiB", "--json")
+    code, out, err = run_cli(
+        "plan",
+        "--model",
+        tiny_model_dir("bert"),
+        "--strategies",
+        "lora,full,head_only",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--memory-budget",
+        "4GiB",
+        "--json",
+    )
     assert code == 0, err
     plan = json.loads(out)
     rows = {e["strategy"]: e for e in plan["estimates"]}
@@ -121,8 +143,19 @@ def test_plan_command(run_cli, tiny_model_dir) -> None:
         assert e["total"] == sum(e[k] for k in parts)
         assert e["max_batch_size"] and e["max_batch_size"] > 8  # a tiny model leaves room in 4 GiB
     assert rows["full"]["optimizer"] > rows["lora"]["optimizer"] > rows["head_only"]["optimizer"]
-    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "full,lora",
-                             "--quantize", "4bit", "--batch-size", "4", "--max-length", "8")
+    code, out, err = run_cli(
+        "plan",
+        "--model",
+        tiny_model_dir("bert"),
+        "--strategies",
+        "full,lora",
+        "--quantize",
+        "4bit",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "8",
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert any(line.startswith("full") and "refused: strategy 'full' trains" in line for line in lines)
@@ -144,13 +177,16 @@ def test_plan_per_device_under_data_parallel_and_fsdp(tiny_model_dir) -> None:
         settings = resolve_settings(PlanSettings(model=model, strategies=[strategy], device="cpu", **kw))
         return _arithmetic(config, strategy, settings).est
 
-    one, ddp, fsdp, fsdp4 = (est("full", **kw) for kw in ({}, {"processes": 2}, {"processes": 2, "fsdp": True},
-                                                           {"processes": 4, "fsdp": True}))
+    one, ddp, fsdp, fsdp4 = (
+        est("full", **kw)
+        for kw in ({}, {"processes": 2}, {"processes": 2, "fsdp": True}, {"processes": 4, "fsdp": True})
+    )
     assert (ddp.weights, ddp.gradients, ddp.optimizer) == (one.weights, one.gradients, one.optimizer)
     assert one.communication == 0 and ddp.communication == one.gradients
     for sharded, n in ((fsdp, 2), (fsdp4, 4)):
         assert (sharded.weights, sharded.gradients, sharded.optimizer) == tuple(
-            math.ceil(x / n) for x in (one.weights, one.gradients, one.optimizer))
+            math.ceil(x / n) for x in (one.weights, one.gradients, one.optimizer)
+        )
     # full fine-tune in fp32: a block's weights and gradients are 4 bytes a parameter; the root holds the rest
     model_meta, _, _ = _meta_prepared(model, "full")
     block = sum(p.numel() for p in model_meta.bert.encoder.layer[0].parameters())
@@ -164,28 +200,46 @@ def test_plan_per_device_under_data_parallel_and_fsdp(tiny_model_dir) -> None:
 
 
 def test_plan_command_per_process(run_cli, tiny_model_dir) -> None:
-    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "full", "--batch-size", "4",
-                             "--max-length", "8", "--processes", "2", "--fsdp")
+    code, out, err = run_cli(
+        "plan",
+        "--model",
+        tiny_model_dir("bert"),
+        "--strategies",
+        "full",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "8",
+        "--processes",
+        "2",
+        "--fsdp",
+    )
     assert code == 0, err
     assert "per process" in out and "each of 2 cpu processes, fully sharded (FSDP)" in out
     assert "communication" in out.splitlines()[1]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--fsdp"], "--fsdp shards over several processes; give --processes N with N of 2 or more (got 1)"),
-    (["--processes", "0"], "processes"),
-    (["--processes", "2", "--fsdp", "--quantize", "4bit"], "--fsdp with --quantize 4bit is not planned"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--fsdp"], "--fsdp shards over several processes; give --processes N with N of 2 or more (got 1)"),
+        (["--processes", "0"], "processes"),
+        (["--processes", "2", "--fsdp", "--quantize", "4bit"], "--fsdp with --quantize 4bit is not planned"),
+    ],
+)
 def test_plan_refuses_what_cannot_be_sharded(args, message, run_cli, tiny_model_dir) -> None:
     code, _, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora", *args)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--strategies", "nope"], "unknown strategy 'nope'"),
-    (["--memory-budget", "x"], "memory size 'x'"),
-    (["--model", "/no/such/dir"], "model directory not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--strategies", "nope"], "unknown strategy 'nope'"),
+        (["--memory-budget", "x"], "memory size 'x'"),
+        (["--model", "/no/such/dir"], "model directory not found"),
+    ],
+)
 def test_plan_bad_input(args, message, run_cli) -> None:
     code, _, err = run_cli("plan", *args)
     assert code == 2 and message in err and "Traceback" not in err
@@ -196,8 +250,19 @@ def test_plan_for_a_gpu_from_a_cpu_machine_uses_saved_tensors(run_cli, tiny_mode
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: plan measures on it")
-    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "lora", "--device", "cuda",
-                             "--batch-size", "4", "--max-length", "8")
+    code, out, err = run_cli(
+        "plan",
+        "--model",
+        tiny_model_dir("bert"),
+        "--strategies",
+        "lora",
+        "--device",
+        "cuda",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "8",
+    )
     assert code == 0, err
     assert "no GPU here: activations are the tensors autograd saves" in out and "runtime" not in out.splitlines()[1]
 
@@ -218,8 +283,17 @@ def _fail_lora(monkeypatch) -> None:
 
 def test_plan_failed_row_keeps_the_table_and_exits_1(run_cli, tiny_model_dir, monkeypatch) -> None:
     _fail_lora(monkeypatch)
-    args = ("plan", "--model", tiny_model_dir("bert"), "--strategies", "head_only,lora,full",
-            "--batch-size", "4", "--max-length", "8")
+    args = (
+        "plan",
+        "--model",
+        tiny_model_dir("bert"),
+        "--strategies",
+        "head_only,lora,full",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "8",
+    )
     code, out, err = run_cli(*args)
     assert code == 1 and "error: planning failed for lora" in err and "Traceback" not in err
     lines = out.splitlines()
@@ -241,9 +315,21 @@ def test_plan_says_what_it_measures_and_measures_each_structure_once(run_cli, ti
 
     calls = []
     measure = plan.measure_step_increase
-    monkeypatch.setattr(plan, "measure_step_increase", lambda c, s, *a, **k: calls.append(s.name) or measure(c, s, *a, **k))
-    code, out, err = run_cli("plan", "--model", tiny_model_dir("bert"), "--strategies", "full,gradual_unfreeze,lora",
-                             "--batch-size", "4", "--max-length", "8", "--json")
+    monkeypatch.setattr(
+        plan, "measure_step_increase", lambda c, s, *a, **k: calls.append(s.name) or measure(c, s, *a, **k)
+    )
+    code, out, err = run_cli(
+        "plan",
+        "--model",
+        tiny_model_dir("bert"),
+        "--strategies",
+        "full,gradual_unfreeze,lora",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "8",
+        "--json",
+    )
     assert code == 0, err
     rows = {e["strategy"]: e for e in json.loads(out)["estimates"]}  # stdout: the JSON alone
     # gradual_unfreeze at its end trains what full trains, through the same forward pass

@@ -8,14 +8,14 @@ import csv
 import io
 import json
 import os
-import shutil
 
 import pytest
 
 from conftest import make_rows
 
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters",
-                       "minilm-rotten-tomatoes-lora")
+SHIPPED = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters", "minilm-rotten-tomatoes-lora"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,25 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_csv, tiny_causal_dir):
     with open(pairs, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["prompt", "response"])
         writer.writeheader()
-        writer.writerows({"prompt": r["text"], "response": "good" if r["label"] == "pos" else "bad"}
-                         for r in make_rows(64, seed=1))
+        writer.writerows(
+            {"prompt": r["text"], "response": "good" if r["label"] == "pos" else "bad"} for r in make_rows(64, seed=1)
+        )
     common = ["--strategy", "lora", "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--lr", "1e-2"]
     out = {}
-    for name, args in {"classifier": ["--model", tiny_model_dir("bert"), "--dataset", tiny_csv],
-                       "pairs": ["--model", tiny_causal_dir, "--dataset", str(pairs)],
-                       "labelled": ["--task", "causal-lm", "--model", tiny_causal_dir, "--dataset", tiny_csv,
-                                    "--max-train-samples", "64"]}.items():
+    for name, args in {
+        "classifier": ["--model", tiny_model_dir("bert"), "--dataset", tiny_csv],
+        "pairs": ["--model", tiny_causal_dir, "--dataset", str(pairs)],
+        "labelled": [
+            "--task",
+            "causal-lm",
+            "--model",
+            tiny_causal_dir,
+            "--dataset",
+            tiny_csv,
+            "--max-train-samples",
+            "64",
+        ],
+    }.items():
         out[name] = str(root / name)
         with pytest.raises(SystemExit) as done:
             main(["run", *common, *args, "--output-dir", out[name]])
@@ -50,9 +61,13 @@ def _rows(stdout: str) -> list[dict]:
 
 # -- finding 2: a model made for another task --------------------------------------------------
 
+
 def test_a_model_made_for_another_task_is_refused_as_such(run_cli, runs, tiny_causal_dir) -> None:
     code, _, err = run_cli("predict", "--adapter", SHIPPED, "--model", "vit-tiny", "hi")
-    assert code == 2 and "is a sequence-classification adapter, but model 'vit-tiny' is made for image-classification" in err
+    assert (
+        code == 2
+        and "is a sequence-classification adapter, but model 'vit-tiny' is made for image-classification" in err
+    )
     assert "hub copy None" not in err and "'minilm'" in err, "says what would be accepted"
     # a causal-lm adapter needs a model that generates, not a classifier's base
     code, _, err = run_cli("predict", "--adapter", runs["pairs"], "--model", "minilm", "hi")
@@ -71,8 +86,9 @@ def test_an_offline_copy_that_fails_to_load_is_not_called_uninstalled(monkeypatc
     from peftkit.errors import PeftkitError
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    no_tokenizer = dataclasses.replace(models.EMBEDDED_MODELS["vit-tiny"], subdir="vit-tiny-test",
-                                       build=models.EMBEDDED_MODELS["vit-tiny"].build)
+    no_tokenizer = dataclasses.replace(
+        models.EMBEDDED_MODELS["vit-tiny"], subdir="vit-tiny-test", build=models.EMBEDDED_MODELS["vit-tiny"].build
+    )
     monkeypatch.setitem(models.EMBEDDED_MODELS, "vit-tiny", no_tokenizer)
     with pytest.raises(PeftkitError) as caught:
         models.load_tokenizer("vit-tiny")  # an image model has no tokenizer
@@ -83,12 +99,15 @@ def test_an_offline_copy_that_fails_to_load_is_not_called_uninstalled(monkeypatc
 
 # -- finding 6: generated answers match labels loosely -------------------------------------------
 
+
 def test_generated_labels_match_case_and_punctuation_aside(run_cli, runs) -> None:
     from peftkit.tasks.causal_lm import matching_label
 
     names = ["negative", "positive"]
-    assert [matching_label(a, names) for a in (" Positive", " positive.", "NEGATIVE!\n", " \u201cNegative\u201d", "'positive' .")] \
-        == ["positive", "positive", "negative", "negative", "positive"]
+    assert [
+        matching_label(a, names)
+        for a in (" Positive", " positive.", "NEGATIVE!\n", " \u201cNegative\u201d", "'positive' .")
+    ] == ["positive", "positive", "negative", "negative", "positive"]
     assert [matching_label(a, names) for a in (" posit", "", " positive review", "...")] == [None] * 4
     code, stdout, err = run_cli("predict", "--adapter", runs["labelled"], "good fun", "dull weak")
     assert code == 0, err
@@ -98,6 +117,7 @@ def test_generated_labels_match_case_and_punctuation_aside(run_cli, runs) -> Non
 
 
 # -- finding 14: run directories, "did you mean" -------------------------------------------------
+
 
 def test_a_run_directory_is_taken_for_its_adapter(run_cli, runs, tmp_path) -> None:
     run = runs["classifier"]
@@ -112,12 +132,18 @@ def test_a_run_directory_is_taken_for_its_adapter(run_cli, runs, tmp_path) -> No
     assert code == 2 and "is not an adapter directory" in err and "run directory" in err
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--strategy", "lorra"], "unknown strategy 'lorra' (did you mean 'lora'?); available:"),
-    (["--strategy", "head-onyl"], "(did you mean 'head_only'?)"),
-    (["--task", "causal-llm"], "unknown task 'causal-llm' (did you mean 'causal-lm'?)"),
-    (["--strategy", "lora", "--set", "alhpa=8"], "unknown option 'alhpa' (did you mean 'alpha'?) for strategy 'lora'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--strategy", "lorra"], "unknown strategy 'lorra' (did you mean 'lora'?); available:"),
+        (["--strategy", "head-onyl"], "(did you mean 'head_only'?)"),
+        (["--task", "causal-llm"], "unknown task 'causal-llm' (did you mean 'causal-lm'?)"),
+        (
+            ["--strategy", "lora", "--set", "alhpa=8"],
+            "unknown option 'alhpa' (did you mean 'alpha'?) for strategy 'lora'",
+        ),
+    ],
+)
 def test_misspelt_names_get_a_suggestion(args, expected, run_cli, tmp_path) -> None:
     code, _, err = run_cli("run", *args, "--output-dir", str(tmp_path / "run"))
     assert code == 2 and expected in err, err
@@ -132,12 +158,14 @@ def test_a_misspelt_config_key_gets_a_suggestion(run_cli, tmp_path) -> None:
 
 # -- finding 16: predict at scale ----------------------------------------------------------------
 
+
 def test_inputs_from_a_csv_answers_to_a_csv(run_cli, runs, tmp_path) -> None:
     source = tmp_path / "in.csv"
-    source.write_text("id,sentence\n1,a good and charming film\n2,\"dull, boring plot\"\n3,superb\n")
+    source.write_text('id,sentence\n1,a good and charming film\n2,"dull, boring plot"\n3,superb\n')
     out = tmp_path / "answers.csv"
-    code, stdout, err = run_cli("predict", "--adapter", runs["classifier"], "--input", str(source),
-                                "--output", str(out), "--batch-size", "2")
+    code, stdout, err = run_cli(
+        "predict", "--adapter", runs["classifier"], "--input", str(source), "--output", str(out), "--batch-size", "2"
+    )
     assert code == 0 and stdout == "" and "wrote 3 answers" in err, err
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -146,8 +174,9 @@ def test_inputs_from_a_csv_answers_to_a_csv(run_cli, runs, tmp_path) -> None:
     before = out.read_text()
     code, _, err = run_cli("predict", "--adapter", runs["classifier"], "--input", str(source), "--output", str(out))
     assert code == 2 and "already exists; pass --overwrite" in err and out.read_text() == before
-    code, _, err = run_cli("predict", "--adapter", runs["classifier"], "--input", str(source), "--output", str(out),
-                           "--overwrite")
+    code, _, err = run_cli(
+        "predict", "--adapter", runs["classifier"], "--input", str(source), "--output", str(out), "--overwrite"
+    )
     assert code == 0, err
 
 
@@ -155,8 +184,17 @@ def test_inputs_from_jsonl_and_stdin(run_cli, runs, tmp_path, monkeypatch) -> No
     source = tmp_path / "in.jsonl"
     source.write_text('{"review": "a good film", "n": 1}\n\n{"review": "dull", "n": 2}\n')
     out = tmp_path / "answers.jsonl"
-    code, _, err = run_cli("predict", "--adapter", runs["classifier"], "--input", str(source), "--text-column", "review",
-                           "--output", str(out))
+    code, _, err = run_cli(
+        "predict",
+        "--adapter",
+        runs["classifier"],
+        "--input",
+        str(source),
+        "--text-column",
+        "review",
+        "--output",
+        str(out),
+    )
     assert code == 0, err
     assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == ["a good film", "dull"]
     monkeypatch.setattr("sys.stdin", io.StringIO("a good film\n\n  \ndull boring\n"))
@@ -165,19 +203,25 @@ def test_inputs_from_jsonl_and_stdin(run_cli, runs, tmp_path, monkeypatch) -> No
     assert [r["text"] for r in _rows(stdout)] == ["a good film", "dull boring"], "one input per non-blank line"
 
 
-@pytest.mark.parametrize("args, expected", [
-    ([], "no inputs: give texts, or --input FILE"),
-    (["--input", "{txt}", "hi"], "either as texts or with --input FILE (- for stdin), not both"),
-    (["--input", "{dir}/in.xlsx"], "unknown extension; accepted: .csv, .tsv, .jsonl, .txt"),
-    (["--input", "{dir}/absent.txt"], "input file not found"),
-    (["--input", "{csv}"], "no text column found (tried text, sentence"),
-    (["--input", "{csv}", "--text-column", "body"], "text column 'body' not found; columns: id, words"),
-    (["--input", "{txt}", "--text-column", "x"], "does not apply to"),
-    (["--input", "{txt}", "--output", "{dir}/out.parquet"], "output file '{dir}/out.parquet' has an unknown extension"),
-    (["--input", "{txt}", "--output", "{dir}/nowhere/out.csv"], "does not exist"),
-    (["--max-new-tokens", "4", "hi"], "--max-new-tokens: only for adapters that generate text (causal-lm)"),
-    (["--batch-size", "0", "hi"], "batch_size must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], "no inputs: give texts, or --input FILE"),
+        (["--input", "{txt}", "hi"], "either as texts or with --input FILE (- for stdin), not both"),
+        (["--input", "{dir}/in.xlsx"], "unknown extension; accepted: .csv, .tsv, .jsonl, .txt"),
+        (["--input", "{dir}/absent.txt"], "input file not found"),
+        (["--input", "{csv}"], "no text column found (tried text, sentence"),
+        (["--input", "{csv}", "--text-column", "body"], "text column 'body' not found; columns: id, words"),
+        (["--input", "{txt}", "--text-column", "x"], "does not apply to"),
+        (
+            ["--input", "{txt}", "--output", "{dir}/out.parquet"],
+            "output file '{dir}/out.parquet' has an unknown extension",
+        ),
+        (["--input", "{txt}", "--output", "{dir}/nowhere/out.csv"], "does not exist"),
+        (["--max-new-tokens", "4", "hi"], "--max-new-tokens: only for adapters that generate text (causal-lm)"),
+        (["--batch-size", "0", "hi"], "batch_size must be a positive integer, got 0"),
+    ],
+)
 def test_bad_predict_inputs_are_one_line_before_anything_loads(args, expected, run_cli, runs, tmp_path) -> None:
     (tmp_path / "in.txt").write_text("a good film\n")
     (tmp_path / "in.csv").write_text("id,words\n1,a good film\n")
@@ -195,8 +239,21 @@ def test_causal_lm_raw_prompts_new_tokens_and_seeded_sampling(run_cli, runs) -> 
     rows = _rows(stdout)
     assert [r["prompt"] for r in rows] == ["the film is", "a plot"], "no review template: not trained on one"
     assert all(len(r["completion"].split()) <= 3 for r in rows)
-    sample = ("predict", "--adapter", adapter, "--do-sample", "--temperature", "1.5", "--top-p", "0.9",
-              "--max-new-tokens", "6", "--seed", "3", "the film is")
+    sample = (
+        "predict",
+        "--adapter",
+        adapter,
+        "--do-sample",
+        "--temperature",
+        "1.5",
+        "--top-p",
+        "0.9",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "3",
+        "the film is",
+    )
     first, second = run_cli(*sample), run_cli(*sample)
     assert first[0] == 0 and first[1] == second[1], "seeded: the same command samples the same answers"
     code, _, err = run_cli("predict", "--adapter", adapter, "--temperature", "0.7", "hi")
@@ -211,8 +268,9 @@ def test_chat_puts_each_prompt_in_the_template(tiny_causal_dir) -> None:
     from peftkit.tasks.causal_lm import CausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
-    tok.chat_template = ("{% for m in messages %}[CLS] {{ m['content'] }} [SEP]{% endfor %}"
-                         "{% if add_generation_prompt %} the{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}[CLS] {{ m['content'] }} [SEP]{% endfor %}{% if add_generation_prompt %} the{% endif %}"
+    )
     [ids] = CausalLM._encode_prompts(tok, ["good film"], chat=True, model="tiny")
     assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "good", "film", "[SEP]", "the"]
     [plain] = CausalLM._encode_prompts(tok, ["good film"], chat=False, model="tiny")

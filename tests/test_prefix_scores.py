@@ -14,21 +14,26 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
 
-from conftest import _build_tokenizer
 from peftkit import registry
 from peftkit.errors import PeftkitError
 from peftkit.models import load_tokenizer
 from peftkit.strategies.base import TaskSpec, options_from_dict
 
+from conftest import _build_tokenizer
+
 TASK = TaskSpec(num_labels=2, label_names=("neg", "pos"))
 SCORING = ("mpnet", "megatron-bert", "rembert")
 TEXTS = ["a good film", "dull boring plot and the acting was very bad", "great"]
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+)
 
 
 def _config(arch: str, vocab_size: int, pad_id: int):
-    extra = {"rembert": dict(input_embedding_size=16, output_embedding_size=16),
-             "convbert": dict(embedding_size=32)}.get(arch, {})
+    extra = {
+        "rembert": dict(input_embedding_size=16, output_embedding_size=16),
+        "convbert": dict(embedding_size=32),
+    }.get(arch, {})
     return AutoConfig.for_model(arch, vocab_size=vocab_size, pad_token_id=pad_id, **SMALL, **extra)
 
 
@@ -77,8 +82,9 @@ def _inputs(path: str, texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _by_hand(attention: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
-             prefix: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _by_hand(
+    attention: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """Prefix tuning written out: ``softmax(q [Pk; K]^T / sqrt(d) + [0; mask]) [Pv; V]`` with the
     module's own projections (and MPNet's output projection ``o``, which sits inside its module)."""
     q_proj, k_proj, v_proj = [m for m in attention.children() if isinstance(m, torch.nn.Linear)][:3]
@@ -160,20 +166,44 @@ def test_prefix_run_on_mpnet_from_the_command_line(model_dir, tiny_csv, tmp_path
     from peftkit.inference import load_adapter, predict_texts
 
     with pytest.raises(SystemExit) as done:
-        main(["run", "-s", "prefix", "--model", model_dir("mpnet"), "--dataset", tiny_csv, "--epochs", "1",
-              "--batch-size", "16", "--max-length", "16", "--set", "num_virtual_tokens=4",
-              "--output-dir", str(tmp_path / "run")])
+        main(
+            [
+                "run",
+                "-s",
+                "prefix",
+                "--model",
+                model_dir("mpnet"),
+                "--dataset",
+                tiny_csv,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--max-length",
+                "16",
+                "--set",
+                "num_virtual_tokens=4",
+                "--output-dir",
+                str(tmp_path / "run"),
+            ]
+        )
     assert done.value.code in (0, None)
     rows = predict_texts(load_adapter(str(tmp_path / "run" / "adapter")), TEXTS)
     assert [r["label"] for r in rows] and all(r["label"] in ("neg", "pos") for r in rows)
 
 
-@pytest.mark.parametrize("arch,reason", [
-    ("deberta-v2", r"its attention DisentangledSelfAttention takes 'query_states', 'relative_pos', 'rel_embeddings'"),
-    ("roformer", r"its attention RoFormerSelfAttention takes 'sinusoidal_pos'"),
-    # half its width goes to a convolution: its projections are narrower than its heads say
-    ("convbert", r"no self-attention module in its blocks calls transformers' attention functions or has its own"),
-])
+@pytest.mark.parametrize(
+    "arch,reason",
+    [
+        (
+            "deberta-v2",
+            r"its attention DisentangledSelfAttention takes 'query_states', 'relative_pos', 'rel_embeddings'",
+        ),
+        ("roformer", r"its attention RoFormerSelfAttention takes 'sinusoidal_pos'"),
+        # half its width goes to a convolution: its projections are narrower than its heads say
+        ("convbert", r"no self-attention module in its blocks calls transformers' attention functions or has its own"),
+    ],
+)
 def test_attention_a_prefix_cannot_enter_is_refused_in_one_line(arch, reason, model_dir) -> None:
     with pytest.raises(PeftkitError) as refused:
         registry.get_strategy("prefix")().prepare(_base(model_dir(arch)), TASK)

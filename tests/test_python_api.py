@@ -11,8 +11,23 @@ import sys
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TOP_LEVEL = ("run", "bench", "plan", "predict", "evaluate", "merge", "export", "inspect", "RunConfig", "BenchConfig", "PlanSettings",
-             "Levers", "load_adapter", "predict_texts", "save_adapter")
+TOP_LEVEL = (
+    "run",
+    "bench",
+    "plan",
+    "predict",
+    "evaluate",
+    "merge",
+    "export",
+    "inspect",
+    "RunConfig",
+    "BenchConfig",
+    "PlanSettings",
+    "Levers",
+    "load_adapter",
+    "predict_texts",
+    "save_adapter",
+)
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -84,15 +99,38 @@ def test_no_future_warning_reaches_a_cli_user(tiny_model_dir, tiny_csv, tmp_path
     """A LoRA run with checkpointing, then predict from the command line and from Python: the paths
     where transformers' deprecations showed, every FutureWarning printed (``always``)."""
     out = str(tmp_path / "run")
-    run = ["-m", "peftkit", "run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-           "--epochs", "1", "--max-train-samples", "32", "--gradient-checkpointing", "--output-dir", out]
-    environ = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "PYTHONWARNINGS": "always::FutureWarning"}
-    from_python = ("import peftkit\n"  # the library: no quiet_libraries() in front of it
-                   f"print(peftkit.predict_texts(peftkit.load_adapter({os.path.join(out, 'adapter')!r}), ['good film']))")
-    for args in (run, ["-m", "peftkit", "predict", "--adapter", os.path.join(out, "adapter"), "good film"],
-                 ["-c", from_python]):
+    run = [
+        "-m",
+        "peftkit",
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "32",
+        "--gradient-checkpointing",
+        "--output-dir",
+        out,
+    ]
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONWARNINGS": "always::FutureWarning",
+    }
+    from_python = (
+        "import peftkit\n"  # the library: no quiet_libraries() in front of it
+        f"print(peftkit.predict_texts(peftkit.load_adapter({os.path.join(out, 'adapter')!r}), ['good film']))"
+    )
+    for args in (
+        run,
+        ["-m", "peftkit", "predict", "--adapter", os.path.join(out, "adapter"), "good film"],
+        ["-c", from_python],
+    ):
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=environ)
         assert done.returncode == 0, done.stderr
         assert "FutureWarning" not in done.stderr, done.stderr
-

@@ -22,17 +22,32 @@ def test_embedded_model_is_installed() -> None:
 
 def test_head_only_on_real_data_then_predict(run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, stdout, stderr = run_cli("run", "--strategy", "head-only", "--max-train-samples", "2000",
-                                   "--epochs", "4", "--max-eval-samples", "500", "--output-dir", out)
+    code, stdout, stderr = run_cli(
+        "run",
+        "--strategy",
+        "head-only",
+        "--max-train-samples",
+        "2000",
+        "--epochs",
+        "4",
+        "--max-eval-samples",
+        "500",
+        "--output-dir",
+        out,
+    )
     assert code == 0, stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     # majority baseline is 0.58; frozen mean-pooled MiniLM features give ~0.75 with 2,000 examples
     # (0.760 on 500 test examples, 0.748 on all 1,276 when measured)
     assert metrics["test_accuracy"] >= 0.70, metrics["test_accuracy"]
     assert metrics["trainable_params"] == 384 * 2 + 2
-    code, stdout, stderr = run_cli("predict", "--adapter", os.path.join(out, "adapter"),
-                                   "A moving, beautifully acted and utterly charming film.",
-                                   "A tedious, clumsy mess with no laughs at all.")
+    code, stdout, stderr = run_cli(
+        "predict",
+        "--adapter",
+        os.path.join(out, "adapter"),
+        "A moving, beautifully acted and utterly charming film.",
+        "A tedious, clumsy mess with no laughs at all.",
+    )
     assert code == 0, stderr
     labels = [json.loads(line)["label"] for line in stdout.splitlines()]
     assert labels == ["positive", "negative"]
@@ -42,8 +57,19 @@ def test_lora_on_real_model_trains_only_adapters_and_head(run_cli, tmp_path) -> 
     out = str(tmp_path / "run")
     # one epoch on a few examples: what is checked is what trains, not how well (left unset, the
     # epochs would be raised for so small a set)
-    code, _, stderr = run_cli("run", "--strategy", "lora", "--max-train-samples", "64", "--max-eval-samples", "32",
-                              "--epochs", "1", "--output-dir", out)
+    code, _, stderr = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--max-train-samples",
+        "64",
+        "--max-eval-samples",
+        "32",
+        "--epochs",
+        "1",
+        "--output-dir",
+        out,
+    )
     assert code == 0, stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     # r=16 on query and value of 6 layers: 6 * 2 * (384*16 + 16*384) = 147,456, plus the 770-parameter head
@@ -83,15 +109,30 @@ def test_causal_lm_default_learns_the_answers_then_predict(run_cli, tmp_path) ->
     unset, the epochs would be raised to 150 steps, minutes on a CPU) must take it far above that
     (0.72 on these 32 test examples when measured; 25 s of training on a 2-core Xeon)."""
     out = str(tmp_path / "run")
-    code, stdout, stderr = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--max-train-samples", "128",
-                                   "--batch-size", "16", "--max-eval-samples", "32", "--epochs", "1",
-                                   "--output-dir", out)
+    code, stdout, stderr = run_cli(
+        "run",
+        "--task",
+        "causal-lm",
+        "--strategy",
+        "lora",
+        "--max-train-samples",
+        "128",
+        "--batch-size",
+        "16",
+        "--max-eval-samples",
+        "32",
+        "--epochs",
+        "1",
+        "--output-dir",
+        out,
+    )
     assert code == 0, stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["test_accuracy"] >= 0.4, metrics["test_accuracy"]
     assert metrics["test_perplexity"] < 2.0, metrics["test_perplexity"]
-    code, stdout, stderr = run_cli("predict", "--adapter", os.path.join(out, "adapter"),
-                                   "An utterly charming, funny and moving film.")
+    code, stdout, stderr = run_cli(
+        "predict", "--adapter", os.path.join(out, "adapter"), "An utterly charming, funny and moving film."
+    )
     assert code == 0, stderr
     row = json.loads(stdout)
     assert row["label"] in ("positive", "negative") and row["completion"].strip() == row["label"]

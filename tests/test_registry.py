@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import fake_plugin_env
 
 from peftkit import registry
 from peftkit.errors import PeftkitError
 from peftkit.strategies.base import Strategy
+
+from conftest import fake_plugin_env
 
 
 def test_builtins_registered_with_aliases() -> None:
@@ -74,8 +75,9 @@ class BiasOnly(Strategy):
 
 
 def _peftkit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftkit.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_entry_point_plugin_listed_and_switchable(tmp_path) -> None:
@@ -89,12 +91,11 @@ def test_entry_point_plugin_listed_and_switchable(tmp_path) -> None:
 
 
 def test_broken_plugin_is_named_and_others_keep_working(tmp_path) -> None:
-    env = _plugin_env(tmp_path, "raise ImportError('missing dependency xyz')\n",
-                      "broken = fake_plugin_mod:Nothing")
+    env = _plugin_env(tmp_path, "raise ImportError('missing dependency xyz')\n", "broken = fake_plugin_mod:Nothing")
     shown = _peftkit(["list"], env)
     assert shown.returncode == 0
     assert "lora" in shown.stdout and "full" in shown.stdout
-    warnings = [l for l in shown.stderr.splitlines() if l.strip()]
+    warnings = [line for line in shown.stderr.splitlines() if line.strip()]
     assert len(warnings) == 1, shown.stderr
     assert "plugin 'broken'" in warnings[0] and "fake_plugin_mod:Nothing" in warnings[0]
     assert "missing dependency xyz" in warnings[0] and "Traceback" not in shown.stderr
@@ -103,21 +104,37 @@ def test_broken_plugin_is_named_and_others_keep_working(tmp_path) -> None:
 
 
 def test_list_does_not_import_torch() -> None:
-    code = ("import sys\nfrom peftkit.cli import main\n"
-            "try:\n    main(['list', '-v'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'peftkit list imported torch'\n")
+    code = (
+        "import sys\nfrom peftkit.cli import main\n"
+        "try:\n    main(['list', '-v'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'peftkit list imported torch'\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "lora" in done.stdout
 
 
-def test_example_plugin_distribution_runs_without_editing_peftkit(example_plugin, run_cli, tiny_model_dir, tiny_csv,
-                                                                  tmp_path) -> None:
+def test_example_plugin_distribution_runs_without_editing_peftkit(
+    example_plugin, run_cli, tiny_model_dir, tiny_csv, tmp_path
+) -> None:
     """plugins/peftkit-bitfit is a separate distribution that install.sh installs."""
     assert registry.loaded_plugins()["bitfit"] == "bitfit = peftkit_bitfit:BitFit"
     out = tmp_path / "run"
-    code, _, err = run_cli("run", "--strategy", "bitfit", "--model", tiny_model_dir("roberta"), "--dataset", tiny_csv,
-                           "--epochs", "1", "--max-length", "16", "--output-dir", str(out))
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "bitfit",
+        "--model",
+        tiny_model_dir("roberta"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--max-length",
+        "16",
+        "--output-dir",
+        str(out),
+    )
     assert code == 0, err
     import json
 

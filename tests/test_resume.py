@@ -8,17 +8,33 @@ import sys
 
 import pytest
 
-from conftest import kill_after_checkpoint
-
 from peftkit.adapter_io import read_safetensors
+
+from conftest import kill_after_checkpoint
 
 
 def _args(model: str, data: str, out: str, strategy: str, *extra: str) -> list[str]:
     # 4 epochs of 40 steps: checkpoints land mid-epoch and on epoch ends, the model has dropout
     # (random state matters), gradual_unfreeze adds parameter groups as it goes, head_only
     # fills its feature cache in epoch 1
-    return ["run", "--strategy", strategy, "--model", model, "--dataset", data, "--epochs", "4",
-            "--batch-size", "4", "--max-length", "16", "--output-dir", out, *extra]
+    return [
+        "run",
+        "--strategy",
+        strategy,
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+        *extra,
+    ]
 
 
 def _strategy_options(strategy: str) -> list[str]:
@@ -26,8 +42,9 @@ def _strategy_options(strategy: str) -> list[str]:
 
 
 @pytest.mark.parametrize("strategy", ["gradual_unfreeze", "head_only"])
-def test_sigkill_then_resume_ends_as_an_uninterrupted_run(strategy, tiny_model_dir, tiny_csv, run_cli,
-                                                         tmp_path, monkeypatch) -> None:
+def test_sigkill_then_resume_ends_as_an_uninterrupted_run(
+    strategy, tiny_model_dir, tiny_csv, run_cli, tmp_path, monkeypatch
+) -> None:
     monkeypatch.setenv("PEFTKIT_DISABLE_PLUGINS", "1")
     model = tiny_model_dir("bert")
     ref, out = str(tmp_path / "reference"), str(tmp_path / "killed")
@@ -35,9 +52,17 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_run(strategy, tiny_model_d
     assert code == 0, err
 
     stage = os.path.join(str(tmp_path), ".killed.partial")
-    kill_after_checkpoint([sys.executable, "-m", "peftkit", *_args(model, tiny_csv, out, strategy, "--checkpoint-every",
-                                                                  "7", *_strategy_options(strategy))],
-                          stage, min_step=50, env=dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1"))
+    kill_after_checkpoint(
+        [
+            sys.executable,
+            "-m",
+            "peftkit",
+            *_args(model, tiny_csv, out, strategy, "--checkpoint-every", "7", *_strategy_options(strategy)),
+        ],
+        stage,
+        min_step=50,
+        env=dict(os.environ, PEFTKIT_DISABLE_PLUGINS="1"),
+    )
     assert not os.path.exists(out), "a killed run must not appear as finished"
     code, stdout, err = run_cli("run", "--resume", out)
     assert code == 0, err
@@ -48,13 +73,21 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_run(strategy, tiny_model_d
     with open(os.path.join(out, "metrics.json")) as fh:
         b = json.load(fh)
     assert b["resumed"] is True
-    for key in ("test_accuracy", "test_f1_macro", "test_loss", "validation_accuracy", "best_epoch",
-                "train_examples", "trainable_params"):
+    for key in (
+        "test_accuracy",
+        "test_f1_macro",
+        "test_loss",
+        "validation_accuracy",
+        "best_epoch",
+        "train_examples",
+        "trainable_params",
+    ):
         assert a[key] == b[key], key
     # every epoch's training loss and validation figures, bit for bit
     strip = ("epoch_seconds", "examples_per_second", "tokens_per_second")
-    assert [{k: v for k, v in e.items() if k not in strip} for e in a["history"]] == \
-           [{k: v for k, v in e.items() if k not in strip} for e in b["history"]]
+    assert [{k: v for k, v in e.items() if k not in strip} for e in a["history"]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in b["history"]
+    ]
     # and the trained tensors themselves
     ta = read_safetensors(os.path.join(ref, "adapter", "adapter.safetensors"))
     tb = read_safetensors(os.path.join(out, "adapter", "adapter.safetensors"))
@@ -75,8 +108,9 @@ def test_resume_refusals(tiny_model_dir, tiny_csv, run_cli, tmp_path) -> None:
     assert code == 2 and "already finished" in err
 
 
-def test_interrupted_run_keeps_its_checkpoint_and_says_how_to_resume(tiny_model_dir, tiny_csv, run_cli,
-                                                                     tmp_path, monkeypatch) -> None:
+def test_interrupted_run_keeps_its_checkpoint_and_says_how_to_resume(
+    tiny_model_dir, tiny_csv, run_cli, tmp_path, monkeypatch
+) -> None:
     """Ctrl-C (or SIGTERM) after a checkpoint keeps it; a fresh run to the same place is refused."""
     import peftkit.loop as loop  # where the training step checks the memory budget
 

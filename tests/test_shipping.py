@@ -28,9 +28,28 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_csv):
     for strategy in ("lora", "prefix", "full", "gradual_unfreeze", "adapter", "head_only"):
         run = root / strategy
         with pytest.raises(SystemExit) as done:
-            main(["run", "-s", strategy, "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--epochs", "2",
-                  "--batch-size", "16", "--max-length", "16", "--lr", "5e-3", "--output-dir", str(run),
-                  *extra.get(strategy, [])])
+            main(
+                [
+                    "run",
+                    "-s",
+                    strategy,
+                    "--model",
+                    tiny_model_dir("bert"),
+                    "--dataset",
+                    tiny_csv,
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "16",
+                    "--max-length",
+                    "16",
+                    "--lr",
+                    "5e-3",
+                    "--output-dir",
+                    str(run),
+                    *extra.get(strategy, []),
+                ]
+            )
         assert done.value.code in (0, None)
         out[strategy] = str(run / "adapter")
     return out
@@ -53,8 +72,9 @@ def test_peft_loads_our_adapter_and_agrees(strategy, trained, tiny_model_dir) ->
     model = PeftModel.from_pretrained(base, directory).eval()
     with torch.no_grad():
         try:
-            theirs = torch.softmax(model(**tok(TEXTS, padding=True, truncation=True, max_length=16,
-                                               return_tensors="pt")).logits, -1)
+            theirs = torch.softmax(
+                model(**tok(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")).logits, -1
+            )
         except ValueError as exc:  # transformers >= 5.24: BERT's forward takes no past_key_values
             if strategy != "prefix" or "past key values" not in str(exc):
                 raise
@@ -106,7 +126,9 @@ def test_mismatched_keys_or_shapes_are_errors(trained, tmp_path) -> None:
     meta["strategy_options"]["reduction_factor"] = 8  # the file holds rf 16 shapes
     (wrong / "peftkit_adapter.json").write_text(json.dumps(meta))
     # the strategy named "adapter" once made this "the adapter adapter does not match"
-    with pytest.raises(PeftkitError, match=r"^the adapter \(strategy 'adapter'\) does not match the model: .* has shape"):
+    with pytest.raises(
+        PeftkitError, match=r"^the adapter \(strategy 'adapter'\) does not match the model: .* has shape"
+    ):
         load_adapter(str(wrong))
     meta["strategy_options"]["reduction_factor"] = 16
     meta["strategy_options"]["variant"] = "houlsby"  # expects attention adapters the file lacks
@@ -121,8 +143,12 @@ def test_another_checkpoint_is_refused_unless_forced(trained, tmp_path, tiny_mod
     other = tmp_path / "other-bert"
     shutil.copytree(tiny_model_dir("bert"), other)
     torch.manual_seed(1)
-    AutoModel.from_config(AutoModel.from_pretrained(str(other)).config).save_pretrained(other)  # same shapes, new weights
-    with pytest.raises(PeftkitError, match=r"was trained on base .* \(sha256:.*\), but .*other-bert.* has other weights"):
+    AutoModel.from_config(AutoModel.from_pretrained(str(other)).config).save_pretrained(
+        other
+    )  # same shapes, new weights
+    with pytest.raises(
+        PeftkitError, match=r"was trained on base .* \(sha256:.*\), but .*other-bert.* has other weights"
+    ):
         load_adapter(trained["lora"], model=str(other))
     load_adapter(trained["lora"], model=str(other), force=True)
 
@@ -134,12 +160,15 @@ def test_merge_writes_a_plain_model_that_predicts_the_same(strategy, trained, ru
     out = tmp_path / "merged"
     code, stdout, stderr = run_cli("merge", "--adapter", trained[strategy], "--output", str(out))
     assert code == 0, stderr
-    assert any(f.endswith(".safetensors") for f in os.listdir(out)) and not any(f.endswith(".bin") for f in os.listdir(out))
+    assert any(f.endswith(".safetensors") for f in os.listdir(out)) and not any(
+        f.endswith(".bin") for f in os.listdir(out)
+    )
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     with torch.no_grad():
-        merged = torch.softmax(model(**tok(TEXTS, padding=True, truncation=True, max_length=16,
-                                           return_tensors="pt")).logits, -1)
+        merged = torch.softmax(
+            model(**tok(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")).logits, -1
+        )
     torch.testing.assert_close(merged, _probs(predict_texts(load_adapter(trained[strategy]), TEXTS)), atol=1e-4, rtol=0)
     assert model.config.id2label == {0: "neg", 1: "pos"}
     code, _, stderr = run_cli("merge", "--adapter", trained[strategy], "--output", str(out))
@@ -157,8 +186,14 @@ def test_merge_refused_where_impossible(strategy, trained, run_cli, tmp_path) ->
 def test_inspect(trained, run_cli) -> None:
     code, stdout, stderr = run_cli("inspect", trained["lora"])
     assert code == 0, stderr
-    for field in ("strategy          lora", "base fingerprint  sha256:", "labels            0=neg, 1=pos",
-                  "trainable params", "size", "test accuracy"):
+    for field in (
+        "strategy          lora",
+        "base fingerprint  sha256:",
+        "labels            0=neg, 1=pos",
+        "trainable params",
+        "size",
+        "test accuracy",
+    ):
         assert field in stdout, stdout
     assert re.search(r"^trained on .*, seed 0, 2 epoch\(s\), best [12]$", stdout, re.M), stdout
     code, stdout, _ = run_cli("inspect", "--json", trained["adapter"])
@@ -171,7 +206,9 @@ def test_inspect_says_what_training_did_not_only_what_was_planned() -> None:
     """Issue 32 (9): early stopping ended at 7 of 15 planned epochs, the best the 2nd: inspect says so."""
     from peftkit.cli import _epochs_trained
 
-    assert _epochs_trained({"epochs": 15, "epochs_run": 7, "best_epoch": 2}) == "7 of 15 epoch(s) (stopped early), best 2"
+    assert (
+        _epochs_trained({"epochs": 15, "epochs_run": 7, "best_epoch": 2}) == "7 of 15 epoch(s) (stopped early), best 2"
+    )
     assert _epochs_trained({"epochs": 2, "epochs_run": 2, "best_epoch": 2}) == "2 epoch(s), best 2"
     assert _epochs_trained({"epochs": 3}) == "3 epoch(s)"  # an adapter saved before these were recorded
 
@@ -185,9 +222,11 @@ def test_python_api_round_trip(trained, tiny_model_dir, tmp_path) -> None:
     base = load_classifier(tiny_model_dir("bert"), ["neg", "pos"], 0)
     digests = backbone_digests(base)
     target = str(tmp_path / "copy")
-    size = peftkit.save_adapter(target, loaded.strategy, loaded.model,
-                                {**loaded.metadata, "base_fingerprint": fingerprint(digests)}, digests)
+    size = peftkit.save_adapter(
+        target, loaded.strategy, loaded.model, {**loaded.metadata, "base_fingerprint": fingerprint(digests)}, digests
+    )
     assert size == os.path.getsize(os.path.join(target, "adapter.safetensors"))
     again = peftkit.load_adapter(target)
-    torch.testing.assert_close(_probs(peftkit.predict_texts(again, TEXTS)),
-                               _probs(peftkit.predict_texts(loaded, TEXTS)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        _probs(peftkit.predict_texts(again, TEXTS)), _probs(peftkit.predict_texts(loaded, TEXTS)), atol=0, rtol=0
+    )

@@ -28,10 +28,9 @@ RTOL = 1e-5
 
 
 def _versions() -> dict[str, str]:
+    import peft
     import torch
     import transformers
-
-    import peft
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
@@ -42,14 +41,39 @@ def _figures(tmp_path, model: str, task: str, data: str, strategy: str) -> list[
 
     out = str(tmp_path / f"{task}-{strategy}")
     with pytest.raises(SystemExit) as done:
-        main(["run", "-s", strategy, "--model", model, "--task", task, "--dataset", data, "--epochs", "2",
-              "--batch-size", "16", "--max-length", "16", "--lr", "5e-3", "--max-eval-samples", "40",
-              "--output-dir", out, *EXTRA.get(strategy, [])])
+        main(
+            [
+                "run",
+                "-s",
+                strategy,
+                "--model",
+                model,
+                "--task",
+                task,
+                "--dataset",
+                data,
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--max-length",
+                "16",
+                "--lr",
+                "5e-3",
+                "--max-eval-samples",
+                "40",
+                "--output-dir",
+                out,
+                *EXTRA.get(strategy, []),
+            ]
+        )
     assert done.value.code in (0, None), f"{task} {strategy}: exit {done.value.code}"
     with open(os.path.join(out, "metrics.json")) as fh:
         history = json.load(fh)["history"]
-    return [{k: v for k, v in e.items() if k == "train_loss" or (k.startswith("validation_") and v is not None)}
-            for e in history]
+    return [
+        {k: v for k, v in e.items() if k == "train_loss" or (k.startswith("validation_") and v is not None)}
+        for e in history
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +82,8 @@ def measured(tmp_path_factory, tiny_model_dir, tiny_causal_dir, tiny_csv, pairs_
     runs = {}
     for strategy in STRATEGIES:
         runs[f"bert/sequence-classification/{strategy}"] = _figures(
-            tmp, tiny_model_dir("bert"), "sequence-classification", tiny_csv, strategy)
+            tmp, tiny_model_dir("bert"), "sequence-classification", tiny_csv, strategy
+        )
         runs[f"llama/causal-lm/{strategy}"] = _figures(tmp, tiny_causal_dir, "causal-lm", pairs_csv, strategy)
     if os.environ.get("PEFTKIT_STORE_LOSSES") == "1":
         os.makedirs(os.path.dirname(STORED), exist_ok=True)
@@ -70,8 +95,9 @@ def measured(tmp_path_factory, tiny_model_dir, tiny_causal_dir, tiny_csv, pairs_
     return runs
 
 
-@pytest.mark.parametrize("run", [f"{m}/{s}" for m in ("bert/sequence-classification", "llama/causal-lm")
-                                 for s in STRATEGIES])
+@pytest.mark.parametrize(
+    "run", [f"{m}/{s}" for m in ("bert/sequence-classification", "llama/causal-lm") for s in STRATEGIES]
+)
 def test_each_epochs_figures_equal_the_stored_ones(run, measured) -> None:
     with open(STORED) as fh:
         stored = json.load(fh)
@@ -81,4 +107,5 @@ def test_each_epochs_figures_equal_the_stored_ones(run, measured) -> None:
         assert set(have) == set(want), f"{run} epoch {epoch}: figures {sorted(have)}, stored {sorted(want)}"
         for key, value in want.items():
             assert have[key] == pytest.approx(value, rel=RTOL, abs=1e-12), (
-                f"{run} epoch {epoch} {key}: {have[key]!r}, stored {value!r} (stored with {stored['versions']})")
+                f"{run} epoch {epoch} {key}: {have[key]!r}, stored {value!r} (stored with {stored['versions']})"
+            )

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
 
-from conftest import ARCHITECTURES
 from peftkit import registry
 from peftkit.errors import PeftkitError
 from peftkit.models import load_classifier, load_tokenizer
 from peftkit.strategies.base import TaskSpec, options_from_dict
+
+from conftest import ARCHITECTURES
 
 TASK = TaskSpec(num_labels=2, label_names=("neg", "pos"))
 
@@ -32,6 +33,7 @@ def _count(model: nn.Module, trainable: bool | None = None) -> int:
 
 # -- adapter ----------------------------------------------------------------------------------
 
+
 def test_pfeiffer_parameter_count_on_roberta_base_shape() -> None:
     cfg = AutoConfig.for_model("roberta", num_labels=2)  # roberta-base: 768 wide, 12 blocks
     with torch.device("meta"):  # no memory, no time: only shapes are counted
@@ -40,9 +42,9 @@ def test_pfeiffer_parameter_count_on_roberta_base_shape() -> None:
         model = registry.get_strategy("adapter")().prepare(base, TASK)
     assert _count(model) - before == 894_528
     with torch.device("meta"):
-        houlsby = registry.get_strategy("adapter")(options_from_dict(registry.get_strategy("adapter"),
-                                                   {"variant": "houlsby"})).prepare(
-            AutoModelForSequenceClassification.from_config(cfg), TASK)
+        houlsby = registry.get_strategy("adapter")(
+            options_from_dict(registry.get_strategy("adapter"), {"variant": "houlsby"})
+        ).prepare(AutoModelForSequenceClassification.from_config(cfg), TASK)
     assert _count(houlsby) - before == 2 * 894_528
 
 
@@ -74,11 +76,13 @@ def test_adapter_wraps_the_sublayer_outputs_and_starts_as_identity(arch, tiny_mo
 
 def test_adapter_on_distilbert(tmp_path) -> None:
     cfg = AutoConfig.for_model("distilbert", dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=50)
-    model = registry.get_strategy("adapter")(options_from_dict(registry.get_strategy("adapter"),
-                                             {"variant": "houlsby"})).prepare(
-        AutoModelForSequenceClassification.from_config(cfg), TASK)
+    model = registry.get_strategy("adapter")(
+        options_from_dict(registry.get_strategy("adapter"), {"variant": "houlsby"})
+    ).prepare(AutoModelForSequenceClassification.from_config(cfg), TASK)
     names = {n for n, m in model.named_modules() if type(m).__name__ == "ProjectionWithAdapter"}
-    assert names == {f"distilbert.transformer.layer.{i}.{s}" for i in range(2) for s in ("attention.out_lin", "ffn.lin2")}
+    assert names == {
+        f"distilbert.transformer.layer.{i}.{s}" for i in range(2) for s in ("attention.out_lin", "ffn.lin2")
+    }
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("pre_classifier") for n in trainable) and any(n.startswith("classifier") for n in trainable)
 
@@ -88,11 +92,14 @@ def test_adapter_layernorm_option_and_bad_reduction_factor(tiny_model_dir) -> No
     _, with_norms, _ = _prepared("adapter", tiny_model_dir("bert"), train_layernorms=True)
     # 2 blocks x 2 LayerNorms x (32 weight + 32 bias)
     assert _count(with_norms, True) - _count(plain, True) == 2 * 2 * 64
-    with pytest.raises(PeftkitError, match=r"reduction_factor 5 does not divide the hidden size 32 of model type 'bert'"):
+    with pytest.raises(
+        PeftkitError, match=r"reduction_factor 5 does not divide the hidden size 32 of model type 'bert'"
+    ):
         _prepared("adapter", tiny_model_dir("bert"), reduction_factor=5)
 
 
 # -- gradual unfreezing -----------------------------------------------------------------------
+
 
 def test_gradual_layer_groups_from_the_top(tiny_model_dir) -> None:
     from peftkit.strategies.gradual_unfreeze import layer_groups
@@ -113,7 +120,7 @@ def test_gradual_layer_groups_from_the_top(tiny_model_dir) -> None:
     assert all(p.requires_grad for p in groups[1].values())
     strategy.on_epoch_start(model, 2)
     last = strategy.on_epoch_start(model, 3)
-    assert last[0].lr_scale == pytest.approx(2.6 ** -3) and strategy.on_epoch_start(model, 4) == []
+    assert last[0].lr_scale == pytest.approx(2.6**-3) and strategy.on_epoch_start(model, 4) == []
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -135,9 +142,25 @@ def test_gradual_run_reports_the_most_trained_at_once(run_cli, tiny_model_dir, t
     import json
 
     out = tmp_path / "run"
-    code, _, err = run_cli("run", "-s", "gradual_unfreeze", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                           "--epochs", "2", "--batch-size", "16", "--max-length", "16",
-                           "--set", "unfreeze_every_steps=5", "--output-dir", str(out))
+    code, _, err = run_cli(
+        "run",
+        "-s",
+        "gradual_unfreeze",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--set",
+        "unfreeze_every_steps=5",
+        "--output-dir",
+        str(out),
+    )
     assert code == 0, err
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["trainable_params"] == metrics["total_params"]  # all 4 groups by step 15 of 20
@@ -184,7 +207,9 @@ def _inputs(model_dir: str, side: str = "right", texts: list[str] = TEXTS) -> di
     return batch
 
 
-PEFT_CASES = [(a, "SEQ_CLS") for a in ("bert", "roberta", "gpt2", "llama")] + [(a, "CAUSAL_LM") for a in ("gpt2", "llama")]
+PEFT_CASES = [(a, "SEQ_CLS") for a in ("bert", "roberta", "gpt2", "llama")] + [
+    (a, "CAUSAL_LM") for a in ("gpt2", "llama")
+]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -200,12 +225,16 @@ def test_prefix_gives_peft_logits(arch, task, attn, side, tiny_model_dir) -> Non
     batch = _inputs(model_dir, side)
     if task == "CAUSAL_LM":
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    theirs = get_peft_model(_base(model_dir, task, attn), PrefixTuningConfig(task_type=task, num_virtual_tokens=20)).eval()
+    theirs = get_peft_model(
+        _base(model_dir, task, attn), PrefixTuningConfig(task_type=task, num_virtual_tokens=20)
+    ).eval()
     with torch.no_grad():
         theirs.prompt_encoder["default"].embedding.weight.copy_(ours.prefix_encoder.embedding.weight)
         for name, param in theirs.named_parameters():
             if "modules_to_save.default." in name:  # the same (random) head
-                param.copy_(ours.get_parameter(name.replace("base_model.", "", 1).replace("modules_to_save.default.", "")))
+                param.copy_(
+                    ours.get_parameter(name.replace("base_model.", "", 1).replace("modules_to_save.default.", ""))
+                )
         try:
             expected = theirs(**batch).logits
         except ValueError as exc:
@@ -216,7 +245,8 @@ def test_prefix_gives_peft_logits(arch, task, attn, side, tiny_model_dir) -> Non
         plain = _base(model_dir, task, attn)
         if task == "SEQ_CLS":
             plain.get_submodule(ours.prefix_encoder.head_names[-1]).load_state_dict(
-                ours.get_submodule(ours.prefix_encoder.head_names[-1]).state_dict())
+                ours.get_submodule(ours.prefix_encoder.head_names[-1]).state_dict()
+            )
         unprefixed = plain(**batch).logits
     real = batch["attention_mask"].bool() if task == "CAUSAL_LM" else slice(None)
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
@@ -271,8 +301,11 @@ def test_prefix_parameter_count(arch, tiny_model_dir) -> None:
     prompt = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith("prefix_encoder."))
     assert prompt == 5 * 2 * 2 * 32  # tokens x layers x (key, value) x hidden
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"prefix_encoder", *(["pre_classifier"] if arch == "distilbert" else []),
-                         "score" if arch in ("gpt2", "llama") else "classifier"}
+    assert trainable == {
+        "prefix_encoder",
+        *(["pre_classifier"] if arch == "distilbert" else []),
+        "score" if arch in ("gpt2", "llama") else "classifier",
+    }
 
 
 def test_prefix_projection_saves_its_output_and_loads_back(tiny_model_dir, tmp_path) -> None:
@@ -316,6 +349,7 @@ def test_prefix_refuses_attention_it_cannot_extend(tiny_model_dir) -> None:
 
 
 # -- models a strategy cannot handle ----------------------------------------------------------
+
 
 class _Mlp(nn.Module):
     def __init__(self) -> None:

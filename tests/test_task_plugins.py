@@ -11,12 +11,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FILLER, NEGATIVE, POSITIVE, fake_plugin_env
 
 from peftkit import registry
 from peftkit.errors import PeftkitError
 from peftkit.tasks import TASKS, get_task, register_task, task_names
 from peftkit.tasks.sequence_classification import SequenceClassification
+
+from conftest import FILLER, NEGATIVE, POSITIVE, fake_plugin_env
 
 
 def test_builtin_tasks_in_their_order_and_spelled_either_way() -> None:
@@ -55,16 +56,22 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_task_plugin_loads_lazily_and_is_switchable(tmp_path) -> None:
-    env = _fake_task_plugin(tmp_path, """
+    env = _fake_task_plugin(
+        tmp_path,
+        """
         from peftkit.tasks.sequence_classification import SequenceClassification
 
         class Echo(SequenceClassification):
             name = "echo-test"
             description = "Test plugin task."
-        """, "echo-test = fake_plugin_mod:Echo")
-    code = ("import sys; from peftkit.tasks import task_names, TASKS\n"
-            "assert 'fake_plugin_mod' not in sys.modules\n"
-            "print('echo-test' in task_names(), TASKS.loaded_plugins().get('echo-test'))\n")
+        """,
+        "echo-test = fake_plugin_mod:Echo",
+    )
+    code = (
+        "import sys; from peftkit.tasks import task_names, TASKS\n"
+        "assert 'fake_plugin_mod' not in sys.modules\n"
+        "print('echo-test' in task_names(), TASKS.loaded_plugins().get('echo-test'))\n"
+    )
     shown = _python(code, env)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.split() == ["True", "echo-test", "=", "fake_plugin_mod:Echo"]
@@ -74,11 +81,15 @@ def test_task_plugin_loads_lazily_and_is_switchable(tmp_path) -> None:
 
 
 def test_broken_task_plugin_is_named_and_others_keep_working(tmp_path) -> None:
-    env = _fake_task_plugin(tmp_path, "raise ImportError('missing dependency xyz')\n", "broken-task = fake_plugin_mod:Nope")
-    code = ("from peftkit.tasks import get_task, task_plugin_errors\n"
-            "assert get_task('causal-lm').name == 'causal-lm'\n"
-            "[message] = task_plugin_errors(); print(message)\n"
-            "try:\n    get_task('broken-task')\nexcept Exception as exc:\n    print(exc)\n")
+    env = _fake_task_plugin(
+        tmp_path, "raise ImportError('missing dependency xyz')\n", "broken-task = fake_plugin_mod:Nope"
+    )
+    code = (
+        "from peftkit.tasks import get_task, task_plugin_errors\n"
+        "assert get_task('causal-lm').name == 'causal-lm'\n"
+        "[message] = task_plugin_errors(); print(message)\n"
+        "try:\n    get_task('broken-task')\nexcept Exception as exc:\n    print(exc)\n"
+    )
     shown = _python(code, env)
     assert shown.returncode == 0, shown.stderr
     first, asked = shown.stdout.strip().splitlines()
@@ -102,8 +113,9 @@ def regression_csv(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_example_plugin_task_runs_through_its_entry_point(example_plugin, run_cli, tiny_model_dir, regression_csv,
-                                                          tmp_path) -> None:
+def test_example_plugin_task_runs_through_its_entry_point(
+    example_plugin, run_cli, tiny_model_dir, regression_csv, tmp_path
+) -> None:
     """plugins/peftkit-bitfit also ships text-regression (entry point group peftkit.tasks)."""
     from importlib.metadata import entry_points
 
@@ -111,12 +123,30 @@ def test_example_plugin_task_runs_through_its_entry_point(example_plugin, run_cl
         pytest.skip("the installed peftkit-bitfit predates its task: reinstall it (install.sh)")
     assert TASKS.loaded_plugins()["text-regression"] == "text-regression = peftkit_bitfit.regression:TextRegression"
     out = tmp_path / "run"
-    code, stdout, err = run_cli("run", "--task", "text-regression", "--strategy", "bitfit", "--model",
-                                tiny_model_dir("bert"), "--dataset", regression_csv, "--epochs", "2",
-                                "--max-length", "16", "--output-dir", str(out))
+    code, stdout, err = run_cli(
+        "run",
+        "--task",
+        "text-regression",
+        "--strategy",
+        "bitfit",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        regression_csv,
+        "--epochs",
+        "2",
+        "--max-length",
+        "16",
+        "--output-dir",
+        str(out),
+    )
     assert code == 0, err
     metrics = json.load(open(out / "metrics.json"))
-    assert metrics["task"] == "text-regression" and metrics["split"]["sizes"] == {"train": 96, "validation": 12, "test": 12}
+    assert metrics["task"] == "text-regression" and metrics["split"]["sizes"] == {
+        "train": 96,
+        "validation": 12,
+        "test": 12,
+    }
     for key in ("test_mse", "test_mae", "test_pearson", "validation_mse"):
         assert math.isfinite(metrics[key]), key
     assert "test mse" in stdout

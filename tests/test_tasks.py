@@ -21,6 +21,7 @@ def _load(path: str) -> dict:
 
 # -- causal-lm ----------------------------------------------------------------------------------
 
+
 def test_the_loss_is_on_the_response_only(tiny_causal_dir, pairs_csv) -> None:
     from peftkit.config import RunConfig
     from peftkit.tasks import get_task
@@ -35,10 +36,12 @@ def test_the_loss_is_on_the_response_only(tiny_causal_dir, pairs_csv) -> None:
     answer = tok(raw["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     labelled = [t for t in row["labels"] if t != IGNORE]
     assert labelled == answer, "exactly the response and the end-of-sequence token carry loss"
-    assert row["input_ids"][-len(answer):] == answer and len(row["input_ids"]) <= 8
+    assert row["input_ids"][-len(answer) :] == answer and len(row["input_ids"]) <= 8
     # a prompt too long for max_length loses its beginning, never the answer
-    assert row["input_ids"][: len(row["input_ids"]) - len(answer)] == \
-        tok(raw["prompt"])["input_ids"][-(len(row["input_ids"]) - len(answer)):]
+    assert (
+        row["input_ids"][: len(row["input_ids"]) - len(answer)]
+        == tok(raw["prompt"])["input_ids"][-(len(row["input_ids"]) - len(answer)) :]
+    )
     batch = task.collate(tok)([enc["train"][i] for i in range(4)])
     assert (batch["attention_mask"][:, -1] == 1).all(), "padded on the left: answers end every row"
     assert batch["logits_to_keep"] == int((batch["labels"] != IGNORE).sum(1).max()) + 1
@@ -47,8 +50,23 @@ def test_the_loss_is_on_the_response_only(tiny_causal_dir, pairs_csv) -> None:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_trains_a_causal_lm(strategy, tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, stdout, err = run_cli("run", "--strategy", strategy, "--model", tiny_causal_dir, "--dataset", pairs_csv,
-                                "--epochs", "2", "--batch-size", "16", "--max-length", "16", "--output-dir", out)
+    code, stdout, err = run_cli(
+        "run",
+        "--strategy",
+        strategy,
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        pairs_csv,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     assert m["task"] == "causal-lm", "inferred from the model's config (LlamaForCausalLM)"
@@ -66,9 +84,25 @@ def test_every_strategy_trains_a_causal_lm(strategy, tiny_causal_dir, pairs_csv,
 
 def test_causal_lm_learns_the_toy_answers(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, _, err = run_cli("run", "--strategy", "full", "--lr", "3e-3", "--model", tiny_causal_dir,
-                           "--dataset", pairs_csv, "--epochs", "6", "--batch-size", "16", "--max-length", "16",
-                           "--output-dir", out)
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "full",
+        "--lr",
+        "3e-3",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        pairs_csv,
+        "--epochs",
+        "6",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     # two equally likely answers: a model that learned nothing scores about 0.5 and perplexity ~2 on them
@@ -95,9 +129,25 @@ def test_head_only_trains_the_untied_output_layer_only(tiny_causal_dir, pairs_cs
 
 def test_labelled_data_becomes_a_completion_task(tiny_causal_dir, tiny_csv, run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, _, err = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--model", tiny_causal_dir,
-                           "--dataset", tiny_csv, "--epochs", "1", "--batch-size", "16", "--max-length", "24",
-                           "--output-dir", out)
+    code, _, err = run_cli(
+        "run",
+        "--task",
+        "causal-lm",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "24",
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     assert m["test_accuracy"] == m["test_exact_match"], "the generated answer is the predicted label"
@@ -110,12 +160,27 @@ def test_labelled_data_becomes_a_completion_task(tiny_causal_dir, tiny_csv, run_
 
 # -- image-classification ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "prefix"])
 def test_every_strategy_trains_an_image_classifier(strategy, tiny_vit_dir, run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
-    code, stdout, err = run_cli("run", "--strategy", strategy, "--model", tiny_vit_dir, "--dataset", "digits",
-                                "--epochs", "2", "--batch-size", "32", "--max-train-samples", "300",
-                                "--output-dir", out)
+    code, stdout, err = run_cli(
+        "run",
+        "--strategy",
+        strategy,
+        "--model",
+        tiny_vit_dir,
+        "--dataset",
+        "digits",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--max-train-samples",
+        "300",
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     assert m["task"] == "image-classification" and m["split"]["sizes"]["train"] == 300
@@ -131,8 +196,21 @@ def test_every_strategy_trains_an_image_classifier(strategy, tiny_vit_dir, run_c
 
 
 def test_prefix_is_refused_for_images_in_one_line(tiny_vit_dir, run_cli, tmp_path) -> None:
-    code, _, err = run_cli("run", "--strategy", "prefix", "--model", tiny_vit_dir, "--dataset", "digits",
-                           "--epochs", "1", "--max-train-samples", "50", "--output-dir", str(tmp_path / "run"))
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "prefix",
+        "--model",
+        tiny_vit_dir,
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "50",
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
     assert code == 2 and "strategy 'prefix' cannot handle task 'image-classification'" in err
     assert "Traceback" not in err and not os.path.exists(tmp_path / "run")
 
@@ -147,7 +225,8 @@ def test_image_data_from_a_folder_and_mnist(tiny_vit_dir, tmp_path) -> None:
         os.makedirs(tmp_path / "pics" / label)
         for i in range(6):
             Image.new("RGB", (10, 10), color=(40 * i, 0, 0) if label == "cat" else (0, 40 * i, 0)).save(
-                tmp_path / "pics" / label / f"{i}.png")
+                tmp_path / "pics" / label / f"{i}.png"
+            )
     task = get_task("image-classification")
     data = task.load_data(RunConfig(task="image-classification", dataset=str(tmp_path / "pics")))
     assert data.label_names == ["cat", "dog"] and sum(data.split_info["sizes"].values()) == 12
@@ -156,8 +235,9 @@ def test_image_data_from_a_folder_and_mnist(tiny_vit_dir, tmp_path) -> None:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    arrays = datasets.Dataset.from_dict({"pixels": [rng.random((3, 12, 12)).tolist() for _ in range(12)],
-                                         "label": ["a", "b"] * 6})
+    arrays = datasets.Dataset.from_dict(
+        {"pixels": [rng.random((3, 12, 12)).tolist() for _ in range(12)], "label": ["a", "b"] * 6}
+    )
     arrays.save_to_disk(str(tmp_path / "arrays"))
     cfg = RunConfig(task="image-classification", dataset=str(tmp_path / "arrays"), model=tiny_vit_dir)
     data = task.load_data(cfg)
@@ -169,6 +249,7 @@ def test_image_data_from_a_folder_and_mnist(tiny_vit_dir, tmp_path) -> None:
 
 
 # -- inference of the task, plan, trackers ------------------------------------------------------
+
 
 def test_the_task_is_read_from_the_model(tiny_causal_dir, tiny_vit_dir, tiny_model_dir) -> None:
     from peftkit.tasks import infer_task
@@ -184,8 +265,13 @@ def test_plan_works_for_every_task(kind, tiny_causal_dir, tiny_vit_dir) -> None:
     from peftkit.planner import PlanSettings, make_plan
 
     model, task = (tiny_causal_dir, "causal-lm") if kind == "causal" else (tiny_vit_dir, "image-classification")
-    settings = PlanSettings(model=model, strategies=["full", "lora", "head_only"], task=task, batch_size=8,
-                            max_length=16 if kind == "causal" else None)
+    settings = PlanSettings(
+        model=model,
+        strategies=["full", "lora", "head_only"],
+        task=task,
+        batch_size=8,
+        max_length=16 if kind == "causal" else None,
+    )
     estimates = {e.strategy: e for e in make_plan(settings)}
     assert all(e.status == "ok" for e in estimates.values()), [e.error for e in estimates.values()]
     full, lora = estimates["full"], estimates["lora"]
@@ -202,9 +288,25 @@ def test_tensorboard_events_are_written(tiny_model_dir, tiny_csv, run_cli, tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = str(tmp_path / "run")
-    code, _, err = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                           "--epochs", "2", "--batch-size", "16", "--max-length", "16", "--output-dir", out,
-                           "--report-to", "tensorboard")
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+        "--report-to",
+        "tensorboard",
+    )
     assert code == 0, err
     logdir = os.path.join(out, "tensorboard", "peftkit")
     events = EventAccumulator(logdir)
@@ -220,18 +322,44 @@ def test_wandb_asked_for_but_not_installed(tiny_model_dir, tiny_csv, run_cli, tm
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    code, _, err = run_cli("run", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                           "--output-dir", str(tmp_path / "run"), "--report-to", "wandb")
+    code, _, err = run_cli(
+        "run",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--report-to",
+        "wandb",
+    )
     assert code == 2 and "needs the wandb package, which is not installed: pip install wandb" in err
 
 
 # -- the benchmark, for every task type ------------------------------------------------------
 
+
 def test_bench_compares_strategies_on_a_causal_lm(tiny_causal_dir, pairs_csv, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
-    code, stdout, err = run_cli("bench", "--strategies", "lora,head_only", "--model", tiny_causal_dir,
-                                "--dataset", pairs_csv, "--epochs", "1", "--batch-size", "16", "--max-length", "16",
-                                "--max-eval-samples", "10", "--output-dir", str(out))
+    code, stdout, err = run_cli(
+        "bench",
+        "--strategies",
+        "lora,head_only",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        pairs_csv,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--max-eval-samples",
+        "10",
+        "--output-dir",
+        str(out),
+    )
     assert code == 0, err
     results = json.load(open(out / "results.json"))
     assert results["settings"]["task"] == "causal-lm" and results["settings"]["max_length"] == 16
@@ -250,8 +378,21 @@ def test_bench_compares_strategies_on_a_causal_lm(tiny_causal_dir, pairs_csv, ru
 
 def test_bench_compares_strategies_on_images(tiny_vit_dir, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
-    code, _, err = run_cli("bench", "--strategies", "full,lora,prefix", "--model", tiny_vit_dir, "--dataset", "digits",
-                           "--epochs", "1", "--max-train-samples", "200", "--output-dir", str(out))
+    code, _, err = run_cli(
+        "bench",
+        "--strategies",
+        "full,lora,prefix",
+        "--model",
+        tiny_vit_dir,
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "200",
+        "--output-dir",
+        str(out),
+    )
     assert code == 0, err
     results = json.load(open(out / "results.json"))
     assert results["settings"]["task"] == "image-classification" and results["quality"][0] == "test_accuracy"
@@ -269,9 +410,25 @@ def test_wandb_offline_run_when_installed(tiny_model_dir, tiny_csv, run_cli, tmp
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     os.makedirs(tmp_path / "wb")
     out = str(tmp_path / "run")
-    code, _, err = run_cli("run", "--strategy", "lora", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                           "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--output-dir", out,
-                           "--report-to", "wandb")
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+        "--report-to",
+        "wandb",
+    )
     assert code == 0, err
     runs = [p for p in (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(runs) == 1 and runs[0].stat().st_size > 0
@@ -283,8 +440,9 @@ def test_plan_refuses_a_strategy_that_trains_nothing(tiny_causal_dir) -> None:
 
     if "bitfit" not in registry.available():
         pytest.skip("the bitfit plugin is not installed (or plugins are disabled)")
-    [est] = make_plan(PlanSettings(model=tiny_causal_dir, strategies=["bitfit"], task="causal-lm", batch_size=4,
-                                   max_length=8))
+    [est] = make_plan(
+        PlanSettings(model=tiny_causal_dir, strategies=["bitfit"], task="causal-lm", batch_size=4, max_length=8)
+    )
     assert est.status == "refused" and "left no parameter to train" in est.error  # Llama has no biases
 
 
@@ -295,8 +453,25 @@ def test_merge_a_causal_lora_adapter_into_a_plain_model(tiny_causal_dir, pairs_c
     from peftkit.inference import load_adapter
 
     out = str(tmp_path / "run")
-    code, _, err = run_cli("run", "--strategy", "lora", "--lr", "1e-2", "--model", tiny_causal_dir, "--dataset",
-                           pairs_csv, "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--output-dir", out)
+    code, _, err = run_cli(
+        "run",
+        "--strategy",
+        "lora",
+        "--lr",
+        "1e-2",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        pairs_csv,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     merged_dir = str(tmp_path / "merged")
     code, stdout, err = run_cli("merge", "--adapter", os.path.join(out, "adapter"), "--output", merged_dir)
@@ -315,9 +490,25 @@ def test_one_text_column_is_plain_language_modelling(tiny_causal_dir, tmp_path, 
         writer.writeheader()
         writer.writerows({"text": r["text"]} for r in make_rows(60))
     out = str(tmp_path / "run")
-    code, stdout, err = run_cli("run", "--task", "causal-lm", "--strategy", "lora", "--model", tiny_causal_dir,
-                                "--dataset", str(path), "--epochs", "1", "--batch-size", "8", "--max-length", "16",
-                                "--output-dir", out)
+    code, stdout, err = run_cli(
+        "run",
+        "--task",
+        "causal-lm",
+        "--strategy",
+        "lora",
+        "--model",
+        tiny_causal_dir,
+        "--dataset",
+        str(path),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     m = _load(os.path.join(out, "metrics.json"))
     assert m["split"]["shape"] == "plain text" and m["test_perplexity"] > 1
@@ -346,11 +537,14 @@ def test_the_planner_keeps_every_position_for_plain_text(tiny_causal_dir, pairs_
     batch = task.dummy_batch(load_config(tiny_causal_dir), 4, 16, "cpu", loss_positions=16)
     assert batch["logits_to_keep"] == 16 and bool((batch["labels"] != -100).all())
     # planned for a GPU from this CPU: the bytes autograd saves, exact (a CPU resident set is noisy)
-    settings = dict(model=tiny_causal_dir, strategies=["lora"], task="causal-lm", batch_size=8, max_length=16,
-                    device="cuda")
+    settings = dict(
+        model=tiny_causal_dir, strategies=["lora"], task="causal-lm", batch_size=8, max_length=16, device="cuda"
+    )
     plain = Levers(loss="plain")
     short = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, levers=plain))
-    every = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, levers=plain, loss_positions=16))
+    every = plan_strategy(
+        load_config(tiny_causal_dir), "lora", PlanSettings(**settings, levers=plain, loss_positions=16)
+    )
     assert every.activations > short.activations
     # the chunked loss (the default) keeps no vocabulary-wide logits for the positions it learns
     chunked = plan_strategy(load_config(tiny_causal_dir), "lora", PlanSettings(**settings, loss_positions=16))

@@ -38,14 +38,15 @@ def test_head_only_runs_the_backbone_in_the_first_epoch_only(tiny_model_dir, tin
 def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv, capsys) -> None:
     # a learning rate this large makes later epochs worse than the best one, so the loop must
     # restore it, and patience 1 stops after the first epoch without a gain
-    outcome, logs = _fit(tiny_model_dir("bert"), tiny_csv, strategy="full", epochs=8, batch_size=16,
-                         lr=0.5, early_stopping_patience=1)
+    outcome, logs = _fit(
+        tiny_model_dir("bert"), tiny_csv, strategy="full", epochs=8, batch_size=16, lr=0.5, early_stopping_patience=1
+    )
     history = outcome.history
     best = max(h["validation_accuracy"] for h in history)
     assert outcome.metrics.validation["accuracy"] == best
     if outcome.metrics.best_epoch != len(history):
-        assert any(l.startswith("restored the best epoch") for l in logs)
-    assert len(history) < 8 and any(l.startswith("early stopping") for l in logs)
+        assert any(line.startswith("restored the best epoch") for line in logs)
+    assert len(history) < 8 and any(line.startswith("early stopping") for line in logs)
     # issue 15: early stopping was in train.log only; the console shows it with the epoch lines
     console = capsys.readouterr().err
     assert f"early stopping after epoch {len(history)}/8: no better validation accuracy" in console
@@ -56,8 +57,19 @@ def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv, capsys
         assert f"s, {format_rate(h['examples_per_second'])} examples/s)" in console
 
 
-@pytest.mark.parametrize("rate,text", [(0.6, "0.60"), (0.62, "0.62"), (0.048, "0.048"), (6.14, "6.1"),
-                                       (9.96, "10"), (10.4, "10"), (115.5, "116"), (0.0, "0")])
+@pytest.mark.parametrize(
+    "rate,text",
+    [
+        (0.6, "0.60"),
+        (0.62, "0.62"),
+        (0.048, "0.048"),
+        (6.14, "6.1"),
+        (9.96, "10"),
+        (10.4, "10"),
+        (115.5, "116"),
+        (0.0, "0"),
+    ],
+)
 def test_small_rates_keep_two_significant_digits(rate, text) -> None:
     from peftkit.metrics import format_rate
 
@@ -65,8 +77,7 @@ def test_small_rates_keep_two_significant_digits(rate, text) -> None:
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_model_dir, tiny_csv) -> None:
-    outcome, _ = _fit(tiny_model_dir("bert"), tiny_csv, strategy="lora", epochs=1, batch_size=8,
-                      grad_accumulation=4)
+    outcome, _ = _fit(tiny_model_dir("bert"), tiny_csv, strategy="lora", epochs=1, batch_size=8, grad_accumulation=4)
     assert outcome.metrics.train_examples == 160
 
 
@@ -94,15 +105,21 @@ def test_unfrozen_groups_join_the_running_optimizer(tiny_model_dir, tiny_csv, mo
             made.append(self)
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
-    outcome, logs = _fit(tiny_model_dir("bert"), tiny_csv, strategy="gradual_unfreeze", epochs=1, batch_size=16,
-                         strategy_options={"unfreeze_every_steps": 2})
+    outcome, logs = _fit(
+        tiny_model_dir("bert"),
+        tiny_csv,
+        strategy="gradual_unfreeze",
+        epochs=1,
+        batch_size=16,
+        strategy_options={"unfreeze_every_steps": 2},
+    )
     assert len(made) == 1, "one optimizer for the whole run"
     opt = made[0]
     steps = 10  # 160 examples / 16
     head = [p for g in opt.param_groups[:2] for p in g["params"]]  # the first groups: head (+ pooler)
     assert all(int(opt.state[p]["step"]) == steps for p in head), "head state was reset"
     # head, block 1, block 0, embeddings: 3 groups joined (each split into decay / no-decay)
-    assert sum(l.startswith("optimizer: +") for l in logs) == 6
+    assert sum(line.startswith("optimizer: +") for line in logs) == 6
     rates = sorted({g["base_lr"] for g in opt.param_groups}, reverse=True)
     assert rates == pytest.approx([1e-3 / 2.6**k for k in range(4)])
 
@@ -126,9 +143,13 @@ def test_a_run_records_which_test_examples_it_got_right_in_split_order(tiny_mode
     from conftest import FILLER, make_rows
 
     rng = random.Random(1)
-    rows = [{"text": r["text"] + " " + " ".join(rng.choices(FILLER, k=rng.randrange(8))),
-             "label": r["label"] if rng.random() > 0.2 else ("neg" if r["label"] == "pos" else "pos")}
-            for r in make_rows(200)]
+    rows = [
+        {
+            "text": r["text"] + " " + " ".join(rng.choices(FILLER, k=rng.randrange(8))),
+            "label": r["label"] if rng.random() > 0.2 else ("neg" if r["label"] == "pos" else "pos"),
+        }
+        for r in make_rows(200)
+    ]
     path = tmp_path / "varied.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["text", "label"])

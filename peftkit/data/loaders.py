@@ -9,15 +9,29 @@ from typing import Any
 from ..errors import PeftkitError
 from .base import Shape, TaskData
 from .checks import ColumnUse, data_line, dropped_warning
-from .columns import (IMAGE_COLUMN_GUESSES, LABEL_COLUMN_GUESSES, PROMPT_COLUMN_GUESSES, RESPONSE_COLUMN_GUESSES,
-                      TEXT_COLUMN_GUESSES, has_response, label_mapping, pick_column, text_shape)
+from .columns import (
+    IMAGE_COLUMN_GUESSES,
+    LABEL_COLUMN_GUESSES,
+    PROMPT_COLUMN_GUESSES,
+    RESPONSE_COLUMN_GUESSES,
+    TEXT_COLUMN_GUESSES,
+    has_response,
+    label_mapping,
+    pick_column,
+    text_shape,
+)
 from .sources import load_raw
 from .splits import finish_splits, keeping_whole, standard_splits
 
 
-def load_text_data(source: str, text_column: str | None = None, label_column: str | None = None,
-                   response_column: str | None = None, seed: int = 0,
-                   max_train_samples: int | None = None) -> TaskData:
+def load_text_data(
+    source: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    response_column: str | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+) -> TaskData:
     """Text data in the shape its columns say (``columns.text_shape``): prompt and response,
     labelled text, or plain text (stored as an empty prompt and the text as response)."""
     splits = standard_splits(load_raw(source), source)
@@ -31,8 +45,13 @@ def load_text_data(source: str, text_column: str | None = None, label_column: st
     return _pairs(splits, source, None, text, seed, max_train_samples, no_prompt=True)
 
 
-def load_labelled_data(source: str, text_column: str | None = None, label_column: str | None = None,
-                       seed: int = 0, max_train_samples: int | None = None) -> TaskData:
+def load_labelled_data(
+    source: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+) -> TaskData:
     """Load ``source`` and return train/validation/test splits with ``text`` and ``label`` ids.
 
     Splits named validation/valid/val/dev count as validation. Where validation or test is
@@ -43,9 +62,14 @@ def load_labelled_data(source: str, text_column: str | None = None, label_column
     return _labelled(splits, source, text_column, label_column, seed, max_train_samples)
 
 
-def load_prompt_response(source: str, prompt_column: str | None, response_column: str | None,
-                         seed: int = 0, max_train_samples: int | None = None,
-                         no_prompt: bool = False) -> TaskData | None:
+def load_prompt_response(
+    source: str,
+    prompt_column: str | None,
+    response_column: str | None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    no_prompt: bool = False,
+) -> TaskData | None:
     """Splits with ``prompt`` and ``response`` columns, if ``source`` has a response column
     (named, or one of ``RESPONSE_COLUMN_GUESSES``); else None. A ``response_column`` that is
     named but missing is an error. Without a prompt column the whole response is learned."""
@@ -55,8 +79,13 @@ def load_prompt_response(source: str, prompt_column: str | None, response_column
     return _pairs(splits, source, prompt_column, response_column, seed, max_train_samples, no_prompt)
 
 
-def load_image_data(source: str, image_column: str | None = None, label_column: str | None = None,
-                    seed: int = 0, max_train_samples: int | None = None) -> TaskData:
+def load_image_data(
+    source: str,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+) -> TaskData:
     """Splits with ``image`` and ``label`` ids: from an embedded image set, a folder of class
     sub-folders, or any source whose columns hold images (or arrays) and labels."""
     splits = standard_splits(load_raw(source, images=True), source)
@@ -73,13 +102,27 @@ def load_image_data(source: str, image_column: str | None = None, label_column: 
 
 # -- one builder per shape, over splits already read ---------------------------------------------
 
-def _pairs(splits: dict[str, Any], source: str, prompt_column: str | None, response_column: str | None,
-           seed: int, max_train_samples: int | None, no_prompt: bool = False) -> TaskData:
+
+def _pairs(
+    splits: dict[str, Any],
+    source: str,
+    prompt_column: str | None,
+    response_column: str | None,
+    seed: int,
+    max_train_samples: int | None,
+    no_prompt: bool = False,
+) -> TaskData:
     columns = list(splits["train"].column_names)
     resp = pick_column(columns, response_column, RESPONSE_COLUMN_GUESSES, "response")
-    prompt = None if no_prompt else (
-        pick_column(columns, prompt_column, tuple(g for g in PROMPT_COLUMN_GUESSES if g != resp), "text")
-        if prompt_column or any(g in columns and g != resp for g in PROMPT_COLUMN_GUESSES) else None)
+    prompt = (
+        None
+        if no_prompt
+        else (
+            pick_column(columns, prompt_column, tuple(g for g in PROMPT_COLUMN_GUESSES if g != resp), "text")
+            if prompt_column or any(g in columns and g != resp for g in PROMPT_COLUMN_GUESSES)
+            else None
+        )
+    )
     # plain text is one text learned whole (stored as the response): its column is the text column
     used = [ColumnUse("text" if no_prompt else "response", resp, response_column is None)]
     if prompt is not None:
@@ -91,8 +134,11 @@ def _pairs(splits: dict[str, Any], source: str, prompt_column: str | None, respo
     # mapped column keeping its input's name would otherwise keep its input's type too
     text_features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")})
     for name, ds in splits.items():
-        splits[name] = ds.map(lambda r: {"prompt": _text(r[prompt]) if prompt else "", "response": _text(r[resp])},
-                              remove_columns=ds.column_names, features=text_features)
+        splits[name] = ds.map(
+            lambda r: {"prompt": _text(r[prompt]) if prompt else "", "response": _text(r[resp])},
+            remove_columns=ds.column_names,
+            features=text_features,
+        )
     dropped = {used[-1].role: _drop(splits, lambda r: r["response"].strip() != "")}
     if len(splits["train"]) == 0:
         raise PeftkitError(f"dataset {source!r} has no examples with a non-empty {resp!r}")
@@ -105,8 +151,14 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _labelled(splits: dict[str, Any], source: str, text_column: str | None, label_column: str | None,
-              seed: int, max_train_samples: int | None) -> TaskData:
+def _labelled(
+    splits: dict[str, Any],
+    source: str,
+    text_column: str | None,
+    label_column: str | None,
+    seed: int,
+    max_train_samples: int | None,
+) -> TaskData:
     columns = list(splits["train"].column_names)
     text_col = pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text")
     label_col = pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label")
@@ -118,9 +170,12 @@ def _labelled(splits: dict[str, Any], source: str, text_column: str | None, labe
     for name, ds in splits.items():
         splits[name] = _renamed(ds, {text_col: "text", label_col: "label"})
     # counted one reason at a time, so that every dropped row is counted once
-    dropped = {"text": _drop(splits, lambda r: isinstance(r["text"], str) and r["text"].strip() != ""),
-               "label": _drop(splits, lambda r: r["label"] is not None
-                              and not (isinstance(r["label"], str) and r["label"].strip() == ""))}
+    dropped = {
+        "text": _drop(splits, lambda r: isinstance(r["text"], str) and r["text"].strip() != ""),
+        "label": _drop(
+            splits, lambda r: r["label"] is not None and not (isinstance(r["label"], str) and r["label"].strip() == "")
+        ),
+    }
     if len(splits["train"]) == 0:
         raise PeftkitError(f"dataset {source!r} has no usable training examples (empty text or label)")
     names = _label_ids(splits, class_names, label_col)
@@ -140,9 +195,18 @@ def _drop(splits: dict[str, Any], keep: Any) -> int:
     return before - _rows(splits)
 
 
-def _finished(splits: dict[str, Any], names: list[str] | None, shape: Shape, source: str, used: list[ColumnUse],
-              rows: int, dropped: dict[str, int], columns: list[str], seed: int,
-              max_train_samples: int | None) -> TaskData:
+def _finished(
+    splits: dict[str, Any],
+    names: list[str] | None,
+    shape: Shape,
+    source: str,
+    used: list[ColumnUse],
+    rows: int,
+    dropped: dict[str, int],
+    columns: list[str],
+    seed: int,
+    max_train_samples: int | None,
+) -> TaskData:
     """The one ending of every loader: the split pipeline, and what was used and dropped recorded
     (``split_info["columns"]`` and ``["rows"]``) and said (``notes``)."""
     done, info = finish_splits(splits, seed, max_train_samples)
@@ -171,8 +235,9 @@ def _label_ids(splits: dict[str, Any], class_names: list[str] | None, label_col:
 
     names, to_id = label_mapping(splits, class_names, label_col)
     if len(names) < 2 and not keeping_whole():  # evaluating on one class is fine; learning it is not
-        raise PeftkitError(f"label column {label_col!r} has a single class ({names[0]!r}); "
-                           "classification needs at least two")
+        raise PeftkitError(
+            f"label column {label_col!r} has a single class ({names[0]!r}); classification needs at least two"
+        )
     class_label = datasets.ClassLabel(names=names)
     for name, ds in splits.items():
         if class_names is None:  # ids are given by a ClassLabel column already

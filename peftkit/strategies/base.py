@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import PeftkitError, did_you_mean
+
 # TaskSpec lives in the neutral peftkit.spec (tasks build it, strategies read it); it is re-exported
 # here because third-party strategies import it from peftkit.strategies.base.
 from ..spec import TaskSpec, model_inputs
@@ -220,8 +221,14 @@ class Strategy:
         """Put back what ``extra_state`` returned, when a run resumes from a checkpoint."""
 
     # -- how long to train -------------------------------------------------------------------
-    def schedule(self, train_examples: int, batch_size: int, grad_accumulation: int = 1,
-                 epochs: int | None = None, patience: int | None = None) -> Schedule:
+    def schedule(
+        self,
+        train_examples: int,
+        batch_size: int,
+        grad_accumulation: int = 1,
+        epochs: int | None = None,
+        patience: int | None = None,
+    ) -> Schedule:
         """Epochs and early-stopping patience for a training set of ``train_examples`` at a global
         ``batch_size`` and ``grad_accumulation``; ``epochs`` and ``patience`` are the user's (None:
         unset).
@@ -241,17 +248,28 @@ class Strategy:
         if epochs is not None:
             reason = f"{head}; training {epochs} epoch(s) as set ({epochs * per_epoch} steps)"
             if epochs * per_epoch < d.min_steps:
-                reason = (f"note: {epochs} epoch(s) as set, on {train_examples:,} examples, make "
-                          f"{epochs * per_epoch} optimizer steps; {self.name}'s defaults train at least "
-                          f"{d.min_steps} (leave epochs unset for them)")
+                reason = (
+                    f"note: {epochs} epoch(s) as set, on {train_examples:,} examples, make "
+                    f"{epochs * per_epoch} optimizer steps; {self.name}'s defaults train at least "
+                    f"{d.min_steps} (leave epochs unset for them)"
+                )
             return Schedule(epochs, patience, per_epoch, d.epochs, "set", reason)
         if d.epochs * per_epoch >= d.min_steps:
-            return Schedule(d.epochs, patience, per_epoch, d.epochs, "default",
-                            f"{head}; training {d.epochs} epoch(s), {self.name}'s default "
-                            f"({d.epochs * per_epoch} >= {d.min_steps} steps)")
+            return Schedule(
+                d.epochs,
+                patience,
+                per_epoch,
+                d.epochs,
+                "default",
+                f"{head}; training {d.epochs} epoch(s), {self.name}'s default "
+                f"({d.epochs * per_epoch} >= {d.min_steps} steps)",
+            )
         raised = max(d.epochs, min(d.max_epochs, -(-d.min_steps // per_epoch)))
-        steps = (f"at least {d.min_steps} steps" if raised * per_epoch >= d.min_steps else
-                 f"{raised * per_epoch} steps: {self.name} trains at most {d.max_epochs} epochs by default")
+        steps = (
+            f"at least {d.min_steps} steps"
+            if raised * per_epoch >= d.min_steps
+            else f"{raised * per_epoch} steps: {self.name} trains at most {d.max_epochs} epochs by default"
+        )
         if patience is None:
             patience = max(2, -(-d.min_steps // (3 * per_epoch)))
             if patience >= raised:  # capped at max_epochs: a patience that could never end the run
@@ -259,8 +277,14 @@ class Strategy:
             stop = f"early stopping after {patience} epochs ({patience * per_epoch} steps) without gain"
         else:
             stop = f"early stopping after {patience} epochs without gain, as set"
-        return Schedule(raised, patience, per_epoch, d.epochs, "raised",
-                        f"{head}; training {raised} epochs ({steps}), {stop} (--epochs N to choose)")
+        return Schedule(
+            raised,
+            patience,
+            per_epoch,
+            d.epochs,
+            "raised",
+            f"{head}; training {raised} epochs ({steps}), {stop} (--epochs N to choose)",
+        )
 
     # -- tuning (peftkit tune) ----------------------------------------------------------------
     @classmethod
@@ -277,8 +301,9 @@ class Strategy:
         return cls.training_space(trial, defaults)
 
     @classmethod
-    def training_space(cls, trial: Any, defaults: TrainingDefaults,
-                       lr_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    def training_space(
+        cls, trial: Any, defaults: TrainingDefaults, lr_range: tuple[float, float] | None = None
+    ) -> dict[str, Any]:
         """The run settings every strategy tunes, around its own defaults.
 
         - ``lr``: log-uniform over a decade either side of the default (``lr_range`` overrides).
@@ -328,9 +353,7 @@ class Strategy:
                 target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
 
 
-def check_tensors_match(
-    expected: dict[str, Any], given: dict[str, Any], what: str = "adapter"
-) -> None:
+def check_tensors_match(expected: dict[str, Any], given: dict[str, Any], what: str = "adapter") -> None:
     """Raise ``PeftkitError`` unless ``given`` has exactly the keys and shapes of ``expected``."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -341,7 +364,8 @@ def check_tensors_match(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
         raise PeftkitError(
-            f"the {what} does not match the model: " + ", ".join(parts)
+            f"the {what} does not match the model: "
+            + ", ".join(parts)
             + "; was it trained with another strategy, options or base model?"
         )
     for key, target in expected.items():
@@ -378,7 +402,8 @@ def options_from_dict(strategy: type[Strategy], values: dict[str, Any]) -> Any:
 
 def options_to_dict(options: Any) -> dict[str, Any]:
     """The options as plain data (for config.yaml and adapter metadata)."""
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+    is_instance = dataclasses.is_dataclass(options) and not isinstance(options, type)
+    return dataclasses.asdict(options) if is_instance else {}
 
 
 # The run settings a search space may suggest (``RunConfig`` fields); every other name it
@@ -392,8 +417,9 @@ class DefaultsTrial:
     suggested range: ``default_point`` runs a search space on it to get trial 0 of a study.
     ``overrides`` (name -> value) answer first: settings the user fixed."""
 
-    def __init__(self, strategy: type[Strategy], defaults: TrainingDefaults,
-                 overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, strategy: type[Strategy], defaults: TrainingDefaults, overrides: dict[str, Any] | None = None
+    ) -> None:
         self.strategy, self.overrides = strategy, dict(overrides or {})
         self.values = {**{k: getattr(defaults, k) for k in TUNED_SETTINGS}, **options_to_dict(strategy.Options())}
 
@@ -401,19 +427,24 @@ class DefaultsTrial:
         if name in self.overrides:
             return self.overrides[name]
         if name not in self.values:
-            raise PeftkitError(f"the search space of strategy {self.strategy.name!r} suggests {name!r}, which is "
-                               f"neither a run setting ({', '.join(TUNED_SETTINGS)}) nor one of its options")
+            raise PeftkitError(
+                f"the search space of strategy {self.strategy.name!r} suggests {name!r}, which is "
+                f"neither a run setting ({', '.join(TUNED_SETTINGS)}) nor one of its options"
+            )
         return self.values[name]
 
     def _check(self, name: str, ok: bool, where: str) -> Any:
         value = self._default(name)
         if not ok and name not in self.overrides:
-            raise PeftkitError(f"the search space of strategy {self.strategy.name!r} leaves out its default "
-                               f"{name}={value!r} ({where}); trial 0 of a study is the defaults")
+            raise PeftkitError(
+                f"the search space of strategy {self.strategy.name!r} leaves out its default "
+                f"{name}={value!r} ({where}); trial 0 of a study is the defaults"
+            )
         return value
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
-                      log: bool = False) -> float:
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
         value = self._default(name)
         return self._check(name, low <= value <= high, f"range {low:g}..{high:g}")
 
@@ -425,12 +456,14 @@ class DefaultsTrial:
         return self._check(name, self._default(name) in list(choices), f"choices {list(choices)}")
 
 
-def default_point(strategy: type[Strategy], defaults: TrainingDefaults | None = None,
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def default_point(
+    strategy: type[Strategy], defaults: TrainingDefaults | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What ``strategy.search_space`` suggests when every answer is the default: trial 0 of a
     study, so that the tuned result is never worse on validation than the defaults."""
-    return strategy.search_space(DefaultsTrial(strategy, defaults or strategy.defaults, overrides),
-                                 defaults or strategy.defaults)
+    return strategy.search_space(
+        DefaultsTrial(strategy, defaults or strategy.defaults, overrides), defaults or strategy.defaults
+    )
 
 
 def option_help(strategy: type[Strategy]) -> list[tuple[str, str, str]]:
@@ -440,8 +473,10 @@ def option_help(strategy: type[Strategy]) -> list[tuple[str, str, str]]:
     hints = _type_hints(strategy.Options)
     rows = []
     for f in dataclasses.fields(strategy.Options):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         )
         rows.append((f.name, type_name(hints[f.name]), repr(default)))
     return rows

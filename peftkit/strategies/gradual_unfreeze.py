@@ -45,8 +45,9 @@ class GradualUnfreezeOptions:
 
     def __post_init__(self) -> None:
         if self.unfreeze_every_steps is not None and self.unfreeze_every_steps < 1:
-            raise PeftkitError(f"gradual_unfreeze option unfreeze_every_steps must be >= 1 or null, "
-                               f"got {self.unfreeze_every_steps}")
+            raise PeftkitError(
+                f"gradual_unfreeze option unfreeze_every_steps must be >= 1 or null, got {self.unfreeze_every_steps}"
+            )
         if self.lr_decay < 1:
             raise PeftkitError(f"gradual_unfreeze option lr_decay must be >= 1, got {self.lr_decay}")
         if not 0 < self.cut_frac < 1:
@@ -92,7 +93,9 @@ def layer_groups(model: nn.Module) -> list[dict[str, torch.nn.Parameter]]:
 class GradualUnfreeze(Strategy):
     name = "gradual_unfreeze"
     aliases = ("gradual-unfreeze", "ulmfit")
-    description = "Gradual unfreezing (ULMFiT): head first, then one layer group more from the top, discriminative rates."
+    description = (
+        "Gradual unfreezing (ULMFiT): head first, then one layer group more from the top, discriminative rates."
+    )
     Options = GradualUnfreezeOptions
     # the top group's rate; lower groups get lr / 2.6**depth, so the top must be well above a full
     # fine-tune's (on the embedded default, seed 0: 2e-4 0.804, 6e-4 0.827, 1e-3 0.831). Two epochs:
@@ -107,10 +110,12 @@ class GradualUnfreeze(Strategy):
         """The training settings, plus how often a group unfreezes (every 10..80 steps, or once per
         epoch: null), the decay between groups (1 = one rate, up to ULMFiT's 2.6 and a little
         beyond: the three-seed table in docs/benchmarking.md suggests below 2.6 on short runs) and the schedule."""
-        return {**cls.training_space(trial, defaults),
-                "unfreeze_every_steps": trial.suggest_categorical("unfreeze_every_steps", [10, 20, 40, 80, None]),
-                "lr_decay": trial.suggest_float("lr_decay", 1.0, 3.0),
-                "schedule": trial.suggest_categorical("schedule", ["linear", "slanted_triangular"])}
+        return {
+            **cls.training_space(trial, defaults),
+            "unfreeze_every_steps": trial.suggest_categorical("unfreeze_every_steps", [10, 20, 40, 80, None]),
+            "lr_decay": trial.suggest_float("lr_decay", 1.0, 3.0),
+            "schedule": trial.suggest_categorical("schedule", ["linear", "slanted_triangular"]),
+        }
 
     merges = True
 
@@ -126,7 +131,7 @@ class GradualUnfreeze(Strategy):
         return model
 
     def _group(self, depth: int) -> ParamGroup:
-        return ParamGroup(self._groups[depth], lr_scale=self.options.lr_decay ** -depth)
+        return ParamGroup(self._groups[depth], lr_scale=self.options.lr_decay**-depth)
 
     def _unfreeze_next(self) -> list[ParamGroup]:
         if self._unfrozen >= len(self._groups):

@@ -65,8 +65,9 @@ def _pool(outputs, attention_mask: torch.Tensor | None, pooling: str) -> torch.T
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def build_head_classifier(backbone: nn.Module, hidden_size: int, num_labels: int,
-                          pooling: str, dropout: float) -> nn.Module:
+def build_head_classifier(
+    backbone: nn.Module, hidden_size: int, num_labels: int, pooling: str, dropout: float
+) -> nn.Module:
     """A frozen backbone with a pooled linear head and a per-example feature cache."""
     import torch
     from torch import nn
@@ -121,6 +122,7 @@ def build_head_classifier(backbone: nn.Module, hidden_size: int, num_labels: int
 # A sharded backbone's blocks gather their weights over all processes at once, so one process
 # cannot skip the backbone (its batch cached) while another runs it: they would wait for each
 # other forever. Under FSDP the decision is taken together, and the features are shared.
+
 
 def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
@@ -185,9 +187,12 @@ class HeadOnly(Strategy):
     def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
         """The training settings, plus pooling (mean, cls, last: every model has them; ``pooler``
         only some, so it is left to ``--set``) and the head's dropout."""
-        return {**cls.training_space(trial, defaults),
-                "pooling": trial.suggest_categorical("pooling", ["mean", "cls", "last"]),
-                "dropout": trial.suggest_float("dropout", 0.0, 0.3)}
+        return {
+            **cls.training_space(trial, defaults),
+            "pooling": trial.suggest_categorical("pooling", ["mean", "cls", "last"]),
+            "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+        }
+
     supports_quantized_base = True  # the backbone only computes features
     # Under --fsdp the feature cache is decided and filled by all processes together (see above):
     # sharding holds a backbone too big for one device while the head trains.
@@ -219,8 +224,10 @@ class HeadOnly(Strategy):
         if not cache:
             return {}
         keys = sorted(cache)
-        return {"feature_cache.keys": torch.tensor(keys, dtype=torch.long),
-                "feature_cache.values": torch.stack([cache[k] for k in keys])}
+        return {
+            "feature_cache.keys": torch.tensor(keys, dtype=torch.long),
+            "feature_cache.values": torch.stack([cache[k] for k in keys]),
+        }
 
     def load_extra_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         if "feature_cache.keys" in tensors:

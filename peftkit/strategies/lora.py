@@ -78,18 +78,24 @@ class Lora(PeftStrategy):
     def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
         """The training settings, plus rank 4..32 and alpha 8..64 (powers of two: capacity and
         scale move by factors, and alpha/r from 1/4 to 16 covers the ratios in use) and dropout."""
-        return {**cls.training_space(trial, defaults),
-                "r": trial.suggest_categorical("r", [4, 8, 16, 32]),
-                "alpha": trial.suggest_categorical("alpha", [8, 16, 32, 64]),
-                "dropout": trial.suggest_float("dropout", 0.0, 0.2)}
+        return {
+            **cls.training_space(trial, defaults),
+            "r": trial.suggest_categorical("r", [4, 8, 16, 32]),
+            "alpha": trial.suggest_categorical("alpha", [8, 16, 32, 64]),
+            "dropout": trial.suggest_float("dropout", 0.0, 0.2),
+        }
 
     @classmethod
     def options_from_peft_config(cls, config: dict[str, Any]) -> LoraOptions:
         targets = config.get("target_modules")
-        return LoraOptions(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                           dropout=float(config.get("lora_dropout", 0.0)),
-                           target_modules=sorted(targets) if isinstance(targets, (list, set)) else None,
-                           use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+        return LoraOptions(
+            r=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            target_modules=sorted(targets) if isinstance(targets, (list, set)) else None,
+            use_rslora=bool(config.get("use_rslora")),
+            use_dora=bool(config.get("use_dora")),
+        )
 
     merges = True
 
@@ -110,8 +116,9 @@ class Lora(PeftStrategy):
                 "layers found; name them with --set target_modules=[name,...]"
             )
         # GPT-2 style Conv1D layers store weights transposed; tell peft instead of letting it warn
-        conv1d = any(type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in targets
-                     for name, m in model.named_modules())
+        conv1d = any(
+            type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules()
+        )
         config = LoraConfig(
             fan_in_fan_out=conv1d,
             task_type=task.peft_task_type,
@@ -127,10 +134,9 @@ class Lora(PeftStrategy):
             with warnings.catch_warnings():
                 # peft 0.21's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing`
                 # (a FutureWarning on every LoRA model); nothing we pass avoids it, and it is not for our users
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                        category=FutureWarning)
+                warnings.filterwarnings(
+                    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+                )
                 return get_peft_model(model, config)
         except ValueError as exc:  # peft's message names the missing target modules
-            raise PeftkitError(
-                f"strategy 'lora' cannot adapt model type {model_type!r}: {first_line(exc)}"
-            ) from None
+            raise PeftkitError(f"strategy 'lora' cannot adapt model type {model_type!r}: {first_line(exc)}") from None

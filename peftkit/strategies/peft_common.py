@@ -47,8 +47,7 @@ class PeftStrategy(Strategy):
         config.modules_to_save = list(dict.fromkeys(config.modules_to_save or [])) or None
         config.inference_mode = True
         config.save_pretrained(directory)
-        write_safetensors(_peft_state(model),
-                          os.path.join(directory, PEFT_TENSORS_FILE))
+        write_safetensors(_peft_state(model), os.path.join(directory, PEFT_TENSORS_FILE))
         return {"format": "peft", "peft_type": self.peft_type}
 
     def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:

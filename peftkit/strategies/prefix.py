@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..adapter_io import PEFT_TENSORS_FILE, read_peft_adapter, write_safetensors
 from ..errors import PeftkitError
@@ -72,16 +73,28 @@ class PrefixOptions:
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:
-            raise PeftkitError(f"prefix option num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}")
+            raise PeftkitError(
+                f"prefix option num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}"
+            )
         if self.projection_hidden_size is not None and self.projection_hidden_size < 1:
-            raise PeftkitError(f"prefix option projection_hidden_size must be positive, got {self.projection_hidden_size}")
+            raise PeftkitError(
+                f"prefix option projection_hidden_size must be positive, got {self.projection_hidden_size}"
+            )
 
 
 # -- the prefixes -----------------------------------------------------------------------------
 
-def _prefix_encoder(num_virtual_tokens: int, num_layers: int, heads: int, head_dim: int,
-                    projection_hidden_size: int | None, task_type: str, head_names: list[str],
-                    device: Any) -> nn.Module:
+
+def _prefix_encoder(
+    num_virtual_tokens: int,
+    num_layers: int,
+    heads: int,
+    head_dim: int,
+    projection_hidden_size: int | None,
+    task_type: str,
+    head_names: list[str],
+    device: Any,
+) -> nn.Module:
     """The module that holds (or computes) every layer's prefix, laid out as peft's
     ``PrefixEncoder``: one row per virtual token, ``num_layers * 2 * heads * head_dim`` wide, layer
     ``l``'s key at block ``2l`` and its value at ``2l + 1``. Built in peft's order (embedding, then
@@ -103,8 +116,11 @@ def _prefix_encoder(num_virtual_tokens: int, num_layers: int, heads: int, head_d
                 self.embedding = nn.Embedding(num_virtual_tokens, width, device=device)
             else:
                 self.embedding = nn.Embedding(num_virtual_tokens, token_dim, device=device)
-                self.transform = nn.Sequential(nn.Linear(token_dim, projection_hidden_size, device=device), nn.Tanh(),
-                                               nn.Linear(projection_hidden_size, width, device=device))
+                self.transform = nn.Sequential(
+                    nn.Linear(token_dim, projection_hidden_size, device=device),
+                    nn.Tanh(),
+                    nn.Linear(projection_hidden_size, width, device=device),
+                )
 
         def table(self) -> torch.Tensor:
             """Every layer's prefixes: ``[num_virtual_tokens, num_layers * 2 * token_dim]``."""
@@ -133,6 +149,7 @@ def _prefix_encoder(num_virtual_tokens: int, num_layers: int, heads: int, head_d
 
 
 # -- routing attention through the prefix -----------------------------------------------------
+
 
 class _PrefixedConfig:
     """One self-attention module's view of the model config: ``_attn_implementation`` names the
@@ -165,17 +182,22 @@ def _inner_attention(module: nn.Module, implementation: str) -> Callable[..., An
     if implementation == "eager":
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is None:
-            raise PeftkitError(f"strategy 'prefix' cannot handle {type(module).__name__}: no eager attention "
-                               "function found beside it; use attn_implementation 'sdpa'")
+            raise PeftkitError(
+                f"strategy 'prefix' cannot handle {type(module).__name__}: no eager attention "
+                "function found beside it; use attn_implementation 'sdpa'"
+            )
         return eager
     if implementation not in SUPPORTED_ATTENTION:
-        raise PeftkitError(f"strategy 'prefix' supports the attention implementations "
-                           f"{', '.join(SUPPORTED_ATTENTION)}, not {implementation!r}")
+        raise PeftkitError(
+            f"strategy 'prefix' supports the attention implementations "
+            f"{', '.join(SUPPORTED_ATTENTION)}, not {implementation!r}"
+        )
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _extend_mask(mask: torch.Tensor | None, num_prefix: int, query: torch.Tensor, key: torch.Tensor,
-                 causal: bool) -> torch.Tensor | None:
+def _extend_mask(
+    mask: torch.Tensor | None, num_prefix: int, query: torch.Tensor, key: torch.Tensor, causal: bool
+) -> torch.Tensor | None:
     """The attention mask for keys ``[prefix; key]``: prefix columns visible to every query.
 
     ``mask`` is what the model built for the real keys: a boolean (True = attend; sdpa) or additive
@@ -201,8 +223,14 @@ def _extend_mask(mask: torch.Tensor | None, num_prefix: int, query: torch.Tensor
     return torch.cat([visible, mask], dim=-1)
 
 
-def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def prefixed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """Attention with the module's prefix in front of its keys and values (the function
     registered as ``peftkit_prefix``; the module's config is a ``_PrefixedConfig``)."""
     import torch
@@ -212,8 +240,10 @@ def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     prefix_key, prefix_value = view._peftkit_encoder.layer(view._peftkit_layer)
     batch, heads, _, head_dim = key.shape
     if (prefix_key.shape[0], prefix_key.shape[-1]) != (heads, head_dim):
-        raise PeftkitError(f"strategy 'prefix' built {prefix_key.shape[0]} heads x {prefix_key.shape[-1]} for "
-                           f"{type(module).__name__}, whose keys have {heads} x {head_dim}")
+        raise PeftkitError(
+            f"strategy 'prefix' built {prefix_key.shape[0]} heads x {prefix_key.shape[-1]} for "
+            f"{type(module).__name__}, whose keys have {heads} x {head_dim}"
+        )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal  # sdpa's own default
     mask = _extend_mask(attention_mask, prefix_key.shape[1], query, key, bool(causal))
@@ -235,8 +265,7 @@ def _dispatches(module: nn.Module) -> bool:
     DeBERTa's attention keeps a config too, yet computes its scores itself: routing it would be
     a silent no-op."""
     code = sys.modules.get(type(module).__module__)
-    return hasattr(getattr(module, "config", None), "_attn_implementation") and \
-        hasattr(code, "ALL_ATTENTION_FUNCTIONS")
+    return hasattr(getattr(module, "config", None), "_attn_implementation") and hasattr(code, "ALL_ATTENTION_FUNCTIONS")
 
 
 def self_attention_modules(blocks: list[nn.Module]) -> list[nn.Module] | None:
@@ -245,8 +274,7 @@ def self_attention_modules(blocks: list[nn.Module]) -> list[nn.Module] | None:
     ``GPT2Attention``, ``LlamaAttention``). None unless every block has exactly one."""
     found = []
     for block in blocks:
-        candidates = [m for m in block.modules()
-                      if "attention" in type(m).__name__.lower() and _dispatches(m)]
+        candidates = [m for m in block.modules() if "attention" in type(m).__name__.lower() and _dispatches(m)]
         innermost = [m for m in candidates if not any(c is not m for c in m.modules() if c in candidates)]
         if len(innermost) != 1:
             return None
@@ -266,8 +294,15 @@ def self_attention_modules(blocks: list[nn.Module]) -> list[nn.Module] | None:
 # tuning. What the extra rows cost is P more queries per layer.
 
 #: arguments that must be empty: a prefix of cross-attention or of a decoder's cache is not built here
-_EMPTY_ARGUMENTS = ("encoder_hidden_states", "encoder_attention_mask", "past_key_value", "past_key_values",
-                    "layer_past", "cache", "cache_position")  # "cache": transformers 5.25's name for the cache
+_EMPTY_ARGUMENTS = (
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "past_key_value",
+    "past_key_values",
+    "layer_past",
+    "cache",
+    "cache_position",
+)  # "cache": transformers 5.25's name for the cache
 #: arguments that are flags, not tensors of the sequence
 _FLAG_ARGUMENTS = ("output_attentions", "use_cache")
 
@@ -284,8 +319,11 @@ def _projections(attention: nn.Module, hidden: int, width: int) -> list[nn.Modul
     order ``q, k, v`` in every attention that has them (the probe checks key and value matter)."""
     from torch import nn as tnn
 
-    return [m for m in attention.children()
-            if isinstance(m, tnn.Linear) and m.in_features == hidden and m.out_features == width][:3]
+    return [
+        m
+        for m in attention.children()
+        if isinstance(m, tnn.Linear) and m.in_features == hidden and m.out_features == width
+    ][:3]
 
 
 def _unextendable_arguments(attention: nn.Module) -> list[str]:
@@ -295,9 +333,13 @@ def _unextendable_arguments(attention: nn.Module) -> list[str]:
     import inspect
 
     params = list(inspect.signature(attention.forward).parameters.values())[1:]
-    return [p.name for p in params
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and not _is_scores_term(p.name)
-            and p.name not in _EMPTY_ARGUMENTS + _FLAG_ARGUMENTS]
+    return [
+        p.name
+        for p in params
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and not _is_scores_term(p.name)
+        and p.name not in _EMPTY_ARGUMENTS + _FLAG_ARGUMENTS
+    ]
 
 
 def scoring_attention_modules(blocks: list[nn.Module], hidden: int, width: int) -> tuple[list[nn.Module], str | None]:
@@ -306,16 +348,23 @@ def scoring_attention_modules(blocks: list[nn.Module], hidden: int, width: int) 
     (empty where a block has not exactly one) and why they cannot take a prefix, or None."""
     found = []
     for block in blocks:
-        candidates = [m for m in block.modules()
-                      if "attention" in type(m).__name__.lower() and len(_projections(m, hidden, width)) == 3]
+        candidates = [
+            m
+            for m in block.modules()
+            if "attention" in type(m).__name__.lower() and len(_projections(m, hidden, width)) == 3
+        ]
         if len(candidates) != 1:
-            return [], ("no self-attention module in its blocks calls transformers' attention functions or has "
-                        "its own query, key and value projections")
+            return [], (
+                "no self-attention module in its blocks calls transformers' attention functions or has "
+                "its own query, key and value projections"
+            )
         found.append(candidates[0])
     others = _unextendable_arguments(found[0])
     if others:
-        return [], (f"its attention {type(found[0]).__name__} takes {', '.join(map(repr, others))}, "
-                    "which a prefix cannot be put into")
+        return [], (
+            f"its attention {type(found[0]).__name__} takes {', '.join(map(repr, others))}, "
+            "which a prefix cannot be put into"
+        )
     return found, None
 
 
@@ -324,8 +373,15 @@ class _ScoresPrefix:
     Holds the encoder by reference (a module attribute would repeat its parameters in every
     layer's state dict); the state of one forward lives here between the hooks."""
 
-    def __init__(self, attention: nn.Module, key: nn.Module, value: nn.Module, num_prefix: int,
-                 encoder: nn.Module | None = None, layer: int = 0) -> None:
+    def __init__(
+        self,
+        attention: nn.Module,
+        key: nn.Module,
+        value: nn.Module,
+        num_prefix: int,
+        encoder: nn.Module | None = None,
+        layer: int = 0,
+    ) -> None:
         """Hooks on ``attention`` and its ``key`` and ``value`` projections for ``num_prefix``
         virtual tokens, taken from layer ``layer`` of ``encoder`` (None: the probe's own)."""
         import inspect
@@ -341,9 +397,12 @@ class _ScoresPrefix:
         self._extended: torch.Tensor | None = None
         self._prefixes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._used: set[int] = set()
-        self._handles = [attention.register_forward_pre_hook(self.before, with_kwargs=True),
-                         attention.register_forward_hook(self.after, with_kwargs=True),
-                         key.register_forward_hook(self._projected(0)), value.register_forward_hook(self._projected(1))]
+        self._handles = [
+            attention.register_forward_pre_hook(self.before, with_kwargs=True),
+            attention.register_forward_hook(self.after, with_kwargs=True),
+            key.register_forward_hook(self._projected(0)),
+            value.register_forward_hook(self._projected(1)),
+        ]
 
     def remove(self) -> None:
         """Take the hooks off again (after the probe)."""
@@ -357,8 +416,9 @@ class _ScoresPrefix:
         key, value = self.encoder.layer(self.layer)  # each [heads, P, head_dim]
         return (key.transpose(0, 1).reshape(self.num_prefix, -1), value.transpose(0, 1).reshape(self.num_prefix, -1))
 
-    def before(self, module: nn.Module, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def before(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Prepend P zero rows to the hidden states and P visible columns to every score term."""
         self._extended = None
         if not self.enabled:
@@ -386,12 +446,15 @@ class _ScoresPrefix:
         import torch
 
         if name in _EMPTY_ARGUMENTS and value is not None:
-            raise PeftkitError(f"strategy 'prefix' puts prefixes in self-attention only; "
-                               f"{type(self.attention).__name__} was given {name}")
+            raise PeftkitError(
+                f"strategy 'prefix' puts prefixes in self-attention only; "
+                f"{type(self.attention).__name__} was given {name}"
+            )
         if not torch.is_tensor(value) or not _is_scores_term(name):
             return value
-        return _extend_scores_term(value, self.num_prefix, length, self.visible,
-                                   f"{type(self.attention).__name__}'s {name}")
+        return _extend_scores_term(
+            value, self.num_prefix, length, self.visible, f"{type(self.attention).__name__}'s {name}"
+        )
 
     def _projected(self, which: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -399,7 +462,7 @@ class _ScoresPrefix:
                 return output  # called on something else (not this layer's own hidden states)
             self._used.add(which)
             prefix = self._prefixes[which].to(output.dtype)
-            return _cat_rows(prefix.unsqueeze(0).expand(output.shape[0], -1, -1), output[:, self.num_prefix:])
+            return _cat_rows(prefix.unsqueeze(0).expand(output.shape[0], -1, -1), output[:, self.num_prefix :])
 
         return hook
 
@@ -411,8 +474,10 @@ class _ScoresPrefix:
         if extended is None:
             return output
         if used != {0, 1}:
-            raise PeftkitError(f"strategy 'prefix' could not put prefixes into {type(module).__name__}: its key and "
-                               "value projections were not applied to its hidden states")
+            raise PeftkitError(
+                f"strategy 'prefix' could not put prefixes into {type(module).__name__}: its key and "
+                "value projections were not applied to its hidden states"
+            )
         return _drop_prefix_rows(output, self.num_prefix, extended.shape[1])
 
 
@@ -431,8 +496,10 @@ def _extend_scores_term(term: torch.Tensor, num_prefix: int, length: int, visibl
 
     if term.dim() != 4 or term.shape[-1] != length:
         if term.dim() >= 2 and term.shape[-1] == length:
-            raise PeftkitError(f"strategy 'prefix' cannot extend {what} of shape {tuple(term.shape)}: "
-                               "it expects a 4D mask or bias added to the attention scores")
+            raise PeftkitError(
+                f"strategy 'prefix' cannot extend {what} of shape {tuple(term.shape)}: "
+                "it expects a 4D mask or bias added to the attention scores"
+            )
         return term  # broadcast over the keys, or not of the sequence: the same for the prefix
     if term.dtype == torch.bool:
         fill = visible
@@ -513,8 +580,11 @@ def probe_scoring_attention(hooks: _ScoresPrefix, hidden: int) -> str | None:
     try:
         with torch.no_grad():
             plain, hidden_prefix = run(None), run((keys[0], values[0]), visible=False)
-            both, other_key, other_value = (run((keys[0], values[0])), run((keys[1], values[0])),
-                                            run((keys[0], values[1])))
+            both, other_key, other_value = (
+                run((keys[0], values[0])),
+                run((keys[1], values[0])),
+                run((keys[0], values[1])),
+            )
     except Exception as exc:  # noqa: BLE001 - any failure means: this attention does not take the prefix
         first_line = (str(exc).splitlines() or [""])[0]
         return f"its attention {name} failed with a prefix ({type(exc).__name__}: {first_line})"
@@ -532,6 +602,7 @@ def probe_scoring_attention(hooks: _ScoresPrefix, hidden: int) -> str | None:
 
 # -- positions --------------------------------------------------------------------------------
 
+
 def _position_modules(model: nn.Module, exclude: nn.Module | None) -> tuple[list[nn.Module], list[nn.Module]]:
     """Where positions enter the model: absolute position tables (an ``nn.Embedding`` with
     ``max_position_embeddings`` rows that is not the token embedding) and rotary embeddings (a
@@ -548,8 +619,10 @@ def _position_modules(model: nn.Module, exclude: nn.Module | None) -> tuple[list
             continue
         if isinstance(module, tnn.Embedding) and limit is not None and module.num_embeddings == limit:
             tables.append(module)
-        elif "inv_freq" in dict(module.named_buffers(recurse=False)) and \
-                "position_ids" in inspect.signature(module.forward).parameters:
+        elif (
+            "inv_freq" in dict(module.named_buffers(recurse=False))
+            and "position_ids" in inspect.signature(module.forward).parameters
+        ):
             rotary.append(module)
     return tables, rotary
 
@@ -564,15 +637,19 @@ def _shift_table_positions(offset: int) -> Callable[..., Any]:
             positions = positions.masked_fill(args[0] == module.padding_idx, module.padding_idx)
         # (a value-dependent check: an ONNX export traces without values, and checks its inputs instead)
         if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= module.num_embeddings:
-            raise PeftkitError(f"strategy 'prefix': {offset} virtual tokens + {args[0].shape[-1]} tokens exceed the "
-                               f"model's {module.num_embeddings} positions; lower --max-length or num_virtual_tokens")
+            raise PeftkitError(
+                f"strategy 'prefix': {offset} virtual tokens + {args[0].shape[-1]} tokens exceed the "
+                f"model's {module.num_embeddings} positions; lower --max-length or num_virtual_tokens"
+            )
         return (positions, *args[1:])
 
     return hook
 
 
 def _shift_rotary_positions(offset: int) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if "position_ids" in kwargs:
             kwargs = {**kwargs, "position_ids": kwargs["position_ids"] + offset}
         elif len(args) > 1:
@@ -587,16 +664,19 @@ def _shift_rotary_positions(offset: int) -> Callable[..., Any]:
 #: the two ways a prefix goes in (recorded in a saved adapter's metadata as ``prefix_injection``)
 INTERFACE, SCORES = "attention-interface", "own-scores"
 #: the models strategy 'prefix' covers, in words (``peftkit list -v`` shows it; refusals name it)
-COVERS = ("self-attention that calls transformers' attention functions (BERT, RoBERTa, DistilBERT, GPT-2, Llama "
-          "and the like) or that computes its scores from its own query, key and value projections (MPNet, "
-          "Megatron-BERT, RemBERT); not DeBERTa, ConvBERT, Funnel, XLNet or RoFormer")
+COVERS = (
+    "self-attention that calls transformers' attention functions (BERT, RoBERTa, DistilBERT, GPT-2, Llama "
+    "and the like) or that computes its scores from its own query, key and value projections (MPNet, "
+    "Megatron-BERT, RemBERT); not DeBERTa, ConvBERT, Funnel, XLNet or RoFormer"
+)
 
 
 def _refusal(model: nn.Module, reason: str) -> PeftkitError:
     """The one-line refusal of a model: its type, why, and what is covered."""
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-    return PeftkitError(f"strategy 'prefix' cannot handle model type {model_type!r}: {reason}; "
-                        f"prefix tuning covers {COVERS}")
+    return PeftkitError(
+        f"strategy 'prefix' cannot handle model type {model_type!r}: {reason}; prefix tuning covers {COVERS}"
+    )
 
 
 def _find_attention(model: nn.Module, hidden: int, width: int, num_prefix: int) -> tuple[str, list[nn.Module]]:
@@ -649,8 +729,11 @@ class PrefixTuning(Strategy):
     def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
         """The training settings, plus 5..40 virtual tokens (log scale: 5 or 10 differ more than 35
         or 40). The projection stays off: it multiplies what trains and the time per step."""
-        return {**cls.training_space(trial, defaults),
-                "num_virtual_tokens": trial.suggest_int("num_virtual_tokens", 5, 40, log=True)}
+        return {
+            **cls.training_space(trial, defaults),
+            "num_virtual_tokens": trial.suggest_int("num_virtual_tokens", 5, 40, log=True),
+        }
+
     supports_quantized_base = True  # the base stays frozen; only the prefixes and the head train
     #: a plain peft adapter directory is matched to this strategy by peft's ``peft_type``
     peft_type = "PREFIX_TUNING"
@@ -658,16 +741,20 @@ class PrefixTuning(Strategy):
     @classmethod
     def options_from_peft_config(cls, config: dict[str, Any]) -> PrefixOptions:
         """This strategy's options from a peft ``adapter_config.json`` (for plain peft adapters)."""
-        return PrefixOptions(num_virtual_tokens=int(config["num_virtual_tokens"]),
-                             prefix_projection=bool(config.get("prefix_projection")),
-                             projection_hidden_size=config.get("encoder_hidden_size") if config.get("prefix_projection") else None)
+        return PrefixOptions(
+            num_virtual_tokens=int(config["num_virtual_tokens"]),
+            prefix_projection=bool(config.get("prefix_projection")),
+            projection_hidden_size=config.get("encoder_hidden_size") if config.get("prefix_projection") else None,
+        )
 
     def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
         opts: PrefixOptions = self.options
         if task.peft_task_type is None:
             # the saved format is peft's, which knows prefix tuning for text tasks only
-            raise PeftkitError(f"strategy 'prefix' cannot handle task {task.kind!r}: prefix tuning needs a "
-                               "text model that takes past keys and values; use lora or adapter")
+            raise PeftkitError(
+                f"strategy 'prefix' cannot handle task {task.kind!r}: prefix tuning needs a "
+                "text model that takes past keys and values; use lora or adapter"
+            )
         config = model.config
         hidden = getattr(config, "hidden_size", None)
         heads = getattr(config, "num_attention_heads", None)
@@ -680,9 +767,16 @@ class PrefixTuning(Strategy):
         head_names = task.heads(model)
         model.requires_grad_(False)
         param = next(model.parameters())
-        encoder = _prefix_encoder(opts.num_virtual_tokens, len(attentions), kv_heads, head_dim,
-                                  (opts.projection_hidden_size or hidden) if opts.prefix_projection else None,
-                                  task.peft_task_type, head_names, param.device)
+        encoder = _prefix_encoder(
+            opts.num_virtual_tokens,
+            len(attentions),
+            kv_heads,
+            head_dim,
+            (opts.projection_hidden_size or hidden) if opts.prefix_projection else None,
+            task.peft_task_type,
+            head_names,
+            param.device,
+        )
         encoder.injection = injection
         tables, rotary = _position_modules(model, exclude=None)
         for table in tables:
@@ -695,8 +789,13 @@ class PrefixTuning(Strategy):
                 attention.config = _PrefixedConfig(attention.config, encoder, index)
         else:
             for index, attention in enumerate(attentions):
-                _ScoresPrefix(attention, *_projections(attention, hidden, kv_heads * head_dim)[1:],
-                              opts.num_virtual_tokens, encoder, index)
+                _ScoresPrefix(
+                    attention,
+                    *_projections(attention, hidden, kv_heads * head_dim)[1:],
+                    opts.num_virtual_tokens,
+                    encoder,
+                    index,
+                )
         model.add_module("prefix_encoder", encoder)
         for head in head_names:
             getattr(model, head).requires_grad_(True)
@@ -737,8 +836,10 @@ class PrefixTuning(Strategy):
         if encoder.injection == SCORES:
             # the file holds the same per-layer keys and values peft's would; but peft hands them to
             # the model as past_key_values, which an attention that scores itself never takes
-            facts["peft_compatibility"] = ("prefixes in peft's format, but peft's PrefixTuning cannot apply them "
-                                           "to this model (its attention takes no past_key_values): load with peftkit")
+            facts["peft_compatibility"] = (
+                "prefixes in peft's format, but peft's PrefixTuning cannot apply them "
+                "to this model (its attention takes no past_key_values): load with peftkit"
+            )
         return facts
 
     def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:

@@ -85,5 +85,15 @@ def infer_task(model: str | None) -> str:
     return (declared_task(model) if model is not None else None) or "sequence-classification"
 
 
-__all__ = ["TASKS", "TASK_ENTRY_POINT_GROUP", "Task", "TaskData", "declared_task", "get_task", "infer_task", "register_task",
-           "task_names", "task_plugin_errors"]
+__all__ = [
+    "TASKS",
+    "TASK_ENTRY_POINT_GROUP",
+    "Task",
+    "TaskData",
+    "declared_task",
+    "get_task",
+    "infer_task",
+    "register_task",
+    "task_names",
+    "task_plugin_errors",
+]

@@ -24,8 +24,9 @@ names) travels on the ``TaskData``, which later calls receive. Tasks register wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..data import TEXT_COLUMN_GUESSES, TaskData
 from ..spec import TaskSpec
@@ -135,8 +136,7 @@ class Task:
         """The tokenizer (text) or image processor (images) of ``model``."""
         raise NotImplementedError
 
-    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
-                   precision: str) -> nn.Module:
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
         """The pretrained model with this task's head (new where the task needs one)."""
         raise NotImplementedError
 
@@ -157,37 +157,53 @@ class Task:
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def step_loss(self, strategy: Any, model: nn.Module, loss: str | None = None,
-                  sharded: bool = False) -> StepLoss:
+    def step_loss(self, strategy: Any, model: nn.Module, loss: str | None = None, sharded: bool = False) -> StepLoss:
         """The loss a training step computes, ``(model, batch) -> loss``, for the prepared ``model``
         (the one strategies see; the step may call a wrapper of it) and the ``--loss`` lever
         (None: the task's choice; ``sharded``: under ``--fsdp``). The default: the strategy's
         logits and ``loss`` (``--loss chunked`` is refused earlier for a task without
         ``supports_chunked_loss``)."""
+
         def step_loss(wrapped: Any, batch: dict[str, Any]) -> Any:
             return self.loss(strategy.forward(wrapped, batch), batch)
 
         return StepLoss(step_loss, "plain")
 
-    def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                 after_batch: Callable[[], None] | None = None, final: bool = False,
-                 context: Any = None, data: TaskData | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        final: bool = False,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> dict[str, float]:
         """Metrics of ``model`` over ``loader``, gathered over every process. ``final`` is the
         test evaluation, where a task may also do costlier things (generate answers). ``context``
         is the processor; ``data`` the ``TaskData`` the loader was encoded from (its ``shape``
         says what can be measured; None: the task's usual shape)."""
         raise NotImplementedError
 
-    def evaluate_test(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                      after_batch: Callable[[], None] | None = None, context: Any = None,
-                      data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
+    def evaluate_test(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> tuple[dict[str, float], list[int] | None]:
         """The run's final evaluation: ``evaluate``'s test metrics (``final``) and, where the task
         can say, whether each test example was answered correctly (1/0, the mean is the headline
         accuracy or exact match), in the test split's own order (``in_split_order``), so that two
         strategies run with the same seed compare example by example (a benchmark's paired test).
         The default: the metrics only, None for the examples (the task cannot say)."""
-        return self.evaluate(strategy, model, loader, accelerator, after_batch=after_batch, final=True,
-                             context=context, data=data), None
+        return self.evaluate(
+            strategy, model, loader, accelerator, after_batch=after_batch, final=True, context=context, data=data
+        ), None
 
     # -- evaluating an adapter on a new file (``peftkit eval``) --------------------------------
     def evaluation_data(self, cfg: RunConfig, metadata: dict[str, Any]) -> TaskData:
@@ -200,13 +216,23 @@ class Task:
             data = self.load_data(cfg)
         return relabel(data, metadata.get("label_names"), cfg.dataset)
 
-    def evaluate_in_detail(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                           after_batch: Callable[[], None] | None = None, context: Any = None,
-                           data: TaskData | None = None) -> Evaluation:
+    def evaluate_in_detail(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> Evaluation:
         """``evaluate``'s test metrics (``final``), and where the task has them, per-class figures
         and a confusion matrix, from one pass over ``loader``."""
-        return Evaluation(self.evaluate(strategy, model, loader, accelerator, after_batch=after_batch, final=True,
-                                        context=context, data=data))
+        return Evaluation(
+            self.evaluate(
+                strategy, model, loader, accelerator, after_batch=after_batch, final=True, context=context, data=data
+            )
+        )
 
     def baseline(self, data: TaskData) -> dict[str, Any] | None:
         """What a predictor that ignores its input scores on ``data``'s test split (the majority
@@ -214,8 +240,9 @@ class Task:
         the keys ``evaluate`` uses; None where no such predictor means anything (plain text)."""
         return None
 
-    def learned(self, measured: dict[str, dict[str, float]], data: TaskData,
-                zero_shot: dict[str, float] | None = None) -> Verdict | None:
+    def learned(
+        self, measured: dict[str, dict[str, float]], data: TaskData, zero_shot: dict[str, float] | None = None
+    ) -> Verdict | None:
         """Whether a run learned anything: ``measured`` holds its ``test`` metrics (empty when the
         test split was not evaluated) and its selected epoch's ``validation`` metrics, ``data`` the
         data it was trained and evaluated on, ``zero_shot`` the untrained model's validation
@@ -234,8 +261,9 @@ class Task:
         names = tuple(f"label_{i}" for i in range(num_labels))
         return TaskSpec(num_labels=num_labels, label_names=names, kind=self.name)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
-                    loss_positions: int | None = None) -> dict[str, Any]:
+    def dummy_batch(
+        self, config: Any, batch_size: int, max_length: int | None, device: str, loss_positions: int | None = None
+    ) -> dict[str, Any]:
         """A batch shaped like a real one (random content), for measuring a training step.
         ``loss_positions``: how many positions of each example carry the loss, where the task's
         memory depends on it (``loss_positions`` below); None: the task's usual case. A task with
@@ -274,16 +302,22 @@ class Task:
         return {"label_names": data.label_names}
 
 
-def map_splits(splits: Any, encode: Callable[[dict[str, list], list[int], int], dict[str, Any]],
-               keep: tuple[str, ...] = ()) -> dict[str, Any]:
+def map_splits(
+    splits: Any, encode: Callable[[dict[str, list], list[int], int], dict[str, Any]], keep: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """``encode(batch, indices, start)`` over train, validation and test (batched), each example's
     ``start + index`` unique across the splits (it becomes the ``example_key`` strategies cache
     by). The splits' own columns are dropped, except ``keep``."""
     out, offset = {}, 0
     for name in ("train", "validation", "test"):
         ds = splits[name]
-        out[name] = ds.map(encode, batched=True, with_indices=True, fn_kwargs={"start": offset},
-                           remove_columns=[c for c in ds.column_names if c not in keep])
+        out[name] = ds.map(
+            encode,
+            batched=True,
+            with_indices=True,
+            fn_kwargs={"start": offset},
+            remove_columns=[c for c in ds.column_names if c not in keep],
+        )
         offset += len(ds)
     return out
 

