@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 from .checkpoint import Checkpointer
 from .config import RunConfig
+from .durations import format_duration, time_left
 from .errors import PeftkitError
 from .kernels import compile_blocks
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
 from .memory import MemoryMeter, apply_budget, check_budget, parse_size
-from .metrics import RunMetrics, format_duration, format_rate
+from .metrics import RunMetrics, format_rate
 from .packing import padding_fraction
 from .sharding import check_fsdp, check_shardable, reshard, shard_model
 from .stats import bits
@@ -580,7 +581,7 @@ class Trainer:
         self.read_losses(epoch)  # a current loss, at one wait for the device per line
         st = self.state
         start, first_step = self.bar_opened
-        left = (self.total_steps - st.step) * (now - start) / max(1, st.step - first_step)
+        left = time_left(now - start, max(1, st.step - first_step), self.total_steps - st.step)
         rate = st.epoch_examples / max(1e-9, now - self.epoch_start)
         loss = f", loss {st.smooth_loss:.4f}" if st.smooth_loss is not None else ""
         print(

@@ -32,14 +32,6 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:.0f}"
 
 
-def format_duration(seconds: float) -> str:
-    """A duration for a person: ``42s``, ``3m05s``, ``1h02m``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def _first(values: list[Any]) -> Any:
     return values[0]
 

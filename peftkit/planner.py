@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Levers, check_positive, flat_dict
+from .durations import format_rough, time_left
 from .errors import PeftkitError, first_line, raising_library, set_context
 from .memory import format_size, parse_size
 
@@ -787,7 +788,7 @@ def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None)
                 len(jobs),
                 job.est,
                 time.monotonic() - t if fresh else None,
-                (time.monotonic() - started) / done * left if done and left else None,
+                time_left(time.monotonic() - started, done, left) if done and left else None,
             )
         )
     return [job.est for job in jobs]
@@ -833,7 +834,7 @@ def _announce(config: Any, settings: PlanSettings, jobs: list[_Job]) -> str:
     return (
         f"{what}; activations by {method}, {count} measurement{'s' if count > 1 else ''}"
         f"{' (' + ', '.join(shared) + ')' if shared else ''}; "
-        f"roughly {_duration(_rough_seconds(config, settings, how) * count)}"
+        f"roughly {format_rough(_rough_seconds(config, settings, how) * count)}"
     )
 
 
@@ -844,14 +845,8 @@ def _progress(i: int, n: int, est: Estimate, seconds: float | None, left: float 
     elif seconds is None:
         state = "done (activations shared)"
     else:
-        state = f"measured in {_duration(seconds)}"
-    return f"[{i}/{n}] {est.strategy}: {state}" + (f", about {_duration(left)} left" if left else "")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    return f"{round(seconds / 60)} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+        state = f"measured in {format_rough(seconds)}"
+    return f"[{i}/{n}] {est.strategy}: {state}" + (f", about {format_rough(left)} left" if left else "")
 
 
 # A measurement's time over the time the matmuls of all MAX_STEPS steps take at the calibrated rate:

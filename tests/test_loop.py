@@ -90,7 +90,7 @@ def test_without_a_terminal_a_progress_line_comes_every_heartbeat(
     import re
 
     from peftkit import loop
-    from peftkit.metrics import format_duration
+    from peftkit.durations import format_duration
 
     monkeypatch.setattr(loop, "HEARTBEAT_SECONDS", 0.0)
     code, _, stderr = run_cli(
