@@ -247,7 +247,9 @@ def portable_name(name: str) -> str:
     return name
 
 
-def _hub_failure(name: str, source: str, exc: BaseException) -> PeftkitError:
+def hub_failure(name: str, source: str, exc: BaseException) -> PeftkitError:
+    """The one-line error for model ``name`` (read from ``source``) that failed to load with ``exc``:
+    its offline copy, how to install it, or the hub unreachable, as fits what failed."""
     if name in EMBEDDED_MODELS and (os.path.isdir(source) or EMBEDDED_MODELS[name].hub_id is None):
         # the offline copy is there (or there is no hub copy at all): installing is not the problem
         return PeftkitError(f"cannot load model {name!r} from its offline copy {source!r}: {first_line(exc)}")
@@ -271,7 +273,7 @@ def load_tokenizer(name: str) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
-        raise _hub_failure(name, source, exc) from None
+        raise hub_failure(name, source, exc) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise PeftkitError(f"tokenizer of {name!r} has neither a padding nor an end-of-sequence token")
@@ -364,7 +366,7 @@ def load_pretrained(
     except ValueError as exc:  # e.g. an architecture with no head of this kind
         raise PeftkitError(f"cannot load {name!r} as {what}: {first_line(exc)}") from None
     except Exception as exc:
-        raise _hub_failure(name, source, exc) from None
+        raise hub_failure(name, source, exc) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     if quantize is not None:

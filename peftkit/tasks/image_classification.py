@@ -79,7 +79,7 @@ class ImageClassification(ClassificationTask):
     def load_processor(self, model: str) -> ImageInputs:
         from transformers import AutoConfig, AutoImageProcessor
 
-        from ..models import _hub_failure, resolve_model_source
+        from ..models import hub_failure, resolve_model_source
 
         source = resolve_model_source(model)
         try:
@@ -91,7 +91,7 @@ class ImageClassification(ClassificationTask):
                     f"model directory {model!r} has no image processor (preprocessor_config.json); "
                     "save one with the model (e.g. ViTImageProcessor().save_pretrained(dir))"
                 ) from None
-            raise _hub_failure(model, source, exc) from None
+            raise hub_failure(model, source, exc) from None
         return ImageInputs(processor, "L" if channels == 1 else "RGB")
 
     def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
