@@ -14,8 +14,8 @@ plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy``
 A run that learned nothing warns with ``LearnedNothingWarning`` (a ``PeftkitWarning``).
 
 The functions ``plan``, ``bench``, ``predict``, ``tune`` and ``export`` are not shadowed by modules of
-the same names: those modules are ``peftkit.planner``, ``peftkit.benchmark``, ``peftkit.inference``,
-``peftkit.tuning`` and ``peftkit.exporter``.
+the same names: what runs them is in the modules ``peftkit.planner``, ``peftkit.inference`` and
+``peftkit.exporter`` and the packages ``peftkit.benchmark`` and ``peftkit.tuning``.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ _LAZY = {
     "tune": "api",
     "RunResult": "api",
     "TuneResult": "api",
-    "TuneConfig": "tuning",
+    "TuneConfig": "tuning.config",
     "EvalConfig": "evaluation",
     "RunConfig": "config",
     "Levers": "config",
-    "BenchConfig": "benchmark",
+    "BenchConfig": "benchmark.config",
     "PlanSettings": "planner",
     "load_adapter": "inference",
     "predict_texts": "inference",

@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
+from .benchmark.config import BenchConfig, parse_strategies
+from .benchmark.preflight import preflight_bench
+from .benchmark.suite import run_bench
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
 from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, set_context
@@ -35,8 +36,12 @@ from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
-from .strategies.base import TUNED_SETTINGS
-from .tuning import STUDY_FILE, TrialCounts, TuneConfig, TunePlan
+from .tuning.config import TuneConfig, check_tune, plan_tune
+from .tuning.output import finish_tune
+from .tuning.report import defaults_won, versus_defaults
+from .tuning.search import run_study
+from .tuning.storage import masked
+from .tuning.trial import TrialCounts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import EarlyData, ResolvedRun
@@ -248,10 +253,9 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     (default ``runs/bench-<timestamp>``), which appears only when the suite is done.
 
     Every setting any run could refuse is checked first, and the data and model are loaded once
-    (``preflight``), so bad input fails in seconds, before any worker starts.
+    (``peftkit.benchmark.preflight``), so bad input fails in seconds, before any worker starts.
     """
-    from .benchmark import plan_train_sizes, run_suite
-    from .rundir import check_output_dir, staged_dir
+    from .rundir import check_output_dir
 
     check_inputs(config.model, config.dataset)
     config = preflight_bench(config)
@@ -260,211 +264,8 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     config.output_dir = out
     set_context(strategy=",".join(config.strategies), model=config.model)
     quiet_libraries()
-    config, predict_peak, baselines, whole = _bench_predictor(config, echo)
-    sizes = plan_train_sizes(config.train_sizes, whole) if config.train_sizes else None
-    if sizes and sizes["note"]:
-        echo(sizes["note"])
-    per_size = f" x {len(sizes['sizes'])} training-set sizes" if sizes else ""
-    n = len(config.strategies)
-    echo(
-        f"bench: {n} {'strategy' if n == 1 else 'strategies'}{per_size} x {len(config.seeds)} seed(s) on "
-        f"{config.model!r} / "
-        f"{config.dataset!r}, each run in its own process; results in {out}"
-    )
-    with staged_dir(out, overwrite) as stage:
-        # the studies go into the staging directory too: an interrupted bench leaves none behind
-        tuning = bench_tuning(config, stage, echo) if config.tune else None
-        results = run_suite(config, stage, echo, predict=predict_peak, baselines=baselines, tuning=tuning, sizes=sizes)
-        with open(os.path.join(stage, "results.md"), encoding="utf-8") as fh:
-            table = _first_table(fh.read())
+    results, table = run_bench(config, overwrite, echo)
     return BenchResult(out, results, table)
-
-
-def _first_table(markdown: str) -> str:
-    """The report's main table: its first run of ``|`` lines (a tuned report has a second)."""
-    lines = markdown.splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
-    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return "\n".join(lines[first:end])
-
-
-def bench_tuning(config: BenchConfig, stage: str, echo: Echo) -> dict[str, Any]:
-    """``bench --tune N``: a study of N trials (and at most ``tune_timeout`` each) for every
-    strategy, with the suite's data settings and its first seed, into ``stage``/tuning/STRATEGY
-    (the ``peftkit tune`` machinery: trial 0 the defaults, trials in workers, pruning). Returns
-    what results.json records under ``tuning``: per strategy its status, tuned settings, best
-    validation and the defaults' (trial 0's). A strategy that cannot run in the suite is not tuned."""
-    from .benchmark import not_applicable
-
-    start = time.perf_counter()
-    found: dict[str, dict[str, Any]] = {}
-    metric = None
-    for strategy in config.strategies:
-        why = not_applicable(config, strategy)
-        if why is not None:
-            found[strategy] = {"status": "not applicable", "error": why}
-            continue
-        metric, found[strategy] = _tune_one(config, strategy, stage, echo)
-    from .tuning import masked
-
-    return {
-        "trials": config.tune,
-        "timeout": config.tune_timeout,
-        "seed": config.seeds[0],
-        "storage": masked(config.tune_storage) if config.tune_storage else None,
-        "metric": metric or "-",
-        "seconds": time.perf_counter() - start,
-        "strategies": found,
-    }
-
-
-def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tuple[str, dict[str, Any]]:
-    """One strategy's study (see ``bench_tuning``): its metric and what it found."""
-    from .tuning import (
-        StudyMismatch,
-        best_config,
-        defaults_won,
-        open_storage,
-        open_study,
-        optimize,
-        prepare_output,
-        versus_defaults,
-        write_reports,
-    )
-
-    def said(line: str) -> None:
-        echo(f"tuning {strategy}: {line.removeprefix('tune: ')}")
-
-    run = config.run_config(strategy, config.seeds[0], config.batch_size, "unused")
-    folder = os.path.join("tuning", strategy)
-    tc = TuneConfig(
-        run=run,
-        trials=config.tune or 1,
-        timeout=config.tune_timeout,
-        output_dir=os.path.join(stage, folder),
-        storage=config.tune_storage,
-    )
-    plan = plan_tune(tc, echo=lambda _line: None)  # the data's notes were said once already
-    prepare_output(plan)
-    try:
-        study = open_study(plan, open_storage(plan.storage), said)
-    except StudyMismatch as exc:  # a study of that name made for other settings: tune's advice is not the bench's
-        raise PeftkitError(f"--tune-storage: {exc.mismatch}; give another --tune-storage for these settings") from None
-    try:
-        optimize(study, plan, said)
-    except RunInterrupted:  # its advice (run tune again) does not hold: the bench and its studies go
-        raise KeyboardInterrupt from None
-    try:
-        best = best_config(plan, study)
-    except ValueError:  # no trial completed
-        return plan.metric, {
-            "status": "failed",
-            "error": f"no trial of its study completed; see {folder}/trials/*/worker.log",
-        }
-    settings = {k: getattr(best, k) for k in TUNED_SETTINGS} | dict(best.strategy_options)
-    # the reports name the study where it ends up, not the staging directory it was made in
-    shown = plan if config.tune_storage else dataclasses.replace(plan, storage=f"sqlite:///{folder}/{STUDY_FILE}")
-    write_reports(plan.output_dir, shown, study, best, {"bench_rows": f"runs/{strategy}-tuned-seedN"})
-    # the finished defaults trial (an interrupted one was queued again, and failed trials have no value)
-    defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults") and t.value is not None), None)
-    said(
-        f"best trial #{study.best_trial.number}, validation {plan.metric} {study.best_value:.4f} "
-        f"(defaults: {'-' if defaults is None else f'{defaults:.4f}'}); of {TrialCounts.of(study).describe()}"
-        + ("; the defaults were best: no tuned setting beat them" if defaults_won(study) else "")
-    )
-    # trials as tune's own lines count them: every one that started (not those queued and never run)
-    return plan.metric, {
-        "status": "ok",
-        "error": None,
-        "trials": TrialCounts.of(study).total,
-        "best_trial": study.best_trial.number,
-        "best_validation": study.best_value,
-        "default_validation": defaults,
-        "settings": settings,
-        "same_as_default": bool(study.best_trial.user_attrs.get("defaults")),
-        "dir": folder,
-        # whether the validation gain is more than the split's noise (paired)
-        "validation_versus_defaults": versus_defaults(study),
-    }
-
-
-def preflight_bench(config: BenchConfig) -> BenchConfig:
-    """``config`` with its strategies checked (names and aliases), the task's defaults filled in,
-    and every setting a run could refuse checked now, before any worker."""
-    from .train import with_task_defaults
-
-    names = parse_strategies(",".join(config.strategies) or "all")
-    _, filled = with_task_defaults(config)
-    config = dataclasses.replace(config, strategies=names, **filled)
-    if config.train_sizes is not None:  # a string from Python or YAML too: "250,500,all"
-        config.train_sizes = parse_train_sizes(config.train_sizes)
-    config.validate()
-    if config.tune_timeout is not None:
-        from .tuning import parse_duration
-
-        parse_duration(config.tune_timeout, flag="--tune-timeout")
-    if config.tune_storage is not None:  # malformed or unreachable: said before any data loads
-        from .tuning import open_storage
-
-        try:
-            open_storage(config.tune_storage)
-        except PeftkitError as exc:
-            raise PeftkitError(f"--tune-storage: {exc}") from None
-    for name in config.strategies:
-        config.run_config(name, config.seeds[0], config.batch_size, "unused")
-    return config
-
-
-def _bench_predictor(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any, dict[int, dict[str, Any] | None], int]:
-    """The planner's prediction of each run's peak, for skipping what will not fit, and each
-    seed's input-blind baseline on the test split its runs are evaluated on. Loads the data and
-    the model's processor once first: data or a model no run could load fails here, in seconds,
-    and the data says how many labels and loss positions to plan for. Returned with ``config``
-    naming the columns the data was read from (guessed ones too): results.json records them, and
-    every run reads the same ones. What loading found (columns, dropped rows, label warnings) is
-    said once here, before any worker starts. Last: the training split's size (``--train-sizes``'
-    ``all``; the first seed's, as every seed's split has the same sizes)."""
-    import torch
-
-    from .data import resolved_columns
-    from .planner import bench_predictor
-    from .tasks import get_task
-
-    cfg = config.run_config(config.strategies[0], config.seeds[0], config.batch_size, "unused")
-    task = get_task(config.task)
-    data = task.load_data(cfg)
-    config = dataclasses.replace(config, **resolved_columns(data))
-    for line in [*data.notes, *task.data_warnings(data)]:
-        echo(line)
-    processor = task.load_processor(config.model)
-    num_labels = max(2, len(data.label_names or ()))
-    predictor = bench_predictor(
-        config.model,
-        config.batch_size,
-        config.max_length,
-        num_labels,
-        "cuda" if torch.cuda.is_available() else "cpu",
-        task=config.task,
-        loss_positions=task.loss_positions(data, processor, cfg),
-    )
-    return config, predictor, _bench_baselines(config, task, data), len(data.splits["train"])
-
-
-def _bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, dict[str, Any] | None]:
-    """``task.baseline`` on each seed's test split, made (and capped) as its runs make it: the
-    seed changes the split. ``first``: the first seed's data, already loaded."""
-    from .data import cap_eval_splits
-
-    out: dict[int, dict[str, Any] | None] = {}
-    for seed in config.seeds:
-        data = (
-            first
-            if seed == config.seeds[0]
-            else task.load_data(config.run_config(config.strategies[0], seed, config.batch_size, "unused"))
-        )
-        cap_eval_splits(data, config.max_eval_samples, seed)
-        out[seed] = task.baseline(data)
-    return out
 
 
 # -- tune -------------------------------------------------------------------------------------
@@ -495,8 +296,9 @@ class TuneResult:
     """The best configuration trained once more as a normal run (DIR/best-run): its test metrics."""
     plots: list[str]
     versus_defaults: dict[str, Any] | None = None
-    """The best trial against the defaults on the same validation examples (``tuning.versus_defaults``:
-    difference, 95% interval, p-value, ``distinguishable``); None where it cannot be said."""
+    """The best trial against the defaults on the same validation examples
+    (``peftkit.tuning.report.versus_defaults``: difference, 95% interval, p-value,
+    ``distinguishable``); None where it cannot be said."""
     counts: TrialCounts = field(default_factory=TrialCounts)
     """How the study's trials stand (complete, pruned, failed, interrupted, running), the figures
     every line of the tune gives."""
@@ -515,100 +317,12 @@ def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
     from several processes at once, continues it; ``config.trials`` counts the trials already
     there. Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (the study kept).
     """
-    from .tuning import open_storage, open_study, optimize, prepare_output
-
-    plan = plan_tune(config, echo)
-    prepare_output(plan)
-    storage = open_storage(plan.storage)
-    set_context(strategy=plan.strategy.name, model=plan.base.model)
-    study = open_study(plan, storage, echo)
-    ran = optimize(study, plan, echo)
-    return _finish_tune(plan, study, ran, echo)
-
-
-def plan_tune(config: TuneConfig, echo: Echo = to_stderr) -> TunePlan:
-    """``config`` checked and resolved, before anything is written or trained: the strategy and its
-    fixed options, the task's defaults, the metric, ``--space``, the inputs, and the data's columns
-    (read once here, said once)."""
-    from .data import resolved_columns
-    from .registry import get_strategy
-    from .strategies.base import options_from_dict
-    from .train import resolve, with_task_defaults
-    from .tuning import TunePlan, check_metric, check_space, fixed_settings, metric_direction, open_storage
-
-    config.validate()
-    cls = get_strategy(config.run.strategy)
-    options_from_dict(cls, config.run.strategy_options)
+    check_tune(config)
     check_inputs(config.run.model, config.run.dataset)
-    base = dataclasses.replace(config.run, strategy=cls.name, output_dir=None, overwrite=False)
-    task, filled = with_task_defaults(base)
-    base = dataclasses.replace(base, **filled)
-    metric = check_metric(task, config.metric)
-    fixed = fixed_settings(base)
-    check_space(cls, fixed, config.space)
-    resolve(dataclasses.replace(base))  # levers, trackers, options: what a run would refuse
-    if config.storage:
-        open_storage(config.storage)  # malformed or unreachable: said before the data loads
-    quiet_libraries()
-    data = task.load_data(base)
-    base = dataclasses.replace(base, **resolved_columns(data))
-    for line in [*data.notes, *task.data_warnings(data)]:
-        echo(line)
-    # the epochs (and early stopping) a plain run gets on this training set: trial 0 and the
-    # searched range start from them, not from the strategy's figure for a large one
-    schedule = cls(options_from_dict(cls, base.strategy_options)).schedule(
-        data.split_info["sizes"]["train"],
-        base.batch_size or cls.defaults.batch_size,
-        base.grad_accumulation,
-        epochs=base.epochs,
-        patience=base.early_stopping_patience,
-    )
-    if schedule.how == "raised":
-        echo(f"tune: {schedule.reason}; trials search epochs around {schedule.epochs}")
-    out = config.output_dir or default_output_dir(f"tune-{cls.name}")
-    storage = config.storage or f"sqlite:///{os.path.abspath(out)}/{STUDY_FILE}"
-    return TunePlan(
-        config,
-        cls,
-        base,
-        fixed,
-        metric,
-        metric_direction(task, metric),
-        out,
-        storage,
-        config.study_name or f"tune-{cls.name}",
-        schedule,
-    )
-
-
-def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult:
-    """Train the best configuration once more as a run (test evaluated there only, unless the
-    previous call already did it for the same trial) and move the reports into place."""
-    from .tuning import best_config, defaults_won, masked, staged_reports, versus_defaults, write_reports
-
-    try:
-        best_number = study.best_trial.number
-    except ValueError:
-        raise PeftkitError(
-            f"no trial of study {plan.study_name!r} completed; each trial's worker.log in "
-            f"{os.path.join(plan.output_dir, 'trials')} says why"
-        ) from None
-    best = best_config(plan, study)
-    previous = _previous_best_run(plan.output_dir, best_number)
-    with staged_reports(plan.output_dir) as stage:
-        if previous is None:
-            who = f"#{best_number} (the defaults)" if defaults_won(study) else f"#{best_number}"
-            echo(
-                f"tune: best trial {who} ({plan.metric} {study.best_value:.4f}); training it once more "
-                "as peftkit run --config best.yaml would, the only run evaluated on test ..."
-            )
-            best.output_dir = os.path.join(stage, "best-run")
-            run_result = _run(dataclasses.replace(best), resume=False, echo=echo)
-            best.output_dir = None
-            previous = _best_run_record(plan, study, run_result.metrics, echo)
-        plots = write_reports(stage, plan, study, best, previous)
-    run_dir = os.path.join(plan.output_dir, "best-run")
-    metrics = RunMetrics.from_dict(_read_json(os.path.join(run_dir, "metrics.json")))
+    plan = plan_tune(config, echo)
+    set_context(strategy=plan.strategy.name, model=plan.base.model)
+    study, ran = run_study(plan, echo)
+    done = finish_tune(plan, study, echo, train=lambda cfg: _run(cfg, resume=False, echo=echo).metrics)
     counts = TrialCounts.of(study)
     return TuneResult(
         plan.output_dir,
@@ -617,49 +331,16 @@ def _finish_tune(plan: TunePlan, study: Any, ran: int, echo: Echo) -> TuneResult
         plan.metric,
         counts.total,
         ran,
-        best_number,
+        study.best_trial.number,
         study.best_value,
         dict(study.best_trial.params),
-        best,
-        RunResult(run_dir, metrics),
-        plots,
+        done.best,
+        RunResult(done.run_dir, done.metrics),
+        done.plots,
         versus_defaults(study),
         counts,
         defaults_won(study),
     )
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    import json
-
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _previous_best_run(out: str, best_number: int) -> dict[str, Any] | None:
-    """The record of best-run/ when an earlier call made it for the same best trial (then it
-    stands: training it again would give the same run)."""
-    path = os.path.join(out, "trials.json")
-    if not os.path.exists(path) or not os.path.exists(os.path.join(out, "best-run", "metrics.json")):
-        return None
-    record = _read_json(path).get("best_run") or {}
-    return record if record.get("trial") == best_number else None
-
-
-def _best_run_record(plan: TunePlan, study: Any, metrics: RunMetrics | None, echo: Echo) -> dict[str, Any]:
-    """What trials.json says of best-run/: its trial, validation (which should be the trial's) and test."""
-    validation = (metrics.validation if metrics else {}).get(plan.metric)
-    if validation is not None and abs(validation - study.best_value) > 1e-9:
-        echo(
-            f"warning: the best configuration trained again reached validation {plan.metric} {validation:.6g}, "
-            f"its trial {study.best_value:.6g}: training is not bit-for-bit repeatable on this device"
-        )
-    return {
-        "trial": study.best_trial.number,
-        "dir": "best-run",
-        "validation": metrics.validation if metrics else {},
-        "test": metrics.test if metrics else {},
-    }
 
 
 # -- plan -------------------------------------------------------------------------------------

@@ -829,7 +829,7 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
                    accuracy of every strategy at each training-set size
     """
     from . import api
-    from .benchmark import BenchConfig, parse_seeds, parse_train_sizes
+    from .benchmark.config import BenchConfig, parse_seeds, parse_train_sizes
     from .config import with_levers
 
     sizes = opts.pop("train_sizes")
@@ -842,7 +842,7 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     )
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     click.echo(result.table)
-    from .bench_report import baseline_note, comparison_note, sizes_report, tuning_report
+    from .benchmark.report import baseline_note, comparison_note, sizes_report, tuning_report
 
     # what the table's ranking is worth (intervals, paired tests) belongs beside it, not only in results.md
     for line in baseline_note(result.results) + (
@@ -951,7 +951,7 @@ def tune_cmd(
     """
     from . import api
     from .config import build_run_config, parse_set_options
-    from .tuning import parse_space
+    from .tuning.config import parse_space
 
     if strategy is None and config_file is None:
         raise PeftkitError("peftkit tune needs --strategy NAME (see `peftkit list`)")
@@ -974,7 +974,7 @@ def tune_cmd(
 
 
 def _print_tune(result: Any) -> None:
-    from .tuning import describe_best, describe_versus_defaults
+    from .tuning.report import describe_best, describe_versus_defaults
 
     m = result.best_run.metrics
     test = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in (m.test if m else {}).items() if k != "loss")
@@ -1076,7 +1076,7 @@ def _plan_row(e: Any, settings: Any, budget: int | None) -> list[str]:
 
 
 def _print_plan(settings: Any, estimates: list[Any]) -> None:
-    from .benchmark import describe_levers
+    from .benchmark.ladder import describe_levers
     from .memory import format_size, parse_size
 
     budget = parse_size(settings.memory_budget) if settings.memory_budget else None

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from peftkit import api
-from peftkit.benchmark import BenchConfig
+from peftkit.benchmark.config import BenchConfig
 from peftkit.config import FIELDS, Levers, RunConfig
 from peftkit.errors import PeftkitError, RunInterrupted
 from peftkit.planner import PlanSettings

@@ -8,7 +8,10 @@ import os
 import pytest
 import yaml
 
-from peftkit.benchmark import Attempt, BenchConfig, bench_one, micro_batches, parse_seeds, parse_strategies, run_suite
+from peftkit.benchmark.config import BenchConfig, parse_seeds, parse_strategies
+from peftkit.benchmark.ladder import bench_one, micro_batches
+from peftkit.benchmark.suite import run_suite
+from peftkit.benchmark.worker import Attempt
 from peftkit.config import Levers
 from peftkit.errors import PeftkitError
 from peftkit.memory import MemoryBudgetExceeded, MemoryMeter, check_budget, format_size, parse_size
@@ -220,7 +223,7 @@ def test_the_report_shows_the_majority_baseline_and_flags_what_does_not_beat_it(
         "`positive`." in md
     )
     # the same results make the same report, byte for byte
-    from peftkit.bench_report import markdown_report
+    from peftkit.benchmark.report import markdown_report
 
     assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
 
@@ -385,7 +388,7 @@ def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir,
 
 
 def test_lever_rungs_add_levers_in_order_and_skip_what_a_strategy_cannot_take() -> None:
-    from peftkit.benchmark import describe_levers, lever_rungs
+    from peftkit.benchmark.ladder import describe_levers, lever_rungs
     from peftkit.registry import get_strategy
 
     bench = BenchConfig(strategies=["lora"], memory_budget="1GiB", auto_fit=True)
@@ -559,7 +562,7 @@ def test_the_report_gives_intervals_and_says_what_cannot_be_told_from_the_best(t
     ) in md
     assert "Distinguishable from it: `head_only` (difference -15.0 points, 95% CI [" in md and "p < 0.001)." in md
     assert "One seed" not in md and "paired bootstrap resamples" in md
-    from peftkit.bench_report import markdown_report
+    from peftkit.benchmark.report import markdown_report
 
     assert markdown_report(on_disk, ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png"]) == md
     assert results["comparison"] == comparison
@@ -595,7 +598,7 @@ def test_runs_without_a_per_example_record_get_no_paired_test(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["bench_cpu", "bench_cpu_budget", "bench_cpu_causal", "bench_cpu_image"])
 def test_committed_results_without_intervals_still_render_as_before(name) -> None:
-    from peftkit.bench_report import markdown_report
+    from peftkit.benchmark.report import markdown_report
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", name, "results.json")
     results = json.load(open(path))

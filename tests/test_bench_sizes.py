@@ -13,7 +13,9 @@ import pytest
 import yaml
 from test_bench import _metrics
 
-from peftkit.benchmark import Attempt, BenchConfig, parse_train_sizes, plan_train_sizes, run_suite
+from peftkit.benchmark.config import BenchConfig, parse_train_sizes, plan_train_sizes
+from peftkit.benchmark.suite import run_suite
+from peftkit.benchmark.worker import Attempt
 from peftkit.errors import PeftkitError
 
 # -- parsing and the plan -------------------------------------------------------------------
@@ -176,7 +178,7 @@ def test_the_report_has_a_table_per_size_and_the_learning_curve(sized_suite) -> 
 
     with Image.open(out / "learning_curve.png") as image:
         assert image.format == "PNG" and image.size[0] > 400
-    from peftkit.bench_report import markdown_report  # the same results make the same report
+    from peftkit.benchmark.report import markdown_report  # the same results make the same report
 
     plots = ["accuracy_vs_memory.png", "accuracy_vs_time.png", "validation_curves.png", "learning_curve.png"]
     assert markdown_report(json.load(open(out / "results.json")), plots) == md
@@ -252,7 +254,7 @@ def test_bench_train_sizes_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_pat
 def test_time_left_after_a_cached_strategy_uses_its_uncached_pace() -> None:
     """Issue 32 (5): head_only's later epochs read cached features in a fraction of a second; the other
     strategies' time is guessed at the pace of its first epoch (which ran the backbone), not its mean."""
-    from peftkit.benchmark import _seconds_left
+    from peftkit.benchmark.suite import seconds_left
 
     head = {
         "strategy": "head_only",
@@ -261,13 +263,13 @@ def test_time_left_after_a_cached_strategy_uses_its_uncached_pace() -> None:
         "history": [{"epoch_seconds": 10.0}] + [{"epoch_seconds": 0.5}] * 3,
     }
     # 20 s as run, 20 + 3 x 9.5 = 48.5 s had every epoch run the backbone
-    assert _seconds_left([head], [("head_only", None)]) == 20.0  # its own runs: as they ran
-    assert _seconds_left([head], [("lora", None), ("full", None)]) == 2 * 48.5
+    assert seconds_left([head], [("head_only", None)]) == 20.0  # its own runs: as they ran
+    assert seconds_left([head], [("lora", None), ("full", None)]) == 2 * 48.5
     lora = {
         "strategy": "lora",
         "status": "ok",
         "tried": [{"seconds": 60.0}],
         "history": [{"epoch_seconds": 14.0}, {"epoch_seconds": 15.0}],
     }
-    assert _seconds_left([head, lora], [("lora", None)]) == 60.0
-    assert _seconds_left([head, lora], [("full", None)]) == (48.5 + 61.0) / 2
+    assert seconds_left([head, lora], [("lora", None)]) == 60.0
+    assert seconds_left([head, lora], [("full", None)]) == (48.5 + 61.0) / 2

@@ -141,8 +141,8 @@ def test_a_small_run_with_explicit_epochs_trains_them(run_cli, tiny_model_dir, t
 def test_tune_trial_zero_gets_the_raised_epochs(tiny_model_dir, tiny_csv, tmp_path) -> None:
     import optuna
 
-    from peftkit.api import plan_tune
-    from peftkit.tuning import SearchTrial, TuneConfig, trial_config, trial_zero
+    from peftkit.tuning.config import TuneConfig, plan_tune
+    from peftkit.tuning.trial import SearchTrial, trial_config, trial_zero
 
     said: list[str] = []
     run = RunConfig(

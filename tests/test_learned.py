@@ -292,7 +292,7 @@ class VerdictRunner:
         self.verdicts = verdicts
 
     def __call__(self, cfg, log_path: str):
-        from peftkit.benchmark import Attempt
+        from peftkit.benchmark.worker import Attempt
 
         acc, learned = self.verdicts[(cfg.strategy, cfg.seed)]
         metrics = {
@@ -327,7 +327,8 @@ class VerdictRunner:
 
 def test_the_bench_flags_a_run_that_learned_nothing_with_its_cause(tmp_path) -> None:
     """lora's mean (0.70) is above the majority rate, but its seed 0 learned nothing: flagged, with why."""
-    from peftkit.benchmark import BenchConfig, run_suite
+    from peftkit.benchmark.config import BenchConfig
+    from peftkit.benchmark.suite import run_suite
 
     bench = BenchConfig(strategies=["full", "lora"], seeds=[0, 1], command="peftkit bench --test")
     runner = VerdictRunner(
@@ -352,7 +353,8 @@ def test_the_bench_flags_a_run_that_learned_nothing_with_its_cause(tmp_path) -> 
 
 def test_the_bench_flags_runs_that_learned_nothing_without_a_baseline(tmp_path) -> None:
     """Plain text has no majority answer, but a causal LM's run is judged against zero-shot all the same."""
-    from peftkit.benchmark import BenchConfig, run_suite
+    from peftkit.benchmark.config import BenchConfig
+    from peftkit.benchmark.suite import run_suite
 
     bench = BenchConfig(strategies=["lora"], seeds=[0, 1], command="peftkit bench --test")
     run_suite(

@@ -170,7 +170,7 @@ def test_predict_library_failure_is_one_line(run_cli, tiny_model_dir, broken_mod
 
 
 def test_bench_worker_reports_a_library_failure_as_one_line(broken_model_dir, tiny_csv, tmp_path) -> None:
-    from peftkit.bench_worker import main as worker_main
+    from peftkit.benchmark.worker import main as worker_main
     from peftkit.config import RunConfig
 
     cfg = RunConfig(

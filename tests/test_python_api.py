@@ -41,9 +41,11 @@ import sys, peftkit
 missing = [n for n in {TOP_LEVEL!r} if n not in dir(peftkit)]
 assert not missing, f"not in dir(peftkit): {{missing}}"
 assert "torch" not in sys.modules, "import peftkit imported torch"
-import peftkit.inference, peftkit.planner, peftkit.benchmark   # the modules behind the functions
+import peftkit.inference, peftkit.planner   # the modules behind the functions
+import peftkit.benchmark.suite, peftkit.tuning.search   # and the packages
 from peftkit import api, config
 assert (peftkit.predict, peftkit.plan, peftkit.bench, peftkit.run) == (api.predict, api.plan, api.bench, api.run)
+assert peftkit.tune is api.tune
 import peftkit.exporter   # the module does not shadow the function
 assert peftkit.export is api.export
 assert peftkit.RunConfig is config.RunConfig and peftkit.load_adapter is sys.modules["peftkit.inference"].load_adapter

@@ -183,7 +183,7 @@ class _PruneAll(optuna.pruners.BasePruner):
 
 def test_resume_continues_the_study_and_prunes(study_dir: dict, tiny_model_dir, tiny_csv) -> None:
     import peftkit
-    from peftkit.tuning import TuneConfig
+    from peftkit.tuning.config import TuneConfig
 
     out = study_dir["out"]
     run = RunConfig(
@@ -293,7 +293,7 @@ def test_a_study_continued_on_other_data_is_refused(study_dir: dict, run_cli) ->
 
 
 def test_a_study_from_before_the_data_was_recorded_is_continued() -> None:
-    from peftkit.tuning import _differences
+    from peftkit.tuning.search import _differences
 
     now = {"strategy": "lora", "model": "m", "seed": 0, "max_train_samples": 2000}
     assert _differences({"strategy": "lora", "model": "m"}, now) is None  # older record: judged on what it has
@@ -319,8 +319,11 @@ def _age_heartbeat(storage, trial_id: int, minutes: int) -> None:
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks as a process would
 def test_a_killed_tune_is_recovered_by_the_next(tiny_model_dir, tiny_csv, run_cli, tmp_path) -> None:
-    from peftkit.api import plan_tune
-    from peftkit.tuning import SearchTrial, TuneConfig, open_storage, open_study, prepare_output
+    from peftkit.tuning.config import TuneConfig, plan_tune
+    from peftkit.tuning.output import prepare_output
+    from peftkit.tuning.search import open_study
+    from peftkit.tuning.storage import open_storage
+    from peftkit.tuning.trial import SearchTrial
 
     out = tmp_path / "out"
     run = RunConfig(
@@ -399,7 +402,7 @@ def test_a_killed_tune_is_recovered_by_the_next(tiny_model_dir, tiny_csv, run_cl
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks as a process would
 def test_only_trials_without_a_recent_heartbeat_are_failed(tmp_path) -> None:
-    from peftkit.tuning import fail_stale_trials, open_storage
+    from peftkit.tuning.storage import fail_stale_trials, open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path}/study.db")
     study = optuna.create_study(storage=storage)
@@ -420,13 +423,14 @@ def test_only_trials_without_a_recent_heartbeat_are_failed(tmp_path) -> None:
 
 def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
     import peftkit
-    from peftkit import tuning
     from peftkit.errors import RunInterrupted
+    from peftkit.tuning import search
+    from peftkit.tuning.config import TuneConfig
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tuning, "run_trial", interrupted)
+    monkeypatch.setattr(search, "run_trial", interrupted)
     run = RunConfig(
         strategy="head_only",
         model=tiny_model_dir("bert"),
@@ -438,7 +442,7 @@ def test_ctrl_c_on_the_defaults_trial_queues_them_again(tiny_model_dir, tiny_csv
         max_length=16,
     )
     with pytest.raises(RunInterrupted):
-        peftkit.tune(tuning.TuneConfig(run=run, trials=1, output_dir=str(tmp_path / "out")), echo=lambda _l: None)
+        peftkit.tune(TuneConfig(run=run, trials=1, output_dir=str(tmp_path / "out")), echo=lambda _l: None)
     study = optuna.load_study(study_name="tune-head_only", storage=f"sqlite:///{tmp_path}/out/study.db")
     first, again = study.get_trials()
     assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
@@ -461,7 +465,7 @@ def _schedule(patience: int | None) -> Schedule:
 def test_the_pruner_judges_no_trial_before_the_defaults_could_stop_early() -> None:
     """On small data validation sits at the majority rate for the first epochs; a trial that starts
     like that is not pruned before epoch patience + 1, and is pruned from then on if still behind."""
-    from peftkit.tuning import make_pruner, pruning_grace
+    from peftkit.tuning.search import make_pruner, pruning_grace
 
     assert pruning_grace(None) == 1 and pruning_grace(_schedule(None)) == 1
     assert pruning_grace(_schedule(2)) == 3 and pruning_grace(_schedule(4)) == 5
@@ -506,7 +510,7 @@ def _study_with(best: str, defaults: str):
 def test_the_best_trial_is_judged_against_the_defaults_on_the_same_examples() -> None:
     """The best of N trials on a few hundred validation examples can be luck: tune says whether
     its gain over the defaults is beyond validation noise (paired, example by example)."""
-    from peftkit.tuning import describe_versus_defaults, versus_defaults
+    from peftkit.tuning.report import describe_versus_defaults, versus_defaults
 
     # 300 examples; the best gets 40 more right and none fewer: clearly better
     clear = versus_defaults(_study_with("1" * 240 + "0" * 60, "1" * 200 + "0" * 100))
@@ -530,7 +534,7 @@ def test_the_best_trial_is_judged_against_the_defaults_on_the_same_examples() ->
 
 def _stand_in_plan(tmp_path: pathlib.Path, trials: int):
     """A resolved plan for head_only at fixed epochs, without data: the stand-in runner trains nothing."""
-    from peftkit.tuning import TuneConfig, TunePlan
+    from peftkit.tuning.config import TuneConfig, TunePlan
 
     base = RunConfig(strategy="head_only", epochs=2)
     config = TuneConfig(run=base, trials=trials, pruner="none", output_dir=str(tmp_path))
@@ -550,7 +554,8 @@ def _stand_in_plan(tmp_path: pathlib.Path, trials: int):
 def _scripted(monkeypatch, script: dict) -> None:
     """Replace the worker by ``script[trial number]``: (status, epochs' values, error); ``stop``
     reports its values and then is Ctrl-C'd."""
-    from peftkit import tuning
+    from peftkit.tuning import search
+    from peftkit.tuning.trial import TrialOutcome
 
     def run_trial(trial, _cfg, _plan, prunable):
         status, values, error = script[trial.number]
@@ -558,9 +563,9 @@ def _scripted(monkeypatch, script: dict) -> None:
             trial.report(value, step=epoch)
         if status == "stop":
             raise KeyboardInterrupt
-        return tuning.TrialOutcome(status, max(values) if status == "ok" else None, list(values), error, 1.0)
+        return TrialOutcome(status, max(values) if status == "ok" else None, list(values), error, 1.0)
 
-    monkeypatch.setattr(tuning, "run_trial", run_trial)
+    monkeypatch.setattr(search, "run_trial", run_trial)
 
 
 # trial #0 the defaults (a float32 metric's value), #1 pruned, #2 failed before any epoch, #3 failed
@@ -577,7 +582,8 @@ _SCRIPT = {
 def _interrupted_study(tmp_path, monkeypatch) -> tuple:
     """The stand-in study of ``_SCRIPT`` after its Ctrl-C: (plan, study, progress lines, the message)."""
     from peftkit.errors import RunInterrupted
-    from peftkit.tuning import open_storage, open_study, optimize
+    from peftkit.tuning.search import open_study, optimize
+    from peftkit.tuning.storage import open_storage
 
     plan = _stand_in_plan(tmp_path, trials=5)
     _scripted(monkeypatch, _SCRIPT)
@@ -595,7 +601,9 @@ def test_every_message_names_a_trial_by_its_number_and_counts_alike(tmp_path, mo
     says what it counts, with the same figures in every line."""
     import re
 
-    from peftkit.tuning import TrialCounts, open_storage, open_study, optimize
+    from peftkit.tuning.search import open_study, optimize
+    from peftkit.tuning.storage import open_storage
+    from peftkit.tuning.trial import TrialCounts
 
     plan, study, lines, stopped = _interrupted_study(tmp_path, monkeypatch)
     assert "trial #0 is the defaults" in lines[0] and "5 trials have finished (complete, pruned or failed" in lines[0]
@@ -627,7 +635,8 @@ def test_trials_csv_names_the_interruption_and_rounds_its_numbers(tmp_path, monk
     trials.json keeps every digit, and its counts agree with the lines'."""
     import csv
 
-    from peftkit.tuning import best_config, write_reports
+    from peftkit.tuning.report import write_reports
+    from peftkit.tuning.trial import best_config
 
     plan, study, _, _ = _interrupted_study(tmp_path, monkeypatch)
     stage = tmp_path / "stage"
@@ -661,7 +670,7 @@ def test_trials_csv_names_the_interruption_and_rounds_its_numbers(tmp_path, monk
 
 def test_an_old_interrupted_trial_without_an_error_still_says_why() -> None:
     """A study from before the error was recorded: its interrupted trial's row says so all the same."""
-    from peftkit.tuning import trial_rows
+    from peftkit.tuning.report import trial_rows
 
     study = optuna.create_study()
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"interrupted": True}))
@@ -669,7 +678,8 @@ def test_an_old_interrupted_trial_without_an_error_still_says_why() -> None:
 
 
 def test_the_end_says_in_words_when_the_defaults_won() -> None:
-    from peftkit.tuning import TrialCounts, describe_best
+    from peftkit.tuning.report import describe_best
+    from peftkit.tuning.trial import TrialCounts
 
     counts = TrialCounts(complete=4, pruned=1, failed=1)
     won = describe_best(counts, 0, "accuracy", 0.8125, {"lr": 0.003, "pooling": "mean"}, defaults_best=True)
@@ -691,7 +701,7 @@ def test_the_history_plot_shows_pruned_and_failed_trials(tmp_path, monkeypatch) 
     import matplotlib
 
     matplotlib.use("Agg")
-    from peftkit.tuning import history_points, plot_history, write_plots
+    from peftkit.tuning.report import history_points, plot_history, write_plots
 
     _, study, _, _ = _interrupted_study(tmp_path, monkeypatch)
     points = history_points(study)

@@ -521,7 +521,7 @@ def bench_case(
 def salvage_rows(stage: str) -> list[dict[str, Any]]:
     """Rows of the runs that finished in a bench that did not (killed when the suite's time was up):
     each run's own metrics.json, without the planner's prediction (the bench writes that at its end)."""
-    from peftkit.benchmark import ROW_METRICS
+    from peftkit.metrics import ROW_METRICS
 
     rows = []
     for path in sorted(glob.glob(os.path.join(stage, "runs", "*", "metrics.json"))):  # (stage: a pattern)

@@ -1,6 +1,6 @@
-"""One tuning trial in its own process: ``python -m peftkit.tune_worker SPEC.json``.
+"""One tuning trial in its own process: ``python -m peftkit.tuning.worker SPEC.json``.
 
-Started by ``peftkit tune`` (``peftkit.tuning.run_trial``), never by users. It trains one
+Started by ``peftkit tune`` (``peftkit.tuning.trial.run_trial``), never by users. It trains one
 ``RunConfig`` as a run would, validating after each epoch, and never evaluates the test split nor
 saves an adapter (a tune selects on validation only; the best configuration is trained once more
 as a normal run at the end). After each epoch's validation it writes the tuned metric to the
@@ -18,6 +18,8 @@ import sys
 import time
 from typing import IO, Any
 
+from .. import workers
+
 
 class _Pruned(Exception):
     """The parent's pruner stopped this trial after ``epoch``."""
@@ -34,14 +36,14 @@ class _MetricMissing(Exception):
 def main(spec_path: str) -> int:
     """Run the spec's trial and write its report where the spec says; 0 unless the report itself
     cannot be written."""
-    from .env import own_process
+    from ..env import own_process
 
     own_process()  # a worker's process is peftkit's (env.freeze_imported_objects)
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
 
-    from .config import RunConfig
-    from .files import write_json
+    from ..config import RunConfig
+    from ..files import write_json
 
     cfg = RunConfig.from_dict(spec["config"])
     start = time.perf_counter()
@@ -54,11 +56,10 @@ def main(spec_path: str) -> int:
 
 def _run(cfg: Any, spec: dict[str, Any], events: IO[str], verdicts: IO[str]) -> dict[str, Any]:
     """``status`` and what goes with it, for one trial of ``cfg``."""
-    from .bench_worker import failure_report
-    from .env import quiet_libraries
-    from .errors import set_context
-    from .stats import bits
-    from .train import resolve, train_and_validate
+    from ..env import quiet_libraries
+    from ..errors import set_context
+    from ..stats import bits
+    from ..train import resolve, train_and_validate
 
     metric = spec["metric"]
 
@@ -102,7 +103,7 @@ def _run(cfg: Any, spec: dict[str, Any], events: IO[str], verdicts: IO[str]) -> 
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a failed trial, not the end of the tune
-        return failure_report(exc, os.path.join(spec["workdir"], "traceback.log"))
+        return workers.failure_report(exc, os.path.join(spec["workdir"], "traceback.log"))
 
 
 if __name__ == "__main__":

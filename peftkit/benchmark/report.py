@@ -1,16 +1,13 @@
 """The report of a ``peftkit bench`` suite: results.md, rendered from what results.json holds.
 
-``peftkit.benchmark`` runs the suite and writes results.json; this module turns those results into
+The suite (``peftkit.benchmark.suite``) writes results.json; this module turns those results into
 what a person reads (``markdown_report``): the header (command, machine, versions, settings), the
 main table (the best of each column in bold), the input-blind baseline and the † beside a strategy
 that does not beat it, how sure the ranking is (the paired test), the "Default vs tuned" and
 "Accuracy against training-set size" sections, and what the columns mean. ``peftkit bench`` prints
 the notes and sections under its table too (``peftkit.cli``). The report is a pure function of the
-results: an older results.json renders the same report again.
-
-Both sides read the results the same way through what is defined here: which metric is "how good"
-(``QUALITY``, ``SECOND``), which rows the table and plots show (``shown_rows``), and which
-strategies do not beat the baseline (``not_above_baseline``).
+results: an older results.json renders the same report again. Which metric is "how good" and which
+rows the table shows are read as the suite reads them (``peftkit.benchmark.summary``).
 """
 
 from __future__ import annotations
@@ -19,64 +16,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .memory import format_size
-from .stats import LEVEL, RESAMPLES
-
-# -- how the results are read (the suite in peftkit.benchmark reads them the same way) ------------
-
-# What "how good" means in a suite's table and plots, by what its runs measured: accuracy
-# (classification; a causal LM's generated labels), else exact match of generated answers, else
-# perplexity (plain text; lower is better). (row key, label, higher is better)
-QUALITY = (
-    ("test_accuracy", "test accuracy", True),
-    ("test_exact_match", "exact match", True),
-    ("test_perplexity", "test perplexity", False),
-)
-# the second column: macro-F1 for classification, perplexity for a language model
-SECOND = (("test_f1_macro", "macro-F1", True), ("test_perplexity", "perplexity", False))
-
-
-def shown_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows the table and plots are of: the tuned ones where the suite was tuned, those of the
-    largest training-set size where it ran several, else all."""
-    rows = [r for r in results["rows"] if r.get("configuration", "tuned") == "tuned"]
-    sizes = [r["train_size"] for r in rows if r.get("train_size") is not None]
-    return [r for r in rows if r.get("train_size") == max(sizes)] if sizes else rows
-
-
-def not_above_baseline(
-    summary: dict[str, dict[str, Any]],
-    baseline: dict[str, Any] | None,
-    quality: tuple[str, str, bool],
-    runs: bool = True,
-) -> list[str]:
-    """Strategies whose quality (mean over seeds) is not better than the baseline's (a model that
-    learned nothing but the most frequent label scores exactly that), or with a run that learned
-    nothing by its own verdict (``learned_nothing``: within a binomial test of the majority rate,
-    or a causal LM's perplexity no better than zero-shot; not with ``runs`` false)."""
-    key, _label, higher = quality
-    metric = key.removeprefix("test_")
-    known = bool(baseline) and baseline.get(metric) is not None
-    worse = (lambda v: v <= baseline[metric]) if higher else (lambda v: v >= baseline[metric])
-    return [
-        name
-        for name, v in summary.items()
-        if (runs and v.get("learned_nothing"))
-        or (known and v.get(f"{key}_mean") is not None and worse(v[f"{key}_mean"]))
-    ]
-
-
-def _seconds(seconds: float) -> str:
-    """Seconds with the precision a reader needs: 0.42 s, 3.1 s, 93 s."""
-    return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-
-
-def _minutes(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-# -- the report -----------------------------------------------------------------------------
+from ..durations import format_duration, format_seconds
+from ..memory import format_size
+from ..plots import curves_skipped
+from ..stats import LEVEL, RESAMPLES
+from .summary import QUALITY, SECOND, not_above_baseline, shown_rows
 
 
 def _best(summary: dict[str, dict[str, Any]], key: str, pick: Callable[..., Any]) -> Any:
@@ -134,8 +78,6 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     lines += [""] + tuning_report(results) if results.get("tuning") else []
     lines += [""] + sizes_report(results) if results.get("train_sizes") else []
     lines += _report_footer(results, q_label, intervals)
-    from .plots import curves_skipped
-
     skipped = curves_skipped(results) if plots and "validation_curves.png" not in plots else None
     lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + ([f"({skipped}.)"] if skipped else [])
     return "\n".join(lines) + "\n"
@@ -411,7 +353,8 @@ def _report_header(results: dict[str, Any]) -> list[str]:
         f"{','.join(map(str, s['seeds']))}, epochs {epochs}, "
         f"training examples {_train_examples(results)}, memory budget {s['memory_budget'] or 'none'}",
         f"- Memory: {results['memory_method']}",
-        f"- Created {results['created']}; the whole suite took {_minutes(results['suite_seconds'])}",
+        f"- Created {results['created']}; the whole suite took "
+        f"{format_duration(results['suite_seconds'], hours=False)}",
         "",
     ]
 
@@ -436,7 +379,7 @@ def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, 
         low, high = v[q + "_ci95"]
         sd, count = f" ± {(high - low) / 2:.4f}", f"{count}, sd {v[q + '_std']:.4f}"
     later = v["later_epoch_seconds_mean"]
-    epochs = f"{_seconds(v['first_epoch_seconds_mean'])} / {_seconds(later) if later is not None else '-'}"
+    epochs = f"{format_seconds(v['first_epoch_seconds_mean'])} / {format_seconds(later) if later is not None else '-'}"
     status = "" if v["status"] == "ok" else f" ({v['status']})"
     return [
         f"`{name}`{status}",
@@ -451,7 +394,7 @@ def _report_cells(name: str, v: dict[str, Any], q: str, f: str, best: dict[str, 
         ),
         mark("+" + format_size(v["peak_memory_increase_bytes"]), v["peak_memory_increase_bytes"], "inc"),
         format_size(v["peak_memory_eval_bytes"]),
-        mark(_seconds(v["train_seconds_mean"]), v["train_seconds_mean"], "time"),
+        mark(format_seconds(v["train_seconds_mean"]), v["train_seconds_mean"], "time"),
         epochs,
         mark(f"{v['samples_per_second_mean']:.0f}", v["samples_per_second_mean"], "speed"),
         mark(format_size(v["adapter_bytes"]), v["adapter_bytes"], "size"),
@@ -506,3 +449,11 @@ def _report_footer(results: dict[str, Any], q_label: str, intervals: bool = Fals
             )
         lines.append("")
     return lines
+
+
+def first_table(markdown: str) -> str:
+    """The report's main table: its first run of ``|`` lines (a tuned report has a second)."""
+    lines = markdown.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[first:end])

@@ -1,0 +1,157 @@
+"""A tune's output directory, and how a tune ends.
+
+``prepare_output`` makes (or finds) the output directory; it holds the study by default
+(``study.db``), which is written as trials finish and so cannot be staged like a run directory. The
+reports are made in a staging folder and moved in when the tune ends (``staged_reports``).
+``finish_tune`` ends a tune: the best configuration trained once more as a normal run (best-run/,
+the only run evaluated on test; kept when an earlier call made it for the same best trial), then
+best.yaml, trials.csv / .json and the plots (``peftkit.tuning.report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ..config import RunConfig
+from ..errors import PeftkitError
+from ..files import private_dir, publish_modes, write_json
+from ..metrics import RunMetrics
+from ..rundir import check_output_dir
+from .config import MARKER, TunePlan
+from .report import defaults_won, write_reports
+from .storage import masked
+from .trial import best_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+Echo = Callable[[str], None]
+
+
+class FinishedTune(NamedTuple):
+    """What ``finish_tune`` leaves: the best configuration (best.yaml's), its run and the plots."""
+
+    best: RunConfig
+    run_dir: str
+    metrics: RunMetrics
+    plots: list[str]
+
+
+def prepare_output(plan: TunePlan) -> None:
+    """Make (or find) the output directory. One that holds another tune's study, or anything but a
+    tune, is refused unless ``overwrite`` (then it is emptied: its study and reports go)."""
+    out, overwrite = plan.output_dir, plan.config.overwrite
+    marker = os.path.join(out, MARKER)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if not os.path.exists(marker):
+            raise PeftkitError(
+                f"output directory {out!r} exists and holds no peftkit tune ({MARKER}); use "
+                "--overwrite to replace it or choose another --output-dir"
+            )
+        with open(marker, encoding="utf-8") as fh:
+            recorded = json.load(fh)
+        if recorded.get("study_name") != plan.study_name or recorded.get("storage") != masked(plan.storage):
+            raise PeftkitError(
+                f"output directory {out!r} holds the tune of study {recorded.get('study_name')!r} in "
+                f"{recorded.get('storage')}, not {plan.study_name!r} in {masked(plan.storage)}; "
+                "give the same --storage and --study-name to continue it, another --output-dir, "
+                "or --overwrite"
+            )
+        return
+    check_output_dir(out, overwrite=True)
+    if os.path.isdir(out) and overwrite:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    write_json(marker, {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity})
+
+
+@contextlib.contextmanager
+def staged_reports(out: str) -> Any:
+    """A staging folder in ``out`` for this tune's reports, moved into ``out`` when done (each file
+    replaced whole; best-run/ swapped), removed if the tune stops first."""
+    stage = private_dir(".reports.partial-", out)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    publish_modes(stage)
+    for name in sorted(os.listdir(stage)):
+        source, target = os.path.join(stage, name), os.path.join(out, name)
+        if os.path.isdir(source) and os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out)
+            os.rename(target, os.path.join(old, name))
+            os.rename(source, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, target)
+    os.rmdir(stage)
+
+
+def finish_tune(
+    plan: TunePlan, study: optuna.Study, echo: Echo, train: Callable[[RunConfig], RunMetrics | None]
+) -> FinishedTune:
+    """Train the best configuration once more as a run (``train`` runs a ``RunConfig`` into its
+    output directory; test evaluated there only, unless the previous call already did it for the
+    same trial) and move the reports into place."""
+    try:
+        best_number = study.best_trial.number
+    except ValueError:
+        raise PeftkitError(
+            f"no trial of study {plan.study_name!r} completed; each trial's worker.log in "
+            f"{os.path.join(plan.output_dir, 'trials')} says why"
+        ) from None
+    best = best_config(plan, study)
+    previous = previous_best_run(plan.output_dir, best_number)
+    with staged_reports(plan.output_dir) as stage:
+        if previous is None:
+            who = f"#{best_number} (the defaults)" if defaults_won(study) else f"#{best_number}"
+            echo(
+                f"tune: best trial {who} ({plan.metric} {study.best_value:.4f}); training it once more "
+                "as peftkit run --config best.yaml would, the only run evaluated on test ..."
+            )
+            best.output_dir = os.path.join(stage, "best-run")
+            metrics = train(dataclasses.replace(best))
+            best.output_dir = None
+            previous = best_run_record(plan, study, metrics, echo)
+        plots = write_reports(stage, plan, study, best, previous)
+    run_dir = os.path.join(plan.output_dir, "best-run")
+    return FinishedTune(best, run_dir, RunMetrics.from_dict(_read_json(os.path.join(run_dir, "metrics.json"))), plots)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def previous_best_run(out: str, best_number: int) -> dict[str, Any] | None:
+    """The record of best-run/ when an earlier call made it for the same best trial (then it
+    stands: training it again would give the same run)."""
+    path = os.path.join(out, "trials.json")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(out, "best-run", "metrics.json")):
+        return None
+    record = _read_json(path).get("best_run") or {}
+    return record if record.get("trial") == best_number else None
+
+
+def best_run_record(plan: TunePlan, study: optuna.Study, metrics: RunMetrics | None, echo: Echo) -> dict[str, Any]:
+    """What trials.json says of best-run/: its trial, validation (which should be the trial's) and test."""
+    validation = (metrics.validation if metrics else {}).get(plan.metric)
+    if validation is not None and abs(validation - study.best_value) > 1e-9:
+        echo(
+            f"warning: the best configuration trained again reached validation {plan.metric} {validation:.6g}, "
+            f"its trial {study.best_value:.6g}: training is not bit-for-bit repeatable on this device"
+        )
+    return {
+        "trial": study.best_trial.number,
+        "dir": "best-run",
+        "validation": metrics.validation if metrics else {},
+        "test": metrics.test if metrics else {},
+    }
