@@ -98,6 +98,21 @@ def _config(arch: str, vocab_size: int, pad_id: int):
     raise ValueError(arch)
 
 
+def save_quietly(model, path) -> None:
+    """``model.save_pretrained(path)`` without transformers' "Writing model shards" bar: a
+    session fixture first built inside a test would put that bar in the test's captured stderr
+    (a test reading stderr's first line then failed when it ran alone)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(arch)`` -> a local model directory (random weights + tokenizer), cached."""
@@ -112,7 +127,7 @@ def tiny_model_dir(tmp_path_factory):
             tok = _build_tokenizer()
             model = AutoModel.from_config(_config(arch, len(tok), tok.pad_token_id))
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
-            model.save_pretrained(path)
+            save_quietly(model, path)
             tok.save_pretrained(path)
             cache[arch] = str(path)
         return cache[arch]
@@ -132,7 +147,7 @@ def tiny_causal_dir(tmp_path_factory) -> str:
     config.tie_word_embeddings = True
     config.eos_token_id = tok.eos_token_id
     path = tmp_path_factory.mktemp("tiny-causal")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    save_quietly(AutoModelForCausalLM.from_config(config), path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -154,7 +169,7 @@ def tiny_vit_dir(tmp_path_factory) -> str:
         intermediate_size=64,
     )
     path = tmp_path_factory.mktemp("tiny-vit")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    save_quietly(ViTModel(config, add_pooling_layer=False), path)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
     return str(path)
 
