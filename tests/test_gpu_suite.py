@@ -52,6 +52,7 @@ def dry_run(tmp_path_factory):
     return out, work
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_section(dry_run) -> None:
     out, _ = dry_run
     results = json.loads((out / "results.json").read_text())
@@ -96,6 +97,7 @@ def test_dry_run_writes_every_section(dry_run) -> None:
     assert "| case | part | what | estimate | took | outcome |" in md
 
 
+@pytest.mark.slow
 def test_vs_trainer_case(dry_run) -> None:
     """peftkit against Trainer + peft on the suite's model (MiniLM's tokenizer saved in it): both
     sides train, the same losses, and the ratios reach the table and the targets."""
@@ -115,6 +117,7 @@ def test_vs_trainer_case(dry_run) -> None:
     assert "peftkit against Trainer + peft (`vs_trainer`" in md and "| Trainer + peft |" in md
 
 
+@pytest.mark.slow
 def test_refused_and_missing_levers_are_rows_not_failures(dry_run) -> None:
     """Liger is refused on a CPU (the bench's one line, as a row); a flag this peftkit lacks (--compile,
     added elsewhere) is "not available" without running anything."""
@@ -131,6 +134,7 @@ def test_refused_and_missing_levers_are_rows_not_failures(dry_run) -> None:
     assert "| kernels_liger | `lora` | - | - | not applicable: --kernels liger" in md
 
 
+@pytest.mark.slow
 def test_profile_tables_per_strategy(dry_run) -> None:
     out, _ = dry_run
     results = json.loads((out / "results.json").read_text())
@@ -179,6 +183,7 @@ def test_parts_split_the_cases_and_part_two_continues_part_one(tmp_path) -> None
     assert "--no-such-lever" in suite.flags_unavailable(["--no-such-lever"])
 
 
+@pytest.mark.slow
 def test_flops_per_token_follow_what_trains(dry_run) -> None:
     """6N-style counting from the architecture: a frozen base saves its weight gradients, a frozen
     stack below the head saves its whole backward pass."""

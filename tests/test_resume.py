@@ -41,7 +41,7 @@ def _strategy_options(strategy: str) -> list[str]:
     return ["--set", "unfreeze_every_steps=15"] if strategy == "gradual_unfreeze" else []
 
 
-@pytest.mark.parametrize("strategy", ["gradual_unfreeze", "head_only"])
+@pytest.mark.parametrize("strategy", [pytest.param("gradual_unfreeze", marks=pytest.mark.slow), "head_only"])
 def test_sigkill_then_resume_ends_as_an_uninterrupted_run(
     strategy, tiny_model_dir, tiny_csv, run_cli, tmp_path, monkeypatch
 ) -> None:

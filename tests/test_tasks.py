@@ -376,6 +376,7 @@ def test_bench_compares_strategies_on_a_causal_lm(tiny_causal_dir, pairs_csv, ru
     assert results["baseline"]["name"] == "majority answer" and 0 < results["baseline"]["exact_match"] < 1
 
 
+@pytest.mark.slow
 def test_bench_compares_strategies_on_images(tiny_vit_dir, run_cli, tmp_path) -> None:
     out = tmp_path / "bench"
     code, _, err = run_cli(
