@@ -18,6 +18,7 @@ default). Importing this module is cheap: torch loads when a function needs it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -62,6 +63,9 @@ class RunResult:
     metrics: RunMetrics | None
     """What metrics.json holds (``metrics.to_dict()`` is the file); None in the other processes of
     a data-parallel run (only the main process writes and reports)."""
+    config: RunConfig | None = None
+    """The settings the run trained with, every default filled in (what its config.yaml records:
+    ``run(result.config)`` trains the same run again). The config given to ``run`` is left as it was."""
 
     @property
     def adapter_dir(self) -> str:
@@ -104,7 +108,8 @@ def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
     """Fine-tune and evaluate as ``config`` says, into ``config.output_dir`` (default
     ``runs/<strategy>-<timestamp>``), which appears only when the run succeeded.
 
-    Unset values take the strategy's and the task's defaults (``config`` is completed in place).
+    Unset values take the strategy's and the task's defaults, on a copy: ``config`` is left as given
+    (one config can run twice), and the completed settings come back as ``RunResult.config``.
     Runs unchanged under ``accelerate launch`` / ``torchrun``. Raises ``PeftkitError`` for bad input,
     ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint was kept).
     """
@@ -146,14 +151,32 @@ def resumed_config(run_dir: str) -> RunConfig:
 def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
     from .train import load_data_early, resolve
 
-    resolved = resolve(config)  # unknown strategy or bad options fail here, before anything heavy loads
-    set_context(strategy=resolved.strategy.name, model=config.model)
+    # resolving fills defaults into the config it is given: a copy, so the caller's stays as given
+    resolved = resolve(_copy_config(config))  # unknown strategy or bad options fail here, before anything heavy loads
+    set_context(strategy=resolved.strategy.name, model=resolved.config.model)
     out = config.output_dir or default_output_dir(resolved.strategy.name)
     resolved.config.output_dir = out
     quiet_libraries()
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
     metrics = _run_staged(resolved, out, resume, echo, early)
-    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
+    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics), _recorded_config(resolved))
+
+
+def _copy_config(config: RunConfig) -> RunConfig:
+    """``config`` with its own copies of the mutable fields (the levers are frozen), so that nothing
+    a run fills in reaches the caller's object."""
+    return dataclasses.replace(
+        config, report_to=list(config.report_to), strategy_options=copy.deepcopy(config.strategy_options)
+    )
+
+
+def _recorded_config(resolved: ResolvedRun) -> RunConfig:
+    """The run's settings as its config.yaml records them (the strategy's epochs, batch size and
+    learning rate, the schedule the data gave), as a ``RunConfig``."""
+    from .config import FIELDS
+
+    recorded = {k: v for k, v in resolved.as_dict().items() if k in FIELDS}
+    return RunConfig.from_dict({**recorded, "overwrite": resolved.config.overwrite})
 
 
 def _warn_if_learned_nothing(result: RunResult) -> RunResult:

@@ -30,7 +30,6 @@ from .strategies.base import Strategy
 DISABLE_PLUGINS_ENV = "PEFTKIT_DISABLE_PLUGINS"
 
 
-
 class Registrable(Protocol):
     """What a registry needs of a class: a lower-case ``name``, a one-line ``description`` and
     optional ``aliases`` (``Strategy`` and ``Task`` declare them as class attributes)."""

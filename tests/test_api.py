@@ -34,7 +34,8 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     assert result.metrics.to_dict() == json.load(open(os.path.join(out, "metrics.json")))
     assert result.metrics.strategy == "lora" and result.metrics.gradient_checkpointing is True
     assert 0 <= result.metrics.test["accuracy"] <= 1
-    assert config.task == "sequence-classification"  # the task's defaults are filled in
+    assert result.config.task == "sequence-classification"  # the task's defaults are filled in, on the result
+    assert config.task is None and result.config.epochs == 1 and result.config.output_dir == out
     assert any(m.startswith("training lora") for m in messages)
     # config.yaml keeps the levers flat, and reads back as the same settings
     recorded = yaml.safe_load(open(os.path.join(out, "config.yaml")))
@@ -48,6 +49,30 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     assert merged.strategy == "lora" and os.path.isfile(tmp_path / "merged" / "config.json")
     meta = api.inspect(os.path.join(out, "adapter"))
     assert meta["strategy"] == "lora" and meta["adapter_bytes"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of 32 examples
+def test_one_config_runs_twice_and_is_left_as_given(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
+    """``run`` works on a copy: the caller's config is unchanged, so the same object (output_dir None:
+    the default directory) runs again into a directory of its own; the completed one is on the result."""
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(
+        strategy="head_only",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        epochs=1,
+        max_train_samples=32,
+        max_length=16,
+        strategy_options={},
+    )
+    before = RunConfig.from_dict(config.to_dict())
+    first = api.run(config, echo=lambda message: None)
+    second = api.run(config, echo=lambda message: None)
+    assert config == before and config.output_dir is None and config.task is None
+    assert first.run_dir != second.run_dir and os.path.isdir(first.run_dir) and os.path.isdir(second.run_dir)
+    assert first.config.output_dir == first.run_dir and first.config.task == "sequence-classification"
+    recorded = yaml.safe_load(open(os.path.join(first.run_dir, "config.yaml")))
+    assert first.config == RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
 
 
 def test_plan(tiny_model_dir) -> None:
