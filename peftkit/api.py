@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
 from .config import RunConfig, default_output_dir
 from .env import quiet_libraries
-from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, set_context
+from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, resumed_context, set_context
 from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
 from .metrics import RunMetrics
@@ -113,21 +113,25 @@ def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
     Runs unchanged under ``accelerate launch`` / ``torchrun``. Raises ``PeftkitError`` for bad input,
     ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint was kept).
     """
-    config.validate()
-    if config.task is not None:
-        from .tasks import get_task
+    from .tasks import get_task
 
-        get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
-    check_inputs(config.model, config.dataset)
-    return _warn_if_learned_nothing(_run(config, resume=False, echo=echo))
+    with error_context():
+        config.validate()
+        if config.task is not None:
+            get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
+        check_inputs(config.model, config.dataset)
+        result = _run(config, resume=False, echo=echo)
+    return _warn_if_learned_nothing(result)
 
 
 def resume(run_dir: str, echo: Echo = to_stderr) -> RunResult:
     """Continue the interrupted run that was going to ``run_dir`` from its last checkpoint, with the
     settings it recorded; it ends as the uninterrupted run would have."""
-    config = resumed_config(run_dir)
-    config.output_dir = run_dir  # as given now: the recorded one may be relative to another directory
-    return _warn_if_learned_nothing(_run(config, resume=True, echo=echo))
+    with error_context():
+        config = resumed_config(run_dir)
+        config.output_dir = run_dir  # as given now: the recorded one may be relative to another directory
+        result = _run(config, resume=True, echo=echo)
+    return _warn_if_learned_nothing(result)
 
 
 def resumed_config(run_dir: str) -> RunConfig:
@@ -718,14 +722,15 @@ def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
     ``Plan.failed``), not an exception."""
     from .planner import make_plan, resolve_settings
 
-    names = parse_strategies(",".join(settings.strategies) or "all")
-    settings = dataclasses.replace(settings, strategies=names)
-    settings.validate()
-    check_inputs(settings.model)
-    quiet_libraries()
-    settings = resolve_settings(settings)
-    set_context(strategy=",".join(names), model=settings.model)
-    return Plan(settings, make_plan(settings, echo))
+    with error_context():
+        names = parse_strategies(",".join(settings.strategies) or "all")
+        settings = dataclasses.replace(settings, strategies=names)
+        settings.validate()
+        check_inputs(settings.model)
+        quiet_libraries()
+        settings = resolve_settings(settings)
+        set_context(strategy=",".join(names), model=settings.model)
+        return Plan(settings, make_plan(settings, echo))
 
 
 # -- predict, merge, inspect ------------------------------------------------------------------
@@ -767,31 +772,32 @@ def predict(
     64 inputs). ``onnx``: answer with what ``export`` wrote to this directory (ONNX Runtime, no
     PyTorch model) instead of an adapter (``adapter_dir`` None).
     """
-    rows = list(
-        predict_iter(
-            adapter_dir,
-            inputs,
-            model,
-            force,
-            input_file=input_file,
-            text_column=text_column,
-            output=output,
-            overwrite=overwrite,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            chat=chat,
-            progress=progress,
-            onnx=onnx,
+    with error_context():
+        rows = list(
+            predict_iter(
+                adapter_dir,
+                inputs,
+                model,
+                force,
+                input_file=input_file,
+                text_column=text_column,
+                output=output,
+                overwrite=overwrite,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                chat=chat,
+                progress=progress,
+                onnx=onnx,
+            )
         )
-    )
-    if output is not None:
-        from .predict_io import write_rows
+        if output is not None:
+            from .predict_io import write_rows
 
-        write_rows(output, rows, overwrite)
+            write_rows(output, rows, overwrite)
     return rows
 
 
@@ -820,53 +826,66 @@ def predict_iter(
     and ``output`` are checked before the model loads."""
     from .predict_io import GenerationOptions, check_output_file, read_inputs
 
-    if (adapter_dir is None) == (onnx is None):
-        raise PeftkitError(
-            "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
-            if onnx
-            else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
-        )
-    if onnx is not None and (model is not None or force):
-        raise PeftkitError(
-            f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
-            "export holds its whole model"
-        )
-    if adapter_dir is not None:
-        check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
-    from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
+    with error_context() as facts:
+        if (adapter_dir is None) == (onnx is None):
+            raise PeftkitError(
+                "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
+                if onnx
+                else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
+            )
+        if onnx is not None and (model is not None or force):
+            raise PeftkitError(
+                f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
+                "export holds its whole model"
+            )
+        if adapter_dir is not None:
+            check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
+        from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
 
-    inputs = None if inputs is None else list(inputs)
-    if (not inputs) == (input_file is None):  # both, or neither
-        raise PeftkitError(
-            "give the inputs either as texts or with --input FILE (- for stdin), not both"
-            if input_file is not None
-            else "no inputs: give texts, or --input FILE (- for stdin)"
-        )
-    if input_file is None and text_column is not None:
-        raise PeftkitError(f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments")
-    generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
-    if onnx is not None:
-        from .exporter import read_export_metadata, require_onnx
-        from .tasks import get_task
+        inputs = None if inputs is None else list(inputs)
+        if (not inputs) == (input_file is None):  # both, or neither
+            raise PeftkitError(
+                "give the inputs either as texts or with --input FILE (- for stdin), not both"
+                if input_file is not None
+                else "no inputs: give texts, or --input FILE (- for stdin)"
+            )
+        if input_file is None and text_column is not None:
+            raise PeftkitError(
+                f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments"
+            )
+        generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
+        if onnx is not None:
+            from .exporter import read_export_metadata, require_onnx
+            from .tasks import get_task
 
-        require_onnx()
-        task = get_task(read_export_metadata(onnx).get("task") or "sequence-classification")
-    else:
-        task = adapter_task(adapter_dir)
-    if model is not None:  # a model made for another task: said in a second, not after the imports
-        check_model_task(task, model, adapter_dir, _recorded_base(adapter_dir) or "?")
-    check_prediction_settings(task, batch_size, generation)
-    if output is not None:
-        check_output_file(output, overwrite)
-    texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
-    show = progress if progress is not None else (input_file is not None or len(texts) > 64)
-    quiet_libraries()  # imports transformers and datasets: after every check that can do without them
-    if onnx is not None:
-        from .exporter import load_onnx
+            require_onnx()
+            task = get_task(read_export_metadata(onnx).get("task") or "sequence-classification")
+        else:
+            task = adapter_task(adapter_dir)
+        if model is not None:  # a model made for another task: said in a second, not after the imports
+            check_model_task(task, model, adapter_dir, _recorded_base(adapter_dir) or "?")
+        check_prediction_settings(task, batch_size, generation)
+        if output is not None:
+            check_output_file(output, overwrite)
+        texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
+        show = progress if progress is not None else (input_file is not None or len(texts) > 64)
+        quiet_libraries()  # imports transformers and datasets: after every check that can do without them
+        if onnx is not None:
+            from .exporter import load_onnx
 
-        return iter_predictions(load_onnx(onnx), texts, batch_size, generation, show)
-    loaded = load_adapter(adapter_dir, model, force=force)
-    return iter_predictions(loaded, texts, batch_size, generation, show)
+            answers = iter_predictions(load_onnx(onnx), texts, batch_size, generation, show)
+        else:
+            answers = iter_predictions(
+                load_adapter(adapter_dir, model, force=force), texts, batch_size, generation, show
+            )
+    return _within(facts, answers)
+
+
+def _within(facts: dict[str, str], answers: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``answers`` computed inside the error context of the ``predict_iter`` call that made them: a
+    generator runs after that call returned, and a library failing in it is named as in the call."""
+    with resumed_context(facts):
+        yield from answers
 
 
 def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
@@ -877,17 +896,18 @@ def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
     from .evaluation import evaluate_adapter, write_evaluation
     from .rundir import check_output_dir, staged_dir
 
-    config.validate()
-    check_inputs(config.model, config.dataset, config.adapter)
-    if config.output:
-        check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
-    quiet_libraries()
-    result = evaluate_adapter(config, echo)
-    if config.output:
-        with staged_dir(config.output, config.overwrite) as stage:
-            write_evaluation(result, stage)
-        result.output_dir = config.output
-    return result
+    with error_context():
+        config.validate()
+        check_inputs(config.model, config.dataset, config.adapter)
+        if config.output:
+            check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
+        quiet_libraries()
+        result = evaluate_adapter(config, echo)
+        if config.output:
+            with staged_dir(config.output, config.overwrite) as stage:
+                write_evaluation(result, stage)
+            result.output_dir = config.output
+        return result
 
 
 @dataclass
@@ -907,15 +927,16 @@ def merge(
     (written into a staging directory, renamed into place when complete)."""
     from .rundir import check_output_dir, staged_dir
 
-    check_inputs(model, adapter_dir=adapter_dir)
-    check_output_dir(output, overwrite, flag="--output")
-    quiet_libraries()
-    from .inference import load_adapter, merge_to_directory
+    with error_context():
+        check_inputs(model, adapter_dir=adapter_dir)
+        check_output_dir(output, overwrite, flag="--output")
+        quiet_libraries()
+        from .inference import load_adapter, merge_to_directory
 
-    loaded = load_adapter(adapter_dir, model, force=force)
-    with staged_dir(output, overwrite, flag="--output") as stage:
-        merge_to_directory(loaded, stage)
-    return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
+        loaded = load_adapter(adapter_dir, model, force=force)
+        with staged_dir(output, overwrite, flag="--output") as stage:
+            merge_to_directory(loaded, stage)
+        return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 
 
 def export(
@@ -949,32 +970,33 @@ def export(
     ``predict(None, ..., onnx=output)`` serves it."""
     from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
 
-    check_export_settings(format, quantize, opset, min_agreement)
-    check_inputs(model, dataset, adapter_dir)
-    quiet_libraries()
-    if format == "gguf":
-        if dataset is not None or text_column is not None or label_column is not None:
-            raise PeftkitError(
-                "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
-                "checked on greedy generations of fixed prompts)"
-            )
-        from .gguf_export import export_gguf
+    with error_context():
+        check_export_settings(format, quantize, opset, min_agreement)
+        check_inputs(model, dataset, adapter_dir)
+        quiet_libraries()
+        if format == "gguf":
+            if dataset is not None or text_column is not None or label_column is not None:
+                raise PeftkitError(
+                    "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                    "checked on greedy generations of fixed prompts)"
+                )
+            from .gguf_export import export_gguf
 
-        return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
-    return export_onnx(
-        adapter_dir,
-        output,
-        model,
-        quantize,
-        DEFAULT_OPSET if opset is None else opset,
-        dataset,
-        text_column,
-        label_column,
-        force=force,
-        overwrite=overwrite,
-        min_agreement=min_agreement,
-        echo=echo,
-    )
+            return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
+        return export_onnx(
+            adapter_dir,
+            output,
+            model,
+            quantize,
+            DEFAULT_OPSET if opset is None else opset,
+            dataset,
+            text_column,
+            label_column,
+            force=force,
+            overwrite=overwrite,
+            min_agreement=min_agreement,
+            echo=echo,
+        )
 
 
 def inspect(adapter_dir: str) -> dict[str, Any]:
@@ -983,22 +1005,23 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     directory (its ``adapter/`` is read)."""
     from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config, resolve_adapter_dir
 
-    adapter_dir = resolve_adapter_dir(adapter_dir)
-    check_adapter_dir(adapter_dir)
-    meta = read_metadata(adapter_dir)
-    if meta is None:
-        peft_config = read_peft_config(adapter_dir)
-        if peft_config is None:
-            raise PeftkitError(
-                f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
-            )
-        meta = {
-            "format": "peft (no peftkit metadata)",
-            "peft_type": peft_config.get("peft_type"),
-            "base_model": peft_config.get("base_model_name_or_path"),
-        }
-    meta["adapter_bytes"] = adapter_bytes(adapter_dir)
-    return meta
+    with error_context():
+        adapter_dir = resolve_adapter_dir(adapter_dir)
+        check_adapter_dir(adapter_dir)
+        meta = read_metadata(adapter_dir)
+        if meta is None:
+            peft_config = read_peft_config(adapter_dir)
+            if peft_config is None:
+                raise PeftkitError(
+                    f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
+                )
+            meta = {
+                "format": "peft (no peftkit metadata)",
+                "peft_type": peft_config.get("peft_type"),
+                "base_model": peft_config.get("base_model_name_or_path"),
+            }
+        meta["adapter_bytes"] = adapter_bytes(adapter_dir)
+        return meta
 
 
 __all__ = [

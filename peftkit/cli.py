@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
-from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
+from .errors import PeftkitError, debug_requested, error_context, library_error_line, raising_library, set_context
 
 if TYPE_CHECKING:  # pragma: no cover
     from .metrics import RunMetrics
@@ -1439,14 +1439,14 @@ def main(argv: list[str] | None = None) -> None:
     global _DEBUG
     _DEBUG = False
     _SIGNALLED.clear()
-    clear_context()
     own_process()  # the command line's process is peftkit's (env.freeze_imported_objects)
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (embedded use): keep the default
         pass
     try:
-        code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
+        with error_context():  # the command's own, for its one-line library errors; cli() adds its name
+            code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:  # `peftkit` alone: the help, not "error: Usage: ..."
