@@ -12,14 +12,17 @@ directory that is renamed into place only when the work succeeded (``peftkit.run
 process group of a data-parallel launch, and saying what an interruption left behind
 (``errors.RunInterrupted``). The command line (``peftkit.cli``) only parses, calls these and prints.
 
-Bad input raises ``PeftkitError`` with a one-line message; progress goes to ``echo`` (stderr by
-default). Importing this module is cheap: torch loads when a function needs it.
+Bad input raises ``PeftkitError`` with a one-line message; progress goes to ``echo`` (by default the
+``peftkit`` logger, as the training loop's lines do). A function changes nothing process-wide: not
+the config it is given, not the libraries' logging (the command line quiets those in its own
+process). Importing this module is cheap: torch loads when a function needs it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
 from .config import RunConfig, default_output_dir
-from .env import quiet_libraries
+from .env import LOGGER, quiet_libraries, quiet_libraries_in_own_process
 from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, resumed_context, set_context
 from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
@@ -44,10 +47,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Echo = Callable[[str], None]
 """Where progress messages go (one line each)."""
+_progress = logging.getLogger(LOGGER)
+
+
+def to_log(message: str) -> None:
+    """The default ``echo``: the ``peftkit`` logger at INFO, where the training loop's lines go too;
+    your logging configuration decides what shows (``logging.basicConfig(level=logging.INFO)``)."""
+    _progress.info(message)
 
 
 def to_stderr(message: str) -> None:
-    """The default ``echo``: progress on stderr, so stdout stays for results."""
+    """Progress printed on stderr: the bench and tune functions' default until they move to their
+    packages (issue 31 item 3), where they take ``to_log`` as the rest."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -104,7 +115,7 @@ def _recorded_base(adapter_dir: str) -> str | None:
     return meta.get("base_model") or (read_peft_config(adapter_dir) or {}).get("base_model_name_or_path")
 
 
-def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
+def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
     """Fine-tune and evaluate as ``config`` says, into ``config.output_dir`` (default
     ``runs/<strategy>-<timestamp>``), which appears only when the run succeeded.
 
@@ -124,7 +135,7 @@ def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
     return _warn_if_learned_nothing(result)
 
 
-def resume(run_dir: str, echo: Echo = to_stderr) -> RunResult:
+def resume(run_dir: str, echo: Echo = to_log) -> RunResult:
     """Continue the interrupted run that was going to ``run_dir`` from its last checkpoint, with the
     settings it recorded; it ends as the uninterrupted run would have."""
     with error_context():
@@ -160,7 +171,7 @@ def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
     set_context(strategy=resolved.strategy.name, model=resolved.config.model)
     out = config.output_dir or default_output_dir(resolved.strategy.name)
     resolved.config.output_dir = out
-    quiet_libraries()
+    quiet_libraries_in_own_process()
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
     metrics = _run_staged(resolved, out, resume, echo, early)
     return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics), _recorded_config(resolved))
@@ -714,7 +725,7 @@ class Plan:
         }
 
 
-def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
+def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
     """Predict each strategy's (empty: every one's) peak training memory without training: weights,
     gradients and optimizer state by arithmetic, activations measured on a random-weight copy.
     ``echo`` gets what will be measured and roughly how long, then a line per strategy. A strategy
@@ -727,7 +738,7 @@ def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
         settings = dataclasses.replace(settings, strategies=names)
         settings.validate()
         check_inputs(settings.model)
-        quiet_libraries()
+        quiet_libraries_in_own_process()
         settings = resolve_settings(settings)
         set_context(strategy=",".join(names), model=settings.model)
         return Plan(settings, make_plan(settings, echo))
@@ -869,7 +880,7 @@ def predict_iter(
             check_output_file(output, overwrite)
         texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
         show = progress if progress is not None else (input_file is not None or len(texts) > 64)
-        quiet_libraries()  # imports transformers and datasets: after every check that can do without them
+        quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
         if onnx is not None:
             from .exporter import load_onnx
 
@@ -888,7 +899,7 @@ def _within(facts: dict[str, str], answers: Iterator[dict[str, Any]]) -> Iterato
         yield from answers
 
 
-def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
+def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
     """Evaluate an adapter on every example of a labelled file (``config.dataset``), with the task's
     own metrics, per-class figures and confusion matrix where it has them, and an input-blind
     baseline (the majority class) beside them. With ``config.output``, metrics.json and
@@ -901,7 +912,7 @@ def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
         check_inputs(config.model, config.dataset, config.adapter)
         if config.output:
             check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
-        quiet_libraries()
+        quiet_libraries_in_own_process()
         result = evaluate_adapter(config, echo)
         if config.output:
             with staged_dir(config.output, config.overwrite) as stage:
@@ -930,7 +941,7 @@ def merge(
     with error_context():
         check_inputs(model, adapter_dir=adapter_dir)
         check_output_dir(output, overwrite, flag="--output")
-        quiet_libraries()
+        quiet_libraries_in_own_process()
         from .inference import load_adapter, merge_to_directory
 
         loaded = load_adapter(adapter_dir, model, force=force)
@@ -953,7 +964,7 @@ def export(
     force: bool = False,
     overwrite: bool = False,
     min_agreement: float | None = None,
-    echo: Echo = to_stderr,
+    echo: Echo = to_log,
 ) -> ExportResult:
     """Export an adapter on its base (``model`` overrides the base) as a model that serves without
     PyTorch, into the directory ``output`` (``format`` "onnx": ``model.onnx``, the tokenizer or
@@ -973,7 +984,7 @@ def export(
     with error_context():
         check_export_settings(format, quantize, opset, min_agreement)
         check_inputs(model, dataset, adapter_dir)
-        quiet_libraries()
+        quiet_libraries_in_own_process()
         if format == "gguf":
             if dataset is not None or text_column is not None or label_column is not None:
                 raise PeftkitError(
