@@ -1035,21 +1035,26 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
         return meta
 
 
+# the public surface: the commands' functions, their configs and results, the errors a caller
+# catches (helpers such as check_inputs stay importable, but are not promised)
 __all__ = [
     "BenchConfig",
     "BenchResult",
     "EvalConfig",
     "EvalResult",
     "ExportResult",
+    "LearnedNothingWarning",
     "MergeResult",
+    "PeftkitError",
     "Plan",
     "PlanSettings",
     "RunConfig",
+    "RunInterrupted",
+    "RunMetrics",
     "RunResult",
     "TuneConfig",
     "TuneResult",
     "bench",
-    "check_inputs",
     "evaluate",
     "export",
     "inspect",
@@ -1058,7 +1063,6 @@ __all__ = [
     "predict",
     "predict_iter",
     "resume",
-    "resumed_config",
     "run",
     "tune",
 ]

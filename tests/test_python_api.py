@@ -165,3 +165,19 @@ print("ok")
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok") and "epoch 1/1" not in done.stderr, done.stderr
+
+
+def test_all_is_the_public_surface() -> None:
+    """``__all__`` (what ``from peftkit import *`` and the docs promise) names the functions, configs,
+    results, errors and plugin interfaces, each one resolvable, and no helper (issue 31 item 4)."""
+    import peftkit
+    from peftkit import api
+
+    assert set(api.__all__) <= set(peftkit.__all__), set(api.__all__) - set(peftkit.__all__)
+    for name in peftkit.__all__:
+        assert getattr(peftkit, name) is not None
+    for name in api.__all__:
+        assert getattr(api, name) is getattr(peftkit, name), name
+    internal = {"check_inputs", "resumed_config", "plan_tune", "preflight_bench", "bench_tuning", "to_stderr"}
+    assert not internal & (set(api.__all__) | set(peftkit.__all__))
+    assert {"predict_iter", "RunInterrupted", "Plan", "BenchResult", "EvalResult"} <= set(peftkit.__all__)
