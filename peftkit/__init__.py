@@ -4,12 +4,13 @@
 
     result = peftkit.run(peftkit.RunConfig(strategy="lora", epochs=1, output_dir="runs/lora"))
     result.metrics.test["accuracy"], result.adapter_dir
-    peftkit.predict(result.adapter_dir, ["A quietly devastating film."])
+    peftkit.predict(peftkit.PredictConfig(adapter=result.adapter_dir, inputs=["A quietly devastating film."]))
 
 Importing peftkit is cheap (no torch); the heavy parts load when used. ``run``, ``bench``, ``plan``,
 ``predict`` (``predict_iter``), ``evaluate``, ``merge``, ``export``, ``inspect``, ``tune`` and ``resume`` are the
 commands' functions (``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``,
-``TuneConfig``, ``EvalConfig`` and ``Levers``, and their results (``RunResult``, ``RunMetrics``, ``Plan``, ...);
+``TuneConfig``, ``EvalConfig``, ``PredictConfig`` and ``Levers``, and their results (``RunResult``,
+``RunMetrics``, ``Plan``, ...);
 ``load_adapter`` / ``predict_texts`` / ``save_adapter`` work on adapters directly. Strategy and task
 plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
 A run that learned nothing warns with ``LearnedNothingWarning`` (a ``PeftkitWarning``).
@@ -54,6 +55,7 @@ _LAZY = {
     "RunMetrics": "metrics",
     "TuneConfig": "tuning",
     "EvalConfig": "evaluation",
+    "PredictConfig": "predict_io",
     "RunConfig": "config",
     "Levers": "config",
     "BenchConfig": "benchmark",
@@ -79,6 +81,7 @@ __all__ = [
     "PeftkitWarning",
     "Plan",
     "PlanSettings",
+    "PredictConfig",
     "RunConfig",
     "RunInterrupted",
     "RunMetrics",

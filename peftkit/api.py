@@ -39,6 +39,7 @@ from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
+from .predict_io import PredictConfig
 from .strategies.base import TUNED_SETTINGS
 from .tuning import STUDY_FILE, TrialCounts, TuneConfig, TunePlan
 
@@ -747,149 +748,61 @@ def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
 # -- predict, merge, inspect ------------------------------------------------------------------
 
 
-def predict(
-    adapter_dir: str | None,
-    inputs: list[str] | None = None,
-    model: str | None = None,
-    force: bool = False,
-    *,
-    input_file: str | None = None,
-    text_column: str | None = None,
-    output: str | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    chat: bool = False,
-    progress: bool | None = None,
-    onnx: str | None = None,
-) -> list[dict[str, Any]]:
-    """Answer ``inputs`` (texts; image files for an image classifier) with a trained adapter: one
-    dict per input (label and probabilities, or the generated completion).
+def predict(config: PredictConfig) -> list[dict[str, Any]]:
+    """Answer ``config.inputs`` (texts; image files for an image classifier), or the inputs of
+    ``config.input_file``, with a trained adapter (``config.adapter``) or an ONNX export
+    (``config.onnx``): one dict per input (label and probabilities, or the generated completion).
+    With ``config.output`` the answers are also written to that file (atomically). Every setting,
+    the inputs and the output are checked before the model loads (see ``PredictConfig``)."""
+    from .predict_io import write_rows
 
-    ``adapter_dir``: an adapter directory or a run directory (its ``adapter/``). ``model`` overrides
-    the base named in the adapter's metadata (one made for another task is refused); ``force``
-    applies it even if the base's weights differ. Give either ``inputs`` or ``input_file`` (``.txt``
-    or ``-`` for stdin: one input per line; ``.csv``, ``.tsv``, ``.jsonl``: the ``text_column``, by
-    default the first of the task's usual names, e.g. text, sentence, prompt). ``output``: also
-    write the answers to this ``.csv`` or ``.jsonl`` file (atomically; an existing one only with
-    ``overwrite``). ``batch_size``: inputs per forward pass (default: the task's). For adapters that
-    generate (causal-lm): ``max_new_tokens`` (default: a label's length, else 64), ``do_sample`` with
-    ``temperature`` / ``top_p`` (seeded by ``seed``), and ``chat`` (the tokenizer's chat template
-    around each prompt). ``progress``: a progress bar on stderr (default: for a file or more than
-    64 inputs). ``onnx``: answer with what ``export`` wrote to this directory (ONNX Runtime, no
-    PyTorch model) instead of an adapter (``adapter_dir`` None).
-    """
     with error_context():
-        rows = list(
-            predict_iter(
-                adapter_dir,
-                inputs,
-                model,
-                force,
-                input_file=input_file,
-                text_column=text_column,
-                output=output,
-                overwrite=overwrite,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                chat=chat,
-                progress=progress,
-                onnx=onnx,
-            )
-        )
-        if output is not None:
-            from .predict_io import write_rows
-
-            write_rows(output, rows, overwrite)
+        rows = list(predict_iter(config))
+        if config.output is not None:
+            write_rows(config.output, rows, config.overwrite)
     return rows
 
 
-def predict_iter(
-    adapter_dir: str | None,
-    inputs: list[str] | None = None,
-    model: str | None = None,
-    force: bool = False,
-    *,
-    input_file: str | None = None,
-    text_column: str | None = None,
-    output: str | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    chat: bool = False,
-    progress: bool | None = None,
-    onnx: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """``predict``'s answers one at a time as they are computed (``predict`` with its arguments,
-    except that ``output`` is only checked here: the caller writes it). Every setting, the inputs
-    and ``output`` are checked before the model loads."""
-    from .predict_io import GenerationOptions, check_output_file, read_inputs
+def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
+    """``predict``'s answers one at a time as they are computed (``config.output`` is only checked
+    here: the caller writes it)."""
+    from .inference import check_model_task, check_prediction_settings, iter_predictions, load_adapter
+    from .predict_io import check_output_file, read_inputs
 
     with error_context() as facts:
-        if (adapter_dir is None) == (onnx is None):
-            raise PeftkitError(
-                "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
-                if onnx
-                else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
-            )
-        if onnx is not None and (model is not None or force):
-            raise PeftkitError(
-                f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
-                "export holds its whole model"
-            )
-        if adapter_dir is not None:
-            check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
-        from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
-
-        inputs = None if inputs is None else list(inputs)
-        if (not inputs) == (input_file is None):  # both, or neither
-            raise PeftkitError(
-                "give the inputs either as texts or with --input FILE (- for stdin), not both"
-                if input_file is not None
-                else "no inputs: give texts, or --input FILE (- for stdin)"
-            )
-        if input_file is None and text_column is not None:
-            raise PeftkitError(
-                f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments"
-            )
-        generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
-        if onnx is not None:
-            from .exporter import read_export_metadata, require_onnx
-            from .tasks import get_task
-
-            require_onnx()
-            task = get_task(read_export_metadata(onnx).get("task") or "sequence-classification")
-        else:
-            task = adapter_task(adapter_dir)
-        if model is not None:  # a model made for another task: said in a second, not after the imports
-            check_model_task(task, model, adapter_dir, _recorded_base(adapter_dir) or "?")
-        check_prediction_settings(task, batch_size, generation)
-        if output is not None:
-            check_output_file(output, overwrite)
-        texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
-        show = progress if progress is not None else (input_file is not None or len(texts) > 64)
+        config.validate()
+        if config.adapter is not None:
+            check_inputs(config.model, adapter_dir=config.adapter)  # a missing path is said before torch loads
+        task = _prediction_task(config)
+        if config.model is not None:  # a model made for another task: said in a second, not after the imports
+            check_model_task(task, config.model, config.adapter, _recorded_base(config.adapter) or "?")
+        check_prediction_settings(task, config.batch_size, config.generation)
+        if config.output is not None:
+            check_output_file(config.output, config.overwrite)
+        texts = list(config.inputs or ()) or read_inputs(config.input_file, config.text_column, task.input_columns)
+        show = config.progress if config.progress is not None else (config.input_file is not None or len(texts) > 64)
         quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
-        if onnx is not None:
+        if config.onnx is not None:
             from .exporter import load_onnx
 
-            answers = iter_predictions(load_onnx(onnx), texts, batch_size, generation, show)
+            predictor: Any = load_onnx(config.onnx)
         else:
-            answers = iter_predictions(
-                load_adapter(adapter_dir, model, force=force), texts, batch_size, generation, show
-            )
+            predictor = load_adapter(config.adapter, config.model, force=config.force)
+        answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
     return _within(facts, answers)
+
+
+def _prediction_task(config: PredictConfig) -> Any:
+    """The task of the adapter or export ``config`` names, read from its metadata (no model loads)."""
+    from .inference import adapter_task
+
+    if config.onnx is None:
+        return adapter_task(config.adapter)
+    from .exporter import read_export_metadata, require_onnx
+    from .tasks import get_task
+
+    require_onnx()
+    return get_task(read_export_metadata(config.onnx).get("task") or "sequence-classification")
 
 
 def _within(facts: dict[str, str], answers: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -978,7 +891,7 @@ def export(
     ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
     PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
     less); an export that fails the check raises ``PeftkitError`` and leaves nothing.
-    ``predict(None, ..., onnx=output)`` serves it."""
+    ``predict(PredictConfig(onnx=output, inputs=...))`` serves it."""
     from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
 
     with error_context():
@@ -1048,6 +961,7 @@ __all__ = [
     "PeftkitError",
     "Plan",
     "PlanSettings",
+    "PredictConfig",
     "RunConfig",
     "RunInterrupted",
     "RunMetrics",

@@ -1154,13 +1154,13 @@ def predict_cmd(adapter_dir: str | None, texts: tuple[str, ...], **settings: Any
     """
     from . import api
 
-    given = _given(settings)  # what is left out takes api.predict's defaults
-    inputs = list(texts) or None
-    if settings["output"] is not None:
-        rows = api.predict(adapter_dir, inputs, **given)
-        _echo(f"wrote {len(rows):,} answers to {settings['output']}")
+    # what is left out takes PredictConfig's defaults
+    config = api.PredictConfig(adapter=adapter_dir, inputs=list(texts) or None, **_given(settings))
+    if config.output is not None:
+        rows = api.predict(config)
+        _echo(f"wrote {len(rows):,} answers to {config.output}")
         return
-    for row in api.predict_iter(adapter_dir, inputs, **given):
+    for row in api.predict_iter(config):
         click.echo(json.dumps(row, ensure_ascii=False))
 
 

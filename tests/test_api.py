@@ -43,7 +43,7 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     again = RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
     assert again.levers == config.levers and again.max_length == 16
 
-    [row] = api.predict(os.path.join(out, "adapter"), ["a good film"], model=model)
+    [row] = api.predict(api.PredictConfig(adapter=os.path.join(out, "adapter"), inputs=["a good film"], model=model))
     assert row["text"] == "a good film" and row["label"] in ("neg", "pos")
     merged = api.merge(os.path.join(out, "adapter"), str(tmp_path / "merged"), model=model)
     assert merged.strategy == "lora" and os.path.isfile(tmp_path / "merged" / "config.json")
@@ -148,3 +148,15 @@ def test_an_interrupted_run_says_what_it_left(checkpointed, tiny_model_dir, tiny
         assert os.listdir(tmp_path) == [".run.partial"]
     else:
         assert not isinstance(caught.value, RunInterrupted) and os.listdir(tmp_path) == []
+
+
+def test_predict_takes_one_config_checked_before_anything_loads(tmp_path) -> None:
+    """``predict`` and ``predict_iter`` take a ``PredictConfig`` (issue 31 item 4: one config object per
+    function, as ``evaluate``'s ``EvalConfig``), refused in one line before torch loads."""
+    with pytest.raises(PeftkitError, match="no model: give --adapter DIR"):
+        api.predict(api.PredictConfig(inputs=["a good film"]))
+    with pytest.raises(PeftkitError, match="no inputs: give texts, or --input FILE"):
+        api.predict_iter(api.PredictConfig(adapter=str(tmp_path)))
+    with pytest.raises(PeftkitError, match="adapter directory not found"):
+        api.predict(api.PredictConfig(adapter=str(tmp_path / "missing"), inputs=["a good film"]))
+    assert api.PredictConfig(do_sample=True, temperature=0.7).generation.temperature == 0.7
