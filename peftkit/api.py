@@ -44,7 +44,7 @@ from .strategies.base import TUNED_SETTINGS
 from .tuning import STUDY_FILE, TrialCounts, TuneConfig, TunePlan
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .train import EarlyData, ResolvedRun
+    from .train import ResolvedRun
 
 Echo = Callable[[str], None]
 """Where progress messages go (one line each)."""
@@ -165,7 +165,8 @@ def resumed_config(run_dir: str) -> RunConfig:
 
 
 def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
-    from .train import load_data_early, resolve
+    from .rundir import staged_run
+    from .train import execute_run, load_data_early, resolve
 
     # resolving fills defaults into the config it is given: a copy, so the caller's stays as given
     resolved = resolve(_copy_config(config))  # unknown strategy or bad options fail here, before anything heavy loads
@@ -174,8 +175,10 @@ def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
     resolved.config.output_dir = out
     quiet_libraries_in_own_process()
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
-    metrics = _run_staged(resolved, out, resume, echo, early)
-    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics), _recorded_config(resolved))
+    with staged_run(out, resolved.config.overwrite, resume, echo) as stage:
+        metrics = execute_run(resolved, stage.path, echo, resume=resume, early=early)
+    # only the main process writes and reports
+    return RunResult(out, RunMetrics.from_dict(metrics) if stage.main else None, _recorded_config(resolved))
 
 
 def _copy_config(config: RunConfig) -> RunConfig:
@@ -204,67 +207,6 @@ def _warn_if_learned_nothing(result: RunResult) -> RunResult:
             f"run {result.run_dir} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning, stacklevel=3
         )
     return result
-
-
-def _process_state() -> Any:
-    """accelerate's process state: joins the process group under ``accelerate launch`` /
-    ``torchrun``. On a machine without a GPU (or when accelerate was told to use the CPU) it must
-    be told, or each process trains alone."""
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    return PartialState(cpu=cpu)
-
-
-def _open_stage_everywhere(state: Any, out: str, overwrite: bool, resume: bool) -> str:
-    """The main process creates (or finds) the staging directory; the others wait for its answer,
-    so that a refusal stops every process instead of leaving some waiting forever."""
-    from .rundir import open_stage, stage_path
-
-    problem: BaseException | None = None
-    if state.is_main_process:
-        try:
-            open_stage(out, overwrite, resume)
-        except BaseException as exc:  # the other processes must not wait forever for us
-            problem = exc
-    if state.num_processes > 1:
-        import torch.distributed as dist
-
-        flag = [problem is None]
-        dist.broadcast_object_list(flag, src=0)
-        if not flag[0] and problem is None:
-            raise SystemExit(2)  # the main process reports the error
-    if problem is not None:
-        raise problem
-    return stage_path(out)
-
-
-def _run_staged(
-    run: ResolvedRun, out: str, resume: bool, echo: Echo, early: EarlyData | None = None
-) -> dict[str, Any] | None:
-    """Run into the staging directory and move it to ``out`` when done. A failed run keeps its
-    staging directory only if it holds a checkpoint, and says how to resume; an interrupted one
-    raises ``RunInterrupted`` saying the same."""
-    from .rundir import abandon_stage, finish_stage
-    from .train import execute_run
-
-    state = _process_state()
-    stage = _open_stage_everywhere(state, out, run.config.overwrite, resume)
-    try:
-        metrics = execute_run(run, stage, echo, resume=resume, early=early)
-    except BaseException as exc:
-        if state.is_main_process and abandon_stage(stage):
-            kept = f"the last checkpoint is kept: continue with peftkit run --resume {out}"
-            if isinstance(exc, KeyboardInterrupt):
-                raise RunInterrupted(kept) from exc  # its message says it once: no echo as well
-            echo(f"the run stopped; {kept}")
-        raise
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    finish_stage(stage, out, run.config.overwrite)
-    return metrics
 
 
 # -- bench ------------------------------------------------------------------------------------
