@@ -122,16 +122,21 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
 
     Unset values take the strategy's and the task's defaults, on a copy: ``config`` is left as given
     (one config can run twice), and the completed settings come back as ``RunResult.config``.
-    Runs unchanged under ``accelerate launch`` / ``torchrun``. Raises ``PeftkitError`` for bad input,
-    ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint was kept).
+    ``config.dataset`` may be data in memory (a ``datasets.Dataset`` / ``DatasetDict``, a pandas
+    ``DataFrame``), read as a file would be. Runs unchanged under ``accelerate launch`` / ``torchrun``.
+    Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint
+    was kept).
     """
+    from .data.sources import in_memory_data
     from .tasks import get_task
 
-    with error_context():
+    # in-memory data is read by a name standing for it, for this call (a copy of config names it)
+    with error_context(), in_memory_data(config.dataset) as dataset:
+        config = dataclasses.replace(config, dataset=dataset)
         config.validate()
         if config.task is not None:
             get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
-        check_inputs(config.model, config.dataset)
+        check_inputs(config.model, dataset)
         result = _run(config, resume=False, echo=echo)
     return _warn_if_learned_nothing(result)
 
@@ -716,20 +721,24 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
         if config.adapter is not None:
             check_inputs(config.model, adapter_dir=config.adapter)  # a missing path is said before torch loads
         task = _prediction_task(config)
-        if config.model is not None:  # a model made for another task: said in a second, not after the imports
+        if config.model is not None and config.adapter is not None:  # a model made for another task: said now
             check_model_task(task, config.model, config.adapter, _recorded_base(config.adapter) or "?")
         check_prediction_settings(task, config.batch_size, config.generation)
         if config.output is not None:
             check_output_file(config.output, config.overwrite)
-        texts = list(config.inputs or ()) or read_inputs(config.input_file, config.text_column, task.input_columns)
+        texts = (  # validate(): the texts, or else an input file
+            list(config.inputs)
+            if config.inputs
+            else read_inputs(config.input_file or "", config.text_column, task.input_columns)
+        )
         show = config.progress if config.progress is not None else (config.input_file is not None or len(texts) > 64)
         quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
-        if config.onnx is not None:
+        if config.adapter is not None:
+            predictor: Any = load_adapter(config.adapter, config.model, force=config.force)
+        else:  # validate(): an adapter, or else an export
             from .exporter import load_onnx
 
-            predictor: Any = load_onnx(config.onnx)
-        else:
-            predictor = load_adapter(config.adapter, config.model, force=config.force)
+            predictor = load_onnx(config.onnx or "")
         answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
     return _within(facts, answers)
 
@@ -738,13 +747,13 @@ def _prediction_task(config: PredictConfig) -> Any:
     """The task of the adapter or export ``config`` names, read from its metadata (no model loads)."""
     from .inference import adapter_task
 
-    if config.onnx is None:
+    if config.adapter is not None:
         return adapter_task(config.adapter)
     from .exporter import read_export_metadata, require_onnx
     from .tasks import get_task
 
     require_onnx()
-    return get_task(read_export_metadata(config.onnx).get("task") or "sequence-classification")
+    return get_task(read_export_metadata(config.onnx or "").get("task") or "sequence-classification")
 
 
 def _within(facts: dict[str, str], answers: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -127,9 +127,11 @@ class RunConfig:
     model: str | None = None
     """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
     (default: the task's own: minilm, smollm2 or vit-tiny)."""
-    dataset: str | None = None
+    dataset: str | object | None = None
     """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
-    or a directory saved by `datasets`."""
+    or a directory saved by `datasets`; from Python also an in-memory ``datasets.Dataset``,
+    ``DatasetDict`` or pandas ``DataFrame`` (read with the same column checks and splits; recorded
+    as ``in-memory Dataset (N rows)``)."""
     text_column: str | None = None
     """Column with the input text (default: text, sentence, review, ... whichever exists)."""
     label_column: str | None = None

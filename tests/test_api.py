@@ -160,3 +160,45 @@ def test_predict_takes_one_config_checked_before_anything_loads(tmp_path) -> Non
     with pytest.raises(PeftkitError, match="adapter directory not found"):
         api.predict(api.PredictConfig(adapter=str(tmp_path / "missing"), inputs=["a good film"]))
     assert api.PredictConfig(do_sample=True, temperature=0.7).generation.temperature == 0.7
+
+
+@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of a tiny model
+def test_in_memory_data_is_read_as_its_file_is(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Issue 31 item 4: ``RunConfig.dataset`` may be a ``datasets.Dataset``, a ``DatasetDict`` or a pandas
+    ``DataFrame``: the same column checks and the same seeded splits as the file they came from, and
+    a name that says what it was wherever a name is recorded."""
+    import datasets
+    import pandas
+
+    def run(dataset, name: str) -> tuple[dict, dict]:
+        config = RunConfig(
+            strategy="head_only",
+            model=tiny_model_dir("bert"),
+            dataset=dataset,
+            epochs=1,
+            max_length=16,
+            output_dir=str(tmp_path / name),
+        )
+        result = api.run(config, echo=lambda message: None)
+        assert config.dataset is dataset  # the caller's config still holds its data
+        recorded = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+        return recorded, {**result.metrics.to_dict(), "test": result.metrics.test}
+
+    from_file, file_metrics = run(tiny_csv, "file")
+    frame = pandas.read_csv(tiny_csv)
+    for data, name, recorded_as in [
+        (frame, "frame", "in-memory DataFrame (200 rows)"),
+        (datasets.Dataset.from_pandas(frame), "dataset", "in-memory Dataset (200 rows)"),
+    ]:
+        recorded, metrics = run(data, name)
+        assert recorded["dataset"] == metrics["dataset"] == recorded_as
+        assert metrics["split"] == file_metrics["split"] and recorded["text_column"] == from_file["text_column"]
+        assert metrics["test"] == file_metrics["test"]  # the same examples, the same run
+    whole = datasets.Dataset.from_pandas(frame).train_test_split(test_size=0.25, seed=0)
+    recorded, metrics = run(whole, "dict")
+    assert recorded["dataset"] == "in-memory DatasetDict (train 150, test 50 rows)"
+    assert metrics["split"]["sizes"]["test"] == 50  # its own test split kept, as a file's would be
+    with pytest.raises(PeftkitError, match="'nope'"):  # the file's column checks
+        api.run(RunConfig(model=tiny_model_dir("bert"), dataset=frame, label_column="nope"), echo=lambda message: None)
+    with pytest.raises(PeftkitError, match="in-memory datasets.Dataset, datasets.DatasetDict or pandas DataFrame"):
+        api.run(RunConfig(dataset=[1, 2, 3]), echo=lambda message: None)
