@@ -31,12 +31,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .adapter_io import recorded_base_model
 from .benchmark import BenchConfig, parse_strategies, parse_train_sizes
 from .config import RunConfig, default_output_dir
 from .env import LOGGER, quiet_libraries, quiet_libraries_in_own_process
 from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, resumed_context, set_context
 from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
+from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
 from .predict_io import PredictConfig
@@ -83,37 +85,6 @@ class RunResult:
     def adapter_dir(self) -> str:
         """The trained adapter (``run_dir/adapter``): what ``predict`` and ``load_adapter`` take."""
         return os.path.join(self.run_dir, "adapter")
-
-
-def check_inputs(model: str | None = None, dataset: str | None = None, adapter_dir: str | None = None) -> None:
-    """Refuse in milliseconds, before torch loads, what names nothing that can be read: a dataset,
-    adapter or model path that does not exist, or a hub id while the hub cannot be reached and
-    nothing of it is cached (one line, instead of a minute of retries). None: not given (the
-    default, or the adapter's recorded base model, is used). Every command calls it first."""
-    from .data.sources import check_dataset_source
-    from .models import check_model_name
-
-    if adapter_dir is not None and not os.path.exists(adapter_dir):
-        raise PeftkitError(
-            f"adapter directory not found: {adapter_dir}; give a run's adapter/ folder, "
-            "one in adapters/, or a plain peft adapter folder"
-        )
-    if dataset is not None:
-        check_dataset_source(dataset)
-    base = model if model is not None or adapter_dir is None else _recorded_base(adapter_dir)
-    if base is not None:
-        check_model_name(base)
-
-
-def _recorded_base(adapter_dir: str) -> str | None:
-    """The base model an adapter folder names (peftkit's metadata, else peft's config), if any."""
-    from .adapter_io import read_metadata, read_peft_config, resolve_adapter_dir
-
-    adapter_dir = resolve_adapter_dir(adapter_dir)  # a run directory names its base in adapter/
-    if not os.path.isdir(adapter_dir):
-        return None
-    meta = read_metadata(adapter_dir) or {}
-    return meta.get("base_model") or (read_peft_config(adapter_dir) or {}).get("base_model_name_or_path")
 
 
 def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
@@ -722,7 +693,7 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
             check_inputs(config.model, adapter_dir=config.adapter)  # a missing path is said before torch loads
         task = _prediction_task(config)
         if config.model is not None and config.adapter is not None:  # a model made for another task: said now
-            check_model_task(task, config.model, config.adapter, _recorded_base(config.adapter) or "?")
+            check_model_task(task, config.model, config.adapter, recorded_base_model(config.adapter) or "?")
         check_prediction_settings(task, config.batch_size, config.generation)
         if config.output is not None:
             check_output_file(config.output, config.overwrite)
@@ -878,25 +849,10 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     """An adapter's metadata (strategy, base model and fingerprint, labels, metrics, versions) with
     its size; for a plain peft adapter, what its config says. ``adapter_dir`` may be a run
     directory (its ``adapter/`` is read)."""
-    from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config, resolve_adapter_dir
+    from .adapter_io import describe_adapter
 
     with error_context():
-        adapter_dir = resolve_adapter_dir(adapter_dir)
-        check_adapter_dir(adapter_dir)
-        meta = read_metadata(adapter_dir)
-        if meta is None:
-            peft_config = read_peft_config(adapter_dir)
-            if peft_config is None:
-                raise PeftkitError(
-                    f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
-                )
-            meta = {
-                "format": "peft (no peftkit metadata)",
-                "peft_type": peft_config.get("peft_type"),
-                "base_model": peft_config.get("base_model_name_or_path"),
-            }
-        meta["adapter_bytes"] = adapter_bytes(adapter_dir)
-        return meta
+        return describe_adapter(adapter_dir)
 
 
 # the public surface: the commands' functions, their configs and results, the errors a caller

@@ -55,6 +55,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "spec",
         "files",
         "predict_io",
+        "inputs",
         "hub",
         "stats",
         "sharding",
