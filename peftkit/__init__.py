@@ -4,11 +4,13 @@
 
     result = peftkit.run(peftkit.RunConfig(strategy="lora", epochs=1, output_dir="runs/lora"))
     result.metrics.test["accuracy"], result.adapter_dir
-    peftkit.predict(result.adapter_dir, ["A quietly devastating film."])
+    peftkit.predict(peftkit.PredictConfig(adapter=result.adapter_dir, inputs=["A quietly devastating film."]))
 
 Importing peftkit is cheap (no torch); the heavy parts load when used. ``run``, ``bench``, ``plan``,
-``predict``, ``evaluate``, ``merge``, ``export``, ``inspect``, ``tune`` and ``resume`` are the commands' functions
-(``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``, ``TuneConfig`` and ``Levers``;
+``predict`` (``predict_iter``), ``evaluate``, ``merge``, ``export``, ``inspect``, ``tune`` and ``resume`` are the
+commands' functions (``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``,
+``TuneConfig``, ``EvalConfig``, ``PredictConfig`` and ``Levers``, and their results (``RunResult``,
+``RunMetrics``, ``Plan``, ...);
 ``load_adapter`` / ``predict_texts`` / ``save_adapter`` work on adapters directly. Strategy and task
 plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
 A run that learned nothing warns with ``LearnedNothingWarning`` (a ``PeftkitWarning``).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import LearnedNothingWarning, PeftkitError, PeftkitWarning
+from .errors import LearnedNothingWarning, PeftkitError, PeftkitWarning, RunInterrupted
 from .registry import available as available_strategies
 from .registry import get_strategy, register_strategy
 from .strategies.base import ParamGroup, Strategy, TaskSpec, TrainingDefaults
@@ -42,10 +44,18 @@ _LAZY = {
     "resume": "api",
     "evaluate": "api",
     "tune": "api",
+    "predict_iter": "api",
     "RunResult": "api",
     "TuneResult": "api",
+    "BenchResult": "api",
+    "Plan": "api",
+    "MergeResult": "api",
+    "EvalResult": "evaluation",
+    "ExportResult": "exporter",
+    "RunMetrics": "metrics",
     "TuneConfig": "tuning.config",
     "EvalConfig": "evaluation",
+    "PredictConfig": "predict_io",
     "RunConfig": "config",
     "Levers": "config",
     "BenchConfig": "benchmark.config",
@@ -55,16 +65,26 @@ _LAZY = {
     "save_adapter": "adapter_io",
 }
 
+# the public surface: the commands' functions, their configs and results, the adapter functions, the
+# errors and warnings a caller catches, and what a strategy or task plugin subclasses and registers
 __all__ = [
     "BenchConfig",
+    "BenchResult",
     "EvalConfig",
+    "EvalResult",
+    "ExportResult",
     "LearnedNothingWarning",
     "Levers",
+    "MergeResult",
     "ParamGroup",
     "PeftkitError",
     "PeftkitWarning",
+    "Plan",
     "PlanSettings",
+    "PredictConfig",
     "RunConfig",
+    "RunInterrupted",
+    "RunMetrics",
     "RunResult",
     "Strategy",
     "Task",
@@ -83,6 +103,7 @@ __all__ = [
     "merge",
     "plan",
     "predict",
+    "predict_iter",
     "predict_texts",
     "register_strategy",
     "register_task",

@@ -239,3 +239,34 @@ def default_metadata(strategy: Any, model: Any) -> dict[str, Any]:
         "task": task,
         "label_names": None if task == "causal-lm" else [str(id2label[i]) for i in sorted(id2label, key=int)],
     }
+
+
+def recorded_base_model(adapter_dir: str) -> str | None:
+    """The base model an adapter folder names (peftkit's metadata, else peft's config), if any; a
+    run directory names its base in adapter/."""
+    adapter_dir = resolve_adapter_dir(adapter_dir)
+    if not os.path.isdir(adapter_dir):
+        return None
+    meta = read_metadata(adapter_dir) or {}
+    return meta.get("base_model") or (read_peft_config(adapter_dir) or {}).get("base_model_name_or_path")
+
+
+def describe_adapter(adapter_dir: str) -> dict[str, Any]:
+    """What ``peftkit inspect`` shows: an adapter's metadata with its size (``adapter_bytes``); for a
+    plain peft adapter, what its config says. ``adapter_dir`` may be a run directory."""
+    adapter_dir = resolve_adapter_dir(adapter_dir)
+    check_adapter_dir(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    if meta is None:
+        peft_config = read_peft_config(adapter_dir)
+        if peft_config is None:
+            raise PeftkitError(
+                f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
+            )
+        meta = {
+            "format": "peft (no peftkit metadata)",
+            "peft_type": peft_config.get("peft_type"),
+            "base_model": peft_config.get("base_model_name_or_path"),
+        }
+    meta["adapter_bytes"] = adapter_bytes(adapter_dir)
+    return meta

@@ -12,30 +12,36 @@ directory that is renamed into place only when the work succeeded (``peftkit.run
 process group of a data-parallel launch, and saying what an interruption left behind
 (``errors.RunInterrupted``). The command line (``peftkit.cli``) only parses, calls these and prints.
 
-Bad input raises ``PeftkitError`` with a one-line message; progress goes to ``echo`` (stderr by
-default). Importing this module is cheap: torch loads when a function needs it.
+Bad input raises ``PeftkitError`` with a one-line message; progress goes to ``echo`` (by default the
+``peftkit`` logger, as the training loop's lines do). A function changes nothing process-wide: not
+the config it is given, not the libraries' logging (the command line quiets those in its own
+process). Importing this module is cheap: torch loads when a function needs it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .adapter_io import recorded_base_model
 from .benchmark.config import BenchConfig, parse_strategies
 from .benchmark.preflight import preflight_bench
 from .benchmark.suite import run_bench
 from .config import RunConfig, default_output_dir
-from .env import quiet_libraries
-from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, set_context
+from .env import LOGGER, quiet_libraries_in_own_process
+from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, resumed_context, set_context
 from .evaluation import EvalConfig, EvalResult
 from .exporter import ExportResult
+from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
+from .predict_io import PredictConfig
 from .tuning.config import TuneConfig, check_tune, plan_tune
 from .tuning.output import finish_tune
 from .tuning.report import defaults_won, versus_defaults
@@ -44,15 +50,17 @@ from .tuning.storage import masked
 from .tuning.trial import TrialCounts
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .train import EarlyData, ResolvedRun
+    from .train import ResolvedRun
 
 Echo = Callable[[str], None]
 """Where progress messages go (one line each)."""
+_progress = logging.getLogger(LOGGER)
 
 
-def to_stderr(message: str) -> None:
-    """The default ``echo``: progress on stderr, so stdout stays for results."""
-    print(message, file=sys.stderr, flush=True)
+def to_log(message: str) -> None:
+    """The default ``echo``: the ``peftkit`` logger at INFO, where the training loop's lines go too;
+    your logging configuration decides what shows (``logging.basicConfig(level=logging.INFO)``)."""
+    _progress.info(message)
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -67,6 +75,9 @@ class RunResult:
     metrics: RunMetrics | None
     """What metrics.json holds (``metrics.to_dict()`` is the file); None in the other processes of
     a data-parallel run (only the main process writes and reports)."""
+    config: RunConfig | None = None
+    """The settings the run trained with, every default filled in (what its config.yaml records:
+    ``run(result.config)`` trains the same run again). The config given to ``run`` is left as it was."""
 
     @property
     def adapter_dir(self) -> str:
@@ -74,60 +85,39 @@ class RunResult:
         return os.path.join(self.run_dir, "adapter")
 
 
-def check_inputs(model: str | None = None, dataset: str | None = None, adapter_dir: str | None = None) -> None:
-    """Refuse in milliseconds, before torch loads, what names nothing that can be read: a dataset,
-    adapter or model path that does not exist, or a hub id while the hub cannot be reached and
-    nothing of it is cached (one line, instead of a minute of retries). None: not given (the
-    default, or the adapter's recorded base model, is used). Every command calls it first."""
-    from .data.sources import check_dataset_source
-    from .models import check_model_name
-
-    if adapter_dir is not None and not os.path.exists(adapter_dir):
-        raise PeftkitError(
-            f"adapter directory not found: {adapter_dir}; give a run's adapter/ folder, "
-            "one in adapters/, or a plain peft adapter folder"
-        )
-    if dataset is not None:
-        check_dataset_source(dataset)
-    base = model if model is not None or adapter_dir is None else _recorded_base(adapter_dir)
-    if base is not None:
-        check_model_name(base)
-
-
-def _recorded_base(adapter_dir: str) -> str | None:
-    """The base model an adapter folder names (peftkit's metadata, else peft's config), if any."""
-    from .adapter_io import read_metadata, read_peft_config, resolve_adapter_dir
-
-    adapter_dir = resolve_adapter_dir(adapter_dir)  # a run directory names its base in adapter/
-    if not os.path.isdir(adapter_dir):
-        return None
-    meta = read_metadata(adapter_dir) or {}
-    return meta.get("base_model") or (read_peft_config(adapter_dir) or {}).get("base_model_name_or_path")
-
-
-def run(config: RunConfig, echo: Echo = to_stderr) -> RunResult:
+def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
     """Fine-tune and evaluate as ``config`` says, into ``config.output_dir`` (default
     ``runs/<strategy>-<timestamp>``), which appears only when the run succeeded.
 
-    Unset values take the strategy's and the task's defaults (``config`` is completed in place).
-    Runs unchanged under ``accelerate launch`` / ``torchrun``. Raises ``PeftkitError`` for bad input,
-    ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint was kept).
+    Unset values take the strategy's and the task's defaults, on a copy: ``config`` is left as given
+    (one config can run twice), and the completed settings come back as ``RunResult.config``.
+    ``config.dataset`` may be data in memory (a ``datasets.Dataset`` / ``DatasetDict``, a pandas
+    ``DataFrame``), read as a file would be. Runs unchanged under ``accelerate launch`` / ``torchrun``.
+    Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint
+    was kept).
     """
-    config.validate()
-    if config.task is not None:
-        from .tasks import get_task
+    from .data.sources import in_memory_data
+    from .tasks import get_task
 
-        get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
-    check_inputs(config.model, config.dataset)
-    return _warn_if_learned_nothing(_run(config, resume=False, echo=echo))
+    # in-memory data is read by a name standing for it, for this call (a copy of config names it)
+    with error_context(), in_memory_data(config.dataset) as dataset:
+        config = dataclasses.replace(config, dataset=dataset)
+        config.validate()
+        if config.task is not None:
+            get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
+        check_inputs(config.model, dataset)
+        result = _run(config, resume=False, echo=echo)
+    return _warn_if_learned_nothing(result)
 
 
-def resume(run_dir: str, echo: Echo = to_stderr) -> RunResult:
+def resume(run_dir: str, echo: Echo = to_log) -> RunResult:
     """Continue the interrupted run that was going to ``run_dir`` from its last checkpoint, with the
     settings it recorded; it ends as the uninterrupted run would have."""
-    config = resumed_config(run_dir)
-    config.output_dir = run_dir  # as given now: the recorded one may be relative to another directory
-    return _warn_if_learned_nothing(_run(config, resume=True, echo=echo))
+    with error_context():
+        config = resumed_config(run_dir)
+        config.output_dir = run_dir  # as given now: the recorded one may be relative to another directory
+        result = _run(config, resume=True, echo=echo)
+    return _warn_if_learned_nothing(result)
 
 
 def resumed_config(run_dir: str) -> RunConfig:
@@ -149,16 +139,37 @@ def resumed_config(run_dir: str) -> RunConfig:
 
 
 def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
-    from .train import load_data_early, resolve
+    from .rundir import staged_run
+    from .train import execute_run, load_data_early, resolve
 
-    resolved = resolve(config)  # unknown strategy or bad options fail here, before anything heavy loads
-    set_context(strategy=resolved.strategy.name, model=config.model)
+    # resolving fills defaults into the config it is given: a copy, so the caller's stays as given
+    resolved = resolve(_copy_config(config))  # unknown strategy or bad options fail here, before anything heavy loads
+    set_context(strategy=resolved.strategy.name, model=resolved.config.model)
     out = config.output_dir or default_output_dir(resolved.strategy.name)
     resolved.config.output_dir = out
-    quiet_libraries()
+    quiet_libraries_in_own_process()
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
-    metrics = _run_staged(resolved, out, resume, echo, early)
-    return RunResult(out, None if metrics is None else RunMetrics.from_dict(metrics))
+    with staged_run(out, resolved.config.overwrite, resume, echo) as stage:
+        metrics = execute_run(resolved, stage.path, echo, resume=resume, early=early)
+    # only the main process writes and reports
+    return RunResult(out, RunMetrics.from_dict(metrics) if stage.main else None, _recorded_config(resolved))
+
+
+def _copy_config(config: RunConfig) -> RunConfig:
+    """``config`` with its own copies of the mutable fields (the levers are frozen), so that nothing
+    a run fills in reaches the caller's object."""
+    return dataclasses.replace(
+        config, report_to=list(config.report_to), strategy_options=copy.deepcopy(config.strategy_options)
+    )
+
+
+def _recorded_config(resolved: ResolvedRun) -> RunConfig:
+    """The run's settings as its config.yaml records them (the strategy's epochs, batch size and
+    learning rate, the schedule the data gave), as a ``RunConfig``."""
+    from .config import FIELDS
+
+    recorded = {k: v for k, v in resolved.as_dict().items() if k in FIELDS}
+    return RunConfig.from_dict({**recorded, "overwrite": resolved.config.overwrite})
 
 
 def _warn_if_learned_nothing(result: RunResult) -> RunResult:
@@ -170,67 +181,6 @@ def _warn_if_learned_nothing(result: RunResult) -> RunResult:
             f"run {result.run_dir} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning, stacklevel=3
         )
     return result
-
-
-def _process_state() -> Any:
-    """accelerate's process state: joins the process group under ``accelerate launch`` /
-    ``torchrun``. On a machine without a GPU (or when accelerate was told to use the CPU) it must
-    be told, or each process trains alone."""
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    return PartialState(cpu=cpu)
-
-
-def _open_stage_everywhere(state: Any, out: str, overwrite: bool, resume: bool) -> str:
-    """The main process creates (or finds) the staging directory; the others wait for its answer,
-    so that a refusal stops every process instead of leaving some waiting forever."""
-    from .rundir import open_stage, stage_path
-
-    problem: BaseException | None = None
-    if state.is_main_process:
-        try:
-            open_stage(out, overwrite, resume)
-        except BaseException as exc:  # the other processes must not wait forever for us
-            problem = exc
-    if state.num_processes > 1:
-        import torch.distributed as dist
-
-        flag = [problem is None]
-        dist.broadcast_object_list(flag, src=0)
-        if not flag[0] and problem is None:
-            raise SystemExit(2)  # the main process reports the error
-    if problem is not None:
-        raise problem
-    return stage_path(out)
-
-
-def _run_staged(
-    run: ResolvedRun, out: str, resume: bool, echo: Echo, early: EarlyData | None = None
-) -> dict[str, Any] | None:
-    """Run into the staging directory and move it to ``out`` when done. A failed run keeps its
-    staging directory only if it holds a checkpoint, and says how to resume; an interrupted one
-    raises ``RunInterrupted`` saying the same."""
-    from .rundir import abandon_stage, finish_stage
-    from .train import execute_run
-
-    state = _process_state()
-    stage = _open_stage_everywhere(state, out, run.config.overwrite, resume)
-    try:
-        metrics = execute_run(run, stage, echo, resume=resume, early=early)
-    except BaseException as exc:
-        if state.is_main_process and abandon_stage(stage):
-            kept = f"the last checkpoint is kept: continue with peftkit run --resume {out}"
-            if isinstance(exc, KeyboardInterrupt):
-                raise RunInterrupted(kept) from exc  # its message says it once: no echo as well
-            echo(f"the run stopped; {kept}")
-        raise
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    finish_stage(stage, out, run.config.overwrite)
-    return metrics
 
 
 # -- bench ------------------------------------------------------------------------------------
@@ -247,7 +197,7 @@ class BenchResult:
     """The table of results.md (markdown), best values in bold."""
 
 
-def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) -> BenchResult:
+def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> BenchResult:
     """Run every strategy of ``config`` (empty: all) for each seed in a process of its own, on the
     same data, and write results.json, results.md, plots and runs/ into ``config.output_dir``
     (default ``runs/bench-<timestamp>``), which appears only when the suite is done.
@@ -257,14 +207,15 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_stderr) 
     """
     from .rundir import check_output_dir
 
-    check_inputs(config.model, config.dataset)
-    config = preflight_bench(config)
-    out = config.output_dir or default_output_dir("bench")
-    check_output_dir(out, overwrite)
-    config.output_dir = out
-    set_context(strategy=",".join(config.strategies), model=config.model)
-    quiet_libraries()
-    results, table = run_bench(config, overwrite, echo)
+    with error_context():
+        check_inputs(config.model, config.dataset)
+        config = preflight_bench(config)  # a copy, completed: the caller's config is left as it was
+        out = config.output_dir or default_output_dir("bench")
+        check_output_dir(out, overwrite)
+        config = dataclasses.replace(config, output_dir=out)
+        set_context(strategy=",".join(config.strategies), model=config.model)
+        quiet_libraries_in_own_process()
+        results, table = run_bench(config, overwrite, echo)
     return BenchResult(out, results, table)
 
 
@@ -306,7 +257,7 @@ class TuneResult:
     """The defaults won the study: no tuned setting beat them on validation."""
 
 
-def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
+def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
     """Search ``config.run.strategy``'s hyper-parameters with Optuna (TPE, seeded; pruning from each
     epoch's validation), each trial in a process of its own, selecting on validation only; then
     train the best configuration once more as a normal run, the only one evaluated on test, and
@@ -317,12 +268,18 @@ def tune(config: TuneConfig, echo: Echo = to_stderr) -> TuneResult:
     from several processes at once, continues it; ``config.trials`` counts the trials already
     there. Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (the study kept).
     """
-    check_tune(config)
-    check_inputs(config.run.model, config.run.dataset)
-    plan = plan_tune(config, echo)
-    set_context(strategy=plan.strategy.name, model=plan.base.model)
-    study, ran = run_study(plan, echo)
-    done = finish_tune(plan, study, echo, train=lambda cfg: _run(cfg, resume=False, echo=echo).metrics)
+    with error_context():
+        check_tune(config)
+        if not isinstance(config.run.dataset, str | None):
+            raise PeftkitError(
+                "tune runs each trial in a process of its own, which cannot see data held in memory: "
+                "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
+            )
+        check_inputs(config.run.model, config.run.dataset)
+        plan = plan_tune(config, echo)
+        set_context(strategy=plan.strategy.name, model=plan.base.model)
+        study, ran = run_study(plan, echo)
+        done = finish_tune(plan, study, echo, train=lambda cfg: _run(cfg, resume=False, echo=echo).metrics)
     counts = TrialCounts.of(study)
     return TuneResult(
         plan.output_dir,
@@ -368,7 +325,7 @@ class Plan:
         }
 
 
-def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
+def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
     """Predict each strategy's (empty: every one's) peak training memory without training: weights,
     gradients and optimizer state by arithmetic, activations measured on a random-weight copy.
     ``echo`` gets what will be measured and roughly how long, then a line per strategy. A strategy
@@ -376,158 +333,89 @@ def plan(settings: PlanSettings, echo: Echo = to_stderr) -> Plan:
     ``Plan.failed``), not an exception."""
     from .planner import make_plan, resolve_settings
 
-    names = parse_strategies(",".join(settings.strategies) or "all")
-    settings = dataclasses.replace(settings, strategies=names)
-    settings.validate()
-    check_inputs(settings.model)
-    quiet_libraries()
-    settings = resolve_settings(settings)
-    set_context(strategy=",".join(names), model=settings.model)
-    return Plan(settings, make_plan(settings, echo))
+    with error_context():
+        names = parse_strategies(",".join(settings.strategies) or "all")
+        settings = dataclasses.replace(settings, strategies=names)
+        settings.validate()
+        check_inputs(settings.model)
+        quiet_libraries_in_own_process()
+        settings = resolve_settings(settings)
+        set_context(strategy=",".join(names), model=settings.model)
+        return Plan(settings, make_plan(settings, echo))
 
 
 # -- predict, merge, inspect ------------------------------------------------------------------
 
 
-def predict(
-    adapter_dir: str | None,
-    inputs: list[str] | None = None,
-    model: str | None = None,
-    force: bool = False,
-    *,
-    input_file: str | None = None,
-    text_column: str | None = None,
-    output: str | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    chat: bool = False,
-    progress: bool | None = None,
-    onnx: str | None = None,
-) -> list[dict[str, Any]]:
-    """Answer ``inputs`` (texts; image files for an image classifier) with a trained adapter: one
-    dict per input (label and probabilities, or the generated completion).
+def predict(config: PredictConfig) -> list[dict[str, Any]]:
+    """Answer ``config.inputs`` (texts; image files for an image classifier), or the inputs of
+    ``config.input_file``, with a trained adapter (``config.adapter``) or an ONNX export
+    (``config.onnx``): one dict per input (label and probabilities, or the generated completion).
+    With ``config.output`` the answers are also written to that file (atomically). Every setting,
+    the inputs and the output are checked before the model loads (see ``PredictConfig``)."""
+    from .predict_io import write_rows
 
-    ``adapter_dir``: an adapter directory or a run directory (its ``adapter/``). ``model`` overrides
-    the base named in the adapter's metadata (one made for another task is refused); ``force``
-    applies it even if the base's weights differ. Give either ``inputs`` or ``input_file`` (``.txt``
-    or ``-`` for stdin: one input per line; ``.csv``, ``.tsv``, ``.jsonl``: the ``text_column``, by
-    default the first of the task's usual names, e.g. text, sentence, prompt). ``output``: also
-    write the answers to this ``.csv`` or ``.jsonl`` file (atomically; an existing one only with
-    ``overwrite``). ``batch_size``: inputs per forward pass (default: the task's). For adapters that
-    generate (causal-lm): ``max_new_tokens`` (default: a label's length, else 64), ``do_sample`` with
-    ``temperature`` / ``top_p`` (seeded by ``seed``), and ``chat`` (the tokenizer's chat template
-    around each prompt). ``progress``: a progress bar on stderr (default: for a file or more than
-    64 inputs). ``onnx``: answer with what ``export`` wrote to this directory (ONNX Runtime, no
-    PyTorch model) instead of an adapter (``adapter_dir`` None).
-    """
-    rows = list(
-        predict_iter(
-            adapter_dir,
-            inputs,
-            model,
-            force,
-            input_file=input_file,
-            text_column=text_column,
-            output=output,
-            overwrite=overwrite,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            chat=chat,
-            progress=progress,
-            onnx=onnx,
-        )
-    )
-    if output is not None:
-        from .predict_io import write_rows
-
-        write_rows(output, rows, overwrite)
+    with error_context():
+        rows = list(predict_iter(config))
+        if config.output is not None:
+            write_rows(config.output, rows, config.overwrite)
     return rows
 
 
-def predict_iter(
-    adapter_dir: str | None,
-    inputs: list[str] | None = None,
-    model: str | None = None,
-    force: bool = False,
-    *,
-    input_file: str | None = None,
-    text_column: str | None = None,
-    output: str | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    chat: bool = False,
-    progress: bool | None = None,
-    onnx: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """``predict``'s answers one at a time as they are computed (``predict`` with its arguments,
-    except that ``output`` is only checked here: the caller writes it). Every setting, the inputs
-    and ``output`` are checked before the model loads."""
-    from .predict_io import GenerationOptions, check_output_file, read_inputs
+def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
+    """``predict``'s answers one at a time as they are computed (``config.output`` is only checked
+    here: the caller writes it)."""
+    from .inference import check_model_task, check_prediction_settings, iter_predictions, load_adapter
+    from .predict_io import check_output_file, read_inputs
 
-    if (adapter_dir is None) == (onnx is None):
-        raise PeftkitError(
-            "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
-            if onnx
-            else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
+    with error_context() as facts:
+        config.validate()
+        if config.adapter is not None:
+            check_inputs(config.model, adapter_dir=config.adapter)  # a missing path is said before torch loads
+        task = _prediction_task(config)
+        if config.model is not None and config.adapter is not None:  # a model made for another task: said now
+            check_model_task(task, config.model, config.adapter, recorded_base_model(config.adapter) or "?")
+        check_prediction_settings(task, config.batch_size, config.generation)
+        if config.output is not None:
+            check_output_file(config.output, config.overwrite)
+        texts = (  # validate(): the texts, or else an input file
+            list(config.inputs)
+            if config.inputs
+            else read_inputs(config.input_file or "", config.text_column, task.input_columns)
         )
-    if onnx is not None and (model is not None or force):
-        raise PeftkitError(
-            f"{'--model' if model is not None else '--force'} applies to an --adapter; an --onnx "
-            "export holds its whole model"
-        )
-    if adapter_dir is not None:
-        check_inputs(model, adapter_dir=adapter_dir)  # a missing path is said before torch loads
-    from .inference import adapter_task, check_model_task, check_prediction_settings, iter_predictions, load_adapter
+        show = config.progress if config.progress is not None else (config.input_file is not None or len(texts) > 64)
+        quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
+        if config.adapter is not None:
+            predictor: Any = load_adapter(config.adapter, config.model, force=config.force)
+        else:  # validate(): an adapter, or else an export
+            from .exporter import load_onnx
 
-    inputs = None if inputs is None else list(inputs)
-    if (not inputs) == (input_file is None):  # both, or neither
-        raise PeftkitError(
-            "give the inputs either as texts or with --input FILE (- for stdin), not both"
-            if input_file is not None
-            else "no inputs: give texts, or --input FILE (- for stdin)"
-        )
-    if input_file is None and text_column is not None:
-        raise PeftkitError(f"--text-column {text_column!r} applies to an --input file, not to texts given as arguments")
-    generation = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, seed, chat)
-    if onnx is not None:
-        from .exporter import read_export_metadata, require_onnx
-        from .tasks import get_task
-
-        require_onnx()
-        task = get_task(read_export_metadata(onnx).get("task") or "sequence-classification")
-    else:
-        task = adapter_task(adapter_dir)
-    if model is not None:  # a model made for another task: said in a second, not after the imports
-        check_model_task(task, model, adapter_dir, _recorded_base(adapter_dir) or "?")
-    check_prediction_settings(task, batch_size, generation)
-    if output is not None:
-        check_output_file(output, overwrite)
-    texts = list(inputs) if inputs is not None else read_inputs(input_file, text_column, task.input_columns)
-    show = progress if progress is not None else (input_file is not None or len(texts) > 64)
-    quiet_libraries()  # imports transformers and datasets: after every check that can do without them
-    if onnx is not None:
-        from .exporter import load_onnx
-
-        return iter_predictions(load_onnx(onnx), texts, batch_size, generation, show)
-    loaded = load_adapter(adapter_dir, model, force=force)
-    return iter_predictions(loaded, texts, batch_size, generation, show)
+            predictor = load_onnx(config.onnx or "")
+        answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
+    return _within(facts, answers)
 
 
-def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
+def _prediction_task(config: PredictConfig) -> Any:
+    """The task of the adapter or export ``config`` names, read from its metadata (no model loads)."""
+    from .inference import adapter_task
+
+    if config.adapter is not None:
+        return adapter_task(config.adapter)
+    from .exporter import read_export_metadata, require_onnx
+    from .tasks import get_task
+
+    require_onnx()
+    return get_task(read_export_metadata(config.onnx or "").get("task") or "sequence-classification")
+
+
+def _within(facts: dict[str, str], answers: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``answers`` computed inside the error context of the ``predict_iter`` call that made them: a
+    generator runs after that call returned, and a library failing in it is named as in the call."""
+    with resumed_context(facts):
+        yield from answers
+
+
+def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
     """Evaluate an adapter on every example of a labelled file (``config.dataset``), with the task's
     own metrics, per-class figures and confusion matrix where it has them, and an input-blind
     baseline (the majority class) beside them. With ``config.output``, metrics.json and
@@ -535,17 +423,18 @@ def evaluate(config: EvalConfig, echo: Echo = to_stderr) -> EvalResult:
     from .evaluation import evaluate_adapter, write_evaluation
     from .rundir import check_output_dir, staged_dir
 
-    config.validate()
-    check_inputs(config.model, config.dataset, config.adapter)
-    if config.output:
-        check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
-    quiet_libraries()
-    result = evaluate_adapter(config, echo)
-    if config.output:
-        with staged_dir(config.output, config.overwrite) as stage:
-            write_evaluation(result, stage)
-        result.output_dir = config.output
-    return result
+    with error_context():
+        config.validate()
+        check_inputs(config.model, config.dataset, config.adapter)
+        if config.output:
+            check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
+        quiet_libraries_in_own_process()
+        result = evaluate_adapter(config, echo)
+        if config.output:
+            with staged_dir(config.output, config.overwrite) as stage:
+                write_evaluation(result, stage)
+            result.output_dir = config.output
+        return result
 
 
 @dataclass
@@ -565,15 +454,16 @@ def merge(
     (written into a staging directory, renamed into place when complete)."""
     from .rundir import check_output_dir, staged_dir
 
-    check_inputs(model, adapter_dir=adapter_dir)
-    check_output_dir(output, overwrite, flag="--output")
-    quiet_libraries()
-    from .inference import load_adapter, merge_to_directory
+    with error_context():
+        check_inputs(model, adapter_dir=adapter_dir)
+        check_output_dir(output, overwrite, flag="--output")
+        quiet_libraries_in_own_process()
+        from .inference import load_adapter, merge_to_directory
 
-    loaded = load_adapter(adapter_dir, model, force=force)
-    with staged_dir(output, overwrite, flag="--output") as stage:
-        merge_to_directory(loaded, stage)
-    return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
+        loaded = load_adapter(adapter_dir, model, force=force)
+        with staged_dir(output, overwrite, flag="--output") as stage:
+            merge_to_directory(loaded, stage)
+        return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 
 
 def export(
@@ -590,7 +480,7 @@ def export(
     force: bool = False,
     overwrite: bool = False,
     min_agreement: float | None = None,
-    echo: Echo = to_stderr,
+    echo: Echo = to_log,
 ) -> ExportResult:
     """Export an adapter on its base (``model`` overrides the base) as a model that serves without
     PyTorch, into the directory ``output`` (``format`` "onnx": ``model.onnx``, the tokenizer or
@@ -604,76 +494,69 @@ def export(
     ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
     PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
     less); an export that fails the check raises ``PeftkitError`` and leaves nothing.
-    ``predict(None, ..., onnx=output)`` serves it."""
+    ``predict(PredictConfig(onnx=output, inputs=...))`` serves it."""
     from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
 
-    check_export_settings(format, quantize, opset, min_agreement)
-    check_inputs(model, dataset, adapter_dir)
-    quiet_libraries()
-    if format == "gguf":
-        if dataset is not None or text_column is not None or label_column is not None:
-            raise PeftkitError(
-                "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
-                "checked on greedy generations of fixed prompts)"
-            )
-        from .gguf_export import export_gguf
+    with error_context():
+        check_export_settings(format, quantize, opset, min_agreement)
+        check_inputs(model, dataset, adapter_dir)
+        quiet_libraries_in_own_process()
+        if format == "gguf":
+            if dataset is not None or text_column is not None or label_column is not None:
+                raise PeftkitError(
+                    "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                    "checked on greedy generations of fixed prompts)"
+                )
+            from .gguf_export import export_gguf
 
-        return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
-    return export_onnx(
-        adapter_dir,
-        output,
-        model,
-        quantize,
-        DEFAULT_OPSET if opset is None else opset,
-        dataset,
-        text_column,
-        label_column,
-        force=force,
-        overwrite=overwrite,
-        min_agreement=min_agreement,
-        echo=echo,
-    )
+            return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
+        return export_onnx(
+            adapter_dir,
+            output,
+            model,
+            quantize,
+            DEFAULT_OPSET if opset is None else opset,
+            dataset,
+            text_column,
+            label_column,
+            force=force,
+            overwrite=overwrite,
+            min_agreement=min_agreement,
+            echo=echo,
+        )
 
 
 def inspect(adapter_dir: str) -> dict[str, Any]:
     """An adapter's metadata (strategy, base model and fingerprint, labels, metrics, versions) with
     its size; for a plain peft adapter, what its config says. ``adapter_dir`` may be a run
     directory (its ``adapter/`` is read)."""
-    from .adapter_io import adapter_bytes, check_adapter_dir, read_metadata, read_peft_config, resolve_adapter_dir
+    from .adapter_io import describe_adapter
 
-    adapter_dir = resolve_adapter_dir(adapter_dir)
-    check_adapter_dir(adapter_dir)
-    meta = read_metadata(adapter_dir)
-    if meta is None:
-        peft_config = read_peft_config(adapter_dir)
-        if peft_config is None:
-            raise PeftkitError(
-                f"{adapter_dir!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
-            )
-        meta = {
-            "format": "peft (no peftkit metadata)",
-            "peft_type": peft_config.get("peft_type"),
-            "base_model": peft_config.get("base_model_name_or_path"),
-        }
-    meta["adapter_bytes"] = adapter_bytes(adapter_dir)
-    return meta
+    with error_context():
+        return describe_adapter(adapter_dir)
 
 
+# the public surface: the commands' functions, their configs and results, the errors a caller
+# catches (helpers such as check_inputs stay importable, but are not promised)
 __all__ = [
     "BenchConfig",
     "BenchResult",
     "EvalConfig",
     "EvalResult",
     "ExportResult",
+    "LearnedNothingWarning",
     "MergeResult",
+    "PeftkitError",
     "Plan",
     "PlanSettings",
+    "PredictConfig",
     "RunConfig",
+    "RunInterrupted",
+    "RunMetrics",
     "RunResult",
     "TuneConfig",
     "TuneResult",
     "bench",
-    "check_inputs",
     "evaluate",
     "export",
     "inspect",
@@ -682,7 +565,6 @@ __all__ = [
     "predict",
     "predict_iter",
     "resume",
-    "resumed_config",
     "run",
     "tune",
 ]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, REPORTERS
-from .errors import PeftkitError, clear_context, debug_requested, library_error_line, raising_library, set_context
+from .errors import PeftkitError, debug_requested, error_context, library_error_line, raising_library, set_context
 
 if TYPE_CHECKING:  # pragma: no cover
     from .metrics import RunMetrics
@@ -1154,13 +1154,13 @@ def predict_cmd(adapter_dir: str | None, texts: tuple[str, ...], **settings: Any
     """
     from . import api
 
-    given = _given(settings)  # what is left out takes api.predict's defaults
-    inputs = list(texts) or None
-    if settings["output"] is not None:
-        rows = api.predict(adapter_dir, inputs, **given)
-        _echo(f"wrote {len(rows):,} answers to {settings['output']}")
+    # what is left out takes PredictConfig's defaults
+    config = api.PredictConfig(adapter=adapter_dir, inputs=list(texts) or None, **_given(settings))
+    if config.output is not None:
+        rows = api.predict(config)
+        _echo(f"wrote {len(rows):,} answers to {config.output}")
         return
-    for row in api.predict_iter(adapter_dir, inputs, **given):
+    for row in api.predict_iter(config):
         click.echo(json.dumps(row, ensure_ascii=False))
 
 
@@ -1439,14 +1439,14 @@ def main(argv: list[str] | None = None) -> None:
     global _DEBUG
     _DEBUG = False
     _SIGNALLED.clear()
-    clear_context()
     own_process()  # the command line's process is peftkit's (env.freeze_imported_objects)
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (embedded use): keep the default
         pass
     try:
-        code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
+        with error_context():  # the command's own, for its one-line library errors; cli() adds its name
+            code = cli.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:  # `peftkit` alone: the help, not "error: Usage: ..."

@@ -127,9 +127,11 @@ class RunConfig:
     model: str | None = None
     """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
     (default: the task's own: minilm, smollm2 or vit-tiny)."""
-    dataset: str | None = None
+    dataset: str | object | None = None
     """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
-    or a directory saved by `datasets`."""
+    or a directory saved by `datasets`; from Python also an in-memory ``datasets.Dataset``,
+    ``DatasetDict`` or pandas ``DataFrame`` (read with the same column checks and splits; recorded
+    as ``in-memory Dataset (N rows)``)."""
     text_column: str | None = None
     """Column with the input text (default: text, sentence, review, ... whichever exists)."""
     label_column: str | None = None
@@ -294,5 +296,14 @@ def build_run_config(config_file: str | None, flags: dict[str, Any], set_options
 
 
 def default_output_dir(strategy: str) -> str:
+    """``runs/<strategy>-<timestamp>``, with ``-2``, ``-3`` ... after it when a run (finished or
+    staged) already has that name: two runs started in the same second get a directory each."""
+    from .rundir import stage_path
+
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{strategy}-{stamp}")
+    base = os.path.join("runs", f"{strategy}-{stamp}")
+    path, n = base, 1
+    while os.path.exists(path) or os.path.exists(stage_path(path)):
+        n += 1
+        path = f"{base}-{n}"
+    return path

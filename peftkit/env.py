@@ -9,9 +9,11 @@ which takes milliseconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -49,13 +51,56 @@ class OncePerMessage:
         return True
 
 
-def quiet_libraries() -> None:
-    """Silence library chatter that is not for our users (load reports, per-map progress bars).
+LOGGER = "peftkit"
+"""The logger library code says its progress through (``logging.getLogger(LOGGER)``, level INFO):
+a Python user's logging configuration decides where it goes; peftkit's own processes (the command
+line, its workers) print it on stderr (``log_to_stderr``)."""
 
-    Called by every entry that loads models (the API's commands, a bench worker) once it is about to
-    import them; importing datasets and transformers is what makes it slow, so never at import time.
+
+class StderrLines(logging.Handler):
+    """Each record's message alone on stderr, as the command line has always printed its progress:
+    above the progress bar when one is drawn (``tqdm.write``, so the bar is not torn), flushed.
+    ``sys.stderr`` is looked up per line: whatever stands there then (a test's capture) gets it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            tqdm = sys.modules.get("tqdm")  # imported by whoever draws a bar; none drawn without it
+            if tqdm is not None:
+                tqdm.tqdm.write(line, file=sys.stderr)
+            else:
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own convention: a handler never raises
+            self.handleError(record)
+
+
+def log_to_stderr() -> None:
+    """Print the ``peftkit`` logger's progress lines on stderr (``StderrLines``), once per process,
+    and not also through the root logger's handlers. Only in peftkit's own processes
+    (``own_process``): in a user's, their logging configuration decides."""
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(h, StderrLines) for h in logger.handlers):
+        logger.addHandler(StderrLines())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def quiet_libraries_in_own_process() -> None:
+    """``quiet_libraries`` in peftkit's own processes (``own_process``); nothing in a user's Python
+    session, whose logging and warning settings are theirs (as ``freeze_imported_objects``). What the
+    library API calls where it is about to import transformers and datasets."""
+    if _own_process:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that is not for our users (load reports, per-map progress bars):
+    process-wide settings, so only for peftkit's own processes (``quiet_libraries_in_own_process``).
+
+    Called once the process is about to import them; importing datasets and transformers is what
+    makes it slow, so never at import time.
     """
-    import logging
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,9 +136,10 @@ _own_process = False  # set by own_process(): the command line's process, a benc
 def own_process() -> None:
     """Say that this process is peftkit's own (the command line, a bench or tune worker), not a
     user's Python session that imported peftkit: process-wide settings are then ours to make
-    (``freeze_imported_objects``; large freed blocks returned to the system at once,
-    ``memory.return_large_blocks_at_once``)."""
+    (``freeze_imported_objects``; ``quiet_libraries``; progress printed on stderr, ``log_to_stderr``;
+    large freed blocks returned to the system at once, ``memory.return_large_blocks_at_once``)."""
     global _own_process
+    log_to_stderr()
     if not _own_process:
         from .memory import return_large_blocks_at_once
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from types import TracebackType
 
 
@@ -60,19 +62,68 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 # What the command is doing, for the one-line message: "command", "strategy", "model" (as given),
-# and "model_type" (from the loaded config) once known. Set by the commands as they learn them.
-_context: dict[str, str] = {}
+# and "model_type" (from the loaded config) once known. A context variable, not a module global: each
+# call of the API has its own (``error_context``), so nothing one call learned names the next call's
+# failure, and threads or asyncio tasks running calls side by side do not mix theirs.
+_context: ContextVar[dict[str, str] | None] = ContextVar("peftkit_error_context", default=None)
+CONTEXT_ATTRIBUTE = "peftkit_context"
+"""Where ``error_context`` leaves its facts on an exception that leaves it: the one-line message is
+made by whoever catches it (the command line, a bench worker), after the call's context is gone."""
+
+
+def _facts(facts: dict[str, str | None]) -> dict[str, str]:
+    return {k: str(v) for k, v in facts.items() if v is not None}
+
+
+@contextlib.contextmanager
+def error_context(**facts: str | None) -> Iterator[dict[str, str]]:
+    """A context of its own for what the code inside works on, starting from the enclosing one's
+    (the command's name) plus ``facts``; ``set_context`` inside adds to it, and it ends with the
+    block. An exception leaving the block carries the facts (``CONTEXT_ATTRIBUTE``; the innermost
+    block's, which know the most). Yields the facts, to re-enter them later (``resumed_context``)."""
+    current = {**(_context.get() or {}), **_facts(facts)}
+    with resumed_context(current):
+        yield current
+
+
+@contextlib.contextmanager
+def resumed_context(current: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Enter the facts ``error_context`` yielded once more (a generator's lazy part runs after its
+    call returned: ``predict_iter``'s answers)."""
+    token = _context.set(current)
+    try:
+        yield current
+    except BaseException as exc:
+        if getattr(exc, CONTEXT_ATTRIBUTE, None) is None:
+            try:
+                setattr(exc, CONTEXT_ATTRIBUTE, dict(current))
+            except (AttributeError, TypeError):  # an exception type without attributes: the caller's context
+                pass
+        raise
+    finally:
+        _context.reset(token)
 
 
 def set_context(**facts: str | None) -> None:
-    """Record what the running command works on (``command=``, ``strategy=``, ``model=``, ``model_type=``),
-    for naming it if a library fails; None values are ignored."""
-    _context.update({k: str(v) for k, v in facts.items() if v is not None})
+    """Record what the running call works on (``command=``, ``strategy=``, ``model=``, ``model_type=``),
+    for naming it if a library fails; None values are ignored. Inside ``error_context`` they last as
+    long as it; outside any (a worker process), for the rest of the current context."""
+    current = _context.get()
+    if current is None:
+        _context.set(_facts(facts))
+    else:
+        current.update(_facts(facts))
 
 
 def clear_context() -> None:
-    """Forget what ``set_context`` recorded (each command starts afresh)."""
-    _context.clear()
+    """Forget what ``set_context`` recorded outside any ``error_context``."""
+    _context.set(None)
+
+
+def context_of(exc: BaseException) -> dict[str, str]:
+    """The facts that name what failed: those ``exc`` carries from the call it left, else the
+    current context's."""
+    return dict(getattr(exc, CONTEXT_ATTRIBUTE, None) or _context.get() or {})
 
 
 def _is_installed_file(path: str) -> bool:
@@ -104,16 +155,18 @@ def raising_library(exc: BaseException) -> str | None:
 
 def library_error_line(exc: BaseException, library: str) -> str:
     """One line for a library's exception: the library, what peftkit was doing (command, strategy,
-    model type, as ``set_context`` recorded them) and the library's own first line, e.g. ``peft raised
+    model type, as ``set_context`` recorded them in the call it left: ``context_of``) and the
+    library's own first line, e.g. ``peft raised
     ValueError during run (strategy prefix, model type bert): Model does not support past key ...``."""
-    command = _context.get("command")
+    context = context_of(exc)
+    command = context.get("command")
     what = []
-    if "strategy" in _context:
-        what.append(f"strategy {_context['strategy']}")
-    if "model_type" in _context:
-        what.append(f"model type {_context['model_type']}")
-    elif "model" in _context:
-        what.append(f"model {_context['model']!r}")
+    if "strategy" in context:
+        what.append(f"strategy {context['strategy']}")
+    if "model_type" in context:
+        what.append(f"model type {context['model_type']}")
+    elif "model" in context:
+        what.append(f"model {context['model']!r}")
     during = f" during {command}" if command else ""
     detail = f" ({', '.join(what)})" if what else ""
     return f"{library} raised {type(exc).__name__}{during}{detail}: {first_line(exc)}"

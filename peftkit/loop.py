@@ -10,6 +10,7 @@ groups, its event hooks, its forward and its adapter state.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -22,6 +23,7 @@ from typing import Any, Literal
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .durations import format_duration, time_left
+from .env import LOGGER
 from .errors import PeftkitError
 from .kernels import compile_blocks
 from .levers import logical_numel, make_optimizer, store_frozen_in_half
@@ -32,6 +34,8 @@ from .sharding import check_fsdp, check_shardable, reshard, shard_model
 from .stats import bits
 from .strategies.base import ParamGroup, Strategy, TrainingDefaults
 from .tasks.base import StepLoss, Task, gathered_sum
+
+PROGRESS = logging.getLogger(LOGGER)  # how training goes, for the user (train.log has its own writer)
 
 # -- data and parameter groups ------------------------------------------------------------------
 
@@ -432,7 +436,7 @@ class Trainer:
         if cfg.fsdp and procs == 1:
             line = "--fsdp: one process, so nothing to shard: this is a plain one-process run"
             self.log(line)
-            print(line, file=sys.stderr, flush=True)
+            PROGRESS.info(line)
         if self.sharded:
             check_shardable(strategy.name, strategy.not_sharded)
             # before the optimizer: sharding replaces the parameters it will hold
@@ -584,11 +588,9 @@ class Trainer:
         left = time_left(now - start, max(1, st.step - first_step), self.total_steps - st.step)
         rate = st.epoch_examples / max(1e-9, now - self.epoch_start)
         loss = f", loss {st.smooth_loss:.4f}" if st.smooth_loss is not None else ""
-        print(
+        PROGRESS.info(
             f"{self.strategy.name}: step {st.step}/{self.total_steps} (epoch {epoch + 1}/{self.hp.epochs}){loss}, "
-            f"{format_rate(rate)} examples/s, about {format_duration(left)} of training left",
-            file=sys.stderr,
-            flush=True,
+            f"{format_rate(rate)} examples/s, about {format_duration(left)} of training left"
         )
 
     def train_epoch(self, epoch: int, resuming: bool) -> float:
@@ -735,13 +737,12 @@ class Trainer:
             )
 
     def announce(self, line: str) -> None:
-        """A line for the user as well as train.log (an epoch's result, early stopping): above the
-        progress bar, or on stderr without one; once, from the main process."""
+        """A line for the user as well as train.log (an epoch's result, early stopping): to the
+        ``peftkit`` logger (the command line prints it above the progress bar), once, from the main
+        process."""
         self.log(line)
-        if not self.bar.disable:
-            self.bar.write(line, file=sys.stderr)
-        elif self.accelerator.is_local_main_process:  # no terminal, no bar: still say how training goes
-            print(line, file=sys.stderr, flush=True)
+        if self.accelerator.is_local_main_process:
+            PROGRESS.info(line)
 
     def select(self, epoch: int, val: dict[str, float]) -> bool:
         """Judge epoch ``epoch`` (0-based) against the best so far; True when training stops early."""

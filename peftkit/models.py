@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import hub
+from .env import LOGGER
 from .errors import PeftkitError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +53,7 @@ class EmbeddedModel:
                 self.package,
                 self.gguf_file,
                 self.subdir,
-                progress=lambda message: print(message, file=sys.stderr, flush=True),
+                progress=logging.getLogger(LOGGER).info,
             )
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:

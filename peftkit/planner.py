@@ -114,7 +114,7 @@ class PlanSettings:
 
 def resolve_settings(settings: PlanSettings) -> PlanSettings:
     """``settings`` checked, with the task's defaults and the device filled in."""
-    from .train import with_task_defaults
+    from .tasks import with_task_defaults
 
     settings.validate()
     _, filled = with_task_defaults(settings)

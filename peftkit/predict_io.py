@@ -74,6 +74,73 @@ class GenerationOptions:
         ]
 
 
+@dataclass
+class PredictConfig:
+    """What ``peftkit predict`` was asked (a field per flag, and the inputs): ``api.predict`` and
+    ``api.predict_iter`` take it."""
+
+    adapter: str | None = None
+    """An adapter directory or a run directory (its ``adapter/``); or None with ``onnx``."""
+    inputs: list[str] | None = None
+    """The texts to answer (image files for an image classifier); or None with ``input_file``."""
+    input_file: str | None = None
+    """``.txt`` or ``-`` for stdin: one input per line; ``.csv``, ``.tsv``, ``.jsonl``: ``text_column``."""
+    text_column: str | None = None
+    """The column of ``input_file`` holding the inputs (default: the first of the task's usual names)."""
+    model: str | None = None
+    """The base model, instead of the one the adapter's metadata names (one for another task is refused)."""
+    force: bool = False
+    """Apply the adapter even to a base whose weights differ from those it was trained on."""
+    output: str | None = None
+    """Also write the answers to this ``.csv`` or ``.jsonl`` file (atomically)."""
+    overwrite: bool = False
+    """Replace an existing ``output`` file."""
+    batch_size: int | None = None
+    """Inputs per forward pass (default: the task's)."""
+    max_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
+    chat: bool = False
+    progress: bool | None = None
+    """A progress bar on stderr (default: for a file or more than 64 inputs)."""
+    onnx: str | None = None
+    """Answer with what ``export`` wrote to this directory (ONNX Runtime, no PyTorch model) instead
+    of an adapter."""
+
+    @property
+    def generation(self) -> GenerationOptions:
+        """How a task that generates (causal-lm) answers: ``GenerationOptions`` of the fields above."""
+        return GenerationOptions(
+            self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.seed, self.chat
+        )
+
+    def validate(self) -> None:
+        """Refuse, before anything is read, what names no model or no inputs, or both of either."""
+        if (self.adapter is None) == (self.onnx is None):
+            raise PeftkitError(
+                "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
+                if self.onnx
+                else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
+            )
+        if self.onnx is not None and (self.model is not None or self.force):
+            raise PeftkitError(
+                f"{'--model' if self.model is not None else '--force'} applies to an --adapter; an --onnx "
+                "export holds its whole model"
+            )
+        if (not self.inputs) == (self.input_file is None):  # both, or neither
+            raise PeftkitError(
+                "give the inputs either as texts or with --input FILE (- for stdin), not both"
+                if self.input_file is not None
+                else "no inputs: give texts, or --input FILE (- for stdin)"
+            )
+        if self.input_file is None and self.text_column is not None:
+            raise PeftkitError(
+                f"--text-column {self.text_column!r} applies to an --input file, not to texts given as arguments"
+            )
+
+
 # -- inputs -----------------------------------------------------------------------------------
 
 

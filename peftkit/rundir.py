@@ -11,9 +11,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import PeftkitError
+from .errors import PeftkitError, RunInterrupted
 from .files import private_dir, publish_modes
 
 
@@ -152,3 +154,71 @@ def abandon_stage(stage: str) -> bool:
         with contextlib.suppress(OSError):
             os.rmdir(directory)
     return False
+
+
+# -- a run in every process of a launch -----------------------------------------------------------
+
+
+@dataclass
+class RunStage:
+    """Where a run writes while it runs (``staged_run``), as this process sees it."""
+
+    path: str
+    """The staging directory (``.NAME.partial`` beside the run directory)."""
+    main: bool
+    """This process writes and reports: the only one, or the main one of a data-parallel launch."""
+
+
+@contextlib.contextmanager
+def staged_run(out: str, overwrite: bool, resume: bool, echo: Callable[[str], None]) -> Iterator[RunStage]:
+    """A run's staging, the same in every process of an ``accelerate launch`` / ``torchrun``: join
+    the process group; the main process creates ``out``'s staging directory (or, with ``resume``,
+    finds it) while the others wait for its answer, so a refusal stops every process instead of
+    leaving some waiting forever. When the block ends the processes wait for each other and the
+    main one renames the directory to ``out``. A failure keeps it only if it holds a checkpoint,
+    and says how to resume (``echo``); Ctrl-C raises ``RunInterrupted`` saying the same."""
+    state = _process_state()
+    stage = _open_stage_everywhere(state, out, overwrite, resume)
+    try:
+        yield RunStage(stage, state.is_main_process)
+    except BaseException as exc:
+        if state.is_main_process and abandon_stage(stage):
+            kept = f"the last checkpoint is kept: continue with peftkit run --resume {out}"
+            if isinstance(exc, KeyboardInterrupt):
+                raise RunInterrupted(kept) from exc  # its message says it once: no echo as well
+            echo(f"the run stopped; {kept}")
+        raise
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finish_stage(stage, out, overwrite)
+
+
+def _process_state() -> Any:
+    """accelerate's process state: joins the process group under ``accelerate launch`` /
+    ``torchrun``. On a machine without a GPU (or when accelerate was told to use the CPU) it must
+    be told, or each process trains alone."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    return PartialState(cpu=cpu)
+
+
+def _open_stage_everywhere(state: Any, out: str, overwrite: bool, resume: bool) -> str:
+    """The main process creates (or finds) the staging directory; the others wait for its answer."""
+    problem: BaseException | None = None
+    if state.is_main_process:
+        try:
+            open_stage(out, overwrite, resume)
+        except BaseException as exc:  # the other processes must not wait forever for us
+            problem = exc
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        flag = [problem is None]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0] and problem is None:
+            raise SystemExit(2)  # the main process reports the error
+    if problem is not None:
+        raise problem
+    return stage_path(out)

@@ -28,6 +28,7 @@ from .loop import Trainer, make_loader, torch_param_groups  # noqa: F401
 from .metrics import RunMetrics
 from .sharding import gather_full_model
 from .strategies.base import Schedule, Strategy, TaskSpec, TrainingDefaults, options_from_dict, options_to_dict
+from .tasks import with_task_defaults
 from .tasks.base import Task
 
 
@@ -54,23 +55,6 @@ class ResolvedRun:
         )
         d.pop("overwrite", None)
         return d
-
-
-def with_task_defaults(settings: Any) -> tuple[Task, dict[str, Any]]:
-    """The task ``settings`` name (read from the model when not given) and the values its unset
-    ``task``, ``model``, ``dataset`` and ``max_length`` take: the task's defaults. The one place
-    where a run's, a bench's and a plan's settings are completed from their task; only the fields
-    ``settings`` has are returned."""
-    from .tasks import get_task, infer_task
-
-    task = get_task(settings.task or infer_task(settings.model))
-    filled = {
-        "task": task.name,
-        "model": settings.model or task.default_model,
-        "dataset": getattr(settings, "dataset", None) or task.default_dataset,
-        "max_length": task.default_max_length if settings.max_length is None else settings.max_length,
-    }
-    return task, {k: v for k, v in filled.items() if hasattr(settings, k)}
 
 
 def resolve(cfg: RunConfig) -> ResolvedRun:

@@ -34,7 +34,8 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     assert result.metrics.to_dict() == json.load(open(os.path.join(out, "metrics.json")))
     assert result.metrics.strategy == "lora" and result.metrics.gradient_checkpointing is True
     assert 0 <= result.metrics.test["accuracy"] <= 1
-    assert config.task == "sequence-classification"  # the task's defaults are filled in
+    assert result.config.task == "sequence-classification"  # the task's defaults are filled in, on the result
+    assert config.task is None and result.config.epochs == 1 and result.config.output_dir == out
     assert any(m.startswith("training lora") for m in messages)
     # config.yaml keeps the levers flat, and reads back as the same settings
     recorded = yaml.safe_load(open(os.path.join(out, "config.yaml")))
@@ -42,12 +43,36 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     again = RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
     assert again.levers == config.levers and again.max_length == 16
 
-    [row] = api.predict(os.path.join(out, "adapter"), ["a good film"], model=model)
+    [row] = api.predict(api.PredictConfig(adapter=os.path.join(out, "adapter"), inputs=["a good film"], model=model))
     assert row["text"] == "a good film" and row["label"] in ("neg", "pos")
     merged = api.merge(os.path.join(out, "adapter"), str(tmp_path / "merged"), model=model)
     assert merged.strategy == "lora" and os.path.isfile(tmp_path / "merged" / "config.json")
     meta = api.inspect(os.path.join(out, "adapter"))
     assert meta["strategy"] == "lora" and meta["adapter_bytes"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of 32 examples
+def test_one_config_runs_twice_and_is_left_as_given(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
+    """``run`` works on a copy: the caller's config is unchanged, so the same object (output_dir None:
+    the default directory) runs again into a directory of its own; the completed one is on the result."""
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(
+        strategy="head_only",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        epochs=1,
+        max_train_samples=32,
+        max_length=16,
+        strategy_options={},
+    )
+    before = RunConfig.from_dict(config.to_dict())
+    first = api.run(config, echo=lambda message: None)
+    second = api.run(config, echo=lambda message: None)
+    assert config == before and config.output_dir is None and config.task is None
+    assert first.run_dir != second.run_dir and os.path.isdir(first.run_dir) and os.path.isdir(second.run_dir)
+    assert first.config.output_dir == first.run_dir and first.config.task == "sequence-classification"
+    recorded = yaml.safe_load(open(os.path.join(first.run_dir, "config.yaml")))
+    assert first.config == RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
 
 
 def test_plan(tiny_model_dir) -> None:
@@ -123,3 +148,57 @@ def test_an_interrupted_run_says_what_it_left(checkpointed, tiny_model_dir, tiny
         assert os.listdir(tmp_path) == [".run.partial"]
     else:
         assert not isinstance(caught.value, RunInterrupted) and os.listdir(tmp_path) == []
+
+
+def test_predict_takes_one_config_checked_before_anything_loads(tmp_path) -> None:
+    """``predict`` and ``predict_iter`` take a ``PredictConfig`` (issue 31 item 4: one config object per
+    function, as ``evaluate``'s ``EvalConfig``), refused in one line before torch loads."""
+    with pytest.raises(PeftkitError, match="no model: give --adapter DIR"):
+        api.predict(api.PredictConfig(inputs=["a good film"]))
+    with pytest.raises(PeftkitError, match="no inputs: give texts, or --input FILE"):
+        api.predict_iter(api.PredictConfig(adapter=str(tmp_path)))
+    with pytest.raises(PeftkitError, match="adapter directory not found"):
+        api.predict(api.PredictConfig(adapter=str(tmp_path / "missing"), inputs=["a good film"]))
+    assert api.PredictConfig(do_sample=True, temperature=0.7).generation.temperature == 0.7
+
+
+@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of a tiny model
+def test_in_memory_data_is_read_as_its_file_is(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Issue 31 item 4: ``RunConfig.dataset`` may be a ``datasets.Dataset``, a ``DatasetDict`` or a pandas
+    ``DataFrame``: the same column checks and the same seeded splits as the file they came from, and
+    a name that says what it was wherever a name is recorded."""
+    import datasets
+    import pandas
+
+    def run(dataset, name: str) -> tuple[dict, dict]:
+        config = RunConfig(
+            strategy="head_only",
+            model=tiny_model_dir("bert"),
+            dataset=dataset,
+            epochs=1,
+            max_length=16,
+            output_dir=str(tmp_path / name),
+        )
+        result = api.run(config, echo=lambda message: None)
+        assert config.dataset is dataset  # the caller's config still holds its data
+        recorded = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+        return recorded, {**result.metrics.to_dict(), "test": result.metrics.test}
+
+    from_file, file_metrics = run(tiny_csv, "file")
+    frame = pandas.read_csv(tiny_csv)
+    for data, name, recorded_as in [
+        (frame, "frame", "in-memory DataFrame (200 rows)"),
+        (datasets.Dataset.from_pandas(frame), "dataset", "in-memory Dataset (200 rows)"),
+    ]:
+        recorded, metrics = run(data, name)
+        assert recorded["dataset"] == metrics["dataset"] == recorded_as
+        assert metrics["split"] == file_metrics["split"] and recorded["text_column"] == from_file["text_column"]
+        assert metrics["test"] == file_metrics["test"]  # the same examples, the same run
+    whole = datasets.Dataset.from_pandas(frame).train_test_split(test_size=0.25, seed=0)
+    recorded, metrics = run(whole, "dict")
+    assert recorded["dataset"] == "in-memory DatasetDict (train 150, test 50 rows)"
+    assert metrics["split"]["sizes"]["test"] == 50  # its own test split kept, as a file's would be
+    with pytest.raises(PeftkitError, match="'nope'"):  # the file's column checks
+        api.run(RunConfig(model=tiny_model_dir("bert"), dataset=frame, label_column="nope"), echo=lambda message: None)
+    with pytest.raises(PeftkitError, match="in-memory datasets.Dataset, datasets.DatasetDict or pandas DataFrame"):
+        api.run(RunConfig(dataset=[1, 2, 3]), echo=lambda message: None)

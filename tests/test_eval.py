@@ -78,7 +78,9 @@ def test_eval_matches_predict_row_by_row_with_a_majority_baseline_and_a_png(
 
     with open(eval_csv) as fh:
         rows = list(csv.DictReader(fh))
-    predicted = api.predict(os.path.join(three_label_run, "adapter"), [r["sentence"] for r in rows])
+    predicted = api.predict(
+        api.PredictConfig(adapter=os.path.join(three_label_run, "adapter"), inputs=[r["sentence"] for r in rows])
+    )
     names = ["neg", "neutral", "pos"]
     y = [names.index(r["sentiment"]) for r in rows]
     p = [row["label_id"] for row in predicted]

@@ -82,8 +82,8 @@ def test_every_strategy_exports_what_pytorch_computes(
     assert meta["check"]["checked_on"] == repr(tiny_csv) and "onnxruntime" in meta["versions"]
     # other batch sizes and lengths than the two traced examples: the axes are dynamic
     for texts in (TEXTS, TEXTS[:1], TEXTS[1:2]):
-        expected = api.predict(adapter, texts)
-        got = api.predict(None, texts, onnx=out)
+        expected = api.predict(api.PredictConfig(adapter=adapter, inputs=texts))
+        got = api.predict(api.PredictConfig(inputs=texts, onnx=out))
         assert [r["label"] for r in got] == [r["label"] for r in expected]
         assert got[0].keys() == expected[0].keys()
         for a, b in zip(_probabilities(got), _probabilities(expected)):
@@ -96,7 +96,10 @@ def test_the_plugin_strategy_exports(example_plugin, tiny_model_dir, tiny_csv, t
     adapter = _adapter(tiny_model_dir, tmp_path, "bitfit")
     out = str(tmp_path / "onnx")
     api.export(adapter, out, dataset=tiny_csv)
-    got, expected = api.predict(None, TEXTS, onnx=out), api.predict(adapter, TEXTS)
+    got, expected = (
+        api.predict(api.PredictConfig(inputs=TEXTS, onnx=out)),
+        api.predict(api.PredictConfig(adapter=adapter, inputs=TEXTS)),
+    )
     for a, b in zip(_probabilities(got), _probabilities(expected)):
         assert a == pytest.approx(b, abs=1e-5)
 

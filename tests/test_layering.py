@@ -54,6 +54,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "spec",
         "files",
         "predict_io",
+        "inputs",
         "hub",
         "stats",
         "sharding",
@@ -167,3 +168,31 @@ def test_the_check_sees_lazy_imports() -> None:
     """The walk finds an import inside a function body (what a lazy upward import looks like)."""
     lazy = {target for target, _ in GRAPH["peftkit.api"]}
     assert "peftkit.train" in lazy and "peftkit.tasks" in lazy  # both imported inside functions only
+
+
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def test_the_architecture_doc_shows_this_layer_map() -> None:
+    """docs/architecture.md's layer table names each layer's modules as ``LAYERS`` does."""
+    import re
+
+    rows = re.findall(r"^\| (\d) \| ([^|`]+) \| ([^|]+) \|$", DOC.read_text(encoding="utf-8"), re.M)
+    documented = {int(layer): (name.strip(), re.findall(r"`([^`]+)`", modules)) for layer, name, modules in rows}
+    assert documented == {layer: (LAYER_NAMES[layer], list(names)) for layer, names in LAYERS.items()}
+
+
+def test_the_architecture_doc_call_path_names_real_functions() -> None:
+    """Every hop of the documented ``peftkit run`` path (``peftkit/FILE.py:function`` or
+    ``:Class.method``) is defined where it says, so the path cannot go stale silently."""
+    import re
+
+    hops = re.findall(r"^\| \d+ \| `peftkit/([\w/]+)\.py:([\w.]+)` \|", DOC.read_text(encoding="utf-8"), re.M)
+    assert len(hops) >= 8
+    for module, qualname in hops:
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+        scope: list[ast.stmt] = tree.body
+        for part in qualname.split("."):
+            node = next((n for n in scope if getattr(n, "name", None) == part), None)
+            assert node is not None, f"docs/architecture.md: {module}.py has no {qualname}"
+            scope = getattr(node, "body", [])

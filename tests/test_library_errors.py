@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from peftkit.errors import clear_context, library_error_line, raising_library, set_context
+from peftkit.errors import clear_context, context_of, error_context, library_error_line, raising_library, set_context
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,39 @@ def test_library_error_line_names_strategy_model_type_and_message() -> None:
     set_context(model_type="bert")
     assert "(strategy prefix, model type bert)" in library_error_line(_library_failure(), "transformers")
     clear_context()
+
+
+def test_each_call_has_its_own_error_context() -> None:
+    """What a call learned names its failure after it returned (the exception carries it), and is
+    gone with the call: the next one starts from the enclosing context only."""
+    clear_context()
+    with error_context(command="run"):
+        with pytest.raises(ValueError) as caught, error_context(strategy="prefix"):
+            set_context(model_type="bert")
+            raise _library_failure()
+        assert context_of(ValueError()) == {"command": "run"}  # the inner call's facts ended with it
+    assert context_of(ValueError()) == {}
+    assert "during run (strategy prefix, model type bert)" in library_error_line(caught.value, "transformers")
+
+
+def test_an_api_call_leaves_no_context_behind(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
+    """A library failing inside ``api.run``: the exception names the run's strategy and model, and
+    nothing of it reaches the next call (the command line used to clear a module global)."""
+    import peftkit.train
+    from peftkit import api
+    from peftkit.config import RunConfig
+
+    def failing(*args, **kwargs):
+        raise _library_failure()
+
+    monkeypatch.setattr(peftkit.train, "execute_run", failing)
+    clear_context()
+    model = tiny_model_dir("bert")
+    config = RunConfig(strategy="lora", model=model, dataset=tiny_csv, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError) as caught:
+        api.run(config, echo=lambda message: None)
+    assert f"(strategy lora, model {model!r})" in library_error_line(caught.value, "transformers")
+    assert context_of(ValueError()) == {}
 
 
 def _run_args(model: str, data: str, out: str) -> list[str]:

@@ -283,6 +283,10 @@ def test_api_predict_takes_the_same_options(runs, tmp_path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("a good film\ndull\n")
     out = tmp_path / "out.jsonl"
-    rows = api.predict(runs["pairs"], input_file=str(source), output=str(out), max_new_tokens=2, batch_size=1)
+    rows = api.predict(
+        api.PredictConfig(
+            adapter=runs["pairs"], input_file=str(source), output=str(out), max_new_tokens=2, batch_size=1
+        )
+    )
     assert [r["text"] for r in rows] == ["a good film", "dull"]
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows

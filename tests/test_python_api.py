@@ -136,3 +136,50 @@ def test_no_future_warning_reaches_a_cli_user(tiny_model_dir, tiny_csv, tmp_path
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=environ)
         assert done.returncode == 0, done.stderr
         assert "FutureWarning" not in done.stderr, done.stderr
+
+
+def test_a_python_run_leaves_logging_alone_and_logs_its_progress(tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """Issue 31 item 4: from Python, ``run`` prints nothing past its ``echo`` (the loop's epoch lines
+    go to the ``peftkit`` logger) and leaves the process's logging as it found it (transformers'
+    verbosity, datasets' progress bars: the command line quiets those only in its own process)."""
+    code = f"""
+import logging, sys
+import datasets, transformers
+import peftkit
+
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("peftkit").addHandler(handler)
+logging.getLogger("peftkit").setLevel(logging.INFO)
+before = (transformers.logging.get_verbosity(), datasets.is_progress_bar_enabled())
+said = []
+cfg = peftkit.RunConfig(strategy="head_only", model={tiny_model_dir("bert")!r}, dataset={tiny_csv!r}, epochs=1,
+                        max_length=16, output_dir={str(tmp_path / "run")!r})
+import warnings
+warnings.simplefilter("ignore")
+peftkit.run(cfg, echo=said.append)
+assert (transformers.logging.get_verbosity(), datasets.is_progress_bar_enabled()) == before, before
+assert any(m.startswith("training head_only") for m in said), said
+assert any(r.getMessage().startswith("epoch 1/1: train loss") for r in records), [r.getMessage() for r in records]
+print("ok")
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok") and "epoch 1/1" not in done.stderr, done.stderr
+
+
+def test_all_is_the_public_surface() -> None:
+    """``__all__`` (what ``from peftkit import *`` and the docs promise) names the functions, configs,
+    results, errors and plugin interfaces, each one resolvable, and no helper (issue 31 item 4)."""
+    import peftkit
+    from peftkit import api
+
+    assert set(api.__all__) <= set(peftkit.__all__), set(api.__all__) - set(peftkit.__all__)
+    for name in peftkit.__all__:
+        assert getattr(peftkit, name) is not None
+    for name in api.__all__:
+        assert getattr(api, name) is getattr(peftkit, name), name
+    internal = {"check_inputs", "resumed_config", "plan_tune", "preflight_bench", "bench_tuning"}
+    assert not internal & (set(api.__all__) | set(peftkit.__all__))
+    assert {"predict_iter", "RunInterrupted", "Plan", "BenchResult", "EvalResult"} <= set(peftkit.__all__)

@@ -25,7 +25,7 @@ Echo = Callable[[str], None]
 def preflight_bench(config: BenchConfig) -> BenchConfig:
     """``config`` with its strategies checked (names and aliases), the task's defaults filled in,
     and every setting a run could refuse checked now, before any worker."""
-    from ..train import with_task_defaults
+    from ..tasks import with_task_defaults
 
     names = parse_strategies(",".join(config.strategies) or "all")
     _, filled = with_task_defaults(config)

@@ -88,7 +88,7 @@ def _run(cfg: Any, log_path: str) -> dict[str, Any]:
     try:
         cfg.validate()
         run = resolve(cfg)
-        set_context(strategy=run.strategy.name, model=cfg.model)
+        set_context(command="bench", strategy=run.strategy.name, model=cfg.model)  # a worker of peftkit bench
         quiet_libraries()
         with staged_dir(cfg.output_dir, overwrite=False) as stage:
             metrics = execute_run(run, stage, echo, data_said=True)  # the bench said it, once

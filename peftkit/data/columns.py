@@ -79,7 +79,7 @@ def label_mapping(
     return [str(int(v)) if isinstance(v, float) else str(v) for v in ordered], index.__getitem__
 
 
-def relabel(data: Any, names: list[str] | None, source: str | None) -> Any:
+def relabel(data: Any, names: list[str] | None, source: object) -> Any:
     """``data`` (a ``TaskData``) with its labels renumbered as ``names`` numbers them (an adapter's
     labels: a file's own are numbered in sorted order, which need not be the adapter's), matched
     by name. A label not among ``names`` is refused, naming them. ``names`` None (an adapter that

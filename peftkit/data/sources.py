@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from .. import hub
@@ -17,9 +21,70 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
 
 
+# In-memory data a call was given (``in_memory_data``), by the name that stands for it where a name
+# is recorded; a context variable, so that it lasts as long as that call and no other call sees it.
+_IN_MEMORY: ContextVar[dict[str, Any] | None] = ContextVar("peftkit_in_memory_data", default=None)
+IN_MEMORY_PREFIX = "in-memory "
+
+
+@contextlib.contextmanager
+def in_memory_data(source: Any) -> Iterator[Any]:
+    """``source`` as the rest of peftkit reads a dataset: by name. A name (a file, a short name, a
+    hub id, None) is given back as it is. An in-memory ``datasets.Dataset`` or ``DatasetDict`` or a
+    pandas ``DataFrame`` gets a name that says what it is (``in-memory Dataset (200 rows)``), under
+    which ``load_raw`` finds it until the block ends; it goes through the same column checks and
+    splits as a file, and messages, config.yaml and metrics.json record that name."""
+    if source is None or isinstance(source, str):
+        yield source
+        return
+    raw = _as_datasets(source)
+    name = _in_memory_name(raw, type(source).__name__)
+    token = _IN_MEMORY.set({**(_IN_MEMORY.get() or {}), name: raw})
+    try:
+        yield name
+    finally:
+        _IN_MEMORY.reset(token)
+
+
+def _as_datasets(source: Any) -> Any:
+    """A Dataset or DatasetDict as it is, a pandas DataFrame as a Dataset (its index dropped)."""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return source
+    pandas = sys.modules.get("pandas")  # a DataFrame can only exist once pandas is imported
+    if pandas is not None and isinstance(source, pandas.DataFrame):
+        return datasets.Dataset.from_pandas(source, preserve_index=False)
+    raise PeftkitError(
+        "dataset must be a name (a file, a save_to_disk directory, a hub id, a short name) or an "
+        f"in-memory datasets.Dataset, datasets.DatasetDict or pandas DataFrame; got a {type(source).__name__}"
+    )
+
+
+def _in_memory_name(raw: Any, kind: str) -> str:
+    if hasattr(raw, "num_rows") and isinstance(raw.num_rows, int):
+        return f"{IN_MEMORY_PREFIX}{kind} ({raw.num_rows:,} rows)"
+    return f"{IN_MEMORY_PREFIX}{kind} ({', '.join(f'{split} {len(ds):,}' for split, ds in raw.items())} rows)"
+
+
+def _in_memory(source: str) -> Any | None:
+    """The in-memory data ``source`` names in this call; refused when it names data that was in
+    memory in another process or call (a recorded config.yaml's, a resumed run's)."""
+    held = (_IN_MEMORY.get() or {}).get(source)
+    if held is None and source.startswith(IN_MEMORY_PREFIX):
+        raise PeftkitError(
+            f"dataset {source!r} was data in memory in the process that ran it; give the data "
+            "again (RunConfig(dataset=...)) or a file"
+        )
+    return held
+
+
 def load_raw(source: str, images: bool = False) -> Any:
     """The dataset ``source`` names. With ``images`` also the embedded image sets and folders of
     class sub-folders (a plain folder is an error for text data)."""
+    held = _in_memory(source)
+    if held is not None:
+        return held
     if images:
         raw = _load_image_source(source)
         if raw is not None:
@@ -37,6 +102,8 @@ def check_dataset_source(source: str) -> None:
     """Refuse in milliseconds, before torch or datasets load, a ``--dataset`` that cannot be read:
     a path that does not exist, or a hub id while the hub cannot be reached and nothing of it is
     cached. What an existing file or directory holds is checked when it is read."""
+    if _in_memory(source) is not None:
+        return
     if source in EMBEDDED_DATASETS or source in EMBEDDED_IMAGE_DATASETS or os.path.exists(source):
         return
     _hub_dataset(source)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..errors import PeftkitError
 from ..registry import Registry
@@ -85,6 +85,21 @@ def infer_task(model: str | None) -> str:
     return (declared_task(model) if model is not None else None) or "sequence-classification"
 
 
+def with_task_defaults(settings: Any) -> tuple[Task, dict[str, Any]]:
+    """The task ``settings`` name (read from the model when not given) and the values its unset
+    ``task``, ``model``, ``dataset`` and ``max_length`` take: the task's defaults. The one place
+    where a run's, a bench's, a plan's and a tune's settings are completed from their task; only the
+    fields ``settings`` has are returned."""
+    task = get_task(settings.task or infer_task(settings.model))
+    filled = {
+        "task": task.name,
+        "model": settings.model or task.default_model,
+        "dataset": getattr(settings, "dataset", None) or task.default_dataset,
+        "max_length": task.default_max_length if settings.max_length is None else settings.max_length,
+    }
+    return task, {k: v for k, v in filled.items() if hasattr(settings, k)}
+
+
 __all__ = [
     "TASKS",
     "TASK_ENTRY_POINT_GROUP",
@@ -96,4 +111,5 @@ __all__ = [
     "register_task",
     "task_names",
     "task_plugin_errors",
+    "with_task_defaults",
 ]

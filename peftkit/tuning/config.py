@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import RunConfig, default_output_dir
 from ..durations import parse_duration
-from ..env import quiet_libraries
+from ..env import quiet_libraries_in_own_process
 from ..errors import PeftkitError
 from ..registry import get_strategy
 from ..strategies.base import TUNED_SETTINGS, Schedule, Strategy, TrainingDefaults, default_point, options_from_dict
@@ -191,7 +191,8 @@ def plan_tune(config: TuneConfig, echo: Echo) -> TunePlan:
     refuse, the storage, and the data's columns (read once here, said once). The model and dataset
     named are the caller's to check, between ``check_tune`` and this (``peftkit.api.check_inputs``)."""
     from ..data import resolved_columns
-    from ..train import resolve, with_task_defaults
+    from ..tasks import with_task_defaults
+    from ..train import resolve
 
     cls = check_tune(config)
     base = dataclasses.replace(config.run, strategy=cls.name, output_dir=None, overwrite=False)
@@ -203,7 +204,7 @@ def plan_tune(config: TuneConfig, echo: Echo) -> TunePlan:
     resolve(dataclasses.replace(base))  # levers, trackers, options: what a run would refuse
     if config.storage:
         open_storage(config.storage)  # malformed or unreachable: said before the data loads
-    quiet_libraries()
+    quiet_libraries_in_own_process()
     data = task.load_data(base)
     base = dataclasses.replace(base, **resolved_columns(data))
     for line in [*data.notes, *task.data_warnings(data)]:

@@ -83,7 +83,7 @@ def _run(cfg: Any, spec: dict[str, Any], events: IO[str], verdicts: IO[str]) -> 
     try:
         cfg.validate()
         run = resolve(cfg)
-        set_context(strategy=run.strategy.name, model=cfg.model)
+        set_context(command="tune", strategy=run.strategy.name, model=cfg.model)  # a trial of peftkit tune
         quiet_libraries()
         # which validation examples the selected epoch got right, where the metric is their mean
         # (accuracy): the study then says whether the best trial beats the defaults beyond noise
