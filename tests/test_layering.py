@@ -60,6 +60,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "chunked_loss",
         "packing",
         "kernels",
+        "settings",
     ),
 }
 LAYER_NAMES = {
