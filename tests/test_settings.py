@@ -1,5 +1,5 @@
 """Each setting is declared once (``peftkit.settings``): a command's flag, its config class's field
-cannot disagree.
+and docs/cli.md cannot disagree.
 
 Nothing runs: the click commands and the config dataclasses are read, not invoked.
 """
@@ -7,6 +7,8 @@ Nothing runs: the click commands and the config dataclasses are read, not invoke
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -24,6 +26,8 @@ from peftkit.tuning.config import TuneConfig
 
 # A command's config classes: every flag of the command sets a field of one of them, and every field
 # of the first (the command's own) is set by a flag, but for the exceptions below.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 CONFIGS: dict[str, tuple[type, ...]] = {
     "run": (RunConfig, Levers),
     "bench": (BenchConfig, Levers),
@@ -159,3 +163,19 @@ def test_yaml_keys_are_the_run_settings() -> None:
 
     declared = {f.name for cls in (RunConfig, Levers) for f in dataclasses.fields(cls)} - {"levers"}
     assert declared == FIELDS
+
+
+def _cli_docs() -> Any:
+    spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "scripts" / "cli_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_cli_md_is_generated_from_the_commands() -> None:
+    docs = _cli_docs()
+    page = ROOT / "docs" / "cli.md"
+    assert page.read_text(encoding="utf-8") == docs.render(page.read_text(encoding="utf-8")), (
+        "docs/cli.md differs from the commands' flags: run `python scripts/cli_docs.py` and commit docs/cli.md"
+    )
