@@ -14,27 +14,27 @@ import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from .errors import PeftkitError, did_you_mean
+
+# The closed sets are defined in peftkit.settings beside the settings they close, and re-exported
+# here (``X as X``) for the modules that have always read them from the config.
+from .settings import KERNELS as KERNELS
+from .settings import LOSSES as LOSSES
+from .settings import OPTIMIZERS as OPTIMIZERS
+from .settings import PRECISIONS as PRECISIONS
+from .settings import QUANTIZATIONS as QUANTIZATIONS
+from .settings import REPORTERS as REPORTERS
+from .settings import KernelsName as KernelsName
+from .settings import LossName as LossName
+from .settings import OptimizerName as OptimizerName
+from .settings import Precision as Precision
+from .settings import Quantization as Quantization
+from .settings import setting
 from .typing_utils import coerce, parse_scalar
-
-REPORTERS = ("tensorboard", "wandb")
-
-# The accepted values of each memory lever, defined here once: the command line's choices, the
-# YAML check and ``Levers``' own check are all read from these.
-Quantization = Literal["4bit", "8bit"]
-OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
-Precision = Literal["fp32", "bf16", "fp16"]
-LossName = Literal["plain", "chunked"]
-KernelsName = Literal["torch", "liger", "none"]
-QUANTIZATIONS: tuple[str, ...] = typing.get_args(Quantization)
-OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-LOSSES: tuple[str, ...] = typing.get_args(LossName)
-KERNELS: tuple[str, ...] = typing.get_args(KernelsName)
 
 
 @dataclass(frozen=True)
@@ -46,31 +46,14 @@ class Levers:
     ``config.yaml`` and ``metrics.json`` the four keys stay flat (``quantize: 4bit``).
     """
 
-    quantize: Quantization | None = None
-    """Load the frozen base quantized through bitsandbytes: 4bit (NF4, double quantization: QLoRA)
-    or 8bit (LLM.int8). Only for strategies that keep the base frozen (lora, adapter, prefix, head_only)."""
-    optimizer: OptimizerName = "adamw"
-    """AdamW from torch, or bitsandbytes' 8-bit AdamW (a quarter of the state memory) / its paged
-    variant (CUDA only: state pages to CPU memory under pressure)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them: less memory, ~30% slower."""
-    precision: Precision = "fp32"
-    """Mixed precision through accelerate (bf16 on CPU and GPU, fp16 on GPU only); frozen weights are
-    then stored in 16 bits, trainable ones stay fp32."""
-    loss: LossName | None = None
-    """causal-lm: chunked computes the loss from the output layer's input a chunk of tokens at a
-    time, so batch x length x vocabulary logits never exist at once (peftkit.chunked_loss); plain
-    from the model's logits. Default: chunked where the model allows it, else plain."""
-    packing: bool = False
-    compile: bool = False
-    """torch.compile each transformer block for training (evaluation and generation stay eager); the
-    first step pays for compiling, reported apart (first_step_seconds)."""
-    kernels: KernelsName | None = None
-    """torch: the gated (SwiGLU) MLPs of Llama-style blocks keep only their inputs for the backward
-    pass (peftkit.kernels); liger: Liger's Triton kernels (CUDA); none: the model's own modules.
-    Default: torch where the model has gated MLPs."""
-    """causal-lm: several whole training examples share each row of --max-length tokens, attention
-    and loss kept inside each example (peftkit.packing): far less padding when lengths vary."""
+    quantize: Quantization | None = setting("quantize")
+    optimizer: OptimizerName = setting("optimizer")
+    gradient_checkpointing: bool = setting("gradient_checkpointing")
+    precision: Precision = setting("precision")
+    loss: LossName | None = setting("loss")
+    packing: bool = setting("packing")
+    compile: bool = setting("compile")
+    kernels: KernelsName | None = setting("kernels")
 
     def __post_init__(self) -> None:
         # a Levers that exists is a valid one, however it was made (flag, YAML, Python)
@@ -120,10 +103,8 @@ def check_positive(config: Any, names: tuple[str, ...]) -> None:
 class RunConfig:
     """Everything a run needs. ``None`` means "the strategy's default" where a strategy has one."""
 
-    strategy: str = "lora"
-    task: str | None = None
-    """sequence-classification, causal-lm or image-classification (default: what the model is made
-    for, read from its config; sequence-classification for an encoder)."""
+    strategy: str = setting("strategy")
+    task: str | None = setting("task")
     model: str | None = None
     """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
     (default: the task's own: minilm, smollm2 or vit-tiny)."""
@@ -132,50 +113,32 @@ class RunConfig:
     or a directory saved by `datasets`; from Python also an in-memory ``datasets.Dataset``,
     ``DatasetDict`` or pandas ``DataFrame`` (read with the same column checks and splits; recorded
     as ``in-memory Dataset (N rows)``)."""
-    text_column: str | None = None
-    """Column with the input text (default: text, sentence, review, ... whichever exists)."""
-    label_column: str | None = None
-    """Column with the label, integers or strings (default: label, labels, ... whichever exists).
-    For causal-lm: a labelled dataset becomes a completion task whose answer is the label's name."""
-    response_column: str | None = None
-    """causal-lm: the column with the answer to learn (default: response, output, completion,
-    answer, whichever exists); the text column is then the prompt."""
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_ratio: float | None = None
-    max_length: int | None = None
-    """Tokens per example; longer texts are truncated (default: the task's own, 64 for
-    classification, which covers Rotten Tomatoes snippets; 128 for causal-lm prompt + answer)."""
-    max_train_samples: int | None = None
-    """Cap on the training split (seeded)."""
-    max_eval_samples: int | None = None
-    """Cap on the validation and test splits each (seeded): evaluating a language model, or
-    generating its answers, on a CPU can take longer than training on a sample."""
-    eval_batch_size: int = 128
-    grad_accumulation: int = 1
+    text_column: str | None = setting("text_column")
+    label_column: str | None = setting("label_column")
+    response_column: str | None = setting("response_column")
+    epochs: int | None = setting("epochs")
+    batch_size: int | None = setting("batch_size")
+    lr: float | None = setting("lr")
+    weight_decay: float | None = setting("weight_decay")
+    warmup_ratio: float | None = setting("warmup_ratio")
+    max_length: int | None = setting("max_length")
+    max_train_samples: int | None = setting("max_train_samples")
+    max_eval_samples: int | None = setting("max_eval_samples")
+    eval_batch_size: int = setting("eval_batch_size")
+    grad_accumulation: int = setting("grad_accumulation")
     max_grad_norm: float = 1.0
-    early_stopping_patience: int | None = None
-    """Stop after this many epochs without a better validation accuracy (default: never)."""
+    """Gradients are clipped to this norm (Python and YAML only: no flag)."""
+    early_stopping_patience: int | None = setting("early_stopping_patience")
     levers: Levers = field(default_factory=Levers)
     """Quantized base, 8-bit optimizer, gradient checkpointing, mixed precision (flat keys in YAML)."""
-    memory_budget: str | None = None
-    """Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident
-    memory; a run that goes over it stops with an error naming the peak."""
-    checkpoint_every: int | None = None
-    """Write the whole training state every N optimizer steps (and keep it if the run stops), so
-    that `peftkit run --resume RUN_DIR` continues where it was."""
-    fsdp: bool = False
-    """Under several processes, shard parameters, gradients and optimizer state over them (FSDP2)
-    instead of data parallel; with one process it runs as a plain run and says so."""
-    report_to: list[str] = field(default_factory=list)
-    """Experiment trackers that receive losses and metrics: tensorboard (event files in the run
-    directory), wandb (when installed)."""
-    seed: int = 0
-    output_dir: str | None = None
-    overwrite: bool = False
-    strategy_options: dict[str, Any] = field(default_factory=dict)
+    memory_budget: str | None = setting("memory_budget")
+    checkpoint_every: int | None = setting("checkpoint_every")
+    fsdp: bool = setting("run:fsdp")
+    report_to: list[str] = setting("report_to")
+    seed: int = setting("seed")
+    output_dir: str | None = setting("output_dir")
+    overwrite: bool = setting("overwrite")
+    strategy_options: dict[str, Any] = setting("set")
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for values no run could use."""

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import RunConfig, check_positive
+from .settings import setting
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -25,23 +26,17 @@ CONFUSION_FILE = "confusion_matrix.png"
 class EvalConfig:
     """What ``peftkit eval`` was asked (a field per flag)."""
 
-    adapter: str
-    """An adapter directory, or a run directory (its ``adapter/`` is used)."""
-    dataset: str
-    """A labelled file (or short name, hub id, saved directory): every example is evaluated."""
-    text_column: str | None = None
-    label_column: str | None = None
-    response_column: str | None = None
-    model: str | None = None
-    """The base model (default: the one the adapter names)."""
-    force: bool = False
-    """Apply the adapter even to a base whose weights differ from those it was trained on."""
-    max_eval_samples: int | None = None
-    """Evaluate a seeded sample of this many examples instead of all."""
-    batch_size: int = 32
-    output: str | None = None
-    """Directory for metrics.json and confusion_matrix.png (must not exist unless ``overwrite``)."""
-    overwrite: bool = False
+    adapter: str = setting("eval:adapter")
+    dataset: str = setting("eval:dataset")
+    text_column: str | None = setting("text_column")
+    label_column: str | None = setting("label_column")
+    response_column: str | None = setting("response_column")
+    model: str | None = setting("base_model")
+    force: bool = setting("force")
+    max_eval_samples: int | None = setting("eval:max_eval_samples")
+    batch_size: int = setting("eval:batch_size")
+    output: str | None = setting("eval:output")
+    overwrite: bool = setting("overwrite")
 
     def validate(self) -> None:
         """Refuse counts below 1."""

@@ -36,11 +36,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import PeftkitError, first_line
+from .settings import EXPORT_FORMATS, EXPORT_QUANTIZATIONS
 
 ONNX_FILE = "model.onnx"
 EXPORT_METADATA = "peftkit_export.json"
-FORMATS = ("onnx", "gguf")  # gguf: peftkit.gguf_export
-QUANTIZATIONS = ("int8",)
+# the closed sets of --format and --quantize, defined with the settings
+FORMATS = EXPORT_FORMATS  # gguf: peftkit.gguf_export
+QUANTIZATIONS = EXPORT_QUANTIZATIONS
 DEFAULT_OPSET = 18
 # torch's dynamo exporter writes opset 18 and newer; older opsets go through a converter that
 # fails on the ops transformers' attention uses. 23: the newest ONNX Runtime 1.32 runs.

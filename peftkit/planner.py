@@ -49,6 +49,7 @@ from .config import Levers, check_positive, flat_dict
 from .durations import format_rough, time_left
 from .errors import PeftkitError, first_line, raising_library, set_context
 from .memory import format_size, parse_size
+from .settings import setting
 
 _NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Models up to this size are measured whole (seconds on a CPU); bigger ones at depth 2 and 3.
@@ -69,25 +70,18 @@ class PlanSettings:
     ``max_length`` means the task's default, in ``device`` this machine's (cuda if it has a GPU);
     ``resolve_settings`` fills them in."""
 
-    strategies: list[str]
-    model: str | None = None
-    task: str | None = None
-    batch_size: int = 32
-    """The micro-batch the estimate is for."""
-    max_length: int | None = None
-    num_labels: int = 2
+    strategies: list[str] = setting("plan:strategies")
+    model: str | None = setting("model")
+    task: str | None = setting("task")
+    batch_size: int = setting("plan:batch_size")
+    max_length: int | None = setting("max_length")
+    num_labels: int = setting("num_labels")
     levers: Levers = field(default_factory=Levers)
-    memory_budget: str | None = None
-    device: str | None = None
-    loss_positions: int | None = None
-    """Positions per example whose outputs carry the loss (causal-lm: the answer's tokens, every
-    token for plain text); None: the task's usual case (a short answer)."""
-    processes: int = 1
-    """Devices (processes) the run will use; the peak is each one's, for a micro-batch of
-    ``batch_size`` on each."""
-    fsdp: bool = False
-    """Fully sharded (FSDP2): weights, gradients and optimizer state split over ``processes``;
-    otherwise data parallel (DDP), every process holding all of them."""
+    memory_budget: str | None = setting("plan:memory_budget")
+    device: str | None = setting("device")
+    loss_positions: int | None = setting("loss_tokens")
+    processes: int = setting("processes")
+    fsdp: bool = setting("fsdp")
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for settings no plan could use."""

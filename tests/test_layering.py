@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "peftkit"
 # is in the package's layer (``tasks`` = peftkit/tasks/*). Within a layer imports are free, as long
 # as they make no cycle.
 LAYERS: dict[int, tuple[str, ...]] = {
-    5: ("cli",),
+    5: ("cli", "cli_output"),
     4: ("api",),
     3: (
         "benchmark",
@@ -61,6 +61,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "chunked_loss",
         "packing",
         "kernels",
+        "settings",
     ),
 }
 LAYER_NAMES = {

@@ -204,7 +204,7 @@ def test_inspect(trained, run_cli) -> None:
 
 def test_inspect_says_what_training_did_not_only_what_was_planned() -> None:
     """Issue 32 (9): early stopping ended at 7 of 15 planned epochs, the best the 2nd: inspect says so."""
-    from peftkit.cli import _epochs_trained
+    from peftkit.cli_output import epochs_trained as _epochs_trained
 
     assert (
         _epochs_trained({"epochs": 15, "epochs_run": 7, "best_epoch": 2}) == "7 of 15 epoch(s) (stopped early), best 2"

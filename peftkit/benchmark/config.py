@@ -14,6 +14,7 @@ from typing import Any
 from .. import registry
 from ..config import Levers, RunConfig, check_positive, flat_dict
 from ..errors import PeftkitError
+from ..settings import setting
 from ..strategies.base import TUNED_SETTINGS
 
 
@@ -24,43 +25,31 @@ class BenchConfig:
     ``None`` in ``task``, ``model``, ``dataset`` and ``max_length`` means the task's default (the
     task itself: what the model is made for), filled in by ``peftkit.benchmark.preflight.preflight_bench``."""
 
-    strategies: list[str]
-    seeds: list[int] = field(default_factory=lambda: [0])
-    task: str | None = None
-    model: str | None = None
-    dataset: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    response_column: str | None = None
-    epochs: int | None = None
-    """None: each strategy trains for its own default number of epochs."""
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    batch_size: int = 32
-    """The effective batch (micro-batch x gradient accumulation), the same for every strategy."""
-    max_length: int | None = None
-    eval_batch_size: int = 128
-    early_stopping_patience: int | None = None
+    strategies: list[str] = setting("strategies")
+    seeds: list[int] = setting("seeds")
+    task: str | None = setting("task")
+    model: str | None = setting("model")
+    dataset: str | None = setting("dataset")
+    text_column: str | None = setting("text_column")
+    label_column: str | None = setting("label_column")
+    response_column: str | None = setting("response_column")
+    epochs: int | None = setting("epochs")
+    max_train_samples: int | None = setting("max_train_samples")
+    max_eval_samples: int | None = setting("max_eval_samples")
+    batch_size: int = setting("bench:batch_size")
+    max_length: int | None = setting("max_length")
+    eval_batch_size: int = setting("eval_batch_size")
+    early_stopping_patience: int | None = setting("early_stopping_patience")
     levers: Levers = field(default_factory=Levers)
-    memory_budget: str | None = None
-    auto_fit: bool = False
-    """Under a budget, try the memory levers (see ``AUTO_FIT_LADDER``) before giving up."""
-    output_dir: str | None = None
-    """Where the results go (default: runs/bench-<timestamp>)."""
+    memory_budget: str | None = setting("bench:memory_budget")
+    auto_fit: bool = setting("auto_fit")
+    output_dir: str | None = setting("bench:output_dir")
     command: str = ""
-    tune: int | None = None
-    """Tune every strategy first (``peftkit tune``, this many trials each, on validation) and run its
-    best configuration over the seeds beside its defaults."""
-    tune_timeout: str | None = None
-    """With ``tune``: start no trial of a strategy's study after this long (each gets the same)."""
-    tune_storage: str | None = None
-    """With ``tune``: keep each strategy's study (``tune-STRATEGY``) in this Optuna storage (an
-    SQLAlchemy URL) rather than in the output directory, so that a bench run again after an
-    interruption continues its studies (their finished trials count toward ``tune``) instead of
-    tuning from the start: the studies are most of a tuned bench's time."""
-    train_sizes: list[int | str] | None = None
-    """Run every strategy and seed at each of these training-set sizes (``"all"``: the whole
-    training split; see ``parse_train_sizes``), on nested seeded subsets, instead of at one."""
+    """The command line that asked for it, recorded in results.json (no flag: the CLI fills it in)."""
+    tune: int | None = setting("tune")
+    tune_timeout: str | None = setting("tune_timeout")
+    tune_storage: str | None = setting("tune_storage")
+    train_sizes: list[int | str] | None = setting("train_sizes")
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for settings no suite could use (each run's own are checked by

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import RunConfig, default_output_dir
@@ -19,13 +19,13 @@ from ..durations import parse_duration
 from ..env import quiet_libraries_in_own_process
 from ..errors import PeftkitError
 from ..registry import get_strategy
+from ..settings import PRUNERS, setting
 from ..strategies.base import TUNED_SETTINGS, Schedule, Strategy, TrainingDefaults, default_point, options_from_dict
 from ..typing_utils import parse_scalar
 from .storage import open_storage
 
 Echo = Callable[[str], None]
 
-PRUNERS = ("median", "hyperband", "none")
 STUDY_FILE = "study.db"
 MARKER = "tune.json"
 # metrics where lower is better, when one other than the task's own selection metric is tuned
@@ -39,23 +39,17 @@ class TuneConfig:
     it sets (``lr``, ``epochs``, ``--set``) are fixed, never searched."""
 
     run: RunConfig
-    trials: int = 20
-    """How many trials the study should hold when this tune ends (those already there count)."""
-    timeout: str | float | None = None
-    """Start no trial after this long: seconds, or a duration such as 90s, 30m, 2h, 1h30m."""
-    storage: str | None = None
-    """An SQLAlchemy database URL (default: sqlite:///OUTPUT_DIR/study.db)."""
-    study_name: str | None = None
-    """Default: tune-<strategy>."""
-    metric: str | None = None
-    """The validation metric to optimise (default: the task's selection metric)."""
-    pruner: Any = "median"
+    trials: int = setting("trials")
+    timeout: str | float | None = setting("timeout")
+    """Start no trial after this long: seconds (from Python), or a duration such as 90s, 30m, 2h, 1h30m."""
+    storage: str | None = setting("storage")
+    study_name: str | None = setting("study_name")
+    metric: str | None = setting("metric")
+    pruner: Any = setting("pruner")
     """median, hyperband, none, or (from Python) any ``optuna.pruners.BasePruner``."""
-    space: dict[str, list[Any]] = field(default_factory=dict)
-    """Replace a searched setting's range by these values (``--space r=4,8,16``)."""
-    output_dir: str | None = None
-    """Default: runs/tune-<strategy>-<timestamp>."""
-    overwrite: bool = False
+    space: dict[str, list[Any]] = setting("space")
+    output_dir: str | None = setting("tune:output_dir")
+    overwrite: bool = setting("tune:overwrite")
 
     def validate(self) -> None:
         """Raise ``PeftkitError`` for settings no tune could use."""
