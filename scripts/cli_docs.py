@@ -2,8 +2,9 @@
 
 docs/cli.md is hand-written prose with two generated parts, each between a pair of markers: the
 synopsis (``<!-- generated: synopsis -->``) and every command's flags with their values and help
-(``<!-- generated: flags -->``), both read from ``peftkit.cli`` (whose options are built from
-``peftkit.settings``), so they cannot drift from what the commands take. ``tests/test_settings.py``
+(``<!-- generated: flags -->``), both read from ``peftkit.cli`` (whose options and help text are
+listed in ``peftkit.cli_spec``, the options built from ``peftkit.settings``), so they cannot drift
+from what the commands take. ``tests/test_settings.py``
 fails when the page differs from what this script writes.
 
     python scripts/cli_docs.py           # rewrite the generated parts of docs/cli.md

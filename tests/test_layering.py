@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "peftkit"
 # is in the package's layer (``tasks`` = peftkit/tasks/*). Within a layer imports are free, as long
 # as they make no cycle.
 LAYERS: dict[int, tuple[str, ...]] = {
-    5: ("cli", "cli_output"),
+    5: ("cli", "cli_spec", "cli_errors", "cli_output"),
     4: ("api",),
     3: (
         "benchmark",

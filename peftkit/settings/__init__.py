@@ -1,6 +1,6 @@
 """Every setting of every command, declared once: its flag(s), type, default, help and closed set.
 
-The command line (``peftkit.cli``: a command lists its settings by key, ``@options("task", ...)``),
+The command line (``peftkit.cli_spec``: a command lists its settings by key, ``"run": _keys("task ...")``),
 the config classes' fields (``RunConfig``, ``Levers``, ``BenchConfig``, ``TuneConfig``,
 ``PlanSettings``, ``EvalConfig``: ``field: int | None = setting("epochs")``), the YAML check (its
 keys are ``RunConfig``'s fields) and ``docs/cli.md`` (``scripts/cli_docs.py``) are all read from
