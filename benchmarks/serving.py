@@ -87,13 +87,13 @@ def main() -> None:
     print(f"exporting {args.adapter} (fp32, int8) with peftkit export ...", flush=True)
     exports = {}
     for name, quantize in (("onnx_fp32", None), ("onnx_int8", "int8")):
-        result = api.export(
+        config = api.ExportConfig(
             args.adapter,
             os.path.join(work, name),
             quantize=quantize,
-            echo=lambda m: print("  " + m),
             min_agreement=args.min_agreement if quantize else None,
         )
+        result = api.export(config, echo=lambda m: print("  " + m))
         exports[name] = result
 
     unmerged = load_adapter(args.adapter)

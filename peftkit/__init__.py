@@ -9,8 +9,8 @@
 Importing peftkit is cheap (no torch); the heavy parts load when used. ``run``, ``bench``, ``plan``,
 ``predict`` (``predict_iter``), ``evaluate``, ``merge``, ``export``, ``inspect``, ``tune`` and ``resume`` are the
 commands' functions (``peftkit.api``), with their settings ``RunConfig``, ``BenchConfig``, ``PlanSettings``,
-``TuneConfig``, ``EvalConfig``, ``PredictConfig`` and ``Levers``, and their results (``RunResult``,
-``RunMetrics``, ``Plan``, ...);
+``TuneConfig``, ``EvalConfig``, ``PredictConfig``, ``MergeConfig``, ``ExportConfig`` and ``Levers``,
+and their results (``RunResult``, ``RunMetrics``, ``Plan``, ...);
 ``load_adapter`` / ``predict_texts`` / ``save_adapter`` work on adapters directly. Strategy and task
 plugins subclass ``Strategy`` / ``Task`` and register with ``register_strategy`` / ``register_task``.
 A run that learned nothing warns with ``LearnedNothingWarning`` (a ``PeftkitWarning``).
@@ -45,11 +45,13 @@ _LAZY = {
     "evaluate": "api",
     "tune": "api",
     "predict_iter": "api",
-    "RunResult": "api",
-    "TuneResult": "api",
-    "BenchResult": "api",
+    "RunResult": "runs",
+    "TuneResult": "tuning.output",
+    "BenchResult": "benchmark.results",
     "Plan": "api",
-    "MergeResult": "api",
+    "MergeResult": "inference",
+    "MergeConfig": "export_config",
+    "ExportConfig": "export_config",
     "EvalResult": "evaluation",
     "ExportResult": "exporter",
     "RunMetrics": "metrics",
@@ -72,9 +74,11 @@ __all__ = [
     "BenchResult",
     "EvalConfig",
     "EvalResult",
+    "ExportConfig",
     "ExportResult",
     "LearnedNothingWarning",
     "Levers",
+    "MergeConfig",
     "MergeResult",
     "ParamGroup",
     "PeftkitError",

@@ -20,69 +20,34 @@ process). Importing this module is cheap: torch loads when a function needs it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-import os
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from .adapter_io import recorded_base_model
 from .benchmark.config import BenchConfig, parse_strategies
 from .benchmark.preflight import preflight_bench
+from .benchmark.results import BenchResult
 from .benchmark.suite import run_bench
 from .config import RunConfig, default_output_dir
-from .env import LOGGER, quiet_libraries_in_own_process
-from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, resumed_context, set_context
+from .env import quiet_libraries_in_own_process, to_log
+from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, set_context, within_context
 from .evaluation import EvalConfig, EvalResult
+from .export_config import ExportConfig, MergeConfig
 from .exporter import ExportResult
+from .inference import MergeResult
 from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
 from .planner import Estimate, PlanSettings
 from .predict_io import PredictConfig
+from .runs import RunResult, resumed_config, run_config, warn_if_learned_nothing
 from .tuning.config import TuneConfig, check_tune, plan_tune
-from .tuning.output import finish_tune
-from .tuning.report import defaults_won, versus_defaults
+from .tuning.output import TuneResult, finish_tune, tune_result
 from .tuning.search import run_study
-from .tuning.storage import masked
-from .tuning.trial import TrialCounts
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .train import ResolvedRun
 
 Echo = Callable[[str], None]
 """Where progress messages go (one line each)."""
-_progress = logging.getLogger(LOGGER)
-
-
-def to_log(message: str) -> None:
-    """The default ``echo``: the ``peftkit`` logger at INFO, where the training loop's lines go too;
-    your logging configuration decides what shows (``logging.basicConfig(level=logging.INFO)``)."""
-    _progress.info(message)
-
-
-# -- run --------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """A finished run: where it is and what it measured."""
-
-    run_dir: str
-    """The run directory (config.yaml, metrics.json, train.log, adapter/)."""
-    metrics: RunMetrics | None
-    """What metrics.json holds (``metrics.to_dict()`` is the file); None in the other processes of
-    a data-parallel run (only the main process writes and reports)."""
-    config: RunConfig | None = None
-    """The settings the run trained with, every default filled in (what its config.yaml records:
-    ``run(result.config)`` trains the same run again). The config given to ``run`` is left as it was."""
-
-    @property
-    def adapter_dir(self) -> str:
-        """The trained adapter (``run_dir/adapter``): what ``predict`` and ``load_adapter`` take."""
-        return os.path.join(self.run_dir, "adapter")
 
 
 def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
@@ -106,8 +71,8 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
         if config.task is not None:
             get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
         check_inputs(config.model, dataset)
-        result = _run(config, resume=False, echo=echo)
-    return _warn_if_learned_nothing(result)
+        result = run_config(config, resume=False, echo=echo)
+    return warn_if_learned_nothing(result)
 
 
 def resume(run_dir: str, echo: Echo = to_log) -> RunResult:
@@ -116,85 +81,8 @@ def resume(run_dir: str, echo: Echo = to_log) -> RunResult:
     with error_context():
         config = resumed_config(run_dir)
         config.output_dir = run_dir  # as given now: the recorded one may be relative to another directory
-        result = _run(config, resume=True, echo=echo)
-    return _warn_if_learned_nothing(result)
-
-
-def resumed_config(run_dir: str) -> RunConfig:
-    """The settings an interrupted run recorded (its config.yaml) as a ``RunConfig``."""
-    import yaml
-
-    from .config import FIELDS
-    from .rundir import open_stage, stage_path
-
-    path = os.path.join(stage_path(run_dir), "config.yaml")
-    if not os.path.exists(path):
-        open_stage(run_dir, overwrite=False, resume=True)  # says why there is nothing to resume
-        raise PeftkitError(f"interrupted run {run_dir!r} has no config.yaml; it cannot be resumed")
-    with open(path, encoding="utf-8") as fh:
-        recorded = yaml.safe_load(fh)
-    config = RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
-    config.validate()
-    return config
-
-
-def _run(config: RunConfig, resume: bool, echo: Echo) -> RunResult:
-    from .rundir import staged_run
-    from .train import execute_run, load_data_early, resolve
-
-    # resolving fills defaults into the config it is given: a copy, so the caller's stays as given
-    resolved = resolve(_copy_config(config))  # unknown strategy or bad options fail here, before anything heavy loads
-    set_context(strategy=resolved.strategy.name, model=resolved.config.model)
-    out = config.output_dir or default_output_dir(resolved.strategy.name)
-    resolved.config.output_dir = out
-    quiet_libraries_in_own_process()
-    early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
-    with staged_run(out, resolved.config.overwrite, resume, echo) as stage:
-        metrics = execute_run(resolved, stage.path, echo, resume=resume, early=early)
-    # only the main process writes and reports
-    return RunResult(out, RunMetrics.from_dict(metrics) if stage.main else None, _recorded_config(resolved))
-
-
-def _copy_config(config: RunConfig) -> RunConfig:
-    """``config`` with its own copies of the mutable fields (the levers are frozen), so that nothing
-    a run fills in reaches the caller's object."""
-    return dataclasses.replace(
-        config, report_to=list(config.report_to), strategy_options=copy.deepcopy(config.strategy_options)
-    )
-
-
-def _recorded_config(resolved: ResolvedRun) -> RunConfig:
-    """The run's settings as its config.yaml records them (the strategy's epochs, batch size and
-    learning rate, the schedule the data gave), as a ``RunConfig``."""
-    from .config import FIELDS
-
-    recorded = {k: v for k, v in resolved.as_dict().items() if k in FIELDS}
-    return RunConfig.from_dict({**recorded, "overwrite": resolved.config.overwrite})
-
-
-def _warn_if_learned_nothing(result: RunResult) -> RunResult:
-    """``LearnedNothingWarning`` for a run that learned nothing, pointing at the caller of ``run`` or
-    ``resume``: a library user reads no log line (the CLI prints its own line instead; tune's best
-    run is reported by tune)."""
-    if result.metrics is not None and result.metrics.learned is False:
-        warnings.warn(
-            f"run {result.run_dir} learned nothing: {result.metrics.learned_note}", LearnedNothingWarning, stacklevel=3
-        )
-    return result
-
-
-# -- bench ------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchResult:
-    """A finished suite: where its results are, what they hold, and the table a person reads."""
-
-    output_dir: str
-    results: dict[str, Any]
-    """What results.json holds: every row, a summary per strategy, settings, versions, machine."""
-    table: str
-    """The table of results.md (markdown), best values in bold."""
+        result = run_config(config, resume=True, echo=echo)
+    return warn_if_learned_nothing(result)
 
 
 def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> BenchResult:
@@ -219,44 +107,6 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> 
     return BenchResult(out, results, table)
 
 
-# -- tune -------------------------------------------------------------------------------------
-
-
-@dataclass
-class TuneResult:
-    """A finished tune: the study, its best trial, and the best configuration's run (the only one
-    whose test split was evaluated)."""
-
-    output_dir: str
-    """Holds study.db (by default), best.yaml, trials.csv, trials.json, plots, best-run/ and trials/."""
-    study_name: str
-    storage: str
-    """The study's storage URL, its password hidden."""
-    metric: str
-    trials: int
-    """Trials the study has started (this call's and earlier ones', every process's): ``counts.total``."""
-    ran: int
-    """Trials this call ran."""
-    best_trial: int
-    best_value: float
-    """The best trial's validation ``metric`` (its best epoch's)."""
-    best_params: dict[str, Any]
-    best_config: RunConfig
-    """What best.yaml holds: ``peftkit run --config best.yaml`` trains it again."""
-    best_run: RunResult
-    """The best configuration trained once more as a normal run (DIR/best-run): its test metrics."""
-    plots: list[str]
-    versus_defaults: dict[str, Any] | None = None
-    """The best trial against the defaults on the same validation examples
-    (``peftkit.tuning.report.versus_defaults``: difference, 95% interval, p-value,
-    ``distinguishable``); None where it cannot be said."""
-    counts: TrialCounts = field(default_factory=TrialCounts)
-    """How the study's trials stand (complete, pruned, failed, interrupted, running), the figures
-    every line of the tune gives."""
-    defaults_best: bool = False
-    """The defaults won the study: no tuned setting beat them on validation."""
-
-
 def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
     """Search ``config.run.strategy``'s hyper-parameters with Optuna (TPE, seeded; pruning from each
     epoch's validation), each trial in a process of its own, selecting on validation only; then
@@ -279,28 +129,8 @@ def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
         plan = plan_tune(config, echo)
         set_context(strategy=plan.strategy.name, model=plan.base.model)
         study, ran = run_study(plan, echo)
-        done = finish_tune(plan, study, echo, train=lambda cfg: _run(cfg, resume=False, echo=echo).metrics)
-    counts = TrialCounts.of(study)
-    return TuneResult(
-        plan.output_dir,
-        plan.study_name,
-        masked(plan.storage),
-        plan.metric,
-        counts.total,
-        ran,
-        study.best_trial.number,
-        study.best_value,
-        dict(study.best_trial.params),
-        done.best,
-        RunResult(done.run_dir, done.metrics),
-        done.plots,
-        versus_defaults(study),
-        counts,
-        defaults_won(study),
-    )
-
-
-# -- plan -------------------------------------------------------------------------------------
+        done = finish_tune(plan, study, echo, train=lambda cfg: run_config(cfg, resume=False, echo=echo).metrics)
+    return tune_result(plan, study, ran, done)
 
 
 @dataclass
@@ -342,9 +172,6 @@ def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
         settings = resolve_settings(settings)
         set_context(strategy=",".join(names), model=settings.model)
         return Plan(settings, make_plan(settings, echo))
-
-
-# -- predict, merge, inspect ------------------------------------------------------------------
 
 
 def predict(config: PredictConfig) -> list[dict[str, Any]]:
@@ -392,7 +219,7 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
 
             predictor = load_onnx(config.onnx or "")
         answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
-    return _within(facts, answers)
+    return within_context(facts, answers)
 
 
 def _prediction_task(config: PredictConfig) -> Any:
@@ -406,13 +233,6 @@ def _prediction_task(config: PredictConfig) -> Any:
 
     require_onnx()
     return get_task(read_export_metadata(config.onnx or "").get("task") or "sequence-classification")
-
-
-def _within(facts: dict[str, str], answers: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """``answers`` computed inside the error context of the ``predict_iter`` call that made them: a
-    generator runs after that call returned, and a library failing in it is named as in the call."""
-    with resumed_context(facts):
-        yield from answers
 
 
 def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
@@ -437,91 +257,44 @@ def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
         return result
 
 
-@dataclass
-class MergeResult:
-    """A merged model directory and what went into it."""
-
-    output_dir: str
-    strategy: str
-    base_model: str
-
-
-def merge(
-    adapter_dir: str, output: str, model: str | None = None, force: bool = False, overwrite: bool = False
-) -> MergeResult:
-    """Merge an adapter (``adapter_dir``: an adapter directory, or a run directory: its
-    ``adapter/``) into its base and write a plain transformers model directory to ``output``
-    (written into a staging directory, renamed into place when complete)."""
+def merge(config: MergeConfig) -> MergeResult:
+    """Merge an adapter into its base and write a plain transformers model directory to
+    ``config.output`` (written into a staging directory, renamed into place when complete)."""
+    from .inference import load_adapter, merge_to_directory
     from .rundir import check_output_dir, staged_dir
 
     with error_context():
-        check_inputs(model, adapter_dir=adapter_dir)
-        check_output_dir(output, overwrite, flag="--output")
+        check_inputs(config.model, adapter_dir=config.adapter)
+        check_output_dir(config.output, config.overwrite, flag="--output")
         quiet_libraries_in_own_process()
-        from .inference import load_adapter, merge_to_directory
-
-        loaded = load_adapter(adapter_dir, model, force=force)
-        with staged_dir(output, overwrite, flag="--output") as stage:
+        loaded = load_adapter(config.adapter, config.model, force=config.force)
+        with staged_dir(config.output, config.overwrite, flag="--output") as stage:
             merge_to_directory(loaded, stage)
-        return MergeResult(output, loaded.metadata["strategy"], loaded.metadata["base_model"])
+        return MergeResult(config.output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 
 
-def export(
-    adapter_dir: str,
-    output: str,
-    format: str = "onnx",
-    model: str | None = None,
-    *,
-    quantize: str | None = None,
-    opset: int | None = None,
-    dataset: str | None = None,
-    text_column: str | None = None,
-    label_column: str | None = None,
-    force: bool = False,
-    overwrite: bool = False,
-    min_agreement: float | None = None,
-    echo: Echo = to_log,
-) -> ExportResult:
-    """Export an adapter on its base (``model`` overrides the base) as a model that serves without
-    PyTorch, into the directory ``output`` (``format`` "onnx": ``model.onnx``, the tokenizer or
-    image processor, ``peftkit_export.json``; "gguf", for a causal-lm adapter on a Llama-architecture
-    base: ``model.gguf``, merged, float32, checked by reading it back with transformers and comparing
-    greedy generations; see ``peftkit.gguf_export``). Merged where the strategy merges (lora, full,
-    gradual_unfreeze), its own modules in the graph otherwise. ``quantize`` "int8": ONNX Runtime's
-    dynamic quantization. ``opset``: the ONNX opset (default 18).
-
-    Checked before anything is written, on the adapter's own test split (or every example of
-    ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
-    PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
-    less); an export that fails the check raises ``PeftkitError`` and leaves nothing.
-    ``predict(PredictConfig(onnx=output, inputs=...))`` serves it."""
+def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
+    """Export an adapter on its base as a model that serves without PyTorch (``ExportConfig`` says
+    what is written and checked); an export that fails its check raises ``PeftkitError`` and leaves
+    nothing. ``predict(PredictConfig(onnx=config.output, inputs=...))`` serves an ONNX export."""
     from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
 
+    c = config
     with error_context():
-        check_export_settings(format, quantize, opset, min_agreement)
-        check_inputs(model, dataset, adapter_dir)
+        check_export_settings(c.format, c.quantize, c.opset, c.min_agreement)
+        check_inputs(c.model, c.dataset, c.adapter)
         quiet_libraries_in_own_process()
-        if format == "gguf":
-            if dataset is not None or text_column is not None or label_column is not None:
-                raise PeftkitError(
-                    "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
-                    "checked on greedy generations of fixed prompts)"
-                )
+        c.validate()
+        if c.format == "gguf":
             from .gguf_export import export_gguf
 
-            return export_gguf(adapter_dir, output, model, force=force, overwrite=overwrite, echo=echo)
+            return export_gguf(c.adapter, c.output, c.model, force=c.force, overwrite=c.overwrite, echo=echo)
+        opset = DEFAULT_OPSET if c.opset is None else c.opset
         return export_onnx(
-            adapter_dir,
-            output,
-            model,
-            quantize,
-            DEFAULT_OPSET if opset is None else opset,
-            dataset,
-            text_column,
-            label_column,
-            force=force,
-            overwrite=overwrite,
-            min_agreement=min_agreement,
+            *(c.adapter, c.output, c.model, c.quantize, opset, c.dataset, c.text_column, c.label_column),
+            force=c.force,
+            overwrite=c.overwrite,
+            min_agreement=c.min_agreement,
             echo=echo,
         )
 
@@ -543,8 +316,10 @@ __all__ = [
     "BenchResult",
     "EvalConfig",
     "EvalResult",
+    "ExportConfig",
     "ExportResult",
     "LearnedNothingWarning",
+    "MergeConfig",
     "MergeResult",
     "PeftkitError",
     "Plan",

@@ -259,19 +259,19 @@ def eval_cmd(adapter_dir: str, as_json: bool, **opts: Any) -> None:
 
 @cli.command("merge", help=HELP["merge"])
 @options("merge")
-def merge_cmd(adapter_dir: str, output: str, model: str | None, force: bool, overwrite: bool) -> None:
+def merge_cmd(adapter_dir: str, **opts: Any) -> None:
     from . import api
 
-    merged = api.merge(adapter_dir, output, model, force=force, overwrite=overwrite)
+    merged = api.merge(api.MergeConfig(adapter=adapter_dir, **opts))
     click.echo(f"merged {merged.strategy} adapter into {merged.base_model!r}: {merged.output_dir}")
 
 
 @cli.command("export", help=HELP["export"])
 @options("export")
-def export_cmd(adapter_dir: str, fmt: str, output: str, model: str | None, force: bool, **opts: Any) -> None:
+def export_cmd(adapter_dir: str, fmt: str, **opts: Any) -> None:
     from . import api
 
-    result = api.export(adapter_dir, output, fmt, model, force=force, echo=_echo, **_given(opts))
+    result = api.export(api.ExportConfig(adapter=adapter_dir, format=fmt, **_given(opts)), echo=_echo)
     size = result.onnx_bytes
     click.echo(
         f"exported {result.strategy} adapter on {result.base_model!r} "

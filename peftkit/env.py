@@ -57,6 +57,12 @@ a Python user's logging configuration decides where it goes; peftkit's own proce
 line, its workers) print it on stderr (``log_to_stderr``)."""
 
 
+def to_log(message: str) -> None:
+    """The library API's default ``echo``: the ``peftkit`` logger at INFO, where the training loop's
+    lines go too; your logging configuration decides what shows (``logging.basicConfig(level=logging.INFO)``)."""
+    logging.getLogger(LOGGER).info(message)
+
+
 class StderrLines(logging.Handler):
     """Each record's message alone on stderr, as the command line has always printed its progress:
     above the progress bar when one is drawn (``tqdm.write``, so the bar is not torn), flushed.

@@ -7,6 +7,9 @@ import os
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from types import TracebackType
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 class PeftkitError(Exception):
@@ -102,6 +105,14 @@ def resumed_context(current: dict[str, str]) -> Iterator[dict[str, str]]:
         raise
     finally:
         _context.reset(token)
+
+
+def within_context(facts: dict[str, str], items: Iterator[_T]) -> Iterator[_T]:
+    """``items`` computed inside the error context of the call that made them (``facts``, what its
+    ``error_context`` yielded): a generator runs after that call returned, and a library failing in
+    it is named as in the call."""
+    with resumed_context(facts):
+        yield from items
 
 
 def set_context(**facts: str | None) -> None:

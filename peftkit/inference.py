@@ -227,3 +227,12 @@ def merge_to_directory(loaded: LoadedAdapter, directory: str) -> None:
     merged = loaded.strategy.merge(loaded.model)
     merged.save_pretrained(directory)
     getattr(loaded.tokenizer, "processor", loaded.tokenizer).save_pretrained(directory)
+
+
+@dataclass
+class MergeResult:
+    """A merged model directory and what went into it."""
+
+    output_dir: str
+    strategy: str
+    base_model: str

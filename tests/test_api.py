@@ -45,7 +45,7 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
 
     [row] = api.predict(api.PredictConfig(adapter=os.path.join(out, "adapter"), inputs=["a good film"], model=model))
     assert row["text"] == "a good film" and row["label"] in ("neg", "pos")
-    merged = api.merge(os.path.join(out, "adapter"), str(tmp_path / "merged"), model=model)
+    merged = api.merge(api.MergeConfig(os.path.join(out, "adapter"), str(tmp_path / "merged"), model=model))
     assert merged.strategy == "lora" and os.path.isfile(tmp_path / "merged" / "config.json")
     meta = api.inspect(os.path.join(out, "adapter"))
     assert meta["strategy"] == "lora" and meta["adapter_bytes"] > 0

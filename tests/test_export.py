@@ -70,7 +70,7 @@ def test_every_strategy_exports_what_pytorch_computes(
 
     adapter = _adapter(tiny_model_dir, tmp_path, strategy, arch, **options)
     out = str(tmp_path / "onnx")
-    result = api.export(adapter, out, dataset=tiny_csv)
+    result = api.export(api.ExportConfig(adapter, out, dataset=tiny_csv))
     assert result.merged is get_strategy(strategy).merges
     assert sorted(os.listdir(out)) == sorted(
         ["model.onnx", "peftkit_export.json", "config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -95,7 +95,7 @@ def test_the_plugin_strategy_exports(example_plugin, tiny_model_dir, tiny_csv, t
 
     adapter = _adapter(tiny_model_dir, tmp_path, "bitfit")
     out = str(tmp_path / "onnx")
-    api.export(adapter, out, dataset=tiny_csv)
+    api.export(api.ExportConfig(adapter, out, dataset=tiny_csv))
     got, expected = (
         api.predict(api.PredictConfig(inputs=TEXTS, onnx=out)),
         api.predict(api.PredictConfig(adapter=adapter, inputs=TEXTS)),

@@ -20,6 +20,7 @@ from peftkit.benchmark.config import BenchConfig
 from peftkit.cli import cli
 from peftkit.config import Levers, RunConfig
 from peftkit.evaluation import EvalConfig
+from peftkit.export_config import ExportConfig, MergeConfig
 from peftkit.planner import PlanSettings
 from peftkit.settings import REQUIRED, SETTINGS, Setting
 from peftkit.tuning.config import TuneConfig
@@ -34,6 +35,8 @@ CONFIGS: dict[str, tuple[type, ...]] = {
     "tune": (TuneConfig, RunConfig, Levers),
     "plan": (PlanSettings, Levers),
     "eval": (EvalConfig,),
+    "merge": (MergeConfig,),
+    "export": (ExportConfig,),
 }
 # (command, flag): why the flag sets no config field
 FLAG_WITHOUT_FIELD = {
@@ -122,7 +125,7 @@ def _base(hint: Any) -> Any:
     return hint
 
 
-CLASSES = (RunConfig, Levers, BenchConfig, TuneConfig, PlanSettings, EvalConfig)
+CLASSES = (RunConfig, Levers, BenchConfig, TuneConfig, PlanSettings, EvalConfig, MergeConfig, ExportConfig)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

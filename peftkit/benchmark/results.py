@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .. import registry
@@ -118,3 +119,14 @@ def size_results(
         "metric": key,
         "strategies": per,
     }
+
+
+@dataclass
+class BenchResult:
+    """A finished suite: where its results are, what they hold, and the table a person reads."""
+
+    output_dir: str
+    results: dict[str, Any]
+    """What results.json holds: every row, a summary per strategy, settings, versions, machine."""
+    table: str
+    """The table of results.md (markdown), best values in bold."""

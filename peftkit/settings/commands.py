@@ -84,7 +84,13 @@ declare(
     help="Answer with an ONNX export (what peftkit export --output wrote), run by ONNX Runtime, instead of "
     "an --adapter.",
 )
-declare("output", "--output", required=True, help="Directory for the merged model (must not exist unless --overwrite).")
+declare(
+    "output",
+    "--output",
+    default=REQUIRED,
+    required=True,
+    help="Directory for the merged model (must not exist unless --overwrite).",
+)
 declare(
     "eval:dataset",
     "--dataset",
@@ -307,7 +313,13 @@ declare(
     help="What to write: onnx (sequence and image classification) or gguf (causal-lm on a Llama-"
     "architecture base: llama.cpp, Ollama).",
 )
-declare("export:output", "--output", required=True, help="Directory to write (must not exist unless --overwrite).")
+declare(
+    "export:output",
+    "--output",
+    default=REQUIRED,
+    required=True,
+    help="Directory to write (must not exist unless --overwrite).",
+)
 declare(
     "export:quantize",
     "--quantize",

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..config import RunConfig
@@ -24,10 +25,11 @@ from ..errors import PeftkitError
 from ..files import private_dir, publish_modes, write_json
 from ..metrics import RunMetrics
 from ..rundir import check_output_dir
+from ..runs import RunResult
 from .config import MARKER, TunePlan
-from .report import defaults_won, write_reports
+from .report import defaults_won, versus_defaults, write_reports
 from .storage import masked
-from .trial import best_config
+from .trial import TrialCounts, best_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -155,3 +157,60 @@ def best_run_record(plan: TunePlan, study: optuna.Study, metrics: RunMetrics | N
         "validation": metrics.validation if metrics else {},
         "test": metrics.test if metrics else {},
     }
+
+
+@dataclass
+class TuneResult:
+    """A finished tune: the study, its best trial, and the best configuration's run (the only one
+    whose test split was evaluated)."""
+
+    output_dir: str
+    """Holds study.db (by default), best.yaml, trials.csv, trials.json, plots, best-run/ and trials/."""
+    study_name: str
+    storage: str
+    """The study's storage URL, its password hidden."""
+    metric: str
+    trials: int
+    """Trials the study has started (this call's and earlier ones', every process's): ``counts.total``."""
+    ran: int
+    """Trials this call ran."""
+    best_trial: int
+    best_value: float
+    """The best trial's validation ``metric`` (its best epoch's)."""
+    best_params: dict[str, Any]
+    best_config: RunConfig
+    """What best.yaml holds: ``peftkit run --config best.yaml`` trains it again."""
+    best_run: RunResult
+    """The best configuration trained once more as a normal run (DIR/best-run): its test metrics."""
+    plots: list[str]
+    versus_defaults: dict[str, Any] | None = None
+    """The best trial against the defaults on the same validation examples
+    (``peftkit.tuning.report.versus_defaults``: difference, 95% interval, p-value,
+    ``distinguishable``); None where it cannot be said."""
+    counts: TrialCounts = field(default_factory=TrialCounts)
+    """How the study's trials stand (complete, pruned, failed, interrupted, running), the figures
+    every line of the tune gives."""
+    defaults_best: bool = False
+    """The defaults won the study: no tuned setting beat them on validation."""
+
+
+def tune_result(plan: TunePlan, study: optuna.Study, ran: int, done: FinishedTune) -> TuneResult:
+    """What ``api.tune`` gives back: the study as it stands, its best trial and the best run."""
+    counts = TrialCounts.of(study)
+    return TuneResult(
+        plan.output_dir,
+        plan.study_name,
+        masked(plan.storage),
+        plan.metric,
+        counts.total,
+        ran,
+        study.best_trial.number,
+        study.best_value,
+        dict(study.best_trial.params),
+        done.best,
+        RunResult(done.run_dir, done.metrics),
+        done.plots,
+        versus_defaults(study),
+        counts,
+        defaults_won(study),
+    )

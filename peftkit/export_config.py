@@ -1,0 +1,61 @@
+"""What ``peftkit merge`` and ``peftkit export`` were asked (a field per flag): ``api.merge`` takes a
+``MergeConfig``, ``api.export`` an ``ExportConfig``, as ``api.predict`` takes a ``PredictConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PeftkitError
+from .settings import setting
+
+
+@dataclass
+class MergeConfig:
+    """Merge an adapter (``adapter``: an adapter directory, or a run directory: its ``adapter/``) into
+    its base (``model`` instead of the one its metadata names) and write a plain transformers model
+    directory to ``output``."""
+
+    adapter: str = setting("merge:adapter")
+    output: str = setting("output")
+    model: str | None = setting("base_model")
+    force: bool = setting("force")
+    overwrite: bool = setting("overwrite")
+
+
+@dataclass
+class ExportConfig:
+    """Export an adapter on its base (``model`` overrides the base) as a model that serves without
+    PyTorch, into the directory ``output``: ``format`` "onnx" (``model.onnx``, the tokenizer or image
+    processor, ``peftkit_export.json``) or "gguf", for a causal-lm adapter on a Llama-architecture
+    base (``model.gguf``, merged, float32; see ``peftkit.gguf_export``). Merged where the strategy
+    merges (lora, full, gradual_unfreeze), its own modules in the graph otherwise. ``quantize``
+    "int8": ONNX Runtime's dynamic quantization. ``opset``: the ONNX opset (default 18).
+
+    Checked before anything is written, on the adapter's own test split (or every example of
+    ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
+    PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
+    less); a GGUF file by reading it back with transformers and comparing greedy generations."""
+
+    adapter: str = setting("export:adapter")
+    output: str = setting("export:output")
+    format: str = setting("export:format")
+    model: str | None = setting("base_model")
+    quantize: str | None = setting("export:quantize")
+    opset: int | None = setting("export:opset")
+    dataset: str | None = setting("export:dataset")
+    text_column: str | None = setting("text_column")
+    label_column: str | None = setting("label_column")
+    min_agreement: float | None = setting("export:min_agreement")
+    force: bool = setting("force")
+    overwrite: bool = setting("overwrite")
+
+    def validate(self) -> None:
+        """Refuse the check data's settings for a GGUF export (the format, quantization, opset and
+        agreement are checked by ``exporter.check_export_settings``)."""
+        if self.format == "gguf" and (
+            self.dataset is not None or self.text_column is not None or self.label_column is not None
+        ):
+            raise PeftkitError(
+                "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                "checked on greedy generations of fixed prompts)"
+            )
