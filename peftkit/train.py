@@ -225,7 +225,6 @@ def _load(
     """Load the data (config.yaml records the split actually made; ``early``: read already) and the
     model, and prepare it."""
     clock = _StageClock()
-    import yaml
     from transformers import set_seed
 
     from .data import cap_eval_splits
@@ -246,18 +245,7 @@ def _load(
     cap_eval_splits(data, cfg.max_eval_samples, cfg.seed)
     _say_data(run, data, resolved, (lambda message: None) if data_said else say, log)
     log(f"data: {data.split_info['method']}; sizes {data.split_info['sizes']}; labels {data.label_names}")
-    schedule = size_schedule(run, data.split_info["sizes"]["train"])
-    resolved.update(
-        epochs=run.hparams.epochs, early_stopping_patience=cfg.early_stopping_patience, schedule=schedule.to_dict()
-    )
-    log(schedule.reason)
-    if schedule.worth_saying and write_config:  # a resumed run's epochs were chosen (and said) at its start
-        say(schedule.reason)
-    resolved["split"] = data.split_info
-    resolved["label_names"] = data.label_names
-    if write_config:
-        with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(resolved, fh, sort_keys=False)
+    _schedule_and_record(run, data, resolved, workdir if write_config else None, say, log)
     clock.lap("load_data")
     if early is not None:  # read before the imports: its own time, not the moment it took here
         clock.seconds["load_data"] = round(clock.seconds["load_data"] + early.seconds, 3)
@@ -276,6 +264,35 @@ def _load(
     model = run.strategy.prepare(base, spec)
     clock.lap("prepare")
     return _Loaded(data, processor, base_digests, spec, model, clock.seconds, kernels)
+
+
+def _schedule_and_record(
+    run: ResolvedRun,
+    data: Any,
+    resolved: dict[str, Any],
+    workdir: str | None,
+    say: Callable[[str], None],
+    log: Callable[[str], None],
+) -> None:
+    """Size the run's epochs to its data (``size_schedule``) and, with ``workdir`` (a run's first
+    start, on the main process), write config.yaml: the settings as resolved, with the schedule,
+    the split actually made and the label names."""
+    import yaml
+
+    schedule = size_schedule(run, data.split_info["sizes"]["train"])
+    resolved.update(
+        epochs=run.hparams.epochs,
+        early_stopping_patience=run.config.early_stopping_patience,
+        schedule=schedule.to_dict(),
+    )
+    log(schedule.reason)
+    if schedule.worth_saying and workdir:  # a resumed run's epochs were chosen (and said) at its start
+        say(schedule.reason)
+    resolved["split"] = data.split_info
+    resolved["label_names"] = data.label_names
+    if workdir:
+        with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(resolved, fh, sort_keys=False)
 
 
 def _prepared(run: ResolvedRun, data: Any, processor: Any, spec: TaskSpec) -> Any:
