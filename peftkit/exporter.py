@@ -261,14 +261,8 @@ def export_onnx(
     seconds["load_and_reference"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    serving = strategy.serving_model(loaded.model)
+    serving, sample, module = _serving_module(task, loaded, fp32_inputs, opset, echo)
     merged = strategy.merges
-    sample = task.serving_batch(loaded.tokenizer, meta, fp32_inputs[:2] if len(fp32_inputs) > 1 else fp32_inputs * 2)
-    echo(
-        f"exporting {meta['strategy']} ({'merged into the base' if merged else 'its modules in the graph'}) "
-        f"to ONNX opset {opset} ..."
-    )
-    module = probabilities_module(strategy, serving, list(sample))
     with staged_dir(output, overwrite, flag="--output") as stage:
         path = os.path.join(stage, ONNX_FILE)
         export_graph(module, sample, task.serving_axes, opset, path)
@@ -286,6 +280,19 @@ def export_onnx(
     return ExportResult(
         output, "onnx", meta["strategy"], meta["base_model"], merged, quantize, opset, size, check, seconds
     )
+
+
+def _serving_module(task: Any, loaded: Any, inputs: list[Any], opset: int, echo: Echo) -> tuple[Any, Any, Any]:
+    """The strategy's serving model, a sample batch of two of ``inputs`` (the exporter's example
+    inputs) and the module the graph is exported from (ending in the label probabilities)."""
+    strategy, meta = loaded.strategy, loaded.metadata
+    serving = strategy.serving_model(loaded.model)
+    sample = task.serving_batch(loaded.tokenizer, meta, inputs[:2] if len(inputs) > 1 else inputs * 2)
+    echo(
+        f"exporting {meta['strategy']} ({'merged into the base' if strategy.merges else 'its modules in the graph'}) "
+        f"to ONNX opset {opset} ..."
+    )
+    return serving, sample, probabilities_module(strategy, serving, list(sample))
 
 
 def _refusals(
