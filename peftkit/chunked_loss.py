@@ -115,6 +115,42 @@ def linear_cross_entropy(
     return _function().apply(hidden, weight, bias, targets, chunk)
 
 
+def _loss_and_gradients(
+    hidden: Any, weight: Any, bias: Any, targets: Any, chunk: int, wanted: tuple[bool, bool, bool]
+) -> tuple[Any, Any, Any, Any]:
+    """``LinearCrossEntropy``'s forward pass, ``chunk`` rows of logits at a time: the summed loss,
+    and the gradients of hidden, weight and bias that are ``wanted`` (None for the others), each
+    chunk's made while its logits exist and dropped with them."""
+    import torch
+    import torch.nn.functional as F
+
+    want_hidden, want_weight, want_bias = wanted
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    # accumulated over chunks in fp32, whatever the weight is stored in
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        # (under autocast this product runs in 16 bits, as the model's own output layer would)
+        logits = F.linear(h, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+        if not (want_hidden or want_weight or want_bias):
+            continue
+        # d(loss sum)/d(logits) = softmax - one-hot, made in the logits' own memory
+        grad = logits.sub_(lse.unsqueeze(1)).exp_()
+        grad[torch.arange(len(t), device=grad.device), t] -= 1.0
+        if want_hidden:
+            grad_hidden[start : start + chunk] = grad.to(weight.dtype) @ weight
+        if want_weight:
+            grad_weight.addmm_(grad.t(), h.to(torch.float32))
+        if want_bias:
+            grad_bias += grad.sum(0)
+        del logits, grad
+    return total, grad_hidden, grad_weight, grad_bias
+
+
 _FUNCTION: list[Any] = []
 
 
@@ -123,7 +159,6 @@ def _function() -> Any:
     if _FUNCTION:
         return _FUNCTION[0]
     import torch
-    import torch.nn.functional as F
 
     class LinearCrossEntropy(torch.autograd.Function):
         """Forward: the loss, and each chunk's gradients at once (its logits are dropped right
@@ -140,29 +175,9 @@ def _function() -> Any:
         ) -> torch.Tensor:
             want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             want_bias = bias is not None and ctx.needs_input_grad[2]
-            grad_hidden = torch.empty_like(hidden) if want_hidden else None
-            # accumulated over chunks in fp32, whatever the weight is stored in
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk):
-                h, t = hidden[start : start + chunk], targets[start : start + chunk]
-                # (under autocast this product runs in 16 bits, as the model's own output layer would)
-                logits = F.linear(h, weight, bias).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-                if not (want_hidden or want_weight or want_bias):
-                    continue
-                # d(loss sum)/d(logits) = softmax - one-hot, made in the logits' own memory
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad[torch.arange(len(t), device=grad.device), t] -= 1.0
-                if want_hidden:
-                    grad_hidden[start : start + chunk] = grad.to(weight.dtype) @ weight
-                if want_weight:
-                    grad_weight.addmm_(grad.t(), h.to(torch.float32))
-                if want_bias:
-                    grad_bias += grad.sum(0)
-                del logits, grad
+            total, grad_hidden, grad_weight, grad_bias = _loss_and_gradients(
+                hidden, weight, bias, targets, chunk, (want_hidden, want_weight, want_bias)
+            )
             ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
             ctx.wanted = (want_hidden, want_weight, want_bias)
             ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -24,18 +24,15 @@ passed: an export that fails it leaves nothing.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import PeftkitError, first_line
+from .onnx_graph import export_graph, int8_sources, quantize_int8
 from .settings import EXPORT_FORMATS, EXPORT_QUANTIZATIONS
 
 ONNX_FILE = "model.onnx"
@@ -226,160 +223,6 @@ def onnx_probabilities(session: Any, task: Any, processor: Any, metadata: dict[s
     )
 
 
-def _export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], opset: int, path: str) -> None:
-    """``module`` (taking the tensors of ``sample`` by position) to an ONNX file at ``path``. The
-    exporter's own chatter is kept, and shown only if it fails."""
-    import logging
-
-    import torch
-    from torch.export import Dim
-
-    # torch.onnx logs a warning per torchvision operator it cannot register (torchvision is not a
-    # dependency): through a handler that holds the real stderr, so the redirect below misses it
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    names = list(sample)
-    dims = {position: Dim(name) for position, name in axes.items()}
-    # one entry per parameter of forward: its *inputs, a tuple with one entry per tensor
-    dynamic = (tuple({p: d for p, d in dims.items() if p < sample[n].dim()} for n in names),)
-    said = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said), warnings.catch_warnings():
-            # "the axis name batch will not be used": the dims keep the exporter's own names; harmless
-            warnings.simplefilter("ignore", UserWarning)
-            program = torch.onnx.export(
-                module,
-                tuple(sample.values()),
-                dynamo=True,
-                input_names=names,
-                output_names=["probabilities"],
-                dynamic_shapes=dynamic,
-                opset_version=opset,
-                optimize=True,
-                verify=False,
-            )
-            program.save(path)
-    except Exception as exc:
-        from .errors import debug_requested
-
-        if debug_requested():
-            sys.stderr.write(said.getvalue())
-        raise PeftkitError(
-            f"torch.onnx could not export this model: {first_line(exc)} (PEFTKIT_DEBUG=1 shows the exporter's report)"
-        ) from exc
-
-
-INT8_GRAPHS = ("attention fused, padding mask", "attention fused", "ONNX Runtime's transformer optimizer")
-"""The fp32 graphs int8 quantizes, fastest first (``int8_sources``): the first that matches
-PyTorch within ``FP32_TOLERANCE`` is quantized. On the shipped LoRA adapter (2-core Xeon,
-AVX-512 VNNI, batches of 32, the three taking turns for 5 rounds) int8 made from them served 248,
-208 and 179 examples/s, in this order."""
-
-
-def _fuse_attention(source: str, target: str, padding_mask: bool) -> bool:
-    """onnxscript's transformer fusions on the fp32 graph at ``source``, written to ``target``:
-    GELU with its bias, each layer norm with its residual add, and each attention into ONNX
-    Runtime's ``MultiHeadAttention`` with its query, key and value projections left as MatMuls,
-    which dynamic quantization then makes int8. onnxscript's further fusion into the packed
-    ``Attention`` op is skipped on purpose: the quantizer leaves that op in fp32 where it declares
-    its q/k/v sizes (as onnxscript's does), and its fp32 projections cost more than int8 saves.
-
-    ``padding_mask``: each attention takes the 2-D ``attention_mask`` input as its key padding mask
-    instead of the additive (batch, 1, seq, seq) bias the exporter computes from it on every call.
-    That is the same function only for a bidirectional encoder; the caller's fp32 check against
-    PyTorch decides, and a causal model fails it. Returns False, writing nothing, where there is
-    no attention to fuse (or, with ``padding_mask``, no mask to hand it)."""
-    import onnx_ir as ir
-    import onnx_ir.passes.common as common_passes
-    from onnxscript.optimizer import optimize
-    from onnxscript.rewriter import rewrite
-    from onnxscript.rewriter.ort_fusions import ORT_PATTERN_REWRITE_RULES, shape_optimization
-    from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
-    from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
-    from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
-    from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
-    from onnxscript.rewriter.ort_fusions.mha_scale import fuse_mha_scale
-    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
-    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_layer_normalization
-    from onnxscript.rewriter.rules.common import gemm_to_matmul_add_rule
-
-    model = ir.load(source)
-    # what onnxscript's optimize_for_ort does first: Gemm as MatMul + Add (a GPT-2 Conv1D is a Gemm
-    # whose fused form ONNX Runtime refuses), shapes known, constants folded
-    rewrite(model, [gemm_to_matmul_add_rule])
-    common_passes.ShapeInferencePass()(model)
-    optimize(model)
-    shape_optimization.rules.apply_to_model(model)
-    optimize(model)
-    fuse_erfgelu(model)
-    fuse_skip_layer_normalization(model)
-    fuse_sdpa(model, apply_shape_inference=True)
-    if fuse_mha1(model) + fuse_mha2(model) == 0:
-        return False
-    fuse_mha_scale(model)
-    fuse_mha_bias(model)
-    fuse_bias_gelu(model)
-    if padding_mask:
-        mask = next((v for v in model.graph.inputs if v.name == "attention_mask"), None)
-        attentions = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
-        # inputs: query, key, value, bias, key_padding_mask, attention_bias, then a cache (none here)
-        if mask is None or not all(
-            len(n.inputs) >= 6
-            and n.inputs[4] is None
-            and n.inputs[5] is not None
-            and all(v is None for v in n.inputs[6:])
-            for n in attentions
-        ):
-            return False
-        cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT32})
-        model.graph.insert_before(attentions[0], cast)
-        for node in attentions:
-            node.replace_input_with(4, cast.outputs[0])
-            node.replace_input_with(5, None)
-    optimize(model)  # drops the bias computation nothing reads any more
-    rewrite(model, ORT_PATTERN_REWRITE_RULES)
-    common_passes.ShapeInferencePass()(model)
-    ir.save(model, target)
-    return True
-
-
-def int8_sources(source: str, workdir: str) -> Any:
-    """The fp32 graphs to quantize, fastest first (``INT8_GRAPHS``), each made from the exported
-    graph at ``source`` into ``workdir``: yields (description, path). A fusion that does not match
-    this model, or fails, is skipped; the last, ONNX Runtime's own transformer optimizer (layer
-    norms with their residual add, the bias with GELU, attention where it recognises it), always
-    comes. Each is a candidate only: the caller checks it against PyTorch before using it."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    said = io.StringIO()
-    for description, padding_mask in zip(INT8_GRAPHS[:2], (True, False)):
-        path = os.path.join(workdir, f"int8-source-{int(padding_mask)}.onnx")
-        try:
-            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                made = _fuse_attention(source, path, padding_mask)
-        except Exception:  # noqa: BLE001 - a pattern rewriter that trips on a graph is a fusion that does not apply
-            made = False
-        if made:
-            yield description, path
-    path = os.path.join(workdir, "int8-source-ort.onnx")
-    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-        # num_heads / hidden_size 0: read from the graph; fusions that do not match are skipped
-        optimize_model(source, model_type="bert", num_heads=0, hidden_size=0).save_model_to_file(path)
-    yield INT8_GRAPHS[2], path
-
-
-def quantize_int8(source: str, target: str) -> None:
-    """ONNX Runtime's dynamic quantization of the fp32 graph at ``source`` into ``target``: weights
-    int8 per output channel, activations quantized on the fly per call. Per channel, not per
-    tensor, lifted the shipped LoRA adapter's agreement with PyTorch from 93.5% to 98%. The graph
-    it quantizes uses ONNX Runtime's own operators (``int8_sources``), as dynamic quantization does
-    anyway: the fp32 export stays standard ONNX."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    said = io.StringIO()
-    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
-
-
 def export_onnx(
     adapter_dir: str,
     output: str,
@@ -400,19 +243,11 @@ def export_onnx(
     PyTorch's label (default ``INT8_AGREEMENT``). Refused in one line: a task that is not a
     classifier, missing libraries, an existing ``output`` (unless ``overwrite``), a failed check
     (nothing written)."""
-    import numpy as np
 
-    from .inference import adapter_task, load_adapter
-    from .rundir import check_output_dir, staged_dir
+    from .inference import load_adapter
+    from .rundir import staged_dir
 
-    check_export_settings("onnx", quantize, opset, min_agreement)
-    required = INT8_AGREEMENT if min_agreement is None else float(min_agreement)
-    require_onnx()
-    check_output_dir(output, overwrite, flag="--output")
-    task = adapter_task(adapter_dir)
-    if not task.exports_onnx:
-        hint = ": use --format gguf" if task.generates else ""
-        raise PeftkitError(f"--format onnx exports classifiers; this adapter is a {task.name} adapter{hint}")
+    task, required = _refusals(adapter_dir, output, overwrite, quantize, opset, min_agreement)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     echo(f"loading adapter {adapter_dir!r} ...")
@@ -422,79 +257,149 @@ def export_onnx(
     fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
     checked = data.inputs if quantize else fp32_inputs
     echo(f"checking on {len(checked):,} examples of {data.described}: PyTorch's answers ...")
-    reference = np.concatenate(
-        [loaded.probabilities(b).numpy() for b in _batches(task, loaded.tokenizer, meta, checked)]
-    )
+    reference = _pytorch_probabilities(task, loaded, checked)
     seconds["load_and_reference"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    serving = strategy.serving_model(loaded.model)
+    serving, sample, module = _serving_module(task, loaded, fp32_inputs, opset, echo)
     merged = strategy.merges
-    sample = task.serving_batch(loaded.tokenizer, meta, fp32_inputs[:2] if len(fp32_inputs) > 1 else fp32_inputs * 2)
-    echo(
-        f"exporting {meta['strategy']} ({'merged into the base' if merged else 'its modules in the graph'}) "
-        f"to ONNX opset {opset} ..."
-    )
-    module = probabilities_module(strategy, serving, list(sample))
     with staged_dir(output, overwrite, flag="--output") as stage:
         path = os.path.join(stage, ONNX_FILE)
-        _export_graph(module, sample, task.serving_axes, opset, path)
+        export_graph(module, sample, task.serving_axes, opset, path)
         seconds["export"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        diff = _fp32_difference(path, task, loaded, fp32_inputs, reference)
-        check: dict[str, Any] = {
-            "checked_on": data.described,
-            "fp32_examples": len(fp32_inputs),
-            "max_abs_diff": diff,
-            "fp32_tolerance": FP32_TOLERANCE,
-        }
-        if not diff <= FP32_TOLERANCE:  # a NaN fails too
-            raise PeftkitError(
-                f"the exported model differs from PyTorch by up to {diff:.2e} in a probability "
-                f"(allowed {FP32_TOLERANCE:g}) on {len(fp32_inputs)} examples; nothing was written"
-            )
-        echo(
-            f"fp32 check: max abs difference {diff:.1e} from PyTorch on {len(fp32_inputs)} examples "
-            f"(allowed {FP32_TOLERANCE:g})"
-        )
+        check = _check_fp32(path, task, loaded, data, reference, echo)
         if quantize:
             check.update(_check_int8(path, task, loaded, data, reference, required, echo))
-            echo(
-                f"int8 check ({check['int8_graph']}): the same label as PyTorch on {check['agreed']:,} of "
-                f"{check['examples']:,} examples ({check['agreement']:.2%}; required {required:.1%})"
-                + (
-                    f"; accuracy {check['accuracy_onnx']:.4f} vs {check['accuracy_pytorch']:.4f} in PyTorch"
-                    if "accuracy_onnx" in check
-                    else ""
-                )
-            )
+            _echo_int8(check, required, echo)
         seconds["check"] = time.perf_counter() - clock
-        processor = getattr(loaded.tokenizer, "processor", loaded.tokenizer)
-        processor.save_pretrained(stage)
-        _model_config(serving).save_pretrained(stage)  # an image processor reads its channels from it
         size = os.path.getsize(path)
-        info = {
-            "format": "onnx",
-            "opset": opset,
-            "quantize": quantize,
-            "task": task.name,
-            "strategy": meta["strategy"],
-            "merged": merged,
-            "base_model": meta["base_model"],
-            "base_fingerprint": meta.get("base_fingerprint"),
-            "label_names": loaded.label_names,
-            "max_length": meta.get("max_length"),
-            "inputs": list(sample),
-            "output": "probabilities",
-            "adapter": os.path.abspath(adapter_dir),
-            "check": check,
-            "versions": export_versions(),
-        }
-        with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
-            json.dump(info, f, indent=2)
+        record = _export_record(adapter_dir, opset, quantize, task, loaded, merged, list(sample), check)
+        _write_beside(stage, loaded, serving, record)
     return ExportResult(
         output, "onnx", meta["strategy"], meta["base_model"], merged, quantize, opset, size, check, seconds
+    )
+
+
+def _serving_module(task: Any, loaded: Any, inputs: list[Any], opset: int, echo: Echo) -> tuple[Any, Any, Any]:
+    """The strategy's serving model, a sample batch of two of ``inputs`` (the exporter's example
+    inputs) and the module the graph is exported from (ending in the label probabilities)."""
+    strategy, meta = loaded.strategy, loaded.metadata
+    serving = strategy.serving_model(loaded.model)
+    sample = task.serving_batch(loaded.tokenizer, meta, inputs[:2] if len(inputs) > 1 else inputs * 2)
+    echo(
+        f"exporting {meta['strategy']} ({'merged into the base' if strategy.merges else 'its modules in the graph'}) "
+        f"to ONNX opset {opset} ..."
+    )
+    return serving, sample, probabilities_module(strategy, serving, list(sample))
+
+
+def _refusals(
+    adapter_dir: str, output: str, overwrite: bool, quantize: str | None, opset: int, min_agreement: float | None
+) -> tuple[Any, float]:
+    """What ``export_onnx`` refuses before loading anything (the settings, missing libraries, an
+    existing ``output``, a task that is no classifier); returns the adapter's task and the int8
+    agreement required."""
+    from .inference import adapter_task
+    from .rundir import check_output_dir
+
+    check_export_settings("onnx", quantize, opset, min_agreement)
+    required = INT8_AGREEMENT if min_agreement is None else float(min_agreement)
+    require_onnx()
+    check_output_dir(output, overwrite, flag="--output")
+    task = adapter_task(adapter_dir)
+    if not task.exports_onnx:
+        hint = ": use --format gguf" if task.generates else ""
+        raise PeftkitError(f"--format onnx exports classifiers; this adapter is a {task.name} adapter{hint}")
+    return task, required
+
+
+def _write_beside(stage: str, loaded: Any, serving: Any, record: dict[str, Any]) -> None:
+    """Beside the graph in ``stage``: the processor, the model config and ``peftkit_export.json``."""
+    processor = getattr(loaded.tokenizer, "processor", loaded.tokenizer)
+    processor.save_pretrained(stage)
+    _model_config(serving).save_pretrained(stage)  # an image processor reads its channels from it
+    with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def _pytorch_probabilities(task: Any, loaded: Any, inputs: list[Any]) -> Any:
+    """PyTorch's label probabilities (numpy, examples x labels) for ``inputs``: what the export is
+    checked against."""
+    import numpy as np
+
+    return np.concatenate(
+        [loaded.probabilities(b).numpy() for b in _batches(task, loaded.tokenizer, loaded.metadata, inputs)]
+    )
+
+
+def _export_record(
+    adapter_dir: str,
+    opset: int,
+    quantize: str | None,
+    task: Any,
+    loaded: Any,
+    merged: bool,
+    inputs: list[str],
+    check: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``peftkit_export.json`` says of an export: its format, the adapter and base it came
+    from, its inputs, what was checked and the versions."""
+    meta = loaded.metadata
+    return {
+        "format": "onnx",
+        "opset": opset,
+        "quantize": quantize,
+        "task": task.name,
+        "strategy": meta["strategy"],
+        "merged": merged,
+        "base_model": meta["base_model"],
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "label_names": loaded.label_names,
+        "max_length": meta.get("max_length"),
+        "inputs": inputs,
+        "output": "probabilities",
+        "adapter": os.path.abspath(adapter_dir),
+        "check": check,
+        "versions": export_versions(),
+    }
+
+
+def _check_fp32(path: str, task: Any, loaded: Any, data: CheckData, reference: Any, echo: Echo) -> dict[str, Any]:
+    """The fp32 graph at ``path`` against PyTorch's ``reference`` on the first
+    ``FP32_CHECK_EXAMPLES`` check examples: what was checked (the export's ``check`` record), or
+    refused (nothing written) where a probability differs by more than ``FP32_TOLERANCE``."""
+    fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
+    diff = _fp32_difference(path, task, loaded, fp32_inputs, reference)
+    check: dict[str, Any] = {
+        "checked_on": data.described,
+        "fp32_examples": len(fp32_inputs),
+        "max_abs_diff": diff,
+        "fp32_tolerance": FP32_TOLERANCE,
+    }
+    if not diff <= FP32_TOLERANCE:  # a NaN fails too
+        raise PeftkitError(
+            f"the exported model differs from PyTorch by up to {diff:.2e} in a probability "
+            f"(allowed {FP32_TOLERANCE:g}) on {len(fp32_inputs)} examples; nothing was written"
+        )
+    echo(
+        f"fp32 check: max abs difference {diff:.1e} from PyTorch on {len(fp32_inputs)} examples "
+        f"(allowed {FP32_TOLERANCE:g})"
+    )
+    return check
+
+
+def _echo_int8(check: dict[str, Any], required: float, echo: Echo) -> None:
+    """The int8 check's line: the graph quantized, the agreement with PyTorch, and accuracy where known."""
+    echo(
+        f"int8 check ({check['int8_graph']}): the same label as PyTorch on {check['agreed']:,} of "
+        f"{check['examples']:,} examples ({check['agreement']:.2%}; required {required:.1%})"
+        + (
+            f"; accuracy {check['accuracy_onnx']:.4f} vs {check['accuracy_pytorch']:.4f} in PyTorch"
+            if "accuracy_onnx" in check
+            else ""
+        )
     )
 
 

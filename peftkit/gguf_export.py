@@ -71,7 +71,6 @@ def _tokenizer_fields(tokenizer: Any) -> dict[str, Any]:
 def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     """Write the Llama-architecture causal LM ``model`` (float32) and its ``tokenizer`` to ``path``."""
     import gguf
-    import numpy as np
 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -101,6 +100,20 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_tokenizer(writer, tokenizer, fields)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    _add_tensors(writer, model, names, tied, heads, kv_heads)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, fields: dict[str, Any]) -> None:
+    """The tokenizer's GGUF keys: its byte-level BPE vocabulary (``fields``, from
+    ``_tokenizer_fields``), the special tokens' ids and the chat template."""
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(fields["tokens"])
     writer.add_token_types(fields["types"])
@@ -116,8 +129,13 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+def _add_tensors(writer: Any, model: Any, names: Any, tied: bool, heads: int, kv_heads: int) -> None:
+    """Every tensor of ``model`` under its llama.cpp name (``names``: gguf's map), float32, the query
+    and key projections permuted as llama.cpp's rotary embedding reads them; a tied output layer
+    left out."""
+    import numpy as np
+
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and tied:
             continue  # llama.cpp reads a missing output layer from the token embeddings
@@ -130,10 +148,6 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
         elif name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
         writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _greedy(model: Any, tokenizer: Any, prompts: list[str]) -> tuple[list[list[int]], list[list[int]], list[Any]]:
@@ -192,15 +206,40 @@ def export_gguf(
     ``output/model.gguf`` with ``peftkit_export.json``, checked as the module's docstring says.
     Refused in one line: an adapter of another task, a strategy that cannot be merged, a base that
     is not a Llama-architecture model, an existing ``output`` (unless ``overwrite``), a failed check."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .env import package_versions
     from .exporter import EXPORT_METADATA, ExportResult
-    from .inference import adapter_task, load_adapter
-    from .registry import available
     from .rundir import check_output_dir, staged_dir
 
     check_output_dir(output, overwrite, flag="--output")
+    task, loaded, merged = _merged_llama(adapter_dir, model, force, echo)
+    meta = loaded.metadata
+    template = meta.get("prompt_template")
+    prompts = list(CHECK_PROMPTS) + ([template.format(text="A quietly devastating film.")] if template else [])
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    reference = _greedy(merged, loaded.tokenizer, prompts)
+    with staged_dir(output, overwrite, flag="--output") as stage:
+        path = os.path.join(stage, GGUF_FILE)
+        echo(f"writing {meta['strategy']} merged into {meta['base_model']!r} as GGUF (float32) ...")
+        write_gguf(merged, loaded.tokenizer, path)
+        seconds["write"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        echo(f"checking: transformers reads it back; greedy generations of {len(prompts)} prompts ...")
+        got = _read_back_greedy(stage, prompts)
+        seconds["check"] = time.perf_counter() - clock
+        check = _compare(prompts, reference, got, loaded.tokenizer, echo)
+        size = os.path.getsize(path)
+        with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
+            json.dump(_gguf_record(adapter_dir, task.name, meta, check), f, indent=2)
+    return ExportResult(output, "gguf", meta["strategy"], meta["base_model"], True, None, 0, size, check, seconds)
+
+
+def _merged_llama(adapter_dir: str, model: str | None, force: bool, echo: Echo) -> tuple[Any, Any, Any]:
+    """The adapter's task, the loaded adapter and its strategy's serving model merged into the base
+    (float32, eval mode); refused in one line for an adapter of another task, a strategy that
+    cannot be merged and a base of another architecture than ``ARCHITECTURES``."""
+    from .inference import adapter_task, load_adapter
+    from .registry import available
+
     task = adapter_task(adapter_dir)
     if not task.generates:
         raise PeftkitError(
@@ -223,63 +262,71 @@ def export_gguf(
             f"--format gguf writes llama.cpp's Llama architecture; the base {meta['base_model']!r} is "
             f"a {kind!r} model (supported: {', '.join(ARCHITECTURES)})"
         )
-    template = meta.get("prompt_template")
-    prompts = list(CHECK_PROMPTS) + ([template.format(text="A quietly devastating film.")] if template else [])
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    reference_ids, reference_out, reference_logits = _greedy(merged, loaded.tokenizer, prompts)
-    with staged_dir(output, overwrite, flag="--output") as stage:
-        path = os.path.join(stage, GGUF_FILE)
-        echo(f"writing {meta['strategy']} merged into {meta['base_model']!r} as GGUF (float32) ...")
-        write_gguf(merged, loaded.tokenizer, path)
-        seconds["write"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        echo(f"checking: transformers reads it back; greedy generations of {len(prompts)} prompts ...")
-        with _no_gguf_progress_bar():
-            back = AutoModelForCausalLM.from_pretrained(stage, gguf_file=GGUF_FILE, dtype="float32").eval()
-            back_tokenizer = AutoTokenizer.from_pretrained(stage, gguf_file=GGUF_FILE)
-        got_ids, got_out, got_logits = _greedy(back, back_tokenizer, prompts)
-        seconds["check"] = time.perf_counter() - clock
-        same_tokens = sum(a == b for a, b in zip(got_ids, reference_ids))
-        same_out = sum(a == b for a, b in zip(got_out, reference_out))
-        diff = max(
-            (float((a - b).abs().max()) if a.shape == b.shape else float("inf"))
-            for a, b in zip(got_logits, reference_logits)
+    return task, loaded, merged
+
+
+def _read_back_greedy(stage: str, prompts: list[str]) -> tuple[list[list[int]], list[list[int]], list[Any]]:
+    """The GGUF file in ``stage`` read back by transformers (model and tokenizer), and its greedy
+    generations of ``prompts`` (``_greedy``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _no_gguf_progress_bar():
+        back = AutoModelForCausalLM.from_pretrained(stage, gguf_file=GGUF_FILE, dtype="float32").eval()
+        back_tokenizer = AutoTokenizer.from_pretrained(stage, gguf_file=GGUF_FILE)
+    return _greedy(back, back_tokenizer, prompts)
+
+
+def _compare(
+    prompts: list[str],
+    reference: tuple[list[list[int]], list[list[int]], list[Any]],
+    got: tuple[list[list[int]], list[list[int]], list[Any]],
+    tokenizer: Any,
+    echo: Echo,
+) -> dict[str, Any]:
+    """The file read back against PyTorch (token ids, greedy tokens, logits, each ``_greedy``'s):
+    the export's ``check`` record, or refused (nothing written) where any differs."""
+    reference_ids, reference_out, reference_logits = reference
+    got_ids, got_out, got_logits = got
+    same_tokens = sum(a == b for a, b in zip(got_ids, reference_ids))
+    same_out = sum(a == b for a, b in zip(got_out, reference_out))
+    diff = max(
+        (float((a - b).abs().max()) if a.shape == b.shape else float("inf"))
+        for a, b in zip(got_logits, reference_logits)
+    )
+    if same_tokens < len(prompts) or same_out < len(prompts) or not diff <= LOGIT_TOLERANCE:
+        raise PeftkitError(
+            f"the GGUF file read back differs from PyTorch: {len(prompts) - same_tokens} of "
+            f"{len(prompts)} prompts tokenized otherwise, {len(prompts) - same_out} generated "
+            f"otherwise, logits up to {diff:.2e} apart (allowed {LOGIT_TOLERANCE:g}); nothing "
+            "was written"
         )
-        if same_tokens < len(prompts) or same_out < len(prompts) or not diff <= LOGIT_TOLERANCE:
-            raise PeftkitError(
-                f"the GGUF file read back differs from PyTorch: {len(prompts) - same_tokens} of "
-                f"{len(prompts)} prompts tokenized otherwise, {len(prompts) - same_out} generated "
-                f"otherwise, logits up to {diff:.2e} apart (allowed {LOGIT_TOLERANCE:g}); nothing "
-                "was written"
-            )
-        echo(
-            f"check: tokenization and {CHECK_NEW_TOKENS} greedy tokens the same as PyTorch's on all "
-            f"{len(prompts)} prompts; logits within {diff:.1e}"
-        )
-        check = {
-            "prompts": prompts,
-            "new_tokens": CHECK_NEW_TOKENS,
-            "max_abs_logit_diff": diff,
-            "logit_tolerance": LOGIT_TOLERANCE,
-            "generations": [
-                {"prompt": p, "completion": loaded.tokenizer.decode(o)} for p, o in zip(prompts, reference_out)
-            ],
-        }
-        size = os.path.getsize(path)
-        info = {
-            "format": "gguf",
-            "architecture": "llama",
-            "tensor_type": "F32",
-            "task": task.name,
-            "strategy": meta["strategy"],
-            "merged": True,
-            "base_model": meta["base_model"],
-            "base_fingerprint": meta.get("base_fingerprint"),
-            "adapter": os.path.abspath(adapter_dir),
-            "check": check,
-            "versions": package_versions(("torch", "transformers", "peft", "gguf")),
-        }
-        with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
-            json.dump(info, f, indent=2)
-    return ExportResult(output, "gguf", meta["strategy"], meta["base_model"], True, None, 0, size, check, seconds)
+    echo(
+        f"check: tokenization and {CHECK_NEW_TOKENS} greedy tokens the same as PyTorch's on all "
+        f"{len(prompts)} prompts; logits within {diff:.1e}"
+    )
+    return {
+        "prompts": prompts,
+        "new_tokens": CHECK_NEW_TOKENS,
+        "max_abs_logit_diff": diff,
+        "logit_tolerance": LOGIT_TOLERANCE,
+        "generations": [{"prompt": p, "completion": tokenizer.decode(o)} for p, o in zip(prompts, reference_out)],
+    }
+
+
+def _gguf_record(adapter_dir: str, task: str, meta: dict[str, Any], check: dict[str, Any]) -> dict[str, Any]:
+    """What ``peftkit_export.json`` says of a GGUF export."""
+    from .env import package_versions
+
+    return {
+        "format": "gguf",
+        "architecture": "llama",
+        "tensor_type": "F32",
+        "task": task,
+        "strategy": meta["strategy"],
+        "merged": True,
+        "base_model": meta["base_model"],
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "adapter": os.path.abspath(adapter_dir),
+        "check": check,
+        "versions": package_versions(("torch", "transformers", "peft", "gguf")),
+    }

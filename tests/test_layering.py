@@ -46,6 +46,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "typing_utils",
         "fingerprint",
         "gguf_convert",
+        "onnx_graph",
         "rundir",
         "checkpoint",
         "plots",

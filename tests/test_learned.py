@@ -14,10 +14,10 @@ import datasets
 import pytest
 
 from peftkit.data import TaskData
+from peftkit.loop import likely_cause
 from peftkit.metrics import RunMetrics
 from peftkit.tasks import get_task
 from peftkit.tasks.sequence_classification import judge_against_majority, majority_baseline
-from peftkit.train import likely_cause
 
 from conftest import make_rows
 

@@ -89,8 +89,8 @@ def test_without_a_terminal_a_progress_line_comes_every_heartbeat(
     step says where training is (a real run: every 30 s)."""
     import re
 
-    from peftkit import loop
     from peftkit.durations import format_duration
+    from peftkit.loop import trainer as loop  # where the heartbeat reads its interval
 
     monkeypatch.setattr(loop, "HEARTBEAT_SECONDS", 0.0)
     code, _, stderr = run_cli(

@@ -168,7 +168,8 @@ def test_plan_per_device_under_data_parallel_and_fsdp(tiny_model_dir) -> None:
     at once: the root's own parameters, two blocks and one block's gradients."""
     import math
 
-    from peftkit.planner import _arithmetic, resolve_settings
+    from peftkit.planner import resolve_settings
+    from peftkit.planner.plan import _arithmetic
 
     model = tiny_model_dir("bert")
     config = load_config(model)
@@ -269,16 +270,16 @@ def test_plan_for_a_gpu_from_a_cpu_machine_uses_saved_tensors(run_cli, tiny_mode
 
 def _fail_lora(monkeypatch) -> None:
     """Planning lora raises a long ValueError (as prefix once did through peft), the others plan."""
-    import peftkit.planner as plan
+    import peftkit.planner.plan as plan  # where the plan calls the measurement
 
-    measure = plan._measure_activations
+    measure = plan.measure_activations
 
     def failing(config, strategy, *args):
         if strategy.name == "lora":
             raise ValueError("prefix length does not fit the cache " + "x" * 120)
         return measure(config, strategy, *args)
 
-    monkeypatch.setattr(plan, "_measure_activations", failing)
+    monkeypatch.setattr(plan, "measure_activations", failing)
 
 
 def test_plan_failed_row_keeps_the_table_and_exits_1(run_cli, tiny_model_dir, monkeypatch) -> None:
@@ -311,7 +312,7 @@ def test_plan_failed_row_keeps_the_table_and_exits_1(run_cli, tiny_model_dir, mo
 
 
 def test_plan_says_what_it_measures_and_measures_each_structure_once(run_cli, tiny_model_dir, monkeypatch) -> None:
-    import peftkit.planner as plan
+    import peftkit.planner.measure as plan  # where the measurement calls its steps
 
     calls = []
     measure = plan.measure_step_increase
@@ -342,7 +343,7 @@ def test_plan_says_what_it_measures_and_measures_each_structure_once(run_cli, ti
 
 
 def test_measured_steps_stop_once_the_peak_settles() -> None:
-    from peftkit.planner import MAX_STEPS, _settled, step_lengths
+    from peftkit.planner.measure import MAX_STEPS, _settled, step_lengths
 
     assert step_lengths(64)[0] == 64 and len(step_lengths(64)) == MAX_STEPS
     flat = [678, 702, 966, 966, 966, 966, 966]  # full on MiniLM: the peak is reached at step 3

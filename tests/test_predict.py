@@ -265,15 +265,15 @@ def test_causal_lm_raw_prompts_new_tokens_and_seeded_sampling(run_cli, runs) -> 
 def test_chat_puts_each_prompt_in_the_template(tiny_causal_dir) -> None:
     from transformers import AutoTokenizer
 
-    from peftkit.tasks.causal_lm import CausalLM
+    from peftkit.tasks.generation import encode_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
     tok.chat_template = (
         "{% for m in messages %}[CLS] {{ m['content'] }} [SEP]{% endfor %}{% if add_generation_prompt %} the{% endif %}"
     )
-    [ids] = CausalLM._encode_prompts(tok, ["good film"], chat=True, model="tiny")
+    [ids] = encode_prompts(tok, ["good film"], chat=True, model="tiny")
     assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "good", "film", "[SEP]", "the"]
-    [plain] = CausalLM._encode_prompts(tok, ["good film"], chat=False, model="tiny")
+    [plain] = encode_prompts(tok, ["good film"], chat=False, model="tiny")
     assert tok.convert_ids_to_tokens(plain) == ["[CLS]", "good", "film", "[SEP]"]
 
 

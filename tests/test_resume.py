@@ -112,7 +112,7 @@ def test_interrupted_run_keeps_its_checkpoint_and_says_how_to_resume(
     tiny_model_dir, tiny_csv, run_cli, tmp_path, monkeypatch
 ) -> None:
     """Ctrl-C (or SIGTERM) after a checkpoint keeps it; a fresh run to the same place is refused."""
-    import peftkit.loop as loop  # where the training step checks the memory budget
+    import peftkit.loop.trainer as loop  # where the training step checks the memory budget
 
     real = loop.check_budget
     calls = {"n": 0}

@@ -246,14 +246,7 @@ class Strategy:
         per_epoch = optimizer_steps_per_epoch(train_examples, batch_size, grad_accumulation)
         head = f"{train_examples:,} examples: {per_epoch} step{'s' if per_epoch != 1 else ''} per epoch"
         if epochs is not None:
-            reason = f"{head}; training {epochs} epoch(s) as set ({epochs * per_epoch} steps)"
-            if epochs * per_epoch < d.min_steps:
-                reason = (
-                    f"note: {epochs} epoch(s) as set, on {train_examples:,} examples, make "
-                    f"{epochs * per_epoch} optimizer steps; {self.name}'s defaults train at least "
-                    f"{d.min_steps} (leave epochs unset for them)"
-                )
-            return Schedule(epochs, patience, per_epoch, d.epochs, "set", reason)
+            return self._schedule_as_set(epochs, patience, per_epoch, train_examples, head)
         if d.epochs * per_epoch >= d.min_steps:
             return Schedule(
                 d.epochs,
@@ -285,6 +278,21 @@ class Strategy:
             "raised",
             f"{head}; training {raised} epochs ({steps}), {stop} (--epochs N to choose)",
         )
+
+    def _schedule_as_set(
+        self, epochs: int, patience: int | None, per_epoch: int, train_examples: int, head: str
+    ) -> Schedule:
+        """``schedule`` where the user set the epochs: obeyed as given, with a note when they make
+        fewer optimizer steps than the strategy's defaults train."""
+        d = type(self).defaults
+        reason = f"{head}; training {epochs} epoch(s) as set ({epochs * per_epoch} steps)"
+        if epochs * per_epoch < d.min_steps:
+            reason = (
+                f"note: {epochs} epoch(s) as set, on {train_examples:,} examples, make "
+                f"{epochs * per_epoch} optimizer steps; {self.name}'s defaults train at least "
+                f"{d.min_steps} (leave epochs unset for them)"
+            )
+        return Schedule(epochs, patience, per_epoch, d.epochs, "set", reason)
 
     # -- tuning (peftkit tune) ----------------------------------------------------------------
     @classmethod

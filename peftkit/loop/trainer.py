@@ -1,239 +1,36 @@
-"""The pieces of the training loop ``train.fit`` strings together.
-
-``Trainer.setup`` builds what is fixed for a run (accelerator, loaders, optimizer, memory meter);
-``LoopState`` is everything that changes from step to step, which is also what a checkpoint
-saves; ``train_step`` is one optimizer micro-step; ``BestEpoch`` decides which epoch is kept and
-when training stops early. Built on accelerate (device placement, gradient accumulation, mixed
-precision, multi-process), the loop branches only on what a strategy returns: its parameter
-groups, its event hooks, its forward and its adapter state.
-"""
+"""``Trainer``: one run's training, the pieces ``fit`` calls in order. ``setup`` builds what is fixed
+for a run (accelerator, loaders, optimizer, memory meter); then an epoch at a time, its steps, the
+losses read in bulk, the progress bar (or a heartbeat line without a terminal), checkpoints,
+validation and the best epoch's selection; at the end the test split and the run's figures."""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .checkpoint import Checkpointer
-from .config import RunConfig
-from .durations import format_duration, time_left
-from .env import LOGGER
-from .errors import PeftkitError
-from .kernels import compile_blocks
-from .levers import logical_numel, make_optimizer, store_frozen_in_half
-from .memory import MemoryMeter, apply_budget, check_budget, parse_size
-from .metrics import RunMetrics, format_rate
-from .packing import padding_fraction
-from .sharding import check_fsdp, check_shardable, reshard, shard_model
-from .stats import bits
-from .strategies.base import ParamGroup, Strategy, TrainingDefaults
-from .tasks.base import StepLoss, Task, gathered_sum
+from ..checkpoint import Checkpointer
+from ..config import RunConfig
+from ..durations import format_duration, time_left
+from ..env import LOGGER
+from ..kernels import compile_blocks
+from ..levers import logical_numel, make_optimizer, store_frozen_in_half
+from ..memory import MemoryMeter, apply_budget, check_budget, parse_size
+from ..metrics import RunMetrics, format_rate
+from ..packing import padding_fraction
+from ..sharding import check_shardable, reshard, shard_model
+from ..stats import bits
+from ..strategies.base import ParamGroup, Strategy, TrainingDefaults
+from ..tasks.base import StepLoss, Task, gathered_sum
+from .setup import check_distributed, make_accelerator, make_loader, torch_param_groups, trainable_groups
+from .state import LoopState, StepTimes
+from .step import train_step
 
 PROGRESS = logging.getLogger(LOGGER)  # how training goes, for the user (train.log has its own writer)
-
-# -- data and parameter groups ------------------------------------------------------------------
-
-
-def make_loader(
-    ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], batch_size: int, shuffle_seed: int | None
-) -> tuple[Any, Any]:
-    """A DataLoader and the generator that shuffles it (None for evaluation).
-
-    Training batches group examples of similar length (with randomness, seeded) so little time goes
-    into padding; evaluation runs in length order for the same reason (order does not change
-    metrics). The shuffling generator is the loader's own, so a checkpoint can record where it was.
-    """
-    import torch
-    from torch.utils.data import DataLoader, RandomSampler
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    lengths = list(ds["length"]) if "length" in ds.column_names else None
-    gen = None
-    if shuffle_seed is not None:
-        gen = torch.Generator().manual_seed(shuffle_seed)
-        sampler: Any = (
-            LengthGroupedSampler(batch_size, lengths=lengths, generator=gen)
-            if lengths
-            else RandomSampler(ds, generator=gen)
-        )
-    else:
-        sampler = sorted(range(len(ds)), key=lengths.__getitem__) if lengths else list(range(len(ds)))
-    loader = DataLoader(ds.with_format("torch"), batch_size=batch_size, sampler=sampler, collate_fn=collate)
-    return loader, gen
-
-
-def torch_param_groups(groups: list[ParamGroup], lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Split each strategy group into decayed (matrices) and undecayed (biases, norms) halves:
-    decided by tensor shape, so no parameter names are matched."""
-    out = []
-    for group in groups:
-        decay = [p for p in group.params.values() if p.ndim >= 2]
-        no_decay = [p for p in group.params.values() if p.ndim < 2]
-        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if params:
-                base = lr * group.lr_scale
-                out.append({"params": params, "weight_decay": wd, "lr": base, "base_lr": base})
-    return out
-
-
-# -- the state the loop carries -----------------------------------------------------------------
-
-
-@dataclass
-class Peaks:
-    """The highest memory measured per phase (bytes): training and evaluation apart, because they
-    answer different questions (what training needs vs what serving needs)."""
-
-    train: int = 0
-    eval: int = 0
-    train_reserved: int = 0
-    eval_reserved: int = 0
-
-    def record(self, phase: Literal["train", "eval"], peak: int, reserved: int | None) -> None:
-        """A phase ended with these peaks (``reserved``: None where nothing is reserved, on a CPU)."""
-        setattr(self, phase, max(getattr(self, phase), peak))
-        setattr(self, f"{phase}_reserved", max(getattr(self, f"{phase}_reserved"), reserved or 0))
-
-
-@dataclass
-class BestEpoch:
-    """Epoch selection and early stopping in one place: the best validation so far, how many
-    epochs passed without beating it, and the adapter state of that epoch (``snapshot``)."""
-
-    score: float | None = None
-    epoch: int | None = None  # 1-based
-    metrics: dict[str, float] = field(default_factory=dict)
-    epochs_without_gain: int = 0
-    # tensors: saved apart (best.safetensors), never in the JSON state
-    snapshot: dict[str, Any] = field(default_factory=dict, repr=False, metadata={"tensors": True})
-
-    def judge(
-        self,
-        epoch: int,
-        metrics: dict[str, float],
-        score: float,
-        patience: int | None,
-        snapshot: Callable[[], dict[str, Any]],
-    ) -> str:
-        """Record epoch ``epoch`` (1-based) with its validation ``metrics`` and ``score`` (higher is
-        better); ``snapshot`` is called only when it is the best so far. Returns ``"improved"``,
-        ``"worse"``, or ``"stop"`` when ``patience`` epochs in a row brought no gain."""
-        if self.score is None or score > self.score:
-            self.score, self.epoch, self.metrics, self.epochs_without_gain = score, epoch, metrics, 0
-            # the adapter state fully describes what was trained, so it is also the best snapshot
-            self.snapshot = snapshot()
-            return "improved"
-        self.epochs_without_gain += 1
-        return "stop" if patience and self.epochs_without_gain >= patience else "worse"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("tensors")}
-
-
-@dataclass
-class LoopState:
-    """Everything the loop carries from step to step: what a checkpoint saves (``to_dict``) and
-    restores (``from_dict``). Counters of the current epoch restart with ``start_epoch``."""
-
-    epoch: int = 0  # 0-based, the epoch being trained
-    batches_done: int = 0  # micro-batches of this epoch already trained
-    step: int = 0  # optimizer steps, over all epochs
-    train_examples: int = 0
-    train_tokens: int = 0
-    train_positions: int = 0  # batch positions, padding included: train_tokens / this is the real share
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    max_trainable: int = 0  # the most parameters trainable at once (gradual unfreezing grows them)
-    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
-    # the untrained model's validation metrics, for a task that judges learning against them
-    # (Task.needs_zero_shot_reference); None where it does not, or before they are measured
-    zero_shot: dict[str, float] | None = None
-    smooth_loss: float | None = None  # the progress bar's running loss
-    epoch_examples: int = 0
-    epoch_loss: float = 0.0  # this process's sum of micro-batch losses
-    epoch_batches: int = 0
-    epoch_tokens: int = 0
-    epoch_positions: int = 0
-    epoch_elapsed: float = 0.0  # seconds of this epoch before the checkpoint it resumed from
-    peaks: Peaks = field(default_factory=Peaks)
-    best: BestEpoch = field(default_factory=BestEpoch)
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches_done, self.epoch_examples, self.epoch_loss = epoch, 0, 0, 0.0
-        self.epoch_batches, self.epoch_tokens, self.epoch_positions, self.epoch_elapsed = 0, 0, 0, 0.0
-
-    def add_batch(self, index: int, examples: int, tokens: int, positions: int) -> None:
-        """Count micro-batch ``index`` of the epoch (``positions``: its padded size)."""
-        self.epoch_examples += examples
-        self.epoch_tokens += tokens
-        self.epoch_positions += positions
-        self.epoch_batches += 1
-        self.batches_done = index + 1
-
-    def add_loss(self, loss: float) -> None:
-        """A micro-batch's loss on this process, once read from the device (``Trainer.read_losses``)."""
-        self.epoch_loss += loss
-        self.smooth_loss = loss if self.smooth_loss is None else 0.9 * self.smooth_loss + 0.1 * loss
-
-    def end_epoch(self, seconds: float) -> None:
-        self.train_seconds += seconds
-        self.train_examples += self.epoch_examples
-        self.train_tokens += self.epoch_tokens
-        self.train_positions += self.epoch_positions
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out.update(peaks=asdict(self.peaks), best=self.best.to_dict())
-        return out
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any], best_snapshot: dict[str, Any]) -> LoopState:
-        expected = {f.name for f in fields(cls)}
-        # a checkpoint from before zero_shot (or the position counts) existed resumes as it was
-        saved = {"zero_shot": None, "train_positions": 0, "epoch_positions": 0, **saved}
-        if set(saved) != expected:
-            # a checkpoint of another peftkit version (the layout changed when the loop became a
-            # LoopState): a clear refusal, not a KeyError half-way through restoring
-            raise PeftkitError(
-                "this checkpoint was written by another version of peftkit and cannot be resumed "
-                f"(its loop state has {', '.join(sorted(set(saved) ^ expected))} where this "
-                "version differs); start the run again with --overwrite"
-            )
-        plain = {k: v for k, v in saved.items() if k not in ("peaks", "best")}
-        return cls(**plain, peaks=Peaks(**saved["peaks"]), best=BestEpoch(**saved["best"], snapshot=best_snapshot))
-
-
-@dataclass
-class StepTimes:
-    """Wall time and tokens of each optimizer step after its epoch's first (which pays for the
-    loader's start and, on a GPU, kernel selection): the steady-state step time and speed.
-    Timing only, so not checkpointed."""
-
-    seconds: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    first: float | None = None  # the run's first step, from the start of its epoch (with --compile: compiling)
-    last_mark: float | None = None
-    last_tokens: int = 0
-
-    def start_epoch(self) -> None:
-        self.last_mark, self.last_tokens = None, 0
-
-    def mark(self, now: float, epoch_tokens: int, steps: int = 1) -> None:
-        """``steps`` optimizer steps ended since the last mark (the device waited for at both: a
-        loss was read), each counted at their average."""
-        if self.last_mark is not None:
-            self.seconds += [(now - self.last_mark) / steps] * steps
-            self.tokens += [(epoch_tokens - self.last_tokens) / steps] * steps
-        self.last_mark, self.last_tokens = now, epoch_tokens
-
-
-# -- one step -----------------------------------------------------------------------------------
 
 # Optimizer steps between reads of the training loss on an accelerator: reading a value waits for
 # the device to finish all queued work, so a read every step keeps it idle while the host prepares
@@ -244,130 +41,9 @@ READ_EVERY = 10
 HEARTBEAT_SECONDS = 30.0
 
 
-def train_step(
-    accelerator: Any,
-    model: Any,
-    optimizer: Any,
-    strategy: Strategy,
-    step_loss: Callable[[Any, dict[str, Any]], Any],
-    batch: dict[str, Any],
-    *,
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    max_grad_norm: float,
-) -> Any:
-    """One optimizer micro-step: forward and loss (``step_loss``, the task's), backward and, on the
-    micro-step that ends an
-    accumulation, gradient clipping and the learning rate for optimizer step ``step`` (each group's
-    ``base_lr`` times the strategy's factor); then step and zero the gradients (accelerate skips
-    both until the accumulation is complete). Returns the loss tensor."""
-    with accelerator.accumulate(model):
-        loss = step_loss(model, batch)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-            factor = strategy.lr_factor(step, total_steps, warmup_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-# -- set-up -------------------------------------------------------------------------------------
-
-
-def make_accelerator(cfg: RunConfig, workdir: str | None) -> tuple[Any, list[str]]:
-    """A fresh ``Accelerator`` for one run, and the trackers it reports to."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
-    # every fit is a run of its own (tests, Python use and benchmarks/overhead.py run several in one
-    # process), so its precision state starts afresh. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    trackers = list(cfg.report_to) if workdir else []
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accumulation,
-        mixed_precision={"fp32": "no"}.get(cfg.levers.precision, cfg.levers.precision),
-        # each batch is split over the processes: --batch-size means the same in 1 or N processes.
-        # (Through DataLoaderConfiguration: accelerate 1.15 silently ignores split_batches=True.)
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=workdir, logging_dir=os.path.join(workdir, "tensorboard"))
-        if trackers
-        else None,
-    )
-    return accelerator, trackers
-
-
-def check_distributed(accelerator: Any, cfg: RunConfig, batch_size: int) -> None:
-    """Refuse the distributed set-ups peftkit cannot run correctly (yet), before any step."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
-    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage >= 3):
-        # peftkit shards with --fsdp itself (peftkit.sharding): accelerate's FSDP (GPU only) and
-        # ZeRO-3 would take the snapshot and the adapter from the main process's shard
-        raise PeftkitError(
-            "accelerate's FSDP and DeepSpeed ZeRO-3 configs are not supported: launch with a data "
-            "parallel config (configs/accelerate/multi_gpu.yaml) or torchrun and add --fsdp "
-            "(or use DeepSpeed ZeRO-2)"
-        )
-    if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
-        raise PeftkitError(
-            "--checkpoint-every is not supported under DeepSpeed: its optimizer state is split "
-            "over the processes, and a checkpoint holds the main process's; use data parallel"
-        )
-    procs = accelerator.num_processes
-    if cfg.fsdp and procs > 1:
-        check_fsdp(cfg.levers.quantize)
-    if cfg.levers.compile and cfg.fsdp and procs > 1:
-        raise PeftkitError(
-            "--compile with --fsdp is not tested here (FSDP2 with torch.compile needs its own "
-            "set-up): drop --compile, or run data parallel"
-        )
-    if cfg.levers.packing and procs > 1:
-        # a packed batch holds a varying number of examples, which accelerate cannot split evenly
-        raise PeftkitError(
-            f"--packing runs in one process for now ({procs} were started): drop --packing, or run in one process"
-        )
-    if batch_size % procs:
-        raise PeftkitError(
-            f"batch size {batch_size} cannot be split evenly over {procs} processes; choose a multiple of {procs}"
-        )
-
-
-def _trainable_groups(strategy: Strategy, model: Any, procs: int) -> list[ParamGroup]:
-    """The strategy's parameter groups, refused when there is nothing to train or when data
-    parallel training could not follow them."""
-    groups = strategy.param_groups(model)
-    if not any(g.params for g in groups):
-        raise PeftkitError(f"strategy {strategy.name!r} left no parameter to train on this model")
-    if procs > 1:
-        trained_now = {n for n, p in model.named_parameters() if p.requires_grad}
-        later = set(strategy.trainable_parameters(model)) - trained_now
-        if later:
-            # DistributedDataParallel fixes the parameters it synchronises when it wraps the model;
-            # one unfrozen later would train apart in each process, silently
-            raise PeftkitError(
-                f"strategy {strategy.name!r} makes parameters trainable as it trains, which data "
-                f"parallel training cannot follow; run it in one process"
-            )
-    return groups
-
-
-# -- the run ------------------------------------------------------------------------------------
-
-
 class Trainer:
     """One run's training: what is fixed for the run (set by ``setup``), the ``LoopState`` that
-    changes, and the pieces ``train.fit`` calls in order."""
+    changes, and the pieces ``fit`` calls in order."""
 
     accelerator: Any
     model: Any  # as prepared by accelerate (a DDP wrapper under several processes)
@@ -417,12 +93,53 @@ class Trainer:
         check_distributed(self.accelerator, cfg, hp.batch_size)
         self.budget = parse_size(cfg.memory_budget) if cfg.memory_budget else None
         apply_budget(self.accelerator.device, self.budget)  # before the model moves to the card
+        train_dl, val_dl, test_dl = self.make_loaders(processor, data)
+        self.place_model(model)
+        groups = trainable_groups(strategy, model, procs)
+        optimizer = make_optimizer(cfg.levers.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
+        if self.sharded:  # the model is not accelerate's to wrap: it would add data parallel on top
+            self.model = model
+            self.optimizer, train_dl = self.accelerator.prepare(optimizer, train_dl)
+        else:
+            # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
+            # prepared with it, and an evaluation batch must not become it
+            self.model, self.optimizer, train_dl = self.accelerator.prepare(model, optimizer, train_dl)
+        val_dl, test_dl = self.accelerator.prepare(val_dl, test_dl)
+        self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
+        self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
+        self.step_loss = self.task.step_loss(strategy, self.inner, cfg.levers.loss, self.sharded)
+        # on a CPU every operation has finished when it returns: a read costs nothing, so every step
+        self.read_every = 1 if self.accelerator.device.type == "cpu" else READ_EVERY
+        if self.trackers:
+            self.accelerator.init_trackers("peftkit", config=tracker_config())
+        self.start_counting(len(train_dl))
+        self.checkpointer = Checkpointer(
+            self.accelerator,
+            strategy,
+            self.inner,
+            self.optimizer,
+            workdir,
+            cfg.checkpoint_every,
+            self.log,
+            sharded=self.sharded,
+        )
+
+    def make_loaders(self, processor: Any, data: Any) -> tuple[Any, Any, Any]:
+        """The train, validation and test loaders of the task's encoded splits (not yet prepared by
+        accelerate); the training loader's shuffling generator is kept (``sampler_gen``)."""
+        cfg, procs = self.cfg, self.procs
         splits = self.task.encode(data, processor, cfg)
         collate = self.task.collate(processor)
         eval_batch = -(-cfg.eval_batch_size // procs) * procs  # evaluation batches split evenly too
-        train_dl, self.sampler_gen = make_loader(splits["train"], collate, hp.batch_size, shuffle_seed=cfg.seed)
+        train_dl, self.sampler_gen = make_loader(splits["train"], collate, self.hp.batch_size, shuffle_seed=cfg.seed)
         val_dl, _ = make_loader(splits["validation"], collate, eval_batch, None)
         test_dl, _ = make_loader(splits["test"], collate, eval_batch, None)
+        return train_dl, val_dl, test_dl
+
+    def place_model(self, model: Any) -> None:
+        """Frozen weights in half precision, the model on the card, compiled, and sharded under
+        ``--fsdp`` over several processes (``sharded``): all before the optimizer is made."""
+        cfg, strategy, procs = self.cfg, self.strategy, self.procs
         # frozen weights need no fp32 master copy under mixed precision (levers.store_frozen_in_half)
         store_frozen_in_half(model, strategy.trainable_parameters(model), cfg.levers.precision)
         if self.accelerator.device.type == "cuda" and not cfg.fsdp and cfg.levers.quantize is None:
@@ -440,46 +157,23 @@ class Trainer:
         if self.sharded:
             check_shardable(strategy.name, strategy.not_sharded)
             # before the optimizer: sharding replaces the parameters it will hold
-            _trainable_groups(strategy, model, procs)  # what cannot train over several processes is refused first
+            trainable_groups(strategy, model, procs)  # what cannot train over several processes is refused first
             # fully_shard moves each block to the device as it shards it: the whole model never is there
             blocks = shard_model(model, self.accelerator.device)
             self.log(f"fsdp: {len(blocks)} blocks and the root sharded over {procs} processes")
-        groups = _trainable_groups(strategy, model, procs)
-        optimizer = make_optimizer(cfg.levers.optimizer, torch_param_groups(groups, hp.lr, hp.weight_decay), hp.lr)
-        if self.sharded:  # the model is not accelerate's to wrap: it would add data parallel on top
-            self.model = model
-            self.optimizer, train_dl = self.accelerator.prepare(optimizer, train_dl)
-        else:
-            # the training loader goes with the model: DeepSpeed takes its micro-batch from the loaders
-            # prepared with it, and an evaluation batch must not become it
-            self.model, self.optimizer, train_dl = self.accelerator.prepare(model, optimizer, train_dl)
-        val_dl, test_dl = self.accelerator.prepare(val_dl, test_dl)
-        self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
-        self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
-        self.step_loss = self.task.step_loss(strategy, self.inner, cfg.levers.loss, self.sharded)
-        # on a CPU every operation has finished when it returns: a read costs nothing, so every step
-        self.read_every = 1 if self.accelerator.device.type == "cpu" else READ_EVERY
-        if self.trackers:
-            self.accelerator.init_trackers("peftkit", config=tracker_config())
+
+    def start_counting(self, train_batches: int) -> None:
+        """The memory meter, what the loaded model holds, the step counts and the trainable count,
+        once everything is in place and before any step."""
         # Memory is measured per phase from here: "loaded" is the model (and data) in place, before
         # any step
         self.meter = MemoryMeter(self.accelerator.device)
         self.meter.release_free()  # loading's temporary buffers are gone; "loaded" is what stays
         self.memory_loaded = self.meter.current()
-        self.steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accumulation)
-        self.total_steps = self.steps_per_epoch * hp.epochs
-        self.warmup_steps = hp.warmup_steps(self.total_steps)  # a ratio of the run, capped (TrainingDefaults)
+        self.steps_per_epoch = math.ceil(train_batches / self.cfg.grad_accumulation)
+        self.total_steps = self.steps_per_epoch * self.hp.epochs
+        self.warmup_steps = self.hp.warmup_steps(self.total_steps)  # a ratio of the run, capped (TrainingDefaults)
         self.state.max_trainable = self.count_trainable()
-        self.checkpointer = Checkpointer(
-            self.accelerator,
-            strategy,
-            self.inner,
-            self.optimizer,
-            workdir,
-            cfg.checkpoint_every,
-            self.log,
-            sharded=self.sharded,
-        )
 
     # -- helpers ---------------------------------------------------------------------------
 

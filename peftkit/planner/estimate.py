@@ -1,0 +1,106 @@
+"""What a plan is for (``PlanSettings``) and what it predicts per strategy (``Estimate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Levers, check_positive, flat_dict
+from ..errors import PeftkitError
+from ..memory import parse_size
+from ..settings import setting
+
+
+@dataclass
+class PlanSettings:
+    """What a plan is for: the same levers a run takes. ``None`` in ``task``, ``model`` and
+    ``max_length`` means the task's default, in ``device`` this machine's (cuda if it has a GPU);
+    ``resolve_settings`` fills them in."""
+
+    strategies: list[str] = setting("plan:strategies")
+    model: str | None = setting("model")
+    task: str | None = setting("task")
+    batch_size: int = setting("plan:batch_size")
+    max_length: int | None = setting("max_length")
+    num_labels: int = setting("num_labels")
+    levers: Levers = field(default_factory=Levers)
+    memory_budget: str | None = setting("plan:memory_budget")
+    device: str | None = setting("device")
+    loss_positions: int | None = setting("loss_tokens")
+    processes: int = setting("processes")
+    fsdp: bool = setting("fsdp")
+
+    def validate(self) -> None:
+        """Raise ``PeftkitError`` for settings no plan could use."""
+        check_positive(self, ("batch_size", "max_length", "loss_positions", "processes"))
+        if self.fsdp and self.processes < 2:
+            raise PeftkitError(
+                f"--fsdp shards over several processes; give --processes N with N of 2 or more (got {self.processes})"
+            )
+        if self.fsdp and self.levers.quantize:
+            raise PeftkitError(
+                f"--fsdp with --quantize {self.levers.quantize} is not planned: sharding "
+                "bitsandbytes weights is untested here; plan --fsdp without --quantize, or "
+                "--quantize with data parallel (no --fsdp)"
+            )
+        if self.num_labels < 2:
+            raise PeftkitError(f"num_labels must be at least 2, got {self.num_labels}")
+        if self.memory_budget:
+            parse_size(self.memory_budget)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, levers flat (``peftkit plan --json`` prints them)."""
+        return flat_dict(self)
+
+
+def resolve_settings(settings: PlanSettings) -> PlanSettings:
+    """``settings`` checked, with the task's defaults and the device filled in."""
+    from ..tasks import with_task_defaults
+
+    settings.validate()
+    _, filled = with_task_defaults(settings)
+    if settings.device is None:
+        import torch
+
+        filled["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return dataclasses.replace(settings, **filled)
+
+
+@dataclass
+class Estimate:
+    """One strategy's predicted peak, by component, in bytes."""
+
+    strategy: str
+    status: str = "ok"
+    error: str | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    workspace: int = 0
+    communication: int = 0
+    """What several processes add: DDP's gradient buckets, or the parameters FSDP gathers at once."""
+    runtime: int = 0
+    activations_per_example: float = 0.0
+    max_batch_size: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.workspace
+            + self.communication
+            + self.runtime
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["total"] = self.total
+        return d

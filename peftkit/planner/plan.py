@@ -1,0 +1,370 @@
+"""The plan: each strategy's arithmetic, then its activations measured once per structure, with a
+line of progress per strategy (``make_plan``); one strategy at a time (``plan_strategy``), a
+strategy's applicability (``check_applicable``) and the bench's predictor (``bench_predictor``)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Levers
+from ..durations import format_rough, time_left
+from ..errors import PeftkitError, first_line, raising_library, set_context
+from ..memory import format_size, parse_size
+from .arithmetic import parameter_memory, per_process_memory
+from .estimate import Estimate, PlanSettings, resolve_settings
+from .measure import MAX_STEPS, measure_activations, measurement_method, model_depth, runtime_bytes, step_lengths
+
+
+@dataclass
+class _Job:
+    """One strategy between its arithmetic (weights, gradients, optimizer state) and its measurement."""
+
+    est: Estimate
+    strategy: Any
+    task: Any = None
+    key: Any = None
+    """What the activations depend on (``structure_key``): equal keys, equal activations."""
+
+
+@contextlib.contextmanager
+def _row_errors(est: Estimate) -> Any:
+    """A strategy that cannot be planned is a row, not a crash: refused (``PeftkitError``: it
+    cannot be used so) or failed (anything else, naming the library that raised)."""
+    try:
+        yield
+    except PeftkitError as exc:
+        est.status, est.error = "refused", str(exc)
+    except Exception as exc:  # noqa: BLE001
+        library = raising_library(exc)  # the row names where it failed: "peft raised ValueError: ..."
+        est.status, est.error = (
+            "failed",
+            f"{library + ' raised ' if library else ''}{type(exc).__name__}: {first_line(exc)}",
+        )
+
+
+def structure_key(strategy: Any, prepared: Any, trainable: dict[str, Any]) -> tuple[Any, ...]:
+    """What a strategy's activations depend on, read from its prepared (meta) model: every
+    parameter's name, shape, dtype and whether it trains, every module's type and hooks, and the
+    strategy's forward (with its options, where it overrides the shared one). Two strategies with
+    equal keys run the same computation (``full`` and ``gradual_unfreeze`` at its end): measured once."""
+    from ..strategies.base import Strategy
+
+    forward = type(strategy).forward
+    options = None if forward is Strategy.forward else repr(strategy.options)
+    trains = {id(p) for p in trainable.values()}
+    params = tuple((n, tuple(p.shape), str(p.dtype), id(p) in trains) for n, p in prepared.named_parameters())
+    modules = tuple(
+        (
+            type(m).__qualname__,
+            tuple(
+                getattr(h, "__qualname__", type(h).__qualname__)
+                for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+            ),
+        )
+        for m in prepared.modules()
+    )
+    return forward, options, params, modules
+
+
+def _arithmetic(
+    config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
+) -> _Job:
+    """Weights, gradients and optimizer state of one strategy, from the model built on the meta
+    device (no memory, no measuring), and what its activations will need."""
+    from accelerate import init_empty_weights
+
+    from ..levers import check_levers
+    from ..registry import get_strategy
+    from ..strategies.base import options_from_dict
+    from ..structure import head_module_names
+    from ..tasks import get_task
+
+    cls = get_strategy(strategy_name)
+    job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
+    est, task_type = job.est, get_task(settings.task)
+    with _row_errors(est):
+        check_levers(settings.levers, job.strategy, on_cuda=settings.device == "cuda", task=task_type)
+        with init_empty_weights(include_buffers=False):
+            full = task_type.model_from_config(config)
+        job.task = task_type.plan_spec(full, settings.num_labels)
+        skip = head_module_names(full)
+        with init_empty_weights(include_buffers=False):
+            prepared = job.strategy.prepare(full, job.task)
+        trainable = job.strategy.trainable_parameters(prepared)
+        if not trainable:  # (BitFit on a model without biases) as a run would refuse it
+            raise PeftkitError(f"strategy {cls.name!r} left no parameter to train on this model")
+        est.trainable_params = sum(p.numel() for p in trainable.values())
+        est.total_params = sum(p.numel() for p in prepared.parameters())
+        est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
+        per_process_memory(est, prepared, trainable, settings, skip)
+        job.key = structure_key(job.strategy, prepared, trainable)
+    return job
+
+
+def _measure(config: Any, job: _Job, settings: PlanSettings, measured: dict[Any, tuple[Estimate, str]]) -> None:
+    """Fill in ``job``'s activations: measured, or copied from an earlier strategy in ``measured``
+    with the same structure key (which this adds to)."""
+    est = job.est
+    if est.status != "ok":
+        return
+    with _row_errors(est):
+        if job.key in measured:
+            source, note = measured[job.key]
+            est.activations, est.workspace = source.activations, source.workspace
+            est.notes += [
+                note,
+                f"activations as measured for {source.strategy} (the same parameters, trainable ones and forward pass)",
+            ]
+        else:
+            note = measure_activations(config, job.strategy, job.task, settings, est)
+            est.notes.append(note)
+            measured[job.key] = (est, note)
+    if est.status == "ok":
+        _fit_budget(est, settings)
+
+
+def plan_strategy(
+    config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
+) -> Estimate:
+    """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
+    if settings.device == "cpu":
+        runtime_bytes()  # before any model exists in this process
+    job = _arithmetic(config, strategy_name, settings, strategy_options)
+    _measure(config, job, settings, {})
+    return job.est
+
+
+def _fit_budget(est: Estimate, settings: PlanSettings) -> None:
+    """Per-example activations, the CPU runtime and, under a budget, the largest batch that fits."""
+    est.activations_per_example = (est.activations + est.workspace) / settings.batch_size
+    if settings.device == "cpu":
+        est.runtime = runtime_bytes()
+    if settings.memory_budget:
+        budget = parse_size(settings.memory_budget)
+        fixed = est.total - est.activations - est.workspace
+        room = budget - fixed
+        est.max_batch_size = max(0, int(room // est.activations_per_example)) if est.activations_per_example else None
+        if est.max_batch_size == 0:
+            est.notes.append(
+                f"the weights, gradients and optimizer state alone ({format_size(fixed)}) "
+                f"leave no room in {format_size(budget)}"
+            )
+
+
+def load_config(model: str) -> Any:
+    """The model's transformers config (hub id, local directory or short name), nothing else."""
+    from transformers import AutoConfig
+
+    from ..models import resolve_model_source
+
+    source = resolve_model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        raise PeftkitError(f"cannot read the config of model {model!r}: {first_line(exc)}") from None
+    set_context(model_type=getattr(config, "model_type", None))
+    return config
+
+
+def check_applicable(model: str, task: str, strategy_name: str, strategy_options: dict[str, Any] | None = None) -> None:
+    """Raise ``PeftkitError`` if the strategy cannot train this model for this task (prefix tuning
+    on a ViT, BitFit on a model without biases), found in a second on a weightless copy."""
+    from accelerate import init_empty_weights
+
+    from ..registry import get_strategy
+    from ..strategies.base import options_from_dict
+    from ..tasks import get_task
+
+    cls = get_strategy(strategy_name)
+    strategy = cls(options_from_dict(cls, strategy_options or {}))
+    task_type = get_task(task)
+    with init_empty_weights(include_buffers=False):
+        full = task_type.model_from_config(load_config(model))
+        prepared = strategy.prepare(full, task_type.plan_spec(full, 2))
+    if not strategy.trainable_parameters(prepared):
+        raise PeftkitError(f"strategy {strategy_name!r} left no parameter to train on this model")
+
+
+def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None) -> list[Estimate]:
+    """An ``Estimate`` per strategy in ``settings`` (task defaults and device filled in first).
+    ``echo`` gets one line saying what will be measured and roughly how long it takes, then one
+    line per strategy as it is done."""
+    settings = resolve_settings(settings)
+    config = load_config(settings.model)
+    say = echo or (lambda _line: None)
+    if settings.device == "cpu":
+        runtime_bytes()  # before any model exists in this process
+    jobs = [_arithmetic(config, name, settings) for name in settings.strategies]
+    say(_announce(config, settings, jobs))
+    measured: dict[Any, tuple[Estimate, str]] = {}
+    started, done = time.monotonic(), 0
+    for i, job in enumerate(jobs, 1):
+        fresh = job.est.status == "ok" and job.key not in measured
+        t = time.monotonic()
+        _measure(config, job, settings, measured)
+        done += fresh
+        left = _distinct(jobs[i:], measured)
+        say(
+            _progress(
+                i,
+                len(jobs),
+                job.est,
+                time.monotonic() - t if fresh else None,
+                time_left(time.monotonic() - started, done, left) if done and left else None,
+            )
+        )
+    return [job.est for job in jobs]
+
+
+def _distinct(jobs: list[_Job], measured: dict[Any, Any] | None = None) -> int:
+    """How many measurements ``jobs`` still need (one per structure key not in ``measured``)."""
+    return len({job.key for job in jobs if job.est.status == "ok"} - set(measured or ()))
+
+
+def _announce(config: Any, settings: PlanSettings, jobs: list[_Job]) -> str:
+    """The line said before measuring: what, for how many strategies, roughly how long."""
+    ok = [job for job in jobs if job.est.status == "ok"]
+    what = (
+        f"planning {len(jobs)} strateg{'y' if len(jobs) == 1 else 'ies'} for {settings.model} on "
+        f"{settings.device}: weights, gradients and optimizer state by arithmetic"
+    )
+    count = _distinct(ok)
+    if not count:
+        return what + "; nothing to measure"
+    how = measurement_method(config, settings, max(job.est.total_params for job in ok))
+    length = f" x {settings.max_length} tokens" if settings.max_length else ""
+    shared = [
+        f"{job.est.strategy} shares {first.est.strategy}'s"
+        for n, job in enumerate(ok)
+        for first in ok[:n]
+        if first.key == job.key
+    ][:3]
+    if how == "saved":
+        method = f"the tensors autograd saves in one forward pass at depth 1 and 2, batch {settings.batch_size}{length}"
+    else:
+        where = (
+            "the whole model"
+            if how == "whole"
+            else "depth 2, a block's saved tensors"
+            if settings.device == "cpu"
+            else "depth 2 and 3"
+        )
+        method = (
+            f"up to {MAX_STEPS} training steps of a random-weight copy ({where}, batch "
+            f"{settings.batch_size}{length}) on {settings.device}"
+        )
+    return (
+        f"{what}; activations by {method}, {count} measurement{'s' if count > 1 else ''}"
+        f"{' (' + ', '.join(shared) + ')' if shared else ''}; "
+        f"roughly {format_rough(_rough_seconds(config, settings, how) * count)}"
+    )
+
+
+def _progress(i: int, n: int, est: Estimate, seconds: float | None, left: float | None) -> str:
+    """One strategy's progress line: its status, how long it took, about how long is left."""
+    if est.status != "ok":
+        state = est.status
+    elif seconds is None:
+        state = "done (activations shared)"
+    else:
+        state = f"measured in {format_rough(seconds)}"
+    return f"[{i}/{n}] {est.strategy}: {state}" + (f", about {format_rough(left)} left" if left else "")
+
+
+# A measurement's time over the time the matmuls of all MAX_STEPS steps take at the calibrated rate:
+# attention, dropout, norms and the optimizer add to it, stopping once settled (usually after 7 steps)
+# takes from it. Fitted on MiniLM, all strategies, an idle 2-core Xeon (AVX-512): 6 measurements in
+# 36 s, where a factor of 0.6 (fitted while the machine was busy, so its matmul rate was low) said 13 s.
+_TIME_FACTOR = 1.6
+
+
+def _rough_seconds(config: Any, settings: PlanSettings, how: str) -> float:
+    """A rough time for one measurement: 6 FLOPs per linear weight per position (forward and
+    backward) over every measured step's positions, at this machine's matmul rate now."""
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    from ..tasks import get_task
+
+    if how == "saved":
+        return 2.0
+    with init_empty_weights(include_buffers=False):
+        model = get_task(settings.task).model_from_config(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if how == "extrapolated":  # depth 2 and 3 instead of all of it
+        linear = linear * 5 / model_depth(config)
+    positions = sum(step_lengths(settings.max_length)) or MAX_STEPS * 197  # (images: ViT-base's patches)
+    flops = 6 * linear * settings.batch_size * positions
+    return _TIME_FACTOR * flops / _matmul_rate(settings.device)
+
+
+def _matmul_rate(device: str) -> float:
+    """FLOP/s of a mid-sized fp32 matmul on ``device``: the best of five bursts of 20 ms (the
+    machine's own speed; on a busy machine the per-strategy lines correct the estimate)."""
+    import torch
+
+    a, b = torch.randn(1024, 384, device=device), torch.randn(384, 1536, device=device)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.02:
+            a @ b
+            runs += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * 1024 * 384 * 1536 * runs / (time.perf_counter() - start))
+    return best
+
+
+def bench_predictor(
+    model: str,
+    batch_size: int,
+    max_length: int | None,
+    num_labels: int,
+    device: str,
+    task: str = "sequence-classification",
+    loss_positions: int | None = None,
+) -> Any:
+    """For ``peftkit bench``: predicted peak bytes of (strategy, levers, micro-batch).
+
+    Each (strategy, levers) is planned once at the effective batch; other micro-batches scale the
+    activations linearly (they are per example), the rest does not depend on the batch.
+    """
+    config = load_config(model)
+    cache: dict[Any, Estimate | None] = {}
+
+    def predict(strategy: str, levers: Levers, micro_batch: int) -> int | None:
+        key = (strategy, levers)
+        if key not in cache:
+            settings = PlanSettings(
+                model=model,
+                strategies=[strategy],
+                task=task,
+                batch_size=batch_size,
+                max_length=max_length,
+                num_labels=num_labels,
+                device=device,
+                loss_positions=loss_positions,
+                levers=levers,
+            )
+            est = plan_strategy(config, strategy, settings)
+            if device == "cuda":
+                # the workers need the card: give back what planning cached (the context stays)
+                import torch
+
+                torch.cuda.empty_cache()
+            cache[key] = est if est.status == "ok" else None
+        est = cache[key]
+        if est is None:
+            return None
+        fixed = est.total - est.activations - est.workspace
+        return int(fixed + est.activations_per_example * micro_batch)
+
+    return predict
