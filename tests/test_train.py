@@ -38,6 +38,9 @@ def test_head_only_runs_the_backbone_in_the_first_epoch_only(tiny_model_dir, tin
 def test_best_epoch_restored_and_early_stopping(tiny_model_dir, tiny_csv, capsys) -> None:
     # a learning rate this large makes later epochs worse than the best one, so the loop must
     # restore it, and patience 1 stops after the first epoch without a gain
+    from peftkit.env import log_to_stderr
+
+    log_to_stderr()  # the console of peftkit's own process (the CLI), where the epoch lines are printed
     outcome, logs = _fit(
         tiny_model_dir("bert"), tiny_csv, strategy="full", epochs=8, batch_size=16, lr=0.5, early_stopping_patience=1
     )
