@@ -21,7 +21,7 @@ from ..errors import PeftkitError
 from ..memory import format_size, parse_size
 from ..metrics import ROW_METRICS
 from .config import BenchConfig
-from .worker import Runner
+from .worker import Attempt, Runner
 
 # Levers tried in this order by --auto-fit, each on top of the ones before: first those that cost
 # no accuracy and little speed, quantizing the base last (it changes what the model computes).
@@ -116,82 +116,94 @@ def bench_one(
     run_dir = os.path.join(stage, "runs", f"{named}-seed{seed}")
     tried: list[dict[str, Any]] = []
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}
-    cls = get_strategy(strategy)
-    rungs = lever_rungs(bench, cls)
+    rungs = lever_rungs(bench, get_strategy(strategy))
     refusal = _refusal(bench, strategy, rungs[0], check_model=predict is not None)
     if refusal is not None:
         return {**row, "status": "not applicable", "error": refusal, "tried": []}
-    candidates = [
-        (i, levers, micro)
-        for i, levers in enumerate(rungs)
-        for micro in micro_batches(bench.batch_size)
-        if (i, -micro) >= (start[0], -start[1])
-    ]
+    candidates = _candidates(bench, rungs, start)
     budget = parse_size(bench.memory_budget) if bench.memory_budget else None
     for n, (rung, levers, micro) in enumerate(candidates):
         predicted = predict(strategy, levers, micro) if predict is not None else None
         last = n == len(candidates) - 1
         if budget is not None and predicted is not None and predicted > budget and not last:
-            tried.append(
-                {
-                    "batch_size": micro,
-                    "grad_accumulation": bench.batch_size // micro,
-                    "levers": describe_levers(levers),
-                    "outcome": "skipped",
-                    "predicted_peak_bytes": predicted,
-                    "error": f"predicted {format_size(predicted)} > budget {format_size(budget)}",
-                }
-            )
+            tried.append(_skipped(bench, levers, micro, predicted, budget))
             continue
         cfg = bench.run_config(strategy, seed, micro, run_dir, levers, settings)
-        log_path = os.path.join(stage, "logs", f"{named}-seed{seed}-batch{micro}-rung{rung}.log")
-        attempt = runner(cfg, log_path)
-        tried.append(
-            {
-                "batch_size": micro,
-                "grad_accumulation": cfg.grad_accumulation,
-                "levers": describe_levers(levers),
-                "outcome": attempt.status,
-                "error": attempt.error,
-                "predicted_peak_bytes": predicted,
-                "seconds": round(attempt.seconds, 1),
-            }
-        )
+        attempt = runner(cfg, os.path.join(stage, "logs", f"{named}-seed{seed}-batch{micro}-rung{rung}.log"))
+        tried.append(_attempted(cfg.grad_accumulation, levers, micro, predicted, attempt))
         if attempt.status == "oom":
             echo(
                 f"  {strategy} seed {seed}: micro-batch {micro} ({describe_levers(levers)}) does not fit "
                 f"({attempt.error}); trying less"
             )
             continue
-        row["status"] = attempt.status
-        row["error"] = attempt.error
-        row["rung"] = rung
-        row["levers"] = describe_levers(levers)
+        row.update(status=attempt.status, error=attempt.error, rung=rung, levers=describe_levers(levers))
         row["predicted_peak_bytes"] = predicted
         if attempt.status == "ok" and attempt.metrics:
-            m = attempt.metrics
-            row.update({k: m.get(k) for k in ROW_METRICS})
-            row["history"] = [
-                {
-                    k: e.get(k)
-                    for k in (
-                        "epoch",
-                        "train_loss",
-                        "validation_accuracy",
-                        "validation_loss",
-                        "validation_perplexity",
-                        "epoch_seconds",
-                    )
-                }
-                for e in m.get("history", [])
-            ]
-            row["run_dir"] = os.path.relpath(run_dir, stage)
-            row["versions"] = m.get("versions", {})
+            row.update(_measured(attempt.metrics), run_dir=os.path.relpath(run_dir, stage))
+            row["versions"] = attempt.metrics.get("versions", {})
         break
     else:
         row["error"] = _over_budget(bench.memory_budget, tried, named_levers=len(rungs) > 1)
     row["tried"] = tried
     return row
+
+
+def _candidates(bench: BenchConfig, rungs: list[Levers], start: tuple[int, int]) -> list[tuple[int, Levers, int]]:
+    """The (rung index, levers, micro-batch) to try in order, fewest levers and largest micro-batch
+    first, from ``start`` = (rung index, micro-batch) on."""
+    return [
+        (i, levers, micro)
+        for i, levers in enumerate(rungs)
+        for micro in micro_batches(bench.batch_size)
+        if (i, -micro) >= (start[0], -start[1])
+    ]
+
+
+def _skipped(bench: BenchConfig, levers: Levers, micro: int, predicted: int, budget: int) -> dict[str, Any]:
+    """The ``tried`` entry of a candidate not run: the planner predicts it over the budget."""
+    return {
+        "batch_size": micro,
+        "grad_accumulation": bench.batch_size // micro,
+        "levers": describe_levers(levers),
+        "outcome": "skipped",
+        "predicted_peak_bytes": predicted,
+        "error": f"predicted {format_size(predicted)} > budget {format_size(budget)}",
+    }
+
+
+def _attempted(
+    grad_accumulation: int, levers: Levers, micro: int, predicted: int | None, attempt: Attempt
+) -> dict[str, Any]:
+    """The ``tried`` entry of a candidate run: its outcome (``ok``, ``oom``, ...) and how long it took."""
+    return {
+        "batch_size": micro,
+        "grad_accumulation": grad_accumulation,
+        "levers": describe_levers(levers),
+        "outcome": attempt.status,
+        "error": attempt.error,
+        "predicted_peak_bytes": predicted,
+        "seconds": round(attempt.seconds, 1),
+    }
+
+
+# what a row keeps of each epoch of its run's history
+HISTORY_KEYS = (
+    "epoch",
+    "train_loss",
+    "validation_accuracy",
+    "validation_loss",
+    "validation_perplexity",
+    "epoch_seconds",
+)
+
+
+def _measured(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A successful run's figures for its row: the ``ROW_METRICS`` and the per-epoch history."""
+    return {
+        **{k: metrics.get(k) for k in ROW_METRICS},
+        "history": [{k: e.get(k) for k in HISTORY_KEYS} for e in metrics.get("history", [])],
+    }
 
 
 def not_applicable(bench: BenchConfig, strategy: str) -> str | None:
