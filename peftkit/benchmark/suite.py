@@ -126,14 +126,6 @@ def _run_rows(
     fits: dict[tuple[str, str | None], tuple[int, int]] = {}  # (strategy, configuration) -> (rung, micro-batch)
     start = time.perf_counter()
     for i, (strategy, conf, size, seed) in enumerate(todo, 1):
-        elapsed = time.perf_counter() - start
-        # the time left counts only what will run: not the tuned rows that are their defaults' runs
-        left = seconds_left(
-            rows,
-            [(s, z) for s, c, z, _n in todo[i - 1 :] if not _tuned_not_run(s, c, tuning)],
-            functools.partial(_work, bench),
-        )
-        eta = f", about {format_duration(left, hours=False)} left" if left is not None else ""
         label = f"{strategy} (tuned)" if conf == "tuned" else strategy
         seeded = f"seed {seed}" + (f", {size:,} examples" if size else "")
         row = _unrun_tuned_row(strategy, seed, rows, tuning) if conf == "tuned" and tuning else None
@@ -142,16 +134,12 @@ def _run_rows(
                 f"[{i}/{len(todo)}] {label}, {seeded}: the defaults won its study, so this is their run of seed {seed}"
             )
         else:
-            echo(f"[{i}/{len(todo)}] {label}, {seeded} ({format_duration(elapsed, hours=False)} elapsed{eta})")
+            progress = _progress(bench, rows, todo[i - 1 :], tuning, time.perf_counter() - start)
+            echo(f"[{i}/{len(todo)}] {label}, {seeded} ({progress})")
         if row is None:
             settings = tuning["strategies"][strategy]["settings"] if conf == "tuned" and tuning else None
-            sized = (
-                bench
-                if size is None
-                else dataclasses.replace(bench, max_train_samples=None if size >= sizes["whole"] else size)
-            )  # the whole set: uncapped
             row = bench_one(
-                sized,
+                _sized(bench, size, sizes),
                 strategy,
                 seed,
                 stage,
@@ -162,23 +150,63 @@ def _run_rows(
                 settings=settings,
                 named=f"{strategy}-n{size}" if size else None,
             )
-        if conf is not None:
-            row = {"strategy": strategy, "seed": seed, "configuration": conf, **row}
-        if size is not None:
-            row = {"strategy": strategy, "seed": seed, "train_size": size, **row}
+        row = _tagged(row, strategy, seed, conf, size)
         if row["status"] == "ok":
             fits[(strategy, conf)] = (row["rung"], row["batch_size"])
-            key, q_label, _ = quality_of([row])
-            echo(
-                f"  {label} {seeded}: {q_label} {row[key]:.4f}, train "
-                f"{format_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
-                f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})"
-                + (f"; learned nothing: {row.get('learned_note')}" if row.get("learned") is False else "")
-            )
-        else:
-            echo(f"  {label} {seeded}: {row['status']}: {row['error']}")
+        echo(_outcome_line(row, f"{label} {seeded}"))
         rows.append(row)
     return rows
+
+
+def _progress(
+    bench: BenchConfig,
+    rows: list[dict[str, Any]],
+    todo: list[tuple[str, str | None, int | None, int]],
+    tuning: dict[str, Any] | None,
+    elapsed: float,
+) -> str:
+    """``3m10s elapsed, about 5m left``: the time so far and the time the rows still ``todo`` should
+    take (``seconds_left``; none until a row succeeded)."""
+    # the time left counts only what will run: not the tuned rows that are their defaults' runs
+    left = seconds_left(
+        rows,
+        [(s, z) for s, c, z, _n in todo if not _tuned_not_run(s, c, tuning)],
+        functools.partial(_work, bench),
+    )
+    eta = f", about {format_duration(left, hours=False)} left" if left is not None else ""
+    return f"{format_duration(elapsed, hours=False)} elapsed{eta}"
+
+
+def _sized(bench: BenchConfig, size: int | None, sizes: dict[str, Any] | None) -> BenchConfig:
+    """The suite's config for a run at training-set ``size`` (``--train-sizes``; None: the suite's
+    own): its training set capped at ``size``, or uncapped for the whole set."""
+    if size is None or sizes is None:
+        return bench
+    return dataclasses.replace(bench, max_train_samples=None if size >= sizes["whole"] else size)
+
+
+def _tagged(row: dict[str, Any], strategy: str, seed: int, conf: str | None, size: int | None) -> dict[str, Any]:
+    """``row`` tagged, after its strategy and seed, with its ``configuration`` (``bench --tune``) and
+    its ``train_size`` (``--train-sizes``) where the suite has them."""
+    if conf is not None:
+        row = {"strategy": strategy, "seed": seed, "configuration": conf, **row}
+    if size is not None:
+        row = {"strategy": strategy, "seed": seed, "train_size": size, **row}
+    return row
+
+
+def _outcome_line(row: dict[str, Any], name: str) -> str:
+    """The line under a row's progress line: its quality, time, peak memory and micro-batch, or its
+    status and error."""
+    if row["status"] != "ok":
+        return f"  {name}: {row['status']}: {row['error']}"
+    key, q_label, _ = quality_of([row])
+    return (
+        f"  {name}: {q_label} {row[key]:.4f}, train "
+        f"{format_seconds(row['train_seconds'])}, peak memory {format_size(row['peak_memory_bytes'])} "
+        f"(micro-batch {row['batch_size']} x {row['grad_accumulation']})"
+        + (f"; learned nothing: {row.get('learned_note')}" if row.get("learned") is False else "")
+    )
 
 
 def _row_seconds(row: dict[str, Any]) -> float | None:
