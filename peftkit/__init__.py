@@ -48,7 +48,7 @@ _LAZY = {
     "RunResult": "runs",
     "TuneResult": "tuning.output",
     "BenchResult": "benchmark.results",
-    "Plan": "api",
+    "Plan": "planner",
     "MergeResult": "inference",
     "MergeConfig": "export_config",
     "ExportConfig": "export_config",

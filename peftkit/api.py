@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .adapter_io import recorded_base_model
@@ -39,7 +38,7 @@ from .exporter import ExportResult
 from .inference import MergeResult
 from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
-from .planner import Estimate, PlanSettings
+from .planner import Plan, PlanSettings
 from .predict_io import PredictConfig
 from .runs import RunResult, resumed_config, run_config, warn_if_learned_nothing
 from .tuning.config import TuneConfig, check_tune, plan_tune
@@ -131,28 +130,6 @@ def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
         study, ran = run_study(plan, echo)
         done = finish_tune(plan, study, echo, train=lambda cfg: run_config(cfg, resume=False, echo=echo).metrics)
     return tune_result(plan, study, ran, done)
-
-
-@dataclass
-class Plan:
-    """Predicted peak training memory of each strategy, for the settings it was made for."""
-
-    settings: PlanSettings
-    """The settings with the task's defaults and the device filled in."""
-    estimates: list[Estimate]
-
-    @property
-    def failed(self) -> list[str]:
-        """The strategies whose planning failed (an error, not a refusal): ``peftkit plan`` exits 1."""
-        return [e.strategy for e in self.estimates if e.status == "failed"]
-
-    def to_dict(self) -> dict[str, Any]:
-        """What ``peftkit plan --json`` prints."""
-        return {
-            "settings": self.settings.to_dict(),
-            "estimates": [e.as_dict() for e in self.estimates],
-            "failed": self.failed,
-        }
 
 
 def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:

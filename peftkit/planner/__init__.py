@@ -35,7 +35,7 @@ model takes the memory of a 3-block one.
 """
 
 from .arithmetic import parameter_memory, per_process_memory
-from .estimate import Estimate, PlanSettings, resolve_settings
+from .estimate import Estimate, Plan, PlanSettings, resolve_settings
 from .measure import (
     DIRECT_MAX_DEPTH,
     DIRECT_MAX_PARAMS,
@@ -54,6 +54,7 @@ __all__ = [
     "DIRECT_MAX_PARAMS",
     "MAX_STEPS",
     "Estimate",
+    "Plan",
     "PlanSettings",
     "bench_predictor",
     "check_applicable",

@@ -1,4 +1,5 @@
-"""What a plan is for (``PlanSettings``) and what it predicts per strategy (``Estimate``)."""
+"""What a plan is for (``PlanSettings``), what it predicts per strategy (``Estimate``) and the whole
+plan the library returns (``Plan``: ``peftkit.api.plan``'s result)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,25 @@ class Estimate:
         d = dict(vars(self))
         d["total"] = self.total
         return d
+
+
+@dataclass
+class Plan:
+    """Predicted peak training memory of each strategy, for the settings it was made for."""
+
+    settings: PlanSettings
+    """The settings with the task's defaults and the device filled in."""
+    estimates: list[Estimate]
+
+    @property
+    def failed(self) -> list[str]:
+        """The strategies whose planning failed (an error, not a refusal): ``peftkit plan`` exits 1."""
+        return [e.strategy for e in self.estimates if e.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``peftkit plan --json`` prints."""
+        return {
+            "settings": self.settings.to_dict(),
+            "estimates": [e.as_dict() for e in self.estimates],
+            "failed": self.failed,
+        }
