@@ -174,7 +174,10 @@ def profile_one(run: dict[str, Any], args: argparse.Namespace, cuda: bool) -> di
         finally:
             window.after()
 
-    loop.train_step = timed
+    # where the loop's Trainer looks the step up (the module defining Trainer, since peftkit/loop is a package)
+    sites = {loop, sys.modules[loop.Trainer.__module__]}
+    for site in sites:
+        site.train_step = timed
     started = time.perf_counter()
     try:
         cfg.validate()
@@ -182,7 +185,8 @@ def profile_one(run: dict[str, Any], args: argparse.Namespace, cuda: bool) -> di
         with tempfile.TemporaryDirectory() as workdir:
             metrics = execute_run(resolved, workdir, lambda message: print(message, flush=True))
     finally:
-        loop.train_step = original
+        for site in sites:
+            site.train_step = original
         window.stop()
     wall = time.perf_counter() - started
     if window.seconds is None:
