@@ -614,7 +614,7 @@ def peftkit_side(spec: dict[str, Any], probe: Probe) -> tuple[dict[str, Any], in
         loop.train_step = timed_step
         # where the loop's Trainer looks the step up: peftkit.loop itself, or (since the loop became a
         # package) the module that defines Trainer and imported train_step by name
-        setattr(sys.modules[loop.Trainer.__module__], "train_step", timed_step)
+        sys.modules[loop.Trainer.__module__].train_step = timed_step
         loop.Trainer.train_epoch = timed_epoch
 
     from peftkit.cli import main
