@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from .env import package_versions  # the one version table (metrics.json, bench results too)
 from .errors import PeftkitError
 from .files import publish_file, write_json
+from .fingerprint import fingerprint, tensor_digest
+from .models import task_of_architectures
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -70,8 +72,6 @@ def save_changed_tensors(
 ) -> dict[str, Any]:
     """Write ``tensors`` to ``adapter.safetensors``, leaving out those bit-identical to the
     pretrained weights (recorded by name, so loading can insist on exactly the rest)."""
-    from .fingerprint import tensor_digest
-
     unchanged = sorted(n for n, t in tensors.items() if base_digests.get(n) == tensor_digest(t))
     write_safetensors(
         {n: t for n, t in tensors.items() if n not in set(unchanged)}, os.path.join(directory, TENSORS_FILE)
@@ -199,8 +199,6 @@ def save_adapter(
     digests = base_digests or {}
     meta = {**default_metadata(strategy, model), **(metadata or {})}
     if digests and "base_fingerprint" not in meta:
-        from .fingerprint import fingerprint
-
         meta["base_fingerprint"] = fingerprint(digests)
     os.makedirs(directory, exist_ok=True)
     facts = strategy.save_adapter(model, directory, digests)
@@ -222,8 +220,6 @@ def default_metadata(strategy: Any, model: Any) -> dict[str, Any]:
     model's class: ``...ForCausalLM``, ``...ForImageClassification``, else sequence
     classification) and, for a classifier, the label names in id order."""
     import dataclasses
-
-    from .models import task_of_architectures
 
     # a peft model hands on its base's config; a model of a strategy's own making (head_only's
     # pooled head) holds the base's backbone, whose config is the base's (labels included)

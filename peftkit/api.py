@@ -24,23 +24,43 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .adapter_io import recorded_base_model
+from .adapter_io import describe_adapter, recorded_base_model
 from .benchmark.config import BenchConfig, parse_strategies
 from .benchmark.preflight import preflight_bench
 from .benchmark.results import BenchResult
 from .benchmark.suite import run_bench
 from .config import RunConfig, default_output_dir
+from .data.sources import in_memory_data
 from .env import quiet_libraries_in_own_process, to_log
 from .errors import LearnedNothingWarning, PeftkitError, RunInterrupted, error_context, set_context, within_context
-from .evaluation import EvalConfig, EvalResult
+from .evaluation import EvalConfig, EvalResult, evaluate_adapter, write_evaluation
 from .export_config import ExportConfig, MergeConfig
-from .exporter import ExportResult
-from .inference import MergeResult
+from .exporter import (
+    DEFAULT_OPSET,
+    ExportResult,
+    check_export_settings,
+    export_onnx,
+    load_onnx,
+    read_export_metadata,
+    require_onnx,
+)
+from .gguf_export import export_gguf
+from .inference import (
+    MergeResult,
+    adapter_task,
+    check_model_task,
+    check_prediction_settings,
+    iter_predictions,
+    load_adapter,
+    merge_to_directory,
+)
 from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
-from .planner import Plan, PlanSettings
-from .predict_io import PredictConfig
+from .planner import Plan, PlanSettings, make_plan, resolve_settings
+from .predict_io import PredictConfig, check_output_file, read_inputs, write_rows
+from .rundir import check_output_dir, staged_dir
 from .runs import RunResult, resumed_config, run_config, warn_if_learned_nothing
+from .tasks import get_task
 from .tuning.config import TuneConfig, check_tune, plan_tune
 from .tuning.output import TuneResult, finish_tune, tune_result
 from .tuning.search import run_study
@@ -60,9 +80,6 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
     Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint
     was kept).
     """
-    from .data.sources import in_memory_data
-    from .tasks import get_task
-
     # in-memory data is read by a name standing for it, for this call (a copy of config names it)
     with error_context(), in_memory_data(config.dataset) as dataset:
         config = dataclasses.replace(config, dataset=dataset)
@@ -92,8 +109,6 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> 
     Every setting any run could refuse is checked first, and the data and model are loaded once
     (``peftkit.benchmark.preflight``), so bad input fails in seconds, before any worker starts.
     """
-    from .rundir import check_output_dir
-
     with error_context():
         check_inputs(config.model, config.dataset)
         config = preflight_bench(config)  # a copy, completed: the caller's config is left as it was
@@ -138,8 +153,6 @@ def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
     ``echo`` gets what will be measured and roughly how long, then a line per strategy. A strategy
     that cannot be planned is an estimate whose ``status`` is "refused" or "failed" (see
     ``Plan.failed``), not an exception."""
-    from .planner import make_plan, resolve_settings
-
     with error_context():
         names = parse_strategies(",".join(settings.strategies) or "all")
         settings = dataclasses.replace(settings, strategies=names)
@@ -157,8 +170,6 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     (``config.onnx``): one dict per input (label and probabilities, or the generated completion).
     With ``config.output`` the answers are also written to that file (atomically). Every setting,
     the inputs and the output are checked before the model loads (see ``PredictConfig``)."""
-    from .predict_io import write_rows
-
     with error_context():
         rows = list(predict_iter(config))
         if config.output is not None:
@@ -169,9 +180,6 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
 def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
     """``predict``'s answers one at a time as they are computed (``config.output`` is only checked
     here: the caller writes it)."""
-    from .inference import check_model_task, check_prediction_settings, iter_predictions, load_adapter
-    from .predict_io import check_output_file, read_inputs
-
     with error_context() as facts:
         config.validate()
         if config.adapter is not None:
@@ -192,8 +200,6 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
         if config.adapter is not None:
             predictor: Any = load_adapter(config.adapter, config.model, force=config.force)
         else:  # validate(): an adapter, or else an export
-            from .exporter import load_onnx
-
             predictor = load_onnx(config.onnx or "")
         answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
     return within_context(facts, answers)
@@ -201,13 +207,8 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
 
 def _prediction_task(config: PredictConfig) -> Any:
     """The task of the adapter or export ``config`` names, read from its metadata (no model loads)."""
-    from .inference import adapter_task
-
     if config.adapter is not None:
         return adapter_task(config.adapter)
-    from .exporter import read_export_metadata, require_onnx
-    from .tasks import get_task
-
     require_onnx()
     return get_task(read_export_metadata(config.onnx or "").get("task") or "sequence-classification")
 
@@ -217,9 +218,6 @@ def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
     own metrics, per-class figures and confusion matrix where it has them, and an input-blind
     baseline (the majority class) beside them. With ``config.output``, metrics.json and
     confusion_matrix.png are written there (staged, renamed into place when complete)."""
-    from .evaluation import evaluate_adapter, write_evaluation
-    from .rundir import check_output_dir, staged_dir
-
     with error_context():
         config.validate()
         check_inputs(config.model, config.dataset, config.adapter)
@@ -237,9 +235,6 @@ def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
 def merge(config: MergeConfig) -> MergeResult:
     """Merge an adapter into its base and write a plain transformers model directory to
     ``config.output`` (written into a staging directory, renamed into place when complete)."""
-    from .inference import load_adapter, merge_to_directory
-    from .rundir import check_output_dir, staged_dir
-
     with error_context():
         check_inputs(config.model, adapter_dir=config.adapter)
         check_output_dir(config.output, config.overwrite, flag="--output")
@@ -254,8 +249,6 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
     """Export an adapter on its base as a model that serves without PyTorch (``ExportConfig`` says
     what is written and checked); an export that fails its check raises ``PeftkitError`` and leaves
     nothing. ``predict(PredictConfig(onnx=config.output, inputs=...))`` serves an ONNX export."""
-    from .exporter import DEFAULT_OPSET, check_export_settings, export_onnx
-
     c = config
     with error_context():
         check_export_settings(c.format, c.quantize, c.opset, c.min_agreement)
@@ -263,8 +256,6 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
         quiet_libraries_in_own_process()
         c.validate()
         if c.format == "gguf":
-            from .gguf_export import export_gguf
-
             return export_gguf(c.adapter, c.output, c.model, force=c.force, overwrite=c.overwrite, echo=echo)
         opset = DEFAULT_OPSET if c.opset is None else c.opset
         return export_onnx(
@@ -280,8 +271,6 @@ def inspect(adapter_dir: str) -> dict[str, Any]:
     """An adapter's metadata (strategy, base model and fingerprint, labels, metrics, versions) with
     its size; for a plain peft adapter, what its config says. ``adapter_dir`` may be a run
     directory (its ``adapter/`` is read)."""
-    from .adapter_io import describe_adapter
-
     with error_context():
         return describe_adapter(adapter_dir)
 

@@ -32,7 +32,9 @@ import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .adapter_io import read_safetensors, write_safetensors
 from .errors import PeftkitError
+from .files import write_json
 from .sharding import SHARDS, load_shards, save_shards, set_sharded_state, sharded_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,8 +141,6 @@ def begin(run_dir: str, step: int) -> str:
 
 def write_rank(tmp: str, rank: int, sampler_state: torch.Tensor | None, loop: dict[str, Any]) -> None:
     """Every process writes its own random states and loop state into the checkpoint being made."""
-    from .adapter_io import write_safetensors
-
     tensors, plain = rng_state(sampler_state)
     write_safetensors(tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
     _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), {**plain, "loop": loop})
@@ -156,8 +156,6 @@ def write_main(
 ) -> None:
     """The main process writes the model, optimizer and loop state (state.json last: a checkpoint
     without it is incomplete and never read)."""
-    from .adapter_io import write_safetensors
-
     write_safetensors(trainable, os.path.join(tmp, "trainable.safetensors"))
     write_safetensors(best, os.path.join(tmp, "best.safetensors"))
     opt_tensors, opt_plain = flatten_optimizer(optimizer)
@@ -167,8 +165,6 @@ def write_main(
 
 def write_state(tmp: str, extra: dict[str, Any], state: dict[str, Any]) -> None:
     """The strategy's extra state, then state.json, last (main process)."""
-    from .adapter_io import write_safetensors
-
     write_safetensors(extra, os.path.join(tmp, "strategy.safetensors"))
     _write_json(os.path.join(tmp, "state.json"), state)
 
@@ -194,7 +190,6 @@ def writers(path: str) -> int:
 def read(path: str, rank: int, processes: int) -> dict[str, Any]:
     """Everything a checkpoint holds, for process ``rank`` of ``processes``. A sharded checkpoint's
     tensors are not read here: every process loads its slices (``Checkpointer.restore``)."""
-    from .adapter_io import read_safetensors
 
     def tensors(name: str) -> dict[str, Any]:
         return read_safetensors(os.path.join(path, name))
@@ -227,8 +222,6 @@ def read(path: str, rank: int, processes: int) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: Any) -> None:
-    from .files import write_json
-
     write_json(path, data, indent=None)  # optimizer state can be long: no indentation
 
 

@@ -32,7 +32,8 @@ from .cli_output import (
     print_tune,
 )
 from .cli_spec import HELP, options
-from .errors import PeftkitError, set_context
+from .env import environment_report, format_report
+from .errors import LearnedNothingWarning, PeftkitError, set_context
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +62,6 @@ def cli(debug: bool) -> None:
 @cli.command("env", help=HELP["env"])
 @options("env")
 def env_cmd(as_json: bool, lock_file: str | None) -> None:
-    from .env import environment_report, format_report
-
     if lock_file is not None and not os.path.isfile(lock_file):
         raise PeftkitError(f"lock file not found: {lock_file!r}; give a requirements-style file of name==version lines")
     report = environment_report(lock_file)
@@ -124,8 +123,6 @@ def run_cmd(
 def _own_learned_nothing_line() -> Iterator[None]:
     """The library's ``LearnedNothingWarning`` silenced: the command prints its own warning line after
     the figures (``_print_summary``), not Python's ``file:line: Warning`` form."""
-    from .errors import LearnedNothingWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LearnedNothingWarning)
         yield

@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from . import registry
+from .data import EMBEDDED_DATASETS, EMBEDDED_IMAGE_DATASETS
+from .memory import format_size, parse_size
+from .models import EMBEDDED_MODELS
+from .strategies.base import option_help
+from .tasks import TASKS, get_task, task_names, task_plugin_errors
+
 if TYPE_CHECKING:  # pragma: no cover
     from .metrics import RunMetrics
 
@@ -24,9 +31,6 @@ def _echo(message: str) -> None:
 def print_strategies(verbose: bool) -> None:
     """``peftkit list``: the registered strategies (``verbose``: their defaults and options, the
     tasks, the embedded models and datasets)."""
-    from . import registry
-    from .strategies.base import option_help
-
     strategies = registry.available()
     plugins = registry.loaded_plugins()
     width = max(len(n) for n in strategies)
@@ -51,10 +55,6 @@ def print_strategies(verbose: bool) -> None:
     for message in registry.plugin_errors():
         _echo(f"warning: {message}")
     if verbose:
-        from .data import EMBEDDED_DATASETS, EMBEDDED_IMAGE_DATASETS
-        from .models import EMBEDDED_MODELS
-        from .tasks import TASKS, get_task, task_names, task_plugin_errors
-
         click.echo("\ntasks (--task; default: read from the model):")
         task_plugins = TASKS.loaded_plugins()
         for task in task_names():
@@ -139,15 +139,10 @@ def print_inspect(meta: dict[str, Any]) -> None:
 
 def adapter_size(size: int) -> str:
     """An adapter's size: ``3 KiB`` for head_only's head (not ``0.00 MiB``), ``3.53 MiB`` above a MiB."""
-    from .memory import format_size
-
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else format_size(size)
 
 
 def print_summary(m: RunMetrics, out: str) -> None:
-    from .memory import format_size
-    from .tasks import get_task
-
     task = get_task(m.task)
     shown = ", ".join(
         f"{k.replace('_', ' ')} {m.test[k]:.4f}" for k in task.headline_metrics if m.test.get(k) is not None
@@ -193,8 +188,6 @@ def print_tune(result: Any) -> None:
 
 def plan_row(e: Any, settings: Any, budget: int | None) -> list[str]:
     """One strategy's cells; a strategy not planned keeps the table's shape (its reason goes below)."""
-    from .memory import format_size
-
     several = settings.processes > 1
     cells = 7 + several + (settings.device == "cpu") + (2 if budget else 0)
     if e.status != "ok":
@@ -219,7 +212,6 @@ def plan_row(e: Any, settings: Any, budget: int | None) -> list[str]:
 
 def print_plan(settings: Any, estimates: list[Any]) -> None:
     from .benchmark.ladder import describe_levers
-    from .memory import format_size, parse_size
 
     budget = parse_size(settings.memory_budget) if settings.memory_budget else None
     length = f" x {settings.max_length} tokens" if settings.max_length else ""

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from .errors import PeftkitError, did_you_mean
+from .memory import parse_size
+from .rundir import stage_path
 
 # The closed sets are defined in peftkit.settings beside the settings they close, and re-exported
 # here (``X as X``) for the modules that have always read them from the config.
@@ -165,8 +167,6 @@ class RunConfig:
         if self.max_grad_norm <= 0:
             raise PeftkitError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if self.memory_budget is not None:
-            from .memory import parse_size
-
             parse_size(self.memory_budget)
         for tracker in self.report_to:
             if tracker not in REPORTERS:
@@ -261,8 +261,6 @@ def build_run_config(config_file: str | None, flags: dict[str, Any], set_options
 def default_output_dir(strategy: str) -> str:
     """``runs/<strategy>-<timestamp>``, with ``-2``, ``-3`` ... after it when a run (finished or
     staged) already has that name: two runs started in the same second get a directory each."""
-    from .rundir import stage_path
-
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join("runs", f"{strategy}-{stamp}")
     path, n = base, 1

@@ -17,6 +17,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from .memory import format_size, return_large_blocks_at_once
+
 # What a result depends on, in the order a report shows it. tokenizers and numpy are not direct
 # dependencies, but a tokenizer or numeric change shifts results as surely as a transformers one.
 REPORTED_PACKAGES = (
@@ -147,8 +149,6 @@ def own_process() -> None:
     global _own_process
     log_to_stderr()
     if not _own_process:
-        from .memory import return_large_blocks_at_once
-
         return_large_blocks_at_once()
     _own_process = True
 
@@ -311,8 +311,6 @@ def environment_report(lock_path: str | None = None) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     """``environment_report`` as the plain text a bug report can paste."""
-    from .memory import format_size
-
     versions, lock, machine, device = report["versions"], report["lock"], report["machine"], report["device"]
     width = max(len(n) for n in versions)
     lines = [f"- {'python':<{width}}  {versions['python']}"]

@@ -15,8 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
 from .config import RunConfig, check_positive
+from .data import cap_eval_splits
+from .files import write_json
+from .inference import load_adapter
+from .loop import make_accelerator, make_loader
+from .plots import write_confusion_matrix
 from .settings import setting
+from .tasks import get_task
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -91,11 +98,6 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
     """Evaluate ``cfg.adapter`` on every example of ``cfg.dataset`` (see the module's docstring).
     The data is read (and its labels checked) before the model loads, where the adapter's
     metadata allows: a wrong file fails in seconds."""
-    from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
-    from .data import cap_eval_splits
-    from .inference import load_adapter
-    from .tasks import get_task
-
     adapter_dir = resolve_adapter_dir(cfg.adapter)
     check_adapter_dir(adapter_dir)
     meta = read_metadata(adapter_dir)
@@ -163,8 +165,6 @@ def _measure(task: Any, loaded: Any, data: Any, run_cfg: RunConfig) -> Any:
     own (the loop's loader and accelerator), with a progress bar of batches on stderr."""
     from tqdm.auto import tqdm
 
-    from .loop import make_accelerator, make_loader
-
     accelerator, _ = make_accelerator(run_cfg, None)
     encoded = task.encode(data, loaded.tokenizer, run_cfg)["test"]
     loader, _ = make_loader(encoded, task.collate(loaded.tokenizer), run_cfg.eval_batch_size, None)
@@ -182,9 +182,6 @@ def write_evaluation(result: EvalResult, directory: str) -> list[str]:
     """``metrics.json`` (``result.to_dict()``) and, for classification, ``confusion_matrix.png``
     into ``directory``; the names of the files written."""
     import os
-
-    from .files import write_json
-    from .plots import write_confusion_matrix
 
     write_json(os.path.join(directory, METRICS_FILE), result.to_dict())
     written = [METRICS_FILE]

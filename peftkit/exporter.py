@@ -31,9 +31,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .config import RunConfig
+from .env import package_versions
 from .errors import PeftkitError, first_line
+from .inference import adapter_task, load_adapter
 from .onnx_graph import export_graph, int8_sources, quantize_int8
+from .rundir import check_output_dir, staged_dir
 from .settings import EXPORT_FORMATS, EXPORT_QUANTIZATIONS
+from .tasks import get_task
 
 ONNX_FILE = "model.onnx"
 EXPORT_METADATA = "peftkit_export.json"
@@ -154,8 +159,6 @@ def check_data(
     """The test split the adapter was evaluated on (its recorded dataset, split with its recorded
     seed), or every example of ``dataset``, its labels matched to the adapter's. At most
     ``MAX_CHECK_EXAMPLES``."""
-    from .config import RunConfig
-
     seed = int((metadata.get("split") or {}).get("seed") or 0)
     recorded = metadata.get("dataset")
     source = dataset or recorded
@@ -244,9 +247,6 @@ def export_onnx(
     classifier, missing libraries, an existing ``output`` (unless ``overwrite``), a failed check
     (nothing written)."""
 
-    from .inference import load_adapter
-    from .rundir import staged_dir
-
     task, required = _refusals(adapter_dir, output, overwrite, quantize, opset, min_agreement)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -301,9 +301,6 @@ def _refusals(
     """What ``export_onnx`` refuses before loading anything (the settings, missing libraries, an
     existing ``output``, a task that is no classifier); returns the adapter's task and the int8
     agreement required."""
-    from .inference import adapter_task
-    from .rundir import check_output_dir
-
     check_export_settings("onnx", quantize, opset, min_agreement)
     required = INT8_AGREEMENT if min_agreement is None else float(min_agreement)
     require_onnx()
@@ -485,8 +482,6 @@ def _model_config(module: Any) -> Any:
 def export_versions() -> dict[str, str]:
     """The version table of an export or a serving figure: ``package_versions()`` and the ONNX
     libraries."""
-    from .env import package_versions
-
     onnx = {k: v for k, v in package_versions(("onnx", "onnxscript", "onnxruntime")).items() if k != "python"}
     return package_versions() | onnx
 
@@ -533,8 +528,6 @@ def read_export_metadata(directory: str) -> dict[str, Any]:
 def load_onnx(directory: str, threads: int | None = None) -> OnnxModel:
     """The export in ``directory`` (``peftkit export --output``) in an ONNX Runtime session on
     the CPU, with its processor, ready for ``Task.predict``."""
-    from .tasks import get_task
-
     require_onnx()
     meta = read_export_metadata(directory)
     task = get_task(meta.get("task") or "sequence-classification")

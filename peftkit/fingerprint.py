@@ -16,6 +16,10 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from .files import write_json
+from .gguf_convert import cache_dir
+from .models import resolve_model_source
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
@@ -73,10 +77,6 @@ def cached_backbone_digests(model: nn.Module, model_name: str, seed: int) -> dic
     lack is initialised at random). A hit is checked against one tensor hashed afresh (the
     smallest), so a cache that does not match its model is never believed; a model that is no local
     directory (a hub id not downloaded) is hashed every time."""
-    from .files import write_json
-    from .gguf_convert import cache_dir
-    from .models import resolve_model_source
-
     try:
         source = resolve_model_source(model_name)
     except Exception:  # noqa: BLE001 - whatever cannot be resolved is simply hashed

@@ -29,7 +29,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .env import package_versions
 from .errors import PeftkitError
+from .exporter import EXPORT_METADATA, ExportResult
+from .inference import adapter_task, load_adapter
+from .registry import available
+from .rundir import check_output_dir, staged_dir
 
 GGUF_FILE = "model.gguf"
 ARCHITECTURES = ("llama",)
@@ -206,9 +211,6 @@ def export_gguf(
     ``output/model.gguf`` with ``peftkit_export.json``, checked as the module's docstring says.
     Refused in one line: an adapter of another task, a strategy that cannot be merged, a base that
     is not a Llama-architecture model, an existing ``output`` (unless ``overwrite``), a failed check."""
-    from .exporter import EXPORT_METADATA, ExportResult
-    from .rundir import check_output_dir, staged_dir
-
     check_output_dir(output, overwrite, flag="--output")
     task, loaded, merged = _merged_llama(adapter_dir, model, force, echo)
     meta = loaded.metadata
@@ -237,9 +239,6 @@ def _merged_llama(adapter_dir: str, model: str | None, force: bool, echo: Echo) 
     """The adapter's task, the loaded adapter and its strategy's serving model merged into the base
     (float32, eval mode); refused in one line for an adapter of another task, a strategy that
     cannot be merged and a base of another architecture than ``ARCHITECTURES``."""
-    from .inference import adapter_task, load_adapter
-    from .registry import available
-
     task = adapter_task(adapter_dir)
     if not task.generates:
         raise PeftkitError(
@@ -315,8 +314,6 @@ def _compare(
 
 def _gguf_record(adapter_dir: str, task: str, meta: dict[str, Any], check: dict[str, Any]) -> dict[str, Any]:
     """What ``peftkit_export.json`` says of a GGUF export."""
-    from .env import package_versions
-
     return {
         "format": "gguf",
         "architecture": "llama",

@@ -8,8 +8,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .adapter_io import (
+    PEFT_TENSORS_FILE,
+    check_adapter_dir,
+    read_metadata,
+    read_peft_config,
+    read_safetensors,
+    resolve_adapter_dir,
+)
 from .errors import PeftkitError, set_context
+from .fingerprint import cached_backbone_digests, fingerprint
 from .predict_io import GenerationOptions
+from .registry import available, get_strategy
+from .strategies.base import options_from_dict, options_to_dict
+from .tasks import TaskData, declared_task, get_task
 
 
 @dataclass
@@ -39,10 +51,6 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
     """Metadata for a peft adapter directory that peftkit did not write: the strategy from peft's
     ``peft_type``, its options from ``adapter_config.json``, labels as ids (their names are not
     recorded), the number of labels from the head's output layer."""
-    from .adapter_io import PEFT_TENSORS_FILE, read_peft_config, read_safetensors
-    from .registry import available
-    from .strategies.base import options_to_dict
-
     config = read_peft_config(directory)
     if config is None:
         raise PeftkitError(
@@ -86,8 +94,6 @@ def check_model_task(task: Any, model: str, adapter_dir: str, trained_on: str) -
     """Refuse, before it loads, a ``--model`` made for inputs or outputs the adapter's ``task``
     cannot use (a text adapter on an image model, a causal-lm adapter on a classifier): loading it
     would fail later with a message about something else (a missing tokenizer)."""
-    from .tasks import declared_task, get_task
-
     made_for = declared_task(model)
     if made_for is None or task.accepts_model(get_task(made_for)):
         return
@@ -101,8 +107,6 @@ def check_model_task(task: Any, model: str, adapter_dir: str, trained_on: str) -
 def adapter_task(adapter_dir: str) -> Any:
     """The task of the adapter in ``adapter_dir`` (a run directory means its ``adapter/``), read
     from its metadata without loading anything (a plain peft adapter: sequence-classification)."""
-    from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
-    from .tasks import get_task
 
     adapter_dir = resolve_adapter_dir(adapter_dir)
     check_adapter_dir(adapter_dir)
@@ -117,12 +121,6 @@ def load_adapter(adapter_dir: str, model: str | None = None, force: bool = False
     weights differ from those the adapter was trained on.
     """
     from transformers import set_seed
-
-    from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
-    from .fingerprint import cached_backbone_digests, fingerprint
-    from .registry import get_strategy
-    from .strategies.base import options_from_dict
-    from .tasks import TaskData, get_task
 
     adapter_dir = resolve_adapter_dir(adapter_dir)  # a run directory means its adapter/
     check_adapter_dir(adapter_dir)

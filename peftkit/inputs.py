@@ -7,16 +7,15 @@ from __future__ import annotations
 import os
 
 from .adapter_io import recorded_base_model
+from .data.sources import check_dataset_source
 from .errors import PeftkitError
+from .models import check_model_name
 
 
 def check_inputs(model: str | None = None, dataset: str | None = None, adapter_dir: str | None = None) -> None:
     """Refuse what names nothing that can be read: a dataset, adapter or model path that does not
     exist, or a hub id while the hub cannot be reached and nothing of it is cached. None: not given
     (the default, or the adapter's recorded base model, is used). Every command calls it first."""
-    from .data.sources import check_dataset_source
-    from .models import check_model_name
-
     if adapter_dir is not None and not os.path.exists(adapter_dir):
         raise PeftkitError(
             f"adapter directory not found: {adapter_dir}; give a run's adapter/ folder, "

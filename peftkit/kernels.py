@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import PeftkitError
+from .structure import transformer_blocks
 
 LIGER_NEEDS_CUDA = (
     "--kernels liger: Liger's kernels are Triton kernels for CUDA GPUs; on CPU use --kernels torch "
@@ -104,8 +105,6 @@ def compile_blocks(model: nn.Module) -> int:
     generation run the eager forward (a generation's growing lengths would recompile). Returns how
     many blocks."""
     import torch
-
-    from .structure import transformer_blocks
 
     found = transformer_blocks(model)
     if not found:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import registry
 from .config import KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, QUANTIZATIONS, Levers  # noqa: F401 - the accepted values, re-exported
 from .errors import PeftkitError
 from .kernels import LIGER_NEEDS_CUDA
 
 # what loading a model needs lives with the loading (a lower layer); re-exported for the levers' users
 from .models import disable_bnb_cpu_bf16_path, half_dtype, quantization_config  # noqa: F401
+from .tasks import TASKS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -39,19 +41,13 @@ def cuda_available() -> bool:
 def check_levers(levers: Levers, strategy: Any, on_cuda: bool | None = None, task: Any = None) -> None:
     """Refuse a combination of levers that cannot work, with what would (``task``: the task
     object, where known, for the levers only some tasks take)."""
-    from . import registry
-
     if levers.packing and task is not None and not task.supports_packing:
-        from .tasks import TASKS
-
         able = [n for n, t in TASKS.available().items() if t.supports_packing]
         raise PeftkitError(
             f"--packing is for tasks whose examples are token sequences of varied length "
             f"({', '.join(able)}); {task.name} cannot pack its examples: drop --packing"
         )
     if levers.loss == "chunked" and task is not None and not task.supports_chunked_loss:
-        from .tasks import TASKS
-
         able = [n for n, t in TASKS.available().items() if t.supports_chunked_loss]
         raise PeftkitError(
             f"--loss chunked is for tasks with vocabulary-wide logits ({', '.join(able)}); "

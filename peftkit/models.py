@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from . import hub
 from .env import LOGGER
 from .errors import PeftkitError, first_line
+from .files import private_dir, publish_modes
+from .gguf_convert import cache_dir, embedded_gguf_model
+from .structure import head_module_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,8 +50,6 @@ class EmbeddedModel:
         if self.package is None or importlib.util.find_spec(self.package) is None:
             return None
         if self.gguf_file is not None:
-            from .gguf_convert import embedded_gguf_model
-
             return embedded_gguf_model(
                 self.package,
                 self.gguf_file,
@@ -66,9 +67,6 @@ def built_model_dir(name: str, build: Callable[[str], None]) -> str:
     """``cache/models/<name>``, built by ``build(directory)`` on first use (atomically: a temporary
     directory renamed into place, so a crash never leaves half a model)."""
     import shutil
-
-    from .files import private_dir, publish_modes
-    from .gguf_convert import cache_dir
 
     final = os.path.join(cache_dir(), "models", name)
     if os.path.exists(os.path.join(final, "config.json")):
@@ -287,8 +285,6 @@ def head_names_of(source: str, auto_class: Any, **config_kwargs: Any) -> list[st
     (meta) copy."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
-
-    from .structure import head_module_names
 
     config = AutoConfig.from_pretrained(source, **config_kwargs)
     with init_empty_weights():

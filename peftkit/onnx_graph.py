@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-from .errors import PeftkitError, first_line
+from .errors import PeftkitError, debug_requested, first_line
 
 
 def export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], opset: int, path: str) -> None:
@@ -49,8 +49,6 @@ def export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], opse
             )
             program.save(path)
     except Exception as exc:
-        from .errors import debug_requested
-
         if debug_requested():
             sys.stderr.write(said.getvalue())
         raise PeftkitError(

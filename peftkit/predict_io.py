@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .data import pick_column
 from .errors import PeftkitError
 
 STDIN = "-"
@@ -199,8 +200,6 @@ def _as_text(value: Any, where: str, col: str) -> str:
 
 
 def _csv_column(fh: Any, path: str, column: str | None, guesses: tuple[str, ...], delimiter: str) -> list[str]:
-    from .data import pick_column
-
     reader = csv.DictReader(fh, delimiter=delimiter)
     col = pick_column(list(reader.fieldnames or []), column, guesses, "text")
     try:
@@ -210,8 +209,6 @@ def _csv_column(fh: Any, path: str, column: str | None, guesses: tuple[str, ...]
 
 
 def _jsonl_column(fh: Any, path: str, column: str | None, guesses: tuple[str, ...]) -> list[str]:
-    from .data import pick_column
-
     out, col = [], None
     for number, line in enumerate(fh, 1):
         if not line.strip():

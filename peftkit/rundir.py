@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .checkpoint import latest
 from .errors import PeftkitError, RunInterrupted
 from .files import private_dir, publish_modes
 
@@ -77,8 +78,6 @@ def stage_path(path: str) -> str:
 
 def open_stage(path: str, overwrite: bool, resume: bool) -> str:
     """Create (or, with ``resume``, find) the staging directory of the run going to ``path``."""
-    from .checkpoint import latest
-
     stage = stage_path(path)
     if resume:
         _refuse_a_stage_given_as_run(path)
@@ -145,8 +144,6 @@ def _move_into_place(stage: str, final: str, path: str, overwrite: bool, flag: s
 def abandon_stage(stage: str) -> bool:
     """After a failure: keep the staging directory if it holds a checkpoint to resume from (True),
     else remove it."""
-    from .checkpoint import latest
-
     if latest(stage) is not None:
         return True
     shutil.rmtree(stage, ignore_errors=True)

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from . import train  # execute_run looked up when called (tests patch peftkit.train.execute_run)
 from .config import FIELDS, RunConfig, default_output_dir
 from .env import quiet_libraries_in_own_process
 from .errors import LearnedNothingWarning, PeftkitError, set_context
 from .metrics import RunMetrics
 from .rundir import open_stage, stage_path, staged_run
+from .train import load_data_early, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -62,8 +64,6 @@ def resumed_config(run_dir: str) -> RunConfig:
 def run_config(config: RunConfig, resume: bool, echo: Callable[[str], None]) -> RunResult:
     """Train and evaluate as ``config`` says (checked by the caller) into its output directory,
     staged: it appears only when the run succeeded. ``config`` itself is not changed."""
-    from .train import execute_run, load_data_early, resolve
-
     # resolving fills defaults into the config it is given: a copy, so the caller's stays as given
     resolved = resolve(_copy_config(config))  # unknown strategy or bad options fail here, before anything heavy loads
     set_context(strategy=resolved.strategy.name, model=resolved.config.model)
@@ -72,7 +72,7 @@ def run_config(config: RunConfig, resume: bool, echo: Callable[[str], None]) -> 
     quiet_libraries_in_own_process()
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
     with staged_run(out, resolved.config.overwrite, resume, echo) as stage:
-        metrics = execute_run(resolved, stage.path, echo, resume=resume, early=early)
+        metrics = train.execute_run(resolved, stage.path, echo, resume=resume, early=early)
     # only the main process writes and reports
     return RunResult(out, RunMetrics.from_dict(metrics) if stage.main else None, _recorded_config(resolved))
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import PeftkitError
+from .structure import transformer_blocks
 
 SHARDS = "shards"  # the directory of a checkpoint that holds the processes' slices
 _MODEL, _OPTIMIZER = "model.", "optimizer."  # key prefixes in the shards
@@ -37,8 +38,6 @@ def shard_model(model: Any, device: Any) -> list[str]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from .structure import transformer_blocks
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     found = transformer_blocks(model)

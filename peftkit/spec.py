@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .structure import head_module_names
+
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from torch import nn
 
@@ -46,8 +48,6 @@ class TaskSpec:
         """Names of ``model``'s new head modules (see ``head_modules``)."""
         if self.head_modules is not None:
             return list(self.head_modules)
-        from .structure import head_module_names
-
         return head_module_names(model)
 
 

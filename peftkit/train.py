@@ -18,13 +18,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import checkpoint as ckpt
+from .adapter_io import save_adapter
 from .config import RunConfig
+from .data import cap_eval_splits, resolved_columns
+from .env import freeze_imported_objects, package_versions
 from .errors import PeftkitError, set_context
 from .files import write_json
+from .fingerprint import cached_backbone_digests, fingerprint
+from .kernels import apply_kernels
+from .levers import check_levers, cuda_available, prepare_base
 
 # fit is called from here (and patched here by tests); ResolvedRun, make_loader and torch_param_groups live
 # in loop and stay importable from here as before (api, benchmarks use them)
 from .loop import ResolvedRun, TrainOutcome, fit, make_loader, torch_param_groups  # noqa: F401
+from .registry import get_strategy
 from .strategies.base import Schedule, TaskSpec, options_from_dict, options_to_dict
 from .tasks import with_task_defaults
 
@@ -32,9 +40,6 @@ from .tasks import with_task_defaults
 def resolve(cfg: RunConfig) -> ResolvedRun:
     """Look up the strategy and the task, check the options, fill unset values from their defaults
     (the task: from the model when not given; model, data and length: the task's own)."""
-    from .levers import check_levers
-    from .registry import get_strategy
-
     cls = get_strategy(cfg.strategy)
     strategy = cls(options_from_dict(cls, cfg.strategy_options))
     task, filled = with_task_defaults(cfg)
@@ -155,8 +160,6 @@ def execute_run(
     """
     from accelerate import PartialState
 
-    from . import checkpoint as ckpt
-
     main = PartialState().is_main_process
     say = echo if main else (lambda message: None)
     wall_start = time.perf_counter()
@@ -227,12 +230,6 @@ def _load(
     clock = _StageClock()
     from transformers import set_seed
 
-    from .data import cap_eval_splits
-    from .env import freeze_imported_objects
-    from .fingerprint import cached_backbone_digests
-    from .kernels import apply_kernels
-    from .levers import cuda_available, prepare_base
-
     freeze_imported_objects()  # each phase's garbage collection then skips the libraries' objects
     cfg, task = run.config, run.task
     resolved = run.as_dict()
@@ -298,9 +295,6 @@ def _schedule_and_record(
 def _prepared(run: ResolvedRun, data: Any, processor: Any, spec: TaskSpec) -> Any:
     """The base loaded and prepared again, as ``_load`` did, by a new strategy object with the
     run's options (the run's own, which training may have changed, is left untouched)."""
-    from .kernels import apply_kernels
-    from .levers import cuda_available, prepare_base
-
     cfg = run.config
     base = run.task.load_model(cfg.model, data, processor, cfg.levers.quantize, cfg.levers.precision)
     base = prepare_base(base, cfg.levers.quantize, cfg.levers.gradient_checkpointing)
@@ -327,8 +321,6 @@ def _say_data(
     """Record the columns the data was read from as the run's settings (config.yaml then names
     them, and a resumed run reads the same ones), and say what loading found and what the task
     warns about, before any training."""
-    from .data import resolved_columns
-
     for key, column in resolved_columns(data).items():
         setattr(run.config, key, column)
         resolved[key] = column
@@ -373,11 +365,6 @@ def _finish(
 ) -> dict[str, Any]:
     """Save the adapter (with its metadata) and metrics.json; drop the checkpoints (main process)."""
     import shutil
-
-    from . import checkpoint as ckpt
-    from .adapter_io import save_adapter
-    from .env import package_versions
-    from .fingerprint import fingerprint
 
     cfg, task, data, metrics = run.config, run.task, loaded.data, outcome.metrics
     versions = package_versions()

@@ -18,8 +18,11 @@ from typing import Any
 
 from ..config import Levers
 from ..errors import PeftkitError
+from ..levers import check_levers
 from ..memory import format_size, parse_size
 from ..metrics import ROW_METRICS
+from ..planner import check_applicable
+from ..registry import get_strategy
 from .config import BenchConfig
 from .worker import Attempt, Runner
 
@@ -49,8 +52,6 @@ def lever_rungs(bench: BenchConfig, strategy_cls: Any) -> list[Levers]:
     """The lever combinations to try, fewest first: the suite's own, then (with ``auto_fit`` and a
     budget) each rung of ``AUTO_FIT_LADDER`` added on top. Rungs that change nothing, or that the
     strategy cannot take (a quantized base under a full fine-tune), are left out."""
-    from ..levers import check_levers
-
     current = bench.levers
     rungs = [current]
     if not (bench.auto_fit and bench.memory_budget):
@@ -110,8 +111,6 @@ def bench_one(
     except the very last one, which is always tried so that "does not fit" is measured.
     ``settings``: the strategy's tuned configuration (its runs and logs named ``<strategy>-tuned``);
     ``named``: what its runs and logs are named instead (``<strategy>-n<size>``)."""
-    from ..registry import get_strategy
-
     named = named or (f"{strategy}-tuned" if settings is not None else strategy)
     run_dir = os.path.join(stage, "runs", f"{named}-seed{seed}")
     tried: list[dict[str, Any]] = []
@@ -216,14 +215,9 @@ def _refusal(bench: BenchConfig, strategy: str, levers: Levers, check_model: boo
     """Why ``strategy`` cannot run in this suite at all, or None: the suite's own levers may not
     apply to it (a quantized base under full), nor (``check_model``; a stand-in runner in tests has
     no real model to look at) the strategy to this model and task (prefix tuning on a ViT)."""
-    from ..levers import check_levers
-    from ..registry import get_strategy
-
     try:
         check_levers(levers, get_strategy(strategy)())
         if check_model:
-            from ..planner import check_applicable
-
             check_applicable(bench.model, bench.task, strategy)
     except PeftkitError as exc:
         return str(exc)

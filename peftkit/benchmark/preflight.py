@@ -14,8 +14,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from ..data import cap_eval_splits, resolved_columns
 from ..durations import parse_duration
 from ..errors import PeftkitError
+from ..planner import bench_predictor
+from ..tasks import get_task, with_task_defaults
 from ..tuning.storage import open_storage
 from .config import BenchConfig, parse_strategies, parse_train_sizes
 
@@ -25,8 +28,6 @@ Echo = Callable[[str], None]
 def preflight_bench(config: BenchConfig) -> BenchConfig:
     """``config`` with its strategies checked (names and aliases), the task's defaults filled in,
     and every setting a run could refuse checked now, before any worker."""
-    from ..tasks import with_task_defaults
-
     names = parse_strategies(",".join(config.strategies) or "all")
     _, filled = with_task_defaults(config)
     config = dataclasses.replace(config, strategies=names, **filled)
@@ -56,10 +57,6 @@ def load_once(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any, dict[i
     ``all``; the first seed's, as every seed's split has the same sizes)."""
     import torch
 
-    from ..data import resolved_columns
-    from ..planner import bench_predictor
-    from ..tasks import get_task
-
     cfg = config.run_config(config.strategies[0], config.seeds[0], config.batch_size, "unused")
     task = get_task(config.task)
     data = task.load_data(cfg)
@@ -83,8 +80,6 @@ def load_once(config: BenchConfig, echo: Echo) -> tuple[BenchConfig, Any, dict[i
 def bench_baselines(config: BenchConfig, task: Any, first: Any) -> dict[int, dict[str, Any] | None]:
     """``task.baseline`` on each seed's test split, made (and capped) as its runs make it: the
     seed changes the split. ``first``: the first seed's data, already loaded."""
-    from ..data import cap_eval_splits
-
     out: dict[int, dict[str, Any] | None] = {}
     for seed in config.seeds:
         data = (

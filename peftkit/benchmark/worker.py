@@ -21,7 +21,11 @@ from typing import Any
 
 from .. import workers
 from ..config import RunConfig
+from ..env import own_process, quiet_libraries
+from ..errors import set_context
 from ..files import write_json
+from ..rundir import staged_dir
+from ..train import execute_run, resolve
 
 
 @dataclass
@@ -61,8 +65,6 @@ def spawn_worker(cfg: RunConfig, log_path: str) -> Attempt:
 def main(spec_path: str) -> int:
     """Run the spec's ``RunConfig`` and write the report where the spec says; 0 unless the report
     itself cannot be written (every failure of the run is in the report)."""
-    from ..env import own_process
-
     own_process()  # a worker's process is peftkit's (env.freeze_imported_objects)
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
@@ -77,10 +79,6 @@ def main(spec_path: str) -> int:
 
 def _run(cfg: Any, log_path: str) -> dict[str, Any]:
     """``status`` and ``metrics`` or ``error`` of one run of ``cfg`` into its output directory."""
-    from ..env import quiet_libraries
-    from ..errors import set_context
-    from ..rundir import staged_dir
-    from ..train import execute_run, resolve
 
     def echo(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)

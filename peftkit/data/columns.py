@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import PeftkitError
-from .base import Shape
+from .base import Shape, TaskData
 
 TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document", "utterance", "query")
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "sentiment")
@@ -85,8 +85,6 @@ def relabel(data: Any, names: list[str] | None, source: object) -> Any:
     by name. A label not among ``names`` is refused, naming them. ``names`` None (an adapter that
     learned no labels) or data without labels: ``data`` as it is."""
     import datasets
-
-    from .base import TaskData
 
     if not names or not data.label_names:
         return data

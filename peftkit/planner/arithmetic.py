@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..levers import half_dtype
+from ..structure import transformer_blocks
 from .estimate import Estimate, PlanSettings
 
 _NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -28,8 +30,6 @@ def parameter_memory(
     model: Any, trainable: dict[str, Any], settings: PlanSettings, skip: list[str]
 ) -> tuple[int, int, int, list[str]]:
     """Bytes of weights, gradients and optimizer state of a prepared (meta-device) model."""
-    from ..levers import half_dtype
-
     half = half_dtype(settings.levers.precision)
     trainable_ids = {id(p) for p in trainable.values()}
     quantized = _quantized_weight_ids(model, skip) if settings.levers.quantize else {}
@@ -87,8 +87,6 @@ def per_process_memory(
             "its gradients for the all-reduce"
         )
         return
-    from ..structure import transformer_blocks
-
     found = transformer_blocks(model)
     blocks = found[1] if found else []
     block_weights, block_grads = 0, 0

@@ -11,6 +11,7 @@ from ..config import Levers, check_positive, flat_dict
 from ..errors import PeftkitError
 from ..memory import parse_size
 from ..settings import setting
+from ..tasks import with_task_defaults
 
 
 @dataclass
@@ -57,8 +58,6 @@ class PlanSettings:
 
 def resolve_settings(settings: PlanSettings) -> PlanSettings:
     """``settings`` checked, with the task's defaults and the device filled in."""
-    from ..tasks import with_task_defaults
-
     settings.validate()
     _, filled = with_task_defaults(settings)
     if settings.device is None:

@@ -10,6 +10,13 @@ import dataclasses
 from typing import Any
 
 from ..errors import PeftkitError
+from ..kernels import apply_kernels
+from ..levers import enable_gradient_checkpointing, half_dtype, make_optimizer, store_frozen_in_half
+from ..loop import torch_param_groups
+from ..memory import MemoryMeter, release_free_memory
+from ..strategies.base import ParamGroup
+from ..structure import head_module_names
+from ..tasks import get_task
 from .estimate import Estimate, PlanSettings
 
 # Models up to this size are measured whole (seconds on a CPU); bigger ones at depth 2 and 3.
@@ -33,8 +40,6 @@ def saved_activation_bytes(model: Any, forward: Any, precision: str) -> int:
     """Bytes of the tensors autograd saves during ``forward()`` (parameters excluded: they are
     counted as weights), each storage once."""
     import torch
-
-    from ..levers import half_dtype
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -65,8 +70,6 @@ def _loss_of(strategy: Any, model: Any, batch: dict[str, Any], task: Any, loss: 
 
 
 def _task(spec: Any) -> Any:
-    from ..tasks import get_task
-
     return get_task(spec.kind)
 
 
@@ -76,10 +79,6 @@ def _reduced_model(
     """The model at ``depth`` blocks (random weights), prepared as a run prepares it, with every
     parameter the strategy ever trains set trainable (gradual unfreezing at its end)."""
     import torch
-
-    from ..kernels import apply_kernels
-    from ..levers import enable_gradient_checkpointing, store_frozen_in_half
-    from ..structure import head_module_names
 
     torch.manual_seed(0)
     model = _task(task).model_from_config(_with_depth(config, depth))
@@ -178,11 +177,6 @@ def measure_step_increase(
     ``lora`` and ``prefix`` is reached by the third step, and the steps after it only cost time."""
     import torch
 
-    from ..levers import half_dtype, make_optimizer
-    from ..loop import torch_param_groups
-    from ..memory import MemoryMeter, release_free_memory
-    from ..strategies.base import ParamGroup
-
     # (no trim before the build: the previous measurement trimmed after itself, and the figure
     # compared starts after the trim below)
     model, trainable = _reduced_model(config, strategy, task, settings, depth, device)
@@ -268,8 +262,6 @@ def runtime_bytes() -> int:
     if not _RUNTIME:
         import peft  # noqa: F401 - imported for its memory, as a run imports it
         import transformers  # noqa: F401
-
-        from ..memory import MemoryMeter
 
         _RUNTIME.append(MemoryMeter("cpu").current())
     return _RUNTIME[0]

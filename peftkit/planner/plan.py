@@ -13,7 +13,13 @@ from typing import Any
 from ..config import Levers
 from ..durations import format_rough, time_left
 from ..errors import PeftkitError, first_line, raising_library, set_context
+from ..levers import check_levers
 from ..memory import format_size, parse_size
+from ..models import resolve_model_source
+from ..registry import get_strategy
+from ..strategies.base import Strategy, options_from_dict
+from ..structure import head_module_names
+from ..tasks import get_task
 from .arithmetic import parameter_memory, per_process_memory
 from .estimate import Estimate, PlanSettings, resolve_settings
 from .measure import MAX_STEPS, measure_activations, measurement_method, model_depth, runtime_bytes, step_lengths
@@ -51,8 +57,6 @@ def structure_key(strategy: Any, prepared: Any, trainable: dict[str, Any]) -> tu
     parameter's name, shape, dtype and whether it trains, every module's type and hooks, and the
     strategy's forward (with its options, where it overrides the shared one). Two strategies with
     equal keys run the same computation (``full`` and ``gradual_unfreeze`` at its end): measured once."""
-    from ..strategies.base import Strategy
-
     forward = type(strategy).forward
     options = None if forward is Strategy.forward else repr(strategy.options)
     trains = {id(p) for p in trainable.values()}
@@ -76,12 +80,6 @@ def _arithmetic(
     """Weights, gradients and optimizer state of one strategy, from the model built on the meta
     device (no memory, no measuring), and what its activations will need."""
     from accelerate import init_empty_weights
-
-    from ..levers import check_levers
-    from ..registry import get_strategy
-    from ..strategies.base import options_from_dict
-    from ..structure import head_module_names
-    from ..tasks import get_task
 
     cls = get_strategy(strategy_name)
     job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
@@ -159,8 +157,6 @@ def load_config(model: str) -> Any:
     """The model's transformers config (hub id, local directory or short name), nothing else."""
     from transformers import AutoConfig
 
-    from ..models import resolve_model_source
-
     source = resolve_model_source(model)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -174,10 +170,6 @@ def check_applicable(model: str, task: str, strategy_name: str, strategy_options
     """Raise ``PeftkitError`` if the strategy cannot train this model for this task (prefix tuning
     on a ViT, BitFit on a model without biases), found in a second on a weightless copy."""
     from accelerate import init_empty_weights
-
-    from ..registry import get_strategy
-    from ..strategies.base import options_from_dict
-    from ..tasks import get_task
 
     cls = get_strategy(strategy_name)
     strategy = cls(options_from_dict(cls, strategy_options or {}))
@@ -287,8 +279,6 @@ def _rough_seconds(config: Any, settings: PlanSettings, how: str) -> float:
     backward) over every measured step's positions, at this machine's matmul rate now."""
     from accelerate import init_empty_weights
     from torch import nn
-
-    from ..tasks import get_task
 
     if how == "saved":
         return 2.0

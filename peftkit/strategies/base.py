@@ -24,11 +24,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..adapter_io import read_changed_tensors, save_changed_tensors
 from ..errors import PeftkitError, did_you_mean
 
 # TaskSpec lives in the neutral peftkit.spec (tasks build it, strategies read it); it is re-exported
 # here because third-party strategies import it from peftkit.strategies.base.
 from ..spec import TaskSpec, model_inputs
+from ..typing_utils import coerce, type_name
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import torch
@@ -202,14 +204,10 @@ class Strategy:
         equal the pretrained ones (``base_digests``), so a full fine-tune ships only what changed.
         peft-based strategies write peft's own format instead (``peft_common.PeftStrategy``).
         """
-        from ..adapter_io import save_changed_tensors
-
         return save_changed_tensors(self.adapter_state(model), directory, base_digests)
 
     def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
         """Load what ``save_adapter`` wrote onto a model ``prepare`` produced with the same options."""
-        from ..adapter_io import read_changed_tensors
-
         self.load_adapter_state(model, read_changed_tensors(self.adapter_state(model), directory, metadata))
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -390,8 +388,6 @@ def options_from_dict(strategy: type[Strategy], values: dict[str, Any]) -> Any:
     Values may come from YAML (already typed) or ``--set KEY=VALUE`` (strings parsed as YAML
     scalars), so ``r=16`` becomes an int and ``target_modules=[query,value]`` a list.
     """
-    from ..typing_utils import coerce
-
     cls = strategy.Options
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -476,8 +472,6 @@ def default_point(
 
 def option_help(strategy: type[Strategy]) -> list[tuple[str, str, str]]:
     """(name, type, default) of each option, for ``peftkit list --verbose``."""
-    from ..typing_utils import type_name
-
     hints = _type_hints(strategy.Options)
     rows = []
     for f in dataclasses.fields(strategy.Options):

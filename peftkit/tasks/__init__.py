@@ -17,6 +17,7 @@ import os
 from typing import Any, TypeVar
 
 from ..errors import PeftkitError
+from ..models import EMBEDDED_MODELS, resolve_model_source, task_of_architectures
 from ..registry import Registry
 from .base import Task, TaskData
 
@@ -63,8 +64,6 @@ def declared_task(model: str) -> str | None:
     task, else what a local model directory's config names (``*ForCausalLM`` / ``*LMHeadModel`` ->
     causal-lm, an image model -> image-classification, ``*ForSequenceClassification`` ->
     sequence-classification). Never loads weights; hub ids are not looked up (offline machines)."""
-    from ..models import EMBEDDED_MODELS, resolve_model_source, task_of_architectures
-
     if model in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[model].task
     try:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..data import TEXT_COLUMN_GUESSES, TaskData
+from ..data import TEXT_COLUMN_GUESSES, TaskData, relabel, whole_data
 from ..spec import TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,8 +210,6 @@ class Task:
         """Every example of ``cfg.dataset`` as the test split (train and validation empty), its
         labels numbered as the adapter's (``metadata``: its peftkit_adapter.json) by name; a label
         the adapter does not know is refused."""
-        from ..data import relabel, whole_data
-
         with whole_data():
             data = self.load_data(cfg)
         return relabel(data, metadata.get("label_names"), cfg.dataset)

@@ -23,8 +23,19 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..data import PROMPT_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, Shape
+from .. import chunked_loss
+from ..data import (
+    PROMPT_COLUMN_GUESSES,
+    TEXT_COLUMN_GUESSES,
+    Shape,
+    load_text_data,
+    prompt_template_for,
+    relabel,
+    whole_data,
+)
 from ..errors import PeftkitError
+from ..models import load_pretrained, load_tokenizer
+from ..packing import collate_packed, pack_examples
 from ..predict_io import GenerationOptions
 from . import register_task
 from .base import StepLoss, Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
@@ -49,8 +60,6 @@ def _phrased(data: TaskData, source: str, template: str | None = None) -> TaskDa
     """Labelled data as a completion task: ``"Review: {text} ... Answer:"`` -> ``" positive"``
     (``template``: the one an adapter learned; None: the dataset's own)."""
     import datasets
-
-    from ..data import prompt_template_for
 
     template = template or prompt_template_for(source)
     names = data.label_names or []
@@ -92,8 +101,6 @@ class CausalLM(Task):
     def load_data(self, cfg: RunConfig) -> TaskData:
         """The data in the shape its columns say (``peftkit.data.load_text_data``); labelled data
         is phrased as prompts whose answers are the label names."""
-        from ..data import load_text_data
-
         data = load_text_data(
             cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed, cfg.max_train_samples
         )
@@ -110,8 +117,6 @@ class CausalLM(Task):
     def evaluation_data(self, cfg: RunConfig, metadata: dict[str, Any]) -> TaskData:
         """The whole file, labelled data phrased with the prompt the adapter learned (so that its
         answers can match) and its labels checked against the adapter's."""
-        from ..data import load_text_data, relabel, whole_data
-
         with whole_data():
             data = load_text_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.response_column, cfg.seed)
         data = relabel(data, metadata.get("label_names"), cfg.dataset)
@@ -161,14 +166,10 @@ class CausalLM(Task):
         )
 
     def load_processor(self, model: str) -> Any:
-        from ..models import load_tokenizer
-
         return load_tokenizer(model)
 
     def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
         from transformers import AutoModelForCausalLM
-
-        from ..models import load_pretrained
 
         # the output layer stays unquantized: it is (often) the input embeddings too, and head_only trains it
         return load_pretrained(
@@ -217,8 +218,6 @@ class CausalLM(Task):
 
         splits = map_splits(data.splits, encode)
         if cfg.levers.packing:  # several whole examples a row (validation and test stay per example)
-            from ..packing import pack_examples
-
             splits["train"] = pack_examples(splits["train"], limit)
         return splits
 
@@ -230,8 +229,6 @@ class CausalLM(Task):
         (``--packing``, they carry ``position_ids``) are collated by ``packing.collate_packed``.
         No cache is made: training and evaluation never reuse one."""
         import torch
-
-        from ..packing import collate_packed
 
         pad = processor.pad_token_id
 
@@ -294,8 +291,6 @@ class CausalLM(Task):
         """The chunked loss (``peftkit.chunked_loss``: one chunk of vocabulary-wide logits at a
         time) unless ``--loss plain`` is asked for or the model's logits cannot be chunked, said in
         one line when ``--loss chunked`` was asked for."""
-        from .. import chunked_loss
-
         why_not = chunked_loss.unsupported(model, sharded)
         if loss == "chunked" and why_not:
             raise PeftkitError(f"--loss chunked: {why_not}; use --loss plain")
@@ -349,8 +344,6 @@ class CausalLM(Task):
         shape = data.shape if data is not None else Shape.PROMPT_RESPONSE
         # plain text has no answers to generate; labelled data's answers are its labels
         generate = final and shape is not Shape.PLAIN_TEXT
-        from .. import chunked_loss
-
         model.eval()
         loss_sum, tokens = 0.0, 0
         matches: list[torch.Tensor] = []
@@ -464,8 +457,6 @@ class CausalLM(Task):
     def _dummy_packed(vocab: int, rows: int, length: int, device: str, gen: Any) -> dict[str, Any]:
         """``rows`` full rows of ``length`` tokens, each of examples an eighth to a quarter as long."""
         import torch
-
-        from ..packing import collate_packed
 
         packed, key = [], 0
         for _ in range(rows):

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..data import IMAGE_COLUMN_GUESSES
+from ..data import IMAGE_COLUMN_GUESSES, load_image_data
 from ..errors import PeftkitError, first_line
+from ..models import head_names_of, hub_failure, load_pretrained, resolve_model_source
 from . import register_task
 from .base import TaskData, TaskSpec, map_splits
-from .sequence_classification import ClassificationTask
+from .sequence_classification import ClassificationTask, predict_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -71,15 +72,11 @@ class ImageClassification(ClassificationTask):
     input_field = "image"
 
     def load_data(self, cfg: RunConfig) -> TaskData:
-        from ..data import load_image_data
-
         # the image column is named with --text-column: the column holding each example's input
         return load_image_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed, cfg.max_train_samples)
 
     def load_processor(self, model: str) -> ImageInputs:
         from transformers import AutoConfig, AutoImageProcessor
-
-        from ..models import hub_failure, resolve_model_source
 
         source = resolve_model_source(model)
         try:
@@ -96,8 +93,6 @@ class ImageClassification(ClassificationTask):
 
     def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
         from transformers import AutoModelForImageClassification
-
-        from ..models import head_names_of, load_pretrained, resolve_model_source
 
         names = list(data.label_names or ())
         labels = {
@@ -186,8 +181,6 @@ class ImageClassification(ClassificationTask):
     def predict(self, loaded: Any, paths: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
         """Inputs are image files (PNG, JPEG, ... anything Pillow opens)."""
         from PIL import Image, UnidentifiedImageError
-
-        from .sequence_classification import predict_rows
 
         inputs: ImageInputs = loaded.tokenizer
         images = []

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..data import label_warnings, load_labelled_data
+from ..models import load_classifier, load_tokenizer
+from ..stats import above_rate_p
 from . import register_task
 from .base import Evaluation, Task, TaskData, TaskSpec, Verdict, in_split_order, map_splits
 
@@ -47,8 +50,6 @@ class ClassificationTask(Task):
         """A label column that looks like free text (the wrong column?) and a class that dominates:
         a classifier trains on either without an error, to a figure that means little. Warnings,
         not errors: 150 intents on 15,000 rows is a real task, and there is no flag to insist."""
-        from ..data import label_warnings
-
         return label_warnings(data)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -222,8 +223,6 @@ def judge_against_majority(metrics: dict[str, float], baseline: dict[str, Any], 
     """Whether ``metrics`` (accuracy, macro-F1 of ``examples`` examples of ``split``) show learning
     beyond always answering the majority class (``baseline``): accuracy clearly above its rate
     (``BETTER_THAN_MAJORITY_P``) and macro-F1 above a one-class predictor's (``ONE_CLASS_F1_MARGIN``)."""
-    from ..stats import above_rate_p
-
     acc, f1, rate = metrics["accuracy"], metrics.get("f1_macro"), baseline["accuracy"]
     correct = round(acc * examples)  # counts, not float32 means: 0.584 against 0.58399999 is the same 292
     p = above_rate_p(correct, examples, rate)
@@ -280,18 +279,12 @@ class SequenceClassification(ClassificationTask):
     serving_axes = {0: "batch", 1: "sequence"}
 
     def load_data(self, cfg: RunConfig) -> TaskData:
-        from ..data import load_labelled_data
-
         return load_labelled_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed, cfg.max_train_samples)
 
     def load_processor(self, model: str) -> Any:
-        from ..models import load_tokenizer
-
         return load_tokenizer(model)
 
     def load_model(self, model: str, data: TaskData, processor: Any, quantize: str | None, precision: str) -> nn.Module:
-        from ..models import load_classifier
-
         return load_classifier(
             model, list(data.label_names or ()), processor.pad_token_id, quantize=quantize, precision=precision
         )

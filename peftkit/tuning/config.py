@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import RunConfig, default_output_dir
+from ..data import resolved_columns
 from ..durations import parse_duration
 from ..env import quiet_libraries_in_own_process
 from ..errors import PeftkitError
 from ..registry import get_strategy
 from ..settings import PRUNERS, setting
 from ..strategies.base import TUNED_SETTINGS, Schedule, Strategy, TrainingDefaults, default_point, options_from_dict
+from ..tasks import with_task_defaults
+from ..train import resolve
 from ..typing_utils import parse_scalar
 from .storage import open_storage
 
@@ -184,10 +187,6 @@ def plan_tune(config: TuneConfig, echo: Echo) -> TunePlan:
     fixed options (``check_tune``), the task's defaults, the metric, ``--space``, what a run would
     refuse, the storage, and the data's columns (read once here, said once). The model and dataset
     named are the caller's to check, between ``check_tune`` and this (``peftkit.api.check_inputs``)."""
-    from ..data import resolved_columns
-    from ..tasks import with_task_defaults
-    from ..train import resolve
-
     cls = check_tune(config)
     base = dataclasses.replace(config.run, strategy=cls.name, output_dir=None, overwrite=False)
     task, filled = with_task_defaults(base)

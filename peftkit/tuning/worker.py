@@ -19,6 +19,12 @@ import time
 from typing import IO, Any
 
 from .. import workers
+from ..config import RunConfig
+from ..env import own_process, quiet_libraries
+from ..errors import set_context
+from ..files import write_json
+from ..stats import bits
+from ..train import resolve, train_and_validate
 
 
 class _Pruned(Exception):
@@ -36,14 +42,9 @@ class _MetricMissing(Exception):
 def main(spec_path: str) -> int:
     """Run the spec's trial and write its report where the spec says; 0 unless the report itself
     cannot be written."""
-    from ..env import own_process
-
     own_process()  # a worker's process is peftkit's (env.freeze_imported_objects)
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
-
-    from ..config import RunConfig
-    from ..files import write_json
 
     cfg = RunConfig.from_dict(spec["config"])
     start = time.perf_counter()
@@ -56,11 +57,6 @@ def main(spec_path: str) -> int:
 
 def _run(cfg: Any, spec: dict[str, Any], events: IO[str], verdicts: IO[str]) -> dict[str, Any]:
     """``status`` and what goes with it, for one trial of ``cfg``."""
-    from ..env import quiet_libraries
-    from ..errors import set_context
-    from ..stats import bits
-    from ..train import resolve, train_and_validate
-
     metric = spec["metric"]
 
     def on_validation(epoch: int, metrics: dict[str, float]) -> None:
