@@ -11,8 +11,37 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread for the tiny models that carry most tests, in this process and every process a
+# test starts (set before torch is first imported, and inherited): a 32-wide layer is microseconds
+# of work, and two OpenMP threads synchronising on every op cost more than they share. Measured on
+# a 2-core AMD EPYC with other jobs beside it, tests/test_resume.py::test_resume_refusals plus the
+# causal-LM strategy matrix took 46-65 s with 2 threads and 15-19 s with 1. The tests marked real
+# get the machine's threads back (``_real_models_use_every_core``): their MiniLM / SmolLM2 layers
+# are big enough to share.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@pytest.fixture(autouse=True)
+def _real_models_use_every_core(request, monkeypatch):
+    """A test marked ``real`` runs with torch's default threads (the machine's cores), in this
+    process and in those it starts, as it would for a user; the others keep one (see above)."""
+    if request.node.get_closest_marker("real") is None or os.environ.get("OMP_NUM_THREADS") != "1":
+        yield
+        return
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    before = torch.get_num_threads()
+    torch.set_num_threads(CORES)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 ARCHITECTURES = ("bert", "roberta", "distilbert", "gpt2", "llama")
 
