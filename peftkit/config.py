@@ -195,12 +195,17 @@ def _hints() -> dict[str, Any]:
 
 
 def coerce_run_value(key: str, value: Any) -> Any:
-    """Check one run setting against ``RunConfig``'s type for it."""
+    """Check one run setting (read from a file: plain data) against ``RunConfig``'s type for it; a
+    ``model`` or ``dataset`` given as an object is Python's alone, so here it must be a name."""
     if key == "strategy_options":
         if not isinstance(value, dict):
             raise PeftkitError(f"strategy_options must be a mapping of option: value, got {value!r}")
         return dict(value)
-    return coerce(value, _hints()[key], key)
+    hint = _hints()[key]
+    if object in typing.get_args(hint):
+        # the hint's other members (str | None), made at run time: X | Y cannot take a tuple
+        hint = typing.Union[tuple(arg for arg in typing.get_args(hint) if arg is not object)]  # noqa: UP007
+    return coerce(value, hint, key)
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:
