@@ -13,7 +13,7 @@ import datetime as _dt
 import os
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import yaml
@@ -166,6 +166,7 @@ class RunConfig(DataSettings):
     ``DataSettings``', inherited: given by keyword like the rest (``RunConfig("lora", model=...)``)."""
 
     strategy: str = setting("strategy")
+    _: KW_ONLY  # the positions after the strategy were the data settings': refused, not read anew
     epochs: int | None = setting("epochs")
     batch_size: int | None = setting("batch_size")
     lr: float | None = setting("lr")

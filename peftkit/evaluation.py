@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 
 from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
@@ -37,6 +37,7 @@ class EvalConfig(ColumnSettings):
 
     adapter: str = setting("eval:adapter")
     dataset: str = setting("eval:dataset")
+    _: KW_ONLY  # the positions after the dataset were the columns': refused, not read anew
     model: str | None = setting("base_model")
     force: bool = setting("force")
     max_eval_samples: int | None = setting("eval:max_eval_samples")

@@ -189,9 +189,18 @@ def test_shared_settings_are_declared_once_in_their_group(group: type) -> None:
 
 
 def test_shared_settings_keep_positions_and_key_order() -> None:
-    """The inherited groups change no call and no file: the strategy is still the first positional
-    argument, and recorded keys (config.yaml, results.json, plan --json) lead with the strategies."""
+    """The inherited groups change no call and no file: the leading positional arguments mean what
+    they did (those after them, once the data settings', are refused rather than read as others),
+    and recorded keys (config.yaml, results.json, plan --json) lead with the strategies."""
     assert RunConfig("full").strategy == "full"
+    assert BenchConfig(["lora"], [1]).seeds == [1] and EvalConfig("a", "d").dataset == "d"
+    for cls, args in [(RunConfig, ("lora", "causal-lm")), (BenchConfig, (["lora"], [0], "causal-lm"))]:
+        with pytest.raises(TypeError, match="positional"):
+            cls(*args)
+    with pytest.raises(TypeError, match="positional"):
+        PlanSettings(["lora"], "minilm")
+    with pytest.raises(TypeError, match="positional"):
+        EvalConfig("a", "d", "text")
     assert list(RunConfig("full", model="m").to_dict())[:3] == ["strategy", "task", "model"]
     assert list(BenchConfig(strategies=["lora"]).to_dict())[:3] == ["strategies", "seeds", "task"]
     assert list(PlanSettings(strategies=["lora"]).to_dict())[:2] == ["strategies", "task"]

@@ -8,7 +8,7 @@ size is known.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from .. import registry
@@ -29,6 +29,7 @@ class BenchConfig(DataSettings):
 
     strategies: list[str] = setting("strategies")
     seeds: list[int] = setting("seeds")
+    _: KW_ONLY  # the positions after the seeds were the data settings': refused, not read anew
     epochs: int | None = setting("epochs")
     batch_size: int = setting("bench:batch_size")
     eval_batch_size: int = setting("eval_batch_size")

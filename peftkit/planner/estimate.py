@@ -4,7 +4,7 @@ plan the library returns (``Plan``: ``peftkit.api.plan``'s result)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from ..config import Levers, ModelSettings, check_positive, flat_dict
@@ -22,6 +22,7 @@ class PlanSettings(ModelSettings):
     ``resolve_settings`` fills them in."""
 
     strategies: list[str] = setting("plan:strategies")
+    _: KW_ONLY  # the positions after the strategies were model, task: refused, not read anew
     batch_size: int = setting("plan:batch_size")
     num_labels: int = setting("num_labels")
     levers: Levers = field(default_factory=Levers)
