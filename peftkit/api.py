@@ -69,6 +69,28 @@ Echo = Callable[[str], None]
 """Where progress messages go (one line each)."""
 
 
+def _model_name(model: object) -> str | None:
+    """``model`` (a config's): a short name, hub id or directory, or None; a model given as an object
+    is refused in one line."""
+    if model is None or isinstance(model, str):
+        return model
+    raise PeftkitError(
+        f"model must be a short name, hub id or model directory, not a Python object ({type(model).__name__}): "
+        "save_pretrained it and give that directory"
+    )
+
+
+def _dataset_name(dataset: object, command: str, each: str) -> str | None:
+    """``dataset`` (a config's) for a command that runs each ``each`` in a process of its own: a name
+    or path, or None; data in memory is refused in one line."""
+    if dataset is None or isinstance(dataset, str):
+        return dataset
+    raise PeftkitError(
+        f"{command} runs each {each} in a process of its own, which cannot see data held in memory: "
+        "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
+    )
+
+
 def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
     """Fine-tune and evaluate as ``config`` says, into ``config.output_dir`` (default
     ``runs/<strategy>-<timestamp>``), which appears only when the run succeeded.
@@ -86,7 +108,7 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
         config.validate()
         if config.task is not None:
             get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
-        check_inputs(config.model, dataset)
+        check_inputs(_model_name(config.model), dataset)
         result = run_config(config, resume=False, echo=echo)
     return warn_if_learned_nothing(result)
 
@@ -110,12 +132,12 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> 
     (``peftkit.benchmark.preflight``), so bad input fails in seconds, before any worker starts.
     """
     with error_context():
-        check_inputs(config.model, config.dataset)
+        check_inputs(_model_name(config.model), _dataset_name(config.dataset, "bench", "run"))
         config = preflight_bench(config)  # a copy, completed: the caller's config is left as it was
         out = config.output_dir or default_output_dir("bench")
         check_output_dir(out, overwrite)
         config = dataclasses.replace(config, output_dir=out)
-        set_context(strategy=",".join(config.strategies), model=config.model)
+        set_context(strategy=",".join(config.strategies), model=str(config.model))  # filled in: a name
         quiet_libraries_in_own_process()
         results, table = run_bench(config, overwrite, echo)
     return BenchResult(out, results, table)
@@ -134,14 +156,9 @@ def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
     """
     with error_context():
         check_tune(config)
-        if not isinstance(config.run.dataset, str | None):
-            raise PeftkitError(
-                "tune runs each trial in a process of its own, which cannot see data held in memory: "
-                "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
-            )
-        check_inputs(config.run.model, config.run.dataset)
+        check_inputs(_model_name(config.run.model), _dataset_name(config.run.dataset, "tune", "trial"))
         plan = plan_tune(config, echo)
-        set_context(strategy=plan.strategy.name, model=plan.base.model)
+        set_context(strategy=plan.strategy.name, model=str(plan.base.model))  # filled in: a name
         study, ran = run_study(plan, echo)
         done = finish_tune(plan, study, echo, train=lambda cfg: run_config(cfg, resume=False, echo=echo).metrics)
     return tune_result(plan, study, ran, done)
@@ -157,10 +174,10 @@ def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
         names = parse_strategies(",".join(settings.strategies) or "all")
         settings = dataclasses.replace(settings, strategies=names)
         settings.validate()
-        check_inputs(settings.model)
+        check_inputs(_model_name(settings.model))
         quiet_libraries_in_own_process()
         settings = resolve_settings(settings)
-        set_context(strategy=",".join(names), model=settings.model)
+        set_context(strategy=",".join(names), model=str(settings.model))  # filled in: a name
         return Plan(settings, make_plan(settings, echo))
 
 
