@@ -107,9 +107,15 @@ class RunConfig:
 
     strategy: str = setting("strategy")
     task: str | None = setting("task")
-    model: str | None = None
+    model: str | object | None = None
     """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
-    (default: the task's own: minilm, smollm2 or vit-tiny)."""
+    (default: the task's own: minilm, smollm2 or vit-tiny); from Python also a loaded
+    ``transformers`` ``PreTrainedModel``, alone (its tokenizer or processor read from where its
+    ``name_or_path`` points) or as ``(model, tokenizer or processor)``: saved into a temporary
+    directory for the call and loaded from there as a directory would be (the task read from its
+    class, the same checks and splits; your model is left as it was); recorded as
+    ``in-memory LlamaForCausalLM (<name_or_path>)``. ``object`` here: a config needs no
+    transformers to import."""
     dataset: str | object | None = None
     """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
     or a directory saved by `datasets`; from Python also an in-memory ``datasets.Dataset``,

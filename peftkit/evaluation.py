@@ -38,7 +38,7 @@ class EvalConfig:
     text_column: str | None = setting("text_column")
     label_column: str | None = setting("label_column")
     response_column: str | None = setting("response_column")
-    model: str | None = setting("base_model")
+    model: str | object | None = setting("base_model")  # from Python also a loaded model (RunConfig.model)
     force: bool = setting("force")
     max_eval_samples: int | None = setting("eval:max_eval_samples")
     batch_size: int = setting("eval:batch_size")

@@ -18,10 +18,11 @@ from ..tasks import with_task_defaults
 class PlanSettings:
     """What a plan is for: the same levers a run takes. ``None`` in ``task``, ``model`` and
     ``max_length`` means the task's default, in ``device`` this machine's (cuda if it has a GPU);
-    ``resolve_settings`` fills them in."""
+    ``resolve_settings`` fills them in. ``model`` may be a loaded model from Python, as
+    ``RunConfig.model`` takes one."""
 
     strategies: list[str] = setting("plan:strategies")
-    model: str | None = setting("model")
+    model: str | object | None = setting("model")
     task: str | None = setting("task")
     batch_size: int = setting("plan:batch_size")
     max_length: int | None = setting("max_length")
