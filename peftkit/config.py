@@ -115,7 +115,13 @@ class ModelSettings:
 
     task: str | None = setting("task")
     model: str | object | None = setting("model")
-    """Short name, hub id or local directory of a Hugging Face model (default: the task's)."""
+    """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
+    (default: the task's own); from Python also a loaded ``transformers`` ``PreTrainedModel``, alone
+    (its tokenizer or processor read from where its ``name_or_path`` points) or as ``(model,
+    tokenizer or processor)``: saved into a temporary directory for the call and loaded from there as
+    a directory would be (your model is left as it was); recorded as ``in-memory LlamaForCausalLM
+    (<name_or_path>)``. ``bench`` and ``tune`` refuse a loaded model. ``object``: a config needs no
+    transformers to import."""
     max_length: int | None = setting("max_length")
 
 

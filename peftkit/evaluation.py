@@ -38,7 +38,7 @@ class EvalConfig(ColumnSettings):
     adapter: str = setting("eval:adapter")
     dataset: str = setting("eval:dataset")
     _: KW_ONLY  # the positions after the dataset were the columns': refused, not read anew
-    model: str | None = setting("base_model")
+    model: str | object | None = setting("base_model")  # from Python also a loaded model (RunConfig.model)
     force: bool = setting("force")
     max_eval_samples: int | None = setting("eval:max_eval_samples")
     batch_size: int = setting("eval:batch_size")

@@ -118,9 +118,10 @@ def test_every_field_has_a_flag(command: str) -> None:
 
 
 def _base(hint: Any) -> Any:
-    """``int | None`` -> ``int``."""
+    """``int | None`` -> ``int``; ``str | object | None`` -> ``str`` (a model field also takes a loaded
+    model from Python: the flag's type is what is beside it)."""
     if typing.get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        args = [a for a in typing.get_args(hint) if a is not type(None) and a is not object]
         return args[0] if len(args) == 1 else hint
     return hint
 

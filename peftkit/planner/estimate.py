@@ -19,7 +19,8 @@ class PlanSettings(ModelSettings):
     """What a plan is for: the same levers a run takes. Of a run's model and data settings a plan
     takes ``ModelSettings``' (task, model, max_length; inherited): it reads no data. ``None`` in
     those means the task's default, in ``device`` this machine's (cuda if it has a GPU);
-    ``resolve_settings`` fills them in."""
+    ``resolve_settings`` fills them in. ``model`` may be a loaded model from Python, as
+    ``RunConfig.model`` takes one."""
 
     strategies: list[str] = setting("plan:strategies")
     _: KW_ONLY  # the positions after the strategies were model, task: refused, not read anew
