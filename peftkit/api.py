@@ -56,6 +56,7 @@ from .inference import (
 )
 from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
+from .models import in_memory_model
 from .planner import Plan, PlanSettings, make_plan, resolve_settings
 from .predict_io import PredictConfig, check_output_file, read_inputs, write_rows
 from .rundir import check_output_dir, staged_dir
@@ -76,9 +77,11 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
     Unset values take the strategy's and the task's defaults, on a copy: ``config`` is left as given
     (one config can run twice), and the completed settings come back as ``RunResult.config``.
     ``config.dataset`` may be data in memory (a ``datasets.Dataset`` / ``DatasetDict``, a pandas
-    ``DataFrame``), read as a file would be. Runs unchanged under ``accelerate launch`` / ``torchrun``.
-    Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (saying whether a checkpoint
-    was kept).
+    ``DataFrame``), read as a file would be; ``config.model`` a loaded ``transformers`` model, alone
+    or as ``(model, tokenizer or processor)``, saved for the call and loaded from there as a
+    directory would be (the caller's model is left as it was). Runs unchanged under
+    ``accelerate launch`` / ``torchrun``. Raises ``PeftkitError`` for bad input, ``RunInterrupted``
+    on Ctrl-C (saying whether a checkpoint was kept).
     """
     # in-memory data is read by a name standing for it, for this call (a copy of config names it)
     with error_context(), in_memory_data(config.dataset) as dataset:
@@ -86,9 +89,30 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
         config.validate()
         if config.task is not None:
             get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
-        check_inputs(config.model, dataset)
-        result = run_config(config, resume=False, echo=echo)
+        check_inputs(dataset=dataset)
+        # a loaded model too (saved for the call), once the settings passed: saving is what takes time
+        with in_memory_model(config.model) as model:
+            config = dataclasses.replace(config, model=model)
+            check_inputs(model)
+            result = run_config(config, resume=False, echo=echo)
     return warn_if_learned_nothing(result)
+
+
+def _names_only(command: str, each: str, model: Any, dataset: Any) -> tuple[str | None, str | None]:
+    """``model`` and ``dataset``, refused in one line where they are what ``command``, which runs
+    each ``each`` in a process of its own, cannot hand those processes: a loaded model or data held
+    in memory (they read both by name)."""
+    if not isinstance(model, str | None):
+        raise PeftkitError(
+            f"{command} runs each {each} in a process of its own, which cannot see a model loaded in this one: "
+            "save it (model.save_pretrained(DIR) and its tokenizer's save_pretrained(DIR)) and give DIR"
+        )
+    if not isinstance(dataset, str | None):
+        raise PeftkitError(
+            f"{command} runs each {each} in a process of its own, which cannot see data held in memory: "
+            "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
+        )
+    return model, dataset
 
 
 def resume(run_dir: str, echo: Echo = to_log) -> RunResult:
@@ -110,12 +134,12 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> 
     (``peftkit.benchmark.preflight``), so bad input fails in seconds, before any worker starts.
     """
     with error_context():
-        check_inputs(config.model, config.dataset)
+        check_inputs(*_names_only("bench", "strategy", config.model, config.dataset))
         config = preflight_bench(config)  # a copy, completed: the caller's config is left as it was
         out = config.output_dir or default_output_dir("bench")
         check_output_dir(out, overwrite)
         config = dataclasses.replace(config, output_dir=out)
-        set_context(strategy=",".join(config.strategies), model=config.model)
+        set_context(strategy=",".join(config.strategies), model=str(config.model))  # filled in: a name
         quiet_libraries_in_own_process()
         results, table = run_bench(config, overwrite, echo)
     return BenchResult(out, results, table)
@@ -133,15 +157,11 @@ def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
     there. Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (the study kept).
     """
     with error_context():
+        names = _names_only("tune", "trial", config.run.model, config.run.dataset)
         check_tune(config)
-        if not isinstance(config.run.dataset, str | None):
-            raise PeftkitError(
-                "tune runs each trial in a process of its own, which cannot see data held in memory: "
-                "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
-            )
-        check_inputs(config.run.model, config.run.dataset)
+        check_inputs(*names)
         plan = plan_tune(config, echo)
-        set_context(strategy=plan.strategy.name, model=plan.base.model)
+        set_context(strategy=plan.strategy.name, model=str(plan.base.model))  # resolved: a name
         study, ran = run_study(plan, echo)
         done = finish_tune(plan, study, echo, train=lambda cfg: run_config(cfg, resume=False, echo=echo).metrics)
     return tune_result(plan, study, ran, done)
@@ -157,11 +177,12 @@ def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
         names = parse_strategies(",".join(settings.strategies) or "all")
         settings = dataclasses.replace(settings, strategies=names)
         settings.validate()
-        check_inputs(settings.model)
-        quiet_libraries_in_own_process()
-        settings = resolve_settings(settings)
-        set_context(strategy=",".join(names), model=settings.model)
-        return Plan(settings, make_plan(settings, echo))
+        with in_memory_model(settings.model) as model:  # a loaded model: saved for the call
+            check_inputs(model)
+            quiet_libraries_in_own_process()
+            settings = resolve_settings(dataclasses.replace(settings, model=model))
+            set_context(strategy=",".join(names), model=str(settings.model))  # resolved: a name
+            return Plan(settings, make_plan(settings, echo))
 
 
 def predict(config: PredictConfig) -> list[dict[str, Any]]:
@@ -182,26 +203,29 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
     here: the caller writes it)."""
     with error_context() as facts:
         config.validate()
-        if config.adapter is not None:
-            check_inputs(config.model, adapter_dir=config.adapter)  # a missing path is said before torch loads
-        task = _prediction_task(config)
-        if config.model is not None and config.adapter is not None:  # a model made for another task: said now
-            check_model_task(task, config.model, config.adapter, recorded_base_model(config.adapter) or "?")
-        check_prediction_settings(task, config.batch_size, config.generation)
-        if config.output is not None:
-            check_output_file(config.output, config.overwrite)
-        texts = (  # validate(): the texts, or else an input file
-            list(config.inputs)
-            if config.inputs
-            else read_inputs(config.input_file or "", config.text_column, task.input_columns)
-        )
-        show = config.progress if config.progress is not None else (config.input_file is not None or len(texts) > 64)
-        quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
-        if config.adapter is not None:
-            predictor: Any = load_adapter(config.adapter, config.model, force=config.force)
-        else:  # validate(): an adapter, or else an export
-            predictor = load_onnx(config.onnx or "")
-        answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
+        with in_memory_model(config.model) as model:  # a loaded base: saved for the call
+            if config.adapter is not None:
+                check_inputs(model, adapter_dir=config.adapter)  # a missing path is said before torch loads
+            task = _prediction_task(config)
+            if model is not None and config.adapter is not None:  # a model made for another task: said now
+                check_model_task(task, model, config.adapter, recorded_base_model(config.adapter) or "?")
+            check_prediction_settings(task, config.batch_size, config.generation)
+            if config.output is not None:
+                check_output_file(config.output, config.overwrite)
+            texts = (  # validate(): the texts, or else an input file
+                list(config.inputs)
+                if config.inputs
+                else read_inputs(config.input_file or "", config.text_column, task.input_columns)
+            )
+            show = (
+                config.progress if config.progress is not None else (config.input_file is not None or len(texts) > 64)
+            )
+            quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
+            if config.adapter is not None:
+                predictor: Any = load_adapter(config.adapter, model, force=config.force)
+            else:  # validate(): an adapter, or else an export
+                predictor = load_onnx(config.onnx or "")
+            answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
     return within_context(facts, answers)
 
 
@@ -220,29 +244,32 @@ def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
     confusion_matrix.png are written there (staged, renamed into place when complete)."""
     with error_context():
         config.validate()
-        check_inputs(config.model, config.dataset, config.adapter)
-        if config.output:
-            check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
-        quiet_libraries_in_own_process()
-        result = evaluate_adapter(config, echo)
-        if config.output:
-            with staged_dir(config.output, config.overwrite) as stage:
-                write_evaluation(result, stage)
-            result.output_dir = config.output
-        return result
+        with in_memory_model(config.model) as model:  # a loaded base: saved for the call
+            config = dataclasses.replace(config, model=model)
+            check_inputs(model, config.dataset, config.adapter)
+            if config.output:
+                check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
+            quiet_libraries_in_own_process()
+            result = evaluate_adapter(config, echo)
+            if config.output:
+                with staged_dir(config.output, config.overwrite) as stage:
+                    write_evaluation(result, stage)
+                result.output_dir = config.output
+            return result
 
 
 def merge(config: MergeConfig) -> MergeResult:
     """Merge an adapter into its base and write a plain transformers model directory to
     ``config.output`` (written into a staging directory, renamed into place when complete)."""
     with error_context():
-        check_inputs(config.model, adapter_dir=config.adapter)
-        check_output_dir(config.output, config.overwrite, flag="--output")
-        quiet_libraries_in_own_process()
-        loaded = load_adapter(config.adapter, config.model, force=config.force)
-        with staged_dir(config.output, config.overwrite, flag="--output") as stage:
-            merge_to_directory(loaded, stage)
-        return MergeResult(config.output, loaded.metadata["strategy"], loaded.metadata["base_model"])
+        with in_memory_model(config.model) as model:  # a loaded base: saved for the call
+            check_inputs(model, adapter_dir=config.adapter)
+            check_output_dir(config.output, config.overwrite, flag="--output")
+            quiet_libraries_in_own_process()
+            loaded = load_adapter(config.adapter, model, force=config.force)
+            with staged_dir(config.output, config.overwrite, flag="--output") as stage:
+                merge_to_directory(loaded, stage)
+            return MergeResult(config.output, loaded.metadata["strategy"], loaded.metadata["base_model"])
 
 
 def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
@@ -252,19 +279,20 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
     c = config
     with error_context():
         check_export_settings(c.format, c.quantize, c.opset, c.min_agreement)
-        check_inputs(c.model, c.dataset, c.adapter)
-        quiet_libraries_in_own_process()
         c.validate()
-        if c.format == "gguf":
-            return export_gguf(c.adapter, c.output, c.model, force=c.force, overwrite=c.overwrite, echo=echo)
-        opset = DEFAULT_OPSET if c.opset is None else c.opset
-        return export_onnx(
-            *(c.adapter, c.output, c.model, c.quantize, opset, c.dataset, c.text_column, c.label_column),
-            force=c.force,
-            overwrite=c.overwrite,
-            min_agreement=c.min_agreement,
-            echo=echo,
-        )
+        with in_memory_model(c.model) as model:  # a loaded base: saved for the call
+            check_inputs(model, c.dataset, c.adapter)
+            quiet_libraries_in_own_process()
+            if c.format == "gguf":
+                return export_gguf(c.adapter, c.output, model, force=c.force, overwrite=c.overwrite, echo=echo)
+            opset = DEFAULT_OPSET if c.opset is None else c.opset
+            return export_onnx(
+                *(c.adapter, c.output, model, c.quantize, opset, c.dataset, c.text_column, c.label_column),
+                force=c.force,
+                overwrite=c.overwrite,
+                min_agreement=c.min_agreement,
+                echo=echo,
+            )
 
 
 def inspect(adapter_dir: str) -> dict[str, Any]:

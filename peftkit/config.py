@@ -13,7 +13,7 @@ import datetime as _dt
 import os
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import yaml
@@ -80,10 +80,12 @@ def with_levers(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def flat_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain data with the levers' keys flat, in field order: what YAML files,
-    ``config.yaml``, a bench's ``results.json`` and worker specs hold."""
-    out: dict[str, Any] = {}
+def flat_dict(config: Any, lead: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dataclass as plain data with the levers' keys flat: what YAML files, ``config.yaml``,
+    a bench's ``results.json`` and worker specs hold. The ``lead`` keys come first (a run's
+    ``strategy``, which would otherwise follow the inherited ``DataSettings``, a dataclass's first
+    fields), then the rest in field order."""
+    out: dict[str, Any] = {key: None for key in lead}
     for key, value in dataclasses.asdict(config).items():
         if key == "levers":
             out.update(value)
@@ -101,31 +103,81 @@ def check_positive(config: Any, names: tuple[str, ...]) -> None:
             raise PeftkitError(f"{name} must be a positive integer, got {value}")
 
 
-@dataclass
-class RunConfig:
-    """Everything a run needs. ``None`` means "the strategy's default" where a strategy has one."""
+@dataclass(kw_only=True)
+class ModelSettings:
+    """What is learnt, by which model, on how many tokens: the settings of every command that trains or
+    plans a model (``run``, ``bench``, ``tune`` through ``DataSettings``, and ``plan``'s
+    ``PlanSettings``, which reads no data). ``None`` means the task's default (the task: what the model is made for),
+    filled in by ``peftkit.tasks.with_task_defaults``.
 
-    strategy: str = setting("strategy")
+    Keyword-only, here and in the groups below: a config class inherits them as its first fields, and
+    its own fields keep their positions (``RunConfig("lora")`` is the strategy)."""
+
     task: str | None = setting("task")
-    model: str | None = None
+    model: str | object | None = setting("model")
     """Short name (minilm, smollm2, vit-tiny), hub id or local directory of a Hugging Face model
-    (default: the task's own: minilm, smollm2 or vit-tiny)."""
-    dataset: str | object | None = None
-    """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
-    or a directory saved by `datasets`; from Python also an in-memory ``datasets.Dataset``,
-    ``DatasetDict`` or pandas ``DataFrame`` (read with the same column checks and splits; recorded
-    as ``in-memory Dataset (N rows)``)."""
+    (default: the task's own); from Python also a loaded ``transformers`` ``PreTrainedModel``, alone
+    (its tokenizer or processor read from where its ``name_or_path`` points) or as ``(model,
+    tokenizer or processor)``: saved into a temporary directory for the call and loaded from there as
+    a directory would be (your model is left as it was); recorded as ``in-memory LlamaForCausalLM
+    (<name_or_path>)``. ``bench`` and ``tune`` refuse a loaded model. ``object``: a config needs no
+    transformers to import."""
+    max_length: int | None = setting("max_length")
+
+
+@dataclass(kw_only=True)
+class ColumnSettings:
+    """Which columns of a dataset hold what (``None``: guessed from the names): shared by every
+    command that reads a dataset with a task's columns (``run``, ``bench``, ``tune`` through
+    ``DataSettings``, and ``eval``'s ``EvalConfig``)."""
+
     text_column: str | None = setting("text_column")
     label_column: str | None = setting("label_column")
     response_column: str | None = setting("response_column")
+
+
+@dataclass(kw_only=True)
+class DataSettings(ColumnSettings, ModelSettings):
+    """The model and data settings ``run``, ``bench`` and ``tune`` share, declared here once: the task,
+    model and length of ``ModelSettings`` (also ``plan``'s), the columns of ``ColumnSettings`` (also
+    ``eval``'s), the dataset and the sample caps. ``RunConfig`` and ``BenchConfig`` inherit them (flat:
+    ``cfg.model``, and flat keys in YAML and recorded files), ``TuneConfig`` through its ``RunConfig``.
+
+    ``eval`` takes only the columns from here: its ``--model`` is the adapter's base (another help),
+    its ``--dataset`` is required and its ``--max-eval-samples`` worded for it."""
+
+    dataset: str | object | None = setting("dataset")
+    """Short name (rotten_tomatoes), hub id, data file (.csv/.json/.jsonl/.parquet, compressed too)
+    or a directory saved by `datasets`; for ``run`` from Python also an in-memory ``datasets.Dataset``,
+    ``DatasetDict`` or pandas ``DataFrame`` (read with the same column checks and splits; recorded
+    as ``in-memory Dataset (N rows)``). ``bench`` and ``tune`` refuse data in memory: each of their
+    runs is a process of its own."""
+    max_train_samples: int | None = setting("max_train_samples")
+    max_eval_samples: int | None = setting("max_eval_samples")
+
+
+DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataSettings))
+
+
+def data_settings(config: DataSettings) -> dict[str, Any]:
+    """``config``'s model and data settings (``DataSettings``' fields), to give another config."""
+    return {name: getattr(config, name) for name in DATA_FIELDS}
+
+
+@dataclass
+class RunConfig(DataSettings):
+    """Everything a run needs. ``None`` means "the strategy's default" where a strategy has one.
+
+    The model and data settings (task, model, dataset, columns, max_length, sample caps) are
+    ``DataSettings``', inherited: given by keyword like the rest (``RunConfig("lora", model=...)``)."""
+
+    strategy: str = setting("strategy")
+    _: KW_ONLY  # the positions after the strategy were the data settings': refused, not read anew
     epochs: int | None = setting("epochs")
     batch_size: int | None = setting("batch_size")
     lr: float | None = setting("lr")
     weight_decay: float | None = setting("weight_decay")
     warmup_ratio: float | None = setting("warmup_ratio")
-    max_length: int | None = setting("max_length")
-    max_train_samples: int | None = setting("max_train_samples")
-    max_eval_samples: int | None = setting("max_eval_samples")
     eval_batch_size: int = setting("eval_batch_size")
     grad_accumulation: int = setting("grad_accumulation")
     max_grad_norm: float = 1.0
@@ -176,7 +228,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain data, levers flat: what ``from_dict`` and ``config.yaml`` take."""
-        return flat_dict(self)
+        return flat_dict(self, lead=("strategy",))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -195,12 +247,17 @@ def _hints() -> dict[str, Any]:
 
 
 def coerce_run_value(key: str, value: Any) -> Any:
-    """Check one run setting against ``RunConfig``'s type for it."""
+    """Check one run setting (read from a file: plain data) against ``RunConfig``'s type for it; a
+    ``model`` or ``dataset`` given as an object is Python's alone, so here it must be a name."""
     if key == "strategy_options":
         if not isinstance(value, dict):
             raise PeftkitError(f"strategy_options must be a mapping of option: value, got {value!r}")
         return dict(value)
-    return coerce(value, _hints()[key], key)
+    hint = _hints()[key]
+    if object in typing.get_args(hint):
+        # the hint's other members (str | None), made at run time: X | Y cannot take a tuple
+        hint = typing.Union[tuple(arg for arg in typing.get_args(hint) if arg is not object)]  # noqa: UP007
+    return coerce(value, hint, key)
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:

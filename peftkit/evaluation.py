@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 
 from .adapter_io import check_adapter_dir, read_metadata, resolve_adapter_dir
-from .config import RunConfig, check_positive
+from .config import ColumnSettings, RunConfig, check_positive
 from .data import cap_eval_splits
 from .files import write_json
 from .inference import load_adapter
@@ -30,15 +30,15 @@ CONFUSION_FILE = "confusion_matrix.png"
 
 
 @dataclass
-class EvalConfig:
-    """What ``peftkit eval`` was asked (a field per flag)."""
+class EvalConfig(ColumnSettings):
+    """What ``peftkit eval`` was asked (a field per flag). The columns are ``ColumnSettings``'
+    (inherited, as a run's); ``model`` (the adapter's base), ``dataset`` (required) and
+    ``max_eval_samples`` are worded for eval, so declared here."""
 
     adapter: str = setting("eval:adapter")
     dataset: str = setting("eval:dataset")
-    text_column: str | None = setting("text_column")
-    label_column: str | None = setting("label_column")
-    response_column: str | None = setting("response_column")
-    model: str | None = setting("base_model")
+    _: KW_ONLY  # the positions after the dataset were the columns': refused, not read anew
+    model: str | object | None = setting("base_model")  # from Python also a loaded model (RunConfig.model)
     force: bool = setting("force")
     max_eval_samples: int | None = setting("eval:max_eval_samples")
     batch_size: int = setting("eval:batch_size")

@@ -12,19 +12,20 @@ from .settings import setting
 @dataclass
 class MergeConfig:
     """Merge an adapter (``adapter``: an adapter directory, or a run directory: its ``adapter/``) into
-    its base (``model`` instead of the one its metadata names) and write a plain transformers model
-    directory to ``output``."""
+    its base (``model`` instead of the one its metadata names; from Python also a loaded model, as
+    ``RunConfig.model`` takes one) and write a plain transformers model directory to ``output``."""
 
     adapter: str = setting("merge:adapter")
     output: str = setting("output")
-    model: str | None = setting("base_model")
+    model: str | object | None = setting("base_model")
     force: bool = setting("force")
     overwrite: bool = setting("overwrite")
 
 
 @dataclass
 class ExportConfig:
-    """Export an adapter on its base (``model`` overrides the base) as a model that serves without
+    """Export an adapter on its base (``model`` overrides the base; from Python also a loaded model,
+    as ``RunConfig.model`` takes one) as a model that serves without
     PyTorch, into the directory ``output``: ``format`` "onnx" (``model.onnx``, the tokenizer or image
     processor, ``peftkit_export.json``) or "gguf", for a causal-lm adapter on a Llama-architecture
     base (``model.gguf``, merged, float32; see ``peftkit.gguf_export``). Merged where the strategy
@@ -39,7 +40,7 @@ class ExportConfig:
     adapter: str = setting("export:adapter")
     output: str = setting("export:output")
     format: str = setting("export:format")
-    model: str | None = setting("base_model")
+    model: str | object | None = setting("base_model")
     quantize: str | None = setting("export:quantize")
     opset: int | None = setting("export:opset")
     dataset: str | None = setting("export:dataset")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .files import write_json
 from .gguf_convert import cache_dir
-from .models import resolve_model_source
+from .models import held_in_memory, resolve_model_source
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -76,7 +76,11 @@ def cached_backbone_digests(model: nn.Module, model_name: str, seed: int) -> dic
     shapes and dtypes (a quantized or half-precision load differs) and the seed (a tensor the files
     lack is initialised at random). A hit is checked against one tensor hashed afresh (the
     smallest), so a cache that does not match its model is never believed; a model that is no local
-    directory (a hub id not downloaded) is hashed every time."""
+    directory (a hub id not downloaded) is hashed every time, as is a loaded model saved for one
+    call (``models.in_memory_model``): its directory is gone once the call ends, so its entry could
+    never be read again."""
+    if held_in_memory(model_name):
+        return backbone_digests(model)
     try:
         source = resolve_model_source(model_name)
     except Exception:  # noqa: BLE001 - whatever cannot be resolved is simply hashed

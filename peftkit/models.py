@@ -1,11 +1,17 @@
-"""Loading pretrained classifiers and tokenizers from a short name, a local directory or the hub."""
+"""Loading pretrained classifiers and tokenizers from a short name, a local directory or the hub,
+or from a model loaded in the caller's process (``in_memory_model``)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +72,6 @@ class EmbeddedModel:
 def built_model_dir(name: str, build: Callable[[str], None]) -> str:
     """``cache/models/<name>``, built by ``build(directory)`` on first use (atomically: a temporary
     directory renamed into place, so a crash never leaves half a model)."""
-    import shutil
-
     final = os.path.join(cache_dir(), "models", name)
     if os.path.exists(os.path.join(final, "config.json")):
         return final
@@ -159,8 +163,12 @@ def resolve_model_source(name: str) -> str:
     Short names use the offline copy where installed and its hub id otherwise; a hub id that is an
     embedded model's uses the installed offline copy too (for a copy that is not bit-identical,
     only when the hub cannot be reached). When the hub cannot be reached a hub id resolves to its
-    cached download, or is refused in one line at once (``check_model_name``).
+    cached download, or is refused in one line at once (``check_model_name``). A loaded model's
+    name (``in_memory_model``) resolves to the directory it was saved into for the call.
     """
+    held = _held_model(name)
+    if held is not None:
+        return held.directory
     if name in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[name]
         found = emb.local_path()
@@ -178,6 +186,8 @@ def check_model_name(name: str) -> None:
     """Refuse in milliseconds, before torch loads, a ``--model`` that cannot load: a path that is no
     model directory, or a hub id while the hub cannot be reached and nothing of it is cached.
     Converts and builds nothing (``resolve_model_source`` does, when the model is loaded)."""
+    if _held_model(name) is not None:
+        return
     if name in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[name]
         if not emb.installed():
@@ -240,10 +250,177 @@ def _hub_source(hub_id: str, name: str) -> str:
 def portable_name(name: str) -> str:
     """What a model loaded from ``name`` records as its ``name_or_path`` (peft copies it into
     adapter_config.json): the hub id for a short name or a hub id served from a local copy, not
-    this machine's site-packages or cache path; a local directory as given."""
+    this machine's site-packages or cache path; a local directory as given; for a loaded model
+    (``in_memory_model``) what ``recorded_base`` says, never the temporary directory."""
     if name in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[name].hub_id or name
-    return name
+    return recorded_base(name)
+
+
+# -- a model loaded in the caller's process (``peftkit.run(RunConfig(model=model))``) ------------
+
+IN_MEMORY_PREFIX = "in-memory "
+_PROCESSOR_ASK = "pass it with the model: model=(model, tokenizer or processor)"
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """A loaded model as a call reads it: the temporary directory it was saved into, and ``base``,
+    the model its ``name_or_path`` names outside this process (None where it names none)."""
+
+    directory: str
+    base: str | None
+
+
+# The loaded models a call was given (``in_memory_model``), by the name that stands for each where a
+# name is recorded; a context variable, so that it lasts as long as that call and no other call sees it.
+_HELD: ContextVar[dict[str, HeldModel] | None] = ContextVar("peftkit_in_memory_model", default=None)
+
+
+@contextlib.contextmanager
+def in_memory_model(source: Any) -> Iterator[str | None]:
+    """``source`` as the rest of peftkit reads a model: by name. A name (a short name, a hub id, a
+    directory, None) is given back as it is. A loaded ``transformers`` model, alone or as ``(model,
+    tokenizer or processor)``, is saved (safetensors) with its tokenizer or processor into a
+    temporary directory, which ``resolve_model_source`` hands out for it until the block ends, so
+    it loads exactly as a local directory would; it gets a name that says what it is
+    (``in-memory LlamaForCausalLM (HuggingFaceTB/SmolLM2-135M)``), which messages, config.yaml and
+    metrics.json record. The directory is removed when the block ends, however it ends. The
+    caller's model is left as it was: what uses it loads its own copy from the saved files."""
+    if source is None or isinstance(source, str):
+        yield source
+        return
+    model, processor = _model_and_processor(source)
+    origin = str(getattr(model, "name_or_path", "") or "")
+    name = f"{IN_MEMORY_PREFIX}{type(model).__name__}" + (f" ({origin})" if origin else "")
+    directory = tempfile.mkdtemp(prefix="peftkit-model-")
+    try:
+        _save_loaded(model, processor, directory)
+        token = _HELD.set({**(_HELD.get() or {}), name: HeldModel(directory, _named_elsewhere(origin))})
+        try:
+            yield name
+        finally:
+            _HELD.reset(token)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _model_and_processor(source: Any) -> tuple[Any, Any]:
+    """The loaded model of ``source`` and its tokenizer or processor (for a model alone: the one
+    its ``name_or_path`` names), refusing in one line what is neither."""
+    model, processor = source if isinstance(source, tuple) and len(source) == 2 else (source, None)
+    modeling = sys.modules.get("transformers.modeling_utils")  # a loaded model exists only once it is imported
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        got = (
+            f"tuple of {', '.join(type(item).__name__ for item in source)}"
+            if isinstance(source, tuple)
+            else type(source).__name__
+        )
+        raise PeftkitError(
+            "model must be a name (a short name, a hub id, a model directory) or a loaded transformers "
+            f"PreTrainedModel, alone or as (model, tokenizer or processor); got a {got}"
+        )
+    if processor is None:
+        return model, _processor_of(model)
+    if not callable(getattr(processor, "save_pretrained", None)):
+        raise PeftkitError(
+            "model=(model, tokenizer): the second item must be a tokenizer or processor (with "
+            f"save_pretrained); got a {type(processor).__name__}"
+        )
+    return model, processor
+
+
+def _processor_of(model: Any) -> Any:
+    """The tokenizer or processor of the model that ``model.name_or_path`` names, where that
+    resolves here (a model directory, a short name, a hub id installed, cached or reachable);
+    otherwise one line asking for it beside the model."""
+    from transformers import AutoProcessor
+
+    kind, origin = type(model).__name__, str(getattr(model, "name_or_path", "") or "")
+    if not origin:
+        raise PeftkitError(
+            f"the loaded {kind} names no model to read its tokenizer from (empty name_or_path); {_PROCESSOR_ASK}"
+        )
+    try:
+        source = resolve_model_source(origin)
+    except PeftkitError:
+        raise PeftkitError(
+            f"the loaded {kind}'s name_or_path {origin!r} is no model directory here, nor an installed, "
+            f"cached or reachable model, so its tokenizer cannot be read from it; {_PROCESSOR_ASK}"
+        ) from None
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - however it fails, the way out is the same
+        raise PeftkitError(
+            f"cannot read the tokenizer of the loaded {kind} from {origin!r} ({first_line(exc)}); {_PROCESSOR_ASK}"
+        ) from None
+
+
+def _save_loaded(model: Any, processor: Any, directory: str) -> None:
+    """``model`` (safetensors) and ``processor`` into ``directory``, with no progress bar, and
+    ``model`` left as it was: ``save_pretrained`` writes the class and dtype into the model's own
+    config, put back here."""
+    import inspect
+
+    from transformers.utils import logging as hf_logging
+
+    # transformers 4.x wrote pickles unless told; 5.x writes safetensors only and has no such argument
+    safe = "safe_serialization" in inspect.signature(model.save_pretrained).parameters
+    touched = {key: getattr(model.config, key, None) for key in ("architectures", "dtype")}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards": a save the caller did not ask for
+    try:
+        model.save_pretrained(directory, **({"safe_serialization": True} if safe else {}))
+        getattr(processor, "processor", processor).save_pretrained(directory)  # peftkit's ImageInputs too
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be saved cannot be loaded either
+        raise PeftkitError(f"cannot save the loaded {type(model).__name__} to load it: {first_line(exc)}") from None
+    finally:
+        for key, value in touched.items():
+            setattr(model.config, key, value)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _named_elsewhere(name: str) -> str | None:
+    """``name`` (a loaded model's ``name_or_path``) where it names a model outside this process: a
+    short name, a model directory that exists, a hub id; None where it does not (empty, a
+    directory gone or holding no model, another in-memory name)."""
+    if not name or name.startswith(IN_MEMORY_PREFIX):
+        return None
+    if name in EMBEDDED_MODELS:
+        return name
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return name if os.path.isfile(os.path.join(path, "config.json")) else None
+    return None if hub.looks_like_path(name) else name
+
+
+def _held_model(name: str) -> HeldModel | None:
+    """The loaded model ``name`` stands for in this call; an in-memory name from another process
+    or call (a recorded config.yaml's, an adapter's base) is refused in one line."""
+    held = (_HELD.get() or {}).get(name)
+    if held is None and isinstance(name, str) and name.startswith(IN_MEMORY_PREFIX):
+        raise PeftkitError(
+            f"model {name!r} was a model loaded in the Python process that used it and cannot be read "
+            "from here; name the model instead (--model with a model directory or hub id; from Python "
+            "model= a path, or the loaded model again)"
+        )
+    return held
+
+
+def held_in_memory(name: str) -> bool:
+    """Whether ``name`` stands for a loaded model in this call (its files are temporary)."""
+    return name in (_HELD.get() or {})
+
+
+def recorded_base(name: str) -> str:
+    """The base model that an adapter trained on model ``name`` records: for a loaded model
+    (``in_memory_model``) the model its ``name_or_path`` names where it names one (a later
+    ``predict`` loads the base from there, and the recorded fingerprint of the weights trained on
+    refuses one that differs), else its in-memory name, which ``predict`` and ``eval`` refuse in one
+    line asking for ``--model``; any other name as it is."""
+    held = (_HELD.get() or {}).get(name)
+    return (held.base or name) if held is not None else name
 
 
 def hub_failure(name: str, source: str, exc: BaseException) -> PeftkitError:

@@ -88,8 +88,9 @@ class PredictConfig:
     """``.txt`` or ``-`` for stdin: one input per line; ``.csv``, ``.tsv``, ``.jsonl``: ``text_column``."""
     text_column: str | None = None
     """The column of ``input_file`` holding the inputs (default: the first of the task's usual names)."""
-    model: str | None = None
-    """The base model, instead of the one the adapter's metadata names (one for another task is refused)."""
+    model: str | object | None = None
+    """The base model, instead of the one the adapter's metadata names (one for another task is
+    refused); from Python also a loaded model, as ``RunConfig.model`` takes one."""
     force: bool = False
     """Apply the adapter even to a base whose weights differ from those it was trained on."""
     output: str | None = None

@@ -17,9 +17,11 @@ import yaml
 
 from . import train  # execute_run looked up when called (tests patch peftkit.train.execute_run)
 from .config import FIELDS, RunConfig, default_output_dir
+from .data.sources import IN_MEMORY_PREFIX as DATA_IN_MEMORY
 from .env import quiet_libraries_in_own_process
 from .errors import LearnedNothingWarning, PeftkitError, set_context
 from .metrics import RunMetrics
+from .models import IN_MEMORY_PREFIX as MODEL_IN_MEMORY
 from .rundir import open_stage, stage_path, staged_run
 from .train import load_data_early, resolve
 
@@ -58,6 +60,13 @@ def resumed_config(run_dir: str) -> RunConfig:
         recorded = yaml.safe_load(fh)
     config = RunConfig.from_dict({k: v for k, v in recorded.items() if k in FIELDS})
     config.validate()
+    for what, name, prefix in (("a model", config.model, MODEL_IN_MEMORY), ("data", config.dataset, DATA_IN_MEMORY)):
+        if isinstance(name, str) and name.startswith(prefix):
+            # what it trained on lived in the Python process that started it, and went with it
+            raise PeftkitError(
+                f"run {run_dir!r} was started from Python with {what} held in memory ({name}), which is "
+                "gone with that process; it cannot be resumed: run it again with peftkit.run"
+            )
     return config
 
 

@@ -32,6 +32,7 @@ from .levers import check_levers, cuda_available, prepare_base
 # fit is called from here (and patched here by tests); ResolvedRun, make_loader and torch_param_groups live
 # in loop and stay importable from here as before (api, benchmarks use them)
 from .loop import ResolvedRun, TrainOutcome, fit, make_loader, torch_param_groups  # noqa: F401
+from .models import recorded_base
 from .registry import get_strategy
 from .strategies.base import Schedule, TaskSpec, options_from_dict, options_to_dict
 from .tasks import with_task_defaults
@@ -371,7 +372,8 @@ def _finish(
     metadata = {
         "strategy": run.strategy.name,
         "strategy_options": options_to_dict(run.strategy.options),
-        "base_model": cfg.model,
+        # a loaded model's own name_or_path, where it names one: a saved copy's directory is gone
+        "base_model": recorded_base(cfg.model),
         "base_fingerprint": fingerprint(loaded.base_digests),
         "task": task.name,
         # a quantized base is fingerprinted quantized: loading applies the same quantization

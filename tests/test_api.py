@@ -202,3 +202,22 @@ def test_in_memory_data_is_read_as_its_file_is(tiny_model_dir, tiny_csv, tmp_pat
         api.run(RunConfig(model=tiny_model_dir("bert"), dataset=frame, label_column="nope"), echo=lambda message: None)
     with pytest.raises(PeftkitError, match="in-memory datasets.Dataset, datasets.DatasetDict or pandas DataFrame"):
         api.run(RunConfig(dataset=[1, 2, 3]), echo=lambda message: None)
+
+
+def test_what_runs_in_processes_of_its_own_refuses_objects_in_one_line(tmp_path) -> None:
+    """``dataset`` and ``model`` are the shared ``DataSettings``' (str or, from Python, an object): a
+    bench's and a tune's runs are processes of their own, which cannot see data in memory, and a
+    model that is neither a name nor a loaded transformers model is refused by all; each says so in
+    one line before anything loads."""
+    import pandas
+
+    from peftkit.tuning.config import TuneConfig
+
+    frame = pandas.DataFrame({"text": ["good", "bad"] * 10, "label": [1, 0] * 10})
+    with pytest.raises(PeftkitError, match="bench runs each strategy in a process of its own"):
+        api.bench(BenchConfig(strategies=["lora"], dataset=frame, output_dir=str(tmp_path / "b")))
+    with pytest.raises(PeftkitError, match="tune runs each trial in a process of its own"):
+        api.tune(TuneConfig(run=RunConfig(dataset=frame, output_dir=str(tmp_path / "t"))))
+    with pytest.raises(PeftkitError, match=r"or a loaded transformers PreTrainedModel, .*; got a object$"):
+        api.plan(PlanSettings(strategies=["lora"], model=object()))
+    assert not os.listdir(tmp_path)

@@ -70,6 +70,17 @@ def test_yaml_wrong_type(tmp_path) -> None:
         load_yaml_config(str(p))
 
 
+@pytest.mark.parametrize("key", ["model", "dataset"])
+def test_yaml_model_and_dataset_are_names(key, tmp_path) -> None:
+    """From Python they may be objects (data in memory); a file holds plain data, so only a name."""
+    p = tmp_path / "t.yaml"
+    p.write_text(f"{key}: [1, 2]\n")
+    with pytest.raises(PeftkitError, match=f"{key} must be str or null, got \\[1, 2\\]"):
+        load_yaml_config(str(p))
+    p.write_text(f"{key}: 123\n")
+    assert load_yaml_config(str(p)) == {key: "123"}
+
+
 TASK_CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs" / "tasks").glob("*.yaml"))
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from peftkit.benchmark.config import BenchConfig
 from peftkit.cli import cli
-from peftkit.config import Levers, RunConfig
+from peftkit.config import ColumnSettings, DataSettings, Levers, ModelSettings, RunConfig
 from peftkit.evaluation import EvalConfig
 from peftkit.export_config import ExportConfig, MergeConfig
 from peftkit.planner import PlanSettings
@@ -63,9 +63,9 @@ FIELD_WITHOUT_FLAG = {
 # fields wider than their flag's type: a string a parser turns into the value (--seeds 0,1,2), or
 # what only Python can give (an Optuna pruner object, a timeout in seconds)
 WIDER = {"strategies", "seeds", "train_sizes", "space", "strategy_options", "timeout", "pruner"}
-# RunConfig fields left with their own default and docstring while their types are being changed
-# elsewhere (loaded models and datasets from Python): to be declared from the table after that merge
-NOT_YET_FROM_THE_TABLE = {("RunConfig", "model"), ("RunConfig", "dataset")}
+# fields that from Python also take an object (a dataset in memory, a loaded model): the flag's type
+# must still be one they accept
+OR_AN_OBJECT = {"model", "dataset"}
 
 
 def _setting_of(param: click.Parameter) -> Setting:
@@ -118,9 +118,10 @@ def test_every_field_has_a_flag(command: str) -> None:
 
 
 def _base(hint: Any) -> Any:
-    """``int | None`` -> ``int``."""
+    """``int | None`` -> ``int``; ``str | object | None`` -> ``str`` (a model field also takes a loaded
+    model from Python: the flag's type is what is beside it)."""
     if typing.get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        args = [a for a in typing.get_args(hint) if a is not type(None) and a is not object]
         return args[0] if len(args) == 1 else hint
     return hint
 
@@ -134,8 +135,7 @@ def test_fields_take_default_help_type_and_choices_from_their_setting(cls: type)
     for f in dataclasses.fields(cls):
         key = f.metadata.get("setting")
         if key is None:
-            undeclared = set(FIELD_WITHOUT_FLAG) | NOT_YET_FROM_THE_TABLE
-            assert (cls.__name__, f.name) in undeclared, (
+            assert (cls.__name__, f.name) in FIELD_WITHOUT_FLAG, (
                 f"{cls.__name__}.{f.name} is not declared from peftkit.settings"
             )
             continue
@@ -150,6 +150,9 @@ def test_fields_take_default_help_type_and_choices_from_their_setting(cls: type)
             assert value == s.default, f"{where}: default {value!r}, the setting's {s.default!r}"
         if f.name in WIDER:
             continue
+        if f.name in OR_AN_OBJECT and object in typing.get_args(hints[f.name]):
+            assert s.type in typing.get_args(hints[f.name]), f"{where}: does not take the flag's {s.type.__name__}"
+            continue
         hint = _base(hints[f.name])
         if s.multiple:
             assert typing.get_origin(hint) is list, where
@@ -158,6 +161,50 @@ def test_fields_take_default_help_type_and_choices_from_their_setting(cls: type)
             assert typing.get_args(hint) == s.choices, f"{where}: accepts {typing.get_args(hint)}, the flag {s.choices}"
         else:
             assert hint is s.type, f"{where}: a field of type {hint}, a flag of type {s.type.__name__}"
+
+
+# The model and data settings' groups (peftkit.config), and the config classes that take them
+GROUPS: dict[type, tuple[type, ...]] = {
+    DataSettings: (RunConfig, BenchConfig),
+    ModelSettings: (DataSettings, RunConfig, BenchConfig, PlanSettings),
+    ColumnSettings: (DataSettings, RunConfig, BenchConfig, EvalConfig),
+}
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda c: c.__name__)
+def test_shared_settings_are_declared_once_in_their_group(group: type) -> None:
+    """run, bench, plan and eval take their model and data settings from the one group that declares
+    them: the same field objects (name, default, help), redeclared by none of them."""
+    own = {f.name: f for f in dataclasses.fields(group)}
+    for cls in GROUPS[group]:
+        assert issubclass(cls, group), f"{cls.__name__} does not take its settings from {group.__name__}"
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in own.items():
+            assert fields[name] is f, f"{cls.__name__}.{name} is not {group.__name__}'s field"
+            assert f.kw_only, f"{group.__name__}.{name}: keyword-only, or it takes the subclass's first positions"
+        redeclared = set(own) & set(cls.__dict__.get("__annotations__", {}))
+        assert not redeclared, f"{cls.__name__} declares {group.__name__}'s {sorted(redeclared)} again"
+    # TuneConfig gets them through the RunConfig every trial shares
+    assert typing.get_type_hints(TuneConfig)["run"] is RunConfig
+    assert not set(own) & {f.name for f in dataclasses.fields(TuneConfig)}
+
+
+def test_shared_settings_keep_positions_and_key_order() -> None:
+    """The inherited groups change no call and no file: the leading positional arguments mean what
+    they did (those after them, once the data settings', are refused rather than read as others),
+    and recorded keys (config.yaml, results.json, plan --json) lead with the strategies."""
+    assert RunConfig("full").strategy == "full"
+    assert BenchConfig(["lora"], [1]).seeds == [1] and EvalConfig("a", "d").dataset == "d"
+    for cls, args in [(RunConfig, ("lora", "causal-lm")), (BenchConfig, (["lora"], [0], "causal-lm"))]:
+        with pytest.raises(TypeError, match="positional"):
+            cls(*args)
+    with pytest.raises(TypeError, match="positional"):
+        PlanSettings(["lora"], "minilm")
+    with pytest.raises(TypeError, match="positional"):
+        EvalConfig("a", "d", "text")
+    assert list(RunConfig("full", model="m").to_dict())[:3] == ["strategy", "task", "model"]
+    assert list(BenchConfig(strategies=["lora"]).to_dict())[:3] == ["strategies", "seeds", "task"]
+    assert list(PlanSettings(strategies=["lora"]).to_dict())[:2] == ["strategies", "task"]
 
 
 def test_yaml_keys_are_the_run_settings() -> None:

@@ -8,36 +8,30 @@ size is known.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from .. import registry
-from ..config import Levers, RunConfig, check_positive, flat_dict
+from ..config import DataSettings, Levers, RunConfig, check_positive, data_settings, flat_dict
 from ..errors import PeftkitError
 from ..settings import setting
 from ..strategies.base import TUNED_SETTINGS
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(DataSettings):
     """What ``peftkit bench`` was asked to do; every run of the suite shares all of it.
 
+    The model and data settings are ``DataSettings``' (inherited; each run's ``RunConfig`` gets them
+    all), but for data in memory, which ``api.bench`` refuses: each run is a process of its own.
     ``None`` in ``task``, ``model``, ``dataset`` and ``max_length`` means the task's default (the
     task itself: what the model is made for), filled in by ``peftkit.benchmark.preflight.preflight_bench``."""
 
     strategies: list[str] = setting("strategies")
     seeds: list[int] = setting("seeds")
-    task: str | None = setting("task")
-    model: str | None = setting("model")
-    dataset: str | None = setting("dataset")
-    text_column: str | None = setting("text_column")
-    label_column: str | None = setting("label_column")
-    response_column: str | None = setting("response_column")
+    _: KW_ONLY  # the positions after the seeds were the data settings': refused, not read anew
     epochs: int | None = setting("epochs")
-    max_train_samples: int | None = setting("max_train_samples")
-    max_eval_samples: int | None = setting("max_eval_samples")
     batch_size: int = setting("bench:batch_size")
-    max_length: int | None = setting("max_length")
     eval_batch_size: int = setting("eval_batch_size")
     early_stopping_patience: int | None = setting("early_stopping_patience")
     levers: Levers = field(default_factory=Levers)
@@ -92,18 +86,10 @@ class BenchConfig:
         options = {k: v for k, v in (settings or {}).items() if k not in TUNED_SETTINGS}
         cfg = RunConfig(
             strategy=strategy,
-            task=self.task,
-            model=self.model,
-            dataset=self.dataset,
-            text_column=self.text_column,
-            label_column=self.label_column,
-            response_column=self.response_column,
-            max_eval_samples=self.max_eval_samples,
+            **data_settings(self),
             epochs=self.epochs,
             batch_size=micro_batch,
             grad_accumulation=self.batch_size // micro_batch,
-            max_length=self.max_length,
-            max_train_samples=self.max_train_samples,
             # evaluation batches shrink with the micro-batch, or evaluation would break the budget
             eval_batch_size=max(1, self.eval_batch_size * micro_batch // self.batch_size),
             early_stopping_patience=self.early_stopping_patience,
@@ -118,7 +104,7 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain data, levers flat (a suite's ``results.json`` records them)."""
-        return flat_dict(self)
+        return flat_dict(self, lead=("strategies", "seeds"))
 
 
 # -- parsing --------------------------------------------------------------------------------

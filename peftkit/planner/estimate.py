@@ -4,10 +4,10 @@ plan the library returns (``Plan``: ``peftkit.api.plan``'s result)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-from ..config import Levers, check_positive, flat_dict
+from ..config import Levers, ModelSettings, check_positive, flat_dict
 from ..errors import PeftkitError
 from ..memory import parse_size
 from ..settings import setting
@@ -15,16 +15,16 @@ from ..tasks import with_task_defaults
 
 
 @dataclass
-class PlanSettings:
-    """What a plan is for: the same levers a run takes. ``None`` in ``task``, ``model`` and
-    ``max_length`` means the task's default, in ``device`` this machine's (cuda if it has a GPU);
-    ``resolve_settings`` fills them in."""
+class PlanSettings(ModelSettings):
+    """What a plan is for: the same levers a run takes. Of a run's model and data settings a plan
+    takes ``ModelSettings``' (task, model, max_length; inherited): it reads no data. ``None`` in
+    those means the task's default, in ``device`` this machine's (cuda if it has a GPU);
+    ``resolve_settings`` fills them in. ``model`` may be a loaded model from Python, as
+    ``RunConfig.model`` takes one."""
 
     strategies: list[str] = setting("plan:strategies")
-    model: str | None = setting("model")
-    task: str | None = setting("task")
+    _: KW_ONLY  # the positions after the strategies were model, task: refused, not read anew
     batch_size: int = setting("plan:batch_size")
-    max_length: int | None = setting("max_length")
     num_labels: int = setting("num_labels")
     levers: Levers = field(default_factory=Levers)
     memory_budget: str | None = setting("plan:memory_budget")
@@ -53,7 +53,7 @@ class PlanSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain data, levers flat (``peftkit plan --json`` prints them)."""
-        return flat_dict(self)
+        return flat_dict(self, lead=("strategies",))
 
 
 def resolve_settings(settings: PlanSettings) -> PlanSettings:

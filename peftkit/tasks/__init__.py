@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, TypeVar
 
+from ..config import ModelSettings
 from ..errors import PeftkitError
 from ..models import EMBEDDED_MODELS, resolve_model_source, task_of_architectures
 from ..registry import Registry
@@ -84,11 +85,11 @@ def infer_task(model: str | None) -> str:
     return (declared_task(model) if model is not None else None) or "sequence-classification"
 
 
-def with_task_defaults(settings: Any) -> tuple[Task, dict[str, Any]]:
+def with_task_defaults(settings: ModelSettings) -> tuple[Task, dict[str, Any]]:
     """The task ``settings`` name (read from the model when not given) and the values its unset
     ``task``, ``model``, ``dataset`` and ``max_length`` take: the task's defaults. The one place
     where a run's, a bench's, a plan's and a tune's settings are completed from their task; only the
-    fields ``settings`` has are returned."""
+    fields ``settings`` has are returned (a plan's ``ModelSettings`` have no ``dataset``)."""
     task = get_task(settings.task or infer_task(settings.model))
     filled = {
         "task": task.name,

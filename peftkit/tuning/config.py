@@ -38,8 +38,9 @@ LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae")
 @dataclass
 class TuneConfig:
     """What ``peftkit tune`` was asked to do. ``run`` holds the settings every trial shares (a
-    ``RunConfig``: strategy, data, model, lengths, seed, ...); the run settings and strategy options
-    it sets (``lr``, ``epochs``, ``--set``) are fixed, never searched."""
+    ``RunConfig``: strategy, seed, ... and the model and data settings of ``DataSettings``, a run's
+    and a bench's too); the run settings and strategy options it sets (``lr``, ``epochs``, ``--set``)
+    are fixed, never searched."""
 
     run: RunConfig
     trials: int = setting("trials")
