@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,8 +67,6 @@ class EmbeddedModel:
 def built_model_dir(name: str, build: Callable[[str], None]) -> str:
     """``cache/models/<name>``, built by ``build(directory)`` on first use (atomically: a temporary
     directory renamed into place, so a crash never leaves half a model)."""
-    import shutil
-
     final = os.path.join(cache_dir(), "models", name)
     if os.path.exists(os.path.join(final, "config.json")):
         return final
