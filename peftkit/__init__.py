@@ -22,6 +22,7 @@ the same names: what runs them is in the modules ``peftkit.planner``, ``peftkit.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .errors import LearnedNothingWarning, PeftkitError, PeftkitWarning, RunInterrupted
@@ -120,8 +121,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value  # looked up once
         return value

@@ -20,6 +20,7 @@ when loaded, and adapters are made to be shared.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import TYPE_CHECKING, Any
@@ -219,8 +220,6 @@ def default_metadata(strategy: Any, model: Any) -> dict[str, Any]:
     name and options, the base model (the name the model was loaded from), the task (from the
     model's class: ``...ForCausalLM``, ``...ForImageClassification``, else sequence
     classification) and, for a classifier, the label names in id order."""
-    import dataclasses
-
     # a peft model hands on its base's config; a model of a strategy's own making (head_only's
     # pooled head) holds the base's backbone, whose config is the base's (labels included)
     config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)

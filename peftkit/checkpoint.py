@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -267,8 +268,6 @@ class Checkpointer:
 
     def save(self, step: int, loop: dict[str, Any], best: dict[str, Any], sampler_state: Any, total_steps: int) -> None:
         """Write the checkpoint at ``step`` (every process calls this; each writes its random state)."""
-        import time
-
         started = time.perf_counter()
         main = self.accelerator.is_main_process
         tensors = self.saved_tensors()

@@ -9,11 +9,13 @@ which takes milliseconds.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import platform
 import re
 import sys
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -109,8 +111,6 @@ def quiet_libraries() -> None:
     Called once the process is about to import them; importing datasets and transformers is what
     makes it slow, so never at import time.
     """
-    import warnings
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel
     # package is missing; the fallback it uses works, and the message only alarms users.
@@ -169,7 +169,6 @@ def freeze_imported_objects() -> None:
     global _frozen
     if _frozen or not _own_process:
         return
-    import gc
 
     import accelerate  # noqa: F401  (every run imports them; their objects are frozen with the rest)
     import peft  # noqa: F401

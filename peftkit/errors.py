@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
@@ -47,7 +48,6 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """``" (did you mean 'lora'?)"`` for a misspelt ``name`` close to one of ``choices`` (difflib,
     case and ``-`` / ``_`` aside), else ``""``: put right after the bad name in an "unknown ..."
     message, before the list of what is accepted."""
-    import difflib
 
     def norm(value: str) -> str:
         return value.strip().lower().replace("-", "_")

@@ -10,6 +10,7 @@ frequent answer). An adapter that does not beat the baseline has likely learned 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import KW_ONLY, asdict, dataclass, field
@@ -151,8 +152,6 @@ def evaluate_adapter(cfg: EvalConfig, echo: Callable[[str], None]) -> EvalResult
 def same_dataset(given: str, recorded: str | None) -> bool:
     """Whether ``given`` names the dataset an adapter recorded it was trained on: the same short
     name or hub id, or the same file (paths compared resolved)."""
-    import os
-
     if not recorded:
         return False
     if given == recorded:
@@ -181,8 +180,6 @@ def _measure(task: Any, loaded: Any, data: Any, run_cfg: RunConfig) -> Any:
 def write_evaluation(result: EvalResult, directory: str) -> list[str]:
     """``metrics.json`` (``result.to_dict()``) and, for classification, ``confusion_matrix.png``
     into ``directory``; the names of the files written."""
-    import os
-
     write_json(os.path.join(directory, METRICS_FILE), result.to_dict())
     written = [METRICS_FILE]
     if result.confusion_matrix is not None:

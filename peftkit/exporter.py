@@ -24,8 +24,10 @@ passed: an export that fails it leaves nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -88,8 +90,6 @@ class ExportResult:
 
 def require_onnx() -> None:
     """Refuse in one line, before anything loads, where the export libraries are not installed."""
-    import importlib.util
-
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise PeftkitError(f"ONNX export needs {', '.join(missing)}, which is not installed: {EXPORT_EXTRA}")
@@ -416,8 +416,6 @@ def _check_int8(
     check example; refuse (nothing written) where they agree on less than ``required`` of them.
     What is quantized is the fastest of ``int8_sources`` that still gives PyTorch's probabilities
     within ``FP32_TOLERANCE`` on the fp32 check examples."""
-    import tempfile
-
     import numpy as np
 
     fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -221,8 +222,6 @@ def _plain_copy(gguf_model: Any) -> Any:
 def _save(model: Any, tokenizer: Any, directory: str, source: str) -> None:
     """Model (safetensors only), tokenizer, generation config and provenance into ``directory``,
     checking that every weight made it into the file."""
-    import inspect
-
     import transformers
 
     kwargs: dict[str, Any] = {}

@@ -23,6 +23,7 @@ tokenization. An export that fails leaves nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -181,8 +182,6 @@ def _no_gguf_progress_bar() -> Iterator[None]:
     """transformers' GGUF reader draws its "Converting and de-quantizing GGUF tensors..." bar with
     tqdm directly, past its own ``disable_progress_bar`` switch, and without a terminal its carriage
     returns land in the user's log: the bar is built disabled while the check reads the file back."""
-    import functools
-
     try:
         from transformers import modeling_gguf_pytorch_utils as reader
     except ImportError:  # another layout of transformers: its bar shows, nothing else changes

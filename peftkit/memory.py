@@ -16,6 +16,8 @@ checked after every step: a run whose peak goes over it stops with ``MemoryBudge
 
 from __future__ import annotations
 
+import gc
+import os
 import re
 import resource
 import sys
@@ -160,9 +162,8 @@ def release_free_memory() -> None:
     """Give memory the process freed back to the system (glibc keeps freed heap for reuse, so the
     resident set of a CPU run would otherwise stay at its highest point forever: evaluation's larger
     batches would then count against training, and the planner's deltas would hide reused memory)."""
-    import ctypes
+    import ctypes  # not at the top: 3 ms more on `import peftkit` (tests/test_imports.py)
     import ctypes.util
-    import gc
 
     gc.collect()
     libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
@@ -194,9 +195,8 @@ def return_large_blocks_at_once() -> bool:
     a returned block is faulted in afresh when allocated again (about 6% of that job's step time).
     Only peftkit's own processes set it (``env.own_process``): a user's Python session keeps its
     allocator as it was, and glibc's own ``MALLOC_MMAP_THRESHOLD_`` in the environment wins."""
-    import ctypes
+    import ctypes  # not at the top: 3 ms more on `import peftkit` (tests/test_imports.py)
     import ctypes.util
-    import os
 
     libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     if not libc_name or "MALLOC_MMAP_THRESHOLD_" in os.environ:

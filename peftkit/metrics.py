@@ -10,6 +10,7 @@ it goes (``row``: copied into a benchmark row; ``adapter``: recorded in the adap
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields
@@ -23,8 +24,6 @@ Summarise = Callable[[list[Any]], Any]
 def format_rate(per_second: float) -> str:
     """A rate as a reader needs it: whole numbers from 10 up (115), two significant digits below
     (6.1, 0.62, 0.048), so a slow run's 0.6 examples/s does not read as 1."""
-    import math
-
     if per_second > 0:
         text = f"{per_second:.{max(0, 1 - math.floor(math.log10(per_second)))}f}"
         if float(text) < 10:  # 9.96 rounds to 10.0: from there, whole numbers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import warnings
@@ -19,8 +20,6 @@ from .errors import PeftkitError, debug_requested, first_line
 def export_graph(module: Any, sample: dict[str, Any], axes: dict[int, str], opset: int, path: str) -> None:
     """``module`` (taking the tensors of ``sample`` by position) to an ONNX file at ``path``. The
     exporter's own chatter is kept, and shown only if it fails."""
-    import logging
-
     import torch
     from torch.export import Dim
 

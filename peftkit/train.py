@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from . import checkpoint as ckpt
 from .adapter_io import save_adapter
@@ -82,8 +86,6 @@ def size_schedule(run: ResolvedRun, train_examples: int) -> Schedule:
 
 def check_trackers(report_to: list[str]) -> None:
     """Refuse a tracker whose package is missing now, not after an hour of training."""
-    import importlib.util
-
     packages = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
     for tracker in report_to:
         module, hint = packages[tracker]
@@ -275,8 +277,6 @@ def _schedule_and_record(
     """Size the run's epochs to its data (``size_schedule``) and, with ``workdir`` (a run's first
     start, on the main process), write config.yaml: the settings as resolved, with the schedule,
     the split actually made and the label names."""
-    import yaml
-
     schedule = size_schedule(run, data.split_info["sizes"]["train"])
     resolved.update(
         epochs=run.hparams.epochs,
@@ -350,8 +350,6 @@ def _announce(run: ResolvedRun, sizes: dict[str, int], resume_from: str | None, 
 def _recorded_schedule(run: ResolvedRun, workdir: str) -> dict[str, Any] | None:
     """How the epochs were chosen, for metrics.json: a resumed run reads its config.yaml (which
     recorded the first start's choice; this start only saw the recorded epochs as set)."""
-    import yaml
-
     path = os.path.join(workdir, "config.yaml")
     if run.config.epochs is not None and os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
@@ -365,8 +363,6 @@ def _finish(
     run: ResolvedRun, workdir: str, loaded: _Loaded, outcome: TrainOutcome, wall_start: float
 ) -> dict[str, Any]:
     """Save the adapter (with its metadata) and metrics.json; drop the checkpoints (main process)."""
-    import shutil
-
     cfg, task, data, metrics = run.config, run.task, loaded.data, outcome.metrics
     versions = package_versions()
     metadata = {

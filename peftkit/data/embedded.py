@@ -3,6 +3,7 @@ that installs offline inside a wheel, so a first run needs no network."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -31,8 +32,6 @@ def _rotten_tomatoes_offline() -> Any | None:
     keep = [i for i, t in enumerate(ds["text"]) if not (t in seen or seen.add(t))]
     # our own cache key: datasets would pickle the 12,752 indices to make one, and its bare
     # `except:` around that swallows a Ctrl-C landing there (printing every index in a warning)
-    import hashlib
-
     import numpy as np
 
     digest = hashlib.sha256(ds._fingerprint.encode() + np.asarray(keep, dtype=np.int64).tobytes()).hexdigest()

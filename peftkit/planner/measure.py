@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import random
 from typing import Any
 
 from ..errors import PeftkitError
@@ -211,8 +212,6 @@ def measure_step_increase(
 def step_lengths(full: int | None, steps: int = MAX_STEPS) -> list[int]:
     """The measured steps' sequence lengths: ``full`` first, then seeded random lengths down to a
     quarter of it (0 for every step of a task without lengths, e.g. images)."""
-    import random
-
     rng = random.Random(0)
     full = full or 0
     return [full] + [rng.randint(max(1, full // 4), full) if full else 0 for _ in range(steps - 1)]

@@ -21,6 +21,7 @@ strategy without paying for torch.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -391,7 +392,7 @@ def options_from_dict(strategy: type[Strategy], values: dict[str, Any]) -> Any:
     cls = strategy.Options
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     for key, value in values.items():
         norm = key.replace("-", "_")
         if norm not in fields:
@@ -472,7 +473,7 @@ def default_point(
 
 def option_help(strategy: type[Strategy]) -> list[tuple[str, str, str]]:
     """(name, type, default) of each option, for ``peftkit list --verbose``."""
-    hints = _type_hints(strategy.Options)
+    hints = typing.get_type_hints(strategy.Options)
     rows = []
     for f in dataclasses.fields(strategy.Options):
         default = (
@@ -482,12 +483,6 @@ def option_help(strategy: type[Strategy]) -> list[tuple[str, str, str]]:
         )
         rows.append((f.name, type_name(hints[f.name]), repr(default)))
     return rows
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
 
 
 __all__ = [

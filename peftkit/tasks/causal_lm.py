@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -125,8 +126,6 @@ class CausalLM(Task):
     def baseline(self, data: TaskData) -> dict[str, Any] | None:
         """Always the most frequent answer of the test split (the first seen on a tie): its exact
         match (and accuracy, for labelled data). None for plain text, which has no answers."""
-        from collections import Counter
-
         answers = [r.strip() for r in data.splits["test"]["response"]]
         if data.shape is Shape.PLAIN_TEXT or not answers:
             return None

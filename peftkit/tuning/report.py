@@ -14,6 +14,8 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from ..config import RunConfig
 from ..files import write_json
 from ..stats import from_bits, paired_bootstrap
@@ -199,8 +201,6 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _write_best_yaml(path: str, plan: TunePlan, study: optuna.Study, best: RunConfig) -> None:
-    import yaml
-
     values = {k: v for k, v in best.to_dict().items() if k not in ("output_dir", "overwrite")}
     header = (
         f"# peftkit tune: trial #{study.best_trial.number}, the best of study {plan.study_name!r} "

@@ -4,6 +4,7 @@ real tokens' positions move behind the prefix (position tables and rotary embedd
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -162,8 +163,6 @@ def position_modules(model: nn.Module, exclude: nn.Module | None) -> tuple[list[
     """Where positions enter the model: absolute position tables (an ``nn.Embedding`` with
     ``max_position_embeddings`` rows that is not the token embedding) and rotary embeddings (a
     module with an ``inv_freq`` buffer whose forward takes ``position_ids``)."""
-    import inspect
-
     from torch import nn as tnn
 
     limit = getattr(model.config, "max_position_embeddings", None)

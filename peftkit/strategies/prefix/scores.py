@@ -4,6 +4,7 @@ probe that checks, once per model, that this acts as prefix tuning."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -62,8 +63,6 @@ def _unextendable_arguments(attention: nn.Module) -> list[str]:
     """Arguments of the module's forward, after the hidden states, that carry something a prefix
     would have to be put into but this path cannot (rotary tables, relative positions, a second
     input): everything but score masks and biases, flags and what must be empty."""
-    import inspect
-
     params = list(inspect.signature(attention.forward).parameters.values())[1:]
     return [
         p.name
@@ -116,8 +115,6 @@ class ScoresPrefix:
     ) -> None:
         """Hooks on ``attention`` and its ``key`` and ``value`` projections for ``num_prefix``
         virtual tokens, taken from layer ``layer`` of ``encoder`` (None: the probe's own)."""
-        import inspect
-
         self.attention, self.encoder, self.layer = attention, encoder, layer
         self.num_prefix, self.width = num_prefix, key.out_features
         self.signature = inspect.signature(attention.forward)
