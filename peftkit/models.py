@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -360,8 +361,6 @@ def _save_loaded(model: Any, processor: Any, directory: str) -> None:
     """``model`` (safetensors) and ``processor`` into ``directory``, with no progress bar, and
     ``model`` left as it was: ``save_pretrained`` writes the class and dtype into the model's own
     config, put back here."""
-    import inspect
-
     from transformers.utils import logging as hf_logging
 
     # transformers 4.x wrote pickles unless told; 5.x writes safetensors only and has no such argument
