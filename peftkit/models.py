@@ -319,14 +319,14 @@ def _model_and_processor(source: Any) -> tuple[Any, Any]:
         )
         raise PeftkitError(
             "model must be a name (a short name, a hub id, a model directory) or a loaded transformers "
-            f"PreTrainedModel, alone or as (model, tokenizer or processor); got a {got}"
+            f"PreTrainedModel, alone or as (model, tokenizer or processor); got: {got}"
         )
     if processor is None:
         return model, _processor_of(model)
     if not callable(getattr(processor, "save_pretrained", None)):
         raise PeftkitError(
             "model=(model, tokenizer): the second item must be a tokenizer or processor (with "
-            f"save_pretrained); got a {type(processor).__name__}"
+            f"save_pretrained); got: {type(processor).__name__}"
         )
     return model, processor
 

@@ -218,6 +218,6 @@ def test_what_runs_in_processes_of_its_own_refuses_objects_in_one_line(tmp_path)
         api.bench(BenchConfig(strategies=["lora"], dataset=frame, output_dir=str(tmp_path / "b")))
     with pytest.raises(PeftkitError, match="tune runs each trial in a process of its own"):
         api.tune(TuneConfig(run=RunConfig(dataset=frame, output_dir=str(tmp_path / "t"))))
-    with pytest.raises(PeftkitError, match=r"or a loaded transformers PreTrainedModel, .*; got a object$"):
+    with pytest.raises(PeftkitError, match=r"or a loaded transformers PreTrainedModel, .*; got: object$"):
         api.plan(PlanSettings(strategies=["lora"], model=object()))
     assert not os.listdir(tmp_path)

@@ -186,7 +186,7 @@ def test_a_model_alone_brings_the_tokenizer_its_name_or_path_names(tiny_model_di
 
 @pytest.mark.parametrize(
     ("model", "got"),
-    [([1, 2], "got a list"), ("tuple", "got a tuple of str, int"), ("model+int", "got a int")],
+    [([1, 2], "got: list"), ("tuple", "got: tuple of str, int"), ("model+int", "got: int")],
 )
 def test_anything_else_is_refused_in_one_line(model, got, tmp_path, temp_root) -> None:
     if model == "tuple":
