@@ -46,6 +46,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "typing_utils",
         "fingerprint",
         "gguf_convert",
+        "gguf_vocab",
+        "gguf_pretokenizers",
         "onnx_graph",
         "rundir",
         "checkpoint",
