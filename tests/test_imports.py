@@ -46,6 +46,7 @@ HEAVY_LIBRARIES = {
     "liger_kernel",
     "sqlalchemy",
     "tqdm",
+    "xllamacpp",
 }
 
 _ENTRY = (

@@ -32,6 +32,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "tuning",
         "exporter",
         "gguf_export",
+        "gguf_check",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (
@@ -48,6 +49,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "gguf_convert",
         "gguf_vocab",
         "gguf_pretokenizers",
+        "llamacpp",
         "onnx_graph",
         "rundir",
         "checkpoint",
