@@ -33,6 +33,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "exporter",
         "gguf_export",
         "gguf_check",
+        "gguf_lora",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (
