@@ -33,9 +33,10 @@ CHECK_PROMPTS = (
 """Fixed prompts; the last one holds what pre-tokenizers split differently: digits, ``$``, ``(``,
 punctuation and non-ASCII letters."""
 CHECK_NEW_TOKENS = 16
-LOGPROB_TOLERANCE = 1e-3
-"""Largest difference in a generated token's log-probability between llama.cpp and PyTorch:
-the same float32 weights give ~1e-5 (kernels in another order); a wrong tensor gives far more."""
+LOGPROB_TOLERANCE = 5e-3
+"""Largest difference in a generated token's log-probability between llama.cpp and PyTorch: the
+same float32 weights, summed in another order through every layer, measured up to 2.1e-4 (a tiny
+Llama) and 2.8e-4 (SmolLM2-135M, 30 layers); a wrong tensor moves them by tenths or more."""
 
 Echo = Callable[[str], None]
 

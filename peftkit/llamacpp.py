@@ -109,6 +109,9 @@ def _start(xllamacpp: Any, model: str, lora: str | None, context: int, threads: 
     # float32 keys and values (llama.cpp's default is float16): what PyTorch's float32 computes
     params.cache_type_k = xllamacpp.ggml_type.GGML_TYPE_F32
     params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+    # no flash attention: its CPU kernel accumulates in float16, which moved SmolLM2-135M's
+    # log-probabilities up to 3.5e-3 from PyTorch's (2.8e-4 without it)
+    params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.warmup = False
     params.check_tensors = True  # llama.cpp checks every tensor's values as it loads them
     params.cache_ram_mib = 0
