@@ -272,9 +272,10 @@ def export_cmd(adapter_dir: str, fmt: str, **opts: Any) -> None:
     size = result.onnx_bytes
     written = result.files[0] if result.files else f"model.{result.format}"
     how = "merged" if result.merged else "the adapter alone" if result.files else "adapter modules in the graph"
+    shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"  # a LoRA file can be tiny
     click.echo(
         f"exported {result.strategy} adapter on {result.base_model!r} ({how}"
-        f"{', int8' if result.quantize else ''}) to {result.output_dir}/{written} ({size / 2**20:.1f} MiB)"
+        f"{', int8' if result.quantize else ''}) to {result.output_dir}/{written} ({shown})"
         + "".join(f", with {result.output_dir}/{other}" for other in result.files[1:])
     )
     if result.usage:
