@@ -130,7 +130,9 @@ def _start(xllamacpp: Any, model: str, lora: str | None, context: int, threads: 
 
 
 def _python_signal_handlers() -> dict[int, Any]:
-    """Python's handlers of SIGINT and SIGTERM, which llama-server's start replaces with its own."""
+    """Python's handlers of SIGINT and SIGTERM. xllamacpp 2026.4's server start replaced them with
+    llama-server's own (``sigaction`` in its ``init``); 2026.10's leaves them (measured), and a
+    later one may do either."""
     return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
