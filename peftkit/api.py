@@ -45,6 +45,7 @@ from .exporter import (
     require_onnx,
 )
 from .gguf_export import export_gguf
+from .gguf_lora import export_lora_gguf
 from .inference import (
     MergeResult,
     adapter_task,
@@ -284,7 +285,10 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
             check_inputs(model, c.dataset, c.adapter)
             quiet_libraries_in_own_process()
             if c.format == "gguf":
-                return export_gguf(c.adapter, c.output, model, force=c.force, overwrite=c.overwrite, echo=echo)
+                write = export_lora_gguf if c.lora_only else export_gguf
+                return write(
+                    c.adapter, c.output, model, force=c.force, overwrite=c.overwrite, pre=c.gguf_pre, echo=echo
+                )
             opset = DEFAULT_OPSET if c.opset is None else c.opset
             return export_onnx(
                 *(c.adapter, c.output, model, c.quantize, opset, c.dataset, c.text_column, c.label_column),

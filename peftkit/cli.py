@@ -270,12 +270,16 @@ def export_cmd(adapter_dir: str, fmt: str, **opts: Any) -> None:
 
     result = api.export(api.ExportConfig(adapter=adapter_dir, format=fmt, **_given(opts)), echo=_echo)
     size = result.onnx_bytes
+    written = result.files[0] if result.files else f"model.{result.format}"
+    how = "merged" if result.merged else "the adapter alone" if result.files else "adapter modules in the graph"
+    shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"  # a LoRA file can be tiny
     click.echo(
-        f"exported {result.strategy} adapter on {result.base_model!r} "
-        f"({'merged' if result.merged else 'adapter modules in the graph'}"
-        f"{', int8' if result.quantize else ''}) to {result.output_dir}/model.{result.format} "
-        f"({size / 2**20:.1f} MiB)"
+        f"exported {result.strategy} adapter on {result.base_model!r} ({how}"
+        f"{', int8' if result.quantize else ''}) to {result.output_dir}/{written} ({shown})"
+        + "".join(f", with {result.output_dir}/{other}" for other in result.files[1:])
     )
+    if result.usage:
+        click.echo(f"run it with llama.cpp: {result.usage}")
 
 
 @cli.command("inspect", help=HELP["inspect"])

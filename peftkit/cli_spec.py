@@ -59,6 +59,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "export": _keys(
         "export:adapter base_model force export:format export:output export:quantize export:min_agreement",
         "export:opset export:dataset text_column label_column overwrite",
+        "export:gguf_pre export:lora_only",
     ),
     "inspect": _keys("inspect:json"),
 }
@@ -208,9 +209,13 @@ Serve it with `peftkit predict --onnx OUTPUT TEXT...`.
 
 \b
 --format gguf (causal-lm adapters of lora, full, gradual_unfreeze on a Llama-architecture base,
-such as the embedded SmolLM2): merged, written as OUTPUT/model.gguf in float32 with the
-tokenizer, chat template and llama.cpp's tensor names; checked by reading it back with
-transformers' GGUF loader: the same tokens and greedy generations as PyTorch on a few prompts.
+such as the embedded SmolLM2): merged, written as OUTPUT/model.gguf in float32 as llama.cpp's
+converter writes it (tensor names, tokenizer with its pre-tokenizer name, chat template); a
+tokenizer llama.cpp would not recognise is refused unless --gguf-pre names it. Checked by
+llama.cpp itself (xllamacpp; else transformers' GGUF reader): the prompts' token ids and 16
+greedy tokens the same as PyTorch's on a few prompts, and no llama.cpp warning.
+--lora-only (lora adapters): the adapter alone as llama.cpp's LoRA file OUTPUT/lora.gguf beside
+OUTPUT/base.gguf, checked by llama.cpp loading both (llama-cli -m base.gguf --lora lora.gguf).
 """
 
 HELP["inspect"] = """Show what an adapter is: strategy, base model and fingerprint, labels, size, metrics."""

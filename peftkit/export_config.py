@@ -28,14 +28,18 @@ class ExportConfig:
     as ``RunConfig.model`` takes one) as a model that serves without
     PyTorch, into the directory ``output``: ``format`` "onnx" (``model.onnx``, the tokenizer or image
     processor, ``peftkit_export.json``) or "gguf", for a causal-lm adapter on a Llama-architecture
-    base (``model.gguf``, merged, float32; see ``peftkit.gguf_export``). Merged where the strategy
-    merges (lora, full, gradual_unfreeze), its own modules in the graph otherwise. ``quantize``
-    "int8": ONNX Runtime's dynamic quantization. ``opset``: the ONNX opset (default 18).
+    base (``model.gguf``, merged, float32; see ``peftkit.gguf_export``; ``lora_only``: a lora
+    adapter alone as llama.cpp's LoRA file ``lora.gguf`` beside ``base.gguf``, ``peftkit.gguf_lora``;
+    ``gguf_pre``: the tokenizer's llama.cpp pre-tokenizer name where it is not recognised). Merged
+    where the strategy merges (lora, full, gradual_unfreeze), its own modules in the graph
+    otherwise. ``quantize`` "int8": ONNX Runtime's dynamic quantization. ``opset``: the ONNX opset
+    (default 18).
 
     Checked before anything is written, on the adapter's own test split (or every example of
     ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
     PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
-    less); a GGUF file by reading it back with transformers and comparing greedy generations."""
+    less); a GGUF file by llama.cpp itself (``xllamacpp``; else transformers' GGUF reader):
+    prompt token ids and greedy tokens the same as PyTorch's, no llama.cpp warning."""
 
     adapter: str = setting("export:adapter")
     output: str = setting("export:output")
@@ -49,10 +53,18 @@ class ExportConfig:
     min_agreement: float | None = setting("export:min_agreement")
     force: bool = setting("force")
     overwrite: bool = setting("overwrite")
+    gguf_pre: str | None = setting("export:gguf_pre")
+    lora_only: bool = setting("export:lora_only")
 
     def validate(self) -> None:
-        """Refuse the check data's settings for a GGUF export (the format, quantization, opset and
-        agreement are checked by ``exporter.check_export_settings``)."""
+        """Refuse the check data's settings for a GGUF export and the GGUF settings for another
+        format (the format, quantization, opset and agreement are checked by
+        ``exporter.check_export_settings``)."""
+        gguf_only = [flag for flag, value in (("--gguf-pre", self.gguf_pre), ("--lora-only", self.lora_only)) if value]
+        if self.format != "gguf" and gguf_only:
+            raise PeftkitError(
+                f"{', '.join(gguf_only)}: for --format gguf only (llama.cpp's tokenizer name and LoRA file)"
+            )
         if self.format == "gguf" and (
             self.dataset is not None or self.text_column is not None or self.label_column is not None
         ):

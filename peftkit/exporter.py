@@ -83,6 +83,10 @@ class ExportResult:
     """``checked_on`` (words), ``examples``; fp32: ``max_abs_diff``; int8: ``agreement``,
     ``agreed``; with labels: ``accuracy_pytorch`` and ``accuracy_onnx``."""
     seconds: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    """What was written in ``output_dir`` besides peftkit_export.json, the model first (GGUF)."""
+    usage: str = ""
+    """A command line that serves the export, where one is worth printing (llama.cpp's, for GGUF)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

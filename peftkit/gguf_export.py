@@ -1,23 +1,28 @@
 """``peftkit export --format gguf``: a causal-LM adapter merged into its Llama-architecture base and
-written as one GGUF file, the format llama.cpp and Ollama load.
+written as one GGUF file, the format llama.cpp and Ollama load (``--lora-only``, the adapter alone
+as a llama.cpp LoRA file: ``peftkit.gguf_lora``).
 
-The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for Llama models, through the
-``gguf`` package that ships with llama.cpp (already peftkit's dependency, for reading the embedded
-SmolLM2):
+The file is what llama.cpp's own converter (``convert_hf_to_gguf.py``) writes for a Llama model,
+through the ``gguf`` package that ships with llama.cpp (already peftkit's dependency, for reading
+the embedded SmolLM2):
 
 - tensors renamed by ``gguf``'s name map for the Llama architecture (``model.layers.0.self_attn.q_proj``
   -> ``blk.0.attn_q``), the query and key projections permuted as llama.cpp's rotary embedding
   expects them (its convention pairs dimension i with i + head_dim / 2 by interleaving);
   an output layer tied to the embeddings is left out, as llama.cpp reads it from ``token_embd``;
 - the config as ``llama.*`` keys (context length, sizes, heads, rope base, RMS-norm epsilon);
-- the tokenizer as ``tokenizer.ggml.*`` keys: byte-level BPE (``gpt2``) vocabulary, merges, token
-  types (special tokens as control), the special token ids, and the chat template;
+- the tokenizer as the converter writes it (``peftkit.gguf_vocab``): its pre-tokenizer's name
+  (``tokenizer.ggml.pre``, decided as the converter decides it; a tokenizer llama.cpp would not
+  recognise is refused unless ``--gguf-pre`` names one), vocabulary, token types, merges, special
+  token ids, whether bos is added, the chat template;
 - weights in float32: the exported model computes what PyTorch computes (quantize with llama.cpp's
   ``llama-quantize`` afterwards).
 
-It is checked before it is kept: transformers' own GGUF loader reads it back (model and tokenizer),
-and greedy generations of a few prompts must be token for token PyTorch's, as must the prompts'
-tokenization. An export that fails leaves nothing.
+It is checked before it is kept, by llama.cpp itself where the ``xllamacpp`` wheel is installed
+(``peftkit.gguf_check``: the prompts' token ids, 16 greedy tokens and their probabilities against
+PyTorch, no warning in llama.cpp's log); without it, by transformers' own GGUF reader (the same
+comparison, and the logits, but blind to ``tokenizer.ggml.pre``, which transformers ignores). An
+export that fails leaves nothing.
 """
 
 from __future__ import annotations
@@ -33,80 +38,51 @@ from typing import Any
 from .env import package_versions
 from .errors import PeftkitError
 from .exporter import EXPORT_METADATA, ExportResult
+from .gguf_check import CHECK_NEW_TOKENS, check_prompts, greedy_reference, llamacpp_check
+from .gguf_vocab import add_tokenizer, decide_pre_tokenizer
 from .inference import adapter_task, load_adapter
+from .llamacpp import available as llamacpp_available
 from .registry import available
 from .rundir import check_output_dir, staged_dir
 
 GGUF_FILE = "model.gguf"
 ARCHITECTURES = ("llama",)
 """Model types written (``config.model_type``): what llama.cpp's conventions here are known to fit."""
-CHECK_PROMPTS = ("The capital of France is", "Once upon a time,", "def fibonacci(n):")
-CHECK_NEW_TOKENS = 12
 LOGIT_TOLERANCE = 1e-3
-"""Largest difference in any logit of the prompts between the file read back and PyTorch: the same
-float32 weights give the same logits up to kernel order (~1e-5); a misplaced tensor moves them by
-far more, even where a greedy continuation happens not to change."""
+"""Largest difference in any logit of the prompts between the file read back by transformers and
+PyTorch (the check without llama.cpp): the same float32 weights give the same logits up to kernel
+order (~1e-5); a misplaced tensor moves them by far more, even where a greedy continuation happens
+not to change."""
+NO_LLAMACPP = (
+    "xllamacpp is not installed, so llama.cpp cannot check the file itself: checking with transformers' "
+    "GGUF reader instead, which ignores tokenizer.ggml.pre (pip install 'peftkit[export]' for llama.cpp's check)"
+)
 
 Echo = Callable[[str], None]
 
 
-def _permute(weight: Any, heads: int) -> Any:
+def permute_rows(weight: Any, heads: int) -> Any:
     """llama.cpp's order of a query or key projection's rows for ``heads`` heads (its converter's
     ``LlamaModel.permute``): within each head, the two rotary halves interleaved."""
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tokenizer_fields(tokenizer: Any) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` values of a byte-level BPE tokenizer (refused: any other kind)."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not model.get("merges"):
-        raise PeftkitError(
-            f"GGUF export writes byte-level BPE tokenizers (llama.cpp's gpt2 model); this one is {model.get('type')!r}"
-        )
-    size = len(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
-    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
-    types = [3 if t in special else 4 if t in added else 1 for t in tokens]  # control, user-defined, normal
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return {"tokens": tokens, "types": types, "merges": merges}
-
-
-def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
-    """Write the Llama-architecture causal LM ``model`` (float32) and its ``tokenizer`` to ``path``."""
+def write_gguf(model: Any, tokenizer: Any, path: str, pre: str) -> None:
+    """Write the Llama-architecture causal LM ``model`` (float32) and its ``tokenizer`` to ``path``
+    as llama.cpp's converter writes them, ``pre`` as the tokenizer's ``tokenizer.ggml.pre``
+    (``gguf_vocab.decide_pre_tokenizer``)."""
     import gguf
 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    fields = _tokenizer_fields(tokenizer)
-    if len(fields["tokens"]) != config.vocab_size:
-        raise PeftkitError(
-            f"the tokenizer has {len(fields['tokens']):,} tokens and the model {config.vocab_size:,} "
-            "embeddings; llama.cpp needs them equal"
-        )
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(str(getattr(config, "_name_or_path", "") or "peftkit export"))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(
-        float(
-            getattr(config, "rope_theta", None)
-            or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        )
-    )
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    add_llama_parameters(writer, config)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_tokenizer(writer, tokenizer, fields)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, config, pre)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -117,23 +93,29 @@ def write_gguf(model: Any, tokenizer: Any, path: str) -> None:
     writer.close()
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, fields: dict[str, Any]) -> None:
-    """The tokenizer's GGUF keys: its byte-level BPE vocabulary (``fields``, from
-    ``_tokenizer_fields``), the special tokens' ids and the chat template."""
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(fields["tokens"])
-    writer.add_token_types(fields["types"])
-    writer.add_token_merges(fields["merges"])
-    for add, token in (
-        (writer.add_bos_token_id, tokenizer.bos_token_id),
-        (writer.add_eos_token_id, tokenizer.eos_token_id),
-        (writer.add_pad_token_id, tokenizer.pad_token_id),
-    ):
-        if token is not None:
-            add(int(token))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+def add_llama_parameters(writer: Any, config: Any) -> None:
+    """The ``llama.*`` keys of ``config``, as the converter's ``LlamaModel.set_gguf_parameters``
+    writes them (the head size as key and value length where the config names one)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads or heads)
+    writer.add_rope_freq_base(
+        float(
+            getattr(config, "rope_theta", None)
+            or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        )
+    )
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if getattr(config, "head_dim", None):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
 
 
 def _add_tensors(writer: Any, model: Any, names: Any, tied: bool, heads: int, kv_heads: int) -> None:
@@ -150,9 +132,9 @@ def _add_tensors(writer: Any, model: Any, names: Any, tied: bool, heads: int, kv
             raise PeftkitError(f"GGUF export does not know where tensor {name!r} goes in a llama.cpp model")
         data = tensor.detach().float().cpu().numpy()
         if name.endswith("q_proj.weight"):
-            data = _permute(data, heads)
+            data = permute_rows(data, heads)
         elif name.endswith("k_proj.weight"):
-            data = _permute(data, kv_heads)
+            data = permute_rows(data, kv_heads)
         writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
 
 
@@ -204,34 +186,47 @@ def export_gguf(
     model: str | None = None,
     force: bool = False,
     overwrite: bool = False,
+    pre: str | None = None,
     echo: Echo = lambda _: None,
 ) -> Any:
     """Merge the causal-LM adapter in ``adapter_dir`` into its base (or ``model``) and write it as
     ``output/model.gguf`` with ``peftkit_export.json``, checked as the module's docstring says.
+    ``pre``: the ``tokenizer.ggml.pre`` to write instead of the one decided (``--gguf-pre``).
     Refused in one line: an adapter of another task, a strategy that cannot be merged, a base that
-    is not a Llama-architecture model, an existing ``output`` (unless ``overwrite``), a failed check."""
+    is not a Llama-architecture model, a tokenizer llama.cpp would not recognise, an existing
+    ``output`` (unless ``overwrite``), a failed check."""
     check_output_dir(output, overwrite, flag="--output")
     task, loaded, merged = _merged_llama(adapter_dir, model, force, echo)
-    meta = loaded.metadata
-    template = meta.get("prompt_template")
-    prompts = list(CHECK_PROMPTS) + ([template.format(text="A quietly devastating film.")] if template else [])
+    meta, tokenizer = loaded.metadata, loaded.tokenizer
+    pre_tokenizer = decide_pre_tokenizer(tokenizer, pre)
+    prompts = check_prompts(meta)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    reference = _greedy(merged, loaded.tokenizer, prompts)
+    by_llamacpp = llamacpp_available()
+    reference: Any = (greedy_reference if by_llamacpp else _greedy)(merged, tokenizer, prompts)
     with staged_dir(output, overwrite, flag="--output") as stage:
         path = os.path.join(stage, GGUF_FILE)
         echo(f"writing {meta['strategy']} merged into {meta['base_model']!r} as GGUF (float32) ...")
-        write_gguf(merged, loaded.tokenizer, path)
+        write_gguf(merged, tokenizer, path, pre_tokenizer["name"])
         seconds["write"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        echo(f"checking: transformers reads it back; greedy generations of {len(prompts)} prompts ...")
-        got = _read_back_greedy(stage, prompts)
+        if by_llamacpp:
+            echo(f"checking: llama.cpp reads it; token ids and greedy tokens of {len(prompts)} prompts ...")
+            context = merged.config.max_position_embeddings
+            check = llamacpp_check(path, prompts, reference, tokenizer, context, echo=echo)
+        else:
+            echo(NO_LLAMACPP)
+            check = _compare(prompts, reference, _read_back_greedy(stage, prompts), tokenizer, echo)
         seconds["check"] = time.perf_counter() - clock
-        check = _compare(prompts, reference, got, loaded.tokenizer, echo)
+        check["pre_tokenizer"] = pre_tokenizer
         size = os.path.getsize(path)
         with open(os.path.join(stage, EXPORT_METADATA), "w") as f:
-            json.dump(_gguf_record(adapter_dir, task.name, meta, check), f, indent=2)
-    return ExportResult(output, "gguf", meta["strategy"], meta["base_model"], True, None, 0, size, check, seconds)
+            json.dump(gguf_record(adapter_dir, task.name, meta, check, merged=True), f, indent=2)
+    return ExportResult(
+        *(output, "gguf", meta["strategy"], meta["base_model"], True, None, 0, size, check, seconds),
+        files=[GGUF_FILE],
+        usage=f"llama-cli -m {os.path.join(output, GGUF_FILE)}",
+    )
 
 
 def _merged_llama(adapter_dir: str, model: str | None, force: bool, echo: Echo) -> tuple[Any, Any, Any]:
@@ -303,6 +298,7 @@ def _compare(
         f"{len(prompts)} prompts; logits within {diff:.1e}"
     )
     return {
+        "reader": "transformers' GGUF reader (llama.cpp not installed)",
         "prompts": prompts,
         "new_tokens": CHECK_NEW_TOKENS,
         "max_abs_logit_diff": diff,
@@ -311,18 +307,21 @@ def _compare(
     }
 
 
-def _gguf_record(adapter_dir: str, task: str, meta: dict[str, Any], check: dict[str, Any]) -> dict[str, Any]:
-    """What ``peftkit_export.json`` says of a GGUF export."""
+def gguf_record(
+    adapter_dir: str, task: str, meta: dict[str, Any], check: dict[str, Any], merged: bool
+) -> dict[str, Any]:
+    """What ``peftkit_export.json`` says of a GGUF export (``merged``: one model file; else a LoRA
+    file and its base's, ``check`` naming them)."""
     return {
         "format": "gguf",
         "architecture": "llama",
         "tensor_type": "F32",
         "task": task,
         "strategy": meta["strategy"],
-        "merged": True,
+        "merged": merged,
         "base_model": meta["base_model"],
         "base_fingerprint": meta.get("base_fingerprint"),
         "adapter": os.path.abspath(adapter_dir),
         "check": check,
-        "versions": package_versions(("torch", "transformers", "peft", "gguf")),
+        "versions": package_versions(("torch", "transformers", "peft", "gguf", "xllamacpp")),
     }

@@ -49,6 +49,7 @@ HEAVY_LIBRARIES = {
     "liger_kernel",
     "sqlalchemy",
     "tqdm",
+    "xllamacpp",
 }
 
 _ENTRY = (

@@ -32,6 +32,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "tuning",
         "exporter",
         "gguf_export",
+        "gguf_check",
+        "gguf_lora",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (
@@ -46,6 +48,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "typing_utils",
         "fingerprint",
         "gguf_convert",
+        "gguf_vocab",
+        "gguf_pretokenizers",
+        "llamacpp",
         "onnx_graph",
         "rundir",
         "checkpoint",

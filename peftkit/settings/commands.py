@@ -342,6 +342,23 @@ declare(
     help="Labelled data to check the export on, every example (default: the test split the adapter "
     "was evaluated on, from its recorded dataset and seed).",
 )
+declare(
+    "export:gguf_pre",
+    "--gguf-pre",
+    metavar="NAME",
+    help="With --format gguf: the tokenizer.ggml.pre to write (llama.cpp's name of the tokenizer's "
+    "pre-tokenizer, e.g. gpt-2, llama-bpe, smollm) where llama.cpp's converter would not recognise the "
+    "tokenizer; llama.cpp's check then still has to tokenize as transformers does.",
+)
+declare(
+    "export:lora_only",
+    "--lora-only",
+    default=False,
+    type=bool,
+    cli_default=False,
+    help="With --format gguf, for a lora adapter: the adapter alone as a llama.cpp LoRA file (lora.gguf) "
+    "beside its base (base.gguf), for llama-cli -m base.gguf --lora lora.gguf, instead of one merged model.",
+)
 vary("env:json", help="Print the report as JSON.")
 declare(
     "env:lock",
