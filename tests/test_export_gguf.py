@@ -307,17 +307,23 @@ def test_lora_only_writes_llamacpps_lora_gguf_and_llamacpp_gives_the_merged_expo
 @needs_llamacpp
 def test_lora_only_folds_a_scale_llamacpp_does_not_use_into_b(smol_llama, run_cli, tmp_path) -> None:
     """rsLoRA scales by alpha / sqrt(rank), llama.cpp by alpha / rank: folded into B, llama.cpp
-    gives PyTorch's tokens; and Ctrl-C still raises KeyboardInterrupt after llama.cpp ran."""
+    gives PyTorch's tokens; and Ctrl-C still raises KeyboardInterrupt after llama.cpp ran (its server
+    installs handlers of its own, which would swallow the user's Ctrl-C for the rest of the process).
+    Python's own handler is set first: a pytest-xdist worker ignores SIGINT."""
     import signal
 
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     adapter, out = _causal_adapter(smol_llama, tmp_path, "lora", use_rslora=True), str(tmp_path / "alone")
     code, _, err = run_cli("export", "--adapter", adapter, "--format", "gguf", "--lora-only", "--output", out)
     assert code == 0, err
     with open(os.path.join(out, "peftkit_export.json")) as fh:
         lora = json.load(fh)["check"]["lora"]
     assert lora["scale_folded_into_lora_b"] == lora["layers"] == 4
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_gguf_refusals_are_one_line(smol_llama, smol_lora, tiny_model_dir, run_cli, tmp_path) -> None:
