@@ -24,8 +24,9 @@ def train_step(
     """One optimizer micro-step: forward and loss (``step_loss``, the task's), backward and, on the
     micro-step that ends an
     accumulation, gradient clipping and the learning rate for optimizer step ``step`` (each group's
-    ``base_lr`` times the strategy's factor); then step and zero the gradients (accelerate skips
-    both until the accumulation is complete). Returns the loss tensor."""
+    ``base_lr`` times the strategy's factor); then step, the strategy's ``after_optimizer_step``
+    and zero the gradients (accelerate skips all three until the accumulation is complete).
+    Returns the loss tensor."""
     with accelerator.accumulate(model):
         loss = step_loss(model, batch)
         accelerator.backward(loss)
@@ -35,5 +36,7 @@ def train_step(
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
         optimizer.step()
+        if accelerator.sync_gradients:  # the step was taken, and its gradients are still there
+            strategy.after_optimizer_step(accelerator.unwrap_model(model), step + 1, total_steps)
         optimizer.zero_grad(set_to_none=True)
     return loss
