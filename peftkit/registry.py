@@ -210,6 +210,7 @@ BUILTIN_MODULES = (
     "peftkit.strategies.lora",
     "peftkit.strategies.adapter",
     "peftkit.strategies.prefix",
+    "peftkit.strategies.peft_methods",
 )
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", Strategy, ENTRY_POINT_GROUP, BUILTIN_MODULES)

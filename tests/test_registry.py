@@ -167,3 +167,9 @@ def test_a_family_resolves_its_names_when_first_asked_for() -> None:
         reg.register(impostor)
     with pytest.raises(ValueError, match="already taken"):
         reg.register_family("fam:", resolve, "again")
+
+
+def test_peft_methods_are_a_family_not_registered_strategies() -> None:
+    assert "peft:" in registry.strategy_families()
+    assert not any(name.startswith("peft:") for name in registry.available())
+    assert registry.get_strategy("peft:IA3").name == "peft:ia3"
