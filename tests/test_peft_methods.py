@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 
 import pytest
@@ -179,3 +180,112 @@ def test_peft_method_contract(method: str, task: str, arch: str, tmp_path) -> No
 def test_excluded_methods_are_refused_with_the_reason(method: str) -> None:
     with pytest.raises(PeftkitError, match=rf"strategy 'peft:{method}' is not offered: .+"):
         registry.get_strategy(f"peft:{method}")
+
+
+def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tmp_path) -> None:
+    """Over a short run the hook sets the run's length as total_step and prunes ranks (their
+    singular values masked to zero); the adapter, saved without the rank pattern, loads in
+    peftkit and in plain peft to the very logits the trained model gives."""
+    from peft import PeftModel
+
+    base = _base("sequence-classification", "llama")
+    pristine = copy.deepcopy(base)
+    cls = registry.get_strategy("peft:adalora")
+    strategy = cls(options_from_dict(cls, {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}))
+    model = strategy.prepare(base, SEQ_CLS)
+    opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), 1e-2, 0.0), lr=1e-2)
+    batch = _batch("sequence-classification", base.config.vocab_size)
+    step_loss = get_task("sequence-classification").step_loss(strategy, model)
+    model.train()
+    for step in range(8):
+        train_step(
+            _accelerator(),
+            model,
+            opt,
+            strategy,
+            step_loss,
+            batch,
+            step=step,
+            total_steps=8,
+            warmup_steps=0,
+            max_grad_norm=1.0,
+        )
+    config = model.peft_config["default"]
+    assert config.total_step == 8 and config.rank_pattern, "no rank was allocated"
+    kept = [sum(bits) for bits in config.rank_pattern.values()]
+    assert min(kept) < 6, f"no rank was pruned: {kept}"
+
+    directory = str(tmp_path / "adapter")
+    save_adapter(directory, strategy, model, {"strategy": strategy.name})
+    expected = _logits(strategy, model, batch)
+    again = cls(options_from_dict(cls, {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}))
+    fresh = again.prepare(copy.deepcopy(pristine), SEQ_CLS)
+    again.load_adapter(fresh, directory, {})
+    torch.testing.assert_close(_logits(again, fresh, batch), expected, rtol=0, atol=0)
+    plain = PeftModel.from_pretrained(copy.deepcopy(pristine), directory)
+    torch.testing.assert_close(_logits(again, plain, batch), expected, rtol=0, atol=0)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_survey_builds_each_method_once_and_caches_it(monkeypatch, tmp_path) -> None:
+    """The dry build behind `peftkit list --peft`, on two methods and two architectures: where each
+    runs, peft's one line where not, cached per peft and transformers version."""
+    from peftkit.strategies import peft_methods
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(peft_methods, "method_names", lambda: ["ia3", "loha"])
+    monkeypatch.setattr(
+        peft_methods, "SURVEY_TASKS", {"sequence-classification": ("bert", "gpt2"), "causal-lm": ("gpt2",)}
+    )
+    assert peft_methods.cached_survey() is None
+    found = peft_methods.survey()
+    assert found["methods"]["ia3"] == {
+        "runs": {"sequence-classification": ["bert", "gpt2"], "causal-lm": ["gpt2"]},
+        "refused": {},
+    }
+    loha = found["methods"]["loha"]
+    assert loha["runs"] == {"sequence-classification": ["bert"], "causal-lm": []}
+    said = loha["refused"]["causal-lm"]["gpt2"]
+    assert "Conv1D" in said and "\n" not in said and loha["refused"]["sequence-classification"]["gpt2"] == said
+    assert os.path.dirname(peft_methods.survey_path()) == str(tmp_path / "peft-methods")
+    monkeypatch.setattr(peft_methods, "_survey_methods", lambda: pytest.fail("the cache was not used"))
+    assert peft_methods.survey() == found == peft_methods.cached_survey()
+
+
+def test_list_shows_the_cached_survey_without_torch(tmp_path) -> None:
+    """`peftkit list` shows where each method runs from the cache, and says how to get it without one."""
+    import subprocess
+    import sys
+
+    from peftkit.strategies import peft_methods
+
+    env = {**os.environ, "PEFTKIT_CACHE": str(tmp_path)}
+    code = (
+        "import sys\nfrom peftkit.cli import main\ntry:\n    main(['list'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "peft:NAME" in shown.stdout and "`peftkit list --peft`" in shown.stdout
+    survey = {
+        "peft": "0.21.2",
+        "transformers": "5.23.0",
+        "methods": {
+            "loha": {
+                "runs": {"sequence-classification": ["bert"], "causal-lm": []},
+                "refused": {"causal-lm": {"gpt2": "Conv1D is not supported"}},
+            }
+        },
+        "not_offered": {"xlora": "mixes trained adapters"},
+    }
+    path = peft_methods.survey_path().replace(peft_methods.cache_dir(), str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as fh:
+        json.dump(survey, fh)
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "peft:loha  sequence-classification: bert" in shown.stdout
+    assert "not causal-lm: gpt2 (Conv1D is not supported)" in shown.stdout
+    assert "not offered: peft:xlora: mixes trained adapters" in shown.stdout
