@@ -229,6 +229,83 @@ def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tm
 # -- the command line ---------------------------------------------------------------------------------
 
 
+def test_run_with_a_peft_method_from_the_command_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """`peftkit run --strategy peft:ia3` end to end: options from --set, peft's files, and the
+    adapter loads in peftkit (predict) and in plain peft with the same probabilities."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from peftkit.inference import load_adapter, predict_texts
+
+    out = str(tmp_path / "run")
+    args = ["run", "-s", "peft:ia3", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--output-dir", out]
+    code, _, stderr = run_cli(
+        *args, "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--set", "init_ia3_weights=true"
+    )
+    assert code == 0, stderr
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["strategy"] == "peft:ia3" and 0 < metrics["trainable_params"] < metrics["total_params"]
+    adapter = os.path.join(out, "adapter")
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert config["peft_type"] == "IA3" and "classifier" in config["modules_to_save"]
+    assert sorted(config["target_modules"]) == ["key", "output.dense", "value"]  # peft's table for BERT
+    texts = ["a good and charming film", "dull boring plot"]
+    ours = torch.tensor([r["probabilities"] for r in predict_texts(load_adapter(adapter), texts)])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("bert"))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir("bert"), num_labels=2)
+    plain = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        theirs = torch.softmax(
+            plain(**tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")).logits, -1
+        )
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+
+
+def test_a_method_that_does_not_apply_is_one_line_and_writes_nothing(
+    run_cli, tiny_model_dir, tiny_csv, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "run",
+        "-s",
+        "peft:loha",
+        "--model",
+        tiny_model_dir("gpt2"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+    )
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert "strategy 'peft:loha' does not apply to model type 'gpt2' (sequence-classification): " in errors[0]
+    assert "Conv1D" in errors[0]
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_bad_options_and_names_are_one_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    common = ("--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--output-dir", str(tmp_path / "r"))
+    code, _, stderr = run_cli("run", "-s", "peft:loha", *common, "--set", "alph=4")
+    assert code == 2 and "unknown option 'alph' (did you mean 'alpha'?) for strategy 'peft:loha'; accepted: " in stderr
+    code, _, stderr = run_cli(
+        "run", "-s", "peft:boft", *common, "--set", "boft_block_size=4", "--set", "boft_block_num=4"
+    )
+    assert code == 2 and "strategy 'peft:boft': " in stderr and "boft_block_size" in stderr  # peft's own check
+    code, _, stderr = run_cli("run", "-s", "peft:iaa3", *common)
+    assert code == 2 and "unknown strategy 'peft:iaa3' (did you mean 'peft:ia3'?)" in stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_takes_peft_methods_beside_the_others() -> None:
+    from peftkit.benchmark.config import parse_strategies
+
+    assert parse_strategies("lora,peft:ia3,peft:LoHa,peft:ia3") == ["lora", "peft:ia3", "peft:loha"]
+    with pytest.raises(PeftkitError, match="strategy 'peft:lora' is not offered"):
+        parse_strategies("lora,peft:lora")
+
+
 def test_survey_builds_each_method_once_and_caches_it(monkeypatch, tmp_path) -> None:
     """The dry build behind `peftkit list --peft`, on two methods and two architectures: where each
     runs, peft's one line where not, cached per peft and transformers version."""
@@ -289,3 +366,9 @@ def test_list_shows_the_cached_survey_without_torch(tmp_path) -> None:
     assert "peft:loha  sequence-classification: bert" in shown.stdout
     assert "not causal-lm: gpt2 (Conv1D is not supported)" in shown.stdout
     assert "not offered: peft:xlora: mixes trained adapters" in shown.stdout
+
+
+def test_a_run_directory_of_a_family_strategy_has_no_colon() -> None:
+    from peftkit.config import default_output_dir
+
+    assert default_output_dir("peft:ia3").startswith(os.path.join("runs", "peft-ia3-"))
