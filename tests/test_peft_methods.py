@@ -226,6 +226,22 @@ def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tm
     torch.testing.assert_close(_logits(again, plain, batch), expected, rtol=0, atol=0)
 
 
+def test_adalora_trains_with_peft_s_orthogonality_penalty() -> None:
+    """The loop adds ``extra_loss`` to the task's loss: for AdaLoRA, the very penalty peft adds to
+    a loss the model computes itself (labels given to it)."""
+    import torch.nn.functional as F
+
+    cls = registry.get_strategy("peft:adalora")
+    strategy = cls(options_from_dict(cls, {"orth_reg_weight": 0.5}))
+    model = strategy.prepare(_base("sequence-classification", "bert"), SEQ_CLS).train()
+    batch = _batch("sequence-classification", model.config.vocab_size)
+    with torch.no_grad():
+        peft_loss = model(**batch).loss
+        ours = F.cross_entropy(strategy.forward(model, batch), batch["labels"]) + strategy.extra_loss(model)
+    torch.testing.assert_close(ours, peft_loss)
+    assert strategy.extra_loss(model.eval()) is None and registry.get_strategy("lora")().extra_loss(model) is None
+
+
 # -- the command line ---------------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ from .lora import attention_linear_names
 from .peft_common import ADAPTER_NAME, PeftStrategy
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from torch import nn
 
 PREFIX = "peft:"
@@ -421,7 +422,8 @@ def _model_sizes(model: nn.Module, fields: set[str], kwargs: dict[str, Any]) -> 
 class AdaLoraMethod(PeftMethod):
     """AdaLoRA (Zhang et al. 2023): LoRA in SVD form whose rank budget is reallocated during
     training by importance (``update_and_allocate``, after each optimizer step, while the step's
-    gradients are there). ``total_step`` left unset is the run's optimizer steps."""
+    gradients are there), trained with an orthogonality penalty (``extra_loss``). ``total_step``
+    left unset is the run's optimizer steps."""
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         tuner = model.base_model
@@ -430,6 +432,22 @@ class AdaLoraMethod(PeftMethod):
             config.total_step = total_steps
             tuner.rankallocator.set_total_step(total_steps)
         tuner.update_and_allocate(step - 1)  # peft counts steps from 0 (its example: enumerate's index)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """AdaLoRA's orthogonality penalty on P (lora_A) and Q (lora_B), as peft's AdaLoraModel adds
+        it to a loss the model computes: ``orth_reg_weight`` times the mean over those matrices of
+        ``||P P^T - I||_F`` (``||Q^T Q - I||_F``), which keeps the SVD form's factors orthogonal."""
+        import torch
+
+        weight = model.peft_config[ADAPTER_NAME].orth_reg_weight
+        if weight <= 0 or not model.training:
+            return None
+        terms = []
+        for name, p in model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and ADAPTER_NAME in name:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)))
+        return weight * torch.stack(terms).mean() if terms else None
 
     def save_adapter(self, model: nn.Module, directory: str, base_digests: dict[str, str]) -> dict[str, Any]:
         """peft's format without the rank pattern: peft's loader would resize each layer to its kept
