@@ -84,8 +84,8 @@ def _print_defaults(d: Any, width: int, note: str = "") -> None:
 
 def print_peft_methods(verbose: bool, survey_now: bool, width: int) -> None:
     """The ``peft:NAME`` family: each method with the tasks and architectures it runs on and why not
-    elsewhere (``survey_now``: made now where not cached, which imports peft and takes seconds),
-    else one line saying how to get that."""
+    elsewhere (``survey_now``: made now where not cached, which imports peft and takes seconds; with
+    ``verbose`` also each method's options, read from peft), else one line saying how to get that."""
     found = peft_methods.cached_survey()
     if found is None and survey_now:
         _echo("building each peft method on tiny models of 5 architectures (once for this peft and transformers) ...")
@@ -114,6 +114,9 @@ def print_peft_methods(verbose: bool, survey_now: bool, width: int) -> None:
             click.echo(f"  {'':<{wide}}    not {places} ({said})")
         if verbose:
             _print_defaults(peft_methods.DEFAULTS.get(method, peft_methods.LORA_LIKE), wide + 2, " (provisional)")
+        if verbose and survey_now:  # the options are peft's config fields: peft is loaded already
+            for opt, typ, default in option_help(peft_methods.resolve(method)):
+                click.echo(f"  {'':<{wide}}  --set {opt}=...  ({typ}, default {default})")
     for method, why in found.get("not_offered", {}).items():
         click.echo(f"  not offered: peft:{method}: {why}")
 
