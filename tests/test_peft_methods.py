@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
 from peftkit import registry
-from peftkit.adapter_io import save_adapter
+from peftkit.adapter_io import read_metadata, save_adapter
 from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError
 from peftkit.loop import make_accelerator, torch_param_groups, train_step
@@ -166,14 +166,28 @@ def test_peft_method_contract(method: str, task: str, arch: str, tmp_path) -> No
     save_adapter(directory, strategy, model, {"strategy": strategy.name})
     assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors", "peftkit_adapter.json"]
     expected = _logits(strategy, model, batch)
-    again = _strategy(method)
+    cls = type(strategy)  # the options as loading reads them back: from the adapter's metadata
+    again = cls(options_from_dict(cls, read_metadata(directory)["strategy_options"]))
     fresh = again.prepare(copy.deepcopy(pristine), _spec(task, pristine))
-    again.load_adapter(fresh, directory, {})
+    again.load_adapter(fresh, directory, read_metadata(directory))
     torch.testing.assert_close(_logits(again, fresh, batch), expected, rtol=0, atol=0)
 
     # plain peft loads it onto the base and computes the same
     plain = PeftModel.from_pretrained(copy.deepcopy(pristine), directory)
     torch.testing.assert_close(_logits(again, plain, batch), expected, rtol=0, atol=0)
+
+
+def test_every_method_s_options_go_to_config_yaml_and_back() -> None:
+    """A run writes its options to config.yaml and the adapter's metadata (JSON); both read back."""
+    import yaml
+
+    from peftkit.strategies.base import options_to_dict
+
+    for method in METHODS:
+        cls = registry.get_strategy(f"peft:{method}")
+        written = options_to_dict(cls().options)
+        assert options_to_dict(options_from_dict(cls, yaml.safe_load(yaml.safe_dump(written)))) == written, method
+        assert options_to_dict(options_from_dict(cls, json.loads(json.dumps(written)))) == written, method
 
 
 @pytest.mark.parametrize("method", sorted(EXCLUDED))

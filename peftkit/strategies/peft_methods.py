@@ -204,8 +204,11 @@ def _option_fields(config_cls: type) -> list[tuple[str, Any, Any]]:
             default = default.value
         if default is None and f.name in _FILLED:
             default = _FILLED[f.name]
+        hint = hints.get(f.name, Any)
+        if default is None and hint is not Any and type(None) not in typing.get_args(hint):
+            hint = hint | None  # peft annotates some None defaults as plain `str` or `int`
         if _plain(default):
-            fields.append((f.name, hints.get(f.name, Any), default))
+            fields.append((f.name, hint, default))
     return fields
 
 
