@@ -74,8 +74,8 @@ def env_cmd(as_json: bool, lock_file: str | None) -> None:
 
 @cli.command("list", help=HELP["list"])
 @options("list")
-def list_cmd(verbose: bool) -> None:
-    print_strategies(verbose)
+def list_cmd(verbose: bool, peft: bool) -> None:
+    print_strategies(verbose, peft)
 
 
 @cli.command("run", help=HELP["run"])

@@ -17,6 +17,7 @@ from . import registry
 from .data import EMBEDDED_DATASETS, EMBEDDED_IMAGE_DATASETS
 from .memory import format_size, parse_size
 from .models import EMBEDDED_MODELS
+from .strategies import peft_methods
 from .strategies.base import option_help
 from .tasks import TASKS, get_task, task_names, task_plugin_errors
 
@@ -28,9 +29,10 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-def print_strategies(verbose: bool) -> None:
+def print_strategies(verbose: bool, peft: bool = False) -> None:
     """``peftkit list``: the registered strategies (``verbose``: their defaults and options, the
-    tasks, the embedded models and datasets)."""
+    tasks, the embedded models and datasets) and peft's methods (``peft``: where each runs, found
+    by a dry build made once; without it, as far as the cache already knows)."""
     strategies = registry.available()
     plugins = registry.loaded_plugins()
     width = max(len(n) for n in strategies)
@@ -38,22 +40,14 @@ def print_strategies(verbose: bool) -> None:
         origin = f"  [plugin: {plugins[name]}]" if name in plugins else ""
         click.echo(f"{name:<{width}}  {cls.description}{origin}")
         if verbose:
-            d = cls.defaults
-            click.echo(
-                f"{'':<{width}}  defaults: lr={d.lr:g} epochs={d.epochs} batch_size={d.batch_size} "
-                f"weight_decay={d.weight_decay:g} warmup_ratio={d.warmup_ratio:g} "
-                f"(warmup at most {d.max_warmup_steps} steps)"
-            )
-            click.echo(
-                f"{'':<{width}}  small data: at least min_steps={d.min_steps} optimizer steps, epochs "
-                f"raised up to max_epochs={d.max_epochs}, with early stopping (unless --epochs)"
-            )
+            _print_defaults(cls.defaults, width)
             if cls.covers:
                 click.echo(f"{'':<{width}}  covers: {cls.covers}")
             for opt, typ, default in option_help(cls):
                 click.echo(f"{'':<{width}}  --set {opt}=...  ({typ}, default {default})")
     for message in registry.plugin_errors():
         _echo(f"warning: {message}")
+    print_peft_methods(verbose, peft, width)
     if verbose:
         click.echo("\ntasks (--task; default: read from the model):")
         task_plugins = TASKS.loaded_plugins()
@@ -73,6 +67,58 @@ def print_strategies(verbose: bool) -> None:
             click.echo(f"  {name:<16} {ds.description}")
         for name, (_, _, description) in EMBEDDED_IMAGE_DATASETS.items():
             click.echo(f"  {name:<16} {description} [image-classification]")
+
+
+def _print_defaults(d: Any, width: int, note: str = "") -> None:
+    """A strategy's ``TrainingDefaults``, two lines under its name (``peftkit list -v``)."""
+    click.echo(
+        f"{'':<{width}}  defaults: lr={d.lr:g} epochs={d.epochs} batch_size={d.batch_size} "
+        f"weight_decay={d.weight_decay:g} warmup_ratio={d.warmup_ratio:g} "
+        f"(warmup at most {d.max_warmup_steps} steps){note}"
+    )
+    click.echo(
+        f"{'':<{width}}  small data: at least min_steps={d.min_steps} optimizer steps, epochs "
+        f"raised up to max_epochs={d.max_epochs}, with early stopping (unless --epochs)"
+    )
+
+
+def print_peft_methods(verbose: bool, survey_now: bool, width: int) -> None:
+    """The ``peft:NAME`` family: each method with the tasks and architectures it runs on and why not
+    elsewhere (``survey_now``: made now where not cached, which imports peft and takes seconds; with
+    ``verbose`` also each method's options, read from peft), else one line saying how to get that."""
+    found = peft_methods.cached_survey()
+    if found is None and survey_now:
+        _echo("building each peft method on tiny models of 5 architectures (once for this peft and transformers) ...")
+        found = peft_methods.survey()
+    if found is None:
+        click.echo(
+            f"{'peft:NAME':<{width}}  Each of peft's methods (peft:ia3, peft:loha, peft:adalora, ...); "
+            "`peftkit list --peft` shows which run where (a dry build on tiny models, about 20 s once, then cached)."
+        )
+        return
+    names = [f"peft:{m}" for m in found["methods"]]
+    wide = max(len(n) for n in names)
+    click.echo(
+        f"\npeft methods (--strategy peft:NAME; built and trained a step on tiny models with peft "
+        f"{found['peft']}, transformers {found['transformers']}; runs on):"
+    )
+    for name, (method, info) in zip(names, found["methods"].items()):
+        runs = "; ".join(f"{task}: {' '.join(archs)}" for task, archs in info["runs"].items() if archs)
+        click.echo(f"  {name:<{wide}}  {runs or 'nowhere'}")
+        by_reason: dict[str, dict[str, list[str]]] = {}
+        for task, archs in info["refused"].items():
+            for arch, said in archs.items():
+                by_reason.setdefault(said, {}).setdefault(task, []).append(arch)
+        for said, where in by_reason.items():
+            places = "; ".join(f"{task}: {' '.join(archs)}" for task, archs in where.items())
+            click.echo(f"  {'':<{wide}}    not {places} ({said})")
+        if verbose:
+            _print_defaults(peft_methods.DEFAULTS.get(method, peft_methods.LORA_LIKE), wide + 2, " (provisional)")
+        if verbose and survey_now:  # the options are peft's config fields: peft is loaded already
+            for opt, typ, default in option_help(peft_methods.resolve(method)):
+                click.echo(f"  {'':<{wide}}  --set {opt}=...  ({typ}, default {default})")
+    for method, why in found.get("not_offered", {}).items():
+        click.echo(f"  not offered: peft:{method}: {why}")
 
 
 def print_bench(result: Any) -> None:

@@ -25,7 +25,7 @@ def _keys(*lines: str) -> tuple[str, ...]:
 
 OPTIONS: dict[str, tuple[str, ...]] = {
     "env": _keys("env:json env:lock"),
-    "list": _keys("list:verbose"),
+    "list": _keys("list:verbose list:peft"),
     "run": _keys(
         "strategy task config model dataset text_column label_column response_column epochs batch_size lr",
         "max_length max_train_samples max_eval_samples seed weight_decay warmup_ratio grad_accumulation",
@@ -88,7 +88,7 @@ matches requirements.lock, the machine, and the device (CUDA, cuDNN, GPUs and th
 Paste its output into a bug report. The same version table is in every run's metrics.json.
 """
 
-HELP["list"] = """List the registered strategies (built-in and plugins)."""
+HELP["list"] = """List the registered strategies (built-in, plugins and peft's methods as peft:NAME)."""
 
 HELP["run"] = """Fine-tune a model with a strategy, evaluate it, and save the run.
 

@@ -317,9 +317,11 @@ def build_run_config(config_file: str | None, flags: dict[str, Any], set_options
 
 def default_output_dir(strategy: str) -> str:
     """``runs/<strategy>-<timestamp>``, with ``-2``, ``-3`` ... after it when a run (finished or
-    staged) already has that name: two runs started in the same second get a directory each."""
+    staged) already has that name: two runs started in the same second get a directory each. A
+    family's ``:`` becomes ``-`` (``runs/peft-ia3-...``): paths with a colon read as lists (PATH)
+    or hosts (scp)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join("runs", f"{strategy}-{stamp}")
+    base = os.path.join("runs", f"{strategy.replace(':', '-')}-{stamp}")
     path, n = base, 1
     while os.path.exists(path) or os.path.exists(stage_path(path)):
         n += 1

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar, Generic, Protocol, TypeVar, cast
 
@@ -46,9 +48,21 @@ def plugins_disabled() -> bool:
     return os.environ.get(DISABLE_PLUGINS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@dataclass(frozen=True)
+class Family(Generic[T]):
+    """Names under one prefix (``peft:``) whose classes are made on first use (``Registry.get``)
+    rather than registered one by one: ``resolve`` gets the part after the prefix (``ia3``) and
+    returns its class, or raises ``PeftkitError`` for a name the family does not have."""
+
+    prefix: str
+    resolve: Callable[[str], T]
+    description: str  # one line for ``peftkit list``: what the family's names are
+
+
 class Registry(Generic[T]):
     """Classes of one kind (``base``) by name and alias: the built-ins imported from
-    ``builtin_modules`` and the plugins of entry-point ``group``, both loaded on first use."""
+    ``builtin_modules`` and the plugins of entry-point ``group``, both loaded on first use; and
+    families of names under a prefix (``register_family``), resolved when asked for."""
 
     def __init__(self, kind: str, base: type, group: str, builtin_modules: tuple[str, ...]) -> None:
         self.kind, self.base, self.group, self.builtin_modules = kind, base, group, builtin_modules
@@ -56,7 +70,35 @@ class Registry(Generic[T]):
         self._aliases: dict[str, str] = {}
         self._plugin_errors: dict[str, str] = {}
         self._plugins_loaded: dict[str, str] = {}
+        self._families: dict[str, Family[T]] = {}
+        self._resolved: dict[str, T] = {}
         self._loaded = False
+
+    def register_family(self, prefix: str, resolve: Callable[[str], T], description: str) -> None:
+        """Add a family: every name ``PREFIX REST`` is looked up by ``resolve(REST)`` on first use
+        (then kept). For a catalogue too large, or too costly to enumerate, to register class by
+        class at import: a resolver may import heavy libraries, registering it imports nothing.
+        A prefix ends with ``:`` and may not start a registered name; it is registered once."""
+        if not prefix.endswith(":") or prefix != prefix.strip().lower():
+            raise ValueError(f"{self.kind} family prefix {prefix!r} must be lower case and end with ':'")
+        if prefix in self._families or any(name.startswith(prefix) for name in self._classes):
+            raise ValueError(f"{self.kind} family prefix {prefix!r} is already taken")
+        self._families[prefix] = Family(prefix, resolve, description)
+
+    def families(self) -> dict[str, Family[T]]:
+        """Every registered family by prefix."""
+        self.ensure_loaded()
+        return dict(sorted(self._families.items()))
+
+    def _from_family(self, key: str) -> T | None:
+        """The class of ``key`` from the family its prefix names (made once, then kept), or None
+        where no family's prefix starts it."""
+        prefix = next((p for p in self._families if key.startswith(p)), None)
+        if prefix is None:
+            return None
+        if key not in self._resolved:
+            self._resolved[key] = self._families[prefix].resolve(key[len(prefix) :])
+        return self._resolved[key]
 
     def register(self, cls: T) -> T:
         """Class decorator: add ``cls`` under ``cls.name`` (and its ``aliases``). A name or alias
@@ -69,6 +111,8 @@ class Registry(Generic[T]):
             raise ValueError(f"{kind} {cls.__qualname__} needs a lower-case `name`")
         if not cls.description:
             raise ValueError(f"{kind} {cls.name!r} needs a one-line `description`")
+        if any(cls.name.startswith(prefix) for prefix in self._families):
+            raise ValueError(f"{kind} name {cls.name!r} is in a family's prefix; the family resolves it")
         aliases = tuple(getattr(cls, "aliases", ()))
         for key in (cls.name, *aliases):
             owner = self._classes.get(key) or self._classes.get(self._aliases.get(key, ""))
@@ -141,11 +185,17 @@ class Registry(Generic[T]):
         for candidate in candidates:
             if candidate in self._classes:
                 return self._classes[candidate]
+        member = self._from_family(key)
+        if member is not None:
+            return member
         for plugin, message in self._plugin_errors.items():
             if plugin in (name, *candidates):
                 raise PeftkitError(message)
         hint = did_you_mean(name, [*self._aliases, *self._classes])  # a canonical name wins over its alias
-        raise PeftkitError(f"unknown {self.kind} {name!r}{hint}; available: {', '.join(sorted(self._classes))}")
+        families = [f"{prefix}NAME ({f.description})" for prefix, f in sorted(self._families.items())]
+        raise PeftkitError(
+            f"unknown {self.kind} {name!r}{hint}; available: {', '.join([*sorted(self._classes), *families])}"
+        )
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -160,6 +210,7 @@ BUILTIN_MODULES = (
     "peftkit.strategies.lora",
     "peftkit.strategies.adapter",
     "peftkit.strategies.prefix",
+    "peftkit.strategies.peft_methods",
 )
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", Strategy, ENTRY_POINT_GROUP, BUILTIN_MODULES)
@@ -172,6 +223,18 @@ def register_strategy(cls: S) -> S:
     (or alias) already taken is refused."""
     STRATEGIES.register(cls)
     return cls
+
+
+def register_strategy_family(prefix: str, resolve: Callable[[str], type[Strategy]], description: str) -> None:
+    """Add a family of strategies named ``PREFIX NAME`` (``peft:ia3``), each made by
+    ``resolve(NAME)`` when first asked for (``Registry.register_family``). Built-ins and plugins
+    call it when their module is imported."""
+    STRATEGIES.register_family(prefix, resolve, description)
+
+
+def strategy_families() -> dict[str, Family[type[Strategy]]]:
+    """Every strategy family by prefix (``peft:``)."""
+    return STRATEGIES.families()
 
 
 def unregister_strategy(name: str) -> None:

@@ -140,3 +140,36 @@ def test_example_plugin_distribution_runs_without_editing_peftkit(
 
     metrics = json.load(open(out / "metrics.json"))
     assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
+
+
+def test_a_family_resolves_its_names_when_first_asked_for() -> None:
+    """A prefix family (``Registry.register_family``, what ``peft:NAME`` uses and plugins may use):
+    nothing is made at registration, a name is made once when asked for, a name outside the family
+    is refused by the family itself, and the prefix is no longer free for single names."""
+    made: list[str] = []
+
+    def resolve(rest: str) -> type[Strategy]:
+        if rest != "one":
+            raise PeftkitError(f"unknown strategy 'fam:{rest}'")
+        made.append(rest)
+        return type("FamOne", (Strategy,), {"name": "fam:one", "description": "one of the family"})
+
+    reg = registry.Registry("strategy", Strategy, "peftkit.test-no-plugins", ())
+    reg.register_family("fam:", resolve, "a test family")
+    assert made == [] and list(reg.families()) == ["fam:"]
+    assert reg.get("FAM:one") is reg.get("fam:one") and made == ["one"]
+    with pytest.raises(PeftkitError, match="unknown strategy 'fam:two'"):
+        reg.get("fam:two")
+    with pytest.raises(PeftkitError, match=r"unknown strategy 'nope'; available: fam:NAME \(a test family\)"):
+        reg.get("nope")
+    impostor = type("Impostor", (Strategy,), {"name": "fam:three", "description": "not the family's"})
+    with pytest.raises(ValueError, match="family's prefix"):
+        reg.register(impostor)
+    with pytest.raises(ValueError, match="already taken"):
+        reg.register_family("fam:", resolve, "again")
+
+
+def test_peft_methods_are_a_family_not_registered_strategies() -> None:
+    assert "peft:" in registry.strategy_families()
+    assert not any(name.startswith("peft:") for name in registry.available())
+    assert registry.get_strategy("peft:IA3").name == "peft:ia3"

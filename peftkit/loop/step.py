@@ -21,13 +21,18 @@ def train_step(
     warmup_steps: int,
     max_grad_norm: float,
 ) -> Any:
-    """One optimizer micro-step: forward and loss (``step_loss``, the task's), backward and, on the
+    """One optimizer micro-step: forward and loss (``step_loss``, the task's, plus the strategy's
+    ``extra_loss``), backward and, on the
     micro-step that ends an
     accumulation, gradient clipping and the learning rate for optimizer step ``step`` (each group's
-    ``base_lr`` times the strategy's factor); then step and zero the gradients (accelerate skips
-    both until the accumulation is complete). Returns the loss tensor."""
+    ``base_lr`` times the strategy's factor); then step, the strategy's ``after_optimizer_step``
+    and zero the gradients (accelerate skips all three until the accumulation is complete).
+    Returns the loss tensor."""
     with accelerator.accumulate(model):
         loss = step_loss(model, batch)
+        extra = strategy.extra_loss(accelerator.unwrap_model(model))
+        if extra is not None:  # the method's own regularizer (AdaLoRA's), part of what it minimises
+            loss = loss + extra
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
@@ -35,5 +40,7 @@ def train_step(
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
         optimizer.step()
+        if accelerator.sync_gradients:  # the step was taken, and its gradients are still there
+            strategy.after_optimizer_step(accelerator.unwrap_model(model), step + 1, total_steps)
         optimizer.zero_grad(set_to_none=True)
     return loss

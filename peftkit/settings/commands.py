@@ -378,3 +378,12 @@ declare(
     cli_default=False,
     help="Also show each strategy's options, defaults and the models it covers.",
 )
+declare(
+    "list:peft",
+    "--peft",
+    field=None,
+    type=bool,
+    cli_default=False,
+    help="Also show where each peft:NAME method runs (architectures and tasks, and why not), found by "
+    "building each on tiny models: about 20 s the first time for a peft and transformers version, then cached.",
+)

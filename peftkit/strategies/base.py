@@ -5,7 +5,9 @@ A strategy is everything that differs between fine-tuning methods, and nothing e
 1. ``prepare``: turn a freshly loaded classifier into the model to train (freeze, inject, wrap);
 2. ``trainable_parameters``: name every parameter that may receive gradients during the run;
 3. ``param_groups`` and the event hooks ``on_epoch_start`` / ``on_step_end``: what the optimizer
-   starts with, and parameter groups that join it later (gradual unfreezing);
+   starts with, and parameter groups that join it later (gradual unfreezing); and
+   ``after_optimizer_step`` and ``extra_loss``, for a method that acts on each step's gradients
+   or trains with a regularizer of its own (AdaLoRA);
 4. ``forward``: logits for a batch (a strategy may answer from a cache, as ``head_only`` does);
 5. ``adapter_state`` / ``load_adapter_state``: the tensors that make up what it trained, and how to
    put them back onto a model prepared the same way.
@@ -177,6 +179,18 @@ class Strategy:
     def on_step_end(self, model: nn.Module, step: int) -> list[ParamGroup]:
         """Called after each optimizer step (1-based count); returns groups that join now."""
         return []
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called right after optimizer step ``step`` (1-based) of the run's ``total_steps``, before
+        the gradients are zeroed: for a method that reads the step's gradients or follows the run's
+        length (AdaLoRA's rank allocation). ``on_step_end`` comes later, when they are gone, and is
+        also replayed on resume; this one is not (default: nothing)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each training micro-step's loss: a regularizer the method trains with
+        (AdaLoRA's orthogonality penalty, which peft adds only to a loss the model computes itself,
+        while peftkit's tasks compute theirs from the logits). Default: none."""
+        return None
 
     def lr_factor(self, step: int, total_steps: int, warmup_steps: int) -> float:
         """Multiplier of every group's learning rate at ``step``: linear warmup, then linear decay."""

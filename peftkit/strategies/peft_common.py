@@ -43,11 +43,19 @@ class PeftStrategy(Strategy):
 
     def save_adapter(self, model: nn.Module, directory: str, base_digests: dict[str, str]) -> dict[str, Any]:
         config = model.peft_config[ADAPTER_NAME]
-        # peft appends its own guesses ("classifier", "score") to ours: record each name once
-        config.modules_to_save = list(dict.fromkeys(config.modules_to_save or [])) or None
-        config.inference_mode = True
-        config.save_pretrained(directory)
-        write_safetensors(_peft_state(model), os.path.join(directory, PEFT_TENSORS_FILE))
+        # peft appends its own guesses ("classifier", "score") to ours: record each name once (a
+        # config without the field, LLaMA-Adapter's, has no head to save)
+        if hasattr(config, "modules_to_save"):
+            config.modules_to_save = list(dict.fromkeys(config.modules_to_save or [])) or None
+        # the tensors first, in training mode: a prompt encoder's output is what ships (P-tuning's
+        # MLP is run once here), and the model keeps computing as it trained after the save
+        tensors = _peft_state(model)
+        mode, config.inference_mode = config.inference_mode, True
+        try:
+            config.save_pretrained(directory)
+        finally:
+            config.inference_mode = mode
+        write_safetensors(tensors, os.path.join(directory, PEFT_TENSORS_FILE))
         return {"format": "peft", "peft_type": self.peft_type}
 
     def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:

@@ -1,0 +1,633 @@
+"""peft's other methods as strategies: ``--strategy peft:NAME`` (``peft:ia3``, ``peft:loha``, ...).
+
+One generic class (``PeftMethod``) makes a strategy of each peft type that can train from scratch
+on one task (``method_names``; those that cannot are in ``EXCLUDED``, with the reason). The
+registry resolves a ``peft:`` name when it is first asked for (``registry.register_strategy_family``),
+so ``import peftkit`` and ``peftkit list`` never import peft.
+
+- **Options** are the peft config's own dataclass fields (``--set KEY=VALUE``, YAML
+  ``strategy_options``), with peft's defaults, minus those peftkit sets (the task type, the head,
+  the sizes peft reads from the model); an unknown key is refused with "did you mean" and the
+  accepted keys, a bad value with peft's own message, before any model loads.
+- **Targets**: peft's default table for the architecture where it has one; otherwise found by
+  structure, as ``lora`` does (the linear layers in attention blocks; IA3's feed-forward output
+  projections; LN tuning's norms).
+- **The head** trains alongside (peft's ``modules_to_save``, as ``lora``), and the adapter is saved
+  in peft's own format: ``PeftModel.from_pretrained(base, dir)`` loads it without peftkit.
+- **A method that does not apply** to a model or task is refused in one line naming the method,
+  the model type, the task and what peft said (``MethodRefused``), before anything is written.
+
+``survey`` builds every method on tiny models of each architecture once (cached per peft and
+transformers version) for ``peftkit list --peft``. The default learning rates and epochs below are
+provisional: a measured sweep on the embedded default (issue 34, item 5) has not been made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import enum
+import functools
+import inspect
+import io
+import json
+import os
+import time
+import typing
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..adapter_io import read_peft_config
+from ..errors import PeftkitError, did_you_mean, first_line
+from ..files import write_json
+from ..gguf_convert import cache_dir
+from ..registry import register_strategy_family
+from ..structure import sublayer_outputs, transformer_blocks
+from ..tasks import get_task
+from .base import TaskSpec, TrainingDefaults
+from .lora import attention_linear_names
+from .peft_common import ADAPTER_NAME, PeftStrategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+PREFIX = "peft:"
+
+# peft types that get no ``peft:`` strategy, and why (``resolve`` says it to whoever asks for one)
+EXCLUDED: dict[str, str] = {
+    "lora": "peftkit's own strategy 'lora' is peft's LoRA (with use_rslora and use_dora); use --strategy lora",
+    "prefix_tuning": "peftkit's own strategy 'prefix' is peft's prefix tuning, saved in its format; "
+    "use --strategy prefix",
+    "xlora": "it mixes LoRA adapters trained before (another run's adapters); it trains nothing from scratch",
+    "poly": "a multi-task method: every batch needs a task id (task_ids), which one task's data has not",
+    "multitask_prompt_tuning": "a multi-task method: every batch needs a task id (task_ids), and it starts "
+    "from prompts trained on source tasks",
+    "cpt": "its prompt is built from the training examples' own tokens (cpt_token_ids, cpt_mask, "
+    "cpt_tokens_type_mask), not learned from scratch",
+    "trainable_tokens": "it trains the embeddings of token ids it is given (tokens added to the vocabulary), "
+    "which a task does not name",
+}
+
+# Training defaults per method; a method not named trains as lora does (2e-3, 1 epoch). PROVISIONAL:
+# taken from the methods' papers and peft's examples, not yet from a sweep of peftkit's own (issue 34
+# item 5). Methods that train only scaling vectors or a few virtual tokens take larger steps.
+LORA_LIKE = TrainingDefaults(lr=2e-3, epochs=1, batch_size=32)
+DEFAULTS: dict[str, TrainingDefaults] = {
+    # IA3 learns one scale per activation (started at 1): T-Few trained it at 3e-3; peft's examples 3e-3..1e-2
+    "ia3": TrainingDefaults(lr=5e-3, epochs=2, batch_size=32),
+    # VeRA trains two scaling vectors per layer on frozen random projections: its paper 4e-3..1e-2 (RoBERTa)
+    "vera": TrainingDefaults(lr=5e-3, epochs=2, batch_size=32),
+    # FourierFT learns a few spectral coefficients (scaled by 150): its paper 5e-2 on RoBERTa-base GLUE
+    "fourierft": TrainingDefaults(lr=3e-2, epochs=2, batch_size=32),
+    # soft prompts move slowly: prompt tuning's paper trained at 0.3; peft's examples 3e-2
+    "prompt_tuning": TrainingDefaults(lr=3e-2, epochs=3, batch_size=32, weight_decay=0.0),
+    # P-tuning's prompt encoder (an MLP) is larger: peft's P-tuning example trains it at 1e-3
+    "p_tuning": TrainingDefaults(lr=3e-3, epochs=3, batch_size=32, weight_decay=0.0),
+    # a trained key/value cache, as peftkit's prefix strategy (1e-2)
+    "cartridge": TrainingDefaults(lr=1e-2, epochs=1, batch_size=32, weight_decay=0.0, min_steps=300, max_epochs=40),
+    # LLaMA-Adapter's paper: 9e-3 with zero-initialised gates
+    "adaption_prompt": TrainingDefaults(lr=9e-3, epochs=2, batch_size=32, weight_decay=0.0),
+    # orthogonal transforms of whole weights: a smaller step than LoRA's
+    "oft": TrainingDefaults(lr=1e-3, epochs=1, batch_size=32),
+    "boft": TrainingDefaults(lr=1e-3, epochs=1, batch_size=32),
+    # OSF trains the low singular subspace of the whole weights: close to a full fine-tune's step
+    "osf": TrainingDefaults(lr=2e-4, epochs=1, batch_size=32),
+}
+
+# Fields of peft's configs that peftkit sets itself (or peft reads from the model), never options
+_MANAGED = frozenset(
+    {
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "modules_to_save",
+        "fan_in_fan_out",  # set where a target is a GPT-2 style Conv1D (weights stored transposed)
+        "token_dim",
+        "num_transformer_submodules",
+        "num_attention_heads",
+        "num_layers",
+    }
+)
+# Required fields peft leaves unset (None) that peftkit gives a default: 20 virtual tokens (prompt
+# tuning's paper found 20 close to 100 at base size), LLaMA-Adapter's 10 adaption tokens
+_FILLED = {"num_virtual_tokens": 20, "adapter_len": 10}
+
+# Methods whose targets are not the attention linears when peft has no table for the model:
+# layer norms (LN tuning); peft's own choice (whole decoder blocks, attention modules)
+_NORM_TARGETS = frozenset({"ln_tuning"})
+_PEFT_CHOOSES_TARGETS = frozenset({"shadow", "adaption_prompt"})
+# Methods that hand the model a trained key/value prefix (``past_key_values``)
+_KV_PREFIX_METHODS = frozenset({"cartridge"})
+
+# The dry build (``survey``): the architectures and tasks peftkit's tests cover, each model two blocks
+# deep and 256 wide, so that peft's default sizes fit (C3A's block_size 256, VB-LoRA's vector_length
+# 256, WaveFT's 2,592 frequencies, MiSS's r 64): a refusal is then about the architecture or the
+# task, not about a toy size
+SURVEY_MODELS: dict[str, dict[str, Any]] = {
+    "bert": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512},
+    "roberta": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512},
+    "distilbert": {"dim": 256, "n_layers": 2, "n_heads": 4, "hidden_dim": 512},
+    "gpt2": {"n_embd": 256, "n_layer": 2, "n_head": 4},
+    "llama": {
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 512,
+    },
+}
+SURVEY_TASKS = {"sequence-classification": tuple(SURVEY_MODELS), "causal-lm": ("gpt2", "llama")}
+_SURVEY_FORMAT = 2
+
+
+class MethodRefused(PeftkitError):
+    """A ``peft:`` method that does not apply to a model or task; ``said`` is peft's one line."""
+
+    def __init__(self, message: str, said: str) -> None:
+        super().__init__(message)
+        self.said = said
+
+
+def _peft_catalogue() -> dict[str, Any]:
+    """peft's config class of every peft type, by lower-case name (``ia3`` -> ``IA3Config``)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return {str(getattr(t, "value", t)).lower(): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
+def method_names() -> list[str]:
+    """The peft methods that get a ``peft:`` strategy, sorted (peft's types less ``EXCLUDED``)."""
+    return sorted(n for n in _peft_catalogue() if n not in EXCLUDED)
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is data a YAML file or ``--set`` can give (and config.yaml can keep)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return not isinstance(value, enum.Enum)
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _option_fields(config_cls: type) -> list[tuple[str, Any, Any]]:
+    """(name, type hint, default) of each option: the config's fields less the managed ones and
+    those whose default is not plain data (nested configs: peft's defaults stand for them). An
+    enum default becomes its value (peft takes either); a required field peft leaves None gets
+    peftkit's default (``_FILLED``)."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # noqa: BLE001 - a hint peft cannot resolve is typed Any: values pass to peft as given
+        hints = {}
+    fields = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in _MANAGED or not f.init or f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if isinstance(default, enum.Enum):
+            default = default.value
+        if default is None and f.name in _FILLED:
+            default = _FILLED[f.name]
+        hint = hints.get(f.name, Any)
+        if default is None and hint is not Any and type(None) not in typing.get_args(hint):
+            hint = hint | None  # peft annotates some None defaults as plain `str` or `int`
+        if _plain(default):
+            fields.append((f.name, hint, default))
+    return fields
+
+
+def _options_class(method: str, config_cls: type) -> type:
+    """A dataclass of ``method``'s options, whose ``__post_init__`` lets peft's config check the
+    values at once (a bad value is refused before any model loads)."""
+
+    def post_init(self: Any) -> None:
+        try:
+            config_cls(**_config_kwargs(dataclasses.asdict(self)))
+        except (ValueError, TypeError) as exc:
+            raise PeftkitError(f"strategy '{PREFIX}{method}': {first_line(exc)}") from None
+
+    spec = [
+        (name, hint, dataclasses.field(default_factory=functools.partial(copy.deepcopy, default)))
+        if isinstance(default, (list, dict))
+        else (name, hint, dataclasses.field(default=default))
+        for name, hint, default in _option_fields(config_cls)
+    ]
+    title = "".join(part.capitalize() for part in method.split("_"))
+    options = dataclasses.make_dataclass(f"Peft{title}Options", spec, namespace={"__post_init__": post_init})
+    options.__module__ = __name__
+    return options
+
+
+def _config_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """The options as peft's config takes them: ``all-linear`` (a list of one from ``--set``, whose
+    lists split on commas) is the string peft expects; AdaLoRA's unset ``total_step`` (the run's
+    steps, set by ``after_optimizer_step``) is a placeholder that passes peft's check."""
+    kwargs = dict(options)
+    if kwargs.get("target_modules") == ["all-linear"]:
+        kwargs["target_modules"] = "all-linear"
+    if "total_step" in kwargs and kwargs["total_step"] is None:
+        kwargs["total_step"] = kwargs.get("tinit", 0) + kwargs.get("tfinal", 0) + 1
+    return kwargs
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+
+def _norm_names(model: nn.Module) -> list[str]:
+    """Names of the layer norms inside the transformer blocks (LN tuning, where peft has no table)."""
+    found = transformer_blocks(model)
+    names = {
+        name.rsplit(".", 1)[-1]
+        for block in (found[1] if found else [])
+        for name, module in block.named_modules()
+        if name and "norm" in type(module).__name__.lower()
+    }
+    return sorted(names)
+
+
+def _feedforward_outputs(model: nn.Module) -> list[str]:
+    """Names (within a block) of the projections that end the blocks' feed-forward sub-layers."""
+    found = transformer_blocks(model)
+    hidden = getattr(model.config, "hidden_size", None)
+    if found is None or hidden is None:
+        return []
+    return sorted({name for block in found[1] for name in [sublayer_outputs(block, hidden)[1]] if name})
+
+
+def _default_targets(method: str, tuner: Any, model: nn.Module) -> list[str] | None:
+    """Targets where the user named none: peft's table for the architecture, else by structure
+    (None: peft's own choice)."""
+    if method in _PEFT_CHOOSES_TARGETS:
+        return None
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3_TABLE
+
+    table = IA3_TABLE if method == "ia3" else getattr(tuner, "target_module_mapping", None) or {}
+    listed = table.get(getattr(model.config, "model_type", ""))
+    if listed:
+        return [listed] if isinstance(listed, str) else list(listed)
+    if method in _NORM_TARGETS:
+        return _norm_names(model)
+    if method == "ia3":  # IA3 scales the feed-forward output projections' inputs too
+        return sorted({*attention_linear_names(model), *_feedforward_outputs(model)})
+    return attention_linear_names(model)
+
+
+def _ia3_feedforward(model: nn.Module, targets: Any) -> list[str]:
+    """IA3's feed-forward modules: peft's table for the architecture, else the blocks' feed-forward
+    output projections among the targets."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as TABLE
+
+    listed = TABLE.get(getattr(model.config, "model_type", ""))
+    if listed:
+        return list(listed)
+    wanted = set(targets) if isinstance(targets, (list, set, tuple)) else set()
+    return [name for name in _feedforward_outputs(model) if name in wanted]
+
+
+def _is_conv1d_target(model: nn.Module, targets: Any) -> bool:
+    """Whether a target is a GPT-2 style Conv1D, whose weight is stored transposed (fan_in_fan_out)."""
+    if not isinstance(targets, (list, set, tuple)):
+        return any(type(m).__name__ == "Conv1D" for m in model.modules())
+    return any(
+        type(m).__name__ == "Conv1D" and any(name == t or name.endswith("." + t) for t in targets)
+        for name, m in model.named_modules()
+    )
+
+
+# -- the strategy --------------------------------------------------------------------------------
+
+
+class PeftMethod(PeftStrategy):
+    """One of peft's methods through ``get_peft_model``; ``resolve`` makes a subclass per method."""
+
+    method: ClassVar[str] = ""  # peft's name, lower case (``ia3``)
+    config_class: ClassVar[Any] = None  # peft's config class (``IA3Config``)
+    tuner_class: ClassVar[Any] = None  # peft's tuner (``IA3Model``), for its target table
+
+    @classmethod
+    def options_from_peft_config(cls, config: dict[str, Any]) -> Any:
+        """This method's options from a peft ``adapter_config.json``: the fields it has."""
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        values = {k: v for k, v in config.items() if k in names}
+        if isinstance(values.get("target_modules"), (list, set)):
+            values["target_modules"] = sorted(values["target_modules"])
+        return cls.Options(**values)
+
+    def peft_config(self, model: nn.Module, task: TaskSpec) -> Any:
+        """peft's config for ``model``: the options, the task, the head, the targets (where the
+        options name none) and the sizes peft cannot read from every model's config."""
+        fields = {f.name for f in dataclasses.fields(self.config_class)}
+        kwargs = _config_kwargs(dataclasses.asdict(self.options))
+        if "target_modules" in fields and kwargs.get("target_modules") is None:
+            kwargs["target_modules"] = _default_targets(self.method, self.tuner_class, model)
+        if "feedforward_modules" in fields and kwargs.get("feedforward_modules") is None:
+            kwargs["feedforward_modules"] = _ia3_feedforward(model, kwargs.get("target_modules"))
+        if "fan_in_fan_out" in fields and kwargs.get("target_modules") is not None:
+            kwargs["fan_in_fan_out"] = _is_conv1d_target(model, kwargs["target_modules"])
+        kwargs.update(_model_sizes(model, fields, kwargs))
+        heads = task.heads(model)
+        if "modules_to_save" in fields:
+            kwargs["modules_to_save"] = heads or None
+        elif heads:  # LLaMA-Adapter's config: the new head would neither train nor be saved
+            raise self.refusal(model, task, f"{self.config_class.__name__} has no modules_to_save for the new head")
+        return self.config_class(**kwargs, task_type=task.peft_task_type)
+
+    def refusal(self, model: nn.Module, task: TaskSpec, said: str) -> MethodRefused:
+        """The one-line refusal of this method on ``model`` for ``task``, with peft's words."""
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        return MethodRefused(
+            f"strategy {self.name!r} does not apply to model type {model_type!r} ({task.kind}): {said}", said
+        )
+
+    def prepare(self, model: nn.Module, task: TaskSpec) -> nn.Module:
+        from peft import get_peft_model
+
+        heads = set(task.heads(model))
+        if self.method in _KV_PREFIX_METHODS and not _takes_past_key_values(model):
+            # peft would only say so at the first forward pass
+            raise self.refusal(
+                model, task, "Model does not support past key values which are required for prefix tuning."
+            )
+        try:
+            config = self.peft_config(model, task)
+            with warnings.catch_warnings():
+                # peft 0.21's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing`,
+                # and methods warn of what the user cannot change here; neither is for our users
+                warnings.simplefilter("ignore")
+                peft_model = get_peft_model(model, config)
+        except PeftkitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - peft refuses with ValueError, TypeError, AttributeError...
+            raise self.refusal(model, task, first_line(exc)) from None
+        trains = [n for n, p in peft_model.named_parameters() if p.requires_grad and not _in_head(n, heads)]
+        if not trains:
+            raise self.refusal(
+                peft_model, task, "peft found nothing to adapt (no trainable parameter besides the head)"
+            )
+        return peft_model
+
+    def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
+        """An adapter loads for inference: a prompt method's saved embeddings are its encoder's output
+        (P-tuning's MLP was run at the save), which peft's inference mode uses as they are."""
+        from peft import PromptLearningConfig
+
+        config = model.peft_config[ADAPTER_NAME]
+        if isinstance(config, PromptLearningConfig):
+            config.inference_mode = True
+        super().load_adapter(model, directory, metadata)
+
+
+def _takes_past_key_values(model: nn.Module) -> bool:
+    """Whether the model's forward, or its backbone's (which peft calls for a classifier), takes
+    ``past_key_values``: a key/value prefix needs it."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone) if m is not None)
+
+
+def _in_head(name: str, heads: set[str]) -> bool:
+    """Whether parameter ``name`` (of a peft model) belongs to one of the head modules."""
+    return any(f".{head}." in f".{name}" for head in heads)
+
+
+def _model_sizes(model: nn.Module, fields: set[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What prompt-learning configs need of the model where peft finds no key for it (DistilBERT
+    names its width ``dim``), read through transformers' own names (``hidden_size``); P-tuning's
+    and LLaMA-Adapter's sizes left unset: the model's width, every block."""
+    config = model.config
+    found: dict[str, Any] = {}
+    for field, attribute in (("token_dim", "hidden_size"), ("num_attention_heads", "num_attention_heads")):
+        if field in fields and kwargs.get(field) is None and getattr(config, attribute, None) is not None:
+            found[field] = getattr(config, attribute)
+    if "encoder_hidden_size" in fields and kwargs.get("encoder_hidden_size") is None:
+        found["encoder_hidden_size"] = getattr(config, "hidden_size", None)
+    if "adapter_layers" in fields and kwargs.get("adapter_layers") is None:
+        blocks = transformer_blocks(model)
+        found["adapter_layers"] = len(blocks[1]) if blocks else None
+    return {k: v for k, v in found.items() if v is not None}
+
+
+class AdaLoraMethod(PeftMethod):
+    """AdaLoRA (Zhang et al. 2023): LoRA in SVD form whose rank budget is reallocated during
+    training by importance (``update_and_allocate``, after each optimizer step, while the step's
+    gradients are there), trained with an orthogonality penalty (``extra_loss``). ``total_step``
+    left unset is the run's optimizer steps."""
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        tuner = model.base_model
+        config = model.peft_config[ADAPTER_NAME]
+        if self.options.total_step is None and config.total_step != total_steps:
+            config.total_step = total_steps
+            tuner.rankallocator.set_total_step(total_steps)
+        tuner.update_and_allocate(step - 1)  # peft counts steps from 0 (its example: enumerate's index)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """AdaLoRA's orthogonality penalty on P (lora_A) and Q (lora_B), as peft's AdaLoraModel adds
+        it to a loss the model computes: ``orth_reg_weight`` times the mean over those matrices of
+        ``||P P^T - I||_F`` (``||Q^T Q - I||_F``), which keeps the SVD form's factors orthogonal."""
+        import torch
+
+        weight = model.peft_config[ADAPTER_NAME].orth_reg_weight
+        if weight <= 0 or not model.training:
+            return None
+        terms = []
+        for name, p in model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and ADAPTER_NAME in name:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)))
+        return weight * torch.stack(terms).mean() if terms else None
+
+    def save_adapter(self, model: nn.Module, directory: str, base_digests: dict[str, str]) -> dict[str, Any]:
+        """peft's format without the rank pattern: peft's loader would resize each layer to its kept
+        ranks and so rescale it (its ``ranknum``), computing another function than the one trained;
+        the pruned ranks are saved as the zeros they are, and load as they ran."""
+        config = model.peft_config[ADAPTER_NAME]
+        pattern, config.rank_pattern = config.rank_pattern, None
+        try:
+            return super().save_adapter(model, directory, base_digests)
+        finally:
+            config.rank_pattern = pattern
+
+    def load_adapter(self, model: nn.Module, directory: str, metadata: dict[str, Any]) -> None:
+        """A plain peft AdaLoRA adapter may hold a rank pattern: the layers are resized to it first,
+        as peft's loader does."""
+        pattern = (read_peft_config(directory) or {}).get("rank_pattern")
+        if pattern:
+            model.peft_config[ADAPTER_NAME].rank_pattern = pattern
+        super().load_adapter(model, directory, metadata)
+
+
+# methods with more than the generic class: AdaLoRA's step hook and save
+_CLASSES: dict[str, type[PeftMethod]] = {"adalora": AdaLoraMethod}
+
+
+@functools.cache
+def _strategy_class(method: str) -> type[PeftMethod]:
+    """The strategy class of ``method`` (made once)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    config_cls = _peft_catalogue()[method]
+    tuners = {str(getattr(k, "value", k)).lower(): t for k, t in PEFT_TYPE_TO_TUNER_MAPPING.items()}
+    base = _CLASSES.get(method, PeftMethod)
+    title = "".join(part.capitalize() for part in method.split("_"))
+    return type(
+        f"Peft{title}",
+        (base,),
+        {
+            "name": PREFIX + method,
+            "description": f"peft's {config_cls.__name__.removesuffix('Config')} via peft; the task's head trains too.",
+            "Options": _options_class(method, config_cls),
+            "defaults": DEFAULTS.get(method, LORA_LIKE),
+            "peft_type": method.upper(),
+            "method": method,
+            "config_class": config_cls,
+            "tuner_class": tuners.get(method),
+            "__module__": __name__,
+        },
+    )
+
+
+def resolve(name: str) -> type[PeftMethod]:
+    """The strategy of ``peft:NAME`` (``name`` is what follows ``peft:``; ``-`` and ``_`` alike)."""
+    method = name.strip().lower().replace("-", "_")
+    if method in EXCLUDED:
+        raise PeftkitError(f"strategy '{PREFIX}{method}' is not offered: {EXCLUDED[method]}")
+    names = method_names()
+    if method not in names:
+        hint = did_you_mean(PREFIX + method, [PREFIX + n for n in names])
+        raise PeftkitError(
+            f"unknown strategy '{PREFIX}{name}'{hint}; peft's methods: {', '.join(PREFIX + n for n in names)}"
+        )
+    return _strategy_class(method)
+
+
+# -- where each method runs: the dry build of ``peftkit list --peft`` ----------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
+
+
+def survey_path() -> str:
+    """Where the dry build's results are cached: one file per peft and transformers version."""
+    name = f"survey-v{_SURVEY_FORMAT}-peft-{_version('peft')}-transformers-{_version('transformers')}.json"
+    return os.path.join(cache_dir(), "peft-methods", name)
+
+
+def cached_survey() -> dict[str, Any] | None:
+    """The dry build's results for the installed peft and transformers, if made (no import of peft)."""
+    try:
+        with open(survey_path(), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("methods"), dict) else None
+
+
+def survey(refresh: bool = False) -> dict[str, Any]:
+    """Where each ``peft:`` method runs: built (``prepare``) on a tiny model of each architecture
+    for each task, then one forward and backward pass of the task's loss. Per method: ``runs``
+    (task -> architectures) and ``refused`` (task -> architecture -> what peft said, one line). Cached
+    (``survey_path``; a cache that cannot be written costs the next call the build, nothing else)."""
+    cached = None if refresh else cached_survey()
+    if cached is not None:
+        return cached
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    start, threads, verbosity = time.perf_counter(), torch.get_num_threads(), hf_logging.get_verbosity()
+    # one thread: on models this small, threads synchronising on every op cost more than they
+    # share (a 2-core AMD EPYC beside other jobs: 100 s with 2 threads, 10 s with 1). Quiet: the
+    # tiny configs' warnings and some methods' progress bars (FRoD's) are not the user's
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            methods = _survey_methods()
+    finally:
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+    result = {
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "models": {arch: "2 blocks, 256 wide" for arch in SURVEY_MODELS},
+        "methods": methods,
+        "not_offered": dict(EXCLUDED),
+    }
+    try:
+        os.makedirs(os.path.dirname(survey_path()), exist_ok=True)
+        write_json(survey_path(), result)
+    except OSError:
+        pass
+    return result
+
+
+def _survey_methods() -> dict[str, Any]:
+    """``survey``'s per-method results: each method on each (task, architecture)."""
+    bases = {(task, arch): _survey_base(task, arch) for task, archs in SURVEY_TASKS.items() for arch in archs}
+    methods: dict[str, Any] = {}
+    for method in method_names():
+        runs: dict[str, list[str]] = {task: [] for task in SURVEY_TASKS}
+        refused: dict[str, dict[str, str]] = {task: {} for task in SURVEY_TASKS}
+        for (task, arch), base in bases.items():
+            said = _survey_one(method, task, base)
+            if said is None:
+                runs[task].append(arch)
+            else:
+                refused[task][arch] = said
+        methods[method] = {"runs": runs, "refused": {task: why for task, why in refused.items() if why}}
+    return methods
+
+
+def _survey_base(task: str, arch: str) -> nn.Module:
+    """The tiny model the dry build adapts for ``task`` on ``arch`` (random weights, seed 0)."""
+    import torch
+    from transformers import AutoConfig
+
+    # 66 positions: RoBERTa's start after the padding index; GPT-2 reads it as n_positions
+    config = AutoConfig.for_model(
+        arch, vocab_size=64, pad_token_id=0, max_position_embeddings=66, **SURVEY_MODELS[arch]
+    )
+    config.num_labels = 2
+    torch.manual_seed(0)
+    return get_task(task).model_from_config(config)
+
+
+def _survey_one(method: str, task: str, base: nn.Module) -> str | None:
+    """None where ``method`` trains on (a copy of) ``base`` for ``task``, else why not, in one line."""
+    strategy = resolve(method)()
+    spec_task = get_task(task)
+    model = copy.deepcopy(base)
+    try:
+        model = strategy.prepare(model, spec_task.plan_spec(model, 2))
+        batch = spec_task.dummy_batch(base.config, 2, 8, "cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec_task.step_loss(strategy, model)(model, batch).backward()
+    except MethodRefused as exc:
+        return exc.said
+    except Exception as exc:  # noqa: BLE001 - whatever fails at the first step is the answer, in one line
+        return f"{type(exc).__name__} at the first training step: {first_line(exc)}"
+    return None
+
+
+register_strategy_family(PREFIX, resolve, "each of peft's methods: `peftkit list --peft`")

@@ -1,0 +1,404 @@
+"""The ``peft:`` strategies' contract, for every peft method on every tiny architecture and task.
+
+Per method, architecture and task (sequence classification on BERT, RoBERTa, DistilBERT, GPT-2 and
+Llama; causal LM on GPT-2 and Llama): the loop's own step (``peftkit.loop.train_step``) changes
+only the method's parameters and the head; save -> load onto a fresh base gives identical logits;
+plain peft (``PeftModel.from_pretrained``) loads the adapter and gives identical logits. A method
+that does not apply is refused in one line naming the method, the model type and what peft said,
+and must be one the table below expects. In-process, tiny models (32 wide), 1 step, batch 2,
+length 8.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+from peftkit import registry
+from peftkit.adapter_io import read_metadata, save_adapter
+from peftkit.config import RunConfig
+from peftkit.errors import PeftkitError
+from peftkit.loop import make_accelerator, torch_param_groups, train_step
+from peftkit.strategies.base import TaskSpec, options_from_dict
+from peftkit.strategies.peft_methods import EXCLUDED, MethodRefused, method_names
+from peftkit.tasks import get_task
+
+from conftest import _build_tokenizer, _config
+
+SEQ_CLS = TaskSpec(num_labels=2, label_names=("neg", "pos"))
+SEQ_CLS_ARCHS = ("bert", "roberta", "distilbert", "gpt2", "llama")
+# RoBERTa is BERT with another head (peft's tables name the same targets): slow-marked, run with -m slow
+CASES = [
+    pytest.param(
+        "sequence-classification", arch, marks=[pytest.mark.slow] if arch == "roberta" else [], id=f"{arch}-cls"
+    )
+    for arch in SEQ_CLS_ARCHS
+] + [pytest.param("causal-lm", arch, id=f"{arch}-lm") for arch in ("gpt2", "llama")]
+METHODS = method_names()
+
+# Sizes of peft's defaults that do not fit a 32-wide model (they fit 256 wide and up): the tiny
+# models' own, so that the contract is checked on the method, not on a size peft refuses
+SMALL = {
+    "c3a": {"block_size": 8},
+    "miss": {"r": 8},
+    "shira": {"r": 4},
+    "road": {"group_size": 8},
+    "vblora": {"vector_length": 8},
+    "waveft": {"n_frequency": 100},
+    "prompt_tuning": {"num_virtual_tokens": 4},
+    "p_tuning": {"num_virtual_tokens": 4},
+    "cartridge": {"num_virtual_tokens": 4},
+}
+
+# (method, architecture[, task]) peft refuses, with a word of what it says: any other refusal fails
+CONV1D_REFUSED = "adamss beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning"
+REFUSED = {
+    **{(m, "gpt2"): "Conv1D" for m in CONV1D_REFUSED.split()},  # GPT-2's transposed linear layers
+    ("osf", "gpt2"): "nothing to adapt",
+    ("cartridge", "distilbert"): "past key values",
+    # LLaMA-Adapter: peft's config cannot save a new head
+    **{("adaption_prompt", a, "sequence-classification"): "no modules_to_save" for a in SEQ_CLS_ARCHS},
+    **{("shadow", a): "decoder layers" for a in ("bert", "roberta", "distilbert")},
+}
+
+
+def _base(task: str, arch: str) -> torch.nn.Module:
+    """A tiny model for ``task`` (random weights, seed 0, no dropout: two forwards must agree)."""
+    tok = _build_tokenizer()
+    config = _config(arch, len(tok), tok.pad_token_id)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "dropout", "attention_dropout"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+    set_seed(0)
+    if task == "causal-lm":
+        config.tie_word_embeddings = True
+        return AutoModelForCausalLM.from_config(config)
+    config.num_labels = 2
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _batch(task: str, vocab: int) -> dict[str, torch.Tensor]:
+    """Batch 2, length 8; the second row padded on the left (as peftkit's causal-LM collate pads)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    if task == "sequence-classification":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    labels = ids.clone()
+    labels[:, :5] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "logits_to_keep": 4,
+        "use_cache": False,
+    }
+
+
+def _spec(task: str, model: torch.nn.Module) -> TaskSpec:
+    return SEQ_CLS if task == "sequence-classification" else get_task("causal-lm").plan_spec(model, 0)
+
+
+def _strategy(method: str):
+    cls = registry.get_strategy(f"peft:{method}")
+    return cls(options_from_dict(cls, SMALL.get(method, {})))
+
+
+@functools.cache
+def _accelerator():
+    return make_accelerator(RunConfig(), None)[0]
+
+
+def _logits(strategy, model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return strategy.forward(model, {k: v for k, v in batch.items() if k != "labels"})
+
+
+@pytest.mark.parametrize("task,arch", CASES)
+@pytest.mark.parametrize("method", METHODS)
+def test_peft_method_contract(method: str, task: str, arch: str, tmp_path) -> None:
+    from peft import PeftModel
+
+    base = _base(task, arch)
+    pristine = copy.deepcopy(base)
+    strategy = _strategy(method)
+    spec = _spec(task, base)
+    refused = REFUSED.get((method, arch, task)) or REFUSED.get((method, arch))
+    try:
+        model = strategy.prepare(base, spec)
+    except MethodRefused as exc:
+        assert refused is not None and refused in exc.said, f"peft:{method} on {arch}: {exc}"
+        assert str(exc).startswith(f"strategy 'peft:{method}' does not apply to model type '{arch}' ({task}): ")
+        assert "\n" not in str(exc)
+        return
+    assert refused is None, f"peft:{method} on {arch} ({task}) is no longer refused: update REFUSED"
+
+    # one step of the loop's own training step, the strategy's hooks included
+    declared = strategy.trainable_parameters(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    accelerator = _accelerator()
+    opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), 1e-2, 0.0), lr=1e-2)
+    batch = _batch(task, base.config.vocab_size)
+    step_loss = get_task(task).step_loss(strategy, model)
+    model.train()
+    train_step(
+        accelerator, model, opt, strategy, step_loss, batch, step=0, total_steps=1, warmup_steps=0, max_grad_norm=1.0
+    )
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= set(declared), f"undeclared parameters changed: {sorted(changed - set(declared))[:3]}"
+    heads = spec.heads(pristine)
+    method_params = {n for n in changed if not any(f".{h}." in f".{n}" for h in heads)}
+    assert method_params, f"peft:{method} on {arch}: nothing but the head changed"
+    assert not heads or changed - method_params, f"peft:{method} on {arch}: the head did not train"
+
+    # save -> load onto a fresh copy of the base: identical logits; nothing else in the directory
+    directory = str(tmp_path / "adapter")
+    save_adapter(directory, strategy, model, {"strategy": strategy.name})
+    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors", "peftkit_adapter.json"]
+    expected = _logits(strategy, model, batch)
+    cls = type(strategy)  # the options as loading reads them back: from the adapter's metadata
+    again = cls(options_from_dict(cls, read_metadata(directory)["strategy_options"]))
+    fresh = again.prepare(copy.deepcopy(pristine), _spec(task, pristine))
+    again.load_adapter(fresh, directory, read_metadata(directory))
+    torch.testing.assert_close(_logits(again, fresh, batch), expected, rtol=0, atol=0)
+
+    # plain peft loads it onto the base and computes the same
+    plain = PeftModel.from_pretrained(copy.deepcopy(pristine), directory)
+    torch.testing.assert_close(_logits(again, plain, batch), expected, rtol=0, atol=0)
+
+
+def test_every_method_s_options_go_to_config_yaml_and_back() -> None:
+    """A run writes its options to config.yaml and the adapter's metadata (JSON); both read back."""
+    import yaml
+
+    from peftkit.strategies.base import options_to_dict
+
+    for method in METHODS:
+        cls = registry.get_strategy(f"peft:{method}")
+        written = options_to_dict(cls().options)
+        assert options_to_dict(options_from_dict(cls, yaml.safe_load(yaml.safe_dump(written)))) == written, method
+        assert options_to_dict(options_from_dict(cls, json.loads(json.dumps(written)))) == written, method
+
+
+@pytest.mark.parametrize("method", sorted(EXCLUDED))
+def test_excluded_methods_are_refused_with_the_reason(method: str) -> None:
+    with pytest.raises(PeftkitError, match=rf"strategy 'peft:{method}' is not offered: .+"):
+        registry.get_strategy(f"peft:{method}")
+
+
+def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tmp_path) -> None:
+    """Over a short run the hook sets the run's length as total_step and prunes ranks (their
+    singular values masked to zero); the adapter, saved without the rank pattern, loads in
+    peftkit and in plain peft to the very logits the trained model gives."""
+    from peft import PeftModel
+
+    base = _base("sequence-classification", "llama")
+    pristine = copy.deepcopy(base)
+    cls = registry.get_strategy("peft:adalora")
+    strategy = cls(options_from_dict(cls, {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}))
+    model = strategy.prepare(base, SEQ_CLS)
+    opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), 1e-2, 0.0), lr=1e-2)
+    batch = _batch("sequence-classification", base.config.vocab_size)
+    step_loss = get_task("sequence-classification").step_loss(strategy, model)
+    model.train()
+    for step in range(8):
+        train_step(
+            _accelerator(),
+            model,
+            opt,
+            strategy,
+            step_loss,
+            batch,
+            step=step,
+            total_steps=8,
+            warmup_steps=0,
+            max_grad_norm=1.0,
+        )
+    config = model.peft_config["default"]
+    assert config.total_step == 8 and config.rank_pattern, "no rank was allocated"
+    kept = [sum(bits) for bits in config.rank_pattern.values()]
+    assert min(kept) < 6, f"no rank was pruned: {kept}"
+
+    directory = str(tmp_path / "adapter")
+    save_adapter(directory, strategy, model, {"strategy": strategy.name})
+    expected = _logits(strategy, model, batch)
+    again = cls(options_from_dict(cls, {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}))
+    fresh = again.prepare(copy.deepcopy(pristine), SEQ_CLS)
+    again.load_adapter(fresh, directory, {})
+    torch.testing.assert_close(_logits(again, fresh, batch), expected, rtol=0, atol=0)
+    plain = PeftModel.from_pretrained(copy.deepcopy(pristine), directory)
+    torch.testing.assert_close(_logits(again, plain, batch), expected, rtol=0, atol=0)
+
+
+def test_adalora_trains_with_peft_s_orthogonality_penalty() -> None:
+    """The loop adds ``extra_loss`` to the task's loss: for AdaLoRA, the very penalty peft adds to
+    a loss the model computes itself (labels given to it)."""
+    import torch.nn.functional as F
+
+    cls = registry.get_strategy("peft:adalora")
+    strategy = cls(options_from_dict(cls, {"orth_reg_weight": 0.5}))
+    model = strategy.prepare(_base("sequence-classification", "bert"), SEQ_CLS).train()
+    batch = _batch("sequence-classification", model.config.vocab_size)
+    with torch.no_grad():
+        peft_loss = model(**batch).loss
+        ours = F.cross_entropy(strategy.forward(model, batch), batch["labels"]) + strategy.extra_loss(model)
+    torch.testing.assert_close(ours, peft_loss)
+    assert strategy.extra_loss(model.eval()) is None and registry.get_strategy("lora")().extra_loss(model) is None
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_run_with_a_peft_method_from_the_command_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    """`peftkit run --strategy peft:ia3` end to end: options from --set, peft's files, and the
+    adapter loads in peftkit (predict) and in plain peft with the same probabilities."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from peftkit.inference import load_adapter, predict_texts
+
+    out = str(tmp_path / "run")
+    args = ["run", "-s", "peft:ia3", "--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--output-dir", out]
+    code, _, stderr = run_cli(
+        *args, "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--set", "init_ia3_weights=true"
+    )
+    assert code == 0, stderr
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["strategy"] == "peft:ia3" and 0 < metrics["trainable_params"] < metrics["total_params"]
+    adapter = os.path.join(out, "adapter")
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert config["peft_type"] == "IA3" and "classifier" in config["modules_to_save"]
+    assert sorted(config["target_modules"]) == ["key", "output.dense", "value"]  # peft's table for BERT
+    texts = ["a good and charming film", "dull boring plot"]
+    ours = torch.tensor([r["probabilities"] for r in predict_texts(load_adapter(adapter), texts)])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("bert"))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir("bert"), num_labels=2)
+    plain = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        theirs = torch.softmax(
+            plain(**tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")).logits, -1
+        )
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+
+
+def test_a_method_that_does_not_apply_is_one_line_and_writes_nothing(
+    run_cli, tiny_model_dir, tiny_csv, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "run",
+        "-s",
+        "peft:loha",
+        "--model",
+        tiny_model_dir("gpt2"),
+        "--dataset",
+        tiny_csv,
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+    )
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert "strategy 'peft:loha' does not apply to model type 'gpt2' (sequence-classification): " in errors[0]
+    assert "Conv1D" in errors[0]
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_bad_options_and_names_are_one_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
+    common = ("--model", tiny_model_dir("bert"), "--dataset", tiny_csv, "--output-dir", str(tmp_path / "r"))
+    code, _, stderr = run_cli("run", "-s", "peft:loha", *common, "--set", "alph=4")
+    assert code == 2 and "unknown option 'alph' (did you mean 'alpha'?) for strategy 'peft:loha'; accepted: " in stderr
+    code, _, stderr = run_cli(
+        "run", "-s", "peft:boft", *common, "--set", "boft_block_size=4", "--set", "boft_block_num=4"
+    )
+    assert code == 2 and "strategy 'peft:boft': " in stderr and "boft_block_size" in stderr  # peft's own check
+    code, _, stderr = run_cli("run", "-s", "peft:iaa3", *common)
+    assert code == 2 and "unknown strategy 'peft:iaa3' (did you mean 'peft:ia3'?)" in stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_takes_peft_methods_beside_the_others() -> None:
+    from peftkit.benchmark.config import parse_strategies
+
+    assert parse_strategies("lora,peft:ia3,peft:LoHa,peft:ia3") == ["lora", "peft:ia3", "peft:loha"]
+    with pytest.raises(PeftkitError, match="strategy 'peft:lora' is not offered"):
+        parse_strategies("lora,peft:lora")
+
+
+def test_survey_builds_each_method_once_and_caches_it(monkeypatch, tmp_path) -> None:
+    """The dry build behind `peftkit list --peft`, on two methods and two architectures: where each
+    runs, peft's one line where not, cached per peft and transformers version."""
+    from peftkit.strategies import peft_methods
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(peft_methods, "method_names", lambda: ["ia3", "loha"])
+    monkeypatch.setattr(
+        peft_methods, "SURVEY_TASKS", {"sequence-classification": ("bert", "gpt2"), "causal-lm": ("gpt2",)}
+    )
+    assert peft_methods.cached_survey() is None
+    found = peft_methods.survey()
+    assert found["methods"]["ia3"] == {
+        "runs": {"sequence-classification": ["bert", "gpt2"], "causal-lm": ["gpt2"]},
+        "refused": {},
+    }
+    loha = found["methods"]["loha"]
+    assert loha["runs"] == {"sequence-classification": ["bert"], "causal-lm": []}
+    said = loha["refused"]["causal-lm"]["gpt2"]
+    assert "Conv1D" in said and "\n" not in said and loha["refused"]["sequence-classification"]["gpt2"] == said
+    assert os.path.dirname(peft_methods.survey_path()) == str(tmp_path / "peft-methods")
+    monkeypatch.setattr(peft_methods, "_survey_methods", lambda: pytest.fail("the cache was not used"))
+    assert peft_methods.survey() == found == peft_methods.cached_survey()
+
+
+def test_list_shows_the_cached_survey_without_torch(tmp_path) -> None:
+    """`peftkit list` shows where each method runs from the cache, and says how to get it without one."""
+    import subprocess
+    import sys
+
+    from peftkit.strategies import peft_methods
+
+    env = {**os.environ, "PEFTKIT_CACHE": str(tmp_path)}
+    code = (
+        "import sys\nfrom peftkit.cli import main\ntry:\n    main(['list'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "peft:NAME" in shown.stdout and "`peftkit list --peft`" in shown.stdout
+    survey = {
+        "peft": "0.21.2",
+        "transformers": "5.23.0",
+        "methods": {
+            "loha": {
+                "runs": {"sequence-classification": ["bert"], "causal-lm": []},
+                "refused": {"causal-lm": {"gpt2": "Conv1D is not supported"}},
+            }
+        },
+        "not_offered": {"xlora": "mixes trained adapters"},
+    }
+    path = peft_methods.survey_path().replace(peft_methods.cache_dir(), str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as fh:
+        json.dump(survey, fh)
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "peft:loha  sequence-classification: bert" in shown.stdout
+    assert "not causal-lm: gpt2 (Conv1D is not supported)" in shown.stdout
+    assert "not offered: peft:xlora: mixes trained adapters" in shown.stdout
+
+
+def test_a_run_directory_of_a_family_strategy_has_no_colon() -> None:
+    from peftkit.config import default_output_dir
+
+    assert default_output_dir("peft:ia3").startswith(os.path.join("runs", "peft-ia3-"))
