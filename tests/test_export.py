@@ -41,7 +41,7 @@ def _adapter(tiny_model_dir, directory, strategy: str, arch: str = "bert", **opt
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     model.eval()
-    path = str(directory / strategy)
+    path = str(directory / strategy.replace(":", "-"))
     peftkit.save_adapter(path, chosen, model, metadata={"max_length": 32})
     return path
 
@@ -60,6 +60,9 @@ def _probabilities(rows: list[dict]) -> list[list[float]]:
         ("prefix", "bert", {}),
         ("head_only", "bert", {"pooling": "mean"}),
         ("lora", "llama", {}),
+        ("peft:loha", "bert", {}),  # merged by peft's merge_and_unload, then exported as lora's
+        ("peft:ia3", "bert", {}),
+        ("peft:prompt_tuning", "bert", {"num_virtual_tokens": 4}),  # cannot merge: its prompt in the graph
     ],
 )
 def test_every_strategy_exports_what_pytorch_computes(

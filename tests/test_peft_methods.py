@@ -402,3 +402,36 @@ def test_a_run_directory_of_a_family_strategy_has_no_colon() -> None:
     from peftkit.config import default_output_dir
 
     assert default_output_dir("peft:ia3").startswith(os.path.join("runs", "peft-ia3-"))
+
+
+# -- merge ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ia3", "loha", "oft"])
+def test_a_merged_method_computes_what_its_adapter_computes(method: str) -> None:
+    """peft's merge folds the (moved) adapter and the trained head into a plain BERT classifier
+    whose logits equal the adapter's; what ``peftkit merge`` writes and ``export`` serves."""
+    base = _base("sequence-classification", "bert")
+    strategy = _strategy(method)
+    assert type(strategy).merges
+    model = strategy.prepare(base, _spec("sequence-classification", base))
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the identity each method starts at, so the merge has work to do
+        for p in strategy.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = _batch("sequence-classification", base.config.vocab_size)
+    expected = _logits(strategy, model, batch)
+    merged = strategy.merge(model)
+    assert type(merged) is type(base) and not any("default" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(strategy, merged, batch), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "shadow"])
+def test_a_method_that_cannot_merge_says_why_in_one_line(method: str) -> None:
+    cls = registry.get_strategy(f"peft:{method}")
+    assert not cls.merges
+    with pytest.raises(PeftkitError) as info:
+        cls().merge(torch.nn.Linear(1, 1))
+    message = str(info.value)
+    assert message.startswith(f"strategy 'peft:{method}' cannot be merged into a plain model: ")
+    assert "nothing to merge into them" in message and "modules of its own" not in message and "\n" not in message

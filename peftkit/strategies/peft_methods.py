@@ -126,6 +126,23 @@ _PEFT_CHOOSES_TARGETS = frozenset({"shadow", "adaption_prompt"})
 # Methods that hand the model a trained key/value prefix (``past_key_values``)
 _KV_PREFIX_METHODS = frozenset({"cartridge"})
 
+# Why a method's adapter cannot be folded into the base's weights (``peftkit merge``; the prompt
+# methods' reason is ``_PROMPT_NOT_MERGED``). Every other method merges through peft's
+# ``merge_and_unload``, checked on tiny BERT and Llama: the merged model's logits equal the
+# adapter's (within 2e-7)
+_NOT_MERGED = {
+    "adaption_prompt": "LLaMA-Adapter adds gated attention over learned adaption prompts, an input to "
+    "attention, not a change to the weights: there is nothing to merge into them",
+    "lily": "peft does not merge Lily (its low-rank adapters are shared across layers by a router): "
+    "'This method is not supported for Lily'",
+    "shadow": "ShadowPEFT's adaptation depends on the input (a trajectory through the layers), not a "
+    "static change to the weights: there is nothing to merge into them",
+}
+_PROMPT_NOT_MERGED = (
+    "a prompt method: what it trained (virtual tokens, a key/value prefix) is an input to the model, "
+    "not a change to its weights: there is nothing to merge into them"
+)
+
 # The dry build (``survey``): the architectures and tasks peftkit's tests cover, each model two blocks
 # deep and 256 wide, so that peft's default sizes fit (C3A's block_size 256, VB-LoRA's vector_length
 # 256, WaveFT's 2,592 frequencies, MiSS's r 64): a refusal is then about the architecture or the
@@ -348,6 +365,23 @@ class PeftMethod(PeftStrategy):
             raise self.refusal(model, task, f"{self.config_class.__name__} has no modules_to_save for the new head")
         return self.config_class(**kwargs, task_type=task.peft_task_type)
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The adapter folded into the base's weights by peft (``merge_and_unload``), the trained
+        head in place: a plain transformers model, as lora's. Refused in one line where the method
+        cannot merge, or peft refuses this model (BEFT's bias adapter on a base without biases)."""
+        why = _not_merged(self.method, self.config_class)
+        if why is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # peft's notes on merging (rounding) are not the user's
+                    return model.merge_and_unload()
+            except Exception as exc:  # noqa: BLE001 - peft refuses with ValueError, NotImplementedError...
+                why = f"peft could not merge it: {first_line(exc)}"
+        raise PeftkitError(
+            f"strategy {self.name!r} cannot be merged into a plain model: {why}; "
+            "ship its adapter with the base model instead"
+        )
+
     def refusal(self, model: nn.Module, task: TaskSpec, said: str) -> MethodRefused:
         """The one-line refusal of this method on ``model`` for ``task``, with peft's words."""
         model_type = getattr(model.config, "model_type", type(model).__name__)
@@ -493,6 +527,8 @@ def _strategy_class(method: str) -> type[PeftMethod]:
             "description": f"peft's {config_cls.__name__.removesuffix('Config')} via peft; the task's head trains too.",
             "Options": _options_class(method, config_cls),
             "defaults": DEFAULTS.get(method, LORA_LIKE),
+            # what ``peftkit merge`` and ``export`` read before loading anything: peft's own merge
+            "merges": _not_merged(method, config_cls) is None,
             "peft_type": method.upper(),
             "method": method,
             "config_class": config_cls,
@@ -500,6 +536,14 @@ def _strategy_class(method: str) -> type[PeftMethod]:
             "__module__": __name__,
         },
     )
+
+
+def _not_merged(method: str, config_cls: type) -> str | None:
+    """Why ``method`` can never be merged into a plain model (a prompt method, or one in
+    ``_NOT_MERGED``); None where peft merges it."""
+    from peft import PromptLearningConfig
+
+    return _PROMPT_NOT_MERGED if issubclass(config_cls, PromptLearningConfig) else _NOT_MERGED.get(method)
 
 
 def resolve(name: str) -> type[PeftMethod]:
