@@ -34,13 +34,20 @@ def _bitfit_from_repo() -> type:
     return module.BitFit
 
 
+# peft's methods, named explicitly (the registry resolves a ``peft:`` name when asked)
+PEFT_METHODS = ["peft:ia3", "peft:loha", "peft:oft", "peft:adalora", "peft:fourierft", "peft:prompt_tuning"]
+
+
 def _strategies() -> dict[str, type]:
     found = {n: c for n, c in registry.available().items() if n != "bitfit"}
     found["bitfit"] = _bitfit_from_repo()
+    found.update({n: registry.get_strategy(n) for n in PEFT_METHODS})
     return found
 
 
-@pytest.mark.parametrize("name", ["full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefix", "bitfit"])
+@pytest.mark.parametrize(
+    "name", ["full", "head_only", "gradual_unfreeze", "lora", "adapter", "prefix", "bitfit", *PEFT_METHODS]
+)
 def test_search_space_suggests_only_valid_settings(name: str) -> None:
     cls = _strategies()[name]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -68,13 +75,24 @@ def test_search_space_suggests_only_valid_settings(name: str) -> None:
         "prefix": {"num_virtual_tokens"},
         "gradual_unfreeze": {"unfreeze_every_steps", "lr_decay"},
         "head_only": {"pooling"},
+        "peft:loha": {"r"},  # each peft method's own size option, at half, once and twice its default
+        "peft:oft": {"oft_block_size"},
+        "peft:adalora": {"target_r"},
+        "peft:fourierft": {"n_frequency"},
+        "peft:prompt_tuning": {"num_virtual_tokens"},
     }.get(name, set())
     assert own <= set(seen), f"{name} searches {sorted(seen)}"
+    if name == "peft:loha":
+        assert seen["r"] == {4, 8, 16}
+    if name == "peft:ia3":  # no size option: the training settings alone
+        assert set(seen) == set(TUNED_SETTINGS)
     if name == "bitfit":
         assert 1e-4 <= low and high <= 1e-2
 
 
-@pytest.mark.parametrize("name", ["head_only", "lora", "adapter", "gradual_unfreeze", "prefix", "bitfit"])
+@pytest.mark.parametrize(
+    "name", ["head_only", "lora", "adapter", "gradual_unfreeze", "prefix", "bitfit", *PEFT_METHODS]
+)
 def test_trial_zero_is_the_defaults(name: str) -> None:
     cls = _strategies()[name]
     point = default_point(cls)

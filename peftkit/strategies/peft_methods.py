@@ -97,6 +97,26 @@ DEFAULTS: dict[str, TrainingDefaults] = {
     "osf": TrainingDefaults(lr=2e-4, epochs=1, batch_size=32),
 }
 
+# ``peftkit tune``: the option that sizes each method, where it is not ``r`` (a method with neither
+# searches the training settings alone: IA3, LN tuning, BEFT, OSF...); searched at half, once and
+# twice its default (capacity moves by factors; powers of two keep dividing the layers' widths)
+_SIZE_OPTION = {
+    "oft": "oft_block_size",  # OFT's r is 0 (sized by its blocks)
+    "boft": "boft_block_size",
+    "fourierft": "n_frequency",
+    "waveft": "n_frequency",
+    "road": "group_size",
+    "c3a": "block_size",
+    "adalora": "target_r",  # AdaLoRA's r is unused: it prunes from init_r down to target_r
+    "prompt_tuning": "num_virtual_tokens",
+    "p_tuning": "num_virtual_tokens",
+    "cartridge": "num_virtual_tokens",
+    "adaption_prompt": "adapter_len",
+}
+# where twice the default is not valid: AdaLoRA's target_r stays under its init_r (12); C3A's block
+# (256) must divide the widths, which 512 does not in a 768-wide model
+_SIZE_CHOICES = {"adalora": (4, 8, 12), "c3a": (64, 128, 256)}
+
 # Fields of peft's configs that peftkit sets itself (or peft reads from the model), never options
 _MANAGED = frozenset(
     {
@@ -346,6 +366,18 @@ class PeftMethod(PeftStrategy):
             values["target_modules"] = sorted(values["target_modules"])
         return cls.Options(**values)
 
+    @classmethod
+    def search_space(cls, trial: Any, defaults: TrainingDefaults) -> dict[str, Any]:
+        """The training settings (the learning rate a decade either side of this method's default,
+        ``Strategy.training_space``) and the method's own size option, where it has one
+        (``_SIZE_OPTION``, else ``r``): half, once and twice its default."""
+        space = cls.training_space(trial, defaults)
+        sized = _size_choices(cls.method, cls.Options)
+        if sized is not None:
+            name, choices = sized
+            space[name] = trial.suggest_categorical(name, list(choices))
+        return space
+
     def peft_config(self, model: nn.Module, task: TaskSpec) -> Any:
         """peft's config for ``model``: the options, the task, the head, the targets (where the
         options name none) and the sizes peft cannot read from every model's config."""
@@ -425,6 +457,17 @@ class PeftMethod(PeftStrategy):
         if isinstance(config, PromptLearningConfig):
             config.inference_mode = True
         super().load_adapter(model, directory, metadata)
+
+
+def _size_choices(method: str, options: type) -> tuple[str, tuple[int, ...]] | None:
+    """The option that sizes ``method`` and the values a tune tries (its default among them); None
+    where the method has none, or its default is not a positive integer (peft derives it)."""
+    name = _SIZE_OPTION.get(method, "r")
+    default = {f.name: f.default for f in dataclasses.fields(options)}.get(name)
+    if not isinstance(default, int) or isinstance(default, bool) or default < 1:
+        return None
+    choices = _SIZE_CHOICES.get(method) or tuple(sorted({max(1, default // 2), default, default * 2}))
+    return name, choices
 
 
 def _takes_past_key_values(model: nn.Module) -> bool:
