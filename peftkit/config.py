@@ -315,13 +315,18 @@ def build_run_config(config_file: str | None, flags: dict[str, Any], set_options
     return cfg
 
 
+def path_name(strategy: str) -> str:
+    """``strategy`` as a file or directory name: a family's ``:`` becomes ``-`` (``peft-ia3``), as
+    paths with a colon read as lists (PATH) or hosts (scp)."""
+    return strategy.replace(":", "-")
+
+
 def default_output_dir(strategy: str) -> str:
-    """``runs/<strategy>-<timestamp>``, with ``-2``, ``-3`` ... after it when a run (finished or
-    staged) already has that name: two runs started in the same second get a directory each. A
-    family's ``:`` becomes ``-`` (``runs/peft-ia3-...``): paths with a colon read as lists (PATH)
-    or hosts (scp)."""
+    """``runs/<strategy>-<timestamp>`` (``path_name``: ``runs/peft-ia3-...``), with ``-2``, ``-3``
+    ... after it when a run (finished or staged) already has that name: two runs started in the
+    same second get a directory each."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join("runs", f"{strategy.replace(':', '-')}-{stamp}")
+    base = os.path.join("runs", f"{path_name(strategy)}-{stamp}")
     path, n = base, 1
     while os.path.exists(path) or os.path.exists(stage_path(path)):
         n += 1

@@ -281,11 +281,11 @@ def _bench_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
 def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "bench"
     code, stdout, stderr = run_cli(
-        *_bench_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategies", "lora,head_only")
+        *_bench_args(tiny_model_dir("bert"), tiny_csv, str(out), "--strategies", "lora,peft:ia3")
     )
     assert code == 0, stderr
     results = json.load(open(out / "results.json"))
-    assert [(r["strategy"], r["status"]) for r in results["rows"]] == [("lora", "ok"), ("head_only", "ok")]
+    assert [(r["strategy"], r["status"]) for r in results["rows"]] == [("lora", "ok"), ("peft:ia3", "ok")]
     # the guessed columns are said once and recorded, for the suite and each of its runs
     assert (
         stderr.count("text column 'text', label column 'label' (guessed; --text-column/--label-column to choose)") == 1
@@ -294,16 +294,16 @@ def test_bench_end_to_end(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     for row in results["rows"]:
         assert row["batch_size"] == 8 and row["grad_accumulation"] == 1 and len(row["history"]) == 2
         assert row["peak_memory_bytes"] > row["memory_loaded_bytes"] * 0.9 > 0
-        assert os.path.isfile(out / row["run_dir"] / "metrics.json")
+        assert ":" not in row["run_dir"] and os.path.isfile(out / row["run_dir"] / "metrics.json")
         assert os.path.isdir(out / row["run_dir"] / "adapter")
         assert yaml.safe_load(open(out / row["run_dir"] / "config.yaml"))["text_column"] == "text"
-    assert results["command"].startswith("peftkit bench --strategies lora,head_only")
+    assert results["command"].startswith("peftkit bench --strategies lora,peft:ia3")
     # tiny_csv is half pos, half neg: a stratified test split of 20 is a tie, broken to the first label
     assert results["baseline"]["predicts"] == "neg" and results["baseline"]["accuracy"] == 0.5
     assert "| `lora`" in stdout and "results.md" in stdout and "Baseline, majority class (always `neg`" in stdout
     # each run said which of the 20 test examples it got right: the two are paired on them
     assert all(len(r["per_example_correct"]) == 20 for r in results["rows"])
-    other = next(n for n in ("lora", "head_only") if n != results["comparison"]["best"])
+    other = next(n for n in ("lora", "peft:ia3") if n != results["comparison"]["best"])
     assert results["comparison"]["strategies"][other]["examples"] == 20
     assert "One seed: the ranking carries no interval across seeds" in stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging directory left
@@ -810,3 +810,12 @@ def test_bench_tune_bad_input_is_one_line_and_writes_nothing(args, message, run_
     code, _, stderr = run_cli("bench", "--output-dir", str(out), "--strategies", "lora", *args)
     assert code == 2 and stderr.count("\n") == 1 and message in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_a_peft_method_s_runs_have_no_colon_in_their_path(tmp_path) -> None:
+    """``peft:ia3``'s bench runs and logs are named ``peft-ia3``, as run's default output directory."""
+    assert parse_strategies("lora,peft:ia3") == ["lora", "peft:ia3"]
+    assert not any(s.startswith("peft:") for s in parse_strategies("all"))  # named one by one
+    bench = BenchConfig(strategies=["peft:ia3"], batch_size=8)
+    row = bench_one(bench, "peft:ia3", 0, str(tmp_path), (0, 8), FakeRunner({"peft:ia3": 8}), lambda m: None)
+    assert row["status"] == "ok" and row["run_dir"] == os.path.join("runs", "peft-ia3-seed0")

@@ -111,7 +111,8 @@ class BenchConfig(DataSettings):
 
 
 def parse_strategies(text: str) -> list[str]:
-    """``all`` -> every registered strategy; ``a,b`` -> those (aliases allowed), checked, in order."""
+    """``all`` -> every registered strategy (not peft's ``peft:`` methods, 38 of them: named one by
+    one); ``a,b`` -> those (aliases and ``peft:NAME`` allowed), checked, in order."""
     if text.strip().lower() == "all":
         return list(registry.available())
     names: list[str] = []

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Levers
+from ..config import Levers, path_name
 from ..errors import PeftkitError
 from ..levers import check_levers
 from ..memory import format_size, parse_size
@@ -111,7 +111,8 @@ def bench_one(
     except the very last one, which is always tried so that "does not fit" is measured.
     ``settings``: the strategy's tuned configuration (its runs and logs named ``<strategy>-tuned``);
     ``named``: what its runs and logs are named instead (``<strategy>-n<size>``)."""
-    named = named or (f"{strategy}-tuned" if settings is not None else strategy)
+    # runs and logs by the strategy's path name: ``peft:ia3``'s under runs/peft-ia3-seed0
+    named = named or (f"{path_name(strategy)}-tuned" if settings is not None else path_name(strategy))
     run_dir = os.path.join(stage, "runs", f"{named}-seed{seed}")
     tried: list[dict[str, Any]] = []
     row: dict[str, Any] = {"strategy": strategy, "seed": seed, "status": "does not fit", "error": None}

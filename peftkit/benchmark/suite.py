@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..config import path_name
 from ..durations import format_duration, format_seconds
 from ..files import write_json
 from ..memory import format_size
@@ -148,7 +149,7 @@ def _run_rows(
                 echo,
                 predict,
                 settings=settings,
-                named=f"{strategy}-n{size}" if size else None,
+                named=f"{path_name(strategy)}-n{size}" if size else None,
             )
         row = _tagged(row, strategy, seed, conf, size)
         if row["status"] == "ok":

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..config import path_name
 from ..errors import PeftkitError, RunInterrupted
 from ..strategies.base import TUNED_SETTINGS
 from ..tuning.config import STUDY_FILE, TuneConfig, plan_tune
@@ -64,7 +65,7 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
         echo(f"tuning {strategy}: {line.removeprefix('tune: ')}")
 
     run = config.run_config(strategy, config.seeds[0], config.batch_size, "unused")
-    folder = os.path.join("tuning", strategy)
+    folder = os.path.join("tuning", path_name(strategy))
     tc = TuneConfig(
         run=run,
         trials=config.tune or 1,
@@ -92,7 +93,7 @@ def _tune_one(config: BenchConfig, strategy: str, stage: str, echo: Echo) -> tup
     settings = {k: getattr(best, k) for k in TUNED_SETTINGS} | dict(best.strategy_options)
     # the reports name the study where it ends up, not the staging directory it was made in
     shown = plan if config.tune_storage else dataclasses.replace(plan, storage=f"sqlite:///{folder}/{STUDY_FILE}")
-    write_reports(plan.output_dir, shown, study, best, {"bench_rows": f"runs/{strategy}-tuned-seedN"})
+    write_reports(plan.output_dir, shown, study, best, {"bench_rows": f"runs/{path_name(strategy)}-tuned-seedN"})
     # the finished defaults trial (an interrupted one was queued again, and failed trials have no value)
     defaults = next((t.value for t in study.trials if t.user_attrs.get("defaults") and t.value is not None), None)
     said(

@@ -278,7 +278,7 @@ vary(
     help="Start afresh: replace the output directory, and a study of that name made for "
     "another strategy, model, dataset or metric.",
 )
-vary("plan:strategies", help="'all' or names: lora,full,head_only.")
+vary("plan:strategies", help="'all' or names: lora,full,head_only,peft:ia3 (peft's methods by name).")
 vary("plan:batch_size", default=32, help="Micro-batch size. Default: 32.")
 vary("plan:memory_budget", help="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does.")
 vary("plan:json", help="Print the estimates as JSON.")

@@ -12,7 +12,8 @@ declare(
     default=REQUIRED,
     cli_default="all",
     show_default=True,
-    help="'all' (every registered strategy, plugins included) or names: lora,full,head_only.",
+    help="'all' (every registered strategy, plugins included) or names: lora,full,head_only. "
+    "peft's methods are named one by one: lora,peft:ia3,peft:loha (`peftkit list --peft`).",
 )
 declare(
     "task",
