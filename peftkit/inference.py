@@ -19,7 +19,7 @@ from .adapter_io import (
 from .errors import PeftkitError, set_context
 from .fingerprint import cached_backbone_digests, fingerprint
 from .predict_io import GenerationOptions
-from .registry import available, get_strategy
+from .registry import available, get_strategy, strategy_families
 from .strategies.base import options_from_dict, options_to_dict
 from .tasks import TaskData, declared_task, get_task
 
@@ -57,11 +57,13 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
             f"{directory!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
         )
     peft_type = config.get("peft_type")
-    matches = [cls for cls in available().values() if getattr(cls, "peft_type", None) == peft_type]
-    if not matches:
+    cls = _strategy_of_peft_type(str(peft_type))
+    if cls is None:
         kinds = sorted({c.peft_type for c in available().values() if getattr(c, "peft_type", None)})
+        families = ", ".join(f"{p}NAME ({f.description})" for p, f in strategy_families().items())
         raise PeftkitError(
             f"peft adapter type {peft_type!r} in {directory!r} is not supported; supported: {', '.join(kinds)}"
+            + (f", and the families' {families}" if families else "")
         )
     if config.get("task_type") not in (None, "SEQ_CLS"):
         raise PeftkitError(
@@ -80,7 +82,6 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
     if not heads:
         raise PeftkitError(f"plain peft adapter {directory!r} holds no classification head; cannot tell the labels")
     num_labels = min(int(t.shape[0]) for t in heads)  # the output layer is the narrowest head matrix
-    cls = matches[0]
     return {
         "strategy": cls.name,
         "strategy_options": options_to_dict(cls.options_from_peft_config(config)),
@@ -88,6 +89,23 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
         "label_names": [str(i) for i in range(num_labels)],
         "format": "peft",
     }
+
+
+def _strategy_of_peft_type(peft_type: str) -> Any | None:
+    """The strategy that writes peft adapters of ``peft_type``: a registered one (``lora`` for
+    ``LORA``), else a family's member of that name in lower case whose ``peft_type`` it is (``IA3``
+    -> ``peft:ia3``): a family resolves its names only when asked, so ``available`` lacks them."""
+    for cls in available().values():
+        if getattr(cls, "peft_type", None) == peft_type:
+            return cls
+    for prefix in strategy_families():
+        try:
+            member = get_strategy(prefix + peft_type.lower())
+        except PeftkitError:  # not one of this family's names (or one it does not offer)
+            continue
+        if getattr(member, "peft_type", None) == peft_type:
+            return member
+    return None
 
 
 def check_model_task(task: Any, model: str, adapter_dir: str, trained_on: str) -> None:

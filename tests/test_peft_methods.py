@@ -435,3 +435,45 @@ def test_a_method_that_cannot_merge_says_why_in_one_line(method: str) -> None:
     message = str(info.value)
     assert message.startswith(f"strategy 'peft:{method}' cannot be merged into a plain model: ")
     assert "nothing to merge into them" in message and "modules of its own" not in message and "\n" not in message
+
+
+# -- a plain peft adapter directory -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ia3", "loha"])
+def test_predict_and_inspect_take_a_plain_peft_adapter_of_a_method(method: str, tiny_model_dir, tmp_path) -> None:
+    """An adapter peft wrote itself (no peftkit metadata) is matched to ``peft:NAME`` by its
+    ``peft_type`` and predicts what peft's own model computes."""
+    from peft import PeftModel, get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from transformers import AutoTokenizer
+
+    from peftkit.adapter_io import describe_adapter
+    from peftkit.inference import load_adapter, predict_texts
+
+    base_dir = tiny_model_dir("bert")
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[method.upper()]
+    targets = {"target_modules": ["query", "value"]} | ({"feedforward_modules": []} if method == "ia3" else {})
+    model = get_peft_model(base, config_cls(task_type="SEQ_CLS", **targets))
+    with torch.no_grad():  # off the identity each starts at: the adapter must change the answers
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    directory = str(tmp_path / "plain")
+    model.save_pretrained(directory)
+    assert not os.path.exists(os.path.join(directory, "peftkit_adapter.json"))
+
+    texts = ["a good and charming film", "dull boring plot"]
+    loaded = load_adapter(directory, model=base_dir)
+    assert loaded.metadata["strategy"] == f"peft:{method}"
+    ours = torch.tensor([r["probabilities"] for r in predict_texts(loaded, texts)])
+    plain = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2), directory
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    with torch.no_grad():
+        theirs = torch.softmax(plain(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert describe_adapter(directory)["peft_type"] == method.upper()
