@@ -350,3 +350,26 @@ def test_measured_steps_stop_once_the_peak_settles() -> None:
     assert not any(_settled(flat[:n]) for n in range(1, len(flat))) and _settled(flat)
     creeping = [61, 90, 90, 99, 111, 123, 145, 166, 166, 173, 182]  # head_only's heap keeps growing
     assert not any(_settled(creeping[:n]) for n in range(1, len(creeping) + 1))
+
+
+def test_plan_gives_a_row_for_peft_methods(run_cli, tiny_model_dir, monkeypatch) -> None:
+    """``peft:`` methods are planned as the others, from a measured step that runs the strategy's
+    hooks as a run does (AdaLoRA's ``extra_loss`` and ``after_optimizer_step``)."""
+    from peftkit.strategies.peft_methods import AdaLoraMethod
+
+    called: list[str] = []
+    hook = AdaLoraMethod.after_optimizer_step
+    monkeypatch.setattr(
+        AdaLoraMethod, "after_optimizer_step", lambda self, *a: (called.append("step"), hook(self, *a))[1]
+    )
+    args = ["--batch-size", "8", "--max-length", "16", "--memory-budget", "4GiB", "--json"]
+    code, out, err = run_cli(
+        "plan", "--model", tiny_model_dir("bert"), "--strategies", "lora,peft:ia3,peft:adalora", *args
+    )
+    assert code == 0, err
+    rows = {e["strategy"]: e for e in json.loads(out)["estimates"]}
+    assert set(rows) == {"lora", "peft:ia3", "peft:adalora"}
+    for e in rows.values():
+        assert e["status"] == "ok" and e["total"] > 0 and e["max_batch_size"] > 8
+    assert rows["peft:ia3"]["optimizer"] < rows["lora"]["optimizer"]  # IA3 trains a vector per layer
+    assert called  # the measured steps ran AdaLoRA's hook

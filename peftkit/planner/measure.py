@@ -28,6 +28,10 @@ DIRECT_MAX_PARAMS = 150_000_000
 # 1 MiB of a 580 MiB peak; a peak still creeping up keeps all 12).
 MAX_STEPS = 12
 SETTLE_STEPS = 4
+# The run length the measured steps tell ``Strategy.after_optimizer_step``: the planner does not know
+# the run's, and its steps are the first of a run much longer than they are (AdaLoRA's schedule then
+# keeps its starting budget, as a run's first steps do)
+NOMINAL_RUN_STEPS = 10_000
 SETTLE_TOLERANCE = 0.01
 
 
@@ -61,11 +65,14 @@ def saved_activation_bytes(model: Any, forward: Any, precision: str) -> int:
 
 def _loss_of(strategy: Any, model: Any, batch: dict[str, Any], task: Any, loss: str | None) -> Any:
     """A no-argument function computing the training loss of ``batch``: what a run's step computes
-    (``Task.step_loss``, the chunked loss included)."""
+    (``Task.step_loss``, the chunked loss included, plus the strategy's ``extra_loss``, whose
+    graph AdaLoRA's orthogonality penalty adds to)."""
     step_loss = _task(task).step_loss(strategy, model, loss)
 
     def forward() -> Any:
-        return step_loss(model, batch)
+        value = step_loss(model, batch)
+        extra = strategy.extra_loss(model)
+        return value if extra is None else value + extra
 
     return forward
 
@@ -200,6 +207,9 @@ def measure_step_increase(
             loss = _loss_of(strategy, model, batch, task, settings.levers.loss)()
         loss.backward()
         optimizer.step()
+        # as the loop does, while the gradients are there: what the method keeps per step (AdaLoRA's
+        # importance scores) is measured too; the first steps of a long run, as these steps are
+        strategy.after_optimizer_step(model, len(peaks) + 1, NOMINAL_RUN_STEPS)
         optimizer.zero_grad(set_to_none=True)
         peaks.append(meter.peak() - before)
         if _settled(peaks):
