@@ -189,14 +189,15 @@ HELP["merge"] = """Merge an adapter into its base and write a standard transform
 The result (safetensors + tokenizer or image processor) loads with the task's AutoModelFor...
 class (sequence or image classification, causal LM) and predicts like base + adapter. Works for
 lora (weights folded in), full and
-gradual_unfreeze; strategies that add modules of their own (head_only, adapter, prefix) cannot be merged.
+gradual_unfreeze, and peft:NAME methods peft merges (ia3, loha, oft, ...); strategies that add modules
+of their own (head_only, adapter, prefix) and prompt methods (peft:prompt_tuning) cannot be merged.
 """
 
 HELP["export"] = """Export an adapter on its base as a model that serves without PyTorch: ONNX (classifiers) or
 GGUF (language models), checked against PyTorch before anything is written.
 
 \b
-Merged into the base where the strategy merges (lora, full, gradual_unfreeze); the adapter's
+Merged into the base where the strategy merges (lora, full, gradual_unfreeze, most peft:NAME); the adapter's
 own modules in the graph otherwise (adapter, prefix, head_only). The graph takes the
 tokenizer's outputs (input_ids, attention_mask, ...; images: pixel_values), batch and sequence
 dynamic, and gives the label probabilities. Beside model.onnx: the tokenizer (or image

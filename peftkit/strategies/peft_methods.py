@@ -16,6 +16,9 @@ so ``import peftkit`` and ``peftkit list`` never import peft.
   in peft's own format: ``PeftModel.from_pretrained(base, dir)`` loads it without peftkit.
 - **A method that does not apply** to a model or task is refused in one line naming the method,
   the model type, the task and what peft said (``MethodRefused``), before anything is written.
+- **Merge** is peft's ``merge_and_unload`` where the method can merge (``merges``); the prompt
+  methods and the few peft cannot merge are refused with the reason (``_NOT_MERGED``). **Tune**
+  searches the training settings and the method's own size option (``search_space``).
 
 ``survey`` builds every method on tiny models of each architecture once (cached per peft and
 transformers version) for ``peftkit list --peft``. The default learning rates and epochs below are
