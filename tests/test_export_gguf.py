@@ -125,7 +125,7 @@ def _causal_adapter(base_dir: str, directory, strategy: str = "lora", **options)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)  # the adapter must change the answers
-    path = str(directory / (strategy + "".join(f"-{k}" for k in options)))
+    path = str(directory / (strategy.replace(":", "-") + "".join(f"-{k}" for k in options)))
     peftkit.save_adapter(path, chosen, model)
     return path
 
@@ -246,6 +246,26 @@ def test_without_llamacpp_transformers_reads_the_file_back_and_says_so(
         check = json.load(fh)["check"]
     assert check["reader"].startswith("transformers") and check["pre_tokenizer"]["name"] == "gpt-2"
     assert _fields(os.path.join(out, "model.gguf"))["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_a_peft_method_that_merges_exports_as_gguf_and_a_prompt_method_is_refused(
+    tiny_bpe_llama, run_cli, tmp_path, monkeypatch
+) -> None:
+    """peft's LoHa merges into the Llama first (as lora); prompt tuning has nothing to merge."""
+    import peftkit.gguf_export as ge
+
+    monkeypatch.setattr(ge, "llamacpp_available", lambda: False)
+    adapter, out = _causal_adapter(tiny_bpe_llama, tmp_path, "peft:loha"), str(tmp_path / "gguf")
+    code, _, err = run_cli("export", "--adapter", adapter, "--format", "gguf", "--gguf-pre", "gpt-2", "--output", out)
+    assert code == 0, err
+    assert "greedy tokens the same as PyTorch's on all 4 prompts" in err
+    with open(os.path.join(out, "peftkit_export.json")) as fh:
+        assert json.load(fh)["merged"] is True
+    prompt = _causal_adapter(tiny_bpe_llama, tmp_path, "peft:prompt_tuning", num_virtual_tokens=4)
+    refused = str(tmp_path / "refused")
+    code, _, err = run_cli("export", "--adapter", prompt, "--format", "gguf", "--output", refused)
+    assert code == 2 and len(_errors(err)) == 1 and not os.path.exists(refused)
+    assert "strategy 'peft:prompt_tuning' cannot be merged into a plain model, which a GGUF file holds" in err
 
 
 @needs_llamacpp
