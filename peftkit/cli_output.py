@@ -115,7 +115,10 @@ def print_peft_methods(verbose: bool, survey_now: bool, width: int) -> None:
         if verbose:
             _print_defaults(peft_methods.DEFAULTS.get(method, peft_methods.LORA_LIKE), wide + 2, " (provisional)")
         if verbose and survey_now:  # the options are peft's config fields: peft is loaded already
-            for opt, typ, default in option_help(peft_methods.resolve(method)):
+            cls = peft_methods.resolve(method)
+            why = peft_methods.not_merged(method, cls.config_class)
+            click.echo(f"  {'':<{wide}}  merge: {'peft merge_and_unload' if why is None else 'refused, ' + why}")
+            for opt, typ, default in option_help(cls):
                 click.echo(f"  {'':<{wide}}  --set {opt}=...  ({typ}, default {default})")
     for method, why in found.get("not_offered", {}).items():
         click.echo(f"  not offered: peft:{method}: {why}")

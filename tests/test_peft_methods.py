@@ -477,3 +477,18 @@ def test_predict_and_inspect_take_a_plain_peft_adapter_of_a_method(method: str, 
         theirs = torch.softmax(plain(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert describe_adapter(directory)["peft_type"] == method.upper()
+
+
+def test_list_verbose_says_whether_each_method_merges(run_cli, monkeypatch, tmp_path) -> None:
+    from peftkit.strategies import peft_methods
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    runs = {"runs": {"sequence-classification": ["bert"], "causal-lm": []}, "refused": {}}
+    survey = {"peft": "x", "transformers": "y", "methods": {"loha": runs, "prompt_tuning": runs}}
+    os.makedirs(os.path.dirname(peft_methods.survey_path()))
+    with open(peft_methods.survey_path(), "w") as fh:
+        json.dump(survey, fh)
+    code, out, err = run_cli("list", "-v", "--peft")
+    assert code == 0, err
+    assert "merge: peft merge_and_unload" in out
+    assert "merge: refused, a prompt method: what it trained (virtual tokens, a key/value prefix) is an input" in out

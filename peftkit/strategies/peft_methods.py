@@ -404,7 +404,7 @@ class PeftMethod(PeftStrategy):
         """The adapter folded into the base's weights by peft (``merge_and_unload``), the trained
         head in place: a plain transformers model, as lora's. Refused in one line where the method
         cannot merge, or peft refuses this model (BEFT's bias adapter on a base without biases)."""
-        why = _not_merged(self.method, self.config_class)
+        why = not_merged(self.method, self.config_class)
         if why is None:
             try:
                 with warnings.catch_warnings():
@@ -574,7 +574,7 @@ def _strategy_class(method: str) -> type[PeftMethod]:
             "Options": _options_class(method, config_cls),
             "defaults": DEFAULTS.get(method, LORA_LIKE),
             # what ``peftkit merge`` and ``export`` read before loading anything: peft's own merge
-            "merges": _not_merged(method, config_cls) is None,
+            "merges": not_merged(method, config_cls) is None,
             "peft_type": method.upper(),
             "method": method,
             "config_class": config_cls,
@@ -584,7 +584,7 @@ def _strategy_class(method: str) -> type[PeftMethod]:
     )
 
 
-def _not_merged(method: str, config_cls: type) -> str | None:
+def not_merged(method: str, config_cls: type) -> str | None:
     """Why ``method`` can never be merged into a plain model (a prompt method, or one in
     ``_NOT_MERGED``); None where peft merges it."""
     from peft import PromptLearningConfig
