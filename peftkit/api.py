@@ -251,7 +251,7 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
     nothing. ``predict(PredictConfig(onnx=config.output, inputs=...))`` serves an ONNX export."""
     c = config
     with error_context():
-        check_export_settings(c.format, c.quantize, c.opset, c.min_agreement)
+        check_export_settings(c.format, c.quantize, c.opset, c.min_agreement, c.max_accuracy_drop)
         check_inputs(c.model, c.dataset, c.adapter)
         quiet_libraries_in_own_process()
         c.validate()
@@ -263,6 +263,7 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
             force=c.force,
             overwrite=c.overwrite,
             min_agreement=c.min_agreement,
+            max_accuracy_drop=c.max_accuracy_drop,
             echo=echo,
         )
 

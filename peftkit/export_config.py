@@ -33,8 +33,10 @@ class ExportConfig:
 
     Checked before anything is written, on the adapter's own test split (or every example of
     ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
-    PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
-    less); a GGUF file by reading it back with transformers and comparing greedy generations."""
+    PyTorch's; int8 an accuracy at most 0.5 points below PyTorch's (``max_accuracy_drop``; without
+    labels, the agreement that bounds it), and PyTorch's label on ``min_agreement`` of the
+    examples where given; a GGUF file by reading it back with transformers and comparing greedy
+    generations."""
 
     adapter: str = setting("export:adapter")
     output: str = setting("export:output")
@@ -46,6 +48,7 @@ class ExportConfig:
     text_column: str | None = setting("text_column")
     label_column: str | None = setting("label_column")
     min_agreement: float | None = setting("export:min_agreement")
+    max_accuracy_drop: float | None = setting("export:max_accuracy_drop")
     force: bool = setting("force")
     overwrite: bool = setting("overwrite")
 

@@ -47,6 +47,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "fingerprint",
         "gguf_convert",
         "onnx_graph",
+        "export_gate",
         "rundir",
         "checkpoint",
         "plots",
