@@ -269,12 +269,22 @@ def export_cmd(adapter_dir: str, fmt: str, **opts: Any) -> None:
     from . import api
 
     result = api.export(api.ExportConfig(adapter=adapter_dir, format=fmt, **_given(opts)), echo=_echo)
-    size = result.onnx_bytes
+    size, precision = result.onnx_bytes, result.check.get("inference_precision")
+    default = result.check.get("default_precision")
     click.echo(
         f"exported {result.strategy} adapter on {result.base_model!r} "
         f"({'merged' if result.merged else 'adapter modules in the graph'}"
-        f"{', int8' if result.quantize else ''}) to {result.output_dir}/model.{result.format} "
-        f"({size / 2**20:.1f} MiB)"
+        f"{', int8' if result.quantize else ''}"
+        # OpenVINO: the precision it computes in (int8: the rest of the graph), which depends on the
+        # CPU: its default is bf16 where the CPU has AVX512-BF16 or AMX
+        + (
+            ""
+            if not precision
+            else f"; OpenVINO computes in {precision}, its default on this CPU"
+            if precision == default
+            else f"; OpenVINO computes in {precision} as checked, not in {default}, its default on this CPU"
+        )
+        + f") to {result.output_dir}/{result.model_file or 'model.' + result.format} ({size / 2**20:.1f} MiB)"
     )
 
 

@@ -48,7 +48,7 @@ MODEL_FILES = {"onnx": ONNX_FILE, "openvino": "model.xml"}
 """The model file of an export, by format (OpenVINO's weights are beside it, in model.bin)."""
 EXPORT_METADATA = "peftkit_export.json"
 # the closed sets of --format and --quantize, defined with the settings
-FORMATS = EXPORT_FORMATS  # gguf: peftkit.gguf_export
+FORMATS = EXPORT_FORMATS  # gguf: peftkit.gguf_export, openvino: peftkit.openvino_export
 QUANTIZATIONS = EXPORT_QUANTIZATIONS
 DEFAULT_OPSET = 18
 # torch's dynamo exporter writes opset 18 and newer; older opsets go through a converter that
@@ -125,10 +125,15 @@ def check_export_settings(
         ]
         if given:
             raise PeftkitError(
-                f"{', '.join(given)}: for --format onnx only (a GGUF file is written in float32; "
-                "quantize it with llama.cpp's llama-quantize)"
+                f"{', '.join(given)}: for --format onnx or openvino only (a GGUF file is written in "
+                "float32; quantize it with llama.cpp's llama-quantize)"
             )
         return
+    if fmt == "openvino" and opset is not None:
+        raise PeftkitError(
+            "--opset: for --format onnx only (OpenVINO IR has no opset; its graph goes through ONNX "
+            f"opset {DEFAULT_OPSET})"
+        )
     opset = DEFAULT_OPSET if opset is None else opset
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise PeftkitError(f"--quantize {quantize!r} is not supported; supported: {', '.join(QUANTIZATIONS)}")

@@ -32,6 +32,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "tuning",
         "exporter",
         "gguf_export",
+        "openvino_export",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (
