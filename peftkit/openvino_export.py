@@ -72,7 +72,7 @@ CALIBRATION_EXAMPLES = 1500
 """Validation examples NNCF calibrates int8 on, at most, one per call. More than NNCF's default
 subset (300): on the shipped LoRA adapter, all 1,275 of its validation split gave int8 PyTorch's
 label on 98.4% of the test split, against 97.8% with 300 (accuracy -0.31 against -0.47 points),
-for ~4x the calibration time (~1.5 minutes on 2 cores)."""
+for ~4x the calibration time (1 minute on 2 quiet cores)."""
 F32 = "f32"
 
 
@@ -112,7 +112,7 @@ def export_openvino(
     loaded = load_adapter(adapter_dir, model, force=force)
     meta = loaded.metadata
     data = check_data(task, meta, dataset, *columns)
-    calibration = _calibration_inputs(task, meta, columns) if quantize else []
+    calibration, calibrated_on = _calibration_inputs(task, meta, columns) if quantize else ([], "")
     checked = data.inputs if quantize else data.inputs[:FP32_CHECK_EXAMPLES]
     echo(f"checking on {len(checked):,} examples of {data.described}: PyTorch's answers ...")
     reference = pytorch_probabilities(task, loaded, checked)
@@ -130,7 +130,8 @@ def export_openvino(
             clock = time.perf_counter()
             check = _check_fp32(fp32_path, loaded, data, reference, echo)
             if quantize:
-                check |= _quantize_and_gate(fp32_path, stage, loaded, data, calibration, reference, gate, echo)
+                calibration_set = (calibration, calibrated_on)
+                check |= _quantize_and_gate(fp32_path, stage, loaded, data, calibration_set, reference, gate, echo)
         seconds["check"] = time.perf_counter() - clock
         path = os.path.join(stage, OPENVINO_FILE)
         size = os.path.getsize(path) + os.path.getsize(path[: -len(".xml")] + ".bin")
@@ -165,9 +166,12 @@ def _refusals(
     return task
 
 
-def _calibration_inputs(task: Any, metadata: dict[str, Any], columns: tuple[str | None, str | None]) -> list[Any]:
+def _calibration_inputs(
+    task: Any, metadata: dict[str, Any], columns: tuple[str | None, str | None]
+) -> tuple[list[Any], str]:
     """Up to ``CALIBRATION_EXAMPLES`` inputs of the validation split of the adapter's recorded
-    dataset, split as its run split it (never the test split an export is checked on)."""
+    dataset, split as its run split it (never the test split an export is checked on), and that
+    split in words."""
     recorded = metadata["dataset"]  # _refusals: recorded
     try:
         split = task.load_data(data_config(task, metadata, recorded, *columns)).splits["validation"]
@@ -177,7 +181,9 @@ def _calibration_inputs(task: Any, metadata: dict[str, Any], columns: tuple[str 
         ) from None
     if len(split) == 0:
         raise PeftkitError(f"the validation split of {recorded!r} is empty: nothing to calibrate int8 on")
-    return list(split.select(range(min(len(split), CALIBRATION_EXAMPLES)))[task.input_field])
+    seed = int((metadata.get("split") or {}).get("seed") or 0)
+    inputs = list(split.select(range(min(len(split), CALIBRATION_EXAMPLES)))[task.input_field])
+    return inputs, f"the validation split of {recorded!r} (seed {seed})"
 
 
 def _write_ir(module: Any, sample: dict[str, Any], axes: dict[int, str], work: str, path: str) -> None:
@@ -250,18 +256,20 @@ def _quantize_and_gate(
     stage: str,
     loaded: Any,
     data: CheckData,
-    calibration: list[Any],
+    calibration_set: tuple[list[Any], str],
     reference: Any,
     gate: tuple[float | None, float | None],
     echo: Echo,
 ) -> dict[str, Any]:
-    """NNCF int8 of the checked fp32 IR at ``fp32_path``, calibrated on ``calibration`` (validation
-    inputs, one per call), written to ``stage`` and gated by ``int8_gate`` on every check example,
-    served as ``predict --openvino`` serves it: at OpenVINO's default precision."""
+    """NNCF int8 of the checked fp32 IR at ``fp32_path``, calibrated on ``calibration_set``
+    (validation inputs, one per call, and where they come from, in words), written to ``stage`` and
+    gated by ``int8_gate`` on every check example, served as ``predict --openvino`` serves it: at
+    OpenVINO's default precision."""
     import openvino as ov
 
     task, processor, meta = loaded.task, loaded.tokenizer, loaded.metadata
-    echo(f"int8: NNCF post-training quantization, calibrated on {len(calibration):,} validation examples ...")
+    calibration, calibrated_on = calibration_set
+    echo(f"int8: NNCF post-training quantization, calibrated on {len(calibration):,} examples of {calibrated_on} ...")
     clock = time.perf_counter()
     path = os.path.join(stage, OPENVINO_FILE)
     ov.save_model(_nncf_int8(ov.Core().read_model(fp32_path), calibration, loaded), path)
@@ -274,7 +282,7 @@ def _quantize_and_gate(
         "int8_graph": what,
         "inference_precision": precision,
         "calibration": {
-            "split": "validation of the adapter's dataset",
+            "split": calibrated_on,
             "examples": len(calibration),
             "seconds": calibrated,
         },

@@ -101,7 +101,9 @@ def test_int8_is_calibrated_on_validation_and_gated_on_the_test_split(run_cli, t
         "export", "--adapter", trained, "--format", "openvino", "--quantize", "int8", *LOOSE_GATE, "--output", out
     )
     assert code == 0, err
-    assert "calibrated on 20 validation examples" in err and "int8 check (NNCF, the rest in " in err, err
+    assert "calibrated on 20 examples of the validation split of" in err and "int8 check (NNCF, the rest in " in err, (
+        err
+    )
     assert "allowed -20)" in err and "the same label as PyTorch on" in err and "test split" in err
     assert "Statistics collection" not in stdout + err and "INFO:nncf" not in stdout + err  # NNCF's chatter is kept
     # the line names the precision OpenVINO computes the rest of the graph in on this CPU
