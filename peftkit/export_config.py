@@ -26,10 +26,12 @@ class MergeConfig:
 class ExportConfig:
     """Export an adapter on its base (``model`` overrides the base) as a model that serves without
     PyTorch, into the directory ``output``: ``format`` "onnx" (``model.onnx``, the tokenizer or image
-    processor, ``peftkit_export.json``) or "gguf", for a causal-lm adapter on a Llama-architecture
+    processor, ``peftkit_export.json``), "openvino" (the same as OpenVINO IR, ``model.xml``; see
+    ``peftkit.openvino_export``) or "gguf", for a causal-lm adapter on a Llama-architecture
     base (``model.gguf``, merged, float32; see ``peftkit.gguf_export``). Merged where the strategy
     merges (lora, full, gradual_unfreeze), its own modules in the graph otherwise. ``quantize``
-    "int8": ONNX Runtime's dynamic quantization. ``opset``: the ONNX opset (default 18).
+    "int8": ONNX Runtime's dynamic quantization (openvino: NNCF's, calibrated on the adapter's
+    validation split). ``opset``: the ONNX opset (default 18; onnx only).
 
     Checked before anything is written, on the adapter's own test split (or every example of
     ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
@@ -59,6 +61,6 @@ class ExportConfig:
             self.dataset is not None or self.text_column is not None or self.label_column is not None
         ):
             raise PeftkitError(
-                "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                "--dataset, --text-column, --label-column: for --format onnx or openvino only (a GGUF export is "
                 "checked on greedy generations of fixed prompts)"
             )

@@ -285,7 +285,7 @@ def test_refusals_are_one_line(run_cli, trained, tmp_path, monkeypatch, tiny_cau
             "--max-accuracy-drop -1.0 is not a number of points",
         ),
         (("predict", "--onnx", trained, "good"), "holds no peftkit export"),
-        (("predict", "--onnx", out, "--adapter", trained, "good"), "not both"),
+        (("predict", "--onnx", out, "--adapter", trained, "good"), "not --adapter and --onnx"),
         (("predict", "good"), "no model: give --adapter DIR"),
     ]
     for args, expected in cases:

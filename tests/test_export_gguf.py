@@ -122,8 +122,11 @@ def test_gguf_refusals_are_one_line(tiny_bpe_llama, tiny_causal_dir, tiny_model_
             "--format gguf exports language models (causal-lm adapters); this adapter is a "
             "sequence-classification adapter: use --format onnx",
         ),
-        ((lora, "--quantize", "int8"), "--quantize: for --format onnx only"),
-        ((lora, "--dataset", "rotten_tomatoes"), "--dataset, --text-column, --label-column: for --format onnx only"),
+        ((lora, "--quantize", "int8"), "--quantize: for --format onnx or openvino only"),
+        (
+            (lora, "--dataset", "rotten_tomatoes"),
+            "--dataset, --text-column, --label-column: for --format onnx or openvino only",
+        ),
     ]
     for args, expected in cases:
         code, _, err = run_cli("export", "--format", "gguf", "--output", out, "--adapter", *args)
