@@ -58,6 +58,7 @@ from .inference import (
 from .inputs import check_inputs  # the bench and tune functions' too
 from .metrics import RunMetrics
 from .models import in_memory_model
+from .openvino_export import export_openvino, load_openvino, require_openvino
 from .planner import Plan, PlanSettings, make_plan, resolve_settings
 from .predict_io import PredictConfig, check_output_file, read_inputs, write_rows
 from .rundir import check_output_dir, staged_dir
@@ -188,10 +189,11 @@ def plan(settings: PlanSettings, echo: Echo = to_log) -> Plan:
 
 def predict(config: PredictConfig) -> list[dict[str, Any]]:
     """Answer ``config.inputs`` (texts; image files for an image classifier), or the inputs of
-    ``config.input_file``, with a trained adapter (``config.adapter``) or an ONNX export
-    (``config.onnx``): one dict per input (label and probabilities, or the generated completion).
-    With ``config.output`` the answers are also written to that file (atomically). Every setting,
-    the inputs and the output are checked before the model loads (see ``PredictConfig``)."""
+    ``config.input_file``, with a trained adapter (``config.adapter``) or an export
+    (``config.onnx``, ``config.openvino``): one dict per input (label and probabilities, or the
+    generated completion). With ``config.output`` the answers are also written to that file
+    (atomically). Every setting, the inputs and the output are checked before the model loads
+    (see ``PredictConfig``)."""
     with error_context():
         rows = list(predict_iter(config))
         if config.output is not None:
@@ -224,6 +226,8 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
             quiet_libraries_in_own_process()  # imports transformers: after every check that can do without it
             if config.adapter is not None:
                 predictor: Any = load_adapter(config.adapter, model, force=config.force)
+            elif config.openvino is not None:
+                predictor = load_openvino(config.openvino)
             else:  # validate(): an adapter, or else an export
                 predictor = load_onnx(config.onnx or "")
             answers = iter_predictions(predictor, texts, config.batch_size, config.generation, show)
@@ -234,8 +238,13 @@ def _prediction_task(config: PredictConfig) -> Any:
     """The task of the adapter or export ``config`` names, read from its metadata (no model loads)."""
     if config.adapter is not None:
         return adapter_task(config.adapter)
-    require_onnx()
-    return get_task(read_export_metadata(config.onnx or "").get("task") or "sequence-classification")
+    if config.openvino is not None:
+        require_openvino(None, serving=True)
+        meta = read_export_metadata(config.openvino, "openvino")
+    else:
+        require_onnx()
+        meta = read_export_metadata(config.onnx or "")
+    return get_task(meta.get("task") or "sequence-classification")
 
 
 def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
@@ -276,10 +285,11 @@ def merge(config: MergeConfig) -> MergeResult:
 def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
     """Export an adapter on its base as a model that serves without PyTorch (``ExportConfig`` says
     what is written and checked); an export that fails its check raises ``PeftkitError`` and leaves
-    nothing. ``predict(PredictConfig(onnx=config.output, inputs=...))`` serves an ONNX export."""
+    nothing. ``predict(PredictConfig(onnx=config.output, inputs=...))`` serves an ONNX export,
+    ``PredictConfig(openvino=...)`` an OpenVINO one."""
     c = config
     with error_context():
-        check_export_settings(c.format, c.quantize, c.opset, c.min_agreement)
+        check_export_settings(c.format, c.quantize, c.opset, c.min_agreement, c.max_accuracy_drop)
         c.validate()
         with in_memory_model(c.model) as model:  # a loaded base: saved for the call
             check_inputs(model, c.dataset, c.adapter)
@@ -289,12 +299,21 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
                 return write(
                     c.adapter, c.output, model, force=c.force, overwrite=c.overwrite, pre=c.gguf_pre, echo=echo
                 )
+            if c.format == "openvino":
+                return export_openvino(
+                    *(c.adapter, c.output, model, c.quantize, c.dataset, (c.text_column, c.label_column)),
+                    force=c.force,
+                    overwrite=c.overwrite,
+                    gate=(c.max_accuracy_drop, c.min_agreement),
+                    echo=echo,
+                )
             opset = DEFAULT_OPSET if c.opset is None else c.opset
             return export_onnx(
                 *(c.adapter, c.output, model, c.quantize, opset, c.dataset, c.text_column, c.label_column),
                 force=c.force,
                 overwrite=c.overwrite,
                 min_agreement=c.min_agreement,
+                max_accuracy_drop=c.max_accuracy_drop,
                 echo=echo,
             )
 

@@ -269,13 +269,24 @@ def export_cmd(adapter_dir: str, fmt: str, **opts: Any) -> None:
     from . import api
 
     result = api.export(api.ExportConfig(adapter=adapter_dir, format=fmt, **_given(opts)), echo=_echo)
-    size = result.onnx_bytes
-    written = result.files[0] if result.files else f"model.{result.format}"
+    size, precision = result.onnx_bytes, result.check.get("inference_precision")
+    default = result.check.get("default_precision")
+    written = result.files[0] if result.files else (result.model_file or f"model.{result.format}")
     how = "merged" if result.merged else "the adapter alone" if result.files else "adapter modules in the graph"
     shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"  # a LoRA file can be tiny
     click.echo(
         f"exported {result.strategy} adapter on {result.base_model!r} ({how}"
-        f"{', int8' if result.quantize else ''}) to {result.output_dir}/{written} ({shown})"
+        f"{', int8' if result.quantize else ''}"
+        # OpenVINO: the precision it computes in (int8: the rest of the graph), which depends on the
+        # CPU: its default is bf16 where the CPU has AVX512-BF16 or AMX
+        + (
+            ""
+            if not precision
+            else f"; OpenVINO computes in {precision}, its default on this CPU"
+            if precision == default
+            else f"; OpenVINO computes in {precision} as checked, not in {default}, its default on this CPU"
+        )
+        + f") to {result.output_dir}/{written} ({shown})"
         + "".join(f", with {result.output_dir}/{other}" for other in result.files[1:])
     )
     if result.usage:

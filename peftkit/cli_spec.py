@@ -48,7 +48,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
         "plan:memory_budget device plan:json",
     ),
     "predict": _keys(
-        "predict:adapter onnx base_model force input predict:text_column predict:output predict:overwrite",
+        "predict:adapter onnx openvino base_model force input predict:text_column predict:output predict:overwrite",
         "predict:batch_size max_new_tokens do_sample temperature top_p predict:seed chat",
     ),
     "eval": _keys(
@@ -57,8 +57,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     ),
     "merge": _keys("merge:adapter output base_model force overwrite"),
     "export": _keys(
-        "export:adapter base_model force export:format export:output export:quantize export:min_agreement",
-        "export:opset export:dataset text_column label_column overwrite",
+        "export:adapter base_model force export:format export:output export:quantize export:max_accuracy_drop",
+        "export:min_agreement export:opset export:dataset text_column label_column overwrite",
         "export:gguf_pre export:lora_only",
     ),
     "inspect": _keys("inspect:json"),
@@ -163,8 +163,8 @@ levers: a row saying why), 1 when planning a strategy failed (its row says faile
 error is below the table and in the JSON), 2 for bad input.
 """
 
-HELP["predict"] = """Answer TEXTS (or the inputs of --input FILE) with a trained adapter (or an ONNX export:
---onnx DIR); prints one JSON object per input (or writes them to --output FILE).
+HELP["predict"] = """Answer TEXTS (or the inputs of --input FILE) with a trained adapter (or an export: --onnx
+DIR, --openvino DIR); prints one JSON object per input (or writes them to --output FILE).
 
 \b
 sequence-classification: the label of each text
@@ -193,8 +193,8 @@ gradual_unfreeze, and peft:NAME methods peft merges (ia3, loha, oft, ...); strat
 of their own (head_only, adapter, prefix) and prompt methods (peft:prompt_tuning) cannot be merged.
 """
 
-HELP["export"] = """Export an adapter on its base as a model that serves without PyTorch: ONNX (classifiers) or
-GGUF (language models), checked against PyTorch before anything is written.
+HELP["export"] = """Export an adapter on its base as a model that serves without PyTorch: ONNX or OpenVINO IR
+(classifiers) or GGUF (language models), checked against PyTorch before anything is written.
 
 \b
 Merged into the base where the strategy merges (lora, full, gradual_unfreeze, most peft:NAME); the adapter's
@@ -204,9 +204,17 @@ dynamic, and gives the label probabilities. Beside model.onnx: the tokenizer (or
 processor), config.json and peftkit_export.json (labels, max length, base fingerprint, what
 was checked, versions).
 Checked before anything is written: ONNX Runtime's probabilities within 1e-4 of PyTorch's on
-64 examples; with --quantize int8, PyTorch's label on >= 99% of the check examples (or
---min-agreement; the agreement and both accuracies printed). A failed check writes nothing.
+64 examples; with --quantize int8, an accuracy on the check examples at most 0.5 points below
+PyTorch's (--max-accuracy-drop; the agreement with PyTorch's labels printed beside it, and
+required only with --min-agreement). A failed check writes nothing.
 Serve it with `peftkit predict --onnx OUTPUT TEXT...`.
+
+\b
+--format openvino: the same graph as OpenVINO IR (OUTPUT/model.xml and model.bin, weights in
+float32), checked by OpenVINO computing in f32 (within 1e-4) and served so; --quantize int8 is
+NNCF's post-training int8, calibrated on the adapter's validation split, gated as above and
+served at OpenVINO's default precision (bf16 where the CPU has AVX512-BF16 or AMX). The output
+line says which precision OpenVINO computes in. Serve it with `peftkit predict --openvino OUTPUT`.
 
 \b
 --format gguf (causal-lm adapters of lora, full, gradual_unfreeze on a Llama-architecture base,

@@ -27,19 +27,21 @@ class ExportConfig:
     """Export an adapter on its base (``model`` overrides the base; from Python also a loaded model,
     as ``RunConfig.model`` takes one) as a model that serves without
     PyTorch, into the directory ``output``: ``format`` "onnx" (``model.onnx``, the tokenizer or image
-    processor, ``peftkit_export.json``) or "gguf", for a causal-lm adapter on a Llama-architecture
+    processor, ``peftkit_export.json``), "openvino" (the same as OpenVINO IR, ``model.xml``; see
+    ``peftkit.openvino_export``) or "gguf", for a causal-lm adapter on a Llama-architecture
     base (``model.gguf``, merged, float32; see ``peftkit.gguf_export``; ``lora_only``: a lora
     adapter alone as llama.cpp's LoRA file ``lora.gguf`` beside ``base.gguf``, ``peftkit.gguf_lora``;
     ``gguf_pre``: the tokenizer's llama.cpp pre-tokenizer name where it is not recognised). Merged
     where the strategy merges (lora, full, gradual_unfreeze), its own modules in the graph
-    otherwise. ``quantize`` "int8": ONNX Runtime's dynamic quantization. ``opset``: the ONNX opset
-    (default 18).
+    otherwise. ``quantize`` "int8": ONNX Runtime's dynamic quantization (openvino: NNCF's,
+    calibrated on the adapter's validation split). ``opset``: the ONNX opset (default 18; onnx only).
 
     Checked before anything is written, on the adapter's own test split (or every example of
     ``dataset``, read with ``text_column`` / ``label_column``): fp32 probabilities within 1e-4 of
-    PyTorch's, int8 PyTorch's label on at least 99% of the examples (``min_agreement`` to accept
-    less); a GGUF file by llama.cpp itself (``xllamacpp``; else transformers' GGUF reader):
-    prompt token ids and greedy tokens the same as PyTorch's, no llama.cpp warning."""
+    PyTorch's; int8 an accuracy at most 0.5 points below PyTorch's (``max_accuracy_drop``; without
+    labels, the agreement that bounds it), and PyTorch's label on ``min_agreement`` of the
+    examples where given; a GGUF file by llama.cpp itself (``xllamacpp``; else transformers' GGUF
+    reader): prompt token ids and greedy tokens the same as PyTorch's, no llama.cpp warning."""
 
     adapter: str = setting("export:adapter")
     output: str = setting("export:output")
@@ -51,6 +53,7 @@ class ExportConfig:
     text_column: str | None = setting("text_column")
     label_column: str | None = setting("label_column")
     min_agreement: float | None = setting("export:min_agreement")
+    max_accuracy_drop: float | None = setting("export:max_accuracy_drop")
     force: bool = setting("force")
     overwrite: bool = setting("overwrite")
     gguf_pre: str | None = setting("export:gguf_pre")
@@ -69,6 +72,6 @@ class ExportConfig:
             self.dataset is not None or self.text_column is not None or self.label_column is not None
         ):
             raise PeftkitError(
-                "--dataset, --text-column, --label-column: for --format onnx only (a GGUF export is "
+                "--dataset, --text-column, --label-column: for --format onnx or openvino only (a GGUF export is "
                 "checked on greedy generations of fixed prompts)"
             )

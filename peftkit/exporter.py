@@ -10,7 +10,9 @@ The adapter is applied to its base exactly as ``peftkit predict`` applies it, th
    with the batch (and for text the sequence) as dynamic axes;
 3. ONNX Runtime runs the file on real examples, and the export is kept only if it agrees with
    PyTorch: fp32 within ``FP32_TOLERANCE`` on every probability; int8 (ONNX Runtime's dynamic
-   quantization) the same label on at least ``INT8_AGREEMENT`` of the examples.
+   quantization) by ``int8_gate``: its accuracy on the check examples at most
+   ``INT8_MAX_ACCURACY_DROP`` points below PyTorch's (and, where asked, the same label on a
+   given share of them).
 
 Why not Optimum's exporter: it is not in our lock, it exports a plain transformers model by
 architecture, and half of our strategies are not plain transformers models (a bottleneck adapter,
@@ -36,6 +38,7 @@ from typing import Any
 from .config import RunConfig
 from .env import package_versions
 from .errors import PeftkitError, first_line
+from .export_gate import check_gate_settings, echo_int8, int8_gate
 from .inference import adapter_task, load_adapter
 from .onnx_graph import export_graph, int8_sources, quantize_int8
 from .rundir import check_output_dir, staged_dir
@@ -43,9 +46,11 @@ from .settings import EXPORT_FORMATS, EXPORT_QUANTIZATIONS
 from .tasks import get_task
 
 ONNX_FILE = "model.onnx"
+MODEL_FILES = {"onnx": ONNX_FILE, "openvino": "model.xml"}
+"""The model file of an export, by format (OpenVINO's weights are beside it, in model.bin)."""
 EXPORT_METADATA = "peftkit_export.json"
 # the closed sets of --format and --quantize, defined with the settings
-FORMATS = EXPORT_FORMATS  # gguf: peftkit.gguf_export
+FORMATS = EXPORT_FORMATS  # gguf: peftkit.gguf_export, openvino: peftkit.openvino_export
 QUANTIZATIONS = EXPORT_QUANTIZATIONS
 DEFAULT_OPSET = 18
 # torch's dynamo exporter writes opset 18 and newer; older opsets go through a converter that
@@ -54,8 +59,6 @@ OPSETS = range(18, 24)
 FP32_TOLERANCE = 1e-4
 """Largest difference in any probability between ONNX Runtime (fp32) and PyTorch: float32 kernels
 in another order differ by ~1e-7; 1e-4 catches a wrong graph while allowing any kernel order."""
-INT8_AGREEMENT = 0.99
-"""Share of the checked examples on which the int8 model must give PyTorch's label."""
 FP32_CHECK_EXAMPLES = 64
 """Examples the fp32 export is checked on (int8: every example of the check data, up to
 ``MAX_CHECK_EXAMPLES``): fp32 either computes the same function or is plainly wrong."""
@@ -87,6 +90,9 @@ class ExportResult:
     """What was written in ``output_dir`` besides peftkit_export.json, the model first (GGUF)."""
     usage: str = ""
     """A command line that serves the export, where one is worth printing (llama.cpp's, for GGUF)."""
+    model_file: str | None = None
+    """The model's file in ``output_dir`` (None: ``model.FORMAT``); ``onnx_bytes`` is its size
+    (OpenVINO: model.xml with its weights, model.bin)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,34 +106,44 @@ def require_onnx() -> None:
 
 
 def check_export_settings(
-    fmt: str, quantize: str | None, opset: int | None, min_agreement: float | None = None
+    fmt: str,
+    quantize: str | None,
+    opset: int | None,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> None:
-    """Refuse a format, quantization, opset or agreement the exporter does not take, naming what it
+    """Refuse a format, quantization, opset or int8 gate the exporter does not take, naming what it
     does. ``opset`` None: the default."""
     if fmt not in FORMATS:
         raise PeftkitError(f"--format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
-    if fmt != "onnx":
+    if fmt == "gguf":
         given = [
             flag
-            for flag, value in (("--quantize", quantize), ("--opset", opset), ("--min-agreement", min_agreement))
+            for flag, value in (
+                ("--quantize", quantize),
+                ("--opset", opset),
+                ("--min-agreement", min_agreement),
+                ("--max-accuracy-drop", max_accuracy_drop),
+            )
             if value is not None
         ]
         if given:
             raise PeftkitError(
-                f"{', '.join(given)}: for --format onnx only (a GGUF file is written in float32; "
-                "quantize it with llama.cpp's llama-quantize)"
+                f"{', '.join(given)}: for --format onnx or openvino only (a GGUF file is written in "
+                "float32; quantize it with llama.cpp's llama-quantize)"
             )
         return
+    if fmt == "openvino" and opset is not None:
+        raise PeftkitError(
+            "--opset: for --format onnx only (OpenVINO IR has no opset; its graph goes through ONNX "
+            f"opset {DEFAULT_OPSET})"
+        )
     opset = DEFAULT_OPSET if opset is None else opset
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise PeftkitError(f"--quantize {quantize!r} is not supported for ONNX; supported: {', '.join(QUANTIZATIONS)}")
+        raise PeftkitError(f"--quantize {quantize!r} is not supported; supported: {', '.join(QUANTIZATIONS)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise PeftkitError(f"--opset {opset!r} is not supported; accepted: {OPSETS.start} to {OPSETS.stop - 1}")
-    if min_agreement is not None:
-        if quantize is None:
-            raise PeftkitError("--min-agreement applies to --quantize int8 (an fp32 export must match PyTorch)")
-        if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 < min_agreement <= 1:
-            raise PeftkitError(f"--min-agreement {min_agreement!r} is not a fraction; give one in (0, 1], e.g. 0.98")
+    check_gate_settings(quantize, min_agreement, max_accuracy_drop)
 
 
 def probabilities_module(strategy: Any, model: Any, input_names: list[str]) -> Any:
@@ -171,16 +187,7 @@ def check_data(
             "the adapter records no dataset to check the export on; give --dataset FILE (labelled "
             "examples of the kind it was trained on)"
         )
-    cfg = RunConfig(
-        strategy=metadata["strategy"],
-        task=task.name,
-        model=metadata.get("base_model"),
-        dataset=source,
-        text_column=text_column,
-        label_column=label_column,
-        seed=seed,
-        max_length=metadata.get("max_length") or task.default_max_length,
-    )
+    cfg = data_config(task, metadata, source, text_column, label_column)
     if dataset is None:
         try:
             split = task.load_data(cfg).splits["test"]
@@ -200,7 +207,24 @@ def check_data(
     return CheckData(list(split[task.input_field]), labels, described)
 
 
-def _batches(task: Any, processor: Any, metadata: dict[str, Any], inputs: list[Any]) -> Any:
+def data_config(
+    task: Any, metadata: dict[str, Any], source: str, text_column: str | None, label_column: str | None
+) -> RunConfig:
+    """The config that loads ``source`` as the adapter's run loaded its data: its task, base,
+    maximum length and split seed (``task.load_data(cfg).splits``: train, validation, test)."""
+    return RunConfig(
+        strategy=metadata["strategy"],
+        task=task.name,
+        model=metadata.get("base_model"),
+        dataset=source,
+        text_column=text_column,
+        label_column=label_column,
+        seed=int((metadata.get("split") or {}).get("seed") or 0),
+        max_length=metadata.get("max_length") or task.default_max_length,
+    )
+
+
+def batches(task: Any, processor: Any, metadata: dict[str, Any], inputs: list[Any]) -> Any:
     for start in range(0, len(inputs), BATCH):
         yield task.serving_batch(processor, metadata, inputs[start : start + BATCH])
 
@@ -226,7 +250,7 @@ def onnx_probabilities(session: Any, task: Any, processor: Any, metadata: dict[s
     import numpy as np
 
     return np.concatenate(
-        [session.run(None, _onnx_feed(session, b))[0] for b in _batches(task, processor, metadata, inputs)]
+        [session.run(None, _onnx_feed(session, b))[0] for b in batches(task, processor, metadata, inputs)]
     )
 
 
@@ -242,16 +266,17 @@ def export_onnx(
     force: bool = False,
     overwrite: bool = False,
     min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
     echo: Echo = lambda _: None,
 ) -> ExportResult:
     """Export the adapter in ``adapter_dir`` (on its base, or ``model``) to ONNX in the directory
     ``output``, checked against PyTorch on ``dataset`` (default: the adapter's own test split);
-    see the module's docstring. ``min_agreement``: the share of examples on which int8 must give
-    PyTorch's label (default ``INT8_AGREEMENT``). Refused in one line: a task that is not a
-    classifier, missing libraries, an existing ``output`` (unless ``overwrite``), a failed check
-    (nothing written)."""
+    see the module's docstring. int8 is gated by ``int8_gate`` (``max_accuracy_drop``,
+    ``min_agreement``). Refused in one line: a task that is not a classifier, missing libraries,
+    an existing ``output`` (unless ``overwrite``), a failed check (nothing written)."""
 
-    task, required = _refusals(adapter_dir, output, overwrite, quantize, opset, min_agreement)
+    gate = (max_accuracy_drop, min_agreement)
+    task = _refusals(adapter_dir, output, overwrite, quantize, opset, gate)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     echo(f"loading adapter {adapter_dir!r} ...")
@@ -261,11 +286,11 @@ def export_onnx(
     fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
     checked = data.inputs if quantize else fp32_inputs
     echo(f"checking on {len(checked):,} examples of {data.described}: PyTorch's answers ...")
-    reference = _pytorch_probabilities(task, loaded, checked)
+    reference = pytorch_probabilities(task, loaded, checked)
     seconds["load_and_reference"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    serving, sample, module = _serving_module(task, loaded, fp32_inputs, opset, echo)
+    serving, sample, module = serving_module(task, loaded, fp32_inputs, f"ONNX opset {opset}", echo)
     merged = strategy.merges
     with staged_dir(output, overwrite, flag="--output") as stage:
         path = os.path.join(stage, ONNX_FILE)
@@ -275,48 +300,58 @@ def export_onnx(
         clock = time.perf_counter()
         check = _check_fp32(path, task, loaded, data, reference, echo)
         if quantize:
-            check.update(_check_int8(path, task, loaded, data, reference, required, echo))
-            _echo_int8(check, required, echo)
+            check.update(_check_int8(path, task, loaded, data, reference, gate, echo))
+            echo_int8(check, "onnx", check["int8_graph"], echo)
         seconds["check"] = time.perf_counter() - clock
         size = os.path.getsize(path)
-        record = _export_record(adapter_dir, opset, quantize, task, loaded, merged, list(sample), check)
-        _write_beside(stage, loaded, serving, record)
+        record = export_record("onnx", adapter_dir, opset, quantize, task, loaded, merged, list(sample), check)
+        write_beside(stage, loaded, serving, record)
     return ExportResult(
         output, "onnx", meta["strategy"], meta["base_model"], merged, quantize, opset, size, check, seconds
     )
 
 
-def _serving_module(task: Any, loaded: Any, inputs: list[Any], opset: int, echo: Echo) -> tuple[Any, Any, Any]:
+def serving_module(task: Any, loaded: Any, inputs: list[Any], target: str, echo: Echo) -> tuple[Any, Any, Any]:
     """The strategy's serving model, a sample batch of two of ``inputs`` (the exporter's example
-    inputs) and the module the graph is exported from (ending in the label probabilities)."""
+    inputs) and the module the graph is exported from (ending in the label probabilities), said
+    to be exported to ``target`` (words: "ONNX opset 18")."""
     strategy, meta = loaded.strategy, loaded.metadata
     serving = strategy.serving_model(loaded.model)
     sample = task.serving_batch(loaded.tokenizer, meta, inputs[:2] if len(inputs) > 1 else inputs * 2)
     echo(
         f"exporting {meta['strategy']} ({'merged into the base' if strategy.merges else 'its modules in the graph'}) "
-        f"to ONNX opset {opset} ..."
+        f"to {target} ..."
     )
     return serving, sample, probabilities_module(strategy, serving, list(sample))
 
 
 def _refusals(
-    adapter_dir: str, output: str, overwrite: bool, quantize: str | None, opset: int, min_agreement: float | None
-) -> tuple[Any, float]:
+    adapter_dir: str,
+    output: str,
+    overwrite: bool,
+    quantize: str | None,
+    opset: int,
+    gate: tuple[float | None, float | None],
+) -> Any:
     """What ``export_onnx`` refuses before loading anything (the settings, missing libraries, an
-    existing ``output``, a task that is no classifier); returns the adapter's task and the int8
-    agreement required."""
-    check_export_settings("onnx", quantize, opset, min_agreement)
-    required = INT8_AGREEMENT if min_agreement is None else float(min_agreement)
+    existing ``output``, a task that is no classifier); returns the adapter's task."""
+    check_export_settings("onnx", quantize, opset, gate[1], gate[0])
     require_onnx()
     check_output_dir(output, overwrite, flag="--output")
+    return classifier_task(adapter_dir, "onnx")
+
+
+def classifier_task(adapter_dir: str, fmt: str) -> Any:
+    """The task of the adapter in ``adapter_dir``, read from its metadata; refused in one line
+    where it is no classifier (one forward pass to label probabilities), which ``fmt`` needs."""
     task = adapter_task(adapter_dir)
     if not task.exports_onnx:
         hint = ": use --format gguf" if task.generates else ""
-        raise PeftkitError(f"--format onnx exports classifiers; this adapter is a {task.name} adapter{hint}")
-    return task, required
+        raise PeftkitError(f"--format {fmt} exports classifiers; this adapter is a {task.name} adapter{hint}")
+    return task
 
 
-def _write_beside(stage: str, loaded: Any, serving: Any, record: dict[str, Any]) -> None:
+def write_beside(stage: str, loaded: Any, serving: Any, record: dict[str, Any]) -> None:
     """Beside the graph in ``stage``: the processor, the model config and ``peftkit_export.json``."""
     processor = getattr(loaded.tokenizer, "processor", loaded.tokenizer)
     processor.save_pretrained(stage)
@@ -325,17 +360,18 @@ def _write_beside(stage: str, loaded: Any, serving: Any, record: dict[str, Any])
         json.dump(record, f, indent=2)
 
 
-def _pytorch_probabilities(task: Any, loaded: Any, inputs: list[Any]) -> Any:
+def pytorch_probabilities(task: Any, loaded: Any, inputs: list[Any]) -> Any:
     """PyTorch's label probabilities (numpy, examples x labels) for ``inputs``: what the export is
     checked against."""
     import numpy as np
 
     return np.concatenate(
-        [loaded.probabilities(b).numpy() for b in _batches(task, loaded.tokenizer, loaded.metadata, inputs)]
+        [loaded.probabilities(b).numpy() for b in batches(task, loaded.tokenizer, loaded.metadata, inputs)]
     )
 
 
-def _export_record(
+def export_record(
+    fmt: str,
     adapter_dir: str,
     opset: int,
     quantize: str | None,
@@ -345,11 +381,11 @@ def _export_record(
     inputs: list[str],
     check: dict[str, Any],
 ) -> dict[str, Any]:
-    """What ``peftkit_export.json`` says of an export: its format, the adapter and base it came
-    from, its inputs, what was checked and the versions."""
+    """What ``peftkit_export.json`` says of an export in format ``fmt``: the adapter and base it
+    came from, its inputs, what was checked and the versions."""
     meta = loaded.metadata
     return {
-        "format": "onnx",
+        "format": fmt,
         "opset": opset,
         "quantize": quantize,
         "task": task.name,
@@ -371,37 +407,25 @@ def _check_fp32(path: str, task: Any, loaded: Any, data: CheckData, reference: A
     """The fp32 graph at ``path`` against PyTorch's ``reference`` on the first
     ``FP32_CHECK_EXAMPLES`` check examples: what was checked (the export's ``check`` record), or
     refused (nothing written) where a probability differs by more than ``FP32_TOLERANCE``."""
-    fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
-    diff = _fp32_difference(path, task, loaded, fp32_inputs, reference)
-    check: dict[str, Any] = {
-        "checked_on": data.described,
-        "fp32_examples": len(fp32_inputs),
-        "max_abs_diff": diff,
-        "fp32_tolerance": FP32_TOLERANCE,
-    }
+    diff = _fp32_difference(path, task, loaded, data.inputs[:FP32_CHECK_EXAMPLES], reference)
+    return fp32_verdict(diff, data, echo)
+
+
+def fp32_verdict(diff: float, data: CheckData, echo: Echo, runtime: str = "") -> dict[str, Any]:
+    """The fp32 check of every export format, from ``diff``, the largest difference in any
+    probability from PyTorch's on the first ``FP32_CHECK_EXAMPLES`` of ``data``: what was checked
+    (the export's ``check`` record), or refused (nothing written) above ``FP32_TOLERANCE``.
+    ``runtime``: words after "fp32 check" (how it was run)."""
+    n = min(len(data.inputs), FP32_CHECK_EXAMPLES)
     if not diff <= FP32_TOLERANCE:  # a NaN fails too
         raise PeftkitError(
             f"the exported model differs from PyTorch by up to {diff:.2e} in a probability "
-            f"(allowed {FP32_TOLERANCE:g}) on {len(fp32_inputs)} examples; nothing was written"
+            f"(allowed {FP32_TOLERANCE:g}) on {n} examples; nothing was written"
         )
     echo(
-        f"fp32 check: max abs difference {diff:.1e} from PyTorch on {len(fp32_inputs)} examples "
-        f"(allowed {FP32_TOLERANCE:g})"
+        f"fp32 check{runtime}: max abs difference {diff:.1e} from PyTorch on {n} examples (allowed {FP32_TOLERANCE:g})"
     )
-    return check
-
-
-def _echo_int8(check: dict[str, Any], required: float, echo: Echo) -> None:
-    """The int8 check's line: the graph quantized, the agreement with PyTorch, and accuracy where known."""
-    echo(
-        f"int8 check ({check['int8_graph']}): the same label as PyTorch on {check['agreed']:,} of "
-        f"{check['examples']:,} examples ({check['agreement']:.2%}; required {required:.1%})"
-        + (
-            f"; accuracy {check['accuracy_onnx']:.4f} vs {check['accuracy_pytorch']:.4f} in PyTorch"
-            if "accuracy_onnx" in check
-            else ""
-        )
-    )
+    return {"checked_on": data.described, "fp32_examples": n, "max_abs_diff": diff, "fp32_tolerance": FP32_TOLERANCE}
 
 
 def _fp32_difference(path: str, task: Any, loaded: Any, inputs: list[Any], reference: Any) -> float:
@@ -414,13 +438,18 @@ def _fp32_difference(path: str, task: Any, loaded: Any, inputs: list[Any], refer
 
 
 def _check_int8(
-    path: str, task: Any, loaded: Any, data: CheckData, reference: Any, required: float, echo: Echo
+    path: str,
+    task: Any,
+    loaded: Any,
+    data: CheckData,
+    reference: Any,
+    gate: tuple[float | None, float | None],
+    echo: Echo,
 ) -> dict[str, Any]:
-    """Quantize the fp32 file at ``path`` in place and compare its labels with PyTorch's on every
-    check example; refuse (nothing written) where they agree on less than ``required`` of them.
+    """Quantize the fp32 file at ``path`` in place and check it against PyTorch on every check
+    example with ``int8_gate`` (``gate``: its ``max_accuracy_drop`` and ``min_agreement``).
     What is quantized is the fastest of ``int8_sources`` that still gives PyTorch's probabilities
     within ``FP32_TOLERANCE`` on the fp32 check examples."""
-    import numpy as np
 
     fp32_inputs = data.inputs[:FP32_CHECK_EXAMPLES]
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as work:
@@ -442,32 +471,7 @@ def _check_int8(
         quantize_int8(source, quantized)
         os.replace(quantized, path)
     got = onnx_probabilities(_session(path), task, loaded.tokenizer, loaded.metadata, data.inputs)
-    same = got.argmax(-1) == reference.argmax(-1)
-    out: dict[str, Any] = {
-        "examples": len(same),
-        "agreed": int(same.sum()),
-        "agreement": float(same.mean()),
-        "int8_required": required,
-        "int8_max_abs_diff": float(np.abs(got - reference).max()),
-        "int8_graph": graph,
-    }
-    if data.labels is not None:
-        labels = np.asarray(data.labels)
-        out["accuracy_pytorch"] = float((reference.argmax(-1) == labels).mean())
-        out["accuracy_onnx"] = float((got.argmax(-1) == labels).mean())
-    if out["agreement"] < required:
-        accuracy = (
-            f"; accuracy {out['accuracy_onnx']:.4f} vs {out['accuracy_pytorch']:.4f} in PyTorch"
-            if "accuracy_onnx" in out
-            else ""
-        )
-        raise PeftkitError(
-            f"the int8 model gives PyTorch's label on {out['agreed']:,} of {out['examples']:,} examples "
-            f"({out['agreement']:.2%}), under the required {required:.1%}{accuracy}; nothing was "
-            "written (export without --quantize for the fp32 model, or accept less with "
-            "--min-agreement)"
-        )
-    return out
+    return int8_gate(got, reference, data.labels, *gate, "onnx") | {"int8_graph": graph}
 
 
 def _model_config(module: Any) -> Any:
@@ -507,14 +511,16 @@ class OnnxModel:
         return self.session.run(None, _onnx_feed(self.session, batch))[0]
 
 
-def read_export_metadata(directory: str) -> dict[str, Any]:
-    """``peftkit_export.json`` of an export directory; refused in one line if it is not one."""
-    path = os.path.join(directory, EXPORT_METADATA)
+def read_export_metadata(directory: str, fmt: str = "onnx") -> dict[str, Any]:
+    """``peftkit_export.json`` of an export directory in format ``fmt`` (onnx, openvino: what
+    ``predict --onnx`` / ``--openvino`` was given); refused in one line if it is not one, naming
+    the flag that serves an export of the other format."""
+    path, flag, model_file = os.path.join(directory, EXPORT_METADATA), f"--{fmt}", MODEL_FILES[fmt]
     if not os.path.isdir(directory):
-        raise PeftkitError(f"--onnx {directory!r} is not a directory (give what peftkit export --output wrote)")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, ONNX_FILE)):
+        raise PeftkitError(f"{flag} {directory!r} is not a directory (give what peftkit export --output wrote)")
+    if not os.path.isfile(path):
         raise PeftkitError(
-            f"--onnx {directory!r} holds no peftkit export ({EXPORT_METADATA} and {ONNX_FILE}); "
+            f"{flag} {directory!r} holds no peftkit export ({EXPORT_METADATA} and {model_file}); "
             "give what peftkit export --output wrote"
         )
     try:
@@ -524,6 +530,12 @@ def read_export_metadata(directory: str) -> dict[str, Any]:
         raise PeftkitError(f"cannot read {path!r}: {first_line(exc)}") from None
     if not isinstance(meta, dict) or "label_names" not in meta:
         raise PeftkitError(f"{path!r} is not a peftkit export's metadata (no label_names)")
+    written = meta.get("format") or "onnx"  # the first exports were all ONNX
+    if written != fmt:
+        served = f"serve it with --{written}" if written in MODEL_FILES else "predict serves onnx and openvino"
+        raise PeftkitError(f"{flag} {directory!r} holds a {written} export; {served}")
+    if not os.path.isfile(os.path.join(directory, model_file)):
+        raise PeftkitError(f"{flag} {directory!r} holds no {model_file}; give what peftkit export --output wrote")
     return meta
 
 

@@ -81,7 +81,7 @@ class PredictConfig:
     ``api.predict_iter`` take it."""
 
     adapter: str | None = None
-    """An adapter directory or a run directory (its ``adapter/``); or None with ``onnx``."""
+    """An adapter directory or a run directory (its ``adapter/``); or None with ``onnx`` or ``openvino``."""
     inputs: list[str] | None = None
     """The texts to answer (image files for an image classifier); or None with ``input_file``."""
     input_file: str | None = None
@@ -110,6 +110,13 @@ class PredictConfig:
     onnx: str | None = None
     """Answer with what ``export`` wrote to this directory (ONNX Runtime, no PyTorch model) instead
     of an adapter."""
+    openvino: str | None = None
+    """Answer with what ``export --format openvino`` wrote to this directory (OpenVINO on the CPU,
+    no PyTorch model) instead of an adapter."""
+
+    def _models(self) -> list[tuple[str, str | None]]:
+        """The flags that name a model, with what each was given: exactly one must be."""
+        return [("--adapter", self.adapter), ("--onnx", self.onnx), ("--openvino", self.openvino)]
 
     @property
     def generation(self) -> GenerationOptions:
@@ -120,16 +127,17 @@ class PredictConfig:
 
     def validate(self) -> None:
         """Refuse, before anything is read, what names no model or no inputs, or both of either."""
-        if (self.adapter is None) == (self.onnx is None):
+        given = [flag for flag, value in self._models() if value is not None]
+        if len(given) != 1:
             raise PeftkitError(
-                "give an adapter (--adapter DIR) or an export (--onnx DIR), not both"
-                if self.onnx
-                else "no model: give --adapter DIR (or --onnx DIR, what peftkit export wrote)"
+                f"give an adapter (--adapter DIR) or an export (--onnx DIR, --openvino DIR), not {' and '.join(given)}"
+                if given
+                else "no model: give --adapter DIR (or --onnx DIR or --openvino DIR, what peftkit export wrote)"
             )
-        if self.onnx is not None and (self.model is not None or self.force):
+        if self.adapter is None and (self.model is not None or self.force):
             raise PeftkitError(
-                f"{'--model' if self.model is not None else '--force'} applies to an --adapter; an --onnx "
-                "export holds its whole model"
+                f"{'--model' if self.model is not None else '--force'} applies to an --adapter; an "
+                f"{given[0]} export holds its whole model"
             )
         if (not self.inputs) == (self.input_file is None):  # both, or neither
             raise PeftkitError(

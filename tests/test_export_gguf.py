@@ -364,10 +364,10 @@ def test_gguf_refusals_are_one_line(smol_llama, smol_lora, tiny_model_dir, run_c
             "--format gguf exports language models (causal-lm adapters); this adapter is a "
             "sequence-classification adapter: use --format onnx",
         ),
-        ((smol_lora, "--quantize", "int8"), "--quantize: for --format onnx only"),
+        ((smol_lora, "--quantize", "int8"), "--quantize: for --format onnx or openvino only"),
         (
             (smol_lora, "--dataset", "rotten_tomatoes"),
-            "--dataset, --text-column, --label-column: for --format onnx only",
+            "--dataset, --text-column, --label-column: for --format onnx or openvino only",
         ),
         ((smol_lora, "--gguf-pre", "gpt3"), "--gguf-pre 'gpt3' is not a pre-tokenizer llama.cpp knows"),
     ]

@@ -38,6 +38,8 @@ HEAVY_LIBRARIES = {
     "onnxruntime",
     "onnxscript",
     "onnx_ir",
+    "openvino",
+    "nncf",
     "gguf",
     "sklearn",
     "scipy",

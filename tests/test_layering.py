@@ -34,6 +34,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "gguf_export",
         "gguf_check",
         "gguf_lora",
+        "openvino_export",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (
@@ -52,6 +53,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "gguf_pretokenizers",
         "llamacpp",
         "onnx_graph",
+        "export_gate",
         "rundir",
         "checkpoint",
         "plots",

@@ -26,7 +26,7 @@ KERNELS: tuple[str, ...] = typing.get_args(KernelsName)
 REPORTERS = ("tensorboard", "wandb")
 PRUNERS = ("median", "hyperband", "none")
 DEVICES = ("cpu", "cuda")
-EXPORT_FORMATS = ("onnx", "gguf")  # gguf: peftkit.gguf_export
+EXPORT_FORMATS = ("onnx", "gguf", "openvino")  # gguf: peftkit.gguf_export, openvino: peftkit.openvino_export
 EXPORT_QUANTIZATIONS = ("int8",)
 
 

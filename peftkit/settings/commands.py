@@ -75,7 +75,7 @@ declare(
     "--adapter",
     dest="adapter_dir",
     help="Adapter directory: a run directory or its adapter/ folder, one in adapters/, or a plain peft "
-    "adapter (or give --onnx).",
+    "adapter (or give --onnx or --openvino).",
 )
 declare(
     "onnx",
@@ -83,6 +83,13 @@ declare(
     metavar="DIR",
     help="Answer with an ONNX export (what peftkit export --output wrote), run by ONNX Runtime, instead of "
     "an --adapter.",
+)
+declare(
+    "openvino",
+    "--openvino",
+    metavar="DIR",
+    help="Answer with an OpenVINO export (what peftkit export --format openvino --output wrote), run "
+    "by OpenVINO on the CPU, instead of an --adapter.",
 )
 declare(
     "output",
@@ -310,8 +317,8 @@ declare(
     cli_default="onnx",
     show_default=True,
     choices=EXPORT_FORMATS,
-    help="What to write: onnx (sequence and image classification) or gguf (causal-lm on a Llama-"
-    "architecture base: llama.cpp, Ollama).",
+    help="What to write: onnx (sequence and image classification: ONNX Runtime), openvino (the same "
+    "classifiers as OpenVINO IR) or gguf (causal-lm on a Llama-architecture base: llama.cpp, Ollama).",
 )
 declare(
     "export:output",
@@ -324,16 +331,26 @@ declare(
     "export:quantize",
     "--quantize",
     choices=EXPORT_QUANTIZATIONS,
-    help="ONNX Runtime dynamic int8 quantization (weights per channel): ~4x smaller, faster on CPU; "
-    "kept only if it gives PyTorch's label on at least 99% of the check examples.",
+    help="int8: ONNX Runtime's dynamic quantization (weights per channel), or for openvino NNCF's "
+    "(calibrated on the adapter's validation split): ~4x smaller, faster on CPU; kept only if its "
+    "accuracy on the check examples is at most 0.5 points below PyTorch's (--max-accuracy-drop).",
+)
+declare(
+    "export:max_accuracy_drop",
+    "--max-accuracy-drop",
+    type=float,
+    metavar="POINTS",
+    help="With --quantize int8: how many points of accuracy on the check examples int8 may lose "
+    "against PyTorch's fp32 (default 0.5; 0: none). Without labels: PyTorch's label on at least "
+    "1 - POINTS/100 of them, which bounds the loss. Recorded in peftkit_export.json.",
 )
 declare(
     "export:min_agreement",
     "--min-agreement",
     type=float,
     metavar="FRACTION",
-    help="With --quantize int8: the share of check examples on which it must give PyTorch's label "
-    "(default 0.99); recorded in peftkit_export.json.",
+    help="With --quantize int8: also require PyTorch's label on this share of the check examples "
+    "(default: not required; the agreement is reported either way), e.g. 0.99.",
 )
 declare("export:opset", "--opset", type=int, help="ONNX opset, 18 to 23. Default: 18.")
 declare(
