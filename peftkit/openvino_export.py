@@ -143,7 +143,8 @@ def export_openvino(
         write_beside(stage, loaded, serving, record)
     return ExportResult(
         *(output, "openvino", meta["strategy"], meta["base_model"], merged, quantize, DEFAULT_OPSET),
-        *(size, check, seconds, OPENVINO_FILE),
+        *(size, check, seconds),
+        model_file=OPENVINO_FILE,  # by name: ExportResult's later fields (files, usage) are GGUF's
     )
 
 
