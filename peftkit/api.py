@@ -55,7 +55,7 @@ from .inference import (
     load_adapter,
     merge_to_directory,
 )
-from .inputs import check_inputs  # the bench and tune functions' too
+from .inputs import check_inputs, names_only
 from .metrics import RunMetrics
 from .models import in_memory_model
 from .openvino_export import export_openvino, load_openvino, require_openvino
@@ -100,23 +100,6 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
     return warn_if_learned_nothing(result)
 
 
-def _names_only(command: str, each: str, model: Any, dataset: Any) -> tuple[str | None, str | None]:
-    """``model`` and ``dataset``, refused in one line where they are what ``command``, which runs
-    each ``each`` in a process of its own, cannot hand those processes: a loaded model or data held
-    in memory (they read both by name)."""
-    if not isinstance(model, str | None):
-        raise PeftkitError(
-            f"{command} runs each {each} in a process of its own, which cannot see a model loaded in this one: "
-            "save it (model.save_pretrained(DIR) and its tokenizer's save_pretrained(DIR)) and give DIR"
-        )
-    if not isinstance(dataset, str | None):
-        raise PeftkitError(
-            f"{command} runs each {each} in a process of its own, which cannot see data held in memory: "
-            "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
-        )
-    return model, dataset
-
-
 def resume(run_dir: str, echo: Echo = to_log) -> RunResult:
     """Continue the interrupted run that was going to ``run_dir`` from its last checkpoint, with the
     settings it recorded; it ends as the uninterrupted run would have."""
@@ -136,7 +119,7 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> 
     (``peftkit.benchmark.preflight``), so bad input fails in seconds, before any worker starts.
     """
     with error_context():
-        check_inputs(*_names_only("bench", "strategy", config.model, config.dataset))
+        check_inputs(*names_only("bench", "strategy", config.model, config.dataset))
         config = preflight_bench(config)  # a copy, completed: the caller's config is left as it was
         out = config.output_dir or default_output_dir("bench")
         check_output_dir(out, overwrite)
@@ -159,7 +142,7 @@ def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
     there. Raises ``PeftkitError`` for bad input, ``RunInterrupted`` on Ctrl-C (the study kept).
     """
     with error_context():
-        names = _names_only("tune", "trial", config.run.model, config.run.dataset)
+        names = names_only("tune", "trial", config.run.model, config.run.dataset)
         check_tune(config)
         check_inputs(*names)
         plan = plan_tune(config, echo)

@@ -19,6 +19,7 @@ from .memory import format_size, parse_size
 from .models import EMBEDDED_MODELS
 from .strategies import peft_methods
 from .strategies.base import option_help
+from .strategies.peft_methods import survey as peft_survey
 from .tasks import TASKS, get_task, task_names, task_plugin_errors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,10 +87,10 @@ def print_peft_methods(verbose: bool, survey_now: bool, width: int) -> None:
     """The ``peft:NAME`` family: each method with the tasks and architectures it runs on and why not
     elsewhere (``survey_now``: made now where not cached, which imports peft and takes seconds; with
     ``verbose`` also each method's options, read from peft), else one line saying how to get that."""
-    found = peft_methods.cached_survey()
+    found = peft_survey.cached_survey()
     if found is None and survey_now:
         _echo("building each peft method on tiny models of 5 architectures (once for this peft and transformers) ...")
-        found = peft_methods.survey()
+        found = peft_survey.survey()
     if found is None:
         click.echo(
             f"{'peft:NAME':<{width}}  Each of peft's methods (peft:ia3, peft:loha, peft:adalora, ...); "

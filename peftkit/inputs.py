@@ -26,3 +26,20 @@ def check_inputs(model: str | None = None, dataset: str | None = None, adapter_d
     base = model if model is not None or adapter_dir is None else recorded_base_model(adapter_dir)
     if base is not None:
         check_model_name(base)
+
+
+def names_only(command: str, each: str, model: object, dataset: object) -> tuple[str | None, str | None]:
+    """``model`` and ``dataset``, refused in one line where they are what ``command``, which runs
+    each ``each`` in a process of its own, cannot hand those processes: a loaded model or data held
+    in memory (they read both by name)."""
+    if not isinstance(model, str | None):
+        raise PeftkitError(
+            f"{command} runs each {each} in a process of its own, which cannot see a model loaded in this one: "
+            "save it (model.save_pretrained(DIR) and its tokenizer's save_pretrained(DIR)) and give DIR"
+        )
+    if not isinstance(dataset, str | None):
+        raise PeftkitError(
+            f"{command} runs each {each} in a process of its own, which cannot see data held in memory: "
+            "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
+        )
+    return model, dataset

@@ -339,7 +339,7 @@ def test_bench_takes_peft_methods_beside_the_others() -> None:
 def test_survey_builds_each_method_once_and_caches_it(monkeypatch, tmp_path) -> None:
     """The dry build behind `peftkit list --peft`, on two methods and two architectures: where each
     runs, peft's one line where not, cached per peft and transformers version."""
-    from peftkit.strategies import peft_methods
+    from peftkit.strategies.peft_methods import survey as peft_methods
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(peft_methods, "method_names", lambda: ["ia3", "loha"])
@@ -366,7 +366,7 @@ def test_list_shows_the_cached_survey_without_torch(tmp_path) -> None:
     import subprocess
     import sys
 
-    from peftkit.strategies import peft_methods
+    from peftkit.strategies.peft_methods import survey as peft_methods
 
     env = {**os.environ, "PEFTKIT_CACHE": str(tmp_path)}
     code = (
@@ -480,7 +480,7 @@ def test_predict_and_inspect_take_a_plain_peft_adapter_of_a_method(method: str, 
 
 
 def test_list_verbose_says_whether_each_method_merges(run_cli, monkeypatch, tmp_path) -> None:
-    from peftkit.strategies import peft_methods
+    from peftkit.strategies.peft_methods import survey as peft_methods
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
     runs = {"runs": {"sequence-classification": ["bert"], "causal-lm": []}, "refused": {}}
