@@ -55,7 +55,7 @@ from .inference import (
     load_adapter,
     merge_to_directory,
 )
-from .inputs import check_inputs, names_only
+from .inputs import check_inputs, check_resumable, names_only
 from .metrics import RunMetrics
 from .models import in_memory_model
 from .openvino_export import export_openvino, load_openvino, require_openvino
@@ -92,6 +92,7 @@ def run(config: RunConfig, echo: Echo = to_log) -> RunResult:
         if config.task is not None:
             get_task(config.task)  # an unknown task is refused with the accepted ones, before anything loads
         check_inputs(dataset=dataset)
+        check_resumable(config.checkpoint_every, config.model, dataset)
         # a loaded model too (saved for the call), once the settings passed: saving is what takes time
         with in_memory_model(config.model) as model:
             config = dataclasses.replace(config, model=model)

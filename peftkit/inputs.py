@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from .adapter_io import recorded_base_model
-from .data.sources import check_dataset_source
+from .data.sources import IN_MEMORY_PREFIX, check_dataset_source
 from .errors import PeftkitError
 from .models import check_model_name
 
@@ -43,3 +43,15 @@ def names_only(command: str, each: str, model: object, dataset: object) -> tuple
             "save it to a file (DataFrame.to_csv, Dataset.save_to_disk) and give its path"
         )
     return model, dataset
+
+
+def check_resumable(checkpoint_every: int | None, model: object, dataset: object) -> None:
+    """Refuse checkpoints for a run that could never be resumed: one on a loaded model or on data
+    held in memory (``dataset``: its in-memory name), which live in this process only, so ``resume``
+    refuses the run; a checkpoint would only promise what cannot be kept."""
+    in_memory = not isinstance(model, str | None) or (isinstance(dataset, str) and dataset.startswith(IN_MEMORY_PREFIX))
+    if checkpoint_every and in_memory:
+        raise PeftkitError(
+            f"checkpoint_every={checkpoint_every}: a run on a loaded model or on data in memory cannot be "
+            "resumed (they live in this process only); drop checkpoint_every, or save them and give their paths"
+        )

@@ -212,6 +212,18 @@ def test_bench_and_tune_refuse_what_their_workers_cannot_see(tiny_csv) -> None:
         api.bench(BenchConfig(strategies=["lora"], dataset=pandas.read_csv(tiny_csv)), echo=_quiet)
 
 
+def test_checkpoints_that_could_never_be_resumed_are_refused(tiny_csv, tmp_path, temp_root) -> None:
+    """A run on a loaded model or on data in memory cannot be resumed (``resume`` refuses it), so
+    checkpoints, whose message would promise ``peftkit run --resume``, are refused first."""
+    import pandas
+
+    out = str(tmp_path / "run")
+    for given in ({"model": _tiny_llama()}, {"dataset": pandas.read_csv(tiny_csv)}):
+        with pytest.raises(PeftkitError, match=r"^checkpoint_every=5: a run on a loaded model or on data in memory"):
+            api.run(RunConfig(checkpoint_every=5, output_dir=out, **given), echo=_quiet)
+    assert not os.path.exists(out) and not _saved(temp_root)
+
+
 def test_the_saved_copy_goes_however_the_run_ends(tiny_model_dir, tiny_csv, tmp_path, temp_root, monkeypatch) -> None:
     from transformers import AutoModel, AutoTokenizer
 
