@@ -61,6 +61,8 @@ from .models import in_memory_model
 from .openvino_export import export_openvino, load_openvino, require_openvino
 from .planner import Plan, PlanSettings, make_plan, resolve_settings
 from .predict_io import PredictConfig, check_output_file, read_inputs, write_rows
+from .recommend.config import RecommendConfig
+from .recommend.run import RecommendResult, check_recommend, output_dir_for, run_recommend
 from .rundir import check_output_dir, staged_dir
 from .runs import RunResult, resumed_config, run_config, warn_if_learned_nothing
 from .tasks import get_task
@@ -129,6 +131,26 @@ def bench(config: BenchConfig, overwrite: bool = False, echo: Echo = to_log) -> 
         quiet_libraries_in_own_process()
         results, table = run_bench(config, overwrite, echo)
     return BenchResult(out, results, table)
+
+
+def recommend(config: RecommendConfig, echo: Echo = to_log) -> RecommendResult:
+    """Which strategy to use on ``config``'s model and data within its time and memory budgets,
+    answered by measuring: candidates the planner finds over the memory budget are dropped;
+    successive halving over strategy x configuration (training-set sizes as rungs, each run in a
+    process of its own, fitted into the budget) selects on validation; the finalists run over the
+    seeds and are compared on the test split, and the cheaper of two that a paired test cannot tell
+    apart is recommended. Writes recommend.md (a paragraph first), results.json, plots and
+    ``best/`` (the adapter and a config.yaml for ``peftkit run --config``) into
+    ``config.output_dir``; an interrupted recommend continues when called again with the same
+    settings and output directory. Raises ``PeftkitError`` for bad input (a time budget too small
+    for one run included, before anything trains), ``RunInterrupted`` on Ctrl-C (the runs kept)."""
+    with error_context():
+        check_inputs(*names_only("recommend", "strategy", config.model, config.dataset))
+        config = check_recommend(config)  # a copy, completed
+        config = dataclasses.replace(config, output_dir=output_dir_for(config))
+        set_context(strategy=",".join(config.strategies), model=str(config.model))
+        quiet_libraries_in_own_process()
+        return run_recommend(config, echo)
 
 
 def tune(config: TuneConfig, echo: Echo = to_log) -> TuneResult:
@@ -326,6 +348,8 @@ __all__ = [
     "Plan",
     "PlanSettings",
     "PredictConfig",
+    "RecommendConfig",
+    "RecommendResult",
     "RunConfig",
     "RunInterrupted",
     "RunMetrics",
@@ -340,6 +364,7 @@ __all__ = [
     "plan",
     "predict",
     "predict_iter",
+    "recommend",
     "resume",
     "run",
     "tune",

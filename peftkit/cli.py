@@ -27,6 +27,7 @@ from .cli_output import (
     print_evaluation,
     print_inspect,
     print_plan,
+    print_recommend,
     print_strategies,
     print_summary,
     print_tune,
@@ -34,6 +35,7 @@ from .cli_output import (
 from .cli_spec import HELP, options
 from .env import environment_report, format_report
 from .errors import LearnedNothingWarning, PeftkitError, set_context
+from .recommend.config import RecommendConfig
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +147,22 @@ def bench_cmd(strategies: str, seeds: str, overwrite: bool, **opts: Any) -> None
     )
     result = api.bench(config, overwrite=overwrite, echo=_echo)
     print_bench(result)
+
+
+@cli.command("recommend", help=HELP["recommend"])
+@options("recommend")
+def recommend_cmd(strategies: str, seeds: str, **opts: Any) -> None:
+    from . import api
+    from .benchmark.config import parse_seeds
+    from .config import with_levers
+
+    config = RecommendConfig(
+        strategies=strategies.split(","),
+        seeds=parse_seeds(seeds),
+        command=_command_line("recommend"),
+        **with_levers(_given(opts)),
+    )
+    print_recommend(api.recommend(config, echo=_echo))
 
 
 def _command_line(name: str) -> str:

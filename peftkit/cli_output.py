@@ -142,6 +142,18 @@ def print_bench(result: Any) -> None:
     click.echo(f"results: {os.path.join(result.output_dir, 'results.md')} (and results.json, plots, runs/)")
 
 
+def print_recommend(result: Any) -> None:
+    """``peftkit recommend``: the answer's paragraph, then where the rest is."""
+    click.echo("")
+    click.echo(result.decision.paragraph)
+    best = os.path.join(result.output_dir, "best")
+    if os.path.isdir(best):
+        click.echo(
+            f"adapter: {os.path.join(best, 'adapter')}; again: peftkit run --config {os.path.join(best, 'config.yaml')}"
+        )
+    click.echo(f"report: {os.path.join(result.output_dir, 'recommend.md')} (and results.json, plots, runs/)")
+
+
 def print_inspect(meta: dict[str, Any]) -> None:
     """``peftkit inspect``: an adapter's metadata, a line a property."""
     m = meta.get("metrics", {})

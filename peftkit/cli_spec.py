@@ -43,6 +43,11 @@ OPTIONS: dict[str, tuple[str, ...]] = {
         "grad_accumulation LEVERS memory_budget tune:set trials timeout storage study_name metric pruner",
         "space tune:output_dir tune:overwrite",
     ),
+    "recommend": _keys(
+        "recommend:strategies task model dataset text_column label_column response_column max_train_samples",
+        "max_eval_samples time_budget recommend:memory_budget seeds bench:batch_size max_length eval_batch_size",
+        "LEVERS eta finalists recommend:output_dir recommend:overwrite",
+    ),
     "plan": _keys(
         "task model plan:strategies plan:batch_size max_length num_labels loss_tokens LEVERS processes fsdp",
         "plan:memory_budget device plan:json",
@@ -73,6 +78,7 @@ peftkit list                      strategies and what they do
 peftkit run --strategy lora       fine-tune and evaluate (embedded default: MiniLM on Rotten Tomatoes)
 peftkit bench                     every strategy side by side: memory, speed, accuracy
 peftkit tune --strategy lora      search its hyper-parameters (Optuna), selected on validation
+peftkit recommend --time-budget 20m   which strategy to use, measured within a time (and memory) budget
 peftkit plan --memory-budget 8GiB predicted peak memory of each strategy, without training
 peftkit predict --adapter DIR T   answer texts (or --input FILE) with a trained adapter
 peftkit eval --adapter DIR --dataset FILE   how well it does on a labelled file, beside a baseline
@@ -126,6 +132,31 @@ tuning/        with --tune: each strategy's study (study.db, trials, best.yaml);
 \b
 peftkit bench --train-sizes 250,500,1000,2000,all --max-eval-samples 500
                accuracy of every strategy at each training-set size
+"""
+
+HELP["recommend"] = """Recommend a strategy for this model and data within a time (and memory) budget, by measuring.
+
+\b
+1. Plan: a strategy the planner finds over --memory-budget even with every lever
+   (bf16, checkpointing, 8-bit AdamW, 4-bit base) and micro-batch 1 is dropped.
+2. Search: successive halving over strategy x configuration. Rung 0 trains each
+   strategy's defaults, then configurations from its search space (as peftkit tune's),
+   on a 1/eta^k subset; each rung keeps the best 1/eta on validation and trains them on
+   eta times the examples, up to the whole training set. Runs start only while the
+   measured times say they fit the budget.
+3. Decide: the best configuration of each of the --finalists best strategies runs over
+   the seeds and is compared on the test split; the cheaper (memory, time per epoch) of
+   two that a paired test cannot tell apart is recommended, and the answer says why.
+
+\b
+The output directory holds
+recommend.md   the answer in a paragraph, the finalists' table, the search's history
+results.json   everything measured; search.png, accuracy_vs_memory.png, accuracy_vs_time.png
+best/          the recommended adapter and config.yaml (peftkit run --config best/config.yaml)
+runs/          every run; recommend.db: the search (the same command continues it)
+
+\b
+peftkit recommend --time-budget 20m --max-train-samples 2000 --memory-budget 1.5GiB
 """
 
 HELP["tune"] = """Search a strategy's hyper-parameters with Optuna, selecting on validation only.

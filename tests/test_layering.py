@@ -35,6 +35,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "gguf_check",
         "gguf_lora",
         "openvino_export",
+        "recommend",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (

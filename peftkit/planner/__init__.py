@@ -47,7 +47,15 @@ from .measure import (
     saved_activation_bytes,
     step_lengths,
 )
-from .plan import bench_predictor, check_applicable, load_config, make_plan, plan_strategy, structure_key
+from .plan import (
+    bench_predictor,
+    check_applicable,
+    load_config,
+    make_plan,
+    plan_strategy,
+    rough_run_seconds,
+    structure_key,
+)
 
 __all__ = [
     "DIRECT_MAX_DEPTH",
@@ -67,6 +75,7 @@ __all__ = [
     "per_process_memory",
     "plan_strategy",
     "resolve_settings",
+    "rough_run_seconds",
     "runtime_bytes",
     "saved_activation_bytes",
     "step_lengths",

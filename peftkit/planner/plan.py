@@ -292,6 +292,24 @@ def _rough_seconds(config: Any, settings: PlanSettings, how: str) -> float:
     return _TIME_FACTOR * flops / _matmul_rate(settings.device)
 
 
+def rough_run_seconds(
+    model: str, task: str, trained: int, evaluated: int, max_length: int | None, device: str
+) -> float:
+    """A rough time for the matmuls of a run that trains ``trained`` examples (over all its epochs)
+    and evaluates ``evaluated``: 6 FLOPs per linear weight per position trained (forward and
+    backward), 2 per position evaluated, every example ``max_length`` long (an upper bound: batches
+    are padded to their longest), at this machine's matmul rate now, times ``_TIME_FACTOR``. What
+    ``peftkit recommend`` refuses a budget by before anything trains; measured runs replace it."""
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    with init_empty_weights(include_buffers=False):
+        built = get_task(task).model_from_config(load_config(model))
+    linear = sum(m.weight.numel() for m in built.modules() if isinstance(m, nn.Linear))
+    flops = linear * (max_length or 197) * (6 * trained + 2 * evaluated)  # (images: ViT-base's patches)
+    return _TIME_FACTOR * flops / _matmul_rate(device)
+
+
 def _matmul_rate(device: str) -> float:
     """FLOP/s of a mid-sized fp32 matmul on ``device``: the best of five bursts of 20 ms (the
     machine's own speed; on a busy machine the per-strategy lines correct the estimate)."""

@@ -404,3 +404,52 @@ declare(
     help="Also show where each peft:NAME method runs (architectures and tasks, and why not), found by "
     "building each on tiny models: about 20 s the first time for a peft and transformers version, then cached.",
 )
+# -- peftkit recommend ------------------------------------------------------------------------
+declare(
+    "time_budget",
+    "--time-budget",
+    default=REQUIRED,
+    required=True,
+    metavar="DURATION",
+    help="Wall time the whole command may take (20m, 1h30m, 900s): the search stops sampling, "
+    "promoting and seeding where the measured times say the rest would not fit. Required.",
+)
+vary(
+    "recommend:strategies",
+    help="Candidates: 'all' (every registered strategy, plugins included) or names: lora,full,peft:ia3.",
+)
+vary(
+    "recommend:memory_budget",
+    help="Memory each run may use, e.g. 1.5GiB (CUDA: allocator cap; CPU: peak resident memory): a strategy "
+    "the planner finds over it even with every lever is dropped before the search, the others are fitted "
+    "with levers and micro-batches as bench --auto-fit does. Default: no budget.",
+)
+declare(
+    "eta",
+    "--eta",
+    default=3,
+    type=int,
+    show_default=True,
+    metavar="N",
+    help="Successive halving's factor: each rung keeps the best 1/N of the configurations and trains "
+    "them on N times the examples.",
+)
+declare(
+    "finalists",
+    "--finalists",
+    default=3,
+    type=int,
+    show_default=True,
+    metavar="K",
+    help="Strategies (each at its best configuration) that reach the whole training set and are "
+    "compared on the test split over the seeds.",
+)
+vary(
+    "recommend:output_dir",
+    help="Where the search, runs and report go; give the same one again to continue an interrupted "
+    "recommend. Default: runs/recommend-<timestamp>.",
+)
+vary(
+    "recommend:overwrite",
+    help="Start afresh: replace the output directory (its study and runs) instead of continuing it.",
+)

@@ -88,13 +88,13 @@ def trial_config(plan: TunePlan, values: dict[str, Any], workdir: str) -> RunCon
 def best_config(plan: TunePlan, study: optuna.Study) -> RunConfig:
     """The best trial's run settings, every default resolved, ready for ``peftkit run``."""
     best = study.best_trial
-    values = plan.strategy.search_space(_Replay(best.params, plan.fixed), plan.defaults)
+    values = plan.strategy.search_space(ReplayTrial(best.params, plan.fixed), plan.defaults)
     cfg = trial_config(plan, values, "unused")
     cfg.output_dir = None
     return cfg
 
 
-class _Replay(SearchTrial):
+class ReplayTrial(SearchTrial):
     """A finished trial's parameters answered again (fixed settings as before)."""
 
     def __init__(self, params: dict[str, Any], fixed: dict[str, Any]) -> None:
