@@ -8,6 +8,7 @@ existing run is never replaced unless ``--overwrite`` was given.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,29 @@ def check_output_dir(path: str, overwrite: bool, flag: str = "--output-dir") -> 
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise PeftkitError(f"cannot create output directory {path!r}: {probe!r} is not a writable directory")
+
+
+def continued_dir(out: str, overwrite: bool, marker: str, what: str) -> dict[str, Any] | None:
+    """An output directory a command writes as it goes and continues when run again (a tune's study,
+    a recommend's search), so it cannot be staged: the record in its ``marker`` file when ``out``
+    holds one (the caller checks it was made for the same work), else None after making ``out``
+    afresh (replacing it with ``overwrite``; the caller writes its marker). A directory holding
+    anything but ``what`` is refused unless ``overwrite``."""
+    path = os.path.join(out, marker)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if not os.path.exists(path):
+            raise PeftkitError(
+                f"output directory {out!r} exists and holds no {what} ({marker}); use --overwrite to replace it "
+                "or choose another --output-dir"
+            )
+        with open(path, encoding="utf-8") as fh:
+            recorded: dict[str, Any] = json.load(fh)
+        return recorded
+    check_output_dir(out, overwrite=True)
+    if os.path.isdir(out) and overwrite:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    return None
 
 
 @contextlib.contextmanager

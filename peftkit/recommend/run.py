@@ -7,9 +7,7 @@ made or continued, the search (``peftkit.recommend.search``), the decision
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from ..files import write_json
 from ..memory import format_size, parse_size
 from ..planner import rough_run_seconds
 from ..registry import get_strategy
-from ..rundir import check_output_dir
+from ..rundir import continued_dir
 from ..tasks import with_task_defaults
 from .config import RecommendConfig
 from .decide import Decision
@@ -118,15 +116,8 @@ def prepare_output(config: RecommendConfig, out: str) -> bool:
     """Make the output directory, or find the one an earlier call of the same recommend made (then
     True: the search continues). One holding anything else, or a recommend made for other settings,
     is refused unless ``overwrite`` (then replaced)."""
-    marker = os.path.join(out, MARKER)
-    if os.path.isdir(out) and os.listdir(out) and not config.overwrite:
-        if not os.path.exists(marker):
-            raise PeftkitError(
-                f"output directory {out!r} exists and holds no peftkit recommend ({MARKER}); use --overwrite to "
-                "replace it or choose another --output-dir"
-            )
-        with open(marker, encoding="utf-8") as fh:
-            recorded = json.load(fh)
+    recorded = continued_dir(out, config.overwrite, MARKER, "peftkit recommend")
+    if recorded is not None:
         differs = {k: v for k, v in recorded.items() if config.identity().get(k) != v}
         if differs:
             said = ", ".join(f"{k} {v!r}" for k, v in differs.items())
@@ -135,11 +126,7 @@ def prepare_output(config: RecommendConfig, out: str) -> bool:
                 "settings to continue it, another --output-dir, or --overwrite to start afresh"
             )
         return True
-    check_output_dir(out, overwrite=True)
-    if os.path.isdir(out) and config.overwrite:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    write_json(marker, config.identity())
+    write_json(os.path.join(out, MARKER), config.identity())
     return False
 
 
@@ -149,7 +136,7 @@ def run_recommend(
     """The whole of ``peftkit recommend`` after ``check_recommend``: ``config.output_dir`` set.
     ``runner`` runs one worker (a test's stand-in), ``now`` is the clock the budget is kept by."""
     out = str(config.output_dir)
-    started = time.monotonic()
+    started = now()
     bench, predict, baselines, whole = load_once(config.bench_config(), echo)
     config = dataclasses.replace(config, **{k: getattr(bench, k) for k in ("text_column", "label_column")})
     if not config.memory_budget:
@@ -170,7 +157,7 @@ def run_recommend(
             )
     continued = prepare_output(config, out) or continued
     ledger = Ledger(f"sqlite:///{os.path.abspath(out)}/{STUDY_FILE}", candidates, config.seeds[0])
-    clock = Clock(config.budget_seconds, ledger.spent, now)
+    clock = Clock(config.budget_seconds, ledger.spent, now, started)
     if continued:
         echo(
             f"recommend: continuing the search in {out}: {len(ledger.runs)} runs kept "
@@ -196,7 +183,7 @@ def run_recommend(
     results = suite_results(
         dataclasses.replace(bench, strategies=[c.strategy for c in finalists], max_train_samples=sizes[reached]),
         rows,
-        time.monotonic() - started,
+        now() - started,
         baselines,
     )
     decision, results = write_report(config, search, finalists, reached, dropped, results, out)

@@ -223,11 +223,14 @@ def _storable(row: dict[str, Any]) -> dict[str, Any]:
 
 class Clock:
     """The time budget: what is left, counting what an earlier call of the same search spent.
-    ``now`` is the time source (``time.monotonic``; a test's own clock)."""
+    ``now`` is the time source (``time.monotonic``; a test's own clock), ``started`` when the command
+    started (its loading and planning count too)."""
 
-    def __init__(self, budget: float, spent: float, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, budget: float, spent: float, now: Callable[[], float] = time.monotonic, started: float | None = None
+    ) -> None:
         self.now = now
-        self.budget, self.started, self.spent_before = budget, now(), spent
+        self.budget, self.started, self.spent_before = budget, now() if started is None else started, spent
 
     @property
     def elapsed(self) -> float:

@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..errors import PeftkitError
 from ..files import private_dir, publish_modes, write_json
 from ..metrics import RunMetrics
-from ..rundir import check_output_dir
+from ..rundir import continued_dir
 from ..runs import RunResult
 from .config import MARKER, TunePlan
 from .report import defaults_won, versus_defaults, write_reports
@@ -49,16 +49,9 @@ class FinishedTune(NamedTuple):
 def prepare_output(plan: TunePlan) -> None:
     """Make (or find) the output directory. One that holds another tune's study, or anything but a
     tune, is refused unless ``overwrite`` (then it is emptied: its study and reports go)."""
-    out, overwrite = plan.output_dir, plan.config.overwrite
-    marker = os.path.join(out, MARKER)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        if not os.path.exists(marker):
-            raise PeftkitError(
-                f"output directory {out!r} exists and holds no peftkit tune ({MARKER}); use "
-                "--overwrite to replace it or choose another --output-dir"
-            )
-        with open(marker, encoding="utf-8") as fh:
-            recorded = json.load(fh)
+    out = plan.output_dir
+    recorded = continued_dir(out, plan.config.overwrite, MARKER, "peftkit tune")
+    if recorded is not None:
         if recorded.get("study_name") != plan.study_name or recorded.get("storage") != masked(plan.storage):
             raise PeftkitError(
                 f"output directory {out!r} holds the tune of study {recorded.get('study_name')!r} in "
@@ -67,11 +60,8 @@ def prepare_output(plan: TunePlan) -> None:
                 "or --overwrite"
             )
         return
-    check_output_dir(out, overwrite=True)
-    if os.path.isdir(out) and overwrite:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    write_json(marker, {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity})
+    record = {"study_name": plan.study_name, "storage": masked(plan.storage), **plan.identity}
+    write_json(os.path.join(out, MARKER), record)
 
 
 @contextlib.contextmanager
