@@ -54,6 +54,7 @@ from .inference import (
     iter_predictions,
     load_adapter,
     merge_to_directory,
+    strategy_of_peft_type,
 )
 from .inputs import check_inputs, check_resumable, names_only
 from .metrics import RunMetrics
@@ -327,9 +328,15 @@ def export(config: ExportConfig, echo: Echo = to_log) -> ExportResult:
 def inspect(adapter_dir: str) -> dict[str, Any]:
     """An adapter's metadata (strategy, base model and fingerprint, labels, metrics, versions) with
     its size; for a plain peft adapter, what its config says. ``adapter_dir`` may be a run
-    directory (its ``adapter/`` is read)."""
+    directory (its ``adapter/`` is read). A plain peft adapter's ``strategy`` is the one peftkit
+    loads it as (``peft:ia3`` for an IA3 adapter), where one does."""
     with error_context():
-        return describe_adapter(adapter_dir)
+        meta = describe_adapter(adapter_dir)
+        if "strategy" not in meta and meta.get("peft_type"):
+            cls = strategy_of_peft_type(str(meta["peft_type"]))
+            if cls is not None:
+                meta["strategy"] = cls.name
+        return meta
 
 
 # the public surface: the commands' functions, their configs and results, the errors a caller

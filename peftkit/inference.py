@@ -57,7 +57,7 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
             f"{directory!r} is not an adapter directory (no peftkit_adapter.json or adapter_config.json)"
         )
     peft_type = config.get("peft_type")
-    cls = _strategy_of_peft_type(str(peft_type))
+    cls = strategy_of_peft_type(str(peft_type))
     if cls is None:
         kinds = sorted({c.peft_type for c in available().values() if getattr(c, "peft_type", None)})
         families = ", ".join(f"{p}NAME ({f.description})" for p, f in strategy_families().items())
@@ -91,7 +91,7 @@ def _plain_peft_metadata(directory: str, model: str | None) -> dict[str, Any]:
     }
 
 
-def _strategy_of_peft_type(peft_type: str) -> Any | None:
+def strategy_of_peft_type(peft_type: str) -> Any | None:
     """The strategy that writes peft adapters of ``peft_type``: a registered one (``lora`` for
     ``LORA``), else a family's member of that name in lower case whose ``peft_type`` it is (``IA3``
     -> ``peft:ia3``): a family resolves its names only when asked, so ``available`` lacks them."""

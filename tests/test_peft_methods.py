@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
+import peftkit
 from peftkit import registry
 from peftkit.adapter_io import read_metadata, save_adapter
 from peftkit.config import RunConfig
@@ -477,6 +478,8 @@ def test_predict_and_inspect_take_a_plain_peft_adapter_of_a_method(method: str, 
         theirs = torch.softmax(plain(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert describe_adapter(directory)["peft_type"] == method.upper()
+    # inspect names the strategy peftkit loads it as
+    assert peftkit.inspect(directory)["strategy"] == f"peft:{method}"
 
 
 def test_list_verbose_says_whether_each_method_merges(run_cli, monkeypatch, tmp_path) -> None:
