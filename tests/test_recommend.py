@@ -93,8 +93,12 @@ class FakeWorld:
 def small_rungs(monkeypatch):
     """Rungs down to 40 examples, so the 160 training examples of tiny_csv make three; at most 4
     configurations a strategy (each stand-in run still writes the study: keep the tests quick)."""
+    from peftkit.recommend import run as run_mod
+
     monkeypatch.setattr(search_mod, "RUNG_MIN_EXAMPLES", 40)
     monkeypatch.setattr(search_mod, "MAX_CONFIGS", 4)
+    # the stand-in's runs cost what their examples do: no raised epochs to make a small rung dear
+    monkeypatch.setattr(run_mod, "rung_sizes", lambda whole, eta, work=None: rung_sizes(whole, eta))
 
 
 def _config(tiny_model_dir, tiny_csv, tmp_path, **changes) -> RecommendConfig:
@@ -115,6 +119,11 @@ def test_rung_sizes():
     assert rung_sizes(10_201, 3) == [1133, 3400, 10_201]
     assert rung_sizes(2000, 3) == [666, 2000]
     assert rung_sizes(600, 3) == [600]
+    # a smaller rung only where it costs at most half the one above: below 4,800 examples a plain
+    # run trains at least 150 steps of 32 whatever its size, so 1,000 and 333 examples cost the same
+    steps = lambda size: max(150 * 32, size)  # noqa: E731
+    assert rung_sizes(10_201, 3, steps) == [3400, 10_201]
+    assert rung_sizes(2000, 3, steps) == [2000]
 
 
 def test_search_halves_selects_on_validation_and_decides(tiny_model_dir, tiny_csv, tmp_path, small_rungs):

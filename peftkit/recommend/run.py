@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,7 +145,11 @@ def run_recommend(
     candidates, dropped = plan_candidates(config, predict, echo)
     if not candidates:
         raise PeftkitError("no strategy can run: " + "; ".join(f"{s}: {d['error']}" for s, d in dropped.items()))
-    sizes = rung_sizes(whole, config.eta)
+
+    def work(strategy: str, size: int) -> float:
+        return float(get_strategy(strategy)().schedule(size, config.batch_size).epochs * size)
+
+    sizes = rung_sizes(whole, config.eta, lambda size: statistics.mean(work(s, size) for s in candidates))
     continued = os.path.exists(os.path.join(out, STUDY_FILE))
     if not continued:
         cheapest, seconds = smallest_budget(config, candidates, sizes[0])
@@ -170,9 +175,6 @@ def run_recommend(
 
     def run_row(b: Any, strategy: str, seed: int, settings: dict[str, Any], named: str) -> dict[str, Any]:
         return bench_one(b, strategy, seed, out, (0, b.batch_size), runner, echo, predict, settings, named)
-
-    def work(strategy: str, size: int) -> float:
-        return float(get_strategy(strategy)().schedule(size, config.batch_size).epochs * size)
 
     search = Search(config, candidates, sizes, ledger, clock, run_row, echo, work)
     search.rung0()

@@ -60,12 +60,20 @@ VALIDATION = (
 _FIXED = {"epochs": None}
 
 
-def rung_sizes(whole: int, eta: int) -> list[int]:
+def rung_sizes(whole: int, eta: int, work: Callable[[int], float] | None = None) -> list[int]:
     """Training-set sizes of the rungs, smallest first, the last the whole set:
-    10,201 examples at eta 3 -> [1133, 3400, 10201]; 600 -> [600]."""
+    10,201 examples at eta 3 -> [1133, 3400, 10201]; 600 -> [600].
+
+    ``work(size)``: the training examples a run at ``size`` processes (its epochs x the size). A
+    smaller rung is added only where it costs at most half the one above: a run on a small training
+    set trains more epochs (a strategy's minimum optimizer steps), so 500 examples cost a plain run
+    as much as 1,000, and a rung that saves nothing only delays the comparison."""
     sizes = [whole]
     while len(sizes) < MAX_RUNGS and sizes[0] // eta >= RUNG_MIN_EXAMPLES:
-        sizes.insert(0, sizes[0] // eta)
+        smaller = sizes[0] // eta
+        if work is not None and work(smaller) > work(sizes[0]) / 2:
+            break
+        sizes.insert(0, smaller)
     return sizes
 
 
