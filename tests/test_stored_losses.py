@@ -76,32 +76,43 @@ def _figures(tmp_path, model: str, task: str, data: str, strategy: str) -> list[
     ]
 
 
+# run name -> (tiny model fixture, argument, task, data fixture)
+MODELS = {
+    "bert/sequence-classification": ("tiny_model_dir", "bert", "sequence-classification", "tiny_csv"),
+    "llama/causal-lm": ("tiny_causal_dir", None, "causal-lm", "pairs_csv"),
+}
+RUNS = [f"{m}/{s}" for m in MODELS for s in STRATEGIES]
+
+
+def _run_figures(request, tmp_path, run: str) -> list[dict[str, float]]:
+    prefix, strategy = run.rsplit("/", 1)
+    model_fixture, arch, task, data_fixture = MODELS[prefix]
+    model = request.getfixturevalue(model_fixture)
+    return _figures(tmp_path, model(arch) if arch else model, task, request.getfixturevalue(data_fixture), strategy)
+
+
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory, tiny_model_dir, tiny_causal_dir, tiny_csv, pairs_csv) -> dict[str, list]:
-    tmp = tmp_path_factory.mktemp("stored")
-    runs = {}
-    for strategy in STRATEGIES:
-        runs[f"bert/sequence-classification/{strategy}"] = _figures(
-            tmp, tiny_model_dir("bert"), "sequence-classification", tiny_csv, strategy
-        )
-        runs[f"llama/causal-lm/{strategy}"] = _figures(tmp, tiny_causal_dir, "causal-lm", pairs_csv, strategy)
+def stored(request, tmp_path_factory) -> dict:
+    """The stored figures; with PEFTKIT_STORE_LOSSES=1, every run measured and written instead."""
     if os.environ.get("PEFTKIT_STORE_LOSSES") == "1":
+        tmp = tmp_path_factory.mktemp("stored")
+        runs = {run: _run_figures(request, tmp, run) for run in RUNS}
         os.makedirs(os.path.dirname(STORED), exist_ok=True)
         with open(STORED + ".tmp", "w") as fh:
             json.dump({"versions": _versions(), "runs": runs}, fh, indent=1, sort_keys=True)
             fh.write("\n")
         os.replace(STORED + ".tmp", STORED)
         pytest.skip(f"PEFTKIT_STORE_LOSSES=1: wrote {STORED}; nothing was checked")
-    return runs
-
-
-@pytest.mark.parametrize(
-    "run", [f"{m}/{s}" for m in ("bert/sequence-classification", "llama/causal-lm") for s in STRATEGIES]
-)
-def test_each_epochs_figures_equal_the_stored_ones(run, measured) -> None:
     with open(STORED) as fh:
-        stored = json.load(fh)
-    expected, got = stored["runs"][run], measured[run]
+        return json.load(fh)
+
+
+# Each test trains its own run, not a module fixture training all twelve: under pytest-xdist every
+# worker that gets one of these tests builds the module fixture again, so two workers trained all
+# twelve runs twice (tests/test_stored_losses.py -n 2: 28 s, each worker's setup 19 s).
+@pytest.mark.parametrize("run", RUNS)
+def test_each_epochs_figures_equal_the_stored_ones(run, stored, request, tmp_path) -> None:
+    expected, got = stored["runs"][run], _run_figures(request, tmp_path, run)
     assert len(got) == len(expected) == 2, f"{run}: {len(got)} epochs, stored {len(expected)}"
     for epoch, (want, have) in enumerate(zip(expected, got), 1):
         assert set(have) == set(want), f"{run} epoch {epoch}: figures {sorted(have)}, stored {sorted(want)}"
