@@ -16,8 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # of work, and two OpenMP threads synchronising on every op cost more than they share. Measured on
 # a 2-core AMD EPYC with other jobs beside it, tests/test_resume.py::test_resume_refusals plus the
 # causal-LM strategy matrix took 46-65 s with 2 threads and 15-19 s with 1. The tests marked real
-# get the machine's threads back (``_real_models_use_every_core``): their MiniLM / SmolLM2 layers
-# are big enough to share.
+# get their share of the machine's threads back (``_real_models_use_every_core``): their MiniLM /
+# SmolLM2 layers are big enough to share.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
@@ -25,18 +25,32 @@ import pytest
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def real_model_threads() -> int:
+    """The threads a test marked ``real`` runs on: the machine's cores, shared among pytest-xdist's
+    workers. The README's ``-n auto`` starts a worker per core, each busy with tests of its own, so
+    more threads than a worker's share only wait on each other: on a 2-core AMD EPYC with other jobs
+    beside it, SmolLM2-135M's 16 greedy tokens took PyTorch 9.7 s on 2 threads and 2.4 s on 1,
+    llama.cpp 13.7 s and 2.3 s."""
+    return max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _real_models_use_every_core(request, monkeypatch):
     """A test marked ``real`` runs with torch's default threads (the machine's cores), in this
-    process and in those it starts, as it would for a user; the others keep one (see above)."""
-    if request.node.get_closest_marker("real") is None or os.environ.get("OMP_NUM_THREADS") != "1":
+    process and in those it starts, as it would for a user, unless pytest-xdist's workers share the
+    cores (``real_model_threads``); the others keep one (see above)."""
+    threads = real_model_threads()
+    if request.node.get_closest_marker("real") is None or os.environ.get("OMP_NUM_THREADS") != "1" or threads == 1:
         yield
         return
     import torch
 
-    monkeypatch.delenv("OMP_NUM_THREADS")
+    if threads == CORES:
+        monkeypatch.delenv("OMP_NUM_THREADS")
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     before = torch.get_num_threads()
-    torch.set_num_threads(CORES)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:

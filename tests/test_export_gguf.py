@@ -401,6 +401,7 @@ def test_real_smollm2_is_smollm_to_llamacpp_and_tokenized_as_transformers_does(t
     """The embedded SmolLM2-135M written as GGUF (float32): its pre-tokenizer is ``smollm``, and
     llama.cpp's token ids and 16 greedy tokens on the digits, $ and ( prompt are transformers'
     (issue 33: with llama.cpp's default pre-tokenizer, 32 tokens where transformers makes 30)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.gguf_check import CHECK_NEW_TOKENS, CHECK_PROMPTS, LOGPROB_TOLERANCE, greedy_reference
@@ -417,7 +418,10 @@ def test_real_smollm2_is_smollm_to_llamacpp_and_tokenized_as_transformers_does(t
     assert pre["name"] == "smollm" and pre["hash"] == SMOLLM_HASH
     prompts = [CHECK_PROMPTS[3], "The total is $1,234.56 (tax included) for 3 items."]
     write_gguf(model, tok, str(tmp_path / "model.gguf"), pre["name"])
-    run = run_llamacpp(str(tmp_path / "model.gguf"), prompts, CHECK_NEW_TOKENS, model.config.max_position_embeddings)
+    # llama.cpp's own choice (up to 2 threads) capped at PyTorch's here: conftest's real_model_threads
+    threads = min(2, torch.get_num_threads())
+    context = model.config.max_position_embeddings
+    run = run_llamacpp(str(tmp_path / "model.gguf"), prompts, CHECK_NEW_TOKENS, context, threads=threads)
     reference = greedy_reference(model, tok, prompts)
     assert run.warnings == [] and run.prompt_ids == reference.prompt_ids
     for got, want, got_p, want_p in zip(run.generated, reference.generated, run.logprobs, reference.logprobs):
@@ -425,6 +429,6 @@ def test_real_smollm2_is_smollm_to_llamacpp_and_tokenized_as_transformers_does(t
         assert max(abs(x - y) for x, y in zip(got_p, want_p)) <= LOGPROB_TOLERANCE
     # what exports wrote before: llama.cpp's default pre-tokenizer splits these prompts otherwise
     write_gguf(model, tok, str(tmp_path / "model.gguf"), "default")
-    before = run_llamacpp(str(tmp_path / "model.gguf"), prompts, 1, model.config.max_position_embeddings)
+    before = run_llamacpp(str(tmp_path / "model.gguf"), prompts, 1, context, threads=threads)
     counts = [(len(a), len(b)) for a, b in zip(before.prompt_ids, reference.prompt_ids)]
     assert all(a != b for a, b in counts), counts
