@@ -17,15 +17,29 @@ from peftkit.inference import load_adapter, predict_texts
 TEXTS = ["a good and charming film", "dull boring plot", "the acting was very superb"]
 
 
+class _Trained(dict):
+    """strategy -> adapter directory, each strategy trained when a test first asks for it."""
+
+    def __init__(self, train) -> None:
+        super().__init__()
+        self.train = train
+
+    def __missing__(self, strategy: str) -> str:
+        self[strategy] = self.train(strategy)
+        return self[strategy]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, tiny_csv):
-    """strategy -> adapter directory of a short run on the tiny BERT (trained once per module)."""
+    """strategy -> adapter directory of a short run on the tiny BERT (trained once per module, when
+    first asked for: under pytest-xdist each worker that gets some of these tests builds this fixture
+    again, and trained all six strategies where its tests need one or two)."""
     from peftkit.cli import main
 
     root = tmp_path_factory.mktemp("ship")
-    out = {}
     extra = {"gradual_unfreeze": ["--set", "unfreeze_every_steps=1000"], "prefix": ["--set", "num_virtual_tokens=4"]}
-    for strategy in ("lora", "prefix", "full", "gradual_unfreeze", "adapter", "head_only"):
+
+    def train(strategy: str) -> str:
         run = root / strategy
         with pytest.raises(SystemExit) as done:
             main(
@@ -51,8 +65,9 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_csv):
                 ]
             )
         assert done.value.code in (0, None)
-        out[strategy] = str(run / "adapter")
-    return out
+        return str(run / "adapter")
+
+    return _Trained(train)
 
 
 def _probs(rows) -> torch.Tensor:
