@@ -268,16 +268,20 @@ class Search:
 
     def estimate(self, strategy: str, size: int) -> float | None:
         """Seconds a run of ``strategy`` at ``size`` should take: its measured runs' start-up and
-        evaluation (their seconds less training) plus their training pace scaled by ``work``; another
-        strategy's pace (the slowest) where it has no run yet; None before any run."""
-        mine = [r for r in self.ledger.runs if r.strategy == strategy and r.row.get("train_seconds")]
-        pool = mine or [r for r in self.ledger.runs if r.row.get("train_seconds")]
-        if not pool:
+        evaluation (their seconds less training) plus their training pace scaled by ``work``. For a
+        strategy with no run yet, the mean time of the other strategies' runs at this size (else at
+        another, scaled by the sizes' ratio): not their pace times its epochs, which says nothing of
+        a strategy whose later epochs cost little (head_only's cached features). None before any run."""
+        timed = [r for r in self.ledger.runs if r.row.get("train_seconds")]
+        mine = [r for r in timed if r.strategy == strategy]
+        if mine:
+            fixed = statistics.mean(max(0.0, r.seconds - r.row["train_seconds"]) for r in mine)
+            pace = statistics.mean(r.row["train_seconds"] / max(1.0, self.work(r.strategy, r.size)) for r in mine)
+            return fixed + pace * self.work(strategy, size)
+        if not timed:
             return None
-        fixed = statistics.mean(max(0.0, r.seconds - r.row["train_seconds"]) for r in pool)
-        paces = [r.row["train_seconds"] / max(1.0, self.work(r.strategy, r.size)) for r in pool]
-        pace = statistics.mean(paces) if mine else max(paces)
-        return fixed + pace * self.work(strategy, size)
+        same = [r.seconds for r in timed if r.size == size]
+        return statistics.mean(same) if same else statistics.mean(r.seconds * size / r.size for r in timed)
 
     def _mean_estimate(self, strategies: list[str], size: int) -> float:
         known = [e for s in strategies if (e := self.estimate(s, size)) is not None]
