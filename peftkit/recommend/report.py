@@ -137,6 +137,11 @@ def _notes(
             f"The budget ended the search at {search.sizes[reached]:,} training examples, before the whole "
             f"{search.sizes[-1]:,}: a larger --time-budget would compare the finalists on all of them."
         )
+    if search.ledger.runs and all(r.number == 0 for r in search.ledger.runs):
+        notes.append(
+            "Only the defaults ran: the finalists' other seeds needed the rest of the budget, which left none for "
+            "other configurations (a larger --time-budget, fewer --seeds or --max-train-samples would search more)."
+        )
     if search.skipped:
         notes.append(f"{len(search.skipped)} run(s) were not started for the time budget (recommend.md lists them).")
     return notes
