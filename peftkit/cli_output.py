@@ -114,7 +114,8 @@ def print_peft_methods(verbose: bool, survey_now: bool, width: int) -> None:
             places = "; ".join(f"{task}: {' '.join(archs)}" for task, archs in where.items())
             click.echo(f"  {'':<{wide}}    not {places} ({said})")
         if verbose:
-            _print_defaults(peft_methods.DEFAULTS.get(method, peft_methods.LORA_LIKE), wide + 2, " (provisional)")
+            defaults = peft_methods.DEFAULTS.get(method, peft_methods.LORA_LIKE)
+            _print_defaults(defaults, wide + 2, f" ({peft_methods.defaults_origin(method)})")
         if verbose and survey_now:  # the options are peft's config fields: peft is loaded already
             cls = peft_methods.resolve(method)
             why = peft_methods.not_merged(method, cls.config_class)

@@ -112,10 +112,7 @@ def quiet_libraries() -> None:
     makes it slow, so never at import time.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel
-    # package is missing; the fallback it uses works, and the message only alarms users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+    _quiet_import_noise()
     # bitsandbytes' 8-bit matmul logs "inputs will be cast from torch.bfloat16 to float16" on every
     # call: 140 lines a step on a 20-block Llama under bf16 (3,640 in one 24-step run of the GPU
     # suite). True and worth knowing once, noise after that.
@@ -141,6 +138,15 @@ _frozen = False
 _own_process = False  # set by own_process(): the command line's process, a bench or tune worker
 
 
+def _quiet_import_noise() -> None:
+    """What a library says when it is merely imported, silenced before anything imports it (the
+    command line checks a ``peft:NAME`` strategy, which imports peft, before ``quiet_libraries``):
+    bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel package is
+    missing; the fallback it uses works, and the message only alarms users. Imports nothing."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+
 def own_process() -> None:
     """Say that this process is peftkit's own (the command line, a bench or tune worker), not a
     user's Python session that imported peftkit: process-wide settings are then ours to make
@@ -148,6 +154,7 @@ def own_process() -> None:
     large freed blocks returned to the system at once, ``memory.return_large_blocks_at_once``)."""
     global _own_process
     log_to_stderr()
+    _quiet_import_noise()
     if not _own_process:
         return_large_blocks_at_once()
     _own_process = True
