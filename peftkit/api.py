@@ -62,8 +62,8 @@ from .models import in_memory_model
 from .openvino_export import export_openvino, load_openvino, require_openvino
 from .planner import Plan, PlanSettings, make_plan, resolve_settings
 from .predict_io import PredictConfig, check_output_file, read_inputs, write_rows
-from .recommend.config import RecommendConfig
-from .recommend.run import RecommendResult, check_recommend, output_dir_for, run_recommend
+from .recommendation.config import RecommendConfig
+from .recommendation.run import RecommendResult, check_recommend, output_dir_for, run_recommend
 from .rundir import check_output_dir, staged_dir
 from .runs import RunResult, resumed_config, run_config, warn_if_learned_nothing
 from .tasks import get_task

@@ -35,7 +35,7 @@ from .cli_output import (
 from .cli_spec import HELP, options
 from .env import environment_report, format_report
 from .errors import LearnedNothingWarning, PeftkitError, set_context
-from .recommend.config import RecommendConfig
+from .recommendation.config import RecommendConfig
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "gguf_check",
         "gguf_lora",
         "openvino_export",
-        "recommend",
+        "recommendation",
     ),
     2: ("tasks", "strategies", "registry", "levers"),
     1: (

@@ -15,11 +15,11 @@ import pytest
 
 from peftkit.benchmark.worker import Attempt
 from peftkit.errors import PeftkitError, RunInterrupted
-from peftkit.recommend import search as search_mod
-from peftkit.recommend.config import RecommendConfig
-from peftkit.recommend.decide import decide
-from peftkit.recommend.run import check_recommend, run_recommend
-from peftkit.recommend.search import rung_sizes
+from peftkit.recommendation import search as search_mod
+from peftkit.recommendation.config import RecommendConfig
+from peftkit.recommendation.decide import decide
+from peftkit.recommendation.run import check_recommend, run_recommend
+from peftkit.recommendation.search import rung_sizes
 
 # the stand-in's accuracy of each strategy at its best learning rate, its cost per example and memory
 QUALITY = {"head_only": 0.70, "lora": 0.86, "adapter": 0.85, "full": 0.87}
@@ -93,7 +93,7 @@ class FakeWorld:
 def small_rungs(monkeypatch):
     """Rungs down to 40 examples, so the 160 training examples of tiny_csv make three; at most 4
     configurations a strategy (each stand-in run still writes the study: keep the tests quick)."""
-    from peftkit.recommend import run as run_mod
+    from peftkit.recommendation import run as run_mod
 
     monkeypatch.setattr(search_mod, "RUNG_MIN_EXAMPLES", 40)
     monkeypatch.setattr(search_mod, "MAX_CONFIGS", 4)
@@ -194,7 +194,7 @@ def test_interrupt_keeps_runs_and_continues(tiny_model_dir, tiny_csv, tmp_path, 
 
 
 def test_memory_budget_drops_what_cannot_fit(tiny_model_dir, tiny_csv, tmp_path, monkeypatch, small_rungs):
-    from peftkit.recommend import run as run_mod
+    from peftkit.recommendation import run as run_mod
 
     real = run_mod.load_once
 

@@ -1,7 +1,7 @@
 """``peftkit recommend`` from checked settings to the answer: the candidates planned against the
 memory budget, the budget refused in one line when it cannot pay for one run, the output directory
-made or continued, the search (``peftkit.recommend.search``), the decision
-(``peftkit.recommend.decide``) and the report (``peftkit.recommend.report``).
+made or continued, the search (``peftkit.recommendation.search``), the decision
+(``peftkit.recommendation.decide``) and the report (``peftkit.recommendation.report``).
 """
 
 from __future__ import annotations

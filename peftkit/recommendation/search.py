@@ -13,7 +13,7 @@ budget, every run recorded in an optuna study per strategy so that the same comm
   examples, plus the best configuration of each of the ``finalists`` best strategies not among
   them, so that the last rung compares strategies, not only configurations of one.
 - **Finalists**: the best configuration of each of the ``finalists`` best strategies at the last
-  rung reached, run on every further seed while the budget allows; ``peftkit.recommend.decide``
+  rung reached, run on every further seed while the budget allows; ``peftkit.recommendation.decide``
   compares them on the test split.
 
 Each run is a bench row (``benchmark.ladder.bench_one``: a worker process, fitted into the memory

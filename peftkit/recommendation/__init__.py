@@ -1,5 +1,6 @@
 """``peftkit recommend``: which strategy to use on this model, data and machine, under a memory and
-a time budget, answered by measuring.
+a time budget, answered by measuring. (The package is ``recommendation``: ``peftkit.recommend`` is
+the API function, which a package of that name would shadow.)
 
 - ``config``: ``RecommendConfig``, what was asked.
 - ``run``: the candidates planned against the memory budget, the time budget checked, the output
