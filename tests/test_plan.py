@@ -7,7 +7,8 @@ import json
 import pytest
 
 from peftkit.config import Levers
-from peftkit.planner import PlanSettings, load_config, measure_saved_activations, parameter_memory
+from peftkit.errors import PeftkitError
+from peftkit.planner import PlanSettings, check_applicable, load_config, measure_saved_activations, parameter_memory
 from peftkit.registry import get_strategy
 from peftkit.strategies.base import TaskSpec
 
@@ -373,3 +374,14 @@ def test_plan_gives_a_row_for_peft_methods(run_cli, tiny_model_dir, monkeypatch)
         assert e["status"] == "ok" and e["total"] > 0 and e["max_batch_size"] > 8
     assert rows["peft:ia3"]["optimizer"] < rows["lora"]["optimizer"]  # IA3 trains a vector per layer
     assert called  # the measured steps ran AdaLoRA's hook
+
+
+def test_applicability_of_a_method_built_from_the_weights(tiny_model_dir) -> None:
+    """SHiRA draws its mask from the weights (``torch.nonzero``), which a weightless copy cannot
+    answer: it is applicable to BERT (checked again on a one-layer copy with real weights), and its
+    refusal on GPT-2's Conv1D layers still stands, in one line naming the method and the model."""
+    check_applicable(tiny_model_dir("bert"), "sequence-classification", "peft:shira", {"r": 4})
+    with pytest.raises(PeftkitError) as refused:
+        check_applicable(tiny_model_dir("gpt2"), "sequence-classification", "peft:shira", {"r": 4})
+    message = str(refused.value)
+    assert "peft:shira" in message and "gpt2" in message and "\n" not in message

@@ -35,7 +35,8 @@ NOMINAL_RUN_STEPS = 10_000
 SETTLE_TOLERANCE = 0.01
 
 
-def _with_depth(config: Any, depth: int) -> Any:
+def with_depth(config: Any, depth: int) -> Any:
+    """A copy of a transformers ``config`` with ``depth`` layers (the rest unchanged)."""
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = depth  # attribute_map routes this to n_layer / n_layers where needed
     return cfg
@@ -89,7 +90,7 @@ def _reduced_model(
     import torch
 
     torch.manual_seed(0)
-    model = _task(task).model_from_config(_with_depth(config, depth))
+    model = _task(task).model_from_config(with_depth(config, depth))
     skip = head_module_names(model)  # (named before prepare, as for the weights' arithmetic)
     if settings.levers.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -22,7 +22,15 @@ from ..structure import head_module_names
 from ..tasks import get_task
 from .arithmetic import parameter_memory, per_process_memory
 from .estimate import Estimate, PlanSettings, resolve_settings
-from .measure import MAX_STEPS, measure_activations, measurement_method, model_depth, runtime_bytes, step_lengths
+from .measure import (
+    MAX_STEPS,
+    measure_activations,
+    measurement_method,
+    model_depth,
+    runtime_bytes,
+    step_lengths,
+    with_depth,
+)
 
 
 @dataclass
@@ -168,17 +176,31 @@ def load_config(model: str) -> Any:
 
 def check_applicable(model: str, task: str, strategy_name: str, strategy_options: dict[str, Any] | None = None) -> None:
     """Raise ``PeftkitError`` if the strategy cannot train this model for this task (prefix tuning
-    on a ViT, BitFit on a model without biases), found in a second on a weightless copy."""
+    on a ViT, BitFit on a model without biases), found in a second on a weightless copy.
+
+    A strategy that computes from the weights while it is built (SHiRA draws its sparse mask with
+    ``torch.nonzero``, which a weightless tensor cannot answer) fails on that copy whatever the
+    model; so a refusal there is checked again on a one-layer copy with real weights (small, and the
+    same kinds of layer), and only a refusal from that one stands."""
+    task_type = get_task(task)
+    config = load_config(model)
+    try:
+        _build_for_check(strategy_name, strategy_options, task_type, config, weightless=True)
+    except PeftkitError:
+        _build_for_check(strategy_name, strategy_options, task_type, with_depth(config, 1), weightless=False)
+
+
+def _build_for_check(name: str, options: dict[str, Any] | None, task_type: Any, config: Any, weightless: bool) -> None:
+    """Build strategy ``name`` on a model of ``config`` (weightless or not); raise if it trains nothing."""
     from accelerate import init_empty_weights
 
-    cls = get_strategy(strategy_name)
-    strategy = cls(options_from_dict(cls, strategy_options or {}))
-    task_type = get_task(task)
-    with init_empty_weights(include_buffers=False):
-        full = task_type.model_from_config(load_config(model))
+    cls = get_strategy(name)
+    strategy = cls(options_from_dict(cls, options or {}))
+    with init_empty_weights(include_buffers=False) if weightless else contextlib.nullcontext():
+        full = task_type.model_from_config(config)
         prepared = strategy.prepare(full, task_type.plan_spec(full, 2))
     if not strategy.trainable_parameters(prepared):
-        raise PeftkitError(f"strategy {strategy_name!r} left no parameter to train on this model")
+        raise PeftkitError(f"strategy {name!r} left no parameter to train on this model")
 
 
 def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None) -> list[Estimate]:
