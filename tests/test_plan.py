@@ -8,9 +8,17 @@ import pytest
 
 from peftkit.config import Levers
 from peftkit.errors import PeftkitError
-from peftkit.planner import PlanSettings, check_applicable, load_config, measure_saved_activations, parameter_memory
+from peftkit.planner import (
+    PlanSettings,
+    check_applicable,
+    load_config,
+    measure_saved_activations,
+    parameter_memory,
+    plan_strategy,
+    resolve_settings,
+)
 from peftkit.registry import get_strategy
-from peftkit.strategies.base import TaskSpec
+from peftkit.strategies.base import TaskSpec, options_from_dict
 
 TASK = TaskSpec(num_labels=2, label_names=("neg", "pos"))
 
@@ -385,3 +393,25 @@ def test_applicability_of_a_method_built_from_the_weights(tiny_model_dir) -> Non
         check_applicable(tiny_model_dir("gpt2"), "sequence-classification", "peft:shira", {"r": 4})
     message = str(refused.value)
     assert "peft:shira" in message and "gpt2" in message and "\n" not in message
+
+
+def test_a_method_built_from_the_weights_is_counted_by_extrapolation(tiny_model_dir) -> None:
+    """SHiRA on a 3-layer BERT: counted on 1- and 2-layer copies and extrapolated, the plan's
+    trainable and total parameters equal those of the method built on the real 3-layer model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_config(tiny_model_dir("bert"))
+    config.num_hidden_layers, config.num_labels = 3, 2
+    settings = resolve_settings(
+        PlanSettings(model=tiny_model_dir("bert"), strategies=["peft:shira"], batch_size=2, max_length=8)
+    )
+    est = plan_strategy(config, "peft:shira", settings, {"r": 4})
+    assert est.status == "ok", est.error
+    assert any("extrapolated to 3 layers" in note for note in est.notes)
+    torch.manual_seed(0)
+    strategy = get_strategy("peft:shira")
+    strategy = strategy(options_from_dict(strategy, {"r": 4}))
+    model = strategy.prepare(AutoModelForSequenceClassification.from_config(config), TASK)
+    assert est.trainable_params == sum(p.numel() for p in strategy.trainable_parameters(model).values())
+    assert est.total_params == sum(p.numel() for p in model.parameters())

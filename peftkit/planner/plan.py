@@ -5,6 +5,7 @@ strategy's applicability (``check_applicable``) and the bench's predictor (``ben
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,29 +87,63 @@ def _arithmetic(
     config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
 ) -> _Job:
     """Weights, gradients and optimizer state of one strategy, from the model built on the meta
-    device (no memory, no measuring), and what its activations will need."""
-    from accelerate import init_empty_weights
+    device (no memory, no measuring), and what its activations will need.
 
+    A strategy built from the weights (SHiRA's mask by ``torch.nonzero``) cannot be built on the meta
+    device: it is counted on one- and two-layer copies with real weights instead, and every count
+    (a sum over parameters, so linear in the number of layers) extrapolated to the model's depth."""
     cls = get_strategy(strategy_name)
     job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
     est, task_type = job.est, get_task(settings.task)
     with _row_errors(est):
         check_levers(settings.levers, job.strategy, on_cuda=settings.device == "cuda", task=task_type)
-        with init_empty_weights(include_buffers=False):
-            full = task_type.model_from_config(config)
-        job.task = task_type.plan_spec(full, settings.num_labels)
-        skip = head_module_names(full)
-        with init_empty_weights(include_buffers=False):
-            prepared = job.strategy.prepare(full, job.task)
-        trainable = job.strategy.trainable_parameters(prepared)
-        if not trainable:  # (BitFit on a model without biases) as a run would refuse it
-            raise PeftkitError(f"strategy {cls.name!r} left no parameter to train on this model")
-        est.trainable_params = sum(p.numel() for p in trainable.values())
-        est.total_params = sum(p.numel() for p in prepared.parameters())
-        est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
-        per_process_memory(est, prepared, trainable, settings, skip)
-        job.key = structure_key(job.strategy, prepared, trainable)
+        try:
+            _count(job, config, settings, weightless=True)
+        except PeftkitError:
+            depth = model_depth(config)
+            one, two = (copy.deepcopy(job) for _ in range(2))
+            _count(one, with_depth(config, 1), settings, weightless=False)
+            _count(two, with_depth(config, 2), settings, weightless=False)
+            for name in _LINEAR_IN_DEPTH:
+                a, b = getattr(one.est, name), getattr(two.est, name)
+                setattr(est, name, a + (depth - 1) * (b - a))
+            est.notes = [
+                *two.est.notes,
+                f"built from the weights: counted on 1- and 2-layer copies with random weights, "
+                f"extrapolated to {depth} layers",
+            ]
+            job.task, job.key = two.task, two.key
     return job
+
+
+# The arithmetic's figures: sums over parameters, so each is a + (layers - 1) * per-layer
+_LINEAR_IN_DEPTH = ("trainable_params", "total_params", "weights", "gradients", "optimizer", "communication")
+
+
+def _count(job: _Job, config: Any, settings: PlanSettings, weightless: bool) -> None:
+    """Build ``job``'s strategy on a model of ``config`` (on the meta device if ``weightless``) and
+    fill in its parameter counts and bytes, its task and its structure key."""
+    from accelerate import init_empty_weights
+
+    est, task_type = job.est, get_task(settings.task)
+
+    def empty() -> Any:  # (a generator's context: a new one for each ``with``)
+        return init_empty_weights(include_buffers=False) if weightless else contextlib.nullcontext()
+
+    with empty():
+        full = task_type.model_from_config(config)
+    job.task = task_type.plan_spec(full, settings.num_labels)
+    skip = head_module_names(full)
+    with empty():
+        prepared = job.strategy.prepare(full, job.task)
+    trainable = job.strategy.trainable_parameters(prepared)
+    if not trainable:  # (BitFit on a model without biases) as a run would refuse it
+        raise PeftkitError(f"strategy {est.strategy!r} left no parameter to train on this model")
+    est.trainable_params = sum(p.numel() for p in trainable.values())
+    est.total_params = sum(p.numel() for p in prepared.parameters())
+    est.weights, est.gradients, est.optimizer, est.notes = parameter_memory(prepared, trainable, settings, skip)
+    per_process_memory(est, prepared, trainable, settings, skip)
+    job.key = structure_key(job.strategy, prepared, trainable)
 
 
 def _measure(config: Any, job: _Job, settings: PlanSettings, measured: dict[Any, tuple[Estimate, str]]) -> None:

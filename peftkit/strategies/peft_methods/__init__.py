@@ -429,6 +429,9 @@ class PeftMethod(PeftStrategy):
             raise self.refusal(
                 model, task, "Model does not support past key values which are required for prefix tuning."
             )
+        # SHiRA's forward builds a sparse tensor each step, and torch warns (once, from C++) that
+        # it does not check its invariants: peft's choice, not the user's, so not shown to them
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         try:
             config = self.peft_config(model, task)
             with warnings.catch_warnings():
