@@ -213,6 +213,8 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
     here: the caller writes it)."""
     with error_context() as facts:
         config.validate()
+        if config.output is not None:  # before a loaded base is saved for the call: a refusal is instant
+            check_output_file(config.output, config.overwrite)
         with in_memory_model(config.model) as model:  # a loaded base: saved for the call
             if config.adapter is not None:
                 check_inputs(model, adapter_dir=config.adapter)  # a missing path is said before torch loads
@@ -220,8 +222,6 @@ def predict_iter(config: PredictConfig) -> Iterator[dict[str, Any]]:
             if model is not None and config.adapter is not None:  # a model made for another task: said now
                 check_model_task(task, model, config.adapter, recorded_base_model(config.adapter) or "?")
             check_prediction_settings(task, config.batch_size, config.generation)
-            if config.output is not None:
-                check_output_file(config.output, config.overwrite)
             texts = (  # validate(): the texts, or else an input file
                 list(config.inputs)
                 if config.inputs
@@ -261,6 +261,8 @@ def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
     confusion_matrix.png are written there (staged, renamed into place when complete)."""
     with error_context():
         config.validate()
+        if config.output is not None:  # before a loaded base is saved for the call: a refusal is instant
+            check_output_file(config.output, config.overwrite)
         with in_memory_model(config.model) as model:  # a loaded base: saved for the call
             config = dataclasses.replace(config, model=model)
             check_inputs(model, config.dataset, config.adapter)

@@ -143,6 +143,17 @@ def test_a_model_with_no_name_is_recorded_by_its_class(pairs_csv, tmp_path, temp
     gone = r"^model 'in-memory LlamaForCausalLM' was a model loaded in the Python process that used it .*--model"
     with pytest.raises(PeftkitError, match=gone):
         api.predict(PredictConfig(adapter=result.adapter_dir, inputs=["the film is"]))
+    taken = tmp_path / "answers.jsonl"
+    taken.write_text("kept\n")
+    saves: list[str] = []
+    save = model.save_pretrained
+    model.save_pretrained = lambda path, **kw: saves.append(path) or save(path, **kw)
+    with pytest.raises(PeftkitError, match="answers.jsonl"):  # refused before the base is saved for the call
+        api.predict(
+            PredictConfig(adapter=result.adapter_dir, inputs=["x"], model=(model, tokenizer), output=str(taken))
+        )
+    assert taken.read_text() == "kept\n" and saves == []
+    del model.save_pretrained
     [row] = api.predict(
         PredictConfig(adapter=result.adapter_dir, inputs=["the film is"], model=(model, tokenizer), max_new_tokens=2)
     )
