@@ -245,8 +245,9 @@ def _merged_llama(adapter_dir: str, model: str | None, force: bool, echo: Echo) 
     if not strategy.merges:
         able = ", ".join(sorted(name for name, cls in available().items() if cls.merges))
         raise PeftkitError(
-            f"strategy {strategy.name!r} cannot be merged into a plain model, which a GGUF file holds; "
-            f"these can: {able}, and the peft: methods peft merges (not the prompt methods)"
+            f"strategy {strategy.name!r} cannot be merged into a plain model, which a GGUF file holds: "
+            f"{strategy.not_merged_reason()}; these can: {able}, and the peft: methods peft merges (not the "
+            "prompt methods)"
         )
     merged = strategy.serving_model(loaded.model).float().eval()
     kind = getattr(merged.config, "model_type", None)

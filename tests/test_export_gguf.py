@@ -265,7 +265,8 @@ def test_a_peft_method_that_merges_exports_as_gguf_and_a_prompt_method_is_refuse
     refused = str(tmp_path / "refused")
     code, _, err = run_cli("export", "--adapter", prompt, "--format", "gguf", "--output", refused)
     assert code == 2 and len(_errors(err)) == 1 and not os.path.exists(refused)
-    assert "strategy 'peft:prompt_tuning' cannot be merged into a plain model, which a GGUF file holds" in err
+    assert "strategy 'peft:prompt_tuning' cannot be merged into a plain model, which a GGUF file holds: " in err
+    assert "a prompt method: what it trained (virtual tokens, a key/value prefix) is an input to the model" in err
 
 
 @needs_llamacpp

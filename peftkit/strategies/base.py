@@ -348,9 +348,14 @@ class Strategy:
         Strategies that add modules of their own cannot give one; they say so.
         """
         raise PeftkitError(
-            f"strategy {self.name!r} cannot be merged into a plain model: it adds modules of its own; "
+            f"strategy {self.name!r} cannot be merged into a plain model: {self.not_merged_reason()}; "
             "ship its adapter with the base model instead"
         )
+
+    def not_merged_reason(self) -> str:
+        """Why ``merge`` cannot give a plain model (asked where ``merges`` is False): one clause,
+        said by every command that needs a merged model (``merge``, ``export --format gguf``)."""
+        return "it adds modules of its own"
 
     def serving_model(self, model: nn.Module) -> nn.Module:
         """The module to serve ``model`` with outside PyTorch (``peftkit export``): the merged model

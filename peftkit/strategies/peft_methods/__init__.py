@@ -416,6 +416,9 @@ class PeftMethod(PeftStrategy):
             "ship its adapter with the base model instead"
         )
 
+    def not_merged_reason(self) -> str:
+        return not_merged(self.method, self.config_class) or "peft does not merge it"
+
     def refusal(self, model: nn.Module, task: TaskSpec, said: str) -> MethodRefused:
         """The one-line refusal of this method on ``model`` for ``task``, with peft's words."""
         model_type = getattr(model.config, "model_type", type(model).__name__)
