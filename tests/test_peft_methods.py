@@ -495,3 +495,58 @@ def test_list_verbose_says_whether_each_method_merges(run_cli, monkeypatch, tmp_
     assert code == 0, err
     assert "merge: peft merge_and_unload" in out
     assert "merge: refused, a prompt method: what it trained (virtual tokens, a key/value prefix) is an input" in out
+
+
+def test_adalora_resumed_from_its_extra_state_goes_on_as_an_uninterrupted_run() -> None:
+    """A checkpoint keeps AdaLoRA's importance averages and rank pattern (``extra_state``): a copy
+    given the trained weights, the optimizer's state and that extra state, after the 4th of 8 steps,
+    prunes the same ranks and ends with the very logits of the run that was never stopped."""
+    options = {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}
+    base = _base("sequence-classification", "llama")
+    pristine = copy.deepcopy(base)
+    cls = registry.get_strategy("peft:adalora")
+    batch = _batch("sequence-classification", base.config.vocab_size)
+
+    def prepared(model: torch.nn.Module) -> tuple:
+        strategy = cls(options_from_dict(cls, options))
+        model = strategy.prepare(model, SEQ_CLS)
+        opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), 1e-2, 0.0), lr=1e-2)
+        model.train()
+        return strategy, model, opt
+
+    def steps(strategy, model, opt, start: int, stop: int) -> None:
+        step_loss = get_task("sequence-classification").step_loss(strategy, model)
+        for step in range(start, stop):
+            train_step(
+                _accelerator(),
+                model,
+                opt,
+                strategy,
+                step_loss,
+                batch,
+                step=step,
+                total_steps=8,
+                warmup_steps=0,
+                max_grad_norm=1.0,
+            )
+
+    strategy, model, opt = prepared(base)
+    steps(strategy, model, opt, 0, 4)
+    extra = {k: v.clone() for k, v in strategy.extra_state(model).items()}
+    assert any(k.startswith("exp_avg_ipt.") for k in extra), sorted(extra)[:3]
+    again, resumed, resumed_opt = prepared(copy.deepcopy(pristine))
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    again.load_extra_state(resumed, extra)
+    steps(strategy, model, opt, 4, 6)
+    steps(again, resumed, resumed_opt, 4, 6)
+    # the averages went on where they were (peft resets them at the final allocation, step 6 of 8)
+    ran, went_on = model.base_model.rankallocator, resumed.base_model.rankallocator
+    for kind in ("exp_avg_ipt", "exp_avg_unc"):
+        assert getattr(ran, kind) and getattr(went_on, kind).keys() == getattr(ran, kind).keys()
+        for name, t in getattr(ran, kind).items():
+            torch.testing.assert_close(getattr(went_on, kind)[name], t, rtol=0, atol=0)
+    steps(strategy, model, opt, 6, 8)
+    steps(again, resumed, resumed_opt, 6, 8)
+    assert resumed.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
+    torch.testing.assert_close(_logits(again, resumed, batch), _logits(strategy, model, batch), rtol=0, atol=0)

@@ -521,6 +521,35 @@ class AdaLoraMethod(PeftMethod):
             tuner.rankallocator.set_total_step(total_steps)
         tuner.update_and_allocate(step - 1)  # peft counts steps from 0 (its example: enumerate's index)
 
+    # what a checkpoint keeps of the rank allocator: its importance and its two moving averages,
+    # per parameter, and (once the budget is final) the rank pattern that masks the pruned ranks
+    _ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The rank allocator's state, so that a resumed run prunes the ranks an uninterrupted one
+        would (a fresh allocator would start its importance averages from nothing)."""
+        import torch
+
+        allocator = model.base_model.rankallocator
+        state = {f"{kind}.{name}": t for kind in self._ALLOCATOR_STATE for name, t in getattr(allocator, kind).items()}
+        pattern = model.peft_config[ADAPTER_NAME].rank_pattern or {}
+        state.update({f"rank_pattern.{name}": torch.tensor(keep, dtype=torch.bool) for name, keep in pattern.items()})
+        return state
+
+    def load_extra_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        allocator = model.base_model.rankallocator
+        allocator.reset_ipt()
+        devices = {name: p.device for name, p in model.named_parameters()}
+        pattern = {}
+        for key, t in tensors.items():
+            kind, name = key.split(".", 1)
+            if kind == "rank_pattern":
+                pattern[name] = t.tolist()
+            elif kind in self._ALLOCATOR_STATE:
+                getattr(allocator, kind)[name] = t.to(devices.get(name, t.device))
+        if pattern:
+            model.peft_config[ADAPTER_NAME].rank_pattern = pattern
+
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """AdaLoRA's orthogonality penalty on P (lora_A) and Q (lora_B), as peft's AdaLoraModel adds
         it to a loss the model computes: ``orth_reg_weight`` times the mean over those matrices of
