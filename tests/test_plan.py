@@ -415,3 +415,26 @@ def test_a_method_built_from_the_weights_is_counted_by_extrapolation(tiny_model_
     model = strategy.prepare(AutoModelForSequenceClassification.from_config(config), TASK)
     assert est.trainable_params == sum(p.numel() for p in strategy.trainable_parameters(model).values())
     assert est.total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_bench_predictor_keeps_the_fixed_part_of_the_activations_at_smaller_micro_batches(
+    tiny_model_dir, monkeypatch
+) -> None:
+    """Activations are a fixed part (the optimizer step's temporaries, workspace) plus a part per
+    example: a smaller micro-batch is predicted on the line through the plans at the effective batch
+    and at 1, not by scaling the effective batch's figure down (which lost the fixed part)."""
+    import peftkit.planner.plan as plan_module
+    from peftkit.planner import Estimate, bench_predictor
+
+    planned: list[int] = []
+
+    def fake_plan(config, strategy, settings, options=None):
+        planned.append(settings.batch_size)
+        return Estimate(strategy=strategy, weights=1000, activations=100 + 10 * settings.batch_size)
+
+    monkeypatch.setattr(plan_module, "plan_strategy", fake_plan)
+    predict = bench_predictor(tiny_model_dir("bert"), 8, 16, 2, "cpu")
+    assert predict("full", Levers(), 1) == 1000 + 110 and planned == [1]  # its own plan only
+    assert predict("full", Levers(), 4) == 1000 + 140 and planned == [1, 8]
+    assert predict("full", Levers(), 8) == 1000 + 180 and predict("full", Levers(), 16) == 1000 + 360
+    assert planned == [1, 8]  # each (strategy, levers, batch) planned once
