@@ -212,6 +212,8 @@ def test_memory_budget_drops_what_cannot_fit(tiny_model_dir, tiny_csv, tmp_path,
     cfg = _config(tiny_model_dir, tiny_csv, tmp_path, strategies=["full", "lora", "adapter"], memory_budget="3GB")
     result = run_recommend(cfg, lambda m: None, runner=world, now=world.now)
     assert "full" in result.results["search"]["dropped"]
+    said = result.results["search"]["dropped"]["full"]["error"]
+    assert said.startswith("planned 7.45 GiB at micro-batch 1 with no lever (the least of "), said
     assert not any(s == "full" for s, *_ in world.calls)
     assert "full does not fit 3GB (planned 7.45 GiB)" in result.decision.paragraph
 
@@ -268,6 +270,25 @@ def test_decide_keeps_the_best_when_the_alike_one_costs_more_somewhere():
     assert d.also_fine == ["adapter"]
     assert "adapter is not distinguishable (p = 0.6) and is 20% faster per epoch: also fine." in d.paragraph
     assert d.paragraph.endswith("full does not fit 1GiB (planned 2 GiB).")
+
+
+def test_decide_keeps_the_best_when_the_cheaper_may_be_worse_by_more_than_the_margin():
+    """Not distinguishable is not as good: a cheaper finalist whose interval allows a loss of more
+    than 2 points is named with that loss, and the best stays; one within the margin wins."""
+    summary = {"lora": _summary(0.781, 1e9, 20), "head_only": _summary(0.753, 0.8e9, 0.17)}
+    results = _results("lora", summary, {"head_only": ("not distinguishable", 0.061, -0.028)})
+    results["comparison"]["strategies"]["head_only"]["ci95"] = [-0.054, 0.001]
+    d = decide(results, {}, [])
+    assert d.strategy == "lora" and d.also_fine == []
+    assert d.paragraph.startswith("Use lora: 0.781 (1 seed) test accuracy, 954 MiB, 20 s/epoch.")
+    assert (
+        "head_only is not distinguishable (p = 0.061) but may be as much as 5.4 points lower (95% interval), "
+        "more than the margin of 2.0 points; it uses 20% less memory and is 99% faster per epoch."
+    ) in d.paragraph
+    results["comparison"]["strategies"]["head_only"]["ci95"] = [-0.015, 0.02]
+    d = decide(results, {}, [])
+    assert d.strategy == "head_only" and "0.17 s/epoch" in d.paragraph
+    assert "(p = 0.061, paired test on the same 1,000 test examples; at worst 1.5 points lower)" in d.paragraph
 
 
 def test_cli_refusals(run_cli, tiny_model_dir, tiny_csv, tmp_path):

@@ -82,11 +82,13 @@ def plan_candidates(config: RecommendConfig, predict: Any, echo: Echo) -> tuple[
             ]
             if planned and min(p for p, _ in planned) > budget:
                 least, levers = min(planned, key=lambda pl: pl[0])
+                named = describe_levers(levers)
                 dropped[strategy] = {
                     "reason": "does not fit",
                     "planned_peak_bytes": least,
-                    "error": f"planned {format_size(least)} at micro-batch 1 with {describe_levers(levers)}, over the "
-                    f"memory budget {config.memory_budget}",
+                    "error": f"planned {format_size(least)} at micro-batch 1 with "
+                    f"{'no lever' if named == '-' else named} (the least of {len(planned)} lever combinations "
+                    f"planned), over the memory budget {config.memory_budget}",
                 }
                 continue
         kept.append(strategy)
