@@ -261,13 +261,11 @@ def evaluate(config: EvalConfig, echo: Echo = to_log) -> EvalResult:
     confusion_matrix.png are written there (staged, renamed into place when complete)."""
     with error_context():
         config.validate()
-        if config.output is not None:  # before a loaded base is saved for the call: a refusal is instant
-            check_output_file(config.output, config.overwrite)
+        if config.output:  # before a loaded base is saved for the call, and minutes of evaluation
+            check_output_dir(config.output, config.overwrite)
         with in_memory_model(config.model) as model:  # a loaded base: saved for the call
             config = dataclasses.replace(config, model=model)
             check_inputs(model, config.dataset, config.adapter)
-            if config.output:
-                check_output_dir(config.output, config.overwrite)  # before minutes of evaluation, not after
             quiet_libraries_in_own_process()
             result = evaluate_adapter(config, echo)
             if config.output:

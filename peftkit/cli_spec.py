@@ -146,7 +146,8 @@ HELP["recommend"] = """Recommend a strategy for this model and data within a tim
    measured times say they fit the budget.
 3. Decide: the best configuration of each of the --finalists best strategies runs over
    the seeds and is compared on the test split; the cheaper (memory, time per epoch) of
-   two that a paired test cannot tell apart is recommended, and the answer says why.
+   two that a paired test cannot tell apart is recommended if its interval also rules out
+   a loss of more than 2 points, and the answer says why.
 
 \b
 The output directory holds
