@@ -197,22 +197,24 @@ def test_excluded_methods_are_refused_with_the_reason(method: str) -> None:
         registry.get_strategy(f"peft:{method}")
 
 
-def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tmp_path) -> None:
-    """Over a short run the hook sets the run's length as total_step and prunes ranks (their
-    singular values masked to zero); the adapter, saved without the rank pattern, loads in
-    peftkit and in plain peft to the very logits the trained model gives."""
-    from peft import PeftModel
+ADALORA_SHORT = {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}
+"""AdaLoRA's schedule squeezed into 8 steps: ranks pruned from step 2, final at step 6."""
 
-    base = _base("sequence-classification", "llama")
-    pristine = copy.deepcopy(base)
+
+def _adalora(base: torch.nn.Module) -> tuple:
+    """AdaLoRA (``ADALORA_SHORT``) prepared on ``base``, its AdamW at 1e-2, in training mode."""
     cls = registry.get_strategy("peft:adalora")
-    strategy = cls(options_from_dict(cls, {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}))
+    strategy = cls(options_from_dict(cls, ADALORA_SHORT))
     model = strategy.prepare(base, SEQ_CLS)
     opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), 1e-2, 0.0), lr=1e-2)
-    batch = _batch("sequence-classification", base.config.vocab_size)
-    step_loss = get_task("sequence-classification").step_loss(strategy, model)
     model.train()
-    for step in range(8):
+    return strategy, model, opt
+
+
+def _adalora_steps(strategy, model, opt, batch, start: int, stop: int) -> None:
+    """The loop's own steps ``start`` .. ``stop - 1`` of an 8-step run on one batch."""
+    step_loss = get_task("sequence-classification").step_loss(strategy, model)
+    for step in range(start, stop):
         train_step(
             _accelerator(),
             model,
@@ -225,6 +227,19 @@ def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tm
             warmup_steps=0,
             max_grad_norm=1.0,
         )
+
+
+def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tmp_path) -> None:
+    """Over a short run the hook sets the run's length as total_step and prunes ranks (their
+    singular values masked to zero); the adapter, saved without the rank pattern, loads in
+    peftkit and in plain peft to the very logits the trained model gives."""
+    from peft import PeftModel
+
+    base = _base("sequence-classification", "llama")
+    pristine = copy.deepcopy(base)
+    batch = _batch("sequence-classification", base.config.vocab_size)
+    strategy, model, opt = _adalora(base)
+    _adalora_steps(strategy, model, opt, batch, 0, 8)
     config = model.peft_config["default"]
     assert config.total_step == 8 and config.rank_pattern, "no rank was allocated"
     kept = [sum(bits) for bits in config.rank_pattern.values()]
@@ -233,7 +248,8 @@ def test_adalora_allocates_ranks_through_the_hook_and_still_loads_identically(tm
     directory = str(tmp_path / "adapter")
     save_adapter(directory, strategy, model, {"strategy": strategy.name})
     expected = _logits(strategy, model, batch)
-    again = cls(options_from_dict(cls, {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}))
+    cls = registry.get_strategy("peft:adalora")
+    again = cls(options_from_dict(cls, ADALORA_SHORT))
     fresh = again.prepare(copy.deepcopy(pristine), SEQ_CLS)
     again.load_adapter(fresh, directory, {})
     torch.testing.assert_close(_logits(again, fresh, batch), expected, rtol=0, atol=0)
@@ -501,52 +517,26 @@ def test_adalora_resumed_from_its_extra_state_goes_on_as_an_uninterrupted_run() 
     """A checkpoint keeps AdaLoRA's importance averages and rank pattern (``extra_state``): a copy
     given the trained weights, the optimizer's state and that extra state, after the 4th of 8 steps,
     prunes the same ranks and ends with the very logits of the run that was never stopped."""
-    options = {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}
     base = _base("sequence-classification", "llama")
     pristine = copy.deepcopy(base)
-    cls = registry.get_strategy("peft:adalora")
     batch = _batch("sequence-classification", base.config.vocab_size)
-
-    def prepared(model: torch.nn.Module) -> tuple:
-        strategy = cls(options_from_dict(cls, options))
-        model = strategy.prepare(model, SEQ_CLS)
-        opt = torch.optim.AdamW(torch_param_groups(strategy.param_groups(model), 1e-2, 0.0), lr=1e-2)
-        model.train()
-        return strategy, model, opt
-
-    def steps(strategy, model, opt, start: int, stop: int) -> None:
-        step_loss = get_task("sequence-classification").step_loss(strategy, model)
-        for step in range(start, stop):
-            train_step(
-                _accelerator(),
-                model,
-                opt,
-                strategy,
-                step_loss,
-                batch,
-                step=step,
-                total_steps=8,
-                warmup_steps=0,
-                max_grad_norm=1.0,
-            )
-
-    strategy, model, opt = prepared(base)
-    steps(strategy, model, opt, 0, 4)
+    strategy, model, opt = _adalora(base)
+    _adalora_steps(strategy, model, opt, batch, 0, 4)
     extra = {k: v.clone() for k, v in strategy.extra_state(model).items()}
     assert any(k.startswith("exp_avg_ipt.") for k in extra), sorted(extra)[:3]
-    again, resumed, resumed_opt = prepared(copy.deepcopy(pristine))
+    again, resumed, resumed_opt = _adalora(copy.deepcopy(pristine))
     resumed.load_state_dict(model.state_dict())
     resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     again.load_extra_state(resumed, extra)
-    steps(strategy, model, opt, 4, 6)
-    steps(again, resumed, resumed_opt, 4, 6)
+    _adalora_steps(strategy, model, opt, batch, 4, 6)
+    _adalora_steps(again, resumed, resumed_opt, batch, 4, 6)
     # the averages went on where they were (peft resets them at the final allocation, step 6 of 8)
     ran, went_on = model.base_model.rankallocator, resumed.base_model.rankallocator
     for kind in ("exp_avg_ipt", "exp_avg_unc"):
         assert getattr(ran, kind) and getattr(went_on, kind).keys() == getattr(ran, kind).keys()
         for name, t in getattr(ran, kind).items():
             torch.testing.assert_close(getattr(went_on, kind)[name], t, rtol=0, atol=0)
-    steps(strategy, model, opt, 6, 8)
-    steps(again, resumed, resumed_opt, 6, 8)
+    _adalora_steps(strategy, model, opt, batch, 6, 8)
+    _adalora_steps(again, resumed, resumed_opt, batch, 6, 8)
     assert resumed.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
     torch.testing.assert_close(_logits(again, resumed, batch), _logits(strategy, model, batch), rtol=0, atol=0)
