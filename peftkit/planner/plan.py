@@ -217,25 +217,17 @@ def check_applicable(model: str, task: str, strategy_name: str, strategy_options
     ``torch.nonzero``, which a weightless tensor cannot answer) fails on that copy whatever the
     model; so a refusal there is checked again on a one-layer copy with real weights (small, and the
     same kinds of layer), and only a refusal from that one stands."""
-    task_type = get_task(task)
     config = load_config(model)
+    settings = PlanSettings(model=model, strategies=[strategy_name], task=task)
+    cls = get_strategy(strategy_name)
+
+    def job() -> _Job:
+        return _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
+
     try:
-        _build_for_check(strategy_name, strategy_options, task_type, config, weightless=True)
+        _count(job(), config, settings, weightless=True)
     except PeftkitError:
-        _build_for_check(strategy_name, strategy_options, task_type, with_depth(config, 1), weightless=False)
-
-
-def _build_for_check(name: str, options: dict[str, Any] | None, task_type: Any, config: Any, weightless: bool) -> None:
-    """Build strategy ``name`` on a model of ``config`` (weightless or not); raise if it trains nothing."""
-    from accelerate import init_empty_weights
-
-    cls = get_strategy(name)
-    strategy = cls(options_from_dict(cls, options or {}))
-    with init_empty_weights(include_buffers=False) if weightless else contextlib.nullcontext():
-        full = task_type.model_from_config(config)
-        prepared = strategy.prepare(full, task_type.plan_spec(full, 2))
-    if not strategy.trainable_parameters(prepared):
-        raise PeftkitError(f"strategy {name!r} left no parameter to train on this model")
+        _count(job(), with_depth(config, 1), settings, weightless=False)
 
 
 def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None) -> list[Estimate]:
