@@ -126,9 +126,10 @@ def _amount(value: float, higher: bool) -> str:
 
 def _use(name: str, entry: dict[str, Any], settings: str, key: str, label: str) -> str:
     per_epoch = epoch_seconds(entry)
-    pace = f", {per_epoch:.2g} s/epoch" if per_epoch is not None and per_epoch < 10 else ""
-    if per_epoch is not None and per_epoch >= 10:
-        pace = f", {per_epoch:.0f} s/epoch"
+    if per_epoch is None:
+        pace = ""
+    else:  # two significant digits below 10 s (head_only's cached epochs: 0.17 s, not "0 s")
+        pace = f", {per_epoch:.0f} s/epoch" if per_epoch >= 10 else f", {per_epoch:.2g} s/epoch"
     return (
         f"Use {name}{f' ({settings})' if settings else ''}: {_figure(entry, key)} {label}, "
         f"{format_size(entry.get('peak_memory_bytes') or 0)}{pace}."
