@@ -540,3 +540,28 @@ def test_adalora_resumed_from_its_extra_state_goes_on_as_an_uninterrupted_run() 
     _adalora_steps(again, resumed, resumed_opt, batch, 6, 8)
     assert resumed.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
     torch.testing.assert_close(_logits(again, resumed, batch), _logits(strategy, model, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,option", [("c3a", "block_size"), ("vblora", "vector_length")])
+@pytest.mark.parametrize("asked,used", [(None, 48), (32, 24), (16, 16)])
+def test_a_size_that_must_divide_the_widths_is_fitted_to_them(method, option, asked, used, caplog) -> None:
+    """peft's default 256 divides no 48-wide (or MiniLM's 384-wide) layer, and peft refuses the model:
+    the largest divisor of the widths not above the value asked runs instead, and the run says so."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "bert", vocab_size=64, hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96
+    )
+    config.num_labels = 2
+    model = AutoModelForSequenceClassification.from_config(config)
+    cls = registry.get_strategy(f"peft:{method}")
+    strategy = cls(options_from_dict(cls, {} if asked is None else {option: asked}))
+    with caplog.at_level("INFO", logger="peftkit"):
+        peft_model = strategy.prepare(model, SEQ_CLS)
+    assert getattr(peft_model.peft_config["default"], option) == used
+    said = [r.getMessage() for r in caplog.records if option in r.getMessage()]
+    assert said == (
+        []
+        if used == (asked or 256)
+        else [f"peft:{method}: {option} {asked or 256} does not divide the targets' widths (48); using {used}"]
+    )

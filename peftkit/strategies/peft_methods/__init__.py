@@ -32,11 +32,13 @@ import dataclasses
 import enum
 import functools
 import inspect
+import math
 import typing
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...adapter_io import read_peft_config
+from ...env import to_log
 from ...errors import PeftkitError, did_you_mean, first_line
 from ...registry import register_strategy_family
 from ...structure import sublayer_outputs, transformer_blocks
@@ -422,6 +424,7 @@ class PeftMethod(PeftStrategy):
         if "fan_in_fan_out" in fields and kwargs.get("target_modules") is not None:
             kwargs["fan_in_fan_out"] = _is_conv1d_target(model, kwargs["target_modules"])
         kwargs.update(_model_sizes(model, fields, kwargs))
+        kwargs.update(_fit_to_widths(self.method, model, kwargs))
         heads = task.heads(model)
         if "modules_to_save" in fields:
             kwargs["modules_to_save"] = heads or None
@@ -535,6 +538,39 @@ def _model_sizes(model: nn.Module, fields: set[str], kwargs: dict[str, Any]) -> 
         blocks = transformer_blocks(model)
         found["adapter_layers"] = len(blocks[1]) if blocks else None
     return {k: v for k, v in found.items() if v is not None}
+
+
+# Options that must divide each target's input and output width (peft refuses the model otherwise)
+# and whose peft default, 256, does not divide every common width (MiniLM's 384). Where the value
+# asked does not divide them, the method gets the largest divisor of the targets' widths' greatest
+# common divisor not above it (peft's own advice for C3A: "set it to the greatest common divisor of
+# all input & output sizes"): 192 on MiniLM. The run says so; the saved adapter's config has it.
+_DIVIDES_WIDTHS = {"c3a": "block_size", "vblora": "vector_length"}
+
+
+def _fit_to_widths(method: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``method``'s width-dividing option (``_DIVIDES_WIDTHS``) fitted to the targets' widths,
+    where the value asked does not divide them all; nothing where it does, or the targets are not a
+    list of module names (a pattern: peft checks it)."""
+    option = _DIVIDES_WIDTHS.get(method)
+    targets = kwargs.get("target_modules")
+    asked = kwargs.get(option) if option else None
+    if not isinstance(asked, int) or asked < 1 or not isinstance(targets, (list, tuple, set)):
+        return {}
+    widths = {
+        width
+        for name, module in model.named_modules()
+        if any(name == t or name.endswith("." + t) for t in targets)
+        for width in (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if isinstance(width, int)
+    }
+    common = math.gcd(*widths) if widths else 0
+    if common == 0 or common % asked == 0:
+        return {}
+    fitted = max(d for d in range(1, min(asked, common) + 1) if common % d == 0)
+    listed = ", ".join(map(str, sorted(widths)))
+    to_log(f"{PREFIX}{method}: {option} {asked} does not divide the targets' widths ({listed}); using {fitted}")
+    return {option: fitted}
 
 
 class AdaLoraMethod(PeftMethod):
