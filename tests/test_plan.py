@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -438,3 +439,30 @@ def test_bench_predictor_keeps_the_fixed_part_of_the_activations_at_smaller_micr
     assert predict("full", Levers(), 4) == 1000 + 140 and planned == [1, 8]
     assert predict("full", Levers(), 8) == 1000 + 180 and predict("full", Levers(), 16) == 1000 + 360
     assert planned == [1, 8]  # each (strategy, levers, batch) planned once
+
+
+def test_the_largest_batch_under_a_budget_keeps_the_fixed_part_of_the_activations(tiny_model_dir, monkeypatch) -> None:
+    """Under ``--memory-budget`` the activations are measured at the batch planned and at 1, and
+    the largest batch read off the line through them: a fixed part (100 MiB here) is not divided
+    among the examples (dividing it overstated the largest batch at small budgets)."""
+    import peftkit.planner.plan as plan_module
+    from peftkit.planner import PlanSettings, make_plan
+
+    mib = 2**20
+    measured: list[int] = []
+
+    def fake_measure(config, strategy, task, settings, est):
+        measured.append(settings.batch_size)
+        est.activations, est.workspace = 100 * mib + 10 * mib * settings.batch_size, 0
+        return "stand-in"
+
+    monkeypatch.setattr(plan_module, "measure_activations", fake_measure)
+    settings = PlanSettings(model=tiny_model_dir("bert"), strategies=["lora"], batch_size=8, max_length=16)
+    (probe,) = make_plan(settings)
+    weights_and_state = probe.total - probe.activations - probe.workspace
+    budget = weights_and_state + 100 * mib + 10 * mib * 20 + 5 * mib  # room for 20 examples, not 21
+    measured.clear()
+    (est,) = make_plan(dataclasses.replace(settings, memory_budget=str(budget)))
+    assert measured == [8, 1]
+    assert est.activations_fixed == pytest.approx(100 * mib) and est.activations_per_example == pytest.approx(10 * mib)
+    assert est.max_batch_size == 20  # through the origin, 22.5 MiB per example, it was 305 / 22.5 = 13

@@ -85,6 +85,11 @@ class Estimate:
     """What several processes add: DDP's gradient buckets, or the parameters FSDP gathers at once."""
     runtime: int = 0
     activations_per_example: float = 0.0
+    """What each example adds to the activations and workspace (``activation_line``)."""
+    activations_fixed: float = 0.0
+    """The part of the activations and workspace that does not grow with the batch (the optimizer
+    step's temporaries...): measured at a batch of 1 too where a memory budget asks for the largest
+    batch, else 0 (the planned batch's figure divided among its examples)."""
     max_batch_size: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -104,6 +109,20 @@ class Estimate:
         d = dict(vars(self))
         d["total"] = self.total
         return d
+
+
+def activation_line(planned: Estimate, batch_size: int, at_one: Estimate | None = None) -> tuple[float, float]:
+    """(fixed part, bytes per example) of the activations and workspace, as a line in the batch size:
+    through ``planned`` (at ``batch_size``) and ``at_one`` (the same strategy planned at a batch of 1)
+    where given, else ``planned.activations_fixed`` (0 unless measured) and the rest divided among
+    the examples. A negative slope (noise, on a tiny model) is read as flat."""
+    activations = planned.activations + planned.workspace
+    if at_one is not None and batch_size > 1:
+        one = at_one.activations + at_one.workspace
+        per_example = max(0.0, (activations - one) / (batch_size - 1))
+        return one - per_example, per_example
+    fixed = min(planned.activations_fixed, activations)
+    return fixed, (activations - fixed) / batch_size
 
 
 @dataclass
