@@ -201,9 +201,11 @@ def _fit_budget(est: Estimate, settings: PlanSettings) -> None:
         room = budget - weights_and_state - fixed
         est.max_batch_size = max(0, int(room // per_example)) if per_example else None
         if est.max_batch_size == 0:
+            what = "the weights, gradients and optimizer state" + (" and the runtime" if est.runtime else "")
+            fixed_part = f", with the activations' fixed part ({format_size(fixed)})," if fixed >= 1 else ""
             est.notes.append(
-                f"the weights, gradients and optimizer state alone ({format_size(weights_and_state)}) "
-                f"leave no room in {format_size(budget)}"
+                f"{what} alone ({format_size(weights_and_state)}){fixed_part} leave no room for one example "
+                f"in {format_size(budget)}"
             )
 
 
