@@ -17,7 +17,9 @@ reused, so an interrupted sweep continues where it stopped.
     .venv/bin/python benchmarks/peft_sweep.py --methods ia3,vera   # some of them
 
 Output: benchmarks/results/peft_sweep_cpu.json, .md and .png (validation accuracy against the
-learning rate, a line per method); the runs under runs/peft-sweep/.
+learning rate, a line per method); the runs under runs/peft-sweep/. The report keeps the methods
+of earlier calls that a call does not name (as recorded), and lists every call's command; a method
+that does not apply to the model gets its one-line refusal as its row.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_one(peftkit: str, method: str, lr: float, args: argparse.Namespace) -> dict | None:
-    """One run (reused where its metrics.json exists); its metrics, or None where it failed."""
+def run_one(peftkit: str, method: str, lr: float, args: argparse.Namespace) -> dict | str:
+    """One run (reused where its metrics.json exists); its metrics, or why it failed (peftkit's
+    one-line error: a method that does not apply to the model is refused so)."""
     run_dir = os.path.join(args.runs_dir, method, f"lr{lr:.3g}")
     metrics_path = os.path.join(run_dir, "metrics.json")
     if not os.path.exists(metrics_path):
@@ -62,8 +65,9 @@ def run_one(peftkit: str, method: str, lr: float, args: argparse.Namespace) -> d
         cmd += ["--seed", "0", "--output-dir", run_dir]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"  failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
-            return None
+            why = (done.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"  failed: {why}", file=sys.stderr)
+            return why
         with open(metrics_path) as fh:
             m = json.load(fh)
         m["command_wall_seconds"] = time.perf_counter() - start
@@ -85,11 +89,16 @@ def sweep(peftkit: str, method: str, start_lr: float, args: argparse.Namespace) 
         if name.startswith("lr") and os.path.exists(path):
             with open(path) as fh:
                 results[float(name[2:])] = json.load(fh)
+    failed = None
     for _ in range(args.extend + 1):
         for lr in rates:
             if not any(math.isclose(lr, done, rel_tol=1e-3) for done in results):
                 m = run_one(peftkit, method, lr, args)
-                if m is not None:
+                if isinstance(m, str):
+                    failed = m
+                    if m.startswith("error: strategy") and "does not apply" in m:
+                        break  # refused for the model: every rate would be
+                else:
                     results[lr] = m
         if not results:
             break
@@ -115,7 +124,10 @@ def sweep(peftkit: str, method: str, start_lr: float, args: argparse.Namespace) 
         for lr, m in sorted(results.items())
     ]
     best_lr = max(results, key=lambda r: results[r]["validation_accuracy"]) if results else None
-    return {"start_lr": start_lr, "default_epochs": get_defaults(method).epochs, "tried": tried, "best_lr": best_lr}
+    found = {"start_lr": start_lr, "default_epochs": get_defaults(method).epochs, "tried": tried, "best_lr": best_lr}
+    if not results and failed:
+        found["failed"] = failed
+    return found
 
 
 def get_defaults(method: str):
@@ -141,10 +153,11 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     # the starting rate is the one the sweep began from (recorded, so a rerun after the defaults
     # moved to the measured optimum reuses the same runs)
-    previous: dict = {}
+    earlier: dict = {}
     if os.path.exists(args.out + ".json"):
         with open(args.out + ".json") as fh:
-            previous = json.load(fh).get("methods", {})
+            earlier = json.load(fh)
+    previous: dict = earlier.get("methods", {})
     started = time.perf_counter()
     found: dict[str, dict] = {}
     for i, method in enumerate(methods, 1):
@@ -152,6 +165,15 @@ def main() -> None:
         print(f"[{i}/{len(methods)}] peft:{method}", file=sys.stderr, flush=True)
         found[method] = sweep(peftkit, method, start_lr, args)
 
+    # the report keeps the methods of earlier calls that this one did not name, as they were recorded
+    methods_all = {**{m: v for m, v in previous.items() if m not in found}, **found}
+    command = " ".join(
+        [os.path.relpath(sys.executable, ROOT), "benchmarks/peft_sweep.py"]
+        + [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
+    )
+    commands = [
+        c for c in earlier.get("commands", [earlier["command"]] if "command" in earlier else []) if c != command
+    ]
     versions = {}
     first_dir = next(
         (os.path.join(args.runs_dir, m, f"lr{v['best_lr']:.3g}") for m, v in found.items() if v["best_lr"]), None
@@ -159,12 +181,12 @@ def main() -> None:
     if first_dir:
         with open(os.path.join(first_dir, "metrics.json")) as fh:
             versions = json.load(fh).get("versions", {})
+    elif earlier.get("versions"):
+        versions = earlier["versions"]
     result = {
-        # the command without its --note lines (the report lists those)
-        "command": " ".join(
-            [os.path.relpath(sys.executable, ROOT), "benchmarks/peft_sweep.py"]
-            + [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
-        ),
+        # the command without its --note lines (the report lists those); the earlier calls' before it
+        "command": command,
+        "commands": [*commands, command],
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "versions": versions,
         "settings": {
@@ -176,8 +198,8 @@ def main() -> None:
             "factor": args.factor,
         },
         "sweep_seconds_this_call": round(time.perf_counter() - started, 1),
-        "notes": args.note,
-        "methods": found,
+        "notes": [*[n for n in earlier.get("notes", []) if n not in args.note], *args.note],
+        "methods": methods_all,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
@@ -192,7 +214,9 @@ def write_markdown(result: dict, path: str) -> None:
     lines = [
         "# Learning-rate sweep of the `peft:` methods (issue 34, item 5)",
         "",
-        f"- Command: `{result['command']}`",
+        "- Commands, each continuing the last (every finished run reused; the methods a call did not name "
+        "kept as recorded):",
+        *[f"  - `{c}`" for c in result.get("commands", [result["command"]])],
         f"- Machine: {result['machine']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- Data: `{s['model']}` on `{s['dataset']}`, {s['train_samples']:,} training examples (seeded subset, "
@@ -207,7 +231,8 @@ def write_markdown(result: dict, path: str) -> None:
     ]
     for method, v in result["methods"].items():
         if not v["tried"]:
-            lines.append(f"| `peft:{method}` | {v['default_epochs']} | - | every run failed | - |")
+            why = v.get("failed", "every run failed").replace("|", "\\|")
+            lines.append(f"| `peft:{method}` | {v['default_epochs']} | - | did not run: {why} | - |")
             continue
         cells = []
         for t in v["tried"]:
