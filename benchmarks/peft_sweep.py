@@ -89,6 +89,11 @@ def sweep(peftkit: str, method: str, start_lr: float, args: argparse.Namespace) 
         if name.startswith("lr") and os.path.exists(path):
             with open(path) as fh:
                 results[float(name[2:])] = json.load(fh)
+
+    def rank(lr: float) -> tuple[float, bool]:
+        # validation accuracy; a tie goes to the starting rate (no change to a default without evidence)
+        return results[lr]["validation_accuracy"], math.isclose(lr, start_lr, rel_tol=1e-3)
+
     failed = None
     for _ in range(args.extend + 1):
         for lr in rates:
@@ -102,7 +107,7 @@ def sweep(peftkit: str, method: str, start_lr: float, args: argparse.Namespace) 
                     results[lr] = m
         if not results:
             break
-        best = max(results, key=lambda r: results[r]["validation_accuracy"])
+        best = max(results, key=rank)
         lowest, highest = min(rates), max(rates)
         if best == lowest:
             rates = [*rates, lowest / factor]
@@ -123,7 +128,7 @@ def sweep(peftkit: str, method: str, start_lr: float, args: argparse.Namespace) 
         }
         for lr, m in sorted(results.items())
     ]
-    best_lr = max(results, key=lambda r: results[r]["validation_accuracy"]) if results else None
+    best_lr = max(results, key=rank) if results else None
     found = {"start_lr": start_lr, "default_epochs": get_defaults(method).epochs, "tried": tried, "best_lr": best_lr}
     if not results and failed:
         found["failed"] = failed
