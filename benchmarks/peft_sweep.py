@@ -108,7 +108,8 @@ def sweep(peftkit: str, method: str, start_lr: float, args: argparse.Namespace) 
         if not results:
             break
         best = max(results, key=rank)
-        lowest, highest = min(rates), max(rates)
+        # the edges of everything tried (an earlier call may have grown the grid already)
+        lowest, highest = min(min(rates), min(results)), max(max(rates), max(results))
         if best == lowest:
             rates = [*rates, lowest / factor]
         elif best == highest:

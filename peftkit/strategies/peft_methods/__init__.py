@@ -107,8 +107,9 @@ DEFAULTS: dict[str, TrainingDefaults] = {
     "oft": TrainingDefaults(lr=1e-3, epochs=1, batch_size=32),
     # butterfly-factored OFT. Swept: 4e-3 0.793 (edge), 1e-3 and 2.5e-4 nothing (was 1e-3)
     "boft": TrainingDefaults(lr=4e-3, epochs=1, batch_size=32),
-    # OSF trains the low singular subspace of the whole weights: close to a full fine-tune's step
-    "osf": TrainingDefaults(lr=2e-4, epochs=1, batch_size=32),
+    # OSF trains the low singular subspace of the whole weights. Swept: 8e-4 0.780, 3.2e-3 0.750, 2e-4
+    # 0.743, 5e-5 nothing (was 2e-4)
+    "osf": TrainingDefaults(lr=8e-4, epochs=1, batch_size=32),
     # swept, LoRA-like defaults kept: MiSS 2e-3 0.800 (8e-3 nothing), SHiRA 2e-3 0.800, GraLoRA 2e-3
     # 0.795 (8e-3 nothing)
     "miss": LORA_LIKE,
@@ -132,9 +133,21 @@ DEFAULTS: dict[str, TrainingDefaults] = {
     "beft": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
     "tinylora": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
     "pvera": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
-    # UniLoRA (1,026 parameters) learned nothing at 5e-4, 2e-3 or 8e-3 (8e-3 the least bad, 0.608
-    # validation): still PROVISIONAL, its rate lies higher
-    "unilora": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
+    # UniLoRA trains 1,026 parameters. Swept: 0.128 0.730 (edge), 3.2e-2 0.723; 8e-3 and below learned
+    # nothing (was 8e-3)
+    "unilora": TrainingDefaults(lr=0.128, epochs=1, batch_size=32),
+    # WaveFT's wavelet coefficients. Swept: 5e-4 0.803, 2e-3 0.767, 8e-3 0.678, 1.25e-4 nothing (was 2e-3)
+    "waveft": TrainingDefaults(lr=5e-4, epochs=1, batch_size=32),
+    # swept, LoRA's 2e-3 kept: Lily 0.790 (5e-4 0.785, 8e-3 0.755), GLoRA 0.798 (5e-4 0.770, 8e-3
+    # 0.728), PEANuT 0.783 (5e-4 tied, 8e-3 nothing)
+    "lily": LORA_LIKE,
+    "glora": LORA_LIKE,
+    "peanut": LORA_LIKE,
+    # swept, each best at 8e-3 (was 2e-3): PSOFT 0.752 (3.2e-2 0.723, 2e-3 0.725), SuperTuning 0.788
+    # (3.2e-2 0.777, 2e-3 nothing), AdaMSS 0.790 (3.2e-2 0.755, 2e-3 0.760)
+    "psoft": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
+    "supertuning": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
+    "adamss": TrainingDefaults(lr=8e-3, epochs=1, batch_size=32),
 }
 # the methods whose learning rate the sweep chose (``peftkit list -v --peft`` says which)
 SWEPT = frozenset(
@@ -142,6 +155,7 @@ SWEPT = frozenset(
         *("ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "ln_tuning", "prompt_tuning"),
         *("p_tuning", "miss", "shira", "hira", "randlora", "gralora", "delora"),
         *("deft", "road", "frod", "beft", "tinylora", "pvera"),
+        *("unilora", "waveft", "lily", "glora", "peanut", "psoft", "supertuning", "adamss", "osf"),
     }
 )
 
