@@ -258,28 +258,53 @@ def write_markdown(result: dict, path: str) -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    """Validation accuracy against the learning rate (log scale), a line per method."""
+    """Validation accuracy against the learning rate (log scale): one small panel per method on
+    shared axes (36 lines on one axis cannot be told apart), the chosen rate starred, the runs that
+    learned nothing hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for method, v in result["methods"].items():
-        if v["tried"]:
-            xs = [t["lr"] for t in v["tried"]]
-            ys = [t["validation_accuracy"] for t in v["tried"]]
-            (line,) = ax.plot(xs, ys, marker="o", label=method)
-            best = next(t for t in v["tried"] if t["lr"] == v["best_lr"])
-            ax.plot([best["lr"]], [best["validation_accuracy"]], marker="*", markersize=14, color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy")
-    lo = min((t["validation_accuracy"] for v in result["methods"].values() for t in v["tried"]), default=0.5)
-    ax.set_ylim(max(0.45, math.floor(lo * 20) / 20), None)
-    ax.set_title("peft methods on the embedded default: validation accuracy by learning rate (star: chosen)")
-    ax.legend(ncol=2, fontsize=8)
-    ax.grid(alpha=0.3)
+    swept = {m: v for m, v in result["methods"].items() if v["tried"]}
+    if not swept:
+        return
+    cols = min(6, len(swept))
+    rows = math.ceil(len(swept) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.2 * cols, 1.8 * rows + 0.6), sharex=True, sharey=True, squeeze=False
+    )
+    lo = min(t["validation_accuracy"] for v in swept.values() for t in v["tried"])
+    for ax, (method, v) in zip(axes.flat, swept.items()):
+        xs = [t["lr"] for t in v["tried"]]
+        ys = [t["validation_accuracy"] for t in v["tried"]]
+        ax.plot(xs, ys, color="tab:blue", linewidth=1)
+        for t in v["tried"]:
+            learned = t.get("learned") is not False
+            ax.plot(
+                [t["lr"]],
+                [t["validation_accuracy"]],
+                marker="o",
+                markersize=4,
+                color="tab:blue",
+                markerfacecolor="tab:blue" if learned else "white",
+            )
+        best = next(t for t in v["tried"] if t["lr"] == v["best_lr"])
+        ax.plot([best["lr"]], [best["validation_accuracy"]], marker="*", markersize=12, color="tab:orange")
+        ax.set_title(f"{method} ({best['lr']:.3g})", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(swept) :]:
+        ax.set_visible(False)
+    axes[0][0].set_xscale("log")
+    axes[0][0].set_ylim(max(0.45, math.floor(lo * 20) / 20), None)
+    fig.supxlabel("learning rate", fontsize=9)
+    fig.supylabel("validation accuracy", fontsize=9)
+    fig.suptitle(
+        "peft methods on the embedded default: validation accuracy by learning rate "
+        "(star: chosen; hollow: learned nothing)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
