@@ -72,7 +72,7 @@ EXCLUDED: dict[str, str] = {
 # (benchmarks/peft_sweep.py: rates a factor 4 apart around the earlier default, 1,500 training
 # examples, chosen on validation accuracy; table in benchmarks/results/peft_sweep_cpu.md). Where the
 # best rate was the largest tried ("edge"), the optimum may lie higher. The epochs were not swept:
-# every best epoch of the sweep came within 188 optimizer steps, fewer than one epoch of the whole
+# every best epoch of the sweep came within 188 optimizer steps (cartridge's 282), under one epoch of the whole
 # training set (319), so the sweep gives no reason to change them. Every method that applies to the
 # embedded default is swept; the two that do not (LLaMA-Adapter: no head for classification;
 # ShadowPEFT: decoder blocks only) are PROVISIONAL, from their papers and peft's examples.
