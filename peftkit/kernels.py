@@ -58,11 +58,12 @@ def _function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             gate, up = ctx.saved_tensors
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
-            grad_gate = grad * up * sig * (1 + gate * (1 - sig))
-            return grad_gate, grad * silu
+            # aten's own SiLU derivative (s (1 + g (1 - s)), s = sigmoid(g)) in one fused pass: the
+            # same element-wise arithmetic written out in torch took six passes over a batch x
+            # length x intermediate tensor, which made a SmolLM2 step ~10% slower on CPU than
+            # autograd's SwiGLU; now it is one pass more than autograd's (silu(gate) made again).
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            return grad_gate, grad * F.silu(gate)
 
     _FUNCTION.append(SwiGLU)
     return SwiGLU
