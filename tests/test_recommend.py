@@ -177,6 +177,9 @@ def test_continue_reruns_nothing_recorded(tiny_model_dir, tiny_csv, tmp_path, sm
     redone = run_recommend(cfg, lambda m: None, runner=again, now=again.now)
     assert again.calls == []  # the budget was spent and every run is recorded
     assert redone.results["recommendation"]["strategy"] == done.results["recommendation"]["strategy"]
+    # the history read back lists the runs in the order they ran, as the first call did
+    key = lambda r: (r["strategy"], r["configuration"], r["train_size"], r["seed"])  # noqa: E731
+    assert [key(r) for r in redone.results["search"]["runs"]] == [key(r) for r in done.results["search"]["runs"]]
 
 
 def test_interrupt_keeps_runs_and_continues(tiny_model_dir, tiny_csv, tmp_path, small_rungs):
@@ -242,6 +245,44 @@ def _results(best: str, summary: dict, verdicts: dict) -> dict:
             },
         },
     }
+
+
+@pytest.mark.parametrize("sizes", [(1000,), (333, 1000)])
+def test_search_plot_shows_every_configuration(tmp_path, monkeypatch, sizes):
+    """One rung (a small budget): validation per strategy, so equal values do not hide each other on
+    a one-point axis; several rungs: a line per configuration over the rungs."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from peftkit.recommendation.report import _search_plot
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    runs = [
+        SimpleNamespace(strategy=s, number=n, size=size, seed=0, value=v)
+        for s, n, v in (("adapter", 0, 0.743), ("head_only", 0, 0.743), ("lora", 0, 0.767), ("lora", 1, 0.79))
+        for size in sizes
+    ]
+    search = SimpleNamespace(
+        ledger=SimpleNamespace(runs=runs),
+        config=SimpleNamespace(seeds=[0]),
+        candidates=["adapter", "head_only", "lora", "prefix"],
+    )
+    assert _search_plot(search, str(tmp_path / "search.png"))
+    assert (tmp_path / "search.png").stat().st_size > 0
+    ax = drawn[0].axes[0]
+    if len(sizes) == 1:  # the strategies that ran, each configuration a marker at its strategy
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["adapter", "head_only", "lora"]
+        assert sorted(tuple(c.get_offsets()[0]) for c in ax.collections) == [
+            (0.0, 0.743),
+            (1.0, 0.743),
+            (2.0, 0.767),
+            (2.0, 0.79),
+        ]
+    else:
+        assert ax.get_xscale() == "log"
+        assert len([line for line in ax.get_lines() if len(line.get_xdata())]) == 4
 
 
 def test_decide_recommends_the_cheaper_of_two_alike():

@@ -226,7 +226,9 @@ def _best(search: Search, finalists: list[Config], strategy: str, size: int, out
 
 def _search_plot(search: Search, path: str) -> bool:
     """Validation against training examples, a line per configuration coloured by strategy: how the
-    halving went. False when there is nothing to draw."""
+    halving went. Where every run had one rung (a small budget, or a training set too small to
+    halve), validation per strategy instead: on a one-point x axis the dots of equal values hid each
+    other. False when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,16 +242,28 @@ def _search_plot(search: Search, path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colours = {s: f"C{i % 10}" for i, s in enumerate(search.candidates)}
-    for (strategy, _n), pts in sorted(points.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours.get(strategy, "k"), alpha=0.7)
-    for s, colour in colours.items():
-        ax.plot([], [], color=colour, label=s)
-    ax.set_xscale("log")
-    ax.set_xlabel("training examples (rung)")
+    sizes = {size for pts in points.values() for size, _v in pts}
+    if len(sizes) == 1:
+        order = [s for s in search.candidates if any(strategy == s for strategy, _n in points)]
+        for (strategy, number), pts in sorted(points.items()):
+            x, value = order.index(strategy), pts[0][1]
+            ax.scatter([x], [value], color=colours.get(strategy, "k"), marker="o" if number == 0 else "x", s=45)
+            ax.annotate(f"{value:.3f}", (x, value), textcoords="offset points", xytext=(7, -3), fontsize=7)
+        ax.set_xticks(range(len(order)), order, rotation=20, ha="right")
+        ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.set_xlabel(f"strategy (every run at one rung: {sizes.pop():,} training examples)")
+        ax.set_title("The search: each configuration's validation (o: defaults, x: drawn)", fontsize=10)
+    else:
+        for (strategy, _n), pts in sorted(points.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours.get(strategy, "k"), alpha=0.7)
+        for s, colour in colours.items():
+            ax.plot([], [], color=colour, label=s)
+        ax.set_xscale("log")
+        ax.set_xlabel("training examples (rung)")
+        ax.set_title("The search: each configuration's validation at each rung it reached", fontsize=10)
+        ax.legend(fontsize=8)
     ax.set_ylabel("validation")
-    ax.set_title("The search: each configuration's validation at each rung it reached", fontsize=10)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -143,6 +143,7 @@ class Ledger:
             study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + i * 1_009 + len(study.trials))
         self.configs: dict[str, list[Config]] = {s: [] for s in strategies}
         self.runs: list[Run] = []
+        finished = []
         for strategy, study in self.studies.items():
             for t in study.get_trials(deepcopy=False):
                 if t.state.name not in ("COMPLETE", "FAIL") or "config" not in t.user_attrs:
@@ -152,8 +153,12 @@ class Ledger:
                     values = _replay(strategy, t.params)
                     self.configs[strategy].append(Config(strategy, a["config"], values, t.params, t.distributions))
                 if "row" in a:
-                    self.runs.append(Run(strategy, a["config"], a["size"], a["seed"], a["row"], a["seconds"]))
+                    run = Run(strategy, a["config"], a["size"], a["seed"], a["row"], a["seconds"])
+                    finished.append((t.datetime_complete, len(finished), run))
             self.configs[strategy].sort(key=lambda c: c.number)
+        # in the order they finished, as the first call listed them (not study by study): the
+        # report's history reads the same after a continued call
+        self.runs = [run for _when, _i, run in sorted(finished, key=lambda f: (f[0] is None, f[0] or 0, f[1]))]
 
     @property
     def spent(self) -> float:
