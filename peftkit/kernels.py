@@ -59,9 +59,9 @@ def _function() -> Any:
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             gate, up = ctx.saved_tensors
             # aten's own SiLU derivative (s (1 + g (1 - s)), s = sigmoid(g)) in one fused pass: the
-            # same element-wise arithmetic written out in torch took six passes over a batch x
-            # length x intermediate tensor, which made a SmolLM2 step ~10% slower on CPU than
-            # autograd's SwiGLU; now it is one pass more than autograd's (silu(gate) made again).
+            # same arithmetic written out in torch took six passes over a batch x length x
+            # intermediate tensor, 3.7x autograd's SwiGLU time on CPU; this is 1.26x, the one pass
+            # more being silu(gate) made again (benchmarks/swiglu_backward.py).
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
             return grad_gate, grad * F.silu(gate)
 
