@@ -142,8 +142,7 @@ class Ledger:
             # not the ones its first call drew again
             study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + i * 1_009 + len(study.trials))
         self.configs: dict[str, list[Config]] = {s: [] for s in strategies}
-        self.runs: list[Run] = []
-        finished = []
+        finished: list[tuple[Any, int, Run]] = []
         for strategy, study in self.studies.items():
             for t in study.get_trials(deepcopy=False):
                 if t.state.name not in ("COMPLETE", "FAIL") or "config" not in t.user_attrs:
@@ -158,7 +157,8 @@ class Ledger:
             self.configs[strategy].sort(key=lambda c: c.number)
         # in the order they finished, as the first call listed them (not study by study): the
         # report's history reads the same after a continued call
-        self.runs = [run for _when, _i, run in sorted(finished, key=lambda f: (f[0] is None, f[0] or 0, f[1]))]
+        finished.sort(key=lambda f: (f[0] is None, f[0] or 0, f[1]))
+        self.runs: list[Run] = [run for _when, _i, run in finished]
 
     @property
     def spent(self) -> float:
