@@ -422,9 +422,11 @@ class Probe:
 # == the Trainer side: Transformers + peft as their docs show it ==================================
 
 
-def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
+def trainer_side(spec: dict[str, Any], probe: Probe, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train the job with ``Trainer`` + peft (no peftkit import). The token ids and labels are made
-    exactly as peftkit makes them (see ``causal_encoder``), checked by the data digest."""
+    exactly as peftkit makes them (see ``causal_encoder``), checked by the data digest.
+    ``after_step``: called after each optimizer step, outside its timing (vs_trainer_paired.py
+    runs a peftkit step there)."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, TaskType, get_peft_model
@@ -505,6 +507,8 @@ def trainer_side(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             probe.step_end()
+            if after_step is not None:
+                after_step()
 
     def recorded(features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collator(features)
@@ -881,9 +885,13 @@ def side_spec(
 
 
 def run_child(
-    spec: dict[str, Any], timeout: float | None = None, echo: Callable[[str], None] | None = None
+    spec: dict[str, Any],
+    timeout: float | None = None,
+    echo: Callable[[str], None] | None = None,
+    script: str | None = None,
 ) -> dict[str, Any]:
-    """Run one side in a fresh process; its figures, or ``status: failed`` with one line."""
+    """Run one side in a fresh process (``script --child spec.json``: this file by default); its
+    figures, or ``status: failed`` with one line."""
     os.makedirs(spec["workdir"], exist_ok=True)
     path = os.path.join(spec["workdir"], "spec.json")
     with open(path, "w", encoding="utf-8") as fh:
@@ -897,7 +905,7 @@ def run_child(
     with open(out_path, "w") as out, open(err_path, "w") as err:
         try:
             proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--child", path],
+                [sys.executable, os.path.abspath(script or __file__), "--child", path],
                 stdout=out,
                 stderr=err,
                 env=env,

@@ -2,7 +2,8 @@
 same full batch of prompt/response pairs (left against right padding, prompts masked, one
 truncated) to the same losses, and a peftkit variant this version does not accept, or one that
 fails, is a row of the report, not a crash; job p's three rows (one epoch: the Trainer padded,
-peftkit padded, peftkit --packing) report tokens/s and padding fractions over the same examples."""
+peftkit padded, peftkit --packing) report tokens/s and padding fractions over the same examples;
+vs_trainer_paired.py alternates the two sides' steps in one process."""
 
 from __future__ import annotations
 
@@ -136,3 +137,66 @@ def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_pa
     table = bench.format_job(result, cuda=False)
     assert "not compared: different batches" in table and "padding fraction" in table
     assert "p: tokens_per_s packing=" in bench.key_ratios({"p": result})
+
+
+def _paired():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module("vs_trainer_paired")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def test_paired_steps_alternate_in_one_process_on_the_same_batch(tiny_causal_dir, tmp_path):
+    """vs_trainer_paired.py on the tiny Llama: one child holds both sides; the Trainer trains 3 steps,
+    each followed by one peftkit step on its own (the same) batch, so both sides have 3 step times and
+    their first-step losses agree (the same weights, the same examples); the warm-up pair is left
+    out of the ratio; a variant this peftkit does not accept is a row, not a crash."""
+    paired = _paired()
+    plan = paired.vt.prepare_job(
+        paired.vt.JOBS["b"],
+        str(tmp_path),
+        model=tiny_causal_dir,
+        batch_size=2,
+        max_length=48,
+        corpus=_corpus(),
+        eval_examples=1,
+    )
+    lines: list[str] = []
+    result = paired.run_job(
+        plan,
+        pairs=3,
+        repeats=1,
+        precision="fp32",
+        device="cpu",
+        threads=1,
+        workdir=str(tmp_path / "runs"),
+        timeout=300,
+        variants=[("peftkit", []), ("peftkit --no-such-lever", ["--no-such-lever"])],
+        echo=lines.append,
+    )
+    row, missing = result["rows"]
+    assert row["status"] == "ok", lines
+    run = row["runs"][0]
+    assert len(run["trainer_steps"]) == len(run["peftkit_steps"]) == 3 and run["trainer_optimizer_steps"] == 3
+    assert row["first_losses"]["same_data"] is True and row["first_losses"]["verdict"] == "agree"
+    assert row["first_losses"]["rel_diff"] < 1e-4
+    # the peftkit side trained: its losses moved from step to step, as the Trainer's did
+    assert run["peftkit_losses"][0] != run["peftkit_losses"][-1]
+    m = row["summary"]
+    assert m["pairs"] == 2 and m["ratio"] > 0 and m["ratio_ci95"][0] <= m["ratio"] <= m["ratio_ci95"][1]
+    assert missing["status"] == "not available" and "--no-such-lever" in missing["error"]
+    table = paired.format_job(result)
+    assert "| peftkit | 2 |" in table and "not available in this peftkit" in table
+    assert paired.key_ratios({"b": result}).startswith("peftkit/Trainer (paired) b: step_time=")
+
+
+def test_paired_ratio_is_the_geometric_mean_of_the_pairs():
+    paired = _paired()
+    m = paired.paired_ratio([1.0, 2.0, 4.0], [2.0, 2.0, 2.0])  # ratios 2, 1, 0.5
+    assert abs(m["ratio"] - 1.0) < 1e-12 and m["pairs"] == 3
+    assert abs(m["ratio_min"] - 0.5) < 1e-12 and abs(m["ratio_max"] - 2.0) < 1e-12
+    assert m["trainer_step_median"] == 2.0 and m["peftkit_step_median"] == 2.0
+    lo, hi = m["ratio_ci95"]
+    assert lo < 1.0 < hi and abs(lo * hi - 1.0) < 1e-9  # symmetric in the logs
+    assert paired.paired_ratio([], []) == {"pairs": 0}

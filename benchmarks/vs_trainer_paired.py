@@ -1,0 +1,441 @@
+"""Step time of peftkit against Transformers' Trainer + peft, PAIRED: both sides in one process, their
+optimizer steps alternated, so the ratio does not move with the machine's speed.
+
+``vs_trainer.py`` runs each side in a fresh process and compares the medians of a few steps. That is
+the right way to measure memory, but on a shared machine whose speed drifts by 20-40% within minutes
+(the Trainer's own steps of job a ranged 24.5-35.1 s inside one process) a step-time ratio of two
+processes run minutes apart resolves nothing finer than about +-15%. Here one process holds both
+sides, and every Trainer step is followed at once by a peftkit step, so both see the same machine:
+
+* the Trainer side is ``vs_trainer.py``'s own (``trainer_side``: ``from_pretrained``,
+  ``get_peft_model``, ``Trainer(...).train()``), training the job's full batch for ``--pairs`` steps;
+  its step is timed from ``on_step_begin`` to ``on_step_end`` as there;
+* the peftkit side is ``peftkit run`` on the same job (the same flags as ``vs_trainer.py``'s peftkit
+  row, one epoch): its first call of ``loop.train_step`` is caught with its arguments (the model,
+  optimizer, strategy, loss and batch peftkit built), the Trainer is trained, and after each Trainer
+  step (in its ``on_step_end`` callback, outside the Trainer's timing) peftkit's ``train_step`` runs
+  once on its batch, timed the same way (forward, loss, backward, clipping, optimizer step; the loss
+  read back, as peftkit's loop reads it); then the run goes on as usual.
+
+Each pair gives a ratio peftkit / Trainer. The first pair is warm-up and left out; the report gives the
+geometric mean of the other pairs' ratios with its 95% interval (t over the logs of the ratios: the
+pairs are the replicates), each side's median step, and the two sides' first-step losses: both start
+from the same weights on the same batch, so for a and b they must agree to float noise (as in
+``vs_trainer.py``; job c's MiniLM keeps its own dropout, which draws other masks). peftkit's later steps
+repeat its first step's learning rate, which changes no step's cost.
+
+What this does not measure: memory (both sides share the process: ``vs_trainer.py``'s fresh
+processes measure it), start-up and data loading. Jobs a, b and c of ``vs_trainer.py`` (job p trains
+different batches on each side).
+
+    .venv/bin/python benchmarks/vs_trainer_paired.py            # a, b, c: results/vs_trainer_paired_<device>.json
+    .venv/bin/python benchmarks/vs_trainer_paired.py --jobs c --pairs 40
+    .venv/bin/python benchmarks/vs_trainer_paired.py --smoke    # 3 pairs, length 64, batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import vs_trainer as vt  # noqa: E402  (beside this file)
+
+# pairs per job by default: about 5 minutes of a 2-core CPU each (a step of a takes ~25 s, b ~13 s,
+# c ~0.7 s there; c's steps are short enough for many pairs, and short steps drift the most)
+PAIRS = {"a": 6, "b": 10, "c": 40}
+JOBS = tuple(PAIRS)
+
+
+# == the child: both sides in one process =========================================================
+
+
+def paired_side(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the Trainer side for ``spec['pairs']`` steps with a peftkit step after each one (see
+    the module's docstring); the two sides' step times and losses."""
+    from peftkit import loop
+
+    cuda = spec["device"] == "cuda"
+    # memory is not measured here: the samplers wake once a second, not every 10 ms
+    trainer_probe, peftkit_probe = vt.Probe(cuda, interval=1.0), vt.Probe(cuda, interval=1.0)
+    module = sys.modules[loop.Trainer.__module__]  # where the loop looks train_step up
+    original = module.train_step
+    held: dict[str, Any] = {}
+
+    def peftkit_step() -> None:
+        peftkit_probe.step_start()
+        loss = original(*held["args"], **held["kwargs"])
+        value = float(loss.detach().float())  # peftkit's loop reads the loss back too
+        peftkit_probe.step_end()
+        peftkit_probe.losses.append(value)
+
+    def first_step(*args: Any, **kwargs: Any) -> Any:
+        if not held:
+            held.update(args=args, kwargs=kwargs)
+            peftkit_probe.saw_batch(kwargs.get("batch", args[5] if len(args) > 5 else None))
+            held["trainer"] = vt.trainer_side(spec["trainer"], trainer_probe, after_step=peftkit_step)
+        return original(*args, **kwargs)
+
+    module.train_step = first_step
+    from peftkit.cli import main
+
+    try:
+        main(spec["peftkit"]["peftkit_args"])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        module.train_step = original
+    if code != 0:
+        return {"status": "failed", "exit_code": code, "error": f"peftkit run exited with status {code}"}
+    if "trainer" not in held:
+        return {"status": "failed", "error": "peftkit's run took no training step"}
+    trainer, peftkit = trainer_probe.figures(), peftkit_probe.figures()
+    return {
+        "status": "ok",
+        "trainer_steps": trainer["step_seconds"],
+        "peftkit_steps": peftkit["step_seconds"],
+        "trainer_losses": trainer["step_losses"],
+        "peftkit_losses": peftkit["step_losses"],
+        "trainer_digest": trainer["data_digest"],
+        "peftkit_digest": peftkit["data_digest"],
+        "tokens_per_step": (trainer["tokens_per_step"] or [None])[0],
+        "trainer_optimizer_steps": held["trainer"].get("optimizer_steps"),
+    }
+
+
+def child_main(spec_path: str) -> None:
+    """One job and peftkit row in this (fresh) process: write the figures to ``spec['result']``."""
+    import traceback
+
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        out = paired_side(spec)
+    except Exception as exc:  # the row's one line; the traceback stays in the child's stderr
+        traceback.print_exc()
+        out = {"status": "failed", "error": vt.one_line(exc)}
+    out["threads"] = torch.get_num_threads()
+    with open(spec["result"], "w", encoding="utf-8") as fh:
+        json.dump(out, fh, indent=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if out["status"] == "ok" else 1)  # no interpreter teardown: the figures are written
+
+
+# == the parent ===================================================================================
+
+
+def paired_ratio(trainer: list[float], peftkit: list[float]) -> dict[str, Any]:
+    """peftkit / Trainer over the pairs given (warm-up pairs already left out): the geometric mean
+    of the per-pair ratios and its 95% interval (t over their logs), and each side's median step."""
+    from peftkit.stats import mean_interval
+
+    pairs = list(zip(trainer, peftkit))
+    logs = [math.log(p / t) for t, p in pairs if t > 0 and p > 0]
+    if not logs:
+        return {"pairs": 0}
+    interval = mean_interval(logs)
+    return {
+        "pairs": len(logs),
+        "ratio": math.exp(statistics.fmean(logs)),
+        "ratio_ci95": [math.exp(interval[0]), math.exp(interval[1])] if interval else None,
+        "ratio_min": math.exp(min(logs)),
+        "ratio_max": math.exp(max(logs)),
+        "trainer_step_median": statistics.median(t for t, _ in pairs),
+        "peftkit_step_median": statistics.median(p for _, p in pairs),
+    }
+
+
+def first_losses(result: dict[str, Any], job: vt.Job, precision: str) -> dict[str, Any]:
+    """Both sides' first-step losses (the same weights, the same batch) and whether they agree."""
+    t, p = ((result.get(k) or [None])[0] for k in ("trainer_losses", "peftkit_losses"))
+    same = result.get("trainer_digest") == result.get("peftkit_digest")
+    out: dict[str, Any] = {"trainer": t, "peftkit": p, "same_data": same}
+    if t is None or p is None:
+        out["verdict"] = "missing"
+    elif job.shape == "labelled":
+        out["verdict"] = "not compared (dropout)"
+    else:
+        out["rel_diff"] = abs(p - t) / max(abs(t), 1e-12)
+        out["verdict"] = "agree" if out["rel_diff"] <= vt.TOLERANCE[precision][0] else "DIFFER"
+    return out
+
+
+def run_job(
+    plan: dict[str, Any],
+    *,
+    pairs: int,
+    repeats: int,
+    precision: str,
+    device: str,
+    threads: int | None,
+    workdir: str,
+    timeout: float | None,
+    variants: list[tuple[str, list[str]]],
+    echo: Any,
+) -> dict[str, Any]:
+    """Each peftkit row of one job paired with the Trainer, ``repeats`` fresh processes each."""
+    job: vt.Job = plan["job"]
+    rows = []
+    for label, flags in variants:
+        row: dict[str, Any] = {"label": label, "flags": list(flags), "runs": []}
+        rows.append(row)
+        why = vt.unavailable(list(flags))
+        if why is not None:
+            row.update(status="not available", error=why)
+            echo(f"[{job.key}] {label}: not available in this peftkit ({why})")
+            continue
+        for i in range(repeats):
+            tag = vt.variant_tag(list(flags))
+            base = os.path.join(workdir, f"{job.key}-{tag}-{i}")
+            common = {"precision": precision, "device": device, "threads": threads}
+            spec = {
+                **common,
+                "workdir": base,
+                "result": os.path.join(base, "result.json"),
+                # peftkit trains one epoch: its first step is where the pairs run
+                "peftkit": vt.side_spec(plan, "peftkit", list(flags), steps=1, workdir=base, **common),
+                "trainer": vt.side_spec(
+                    plan, "trainer", [], steps=pairs, workdir=os.path.join(base, "trainer"), **common
+                ),
+            }
+            echo(f"[{job.key}] {label} paired with {vt.TRAINER} ({pairs} pairs, run {i + 1}/{repeats}) ...")
+            result = vt.run_child(spec, timeout, echo, script=__file__)
+            row["runs"].append(result)
+            if result.get("status") != "ok":
+                row.update(status=result.get("status", "failed"), error=result.get("error", "?"))
+                echo(f"[{job.key}] {label}: {row['status']}: {row['error']}")
+                break
+            r = paired_ratio(result["trainer_steps"][1:], result["peftkit_steps"][1:])
+            echo(
+                f"[{job.key}] {label}: {result['wall_seconds']:.0f} s, peftkit/Trainer step "
+                f"{vt._f(r.get('ratio'), '.3f')} over {r['pairs']} pairs"
+            )
+        if row.get("status"):
+            continue
+        runs = row["runs"]
+        row["status"] = "ok"
+        # every run's warm-up pair is left out, then the runs' pairs are pooled
+        row["summary"] = paired_ratio(
+            [s for r in runs for s in r["trainer_steps"][1:]], [s for r in runs for s in r["peftkit_steps"][1:]]
+        )
+        row["first_losses"] = first_losses(runs[0], job, precision)
+        row["tokens_per_step"] = runs[0].get("tokens_per_step")
+    return {
+        "settings": {
+            "job": job.key,
+            "title": job.title,
+            "model": plan["model"],
+            "model_dir": plan["model_dir"],
+            "dataset": plan["dataset"],
+            "batch_size": plan["batch_size"],
+            "max_length": plan["max_length"],
+            "pairs": pairs,
+            "repeats": repeats,
+            "precision": precision,
+            "device": device,
+            "threads": next((r["runs"][0].get("threads") for r in rows if r.get("runs")), threads),
+            **vt.lora_settings(),
+        },
+        "rows": rows,
+    }
+
+
+def format_job(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [
+        f"## {s['job']}: {s['title']} ({s['model']}, batch {s['batch_size']} x {s['max_length']} tokens, "
+        f"{s['precision']}, {s['threads']} threads; paired with {vt.TRAINER} in one process)",
+        "",
+        "| peftkit row | pairs | Trainer step (median, s) | peftkit step (median, s) | peftkit / Trainer "
+        "(geometric mean, 95% interval) | range | first-step losses (Trainer / peftkit) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            word = "not available in this peftkit" if row["status"] == "not available" else "failed"
+            lines.append(f"| {row['label']} | {word}: {row.get('error', '?')} | | | | | |")
+            continue
+        m, f = row["summary"], row["first_losses"]
+        ci = m.get("ratio_ci95")
+        losses = f"{vt._f(f['trainer'], '.5f')} / {vt._f(f['peftkit'], '.5f')}: {f['verdict']}" + (
+            f" ({f['rel_diff']:.1e})" if "rel_diff" in f else ""
+        )
+        if not f["same_data"]:
+            losses += "; NOT the same examples"
+        lines.append(
+            f"| {row['label']} | {m['pairs']} | {vt._f(m.get('trainer_step_median'), '.3f')} | "
+            f"{vt._f(m.get('peftkit_step_median'), '.3f')} | **{vt._f(m.get('ratio'), '.3f')}**"
+            + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + f" | {vt._f(m.get('ratio_min'), '.2f')}-{vt._f(m.get('ratio_max'), '.2f')} | {losses} |"
+        )
+    return "\n".join(lines)
+
+
+def key_ratios(results: dict[str, dict[str, Any]]) -> str:
+    """The last line: per job, peftkit's default row's paired step-time ratio and its interval."""
+    parts = []
+    for key, res in results.items():
+        row = next((r for r in res.get("rows", []) if not r.get("flags")), None)
+        if row is None or row.get("status") != "ok":
+            parts.append(f"{key}: {row.get('status') if row else 'no peftkit row'}")
+            continue
+        m = row["summary"]
+        ci = m.get("ratio_ci95")
+        parts.append(
+            f"{key}: step_time={vt._f(m.get('ratio'), '.3f')}"
+            + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + f" losses={row['first_losses']['verdict']}"
+        )
+    return "peftkit/Trainer (paired) " + "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", default=",".join(JOBS), help=f"which jobs, comma-separated ({', '.join(JOBS)})")
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="Trainer steps, each followed by a peftkit step; the first pair is warm-up "
+        f"(default: {', '.join(f'{k} {v}' for k, v in PAIRS.items())}; --smoke: 3)",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="fresh processes per row (their pairs pooled)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where both sides train")
+    ap.add_argument("--model", default=None, help="causal LM for jobs a and b (short name or directory)")
+    ap.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the job's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="the full batch (default: the job's)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds a child may run")
+    ap.add_argument(
+        "--variants",
+        default="default",
+        help="peftkit rows, comma-separated tags as in vs_trainer.py (default, loss-plain, kernels-none, "
+        "packing) or all; default: default",
+    )
+    ap.add_argument("--smoke", action="store_true", help="a quick check: 3 pairs, length 64, batch 2")
+    ap.add_argument("--corpus", default=None, help="the Rotten Tomatoes corpus file (as vs_trainer.py)")
+    ap.add_argument(
+        "--out", default=None, help="result file (default: results/vs_trainer_paired_<device>[_smoke].json; '' none)"
+    )
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child_main(args.child)
+        return
+    keys = [k.strip() for k in args.jobs.split(",") if k.strip()]
+    bad = [k for k in keys if k not in PAIRS]
+    if bad or not keys:
+        ap.error(f"--jobs: unknown job(s) {', '.join(bad) or '(none)'}; choose from {', '.join(JOBS)}")
+    for name, least in (("pairs", 2), ("repeats", 1), ("max_length", 1), ("batch_size", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:  # pairs: the first is warm-up, so at least one more
+            ap.error(f"--{name.replace('_', '-')} must be at least {least}")
+    tags = sorted({vt.variant_tag(flags) for k in JOBS for _, flags in vt.VARIANTS[k]})
+    wanted = None if args.variants.strip() == "all" else {t.strip() for t in args.variants.split(",") if t.strip()}
+    if wanted is not None and (not wanted or wanted - set(tags)):
+        ap.error(
+            f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
+            f"choose from {', '.join(tags)} or all"
+        )
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch sees no CUDA GPU")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", f"vs_trainer_paired_{device}{'_smoke' if args.smoke else ''}.json")
+    from peftkit.env import machine_description, package_versions, quiet_libraries
+
+    quiet_libraries()
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+
+    def write() -> None:
+        if not args.out:
+            return
+        record = {
+            "command": " ".join(
+                ["python", "benchmarks/vs_trainer_paired.py", *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_description(),
+            "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
+            "versions": package_versions(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "jobs": results,
+            "summary": key_ratios(results),
+            "complete": len(results) == len(keys),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1, default=str)
+            fh.write("\n")
+        os.replace(tmp, args.out)
+
+    work = tempfile.mkdtemp(prefix="vs-trainer-paired-")
+    try:
+        corpus = vt.read_corpus(args.corpus) if args.corpus else None
+        for key in keys:
+            job = vt.JOBS[key]
+            batch = args.batch_size or (2 if args.smoke else job.batch_size)
+            length = args.max_length or (64 if args.smoke else job.max_length)
+            echo(f"[{key}] {job.title}: preparing the data (batch {batch}, length {length}) ...")
+            try:
+                plan = vt.prepare_job(
+                    job,
+                    work,
+                    model=args.model,
+                    batch_size=batch,
+                    max_length=length,
+                    eval_examples=min(job.eval_examples, 4) if args.smoke else None,
+                    corpus=corpus,
+                )
+            except Exception as exc:  # a missing corpus or model: this job's line, not a traceback
+                results[key] = {"settings": {"job": key, "title": job.title}, "error": vt.one_line(exc), "rows": []}
+                echo(f"[{key}] failed: {vt.one_line(exc)}")
+                write()
+                continue
+            variants = [v for v in vt.VARIANTS[key] if wanted is None or vt.variant_tag(v[1]) in wanted]
+            results[key] = run_job(
+                plan,
+                pairs=args.pairs or (3 if args.smoke else PAIRS[key]),
+                repeats=args.repeats,
+                precision=args.precision,
+                device=device,
+                threads=args.threads,
+                workdir=work,
+                timeout=args.timeout,
+                variants=variants,
+                echo=echo,
+            )
+            print(format_job(results[key]) + "\n", flush=True)
+            write()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(key_ratios(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
