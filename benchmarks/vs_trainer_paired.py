@@ -316,13 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(default: {', '.join(f'{k} {v}' for k, v in PAIRS.items())}; --smoke: 3)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="fresh processes per row (their pairs pooled)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where both sides train")
     ap.add_argument("--model", default=None, help="causal LM for jobs a and b (short name or directory)")
     ap.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the job's)")
     ap.add_argument("--batch-size", type=int, default=None, help="the full batch (default: the job's)")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds a child may run")
     ap.add_argument(
         "--variants",
         default="default",
@@ -330,11 +326,10 @@ def main(argv: list[str] | None = None) -> None:
         "packing) or all; default: default",
     )
     ap.add_argument("--smoke", action="store_true", help="a quick check: 3 pairs, length 64, batch 2")
-    ap.add_argument("--corpus", default=None, help="the Rotten Tomatoes corpus file (as vs_trainer.py)")
     ap.add_argument(
         "--out", default=None, help="result file (default: results/vs_trainer_paired_<device>[_smoke].json; '' none)"
     )
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    vt.common_arguments(ap)
     args = ap.parse_args(argv)
     if args.child:
         child_main(args.child)
@@ -347,21 +342,11 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < least:  # pairs: the first is warm-up, so at least one more
             ap.error(f"--{name.replace('_', '-')} must be at least {least}")
-    tags = sorted({vt.variant_tag(flags) for k in JOBS for _, flags in vt.VARIANTS[k]})
-    wanted = None if args.variants.strip() == "all" else {t.strip() for t in args.variants.split(",") if t.strip()}
-    if wanted is not None and (not wanted or wanted - set(tags)):
-        ap.error(
-            f"--variants: unknown tag(s) {', '.join(sorted(wanted - set(tags))) or '(none)'}; "
-            f"choose from {', '.join(tags)} or all"
-        )
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch sees no CUDA GPU")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    wanted = vt.wanted_variants(ap, args.variants, list(JOBS))
+    device = vt.pick_device(ap, args.device)
     if args.out is None:
         args.out = os.path.join(HERE, "results", f"vs_trainer_paired_{device}{'_smoke' if args.smoke else ''}.json")
-    from peftkit.env import machine_description, package_versions, quiet_libraries
+    from peftkit.env import quiet_libraries
 
     quiet_libraries()
 
@@ -375,24 +360,12 @@ def main(argv: list[str] | None = None) -> None:
         if not args.out:
             return
         record = {
-            "command": " ".join(
-                ["python", "benchmarks/vs_trainer_paired.py", *(argv if argv is not None else sys.argv[1:])]
-            ),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_description(),
-            "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
-            "versions": package_versions(),
-            "seconds": round(time.perf_counter() - started, 1),
+            **vt.record_head("vs_trainer_paired.py", argv, device, started),
             "jobs": results,
             "summary": key_ratios(results),
             "complete": len(results) == len(keys),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1, default=str)
-            fh.write("\n")
-        os.replace(tmp, args.out)
+        vt.write_record(args.out, record)
 
     work = tempfile.mkdtemp(prefix="vs-trainer-paired-")
     try:

@@ -14,6 +14,8 @@ import sys
 from conftest import make_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# how every test here trains both sides: fp32 on one CPU thread, a child process given 5 minutes
+ON_CPU = {"precision": "fp32", "device": "cpu", "threads": 1, "timeout": 300}
 
 
 def _benchmark():
@@ -59,11 +61,8 @@ def test_same_loss_on_both_sides_and_variants_reported(tiny_causal_dir, tmp_path
         plan,
         steps=2,
         repeats=1,
-        precision="fp32",
-        device="cpu",
-        threads=1,
+        **ON_CPU,
         workdir=str(tmp_path / "runs"),
-        timeout=300,
         echo=lines.append,
         variants=[
             ("peftkit", []),
@@ -110,11 +109,8 @@ def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_pa
         plan,
         steps=2,
         repeats=1,
-        precision="fp32",
-        device="cpu",
-        threads=1,
+        **ON_CPU,
         workdir=str(tmp_path / "runs"),
-        timeout=300,
         echo=lines.append,
     )
     trainer, padded, packed = result["rows"]
@@ -167,11 +163,8 @@ def test_paired_steps_alternate_in_one_process_on_the_same_batch(tiny_causal_dir
         plan,
         pairs=3,
         repeats=1,
-        precision="fp32",
-        device="cpu",
-        threads=1,
+        **ON_CPU,
         workdir=str(tmp_path / "runs"),
-        timeout=300,
         variants=[("peftkit", []), ("peftkit --no-such-lever", ["--no-such-lever"])],
         echo=lines.append,
     )
