@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,9 +79,12 @@ def run_config(config: RunConfig, resume: bool, echo: Callable[[str], None]) -> 
     set_context(strategy=resolved.strategy.name, model=resolved.config.model)
     out = config.output_dir or default_output_dir(resolved.strategy.name)
     resolved.config.output_dir = out
-    quiet_libraries_in_own_process()
+    started = time.perf_counter()
+    quiet_libraries_in_own_process()  # (imports datasets and transformers)
     early = load_data_early(resolved, echo)  # bad data refused before torch and the model load
-    with staged_run(out, resolved.config.overwrite, resume, echo) as stage:
+    with staged_run(out, resolved.config.overwrite, resume, echo) as stage:  # (imports torch and accelerate)
+        # those imports are start-up the run's stage_seconds must show: all but the data's reading
+        early.imports_before = time.perf_counter() - started - early.seconds
         metrics = train.execute_run(resolved, stage.path, echo, resume=resume, early=early)
     # only the main process writes and reports
     return RunResult(out, RunMetrics.from_dict(metrics) if stage.main else None, _recorded_config(resolved))

@@ -130,6 +130,9 @@ class EarlyData:
 
     data: Any  # the task's TaskData
     seconds: float  # what reading it took (the run's stage_seconds["load_data"])
+    # what the caller imported around it before the run began (datasets, transformers, torch,
+    # accelerate: ``runs.run_config``), counted in the run's stage_seconds["imports"]
+    imports_before: float = 0.0
 
 
 def load_data_early(run: ResolvedRun, echo: Callable[[str], None]) -> EarlyData:
@@ -165,7 +168,8 @@ def execute_run(
 
     main = PartialState().is_main_process
     say = echo if main else (lambda message: None)
-    wall_start = time.perf_counter()
+    # a run's wall time includes what its caller did first for it (reading the data early, importing)
+    wall_start = time.perf_counter() - (early.seconds + early.imports_before if early is not None else 0.0)
     with _train_log(os.path.join(workdir, "train.log") if main else None) as log:
         resume_from = ckpt.latest(workdir) if resume else None
         if resume and resume_from is None:
@@ -249,6 +253,7 @@ def _load(
     clock.lap("load_data")
     if early is not None:  # read before the imports: its own time, not the moment it took here
         clock.seconds["load_data"] = round(clock.seconds["load_data"] + early.seconds, 3)
+        clock.seconds["imports"] = round(clock.seconds["imports"] + early.imports_before, 3)
     say(f"loading model {cfg.model!r} ...")
     processor = task.load_processor(cfg.model)
     set_seed(cfg.seed)  # the new head's initialisation depends on it

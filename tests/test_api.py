@@ -221,3 +221,29 @@ def test_what_runs_in_processes_of_its_own_refuses_objects_in_one_line(tmp_path)
     with pytest.raises(PeftkitError, match=r"or a loaded transformers PreTrainedModel, .*; got: object$"):
         api.plan(PlanSettings(strategies=["lora"], model=object()))
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of 32 examples
+def test_start_up_before_the_run_began_is_in_its_stages_and_wall(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    """A run's caller imports datasets, transformers, torch and accelerate before the run's own clock
+    starts (quieting the libraries, staging the directory): that is start-up, so stage_seconds'
+    ``imports`` and the wall time count it (here a stand-in that takes half a second)."""
+    import time
+
+    import peftkit.runs
+
+    monkeypatch.setattr(peftkit.runs, "quiet_libraries_in_own_process", lambda: time.sleep(0.5))
+    config = RunConfig(
+        strategy="head_only",
+        model=tiny_model_dir("bert"),
+        dataset=tiny_csv,
+        epochs=1,
+        max_train_samples=32,
+        max_length=16,
+        output_dir=str(tmp_path / "run"),
+    )
+    result = api.run(config, echo=lambda message: None)
+    metrics = json.load(open(os.path.join(result.run_dir, "metrics.json")))
+    stages = metrics["stage_seconds"]
+    assert stages["imports"] >= 0.5
+    assert metrics["wall_seconds"] >= sum(stages.values()) - 0.05  # the stages fit inside the wall time
