@@ -51,20 +51,25 @@ def test_run_predict_merge_inspect(tiny_model_dir, tiny_csv, tmp_path) -> None:
     assert meta["strategy"] == "lora" and meta["adapter_bytes"] > 0
 
 
-@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of 32 examples
-def test_one_config_runs_twice_and_is_left_as_given(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
-    """``run`` works on a copy: the caller's config is unchanged, so the same object (output_dir None:
-    the default directory) runs again into a directory of its own; the completed one is on the result."""
-    monkeypatch.chdir(tmp_path)
-    config = RunConfig(
+def _one_short_epoch(tiny_model_dir, tiny_csv, **settings) -> RunConfig:
+    """head_only for one epoch of 32 examples on the tiny BERT: a whole run in a second or two."""
+    return RunConfig(
         strategy="head_only",
         model=tiny_model_dir("bert"),
         dataset=tiny_csv,
         epochs=1,
         max_train_samples=32,
         max_length=16,
-        strategy_options={},
+        **settings,
     )
+
+
+@pytest.mark.filterwarnings("ignore::peftkit.errors.LearnedNothingWarning")  # one epoch of 32 examples
+def test_one_config_runs_twice_and_is_left_as_given(tiny_model_dir, tiny_csv, tmp_path, monkeypatch) -> None:
+    """``run`` works on a copy: the caller's config is unchanged, so the same object (output_dir None:
+    the default directory) runs again into a directory of its own; the completed one is on the result."""
+    monkeypatch.chdir(tmp_path)
+    config = _one_short_epoch(tiny_model_dir, tiny_csv, strategy_options={})
     before = RunConfig.from_dict(config.to_dict())
     first = api.run(config, echo=lambda message: None)
     second = api.run(config, echo=lambda message: None)
@@ -233,15 +238,7 @@ def test_start_up_before_the_run_began_is_in_its_stages_and_wall(tiny_model_dir,
     import peftkit.runs
 
     monkeypatch.setattr(peftkit.runs, "quiet_libraries_in_own_process", lambda: time.sleep(0.5))
-    config = RunConfig(
-        strategy="head_only",
-        model=tiny_model_dir("bert"),
-        dataset=tiny_csv,
-        epochs=1,
-        max_train_samples=32,
-        max_length=16,
-        output_dir=str(tmp_path / "run"),
-    )
+    config = _one_short_epoch(tiny_model_dir, tiny_csv, output_dir=str(tmp_path / "run"))
     result = api.run(config, echo=lambda message: None)
     metrics = json.load(open(os.path.join(result.run_dir, "metrics.json")))
     stages = metrics["stage_seconds"]
