@@ -224,11 +224,15 @@ def tune_cmd(
 
 @cli.command("plan", help=HELP["plan"])
 @options("plan")
-def plan_cmd(strategies: str, as_json: bool, **opts: Any) -> None:
+def plan_cmd(strategies: str, as_json: bool, set_items: tuple[str, ...], **opts: Any) -> None:
     from . import api
-    from .config import with_levers
+    from .config import parse_set_options, with_levers
 
-    settings = api.PlanSettings(strategies=strategies.split(","), **with_levers(_given(opts)))
+    settings = api.PlanSettings(
+        strategies=strategies.split(","),
+        strategy_options=parse_set_options(set_items),
+        **with_levers(_given(opts)),
+    )
     result = api.plan(settings, echo=_echo)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

@@ -293,6 +293,7 @@ def print_plan(settings: Any, estimates: list[Any]) -> None:
         + (" per process" if settings.processes > 1 else "")
         + f", levers: {describe_levers(settings.levers)}, on {where}"
         + (f", budget {format_size(budget)}" if budget else "")
+        + "".join(f", {k}={v}" for k, v in settings.strategy_options.items())
     )
     header = ["strategy", "status", "trainable", "weights", "gradients", "optimizer", "activations", "workspace"]
     header += ["communication"] if settings.processes > 1 else []

@@ -49,7 +49,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
         "LEVERS eta finalists recommend:output_dir recommend:overwrite",
     ),
     "plan": _keys(
-        "task model plan:strategies plan:batch_size max_length num_labels loss_tokens LEVERS processes fsdp",
+        "task model plan:strategies plan:set plan:batch_size max_length num_labels loss_tokens LEVERS processes fsdp",
         "plan:memory_budget device plan:json",
     ),
     "predict": _keys(

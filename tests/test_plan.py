@@ -24,7 +24,7 @@ from peftkit.strategies.base import TaskSpec, options_from_dict
 TASK = TaskSpec(num_labels=2, label_names=("neg", "pos"))
 
 
-def _meta_prepared(model_dir: str, strategy: str):
+def _meta_prepared(model_dir: str, strategy: str, options: dict | None = None):
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
 
@@ -35,7 +35,8 @@ def _meta_prepared(model_dir: str, strategy: str):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForSequenceClassification.from_config(config)
         skip = head_module_names(model)
-        s = get_strategy(strategy)()
+        cls = get_strategy(strategy)
+        s = cls(options_from_dict(cls, options or {}))
         model = s.prepare(model, TASK)
     return model, s.trainable_parameters(model), skip
 
@@ -249,6 +250,9 @@ def test_plan_refuses_what_cannot_be_sharded(args, message, run_cli, tiny_model_
         (["--strategies", "nope"], "unknown strategy 'nope'"),
         (["--memory-budget", "x"], "memory size 'x'"),
         (["--model", "/no/such/dir"], "model directory not found"),
+        (["--strategies", "full,lora", "--set", "nope=1"], "unknown option 'nope' for the planned strategies"),
+        (["--strategies", "full,lora", "--set", "r=abc"], "option 'r' of strategy 'lora' must be int, got 'abc'"),
+        (["--set", "r"], "--set expects KEY=VALUE, got 'r'"),
     ],
 )
 def test_plan_bad_input(args, message, run_cli) -> None:
@@ -466,3 +470,32 @@ def test_the_largest_batch_under_a_budget_keeps_the_fixed_part_of_the_activation
     assert measured == [8, 1]
     assert est.activations_fixed == pytest.approx(100 * mib) and est.activations_per_example == pytest.approx(10 * mib)
     assert est.max_batch_size == 20  # through the origin, 22.5 MiB per example, it was 305 / 22.5 = 13
+
+
+def test_set_plans_each_strategy_that_has_the_option_with_it(run_cli, tiny_model_dir) -> None:
+    """``--set r=32``, ``--set dropout=0``: LoRA is planned at rank 32 (its trainable parameters are
+    those of a LoRA of rank 32) and without dropout (fewer saved bytes: dropout keeps a copy of each
+    adapted layer's input); full has neither option, and its row is as without them."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: plan measures on it")
+
+    def plan(*args: str) -> dict:
+        code, out, err = run_cli(
+            "plan", "--model", tiny_model_dir("bert"), "--strategies", "lora,full", "--device", "cuda",
+            "--batch-size", "4", "--max-length", "8", "--json", *args,
+        )  # fmt: skip
+        assert code == 0, err
+        return {e["strategy"]: e for e in json.loads(out)["estimates"]} | {"settings": json.loads(out)["settings"]}
+
+    default, ranked, undropped = plan(), plan("--set", "r=32"), plan("--set", "dropout=0")
+    assert ranked["settings"]["strategy_options"] == {"r": 32}
+    for rows, options in ((default, {}), (ranked, {"r": 32})):
+        _, trainable, _ = _meta_prepared(tiny_model_dir("bert"), "lora", options)
+        assert rows["lora"]["trainable_params"] == sum(p.numel() for p in trainable.values())
+    assert ranked["lora"]["trainable_params"] > default["lora"]["trainable_params"]
+    assert undropped["lora"]["activations"] < default["lora"]["activations"]
+    for rows in (ranked, undropped):
+        assert rows["full"] == default["full"]
+

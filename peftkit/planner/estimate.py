@@ -24,6 +24,9 @@ class PlanSettings(ModelSettings):
 
     strategies: list[str] = setting("plan:strategies")
     _: KW_ONLY  # the positions after the strategies were model, task: refused, not read anew
+    strategy_options: dict[str, Any] = setting("plan:set")
+    """Strategy options by name (``--set``): each strategy that has an option is planned with it
+    (``planner.options_for``)."""
     batch_size: int = setting("plan:batch_size")
     num_labels: int = setting("num_labels")
     levers: Levers = field(default_factory=Levers)

@@ -84,17 +84,44 @@ def structure_key(strategy: Any, prepared: Any, trainable: dict[str, Any]) -> tu
     return forward, options, params, modules
 
 
+def options_for(strategy_name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Of the plan's ``--set`` options, those ``strategy_name`` has (``--set r=64`` plans LoRA at rank
+    64 and leaves a full fine-tune's row as it was)."""
+    fields = {f.name for f in dataclasses.fields(get_strategy(strategy_name).Options)}
+    return {k: v for k, v in options.items() if k.replace("-", "_") in fields}
+
+
+def check_options(strategy_names: list[str], options: dict[str, Any]) -> None:
+    """Raise ``PeftkitError`` for a ``--set`` option that none of the planned strategies has, or a
+    value one of those that have it cannot take (both before anything is measured)."""
+    for key in options:
+        if not any(key in options_for(name, {key: None}) for name in strategy_names):
+            accepted = sorted(
+                {f.name for name in strategy_names for f in dataclasses.fields(get_strategy(name).Options)}
+            )
+            raise PeftkitError(
+                f"unknown option {key!r} for the planned strategies ({', '.join(strategy_names)}); "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
+    for name in strategy_names:
+        cls = get_strategy(name)
+        options_from_dict(cls, options_for(name, options))  # (raises for a value it cannot take)
+
+
 def _arithmetic(
     config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
 ) -> _Job:
     """Weights, gradients and optimizer state of one strategy, from the model built on the meta
-    device (no memory, no measuring), and what its activations will need.
+    device (no memory, no measuring), and what its activations will need. ``strategy_options``:
+    the strategy's options (default: those of ``settings.strategy_options`` it has).
 
     A strategy built from the weights (SHiRA's mask by ``torch.nonzero``) cannot be built on the meta
     device: it is counted on one- and two-layer copies with real weights instead, and every count
     (a sum over parameters, so linear in the number of layers) extrapolated to the model's depth."""
     cls = get_strategy(strategy_name)
-    job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options or {})))
+    if strategy_options is None:
+        strategy_options = options_for(strategy_name, settings.strategy_options)
+    job = _Job(Estimate(strategy=cls.name), cls(options_from_dict(cls, strategy_options)))
     est, task_type = job.est, get_task(settings.task)
     with _row_errors(est):
         check_levers(settings.levers, job.strategy, on_cuda=settings.device == "cuda", task=task_type)
@@ -178,7 +205,8 @@ def _measure(config: Any, job: _Job, settings: PlanSettings, measured: dict[Any,
 def plan_strategy(
     config: Any, strategy_name: str, settings: PlanSettings, strategy_options: dict[str, Any] | None = None
 ) -> Estimate:
-    """Predict one strategy's peak training memory for ``config`` (a transformers config)."""
+    """Predict one strategy's peak training memory for ``config`` (a transformers config), with
+    ``strategy_options`` (default: those of ``settings.strategy_options`` it has)."""
     if settings.device == "cpu":
         runtime_bytes()  # before any model exists in this process
     job = _arithmetic(config, strategy_name, settings, strategy_options)
@@ -248,6 +276,7 @@ def make_plan(settings: PlanSettings, echo: Callable[[str], None] | None = None)
     ``echo`` gets one line saying what will be measured and roughly how long it takes, then one
     line per strategy as it is done."""
     settings = resolve_settings(settings)
+    check_options(settings.strategies, settings.strategy_options)
     config = load_config(settings.model)
     say = echo or (lambda _line: None)
     if settings.device == "cpu":

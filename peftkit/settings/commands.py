@@ -287,6 +287,11 @@ vary(
 )
 vary("plan:strategies", help="'all' or names: lora,full,head_only,peft:ia3 (peft's methods by name).")
 vary("plan:batch_size", default=32, help="Micro-batch size. Default: 32.")
+vary(
+    "plan:set",
+    help="Strategy option, repeatable, as `run` takes it (--set r=64 --set dropout=0): each planned "
+    "strategy that has the option is planned with it; an option none of them has is refused.",
+)
 vary("plan:memory_budget", help="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does.")
 vary("plan:json", help="Print the estimates as JSON.")
 vary(
