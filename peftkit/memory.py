@@ -179,9 +179,13 @@ _M_MMAP_THRESHOLD = -3
 # Measured on vs_trainer.py's job a (SmolLM2 LoRA, 8 x 512 tokens, fp32, 2-core AMD EPYC), peftkit's
 # peak and step against glibc's default: 256 KiB 0.66x memory / 1.24x time (every 3 MiB activation
 # of MiniLM faulted in afresh: 1.6x its step time too), 8 MiB 0.75x / 1.06x, 32 MiB 1.02x / 0.90x
-# (noise). 8 MiB returns the blocks that make the difference (SmolLM2's 9-25 MiB activations and
-# 64 MiB loss chunks) and leaves the many small ones to the heap, where reusing them costs nothing.
-MMAP_THRESHOLD_BYTES = 8 * 2**20
+# (noise). Then job b (8 pairs padded to 312 tokens): its 5.75 MB hidden-state activations stayed
+# on the heap at 8 MiB, where the holes they left kept 1.2 GiB of its 4.5 GiB peak resident; at
+# 4 MiB its peak is 3.6 GiB for the same step time (paired steps, 4 MiB / 8 MiB: 0.998 on job b,
+# 1.015 on MiniLM at 32 x 128, whose 6.3 MB activations move too). 4 MiB returns the blocks that
+# make the difference and leaves the many small ones (MiniLM's 3 MiB at 32 x 64 and below) to the
+# heap, where reusing them costs nothing.
+MMAP_THRESHOLD_BYTES = 4 * 2**20
 
 
 def return_large_blocks_at_once() -> bool:
@@ -189,7 +193,7 @@ def return_large_blocks_at_once() -> bool:
     the system the moment it is freed; True where that was set (Linux with glibc).
 
     By default glibc raises that threshold as large blocks are freed (up to 32 MiB), so a training
-    step's activations (9-25 MiB each for SmolLM2 at 8 x 512 tokens) end up on the heap, where freed
+    step's activations (5-25 MiB each for SmolLM2 at 8 x 312-512 tokens) end up on the heap, where freed
     memory stays resident: on the vs-Trainer job 1.7 GiB of a 6.5 GiB peak was such memory, in
     peftkit and in a Trainer script alike (benchmarks/README.md). The price is paid in page faults:
     a returned block is faulted in afresh when allocated again (about 6% of that job's step time).
