@@ -3,7 +3,8 @@ same full batch of prompt/response pairs (left against right padding, prompts ma
 truncated) to the same losses, and a peftkit variant this version does not accept, or one that
 fails, is a row of the report, not a crash; job p's three rows (one epoch: the Trainer padded,
 peftkit padded, peftkit --packing) report tokens/s and padding fractions over the same examples;
-vs_trainer_paired.py alternates the two sides' steps in one process."""
+vs_trainer_paired.py alternates the two sides' steps in one process; plan_vs_measured.py plans each
+measured row with the run's settings."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ON_CPU = {"precision": "fp32", "device": "cpu", "threads": 1, "timeout": 300}
 
 
-def _benchmark():
+def _script(name: str = "vs_trainer"):
+    """A script of benchmarks/ imported as a module (``vs_trainer``, ``vs_trainer_paired``, ...)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        return importlib.import_module("vs_trainer")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
 
@@ -42,7 +44,7 @@ def _corpus() -> list[dict[str, str]]:
 
 
 def test_same_loss_on_both_sides_and_variants_reported(tiny_causal_dir, tmp_path):
-    bench = _benchmark()
+    bench = _script()
     plan = bench.prepare_job(
         bench.JOBS["b"],
         str(tmp_path),
@@ -92,7 +94,7 @@ def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_pa
     (padded, random order), peftkit (padded, length-grouped) and peftkit --packing (rows of 96 tokens:
     two examples each, so 4 rows and 2 steps); every row reports tokens/s and its padding fraction,
     all trained on the same examples and real tokens in one epoch, and the losses are not compared."""
-    bench = _benchmark()
+    bench = _script()
     plan = bench.prepare_job(
         bench.JOBS["p"],
         str(tmp_path),
@@ -135,20 +137,12 @@ def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_pa
     assert "p: tokens_per_s packing=" in bench.key_ratios({"p": result})
 
 
-def _paired():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        return importlib.import_module("vs_trainer_paired")
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
-
-
 def test_paired_steps_alternate_in_one_process_on_the_same_batch(tiny_causal_dir, tmp_path):
     """vs_trainer_paired.py on the tiny Llama: one child holds both sides; the Trainer trains 3 steps,
     each followed by one peftkit step on its own (the same) batch, so both sides have 3 step times and
     their first-step losses agree (the same weights, the same examples); the warm-up pair is left
     out of the ratio; a variant this peftkit does not accept is a row, not a crash."""
-    paired = _paired()
+    paired = _script("vs_trainer_paired")
     plan = paired.vt.prepare_job(
         paired.vt.JOBS["b"],
         str(tmp_path),
@@ -185,7 +179,7 @@ def test_paired_steps_alternate_in_one_process_on_the_same_batch(tiny_causal_dir
 
 
 def test_paired_ratio_is_the_geometric_mean_of_the_pairs():
-    paired = _paired()
+    paired = _script("vs_trainer_paired")
     m = paired.paired_ratio([1.0, 2.0, 4.0], [2.0, 2.0, 2.0])  # ratios 2, 1, 0.5
     assert abs(m["ratio"] - 1.0) < 1e-12 and m["pairs"] == 3
     assert abs(m["ratio_min"] - 0.5) < 1e-12 and abs(m["ratio_max"] - 2.0) < 1e-12
@@ -193,3 +187,45 @@ def test_paired_ratio_is_the_geometric_mean_of_the_pairs():
     lo, hi = m["ratio_ci95"]
     assert lo < 1.0 < hi and abs(lo * hi - 1.0) < 1e-9  # symmetric in the logs
     assert paired.paired_ratio([], []) == {"pairs": 0}
+
+
+def _measured_row(label: str, flags: list[str], positions: int, rows: int, peak: int) -> dict:
+    run = {"positions_per_step": [positions] * 3, "batch_examples": rows}
+    return {"label": label, "side": "peftkit", "flags": flags, "status": "ok", "runs": [run],
+            "summary": {"peak_train_bytes": peak}}  # fmt: skip
+
+
+def test_plan_vs_measured_plans_each_row_as_the_run_trained(tiny_causal_dir, tmp_path):
+    """plan_vs_measured.py on a vs_trainer record of the tiny Llama: each peftkit row is planned with
+    the run's LoRA options (dropout 0), its flags, its rows and padded width (pairs: 8 x 40 of 64,
+    the loss on the longest answer; packing: rows of the full length) and the ratio is planned over
+    measured; the Trainer's row is not planned."""
+    import json
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    settings = {"task": "causal-lm", "model": tiny_causal_dir, "model_dir": tiny_causal_dir, "batch_size": 8,
+                "max_length": 64, "precision": "fp32", "epochs": None, "lora": lora,
+                "response_tokens": {"max": 30}}  # fmt: skip
+    rows = [
+        {"label": "Trainer + peft", "side": "trainer", "status": "ok", "runs": [], "flags": []},
+        _measured_row("peftkit", [], 8 * 40, 8, 2**30),
+        _measured_row("peftkit --packing", ["--packing"], 150, 8, 2**30),
+    ]
+    measured = tmp_path / "vs_trainer_cpu.json"
+    measured.write_text(json.dumps({"device": "cpu", "jobs": {"b": {"settings": settings, "rows": rows}}}))
+    script = _script("plan_vs_measured")
+    padded = script.plan_arguments(settings, rows[1], "cpu")
+    assert padded[padded.index("--batch-size") + 1 : padded.index("--max-length") + 2] == ["8", "--max-length", "40"]
+    assert "dropout=0.0" in padded and "target_modules=[q_proj,v_proj]" in padded
+    assert padded[padded.index("--loss-tokens") + 1] == "30"
+    packed = script.plan_arguments(settings, rows[2], "cpu")
+    assert packed[packed.index("--batch-size") + 1] == "3" and packed[-1] == "--packing"  # 150 positions: 3 rows
+    assert "--loss-tokens" not in packed
+    out = tmp_path / "plan.json"
+    script.main(["--measured", str(measured), "--jobs", "b", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["row"] for r in record["rows"]] == ["peftkit", "peftkit --packing"]
+    for r in record["rows"]:
+        assert r["error"] is None and r["planned_bytes"] > 0
+        assert r["ratio"] == r["planned_bytes"] / 2**30 and r["within"] == (abs(r["ratio"] - 1) <= 0.15)
+    assert record["summary"].endswith("of 2 rows") and record["measured_file"]
