@@ -19,6 +19,7 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from .deferred_compile import defer_compile_while_importing
 from .memory import format_size, return_large_blocks_at_once
 
 # What a result depends on, in the order a report shows it. tokenizers and numpy are not direct
@@ -151,12 +152,14 @@ def own_process() -> None:
     """Say that this process is peftkit's own (the command line, a bench or tune worker), not a
     user's Python session that imported peftkit: process-wide settings are then ours to make
     (``freeze_imported_objects``; ``quiet_libraries``; progress printed on stderr, ``log_to_stderr``;
-    large freed blocks returned to the system at once, ``memory.return_large_blocks_at_once``)."""
+    large freed blocks returned to the system at once, ``memory.return_large_blocks_at_once``;
+    bitsandbytes imported with ``torch.compile`` deferred, ``deferred_compile``)."""
     global _own_process
     log_to_stderr()
     _quiet_import_noise()
     if not _own_process:
         return_large_blocks_at_once()
+        defer_compile_while_importing()
     _own_process = True
 
 

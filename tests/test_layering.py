@@ -45,6 +45,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "models",
         "structure",
         "memory",
+        "deferred_compile",
         "env",
         "errors",
         "typing_utils",

@@ -498,4 +498,3 @@ def test_set_plans_each_strategy_that_has_the_option_with_it(run_cli, tiny_model
     assert undropped["lora"]["activations"] < default["lora"]["activations"]
     for rows in (ranked, undropped):
         assert rows["full"] == default["full"]
-
