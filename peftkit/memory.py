@@ -182,7 +182,8 @@ _M_MMAP_THRESHOLD = -3
 # (noise). Then job b (8 pairs padded to 312 tokens): its 5.75 MB hidden-state activations stayed
 # on the heap at 8 MiB, where the holes they left kept 1.2 GiB of its 4.5 GiB peak resident; at
 # 4 MiB its peak is 3.6 GiB for the same step time (paired steps, 4 MiB / 8 MiB: 0.998 on job b,
-# 1.015 on MiniLM at 32 x 128, whose 6.3 MB activations move too). 4 MiB returns the blocks that
+# 1.015 on MiniLM at 32 x 128, whose 6.3 MB activations move too, 1.02 +- 0.03 at 32 x 64, whose
+# attention probabilities do; its lora run's peak 1.27 -> 1.25 GiB). 4 MiB returns the blocks that
 # make the difference and leaves the many small ones (MiniLM's 3 MiB at 32 x 64 and below) to the
 # heap, where reusing them costs nothing.
 MMAP_THRESHOLD_BYTES = 4 * 2**20
