@@ -356,6 +356,7 @@ class Trainer:
         if self.epoch_steps == 1 or self.epoch_steps % self.read_every == 0 or due_checkpoint:
             self.read_losses(epoch)
         check_budget(self.meter, self.budget, f"training at micro-batch {self.hp.batch_size}", self.memory_loaded)
+        self.meter.return_heap_holes(st.step)  # (CPU: the holes an epoch's varied batches leave)
         self.add_groups(self.strategy.on_step_end(self.inner, st.step))
         st.max_trainable = max(st.max_trainable, self.count_trainable())
         self.bar.update(1)
