@@ -126,15 +126,24 @@ JOBS: dict[str, Job] = {
 
 # The peftkit rows of each job: (label, extra `peftkit run` flags). A row is one line; a row whose
 # flags this peftkit does not accept is reported as "not available in this peftkit".
+# A budget far above the job's needs changes one thing: a CPU run then returns freed memory to the
+# system at once (env.lean_host_memory), the peak `peftkit plan` predicts, for slower steps.
+BUDGET = ("peftkit --memory-budget 64GiB", ["--memory-budget", "64GiB"])
 VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
     # peftkit's default for a causal LM is the chunked loss (--loss chunked)
     "a": [
         ("peftkit", []),
         ("peftkit --loss plain", ["--loss", "plain"]),
         ("peftkit --kernels none", ["--kernels", "none"]),
+        BUDGET,
     ],
-    "b": [("peftkit", []), ("peftkit --loss plain", ["--loss", "plain"]), ("peftkit --packing", ["--packing"])],
-    "c": [("peftkit", [])],
+    "b": [
+        ("peftkit", []),
+        ("peftkit --loss plain", ["--loss", "plain"]),
+        ("peftkit --packing", ["--packing"]),
+        BUDGET,
+    ],
+    "c": [("peftkit", []), BUDGET],
     # the Trainer pads random batches; peftkit pads batches of similar length (its length-grouped
     # sampler) or, with --packing, fills rows of --max-length tokens with whole examples
     "p": [("peftkit", []), ("peftkit --packing", ["--packing"])],
@@ -270,6 +279,9 @@ class Probe:
         self.cuda_peak_train = 0
         self.training = False
         self.step_seconds: list[float] = []
+        # each step's (start, end) on the machine's monotonic clock (the same in every process on
+        # Linux): vs_trainer_paired.py shows that its two processes' steps never overlapped
+        self.step_spans: list[tuple[float, float]] = []
         self.epoch_seconds: list[float] = []
         self.losses: list[float] = []
         self.tokens: list[int] = []
@@ -331,7 +343,9 @@ class Probe:
 
     def step_end(self) -> None:
         self._sync()
-        self.step_seconds.append(time.perf_counter() - self._step_start)
+        end = time.perf_counter()
+        self.step_seconds.append(end - self._step_start)
+        self.step_spans.append((self._step_start, end))
 
     def saw_batch(self, batch: dict[str, Any]) -> None:
         """Tokens of a training batch (real ones: the attention mask's, or a packed batch's own
@@ -410,6 +424,7 @@ class Probe:
             "peak_train_rss_bytes": self.peak_train if self.readable else None,
             "peak_train_cuda_bytes": self.cuda_peak_train if self.cuda else None,
             "step_seconds": self.step_seconds,
+            "step_spans": self.step_spans,
             "epoch_seconds": self.epoch_seconds,
             "step_losses": self.losses,
             "tokens_per_step": self.tokens,
@@ -422,11 +437,16 @@ class Probe:
 # == the Trainer side: Transformers + peft as their docs show it ==================================
 
 
-def trainer_side(spec: dict[str, Any], probe: Probe, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+def trainer_side(
+    spec: dict[str, Any],
+    probe: Probe,
+    after_step: Callable[[], None] | None = None,
+    before_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Train the job with ``Trainer`` + peft (no peftkit import). The token ids and labels are made
     exactly as peftkit makes them (see ``causal_encoder``), checked by the data digest.
-    ``after_step``: called after each optimizer step, outside its timing (vs_trainer_paired.py
-    runs a peftkit step there)."""
+    ``before_step`` / ``after_step``: called before and after each optimizer step, outside its
+    timing (vs_trainer_paired.py hands the machine to peftkit's process there)."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, TaskType, get_peft_model
@@ -503,6 +523,8 @@ def trainer_side(spec: dict[str, Any], probe: Probe, after_step: Callable[[], No
             probe.window_end()
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if before_step is not None:
+                before_step()
             probe.step_start()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -884,14 +906,10 @@ def side_spec(
     return spec
 
 
-def run_child(
-    spec: dict[str, Any],
-    timeout: float | None = None,
-    echo: Callable[[str], None] | None = None,
-    script: str | None = None,
-) -> dict[str, Any]:
-    """Run one side in a fresh process (``script --child spec.json``: this file by default); its
-    figures, or ``status: failed`` with one line."""
+def start_child(spec: dict[str, Any], script: str | None = None) -> tuple[subprocess.Popen[bytes], Any]:
+    """Start one side in a fresh process (``script --child spec.json``: this file by default), its
+    stdout and stderr written beside its spec; the process and those two files, to be closed by
+    ``child_result``."""
     os.makedirs(spec["workdir"], exist_ok=True)
     path = os.path.join(spec["workdir"], "spec.json")
     with open(path, "w", encoding="utf-8") as fh:
@@ -900,22 +918,30 @@ def run_child(
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # accelerate (peftkit) takes a GPU when it sees one
-    out_path, err_path = (os.path.join(spec["workdir"], n) for n in ("stdout.txt", "stderr.txt"))
-    started = time.perf_counter()
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        try:
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(script or __file__), "--child", path],
-                stdout=out,
-                stderr=err,
-                env=env,
-                cwd=spec["workdir"],
-                timeout=timeout,
-            )
-            code: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    seconds = time.perf_counter() - started
+    out = open(os.path.join(spec["workdir"], "stdout.txt"), "w")  # noqa: SIM115 - closed by child_result
+    err = open(os.path.join(spec["workdir"], "stderr.txt"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(script or __file__), "--child", path],
+        stdout=out,
+        stderr=err,
+        env=env,
+        cwd=spec["workdir"],
+    )
+    return proc, (out, err)
+
+
+def child_result(
+    spec: dict[str, Any],
+    code: int | None,
+    seconds: float,
+    files: Any,
+    timeout: float | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """A finished child's figures (``code`` None: it was stopped at ``timeout``), or ``status:
+    failed`` with one line: its own error, else its last stderr line."""
+    for fh in files:
+        fh.close()
     result: dict[str, Any] = {}
     if os.path.exists(spec["result"]):
         with open(spec["result"], encoding="utf-8") as fh:
@@ -923,10 +949,10 @@ def run_child(
     result["wall_seconds"] = round(seconds, 2)
     if code == 0 and result.get("status") == "ok":
         return result
-    with open(err_path, encoding="utf-8", errors="replace") as fh:
+    with open(os.path.join(spec["workdir"], "stderr.txt"), encoding="utf-8", errors="replace") as fh:
         tail = [line.rstrip() for line in fh.read().splitlines() if line.strip()]
     if code is None:
-        line = f"timed out after {timeout:.0f} s"
+        line = f"timed out after {timeout or 0:.0f} s"
     else:
         errors = [t for t in tail if t.startswith("error:")]
         line = result.get("error") or (errors[-1] if errors else (tail[-1] if tail else f"exit status {code}"))
@@ -940,6 +966,25 @@ def run_child(
     status = "not available" if (code == 2 and NOT_ACCEPTED.search(line) and flags) else "failed"
     result.update(status=status, error=line.removeprefix("error: "), exit_code=code)
     return result
+
+
+def run_child(
+    spec: dict[str, Any],
+    timeout: float | None = None,
+    echo: Callable[[str], None] | None = None,
+    script: str | None = None,
+) -> dict[str, Any]:
+    """Run one side in a fresh process (``script --child spec.json``: this file by default); its
+    figures, or ``status: failed`` with one line."""
+    started = time.perf_counter()
+    proc, files = start_child(spec, script)
+    try:
+        code: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
+    return child_result(spec, code, time.perf_counter() - started, files, timeout, echo)
 
 
 def median(values: list[float]) -> float | None:
@@ -1401,14 +1446,22 @@ def pick_device(ap: argparse.ArgumentParser, asked: str) -> str:
 
 
 def record_head(script: str, argv: list[str] | None, device: str, started: float) -> dict[str, Any]:
-    """What a result file starts with: the command, when, the machine, the device, the versions and
-    the seconds since ``started``."""
+    """What a result file starts with: the command (with glibc's allocator settings from the
+    environment, which change the figures: ``MALLOC_MMAP_THRESHOLD_=...``), when, the machine, the
+    device, the versions and the seconds since ``started``."""
     import torch
 
     from peftkit.env import machine_description, package_versions
 
     return {
-        "command": " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [
+                *(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")),
+                "python",
+                f"benchmarks/{script}",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_description(),
         "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",

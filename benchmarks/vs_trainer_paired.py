@@ -1,21 +1,29 @@
-"""Step time of peftkit against Transformers' Trainer + peft, PAIRED: both sides in one process, their
-optimizer steps alternated, so the ratio does not move with the machine's speed.
+"""Step time of peftkit against Transformers' Trainer + peft, PAIRED: each side in a process of its
+own, the two taking turns step by step, so the ratio does not move with the machine's speed.
 
 ``vs_trainer.py`` runs each side in a fresh process and compares the medians of a few steps. That is
 the right way to measure memory, but on a shared machine whose speed drifts by 20-40% within minutes
 (the Trainer's own steps of job a ranged 24.5-35.1 s inside one process) a step-time ratio of two
-processes run minutes apart resolves nothing finer than about +-15%. Here one process holds both
-sides, and every Trainer step is followed at once by a peftkit step, so both see the same machine:
+processes run minutes apart resolves nothing finer than about +-15%. Here both processes run at once
+and hand the machine to each other through two named pipes, so every Trainer step is followed at once
+by a peftkit step and both see the same machine, while neither waits on the other's clock:
 
 * the Trainer side is ``vs_trainer.py``'s own (``trainer_side``: ``from_pretrained``,
   ``get_peft_model``, ``Trainer(...).train()``), training the job's full batch for ``--pairs`` steps;
-  its step is timed from ``on_step_begin`` to ``on_step_end`` as there;
+  its step is timed from ``on_step_begin`` to ``on_step_end`` as there. Its process is a plain
+  Python process, as a user's script is: it never runs peftkit's process-wide settings;
 * the peftkit side is ``peftkit run`` on the same job (the same flags as ``vs_trainer.py``'s peftkit
   row, one epoch): its first call of ``loop.train_step`` is caught with its arguments (the model,
-  optimizer, strategy, loss and batch peftkit built), the Trainer is trained, and after each Trainer
-  step (in its ``on_step_end`` callback, outside the Trainer's timing) peftkit's ``train_step`` runs
-  once on its batch, timed the same way (forward, loss, backward, clipping, optimizer step; the loss
-  read back, as peftkit's loop reads it); then the run goes on as usual.
+  optimizer, strategy, loss and batch peftkit built), and that step runs once after each Trainer
+  step, timed the same way (forward, loss, backward, clipping, optimizer step; the loss read back,
+  as peftkit's loop reads it); then the run goes on as usual.
+
+Why two processes: peftkit's command line sets process-wide things a Trainer script does not have
+(the garbage collector's frozen imports; with ``--memory-budget`` on CPU, glibc returning every freed
+block of 4 MiB or more to the system at once, which costs page faults on the next step:
+``env.lean_host_memory``). In one process the Trainer's steps ran under peftkit's settings, so the
+ratio left out what they cost peftkit: job a's 0.829 in one process was 1.268 in two, when every CPU
+run returned those blocks (benchmarks/README.md).
 
 Each pair gives a ratio peftkit / Trainer. The first pair is warm-up and left out; the report gives the
 geometric mean of the other pairs' ratios with its 95% interval (t over the logs of the ratios: the
@@ -24,7 +32,7 @@ from the same weights on the same batch, so for a and b they must agree to float
 ``vs_trainer.py``; job c's MiniLM keeps its own dropout, which draws other masks). peftkit's later steps
 repeat its first step's learning rate, which changes no step's cost.
 
-What this does not measure: memory (both sides share the process: ``vs_trainer.py``'s fresh
+What this does not measure: memory (both processes are resident at once: ``vs_trainer.py``'s fresh
 processes measure it), start-up and data loading. Jobs a, b and c of ``vs_trainer.py`` (job p trains
 different batches on each side).
 
@@ -39,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import select
 import shutil
 import statistics
 import sys
@@ -57,40 +66,80 @@ PAIRS = {"a": 6, "b": 10, "c": 40}
 JOBS = tuple(PAIRS)
 
 
-# == the child: both sides in one process =========================================================
+# == the children: one side each, taking turns ===================================================
 
 
-def paired_side(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train the Trainer side for ``spec['pairs']`` steps with a peftkit step after each one (see
-    the module's docstring); the two sides' step times and losses."""
-    from peftkit import loop
+class Turns:
+    """Whose turn it is, between the two children: two named pipes (the parent made them), each side
+    reading its own and writing the other's, one byte a turn."""
 
-    cuda = spec["device"] == "cuda"
-    # memory is not measured here: the samplers wake once a second, not every 10 ms
-    trainer_probe, peftkit_probe = vt.Probe(cuda, interval=1.0), vt.Probe(cuda, interval=1.0)
+    def __init__(self, mine: str, theirs: str, timeout: float | None) -> None:
+        # O_RDWR: opening a pipe then never waits for the other end to be opened (Linux)
+        self.mine = os.open(mine, os.O_RDWR)
+        self.theirs = os.open(theirs, os.O_RDWR)
+        self.timeout = timeout
+
+    def wait(self) -> None:
+        """Until the other side hands the machine over (or ``timeout`` seconds: it is gone)."""
+        ready, _, _ = select.select([self.mine], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"the other side did not hand over within {self.timeout:.0f} s")
+        os.read(self.mine, 1)
+
+    def give(self) -> None:
+        os.write(self.theirs, b"t")
+
+
+def trainer_paired(spec: dict[str, Any], turns: Turns) -> dict[str, Any]:
+    """The Trainer side, ``vs_trainer.py``'s own, for ``spec['steps']`` steps: each one starts once
+    peftkit's process is ready (the first) or has taken its step (the others)."""
+    probe = vt.Probe(spec["device"] == "cuda", interval=1.0)  # memory is not measured: a sample a second
+    began: list[bool] = []
+
+    def before() -> None:
+        if not began:  # peftkit's process has loaded its model and built its first batch
+            turns.wait()
+            began.append(True)
+
+    def after() -> None:
+        turns.give()  # peftkit's step now, while this process waits
+        turns.wait()
+
+    out = vt.trainer_side(spec, probe, after_step=after, before_step=before)
+    return {**out, **probe.figures()}
+
+
+def peftkit_paired(spec: dict[str, Any], turns: Turns) -> dict[str, Any]:
+    """``peftkit run`` through its command line's ``main``: its first call of ``loop.train_step`` is
+    caught with its arguments, and that step runs ``spec['pairs']`` times, each when the Trainer's
+    process has taken a step; then the run goes on as usual."""
+    from peftkit import env, loop
+
+    probe = vt.Probe(spec["device"] == "cuda", interval=1.0)
     module = sys.modules[loop.Trainer.__module__]  # where the loop looks train_step up
     original = module.train_step
     held: dict[str, Any] = {}
 
-    def peftkit_step() -> None:
-        peftkit_probe.step_start()
-        loss = original(*held["args"], **held["kwargs"])
-        value = float(loss.detach().float())  # peftkit's loop reads the loss back too
-        peftkit_probe.step_end()
-        peftkit_probe.losses.append(value)
-
     def first_step(*args: Any, **kwargs: Any) -> Any:
         if not held:
-            held.update(args=args, kwargs=kwargs)
-            peftkit_probe.saw_batch(kwargs.get("batch", args[5] if len(args) > 5 else None))
-            held["trainer"] = vt.trainer_side(spec["trainer"], trainer_probe, after_step=peftkit_step)
+            held["own_process"] = bool(getattr(env, "_own_process", False))
+            probe.saw_batch(kwargs.get("batch", args[5] if len(args) > 5 else None))
+            turns.give()  # ready: the Trainer's first step
+            for _ in range(spec["pairs"]):
+                turns.wait()
+                probe.step_start()
+                loss = original(*args, **kwargs)
+                value = float(loss.detach().float())  # peftkit's loop reads the loss back too
+                probe.step_end()
+                probe.losses.append(value)
+                turns.give()
         return original(*args, **kwargs)
 
     module.train_step = first_step
     from peftkit.cli import main
 
     try:
-        main(spec["peftkit"]["peftkit_args"])
+        main(spec["peftkit_args"])
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -98,24 +147,13 @@ def paired_side(spec: dict[str, Any]) -> dict[str, Any]:
         module.train_step = original
     if code != 0:
         return {"status": "failed", "exit_code": code, "error": f"peftkit run exited with status {code}"}
-    if "trainer" not in held:
+    if not held:
         return {"status": "failed", "error": "peftkit's run took no training step"}
-    trainer, peftkit = trainer_probe.figures(), peftkit_probe.figures()
-    return {
-        "status": "ok",
-        "trainer_steps": trainer["step_seconds"],
-        "peftkit_steps": peftkit["step_seconds"],
-        "trainer_losses": trainer["step_losses"],
-        "peftkit_losses": peftkit["step_losses"],
-        "trainer_digest": trainer["data_digest"],
-        "peftkit_digest": peftkit["data_digest"],
-        "tokens_per_step": (trainer["tokens_per_step"] or [None])[0],
-        "trainer_optimizer_steps": held["trainer"].get("optimizer_steps"),
-    }
+    return {"status": "ok", "own_process": held["own_process"], **probe.figures()}
 
 
 def child_main(spec_path: str) -> None:
-    """One job and peftkit row in this (fresh) process: write the figures to ``spec['result']``."""
+    """One side of one pair in this (fresh) process: write its figures to ``spec['result']``."""
     import traceback
 
     with open(spec_path, encoding="utf-8") as fh:
@@ -124,17 +162,75 @@ def child_main(spec_path: str) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    turns = Turns(spec["turns"][0], spec["turns"][1], spec.get("turn_timeout"))
     try:
-        out = paired_side(spec)
+        out = (trainer_paired if spec["side"] == "trainer" else peftkit_paired)(spec, turns)
     except Exception as exc:  # the row's one line; the traceback stays in the child's stderr
         traceback.print_exc()
         out = {"status": "failed", "error": vt.one_line(exc)}
-    out["threads"] = torch.get_num_threads()
+    out.update(threads=torch.get_num_threads(), pid=os.getpid())
     with open(spec["result"], "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if out["status"] == "ok" else 1)  # no interpreter teardown: the figures are written
+
+
+def run_pair(
+    specs: dict[str, dict[str, Any]], timeout: float | None, echo: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both children at once (``specs``: trainer, peftkit), each in a fresh process; when one fails
+    the other is stopped (it would wait for its turn in vain). Their results."""
+    started = time.perf_counter()
+    procs = {side: vt.start_child(spec, script=__file__) for side, spec in specs.items()}
+    codes: dict[str, int | None] = {}
+    while len(codes) < len(procs):
+        for side, (proc, _) in procs.items():
+            if side not in codes and proc.poll() is not None:
+                codes[side] = proc.returncode
+        failed = any(c != 0 for c in codes.values())
+        late = timeout is not None and time.perf_counter() - started > timeout
+        if (failed or late) and len(codes) < len(procs):
+            for side, (proc, _) in procs.items():
+                if side not in codes:
+                    proc.kill()
+                    proc.wait()
+                    codes[side] = None if late else -9
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    trainer, peftkit = (
+        vt.child_result(specs[side], codes[side], seconds, procs[side][1], timeout, echo)
+        for side in ("trainer", "peftkit")
+    )
+    return trainer, peftkit
+
+
+def paired_run(trainer: dict[str, Any], peftkit: dict[str, Any]) -> dict[str, Any]:
+    """One pair of children's figures as one run: both sides' steps, losses, data and processes."""
+    if peftkit.get("status") != "ok" or trainer.get("status") != "ok":
+        bad = peftkit if peftkit.get("status") != "ok" else trainer
+        return {
+            "status": bad.get("status", "failed"),
+            "error": bad.get("error", "?"),
+            "wall_seconds": max(trainer.get("wall_seconds", 0), peftkit.get("wall_seconds", 0)),
+        }
+    return {
+        "status": "ok",
+        "trainer_steps": trainer["step_seconds"],
+        "peftkit_steps": peftkit["step_seconds"],
+        "trainer_losses": trainer["step_losses"],
+        "peftkit_losses": peftkit["step_losses"],
+        "trainer_digest": trainer["data_digest"],
+        "peftkit_digest": peftkit["data_digest"],
+        "trainer_spans": trainer.get("step_spans"),
+        "peftkit_spans": peftkit.get("step_spans"),
+        "pids": {"trainer": trainer.get("pid"), "peftkit": peftkit.get("pid")},
+        "peftkit_own_process": peftkit.get("own_process"),
+        "tokens_per_step": (trainer["tokens_per_step"] or [None])[0],
+        "trainer_optimizer_steps": trainer.get("optimizer_steps"),
+        "threads": peftkit.get("threads"),
+        "wall_seconds": max(trainer["wall_seconds"], peftkit["wall_seconds"]),
+    }
 
 
 # == the parent ===================================================================================
@@ -204,18 +300,24 @@ def run_job(
             tag = vt.variant_tag(list(flags))
             base = os.path.join(workdir, f"{job.key}-{tag}-{i}")
             common = {"precision": precision, "device": device, "threads": threads}
-            spec = {
-                **common,
-                "workdir": base,
-                "result": os.path.join(base, "result.json"),
+            os.makedirs(base, exist_ok=True)
+            pipes = {side: os.path.join(base, f"turn-{side}") for side in ("trainer", "peftkit")}
+            for path in pipes.values():
+                os.mkfifo(path)
+            specs = {
                 # peftkit trains one epoch: its first step is where the pairs run
-                "peftkit": vt.side_spec(plan, "peftkit", list(flags), steps=1, workdir=base, **common),
+                "peftkit": vt.side_spec(
+                    plan, "peftkit", list(flags), steps=1, workdir=os.path.join(base, "peftkit"), **common
+                ),
                 "trainer": vt.side_spec(
                     plan, "trainer", [], steps=pairs, workdir=os.path.join(base, "trainer"), **common
                 ),
             }
+            for side, spec in specs.items():
+                other = "trainer" if side == "peftkit" else "peftkit"
+                spec.update(pairs=pairs, turns=[pipes[side], pipes[other]], turn_timeout=timeout)
             echo(f"[{job.key}] {label} paired with {vt.TRAINER} ({pairs} pairs, run {i + 1}/{repeats}) ...")
-            result = vt.run_child(spec, timeout, echo, script=__file__)
+            result = paired_run(*run_pair(specs, timeout, echo))
             row["runs"].append(result)
             if result.get("status") != "ok":
                 row.update(status=result.get("status", "failed"), error=result.get("error", "?"))
@@ -260,7 +362,7 @@ def format_job(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"## {s['job']}: {s['title']} ({s['model']}, batch {s['batch_size']} x {s['max_length']} tokens, "
-        f"{s['precision']}, {s['threads']} threads; paired with {vt.TRAINER} in one process)",
+        f"{s['precision']}, {s['threads']} threads; paired with {vt.TRAINER}, taking turns in two processes)",
         "",
         "| peftkit row | pairs | Trainer step (median, s) | peftkit step (median, s) | peftkit / Trainer "
         "(geometric mean, 95% interval) | range | first-step losses (Trainer / peftkit) |",

@@ -3,7 +3,7 @@ same full batch of prompt/response pairs (left against right padding, prompts ma
 truncated) to the same losses, and a peftkit variant this version does not accept, or one that
 fails, is a row of the report, not a crash; job p's three rows (one epoch: the Trainer padded,
 peftkit padded, peftkit --packing) report tokens/s and padding fractions over the same examples;
-vs_trainer_paired.py alternates the two sides' steps in one process; plan_vs_measured.py plans each
+vs_trainer_paired.py alternates the two sides' steps, each side in a process of its own; plan_vs_measured.py plans each
 measured row with the run's settings."""
 
 from __future__ import annotations
@@ -137,11 +137,13 @@ def test_epoch_job_reports_tokens_per_second_and_padding(tiny_causal_dir, tmp_pa
     assert "p: tokens_per_s packing=" in bench.key_ratios({"p": result})
 
 
-def test_paired_steps_alternate_in_one_process_on_the_same_batch(tiny_causal_dir, tmp_path):
-    """vs_trainer_paired.py on the tiny Llama: one child holds both sides; the Trainer trains 3 steps,
-    each followed by one peftkit step on its own (the same) batch, so both sides have 3 step times and
-    their first-step losses agree (the same weights, the same examples); the warm-up pair is left
-    out of the ratio; a variant this peftkit does not accept is a row, not a crash."""
+def test_paired_steps_take_turns_in_two_processes_on_the_same_batch(tiny_causal_dir, tmp_path):
+    """vs_trainer_paired.py on the tiny Llama: each side in a process of its own (only peftkit's runs
+    peftkit's process-wide settings); the Trainer trains 3 steps, each followed by one peftkit step on
+    its own (the same) batch, and no step of one process overlaps a step of the other; both sides
+    have 3 step times and their first-step losses agree (the same weights, the same examples); the
+    warm-up pair is left out of the ratio; a variant this peftkit does not accept is a row, not a
+    crash."""
     paired = _script("vs_trainer_paired")
     plan = paired.vt.prepare_job(
         paired.vt.JOBS["b"],
@@ -166,6 +168,10 @@ def test_paired_steps_alternate_in_one_process_on_the_same_batch(tiny_causal_dir
     assert row["status"] == "ok", lines
     run = row["runs"][0]
     assert len(run["trainer_steps"]) == len(run["peftkit_steps"]) == 3 and run["trainer_optimizer_steps"] == 3
+    assert run["pids"]["trainer"] != run["pids"]["peftkit"] and run["peftkit_own_process"] is True
+    # Trainer step 1, peftkit step 1, Trainer step 2, ...: each starts after the other's last one ended
+    spans = [s for pair in zip(run["trainer_spans"], run["peftkit_spans"]) for s in pair]
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
     assert row["first_losses"]["same_data"] is True and row["first_losses"]["verdict"] == "agree"
     assert row["first_losses"]["rel_diff"] < 1e-4
     # the peftkit side trained: its losses moved from step to step, as the Trainer's did
