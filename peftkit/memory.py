@@ -99,18 +99,29 @@ def _can_reset_cpu_peak() -> bool:
 class MemoryMeter:
     """Current and peak memory of one device, with a peak that can be reset between phases."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, lean: bool = False) -> None:
         self.device = device
         self.cuda = getattr(device, "type", str(device)) == "cuda"
         self.resettable = True if self.cuda else _can_reset_cpu_peak()
+        # a CPU run that returns large freed blocks at once (``env.lean_host_memory``) also returns
+        # the heap's free pages every HEAP_TRIM_EVERY steps
+        self.lean = lean and not self.cuda
 
     @property
     def method(self) -> str:
         if self.cuda:
             return "torch.cuda.max_memory_allocated (reserved reported beside it), peak reset per phase"
-        if self.resettable:
-            return "process peak resident set (VmHWM), reset per phase via /proc/self/clear_refs"
-        return "process peak resident set over its whole life (getrusage ru_maxrss; no per-phase reset here)"
+        how = (
+            "process peak resident set (VmHWM), reset per phase via /proc/self/clear_refs"
+            if self.resettable
+            else "process peak resident set over its whole life (getrusage ru_maxrss; no per-phase reset here)"
+        )
+        if self.lean:  # what the peak is of: a run that returned freed memory at once
+            how += (
+                f"; freed blocks of {MMAP_THRESHOLD_BYTES >> 20} MiB or more returned at once, free heap "
+                f"pages every {HEAP_TRIM_EVERY} steps (--memory-budget)"
+            )
+        return how
 
     def current(self) -> int:
         """Bytes in use now: allocated tensors on CUDA, resident set on CPU."""
@@ -128,9 +139,10 @@ class MemoryMeter:
             release_free_memory()
 
     def return_heap_holes(self, step: int) -> None:
-        """CPU, every ``HEAP_TRIM_EVERY`` optimizer steps: the heap's free pages back to the system
-        (``return_heap_holes``). CUDA: nothing to do."""
-        if not self.cuda and step % HEAP_TRIM_EVERY == 0:
+        """A lean CPU run, every ``HEAP_TRIM_EVERY`` optimizer steps: the heap's free pages back to
+        the system (``return_heap_holes``). Otherwise (CUDA, a CPU run without a budget, which keeps
+        them for its next steps) nothing."""
+        if self.lean and step % HEAP_TRIM_EVERY == 0:
             return_heap_holes()
 
     def reset_peak(self) -> None:
@@ -173,7 +185,8 @@ def release_free_memory() -> None:
     return_heap_holes()
 
 
-# A CPU run returns its heap's free pages every this many optimizer steps (``return_heap_holes``).
+# A lean CPU run (one with a memory budget: ``env.lean_host_memory``) returns its heap's free pages
+# every this many optimizer steps (``return_heap_holes``).
 # Over an epoch of MiniLM batches of varied length (the embedded default's lora run, 319 steps), the
 # holes freed activations leave on glibc's heap kept growing the resident peak: 1.56 GiB without, 1.37
 # GiB returned every 10 steps (25: 1.39, 50: 1.42), for 1.2 s of malloc_trim in 116 s of training
@@ -229,9 +242,10 @@ def return_large_blocks_at_once() -> bool:
     step's activations (5-25 MiB each for SmolLM2 at 8 x 312-512 tokens) end up on the heap, where freed
     memory stays resident: on the vs-Trainer job 1.7 GiB of a 6.5 GiB peak was such memory, in
     peftkit and in a Trainer script alike (benchmarks/README.md). The price is paid in page faults:
-    a returned block is faulted in afresh when allocated again (about 6% of that job's step time).
-    Only peftkit's own processes set it (``env.own_process``): a user's Python session keeps its
-    allocator as it was, and glibc's own ``MALLOC_MMAP_THRESHOLD_`` in the environment wins."""
+    a returned block is faulted in afresh when allocated again: SmolLM2's steps at 8 x 512 tokens
+    took 1.27x a Trainer script's with it, 0.86x without (``env.lean_host_memory``, which sets it
+    for CPU runs with a memory budget only). glibc's own ``MALLOC_MMAP_THRESHOLD_`` in the
+    environment wins."""
     import ctypes  # not at the top: 3 ms more on `import peftkit` (tests/test_imports.py)
     import ctypes.util
 

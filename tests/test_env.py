@@ -219,39 +219,52 @@ def test_a_run_hides_the_libraries_objects_from_the_garbage_collector() -> None:
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
-@pytest.mark.parametrize("own", [False, True])
-def test_peftkits_own_processes_give_large_blocks_pages_of_their_own(own) -> None:
+@pytest.mark.parametrize(
+    ("own", "budget", "device", "lean"),
+    [
+        (False, 2**30, "cpu", False),
+        (True, None, "cpu", False),
+        (True, 2**30, "cpu", True),
+        (True, 2**30, "cuda", False),
+    ],
+)
+def test_cpu_runs_with_a_budget_give_large_blocks_pages_of_their_own(own, budget, device, lean) -> None:
     """After a 16 MiB block is freed, glibc by default keeps blocks up to that size on its heap, where
-    freed memory stays resident; peftkit's own processes (env.own_process) give every block of 4 MiB
-    or more pages of its own (returned when freed): a 5 MiB tensor is then counted in glibc's
-    mmapped bytes (mallinfo2's hblkhd)."""
+    freed memory stays resident (and is reused without page faults). Only a CPU run with a memory
+    budget in peftkit's own process (env.lean_host_memory) gives every block of 4 MiB or more pages of
+    its own, returned when freed: a 5 MiB tensor is then counted in glibc's mmapped bytes (mallinfo2's
+    hblkhd). Without a budget, in a user's session, or on CUDA, the allocator is left as it was."""
     code = (
         "import ctypes, torch\n"
         "class Info(ctypes.Structure):\n"
         "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',"
         " 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
         "libc = ctypes.CDLL('libc.so.6')\nlibc.mallinfo2.restype = Info\n"
-        + ("from peftkit.env import own_process\nown_process()\n" if own else "")
-        + "first = torch.ones(1 << 22)\ndel first\n"  # 16 MiB freed: glibc's own threshold rises to it
+        "from peftkit import env\n"
+        + ("env.own_process()\n" if own else "")
+        + f"print('lean', env.lean_host_memory(torch.device({device!r}), {budget!r}))\n"
+        "first = torch.ones(1 << 22)\ndel first\n"  # 16 MiB freed: glibc's own threshold rises to it
         "before = libc.mallinfo2().hblkhd\nblock = torch.ones(5 << 18)\n"  # 5 MiB
         "print((libc.mallinfo2().hblkhd - before) >> 20)"
     )
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == ("5" if own else "0")
+    assert f"lean {lean}" in done.stdout
+    assert done.stdout.split()[-1] == ("5" if lean else "0")
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_returning_heap_holes_lowers_the_resident_set_and_a_cpu_run_does_it_every_ten_steps(monkeypatch) -> None:
     """Half of 4,096 heap blocks of 64 KiB freed between live ones (the holes a step's freed
-    activations leave) stay resident until ``return_heap_holes``; a CPU run's meter calls it every
-    ``HEAP_TRIM_EVERY`` optimizer steps, a CUDA one never."""
+    activations leave) stay resident until ``return_heap_holes``; a lean CPU run's meter (a run with
+    a memory budget) calls it every ``HEAP_TRIM_EVERY`` optimizer steps; a CPU run without a budget
+    keeps them for its next steps, and a CUDA one never calls it."""
     import torch
 
     import peftkit.memory as memory
 
-    meter = memory.MemoryMeter("cpu")
+    meter = memory.MemoryMeter("cpu", lean=True)
     blocks = [torch.ones(16 * 1024) for _ in range(4096)]  # 64 KiB each: the heap's, not mmap's
     del blocks[::2]
     before = meter.current()
@@ -262,5 +275,8 @@ def test_returning_heap_holes_lowers_the_resident_set_and_a_cpu_run_does_it_ever
     monkeypatch.setattr(memory, "return_heap_holes", lambda: calls.append(1))
     for step in range(1, 31):
         meter.return_heap_holes(step)
-        memory.MemoryMeter("cuda").return_heap_holes(step)
+        memory.MemoryMeter("cpu").return_heap_holes(step)
+        memory.MemoryMeter("cuda", lean=True).return_heap_holes(step)
     assert memory.HEAP_TRIM_EVERY == 10 and len(calls) == 3
+    # metrics.json's peak_memory_method says which kind of peak it is
+    assert "returned at once" in meter.method and "returned at once" not in memory.MemoryMeter("cpu").method

@@ -171,6 +171,9 @@ def test_plan_command(run_cli, tiny_model_dir) -> None:
     lines = out.splitlines()
     assert any(line.startswith("full") and "refused: strategy 'full' trains" in line for line in lines)
     assert any(line.startswith("lora") and "GiB" in line or "MiB" in line for line in lines)
+    # no budget on a CPU: the table says whose peak it gives (a run with a budget returns freed memory
+    # at once; one without keeps it, and can peak higher)
+    assert "note: peaks are those of a CPU run given a --memory-budget" in out
 
 
 def test_plan_per_device_under_data_parallel_and_fsdp(tiny_model_dir) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from ..checkpoint import Checkpointer
 from ..config import RunConfig
 from ..durations import format_duration, time_left
-from ..env import LOGGER
+from ..env import LOGGER, lean_host_memory
 from ..kernels import compile_blocks
 from ..levers import logical_numel, make_optimizer, store_frozen_in_half
 from ..memory import MemoryMeter, apply_budget, check_budget, parse_size
@@ -93,6 +93,7 @@ class Trainer:
         check_distributed(self.accelerator, cfg, hp.batch_size)
         self.budget = parse_size(cfg.memory_budget) if cfg.memory_budget else None
         apply_budget(self.accelerator.device, self.budget)  # before the model moves to the card
+        self.lean_memory = lean_host_memory(self.accelerator.device, self.budget)  # CPU: fit before speed
         train_dl, val_dl, test_dl = self.make_loaders(processor, data)
         self.place_model(model)
         groups = trainable_groups(strategy, model, procs)
@@ -167,7 +168,7 @@ class Trainer:
         once everything is in place and before any step."""
         # Memory is measured per phase from here: "loaded" is the model (and data) in place, before
         # any step
-        self.meter = MemoryMeter(self.accelerator.device)
+        self.meter = MemoryMeter(self.accelerator.device, lean=self.lean_memory)
         self.meter.release_free()  # loading's temporary buffers are gone; "loaded" is what stays
         self.memory_loaded = self.meter.current()
         self.steps_per_epoch = math.ceil(train_batches / self.cfg.grad_accumulation)
@@ -356,7 +357,7 @@ class Trainer:
         if self.epoch_steps == 1 or self.epoch_steps % self.read_every == 0 or due_checkpoint:
             self.read_losses(epoch)
         check_budget(self.meter, self.budget, f"training at micro-batch {self.hp.batch_size}", self.memory_loaded)
-        self.meter.return_heap_holes(st.step)  # (CPU: the holes an epoch's varied batches leave)
+        self.meter.return_heap_holes(st.step)  # (a lean CPU run: the holes an epoch's varied batches leave)
         self.add_groups(self.strategy.on_step_end(self.inner, st.step))
         st.max_trainable = max(st.max_trainable, self.count_trainable())
         self.bar.update(1)

@@ -267,8 +267,8 @@ vary(
 )
 vary(
     "bench:memory_budget",
-    help="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory). "
-    "The largest micro-batch that fits is found by halving.",
+    help="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory, freed "
+    "memory returned at once, as `run --memory-budget`). The largest micro-batch that fits is found by halving.",
 )
 vary("bench:output_dir", help="Where results go. Default: runs/bench-<timestamp>.")
 vary("tune:strategy", help="Strategy to tune (see `peftkit list`); required.")
@@ -292,7 +292,11 @@ vary(
     help="Strategy option, repeatable, as `run` takes it (--set r=64 --set dropout=0): each planned "
     "strategy that has the option is planned with it; an option none of them has is refused.",
 )
-vary("plan:memory_budget", help="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does.")
+vary(
+    "plan:memory_budget",
+    help="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does (on CPU, as a run with "
+    "that --memory-budget runs: freed memory returned at once).",
+)
 vary("plan:json", help="Print the estimates as JSON.")
 vary(
     "predict:text_column",
