@@ -384,6 +384,38 @@ def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir,
     assert not out.exists()
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_a_cpu_run_with_a_budget_returns_freed_memory_at_once_and_says_so(
+    run_cli, tiny_model_dir, tiny_csv, tmp_path
+) -> None:
+    """A CPU run given a --memory-budget is lean (env.lean_host_memory: freed blocks returned at once,
+    the peak the planner predicts); one without keeps glibc's own allocator. metrics.json's
+    peak_memory_method says which the peak is of."""
+    methods = {}
+    for name, budget in (("lean", ["--memory-budget", "64GiB"]), ("plain", [])):
+        out = tmp_path / name
+        code, _, stderr = run_cli(
+            "run",
+            "--model",
+            tiny_model_dir("bert"),
+            "--dataset",
+            tiny_csv,
+            "--output-dir",
+            str(out),
+            "--strategy",
+            "lora",
+            "--epochs",
+            "1",
+            "--max-length",
+            "16",
+            *budget,
+        )
+        assert code == 0, stderr
+        methods[name] = json.loads((out / "metrics.json").read_text())["peak_memory_method"]
+    assert "returned at once" in methods["lean"] and "(--memory-budget)" in methods["lean"]
+    assert "returned at once" not in methods["plain"]
+
+
 # -- --auto-fit: levers in order, guided by the planner's predictions ----------------------------
 
 
