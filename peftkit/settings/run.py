@@ -177,7 +177,7 @@ declare(
     metavar="SIZE",
     help="Cap on memory, e.g. 4GiB: on CUDA the allocator's limit, on CPU the process's peak resident "
     "memory; a run over it stops with an error. On CPU a run with a budget also returns freed memory "
-    "to the system at once: the peak `peftkit plan` predicts, for causal-LM steps 1.1-1.6x slower.",
+    "to the system at once: the peak `peftkit plan` predicts, for causal-LM steps 1.1-1.5x slower.",
 )
 declare(
     "checkpoint_every",
