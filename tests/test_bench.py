@@ -361,23 +361,17 @@ def test_bench_refuses_an_existing_output_dir(run_cli, tmp_path) -> None:
     assert (tmp_path / "bench" / "keep.txt").read_text() == "mine"
 
 
+def _tiny_lora_run(run_cli, model: str, data: str, out, *flags: str) -> tuple[int, str, str]:
+    """``peftkit run --strategy lora`` on the tiny BERT and CSV, 16 tokens, with ``flags``."""
+    return run_cli(
+        "run", "--model", model, "--dataset", data, "--output-dir", str(out), "--strategy", "lora",
+        "--max-length", "16", *flags,
+    )  # fmt: skip
+
+
 def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir, tiny_csv, tmp_path) -> None:
     out = tmp_path / "run"
-    code, _, stderr = run_cli(
-        "run",
-        "--model",
-        tiny_model_dir("bert"),
-        "--dataset",
-        tiny_csv,
-        "--output-dir",
-        str(out),
-        "--strategy",
-        "lora",
-        "--memory-budget",
-        "1MiB",
-        "--max-length",
-        "16",
-    )
+    code, _, stderr = _tiny_lora_run(run_cli, tiny_model_dir("bert"), tiny_csv, out, "--memory-budget", "1MiB")
     last = stderr.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: peak memory") and "Traceback" not in stderr
     assert "went over the budget 1 MiB during training at micro-batch 32" in last
@@ -394,22 +388,7 @@ def test_a_cpu_run_with_a_budget_returns_freed_memory_at_once_and_says_so(
     methods = {}
     for name, budget in (("lean", ["--memory-budget", "64GiB"]), ("plain", [])):
         out = tmp_path / name
-        code, _, stderr = run_cli(
-            "run",
-            "--model",
-            tiny_model_dir("bert"),
-            "--dataset",
-            tiny_csv,
-            "--output-dir",
-            str(out),
-            "--strategy",
-            "lora",
-            "--epochs",
-            "1",
-            "--max-length",
-            "16",
-            *budget,
-        )
+        code, _, stderr = _tiny_lora_run(run_cli, tiny_model_dir("bert"), tiny_csv, out, "--epochs", "1", *budget)
         assert code == 0, stderr
         methods[name] = json.loads((out / "metrics.json").read_text())["peak_memory_method"]
     assert "returned at once" in methods["lean"] and "(--memory-budget)" in methods["lean"]
