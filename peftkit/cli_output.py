@@ -319,9 +319,9 @@ def print_plan(settings: Any, estimates: list[Any]) -> None:
 
 # What a CPU plan's peak is (env.lean_host_memory): the figures are vs_trainer.py's job a
 CPU_PEAK_NOTE = (
-    "peaks are those of a CPU run given a --memory-budget, which returns freed memory at once; a run "
-    "without one keeps it for its next steps (faster) and can peak higher (SmolLM2 LoRA at 8 x 512 "
-    "tokens: 6.10 GiB against 4.63 GiB; benchmarks/results/vs_trainer_cpu.json)"
+    "peaks are those of a CPU run given a --memory-budget, which returns free memory to the system "
+    "between transformer blocks; a run without one keeps it for its next steps (faster) and can peak "
+    "higher (SmolLM2 LoRA at 8 x 512 tokens: 6.1 GiB against 4.4 GiB; benchmarks/README.md)"
 )
 
 

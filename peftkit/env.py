@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .deferred_compile import defer_compile_while_importing
-from .memory import format_size, return_large_blocks_at_once
+from .memory import format_size
 
 # What a result depends on, in the order a report shows it. tokenizers and numpy are not direct
 # dependencies, but a tokenizer or numeric change shifts results as surely as a transformers one.
@@ -152,8 +152,7 @@ def own_process() -> None:
     """Say that this process is peftkit's own (the command line, a bench or tune worker), not a
     user's Python session that imported peftkit: process-wide settings are then ours to make
     (``freeze_imported_objects``; ``quiet_libraries``; progress printed on stderr, ``log_to_stderr``;
-    bitsandbytes imported with ``torch.compile`` deferred, ``deferred_compile``; a CPU run with a
-    memory budget returns large freed blocks to the system at once, ``lean_host_memory``)."""
+    bitsandbytes imported with ``torch.compile`` deferred, ``deferred_compile``)."""
     global _own_process
     log_to_stderr()
     _quiet_import_noise()
@@ -163,21 +162,17 @@ def own_process() -> None:
 
 
 def lean_host_memory(device: Any, budget: int | None) -> bool:
-    """A CPU run with a memory budget (``--memory-budget``), in peftkit's own process: make glibc
-    return every freed block of 4 MiB or more to the system at once
-    (``memory.return_large_blocks_at_once``), and say so (the run's meter then also returns the
-    heap's free pages every ``memory.HEAP_TRIM_EVERY`` steps). True where that was done.
+    """Whether a run fits before it is fast: a CPU run with a memory budget (``--memory-budget``).
+    Its training steps then hand the heap's free pages back to the system between transformer
+    blocks (``memory.trim_heap_between_blocks``) and every ``memory.HEAP_TRIM_EVERY`` steps, so its
+    peak is its live memory, the peak ``peftkit plan`` predicts.
 
-    Why only then: it lowers a causal LM's peak by a fifth or more, but every such block is faulted
-    in afresh on the next step. Measured on SmolLM2-135M LoRA at 8 x 512 tokens (2-core EPYC,
-    ``benchmarks/vs_trainer_paired.py``, each side in its own process): peftkit's steps 1.27x a
-    Transformers Trainer's with it, 0.86x with glibc's own allocator. A run without a budget wants
-    speed; one with a budget wants to fit, and is planned (``peftkit plan``) as it then runs. A
-    user's Python session keeps its allocator as it was; glibc's ``MALLOC_MMAP_THRESHOLD_`` in the
-    environment wins."""
-    if budget is None or getattr(device, "type", str(device)) != "cpu" or not _own_process:
-        return False
-    return return_large_blocks_at_once()
+    Why only then: the pages returned are faulted in again when the next blocks need them. On
+    SmolLM2-135M LoRA at 8 x 512 tokens (2-core EPYC) that lowers the training peak from 6.1 to
+    4.4 GiB for 1.7 million more page faults a 22-second step: cheap in one process, but in this
+    virtual machine 1.2-1.4x the step when another process runs between the steps
+    (``benchmarks/refault.py``, benchmarks/README.md). A run without a budget wants speed."""
+    return budget is not None and getattr(device, "type", str(device)) == "cpu"
 
 
 def freeze_imported_objects() -> None:

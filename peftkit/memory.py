@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 import re
 import resource
 import sys
+import time
 from typing import Any
 
 from .errors import PeftkitError
+from .structure import transformer_blocks
 
 _UNITS = {
     "": 1,
@@ -99,13 +100,14 @@ def _can_reset_cpu_peak() -> bool:
 class MemoryMeter:
     """Current and peak memory of one device, with a peak that can be reset between phases."""
 
-    def __init__(self, device: Any, lean: bool = False) -> None:
+    def __init__(self, device: Any, lean: bool = False, heap_trims: HeapTrimsBetweenBlocks | None = None) -> None:
         self.device = device
         self.cuda = getattr(device, "type", str(device)) == "cuda"
         self.resettable = True if self.cuda else _can_reset_cpu_peak()
-        # a CPU run that returns large freed blocks at once (``env.lean_host_memory``) also returns
-        # the heap's free pages every HEAP_TRIM_EVERY steps
+        # a lean CPU run (one with a memory budget, ``env.lean_host_memory``) returns the heap's free
+        # pages between transformer blocks (``heap_trims``) and every HEAP_TRIM_EVERY steps
         self.lean = lean and not self.cuda
+        self.heap_trims = heap_trims
 
     @property
     def method(self) -> str:
@@ -116,11 +118,14 @@ class MemoryMeter:
             if self.resettable
             else "process peak resident set over its whole life (getrusage ru_maxrss; no per-phase reset here)"
         )
-        if self.lean:  # what the peak is of: a run that returned freed memory at once
-            how += (
-                f"; freed blocks of {MMAP_THRESHOLD_BYTES >> 20} MiB or more returned at once, free heap "
-                f"pages every {HEAP_TRIM_EVERY} steps (--memory-budget)"
+        if self.lean:  # what the peak is of: a run that returned its free memory to the system
+            between = (
+                f"every {self.heap_trims.every_bytes >> 20} MiB of transformer-block outputs, forward and "
+                "backward, and "
+                if self.heap_trims is not None
+                else ""
             )
+            how += f"; free heap pages returned to the system {between}every {HEAP_TRIM_EVERY} steps (--memory-budget)"
         return how
 
     def current(self) -> int:
@@ -219,43 +224,74 @@ def _malloc_trim() -> Any:
         return None
 
 
-# glibc's mallopt parameter for the size from which an allocation gets pages of its own (mmap)
-_M_MMAP_THRESHOLD = -3
-# Measured on vs_trainer.py's job a (SmolLM2 LoRA, 8 x 512 tokens, fp32, 2-core AMD EPYC), peftkit's
-# peak and step against glibc's default: 256 KiB 0.66x memory / 1.24x time (every 3 MiB activation
-# of MiniLM faulted in afresh: 1.6x its step time too), 8 MiB 0.75x / 1.06x, 32 MiB 1.02x / 0.90x
-# (noise). Then job b (8 pairs padded to 312 tokens): its 5.75 MB hidden-state activations stayed
-# on the heap at 8 MiB, where the holes they left kept 1.2 GiB of its 4.5 GiB peak resident; at
-# 4 MiB its peak is 3.6 GiB for the same step time (paired steps, 4 MiB / 8 MiB: 0.998 on job b,
-# 1.015 on MiniLM at 32 x 128, whose 6.3 MB activations move too, 1.02 +- 0.03 at 32 x 64, whose
-# attention probabilities do; its lora run's peak 1.27 -> 1.25 GiB). 4 MiB returns the blocks that
-# make the difference and leaves the many small ones (MiniLM's 3 MiB at 32 x 64 and below) to the
-# heap, where reusing them costs nothing.
-MMAP_THRESHOLD_BYTES = 4 * 2**20
+# A lean CPU run's training step (one with a memory budget) returns the heap's free pages to the
+# system (``return_heap_holes``) each time its transformer blocks have put out this many bytes of
+# hidden states since the last return, on the way forward and again on the way back
+# (``HeapTrimsBetweenBlocks``). Why: a block frees temporaries several times the size of its output;
+# glibc keeps the holes they leave resident, and a step's peak counted them all. On vs_trainer.py's
+# jobs (SmolLM2-135M LoRA, fp32, 2-core AMD EPYC), training peak without / with these trims:
+# a (8 x 512 tokens, 9 MiB a block's output, every 5 blocks) 6.09 / 4.36 GiB; every 3 blocks 4.25,
+# every 10 4.65, every 15 5.03, once a pass 6.03; every 5 forward only 4.79; b (8 x 312) 4.44 / 3.50.
+# Until 2026-12-08 such runs instead had glibc return every freed block of 4 MiB or more at once
+# (``mallopt(M_MMAP_THRESHOLD)``): a 4.63 GiB, b 3.63 GiB, for 3 million more page faults a step of a
+# where the trims take 1.7 million (and 12 trims of 20-80 ms).
+TRIM_EVERY_BYTES = 45 * 2**20
 
 
-def return_large_blocks_at_once() -> bool:
-    """Make glibc give every block of ``MMAP_THRESHOLD_BYTES`` or more pages of its own, returned to
-    the system the moment it is freed; True where that was set (Linux with glibc).
+class HeapTrimsBetweenBlocks:
+    """CPU training: hand the heap's free pages back to the system between transformer blocks, each
+    time ``TRIM_EVERY_BYTES`` of block outputs have gone by, forward (a forward hook on each block)
+    and backward (a hook on the gradient of that block's output). Only while a block trains with
+    gradients flowing through it (not in evaluation or generation, nor through a frozen backbone,
+    which saves nothing); a block output is the first tensor it returns. ``remove()`` takes the
+    hooks off the model. ``count`` and ``seconds``: the trims made and the time they took."""
 
-    By default glibc raises that threshold as large blocks are freed (up to 32 MiB), so a training
-    step's activations (5-25 MiB each for SmolLM2 at 8 x 312-512 tokens) end up on the heap, where freed
-    memory stays resident: on the vs-Trainer job 1.7 GiB of a 6.5 GiB peak was such memory, in
-    peftkit and in a Trainer script alike (benchmarks/README.md). The price is paid in page faults:
-    a returned block is faulted in afresh when allocated again: SmolLM2's steps at 8 x 512 tokens
-    took 1.27x a Trainer script's with it, 0.86x without (``env.lean_host_memory``, which sets it
-    for CPU runs with a memory budget only). glibc's own ``MALLOC_MMAP_THRESHOLD_`` in the
-    environment wins."""
-    import ctypes  # not at the top: 3 ms more on `import peftkit` (tests/test_imports.py)
-    import ctypes.util
+    def __init__(self, blocks: list[Any], every_bytes: int) -> None:
+        self.every_bytes = every_bytes
+        self.forward_bytes = 0  # block outputs since the last trim on the way forward
+        self.count = 0
+        self.seconds = 0.0
+        self.handles = [block.register_forward_hook(self._after_block) for block in blocks]
 
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    if not libc_name or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL(libc_name).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
+    def _after_block(self, module: Any, args: Any, output: Any) -> None:
+        import torch
+
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if not (module.training and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor)):
+            return
+        if not hidden.requires_grad:
+            return
+        self.forward_bytes += hidden.nbytes
+        if self.forward_bytes >= self.every_bytes:
+            self.forward_bytes = 0
+            self.trim()
+            # its gradient is the first thing backward computes for the blocks before it: the holes
+            # the later blocks' backward left go before theirs make more
+            hidden.register_hook(self._in_backward)
+
+    def _in_backward(self, grad: Any) -> None:
+        self.trim()
+
+    def trim(self) -> None:
+        started = time.perf_counter()
+        return_heap_holes()
+        self.seconds += time.perf_counter() - started
+        self.count += 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def trim_heap_between_blocks(model: Any, device: Any) -> HeapTrimsBetweenBlocks | None:
+    """``HeapTrimsBetweenBlocks`` on ``model``'s transformer blocks (``structure.transformer_blocks``)
+    for a CPU run where glibc can return memory; None elsewhere (CUDA's caching allocator keeps its
+    own blocks; a model without such blocks). The loop calls it for lean runs (``env.lean_host_memory``)."""
+    if getattr(device, "type", str(device)) != "cpu" or _malloc_trim() is None:
+        return None
+    found = transformer_blocks(model)
+    return HeapTrimsBetweenBlocks(found[1], TRIM_EVERY_BYTES) if found else None
 
 
 def apply_budget(device: Any, budget: int | None) -> None:

@@ -119,6 +119,10 @@ class RunMetrics:
     resumed: bool = _figure(row=False)
     # what --kernels put into the model: torch, liger or none (peftkit.kernels), known from loading
     kernels: str | None = _figure(row=True, default=None)
+    # a CPU run with a memory budget: how often training returned the heap's free pages between
+    # transformer blocks, and the time that took (memory.HeapTrimsBetweenBlocks); None where it did not
+    heap_trims: int | None = _figure(row=False, default=None)
+    heap_trim_seconds: float | None = _figure(row=False, default=None)
     # known once the adapter is saved (the run's own, after training)
     adapter_bytes: int | None = _figure(row=True, summary=("adapter_bytes", max), default=None)
     wall_seconds: float | None = _figure(row=True, default=None)

@@ -379,20 +379,28 @@ def test_run_over_its_memory_budget_stops_with_one_line(run_cli, tiny_model_dir,
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
-def test_a_cpu_run_with_a_budget_returns_freed_memory_at_once_and_says_so(
-    run_cli, tiny_model_dir, tiny_csv, tmp_path
+def test_a_cpu_run_with_a_budget_returns_free_memory_between_blocks_and_says_so(
+    run_cli, tiny_model_dir, tiny_csv, tmp_path, monkeypatch
 ) -> None:
-    """A CPU run given a --memory-budget is lean (env.lean_host_memory: freed blocks returned at once,
-    the peak the planner predicts); one without keeps glibc's own allocator. metrics.json's
-    peak_memory_method says which the peak is of."""
-    methods = {}
+    """A CPU run given a --memory-budget is lean (env.lean_host_memory): its training steps return the
+    heap's free pages between transformer blocks (memory.HeapTrimsBetweenBlocks: here after every
+    block, the tiny BERT's outputs being far below the real threshold), the peak the planner predicts;
+    metrics.json says how often and in how long, and its peak_memory_method says so. One without a
+    budget returns nothing and says nothing of it."""
+    import peftkit.memory as memory
+
+    monkeypatch.setattr(memory, "TRIM_EVERY_BYTES", 1)
+    runs = {}
     for name, budget in (("lean", ["--memory-budget", "64GiB"]), ("plain", [])):
         out = tmp_path / name
         code, _, stderr = _tiny_lora_run(run_cli, tiny_model_dir("bert"), tiny_csv, out, "--epochs", "1", *budget)
         assert code == 0, stderr
-        methods[name] = json.loads((out / "metrics.json").read_text())["peak_memory_method"]
-    assert "returned at once" in methods["lean"] and "(--memory-budget)" in methods["lean"]
-    assert "returned at once" not in methods["plain"]
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    lean, plain = runs["lean"], runs["plain"]
+    assert "of transformer-block outputs" in lean["peak_memory_method"]
+    assert "(--memory-budget)" in lean["peak_memory_method"]
+    assert lean["heap_trims"] > 0 and lean["heap_trim_seconds"] >= 0
+    assert "returned" not in plain["peak_memory_method"] and plain["heap_trims"] is None
 
 
 # -- --auto-fit: levers in order, guided by the planner's predictions ----------------------------

@@ -131,13 +131,17 @@ def _train_epochs(
     """The epochs from the trainer's current one to ``epochs``, each trained, validated (then
     ``on_validation``, which may raise) and judged, until they end or early stopping ends them."""
     trainer.open_bar()
-    for epoch in range(trainer.state.epoch, epochs):
-        seconds = trainer.train_epoch(epoch, resuming=epoch == resume_epoch)
-        validation = trainer.validate(epoch, seconds)
-        if on_validation is not None:
-            on_validation(epoch + 1, validation)
-        if trainer.select(epoch, validation):
-            break
+    try:
+        for epoch in range(trainer.state.epoch, epochs):
+            seconds = trainer.train_epoch(epoch, resuming=epoch == resume_epoch)
+            validation = trainer.validate(epoch, seconds)
+            if on_validation is not None:
+                on_validation(epoch + 1, validation)
+            if trainer.select(epoch, validation):
+                break
+    finally:  # the trained model goes back to its caller without peftkit's hooks
+        if trainer.heap_trims is not None:
+            trainer.heap_trims.remove()
     trainer.bar.close()
 
 

@@ -19,7 +19,14 @@ from ..durations import format_duration, time_left
 from ..env import LOGGER, lean_host_memory
 from ..kernels import compile_blocks
 from ..levers import logical_numel, make_optimizer, store_frozen_in_half
-from ..memory import MemoryMeter, apply_budget, check_budget, parse_size
+from ..memory import (
+    HeapTrimsBetweenBlocks,
+    MemoryMeter,
+    apply_budget,
+    check_budget,
+    parse_size,
+    trim_heap_between_blocks,
+)
 from ..metrics import RunMetrics, format_rate
 from ..packing import padding_fraction
 from ..sharding import check_shardable, reshard, shard_model
@@ -53,6 +60,7 @@ class Trainer:
     sampler_gen: Any  # the training loader's shuffling generator
     trackers: list[str]
     meter: MemoryMeter
+    heap_trims: HeapTrimsBetweenBlocks | None  # CPU: the heap's free pages returned between blocks
     budget: int | None
     memory_loaded: int | None
     processor: Any  # the task's tokenizer or image processor
@@ -108,6 +116,8 @@ class Trainer:
         val_dl, test_dl = self.accelerator.prepare(val_dl, test_dl)
         self.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
         self.inner = self.accelerator.unwrap_model(self.model)  # what strategies see (no DDP wrapper)
+        # a lean CPU run: its peak would otherwise count the holes its blocks' temporaries leave
+        self.heap_trims = trim_heap_between_blocks(self.inner, self.accelerator.device) if self.lean_memory else None
         self.step_loss = self.task.step_loss(strategy, self.inner, cfg.levers.loss, self.sharded)
         # on a CPU every operation has finished when it returns: a read costs nothing, so every step
         self.read_every = 1 if self.accelerator.device.type == "cpu" else READ_EVERY
@@ -168,7 +178,7 @@ class Trainer:
         once everything is in place and before any step."""
         # Memory is measured per phase from here: "loaded" is the model (and data) in place, before
         # any step
-        self.meter = MemoryMeter(self.accelerator.device, lean=self.lean_memory)
+        self.meter = MemoryMeter(self.accelerator.device, lean=self.lean_memory, heap_trims=self.heap_trims)
         self.meter.release_free()  # loading's temporary buffers are gone; "loaded" is what stays
         self.memory_loaded = self.meter.current()
         self.steps_per_epoch = math.ceil(train_batches / self.cfg.grad_accumulation)
@@ -548,6 +558,8 @@ class Trainer:
             peak_reserved_bytes=peaks.train_reserved if meter.cuda else None,
             peak_reserved_eval_bytes=peaks.eval_reserved if meter.cuda else None,
             peak_memory_method=meter.method,
+            heap_trims=self.heap_trims.count if self.heap_trims is not None else None,
+            heap_trim_seconds=round(self.heap_trims.seconds, 3) if self.heap_trims is not None else None,
             memory_budget_bytes=self.budget,
             padding_fraction=padding_fraction(st.train_tokens, st.train_positions),
             packing=cfg.levers.packing,

@@ -267,8 +267,8 @@ vary(
 )
 vary(
     "bench:memory_budget",
-    help="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory, freed "
-    "memory returned at once, as `run --memory-budget`). The largest micro-batch that fits is found by halving.",
+    help="Memory each run may use, e.g. 4GiB (CUDA: allocator cap; CPU: peak resident memory, free "
+    "memory returned to the system, as `run --memory-budget`). The largest micro-batch that fits is found by halving.",
 )
 vary("bench:output_dir", help="Where results go. Default: runs/bench-<timestamp>.")
 vary("tune:strategy", help="Strategy to tune (see `peftkit list`); required.")
@@ -295,7 +295,7 @@ vary(
 vary(
     "plan:memory_budget",
     help="Say what fits in SIZE (e.g. 8GiB), and the largest batch that does (on CPU, as a run with "
-    "that --memory-budget runs: freed memory returned at once).",
+    "that --memory-budget runs: free memory returned to the system).",
 )
 vary("plan:json", help="Print the estimates as JSON.")
 vary(
