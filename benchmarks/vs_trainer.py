@@ -126,8 +126,9 @@ JOBS: dict[str, Job] = {
 
 # The peftkit rows of each job: (label, extra `peftkit run` flags). A row is one line; a row whose
 # flags this peftkit does not accept is reported as "not available in this peftkit".
-# A budget far above the job's needs changes one thing: a CPU run then returns freed memory to the
-# system at once (env.lean_host_memory), the peak `peftkit plan` predicts, for slower steps.
+# A budget far above the job's needs changes one thing: a CPU run then returns free memory to the
+# system between transformer blocks (env.lean_host_memory), the peak `peftkit plan` predicts, for
+# slower steps.
 BUDGET = ("peftkit --memory-budget 64GiB", ["--memory-budget", "64GiB"])
 VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
     # peftkit's default for a causal LM is the chunked loss (--loss chunked)

@@ -19,11 +19,13 @@ by a peftkit step and both see the same machine, while neither waits on the othe
   as peftkit's loop reads it); then the run goes on as usual.
 
 Why two processes: peftkit's command line sets process-wide things a Trainer script does not have
-(the garbage collector's frozen imports; with ``--memory-budget`` on CPU, glibc returning every freed
-block of 4 MiB or more to the system at once, which costs page faults on the next step:
-``env.lean_host_memory``). In one process the Trainer's steps ran under peftkit's settings, so the
-ratio left out what they cost peftkit: job a's 0.829 in one process was 1.268 in two, when every CPU
-run returned those blocks (benchmarks/README.md).
+(the garbage collector's frozen imports; until 2026-12-08, glibc returning every freed block of 4 MiB
+or more to the system at once, which costs page faults on the next step). In one process the
+Trainer's steps ran under peftkit's settings, so the ratio left out what they cost peftkit: job a's
+0.829 in one process was 1.268 in two, when every CPU run returned those blocks (benchmarks/README.md).
+The partner process has a cost of its own on a virtual machine whose balloon reports free pages to
+its host: memory a side returns to the system comes back dearer while the other side holds its own
+(``refault.py``), so a lean run's (``--memory-budget``) cost here is an upper bound.
 
 Each pair gives a ratio peftkit / Trainer. The first pair is warm-up and left out; the report gives the
 geometric mean of the other pairs' ratios with its 95% interval (t over the logs of the ratios: the
